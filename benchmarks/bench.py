@@ -1,0 +1,217 @@
+"""The benchmark: every backend on the same workload, each in its own process, the PyTorch baseline included.
+
+Per stage it reports the median, p10 and p90 over the timed runs (warm-up runs are reported apart), host
+overhead per denoising step (end to end minus time inside model calls, per UNet call), peak host memory,
+model-load time, FLOP efficiency against the machine's own matmul rate, each backend's ratio to the PyTorch
+baseline measured in the same run, and the image PSNR against that baseline.
+
+CPU timings use ``perf_counter_ns`` around each stage. GPU backends (CUDA events on the working stream) plug
+in through the same worker when they exist.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.machine import machine_info, matmul_gflops
+from sdengine.demo import psnr
+from sdengine.errors import SDEngineError
+
+#: Stages reported, in pipeline order; "other" is everything outside model calls (tokenize, step, glue).
+REPORT_STAGES = ("text_encoder", "unet", "step", "vae_decode", "other", "total")
+MODEL_STAGES = ("text_encoder", "unet", "vae_decode")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    onnx_dir: Path
+    checkpoint: Path | None
+    backends: tuple[str, ...]
+    height: int
+    width: int
+    batch: int
+    steps: int
+    guidance: float
+    runs: int
+    warmup: int
+    scheduler: str | None = None
+    seed: int = 0
+    threads: int | None = None
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {
+        "median": float(np.median(a)),
+        "p10": float(np.percentile(a, 10)),
+        "p90": float(np.percentile(a, 90)),
+    }
+
+
+def stage_totals_ms(calls: dict[str, list[int]]) -> dict[str, float]:
+    """One run's milliseconds per reported stage."""
+    totals = {s: sum(calls.get(s, ())) / 1e6 for s in ("text_encoder", "unet", "step", "vae_decode", "total")}
+    totals["other"] = totals["total"] - sum(totals[s] for s in MODEL_STAGES)
+    return totals
+
+
+def summarise(raw: dict, flops: dict[str, int], peak_gflops: float) -> dict:
+    runs = [stage_totals_ms(calls) for calls in raw["runs"]]
+    unet_calls = [c for calls in raw["runs"] for c in calls.get("unet", ())]
+    steps = len(raw["runs"][0].get("unet", ())) or 1
+    summary = {
+        "load_s": raw["load_s"],
+        "peak_rss_mb": raw["peak_rss_mb"],
+        "stages_ms": {s: stats([r[s] for r in runs]) for s in REPORT_STAGES},
+        "warmup_total_ms": [sum(c.get("total", ())) / 1e6 for c in raw["warmup"]],
+        "unet_call_ms": stats([c / 1e6 for c in unet_calls]),
+        "host_overhead_per_step_ms": stats([r["other"] / steps for r in runs]),
+        "unet_calls_per_run": steps,
+    }
+    if flops:
+        counts = {"text_encoder": 1, "unet": steps, "vae_decode": 1}
+        achieved = {
+            s: flops[s] * counts[s] / (summary["stages_ms"][s]["median"] / 1e3) / 1e9 for s in MODEL_STAGES
+        }
+        summary["gflops_per_s"] = achieved
+        summary["fraction_of_matmul_peak"] = {s: v / peak_gflops for s, v in achieved.items()}
+    return summary
+
+
+def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
+    model = config.checkpoint if backend == "torch" else config.onnx_dir
+    if model is None:
+        raise SDEngineError("the torch baseline needs the source checkpoint: pass --checkpoint")
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.worker",
+        "--backend",
+        backend,
+        "--model",
+        str(model),
+        "--steps",
+        str(config.steps),
+        "--seed",
+        str(config.seed),
+        "--height",
+        str(config.height),
+        "--width",
+        str(config.width),
+        "--batch",
+        str(config.batch),
+        "--runs",
+        str(config.runs),
+        "--warmup",
+        str(config.warmup),
+        "--guidance",
+        str(config.guidance),
+        "--image-out",
+        str(image_out),
+    ]
+    if config.scheduler:
+        cmd += ["--scheduler", config.scheduler]
+    if config.threads:
+        cmd += ["--threads", str(config.threads)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SDEngineError(
+            f"the {backend} benchmark failed (exit {done.returncode}); see the messages above"
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_benchmark(config: BenchConfig, flops: dict[str, int] | None = None) -> dict:
+    """Measure every backend of ``config``; the report as a JSON-ready dict."""
+    peak = matmul_gflops()
+    report: dict = {
+        "machine": machine_info(),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "matmul_gflops": peak,
+        "flops_per_call": flops or {},
+        "backends": {},
+    }
+    images = {}
+    with tempfile.TemporaryDirectory(prefix="sdengine-bench-") as tmp:
+        for backend in config.backends:
+            image_path = Path(tmp) / f"{backend}.npy"
+            raw = _run_worker(config, backend, image_path)
+            report["backends"][backend] = summarise(raw, flops or {}, peak)
+            report["backends"][backend]["raw_runs_ns"] = raw["runs"]
+            images[backend] = np.load(image_path)
+    if "torch" in report["backends"]:
+        base = report["backends"]["torch"]["stages_ms"]
+        for name, result in report["backends"].items():
+            result["speedup_vs_torch"] = {
+                s: base[s]["median"] / result["stages_ms"][s]["median"]
+                for s in REPORT_STAGES
+                if result["stages_ms"][s]["median"] > 0
+            }
+            result["psnr_vs_torch_db"] = psnr(images[name], images["torch"])
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A plain table: median (p10-p90) milliseconds per stage, one column per backend, ratios to torch."""
+    backends = report["backends"]
+    width = 30
+    lines = [
+        f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores"
+        + (f", GPU {', '.join(report['machine']['gpus'])}" if report["machine"]["gpus"] else ""),
+        f"matmul ceiling (ONNX Runtime fp32): {report['matmul_gflops']:.0f} GFLOP/s",
+        "",
+        f"{'stage (ms)':<22}" + "".join(f"{b:>{width}}" for b in backends),
+    ]
+    for stage in REPORT_STAGES:
+        cells = []
+        for r in backends.values():
+            s = r["stages_ms"][stage]
+            ratio = r.get("speedup_vs_torch", {}).get(stage)
+            extra = f" x{ratio:.2f}" if ratio is not None else ""
+            cells.append(f"{s['median']:.1f} ({s['p10']:.0f}-{s['p90']:.0f}){extra}")
+        lines.append(f"{stage:<22}" + "".join(f"{c:>{width}}" for c in cells))
+    rows = {
+        "UNet call (ms)": lambda r: f"{r['unet_call_ms']['median']:.1f}",
+        "host overhead/step (ms)": lambda r: f"{r['host_overhead_per_step_ms']['median']:.2f}",
+        "load (s)": lambda r: f"{r['load_s']:.2f}",
+        "peak RSS (MB)": lambda r: f"{r['peak_rss_mb']:.0f}",
+        "UNet % of matmul peak": lambda r: (
+            f"{100 * r['fraction_of_matmul_peak']['unet']:.0f}%" if "fraction_of_matmul_peak" in r else "-"
+        ),
+        "PSNR vs torch (dB)": lambda r: f"{r['psnr_vs_torch_db']:.1f}" if "psnr_vs_torch_db" in r else "-",
+    }
+    for label, cell in rows.items():
+        lines.append(f"{label:<22}" + "".join(f"{cell(r):>{width}}" for r in backends.values()))
+    lines.append("(median over runs, p10-p90 in brackets; xN = speed-up over the torch baseline, same run)")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: Path) -> Path:
+    """Stacked per-stage bars (median ms) per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = list(report["backends"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = np.zeros(len(backends))
+    for stage in ("text_encoder", "unet", "vae_decode", "other"):
+        values = np.array([report["backends"][b]["stages_ms"][stage]["median"] for b in backends])
+        ax.bar(backends, values, bottom=bottom, label=stage)
+        bottom += values
+    cfg = report["config"]
+    ax.set_ylabel("milliseconds (median)")
+    ax.set_title(f"{cfg['height']}x{cfg['width']}, batch {cfg['batch']}, {cfg['steps']} steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

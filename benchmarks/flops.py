@@ -1,0 +1,58 @@
+"""Floating-point operations of each model call, counted once per model and shape with torch's counter.
+
+Counts come from ``torch.utils.flop_counter`` on the PyTorch modules the ONNX models were exported from
+(matmuls and convolutions, which dominate), and are cached in ``flops.json`` beside the ONNX models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
+
+CACHE_NAME = "flops.json"
+
+
+def _key(component: str, batch: int, height: int, width: int) -> str:
+    return f"{component}@b{batch}x{height}x{width}"
+
+
+def count_flops(checkpoint: Path, component: str, batch: int, height: int, width: int) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from export.wrappers import load_export_module, sample_inputs, text_vocab_size
+    from sdengine.model_dir import open_checkpoint_dir
+
+    arch = open_checkpoint_dir(checkpoint).arch
+    inputs = sample_inputs(
+        arch, component, batch=batch, height=height, width=width, vocab_size=text_vocab_size(checkpoint)
+    )
+    module = load_export_module(checkpoint, component)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(*inputs.values())
+    return int(counter.get_total_flops())
+
+
+def stage_flops(
+    checkpoint: Path, onnx_dir: Path, *, batch: int, height: int, width: int, cfg: bool
+) -> dict[str, int]:
+    """FLOPs of one call of each model stage (UNet and text encoder at twice the batch with CFG)."""
+    cache_path = onnx_dir / CACHE_NAME
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    text_batch = 2 * batch if cfg else batch
+    wanted = {
+        "text_encoder": (TEXT_ENCODER, text_batch),
+        "unet": (UNET, text_batch),
+        "vae_decode": (VAE_DECODER, batch),
+    }
+    result = {}
+    for stage, (component, b) in wanted.items():
+        key = _key(component, b, height, width)
+        if key not in cache:
+            cache[key] = count_flops(checkpoint, component, b, height, width)
+            cache_path.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
+        result[stage] = cache[key]
+    return result

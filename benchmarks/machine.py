@@ -1,0 +1,89 @@
+"""What the benchmark ran on, and that machine's own matrix-multiply rate (the compute ceiling)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import time
+from importlib import metadata
+
+import numpy as np
+
+LIBRARIES = (
+    "sdengine",
+    "numpy",
+    "onnxruntime-gpu",
+    "onnxruntime",
+    "torch",
+    "diffusers",
+    "transformers",
+    "onnx",
+)
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _gpus() -> list[str]:
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def machine_info() -> dict[str, object]:
+    versions = {}
+    for lib in LIBRARIES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[lib] = metadata.version(lib)
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem / 2**30, 1),
+        "gpus": _gpus(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "libraries": versions,
+    }
+
+
+def matmul_gflops(
+    n: int = 1024, repeats: int = 10, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> float:
+    """Best-of-``repeats`` float32 GFLOP/s of an n x n MatMul in ONNX Runtime (the engine's own kernels)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
+    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm", [a, b], [c])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=list(providers))
+    x = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    feed = {"a": x, "b": x}
+    session.run(None, feed)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9

@@ -1,0 +1,72 @@
+"""Named benchmark workloads, and the cached random checkpoints and ONNX exports they run on."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdengine.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    checkpoint: str  # random-checkpoint preset
+    height: int
+    width: int
+    batch: int
+    steps: int
+    guidance: float
+    precision: str
+    runs: int
+    warmup: int
+    description: str
+
+
+PRESETS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("tiny", "tiny", 64, 64, 1, 4, 7.5, "fp32", 5, 1, "test checkpoint, seconds"),
+        Workload("sd15-cpu", "sd15", 256, 256, 1, 4, 7.5, "fp32", 3, 1, "SD 1.5 size, 256x256, 4 steps: CPU"),
+        Workload(
+            "sd15-512", "sd15", 512, 512, 1, 50, 7.5, "fp16", 5, 1, "SD 1.5 size, 512x512, 50 steps: GPU"
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Workload:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def cache_dir() -> Path:
+    """Where random checkpoints and their exports are kept between runs (``SDENGINE_CACHE`` overrides)."""
+    return Path(os.environ.get("SDENGINE_CACHE", Path.home() / ".cache" / "sdengine"))
+
+
+def prepare(workload: Workload, root: Path | None = None) -> tuple[Path, Path, dict[str, float]]:
+    """The workload's checkpoint and ONNX export, made on first use; returns the seconds spent making them."""
+    from export.checkpoint import write_random_checkpoint
+    from export.onnx_export import export_checkpoint
+    from sdengine.manifest import Manifest
+
+    root = root or cache_dir()
+    checkpoint = root / f"random-{workload.checkpoint}"
+    onnx_dir = root / f"random-{workload.checkpoint}-onnx-{workload.precision}"
+    made: dict[str, float] = {}
+    if not (checkpoint / "model_index.json").is_file():
+        start = time.perf_counter()
+        write_random_checkpoint(checkpoint, workload.checkpoint, seed=0, overwrite=True)
+        made["checkpoint_s"] = time.perf_counter() - start
+    if Manifest.read(onnx_dir) is None:
+        manifest = export_checkpoint(checkpoint, onnx_dir, precision=workload.precision)
+        made.update({f"export_{n}_s": r.export_seconds for n, r in manifest.components.items()})
+        made.update(
+            {f"export_{n}_peak_rss_mb": r.peak_rss_bytes / 2**20 for n, r in manifest.components.items()}
+        )
+    return checkpoint, onnx_dir, made

@@ -1,0 +1,69 @@
+"""Measures one backend in a process of its own, so its memory peak and threads are its alone.
+
+Run by :mod:`benchmarks.bench`; prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+from sdengine.pipeline import Pipeline
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def measure(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    pipe = Pipeline.load(args.model, backend=args.backend, threads=args.threads)
+    load_s = time.perf_counter() - start
+    rss_loaded = peak_rss_mb()
+    request = pipe.request(
+        args.prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        scheduler=args.scheduler,
+    )
+    results = []
+    for _ in tqdm(range(args.warmup + args.runs), desc=f"{args.backend}", unit="run", file=sys.stderr):
+        results.append(pipe.generate(request))
+    np.save(args.image_out, results[-1].array)
+    return {
+        "backend": args.backend,
+        "load_s": load_s,
+        "rss_after_load_mb": rss_loaded,
+        "peak_rss_mb": peak_rss_mb(),
+        "warmup": [r.times.calls for r in results[: args.warmup]],
+        "runs": [r.times.calls for r in results[args.warmup :]],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--backend", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
+    for name in ("steps", "seed", "height", "width", "batch", "runs", "warmup"):
+        p.add_argument(f"--{name}", type=int, required=True)
+    p.add_argument("--guidance", type=float, required=True)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--image-out", required=True)
+    print(json.dumps(measure(p.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()

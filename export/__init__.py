@@ -1,0 +1,1 @@
+"""Export-side tools (need torch/diffusers/transformers): random checkpoints and ONNX export."""

@@ -1,0 +1,343 @@
+"""Randomly initialised Stable Diffusion 1.x checkpoints in diffusers format.
+
+Real weights cannot be downloaded here, yet export, runtime and parity tests need a checkpoint with the real
+SD 1.x architecture (block types, layer counts, tensor names). ``write_random_checkpoint`` writes one that
+``diffusers.StableDiffusionPipeline.from_pretrained`` loads offline:
+
+* ``tiny``: SD 1.x's exact topology at toy widths, small enough that a 64x64 image runs through the whole
+  pipeline in a fraction of a second on a laptop CPU. Tests use this one.
+* ``sd15``: SD 1.5's exact sizes (about 1.07 B parameters, 4.3 GB in fp32), for export and speed checks.
+
+Weights are seeded per component, so the same seed gives byte-identical files on the same library versions.
+The tokenizer is the small generated vocabulary of :mod:`export.tokenizer_vocab`, since CLIP's real one
+cannot be downloaded either.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from export.tokenizer_vocab import MODEL_MAX_LENGTH, build_vocab, write_tokenizer_files
+from sdengine.errors import InvalidArgumentError, ModelDirectoryError
+
+PRESETS: tuple[str, ...] = ("tiny", "sd15")
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
+COMPONENTS: tuple[str, ...] = ("tokenizer", "scheduler", "text_encoder", "unet", "vae")
+
+SD15_VOCAB_SIZE = 49408
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+VAE_SCALING_FACTOR = 0.18215
+
+# SD 1.5's scheduler/scheduler_config.json; prediction_type is added from the argument.
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The numbers that differ between presets; everything else is SD 1.x's."""
+
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    text_vocab: int | None  # None: the tokenizer's vocabulary size
+    unet_channels: tuple[int, int, int, int]
+    unet_heads: int
+    unet_sample_size: int
+    vae_channels: tuple[int, int, int, int]
+    vae_sample_size: int
+    norm_groups: int
+
+
+_PRESET_SIZES: dict[str, _Sizes] = {
+    "tiny": _Sizes(
+        text_hidden=32,
+        text_layers=2,
+        text_heads=4,
+        text_intermediate=64,
+        text_vocab=None,
+        unet_channels=(16, 16, 32, 32),
+        unet_heads=2,
+        unet_sample_size=8,
+        vae_channels=(16, 16, 32, 32),
+        vae_sample_size=64,
+        norm_groups=8,
+    ),
+    "sd15": _Sizes(
+        text_hidden=768,
+        text_layers=12,
+        text_heads=12,
+        text_intermediate=3072,
+        text_vocab=SD15_VOCAB_SIZE,
+        unet_channels=(320, 640, 1280, 1280),
+        unet_heads=8,
+        unet_sample_size=64,
+        vae_channels=(128, 256, 512, 512),
+        vae_sample_size=512,
+        norm_groups=32,
+    ),
+}
+
+
+def _component_seed(seed: int, component: str) -> int:
+    """An independent seed per component, so changing one model's size never changes another's weights."""
+    digest = hashlib.sha256(f"sdengine-random-checkpoint:{seed}:{component}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _write_text_encoder(out: Path, sizes: _Sizes, seed: int, tokenizer_vocab_size: int) -> None:
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # Special ids come from the tokenizer's layout (BOS and EOS are its last two ids). With eos_token_id != 2,
+    # transformers pools at the first EOS instead of at argmax(input_ids); both pick the same position here.
+    config = CLIPTextConfig(
+        vocab_size=sizes.text_vocab or tokenizer_vocab_size,
+        hidden_size=sizes.text_hidden,
+        intermediate_size=sizes.text_intermediate,
+        projection_dim=sizes.text_hidden,
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.text_heads,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        attention_dropout=0.0,
+        dropout=0.0,
+        initializer_range=0.02,
+        initializer_factor=1.0,
+        bos_token_id=tokenizer_vocab_size - 2,
+        eos_token_id=tokenizer_vocab_size - 1,
+        pad_token_id=tokenizer_vocab_size - 1,
+    )
+    config.architectures = ["CLIPTextModel"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_component_seed(seed, "text_encoder"))
+        model = CLIPTextModel(config).eval()
+    model.save_pretrained(out / "text_encoder", safe_serialization=True)
+
+
+def _write_unet(out: Path, sizes: _Sizes, seed: int) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_component_seed(seed, "unet"))
+        model = UNet2DConditionModel(
+            sample_size=sizes.unet_sample_size,
+            in_channels=4,
+            out_channels=4,
+            center_input_sample=False,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            down_block_types=DOWN_BLOCK_TYPES,
+            up_block_types=UP_BLOCK_TYPES,
+            block_out_channels=sizes.unet_channels,
+            layers_per_block=2,
+            downsample_padding=1,
+            mid_block_scale_factor=1,
+            act_fn="silu",
+            norm_num_groups=sizes.norm_groups,
+            norm_eps=1e-5,
+            cross_attention_dim=sizes.text_hidden,
+            # As in SD 1.x's own config, this diffusers field holds the number of heads.
+            attention_head_dim=sizes.unet_heads,
+        ).eval()
+    model.save_pretrained(out / "unet", safe_serialization=True)
+
+
+def _write_vae(out: Path, sizes: _Sizes, seed: int) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_component_seed(seed, "vae"))
+        model = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=sizes.vae_channels,
+            layers_per_block=2,
+            act_fn="silu",
+            latent_channels=4,
+            norm_num_groups=sizes.norm_groups,
+            sample_size=sizes.vae_sample_size,
+            scaling_factor=VAE_SCALING_FACTOR,
+        ).eval()
+    model.save_pretrained(out / "vae", safe_serialization=True)
+
+
+def _write_scheduler(out: Path, prediction_type: str) -> None:
+    """Written as JSON, as SD 1.5 ships it: it holds ``clip_sample``, which PNDM itself does not take but
+    which other schedulers built ``from_config`` (DDIM) read."""
+    import diffusers
+
+    config = {
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": diffusers.__version__,
+        **SD15_SCHEDULER_CONFIG,
+        "prediction_type": prediction_type,
+    }
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_model_index(out: Path) -> None:
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _prepare_target(target: Path, overwrite: bool) -> None:
+    """Refuse to clobber anything that is not ours to replace."""
+    if target.exists() and not target.is_dir():
+        raise InvalidArgumentError(f"{target} exists and is not a directory; choose a directory path")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise InvalidArgumentError(
+                f"{target} already exists and is not empty; pass overwrite=True to replace it"
+            )
+        if not (target / "model_index.json").is_file():
+            raise InvalidArgumentError(
+                f"refusing to replace {target}: it is not a diffusers checkpoint (no model_index.json); "
+                "choose an empty or new directory"
+            )
+
+
+def write_random_checkpoint(
+    path: str | os.PathLike,
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    overwrite: bool = False,
+) -> Path:
+    """Write a randomly initialised SD 1.x checkpoint in diffusers format to ``path`` and return its path.
+
+    The folder holds model_index.json, text_encoder/, tokenizer/, unet/, vae/ and scheduler/ (PNDM with
+    SD 1.5's scheduler config), weights as safetensors, and no safety checker. It is written next to ``path``
+    first and moved into place at the end, so an interrupted write never leaves a half-written checkpoint
+    behind, and each model is written and freed before the next is built. A non-empty ``path`` is only
+    replaced with ``overwrite=True``, and only if it is itself a diffusers checkpoint.
+    """
+    if preset not in PRESETS:
+        raise InvalidArgumentError(
+            f"unknown checkpoint preset {preset!r}; choose one of {', '.join(PRESETS)}"
+        )
+    if prediction_type not in PREDICTION_TYPES:
+        raise InvalidArgumentError(
+            f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}"
+        )
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InvalidArgumentError(f"seed must be a non-negative integer, got {seed!r}")
+    sizes = _PRESET_SIZES[preset]
+    target = Path(path).absolute()
+    _prepare_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    vocab_size = len(build_vocab()[0])
+    if vocab_size > (sizes.text_vocab or vocab_size):  # pragma: no cover - guards future vocabulary growth
+        raise InvalidArgumentError(
+            f"tokenizer has {vocab_size} ids, more than the text encoder's {sizes.text_vocab}"
+        )
+    steps: list[tuple[str, Callable[[Path], object]]] = [
+        ("tokenizer", lambda out: write_tokenizer_files(out / "tokenizer")),
+        ("scheduler", lambda out: _write_scheduler(out, prediction_type)),
+        ("text_encoder", lambda out: _write_text_encoder(out, sizes, seed, vocab_size)),
+        ("unet", lambda out: _write_unet(out, sizes, seed)),
+        ("vae", lambda out: _write_vae(out, sizes, seed)),
+        ("model_index", _write_model_index),
+    ]
+
+    from tqdm.auto import tqdm
+
+    # Not mkdtemp: its 0700 mode would end up on the checkpoint folder.
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        with tqdm(steps, desc=f"writing {preset} checkpoint", unit="part", disable=preset == "tiny") as bar:
+            for name, write in bar:
+                bar.set_postfix_str(name)
+                write(staging)
+                if preset != "tiny":
+                    gc.collect()  # free each multi-GB model before building the next
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+        staging.rename(target)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _checkpoint_files(root: Path) -> list[tuple[str, Path]]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            file = Path(dirpath) / name
+            files.append((file.relative_to(root).as_posix(), file))
+    return sorted(files)
+
+
+def checkpoint_hash(path: str | os.PathLike) -> str:
+    """sha256 (hex) over every file of a checkpoint folder: relative paths, sizes and contents.
+
+    Hidden files and folders (such as the ``.cache/`` that hub downloads leave behind, whose metadata holds
+    timestamps) are skipped, so the hash only changes when the checkpoint does. Files are streamed, never read
+    whole.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelDirectoryError(
+            f"checkpoint directory {root} does not exist; pass a diffusers checkpoint folder"
+        )
+    digest = hashlib.sha256(b"sdengine-checkpoint-hash-v1\0")
+    for rel, file in _checkpoint_files(root):
+        size = file.stat().st_size
+        digest.update(rel.encode("utf-8") + b"\0" + size.to_bytes(8, "little"))
+        with open(file, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["PRESETS", "PREDICTION_TYPES", "checkpoint_hash", "write_random_checkpoint"]

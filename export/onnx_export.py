@@ -1,0 +1,226 @@
+"""Export a diffusers Stable Diffusion checkpoint to ONNX, one model per component.
+
+Per component: trace with torch's TorchScript-based ONNX exporter (the path Optimum and TensorRT's demo use
+for these models), fold constants, infer shapes, optionally convert to float16, store weights over 2 GB as one
+external-data file, and check the result with ``onnx.checker``. A manifest records what was made from what.
+
+The UNet is traced at a latent size that is *not* a multiple of its total downsampling factor. That makes
+diffusers pass explicit upsample sizes, so the exported graph runs at every latent size, not only at
+multiples of 8 (a graph traced at a multiple of 8 bakes in scale-factor-2 upsampling and fails at others).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import onnx
+import psutil
+
+import sdengine
+from export.checkpoint import checkpoint_hash
+from export.fp16 import convert_to_fp16
+from export.wrappers import load_export_module, sample_inputs, text_vocab_size
+from sdengine.errors import InvalidArgumentError
+from sdengine.manifest import ComponentRecord, Manifest, file_sha256
+from sdengine.model_dir import open_checkpoint_dir
+from sdengine.model_specs import COMPONENTS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, ModelSpec
+
+PRECISIONS = ("fp32", "fp16")
+MIN_OPSET = 17
+DEFAULT_OPSET = 17
+TWO_GB = 2**31
+# Latent size used for tracing: odd, so not a multiple of any UNet's downsampling factor (see module doc).
+TRACE_LATENT = (9, 13)
+
+# Files copied verbatim so the ONNX directory is self-contained (and laid out as Optimum lays it out).
+COPIED = {
+    "tokenizer": "tokenizer",
+    "scheduler": "scheduler",
+    "text_encoder/config.json": "text_encoder/config.json",
+    "unet/config.json": "unet/config.json",
+    "vae/config.json": ("vae_decoder/config.json", "vae_encoder/config.json"),
+    "model_index.json": "model_index.json",
+}
+
+
+class _PeakRss:
+    """Samples this process's resident memory in a thread; the peak over a ``with`` block."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> _PeakRss:
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def tool_versions() -> dict[str, str]:
+    import diffusers
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "sdengine": sdengine.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _trace(module: object, spec: ModelSpec, inputs: dict, path: Path, opset: int) -> None:
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes; see module doc
+        torch.onnx.export(
+            module,
+            tuple(inputs[name] for name in spec.input_names),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes,
+            do_constant_folding=True,
+        )
+
+
+def _save(model: onnx.ModelProto, path: Path, threshold: int = TWO_GB) -> str | None:
+    """Save ``model``; one over ``threshold`` bytes (protobuf's 2 GB limit) keeps its weights in one
+    external-data file beside it, not a file per tensor. Returns that file's name, if any."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if sum(t.ByteSize() for t in model.graph.initializer) < threshold:
+        onnx.save_model(model, str(path))
+        return None
+    location = path.name + ".data"
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location
+    )
+    return location
+
+
+def export_component(
+    checkpoint: Path, name: str, out_dir: Path, *, precision: str, opset: int
+) -> ComponentRecord:
+    """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result."""
+    model_dir = open_checkpoint_dir(checkpoint)
+    spec = model_dir.arch.specs()[name]
+    scale = model_dir.arch.vae_scale_factor
+    height, width = TRACE_LATENT[0] * scale, TRACE_LATENT[1] * scale
+    inputs = sample_inputs(
+        model_dir.arch, name, batch=2, height=height, width=width, vocab_size=text_vocab_size(checkpoint)
+    )
+    target = out_dir / name / "model.onnx"
+    start = time.perf_counter()
+    with _PeakRss() as rss, tempfile.TemporaryDirectory(prefix=f"sdengine-{name}-", dir=out_dir) as tmp:
+        traced = Path(tmp) / "model.onnx"
+        _trace(load_export_module(checkpoint, name), spec, inputs, traced, opset)
+        onnx.shape_inference.infer_shapes_path(str(traced), str(traced))
+        model = onnx.load(str(traced))
+        if precision == "fp16":
+            model = convert_to_fp16(model)
+        for stale in (target, target.with_name(target.name + ".data")):
+            stale.unlink(missing_ok=True)
+        external = _save(model, target)
+        del model
+        onnx.shape_inference.infer_shapes_path(str(target), str(target))
+        onnx.checker.check_model(str(target), full_check=False)
+    data_path = target.with_name(external) if external else None
+    return ComponentRecord(
+        name=name,
+        path=str(target.relative_to(out_dir)),
+        sha256=file_sha256(target),
+        external_data=str(data_path.relative_to(out_dir)) if data_path else None,
+        size_bytes=target.stat().st_size + (data_path.stat().st_size if data_path else 0),
+        export_seconds=round(time.perf_counter() - start, 3),
+        peak_rss_bytes=rss.peak,
+        inputs={t.name: list(t.dims) for t in spec.inputs},
+        outputs={t.name: list(t.dims) for t in spec.outputs},
+    )
+
+
+def _copy_side_files(checkpoint: Path, out_dir: Path) -> None:
+    for src, dsts in COPIED.items():
+        for dst in (dsts,) if isinstance(dsts, str) else dsts:
+            source, target = checkpoint / src, out_dir / dst
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            elif source.is_file():
+                shutil.copy2(source, target)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    components: Iterable[str] = COMPONENTS,
+    progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+) -> Manifest:
+    """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest."""
+    if precision not in PRECISIONS:
+        raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if opset < MIN_OPSET:
+        raise InvalidArgumentError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    components = list(components)
+    unknown = sorted(set(components) - set(COMPONENTS))
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
+        )
+    source = open_checkpoint_dir(checkpoint).root
+    out_dir = Path(output)
+    if out_dir.resolve() == source.resolve():
+        raise InvalidArgumentError("--output must differ from the checkpoint directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for name in progress(components) if progress else components:
+        records[name] = export_component(source, name, out_dir, precision=precision, opset=opset)
+    _copy_side_files(source, out_dir)
+    manifest = Manifest(
+        source_checkpoint=str(source.resolve()),
+        source_hash=checkpoint_hash(source),
+        precision=precision,
+        opset=opset,
+        tool_versions=tool_versions(),
+        components=records,
+    )
+    manifest.write(out_dir)
+    return manifest
+
+
+__all__ = [
+    "PRECISIONS",
+    "TEXT_ENCODER",
+    "VAE_DECODER",
+    "VAE_ENCODER",
+    "export_checkpoint",
+    "export_component",
+]

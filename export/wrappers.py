@@ -1,0 +1,103 @@
+"""Torch modules that give each diffusers/transformers component exactly the inputs and outputs of its spec.
+
+Only the export imports these; the runtime never needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Architecture
+
+
+class TextEncoderExport(nn.Module):
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoder(input_ids.to(torch.int64), return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class UNetExport(nn.Module):
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderExport(nn.Module):
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoderExport(nn.Module):
+    """Outputs the Gaussian's parameters (mean and log-variance), as Optimum's ``latent_parameters``."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(sample).latent_dist.parameters
+
+
+def load_export_module(checkpoint: str | Path, name: str) -> nn.Module:
+    """Load one checkpoint component, in float32 and eval mode, wrapped for export."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    root = Path(checkpoint)
+    if name == TEXT_ENCODER:
+        module: nn.Module = TextEncoderExport(CLIPTextModel.from_pretrained(root / "text_encoder"))
+    elif name == UNET:
+        module = UNetExport(UNet2DConditionModel.from_pretrained(root / "unet"))
+    elif name in (VAE_DECODER, VAE_ENCODER):
+        vae = AutoencoderKL.from_pretrained(root / "vae")
+        module = VaeDecoderExport(vae) if name == VAE_DECODER else VaeEncoderExport(vae)
+    else:
+        raise KeyError(name)
+    return module.float().eval()
+
+
+def sample_inputs(
+    arch: Architecture,
+    name: str,
+    *,
+    batch: int,
+    height: int,
+    width: int,
+    seed: int = 0,
+    vocab_size: int = 49408,
+) -> dict[str, torch.Tensor]:
+    """Random inputs for component ``name`` at the given size, shaped and typed by its spec."""
+    spec = arch.specs()[name]
+    sizes = arch.sizes(batch, height, width)
+    gen = torch.Generator().manual_seed(seed)
+    inputs: dict[str, torch.Tensor] = {}
+    for t in spec.inputs:
+        shape = t.shape(sizes)
+        if t.dtype.startswith("int"):
+            inputs[t.name] = torch.randint(0, vocab_size, shape, generator=gen, dtype=getattr(torch, t.dtype))
+        elif t.name == "timestep":
+            inputs[t.name] = torch.tensor(float(torch.randint(1, 1000, (), generator=gen)))
+        else:
+            inputs[t.name] = torch.randn(shape, generator=gen, dtype=getattr(torch, t.dtype))
+    return inputs
+
+
+def text_vocab_size(checkpoint: str | Path) -> int:
+    return int(json.loads((Path(checkpoint) / "text_encoder" / "config.json").read_text())["vocab_size"])

@@ -1,0 +1,254 @@
+"""``sdengine`` command line: generate, export, make-checkpoint, demo.
+
+Errors a user can cause end as one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sdengine.errors import InvalidArgumentError, SDEngineError
+from sdengine.model_specs import COMPONENTS
+from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+EXIT_ERROR = 1
+
+
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, unit="step", leave=False, file=sys.stderr)
+
+
+def _load_latents(path: str | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(f"cannot read latents from {path}: {exc}") from None
+
+
+def format_times(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A per-stage table: one column per backend, total milliseconds per stage (calls in brackets)."""
+    stages: list[str] = []
+    for summary in rows.values():
+        stages += [s for s in summary if s not in stages]
+    header = f"{'stage':<14}" + "".join(f"{name:>22}" for name in rows)
+    lines = [header, "-" * len(header)]
+    for stage in stages:
+        cells = []
+        for summary in rows.values():
+            s = summary.get(stage)
+            cells.append(f"{s['total_ms']:>12.1f} ms ({int(s['calls']):>3})" if s else f"{'-':>22}")
+        lines.append(f"{stage:<14}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sdengine.images import output_paths, save_png
+    from sdengine.pipeline import Pipeline
+
+    pipeline = Pipeline.load(args.model_dir, backend=args.backend, threads=args.threads)
+    result = pipeline(
+        args.prompt,
+        args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        latents=_load_latents(args.latents),
+        progress=_progress("denoising"),
+    )
+    params = {**result.request.parameters(), "backend": result.backend, "model": str(Path(args.model_dir))}
+    for image, path in zip(result.images, output_paths(args.output, len(result.images)), strict=True):
+        print(f"wrote {save_png(image, path, params)}")
+    print(f"seed {result.request.seed}; {result.times.total_ms('total'):.0f} ms in all")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from export.onnx_export import export_checkpoint
+    except ImportError as exc:
+        raise SDEngineError(
+            f"export needs the export extra ({exc.name} is missing): pip install 'sdengine[export]'"
+        ) from None
+    from tqdm import tqdm
+
+    manifest = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        precision=args.precision,
+        opset=args.opset,
+        components=args.components.split(",") if args.components else COMPONENTS,
+        progress=lambda names: tqdm(names, desc="exporting", unit="model", file=sys.stderr),
+    )
+    for name, record in manifest.components.items():
+        print(f"{name:<13} {record.size_bytes / 1e6:10.1f} MB {record.export_seconds:8.1f} s  {record.path}")
+    print(f"wrote {args.output} ({manifest.precision}, opset {manifest.opset})")
+    return 0
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    from export.checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint(
+        args.output,
+        args.preset,
+        seed=args.seed,
+        prediction_type=args.prediction_type,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote random-weight {args.preset} checkpoint to {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sdengine.demo import run_demo
+
+    run_demo(Path(args.workdir), output=Path(args.output), steps=args.steps, scheduler=args.scheduler)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.bench import BenchConfig, format_report, plot_report, run_benchmark
+        from benchmarks.flops import stage_flops
+        from benchmarks.presets import PRESETS, get_preset, prepare
+    except ImportError as exc:
+        raise SDEngineError(
+            f"bench needs the export extra ({exc.name} is missing): pip install 'sdengine[export]'"
+        ) from None
+    from sdengine.manifest import Manifest
+    from sdengine.model_dir import open_onnx_dir
+
+    prep: dict[str, float] = {}
+    if args.model in PRESETS:
+        preset = get_preset(args.model)
+        checkpoint, onnx_dir, prep = prepare(preset)
+        size = dict(height=preset.height, width=preset.width, batch=preset.batch, steps=preset.steps)
+        size.update(guidance=preset.guidance, runs=preset.runs, warmup=preset.warmup)
+    else:
+        onnx_dir = open_onnx_dir(args.model).root
+        manifest = Manifest.read(onnx_dir)
+        checkpoint = (
+            Path(args.checkpoint or manifest.source_checkpoint) if (args.checkpoint or manifest) else None
+        )
+        native = open_onnx_dir(onnx_dir).default_image_size
+        size = dict(height=native, width=native, batch=1, steps=4, guidance=7.5, runs=3, warmup=1)
+    overrides = {k: getattr(args, k) for k in size if getattr(args, k) is not None}
+    config = BenchConfig(
+        onnx_dir=onnx_dir,
+        checkpoint=checkpoint,
+        backends=tuple(b for b in args.backends.split(",") if b),
+        scheduler=args.scheduler,
+        threads=args.threads,
+        **{**size, **overrides},
+    )
+    flops = {}
+    if checkpoint is not None:
+        flops = stage_flops(
+            checkpoint,
+            onnx_dir,
+            batch=config.batch,
+            height=config.height,
+            width=config.width,
+            cfg=config.guidance > 1,
+        )
+    report = run_benchmark(config, flops)
+    report["preparation_s"] = prep
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_report(report, Path(args.plot))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sdengine import __version__
+
+    parser = argparse.ArgumentParser(prog="sdengine", description="A lean Stable Diffusion inference engine.")
+    parser.add_argument("--version", action="version", version=f"sdengine {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("model_dir", help="ONNX directory (ort backend) or diffusers checkpoint (torch backend)")
+    g.add_argument("prompt")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    g.add_argument("--scheduler", default=None, help="default: the model's own scheduler")
+    g.add_argument("--seed", type=int, default=None, help="default: random, printed and stored in the PNG")
+    g.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--backend", choices=("ort", "torch"), default="ort")
+    g.add_argument("--latents", default=None, help=".npy of initial latents (batch, 4, height/8, width/8)")
+    g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    g.add_argument("--output", default="image.png")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="export a diffusers checkpoint to ONNX")
+    e.add_argument("checkpoint")
+    e.add_argument("--output", required=True)
+    e.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--components", default=None, help="comma-separated subset (default: all four)")
+    e.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("make-checkpoint", help="write a randomly initialised SD 1.x checkpoint")
+    c.add_argument("output")
+    c.add_argument("--preset", choices=("tiny", "sd15"), default="tiny")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_make_checkpoint)
+
+    b = sub.add_parser("bench", help="per-stage latency of each backend against the PyTorch baseline")
+    b.add_argument("model", help="a preset (tiny, sd15-cpu, sd15-512) or an ONNX directory")
+    b.add_argument("--backends", default="ort,torch")
+    b.add_argument("--checkpoint", default=None, help="source checkpoint (default: from the export manifest)")
+    for name in ("steps", "height", "width", "batch", "runs", "warmup"):
+        b.add_argument(f"--{name}", type=int, default=None)
+    b.add_argument("--guidance", type=float, default=None)
+    b.add_argument("--scheduler", default=None)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", default=None)
+    b.add_argument("--plot", default=None)
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="offline end-to-end demo on a tiny random checkpoint")
+    d.add_argument("--workdir", default="sdengine-demo")
+    d.add_argument("--output", default="demo.png")
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--scheduler", default=None)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SDEngineError as exc:
+        print(f"sdengine: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("sdengine: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The manifest an export writes beside its models: what was exported, from what, and how."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sdengine.errors import CorruptModelError
+
+MANIFEST_NAME = "sdengine_manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, streamed so multi-GB weight files never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    """One exported model file and how it was made."""
+
+    name: str
+    path: str
+    sha256: str
+    external_data: str | None
+    size_bytes: int
+    export_seconds: float
+    peak_rss_bytes: int
+    inputs: dict[str, list[str | int]]
+    outputs: dict[str, list[str | int]]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source_checkpoint: str
+    source_hash: str
+    precision: str
+    opset: int
+    tool_versions: dict[str, str]
+    components: dict[str, ComponentRecord] = field(default_factory=dict)
+    format: int = MANIFEST_FORMAT
+
+    def write(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> Manifest | None:
+        """The manifest in ``directory``, or None for a directory exported by another tool."""
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            components = {k: ComponentRecord(**v) for k, v in data.pop("components").items()}
+            return cls(components=components, **data)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CorruptModelError(
+                f"{path} is not a valid sdengine manifest ({exc}); re-run the export"
+            ) from exc

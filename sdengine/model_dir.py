@@ -1,0 +1,131 @@
+"""Reading model directories: a diffusers checkpoint, or an exported ONNX directory.
+
+All the checks that a directory is complete live here, so every entry point fails the same way: one
+:class:`ModelDirectoryError` naming the missing piece and what to run to make it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdengine.errors import CorruptModelError, ModelDirectoryError
+from sdengine.model_specs import REQUIRED_COMPONENTS, VAE_DECODER, Architecture
+
+DEFAULT_VAE_SCALING_FACTOR = 0.18215
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelDirectoryError(f"missing file {path}") from None
+    except (OSError, ValueError) as exc:
+        raise CorruptModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CorruptModelError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    return read_json(path) if path.is_file() else {}
+
+
+def _require_dir(path: str | os.PathLike, what: str) -> Path:
+    root = Path(path)
+    if not root.exists():
+        raise ModelDirectoryError(f"{what} {root} does not exist")
+    if not root.is_dir():
+        raise ModelDirectoryError(f"{what} {root} is not a directory")
+    return root
+
+
+def _require_files(root: Path, files: list[Path], hint: str) -> None:
+    missing = [str(f) for f in files if not (root / f).is_file()]
+    if missing:
+        raise ModelDirectoryError(f"{root} is incomplete: missing {', '.join(missing)} ({hint})")
+
+
+def architecture(root: Path, vae_folder: str) -> tuple[Architecture, float]:
+    """The shape-fixing numbers and the VAE scaling factor, from the components' config.json files.
+
+    Directories without them (some third-party exports) get SD 1.x defaults.
+    """
+    text = _optional_json(root / "text_encoder" / "config.json")
+    unet = _optional_json(root / "unet" / "config.json")
+    vae = _optional_json(root / vae_folder / "config.json")
+    tok = _optional_json(root / "tokenizer" / "tokenizer_config.json")
+    default = Architecture()
+    blocks = vae.get("block_out_channels")
+    arch = Architecture(
+        latent_channels=int(unet.get("in_channels", vae.get("latent_channels", default.latent_channels))),
+        text_hidden_size=int(
+            unet.get("cross_attention_dim", text.get("hidden_size", default.text_hidden_size))
+        ),
+        text_max_length=int(tok.get("model_max_length", default.text_max_length)),
+        vae_scale_factor=2 ** (len(blocks) - 1) if blocks else default.vae_scale_factor,
+    )
+    return arch, float(vae.get("scaling_factor", DEFAULT_VAE_SCALING_FACTOR))
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A checked model directory: where each piece is, and the numbers read from its configs."""
+
+    root: Path
+    arch: Architecture
+    vae_scaling_factor: float
+    scheduler_config: dict[str, Any]
+    default_image_size: int
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def onnx_path(self, component: str) -> Path:
+        return self.root / component / "model.onnx"
+
+
+def _open(root: Path, vae_folder: str) -> ModelDir:
+    arch, scaling = architecture(root, vae_folder)
+    unet = _optional_json(root / "unet" / "config.json")
+    sample_size = unet.get("sample_size", 64)
+    if isinstance(sample_size, list):
+        sample_size = sample_size[0]
+    return ModelDir(
+        root=root,
+        arch=arch,
+        vae_scaling_factor=scaling,
+        scheduler_config=read_json(root / SCHEDULER_CONFIG),
+        default_image_size=int(sample_size) * arch.vae_scale_factor,
+    )
+
+
+def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
+    """Check an exported ONNX directory (ours or Optimum's) and read its configs."""
+    root = _require_dir(path, "ONNX model directory")
+    needed = [Path(c) / "model.onnx" for c in REQUIRED_COMPONENTS]
+    needed += [Path("tokenizer") / f for f in TOKENIZER_FILES] + [SCHEDULER_CONFIG]
+    hint = "a diffusers checkpoint? export it first: sdengine export CHECKPOINT --output ONNX_DIR"
+    no_models = not any((root / c / "model.onnx").is_file() for c in REQUIRED_COMPONENTS)
+    if no_models and (root / "unet" / "config.json").is_file():
+        raise ModelDirectoryError(f"{root} has no ONNX models ({hint})")
+    _require_files(root, needed, "re-run: sdengine export CHECKPOINT --output ONNX_DIR")
+    return _open(root, VAE_DECODER)
+
+
+def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:
+    """Check a diffusers-format Stable Diffusion checkpoint directory and read its configs."""
+    root = _require_dir(path, "checkpoint directory")
+    if (root / "unet" / "model.onnx").is_file() and not (root / "unet" / "config.json").is_file():
+        raise ModelDirectoryError(f"{root} is an ONNX directory, not a diffusers checkpoint")
+    needed = [Path("model_index.json"), SCHEDULER_CONFIG]
+    needed += [Path(c) / "config.json" for c in ("text_encoder", "unet", "vae")]
+    needed += [Path("tokenizer") / f for f in TOKENIZER_FILES]
+    _require_files(root, needed, "expected a diffusers-format Stable Diffusion checkpoint")
+    return _open(root, "vae")

@@ -1,0 +1,137 @@
+"""One input/output spec per exported model.
+
+Each model that sdengine exports or runs declares its tensors here once: name, dtype and dimensions, where
+a dimension is either a fixed size or the name of a size chosen at run time. Export arguments, ONNX dynamic
+axes, sample inputs, engine profiles and buffer allocation all derive from these specs, so a name or a shape
+is never restated elsewhere.
+
+Names and layout follow the ONNX Stable Diffusion layout of Hugging Face Optimum (``unet/model.onnx``, with
+``sample``/``timestep``/``encoder_hidden_states`` -> ``out_sample`` and so on), so exports of either tool load
+in the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+Dim = int | str
+
+TEXT_ENCODER = "text_encoder"
+UNET = "unet"
+VAE_DECODER = "vae_decoder"
+VAE_ENCODER = "vae_encoder"
+COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+#: Components the text-to-image runtime needs; the VAE encoder is exported for image-to-image use.
+REQUIRED_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor with a dtype and fixed or symbolic dimensions."""
+
+    name: str
+    dtype: str
+    dims: tuple[Dim, ...]
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        """The concrete shape for the run-time sizes in ``sizes`` (symbolic dims looked up by name)."""
+        return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.dims)
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The inputs and outputs of one exported model, in call order."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
+
+    def input_shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape(sizes) for t in self.inputs}
+
+    def output_shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape(sizes) for t in self.outputs}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The few numbers of an SD 1.x/2.x model that fix its tensor shapes."""
+
+    latent_channels: int = 4
+    text_hidden_size: int = 768
+    text_max_length: int = 77
+    vae_scale_factor: int = 8
+
+    def sizes(self, batch: int, height: int, width: int) -> dict[str, int]:
+        """Run-time sizes for ``batch`` images of ``height`` x ``width`` pixels."""
+        return {
+            "batch": batch,
+            "height": height,
+            "width": width,
+            "latent_height": height // self.vae_scale_factor,
+            "latent_width": width // self.vae_scale_factor,
+            "sequence": self.text_max_length,
+        }
+
+    def specs(self) -> dict[str, ModelSpec]:
+        latent = ("batch", self.latent_channels, "latent_height", "latent_width")
+        image = ("batch", 3, "height", "width")
+        text = ("batch", "sequence", self.text_hidden_size)
+        return {
+            TEXT_ENCODER: ModelSpec(
+                TEXT_ENCODER,
+                inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+                outputs=(
+                    TensorSpec("last_hidden_state", "float32", text),
+                    TensorSpec("pooler_output", "float32", ("batch", self.text_hidden_size)),
+                ),
+            ),
+            UNET: ModelSpec(
+                UNET,
+                inputs=(
+                    TensorSpec("sample", "float32", latent),
+                    TensorSpec("timestep", "float32", ()),
+                    TensorSpec("encoder_hidden_states", "float32", text),
+                ),
+                outputs=(TensorSpec("out_sample", "float32", latent),),
+            ),
+            VAE_DECODER: ModelSpec(
+                VAE_DECODER,
+                inputs=(TensorSpec("latent_sample", "float32", latent),),
+                outputs=(TensorSpec("sample", "float32", image),),
+            ),
+            VAE_ENCODER: ModelSpec(
+                VAE_ENCODER,
+                inputs=(TensorSpec("sample", "float32", image),),
+                outputs=(
+                    TensorSpec(
+                        "latent_parameters",
+                        "float32",
+                        ("batch", 2 * self.latent_channels, "latent_height", "latent_width"),
+                    ),
+                ),
+            ),
+        }

@@ -1,0 +1,134 @@
+"""A validated generation request: every user-supplied setting checked once, before any model runs."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sdengine.errors import InvalidArgumentError
+from sdengine.model_specs import Architecture
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    steps: int
+    guidance: float
+    scheduler: str | None
+    seed: int
+    height: int
+    width: int
+    latents: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def classifier_free_guidance(self) -> bool:
+        """As in diffusers: guidance > 1 runs the UNet on [negative, positive] and combines the two."""
+        return self.guidance > 1.0
+
+    def initial_latents(self, arch: Architecture) -> np.ndarray:
+        """Unit-variance initial latents: the caller's, or drawn from ``seed`` (the same on every backend)."""
+        shape = (
+            self.batch,
+            arch.latent_channels,
+            self.height // arch.vae_scale_factor,
+            self.width // arch.vae_scale_factor,
+        )
+        if self.latents is None:
+            return np.random.default_rng(self.seed).standard_normal(shape, dtype=np.float32)
+        if tuple(self.latents.shape) != shape:
+            raise InvalidArgumentError(
+                f"latents have shape {tuple(self.latents.shape)}, expected {shape} for batch {self.batch} at "
+                f"{self.height}x{self.width}"
+            )
+        return np.asarray(self.latents, dtype=np.float32)
+
+    def step_noise_rng(self) -> np.random.Generator:
+        """Noise for stochastic schedulers (ancestral, LCM): a stream of its own, derived from ``seed``."""
+        return np.random.default_rng([self.seed, 1])
+
+    def parameters(self) -> dict[str, Any]:
+        """What a PNG records: enough to reproduce the image."""
+        return {
+            "prompt": list(self.prompts),
+            "negative_prompt": list(self.negative_prompts),
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "scheduler": self.scheduler,
+            "seed": self.seed,
+            "height": self.height,
+            "width": self.width,
+            "latents": "supplied" if self.latents is not None else "from seed",
+        }
+
+
+def make_request(
+    prompt: str | Sequence[str],
+    negative_prompt: str | Sequence[str] | None = None,
+    *,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    scheduler: str | None = None,
+    seed: int | None = None,
+    height: int,
+    width: int,
+    batch: int | None = None,
+    latents: np.ndarray | None = None,
+    size_multiple: int = 8,
+) -> GenerationRequest:
+    """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if batch is not None:
+        if batch < 1:
+            raise InvalidArgumentError(f"batch must be at least 1, got {batch}")
+        if len(prompts) == 1:
+            prompts = prompts * batch
+        elif len(prompts) != batch:
+            raise InvalidArgumentError(f"{len(prompts)} prompts given for batch {batch}")
+    if not prompts:
+        raise InvalidArgumentError("empty batch: give at least one prompt")
+    if not all(isinstance(p, str) for p in prompts):
+        raise InvalidArgumentError("prompts must be strings")
+    negatives = (
+        [negative_prompt or ""]
+        if negative_prompt is None or isinstance(negative_prompt, str)
+        else list(negative_prompt)
+    )
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise InvalidArgumentError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    for name, value in (("height", height), ("width", width)):
+        if value < size_multiple or value % size_multiple:
+            raise InvalidArgumentError(f"{name} must be a positive multiple of {size_multiple}, got {value}")
+    if steps < 1:
+        raise InvalidArgumentError(f"steps must be at least 1, got {steps}")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise InvalidArgumentError(f"guidance must be a finite number >= 0, got {guidance}")
+    if seed is None:
+        seed = secrets.randbits(63)
+    if not 0 <= seed < 2**63:
+        raise InvalidArgumentError(f"seed must be in [0, 2**63), got {seed}")
+    return GenerationRequest(
+        prompts=tuple(prompts),
+        negative_prompts=tuple(negatives),
+        steps=int(steps),
+        guidance=float(guidance),
+        scheduler=scheduler,
+        seed=int(seed),
+        height=int(height),
+        width=int(width),
+        latents=None if latents is None else np.asarray(latents),
+    )

@@ -1,0 +1,117 @@
+"""What every scheduler shares: the protocol, config resolution, refusals and the training tables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import InvalidArgumentError, UnsupportedConfigError
+from . import tables
+from .config import SchedulerConfig
+from .schedule import Schedule
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """A scheduler: its config and the tables for a given step count."""
+
+    name: str
+    config: SchedulerConfig
+
+    def schedule(self, num_inference_steps: int) -> Schedule: ...
+
+
+@dataclass(frozen=True)
+class BaseScheduler:
+    """Frozen scheduler holding its :class:`SchedulerConfig`; subclasses describe one diffusers class.
+
+    ``defaults`` are the diffusers class's ``__init__`` defaults: the config is resolved against them exactly
+    as ``DiffusersClass.from_config(config)`` would, and validated when the scheduler is created.
+    """
+
+    config: SchedulerConfig
+    name: str = field(default="", init=False)
+    params: Mapping[str, Any] = field(init=False, repr=False, compare=False)
+
+    diffusers_class: ClassVar[str] = ""
+    defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, SchedulerConfig):
+            raise TypeError(f"config must be a SchedulerConfig, got {type(self.config).__name__}")
+        params = self.config.resolve(self.defaults)
+        self._adjust(params)
+        self._validate(params)
+        object.__setattr__(self, "params", params)
+
+    def _adjust(self, params: dict[str, Any]) -> None:
+        """Rewrite resolved parameters the way the diffusers constructor does (hook)."""
+
+    def _validate(self, params: Mapping[str, Any]) -> None:
+        """Refuse options this implementation cannot reproduce (subclasses extend)."""
+        n_train = params["num_train_timesteps"]
+        if not isinstance(n_train, int) or n_train < 2:
+            raise UnsupportedConfigError(
+                f"{self.name}: num_train_timesteps must be an integer >= 2, got {n_train!r}"
+            )
+        self.require(params, "prediction_type", ("epsilon", "v_prediction"))
+        if "timestep_spacing" in params:
+            self.require(params, "timestep_spacing", tables.TIMESTEP_SPACINGS)
+
+    def require(self, params: Mapping[str, Any], key: str, allowed: tuple[Any, ...]) -> None:
+        """UnsupportedConfigError unless ``params[key]`` is one of ``allowed``."""
+        value = params[key]
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            shown = ", ".join(repr(a) for a in allowed)
+            raise UnsupportedConfigError(
+                f"{self.name}: {key}={value!r} is not supported (supported: {shown})"
+            )
+
+    def refuse_flags(self, params: Mapping[str, Any], *keys: str) -> None:
+        """UnsupportedConfigError if any of the boolean options ``keys`` is on."""
+        for key in keys:
+            if params.get(key):
+                raise UnsupportedConfigError(
+                    f"{self.name}: {key}=True is not supported (it is not a linear step)"
+                )
+
+    def schedule(self, num_inference_steps: int) -> Schedule:
+        """The tables for ``num_inference_steps`` denoising steps."""
+        n = check_steps(num_inference_steps, self.params["num_train_timesteps"])
+        return self._build(n)
+
+    def _build(self, n: int) -> Schedule:
+        raise NotImplementedError
+
+    def alphas_cumprod(self, *, zero_snr_floor: bool = False) -> np.ndarray:
+        """alpha-bar_t of the training schedule this config describes (float32 values in float64)."""
+        p = self.params
+        betas = tables.betas(
+            p["num_train_timesteps"],
+            p["beta_start"],
+            p["beta_end"],
+            p["beta_schedule"],
+            p["trained_betas"],
+            bool(p.get("rescale_betas_zero_snr")),
+        )
+        if len(betas) != p["num_train_timesteps"]:
+            raise UnsupportedConfigError(
+                f"{self.name}: trained_betas has {len(betas)} entries, "
+                f"num_train_timesteps is {p['num_train_timesteps']}"
+            )
+        return tables.alphas_cumprod(betas, zero_snr_floor=zero_snr_floor)
+
+
+def check_steps(num_inference_steps: int, num_train_timesteps: int) -> int:
+    """``num_inference_steps`` as an int in [1, num_train_timesteps], else InvalidArgumentError."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise InvalidArgumentError(f"steps must be an integer, got {num_inference_steps!r}")
+    n = int(num_inference_steps)
+    if n < 1:
+        raise InvalidArgumentError(f"steps must be >= 1, got {n}")
+    if n > num_train_timesteps:
+        raise InvalidArgumentError(f"steps must be <= num_train_timesteps ({num_train_timesteps}), got {n}")
+    return n

@@ -1,0 +1,184 @@
+"""DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): diffusers ``DPMSolverMultistepScheduler``
+with ``algorithm_type="dpmsolver++"`` and ``solver_order=2``, optionally on Karras sigmas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import UnsupportedConfigError
+from . import tables
+from .base import BaseScheduler
+from .schedule import Forms, Schedule, make_schedule, vp_predictions
+
+
+@dataclass(frozen=True)
+class DPMSolverMultistep(BaseScheduler):
+    """Multistep DPM-Solver++ of order 2 on the data prediction x0 (history: h_1 = previous x0).
+
+    With the VP parameters of k-diffusion sigma s: alpha = 1 / sqrt(s^2 + 1), sigma = s alpha,
+    lambda = -log s, and h = lambda' - lambda (so exp(-h) = s' / s), one step from s to s' is
+
+    * first order (DDIM in x0 form, eq. 5): x' = (sigma'/sigma) x + alpha' (1 - exp(-h)) x0
+    * second order, midpoint (eq. 8 with r = h_prev / h, D1 = (x0 - x0_prev) / r):
+      x' = (sigma'/sigma) x + alpha' (1 - exp(-h)) (x0 + D1 / 2)
+    * second order, heun: x' = (sigma'/sigma) x + alpha' (1 - exp(-h)) x0 - alpha' ((exp(-h) - 1) / h + 1) D1
+
+    diffusers quirks kept: the first step is first order; the last one too when ``euler_at_final``, when
+    ``final_sigmas_type="zero"`` (then x' = x0), or with ``lower_order_final`` and fewer than 15 steps.
+    """
+
+    name: str = field(default="dpmpp_2m", init=False)
+
+    diffusers_class: ClassVar[str] = "DPMSolverMultistepScheduler"
+    defaults: ClassVar[dict[str, Any]] = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "trained_betas": None,
+        "solver_order": 2,
+        "prediction_type": "epsilon",
+        "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0,
+        "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint",
+        "lower_order_final": True,
+        "euler_at_final": False,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_lu_lambdas": False,
+        "use_flow_sigmas": False,
+        "flow_shift": 1.0,
+        "final_sigmas_type": "zero",
+        "lambda_min_clipped": -float("inf"),
+        "variance_type": None,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+        "use_dynamic_shifting": False,
+        "time_shift_type": "exponential",
+    }
+
+    def _adjust(self, params: dict[str, Any]) -> None:
+        # diffusers' constructor maps DEIS / UniPC names onto DPM-Solver's (configs converted from those).
+        if params["algorithm_type"] == "deis":
+            if params["final_sigmas_type"] == "zero":
+                # diffusers checks the algorithm it was given, before the remapping, and raises.
+                raise UnsupportedConfigError(
+                    f"{self.name}: algorithm_type='deis' needs final_sigmas_type='sigma_min' (diffusers too)"
+                )
+            params["algorithm_type"] = "dpmsolver++"
+        if params["solver_type"] in ("logrho", "bh1", "bh2"):
+            params["solver_type"] = "midpoint"
+
+    def _validate(self, params: dict[str, Any]) -> None:
+        super()._validate(params)
+        self.require(params, "algorithm_type", ("dpmsolver++",))
+        self.require(params, "solver_order", (2,))
+        self.require(params, "solver_type", ("midpoint", "heun"))
+        self.require(params, "final_sigmas_type", ("zero", "sigma_min"))
+        self.require(params, "variance_type", (None,))
+        self.refuse_flags(
+            params,
+            "thresholding",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+            "use_dynamic_shifting",
+        )
+
+    def _build(self, n: int) -> Schedule:
+        p = self.params
+        n_train = p["num_train_timesteps"]
+        abar = self.alphas_cumprod(zero_snr_floor=True)
+        train_sigmas = tables.sigmas_from_alphas_cumprod(abar)
+        timesteps = self._timesteps(n, abar)
+        if p["use_karras_sigmas"]:
+            # diffusers reads config sigma_min / sigma_max even though they are not DPM-Solver arguments: they
+            # are kept in its config when present in the JSON (e.g. converted from an Euler config).
+            sigma_min, sigma_max = self.config.get("sigma_min"), self.config.get("sigma_max")
+            sigmas = tables.karras_sigmas(
+                train_sigmas[0] if sigma_min is None else sigma_min,
+                train_sigmas[-1] if sigma_max is None else sigma_max,
+                n,
+            )
+            t = tables.sigma_to_t(sigmas, train_sigmas)
+            # rounded, except for squaredcos_cap_v2 where diffusers' int64 cast truncates
+            timesteps = (np.trunc(t) if p["beta_schedule"] == "squaredcos_cap_v2" else np.round(t)).astype(
+                np.int64
+            )
+        else:
+            sigmas = np.interp(timesteps, np.arange(n_train), train_sigmas)
+        sigma_last = train_sigmas[0] if p["final_sigmas_type"] == "sigma_min" else 0.0
+        sigmas = tables.f32(np.concatenate([sigmas, [sigma_last]]))
+
+        steps = len(timesteps)
+        f = Forms(1)
+        x, prev_x0 = f.sample, f.history(1)
+        rows = []
+        for i in range(steps):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            alpha, alpha_next = 1.0 / np.sqrt(s**2 + 1.0), 1.0 / np.sqrt(s_next**2 + 1.0)
+            x0 = vp_predictions(p["prediction_type"], alpha**2, x, f.model_output)[0]
+            ratio = s_next / s  # exp(-h); also sigma'/sigma = ratio * alpha'/alpha
+            new_x = ratio * alpha_next / alpha * x + alpha_next * (1.0 - ratio) * x0
+            last = i == steps - 1
+            lower_order_final = last and (
+                p["euler_at_final"]
+                or (p["lower_order_final"] and steps < 15)
+                or p["final_sigmas_type"] == "zero"
+            )
+            if i > 0 and not lower_order_final:
+                h = np.log(s / s_next)
+                r = np.log(sigmas[i - 1] / s) / h
+                d1 = (x0 - prev_x0) / r
+                if p["solver_type"] == "midpoint":
+                    new_x = new_x + 0.5 * alpha_next * (1.0 - ratio) * d1
+                else:
+                    new_x = new_x + alpha_next * ((ratio - 1.0) / h + 1.0) * d1
+            rows.append([new_x, x0])
+        return make_schedule(
+            timesteps=timesteps,
+            input_scale=1.0,
+            rows=rows,
+            init_noise_sigma=1.0,
+            history_size=1,
+            num_inference_steps=n,
+            scheduler=self.name,
+        )
+
+    def _timesteps(self, n: int, abar: np.ndarray) -> np.ndarray:
+        """diffusers' DPM-Solver timesteps: N of N + 1 evenly spaced ones (the smallest dropped), below the
+        ``lambda_min_clipped`` cut (lambda = log alpha - log sigma, half the log-SNR)."""
+        p = self.params
+        n_train = p["num_train_timesteps"]
+        lambdas = 0.5 * (np.log(abar) - np.log1p(-abar))
+        clipped = int(np.searchsorted(lambdas[::-1], p["lambda_min_clipped"]))
+        last = n_train - clipped
+        spacing = p["timestep_spacing"]
+        if spacing == "trailing":
+            ts = np.arange(last, 0, -n_train / n).round() - 1
+        elif spacing == "linspace":
+            ts = tables.spaced_timesteps("linspace", last, n + 1)[:-1]
+        else:
+            ts = tables.spaced_timesteps("leading", last, n + 1, p["steps_offset"])[:-1]
+        if ts.size == 0:
+            raise UnsupportedConfigError(f"{self.name}: lambda_min_clipped leaves no timesteps")
+        return tables.integer_timesteps(ts, n_train)
+
+
+@dataclass(frozen=True)
+class DPMSolverMultistepKarras(DPMSolverMultistep):
+    """``dpmpp_2m`` with ``use_karras_sigmas`` forced on (Karras et al. 2022, eq. 5, rho = 7)."""
+
+    name: str = field(default="dpmpp_2m_karras", init=False)
+
+    def _adjust(self, params: dict[str, Any]) -> None:
+        super()._adjust(params)
+        params["use_karras_sigmas"] = True

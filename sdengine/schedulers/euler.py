@@ -1,0 +1,116 @@
+"""Euler's method on the probability-flow ODE in k-diffusion form (Karras et al. 2022, Algorithm 1 without
+churn): diffusers ``EulerDiscreteScheduler``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from . import tables
+from .base import BaseScheduler
+from .schedule import Forms, Schedule, make_schedule, vp_predictions
+
+
+def discrete_sigmas(
+    params: Mapping[str, Any], abar: np.ndarray, n: int, *, karras: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of diffusers' Euler schedulers: float32 timesteps (fractional for ``linspace``),
+    and the N + 1 sigmas ending in 0 (or sigma_min with ``final_sigmas_type="sigma_min"``).
+
+    Sigmas are the training sigmas interpolated linearly at the timesteps; with ``karras`` they are replaced
+    by Karras sigmas spanning the interpolated range (or config ``sigma_min``/``sigma_max``) and the
+    timesteps by their log-sigma interpolated positions (:func:`tables.sigma_to_t`).
+    """
+    n_train = params["num_train_timesteps"]
+    timesteps = tables.f32(
+        tables.spaced_timesteps(params["timestep_spacing"], n_train, n, params["steps_offset"])
+    )
+    tables.check_timesteps(timesteps, n_train)
+    train_sigmas = tables.sigmas_from_alphas_cumprod(abar)
+    sigmas = np.interp(timesteps, np.arange(n_train), train_sigmas)
+    if karras:
+        sigma_min = params.get("sigma_min")
+        sigma_max = params.get("sigma_max")
+        sigmas = tables.karras_sigmas(
+            sigmas[-1] if sigma_min is None else sigma_min, sigmas[0] if sigma_max is None else sigma_max, n
+        )
+        timesteps = tables.f32(tables.sigma_to_t(sigmas, train_sigmas))
+    sigma_last = train_sigmas[0] if params.get("final_sigmas_type") == "sigma_min" else 0.0
+    return timesteps, tables.f32(np.concatenate([sigmas, [sigma_last]]))
+
+
+def init_noise_sigma(spacing: str, sigmas: np.ndarray) -> float:
+    """diffusers: the largest sigma for linspace/trailing spacing, sqrt(sigma_max^2 + 1) for leading."""
+    sigma_max = float(sigmas.max())
+    if spacing in ("linspace", "trailing"):
+        return sigma_max
+    return float(tables.f32((sigma_max**2 + 1) ** 0.5))
+
+
+def k_diffusion_denoised(prediction_type: str, sigma: float, x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x0 predicted from a k-diffusion sample x = x0 + sigma eps, whose VP form is x / sqrt(sigma^2 + 1)
+    (epsilon: x0 = x - sigma m; v: x0 = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) m)."""
+    scale = 1.0 / np.sqrt(sigma**2 + 1.0)
+    return vp_predictions(prediction_type, scale**2, scale * x, m)[0]
+
+
+@dataclass(frozen=True)
+class Euler(BaseScheduler):
+    """``EulerDiscreteScheduler`` (s_churn = 0): x' = x + (x - x0) / sigma * (sigma' - sigma), and the UNet
+    sees x / sqrt(sigma^2 + 1)."""
+
+    name: str = field(default="euler", init=False)
+
+    diffusers_class: ClassVar[str] = "EulerDiscreteScheduler"
+    defaults: ClassVar[dict[str, Any]] = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "trained_betas": None,
+        "prediction_type": "epsilon",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "sigma_min": None,
+        "sigma_max": None,
+        "timestep_spacing": "linspace",
+        "timestep_type": "discrete",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+        "final_sigmas_type": "zero",
+    }
+
+    def _validate(self, params: dict[str, Any]) -> None:
+        super()._validate(params)
+        self.require(params, "interpolation_type", ("linear",))
+        self.require(params, "timestep_type", ("discrete", "continuous"))
+        self.require(params, "final_sigmas_type", ("zero", "sigma_min"))
+        self.refuse_flags(params, "use_exponential_sigmas", "use_beta_sigmas")
+
+    def _build(self, n: int) -> Schedule:
+        p = self.params
+        abar = self.alphas_cumprod(zero_snr_floor=True)
+        timesteps, sigmas = discrete_sigmas(p, abar, n, karras=bool(p["use_karras_sigmas"]))
+        if p["timestep_type"] == "continuous" and p["prediction_type"] == "v_prediction":
+            # diffusers feeds such models c_noise = log(sigma) / 4 (Karras et al. 2022, Table 1).
+            timesteps = tables.f32(0.25 * np.log(sigmas[:-1]))
+        f = Forms(0)
+        rows = []
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            x0 = k_diffusion_denoised(p["prediction_type"], sigma, f.sample, f.model_output)
+            derivative = (f.sample - x0) / sigma
+            rows.append([f.sample + derivative * (sigma_next - sigma)])
+        return make_schedule(
+            timesteps=timesteps,
+            input_scale=1.0 / np.sqrt(sigmas[:-1] ** 2 + 1.0),
+            rows=rows,
+            init_noise_sigma=init_noise_sigma(p["timestep_spacing"], sigmas),
+            history_size=0,
+            num_inference_steps=n,
+            scheduler=self.name,
+        )

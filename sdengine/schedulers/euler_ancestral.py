@@ -1,0 +1,61 @@
+"""Ancestral Euler sampling (k-diffusion ``sample_euler_ancestral``): diffusers
+``EulerAncestralDiscreteScheduler``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .base import BaseScheduler
+from .euler import discrete_sigmas, init_noise_sigma, k_diffusion_denoised
+from .schedule import Forms, Schedule, make_schedule
+
+
+@dataclass(frozen=True)
+class EulerAncestral(BaseScheduler):
+    """Each step from sigma to sigma' splits sigma' into a deterministic and a fresh-noise part::
+
+        sigma_up = sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2),  sigma_down = sqrt(sigma'^2 - sigma_up^2)
+        x' = x + (x - x0) / sigma * (sigma_down - sigma) + sigma_up * noise
+
+    The last step (sigma' = 0) adds no noise.
+    """
+
+    name: str = field(default="euler_a", init=False)
+
+    diffusers_class: ClassVar[str] = "EulerAncestralDiscreteScheduler"
+    defaults: ClassVar[dict[str, Any]] = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "trained_betas": None,
+        "prediction_type": "epsilon",
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+    }
+
+    def _build(self, n: int) -> Schedule:
+        p = self.params
+        abar = self.alphas_cumprod(zero_snr_floor=True)
+        timesteps, sigmas = discrete_sigmas(p, abar, n)
+        f = Forms(0)
+        rows = []
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+            sigma_down = np.sqrt(sigma_next**2 - sigma_up**2)
+            x0 = k_diffusion_denoised(p["prediction_type"], sigma, f.sample, f.model_output)
+            derivative = (f.sample - x0) / sigma
+            rows.append([f.sample + derivative * (sigma_down - sigma) + sigma_up * f.noise])
+        return make_schedule(
+            timesteps=timesteps,
+            input_scale=1.0 / np.sqrt(sigmas[:-1] ** 2 + 1.0),
+            rows=rows,
+            init_noise_sigma=init_noise_sigma(p["timestep_spacing"], sigmas),
+            history_size=0,
+            num_inference_steps=n,
+            scheduler=self.name,
+        )

@@ -1,0 +1,156 @@
+"""The :class:`Schedule` table and the helpers schedulers use to write its rows.
+
+Every supported scheduler update is linear in (sample, model_output, noise, history buffers), so step ``i`` is
+a matrix ``coeffs[i]`` of shape ``(1 + K, 3 + K)``::
+
+    [new_sample, new_h_1, ..., new_h_K] = coeffs[i] @ [sample, model_output, noise, h_1, ..., h_K]
+
+A scheduler builds each output as a *linear form*: a float64 vector over those ``3 + K`` inputs, combined with
+ordinary arithmetic (see :class:`Forms`), so the table code reads like the update equations it encodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UnsupportedConfigError
+
+SAMPLE, MODEL_OUTPUT, NOISE = 0, 1, 2
+#: Column of history buffer ``h_1`` in a row; ``h_j`` is column ``HISTORY + j - 1``.
+HISTORY = 3
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """Everything a denoising loop needs for ``num_inference_steps`` steps, as host-side tables.
+
+    ``S = len(timesteps)`` model calls (PNDM makes ``num_inference_steps + 1``, like diffusers). For call
+    ``i`` the UNet gets ``input_scale[i] * sample`` at timestep ``timesteps[i]``, then
+    :func:`sdengine.schedulers.step` applies ``coeffs[i]``. Arrays are read-only.
+    """
+
+    timesteps: np.ndarray  # (S,) float32
+    input_scale: np.ndarray  # (S,) float32
+    coeffs: np.ndarray  # (S, 1 + K, 3 + K) float32
+    needs_noise: np.ndarray  # (S,) bool
+    init_noise_sigma: float
+    history_size: int
+    num_inference_steps: int
+
+    def __post_init__(self) -> None:
+        s, k = len(self.timesteps), self.history_size
+        expected = {
+            "timesteps": ((s,), np.float32),
+            "input_scale": ((s,), np.float32),
+            "coeffs": ((s, 1 + k, 3 + k), np.float32),
+            "needs_noise": ((s,), np.bool_),
+        }
+        for name, (shape, dtype) in expected.items():
+            value = np.asarray(getattr(self, name))
+            if value.shape != shape or value.dtype != dtype:
+                raise ValueError(
+                    f"Schedule.{name}: expected {shape} {np.dtype(dtype)}, got {value.shape} {value.dtype}"
+                )
+            view = value.view()  # read-only view: the caller's own array keeps its flags
+            view.setflags(write=False)
+            object.__setattr__(self, name, view)
+
+
+class Forms:
+    """Linear forms over the step inputs ``[sample, model_output, noise, h_1..h_K]`` (float64 vectors)."""
+
+    def __init__(self, history_size: int) -> None:
+        self.history_size = history_size
+        self.width = HISTORY + history_size
+
+    def unit(self, column: int) -> np.ndarray:
+        v = np.zeros(self.width)
+        v[column] = 1.0
+        return v
+
+    @property
+    def zero(self) -> np.ndarray:
+        return np.zeros(self.width)
+
+    @property
+    def sample(self) -> np.ndarray:
+        return self.unit(SAMPLE)
+
+    @property
+    def model_output(self) -> np.ndarray:
+        return self.unit(MODEL_OUTPUT)
+
+    @property
+    def noise(self) -> np.ndarray:
+        return self.unit(NOISE)
+
+    def history(self, j: int) -> np.ndarray:
+        """The form reading history buffer ``h_j`` (1-based, as in the docs)."""
+        if not 1 <= j <= self.history_size:
+            raise IndexError(j)
+        return self.unit(HISTORY + j - 1)
+
+
+def vp_predictions(
+    prediction_type: str, alpha_prod: float, x: np.ndarray, m: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(x0, eps) predicted from a variance-preserving sample x = sqrt(a) x0 + sqrt(1-a) eps (a = alpha-bar_t).
+
+    * epsilon (Ho et al. 2020, eq. 15): eps = m, x0 = (x - sqrt(1-a) m) / sqrt(a);
+    * v_prediction (Salimans & Ho 2022, sec. 4), v = sqrt(a) eps - sqrt(1-a) x0:
+      x0 = sqrt(a) x - sqrt(1-a) m, eps = sqrt(a) m + sqrt(1-a) x.
+
+    ``x`` and ``m`` are linear forms (the sample may be a scaled or stored one). An epsilon model has no x0
+    prediction where a = 0 (the last timestep of a zero-terminal-SNR schedule): that is refused.
+    """
+    sa, sb = np.sqrt(alpha_prod), np.sqrt(1.0 - alpha_prod)
+    if prediction_type == "epsilon":
+        if alpha_prod == 0.0:
+            raise UnsupportedConfigError(
+                "prediction_type='epsilon' cannot denoise the zero-SNR last timestep of "
+                "rescale_betas_zero_snr=True (x0 = (x - eps) / 0); use a v_prediction model or another "
+                "timestep_spacing/scheduler"
+            )
+        return (x - sb * m) / sa, m
+    if prediction_type == "v_prediction":
+        return sa * x - sb * m, sa * m + sb * x
+    raise UnsupportedConfigError(
+        f"prediction_type {prediction_type!r} is not supported (supported: epsilon, v_prediction)"
+    )
+
+
+def make_schedule(
+    *,
+    timesteps: np.ndarray,
+    input_scale: np.ndarray | float,
+    rows: Sequence[Sequence[np.ndarray]],
+    init_noise_sigma: float,
+    history_size: int,
+    num_inference_steps: int,
+    scheduler: str,
+) -> Schedule:
+    """A :class:`Schedule` from per-step output forms ``rows[i] = [new_sample, new_h_1..new_h_K]``."""
+    timesteps = np.asarray(timesteps, dtype=np.float64)
+    if len(rows) != len(timesteps):
+        raise AssertionError(f"{scheduler}: {len(rows)} rows for {len(timesteps)} timesteps")
+    coeffs = np.array([np.stack(row) for row in rows], dtype=np.float64).reshape(
+        len(rows), 1 + history_size, HISTORY + history_size
+    )
+    bad = np.flatnonzero(~np.isfinite(coeffs).all(axis=(1, 2)))
+    if bad.size:
+        raise UnsupportedConfigError(
+            f"{scheduler}: this config gives non-finite step coefficients at timestep {timesteps[bad[0]]:g}"
+        )
+    coeffs32 = coeffs.astype(np.float32)
+    return Schedule(
+        timesteps=timesteps.astype(np.float32),
+        input_scale=np.broadcast_to(np.asarray(input_scale, dtype=np.float32), timesteps.shape).copy(),
+        coeffs=coeffs32,
+        needs_noise=(coeffs32[:, :, NOISE] != 0).any(axis=1),
+        init_noise_sigma=float(init_noise_sigma),
+        history_size=history_size,
+        num_inference_steps=num_inference_steps,
+    )

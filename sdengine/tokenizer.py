@@ -1,0 +1,271 @@
+"""CLIP's byte-level BPE tokenizer, built on the ``tokenizers`` library alone.
+
+The runtime never imports torch or transformers, so the tokenizer that diffusers gets from
+``transformers.CLIPTokenizer`` is rebuilt here from the same files (``vocab.json`` + ``merges.txt`` and the
+two optional config files) with the same pipeline: NFC + whitespace collapsing + lowercasing, CLIP's split
+regex, byte-level mapping, BPE with the ``</w>`` end-of-word suffix, BOS/EOS around the text, truncation to
+``model_max_length`` and right padding with the pad token. The special tokens are registered the way
+transformers registers them (with the flags the config gives them), because that decides how a special
+token's text inside a prompt is encoded: SD 2.x pads with ``!``, so a ``!`` in its prompts is the pad id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+from sdengine.errors import CorruptModelError, InvalidArgumentError, ModelDirectoryError
+
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+ADDED_TOKENS_FILE = "added_tokens.json"
+
+DEFAULT_MAX_LENGTH = 77
+DEFAULT_BOS = "<|startoftext|>"
+DEFAULT_EOS = "<|endoftext|>"
+# transformers writes 1e30 for "no limit"; a CLIP text encoder always has 77 positions.
+_UNSET_MAX_LENGTH = 1_000_000
+
+# Named special tokens in the order transformers registers them (later registrations override flags).
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
+
+# transformers' CLIPTokenizer split pattern (the special-token alternatives are kept for parity).
+_SPLIT_PATTERN = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptModelError(
+            f"{path} is not valid JSON ({exc}); restore the file from the checkpoint"
+        ) from exc
+    if not isinstance(data, dict):
+        raise CorruptModelError(f"{path} must hold a JSON object; restore the file from the checkpoint")
+    return data
+
+
+def _added_token(value: Any, source: Path, *, special: bool) -> AddedToken:
+    """An AddedToken from a config entry: a plain string, or a dict as transformers serialises them."""
+    if isinstance(value, str):
+        # transformers turns a bare string special token into a non-normalized special AddedToken.
+        return AddedToken(value, special=special, normalized=False)
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        is_special = bool(value.get("special", special))
+        flags = {k: bool(value[k]) for k in _ADDED_TOKEN_FLAGS if k in value}
+        flags.setdefault("normalized", not is_special)
+        return AddedToken(value["content"], special=is_special, **flags)
+    raise CorruptModelError(
+        f"{source} has an invalid token entry {value!r}; restore the file from the checkpoint"
+    )
+
+
+class ClipTokenizer:
+    """Turns prompts into the fixed-length id arrays a CLIP text encoder takes."""
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        special_tokens: dict[str, AddedToken] | None = None,
+        added_tokens: Sequence[AddedToken] = (),
+    ) -> None:
+        """Build from an in-memory vocabulary; most callers want :meth:`from_dir`.
+
+        ``special_tokens`` maps transformers' names (``bos_token``, ``eos_token``, ``unk_token``,
+        ``pad_token``...) to tokens; CLIP's defaults fill in the missing ones. ``added_tokens`` are registered
+        first, like a config's ``added_tokens_decoder``.
+        """
+        if max_length < 2:
+            raise InvalidArgumentError(f"max_length must be at least 2 (BOS and EOS), got {max_length}")
+        named = {
+            "bos_token": AddedToken(DEFAULT_BOS, special=True, normalized=False),
+            "eos_token": AddedToken(DEFAULT_EOS, special=True, normalized=False),
+            "unk_token": AddedToken(DEFAULT_EOS, special=True, normalized=False),
+            "pad_token": AddedToken(DEFAULT_EOS, special=True, normalized=False),
+        }
+        named.update(special_tokens or {})
+
+        try:
+            model = BPE(
+                vocab=vocab,
+                merges=merges,
+                dropout=None,
+                continuing_subword_prefix="",
+                end_of_word_suffix="</w>",
+                fuse_unk=False,
+                unk_token=named["unk_token"].content,
+            )
+        except Exception as exc:  # tokenizers raises plain Exception
+            raise CorruptModelError(
+                f"merges do not match the vocabulary ({exc}); restore vocab.json and merges.txt"
+            ) from exc
+        tokenizer = Tokenizer(model)
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+        tokenizer.decoder = decoders.ByteLevel()
+        # Registering a content twice updates its flags, so the last registration wins, as in transformers.
+        if added_tokens:
+            tokenizer.add_tokens(list(added_tokens))
+        tokenizer.add_special_tokens([named[k] for k in _SPECIAL_KEYS if k in named])
+
+        def token_id(key: str) -> int:
+            content = named[key].content
+            idx = tokenizer.token_to_id(content)
+            if idx is None:  # pragma: no cover - add_special_tokens always assigns an id
+                raise CorruptModelError(
+                    f"{key} {content!r} has no id in the vocabulary; fix the tokenizer files"
+                )
+            return idx
+
+        self.max_length = max_length
+        self.bos_token_id = token_id("bos_token")
+        self.eos_token_id = token_id("eos_token")
+        self.pad_token_id = token_id("pad_token")
+        self.pad_token: str = named["pad_token"].content
+        tokenizer.post_processor = processors.RobertaProcessing(
+            (named["eos_token"].content, self.eos_token_id),
+            (named["bos_token"].content, self.bos_token_id),
+            trim_offsets=False,
+            add_prefix_space=False,
+        )
+        tokenizer.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
+        tokenizer.enable_padding(
+            direction="right", pad_id=self.pad_token_id, pad_token=self.pad_token, length=max_length
+        )
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> ClipTokenizer:
+        """Load a diffusers/Optimum ``tokenizer/`` folder (vocab.json, merges.txt and optional configs).
+
+        ``model_max_length`` and the special tokens come from ``tokenizer_config.json``; as in
+        transformers, ``special_tokens_map.json`` overrides its special tokens unless the config lists
+        ``added_tokens_decoder``.
+        """
+        directory = Path(path)
+        if not directory.is_dir():
+            raise ModelDirectoryError(
+                f"tokenizer directory {directory} does not exist; pass the checkpoint's tokenizer/"
+            )
+        vocab_path = directory / VOCAB_FILE
+        merges_path = directory / MERGES_FILE
+        for required in (vocab_path, merges_path):
+            if not required.is_file():
+                raise ModelDirectoryError(
+                    f"{required} is missing; the tokenizer folder needs {VOCAB_FILE} and {MERGES_FILE}"
+                )
+        vocab_json = _read_json(vocab_path)
+        if not vocab_json or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in vocab_json.values()
+        ):
+            raise CorruptModelError(
+                f"{vocab_path} must map tokens to integer ids; restore it from the checkpoint"
+            )
+        try:
+            vocab, merges = BPE.read_file(str(vocab_path), str(merges_path))
+        except Exception as exc:  # tokenizers raises plain Exception for parse errors
+            raise CorruptModelError(
+                f"{merges_path} could not be parsed ({exc}); restore it from the checkpoint"
+            ) from exc
+
+        config_path = directory / CONFIG_FILE
+        config = _read_json(config_path) if config_path.is_file() else {}
+        max_length = config.get("model_max_length")
+        if max_length is None or (isinstance(max_length, (int, float)) and max_length >= _UNSET_MAX_LENGTH):
+            max_length = DEFAULT_MAX_LENGTH
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+            raise CorruptModelError(
+                f"{config_path} has an invalid model_max_length {max_length!r}; set it to 77 for CLIP"
+            )
+
+        added: dict[int, AddedToken] = {}
+        decoder = config.get("added_tokens_decoder")
+        if decoder is not None:
+            if not isinstance(decoder, dict):
+                raise CorruptModelError(f"{config_path} has an invalid added_tokens_decoder; restore it")
+            for idx, entry in decoder.items():
+                try:
+                    added[int(idx)] = _added_token(entry, config_path, special=False)
+                except ValueError as exc:
+                    raise CorruptModelError(
+                        f"{config_path} has a non-integer added token id {idx!r}"
+                    ) from exc
+
+        entries = {k: (config[k], config_path) for k in _SPECIAL_KEYS if config.get(k) is not None}
+        map_path = directory / SPECIAL_TOKENS_MAP_FILE
+        if decoder is None and map_path.is_file():
+            special_map = _read_json(map_path)
+            entries.update(
+                {k: (special_map[k], map_path) for k in _SPECIAL_KEYS if special_map.get(k) is not None}
+            )
+        named = {key: _added_token(value, source, special=True) for key, (value, source) in entries.items()}
+
+        legacy_path = directory / ADDED_TOKENS_FILE
+        if decoder is None and legacy_path.is_file():  # older saves (e.g. textual inversion): {token: id}
+            special_contents = {tok.content for tok in named.values()}
+            for content, idx in _read_json(legacy_path).items():
+                if not isinstance(idx, int) or isinstance(idx, bool):
+                    raise CorruptModelError(f"{legacy_path} must map tokens to integer ids; restore it")
+                is_special = content in special_contents
+                added[idx] = AddedToken(content, special=is_special, normalized=not is_special)
+
+        # A named token that is also an added token takes that entry's flags.
+        by_content = {tok.content: tok for tok in added.values()}
+        special = {key: by_content.get(tok.content, tok) for key, tok in named.items()}
+        try:
+            return cls(
+                vocab,
+                merges,
+                max_length=max_length,
+                special_tokens=special,
+                added_tokens=[added[i] for i in sorted(added)],
+            )
+        except CorruptModelError as exc:
+            raise CorruptModelError(f"{directory}: {exc}") from exc
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def tokenize(self, prompt: str) -> list[str]:
+        """The tokens of one prompt, with BOS/EOS and without padding (for inspection and debugging)."""
+        encoding = self._tokenizer.encode(prompt)
+        return [tok for tok, mask in zip(encoding.tokens, encoding.attention_mask, strict=True) if mask]
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        """Ids of shape ``(len(prompts), max_length)``, int64: BOS, text (truncated), EOS, then padding."""
+        if isinstance(prompts, str):
+            raise InvalidArgumentError(
+                "prompts must be a list of strings, not a single string; wrap it in a list"
+            )
+        prompts = list(prompts)
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise InvalidArgumentError(f"every prompt must be a string, got {type(prompt).__name__}")
+        if not prompts:
+            return np.zeros((0, self.max_length), dtype=np.int64)
+        encodings = self._tokenizer.encode_batch(prompts)
+        return np.array([e.ids for e in encodings], dtype=np.int64)

@@ -1,0 +1,47 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight ``tiny`` SD 1.x checkpoint in diffusers format (seed 0, epsilon), written once per run.
+
+    Shared by every test: treat it as read-only.
+    """
+    from export.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_v_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` architecture as a ``v_prediction`` model (seed 1)."""
+    from export.checkpoint import write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny-v"
+    return write_random_checkpoint(path, "tiny", seed=1, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_checkpoint`` exported to ONNX in float32 (read-only)."""
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx") / "fp32"
+    export_checkpoint(tiny_checkpoint, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_fp16(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_checkpoint`` exported to ONNX in float16 (read-only)."""
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx") / "fp16"
+    export_checkpoint(tiny_checkpoint, out, precision="fp16")
+    return out

@@ -1,0 +1,113 @@
+"""The command line: outputs, PNG metadata, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdengine.cli import main
+from sdengine.images import read_png_parameters
+
+
+def test_generate_writes_png_with_parameters(onnx_fp32, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code = main(
+        [
+            "generate",
+            str(onnx_fp32),
+            "a cat",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--height",
+            "64",
+            "--width",
+            "96",
+            "--negative-prompt",
+            "dog",
+            "--scheduler",
+            "euler",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    with Image.open(out) as img:
+        assert img.size == (96, 64)
+    params = read_png_parameters(out)
+    assert params["prompt"] == ["a cat"] and params["negative_prompt"] == ["dog"]
+    assert (params["seed"], params["steps"], params["scheduler"], params["backend"]) == (7, 2, "euler", "ort")
+    assert "seed 7" in capsys.readouterr().out
+
+
+def test_batch_writes_numbered_files_and_latents_file_is_used(onnx_fp32, tmp_path):
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "lat.npy", latents)
+    out = tmp_path / "img.png"
+    assert (
+        main(
+            [
+                "generate",
+                str(onnx_fp32),
+                "a cat",
+                "--steps",
+                "1",
+                "--batch",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--latents",
+                str(tmp_path / "lat.npy"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in tmp_path.glob("img*.png")) == ["img-0.png", "img-1.png"]
+    assert read_png_parameters(tmp_path / "img-1.png")["latents"] == "supplied"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--height", "65"], "height must be a positive multiple of 8"),
+        (["--steps", "0"], "steps must be at least 1"),
+        (["--scheduler", "nope"], "nope"),
+        (["--batch", "0"], "batch must be at least 1"),
+        (["--latents", "missing.npy"], "cannot read latents"),
+    ],
+)
+def test_generate_errors_are_one_line(onnx_fp32, capsys, extra, message):
+    assert main(["generate", str(onnx_fp32), "a cat", "--steps", "2", *extra]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdengine: error:") and message in err and "\n" not in err
+
+
+def test_missing_model_dir_exits_non_zero_without_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "sdengine.cli", "generate", str(tmp_path / "none"), "a cat"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_corrupt_onnx_is_one_line(onnx_fp32, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_fp32, broken)
+    (broken / "vae_decoder" / "model.onnx").write_bytes(b"not an onnx file")
+    assert main(["generate", str(broken), "a cat"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot load" in err and "vae_decoder" in err and "\n" not in err

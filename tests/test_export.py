@@ -1,0 +1,148 @@
+"""Export: each ONNX model matches its PyTorch module, at several shapes, in fp32 and fp16."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.checkpoint import checkpoint_hash
+from export.onnx_export import _save, export_checkpoint
+from export.wrappers import load_export_module, sample_inputs, text_vocab_size
+from sdengine.errors import InvalidArgumentError, ModelDirectoryError
+from sdengine.manifest import MANIFEST_NAME, Manifest, file_sha256
+from sdengine.model_dir import open_checkpoint_dir
+from sdengine.model_specs import COMPONENTS, UNET
+
+# (batch, height, width): square and non-square, latent sizes that are and are not multiples of 8.
+SHAPES = [(1, 64, 64), (2, 48, 80), (3, 72, 40)]
+
+
+def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max())
+
+
+def run_both(checkpoint, onnx_dir, name, batch, height, width):
+    arch = open_checkpoint_dir(checkpoint).arch
+    inputs = sample_inputs(
+        arch,
+        name,
+        batch=batch,
+        height=height,
+        width=width,
+        seed=batch,
+        vocab_size=text_vocab_size(checkpoint),
+    )
+    module = load_export_module(checkpoint, name)
+    with torch.no_grad():
+        expected = module(*inputs.values())
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    session = ort.InferenceSession(str(onnx_dir / name / "model.onnx"), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    return actual, [e.numpy() for e in expected]
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_fp32_components_match_pytorch(tiny_checkpoint, onnx_fp32, name):
+    for batch, height, width in SHAPES:
+        actual, expected = run_both(tiny_checkpoint, onnx_fp32, name, batch, height, width)
+        for a, e in zip(actual, expected, strict=True):
+            assert a.shape == e.shape
+            assert rel_error(a, e) <= 1e-4, (name, batch, height, width)
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_fp16_components_match_pytorch(tiny_checkpoint, onnx_fp16, name):
+    for batch, height, width in SHAPES[:2]:
+        actual, expected = run_both(tiny_checkpoint, onnx_fp16, name, batch, height, width)
+        for a, e in zip(actual, expected, strict=True):
+            assert a.dtype == np.float32  # fp16 models keep float32 inputs and outputs
+            assert rel_error(a, e) <= 1e-2, (name, batch, height, width)
+
+
+def test_fp16_models_hold_fp16_weights_and_fp32_normalisations(onnx_fp16):
+    model = onnx.load(str(onnx_fp16 / "vae_decoder" / "model.onnx"))
+    types = {i.data_type for i in model.graph.initializer if len(i.dims) >= 2}
+    assert onnx.TensorProto.FLOAT16 in types
+    norms = [n for n in model.graph.node if n.op_type == "InstanceNormalization"]
+    assert norms
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for norm in norms:  # every input of every normalisation is cast to float32 first
+        casts = [producers.get(i) for i in norm.input]
+        assert all(
+            c is not None and c.op_type == "Cast" and c.attribute[0].i == onnx.TensorProto.FLOAT
+            for c in casts
+        ), norm.name
+
+
+def test_layout_manifest_and_checker(tiny_checkpoint, onnx_fp32):
+    manifest = Manifest.read(onnx_fp32)
+    assert manifest is not None
+    assert manifest.source_hash == checkpoint_hash(tiny_checkpoint)
+    assert manifest.precision == "fp32" and manifest.opset >= 17
+    assert {"torch", "diffusers", "onnx", "onnxruntime", "sdengine"} <= set(manifest.tool_versions)
+    assert set(manifest.components) == set(COMPONENTS)
+    for name, record in manifest.components.items():
+        path = onnx_fp32 / record.path
+        assert record.path == f"{name}/model.onnx"
+        assert record.sha256 == file_sha256(path)
+        onnx.checker.check_model(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        assert [i.name for i in model.graph.input] == list(record.inputs)
+        assert record.peak_rss_bytes > 0 and record.export_seconds > 0
+    for side in (
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "vae_decoder/config.json",
+        "text_encoder/config.json",
+    ):
+        assert (onnx_fp32 / side).is_file(), side
+    assert json.loads((onnx_fp32 / MANIFEST_NAME).read_text())["format"] == 1
+
+
+def test_unet_has_dynamic_batch_height_width(onnx_fp32):
+    model = onnx.load(str(onnx_fp32 / UNET / "model.onnx"), load_external_data=False)
+    sample = next(i for i in model.graph.input if i.name == "sample")
+    dims = [d.dim_param or d.dim_value for d in sample.type.tensor_type.shape.dim]
+    assert dims == ["batch", 4, "latent_height", "latent_width"]
+
+
+def test_external_data_is_one_file(onnx_fp32, tmp_path):
+    model = onnx.load(str(onnx_fp32 / UNET / "model.onnx"))
+    target = tmp_path / "unet" / "model.onnx"
+    location = _save(model, target, threshold=0)
+    assert location == "model.onnx.data"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    onnx.checker.check_model(str(target))
+    feed = {
+        "sample": np.ones((1, 4, 8, 8), np.float32),
+        "timestep": np.array(10.0, np.float32),
+        "encoder_hidden_states": np.ones((1, 77, 32), np.float32),
+    }
+    runs = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        for p in (onnx_fp32 / UNET / "model.onnx", target)
+    ]
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_export_rejects_bad_arguments(tiny_checkpoint, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="precision"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "o", precision="int4")
+    with pytest.raises(InvalidArgumentError, match="opset"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "o", opset=13)
+    with pytest.raises(InvalidArgumentError, match="component"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "o", components=["unet", "safety_checker"])
+    with pytest.raises(ModelDirectoryError, match="does not exist"):
+        export_checkpoint(tmp_path / "nowhere", tmp_path / "o")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model_index.json").write_text("{}")
+    with pytest.raises(ModelDirectoryError, match="incomplete"):
+        export_checkpoint(tmp_path / "half", tmp_path / "o")

@@ -1,0 +1,161 @@
+"""The lean runtime end to end: parity with diffusers, torch-free imports, requests and errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sdengine.baseline import TorchPipeline
+from sdengine.demo import psnr
+from sdengine.errors import (
+    CorruptModelError,
+    InvalidArgumentError,
+    ModelDirectoryError,
+    UnknownSchedulerError,
+)
+from sdengine.pipeline import Pipeline
+
+PROMPT = "a photo of an astronaut riding a horse"
+DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras"]
+
+
+@pytest.fixture(scope="module")
+def ort_pipe(onnx_fp32):
+    return Pipeline.load(onnx_fp32)
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(tiny_checkpoint):
+    return Pipeline.load(tiny_checkpoint, backend="torch")
+
+
+@pytest.mark.parametrize("scheduler", DETERMINISTIC)
+def test_image_matches_diffusers(ort_pipe, torch_pipe, scheduler):
+    settings = dict(steps=6, seed=3, scheduler=scheduler, height=64, width=96, guidance=7.5)
+    ours = ort_pipe(PROMPT, "ugly", **settings)
+    ref = torch_pipe(PROMPT, "ugly", **settings)
+    assert ours.array.shape == ref.array.shape == (1, 64, 96, 3)
+    assert psnr(ours.array, ref.array) >= 40
+    np.testing.assert_allclose(ours.latents, ref.latents, rtol=0, atol=1e-3)
+
+
+def test_batch_and_no_guidance_match_diffusers(ort_pipe, torch_pipe):
+    for settings in (dict(batch=2, guidance=5.0), dict(batch=1, guidance=1.0)):
+        ours = ort_pipe(
+            ["a cat", "a dog"][: settings["batch"]],
+            steps=4,
+            seed=11,
+            height=64,
+            width=64,
+            guidance=settings["guidance"],
+        )
+        ref = torch_pipe(
+            ["a cat", "a dog"][: settings["batch"]],
+            steps=4,
+            seed=11,
+            height=64,
+            width=64,
+            guidance=settings["guidance"],
+        )
+        assert ours.array.shape[0] == settings["batch"]
+        assert psnr(ours.array, ref.array) >= 40, settings
+
+
+def test_v_prediction_checkpoint_matches_diffusers(tiny_v_checkpoint, tmp_path_factory):
+    from export.onnx_export import export_checkpoint
+
+    onnx_dir = tmp_path_factory.mktemp("onnx-v")
+    export_checkpoint(tiny_v_checkpoint, onnx_dir, components=["text_encoder", "unet", "vae_decoder"])
+    settings = dict(steps=5, seed=5, height=64, width=64, scheduler="euler")
+    ours = Pipeline.load(onnx_dir)(PROMPT, **settings)
+    ref = Pipeline.load(tiny_v_checkpoint, backend="torch")(PROMPT, **settings)
+    assert psnr(ours.array, ref.array) >= 40
+
+
+def test_supplied_latents_and_seeds(ort_pipe):
+    base = ort_pipe(PROMPT, steps=3, seed=1, height=64, width=64)
+    again = ort_pipe(PROMPT, steps=3, seed=1, height=64, width=64)
+    other = ort_pipe(PROMPT, steps=3, seed=2, height=64, width=64)
+    np.testing.assert_array_equal(base.array, again.array)
+    assert not np.array_equal(base.array, other.array)
+    latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    supplied = ort_pipe(PROMPT, steps=3, seed=99, height=64, width=64, latents=latents)
+    np.testing.assert_array_equal(base.array, supplied.array)
+
+
+def test_stochastic_schedulers_run_and_follow_the_seed(ort_pipe):
+    for scheduler in ("euler_a", "lcm"):
+        a = ort_pipe(PROMPT, steps=3, seed=4, height=64, width=64, scheduler=scheduler)
+        b = ort_pipe(PROMPT, steps=3, seed=4, height=64, width=64, scheduler=scheduler)
+        assert np.isfinite(a.array).all()
+        np.testing.assert_array_equal(a.array, b.array)
+
+
+def test_timings_cover_every_stage(ort_pipe):
+    result = ort_pipe(PROMPT, steps=3, seed=0, height=64, width=64)
+    summary = result.times.summary()
+    assert summary["unet"]["calls"] == 4  # PNDM makes steps + 1 model calls, as diffusers does
+    assert summary["step"]["calls"] == 4
+    for stage in ("tokenize", "text_encoder", "vae_decode", "total"):
+        assert summary[stage]["calls"] == 1
+    assert summary["total"]["total_ms"] >= summary["unet"]["total_ms"]
+
+
+def test_runtime_never_imports_torch(onnx_fp32):
+    code = (
+        "import sys; from sdengine.pipeline import Pipeline; "
+        f"Pipeline.load({str(onnx_fp32)!r})('a cat', steps=2, height=64, width=64, seed=0); "
+        "bad = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "match"),
+    [
+        (dict(height=60), InvalidArgumentError, "height must be a positive multiple of 8"),
+        (dict(width=0), InvalidArgumentError, "width"),
+        (dict(steps=0), InvalidArgumentError, "steps must be at least 1"),
+        (dict(scheduler="heun2"), UnknownSchedulerError, "heun2"),
+        (dict(batch=0), InvalidArgumentError, "batch"),
+        (dict(guidance=float("nan")), InvalidArgumentError, "guidance"),
+        (dict(latents=np.zeros((1, 4, 3, 3), np.float32)), InvalidArgumentError, "latents have shape"),
+    ],
+)
+def test_bad_requests_raise_typed_errors(ort_pipe, settings, error, match):
+    with pytest.raises(error, match=match):
+        ort_pipe(PROMPT, **{"steps": 2, "height": 64, "width": 64, **settings})
+
+
+def test_empty_batch(ort_pipe):
+    with pytest.raises(InvalidArgumentError, match="empty batch"):
+        ort_pipe([], steps=2)
+
+
+def test_bad_model_directories(tmp_path, onnx_fp32):
+    import shutil
+
+    with pytest.raises(ModelDirectoryError, match="does not exist"):
+        Pipeline.load(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_fp32, broken)
+    (broken / "unet" / "model.onnx").unlink()
+    with pytest.raises(ModelDirectoryError, match="missing unet/model.onnx"):
+        Pipeline.load(broken)
+    (broken / "unet" / "model.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(CorruptModelError, match="cannot load"):
+        Pipeline.load(broken)
+
+
+def test_checkpoint_is_not_an_onnx_dir(tiny_checkpoint):
+    with pytest.raises(ModelDirectoryError, match="export it first"):
+        Pipeline.load(tiny_checkpoint)
+
+
+def test_torch_pipeline_is_the_baseline(torch_pipe):
+    assert isinstance(torch_pipe, TorchPipeline)

@@ -1,0 +1,601 @@
+"""Schedulers: the table-driven numpy schedulers against diffusers, step by step.
+
+The equivalence tests run a whole denoising trajectory through both the diffusers scheduler (torch, float32:
+``set_timesteps``, ``scale_model_input``, ``step``) and sdengine's tables + :func:`step`, each side feeding
+its own samples to a deterministic nonlinear fake UNet, so any error compounds. Timesteps, the UNet input and
+every intermediate sample are compared. Stochastic schedulers get the very noise tensors diffusers draws:
+diffusers steps with one ``torch.Generator`` and a second one with the same seed replays its draws.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sdengine.errors import InvalidArgumentError, UnknownSchedulerError, UnsupportedConfigError
+from sdengine.schedulers import (
+    SCHEDULER_NAMES,
+    Schedule,
+    SchedulerConfig,
+    diffusers_scheduler_class,
+    initial_history,
+    load_scheduler,
+    step,
+    tables,
+)
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+diffusers_logging.set_verbosity_error()
+# diffusers 0.42 under numpy 2 warns on every set_timesteps (np.array of a tensor without ``copy``).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+# --- checkpoint configs (scheduler_config.json as published) ---
+
+#: runwayml/stable-diffusion-v1-5: PNDM, leading spacing, steps_offset 1 (Euler/DPM default to linspace).
+SD15 = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+#: stabilityai/stable-diffusion-2-1 (768, v_prediction DDIM), with linspace spacing for every class.
+SD21 = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "linspace",
+    "trained_betas": None,
+}
+#: stabilityai/stable-diffusion-xl-base-1.0: Euler, leading spacing for every class.
+SDXL = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+#: SDXL with zero-terminal-SNR betas and trailing spacing (Lin et al. 2023's recommended setup).
+SDXL_ZSNR = {**SDXL, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+BASE_CONFIGS = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL, "sdxl_zsnr": SDXL_ZSNR}
+
+#: The diffusers construction each name stands for: ``getattr(diffusers, cls).from_config(config, **kw)``.
+DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+# Tolerances, applied to every compared tensor as |ours - ref| <= TOL |ref| + TOL * scale, where scale is
+# max(1, max |sample entering the step|): float32 evaluation of x + c * (...) has an absolute rounding error
+# proportional to |x|.
+TOL = 1e-5
+# Schedules with a huge sigma_max (4096 with zero terminal SNR, 20291 for squaredcos_cap_v2): diffusers' first
+# Euler step x + d * (sigma' - sigma) cancels a ~1e4 sample down to ~10 in float32 (sigma' - sigma itself is a
+# float32 difference), leaving an absolute error of ~1e-3 that every later, small, sample inherits. There,
+# diffusers' arithmetic runs in float64 (its tables stay float32) and the tolerance is 1e-4; zero-SNR tables
+# also differ by up to ~4e-5 (relative) because diffusers rescales the betas in float32, see
+# test_zero_snr_rescale_is_diffusers_formula_in_float64.
+HUGE_SIGMA_TOL = 1e-4
+
+
+def tolerance(config: dict[str, Any]) -> tuple[float, Any]:
+    """(tolerance, diffusers arithmetic dtype) for a config."""
+    if config.get("rescale_betas_zero_snr") or config.get("beta_schedule") == "squaredcos_cap_v2":
+        return HUGE_SIGMA_TOL, torch.float64
+    return TOL, torch.float32
+
+
+#: Combinations sdengine refuses because diffusers' result is not finite there (checked below).
+NONFINITE_IN_DIFFUSERS = {("ddim", "sdxl_zsnr", "epsilon"), ("lcm", "sdxl_zsnr", "epsilon")}
+#: Combinations where diffusers itself fails: Karras sigmas above the zero-SNR training range round to the
+#: timestep 999 twice, diffusers' ``index_for_timestep`` then starts at index 1 and runs off the table.
+DIFFUSERS_INDEX_ERROR = {("dpmpp_2m_karras", "sdxl_zsnr", 25)}
+
+SHAPE = (2, 4, 8, 8)
+SEED = 1234
+
+
+def fake_unet(x: np.ndarray, t: float) -> np.ndarray:
+    """A deterministic model output, nonlinear in the UNet input and the timestep."""
+    x = np.asarray(x, dtype=np.float32)
+    t = np.float32(t)
+    out = np.tanh(x * np.float32(0.7) + np.float32(0.3)) * (np.float32(0.5) + t / np.float32(1000))
+    return (out + np.float32(0.1) * np.sin(t * np.float32(0.01) + x)).astype(np.float32)
+
+
+def diffusers_draws_noise(name: str, i: int, num_calls: int) -> bool:
+    """Whether diffusers' ``step`` i draws noise: ancestral Euler always, LCM except on its last step."""
+    return name == "euler_a" or (name == "lcm" and i != num_calls - 1)
+
+
+def reference_scheduler(name: str, config: dict[str, Any]):
+    class_name, overrides = DIFFUSERS_EQUIVALENT[name]
+    return getattr(diffusers, class_name).from_config(config, **overrides)
+
+
+def diffusers_trajectory(name: str, config: dict[str, Any], steps: int):
+    """diffusers' final sample alone (for the cases that cannot be compared)."""
+    ref = reference_scheduler(name, config)
+    ref.set_timesteps(steps)
+    x = torch.ones(SHAPE)
+    generator = torch.Generator().manual_seed(SEED)
+    kwargs = {"generator": generator} if name in ("euler_a", "lcm") else {}
+    for t in ref.timesteps:
+        output = torch.from_numpy(fake_unet(ref.scale_model_input(x, t).numpy(), float(t)))
+        x = ref.step(output, t, x, **kwargs).prev_sample
+    return x
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray, scale: float, tol: float, what: str) -> None:
+    np.testing.assert_allclose(ours, ref, rtol=tol, atol=tol * max(1.0, scale), err_msg=what)
+
+
+def run_both(
+    name: str,
+    config: dict[str, Any],
+    steps: int,
+    schedule: Schedule | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the trajectory through diffusers and sdengine, asserting agreement at every step.
+
+    Configs with a huge sigma_max run diffusers' arithmetic in float64 (its tables stay float32): there
+    diffusers' float32 rounding on the first step, ~1e-7 of a 1e4 sample, would dominate every later step.
+    """
+    tol, reference_dtype = tolerance(config)
+    plan = load_scheduler(name, config).schedule(steps) if schedule is None else schedule
+    ref = reference_scheduler(name, config)
+    ref.set_timesteps(steps)
+    ref_timesteps = ref.timesteps.numpy()
+    assert plan.timesteps.shape == ref_timesteps.shape
+    np.testing.assert_allclose(plan.timesteps, ref_timesteps.astype(np.float32), rtol=1e-6, atol=1e-6)
+    assert plan.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+
+    latents = np.random.default_rng(SEED).standard_normal(SHAPE, dtype=np.float32)
+    x_ref = (torch.from_numpy(latents) * ref.init_noise_sigma).to(reference_dtype)  # as prepare_latents
+    x = latents * np.float32(plan.init_noise_sigma)
+    history = initial_history(plan, SHAPE)
+    generator_ref = torch.Generator().manual_seed(SEED)
+    generator_ours = torch.Generator().manual_seed(SEED)
+    kwargs = {"generator": generator_ref} if name in ("euler_a", "lcm") else {}
+    for i, t in enumerate(ref.timesteps):
+        scale = float(x_ref.abs().max())
+        model_input_ref = ref.scale_model_input(x_ref, t)
+        model_input = x * plan.input_scale[i]
+        assert_close(model_input, model_input_ref.numpy(), scale, tol, f"{name} UNet input, call {i}")
+        output_ref = torch.from_numpy(fake_unet(model_input_ref.numpy(), float(t))).to(reference_dtype)
+        output = fake_unet(model_input, float(plan.timesteps[i]))
+        x_ref = ref.step(output_ref, t, x_ref, **kwargs).prev_sample
+
+        noise = None
+        if diffusers_draws_noise(name, i, len(plan.timesteps)):
+            # diffusers draws in the model output's dtype
+            noise = randn_tensor(SHAPE, generator=generator_ours, dtype=reference_dtype).numpy()
+            noise = noise.astype(np.float32)
+        assert not plan.needs_noise[i] or noise is not None, "needs noise diffusers does not draw"
+        x, history = step(plan.coeffs[i], x, output, noise if plan.needs_noise[i] else None, history)
+        assert x.dtype == np.float32
+        assert_close(x, x_ref.numpy(), scale, tol, f"{name} sample after call {i}")
+    return x, x_ref.numpy()
+
+
+# --- the contract, for every scheduler x prediction type x step count x checkpoint config ---
+
+CASES = [
+    pytest.param(name, base, prediction, steps, id=f"{name}-{base}-{prediction}-{steps}")
+    for base in BASE_CONFIGS
+    for name in SCHEDULER_NAMES
+    for prediction in ("epsilon", "v_prediction")
+    for steps in (1, 4, 25)
+]
+
+
+@pytest.mark.parametrize(("name", "base", "prediction", "steps"), CASES)
+def test_matches_diffusers(name: str, base: str, prediction: str, steps: int) -> None:
+    config = {**BASE_CONFIGS[base], "prediction_type": prediction}
+    if (name, base, prediction) in NONFINITE_IN_DIFFUSERS:
+        with pytest.raises(UnsupportedConfigError, match="rescale_betas_zero_snr"):
+            load_scheduler(name, config).schedule(steps)
+        with np.errstate(all="ignore"):
+            x = diffusers_trajectory(name, config, steps)
+        assert not torch.isfinite(x).all()
+        return
+    if (name, base, steps) in DIFFUSERS_INDEX_ERROR:
+        plan = load_scheduler(name, config).schedule(steps)
+        assert np.isfinite(plan.coeffs).all() and plan.timesteps[0] == plan.timesteps[1] == 999
+        with pytest.raises(IndexError):
+            diffusers_trajectory(name, config, steps)
+        return
+    run_both(name, config, steps)
+
+
+@pytest.mark.parametrize("base", BASE_CONFIGS)
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_schedule_shapes_and_config(name: str, base: str) -> None:
+    config = BASE_CONFIGS[base]
+    scheduler = load_scheduler(name, config)
+    assert scheduler.name == name
+    # The scheduler keeps every key of the checkpoint's JSON (only the class is the converted one).
+    own = scheduler.config.to_dict()
+    class_name, overrides = DIFFUSERS_EQUIVALENT[name]
+    assert own == {**config, "_class_name": class_name, **overrides}
+    assert SchedulerConfig.from_dict(own) == scheduler.config
+    for steps in (1, 4, 25):
+        if (name, base) in {("ddim", "sdxl_zsnr"), ("lcm", "sdxl_zsnr")}:
+            break  # epsilon with zero terminal SNR: refused, see test_matches_diffusers
+        plan = scheduler.schedule(steps)
+        s, k = len(plan.timesteps), plan.history_size
+        assert s == (steps + 1 if name == "pndm" and steps > 1 else steps)
+        assert plan.num_inference_steps == steps
+        assert plan.timesteps.dtype == plan.input_scale.dtype == plan.coeffs.dtype == np.float32
+        assert plan.input_scale.shape == plan.needs_noise.shape == (s,)
+        assert plan.coeffs.shape == (s, 1 + k, 3 + k)
+        assert plan.needs_noise.dtype == np.bool_
+        assert k == {"pndm": 4, "dpmpp_2m": 1, "dpmpp_2m_karras": 1}.get(name, 0)
+        expected_noise = np.zeros(s, dtype=bool)
+        if name in ("euler_a", "lcm"):
+            expected_noise[:-1] = True  # the last ancestral step has sigma_up = 0; LCM's last returns x0
+        np.testing.assert_array_equal(plan.needs_noise, expected_noise)
+        # (1 linspace Euler step starts at timestep 0: init_noise_sigma is sigma_0 = 0.029, as in diffusers)
+        assert isinstance(plan.init_noise_sigma, float) and plan.init_noise_sigma > 0
+        assert not plan.coeffs.flags.writeable and not plan.timesteps.flags.writeable
+
+
+# --- options and quirks beyond the base configs ---
+
+SIGMA_MIN = {"final_sigmas_type": "sigma_min"}
+VARIANTS = [
+    # (name, config, steps)
+    ("euler", {**SD15, "use_karras_sigmas": True}, 10),
+    ("euler", {**SDXL, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}, 10),
+    ("euler", {**SDXL, "final_sigmas_type": "sigma_min"}, 10),
+    ("euler", {**SD21, "timestep_type": "continuous"}, 10),  # c_noise = log(sigma) / 4 timesteps
+    ("euler", {**SD15, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, 7),
+    ("euler_a", {**SD15, "beta_schedule": "squaredcos_cap_v2"}, 10),
+    ("ddim", {**SD15, "beta_schedule": "squaredcos_cap_v2"}, 10),
+    ("dpmpp_2m", {**SD15, "beta_schedule": "squaredcos_cap_v2"}, 10),
+    ("dpmpp_2m", {**SD15, "lower_order_final": False, "final_sigmas_type": "sigma_min"}, 20),
+    ("dpmpp_2m", {**SD15, "final_sigmas_type": "sigma_min"}, 10),  # lower_order_final < 15 steps
+    ("dpmpp_2m", {**SD15, "final_sigmas_type": "sigma_min"}, 20),  # second-order final step
+    ("dpmpp_2m", {**SD15, "solver_type": "heun"}, 12),
+    ("dpmpp_2m", {**SD15, "euler_at_final": True, "final_sigmas_type": "sigma_min"}, 20),
+    ("dpmpp_2m", {**SD15, "lambda_min_clipped": -2.0}, 10),
+    ("dpmpp_2m", {**SD15, "_class_name": "UniPCMultistepScheduler", "solver_type": "bh2"}, 10),
+    (
+        "dpmpp_2m",
+        {**SD15, "_class_name": "DEISMultistepScheduler", "algorithm_type": "deis", **SIGMA_MIN},
+        10,
+    ),
+    ("dpmpp_2m", {**SD15, "timestep_spacing": "trailing", "steps_offset": 0}, 15),
+    # Timesteps truncated, not rounded (998.99 -> 998); more steps repeat the first timestep, where diffusers
+    # breaks (see DIFFUSERS_INDEX_ERROR).
+    ("dpmpp_2m_karras", {**SD15, "beta_schedule": "squaredcos_cap_v2"}, 3),
+    ("dpmpp_2m_karras", {**SDXL, "sigma_min": 0.1, "sigma_max": 10.0}, 10),  # diffusers reads hidden keys
+    ("dpmpp_2m_karras", {**SD21, "rescale_betas_zero_snr": True}, 8),
+    ("ddim", {"_class_name": "DDIMScheduler", "clip_sample": False}, 10),  # DDIM defaults, set_alpha_to_one
+    ("ddim", {**SD15, "trained_betas": list(np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)}, 10),
+    ("pndm", {**SD15, "set_alpha_to_one": True}, 10),
+    ("pndm", {**SD15, "timestep_spacing": "trailing"}, 2),
+    ("pndm", {**SD15, "timestep_spacing": "linspace"}, 3),
+    ("lcm", {**SD15, "original_inference_steps": 20, "timestep_scaling": 5.0}, 7),
+    ("lcm", {**SD15, "timestep_scaling": 0.01}, 4),  # makes c_skip (otherwise < 1e-5) matter
+    # Keys diffusers marks as defaults of the writing class are dropped: Euler gets its own linspace.
+    ("euler", {**SD15, "timestep_spacing": "leading", "_use_default_values": ["timestep_spacing"]}, 10),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "steps"), VARIANTS, ids=[f"{v[0]}-{i}" for i, v in enumerate(VARIANTS)]
+)
+def test_variants_match_diffusers(name: str, config: dict[str, Any], steps: int) -> None:
+    for prediction in ("epsilon", "v_prediction"):
+        run_both(name, {**config, "prediction_type": prediction}, steps)
+
+
+def test_variants_cover_their_options() -> None:
+    """The variant configs do exercise what they claim (guards against a silently ignored option)."""
+    squaredcos = load_scheduler("dpmpp_2m_karras", {**SD15, "beta_schedule": "squaredcos_cap_v2"})
+    assert squaredcos.schedule(3).timesteps[0] == 998
+    clipped = load_scheduler("dpmpp_2m", {**SD15, "lambda_min_clipped": -2.0}).schedule(10)
+    assert clipped.timesteps[0] < 990
+    karras = load_scheduler("dpmpp_2m_karras", SD15).schedule(10)
+    assert not np.array_equal(karras.timesteps, load_scheduler("dpmpp_2m", SD15).schedule(10).timesteps)
+    # Second-order last step: the previous-x0 history column is used on the final row.
+    final2 = load_scheduler("dpmpp_2m", {**SD15, "final_sigmas_type": "sigma_min"}).schedule(20)
+    assert final2.coeffs[-1, 0, 3] != 0
+    final1 = load_scheduler("dpmpp_2m", {**SD15, "final_sigmas_type": "sigma_min"}).schedule(10)
+    assert final1.coeffs[-1, 0, 3] == 0
+
+
+def test_harness_detects_a_wrong_coefficient() -> None:
+    """The comparison is sharp: one coefficient off by 1e-3 (relative) in one step fails it."""
+    plan = load_scheduler("dpmpp_2m", SD15).schedule(10)
+    run_both("dpmpp_2m", SD15, 10, schedule=plan)
+    coeffs = plan.coeffs.copy()
+    coeffs[5, 0, 3] *= np.float32(1 + 1e-3)  # DPM++ 2M's weight on the previous x0, step 5
+    broken = Schedule(
+        timesteps=plan.timesteps.copy(),
+        input_scale=plan.input_scale.copy(),
+        coeffs=coeffs,
+        needs_noise=plan.needs_noise.copy(),
+        init_noise_sigma=plan.init_noise_sigma,
+        history_size=plan.history_size,
+        num_inference_steps=plan.num_inference_steps,
+    )
+    with pytest.raises(AssertionError, match="sample after call 5"):
+        run_both("dpmpp_2m", SD15, 10, schedule=broken)
+
+
+# --- tables ---
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_defaults_are_diffusers_defaults(name: str) -> None:
+    from sdengine.schedulers import _CLASSES
+
+    class_name, _ = DIFFUSERS_EQUIVALENT[name]
+    assert diffusers_scheduler_class(name) == DIFFUSERS_EQUIVALENT[name]
+    signature = inspect.signature(getattr(diffusers, class_name).__init__)
+    expected = {k: p.default for k, p in signature.parameters.items() if k != "self"}
+    assert _CLASSES[name].defaults == expected
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_alphas_cumprod_match_diffusers(schedule: str) -> None:
+    ref = diffusers.DDIMScheduler(beta_schedule=schedule, beta_start=0.00085, beta_end=0.012)
+    betas = tables.betas(1000, 0.00085, 0.012, schedule)
+    np.testing.assert_allclose(betas, ref.betas.numpy(), rtol=3e-7, atol=0)
+    np.testing.assert_allclose(tables.alphas_cumprod(betas), ref.alphas_cumprod.numpy(), rtol=2e-6, atol=0)
+
+
+def test_zero_snr_rescale_is_diffusers_formula_in_float64() -> None:
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    betas = tables.betas(1000, 0.00085, 0.012, "scaled_linear")
+    exact = rescale_zero_terminal_snr(torch.from_numpy(betas)).numpy()  # float64 tensor in, float64 out
+    np.testing.assert_allclose(tables.rescale_zero_terminal_snr(betas), exact, rtol=1e-12, atol=1e-15)
+    ours = tables.alphas_cumprod(
+        tables.betas(1000, 0.00085, 0.012, "scaled_linear", rescale_betas_zero_snr=True)
+    )
+    ref = diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True
+    ).alphas_cumprod.numpy()
+    assert ours[-1] == ref[-1] == 0.0
+    np.testing.assert_allclose(ours, ref, rtol=5e-5, atol=0)
+
+
+@pytest.mark.parametrize("spacing", tables.TIMESTEP_SPACINGS)
+@pytest.mark.parametrize("steps", [1, 3, 50, 61, 103, 999, 1000])
+def test_spaced_timesteps_match_ddim(spacing: str, steps: int) -> None:
+    offset = 1 if steps < 1000 else 0
+    ref = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)
+    ref.set_timesteps(steps)
+    ours = np.round(tables.spaced_timesteps(spacing, 1000, steps, offset)).astype(np.int64)
+    np.testing.assert_array_equal(ours, ref.timesteps.numpy())
+    if ours.min() < 0:  # trailing, 61 steps: float arange adds a 62nd timestep, -1, which diffusers feeds on
+        with pytest.raises(InvalidArgumentError, match="outside"):
+            tables.integer_timesteps(ours, 1000)
+
+
+def test_karras_sigmas_formula() -> None:
+    sigmas = tables.karras_sigmas(0.03, 14.6, 5)
+    ramp = np.linspace(0, 1, 5)
+    expected = [(14.6 ** (1 / 7) + r * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7 for r in ramp]
+    np.testing.assert_allclose(sigmas, expected, rtol=1e-14)
+    assert sigmas[0] == pytest.approx(14.6) and sigmas[-1] == pytest.approx(0.03)
+
+
+# --- step ---
+
+
+def _inputs(k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(3 + k)]
+    return arrays[0], arrays[1], arrays[2], tuple(arrays[3:])
+
+
+def test_step_is_the_matrix_product() -> None:
+    rng = np.random.default_rng(1)
+    coeffs = rng.standard_normal((3, 5)).astype(np.float32)
+    coeffs[1] = [0, 0, 0, 1, 0]  # a pure copy of h_1
+    coeffs[2] = 0  # a cleared buffer
+    sample, output, noise, history = _inputs(2)
+    before = [a.copy() for a in (sample, output, noise, *history)]
+    new_sample, new_history = step(coeffs, sample, output, noise, history)
+    stacked = np.stack([sample, output, noise, *history]).astype(np.float64)
+    expected = np.tensordot(coeffs.astype(np.float64), stacked, axes=1)
+    np.testing.assert_allclose(new_sample, expected[0], rtol=1e-6, atol=1e-6)
+    assert new_history[0] is history[0]  # copies alias their input
+    np.testing.assert_array_equal(new_history[1], np.zeros(SHAPE, np.float32))
+    for a, b in zip(before, (sample, output, noise, *history), strict=True):
+        np.testing.assert_array_equal(a, b)  # pure: inputs untouched
+
+
+def test_step_skips_zero_columns_and_checks_inputs() -> None:
+    plan = load_scheduler("pndm", SD15).schedule(10)
+    sample, output, _, _ = _inputs(0)
+    history = initial_history(plan, SHAPE)
+    assert len(history) == 4 and not any(h.any() for h in history)
+    new_sample, new_history = step(plan.coeffs[0], sample, output, None, history)  # noise column is zero
+    assert new_history[0] is sample and new_history[1] is output  # stored sample and eps, not copies
+    with pytest.raises(InvalidArgumentError, match="history"):
+        step(plan.coeffs[0], sample, output, None, history[:2])
+    lcm = load_scheduler("lcm", SD15).schedule(4)
+    with pytest.raises(InvalidArgumentError, match="noise"):
+        step(lcm.coeffs[0], sample, output, None, ())
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        step(lcm.coeffs[0], sample, output[:1], sample, ())
+    with pytest.raises(InvalidArgumentError, match="coeffs"):
+        step(lcm.coeffs, sample, output, sample, ())
+
+
+# --- config ---
+
+
+@pytest.mark.parametrize("config", [*BASE_CONFIGS.values(), *(v[1] for v in VARIANTS)])
+def test_config_round_trip(config: dict[str, Any]) -> None:
+    parsed = SchedulerConfig.from_dict(config)
+    assert parsed.to_dict() == config
+    assert SchedulerConfig.from_dict(parsed.to_dict()) == parsed
+    assert SchedulerConfig.from_dict(json.loads(json.dumps(parsed.to_dict()))) == parsed
+    assert hash(parsed) == hash(SchedulerConfig.from_dict(dict(config)))
+
+
+def test_config_typed_fields() -> None:
+    parsed = SchedulerConfig.from_dict({**SD15, "my_key": [1, 2], "beta_start": 1})
+    assert parsed.class_name == "PNDMScheduler" and parsed.steps_offset == 1
+    assert parsed.beta_start == 1.0 and isinstance(parsed.beta_start, float)
+    assert parsed.trained_betas is None and "trained_betas" in parsed.null_keys
+    assert parsed.extra["my_key"] == [1, 2] and parsed.extra["_diffusers_version"] == "0.6.0"
+    assert parsed.get("timestep_spacing", "x") == "x" and not parsed.has("timestep_spacing")
+    assert parsed.with_values(timestep_spacing="trailing").timestep_spacing == "trailing"
+    with pytest.raises(UnsupportedConfigError, match="steps_offset"):
+        SchedulerConfig.from_dict({**SD15, "steps_offset": "1"})
+    with pytest.raises(UnsupportedConfigError, match="set_alpha_to_one"):
+        SchedulerConfig.from_dict({**SD15, "set_alpha_to_one": 0})
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (SD15, "pndm"),
+        (SD21, "ddim"),
+        (SDXL, "euler"),
+        ({**SD15, "_class_name": "EulerAncestralDiscreteScheduler"}, "euler_a"),
+        ({**SD15, "_class_name": "DPMSolverMultistepScheduler"}, "dpmpp_2m"),
+        (
+            {**SD15, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True},
+            "dpmpp_2m_karras",
+        ),
+        ({**SD15, "_class_name": "LCMScheduler"}, "lcm"),
+    ],
+)
+def test_checkpoint_scheduler_by_class(config: dict[str, Any], expected: str) -> None:
+    scheduler = load_scheduler(None, config)
+    assert scheduler.name == expected
+    assert scheduler.config == load_scheduler(expected, config).config
+
+
+# --- refusals ---
+
+
+def test_unknown_names() -> None:
+    with pytest.raises(UnknownSchedulerError) as info:
+        load_scheduler("heun", SD15)
+    assert all(name in str(info.value) for name in SCHEDULER_NAMES)
+    for config in ({**SD15, "_class_name": "UniPCMultistepScheduler"}, {"beta_start": 0.001}):
+        with pytest.raises(UnknownSchedulerError, match="dpmpp_2m_karras"):
+            load_scheduler(None, config)
+    with pytest.raises(UnknownSchedulerError):
+        diffusers_scheduler_class("ddpm")
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+@pytest.mark.parametrize("steps", [0, -3, 1001, 2.0, True])
+def test_bad_step_counts(name: str, steps: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="steps"):
+        load_scheduler(name, SD15).schedule(steps)
+
+
+def test_step_count_limits() -> None:
+    with pytest.raises(InvalidArgumentError, match="original_inference_steps"):
+        load_scheduler("lcm", SD15).schedule(51)
+    with pytest.raises(InvalidArgumentError, match="outside"):
+        load_scheduler("ddim", SD15).schedule(1000)  # leading + steps_offset 1 reaches timestep 1000
+    for name in ("ddim", "pndm", "euler", "dpmpp_2m"):  # trailing, 61 steps reaches timestep -1
+        with pytest.raises(InvalidArgumentError, match="outside"):
+            load_scheduler(name, {**SD15, "timestep_spacing": "trailing"}).schedule(61)
+    assert len(load_scheduler("ddim", {**SD15, "steps_offset": 0}).schedule(1000).timesteps) == 1000
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "option"),
+    [
+        ("ddim", {"clip_sample": True}, "clip_sample"),
+        ("ddim", {"thresholding": True}, "thresholding"),
+        ("ddim", {"prediction_type": "sample"}, "prediction_type"),
+        ("ddim", {"timestep_spacing": "karras"}, "timestep_spacing"),
+        ("ddim", {"beta_schedule": "sigmoid"}, "beta_schedule"),
+        ("ddim", {"trained_betas": [0.1, 0.2]}, "trained_betas"),
+        ("pndm", {"skip_prk_steps": False}, "skip_prk_steps"),
+        ("euler", {"interpolation_type": "log_linear"}, "interpolation_type"),
+        ("euler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ("euler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("euler_a", {"prediction_type": "sample"}, "prediction_type"),
+        ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+        ("dpmpp_2m", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
+        ("dpmpp_2m", {"solver_order": 3}, "solver_order"),
+        ("dpmpp_2m", {"thresholding": True}, "thresholding"),
+        ("dpmpp_2m", {"use_lu_lambdas": True}, "use_lu_lambdas"),
+        ("dpmpp_2m", {"use_flow_sigmas": True}, "use_flow_sigmas"),
+        ("dpmpp_2m", {"variance_type": "learned_range"}, "variance_type"),
+        ("dpmpp_2m", {"algorithm_type": "deis"}, "final_sigmas_type"),
+        ("dpmpp_2m_karras", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ("lcm", {"clip_sample": True}, "clip_sample"),
+        ("lcm", {"thresholding": True}, "thresholding"),
+        ("euler", {"steps_offset": None}, "steps_offset"),
+    ],
+)
+def test_unsupported_options(name: str, options: dict[str, Any], option: str) -> None:
+    with pytest.raises(UnsupportedConfigError, match=option) as info:
+        load_scheduler(name, {**SD15, **options}).schedule(10)
+    assert "\n" not in str(info.value)
+
+
+def test_default_clip_sample_is_refused_for_ddim() -> None:
+    """DDIM's class default is clip_sample=True: a config without the key is refused, not silently changed."""
+    config = {k: v for k, v in SDXL.items() if k != "clip_sample"}
+    with pytest.raises(UnsupportedConfigError, match="clip_sample"):
+        load_scheduler("ddim", config)
+    load_scheduler("euler", config)  # Euler has no such option
+
+
+def test_runtime_does_not_import_torch() -> None:
+    code = (
+        "import sys, sdengine.schedulers as s\n"
+        f"plan = s.load_scheduler('dpmpp_2m_karras', {SD15!r}).schedule(4)\n"
+        "x, h = s.step(plan.coeffs[0], plan.timesteps, plan.timesteps, None, (plan.timesteps,))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
