@@ -199,7 +199,8 @@ def _write_scheduler(out: Path, prediction_type: str) -> None:
         "prediction_type": prediction_type,
     }
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    (out / "scheduler" / "scheduler_config.json").write_text(text)
 
 
 def _write_model_index(out: Path) -> None:
