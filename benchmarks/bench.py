@@ -152,7 +152,7 @@ def run_benchmark(config: BenchConfig, flops: dict[str, int] | None = None) -> d
             result["speedup_vs_torch"] = {
                 s: base[s]["median"] / result["stages_ms"][s]["median"]
                 for s in REPORT_STAGES
-                if result["stages_ms"][s]["median"] > 0
+                if result["stages_ms"][s]["median"] > 0 and base[s]["median"] > 0
             }
             result["psnr_vs_torch_db"] = psnr(images[name], images["torch"])
     return report

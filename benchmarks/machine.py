@@ -76,7 +76,7 @@ def matmul_gflops(
     b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])
     c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm", [a, b], [c])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     session = ort.InferenceSession(model.SerializeToString(), providers=list(providers))
     x = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     feed = {"a": x, "b": x}

@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", default=None)
     b.set_defaults(func=cmd_bench)
 
+    from export.trt_build import add_build_parser
+
+    add_build_parser(sub)
+
     d = sub.add_parser("demo", help="offline end-to-end demo on a tiny random checkpoint")
     d.add_argument("--workdir", default="sdengine-demo")
     d.add_argument("--output", default="demo.png")

@@ -10,13 +10,14 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from sdengine.backends.base import Backend
+from sdengine.backends.base import Backend, DenoisePlan
 from sdengine.denoise import Progress, denoise
 from sdengine.errors import BackendUnavailableError, InvalidArgumentError
 from sdengine.images import to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
 from sdengine.schedulers import load_scheduler
+from sdengine.step_graph import step_tables
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
 
@@ -134,16 +135,13 @@ class Pipeline(_CallMixin):
             with times.time("text_encoder"):
                 context = self.backend.encode_text(ids)
             latents = request.initial_latents(arch) * np.float32(schedule.init_noise_sigma)
-            latents = denoise(
-                self.backend,
-                schedule,
-                latents,
-                context,
-                request.guidance if cfg else None,
-                request.step_noise_rng(),
-                times,
-                progress,
+            plan = DenoisePlan(
+                latents=latents,
+                context=context,
+                tables=step_tables(schedule, request.step_noise(schedule, latents.shape)),
+                guidance=request.guidance if cfg else None,
             )
+            latents = denoise(self.backend, plan, times, progress)
             with times.time("vae_decode"):
                 decoded = self.backend.decode_latents(latents / np.float32(self.model_dir.vae_scaling_factor))
         return GenerationResult(to_unit_range(decoded), request, times, self.backend.name, latents)

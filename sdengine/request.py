@@ -12,6 +12,7 @@ import numpy as np
 
 from sdengine.errors import InvalidArgumentError
 from sdengine.model_specs import Architecture
+from sdengine.schedulers import Schedule
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
@@ -55,9 +56,16 @@ class GenerationRequest:
             )
         return np.asarray(self.latents, dtype=np.float32)
 
-    def step_noise_rng(self) -> np.random.Generator:
-        """Noise for stochastic schedulers (ancestral, LCM): a stream of its own, derived from ``seed``."""
-        return np.random.default_rng([self.seed, 1])
+    def step_noise(self, schedule: Schedule, shape: tuple[int, ...]) -> np.ndarray:
+        """Per-step noise (S, *shape) for stochastic schedulers (ancestral, LCM), drawn up front from a stream
+        of its own derived from ``seed``; zeros for the steps (or schedulers) that draw none."""
+        noise = np.zeros((len(schedule.timesteps), *shape), np.float32)
+        steps = np.flatnonzero(schedule.needs_noise)
+        if steps.size:
+            noise[steps] = np.random.default_rng([self.seed, 1]).standard_normal(
+                (steps.size, *shape), np.float32
+            )
+        return noise
 
     def parameters(self) -> dict[str, Any]:
         """What a PNG records: enough to reproduce the image."""

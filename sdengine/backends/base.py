@@ -1,14 +1,45 @@
-"""The one interface every model backend implements; the denoising loop only ever sees this."""
+"""The one interface every backend implements; the denoising loop only ever sees this."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from sdengine.step_graph import StepTables
+from sdengine.timing import StageTimes
+
+
+@dataclass(frozen=True, eq=False)
+class DenoisePlan:
+    """Everything a denoising run needs, as host arrays, prepared once before the loop."""
+
+    latents: np.ndarray  # (B, C, h, w) initial latents, already scaled by the scheduler's init_noise_sigma
+    context: np.ndarray  # (G * B, sequence, hidden) text embeddings; negatives first when G == 2
+    tables: StepTables  # per-step coefficients, timesteps, input scales and noise
+    guidance: float | None  # None: no classifier-free guidance, the UNet runs on the batch once (G == 1)
+
+    @property
+    def copies(self) -> int:
+        return 1 if self.guidance is None else 2
+
+
+class Denoiser(Protocol):
+    """One denoising run in progress; its state (latents, history, step index) lives where the backend keeps
+    it (host memory on the CPU, device memory on a GPU)."""
+
+    def step(self) -> None:
+        """One whole step: the UNet on the (doubled) batch, guidance and the scheduler update."""
+        ...
+
+    def latents(self) -> np.ndarray:
+        """The current latents on the host (synchronises with the device, where there is one)."""
+        ...
+
 
 class Backend(Protocol):
-    """Runs the three models of text-to-image generation. Arrays in and out are host numpy arrays."""
+    """Runs the models of text-to-image generation. Arrays in and out are host numpy arrays."""
 
     name: str
 
@@ -16,8 +47,8 @@ class Backend(Protocol):
         """Token ids (B, sequence) -> text embeddings (B, sequence, hidden), float32."""
         ...
 
-    def predict_noise(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
-        """The UNet: latents (B, C, h, w) at ``timestep``, embeddings (B, seq, hidden) -> (B, C, h, w)."""
+    def denoiser(self, plan: DenoisePlan, times: StageTimes) -> Denoiser:
+        """Start a denoising run; per-call timings go to ``times``."""
         ...
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:

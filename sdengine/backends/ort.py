@@ -10,10 +10,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto
 
+from sdengine.backends.base import DenoisePlan
 from sdengine.errors import CorruptModelError
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import REQUIRED_COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, ModelSpec
+from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, build_step_model, first_unet_inputs
+from sdengine.timing import StageTimes
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -53,8 +57,18 @@ def open_session(
     return session
 
 
+def _np_to_onnx_dtype(dtype: type) -> int:
+    return {
+        np.float32: TensorProto.FLOAT,
+        np.float16: TensorProto.FLOAT16,
+        np.int64: TensorProto.INT64,
+        np.int32: TensorProto.INT32,
+        np.float64: TensorProto.DOUBLE,
+    }[dtype]
+
+
 class OrtBackend:
-    """Runs text encoder, UNet and VAE decoder with ONNX Runtime."""
+    """Runs text encoder, UNet, the step model and VAE decoder with ONNX Runtime, on host arrays."""
 
     name = "ort"
 
@@ -66,16 +80,18 @@ class OrtBackend:
         threads: int | None = None,
     ) -> None:
         specs = model_dir.arch.specs()
-        options = session_options(threads)
+        self.providers = list(providers)
+        self.options = session_options(threads)
         self.specs = {c: specs[c] for c in REQUIRED_COMPONENTS}
         self.sessions = {
-            c: open_session(str(model_dir.onnx_path(c)), spec, providers, options)
+            c: open_session(str(model_dir.onnx_path(c)), spec, self.providers, self.options)
             for c, spec in self.specs.items()
         }
         self._inputs = {
             c: {i.name: (_ORT_DTYPES.get(i.type, np.float32), len(i.shape)) for i in s.get_inputs()}
             for c, s in self.sessions.items()
         }
+        self._step_sessions: dict[tuple, ort.InferenceSession] = {}
 
     def _run(self, component: str, **arrays: np.ndarray) -> np.ndarray:
         declared = self._inputs[component]
@@ -84,13 +100,74 @@ class OrtBackend:
         result = self.sessions[component].run([output], feed)[0]
         return result if result.dtype == np.float32 else result.astype(np.float32)
 
+    def timestep_format(self, unet_batch: int) -> tuple[tuple[int, ...], type]:
+        """The shape and dtype the UNet declares for its timestep: a scalar, or one per batch item."""
+        dtype, rank = self._inputs[UNET]["timestep"]
+        return ((unet_batch,) if rank else ()), dtype
+
+    def step_session(self, plan: DenoisePlan) -> ort.InferenceSession:
+        """The step model for this plan's shapes, built and loaded once per shape."""
+        batch, *latent = plan.latents.shape
+        t_shape, t_dtype = self.timestep_format(plan.copies * batch)
+        key = (batch, tuple(latent), plan.tables.num_calls, plan.copies, t_shape, t_dtype)
+        if key not in self._step_sessions:
+            model = build_step_model(
+                batch=batch,
+                latent_shape=tuple(latent),
+                num_calls=plan.tables.num_calls,
+                guidance=plan.guidance is not None,
+                timestep_shape=t_shape,
+                timestep_dtype=_np_to_onnx_dtype(t_dtype),
+            )
+            self._step_sessions[key] = ort.InferenceSession(
+                model.SerializeToString(), self.options, providers=self.providers
+            )
+        return self._step_sessions[key]
+
     def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run(TEXT_ENCODER, input_ids=input_ids)
 
-    def predict_noise(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
-        rank = self._inputs[UNET]["timestep"][1]
-        t = np.full((sample.shape[0],) if rank else (), timestep)
-        return self._run(UNET, sample=sample, timestep=t, encoder_hidden_states=context)
+    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
+        return self._run(UNET, sample=sample, timestep=timestep, encoder_hidden_states=context)
+
+    def denoiser(self, plan: DenoisePlan, times: StageTimes) -> HostDenoiser:
+        return HostDenoiser(self, plan, times)
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         return self._run(VAE_DECODER, latent_sample=latents)
+
+
+class HostDenoiser:
+    """A denoising run whose state lives in host memory: per step, the UNet then the step model."""
+
+    def __init__(self, backend: OrtBackend, plan: DenoisePlan, times: StageTimes) -> None:
+        self.backend, self.times = backend, times
+        self.session = backend.step_session(plan)
+        tables = plan.tables
+        t_shape, t_dtype = backend.timestep_format(plan.copies * plan.latents.shape[0])
+        self.constants = {
+            "coeffs": tables.coeffs,
+            "timesteps": tables.timesteps,
+            "input_scales": tables.input_scales,
+            "noise": tables.noise,
+            "guidance": np.array(plan.guidance or 1.0, np.float32),
+        }
+        self.context = plan.context
+        self.state = {
+            "sample": plan.latents,
+            "history": np.zeros((MAX_HISTORY, *plan.latents.shape), np.float32),
+            "step_index": np.array(0, np.int64),
+        }
+        self.unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
+        self.timestep = np.full(t_shape, tables.timesteps[0]).astype(t_dtype)
+
+    def step(self) -> None:
+        with self.times.time("unet"):
+            noise_pred = self.backend.predict_noise(self.unet_input, self.timestep, self.context)
+        with self.times.time("step"):
+            out = self.session.run(STEP_OUTPUTS, {"noise_pred": noise_pred, **self.state, **self.constants})
+        sample, history, index, self.unet_input, self.timestep = out
+        self.state = {"sample": sample, "history": history, "step_index": index}
+
+    def latents(self) -> np.ndarray:
+        return self.state["sample"]

@@ -1,0 +1,400 @@
+"""TensorRT engine bookkeeping that needs no GPU: profiles, content keys, the engine manifest, load checks.
+
+An engine is only valid for the exact inputs it was built from, so each one gets a *content key*: a sha256
+over the ONNX bytes (with any external-data files), the optimization profile, the precision, the build flags,
+the TensorRT version and the GPU's compute capability. The engine file is named after its key
+(``unet.<key16>.plan``) and the engine manifest (``sdengine_engines.json`` in ENGINE_DIR) records every input
+of the key, so a build can tell "unchanged, reuse" from "changed, rebuild", and a loader can tell exactly why
+an engine is unusable (stale ONNX, other TensorRT, other GPU) instead of silently running it.
+
+Profiles derive from :mod:`sdengine.model_specs`: each symbolic dimension of an input is looked up in
+``Architecture.sizes`` at the minimum, optimum and maximum sizes, so no shape is restated here. With
+classifier-free guidance the text encoder and the UNet see the negative and positive prompts in one batch,
+so their batch dimension is twice the image batch.
+
+Nothing in this module imports TensorRT; :mod:`export.trt_build` holds the one function that does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdengine.errors import (
+    BackendUnavailableError,
+    CorruptModelError,
+    InvalidArgumentError,
+    ModelDirectoryError,
+)
+from sdengine.manifest import file_sha256
+from sdengine.model_specs import COMPONENTS, TEXT_ENCODER, UNET, Architecture
+
+Shape = tuple[int, ...]
+#: input name -> (min shape, opt shape, max shape); only inputs with a run-time-sized dimension appear.
+Profile = dict[str, tuple[Shape, Shape, Shape]]
+
+ENGINE_MANIFEST_NAME = "sdengine_engines.json"
+ENGINE_MANIFEST_FORMAT = 1
+TIMING_CACHE_NAME = "timing.cache"
+ENGINE_SUFFIX = ".plan"
+KEY_PREFIX_CHARS = 16
+#: Bumped whenever the meaning of a key changes, so every older engine reads as changed and is rebuilt.
+KEY_FORMAT = 1
+#: Build flags that are always on. Precision comes from the ONNX tensor types (strongly typed network).
+FIXED_BUILD_FLAGS: dict[str, Any] = {"strongly_typed": True}
+#: Components whose batch is doubled under classifier-free guidance (negative and positive prompts together).
+CFG_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET)
+MAX_OPTIMIZATION_LEVEL = 5
+# Range a --dynamic profile covers when the bounds are not given (widened to include the optimum).
+DYNAMIC_DEFAULTS = {"min_batch": 1, "max_batch": 4, "min_size": 256, "max_size": 1024}
+
+
+@dataclass(frozen=True)
+class BuildEnv:
+    """What an engine is tied to besides its inputs: the TensorRT version and the GPU's compute capability."""
+
+    trt_version: str
+    compute_capability: str  # "major.minor", e.g. "8.9"
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """The sizes an engine set is built for: the optimum, and for dynamic engines the range around it."""
+
+    batch: int = 1
+    height: int = 512
+    width: int = 512
+    dynamic: bool = False
+    min_batch: int | None = None
+    max_batch: int | None = None
+    min_height: int | None = None
+    max_height: int | None = None
+    min_width: int | None = None
+    max_width: int | None = None
+    cfg: bool = True
+
+    def bounds(self) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of batch, height and width; raises InvalidArgumentError for an invalid request."""
+        given = {k: getattr(self, k) for k in ("min_batch", "max_batch", "min_height", "max_height")}
+        given.update(min_width=self.min_width, max_width=self.max_width)
+        if not self.dynamic:
+            extra = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+            if extra:
+                raise InvalidArgumentError(f"{', '.join(extra)} only apply with --dynamic")
+            return {
+                d: (v, v, v)
+                for d, v in (("batch", self.batch), ("height", self.height), ("width", self.width))
+            }
+        out = {}
+        for dim, opt in (("batch", self.batch), ("height", self.height), ("width", self.width)):
+            lo_default = DYNAMIC_DEFAULTS["min_batch" if dim == "batch" else "min_size"]
+            hi_default = DYNAMIC_DEFAULTS["max_batch" if dim == "batch" else "max_size"]
+            lo, hi = given[f"min_{dim}"], given[f"max_{dim}"]
+            lo = min(lo_default, opt) if lo is None else lo
+            hi = max(hi_default, opt) if hi is None else hi
+            if not lo <= opt <= hi:
+                raise InvalidArgumentError(
+                    f"need min <= opt <= max for {dim}, got {lo} <= {opt} <= {hi}; "
+                    f"adjust --min-{dim}/--{dim}/--max-{dim}"
+                )
+            out[dim] = (lo, opt, hi)
+        return out
+
+    def cli_args(self) -> list[str]:
+        """The ``sdengine build`` flags that reproduce this request."""
+        args = ["--batch", str(self.batch), "--height", str(self.height), "--width", str(self.width)]
+        if self.dynamic:
+            args.append("--dynamic")
+            for name in ("min_batch", "max_batch", "min_height", "max_height", "min_width", "max_width"):
+                if getattr(self, name) is not None:
+                    args += [f"--{name.replace('_', '-')}", str(getattr(self, name))]
+        if not self.cfg:
+            args.append("--no-cfg")
+        return args
+
+
+def _check_sizes(arch: Architecture, bounds: Mapping[str, tuple[int, int, int]]) -> None:
+    """Batch at least 1, sizes positive multiples of the VAE factor; the optimum is checked first."""
+    order = ((1, ""), (0, "min "), (2, "max "))
+    for index, prefix in order:
+        if bounds["batch"][index] < 1:
+            raise InvalidArgumentError(f"{prefix}batch must be at least 1, got {bounds['batch'][index]}")
+    step = arch.vae_scale_factor
+    for dim in ("height", "width"):
+        for index, prefix in order:
+            size = bounds[dim][index]
+            if size < step or size % step:
+                raise InvalidArgumentError(f"{prefix}{dim} must be a positive multiple of {step}, got {size}")
+
+
+def engine_profiles(arch: Architecture, component: str, request: ProfileRequest | None = None) -> Profile:
+    """The optimization profile of ``component``: min/opt/max shape of each input with run-time sizes.
+
+    Shapes come from the component's spec at ``arch.sizes(...)`` of the request's min/opt/max; the batch is
+    doubled for the text encoder and the UNet when ``request.cfg`` (classifier-free guidance). Inputs whose
+    shape is fixed by the model (the UNet's scalar timestep) need no profile and are left out.
+    """
+    request = request or ProfileRequest()
+    specs = arch.specs()
+    if component not in specs:
+        raise InvalidArgumentError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
+    bounds = request.bounds()
+    _check_sizes(arch, bounds)
+    factor = 2 if request.cfg and component in CFG_COMPONENTS else 1
+    sizes = [
+        arch.sizes(factor * bounds["batch"][i], bounds["height"][i], bounds["width"][i]) for i in range(3)
+    ]
+    profile: Profile = {}
+    for tensor in specs[component].inputs:
+        if tensor.dynamic_axes:
+            lo, opt, hi = (tensor.shape(s) for s in sizes)
+            profile[tensor.name] = (lo, opt, hi)
+    return profile
+
+
+def profile_to_json(profile: Profile) -> dict[str, list[list[int]]]:
+    return {name: [list(shape) for shape in shapes] for name, shapes in profile.items()}
+
+
+def profile_from_json(data: Mapping[str, Any]) -> Profile:
+    out: Profile = {}
+    for name, shapes in data.items():
+        lo, opt, hi = (tuple(int(d) for d in shape) for shape in shapes)
+        out[str(name)] = (lo, opt, hi)
+    return out
+
+
+def model_files(onnx_path: Path) -> list[Path]:
+    """``onnx_path`` and the external-data files beside it: every other file in its folder except JSON
+    configs (``model.onnx.data`` of our exports, ``model.onnx_data`` or per-tensor files of others)."""
+    if not onnx_path.is_file():
+        raise ModelDirectoryError(f"missing file {onnx_path}")
+    others = sorted(
+        p for p in onnx_path.parent.iterdir() if p.is_file() and p != onnx_path and p.suffix != ".json"
+    )
+    return [onnx_path, *others]
+
+
+def onnx_digest(onnx_path: str | os.PathLike) -> str:
+    """sha256 identifying an ONNX model with its external data.
+
+    For a model without external data this is the sha256 of the ``.onnx`` file itself (as the export manifest
+    records it); otherwise a sha256 over each file's name and sha256.
+    """
+    files = model_files(Path(onnx_path))
+    if len(files) == 1:
+        return file_sha256(files[0])
+    lines = "".join(f"{p.name}\t{file_sha256(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def engine_key(
+    *,
+    component: str,
+    onnx_sha256: str,
+    profile: Profile,
+    precision: str,
+    optimization_level: int,
+    trt_version: str,
+    compute_capability: str,
+) -> str:
+    """The content key (sha256 hex) of an engine: equal inputs give equal keys, any change a new key."""
+    payload = {
+        "key_format": KEY_FORMAT,
+        "component": component,
+        "onnx_sha256": onnx_sha256,
+        "profile": profile_to_json(profile),
+        "precision": precision,
+        "build_flags": {**FIXED_BUILD_FLAGS, "optimization_level": int(optimization_level)},
+        "trt_version": trt_version,
+        "compute_capability": compute_capability,
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def engine_file_name(component: str, key: str) -> str:
+    return f"{component}.{key[:KEY_PREFIX_CHARS]}{ENGINE_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """One built engine and every input of its key."""
+
+    component: str
+    file: str
+    key: str
+    onnx_sha256: str
+    precision: str
+    profile: dict[str, list[list[int]]]
+    optimization_level: int
+    trt_version: str
+    compute_capability: str
+    request: dict[str, Any]
+    size_bytes: int
+    build_seconds: float
+
+    @property
+    def shapes(self) -> Profile:
+        return profile_from_json(self.profile)
+
+    @property
+    def profile_request(self) -> ProfileRequest:
+        return ProfileRequest(**self.request)
+
+    def expected_key(self) -> str:
+        return engine_key(
+            component=self.component,
+            onnx_sha256=self.onnx_sha256,
+            profile=self.shapes,
+            precision=self.precision,
+            optimization_level=self.optimization_level,
+            trt_version=self.trt_version,
+            compute_capability=self.compute_capability,
+        )
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    """What ENGINE_DIR holds: one entry per component, built from the ONNX directory ``onnx_dir``."""
+
+    onnx_dir: str
+    engines: dict[str, EngineEntry] = field(default_factory=dict)
+    timing_cache: str = TIMING_CACHE_NAME
+    format: int = ENGINE_MANIFEST_FORMAT
+
+    def write(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / ENGINE_MANIFEST_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> EngineManifest | None:
+        """The manifest in ``directory``; None when there is none; CorruptModelError when unreadable."""
+        path = Path(directory) / ENGINE_MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != ENGINE_MANIFEST_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {ENGINE_MANIFEST_FORMAT}")
+            engines = {k: EngineEntry(**v) for k, v in data.pop("engines").items()}
+            for entry in engines.values():  # fail here, not later, on a malformed entry
+                entry.profile_request.bounds()
+                entry.shapes  # noqa: B018
+            return cls(engines=engines, **data)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CorruptModelError(
+                f"{path} is not a valid sdengine engine manifest ({reason}); "
+                f"rebuild: sdengine build ONNX_DIR --output {Path(directory)}"
+            ) from None
+
+
+def rebuild_command(onnx_dir: str | os.PathLike, engine_dir: str | os.PathLike, entry: EngineEntry) -> str:
+    """The ``sdengine build`` command line that rebuilds ``entry`` with the same profile and settings."""
+    args = [
+        "sdengine build",
+        str(onnx_dir),
+        "--output",
+        str(engine_dir),
+        "--components",
+        entry.component,
+        *entry.profile_request.cli_args(),
+        "--optimization-level",
+        str(entry.optimization_level),
+    ]
+    return " ".join(args)
+
+
+def check_engine(
+    engine_dir: str | os.PathLike,
+    component: str,
+    onnx_dir: str | os.PathLike,
+    *,
+    env: BuildEnv | None = None,
+) -> EngineEntry:
+    """The manifest entry of ``component``'s engine in ``engine_dir``, checked usable on this machine.
+
+    Refuses, each with a one-line error naming what differs and the command that fixes it: a missing or
+    corrupt manifest, a missing or truncated engine file, an engine whose ONNX model changed since the build
+    (stale), and one built by another TensorRT version or for another GPU compute capability (foreign).
+    ``env`` defaults to this machine's (which needs TensorRT and cuda-python).
+    """
+    root = Path(engine_dir)
+    fresh = f"sdengine build {onnx_dir} --output {root}"
+    if not root.is_dir():
+        raise ModelDirectoryError(f"engine directory {root} does not exist; build engines first: {fresh}")
+    manifest = EngineManifest.read(root)
+    if manifest is None:
+        raise ModelDirectoryError(
+            f"{root} has no engine manifest ({ENGINE_MANIFEST_NAME}); build engines first: {fresh}"
+        )
+    entry = manifest.engines.get(component)
+    if entry is None:
+        raise ModelDirectoryError(
+            f"{root} has no {component} engine; build it: {fresh} --components {component}"
+        )
+    fix = rebuild_command(onnx_dir, root, entry)
+    path = root / entry.file
+    if entry.expected_key() != entry.key or entry.file != engine_file_name(component, entry.key):
+        raise CorruptModelError(
+            f"the {component} entry of {root / ENGINE_MANIFEST_NAME} does not match its key; rebuild: {fix}"
+        )
+    if not path.is_file():
+        raise ModelDirectoryError(f"engine file {path} is missing; rebuild: {fix}")
+    if path.stat().st_size != entry.size_bytes:
+        raise CorruptModelError(
+            f"engine file {path} has {path.stat().st_size} bytes, the manifest says {entry.size_bytes} "
+            f"(truncated or replaced); rebuild: {fix}"
+        )
+    if env is None:
+        from export.trt_build import detect_build_env
+
+        env = detect_build_env()
+    if entry.trt_version != env.trt_version:
+        raise BackendUnavailableError(
+            f"the {component} engine in {root} was built with TensorRT {entry.trt_version}, "
+            f"this machine has TensorRT {env.trt_version}; rebuild here: {fix}"
+        )
+    if entry.compute_capability != env.compute_capability:
+        raise BackendUnavailableError(
+            f"the {component} engine in {root} was built for GPU compute capability "
+            f"{entry.compute_capability}, this GPU has {env.compute_capability}; rebuild here: {fix}"
+        )
+    onnx_path = Path(onnx_dir) / component / "model.onnx"
+    current = onnx_digest(onnx_path)
+    if current != entry.onnx_sha256:
+        raise ModelDirectoryError(
+            f"the {component} engine in {root} is stale: {onnx_path} changed since it was built "
+            f"(sha256 {entry.onnx_sha256[:12]} then, {current[:12]} now); rebuild: {fix}"
+        )
+    return entry
+
+
+def resolve_engine(
+    engine_dir: str | os.PathLike,
+    component: str,
+    onnx_dir: str | os.PathLike,
+    *,
+    env: BuildEnv | None = None,
+) -> Path:
+    """The path of ``component``'s engine, after :func:`check_engine` found it usable here."""
+    entry = check_engine(engine_dir, component, onnx_dir, env=env)
+    return Path(engine_dir) / entry.file
+
+
+def check_components(components: Iterable[str]) -> list[str]:
+    names = list(components)
+    unknown = [c for c in names if c not in COMPONENTS]
+    if unknown or not names:
+        given = ", ".join(unknown) or "(none given)"
+        raise InvalidArgumentError(f"unknown component(s) {given}; choose from {', '.join(COMPONENTS)}")
+    return list(dict.fromkeys(names))
