@@ -48,7 +48,7 @@ def fused_unet(model_path: Path, workdir: Path) -> Path:
 
 
 VARIANTS: dict[str, tuple[Callable[[], ort.SessionOptions], bool]] = {
-    "default (ORT_ENABLE_ALL, spinning)": (_opts(), False),
+    "default: ORT_ENABLE_ALL with spinning": (_opts(), False),
     "ORT_ENABLE_EXTENDED": (
         _opts(graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
         False,

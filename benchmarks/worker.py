@@ -24,7 +24,7 @@ def measure(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     start = time.perf_counter()
-    pipe = Pipeline.load(args.model, backend=args.backend, threads=args.threads)
+    pipe = Pipeline.load(args.model, backend=args.backend, device=args.device, threads=args.threads)
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mb()
     request = pipe.request(
@@ -43,6 +43,7 @@ def measure(args: argparse.Namespace) -> dict:
     np.save(args.image_out, results[-1].array)
     return {
         "backend": args.backend,
+        "choice": vars(pipe.choice) if pipe.choice else None,
         "load_s": load_s,
         "rss_after_load_mb": rss_loaded,
         "peak_rss_mb": peak_rss_mb(),
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, required=True)
     p.add_argument("--scheduler", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
     p.add_argument("--image-out", required=True)
     print(json.dumps(measure(p.parse_args(argv))))
 

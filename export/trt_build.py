@@ -2,7 +2,7 @@
 
 Everything here but :func:`build_serialized_engine` is plain Python: argument checks, optimization profiles
 from the model specs, content keys, the reuse-or-rebuild decision and the engine manifest
-(:mod:`export.engine_keys`). :func:`build_serialized_engine` is the one function that calls TensorRT: parse
+(:mod:`sdengine.engine_keys`). :func:`build_serialized_engine` is the one function that calls TensorRT: parse
 the ONNX file into a strongly typed network, add the optimization profile, the builder optimization level,
 the timing cache and a progress monitor, ``build_serialized_network``, write the plan and the timing cache.
 :func:`build_engines` takes any function of the same signature (``builder=``), which is how the tests run
@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from export.engine_keys import (
+from sdengine.engine_keys import (
     ENGINE_MANIFEST_NAME,
     MAX_OPTIMIZATION_LEVEL,
     TIMING_CACHE_NAME,
@@ -276,10 +276,11 @@ def build_serialized_engine(
 
     config = builder.create_builder_config()
     config.builder_optimization_level = optimization_level
-    opt_profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile.items():
-        opt_profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(opt_profile)
+    if profile:  # a network with only static shapes (the step model) needs none
+        opt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.items():
+            opt_profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(opt_profile)
 
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     if cache is None or not config.set_timing_cache(cache, False):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -33,16 +32,27 @@ def diffusers_scheduler(name: str | None, config: dict):
     return getattr(diffusers, class_name).from_config(config, **overrides)
 
 
-def _time_module(module: torch.nn.Module, stage: str, times: StageTimes) -> list:
-    start: list[int] = []
+class ModuleTimer:
+    """Times each call of a module through forward hooks: wall clock on the CPU, CUDA events on the GPU
+    (no syncs added; the event pairs are read once the run is over)."""
 
-    def before(*_: object) -> None:
-        start.append(time.perf_counter_ns())
+    def __init__(self, module: torch.nn.Module, stage: str, cuda: bool) -> None:
+        self.stage, self.cuda, self.marks = stage, cuda, []
+        self.hooks = [module.register_forward_pre_hook(self._mark), module.register_forward_hook(self._mark)]
 
-    def after(*_: object) -> None:
-        times.add(stage, time.perf_counter_ns() - start.pop())
+    def _mark(self, *_: object) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter_ns())
 
-    return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    def close(self, times: StageTimes) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for start, end in zip(self.marks[::2], self.marks[1::2], strict=True):
+            times.add(self.stage, int(start.elapsed_time(end) * 1e6) if self.cuda else end - start)
 
 
 class TorchPipeline(_CallMixin):
@@ -50,46 +60,61 @@ class TorchPipeline(_CallMixin):
 
     name = "torch"
 
-    def __init__(self, model_dir: ModelDir, pipe: StableDiffusionPipeline) -> None:
+    def __init__(self, model_dir: ModelDir, pipe: StableDiffusionPipeline, device: str = "cpu") -> None:
         self.model_dir = model_dir
         self.pipe = pipe
+        self.device = device
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, threads: int | None = None) -> TorchPipeline:
+    def load(
+        cls, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None
+    ) -> TorchPipeline:
+        """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting)."""
         model_dir = open_checkpoint_dir(path)
         if threads:
             torch.set_num_threads(threads)
+        dtype = torch.float16 if device == "cuda" else torch.float32
         pipe = StableDiffusionPipeline.from_pretrained(
-            model_dir.root, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            model_dir.root,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            torch_dtype=dtype,
         )
-        return cls(model_dir, pipe)
+        return cls(model_dir, pipe.to(device), device)
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         pipe, times = self.pipe, StageTimes()
         pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
         pipe.set_progress_bar_config(disable=progress is None)
-        latents = torch.from_numpy(request.initial_latents(self.model_dir.arch))
-        hooks = _time_module(pipe.text_encoder, "text_encoder", times) + _time_module(
-            pipe.unet, "unet", times
+        latents = torch.from_numpy(request.initial_latents(self.model_dir.arch)).to(
+            self.device, pipe.unet.dtype
         )
+        cuda = self.device == "cuda"
+        timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
         try:
             with times.time("total"), torch.inference_mode():
-                out = pipe(
-                    prompt=list(request.prompts),
-                    negative_prompt=list(request.negative_prompts),
-                    num_inference_steps=request.steps,
-                    guidance_scale=request.guidance,
-                    height=request.height,
-                    width=request.width,
-                    latents=latents,
-                    generator=torch.Generator().manual_seed(request.seed),
-                    output_type="latent",
-                )
-                final = out.images
+                with times.time("denoise"):
+                    out = pipe(
+                        prompt=list(request.prompts),
+                        negative_prompt=list(request.negative_prompts),
+                        num_inference_steps=request.steps,
+                        guidance_scale=request.guidance,
+                        height=request.height,
+                        width=request.width,
+                        latents=latents,
+                        generator=torch.Generator(self.device).manual_seed(request.seed),
+                        output_type="latent",
+                    )
+                    final = out.images
+                    if cuda:
+                        torch.cuda.synchronize()
                 with times.time("vae_decode"):
                     decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False)[0]
+                    if cuda:
+                        torch.cuda.synchronize()
         finally:
-            for hook in hooks:
-                hook.remove()
-        array = to_unit_range(decoded.float().numpy())
-        return GenerationResult(array, request, times, self.name, np.asarray(final.float().numpy()))
+            for timer in timers:
+                timer.close(times)
+        array = to_unit_range(decoded.float().cpu().numpy())
+        return GenerationResult(array, request, times, self.name, final.float().cpu().numpy())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.model_specs import COMPONENTS
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -55,7 +56,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdengine.images import output_paths, save_png
     from sdengine.pipeline import Pipeline
 
-    pipeline = Pipeline.load(args.model_dir, backend=args.backend, threads=args.threads)
+    pipeline = Pipeline.load(args.model_dir, backend=args.backend, device=args.device, threads=args.threads)
+    print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     result = pipeline(
         args.prompt,
         args.negative_prompt,
@@ -184,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text to image")
-    g.add_argument("model_dir", help="ONNX directory (ort backend) or diffusers checkpoint (torch backend)")
+    g.add_argument(
+        "model_dir", help="ONNX export (ort), engine directory (trt) or diffusers checkpoint (torch)"
+    )
     g.add_argument("prompt")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -194,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="default: the model's native size")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--batch", type=int, default=1)
-    g.add_argument("--backend", choices=("ort", "torch"), default="ort")
+    g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="default: auto (by directory)")
+    g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
     g.add_argument("--latents", default=None, help=".npy of initial latents (batch, 4, height/8, width/8)")
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--output", default="image.png")

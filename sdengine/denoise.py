@@ -19,5 +19,6 @@ def denoise(
     denoiser = backend.denoiser(plan, times)
     calls = range(plan.tables.num_calls)
     for _ in progress(calls) if progress else calls:
-        denoiser.step()
+        with times.time("step_call"):  # host time per step: the whole step on the CPU, its launch on a GPU
+            denoiser.step()
     return denoiser.latents()

@@ -11,8 +11,9 @@ import numpy as np
 from PIL import Image
 
 from sdengine.backends.base import Backend, DenoisePlan
+from sdengine.backends.ort import OrtBackend
+from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.denoise import Progress, denoise
-from sdengine.errors import BackendUnavailableError, InvalidArgumentError
 from sdengine.images import to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
@@ -20,8 +21,6 @@ from sdengine.schedulers import load_scheduler
 from sdengine.step_graph import step_tables
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
-
-BACKENDS = ("ort", "torch")
 
 
 @dataclass
@@ -43,12 +42,14 @@ class ImageGenerator(Protocol):
     """What every loaded pipeline offers, whatever runs it."""
 
     model_dir: ModelDir
+    choice: Choice | None
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult: ...
 
 
 class _CallMixin:
     model_dir: ModelDir
+    choice: Choice | None = None
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         raise NotImplementedError
@@ -100,25 +101,39 @@ class Pipeline(_CallMixin):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, *, backend: str = "ort", threads: int | None = None
+        cls,
+        path: str | os.PathLike,
+        *,
+        backend: str = "auto",
+        device: str | None = None,
+        threads: int | None = None,
     ) -> ImageGenerator:
-        """Load a model directory: an ONNX export for ``ort``, a diffusers checkpoint for ``torch``."""
-        if backend == "ort":
-            from sdengine.backends.ort import OrtBackend
+        """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
+        diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which."""
+        kind = model_kind(path)
+        choice = choose(backend, device, kind, detect(torch_cuda=kind == "checkpoint"))
+        if choice.backend == "torch":
+            from sdengine.baseline import TorchPipeline
 
+            pipeline: ImageGenerator = TorchPipeline.load(path, device=choice.device, threads=threads)
+        elif choice.backend == "trt":
+            from sdengine.backends.trt import TrtBackend
+
+            trt_backend = TrtBackend.load(path)
+            model_dir = trt_backend.model_dir
+            pipeline = cls(model_dir, trt_backend, ClipTokenizer.from_dir(model_dir.tokenizer_dir))
+        else:
             model_dir = open_onnx_dir(path)
             tokenizer = ClipTokenizer.from_dir(model_dir.tokenizer_dir)
-            return cls(model_dir, OrtBackend(model_dir, threads=threads), tokenizer)
-        if backend == "torch":
-            try:
-                from sdengine.baseline import TorchPipeline
-            except ImportError as exc:
-                raise BackendUnavailableError(
-                    f"the torch backend needs torch and diffusers ({exc.name} is missing): "
-                    "pip install 'sdengine[torch]'"
-                ) from None
-            return TorchPipeline.load(path, threads=threads)
-        raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+            if choice.device == "cuda":
+                from sdengine.backends.ort_cuda import OrtCudaBackend
+
+                ort_backend: Backend = OrtCudaBackend(model_dir, threads=threads)
+            else:
+                ort_backend = OrtBackend(model_dir, threads=threads)
+            pipeline = cls(model_dir, ort_backend, tokenizer)
+        pipeline.choice = choice
+        return pipeline
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         arch = self.model_dir.arch
@@ -141,7 +156,8 @@ class Pipeline(_CallMixin):
                 tables=step_tables(schedule, request.step_noise(schedule, latents.shape)),
                 guidance=request.guidance if cfg else None,
             )
-            latents = denoise(self.backend, plan, times, progress)
+            with times.time("denoise"):
+                latents = denoise(self.backend, plan, times, progress)
             with times.time("vae_decode"):
                 decoded = self.backend.decode_latents(latents / np.float32(self.model_dir.vae_scaling_factor))
         return GenerationResult(to_unit_range(decoded), request, times, self.backend.name, latents)

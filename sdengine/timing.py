@@ -9,8 +9,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: Stage names, in pipeline order. ``step`` is guidance plus the scheduler update.
-STAGES = ("tokenize", "text_encoder", "unet", "step", "vae_decode", "total")
+#: Stage names, in pipeline order. ``denoise`` is the whole loop (its wall time, the final sync included);
+#: inside it ``unet`` and ``step`` (guidance plus the scheduler update) are timed per call where the host can
+#: see them, and ``denoise_gpu`` is the loop's device time from CUDA events where the steps are graph replays.
+#: ``step_call`` is the host time of each whole step (its launch, where the GPU runs it asynchronously).
+STAGES = (
+    "tokenize",
+    "text_encoder",
+    "denoise",
+    "step_call",
+    "unet",
+    "step",
+    "denoise_gpu",
+    "vae_decode",
+    "total",
+)
 
 
 @dataclass

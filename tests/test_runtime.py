@@ -154,7 +154,7 @@ def test_bad_model_directories(tmp_path, onnx_fp32):
 
 def test_checkpoint_is_not_an_onnx_dir(tiny_checkpoint):
     with pytest.raises(ModelDirectoryError, match="export it first"):
-        Pipeline.load(tiny_checkpoint)
+        Pipeline.load(tiny_checkpoint, backend="ort")
 
 
 def test_torch_pipeline_is_the_baseline(torch_pipe):

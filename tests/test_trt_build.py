@@ -17,18 +17,6 @@ from pathlib import Path
 import pytest
 
 from export import trt_build
-from export.engine_keys import (
-    ENGINE_MANIFEST_NAME,
-    TIMING_CACHE_NAME,
-    BuildEnv,
-    EngineManifest,
-    ProfileRequest,
-    check_engine,
-    engine_key,
-    engine_profiles,
-    onnx_digest,
-    resolve_engine,
-)
 from export.trt_build import (
     CUDA_MISSING,
     TRT_MISSING,
@@ -40,6 +28,18 @@ from export.trt_build import (
     cmd_build,
     compute_capability,
     import_tensorrt,
+)
+from sdengine.engine_keys import (
+    ENGINE_MANIFEST_NAME,
+    TIMING_CACHE_NAME,
+    BuildEnv,
+    EngineManifest,
+    ProfileRequest,
+    check_engine,
+    engine_key,
+    engine_profiles,
+    onnx_digest,
+    resolve_engine,
 )
 from sdengine.errors import (
     BackendUnavailableError,

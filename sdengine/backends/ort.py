@@ -6,11 +6,13 @@ int64 ids, float32 or float16 tensors) and the timestep is given the rank the UN
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
-from onnx import TensorProto
+from onnx import helper
 
 from sdengine.backends.base import DenoisePlan
 from sdengine.errors import CorruptModelError
@@ -19,13 +21,36 @@ from sdengine.model_specs import REQUIRED_COMPONENTS, TEXT_ENCODER, UNET, VAE_DE
 from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, build_step_model, first_unet_inputs
 from sdengine.timing import StageTimes
 
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-}
+
+def session_inputs(session: ort.InferenceSession) -> dict[str, tuple[type, int]]:
+    """Each input's numpy dtype and rank, as the session declares them."""
+    types = {
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(int32)": np.int32,
+        "tensor(int64)": np.int64,
+        "tensor(double)": np.float64,
+    }
+    return {i.name: (types.get(i.type, np.float32), len(i.shape)) for i in session.get_inputs()}
+
+
+def declared_inputs(path: str | os.PathLike) -> dict[str, tuple[type, int]]:
+    """Each graph input's numpy dtype and rank, read from the model file (weights not loaded)."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError and OSError alike: not a readable ONNX file
+        raise CorruptModelError(
+            f"cannot load {path}: {str(exc).strip()[:200] or type(exc).__name__}"
+        ) from None
+    initializers = {t.name for t in graph.initializer}
+    return {
+        i.name: (
+            helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).type,
+            len(i.type.tensor_type.shape.dim),
+        )
+        for i in graph.input
+        if i.name not in initializers
+    }
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -57,16 +82,6 @@ def open_session(
     return session
 
 
-def _np_to_onnx_dtype(dtype: type) -> int:
-    return {
-        np.float32: TensorProto.FLOAT,
-        np.float16: TensorProto.FLOAT16,
-        np.int64: TensorProto.INT64,
-        np.int32: TensorProto.INT32,
-        np.float64: TensorProto.DOUBLE,
-    }[dtype]
-
-
 class OrtBackend:
     """Runs text encoder, UNet, the step model and VAE decoder with ONNX Runtime, on host arrays."""
 
@@ -78,19 +93,24 @@ class OrtBackend:
         *,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int | None = None,
+        preload: Sequence[str] = REQUIRED_COMPONENTS,
     ) -> None:
+        """``preload``: the models to open sessions for now (a GPU backend opens its UNet per shape)."""
         specs = model_dir.arch.specs()
         self.providers = list(providers)
         self.options = session_options(threads)
         self.specs = {c: specs[c] for c in REQUIRED_COMPONENTS}
         self.sessions = {
-            c: open_session(str(model_dir.onnx_path(c)), spec, self.providers, self.options)
-            for c, spec in self.specs.items()
+            c: open_session(str(model_dir.onnx_path(c)), self.specs[c], self.providers, self.options)
+            for c in preload
         }
         self._inputs = {
-            c: {i.name: (_ORT_DTYPES.get(i.type, np.float32), len(i.shape)) for i in s.get_inputs()}
-            for c, s in self.sessions.items()
+            c: session_inputs(self.sessions[c])
+            if c in self.sessions
+            else declared_inputs(model_dir.onnx_path(c))
+            for c in self.specs
         }
+        self.step_providers = self.providers
         self._step_sessions: dict[tuple, ort.InferenceSession] = {}
 
     def _run(self, component: str, **arrays: np.ndarray) -> np.ndarray:
@@ -117,10 +137,10 @@ class OrtBackend:
                 num_calls=plan.tables.num_calls,
                 guidance=plan.guidance is not None,
                 timestep_shape=t_shape,
-                timestep_dtype=_np_to_onnx_dtype(t_dtype),
+                timestep_dtype=helper.np_dtype_to_tensor_dtype(np.dtype(t_dtype)),
             )
             self._step_sessions[key] = ort.InferenceSession(
-                model.SerializeToString(), self.options, providers=self.providers
+                model.SerializeToString(), self.options, providers=self.step_providers
             )
         return self._step_sessions[key]
 

@@ -12,7 +12,8 @@ Profiles derive from :mod:`sdengine.model_specs`: each symbolic dimension of an 
 classifier-free guidance the text encoder and the UNet see the negative and positive prompts in one batch,
 so their batch dimension is twice the image batch.
 
-Nothing in this module imports TensorRT; :mod:`export.trt_build` holds the one function that does.
+Nothing in this module imports TensorRT (the runtime reads the manifest too); :mod:`export.trt_build` holds
+the one function that builds engines.
 """
 
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""The few CUDA runtime calls the GPU backends make themselves, through cuda-python (``cuda.bindings``).
+
+Streams, events and synchronisation only; no torch. cuda-python is optional: :func:`cudart` raises a one-line
+:class:`BackendUnavailableError` where it is missing. Written against cuda-python's documented runtime API;
+not run on a GPU here.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from sdengine.errors import BackendUnavailableError
+
+
+def cudart() -> ModuleType:
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        raise BackendUnavailableError(
+            "cuda-python is not installed: pip install 'sdengine[trt]' on a machine with an NVIDIA GPU"
+        ) from None
+    return runtime
+
+
+def check(result: Any) -> Any:
+    """Unpack a cuda-python ``(error, value...)`` tuple, raising on any error other than success."""
+    rt = cudart()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != rt.cudaError_t.cudaSuccess:
+        raise BackendUnavailableError(f"CUDA error: {err}")
+    return values[0] if len(values) == 1 else tuple(values) or None
+
+
+class Stream:
+    """A non-blocking CUDA stream, shared by every model of a backend so their work stays in order."""
+
+    def __init__(self) -> None:
+        rt = cudart()
+        self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
+
+    @property
+    def pointer(self) -> int:
+        return int(self.handle)
+
+    def synchronize(self) -> None:
+        check(cudart().cudaStreamSynchronize(self.handle))
+
+
+class Event:
+    """A CUDA event for timing work on a stream (milliseconds between two recorded events)."""
+
+    def __init__(self) -> None:
+        self.handle = check(cudart().cudaEventCreate())
+
+    def record(self, stream: Stream) -> None:
+        check(cudart().cudaEventRecord(self.handle, stream.handle))
+
+    def elapsed_ms(self, since: Event) -> float:
+        check(cudart().cudaEventSynchronize(self.handle))
+        return float(check(cudart().cudaEventElapsedTime(since.handle, self.handle)))

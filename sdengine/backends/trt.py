@@ -1,0 +1,329 @@
+"""TensorRT backend: engines deserialized once, one CUDA stream, whole denoising steps as CUDA-graph replays.
+
+- Engines (text encoder, UNet, VAE decoder) come from ``sdengine build``; each is checked against the engine
+  manifest before use (stale ONNX, other TensorRT, other GPU: refused with the fix, never silently run).
+- The step model (:mod:`sdengine.step_graph`: guidance, scheduler update, next UNet input) is built into a
+  small static engine per shape on first use and cached in the engine directory, so the GPU runs the very
+  step the CPU tests verify.
+- One device-memory block, sized for the largest engine, is shared by every execution context (they run one
+  after another on one stream), and device buffers are allocated once per shape, their addresses set once.
+- Per (batch, latent height, latent width, calls, guidance) two CUDA graphs are captured, each holding one
+  whole step (UNet then step model) on ping-pong state buffers; the loop launches N graphs and the host waits
+  once, before the VAE.
+
+Status: written against the documented TensorRT 10/11 and cuda-python runtime APIs; TensorRT cannot be
+installed where this project is developed and tested, so none of this module has been run. Everything around
+it (engine keys, manifests, profiles, the step model, graph keys) is tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import helper
+
+from sdengine.backends.base import DenoisePlan
+from sdengine.backends.cuda_runtime import Event, Stream, check, cudart
+from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, resolve_engine
+from sdengine.errors import BackendUnavailableError, ModelDirectoryError
+from sdengine.model_dir import ModelDir, open_onnx_dir
+from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
+from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, build_step_model, first_unet_inputs
+from sdengine.timing import StageTimes
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """What a captured step graph depends on: shapes and the schedule length (tables are inputs)."""
+
+    batch: int
+    latent_height: int
+    latent_width: int
+    num_calls: int
+    guidance: bool
+
+    @classmethod
+    def of(cls, plan: DenoisePlan) -> GraphKey:
+        batch, _, height, width = plan.latents.shape
+        return cls(batch, height, width, plan.tables.num_calls, plan.guidance is not None)
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError:
+        raise BackendUnavailableError(
+            "TensorRT is not installed: pip install 'sdengine[trt]' on a machine with an NVIDIA GPU"
+        ) from None
+    return tensorrt
+
+
+class DeviceArray:
+    """A device buffer of fixed shape and dtype (cudaMalloc), with host copies in and out."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.ptr = int(check(cudart().cudaMalloc(max(self.nbytes, 1))))
+
+    def upload(self, array: np.ndarray, stream: Stream) -> None:
+        host = np.ascontiguousarray(array, dtype=self.dtype)
+        rt = cudart()
+        kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        check(rt.cudaMemcpyAsync(self.ptr, host.ctypes.data, self.nbytes, kind, stream.handle))
+        stream.synchronize()  # the host array may be freed as soon as this returns
+
+    def download(self, stream: Stream) -> np.ndarray:
+        host = np.empty(self.shape, self.dtype)
+        rt = cudart()
+        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        check(rt.cudaMemcpyAsync(host.ctypes.data, self.ptr, self.nbytes, kind, stream.handle))
+        stream.synchronize()
+        return host
+
+    def __del__(self) -> None:
+        ptr = getattr(self, "ptr", 0)
+        if ptr:
+            cudart().cudaFree(ptr)
+
+
+class Engine:
+    """One deserialized engine with its execution context, running in the shared device-memory block."""
+
+    def __init__(self, trt: Any, runtime: Any, plan: Path) -> None:
+        self.trt = trt
+        self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise ModelDirectoryError(f"TensorRT could not deserialize {plan}; rebuild it: sdengine build")
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.context = self.engine.create_execution_context(strategy)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+
+    @property
+    def device_memory_size(self) -> int:
+        return int(self.engine.device_memory_size_v2)
+
+    def use_memory(self, ptr: int, size: int) -> None:
+        self.context.set_device_memory(ptr, size)
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+
+    def bind(self, buffers: dict[str, DeviceArray]) -> None:
+        """Set every input shape and every tensor address (once per shape)."""
+        for name in self.inputs:
+            self.context.set_input_shape(name, buffers[name].shape)
+        for name in (*self.inputs, *self.outputs):
+            self.context.set_tensor_address(name, buffers[name].ptr)
+
+    def run(self, stream: Stream) -> None:
+        if not self.context.execute_async_v3(stream.pointer):
+            raise BackendUnavailableError("TensorRT failed to enqueue an engine (see its log above)")
+
+
+class TrtBackend:
+    """Text encoder, UNet and VAE decoder as TensorRT engines; CUDA-graph steps."""
+
+    name = "trt"
+
+    def __init__(self, engine_dir: Path, model_dir: ModelDir) -> None:
+        self.trt = import_tensorrt()
+        self.engine_dir, self.model_dir = engine_dir, model_dir
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.runtime = self.trt.Runtime(self.logger)
+        self.stream = Stream()
+        plans = {c: resolve_engine(engine_dir, c, model_dir.root) for c in (TEXT_ENCODER, UNET, VAE_DECODER)}
+        self.engines = {c: Engine(self.trt, self.runtime, p) for c, p in plans.items()}
+        self._memory: DeviceArray | None = None
+        self._graphs: dict[GraphKey, GraphSteps] = {}
+
+    @classmethod
+    def load(cls, engine_dir: str | os.PathLike) -> TrtBackend:
+        manifest = EngineManifest.read(engine_dir)
+        if manifest is None:
+            raise ModelDirectoryError(f"{engine_dir} has no engine manifest; build it: sdengine build")
+        return cls(Path(engine_dir), open_onnx_dir(manifest.onnx_dir))
+
+    def shared_memory(self, engines: list[Engine]) -> None:
+        """Give every context the one device-memory block, grown if a new engine needs more."""
+        need = max(e.device_memory_size for e in engines)
+        if self._memory is None or self._memory.nbytes < need:
+            self._memory = DeviceArray((need,), np.uint8)
+        for engine in engines:
+            engine.use_memory(self._memory.ptr, self._memory.nbytes)
+
+    def step_engine(self, key: GraphKey, plan: DenoisePlan) -> Engine:
+        """The step model for ``key`` as a static engine, built once and cached in the engine directory."""
+        from export.trt_build import build_serialized_engine  # the builder, only when an engine is missing
+
+        unet = self.engines[UNET]
+        t_dtype = unet.dtype("timestep")
+        t_shape = tuple(unet.engine.get_tensor_shape("timestep"))
+        t_shape = (plan.copies * key.batch,) if t_shape else ()
+        model = build_step_model(
+            batch=key.batch,
+            latent_shape=plan.latents.shape[1:],
+            num_calls=key.num_calls,
+            guidance=key.guidance,
+            timestep_shape=t_shape,
+            timestep_dtype=helper.np_dtype_to_tensor_dtype(t_dtype),
+        )
+        data = model.SerializeToString()
+        digest = hashlib.sha256(data + self.trt.__version__.encode()).hexdigest()[:16]
+        onnx_path = self.engine_dir / f"step.{digest}.onnx"
+        plan_path = self.engine_dir / f"step.{digest}.plan"
+        if not plan_path.is_file():
+            onnx_path.write_bytes(data)
+            build_serialized_engine(
+                onnx_path,
+                plan_path,
+                {},
+                optimization_level=3,
+                timing_cache=self.engine_dir / TIMING_CACHE_NAME,
+                progress=False,
+            )
+        return Engine(self.trt, self.runtime, plan_path)
+
+    def _run_host(self, component: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One engine call on host arrays (text encoder, VAE): upload, run, download."""
+        engine = self.engines[component]
+        self.shared_memory([engine])
+        buffers = {}
+        for name, array in inputs.items():
+            buffers[name] = DeviceArray(array.shape, engine.dtype(name))
+            buffers[name].upload(array, self.stream)
+            engine.context.set_input_shape(name, array.shape)
+        for name in engine.outputs:
+            shape = tuple(engine.context.get_tensor_shape(name))
+            buffers[name] = DeviceArray(shape, engine.dtype(name))
+        engine.bind(buffers)
+        engine.run(self.stream)
+        return buffers[engine.outputs[0]].download(self.stream).astype(np.float32)
+
+    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
+        return self._run_host(TEXT_ENCODER, {"input_ids": input_ids})
+
+    def denoiser(self, plan: DenoisePlan, times: StageTimes) -> GraphSteps:
+        key = GraphKey.of(plan)
+        if key not in self._graphs:  # buffers, addresses and graphs: once per shape
+            self._graphs[key] = GraphSteps(self, key, plan)
+        steps = self._graphs[key]
+        steps.start(plan, times)
+        return steps
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        return self._run_host(VAE_DECODER, {"latent_sample": latents})
+
+
+class GraphSteps:
+    """Device state and the two captured step graphs for one shape; reused by every run of that shape."""
+
+    def __init__(self, backend: TrtBackend, key: GraphKey, plan: DenoisePlan) -> None:
+        self.backend, self.stream = backend, backend.stream
+        unet, step = backend.engines[UNET], backend.step_engine(key, plan)
+        backend.shared_memory([unet, step])
+        tables = plan.tables
+        t_dtype = unet.dtype("timestep")
+        unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
+        t_shape = (unet_input.shape[0],) if tuple(unet.engine.get_tensor_shape("timestep")) else ()
+        latent, history = plan.latents.shape, (MAX_HISTORY, *plan.latents.shape)
+        f32 = np.dtype(np.float32)
+        self.shared = {
+            "unet_input": DeviceArray(unet_input.shape, f32),
+            "timestep": DeviceArray(t_shape, t_dtype),
+            "context": DeviceArray(plan.context.shape, unet.dtype("encoder_hidden_states")),
+            "noise_pred": DeviceArray(unet_input.shape, f32),
+            "coeffs": DeviceArray(tables.coeffs.shape, f32),
+            "timesteps": DeviceArray(tables.timesteps.shape, f32),
+            "input_scales": DeviceArray(tables.input_scales.shape, f32),
+            "noise": DeviceArray(tables.noise.shape, f32),
+            "guidance": DeviceArray((), f32),
+        }
+        self.states = [
+            {
+                "sample": DeviceArray(latent, f32),
+                "history": DeviceArray(history, f32),
+                "step_index": DeviceArray((), np.dtype(np.int64)),
+            }
+            for _ in (0, 1)
+        ]
+        unet.bind(
+            {
+                "sample": self.shared["unet_input"],
+                "timestep": self.shared["timestep"],
+                "encoder_hidden_states": self.shared["context"],
+                unet.outputs[0]: self.shared["noise_pred"],
+            }
+        )
+        self.start(plan, StageTimes())  # valid inputs (and step index 0) in both state sets before any run
+        for name, value in (
+            ("sample", plan.latents),
+            ("history", np.zeros(history)),
+            ("step_index", np.array(0)),
+        ):
+            self.states[1][name].upload(value, self.stream)
+        self.graphs = []
+        rt = cudart()
+        for parity in (0, 1):
+            source, target = self.states[parity], self.states[1 - parity]
+            outputs = dict(
+                zip(
+                    STEP_OUTPUTS,
+                    (
+                        target["sample"],
+                        target["history"],
+                        target["step_index"],
+                        self.shared["unet_input"],
+                        self.shared["timestep"],
+                    ),
+                    strict=True,
+                )
+            )
+            step.bind({"noise_pred": self.shared["noise_pred"], **source, **self.shared, **outputs})
+            unet.run(self.stream)  # enqueue once outside capture, as TensorRT asks before graph capture
+            step.run(self.stream)
+            self.stream.synchronize()
+            check(
+                rt.cudaStreamBeginCapture(
+                    self.stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+                )
+            )
+            unet.run(self.stream)
+            step.run(self.stream)
+            graph = check(rt.cudaStreamEndCapture(self.stream.handle))
+            self.graphs.append(check(rt.cudaGraphInstantiate(graph, 0)))
+        self.calls = 0
+        self.events = (Event(), Event())
+
+    def start(self, plan: DenoisePlan, times: StageTimes) -> None:
+        """Upload one run's inputs into the fixed buffers (the graphs read them in place)."""
+        tables, s = plan.tables, self.stream
+        self.times, self.calls = times, 0
+        unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
+        self.shared["unet_input"].upload(unet_input, s)
+        self.shared["timestep"].upload(np.full(self.shared["timestep"].shape, tables.timesteps[0]), s)
+        self.shared["context"].upload(plan.context, s)
+        for name in ("coeffs", "timesteps", "input_scales", "noise"):
+            self.shared[name].upload(getattr(tables, name), s)
+        self.shared["guidance"].upload(np.array(plan.guidance or 1.0), s)
+        self.states[0]["sample"].upload(plan.latents, s)
+        self.states[0]["history"].upload(np.zeros(self.states[0]["history"].shape), s)
+        self.states[0]["step_index"].upload(np.array(0), s)
+
+    def step(self) -> None:
+        if self.calls == 0:
+            self.events[0].record(self.stream)
+        check(cudart().cudaGraphLaunch(self.graphs[self.calls % 2], self.stream.handle))
+        self.calls += 1
+
+    def latents(self) -> np.ndarray:
+        self.events[1].record(self.stream)
+        self.times.add("denoise_gpu", int(self.events[1].elapsed_ms(self.events[0]) * 1e6))
+        return self.states[self.calls % 2]["sample"].download(self.stream)
