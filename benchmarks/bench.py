@@ -81,6 +81,7 @@ def summarise(raw: dict, flops: dict[str, int], peak_gflops: float) -> dict:
     summary = {
         "load_s": raw["load_s"],
         "peak_rss_mb": raw["peak_rss_mb"],
+        "device_memory_mb": raw.get("device_memory_mb"),
         "stages_ms": {s: stats([r[s] for r in runs]) for s in REPORT_STAGES},
         "warmup_total_ms": [sum(c.get("total", ())) / 1e6 for c in raw["warmup"]],
         "unet_call_ms": stats([c / 1e6 for c in unet_calls or [0]]),
@@ -186,19 +187,24 @@ def format_report(report: dict) -> str:
         f"{'stage (ms)':<22}" + "".join(f"{b:>{width}}" for b in backends),
     ]
     for stage in REPORT_STAGES:
+        if all(r["stages_ms"][stage]["median"] == 0 for r in backends.values()):
+            continue  # a stage no backend here has (e.g. device time on a CPU-only run)
         cells = []
         for r in backends.values():
             s = r["stages_ms"][stage]
             ratio = r.get("speedup_vs_torch", {}).get(stage)
             extra = f" x{ratio:.2f}" if ratio is not None else ""
-            cells.append(f"{s['median']:.1f} ({s['p10']:.0f}-{s['p90']:.0f}){extra}")
+            cells.append(f"{s['median']:.1f} ({s['p10']:.0f}-{s['p90']:.0f}){extra}" if s["median"] else "-")
         lines.append(f"{stage:<22}" + "".join(f"{c:>{width}}" for c in cells))
     rows = {
         "UNet call (ms)": lambda r: f"{r['unet_call_ms']['median']:.1f}",
         "host overhead/step (ms)": lambda r: f"{r['host_overhead_per_step_ms']['median']:.2f}",
-        "host time/step call (us)": lambda r: f"{r['step_call_us']['median']:.0f}",
+        "host time/step call (us)": lambda r: (
+            f"{r['step_call_us']['median']:.0f}" if r["step_call_us"]["median"] else "-"
+        ),
         "load (s)": lambda r: f"{r['load_s']:.2f}",
         "peak RSS (MB)": lambda r: f"{r['peak_rss_mb']:.0f}",
+        "GPU memory (MB)": lambda r: f"{r['device_memory_mb']:.0f}" if r.get("device_memory_mb") else "-",
         "UNet % of matmul peak": lambda r: (
             f"{100 * r['fraction_of_matmul_peak']['unet']:.0f}%" if "fraction_of_matmul_peak" in r else "-"
         ),
@@ -220,8 +226,11 @@ def plot_report(report: dict, path: Path) -> Path:
     backends = list(report["backends"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bottom = np.zeros(len(backends))
-    for stage in ("text_encoder", "unet", "vae_decode", "other"):
-        values = np.array([report["backends"][b]["stages_ms"][stage]["median"] for b in backends])
+    results = [report["backends"][b]["stages_ms"] for b in backends]
+    medians = {s: np.array([r[s]["median"] for r in results]) for s in TIMED}
+    parts = {s: medians[s] for s in ("text_encoder", "denoise", "vae_decode")}
+    parts["rest"] = medians["total"] - sum(parts.values())
+    for stage, values in parts.items():
         ax.bar(backends, values, bottom=bottom, label=stage)
         bottom += values
     cfg = report["config"]

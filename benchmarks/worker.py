@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
+import subprocess
 import sys
 import time
 
@@ -18,6 +21,28 @@ from sdengine.pipeline import Pipeline
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def device_memory_mb() -> float | None:
+    """GPU memory this process holds now, from nvidia-smi (any backend: torch, ONNX Runtime, TensorRT)."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [
+        float(m)
+        for pid, m in (line.split(",") for line in out.splitlines() if "," in line)
+        if int(pid) == os.getpid()
+    ]
+    return used[0] if used else None
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -47,6 +72,7 @@ def measure(args: argparse.Namespace) -> dict:
         "load_s": load_s,
         "rss_after_load_mb": rss_loaded,
         "peak_rss_mb": peak_rss_mb(),
+        "device_memory_mb": device_memory_mb(),
         "warmup": [r.times.calls for r in results[: args.warmup]],
         "runs": [r.times.calls for r in results[args.warmup :]],
     }
