@@ -32,19 +32,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _gpus() -> list[str]:
+def nvidia_smi(*query: str) -> list[str] | None:
+    """nvidia-smi's CSV rows for ``query`` (e.g. ``--query-gpu=name``); None without an NVIDIA GPU."""
     if not shutil.which("nvidia-smi"):
-        return []
+        return None
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            ["nvidia-smi", *query, "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=20,
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
+        return None
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
@@ -58,7 +59,7 @@ def machine_info() -> dict[str, object]:
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "memory_gb": round(mem / 2**30, 1),
-        "gpus": _gpus(),
+        "gpus": nvidia_smi("--query-gpu=name,driver_version,memory.total") or [],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "libraries": versions,

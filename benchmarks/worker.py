@@ -9,13 +9,12 @@ import argparse
 import json
 import os
 import resource
-import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
 
+from benchmarks.machine import nvidia_smi
 from sdengine.pipeline import Pipeline
 
 
@@ -24,24 +23,9 @@ def peak_rss_mb() -> float:
 
 
 def device_memory_mb() -> float | None:
-    """GPU memory this process holds now, from nvidia-smi (any backend: torch, ONNX Runtime, TensorRT)."""
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    used = [
-        float(m)
-        for pid, m in (line.split(",") for line in out.splitlines() if "," in line)
-        if int(pid) == os.getpid()
-    ]
+    """GPU memory (MiB) this process holds, from nvidia-smi (any backend: torch, ONNX Runtime, TensorRT)."""
+    rows = nvidia_smi("--query-compute-apps=pid,used_memory") or []
+    used = [float(m) for pid, m in (row.split(",") for row in rows) if int(pid) == os.getpid()]
     return used[0] if used else None
 
 

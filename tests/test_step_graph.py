@@ -7,20 +7,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
+from export.checkpoint import SD15_SCHEDULER_CONFIG
 from sdengine.schedulers import SCHEDULER_NAMES, initial_history, load_scheduler, step
 from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, build_step_model, first_unet_inputs, step_tables
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-}
+SD15 = {"_class_name": "PNDMScheduler", **SD15_SCHEDULER_CONFIG}
 
 
 def session(model):

@@ -13,6 +13,15 @@ from . import tables
 from .config import SchedulerConfig
 from .schedule import Schedule
 
+#: The training-schedule defaults that most diffusers scheduler classes share in their ``__init__``.
+LINEAR_BETA_DEFAULTS: Mapping[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+}
+
 
 @runtime_checkable
 class Scheduler(Protocol):

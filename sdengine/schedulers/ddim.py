@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import tables
-from .base import BaseScheduler
+from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
 from .schedule import Forms, Schedule, make_schedule, vp_predictions
 
 
@@ -24,11 +24,7 @@ class DDIM(BaseScheduler):
 
     diffusers_class: ClassVar[str] = "DDIMScheduler"
     defaults: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **LINEAR_BETA_DEFAULTS,
         "clip_sample": True,
         "set_alpha_to_one": True,
         "steps_offset": 0,

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import UnsupportedConfigError
 from . import tables
-from .base import BaseScheduler
+from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
 from .schedule import Forms, Schedule, make_schedule, vp_predictions
 
 
@@ -34,11 +34,7 @@ class DPMSolverMultistep(BaseScheduler):
 
     diffusers_class: ClassVar[str] = "DPMSolverMultistepScheduler"
     defaults: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **LINEAR_BETA_DEFAULTS,
         "solver_order": 2,
         "prediction_type": "epsilon",
         "thresholding": False,

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import tables
-from .base import BaseScheduler
+from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
 from .schedule import Forms, Schedule, make_schedule, vp_predictions
 
 
@@ -66,11 +66,7 @@ class Euler(BaseScheduler):
 
     diffusers_class: ClassVar[str] = "EulerDiscreteScheduler"
     defaults: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **LINEAR_BETA_DEFAULTS,
         "prediction_type": "epsilon",
         "interpolation_type": "linear",
         "use_karras_sigmas": False,

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import BaseScheduler
+from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
 from .euler import discrete_sigmas, init_noise_sigma, k_diffusion_denoised
 from .schedule import Forms, Schedule, make_schedule
 
@@ -27,11 +27,7 @@ class EulerAncestral(BaseScheduler):
 
     diffusers_class: ClassVar[str] = "EulerAncestralDiscreteScheduler"
     defaults: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **LINEAR_BETA_DEFAULTS,
         "prediction_type": "epsilon",
         "timestep_spacing": "linspace",
         "steps_offset": 0,

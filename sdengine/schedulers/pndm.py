@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import UnsupportedConfigError
 from . import tables
-from .base import BaseScheduler
+from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
 from .schedule import Forms, Schedule, make_schedule
 
 #: Adams-Bashforth weights applied to [eps_i, eps_{i-1}, ...] once the history holds 1..4 model outputs.
@@ -42,11 +42,7 @@ class PNDM(BaseScheduler):
 
     diffusers_class: ClassVar[str] = "PNDMScheduler"
     defaults: ClassVar[dict[str, Any]] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
+        **LINEAR_BETA_DEFAULTS,
         "skip_prk_steps": False,
         "set_alpha_to_one": False,
         "prediction_type": "epsilon",
