@@ -155,6 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         backends=tuple(b for b in args.backends.split(",") if b),
         scheduler=args.scheduler,
         threads=args.threads,
+        device=args.device,
         **{**size, **overrides},
     )
     flops = {}
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--guidance", type=float, default=None)
     b.add_argument("--scheduler", default=None)
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
     b.add_argument("--json", default=None)
     b.add_argument("--plot", default=None)
     b.set_defaults(func=cmd_bench)

@@ -159,3 +159,56 @@ def test_checkpoint_is_not_an_onnx_dir(tiny_checkpoint):
 
 def test_torch_pipeline_is_the_baseline(torch_pipe):
     assert isinstance(torch_pipe, TorchPipeline)
+
+
+def _retype_input(path, name, new_type, shape, make_nodes):
+    """Give model input ``name`` another dtype/shape, converting back inside the graph (as other exporters'
+    models declare it: int64 ids, a (batch,) int64 timestep)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    old = next(i for i in graph.input if i.name == name)
+    inner = f"{name}_inner"
+    for node in graph.node:
+        node.input[:] = [inner if i == name else i for i in node.input]
+    graph.input.remove(old)
+    graph.input.insert(0, helper.make_tensor_value_info(name, new_type, shape))
+    for node in reversed(make_nodes(name, inner)):
+        graph.node.insert(0, node)
+    onnx.save(model, str(path))
+
+
+def test_models_declaring_other_input_types_load_and_match(onnx_fp32, ort_pipe, tmp_path):
+    """Other exporters' models (e.g. Optimum's) declare int64 input ids and a (batch,) timestep."""
+    import shutil
+
+    from onnx import TensorProto, helper
+
+    other = tmp_path / "other"
+    shutil.copytree(onnx_fp32, other)
+    _retype_input(
+        other / "text_encoder" / "model.onnx",
+        "input_ids",
+        TensorProto.INT64,
+        ["batch", "sequence"],
+        lambda src, dst: [helper.make_node("Cast", [src], [dst], to=TensorProto.INT32)],
+    )
+    _retype_input(
+        other / "unet" / "model.onnx",
+        "timestep",
+        TensorProto.INT64,
+        ["batch"],
+        lambda src, dst: [
+            helper.make_node("Cast", [src], [f"{src}_f"], to=TensorProto.FLOAT),
+            helper.make_node(
+                "Constant", [], [f"{src}_0"], value=helper.make_tensor("i", TensorProto.INT64, [], [0])
+            ),
+            helper.make_node("Gather", [f"{src}_f", f"{src}_0"], [dst], axis=0),
+        ],
+    )
+    pipe = Pipeline.load(other)
+    assert pipe.backend._inputs["unet"]["timestep"] == (np.int64, 1)
+    settings = dict(steps=4, seed=8, height=64, width=64, scheduler="pndm")  # integer timesteps
+    np.testing.assert_allclose(pipe(PROMPT, **settings).array, ort_pipe(PROMPT, **settings).array, atol=1e-5)
