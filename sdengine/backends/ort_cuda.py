@@ -1,6 +1,7 @@
 """ONNX Runtime on an NVIDIA GPU: CUDA execution provider, IO binding, device-resident state, CUDA graphs.
 
-Per generation, everything the loop touches is uploaded once: text embeddings, the step tables, the noise, the
+Per generation, everything the loop touches is uploaded once, into buffers allocated once per shape (a
+captured graph keeps the addresses it was captured with): text embeddings, the step tables, the noise, the
 initial latents. Each denoising step is then two ``run_with_iobinding`` calls — the UNet and the step model
 (guidance + scheduler update + the next UNet input) — on buffers that never move, so with ONNX Runtime's
 CUDA-graph mode each call is one graph replay and nothing comes back to the host until the final latents.
@@ -20,6 +21,8 @@ backend selection and its errors. Its GPU numbers come from ``benchmarks/gpu_che
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import onnxruntime as ort
@@ -75,27 +78,37 @@ class OrtCudaBackend(OrtBackend):
         cuda_graphs: bool = True,
         tensorrt: bool = False,
         threads: int | None = None,
+        device: str = "cuda",
     ) -> None:
-        require_cuda()
+        """``device="cpu"`` runs the same bound, device-state loop on the CPU provider (no graphs, no stream):
+        it exists so that the binding and ping-pong logic is tested where there is no GPU."""
+        self.device = device
+        if device == "cuda":
+            require_cuda()
         if tensorrt and TENSORRT not in ort.get_available_providers():
             raise BackendUnavailableError(
                 "ONNX Runtime has no TensorRT execution provider in this installation"
             )
         self.device_id = device_id
-        self.cuda_graphs = cuda_graphs
-        try:
-            self.stream: Stream | None = Stream()
-        except BackendUnavailableError:
-            self.stream = None
+        self.stream: Stream | None = None
+        if device == "cuda":
+            with contextlib.suppress(
+                BackendUnavailableError
+            ):  # without cuda-python each run syncs its stream
+                self.stream = Stream()
         providers = self._providers(graphs=False)
         if tensorrt:
             providers.insert(0, (TENSORRT, {"device_id": str(device_id), "trt_fp16_enable": "True"}))
         super().__init__(model_dir, providers=providers, threads=threads, preload=(TEXT_ENCODER, VAE_DECODER))
         self.model_dir = model_dir
-        self.step_providers = self._providers(graphs=cuda_graphs)
+        self.cuda_graphs = cuda_graphs and device == "cuda"
+        self.step_providers = self._providers(graphs=self.cuda_graphs)
         self._unet_sessions: dict[tuple, ort.InferenceSession] = {}
+        self._denoisers: dict[tuple, DeviceDenoiser] = {}
 
     def _providers(self, *, graphs: bool) -> list:
+        if self.device != "cuda":
+            return ["CPUExecutionProvider"]
         options = {"device_id": str(self.device_id), "enable_cuda_graph": "1" if graphs else "0"}
         if self.stream is not None:
             options["user_compute_stream"] = str(self.stream.pointer)
@@ -116,44 +129,50 @@ class OrtCudaBackend(OrtBackend):
         return self._unet_sessions[key]
 
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> DeviceDenoiser:
-        return DeviceDenoiser(self, plan, times)
+        """The device state for this plan's shapes: allocated, bound (and its graphs captured) once per shape,
+        refilled in place for every run, since a captured graph keeps the addresses it was captured with."""
+        key = (plan.latents.shape, plan.context.shape, plan.tables.num_calls, plan.copies)
+        if key not in self._denoisers:
+            self._denoisers[key] = DeviceDenoiser(self, plan)
+        denoiser = self._denoisers[key]
+        denoiser.start(plan, times)
+        return denoiser
 
 
 class DeviceDenoiser:
-    """A denoising run whose state stays in GPU memory; each step is two graph replays, no host sync."""
+    """Device buffers and bindings for one shape; each step is two graph replays with no host sync."""
 
-    def __init__(self, backend: OrtCudaBackend, plan: DenoisePlan, times: StageTimes) -> None:
+    def __init__(self, backend: OrtCudaBackend, plan: DenoisePlan) -> None:
         dev = backend.device_id
-        self.stream, self.times = backend.stream, times
+        self.backend, self.stream = backend, backend.stream
         self.unet = backend.unet_session(plan)
         self.step_model = backend.step_session(plan)
 
-        def upload(array: np.ndarray) -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", dev)
-
-        def like(array: np.ndarray) -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, "cuda", dev)
+        def empty(shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, backend.device, dev)
 
         tables = plan.tables
-        t_shape, t_dtype = backend.timestep_format(plan.copies * plan.latents.shape[0])
-        unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
-        history = np.zeros((MAX_HISTORY, *plan.latents.shape), np.float32)
-        index = np.array(0, np.int64)
-        self.unet_input = upload(unet_input)
-        self.timestep = upload(np.full(t_shape, tables.timesteps[0]).astype(t_dtype))
-        self.context = upload(plan.context.astype(np.float32))
-        self.noise_pred = like(unet_input)
-        constants = {
-            "coeffs": upload(tables.coeffs),
-            "timesteps": upload(tables.timesteps),
-            "input_scales": upload(tables.input_scales),
-            "noise": upload(tables.noise),
-            "guidance": upload(np.array(plan.guidance or 1.0, np.float32)),
+        unet_batch = plan.copies * plan.latents.shape[0]
+        t_shape, t_dtype = backend.timestep_format(unet_batch)
+        unet_shape = (unet_batch, *plan.latents.shape[1:])
+        history = (MAX_HISTORY, *plan.latents.shape)
+        self.unet_input = empty(unet_shape, np.float32)
+        self.timestep = empty(t_shape, t_dtype)
+        self.context = empty(plan.context.shape, np.float32)
+        self.noise_pred = empty(unet_shape, np.float32)
+        self.constants = {
+            name: empty(getattr(tables, name).shape, np.float32)
+            for name in ("coeffs", "timesteps", "input_scales", "noise")
         }
+        self.constants["guidance"] = empty((), np.float32)
         # two sets of state; step i reads set i % 2 and writes the other
         self.states = [
-            {"sample": upload(plan.latents), "history": upload(history), "step_index": upload(index)},
-            {"sample": like(plan.latents), "history": like(history), "step_index": like(index)},
+            {
+                "sample": empty(plan.latents.shape, np.float32),
+                "history": empty(history, np.float32),
+                "step_index": empty((), np.int64),
+            }
+            for _ in (0, 1)
         ]
         self.unet_binding = self.unet.io_binding()
         for name, value in (
@@ -167,7 +186,7 @@ class DeviceDenoiser:
         for parity in (0, 1):
             binding = self.step_model.io_binding()
             source, target = self.states[parity], self.states[1 - parity]
-            for name, value in {"noise_pred": self.noise_pred, **source, **constants}.items():
+            for name, value in {"noise_pred": self.noise_pred, **source, **self.constants}.items():
                 binding.bind_ortvalue_input(name, value)
             outputs = [
                 target["sample"],
@@ -185,9 +204,23 @@ class DeviceDenoiser:
             run_options(1 if graphs else None, sync),
             run_options(2 if graphs else None, sync),
         ]
-        self.calls = 0
-        self._keep = constants  # the bound buffers must outlive the bindings
         self.events = (Event(), Event()) if self.stream is not None else None
+        self.t_dtype = t_dtype
+
+    def start(self, plan: DenoisePlan, times: StageTimes) -> None:
+        """Copy one run's inputs into the bound buffers (in place: the addresses must not change)."""
+        tables = plan.tables
+        self.times, self.calls = times, 0
+        self.unet_input.update_inplace(first_unet_inputs(tables, plan.latents, plan.copies))
+        self.timestep.update_inplace(np.full(self.timestep.shape(), tables.timesteps[0]).astype(self.t_dtype))
+        self.context.update_inplace(np.ascontiguousarray(plan.context, dtype=np.float32))
+        for name in ("coeffs", "timesteps", "input_scales", "noise"):
+            self.constants[name].update_inplace(np.ascontiguousarray(getattr(tables, name)))
+        self.constants["guidance"].update_inplace(np.array(plan.guidance or 1.0, np.float32))
+        state = self.states[0]
+        state["sample"].update_inplace(np.ascontiguousarray(plan.latents, dtype=np.float32))
+        state["history"].update_inplace(np.zeros(state["history"].shape(), np.float32))
+        state["step_index"].update_inplace(np.array(0, np.int64))
 
     def step(self) -> None:
         parity = self.calls % 2
