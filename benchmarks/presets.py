@@ -23,6 +23,7 @@ class Workload:
     runs: int
     warmup: int
     description: str
+    device: str | None = None  # None: whatever the machine has
 
 
 PRESETS: dict[str, Workload] = {
@@ -30,8 +31,9 @@ PRESETS: dict[str, Workload] = {
     for w in (
         Workload("tiny", "tiny", 64, 64, 1, 4, 7.5, "fp32", 5, 1, "test checkpoint, seconds"),
         Workload("sd15-cpu", "sd15", 256, 256, 1, 4, 7.5, "fp32", 3, 1, "SD 1.5 size, 256x256, 4 steps: CPU"),
+        # the GPU headline: on a CPU it would take hours, so it asks for CUDA (a clear error without it)
         Workload(
-            "sd15-512", "sd15", 512, 512, 1, 50, 7.5, "fp16", 5, 1, "SD 1.5 size, 512x512, 50 steps: GPU"
+            "sd15-512", "sd15", 512, 512, 1, 50, 7.5, "fp16", 5, 1, "SD 1.5, 512x512, 50 steps: GPU", "cuda"
         ),
     )
 }

@@ -131,12 +131,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise SDEngineError(
             f"bench needs the export extra ({exc.name} is missing): pip install 'sdengine[export]'"
         ) from None
+    from sdengine.backends.select import detect
+    from sdengine.errors import BackendUnavailableError
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_onnx_dir
 
     prep: dict[str, float] = {}
+    device = args.device
     if args.model in PRESETS:
         preset = get_preset(args.model)
+        device = device or preset.device
+        if device == "cuda" and not detect(torch_cuda=False).ort_cuda:
+            raise BackendUnavailableError(
+                f"preset {preset.name} runs on a CUDA GPU and ONNX Runtime has none here; "
+                "use --device cpu to run it on the CPU anyway (hours), or the sd15-cpu preset"
+            )
         checkpoint, onnx_dir, prep = prepare(preset)
         size = dict(height=preset.height, width=preset.width, batch=preset.batch, steps=preset.steps)
         size.update(guidance=preset.guidance, runs=preset.runs, warmup=preset.warmup)
@@ -155,7 +164,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         backends=tuple(b for b in args.backends.split(",") if b),
         scheduler=args.scheduler,
         threads=args.threads,
-        device=args.device,
+        device=device,
         **{**size, **overrides},
     )
     flops = {}
@@ -171,6 +180,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_benchmark(config, flops)
     report["preparation_s"] = prep
     print(format_report(report))
+    if prep:
+        print("made for this run: " + ", ".join(f"{k} {v:.1f}" for k, v in prep.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
