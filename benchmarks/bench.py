@@ -48,6 +48,7 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None
     device: str | None = None
+    optimized_cache: bool = False
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -137,6 +138,8 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
         cmd += ["--threads", str(config.threads)]
     if config.device:
         cmd += ["--device", config.device]
+    if config.optimized_cache and backend != "torch":
+        cmd += ["--optimized-cache"]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SDEngineError(

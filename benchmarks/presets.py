@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdengine.cache import cache_dir
 from sdengine.errors import InvalidArgumentError
 
 
@@ -44,11 +44,6 @@ def get_preset(name: str) -> Workload:
         return PRESETS[name]
     except KeyError:
         raise InvalidArgumentError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
-
-
-def cache_dir() -> Path:
-    """Where random checkpoints and their exports are kept between runs (``SDENGINE_CACHE`` overrides)."""
-    return Path(os.environ.get("SDENGINE_CACHE", Path.home() / ".cache" / "sdengine"))
 
 
 def prepare(workload: Workload, root: Path | None = None) -> tuple[Path, Path, dict[str, float]]:

@@ -33,7 +33,13 @@ def measure(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     start = time.perf_counter()
-    pipe = Pipeline.load(args.model, backend=args.backend, device=args.device, threads=args.threads)
+    pipe = Pipeline.load(
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        optimized_cache=args.optimized_cache,
+    )
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mb()
     request = pipe.request(
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scheduler", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--optimized-cache", action="store_true")
     p.add_argument("--image-out", required=True)
     print(json.dumps(measure(p.parse_args(argv))))
 

@@ -19,6 +19,7 @@ from sdengine.model_specs import COMPONENTS
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 EXIT_ERROR = 1
+OPTIMIZED_CACHE_HELP = "CPU: keep ONNX Runtime's optimised graphs per machine (fast starts, more disk)"
 
 
 def _progress(desc: str):
@@ -56,7 +57,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdengine.images import output_paths, save_png
     from sdengine.pipeline import Pipeline
 
-    pipeline = Pipeline.load(args.model_dir, backend=args.backend, device=args.device, threads=args.threads)
+    pipeline = Pipeline.load(
+        args.model_dir,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        optimized_cache=args.optimized_cache,
+    )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     result = pipeline(
         args.prompt,
@@ -165,6 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         threads=args.threads,
         device=device,
+        optimized_cache=args.optimized_cache,
         **{**size, **overrides},
     )
     flops = {}
@@ -214,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
     g.add_argument("--latents", default=None, help=".npy of initial latents (batch, 4, height/8, width/8)")
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
     g.add_argument("--output", default="image.png")
     g.set_defaults(func=cmd_generate)
 
@@ -243,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scheduler", default=None)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
+    b.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
     b.add_argument("--json", default=None)
     b.add_argument("--plot", default=None)
     b.set_defaults(func=cmd_bench)

@@ -107,9 +107,11 @@ class Pipeline(_CallMixin):
         backend: str = "auto",
         device: str | None = None,
         threads: int | None = None,
+        optimized_cache: bool = False,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
-        diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which."""
+        diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
+        ``optimized_cache``: on the CPU, keep ONNX Runtime's optimised graphs per machine for fast starts."""
         kind = model_kind(path)
         choice = choose(backend, device, kind, detect(torch_cuda=kind == "checkpoint"))
         if choice.backend == "torch":
@@ -130,7 +132,7 @@ class Pipeline(_CallMixin):
 
                 ort_backend: Backend = OrtCudaBackend(model_dir, threads=threads)
             else:
-                ort_backend = OrtBackend(model_dir, threads=threads)
+                ort_backend = OrtBackend(model_dir, threads=threads, optimized_cache=optimized_cache)
             pipeline = cls(model_dir, ort_backend, tokenizer)
         pipeline.choice = choice
         return pipeline

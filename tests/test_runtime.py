@@ -240,3 +240,30 @@ def test_device_state_loop_matches_the_host_loop(onnx_fp32, ort_pipe):
     # buffers refilled in place give exactly what freshly allocated ones give
     again = Pipeline(ort_pipe.model_dir, OrtCudaBackend(ort_pipe.model_dir, device="cpu"), ort_pipe.tokenizer)
     np.testing.assert_array_equal(again(PROMPT, steps=5, **runs[2]).latents, fresh[5])
+
+
+def test_optimized_graph_cache(onnx_fp32, ort_pipe, tmp_path, monkeypatch):
+    import shutil
+
+    from sdengine.backends.ort_cache import cache_key
+
+    monkeypatch.setenv("SDENGINE_CACHE", str(tmp_path / "cache"))
+    settings = dict(steps=2, seed=6, height=64, width=64)
+    first = Pipeline.load(onnx_fp32, optimized_cache=True)  # optimises and saves
+    models = sorted((tmp_path / "cache" / "ort-optimized").glob("*/*/model.onnx"))
+    assert sorted(m.parent.name for m in models) == ["text_encoder", "unet", "vae_decoder"]
+    assert not list((tmp_path / "cache").rglob("*.partial-*"))
+    written = {m: m.stat().st_mtime_ns for m in models}
+    second = Pipeline.load(onnx_fp32, optimized_cache=True)  # loads the saved graphs, rewrites nothing
+    assert {m: m.stat().st_mtime_ns for m in models} == written
+    expected = ort_pipe(PROMPT, **settings).array
+    np.testing.assert_allclose(first(PROMPT, **settings).array, expected, atol=1e-6)
+    np.testing.assert_allclose(second(PROMPT, **settings).array, expected, atol=1e-6)
+    damaged = next(m for m in models if m.parent.name == "vae_decoder")
+    damaged.write_bytes(b"not a model")
+    third = Pipeline.load(onnx_fp32, optimized_cache=True)  # the damaged entry is detected and remade
+    assert damaged.stat().st_size > 100
+    np.testing.assert_allclose(third(PROMPT, **settings).array, expected, atol=1e-6)
+    copy = tmp_path / "copy"
+    shutil.copytree(onnx_fp32, copy)
+    assert cache_key(copy / "unet" / "model.onnx") != cache_key(onnx_fp32 / "unet" / "model.onnx")

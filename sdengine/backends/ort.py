@@ -15,6 +15,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from sdengine.backends.base import DenoisePlan
+from sdengine.backends.ort_cache import optimized_model
 from sdengine.errors import CorruptModelError
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import REQUIRED_COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, ModelSpec
@@ -94,16 +95,24 @@ class OrtBackend:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int | None = None,
         preload: Sequence[str] = REQUIRED_COMPONENTS,
+        optimized_cache: bool = False,
     ) -> None:
-        """``preload``: the models to open sessions for now (a GPU backend opens its UNet per shape)."""
+        """``preload``: the models to open sessions for now (a GPU backend opens its UNet per shape).
+        ``optimized_cache``: keep ONNX Runtime's optimised CPU graphs per machine (see ``ort_cache``)."""
         specs = model_dir.arch.specs()
         self.providers = list(providers)
         self.options = session_options(threads)
         self.specs = {c: specs[c] for c in REQUIRED_COMPONENTS}
-        self.sessions = {
-            c: open_session(str(model_dir.onnx_path(c)), self.specs[c], self.providers, self.options)
-            for c in preload
-        }
+        cpu_only = all(p == "CPUExecutionProvider" for p in self.providers)
+
+        def load(component: str) -> ort.InferenceSession:
+            path, spec = model_dir.onnx_path(component), self.specs[component]
+            if optimized_cache and cpu_only:
+                opener = lambda p, o: open_session(p, spec, self.providers, o)  # noqa: E731
+                return optimized_model(path, lambda: session_options(threads), opener)
+            return open_session(str(path), spec, self.providers, self.options)
+
+        self.sessions = {c: load(c) for c in preload}
         self._inputs = {
             c: session_inputs(self.sessions[c])
             if c in self.sessions
