@@ -2,9 +2,9 @@
 
     python -m benchmarks.cpu_tuning ONNX_DIR [--height 256 --width 256 --batch 2 --runs 5]
 
-Prints one row per variant: session start seconds, median/p10/p90 milliseconds of one UNet call, and the
-largest relative difference of its output from the default session's (parity must hold for a variant to be
-kept). Results and decisions are recorded in benchmarks/NOTES.md.
+Prints one row per variant (or why it failed): session start seconds, median/p10/p90 milliseconds of one
+UNet call, and the largest relative difference of its output from the default session's (parity must hold
+for a variant to be kept). Results and decisions are recorded in benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         for name, (make_options, fuse) in VARIANTS.items():
             if wanted and name not in wanted:
                 continue
-            path = fused_unet(model_dir.onnx_path(UNET), Path(tmp)) if fuse else model_dir.onnx_path(UNET)
+            try:
+                path = fused_unet(model_dir.onnx_path(UNET), Path(tmp)) if fuse else model_dir.onnx_path(UNET)
+            except Exception as exc:  # noqa: BLE001 - a failed rewrite is a result to record, not a crash
+                print(f"{name:<40} failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
             start = time.perf_counter()
             session = ort.InferenceSession(str(path), make_options(), providers=["CPUExecutionProvider"])
             start_s = time.perf_counter() - start
