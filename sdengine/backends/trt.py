@@ -108,10 +108,15 @@ class Engine:
 
     @property
     def device_memory_size(self) -> int:
-        return int(self.engine.device_memory_size_v2)
+        # ``device_memory_size_v2`` from TensorRT 10.1 on (the only one in 11); ``device_memory_size`` in 10.0
+        size = getattr(self.engine, "device_memory_size_v2", None)
+        return int(size if size is not None else self.engine.device_memory_size)
 
     def use_memory(self, ptr: int, size: int) -> None:
-        self.context.set_device_memory(ptr, size)
+        if hasattr(self.context, "set_device_memory"):  # TensorRT 10.1+
+            self.context.set_device_memory(ptr, size)
+        else:
+            self.context.device_memory = ptr
 
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
