@@ -45,3 +45,11 @@ def onnx_fp16(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("onnx") / "fp16"
     export_checkpoint(tiny_checkpoint, out, precision="fp16")
     return out
+
+
+@pytest.fixture(scope="session")
+def ort_pipe_fp32(onnx_fp32: Path):
+    """The CPU ONNX Runtime pipeline on ``onnx_fp32`` (shared; treat as read-only)."""
+    from sdengine.pipeline import Pipeline
+
+    return Pipeline.load(onnx_fp32, backend="ort", device="cpu")

@@ -23,28 +23,23 @@ DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras"]
 
 
 @pytest.fixture(scope="module")
-def ort_pipe(onnx_fp32):
-    return Pipeline.load(onnx_fp32)
-
-
-@pytest.fixture(scope="module")
 def torch_pipe(tiny_checkpoint):
     return Pipeline.load(tiny_checkpoint, backend="torch")
 
 
 @pytest.mark.parametrize("scheduler", DETERMINISTIC)
-def test_image_matches_diffusers(ort_pipe, torch_pipe, scheduler):
+def test_image_matches_diffusers(ort_pipe_fp32, torch_pipe, scheduler):
     settings = dict(steps=6, seed=3, scheduler=scheduler, height=64, width=96, guidance=7.5)
-    ours = ort_pipe(PROMPT, "ugly", **settings)
+    ours = ort_pipe_fp32(PROMPT, "ugly", **settings)
     ref = torch_pipe(PROMPT, "ugly", **settings)
     assert ours.array.shape == ref.array.shape == (1, 64, 96, 3)
     assert psnr(ours.array, ref.array) >= 40
     np.testing.assert_allclose(ours.latents, ref.latents, rtol=0, atol=1e-3)
 
 
-def test_batch_and_no_guidance_match_diffusers(ort_pipe, torch_pipe):
+def test_batch_and_no_guidance_match_diffusers(ort_pipe_fp32, torch_pipe):
     for settings in (dict(batch=2, guidance=5.0), dict(batch=1, guidance=1.0)):
-        ours = ort_pipe(
+        ours = ort_pipe_fp32(
             ["a cat", "a dog"][: settings["batch"]],
             steps=4,
             seed=11,
@@ -75,27 +70,27 @@ def test_v_prediction_checkpoint_matches_diffusers(tiny_v_checkpoint, tmp_path_f
     assert psnr(ours.array, ref.array) >= 40
 
 
-def test_supplied_latents_and_seeds(ort_pipe):
-    base = ort_pipe(PROMPT, steps=3, seed=1, height=64, width=64)
-    again = ort_pipe(PROMPT, steps=3, seed=1, height=64, width=64)
-    other = ort_pipe(PROMPT, steps=3, seed=2, height=64, width=64)
+def test_supplied_latents_and_seeds(ort_pipe_fp32):
+    base = ort_pipe_fp32(PROMPT, steps=3, seed=1, height=64, width=64)
+    again = ort_pipe_fp32(PROMPT, steps=3, seed=1, height=64, width=64)
+    other = ort_pipe_fp32(PROMPT, steps=3, seed=2, height=64, width=64)
     np.testing.assert_array_equal(base.array, again.array)
     assert not np.array_equal(base.array, other.array)
     latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8), dtype=np.float32)
-    supplied = ort_pipe(PROMPT, steps=3, seed=99, height=64, width=64, latents=latents)
+    supplied = ort_pipe_fp32(PROMPT, steps=3, seed=99, height=64, width=64, latents=latents)
     np.testing.assert_array_equal(base.array, supplied.array)
 
 
-def test_stochastic_schedulers_run_and_follow_the_seed(ort_pipe):
+def test_stochastic_schedulers_run_and_follow_the_seed(ort_pipe_fp32):
     for scheduler in ("euler_a", "lcm"):
-        a = ort_pipe(PROMPT, steps=3, seed=4, height=64, width=64, scheduler=scheduler)
-        b = ort_pipe(PROMPT, steps=3, seed=4, height=64, width=64, scheduler=scheduler)
+        a = ort_pipe_fp32(PROMPT, steps=3, seed=4, height=64, width=64, scheduler=scheduler)
+        b = ort_pipe_fp32(PROMPT, steps=3, seed=4, height=64, width=64, scheduler=scheduler)
         assert np.isfinite(a.array).all()
         np.testing.assert_array_equal(a.array, b.array)
 
 
-def test_timings_cover_every_stage(ort_pipe):
-    result = ort_pipe(PROMPT, steps=3, seed=0, height=64, width=64)
+def test_timings_cover_every_stage(ort_pipe_fp32):
+    result = ort_pipe_fp32(PROMPT, steps=3, seed=0, height=64, width=64)
     summary = result.times.summary()
     assert summary["unet"]["calls"] == 4  # PNDM makes steps + 1 model calls, as diffusers does
     assert summary["step"]["calls"] == 4
@@ -127,14 +122,14 @@ def test_runtime_never_imports_torch(onnx_fp32):
         (dict(latents=np.zeros((1, 4, 3, 3), np.float32)), InvalidArgumentError, "latents have shape"),
     ],
 )
-def test_bad_requests_raise_typed_errors(ort_pipe, settings, error, match):
+def test_bad_requests_raise_typed_errors(ort_pipe_fp32, settings, error, match):
     with pytest.raises(error, match=match):
-        ort_pipe(PROMPT, **{"steps": 2, "height": 64, "width": 64, **settings})
+        ort_pipe_fp32(PROMPT, **{"steps": 2, "height": 64, "width": 64, **settings})
 
 
-def test_empty_batch(ort_pipe):
+def test_empty_batch(ort_pipe_fp32):
     with pytest.raises(InvalidArgumentError, match="empty batch"):
-        ort_pipe([], steps=2)
+        ort_pipe_fp32([], steps=2)
 
 
 def test_bad_model_directories(tmp_path, onnx_fp32):
@@ -180,7 +175,7 @@ def _retype_input(path, name, new_type, shape, make_nodes):
     onnx.save(model, str(path))
 
 
-def test_models_declaring_other_input_types_load_and_match(onnx_fp32, ort_pipe, tmp_path):
+def test_models_declaring_other_input_types_load_and_match(onnx_fp32, ort_pipe_fp32, tmp_path):
     """Other exporters' models (e.g. Optimum's) declare int64 input ids and a (batch,) timestep."""
     import shutil
 
@@ -211,14 +206,20 @@ def test_models_declaring_other_input_types_load_and_match(onnx_fp32, ort_pipe, 
     pipe = Pipeline.load(other)
     assert pipe.backend._inputs["unet"]["timestep"] == (np.int64, 1)
     settings = dict(steps=4, seed=8, height=64, width=64, scheduler="pndm")  # integer timesteps
-    np.testing.assert_allclose(pipe(PROMPT, **settings).array, ort_pipe(PROMPT, **settings).array, atol=1e-5)
+    np.testing.assert_allclose(
+        pipe(PROMPT, **settings).array, ort_pipe_fp32(PROMPT, **settings).array, atol=1e-5
+    )
 
 
-def test_device_state_loop_matches_the_host_loop(onnx_fp32, ort_pipe):
+def test_device_state_loop_matches_the_host_loop(onnx_fp32, ort_pipe_fp32):
     """The GPU backend's bound, ping-ponged, reused-buffer loop, run on the CPU provider."""
     from sdengine.backends.ort_cuda import OrtCudaBackend
 
-    bound = Pipeline(ort_pipe.model_dir, OrtCudaBackend(ort_pipe.model_dir, device="cpu"), ort_pipe.tokenizer)
+    bound = Pipeline(
+        ort_pipe_fp32.model_dir,
+        OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu"),
+        ort_pipe_fp32.tokenizer,
+    )
     runs = [
         dict(seed=1, scheduler="pndm", height=64, width=64),  # PNDM: 6 model calls for 5 steps
         dict(seed=2, scheduler="dpmpp_2m", height=64, width=64),
@@ -231,18 +232,22 @@ def test_device_state_loop_matches_the_host_loop(onnx_fp32, ort_pipe):
     fresh = {}
     for settings in runs:
         a = bound(PROMPT, steps=5, **settings)
-        b = ort_pipe(PROMPT, steps=5, **settings)
+        b = ort_pipe_fp32(PROMPT, steps=5, **settings)
         # the UNet session with pinned dimensions may pick other kernels: float32 rounding, scaled to the data
         scale = float(np.abs(b.latents).max())
         np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * scale, err_msg=str(settings))
         fresh[settings["seed"]] = a.latents
     assert len(bound.backend._denoisers) == 4
     # buffers refilled in place give exactly what freshly allocated ones give
-    again = Pipeline(ort_pipe.model_dir, OrtCudaBackend(ort_pipe.model_dir, device="cpu"), ort_pipe.tokenizer)
+    again = Pipeline(
+        ort_pipe_fp32.model_dir,
+        OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu"),
+        ort_pipe_fp32.tokenizer,
+    )
     np.testing.assert_array_equal(again(PROMPT, steps=5, **runs[2]).latents, fresh[5])
 
 
-def test_optimized_graph_cache(onnx_fp32, ort_pipe, tmp_path, monkeypatch):
+def test_optimized_graph_cache(onnx_fp32, ort_pipe_fp32, tmp_path, monkeypatch):
     import shutil
 
     from sdengine.backends.ort_cache import cache_key
@@ -256,7 +261,7 @@ def test_optimized_graph_cache(onnx_fp32, ort_pipe, tmp_path, monkeypatch):
     written = {m: m.stat().st_mtime_ns for m in models}
     second = Pipeline.load(onnx_fp32, optimized_cache=True)  # loads the saved graphs, rewrites nothing
     assert {m: m.stat().st_mtime_ns for m in models} == written
-    expected = ort_pipe(PROMPT, **settings).array
+    expected = ort_pipe_fp32(PROMPT, **settings).array
     np.testing.assert_allclose(first(PROMPT, **settings).array, expected, atol=1e-6)
     np.testing.assert_allclose(second(PROMPT, **settings).array, expected, atol=1e-6)
     damaged = next(m for m in models if m.parent.name == "vae_decoder")

@@ -69,7 +69,8 @@ class DeviceArray:
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        self.ptr = int(check(cudart().cudaMalloc(max(self.nbytes, 1))))
+        self._rt = cudart()  # kept: freeing must not depend on imports still working (interpreter exit)
+        self.ptr = int(check(self._rt.cudaMalloc(max(self.nbytes, 1))))
 
     def upload(self, array: np.ndarray, stream: Stream) -> None:
         host = np.ascontiguousarray(array, dtype=self.dtype)
@@ -87,9 +88,8 @@ class DeviceArray:
         return host
 
     def __del__(self) -> None:
-        ptr = getattr(self, "ptr", 0)
-        if ptr:
-            cudart().cudaFree(ptr)
+        if getattr(self, "ptr", 0):
+            self._rt.cudaFree(self.ptr)
 
 
 class Engine:

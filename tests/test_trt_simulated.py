@@ -1,0 +1,258 @@
+"""The TensorRT backend's orchestration, run against a simulated TensorRT and CUDA runtime.
+
+No TensorRT can be installed here, so this stands in for it: a "plan" is the path of an ONNX file, an engine
+runs that file with ONNX Runtime on the CPU, device memory is host memory at the addresses handed out, and a
+captured CUDA graph records each engine launch with the tensor addresses bound at capture time, then replays
+exactly those. It checks what sdengine does with TensorRT — engine checks, shared device memory, buffers and
+addresses set once per shape, the step engine, two ping-pong graphs per shape replayed N times, uploads
+between runs — not TensorRT itself, whose calls are only written against its documented API.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import sys
+import types
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from sdengine.engine_keys import BuildEnv
+
+ENV = BuildEnv(trt_version="10.9.0", compute_capability="8.9")
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+
+
+def _view(ptr: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = (ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(ptr)
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+class FakeCudart(types.ModuleType):
+    class cudaError_t:  # noqa: N801 - the real names
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    class cudaStreamCaptureMode:  # noqa: N801
+        cudaStreamCaptureModeGlobal = 0
+
+    class cudaDeviceAttr:  # noqa: N801
+        cudaDevAttrComputeCapabilityMajor, cudaDevAttrComputeCapabilityMinor = 75, 76
+
+    cudaStreamNonBlocking = 1
+
+    def __init__(self) -> None:
+        super().__init__("cuda.bindings.runtime")
+        self.memory: dict[int, np.ndarray] = {}
+        self.capture: list | None = None
+        self.launches = 0
+
+    def cudaMalloc(self, size):  # noqa: N802
+        block = np.zeros(size, np.uint8)
+        self.memory[block.ctypes.data] = block
+        return 0, block.ctypes.data
+
+    def cudaFree(self, ptr):  # noqa: N802
+        self.memory.pop(ptr, None)
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, size, kind, stream):  # noqa: N802
+        ctypes.memmove(dst, src, size)
+        return (0,)
+
+    def cudaStreamCreateWithFlags(self, flags):  # noqa: N802
+        return 0, 7
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        return (0,)
+
+    def cudaEventCreate(self):  # noqa: N802
+        return 0, object()
+
+    def cudaEventRecord(self, event, stream):  # noqa: N802
+        return (0,)
+
+    def cudaEventSynchronize(self, event):  # noqa: N802
+        return (0,)
+
+    def cudaEventElapsedTime(self, start, end):  # noqa: N802
+        return 0, 1.5
+
+    def cudaStreamBeginCapture(self, stream, mode):  # noqa: N802
+        self.capture = []
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream):  # noqa: N802
+        graph, self.capture = self.capture, None
+        return 0, graph
+
+    def cudaGraphInstantiate(self, graph, flags):  # noqa: N802
+        return 0, tuple(graph)
+
+    def cudaGraphLaunch(self, graph, stream):  # noqa: N802
+        self.launches += 1
+        for launch in graph:
+            launch()
+        return (0,)
+
+    def cudaDeviceGetAttribute(self, attr, device):  # noqa: N802
+        return 0, 8 if attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor else 9
+
+
+class FakeEngine:
+    def __init__(self, trt, path: str) -> None:
+        self.trt, self.session = trt, ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.io = {i.name: (self.trt.TensorIOMode.INPUT, i) for i in self.session.get_inputs()}
+        self.io.update({o.name: (self.trt.TensorIOMode.OUTPUT, o) for o in self.session.get_outputs()})
+        self.names = list(self.io)
+        self.num_io_tensors = len(self.names)
+        self.device_memory_size_v2 = 4096
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return self.io[name][0]
+
+    def get_tensor_dtype(self, name):
+        return ORT_TYPES[self.io[name][1].type]
+
+    def get_tensor_shape(self, name):
+        return tuple(d if isinstance(d, int) else -1 for d in self.io[name][1].shape)
+
+    def create_execution_context(self, strategy):
+        assert strategy == self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine, self.shapes, self.addresses, self.memory = engine, {}, {}, None
+
+    def set_device_memory(self, ptr, size):
+        assert size >= self.engine.device_memory_size_v2
+        self.memory = ptr
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def _inputs(self, addresses):
+        return {
+            name: _view(addresses[name], self.shapes[name], self.engine.get_tensor_dtype(name)).copy()
+            for name in self.shapes
+        }
+
+    def get_tensor_shape(self, name):
+        feed = {n: np.zeros(s, self.engine.get_tensor_dtype(n)) for n, s in self.shapes.items()}
+        return self.engine.session.run([name], feed)[0].shape
+
+    def execute_async_v3(self, stream):
+        assert self.memory is not None, "device memory must be set before running"
+        addresses, cudart = dict(self.addresses), sys.modules["cuda.bindings.runtime"]
+
+        def run() -> None:
+            outputs = [n for n in self.engine.names if self.engine.get_tensor_mode(n) != "in"]
+            results = self.engine.session.run(outputs, self._inputs(addresses))
+            for name, value in zip(outputs, results, strict=True):
+                ctypes.memmove(addresses[name], np.ascontiguousarray(value).ctypes.data, value.nbytes)
+
+        if cudart.capture is not None:
+            cudart.capture.append(run)  # a graph replays the addresses bound at capture time
+        else:
+            run()
+        return True
+
+
+def fake_tensorrt() -> types.ModuleType:
+    trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    trt.__version__ = ENV.trt_version
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED=2)
+    trt.nptype = lambda dtype: dtype
+    trt.Runtime = type(
+        "Runtime",
+        (),
+        {
+            "__init__": lambda self, logger: None,
+            "deserialize_cuda_engine": lambda self, data: FakeEngine(trt, data.decode()),
+        },
+    )
+    return trt
+
+
+def write_plan(onnx_path, plan_path, profile, *, optimization_level, timing_cache, progress):
+    plan_path.write_bytes(str(onnx_path).encode())  # the simulated "engine" is its ONNX file
+
+
+@pytest.fixture
+def simulated(monkeypatch):
+    cudart = FakeCudart()
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = cudart
+    cuda = types.ModuleType("cuda")
+    cuda.bindings = bindings
+    for name, module in (
+        ("cuda", cuda),
+        ("cuda.bindings", bindings),
+        ("cuda.bindings.runtime", cudart),
+        ("tensorrt", fake_tensorrt()),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+    import export.trt_build
+
+    monkeypatch.setattr(export.trt_build, "build_serialized_engine", write_plan)
+    return cudart
+
+
+def test_graph_steps_match_the_cpu_engine(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+    from sdengine.pipeline import Pipeline
+
+    engines = tmp_path / "engines"
+    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    backend = TrtBackend.load(engines)
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    runs = [dict(seed=1, scheduler="pndm"), dict(seed=2, scheduler="pndm"), dict(seed=3, scheduler="euler_a")]
+    for settings in runs:
+        ours = pipe("a cat", steps=4, height=64, width=64, **settings)
+        ref = ort_pipe_fp32("a cat", steps=4, height=64, width=64, **settings)
+        scale = float(np.abs(ref.latents).max())
+        np.testing.assert_allclose(
+            ours.latents, ref.latents, rtol=0, atol=1e-5 * scale, err_msg=str(settings)
+        )
+        np.testing.assert_allclose(ours.array, ref.array, atol=1e-4)
+        assert ours.times.count("denoise_gpu") == 1
+    # pndm twice: one set of graphs (5 calls), reused; euler_a: 4 calls, a second set
+    assert len(backend._graphs) == 2
+    assert simulated.launches == 5 + 5 + 4
+    assert sorted(p.name.split(".")[0] for p in engines.glob("*.plan")).count("step") == 2
+
+
+def test_stale_engines_are_refused_before_anything_runs(simulated, onnx_fp32, tmp_path):
+    import shutil
+
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+    from sdengine.errors import ModelDirectoryError
+
+    onnx_copy = tmp_path / "onnx"
+    shutil.copytree(onnx_fp32, onnx_copy)
+    engines = tmp_path / "engines"
+    build_engines(onnx_copy, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    with open(onnx_copy / "unet" / "model.onnx", "ab") as f:
+        f.write(b"\0")  # the ONNX changed after the build
+    with pytest.raises(ModelDirectoryError, match="sdengine build"):
+        TrtBackend.load(engines)
