@@ -36,7 +36,7 @@ def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def parity(work: Path) -> dict[str, float]:
+def parity(work: Path, device: str = "cuda") -> dict[str, float]:
     from export.checkpoint import write_random_checkpoint
     from export.onnx_export import export_checkpoint
     from sdengine.backends.ort_cuda import OrtCudaBackend
@@ -52,8 +52,8 @@ def parity(work: Path) -> dict[str, float]:
     fp32, fp16 = open_onnx_dir(work / "tiny-fp32"), open_onnx_dir(work / "tiny-fp16")
     settings = dict(steps=8, seed=1, height=64, width=96, guidance=7.5)
     tok = ClipTokenizer.from_dir(fp32.tokenizer_dir)
-    graphs = Pipeline(fp32, OrtCudaBackend(fp32, cuda_graphs=True), tok)
-    eager = Pipeline(fp32, OrtCudaBackend(fp32, cuda_graphs=False), tok)
+    graphs = Pipeline(fp32, OrtCudaBackend(fp32, cuda_graphs=True, device=device), tok)
+    eager = Pipeline(fp32, OrtCudaBackend(fp32, cuda_graphs=False, device=device), tok)
     cpu = Pipeline.load(fp32.root, backend="ort", device="cpu")
     results = {}
     for scheduler in ("pndm", "euler_a", "dpmpp_2m"):
@@ -66,8 +66,8 @@ def parity(work: Path) -> dict[str, float]:
             max(np.abs(g1.latents - e1.latents).max(), np.abs(g2.latents - e2.latents).max())
         )
         results[f"{scheduler}: CUDA vs CPU fp32, PSNR dB"] = psnr(g1.array, c1.array)
-    half = Pipeline(fp16, OrtCudaBackend(fp16, cuda_graphs=True), tok)
-    torch16 = TorchPipeline.load(ckpt, device="cuda")
+    half = Pipeline(fp16, OrtCudaBackend(fp16, cuda_graphs=True, device=device), tok)
+    torch16 = TorchPipeline.load(ckpt, device=device)
     results["fp16 CUDA vs diffusers fp16 GPU, PSNR dB"] = psnr(
         half(PROMPT, **settings).array, torch16(PROMPT, **settings).array
     )
@@ -80,30 +80,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/sdengine-gpu-check")
     p.add_argument("--steps", default="20,50")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="run the whole script on the CPU with the tiny checkpoint (checks the script, not the GPU)",
+    )
     args = p.parse_args(argv)
+    device = "cpu" if args.rehearse else "cuda"
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     has = detect()
     log(f"machine: {info['gpus']}; available: {has}")
-    if not has.ort_cuda:
+    if not has.ort_cuda and not args.rehearse:
         print("gpu_check: ONNX Runtime cannot run on CUDA here (install the onnxruntime-gpu wheel first)")
         return 2
     report: dict = {"machine": info, "availability": vars(has)}
     log("parity on the tiny checkpoint")
-    report["parity"] = parity(work)
+    report["parity"] = parity(work, device)
     for name, value in report["parity"].items():
         log(f"  {name}: {value:.4g}")
 
     from export.checkpoint import write_random_checkpoint
     from export.onnx_export import export_checkpoint
 
-    log("SD 1.5-sized random checkpoint and its fp16 export")
-    ckpt = work / "sd15"
+    preset, size = ("tiny", 64) if args.rehearse else ("sd15", 512)
+    log(f"{preset} random checkpoint and its fp16 export")
+    ckpt = work / preset
     if not (ckpt / "model_index.json").is_file():
-        write_random_checkpoint(ckpt, "sd15", seed=0, overwrite=True)
-    onnx_dir = work / "sd15-fp16"
+        write_random_checkpoint(ckpt, preset, seed=0, overwrite=True)
+    onnx_dir = work / f"{preset}-fp16"
     start = time.perf_counter()
     manifest = export_checkpoint(
         ckpt, onnx_dir, precision="fp16", components=["text_encoder", "unet", "vae_decoder"]
@@ -111,22 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     report["export_s"] = {n: r.export_seconds for n, r in manifest.components.items()}
     log(f"exported in {time.perf_counter() - start:.0f} s")
     backends = ("ort", "torch")  # TensorRT joins where it is installed and engines are built (not here yet)
-    flops = stage_flops(ckpt, onnx_dir, batch=1, height=512, width=512, cfg=True)
+    flops = stage_flops(ckpt, onnx_dir, batch=1, height=size, width=size, cfg=True)
     report["latency"] = {}
     for steps in (int(s) for s in args.steps.split(",")):
-        log(f"latency: 512x512, batch 1, CFG, {steps} steps")
+        log(f"latency: {size}x{size}, batch 1, CFG, {steps} steps")
         config = BenchConfig(
             onnx_dir=onnx_dir,
             checkpoint=ckpt,
             backends=backends,
-            height=512,
-            width=512,
+            height=size,
+            width=size,
             batch=1,
             steps=steps,
             guidance=7.5,
             runs=args.runs,
             warmup=1,
-            device="cuda",
+            device=device,
         )
         result = run_benchmark(config, flops)
         report["latency"][steps] = result
