@@ -16,6 +16,7 @@ def test_gpu_check_rehearsal_runs_end_to_end(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     parity = report["parity"]
     assert all(v == 0 for k, v in parity.items() if "graph vs eager" in k)
+    assert parity["UNet CUDA graphs refused by ONNX Runtime"] == "no"
     assert all(v >= 40 for k, v in parity.items() if "PSNR" in k)
     latency = report["latency"]["2"]
     assert set(latency["backends"]) == {"ort", "torch"}

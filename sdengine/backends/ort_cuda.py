@@ -23,6 +23,7 @@ backend selection and its errors. Its GPU numbers come from ``benchmarks/gpu_che
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -30,7 +31,7 @@ import onnxruntime as ort
 from sdengine.backends.base import DenoisePlan
 from sdengine.backends.cuda_runtime import Event, Stream
 from sdengine.backends.ort import OrtBackend, open_session, session_options
-from sdengine.errors import BackendUnavailableError
+from sdengine.errors import BackendUnavailableError, CorruptModelError
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
 from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, first_unet_inputs
@@ -105,6 +106,7 @@ class OrtCudaBackend(OrtBackend):
         self.step_providers = self._providers(graphs=self.cuda_graphs)
         self._unet_sessions: dict[tuple, ort.InferenceSession] = {}
         self._denoisers: dict[tuple, DeviceDenoiser] = {}
+        self.graphs_refused: str | None = None  # why the UNet runs without graphs, if it does
 
     def _providers(self, *, graphs: bool) -> list:
         if self.device != "cuda":
@@ -124,8 +126,16 @@ class OrtCudaBackend(OrtBackend):
                 options.add_free_dimension_override_by_name(name, value)
             spec = self.model_dir.arch.specs()[UNET]
             path = str(self.model_dir.onnx_path(UNET))
-            providers = self._providers(graphs=self.cuda_graphs)
-            self._unet_sessions[key] = open_session(path, spec, providers, options)
+            try:
+                session = open_session(path, spec, self._providers(graphs=self.cuda_graphs), options)
+            except CorruptModelError as exc:
+                if not self.cuda_graphs:
+                    raise
+                # ONNX Runtime refuses graph mode when any node of the model falls back to the CPU
+                print(f"sdengine: warning: UNet runs without CUDA graphs ({exc})", file=sys.stderr)
+                self.graphs_refused = str(exc)
+                session = open_session(path, spec, self._providers(graphs=False), options)
+            self._unet_sessions[key] = session
         return self._unet_sessions[key]
 
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> DeviceDenoiser:
@@ -199,7 +209,7 @@ class DeviceDenoiser:
                 binding.bind_ortvalue_output(name, value)
             self.step_bindings.append(binding)
         graphs, sync = backend.cuda_graphs, self.stream is None
-        self.unet_options = run_options(1 if graphs else None, sync)
+        self.unet_options = run_options(1 if graphs and backend.graphs_refused is None else None, sync)
         self.step_options = [
             run_options(1 if graphs else None, sync),
             run_options(2 if graphs else None, sync),
