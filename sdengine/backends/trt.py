@@ -148,6 +148,7 @@ class TrtBackend:
         self.engines = {c: Engine(self.trt, self.runtime, p) for c, p in plans.items()}
         self._memory: DeviceArray | None = None
         self._graphs: dict[GraphKey, GraphSteps] = {}
+        self._host_buffers: dict[tuple, dict[str, DeviceArray]] = {}
 
     @classmethod
     def load(cls, engine_dir: str | os.PathLike) -> TrtBackend:
@@ -197,17 +198,22 @@ class TrtBackend:
         return Engine(self.trt, self.runtime, plan_path)
 
     def _run_host(self, component: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """One engine call on host arrays (text encoder, VAE): upload, run, download."""
+        """One engine call on host arrays (text encoder, VAE): upload, run, download. Device buffers are
+        allocated once per component and input shapes."""
         engine = self.engines[component]
         self.shared_memory([engine])
-        buffers = {}
+        key = (component, *((name, array.shape) for name, array in inputs.items()))
+        if key not in self._host_buffers:
+            buffers = {}
+            for name, array in inputs.items():
+                buffers[name] = DeviceArray(array.shape, engine.dtype(name))
+                engine.context.set_input_shape(name, array.shape)
+            for name in engine.outputs:
+                buffers[name] = DeviceArray(tuple(engine.context.get_tensor_shape(name)), engine.dtype(name))
+            self._host_buffers[key] = buffers
+        buffers = self._host_buffers[key]
         for name, array in inputs.items():
-            buffers[name] = DeviceArray(array.shape, engine.dtype(name))
             buffers[name].upload(array, self.stream)
-            engine.context.set_input_shape(name, array.shape)
-        for name in engine.outputs:
-            shape = tuple(engine.context.get_tensor_shape(name))
-            buffers[name] = DeviceArray(shape, engine.dtype(name))
         engine.bind(buffers)
         engine.run(self.stream)
         return buffers[engine.outputs[0]].download(self.stream).astype(np.float32)
