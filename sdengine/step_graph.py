@@ -78,6 +78,16 @@ def step_tables(schedule: Schedule, noise: np.ndarray) -> StepTables:
     )
 
 
+def timestep_shape(declared_rank: int, unet_batch: int) -> tuple[int, ...]:
+    """The UNet's timestep shape: a scalar (sdengine's exports) or one per batch item (other exporters)."""
+    return (unet_batch,) if declared_rank else ()
+
+
+def first_timestep(tables: StepTables, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """The first UNet call's timestep, as the UNet declares it (later ones come out of the step model)."""
+    return np.full(shape, tables.timesteps[0]).astype(dtype)
+
+
 def first_unet_inputs(tables: StepTables, latents: np.ndarray, copies: int) -> np.ndarray:
     """The first UNet call's input, computed on the host (every later one comes out of the step model)."""
     scaled = latents * tables.input_scales[0]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdengine.backends.base import DenoisePlan
+from sdengine.backends.base import DenoisePlan, GraphKey
 from sdengine.backends.select import Availability, choose, detect, model_kind
-from sdengine.backends.trt import GraphKey
 from sdengine.cli import main
 from sdengine.errors import BackendUnavailableError, InvalidArgumentError, ModelDirectoryError
 from sdengine.schedulers import load_scheduler

@@ -25,6 +25,28 @@ class DenoisePlan:
         return 1 if self.guidance is None else 2
 
 
+@dataclass(frozen=True)
+class GraphKey:
+    """What a backend's per-shape state depends on (step model, device buffers, captured graphs): the shapes
+    and the schedule's length. The tables, noise and guidance scale are inputs, so they are not in it."""
+
+    batch: int
+    latent_channels: int
+    latent_height: int
+    latent_width: int
+    num_calls: int
+    guidance: bool
+
+    @classmethod
+    def of(cls, plan: DenoisePlan) -> GraphKey:
+        return cls(*plan.latents.shape, plan.tables.num_calls, plan.guidance is not None)
+
+    @property
+    def copies(self) -> int:
+        """UNet batch multiplier: 2 with classifier-free guidance."""
+        return 2 if self.guidance else 1
+
+
 class Denoiser(Protocol):
     """One denoising run in progress; its state (latents, history, step index) lives where the backend keeps
     it (host memory on the CPU, device memory on a GPU)."""

@@ -14,12 +14,19 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from sdengine.backends.base import DenoisePlan
+from sdengine.backends.base import DenoisePlan, GraphKey
 from sdengine.backends.ort_cache import optimized_model
 from sdengine.errors import CorruptModelError
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import REQUIRED_COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, ModelSpec
-from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, build_step_model, first_unet_inputs
+from sdengine.step_graph import (
+    MAX_HISTORY,
+    STEP_OUTPUTS,
+    build_step_model,
+    first_timestep,
+    first_unet_inputs,
+    timestep_shape,
+)
 from sdengine.timing import StageTimes
 
 
@@ -120,7 +127,7 @@ class OrtBackend:
             for c in self.specs
         }
         self.step_providers = self.providers
-        self._step_sessions: dict[tuple, ort.InferenceSession] = {}
+        self._step_sessions: dict[GraphKey, ort.InferenceSession] = {}
 
     def _run(self, component: str, **arrays: np.ndarray) -> np.ndarray:
         declared = self._inputs[component]
@@ -132,19 +139,18 @@ class OrtBackend:
     def timestep_format(self, unet_batch: int) -> tuple[tuple[int, ...], type]:
         """The shape and dtype the UNet declares for its timestep: a scalar, or one per batch item."""
         dtype, rank = self._inputs[UNET]["timestep"]
-        return ((unet_batch,) if rank else ()), dtype
+        return timestep_shape(rank, unet_batch), dtype
 
     def step_session(self, plan: DenoisePlan) -> ort.InferenceSession:
         """The step model for this plan's shapes, built and loaded once per shape."""
-        batch, *latent = plan.latents.shape
-        t_shape, t_dtype = self.timestep_format(plan.copies * batch)
-        key = (batch, tuple(latent), plan.tables.num_calls, plan.copies, t_shape, t_dtype)
+        key = GraphKey.of(plan)
         if key not in self._step_sessions:
+            t_shape, t_dtype = self.timestep_format(key.copies * key.batch)
             model = build_step_model(
-                batch=batch,
-                latent_shape=tuple(latent),
-                num_calls=plan.tables.num_calls,
-                guidance=plan.guidance is not None,
+                batch=key.batch,
+                latent_shape=plan.latents.shape[1:],
+                num_calls=key.num_calls,
+                guidance=key.guidance,
                 timestep_shape=t_shape,
                 timestep_dtype=helper.np_dtype_to_tensor_dtype(np.dtype(t_dtype)),
             )
@@ -188,7 +194,7 @@ class HostDenoiser:
             "step_index": np.array(0, np.int64),
         }
         self.unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
-        self.timestep = np.full(t_shape, tables.timesteps[0]).astype(t_dtype)
+        self.timestep = first_timestep(tables, t_shape, t_dtype)
 
     def step(self) -> None:
         with self.times.time("unet"):

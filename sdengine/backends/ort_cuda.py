@@ -28,13 +28,13 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
-from sdengine.backends.base import DenoisePlan
+from sdengine.backends.base import DenoisePlan, GraphKey
 from sdengine.backends.cuda_runtime import Event, Stream
 from sdengine.backends.ort import OrtBackend, open_session, session_options
 from sdengine.errors import BackendUnavailableError, CorruptModelError
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
-from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, first_unet_inputs
+from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, first_timestep, first_unet_inputs
 from sdengine.timing import StageTimes
 
 CUDA = "CUDAExecutionProvider"
@@ -105,7 +105,7 @@ class OrtCudaBackend(OrtBackend):
         self.cuda_graphs = cuda_graphs and device == "cuda"
         self.step_providers = self._providers(graphs=self.cuda_graphs)
         self._unet_sessions: dict[tuple, ort.InferenceSession] = {}
-        self._denoisers: dict[tuple, DeviceDenoiser] = {}
+        self._denoisers: dict[GraphKey, DeviceDenoiser] = {}
         self.graphs_refused: str | None = None  # why the UNet runs without graphs, if it does
 
     def _providers(self, *, graphs: bool) -> list:
@@ -141,7 +141,7 @@ class OrtCudaBackend(OrtBackend):
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> DeviceDenoiser:
         """The device state for this plan's shapes: allocated, bound (and its graphs captured) once per shape,
         refilled in place for every run, since a captured graph keeps the addresses it was captured with."""
-        key = (plan.latents.shape, plan.context.shape, plan.tables.num_calls, plan.copies)
+        key = GraphKey.of(plan)
         if key not in self._denoisers:
             self._denoisers[key] = DeviceDenoiser(self, plan)
         denoiser = self._denoisers[key]
@@ -222,7 +222,7 @@ class DeviceDenoiser:
         tables = plan.tables
         self.times, self.calls = times, 0
         self.unet_input.update_inplace(first_unet_inputs(tables, plan.latents, plan.copies))
-        self.timestep.update_inplace(np.full(self.timestep.shape(), tables.timesteps[0]).astype(self.t_dtype))
+        self.timestep.update_inplace(first_timestep(tables, tuple(self.timestep.shape()), self.t_dtype))
         self.context.update_inplace(np.ascontiguousarray(plan.context, dtype=np.float32))
         for name in ("coeffs", "timesteps", "input_scales", "noise"):
             self.constants[name].update_inplace(np.ascontiguousarray(getattr(tables, name)))

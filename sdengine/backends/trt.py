@@ -20,37 +20,27 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from onnx import helper
 
-from sdengine.backends.base import DenoisePlan
+from sdengine.backends.base import DenoisePlan, GraphKey
 from sdengine.backends.cuda_runtime import Event, Stream, check, cudart
 from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, resolve_engine
 from sdengine.errors import BackendUnavailableError, ModelDirectoryError
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
-from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, build_step_model, first_unet_inputs
+from sdengine.step_graph import (
+    MAX_HISTORY,
+    STEP_OUTPUTS,
+    build_step_model,
+    first_timestep,
+    first_unet_inputs,
+    timestep_shape,
+)
 from sdengine.timing import StageTimes
-
-
-@dataclass(frozen=True)
-class GraphKey:
-    """What a captured step graph depends on: shapes and the schedule length (tables are inputs)."""
-
-    batch: int
-    latent_height: int
-    latent_width: int
-    num_calls: int
-    guidance: bool
-
-    @classmethod
-    def of(cls, plan: DenoisePlan) -> GraphKey:
-        batch, _, height, width = plan.latents.shape
-        return cls(batch, height, width, plan.tables.num_calls, plan.guidance is not None)
 
 
 def import_tensorrt() -> Any:
@@ -165,14 +155,17 @@ class TrtBackend:
         for engine in engines:
             engine.use_memory(self._memory.ptr, self._memory.nbytes)
 
+    def timestep_format(self, unet_batch: int) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and dtype the UNet engine declares for its timestep."""
+        unet = self.engines[UNET]
+        rank = len(tuple(unet.engine.get_tensor_shape("timestep")))
+        return timestep_shape(rank, unet_batch), unet.dtype("timestep")
+
     def step_engine(self, key: GraphKey, plan: DenoisePlan) -> Engine:
         """The step model for ``key`` as a static engine, built once and cached in the engine directory."""
         from export.trt_build import build_serialized_engine  # the builder, only when an engine is missing
 
-        unet = self.engines[UNET]
-        t_dtype = unet.dtype("timestep")
-        t_shape = tuple(unet.engine.get_tensor_shape("timestep"))
-        t_shape = (plan.copies * key.batch,) if t_shape else ()
+        t_shape, t_dtype = self.timestep_format(key.copies * key.batch)
         model = build_step_model(
             batch=key.batch,
             latent_shape=plan.latents.shape[1:],
@@ -241,9 +234,8 @@ class GraphSteps:
         unet, step = backend.engines[UNET], backend.step_engine(key, plan)
         backend.shared_memory([unet, step])
         tables = plan.tables
-        t_dtype = unet.dtype("timestep")
         unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
-        t_shape = (unet_input.shape[0],) if tuple(unet.engine.get_tensor_shape("timestep")) else ()
+        t_shape, t_dtype = backend.timestep_format(unet_input.shape[0])
         latent, history = plan.latents.shape, (MAX_HISTORY, *plan.latents.shape)
         f32 = np.dtype(np.float32)
         self.shared = {
@@ -319,7 +311,8 @@ class GraphSteps:
         self.times, self.calls = times, 0
         unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
         self.shared["unet_input"].upload(unet_input, s)
-        self.shared["timestep"].upload(np.full(self.shared["timestep"].shape, tables.timesteps[0]), s)
+        timestep = self.shared["timestep"]
+        timestep.upload(first_timestep(tables, timestep.shape, timestep.dtype), s)
         self.shared["context"].upload(plan.context, s)
         for name in ("coeffs", "timesteps", "input_scales", "noise"):
             self.shared[name].upload(getattr(tables, name), s)
