@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.machine import machine_info, matmul_gflops
-from sdengine.demo import psnr
 from sdengine.errors import SDEngineError
+from sdengine.images import psnr
 
 #: Stages reported, in pipeline order. ``denoise`` is the whole loop; ``unet`` and ``step`` are its per-call
 #: parts where the host can time them, ``denoise_gpu`` its device time where steps are CUDA-graph replays;

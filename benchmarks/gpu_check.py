@@ -27,7 +27,7 @@ from benchmarks.bench import BenchConfig, format_report, run_benchmark
 from benchmarks.flops import stage_flops
 from benchmarks.machine import machine_info
 from sdengine.backends.select import detect
-from sdengine.demo import psnr
+from sdengine.images import psnr
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.checkpoint import write_random_checkpoint  # noqa: E402
 from export.onnx_export import export_checkpoint  # noqa: E402
-from sdengine.demo import psnr  # noqa: E402
+from sdengine.images import psnr  # noqa: E402
 from sdengine.pipeline import Pipeline  # noqa: E402
 
 PROMPT = "a photo of a cat"

@@ -8,19 +8,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from sdengine.images import save_png
+from sdengine.images import psnr, save_png
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 NEGATIVE = "blurry"
 SEED = 0
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two images in [0, 1], in dB."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def run_demo(

@@ -44,3 +44,9 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: Mapping[st
 def read_png_parameters(path: str | os.PathLike) -> dict[str, Any]:
     with Image.open(path) as img:
         return json.loads(img.text["parameters"])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two images in [0, 1], in dB."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)

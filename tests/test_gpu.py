@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sdengine.backends.select import detect
-from sdengine.demo import psnr
+from sdengine.images import psnr
 
 HAS = detect()
 needs_ort_cuda = pytest.mark.skipif(not HAS.ort_cuda, reason="needs onnxruntime-gpu and a CUDA GPU")

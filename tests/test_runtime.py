@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from sdengine.baseline import TorchPipeline
-from sdengine.demo import psnr
 from sdengine.errors import (
     CorruptModelError,
     InvalidArgumentError,
     ModelDirectoryError,
     UnknownSchedulerError,
 )
+from sdengine.images import psnr
 from sdengine.pipeline import Pipeline
 
 PROMPT = "a photo of an astronaut riding a horse"
