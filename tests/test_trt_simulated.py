@@ -14,6 +14,8 @@ import ctypes
 import importlib.machinery
 import sys
 import types
+import weakref
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +25,8 @@ from sdengine.engine_keys import BuildEnv
 
 ENV = BuildEnv(trt_version="10.9.0", compute_capability="8.9")
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+#: Device memory each simulated engine asks for; the VAE decoder's is the largest, as at 512x512.
+ENGINE_MEMORY = {"text_encoder": 4096, "unet": 8192, "vae_decoder": 16384}
 
 
 def _view(ptr: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -94,6 +98,12 @@ class FakeCudart(types.ModuleType):
     def cudaGraphInstantiate(self, graph, flags):  # noqa: N802
         return 0, tuple(graph)
 
+    def cudaGraphDestroy(self, graph):  # noqa: N802
+        return (0,)
+
+    def cudaGraphExecDestroy(self, graph):  # noqa: N802
+        return (0,)
+
     def cudaGraphLaunch(self, graph, stream):  # noqa: N802
         self.launches += 1
         for launch in graph:
@@ -105,13 +115,20 @@ class FakeCudart(types.ModuleType):
 
 
 class FakeEngine:
+    #: a step engine asks for this much device memory per model call (a test raises it to force growth)
+    step_memory_per_call = 256
+
     def __init__(self, trt, path: str) -> None:
         self.trt, self.session = trt, ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         self.io = {i.name: (self.trt.TensorIOMode.INPUT, i) for i in self.session.get_inputs()}
         self.io.update({o.name: (self.trt.TensorIOMode.OUTPUT, o) for o in self.session.get_outputs()})
         self.names = list(self.io)
         self.num_io_tensors = len(self.names)
-        self.device_memory_size_v2 = 4096
+        component = Path(path).parent.name
+        if component in ENGINE_MEMORY:
+            self.device_memory_size_v2 = ENGINE_MEMORY[component]
+        else:  # a step engine
+            self.device_memory_size_v2 = self.step_memory_per_call * self.io["coeffs"][1].shape[0]
 
     def get_tensor_name(self, i):
         return self.names[i]
@@ -158,11 +175,20 @@ class FakeContext:
 
     def execute_async_v3(self, stream):
         assert self.memory is not None, "device memory must be set before running"
-        addresses, cudart = dict(self.addresses), sys.modules["cuda.bindings.runtime"]
+        cudart = sys.modules["cuda.bindings.runtime"]
+        # what a launch (or a graph captured from it) depends on; the graph does not keep the context alive
+        context, memory = weakref.ref(self), self.memory
+        addresses, shapes = dict(self.addresses), dict(self.shapes)
 
         def run() -> None:
-            outputs = [n for n in self.engine.names if self.engine.get_tensor_mode(n) != "in"]
-            results = self.engine.session.run(outputs, self._inputs(addresses))
+            ctx = context()
+            assert ctx is not None, "a graph replayed an execution context that was freed"
+            assert memory in cudart.memory, "an engine ran on device memory that was freed"
+            assert (ctx.addresses, ctx.shapes, ctx.memory) == (addresses, shapes, memory), (
+                "an execution context was changed under its captured graph"
+            )
+            outputs = [n for n in ctx.engine.names if ctx.engine.get_tensor_mode(n) != "in"]
+            results = ctx.engine.session.run(outputs, ctx._inputs(addresses))
             for name, value in zip(outputs, results, strict=True):
                 ctypes.memmove(addresses[name], np.ascontiguousarray(value).ctypes.data, value.nbytes)
 
@@ -243,6 +269,27 @@ def test_graph_steps_match_the_cpu_engine(simulated, onnx_fp32, ort_pipe_fp32, t
     assert len(backend._graphs) == 2
     assert simulated.launches == 5 + 5 + 4 + 5
     assert sorted(p.name.split(".")[0] for p in engines.glob("*.plan")).count("step") == 2
+
+
+def test_a_step_engine_needing_more_memory_moves_every_context_and_recaptures(
+    simulated, onnx_fp32, ort_pipe_fp32, tmp_path, monkeypatch
+):
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+    from sdengine.pipeline import Pipeline
+
+    monkeypatch.setattr(FakeEngine, "step_memory_per_call", 5000)  # 4 calls: 20000, 5 calls: 25000 bytes
+    engines = tmp_path / "engines"
+    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    backend = TrtBackend.load(engines)
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    for seed, scheduler in ((1, "euler_a"), (2, "pndm"), (3, "euler_a")):
+        ours = pipe("a cat", steps=4, height=64, width=64, seed=seed, scheduler=scheduler)
+        ref = ort_pipe_fp32("a cat", steps=4, height=64, width=64, seed=seed, scheduler=scheduler)
+        np.testing.assert_allclose(ours.array, ref.array, atol=1e-4, err_msg=scheduler)
+    assert backend._memory.nbytes == 25000
+    assert len(backend._graphs) == 2  # the 4-call graphs were dropped at the growth and captured again
+    assert simulated.launches == 4 + 5 + 4
 
 
 def test_stale_engines_are_refused_before_anything_runs(simulated, onnx_fp32, tmp_path):

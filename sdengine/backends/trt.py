@@ -9,7 +9,8 @@
   after another on one stream), and device buffers are allocated once per shape, their addresses set once.
 - Per (batch, latent height, latent width, calls, guidance) two CUDA graphs are captured, each holding one
   whole step (UNet then step model) on ping-pong state buffers; the loop launches N graphs and the host waits
-  once, before the VAE.
+  once, before the VAE. Each graph runs execution contexts of its own (the engines' weights are shared), so no
+  context's shapes, addresses or device memory ever change under a captured graph.
 
 Status: written against the documented TensorRT 10/11 and cuda-python runtime APIs; TensorRT cannot be
 installed where this project is developed and tested, so none of this module has been run. Everything around
@@ -18,6 +19,7 @@ it (engine keys, manifests, profiles, the step model, graph keys) is tested on t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -90,11 +92,21 @@ class Engine:
         self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise ModelDirectoryError(f"TensorRT could not deserialize {plan}; rebuild it: sdengine build")
-        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        self.context = self.engine.create_execution_context(strategy)
+        self.context = self._new_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
+
+    def _new_context(self) -> Any:
+        # no device memory of its own: the backend hands every context the one shared block
+        return self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+
+    def with_own_context(self) -> Engine:
+        """The same engine (weights shared) with a fresh execution context, for a captured graph: a graph is
+        valid only while its context's shapes, addresses and device memory stay as they were at capture."""
+        clone = copy.copy(self)
+        clone.context = self._new_context()
+        return clone
 
     @property
     def device_memory_size(self) -> int:
@@ -139,6 +151,7 @@ class TrtBackend:
         self._memory: DeviceArray | None = None
         self._graphs: dict[GraphKey, GraphSteps] = {}
         self._host_buffers: dict[tuple, dict[str, DeviceArray]] = {}
+        self.shared_memory(list(self.engines.values()))  # sized once, for the largest engine
 
     @classmethod
     def load(cls, engine_dir: str | os.PathLike) -> TrtBackend:
@@ -148,10 +161,17 @@ class TrtBackend:
         return cls(Path(engine_dir), open_onnx_dir(manifest.onnx_dir))
 
     def shared_memory(self, engines: list[Engine]) -> None:
-        """Give every context the one device-memory block, grown if a new engine needs more."""
+        """Give these contexts the one device-memory block (they all run one after another on one stream).
+
+        The block is sized at load for the largest engine. Should a step engine need more, a larger block
+        replaces it: every context is moved to the new one, and the captured graphs, which hold the old
+        block's address, are dropped (captured again on next use) before the old block is freed.
+        """
         need = max(e.device_memory_size for e in engines)
         if self._memory is None or self._memory.nbytes < need:
+            self._graphs.clear()
             self._memory = DeviceArray((need,), np.uint8)
+            engines = [*self.engines.values(), *engines]
         for engine in engines:
             engine.use_memory(self._memory.ptr, self._memory.nbytes)
 
@@ -194,7 +214,6 @@ class TrtBackend:
         """One engine call on host arrays (text encoder, VAE): upload, run, download. Device buffers are
         allocated once per component and input shapes."""
         engine = self.engines[component]
-        self.shared_memory([engine])
         key = (component, *((name, array.shape) for name, array in inputs.items()))
         if key not in self._host_buffers:
             buffers = {}
@@ -231,8 +250,12 @@ class GraphSteps:
 
     def __init__(self, backend: TrtBackend, key: GraphKey, plan: DenoisePlan) -> None:
         self.backend, self.stream = backend, backend.stream
-        unet, step = backend.engines[UNET], backend.step_engine(key, plan)
-        backend.shared_memory([unet, step])
+        # a context of its own for the UNet and for each graph's step: bound once, never changed under a graph
+        unet = backend.engines[UNET].with_own_context()
+        step = backend.step_engine(key, plan)
+        steps = (step, step.with_own_context())
+        backend.shared_memory([unet, *steps])
+        self.engines = (unet, *steps)  # kept alive as long as the graphs that run them
         tables = plan.tables
         unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
         t_shape, t_dtype = backend.timestep_format(unet_input.shape[0])
@@ -273,8 +296,8 @@ class GraphSteps:
         ):
             self.states[1][name].upload(value, self.stream)
         self.graphs = []
-        rt = cudart()
-        for parity in (0, 1):
+        self._rt = rt = cudart()  # kept for __del__, which may run at interpreter exit
+        for parity, step in enumerate(steps):
             source, target = self.states[parity], self.states[1 - parity]
             outputs = dict(
                 zip(
@@ -302,8 +325,13 @@ class GraphSteps:
             step.run(self.stream)
             graph = check(rt.cudaStreamEndCapture(self.stream.handle))
             self.graphs.append(check(rt.cudaGraphInstantiate(graph, 0)))
+            check(rt.cudaGraphDestroy(graph))  # the instantiated graph no longer needs its template
         self.calls = 0
         self.events = (Event(), Event())
+
+    def __del__(self) -> None:
+        for graph in getattr(self, "graphs", ()):
+            self._rt.cudaGraphExecDestroy(graph)
 
     def start(self, plan: DenoisePlan, times: StageTimes) -> None:
         """Upload one run's inputs into the fixed buffers (the graphs read them in place)."""
