@@ -113,7 +113,9 @@ class Pipeline(_CallMixin):
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
         ``optimized_cache``: on the CPU, keep ONNX Runtime's optimised graphs per machine for fast starts."""
         kind = model_kind(path)
-        choice = choose(backend, device, kind, detect(torch_cuda=kind == "checkpoint"))
+        gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
+        has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
+        choice = choose(backend, device, kind, has)
         if choice.backend == "torch":
             from sdengine.baseline import TorchPipeline
 

@@ -119,3 +119,16 @@ def test_graph_key_follows_shapes_and_schedule_length_only():
     assert GraphKey.of(_plan(scheduler="euler")) == base  # so are the scheduler's tables
     for other in (_plan(batch=2), _plan(size=(8, 16)), _plan(steps=5), _plan(guidance=None)):
         assert GraphKey.of(other) != base
+
+
+def test_an_explicit_cpu_load_skips_the_cuda_probe(onnx_fp32, monkeypatch):
+    import sdengine.backends.select as select
+    from sdengine.pipeline import Pipeline
+
+    def probe() -> bool:
+        raise AssertionError("the CUDA probe ran for an explicit CPU load")
+
+    monkeypatch.setattr(select, "ort_cuda_works", probe)
+    assert Pipeline.load(onnx_fp32, backend="ort", device="cpu").choice.device == "cpu"
+    with pytest.raises(AssertionError, match="CUDA probe"):
+        Pipeline.load(onnx_fp32, backend="ort")  # no device given: auto must probe

@@ -65,9 +65,10 @@ def ort_cuda_works() -> bool:
         ort.set_default_logger_severity(2)
 
 
-def detect(*, torch_cuda: bool = True) -> Availability:
+def detect(*, torch_cuda: bool = True, ort_cuda: bool = True) -> Availability:
     """Probe the installed libraries. Asking torch about CUDA imports torch, so the lean runtime passes
-    ``torch_cuda=False`` unless it is about to run the torch backend anyway."""
+    ``torch_cuda=False`` unless it is about to run the torch backend anyway; ``ort_cuda=False`` skips the
+    ONNX Runtime CUDA probe (a session, about 0.1 s) where the device is already known to be the CPU."""
     has = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
     if torch_cuda and has("torch") and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "":
         import torch
@@ -76,7 +77,7 @@ def detect(*, torch_cuda: bool = True) -> Availability:
     else:
         torch_cuda = False
     return Availability(
-        ort_cuda=ort_cuda_works(),
+        ort_cuda=ort_cuda and ort_cuda_works(),
         tensorrt=has("tensorrt"),
         cuda_python=has("cuda"),
         torch=has("torch") and has("diffusers"),
