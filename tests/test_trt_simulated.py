@@ -43,7 +43,7 @@ class FakeCudart(types.ModuleType):
         cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
 
     class cudaStreamCaptureMode:  # noqa: N801
-        cudaStreamCaptureModeGlobal = 0
+        cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal = 0, 1
 
     class cudaDeviceAttr:  # noqa: N801
         cudaDevAttrComputeCapabilityMajor, cudaDevAttrComputeCapabilityMinor = 75, 76
@@ -88,12 +88,16 @@ class FakeCudart(types.ModuleType):
         return 0, 1.5
 
     def cudaStreamBeginCapture(self, stream, mode):  # noqa: N802
+        assert self.capture is None, "a stream was left in capture mode"
         self.capture = []
         return (0,)
 
     def cudaStreamEndCapture(self, stream):  # noqa: N802
         graph, self.capture = self.capture, None
         return 0, graph
+
+    def cudaGetLastError(self):  # noqa: N802
+        return (0,)
 
     def cudaGraphInstantiate(self, graph, flags):  # noqa: N802
         return 0, tuple(graph)
@@ -256,19 +260,49 @@ def test_graph_steps_match_the_cpu_engine(simulated, onnx_fp32, ort_pipe_fp32, t
         dict(seed=2, scheduler="pndm"),  # same shape and length: the captured graphs are replayed
         dict(seed=3, scheduler="euler_a"),  # 4 model calls: a second set of graphs (the UNet rebound)
         dict(seed=4, scheduler="pndm"),  # back to the first set, captured before the rebinding
+        dict(seed=5, scheduler="ddim", steps=1),  # one model call: both graphs still captured in range
     ]
     for settings in runs:
-        ours = pipe("a cat", steps=4, height=64, width=64, **settings)
-        ref = ort_pipe_fp32("a cat", steps=4, height=64, width=64, **settings)
+        settings.setdefault("steps", 4)
+        ours = pipe("a cat", height=64, width=64, **settings)
+        ref = ort_pipe_fp32("a cat", height=64, width=64, **settings)
         scale = float(np.abs(ref.latents).max())
         np.testing.assert_allclose(
             ours.latents, ref.latents, rtol=0, atol=1e-5 * scale, err_msg=str(settings)
         )
         np.testing.assert_allclose(ours.array, ref.array, atol=1e-4)
         assert ours.times.count("denoise_gpu") == 1
-    assert len(backend._graphs) == 2
-    assert simulated.launches == 5 + 5 + 4 + 5
-    assert sorted(p.name.split(".")[0] for p in engines.glob("*.plan")).count("step") == 2
+    assert len(backend._graphs) == 3
+    assert simulated.launches == 5 + 5 + 4 + 5 + 1
+    assert backend.graphs_refused is None
+    assert sorted(p.name.split(".")[0] for p in engines.glob("*.plan")).count("step") == 3
+
+
+def test_steps_run_without_graphs_when_capture_fails(simulated, onnx_fp32, ort_pipe_fp32, tmp_path, capsys):
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+    from sdengine.pipeline import Pipeline
+
+    enqueue = FakeContext.execute_async_v3
+
+    def failing_enqueue(context, stream):
+        if sys.modules["cuda.bindings.runtime"].capture is not None:
+            return False  # TensorRT refuses to enqueue under capture
+        return enqueue(context, stream)
+
+    engines = tmp_path / "engines"
+    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    backend = TrtBackend.load(engines)
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FakeContext, "execute_async_v3", failing_enqueue)
+        for seed in (1, 2):
+            ours = pipe("a cat", steps=4, height=64, width=64, seed=seed, scheduler="pndm")
+            ref = ort_pipe_fp32("a cat", steps=4, height=64, width=64, seed=seed, scheduler="pndm")
+            np.testing.assert_allclose(ours.array, ref.array, atol=1e-4)
+    assert simulated.launches == 0 and simulated.capture is None
+    assert "failed to enqueue" in backend.graphs_refused
+    assert capsys.readouterr().err.count("without CUDA graphs") == 1
 
 
 def test_a_step_engine_needing_more_memory_moves_every_context_and_recaptures(

@@ -1,12 +1,14 @@
 """The few CUDA runtime calls the GPU backends make themselves, through cuda-python (``cuda.bindings``).
 
-Streams, events and synchronisation only; no torch. cuda-python is optional: :func:`cudart` raises a one-line
-:class:`BackendUnavailableError` where it is missing. Written against cuda-python's documented runtime API;
+Streams, events, synchronisation and graph capture only; no torch. cuda-python is optional: :func:`cudart`
+raises a one-line :class:`BackendUnavailableError` where it is missing. Written against cuda-python's
+documented runtime API (its signatures checked against cuda-bindings 12.9 and 13.5, installed without a GPU);
 not run on a GPU here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -59,3 +61,28 @@ class Event:
     def elapsed_ms(self, since: Event) -> float:
         check(cudart().cudaEventSynchronize(self.handle))
         return float(check(cudart().cudaEventElapsedTime(since.handle, self.handle)))
+
+
+def capture_graph(stream: Stream, enqueue: Callable[[], None]) -> Any:
+    """Capture what ``enqueue`` puts on ``stream`` into an instantiated CUDA graph (a ``cudaGraphExec_t``).
+
+    Thread-local capture mode, as TensorRT's trtexec uses: another thread's CUDA calls cannot invalidate it.
+    If ``enqueue`` or the capture fails, the stream is taken out of capture mode before the error propagates,
+    so it stays usable for running the same work without a graph.
+    """
+    rt = cudart()
+    mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    check(rt.cudaStreamBeginCapture(stream.handle, mode))
+    try:
+        enqueue()
+    except BaseException:
+        err, graph = rt.cudaStreamEndCapture(stream.handle)
+        if err == rt.cudaError_t.cudaSuccess:
+            rt.cudaGraphDestroy(graph)
+        rt.cudaGetLastError()  # clear the capture's error, if any, from the runtime's last-error state
+        raise
+    graph = check(rt.cudaStreamEndCapture(stream.handle))
+    try:
+        return check(rt.cudaGraphInstantiate(graph, 0))
+    finally:
+        rt.cudaGraphDestroy(graph)  # the instantiated graph no longer needs its template

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 from onnx import helper
 
 from sdengine.backends.base import DenoisePlan, GraphKey
-from sdengine.backends.cuda_runtime import Event, Stream, check, cudart
+from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, cudart
 from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, resolve_engine
 from sdengine.errors import BackendUnavailableError, ModelDirectoryError
 from sdengine.model_dir import ModelDir, open_onnx_dir
@@ -123,12 +124,20 @@ class Engine:
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
 
+    def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(name, shape):
+            raise BackendUnavailableError(
+                f"TensorRT refused shape {tuple(shape)} for {name!r}: outside the engine's profile "
+                "(build engines for this size, or with --dynamic)"
+            )
+
     def bind(self, buffers: dict[str, DeviceArray]) -> None:
         """Set every input shape and every tensor address (once per shape)."""
         for name in self.inputs:
-            self.context.set_input_shape(name, buffers[name].shape)
+            self.set_shape(name, buffers[name].shape)
         for name in (*self.inputs, *self.outputs):
-            self.context.set_tensor_address(name, buffers[name].ptr)
+            if not self.context.set_tensor_address(name, buffers[name].ptr):
+                raise BackendUnavailableError(f"TensorRT refused the device address of {name!r}")
 
     def run(self, stream: Stream) -> None:
         if not self.context.execute_async_v3(stream.pointer):
@@ -145,12 +154,19 @@ class TrtBackend:
         self.engine_dir, self.model_dir = engine_dir, model_dir
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
+        from export.trt_build import detect_build_env
+
         self.stream = Stream()
-        plans = {c: resolve_engine(engine_dir, c, model_dir.root) for c in (TEXT_ENCODER, UNET, VAE_DECODER)}
+        self.env = detect_build_env()
+        plans = {
+            c: resolve_engine(engine_dir, c, model_dir.root, env=self.env)
+            for c in (TEXT_ENCODER, UNET, VAE_DECODER)
+        }
         self.engines = {c: Engine(self.trt, self.runtime, p) for c, p in plans.items()}
         self._memory: DeviceArray | None = None
         self._graphs: dict[GraphKey, GraphSteps] = {}
         self._host_buffers: dict[tuple, dict[str, DeviceArray]] = {}
+        self.graphs_refused: str | None = None  # why steps run without CUDA graphs, if they do
         self.shared_memory(list(self.engines.values()))  # sized once, for the largest engine
 
     @classmethod
@@ -195,7 +211,8 @@ class TrtBackend:
             timestep_dtype=helper.np_dtype_to_tensor_dtype(t_dtype),
         )
         data = model.SerializeToString()
-        digest = hashlib.sha256(data + self.trt.__version__.encode()).hexdigest()[:16]
+        built_for = f"{self.env.trt_version} sm{self.env.compute_capability}".encode()
+        digest = hashlib.sha256(data + built_for).hexdigest()[:16]
         onnx_path = self.engine_dir / f"step.{digest}.onnx"
         plan_path = self.engine_dir / f"step.{digest}.plan"
         if not plan_path.is_file():
@@ -219,7 +236,7 @@ class TrtBackend:
             buffers = {}
             for name, array in inputs.items():
                 buffers[name] = DeviceArray(array.shape, engine.dtype(name))
-                engine.context.set_input_shape(name, array.shape)
+                engine.set_shape(name, array.shape)
             for name in engine.outputs:
                 buffers[name] = DeviceArray(tuple(engine.context.get_tensor_shape(name)), engine.dtype(name))
             self._host_buffers[key] = buffers
@@ -288,50 +305,50 @@ class GraphSteps:
                 unet.outputs[0]: self.shared["noise_pred"],
             }
         )
-        self.start(plan, StageTimes())  # valid inputs (and step index 0) in both state sets before any run
-        for name, value in (
-            ("sample", plan.latents),
-            ("history", np.zeros(history)),
-            ("step_index", np.array(0)),
-        ):
-            self.states[1][name].upload(value, self.stream)
-        self.graphs = []
-        self._rt = rt = cudart()  # kept for __del__, which may run at interpreter exit
+        self.start(plan, StageTimes())  # valid inputs in state set 0; the first warm-up step writes set 1
         for parity, step in enumerate(steps):
             source, target = self.states[parity], self.states[1 - parity]
-            outputs = dict(
-                zip(
-                    STEP_OUTPUTS,
-                    (
-                        target["sample"],
-                        target["history"],
-                        target["step_index"],
-                        self.shared["unet_input"],
-                        self.shared["timestep"],
-                    ),
-                    strict=True,
-                )
+            outputs = (target["sample"], target["history"], target["step_index"])
+            outputs += (self.shared["unet_input"], self.shared["timestep"])
+            step.bind(
+                {
+                    "noise_pred": self.shared["noise_pred"],
+                    **source,
+                    **self.shared,
+                    **dict(zip(STEP_OUTPUTS, outputs, strict=True)),
+                }
             )
-            step.bind({"noise_pred": self.shared["noise_pred"], **source, **self.shared, **outputs})
-            unet.run(self.stream)  # enqueue once outside capture, as TensorRT asks before graph capture
-            step.run(self.stream)
-            self.stream.synchronize()
-            check(
-                rt.cudaStreamBeginCapture(
-                    self.stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
-                )
-            )
-            unet.run(self.stream)
-            step.run(self.stream)
-            graph = check(rt.cudaStreamEndCapture(self.stream.handle))
-            self.graphs.append(check(rt.cudaGraphInstantiate(graph, 0)))
-            check(rt.cudaGraphDestroy(graph))  # the instantiated graph no longer needs its template
+        for parity in (0, 1):  # each context runs once outside capture, as TensorRT asks before capturing it
+            self.states[parity]["step_index"].upload(np.array(0), self.stream)  # in range, even for 1 call
+            self._eager_step(parity)
+        self.stream.synchronize()
+        self.graphs: list[Any] = []
+        self._rt = cudart()  # kept for __del__, which may run at interpreter exit
+        try:
+            for parity in (0, 1):
+                self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
+        except BackendUnavailableError as exc:
+            self._destroy_graphs()
+            if backend.graphs_refused is None:
+                print(f"sdengine: warning: denoising steps run without CUDA graphs ({exc})", file=sys.stderr)
+            backend.graphs_refused = str(exc)
         self.calls = 0
         self.events = (Event(), Event())
 
-    def __del__(self) -> None:
-        for graph in getattr(self, "graphs", ()):
+    def _eager_step(self, parity: int) -> None:
+        """One whole step enqueued engine by engine: what each graph captures, and the path without graphs."""
+        unet, *steps = self.engines
+        unet.run(self.stream)
+        steps[parity].run(self.stream)
+
+    def _destroy_graphs(self) -> None:
+        for graph in self.graphs:
             self._rt.cudaGraphExecDestroy(graph)
+        self.graphs = []
+
+    def __del__(self) -> None:
+        if getattr(self, "graphs", None):
+            self._destroy_graphs()
 
     def start(self, plan: DenoisePlan, times: StageTimes) -> None:
         """Upload one run's inputs into the fixed buffers (the graphs read them in place)."""
@@ -352,7 +369,10 @@ class GraphSteps:
     def step(self) -> None:
         if self.calls == 0:
             self.events[0].record(self.stream)
-        check(cudart().cudaGraphLaunch(self.graphs[self.calls % 2], self.stream.handle))
+        if self.graphs:
+            check(cudart().cudaGraphLaunch(self.graphs[self.calls % 2], self.stream.handle))
+        else:
+            self._eager_step(self.calls % 2)
         self.calls += 1
 
     def latents(self) -> np.ndarray:
