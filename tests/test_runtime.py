@@ -238,6 +238,14 @@ def test_device_state_loop_matches_the_host_loop(onnx_fp32, ort_pipe_fp32):
         np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * scale, err_msg=str(settings))
         fresh[settings["seed"]] = a.latents
     assert len(bound.backend._denoisers) == 4
+    # the three 64x64 CFG plans share one UNet session; each replays a graph of its own in it
+    ids = [
+        d.unet_graph_id
+        for k, d in bound.backend._denoisers.items()
+        if (k.latent_width, k.guidance) == (8, True)
+    ]
+    assert sorted(ids) == [1, 2]  # pndm (6 calls), dpmpp_2m and ddim (5 calls: one plan, refilled)
+    assert bound.backend.graphs_refused is None
     # buffers refilled in place give exactly what freshly allocated ones give
     again = Pipeline(
         ort_pipe_fp32.model_dir,
@@ -272,3 +280,34 @@ def test_optimized_graph_cache(onnx_fp32, ort_pipe_fp32, tmp_path, monkeypatch):
     copy = tmp_path / "copy"
     shutil.copytree(onnx_fp32, copy)
     assert cache_key(copy / "unet" / "model.onnx") != cache_key(onnx_fp32 / "unet" / "model.onnx")
+
+
+def test_device_loop_runs_without_graphs_when_capture_fails(ort_pipe_fp32, monkeypatch, capsys):
+    from sdengine.backends import ort_cuda
+
+    def refuse(self, plan):
+        raise RuntimeError("Error in execution: operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(ort_cuda.DeviceDenoiser, "capture", refuse)
+    backend = ort_cuda.OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu")
+    bound = Pipeline(ort_pipe_fp32.model_dir, backend, ort_pipe_fp32.tokenizer)
+    for seed in (1, 2):
+        settings = dict(steps=3, seed=seed, height=64, width=64)
+        np.testing.assert_allclose(
+            bound(PROMPT, **settings).latents, ort_pipe_fp32(PROMPT, **settings).latents, atol=1e-4
+        )
+    assert backend.graphs_refused.endswith("stream is capturing") and not backend.cuda_graphs
+    assert capsys.readouterr().err.count("without CUDA graphs") == 1
+
+
+def test_device_tensors_keep_their_dtype_and_shape():
+    from sdengine.backends.ort_cuda import DeviceTensor
+
+    tensor = DeviceTensor((3,), np.float32, "cpu", 0)
+    tensor.fill(np.array([1.0, 2.0, 3.0]))  # float64 in: converted, not reinterpreted
+    np.testing.assert_array_equal(tensor.numpy(), [1, 2, 3])
+    scalar = DeviceTensor((), np.int64, "cpu", 0)
+    scalar.fill(np.array(7, np.int32))
+    assert scalar.numpy() == 7
+    with pytest.raises(ValueError, match="expected shape"):
+        tensor.fill(np.zeros(4))

@@ -72,6 +72,9 @@ class FakeCudart(types.ModuleType):
     def cudaStreamCreateWithFlags(self, flags):  # noqa: N802
         return 0, 7
 
+    def cudaSetDevice(self, device):  # noqa: N802
+        return (0,)
+
     def cudaStreamSynchronize(self, stream):  # noqa: N802
         return (0,)
 

@@ -37,8 +37,9 @@ def check(result: Any) -> Any:
 class Stream:
     """A non-blocking CUDA stream, shared by every model of a backend so their work stays in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: int = 0) -> None:
         rt = cudart()
+        check(rt.cudaSetDevice(device))  # a stream belongs to the device current when it is created
         self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
 
     @property

@@ -6,23 +6,32 @@ initial latents. Each denoising step is then two ``run_with_iobinding`` calls â€
 (guidance + scheduler update + the next UNet input) â€” on buffers that never move, so with ONNX Runtime's
 CUDA-graph mode each call is one graph replay and nothing comes back to the host until the final latents.
 
-All sessions share one CUDA stream (cuda-python), so the UNet and the step model run in order with no host
-synchronisation between them; the denoising time is measured with CUDA events on that stream. Without
-cuda-python each run synchronises its own stream before returning (correct, with a host wait per call).
+All sessions share one CUDA stream (cuda-python), so the UNet and the step model run in order on it, and the
+denoising time is measured with CUDA events on that stream. Without cuda-python each run synchronises its own
+stream before returning (correct, with a host wait per call). ONNX Runtime's own graph replay may still wait
+for the GPU after each replay (its CUDA provider synchronises in ``ReplayGraph``, per its source); the GPU
+check's "host time per step call" shows what that costs.
 
-The state is ping-ponged between two buffer sets (step ``i`` reads set ``i % 2`` and writes the other), which
-gives the step model two fixed bindings and so two captured graphs (``gpu_graph_id`` 1 and 2); the UNet has
-one (id 1). Symbolic dimensions are pinned per shape with free-dimension overrides, so ONNX Runtime folds the
-exported shape arithmetic away and the whole UNet lands on the CUDA provider, which graph capture requires.
+Graphs: the state is ping-ponged between two buffer sets (step ``i`` reads set ``i % 2`` and writes the
+other), which gives the step model two fixed bindings and so two graphs (``gpu_graph_id`` 1 and 2 in its
+per-shape session). A UNet session serves every plan of its shapes, so each denoiser takes a graph id of its
+own in it (a replayed graph would otherwise run another denoiser's buffers). All graphs of a denoiser are
+captured when it is created, on that plan's inputs; if ONNX Runtime refuses graph mode (as the session opens
+or in a capture), the backend says so once and runs every step without graphs. Symbolic dimensions are
+pinned per shape with free-dimension overrides, so ONNX Runtime folds the exported shape arithmetic away and
+the whole UNet lands on the CUDA provider, which graph capture requires.
 
 Status: written against ONNX Runtime's documented Python API (IO binding, ``enable_cuda_graph``,
-``gpu_graph_id``, ``add_free_dimension_override_by_name``); the CPU tests cover the step model it runs, the
-backend selection and its errors. Its GPU numbers come from ``benchmarks/gpu_check.sh`` on a lent GPU.
+``gpu_graph_id``, ``add_free_dimension_override_by_name``), and its behaviour read from the 1.31 sources. The
+CPU tests run this same bound loop (and its capture sequence, with graph ids the CPU provider ignores) on the
+CPU provider; its GPU numbers come from ``benchmarks/gpu_check.sh`` on a lent GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import itertools
 import sys
 
 import numpy as np
@@ -30,8 +39,8 @@ import onnxruntime as ort
 
 from sdengine.backends.base import DenoisePlan, GraphKey
 from sdengine.backends.cuda_runtime import Event, Stream
-from sdengine.backends.ort import OrtBackend, open_session, session_options
-from sdengine.errors import BackendUnavailableError, CorruptModelError
+from sdengine.backends.ort import OrtBackend, open_session, session_inputs, session_options
+from sdengine.errors import BackendUnavailableError, CorruptModelError, UnsupportedConfigError
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
 from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, first_timestep, first_unet_inputs
@@ -43,17 +52,28 @@ TENSORRT = "TensorrtExecutionProvider"
 GRAPH_ID = "gpu_graph_id"
 #: Return from a run without waiting for the GPU; the host synchronises once, when it reads the latents.
 NO_SYNC = "disable_synchronize_execution_providers"
-
-
-def cuda_available() -> bool:
-    return CUDA in ort.get_available_providers()
+#: The step model's graph ids in its per-shape session: one per state parity.
+STEP_GRAPH_IDS = (1, 2)
 
 
 def require_cuda() -> None:
-    if not cuda_available():
+    """Load the CUDA libraries ONNX Runtime needs (from the nvidia-* wheels, where present) or refuse."""
+    if CUDA not in ort.get_available_providers():  # the build's list, not proof that CUDA works
         raise BackendUnavailableError(
             "ONNX Runtime has no CUDA execution provider here: install onnxruntime-gpu on a machine with an "
             "NVIDIA GPU, or use --device cpu"
+        )
+    if hasattr(ort, "preload_dlls"):  # its CUDA provider has no RUNPATH to cuBLAS and cuDNN
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ort.preload_dlls()
+
+
+def require_provider(session: ort.InferenceSession, provider: str, what: str) -> None:
+    """ONNX Runtime falls back to the CPU, silently, when a provider's libraries fail to load."""
+    if session.get_providers()[0] != provider:
+        raise BackendUnavailableError(
+            f"ONNX Runtime could not start {provider} for the {what} (missing CUDA or cuDNN libraries?); "
+            "use --device cpu"
         )
 
 
@@ -64,6 +84,24 @@ def run_options(graph_id: int | None, synchronize: bool) -> ort.RunOptions:
     if graph_id is not None:
         options.add_run_config_entry(GRAPH_ID, str(graph_id))
     return options
+
+
+class DeviceTensor:
+    """An OrtValue of fixed shape and dtype on the backend's device, refilled in place (a captured graph
+    keeps its address). ``update_inplace`` checks only the element count, so the dtype is enforced here."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: type, device: str, device_id: int) -> None:
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.value = ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype.type, device, device_id)
+
+    def fill(self, array: np.ndarray) -> None:
+        host = np.asarray(array, dtype=self.dtype, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+        if host.shape != self.shape:
+            raise ValueError(f"expected shape {self.shape}, got {host.shape}")
+        self.value.update_inplace(host)
+
+    def numpy(self) -> np.ndarray:
+        return self.value.numpy()
 
 
 class OrtCudaBackend(OrtBackend):
@@ -81,43 +119,58 @@ class OrtCudaBackend(OrtBackend):
         threads: int | None = None,
         device: str = "cuda",
     ) -> None:
-        """``device="cpu"`` runs the same bound, device-state loop on the CPU provider (no graphs, no stream):
-        it exists so that the binding and ping-pong logic is tested where there is no GPU."""
-        self.device = device
+        """``device="cpu"`` runs the same bound, device-state loop on the CPU provider (no stream; graph ids
+        are passed but the CPU provider ignores them): it exists so that the binding, ping-pong and capture
+        logic is tested where there is no GPU. ``tensorrt`` puts ONNX Runtime's TensorRT provider first
+        (it builds its own engines, in its own cache); steps then run without CUDA graphs."""
+        self.device, self.device_id = device, device_id
         if device == "cuda":
             require_cuda()
         if tensorrt and TENSORRT not in ort.get_available_providers():
             raise BackendUnavailableError(
                 "ONNX Runtime has no TensorRT execution provider in this installation"
             )
-        self.device_id = device_id
+        self.tensorrt = tensorrt
         self.stream: Stream | None = None
         if device == "cuda":
             with contextlib.suppress(
                 BackendUnavailableError
             ):  # without cuda-python each run syncs its stream
-                self.stream = Stream()
-        providers = self._providers(graphs=False)
-        if tensorrt:
-            providers.insert(0, (TENSORRT, {"device_id": str(device_id), "trt_fp16_enable": "True"}))
-        super().__init__(model_dir, providers=providers, threads=threads, preload=(TEXT_ENCODER, VAE_DECODER))
+                self.stream = Stream(device_id)
+        super().__init__(
+            model_dir,
+            providers=self._providers(graphs=False),
+            threads=threads,
+            preload=(TEXT_ENCODER, VAE_DECODER),
+        )
+        if device == "cuda":
+            for component in (TEXT_ENCODER, VAE_DECODER):
+                require_provider(self.sessions[component], self.providers[0][0], component)
         self.model_dir = model_dir
-        self.cuda_graphs = cuda_graphs and device == "cuda"
-        self.step_providers = self._providers(graphs=self.cuda_graphs)
+        self.cuda_graphs = cuda_graphs and not tensorrt
+        self.step_providers = self._providers(graphs=self.cuda_graphs, step=True)
         self._unet_sessions: dict[tuple, ort.InferenceSession] = {}
+        self._unet_graph_ids: dict[tuple, itertools.count] = {}
         self._denoisers: dict[GraphKey, DeviceDenoiser] = {}
-        self.graphs_refused: str | None = None  # why the UNet runs without graphs, if it does
+        self.graphs_refused: str | None = None  # why steps run without graphs, if they do
 
-    def _providers(self, *, graphs: bool) -> list:
+    def _providers(self, *, graphs: bool, step: bool = False) -> list:
         if self.device != "cuda":
             return ["CPUExecutionProvider"]
         options = {"device_id": str(self.device_id), "enable_cuda_graph": "1" if graphs else "0"}
         if self.stream is not None:
             options["user_compute_stream"] = str(self.stream.pointer)
-        return [(CUDA, options), "CPUExecutionProvider"]
+        providers: list = [(CUDA, options), "CPUExecutionProvider"]
+        if self.tensorrt and not step:  # the step model is small and runs on CUDA
+            trt_options = {"device_id": str(self.device_id), "trt_fp16_enable": "True"}
+            if self.stream is not None:
+                trt_options["user_compute_stream"] = str(self.stream.pointer)
+            providers.insert(0, (TENSORRT, trt_options))
+        return providers
 
-    def unet_session(self, plan: DenoisePlan) -> ort.InferenceSession:
-        """A UNet session for this plan's shapes (one per shape), with its symbolic dimensions pinned."""
+    def unet_session(self, plan: DenoisePlan) -> tuple[ort.InferenceSession, int]:
+        """A UNet session for this plan's shapes (one per shape, its symbolic dimensions pinned), and a graph
+        id in it that no other denoiser uses."""
         batch, _, height, width = plan.latents.shape
         key = (plan.copies * batch, height, width, plan.context.shape[1])
         if key not in self._unet_sessions:
@@ -126,46 +179,64 @@ class OrtCudaBackend(OrtBackend):
                 options.add_free_dimension_override_by_name(name, value)
             spec = self.model_dir.arch.specs()[UNET]
             path = str(self.model_dir.onnx_path(UNET))
-            try:
-                session = open_session(path, spec, self._providers(graphs=self.cuda_graphs), options)
-            except CorruptModelError as exc:
-                if not self.cuda_graphs:
-                    raise
-                # ONNX Runtime refuses graph mode when any node of the model falls back to the CPU
-                print(f"sdengine: warning: UNet runs without CUDA graphs ({exc})", file=sys.stderr)
-                self.graphs_refused = str(exc)
-                session = open_session(path, spec, self._providers(graphs=False), options)
+            session = open_session(path, spec, self._providers(graphs=self.cuda_graphs), options)
+            if self.device == "cuda":
+                require_provider(session, self.providers[0][0], UNET)
             self._unet_sessions[key] = session
-        return self._unet_sessions[key]
+            self._unet_graph_ids[key] = itertools.count(1)
+        return self._unet_sessions[key], next(self._unet_graph_ids[key])
 
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> DeviceDenoiser:
         """The device state for this plan's shapes: allocated, bound (and its graphs captured) once per shape,
         refilled in place for every run, since a captured graph keeps the addresses it was captured with."""
         key = GraphKey.of(plan)
         if key not in self._denoisers:
-            self._denoisers[key] = DeviceDenoiser(self, plan)
+            try:
+                self._denoisers[key] = DeviceDenoiser(self, plan)
+            except (CorruptModelError, RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+                if not self.cuda_graphs:
+                    raise
+                self._without_graphs(exc)
+                self._denoisers[key] = DeviceDenoiser(self, plan)
         denoiser = self._denoisers[key]
         denoiser.start(plan, times)
         return denoiser
+
+    def _without_graphs(self, exc: Exception) -> None:
+        """ONNX Runtime refused graph mode (a node off the CUDA provider, or a capture that failed): say so
+        once, and reopen every step session without graphs."""
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        print(f"sdengine: warning: denoising steps run without CUDA graphs ({reason})", file=sys.stderr)
+        self.graphs_refused, self.cuda_graphs = reason, False
+        self.step_providers = self._providers(graphs=False, step=True)
+        for cache in (self._unet_sessions, self._unet_graph_ids, self._step_sessions, self._denoisers):
+            cache.clear()
 
 
 class DeviceDenoiser:
     """Device buffers and bindings for one shape; each step is two graph replays with no host sync."""
 
     def __init__(self, backend: OrtCudaBackend, plan: DenoisePlan) -> None:
-        dev = backend.device_id
         self.backend, self.stream = backend, backend.stream
-        self.unet = backend.unet_session(plan)
+        self.unet, self.unet_graph_id = backend.unet_session(plan)
         self.step_model = backend.step_session(plan)
 
-        def empty(shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, backend.device, dev)
+        def empty(shape: tuple[int, ...], dtype: type) -> DeviceTensor:
+            return DeviceTensor(shape, dtype, backend.device, backend.device_id)
 
+        declared = session_inputs(self.unet)
+        unet_output = self.unet.get_outputs()[0]
+        if {declared["sample"][0], declared["encoder_hidden_states"][0]} != {np.float32} or (
+            unet_output.type != "tensor(float)"
+        ):
+            raise UnsupportedConfigError(
+                "the device loop needs a UNet with float32 inputs and outputs (sdengine export keeps them "
+                "float32 at fp16); run this model with --device cpu"
+            )
         tables = plan.tables
         unet_batch = plan.copies * plan.latents.shape[0]
         t_shape, t_dtype = backend.timestep_format(unet_batch)
         unet_shape = (unet_batch, *plan.latents.shape[1:])
-        history = (MAX_HISTORY, *plan.latents.shape)
         self.unet_input = empty(unet_shape, np.float32)
         self.timestep = empty(t_shape, t_dtype)
         self.context = empty(plan.context.shape, np.float32)
@@ -176,6 +247,7 @@ class DeviceDenoiser:
         }
         self.constants["guidance"] = empty((), np.float32)
         # two sets of state; step i reads set i % 2 and writes the other
+        history = (MAX_HISTORY, *plan.latents.shape)
         self.states = [
             {
                 "sample": empty(plan.latents.shape, np.float32),
@@ -185,19 +257,19 @@ class DeviceDenoiser:
             for _ in (0, 1)
         ]
         self.unet_binding = self.unet.io_binding()
-        for name, value in (
+        for name, tensor in (
             ("sample", self.unet_input),
             ("timestep", self.timestep),
             ("encoder_hidden_states", self.context),
         ):
-            self.unet_binding.bind_ortvalue_input(name, value)
-        self.unet_binding.bind_ortvalue_output(backend.specs[UNET].output_names[0], self.noise_pred)
+            self.unet_binding.bind_ortvalue_input(name, tensor.value)
+        self.unet_binding.bind_ortvalue_output(unet_output.name, self.noise_pred.value)
         self.step_bindings = []
         for parity in (0, 1):
             binding = self.step_model.io_binding()
             source, target = self.states[parity], self.states[1 - parity]
-            for name, value in {"noise_pred": self.noise_pred, **source, **self.constants}.items():
-                binding.bind_ortvalue_input(name, value)
+            for name, tensor in {"noise_pred": self.noise_pred, **source, **self.constants}.items():
+                binding.bind_ortvalue_input(name, tensor.value)
             outputs = [
                 target["sample"],
                 target["history"],
@@ -205,37 +277,52 @@ class DeviceDenoiser:
                 self.unet_input,
                 self.timestep,
             ]
-            for name, value in zip(STEP_OUTPUTS, outputs, strict=True):
-                binding.bind_ortvalue_output(name, value)
+            for name, tensor in zip(STEP_OUTPUTS, outputs, strict=True):
+                binding.bind_ortvalue_output(name, tensor.value)
             self.step_bindings.append(binding)
         graphs, sync = backend.cuda_graphs, self.stream is None
-        self.unet_options = run_options(1 if graphs and backend.graphs_refused is None else None, sync)
-        self.step_options = [
-            run_options(1 if graphs else None, sync),
-            run_options(2 if graphs else None, sync),
-        ]
+        self.unet_options = run_options(self.unet_graph_id if graphs else None, sync)
+        self.step_options = [run_options(graph_id if graphs else None, sync) for graph_id in STEP_GRAPH_IDS]
         self.events = (Event(), Event()) if self.stream is not None else None
-        self.t_dtype = t_dtype
+        self.times, self.calls = StageTimes(), 0
+        if graphs:
+            self.capture(plan)
+
+    def capture(self, plan: DenoisePlan) -> None:
+        """Run each graph id once on this plan's inputs: ONNX Runtime warms up, captures and replays it in
+        that first run, so a refusal surfaces here, not in the middle of a generation."""
+        self.start(plan, StageTimes())
+        for parity in (0, 1):
+            self.states[parity]["step_index"].fill(np.array(0))  # in range, even for a one-call schedule
+            self.unet.run_with_iobinding(self.unet_binding, self.unet_options)
+            self.step_model.run_with_iobinding(self.step_bindings[parity], self.step_options[parity])
+        self.synchronize()
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def start(self, plan: DenoisePlan, times: StageTimes) -> None:
-        """Copy one run's inputs into the bound buffers (in place: the addresses must not change)."""
+        """Copy one run's inputs into the bound buffers (in place: the addresses must not change). The copies
+        go through the default stream, so queued work on ours must be done first."""
+        self.synchronize()
         tables = plan.tables
         self.times, self.calls = times, 0
-        self.unet_input.update_inplace(first_unet_inputs(tables, plan.latents, plan.copies))
-        self.timestep.update_inplace(first_timestep(tables, tuple(self.timestep.shape()), self.t_dtype))
-        self.context.update_inplace(np.ascontiguousarray(plan.context, dtype=np.float32))
+        self.unet_input.fill(first_unet_inputs(tables, plan.latents, plan.copies))
+        self.timestep.fill(first_timestep(tables, self.timestep.shape, self.timestep.dtype))
+        self.context.fill(plan.context)
         for name in ("coeffs", "timesteps", "input_scales", "noise"):
-            self.constants[name].update_inplace(np.ascontiguousarray(getattr(tables, name)))
-        self.constants["guidance"].update_inplace(np.array(plan.guidance or 1.0, np.float32))
+            self.constants[name].fill(getattr(tables, name))
+        self.constants["guidance"].fill(np.array(plan.guidance or 1.0))
         state = self.states[0]
-        state["sample"].update_inplace(np.ascontiguousarray(plan.latents, dtype=np.float32))
-        state["history"].update_inplace(np.zeros(state["history"].shape(), np.float32))
-        state["step_index"].update_inplace(np.array(0, np.int64))
+        state["sample"].fill(plan.latents)
+        state["history"].fill(np.zeros(state["history"].shape))
+        state["step_index"].fill(np.array(0))
+        if self.events:
+            self.events[0].record(self.stream)
 
     def step(self) -> None:
         parity = self.calls % 2
-        if self.calls == 0 and self.events:
-            self.events[0].record(self.stream)
         self.unet.run_with_iobinding(self.unet_binding, self.unet_options)
         self.step_model.run_with_iobinding(self.step_bindings[parity], self.step_options[parity])
         self.calls += 1
@@ -244,5 +331,5 @@ class DeviceDenoiser:
         if self.events:
             self.events[1].record(self.stream)
             self.times.add("denoise_gpu", int(self.events[1].elapsed_ms(self.events[0]) * 1e6))
-            self.stream.synchronize()
+        self.synchronize()
         return self.states[self.calls % 2]["sample"].numpy()

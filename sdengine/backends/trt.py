@@ -305,6 +305,7 @@ class GraphSteps:
                 unet.outputs[0]: self.shared["noise_pred"],
             }
         )
+        self.events = (Event(), Event())
         self.start(plan, StageTimes())  # valid inputs in state set 0; the first warm-up step writes set 1
         for parity, step in enumerate(steps):
             source, target = self.states[parity], self.states[1 - parity]
@@ -333,7 +334,6 @@ class GraphSteps:
                 print(f"sdengine: warning: denoising steps run without CUDA graphs ({exc})", file=sys.stderr)
             backend.graphs_refused = str(exc)
         self.calls = 0
-        self.events = (Event(), Event())
 
     def _eager_step(self, parity: int) -> None:
         """One whole step enqueued engine by engine: what each graph captures, and the path without graphs."""
@@ -365,10 +365,9 @@ class GraphSteps:
         self.states[0]["sample"].upload(plan.latents, s)
         self.states[0]["history"].upload(np.zeros(self.states[0]["history"].shape), s)
         self.states[0]["step_index"].upload(np.array(0), s)
+        self.events[0].record(s)
 
     def step(self) -> None:
-        if self.calls == 0:
-            self.events[0].record(self.stream)
         if self.graphs:
             check(cudart().cudaGraphLaunch(self.graphs[self.calls % 2], self.stream.handle))
         else:
