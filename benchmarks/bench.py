@@ -49,6 +49,7 @@ class BenchConfig:
     threads: int | None = None
     device: str | None = None
     optimized_cache: bool = False
+    engine_dir: Path | None = None  # TensorRT engines (``sdengine build``) for the trt backend
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -102,9 +103,10 @@ def summarise(raw: dict, flops: dict[str, int], peak_gflops: float) -> dict:
 
 
 def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
-    model = config.checkpoint if backend == "torch" else config.onnx_dir
+    model = {"torch": config.checkpoint, "trt": config.engine_dir}.get(backend, config.onnx_dir)
     if model is None:
-        raise SDEngineError("the torch baseline needs the source checkpoint: pass --checkpoint")
+        needs = {"torch": "the source checkpoint: pass --checkpoint", "trt": "an engine directory"}[backend]
+        raise SDEngineError(f"the {backend} backend needs {needs}")
     cmd = [
         sys.executable,
         "-m",

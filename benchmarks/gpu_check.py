@@ -10,7 +10,8 @@ Run on a lent GPU machine by ``benchmarks/gpu_check.sh`` (which installs the car
 2. Latency on the SD 1.5-sized random checkpoint, fp16, 512x512, batch 1, CFG, for each step count: every
    available GPU backend against diffusers fp16 eager on the same GPU, in the same run (CUDA events for the
    denoising loop, medians over runs).
-Writes ``gpu_check.json`` and the tables to --out. TensorRT runs only where it is installed.
+Writes ``gpu_check.json`` and the tables to --out. TensorRT runs only where it is installed (engines are
+built for 512x512 first, and their build time reported); the lent machines here have none.
 """
 
 from __future__ import annotations
@@ -119,7 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     report["export_s"] = {n: r.export_seconds for n, r in manifest.components.items()}
     log(f"exported in {time.perf_counter() - start:.0f} s")
-    backends = ("ort", "torch")  # TensorRT joins where it is installed and engines are built (not here yet)
+    backends, engine_dir = ("ort", "torch"), None
+    if has.tensorrt and has.cuda_python and not args.rehearse:
+        from export.trt_build import build_engines
+
+        log("TensorRT engines, static 512x512 batch 1 with CFG")
+        engine_dir = work / f"{preset}-engines"
+        start = time.perf_counter()
+        build_engines(onnx_dir, engine_dir, batch=1, height=size, width=size, log=log)
+        report["engine_build_s"] = time.perf_counter() - start
+        backends = ("trt", "ort", "torch")
     flops = stage_flops(ckpt, onnx_dir, batch=1, height=size, width=size, cfg=True)
     report["latency"] = {}
     for steps in (int(s) for s in args.steps.split(",")):
@@ -136,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             runs=args.runs,
             warmup=1,
             device=device,
+            engine_dir=engine_dir,
         )
         result = run_benchmark(config, flops)
         report["latency"][steps] = result
