@@ -1,16 +1,23 @@
-"""The PyTorch baseline: the same request run through diffusers' ``StableDiffusionPipeline``.
+"""The PyTorch baseline: the same request run through diffusers' ``StableDiffusionPipeline`` (and its
+``StableDiffusionImg2ImgPipeline`` for image to image).
 
 It is the reference that the engine's images are checked against and its speed is measured against. It takes
-the same initial latents as the engine (drawn from the same seed), so both produce the same image. Stochastic
-schedulers draw their per-step noise from torch's generator here and from numpy's in the engine, so with those
-the two differ by design. Imports torch and diffusers, which the lean runtime never does.
+the same initial latents as the engine (drawn from the same seed), so both produce the same image; for image
+to image, diffusers' two draws (the sample of the image's latent distribution, and the noise added to it)
+are replaced by the engine's. Stochastic schedulers draw their per-step noise from torch's generator here and
+from numpy's in the engine, so with those the two differ by design. Imports torch and diffusers, which the
+lean runtime never does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
+from unittest import mock
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -64,6 +71,7 @@ class TorchPipeline(_CallMixin):
         self.model_dir = model_dir
         self.pipe = pipe
         self.device = device
+        self._img2img = None
 
     @classmethod
     def load(
@@ -90,10 +98,17 @@ class TorchPipeline(_CallMixin):
         latents = torch.from_numpy(request.initial_latents(self.model_dir.arch)).to(
             self.device, pipe.unet.dtype
         )
+        inputs: dict = {"latents": latents}
+        draws: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if request.image_to_image:
+            pipe, draws = self.image_to_image(), same_draws(request.encoder_noise, lambda _: latents)
+            pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
+            copies = request.batch // len(request.image)  # diffusers wants one image per prompt
+            inputs = {"image": np.concatenate([request.image] * copies), "strength": request.strength}
         cuda = self.device == "cuda"
         timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
         try:
-            with times.time("total"), torch.inference_mode():
+            with times.time("total"), torch.inference_mode(), draws:
                 with times.time("denoise"):
                     out = pipe(
                         prompt=list(request.prompts),
@@ -102,9 +117,9 @@ class TorchPipeline(_CallMixin):
                         guidance_scale=request.guidance,
                         height=request.height,
                         width=request.width,
-                        latents=latents,
                         generator=torch.Generator(self.device).manual_seed(request.seed),
                         output_type="latent",
+                        **inputs,
                     )
                     final = out.images
                     if cuda:
@@ -118,3 +133,38 @@ class TorchPipeline(_CallMixin):
                 timer.close(times)
         array = to_unit_range(decoded.float().cpu().numpy())
         return GenerationResult(array, request, times, self.name, final.float().cpu().numpy())
+
+    def image_to_image(self):
+        """diffusers' image-to-image pipeline on the same modules (made once)."""
+        if self._img2img is None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            self._img2img = StableDiffusionImg2ImgPipeline(
+                **self.pipe.components, requires_safety_checker=False
+            )
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+
+@contextlib.contextmanager
+def same_draws(
+    encoder_noise: Callable[[tuple[int, ...]], object], added_noise: Callable[[tuple[int, ...]], object]
+) -> Iterator[None]:
+    """Within the block, diffusers' image to image samples the image's latent distribution with
+    ``encoder_noise(shape)`` and noises the result with ``added_noise(shape)``: the engine's draws."""
+    from diffusers.models.autoencoders import vae
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img
+
+    def replace(draw: Callable[[tuple[int, ...]], object]) -> Callable[..., torch.Tensor]:
+        def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) -> torch.Tensor:
+            value = torch.as_tensor(draw(tuple(shape)))
+            assert tuple(value.shape) == tuple(shape), (tuple(value.shape), tuple(shape))
+            return value.to(device=device, dtype=dtype)
+
+        return randn_tensor
+
+    with (
+        mock.patch.object(vae, "randn_tensor", replace(encoder_noise)),
+        mock.patch.object(img2img, "randn_tensor", replace(added_noise)),
+    ):
+        yield

@@ -16,7 +16,7 @@ import numpy as np
 from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.model_specs import COMPONENTS
-from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
 
 EXIT_ERROR = 1
 OPTIMIZED_CACHE_HELP = "CPU: keep ONNX Runtime's optimised graphs per machine (fast starts, more disk)"
@@ -54,7 +54,7 @@ def format_times(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sdengine.images import output_paths, save_png
+    from sdengine.images import load_image, output_paths, save_png
     from sdengine.pipeline import Pipeline
 
     pipeline = Pipeline.load(
@@ -76,6 +76,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width,
         batch=args.batch,
         latents=_load_latents(args.latents),
+        image=None if args.image is None else load_image(args.image),
+        strength=args.strength,
         progress=_progress("denoising"),
     )
     params = {**result.request.parameters(), "backend": result.backend, "model": str(Path(args.model_dir))}
@@ -205,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sdengine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="text to image")
+    g = sub.add_parser("generate", help="text to image (and image to image with --image)")
     g.add_argument(
         "model_dir", help="ONNX export (ort), engine directory (trt) or diffusers checkpoint (torch)"
     )
@@ -215,12 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     g.add_argument("--scheduler", default=None, help="default: the model's own scheduler")
     g.add_argument("--seed", type=int, default=None, help="default: random, printed and stored in the PNG")
-    g.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    g.add_argument("--height", type=int, default=None, help="default: the model's native size (or --image's)")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="default: auto (by directory)")
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
     g.add_argument("--latents", default=None, help=".npy of initial latents (batch, 4, height/8, width/8)")
+    g.add_argument(
+        "--image", default=None, help="image to image: the input image (resized to the output size)"
+    )
+    g.add_argument(
+        "--strength",
+        type=float,
+        default=DEFAULT_STRENGTH,
+        help=f"image to image: share of the schedule that runs, (0, 1] (default {DEFAULT_STRENGTH})",
+    )
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
     g.add_argument("--output", default="image.png")

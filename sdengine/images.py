@@ -1,16 +1,83 @@
-"""Decoded VAE output -> pixels, PIL images and PNG files that remember how they were made."""
+"""Pixels in and out: input images for image-to-image, decoded VAE output -> PIL images, and PNG files that
+remember how they were made."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
+
+from sdengine.errors import InvalidArgumentError
+
+#: What image-to-image accepts: a PIL image, a list of them, or an array (H, W, 3) / (B, H, W, 3) of floats
+#: in [0, 1] or of uint8.
+ImageInput = Image.Image | Sequence[Image.Image] | np.ndarray
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB image read from a file, or a one-line InvalidArgumentError."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InvalidArgumentError(f"cannot read image {path}: {exc}") from None
+
+
+def _check_kind(image: object) -> None:
+    pil_list = isinstance(image, Sequence) and not isinstance(image, str) and len(image) > 0
+    if not (
+        isinstance(image, (Image.Image, np.ndarray))
+        or pil_list
+        and all(isinstance(i, Image.Image) for i in image)
+    ):
+        kind = type(image).__name__
+        raise InvalidArgumentError(f"image must be a PIL image, a list of them or an array, not {kind}")
+
+
+def image_size(image: ImageInput) -> tuple[int, int]:
+    """(height, width) of an image input (of its first image)."""
+    _check_kind(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (3, 4):
+            raise InvalidArgumentError(f"an image array must be (H, W, 3) or (B, H, W, 3), got {image.shape}")
+        return image.shape[-3], image.shape[-2]
+    first = image if isinstance(image, Image.Image) else image[0]
+    return first.height, first.width
+
+
+def image_array(image: ImageInput, height: int, width: int) -> np.ndarray:
+    """An image input as float32 (B, height, width, 3) in [0, 1], resized (Lanczos, as diffusers) where its
+    size differs. InvalidArgumentError for anything that is not an RGB image."""
+    _check_kind(image)
+    if isinstance(image, Image.Image):
+        images = [image]
+    elif isinstance(image, np.ndarray):
+        array = image[None] if image.ndim == 3 else image
+        if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] < 1:
+            raise InvalidArgumentError(f"an image array must be (H, W, 3) or (B, H, W, 3), got {image.shape}")
+        if array.dtype == np.uint8:
+            array = array.astype(np.float32) / 255
+        array = np.asarray(array, dtype=np.float32)
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise InvalidArgumentError("image values must be in [0, 1] (or uint8)")
+        if array.shape[1:3] == (height, width):
+            return array
+        images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+    else:
+        images = list(image)
+    resized = [
+        img.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+        if img.size != (width, height)
+        else img.convert("RGB")
+        for img in images
+    ]
+    return np.stack([np.asarray(img, dtype=np.float32) / 255 for img in resized])
 
 
 def to_unit_range(decoded: np.ndarray) -> np.ndarray:

@@ -1,9 +1,10 @@
-"""Text to image: tokenize, encode, denoise, decode — on any backend, from one loaded model directory."""
+"""Text (and image) to image: tokenize, encode, denoise, decode — on any backend, from one loaded model
+directory."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,10 +15,16 @@ from sdengine.backends.base import Backend, DenoisePlan
 from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.denoise import Progress, denoise
-from sdengine.images import to_pil, to_unit_range
+from sdengine.images import ImageInput, image_array, image_size, to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_onnx_dir
-from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
-from sdengine.schedulers import load_scheduler
+from sdengine.request import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    GenerationRequest,
+    make_request,
+)
+from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.step_graph import step_tables
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
@@ -67,9 +74,18 @@ class _CallMixin:
         width: int | None = None,
         batch: int | None = None,
         latents: np.ndarray | None = None,
+        image: ImageInput | None = None,
+        strength: float = DEFAULT_STRENGTH,
     ) -> GenerationRequest:
-        """A checked request; height and width default to the model's native size."""
-        size = self.model_dir.default_image_size
+        """A checked request. Height and width default to the model's native size, or with an input ``image``
+        (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
+        to the size asked for. ``strength``: how much of the schedule runs on the noised image (0, 1]."""
+        multiple = self.model_dir.arch.vae_scale_factor
+        default = (self.model_dir.default_image_size,) * 2
+        if image is not None:
+            default = tuple(max(multiple, d // multiple * multiple) for d in image_size(image))
+        height = default[0] if height is None else height
+        width = default[1] if width is None else width
         return make_request(
             prompt,
             negative_prompt,
@@ -77,11 +93,13 @@ class _CallMixin:
             guidance=guidance,
             scheduler=scheduler,
             seed=seed,
-            height=size if height is None else height,
-            width=size if width is None else width,
+            height=height,
+            width=width,
             batch=batch,
             latents=latents,
-            size_multiple=self.model_dir.arch.vae_scale_factor,
+            image=None if image is None else image_array(image, height, width),
+            strength=strength,
+            size_multiple=multiple,
         )
 
     def __call__(
@@ -140,12 +158,10 @@ class Pipeline(_CallMixin):
         return pipeline
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
-        arch = self.model_dir.arch
         times = StageTimes()
         with times.time("total"):
-            schedule = load_scheduler(request.scheduler, self.model_dir.scheduler_config).schedule(
-                request.steps
-            )
+            scheduler = load_scheduler(request.scheduler, self.model_dir.scheduler_config)
+            schedule = scheduler.schedule(request.steps, strength=request.schedule_strength)
             cfg = request.classifier_free_guidance
             with times.time("tokenize"):
                 ids = self.tokenizer(
@@ -153,7 +169,7 @@ class Pipeline(_CallMixin):
                 )
             with times.time("text_encoder"):
                 context = self.backend.encode_text(ids)
-            latents = request.initial_latents(arch) * np.float32(schedule.init_noise_sigma)
+            latents = self.initial_latents(request, schedule, times)
             plan = DenoisePlan(
                 latents=latents,
                 context=context,
@@ -165,3 +181,28 @@ class Pipeline(_CallMixin):
             with times.time("vae_decode"):
                 decoded = self.backend.decode_latents(latents / np.float32(self.model_dir.vae_scaling_factor))
         return GenerationResult(to_unit_range(decoded), request, times, self.backend.name, latents)
+
+    def initial_latents(
+        self, request: GenerationRequest, schedule: Schedule, times: StageTimes
+    ) -> np.ndarray:
+        """Text to image: the seed's unit noise at the scheduler's initial sigma. Image to image: the image's
+        latents (VAE encoder, sampled) noised to the first timestep that runs, as the scheduler's
+        ``add_noise`` does, with the same unit noise."""
+        noise = request.initial_latents(self.model_dir.arch)
+        if not request.image_to_image:
+            return noise * np.float32(schedule.init_noise_sigma)
+        with times.time("vae_encode"):
+            parameters = self.backend.encode_image(request.pixels())
+        # one image for the whole batch: encoded once, sampled once per batch item (as B copies would be)
+        parameters = np.concatenate([parameters] * (request.batch // len(parameters)))
+        image_latents = sample_latents(parameters, request.encoder_noise) * self.model_dir.vae_scaling_factor
+        image_scale, noise_scale = schedule.image_noise
+        return (image_scale * image_latents + noise_scale * noise).astype(np.float32)
+
+
+def sample_latents(parameters: np.ndarray, unit_noise: Callable[[tuple[int, ...]], np.ndarray]) -> np.ndarray:
+    """A sample of the VAE encoder's diagonal Gaussian, whose (B, 2C, h, w) parameters are C means then C
+    log-variances (clamped to [-30, 20], as diffusers does): mean + exp(logvar / 2) * unit noise."""
+    mean, logvar = np.split(parameters.astype(np.float32), 2, axis=1)
+    std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+    return mean + std * unit_noise(mean.shape)

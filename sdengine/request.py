@@ -16,6 +16,7 @@ from sdengine.schedulers import Schedule
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
+DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image default
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,18 @@ class GenerationRequest:
     height: int
     width: int
     latents: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: image-to-image: (1 or B, height, width, 3) float32 in [0, 1], and how much of the schedule to run
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float = DEFAULT_STRENGTH
+
+    @property
+    def image_to_image(self) -> bool:
+        return self.image is not None
+
+    @property
+    def schedule_strength(self) -> float:
+        """The share of the schedule that runs: ``strength`` for image to image, all of it otherwise."""
+        return self.strength if self.image_to_image else 1.0
 
     @property
     def batch(self) -> int:
@@ -56,6 +69,16 @@ class GenerationRequest:
             )
         return np.asarray(self.latents, dtype=np.float32)
 
+    def pixels(self) -> np.ndarray:
+        """The input image as the VAE encoder takes it: (1 or B, 3, height, width) float32 in [-1, 1]."""
+        if self.image is None:
+            raise InvalidArgumentError("this request has no input image")
+        return np.ascontiguousarray(self.image.transpose(0, 3, 1, 2) * 2 - 1, dtype=np.float32)
+
+    def encoder_noise(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The unit noise that samples the image's latent distribution (a stream of its own from ``seed``)."""
+        return np.random.default_rng([self.seed, 2]).standard_normal(shape, dtype=np.float32)
+
     def step_noise(self, schedule: Schedule, shape: tuple[int, ...]) -> np.ndarray:
         """Per-step noise (S, *shape) for stochastic schedulers (ancestral, LCM), drawn up front from a stream
         of its own derived from ``seed``; zeros for the steps (or schedulers) that draw none."""
@@ -79,6 +102,7 @@ class GenerationRequest:
             "height": self.height,
             "width": self.width,
             "latents": "supplied" if self.latents is not None else "from seed",
+            **({"image": "supplied", "strength": self.strength} if self.image_to_image else {}),
         }
 
 
@@ -94,6 +118,8 @@ def make_request(
     width: int,
     batch: int | None = None,
     latents: np.ndarray | None = None,
+    image: np.ndarray | None = None,
+    strength: float = DEFAULT_STRENGTH,
     size_multiple: int = 8,
 ) -> GenerationRequest:
     """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value."""
@@ -125,6 +151,8 @@ def make_request(
         raise InvalidArgumentError(f"steps must be at least 1, got {steps}")
     if not math.isfinite(guidance) or guidance < 0:
         raise InvalidArgumentError(f"guidance must be a finite number >= 0, got {guidance}")
+    if image is not None:
+        check_image(image, len(prompts), height, width, strength)
     if seed is None:
         seed = secrets.randbits(63)
     if not 0 <= seed < 2**63:
@@ -139,4 +167,18 @@ def make_request(
         height=int(height),
         width=int(width),
         latents=None if latents is None else np.asarray(latents),
+        image=None if image is None else np.asarray(image, dtype=np.float32),
+        strength=float(strength),
     )
+
+
+def check_image(image: np.ndarray, batch: int, height: int, width: int, strength: float) -> None:
+    """An image-to-image input: (1 or batch, height, width, 3), and a strength in (0, 1]."""
+    shape = tuple(np.shape(image))
+    if len(shape) != 4 or shape[0] not in (1, batch) or shape[1:] != (height, width, 3):
+        raise InvalidArgumentError(
+            f"image has shape {shape}, expected (1 or {batch}, {height}, {width}, 3) for batch {batch} at "
+            f"{height}x{width}"
+        )
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise InvalidArgumentError(f"strength must be a number in (0, 1], got {strength!r}")

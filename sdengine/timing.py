@@ -16,6 +16,7 @@ import numpy as np
 STAGES = (
     "tokenize",
     "text_encoder",
+    "vae_encode",
     "denoise",
     "step_call",
     "unet",

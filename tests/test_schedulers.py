@@ -5,14 +5,20 @@ The equivalence tests run a whole denoising trajectory through both the diffuser
 its own samples to a deterministic nonlinear fake UNet, so any error compounds. Timesteps, the UNet input and
 every intermediate sample are compared. Stochastic schedulers get the very noise tensors diffusers draws:
 diffusers steps with one ``torch.Generator`` and a second one with the same seed replays its draws.
+Image-to-image trajectories slice the diffusers scheduler with ``StableDiffusionImg2ImgPipeline``'s own
+``get_timesteps`` and start from its ``add_noise``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import json
+import math
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -171,34 +177,74 @@ def assert_close(ours: np.ndarray, ref: np.ndarray, scale: float, tol: float, wh
     np.testing.assert_allclose(ours, ref, rtol=tol, atol=tol * max(1.0, scale), err_msg=what)
 
 
+@functools.cache
+def img2img_pipeline_class():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    return StableDiffusionImg2ImgPipeline
+
+
+def img2img_timesteps(ref, steps: int, strength: float) -> tuple[torch.Tensor, int]:
+    """(timesteps, t_start) of diffusers' img2img pipeline for a scheduler after ``set_timesteps(steps)``:
+    its own ``get_timesteps`` (which slices ``timesteps[t_start * order:]`` and calls ``set_begin_index``)."""
+    pipeline = SimpleNamespace(scheduler=ref)  # get_timesteps reads nothing else
+    timesteps, denoising = img2img_pipeline_class().get_timesteps(pipeline, steps, strength, "cpu")
+    return timesteps, steps - denoising
+
+
 def run_both(
     name: str,
     config: dict[str, Any],
     steps: int,
     schedule: Schedule | None = None,
+    strength: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run the trajectory through diffusers and sdengine, asserting agreement at every step.
+
+    ``strength=None`` is text-to-image (initial noise times ``init_noise_sigma``); a strength is
+    image-to-image as diffusers' ``StableDiffusionImg2ImgPipeline`` runs it: the scheduler sliced by the
+    pipeline's ``get_timesteps``, the first sample ``add_noise(image_latents, noise, timesteps[:1])``.
 
     Configs with a huge sigma_max run diffusers' arithmetic in float64 (its tables stay float32): there
     diffusers' float32 rounding on the first step, ~1e-7 of a 1e4 sample, would dominate every later step.
     """
     tol, reference_dtype = tolerance(config)
-    plan = load_scheduler(name, config).schedule(steps) if schedule is None else schedule
+    if schedule is not None:
+        plan = schedule
+    elif strength is None:
+        plan = load_scheduler(name, config).schedule(steps)
+    else:
+        plan = load_scheduler(name, config).schedule(steps, strength=strength)
     ref = reference_scheduler(name, config)
     ref.set_timesteps(steps)
-    ref_timesteps = ref.timesteps.numpy()
-    assert plan.timesteps.shape == ref_timesteps.shape
-    np.testing.assert_allclose(plan.timesteps, ref_timesteps.astype(np.float32), rtol=1e-6, atol=1e-6)
+    assert plan.num_inference_steps == steps
     assert plan.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
 
-    latents = np.random.default_rng(SEED).standard_normal(SHAPE, dtype=np.float32)
-    x_ref = (torch.from_numpy(latents) * ref.init_noise_sigma).to(reference_dtype)  # as prepare_latents
-    x = latents * np.float32(plan.init_noise_sigma)
+    rng = np.random.default_rng(SEED)
+    latents = rng.standard_normal(SHAPE, dtype=np.float32)
+    if strength is None:
+        ref_timesteps = ref.timesteps
+        assert plan.t_start == 0
+        x_ref = (torch.from_numpy(latents) * ref.init_noise_sigma).to(reference_dtype)  # as prepare_latents
+        x = latents * np.float32(plan.init_noise_sigma)
+    else:
+        ref_timesteps, t_start = img2img_timesteps(ref, steps, strength)
+        assert plan.t_start == t_start
+        image = rng.standard_normal(SHAPE, dtype=np.float32) * np.float32(2)  # stand-in VAE latents
+        noise = torch.from_numpy(latents).to(reference_dtype)
+        x_ref = ref.add_noise(torch.from_numpy(image).to(reference_dtype), noise, ref_timesteps[:1])
+        a, b = plan.image_noise
+        assert type(a) is float and type(b) is float
+        x = np.float32(a) * image + np.float32(b) * latents
+        assert_close(x, x_ref.numpy(), float(x_ref.abs().max()), tol, f"{name} add_noise (image_noise)")
+    assert plan.timesteps.shape == ref_timesteps.shape
+    np.testing.assert_allclose(plan.timesteps, ref_timesteps.numpy().astype(np.float32), rtol=1e-6, atol=1e-6)
+
     history = initial_history(plan, SHAPE)
     generator_ref = torch.Generator().manual_seed(SEED)
     generator_ours = torch.Generator().manual_seed(SEED)
     kwargs = {"generator": generator_ref} if name in ("euler_a", "lcm") else {}
-    for i, t in enumerate(ref.timesteps):
+    for i, t in enumerate(ref_timesteps):
         scale = float(x_ref.abs().max())
         model_input_ref = ref.scale_model_input(x_ref, t)
         model_input = x * plan.input_scale[i]
@@ -278,6 +324,7 @@ def test_schedule_shapes_and_config(name: str, base: str) -> None:
         np.testing.assert_array_equal(plan.needs_noise, expected_noise)
         # (1 linspace Euler step starts at timestep 0: init_noise_sigma is sigma_0 = 0.029, as in diffusers)
         assert isinstance(plan.init_noise_sigma, float) and plan.init_noise_sigma > 0
+        assert plan.t_start == 0 and all(type(v) is float for v in plan.image_noise)
         assert not plan.coeffs.flags.writeable and not plan.timesteps.flags.writeable
 
 
@@ -353,17 +400,145 @@ def test_harness_detects_a_wrong_coefficient() -> None:
     run_both("dpmpp_2m", SD15, 10, schedule=plan)
     coeffs = plan.coeffs.copy()
     coeffs[5, 0, 3] *= np.float32(1 + 1e-3)  # DPM++ 2M's weight on the previous x0, step 5
-    broken = Schedule(
-        timesteps=plan.timesteps.copy(),
-        input_scale=plan.input_scale.copy(),
-        coeffs=coeffs,
-        needs_noise=plan.needs_noise.copy(),
-        init_noise_sigma=plan.init_noise_sigma,
-        history_size=plan.history_size,
-        num_inference_steps=plan.num_inference_steps,
-    )
+    broken = dataclasses.replace(plan, coeffs=coeffs)
     with pytest.raises(AssertionError, match="sample after call 5"):
         run_both("dpmpp_2m", SD15, 10, schedule=broken)
+
+
+# --- image-to-image (strength) ---
+
+IMG2IMG_CASES = [
+    pytest.param(name, base, strength, steps, id=f"{name}-{base}-{strength}-{steps}")
+    for base in ("sd15", "sd21")  # leading + steps_offset 1 + epsilon; linspace + v_prediction
+    for name in SCHEDULER_NAMES
+    for strength in (0.3, 0.55, 0.75, 1.0)
+    for steps in (4, 10, 25)
+]
+
+
+@pytest.mark.parametrize(("name", "base", "strength", "steps"), IMG2IMG_CASES)
+def test_img2img_matches_diffusers(name: str, base: str, strength: float, steps: int) -> None:
+    run_both(name, BASE_CONFIGS[base], steps, strength=strength)
+
+
+IMG2IMG_VARIANTS = [
+    # (name, config, steps, strength)
+    ("pndm", {**SD15, "timestep_spacing": "trailing"}, 6, 0.85),  # t_start 1: first two calls at t_1
+    ("pndm", {**SD15, "timestep_spacing": "linspace", "set_alpha_to_one": True}, 9, 0.4),
+    ("dpmpp_2m", {**SD15, "final_sigmas_type": "sigma_min"}, 20, 0.5),  # 10 calls, still 2nd-order final
+    ("dpmpp_2m", {**SD15, "final_sigmas_type": "sigma_min"}, 10, 0.5),  # lower_order_final (< 15 steps)
+    ("dpmpp_2m", {**SD15, "solver_type": "heun", "final_sigmas_type": "sigma_min"}, 16, 0.7),
+    ("dpmpp_2m_karras", {**SDXL, "sigma_min": 0.1, "sigma_max": 10.0}, 12, 0.6),
+    # Text-to-image fails in diffusers here (DIFFUSERS_INDEX_ERROR); img2img sets begin_index and runs.
+    ("dpmpp_2m_karras", SDXL_ZSNR, 25, 1.0),
+    ("euler", {**SDXL, "use_karras_sigmas": True}, 10, 0.45),
+    ("euler", {**SD21, "timestep_type": "continuous"}, 10, 0.6),
+    ("euler_a", SDXL, 10, 0.65),
+    ("ddim", SDXL, 10, 0.65),
+    ("lcm", {**SD15, "original_inference_steps": 20}, 7, 0.5),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "steps", "strength"),
+    IMG2IMG_VARIANTS,
+    ids=[f"{v[0]}-{i}" for i, v in enumerate(IMG2IMG_VARIANTS)],
+)
+def test_img2img_variants_match_diffusers(
+    name: str, config: dict[str, Any], steps: int, strength: float
+) -> None:
+    run_both(name, config, steps, strength=strength)
+
+
+STATEFUL = {"pndm", "dpmpp_2m", "dpmpp_2m_karras"}
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_img2img_naive_slice_is_caught(name: str) -> None:
+    """The harness catches the tempting shortcut: the last rows of the full table (history not restarted)."""
+    full = load_scheduler(name, SD15).schedule(10)
+    plan = load_scheduler(name, SD15).schedule(10, strength=0.65)
+    naive = dataclasses.replace(plan, coeffs=full.coeffs[-len(plan.timesteps) :])
+    with pytest.raises(AssertionError, match="sample after call 0"):
+        run_both(name, SD15, 10, schedule=naive, strength=0.65)
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_img2img_schedule_structure(name: str) -> None:
+    """Strength 1 is the text-to-image schedule; a smaller one keeps the last rows of a stateless scheduler,
+    while a multistep one restarts its history (its first kept row reads no history)."""
+    scheduler = load_scheduler(name, SD15)
+    full = scheduler.schedule(10)
+    assert full.t_start == 0
+    same = scheduler.schedule(10, strength=1.0)
+    for field in ("timesteps", "input_scale", "coeffs", "needs_noise"):
+        np.testing.assert_array_equal(getattr(same, field), getattr(full, field))
+    assert same.image_noise == full.image_noise
+    part = scheduler.schedule(10, strength=0.65)
+    assert part.t_start == 4 and part.num_inference_steps == 10
+    np.testing.assert_array_equal(part.timesteps, full.timesteps[4:])
+    np.testing.assert_array_equal(part.input_scale, full.input_scale[4:])
+    if name in STATEFUL:
+        assert (part.coeffs[0, 0, 3:] == 0).all()  # no history read on the first call
+        assert not np.array_equal(part.coeffs, full.coeffs[4:])
+    else:
+        np.testing.assert_array_equal(part.coeffs, full.coeffs[4:])
+    np.testing.assert_array_equal(part.needs_noise, full.needs_noise[4:])
+    # Less strength, less noise: the image weight grows, the noise weight shrinks.
+    a1, b1 = full.image_noise
+    a2, b2 = part.image_noise
+    assert b2 < b1 and a2 >= a1 > 0
+
+
+def test_img2img_image_noise_values() -> None:
+    """image_noise in float64 from the stored float32 tables, per parametrisation."""
+    abar = load_scheduler("ddim", SD15).alphas_cumprod()
+    for name in ("ddim", "pndm", "lcm"):
+        plan = load_scheduler(name, SD15).schedule(10, strength=0.5)
+        t = int(plan.timesteps[0])
+        assert plan.image_noise == (math.sqrt(abar[t]), math.sqrt(1 - abar[t]))
+    euler = load_scheduler("euler", SD15).schedule(10, strength=0.5)
+    sigma = float(np.sqrt(euler.input_scale[0].astype(np.float64) ** -2 - 1))
+    assert euler.image_noise[0] == 1.0 and euler.image_noise[1] == pytest.approx(sigma, rel=1e-6)
+    dpm = load_scheduler("dpmpp_2m", SD15).schedule(10, strength=0.5)
+    a, b = dpm.image_noise
+    assert a**2 + b**2 == pytest.approx(1.0, rel=1e-12)
+    # PNDM's timestep list repeats t_1, so its sliced run starts one step noisier than DDIM's.
+    ddim = load_scheduler("ddim", SD15).schedule(10, strength=0.5)
+    pndm = load_scheduler("pndm", SD15).schedule(10, strength=0.5)
+    assert pndm.timesteps[0] == ddim.timesteps[0] + 100 and len(pndm.timesteps) == len(ddim.timesteps) + 1
+
+
+@pytest.mark.parametrize("strength", [0, 0.0, -0.5, 1.0001, 2, math.nan, math.inf, True, False, "0.5", None])
+def test_bad_strength(strength: Any) -> None:
+    for name in SCHEDULER_NAMES:
+        with pytest.raises(InvalidArgumentError, match="strength") as info:
+            load_scheduler(name, SD15).schedule(10, strength=strength)
+        assert "\n" not in str(info.value)
+
+
+def test_strength_too_small_for_a_step() -> None:
+    for name in SCHEDULER_NAMES:
+        scheduler = load_scheduler(name, SD15)
+        for steps, strength in ((4, 0.2), (10, 0.09), (1, 0.999)):
+            with pytest.raises(
+                InvalidArgumentError, match="no denoising step.*raise strength or steps"
+            ) as info:
+                scheduler.schedule(steps, strength=strength)
+            assert "\n" not in str(info.value)
+        assert len(scheduler.schedule(10, strength=0.1).timesteps) == (2 if name == "pndm" else 1)
+        assert scheduler.schedule(4, strength=np.float32(0.5)).t_start == 2  # numpy scalars are numbers
+        assert scheduler.schedule(4, strength=1).t_start == 0
+
+
+def test_strength_skipping_every_clipped_timestep() -> None:
+    """lambda_min_clipped with trailing spacing gives DPM-Solver fewer than n timesteps (diffusers too)."""
+    config = {**SD15, "lambda_min_clipped": -2.0, "timestep_spacing": "trailing"}
+    scheduler = load_scheduler("dpmpp_2m", config)
+    assert len(scheduler.schedule(10).timesteps) == 9
+    with pytest.raises(InvalidArgumentError, match="skips all 9 timesteps"):
+        scheduler.schedule(10, strength=0.15)
+    run_both("dpmpp_2m", config, 10, strength=0.25)
 
 
 # --- tables ---

@@ -26,7 +26,7 @@ from sdengine.engine_keys import BuildEnv
 ENV = BuildEnv(trt_version="10.9.0", compute_capability="8.9")
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
 #: Device memory each simulated engine asks for; the VAE decoder's is the largest, as at 512x512.
-ENGINE_MEMORY = {"text_encoder": 4096, "unet": 8192, "vae_decoder": 16384}
+ENGINE_MEMORY = {"text_encoder": 4096, "unet": 8192, "vae_decoder": 16384, "vae_encoder": 12288}
 
 
 def _view(ptr: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -327,6 +327,38 @@ def test_a_step_engine_needing_more_memory_moves_every_context_and_recaptures(
     assert backend._memory.nbytes == 25000
     assert len(backend._graphs) == 2  # the 4-call graphs were dropped at the growth and captured again
     assert simulated.launches == 4 + 5 + 4
+
+
+def test_image_to_image_loads_the_vae_encoder_engine_when_asked(
+    simulated, onnx_fp32, ort_pipe_fp32, tmp_path
+):
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+    from sdengine.errors import ModelDirectoryError
+    from sdengine.pipeline import Pipeline
+
+    image = np.random.default_rng(0).uniform(0, 1, (1, 64, 64, 3)).astype(np.float32)
+    settings = dict(steps=4, seed=1, image=image, strength=0.5, scheduler="ddim")
+    engines = tmp_path / "engines"
+    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    backend = TrtBackend.load(engines)
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    with pytest.raises(ModelDirectoryError, match="--components vae_encoder"):
+        pipe("a cat", **settings)
+    build_engines(
+        onnx_fp32,
+        engines,
+        batch=1,
+        height=64,
+        width=64,
+        env=ENV,
+        builder=write_plan,
+        components=["vae_encoder"],
+    )
+    backend = TrtBackend.load(engines)
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    ours, ref = pipe("a cat", **settings), ort_pipe_fp32("a cat", **settings)
+    np.testing.assert_allclose(ours.array, ref.array, atol=1e-4)
 
 
 def test_stale_engines_are_refused_before_anything_runs(simulated, onnx_fp32, tmp_path):

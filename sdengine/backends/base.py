@@ -61,12 +61,17 @@ class Denoiser(Protocol):
 
 
 class Backend(Protocol):
-    """Runs the models of text-to-image generation. Arrays in and out are host numpy arrays."""
+    """Runs the models of text- and image-to-image generation. Arrays in and out are host numpy arrays."""
 
     name: str
 
     def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
         """Token ids (B, sequence) -> text embeddings (B, sequence, hidden), float32."""
+        ...
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """The VAE encoder (image to image): images (B, 3, H, W) in [-1, 1] -> the latent distribution's
+        parameters (B, 2 * latent channels, H / 8, W / 8), means then log-variances, float32."""
         ...
 
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> Denoiser:

@@ -16,9 +16,9 @@ from onnx import helper
 
 from sdengine.backends.base import DenoisePlan, GraphKey
 from sdengine.backends.ort_cache import optimized_model
-from sdengine.errors import CorruptModelError
+from sdengine.errors import CorruptModelError, ModelDirectoryError
 from sdengine.model_dir import ModelDir
-from sdengine.model_specs import REQUIRED_COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, ModelSpec
+from sdengine.model_specs import REQUIRED_COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelSpec
 from sdengine.step_graph import (
     MAX_HISTORY,
     STEP_OUTPUTS,
@@ -106,28 +106,32 @@ class OrtBackend:
     ) -> None:
         """``preload``: the models to open sessions for now (a GPU backend opens its UNet per shape).
         ``optimized_cache``: keep ONNX Runtime's optimised CPU graphs per machine (see ``ort_cache``)."""
-        specs = model_dir.arch.specs()
+        self.model_dir = model_dir
         self.providers = list(providers)
+        self.threads, self.optimized_cache = threads, optimized_cache
         self.options = session_options(threads)
-        self.specs = {c: specs[c] for c in REQUIRED_COMPONENTS}
-        cpu_only = all(p == "CPUExecutionProvider" for p in self.providers)
-
-        def load(component: str) -> ort.InferenceSession:
-            path, spec = model_dir.onnx_path(component), self.specs[component]
-            if optimized_cache and cpu_only:
-                opener = lambda p, o: open_session(p, spec, self.providers, o)  # noqa: E731
-                return optimized_model(path, lambda: session_options(threads), opener)
-            return open_session(str(path), spec, self.providers, self.options)
-
-        self.sessions = {c: load(c) for c in preload}
+        self.specs = model_dir.arch.specs()
+        self.sessions = {c: self._open(c) for c in preload}
         self._inputs = {
             c: session_inputs(self.sessions[c])
             if c in self.sessions
             else declared_inputs(model_dir.onnx_path(c))
-            for c in self.specs
+            for c in REQUIRED_COMPONENTS
         }
         self.step_providers = self.providers
         self._step_sessions: dict[GraphKey, ort.InferenceSession] = {}
+
+    def _open(self, component: str) -> ort.InferenceSession:
+        path, spec = self.model_dir.onnx_path(component), self.specs[component]
+        if not path.is_file():  # only the optional VAE encoder gets here; the directory check covers the rest
+            raise ModelDirectoryError(
+                f"{self.model_dir.root} has no {component} model, which image to image needs; export it "
+                "(sdengine export writes every component unless --components says otherwise)"
+            )
+        if self.optimized_cache and all(p == "CPUExecutionProvider" for p in self.providers):
+            opener = lambda p, o: open_session(p, spec, self.providers, o)  # noqa: E731
+            return optimized_model(path, lambda: session_options(self.threads), opener)
+        return open_session(str(path), spec, self.providers, self.options)
 
     def _run(self, component: str, **arrays: np.ndarray) -> np.ndarray:
         declared = self._inputs[component]
@@ -161,6 +165,12 @@ class OrtBackend:
 
     def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run(TEXT_ENCODER, input_ids=input_ids)
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        if VAE_ENCODER not in self.sessions:  # opened on first use: text to image never needs it
+            self.sessions[VAE_ENCODER] = self._open(VAE_ENCODER)
+            self._inputs[VAE_ENCODER] = session_inputs(self.sessions[VAE_ENCODER])
+        return self._run(VAE_ENCODER, sample=pixels)
 
     def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
         return self._run(UNET, sample=sample, timestep=timestep, encoder_hidden_states=context)

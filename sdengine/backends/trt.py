@@ -1,7 +1,8 @@
 """TensorRT backend: engines deserialized once, one CUDA stream, whole denoising steps as CUDA-graph replays.
 
-- Engines (text encoder, UNet, VAE decoder) come from ``sdengine build``; each is checked against the engine
-  manifest before use (stale ONNX, other TensorRT, other GPU: refused with the fix, never silently run).
+- Engines (text encoder, UNet, VAE decoder; the VAE encoder for image to image) come from ``sdengine build``;
+  each is checked against the engine manifest before use (stale ONNX, other TensorRT, other GPU: refused with
+  the fix, never silently run).
 - The step model (:mod:`sdengine.step_graph`: guidance, scheduler update, next UNet input) is built into a
   small static engine per shape on first use and cached in the engine directory, so the GPU runs the very
   step the CPU tests verify.
@@ -34,7 +35,7 @@ from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, 
 from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, resolve_engine
 from sdengine.errors import BackendUnavailableError, ModelDirectoryError
 from sdengine.model_dir import ModelDir, open_onnx_dir
-from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
+from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdengine.step_graph import (
     MAX_HISTORY,
     STEP_OUTPUTS,
@@ -249,6 +250,13 @@ class TrtBackend:
 
     def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run_host(TEXT_ENCODER, {"input_ids": input_ids})
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        if VAE_ENCODER not in self.engines:  # loaded on first use: text to image never needs it
+            plan = resolve_engine(self.engine_dir, VAE_ENCODER, self.model_dir.root, env=self.env)
+            self.engines[VAE_ENCODER] = Engine(self.trt, self.runtime, plan)
+            self.shared_memory([self.engines[VAE_ENCODER]])
+        return self._run_host(VAE_ENCODER, {"sample": pixels})
 
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> GraphSteps:
         key = GraphKey.of(plan)

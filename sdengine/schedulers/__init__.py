@@ -13,6 +13,11 @@ kernel. Each scheduler matches the diffusers 0.42 class of the same algorithm st
         eps = unet(plan.input_scale[i] * x, t)  # classifier-free guidance already combined
         noise = rng.standard_normal(shape, dtype=np.float32) if plan.needs_noise[i] else None
         x, history = step(plan.coeffs[i], x, eps, noise, history)
+
+Image-to-image (diffusers' ``StableDiffusionImg2ImgPipeline``): ``schedule(25, strength=0.6)`` leaves out
+the first ``plan.t_start`` = 25 - int(25 * 0.6) steps and restarts multistep state at the first step kept;
+the loop above then starts from ``x = a * image_latents + b * noise`` with ``(a, b) = plan.image_noise``
+(the scheduler's ``add_noise``) instead of ``init_noise_sigma * noise``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -30,7 +31,7 @@ class Scheduler(Protocol):
     name: str
     config: SchedulerConfig
 
-    def schedule(self, num_inference_steps: int) -> Schedule: ...
+    def schedule(self, num_inference_steps: int, strength: float = 1.0) -> Schedule: ...
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,21 @@ class BaseScheduler:
                     f"{self.name}: {key}=True is not supported (it is not a linear step)"
                 )
 
-    def schedule(self, num_inference_steps: int) -> Schedule:
-        """The tables for ``num_inference_steps`` denoising steps."""
-        n = check_steps(num_inference_steps, self.params["num_train_timesteps"])
-        return self._build(n)
+    def schedule(self, num_inference_steps: int, strength: float = 1.0) -> Schedule:
+        """The tables for ``num_inference_steps`` denoising steps, of which image-to-image at ``strength``
+        runs the last ``int(num_inference_steps * strength)`` (diffusers' ``StableDiffusionImg2ImgPipeline``).
 
-    def _build(self, n: int) -> Schedule:
+        InvalidArgumentError for a bad step count or strength (see :func:`img2img_start`).
+        """
+        n = check_steps(num_inference_steps, self.params["num_train_timesteps"])
+        return self._build(n, img2img_start(n, strength))
+
+    def _build(self, n: int, t_start: int) -> Schedule:
+        """The schedule of ``n`` steps from model call ``t_start`` on, the scheduler fresh at that call.
+
+        diffusers slices ``timesteps[t_start * order:]``; ``order`` is 1 for every supported class, so
+        ``t_start`` is also a call index (for PNDM, into its ``n + 1`` calls).
+        """
         raise NotImplementedError
 
     def alphas_cumprod(self, *, zero_snr_floor: bool = False) -> np.ndarray:
@@ -112,6 +122,27 @@ class BaseScheduler:
                 f"num_train_timesteps is {p['num_train_timesteps']}"
             )
         return tables.alphas_cumprod(betas, zero_snr_floor=zero_snr_floor)
+
+
+def img2img_start(num_inference_steps: int, strength: float) -> int:
+    """diffusers' image-to-image ``t_start`` (``StableDiffusionImg2ImgPipeline.get_timesteps``): the number
+    of leading steps that ``strength`` in (0, 1] skips, ``n - min(int(n * strength), n)``.
+
+    InvalidArgumentError for a strength outside (0, 1] (or not a real number), or one that leaves no step.
+    """
+    if isinstance(strength, (bool, np.bool_)) or not isinstance(strength, numbers.Real):
+        raise InvalidArgumentError(f"strength must be a real number in (0, 1], got {strength!r}")
+    s = float(strength)
+    if not 0.0 < s <= 1.0:
+        raise InvalidArgumentError(f"strength must be in (0, 1], got {strength!r}")
+    n = num_inference_steps
+    denoising = min(int(n * s), n)
+    if denoising == 0:
+        raise InvalidArgumentError(
+            f"strength {s!r} with {n} steps runs no denoising step (int({n} * {s!r}) = 0); "
+            "raise strength or steps"
+        )
+    return n - denoising
 
 
 def check_steps(num_inference_steps: int, num_train_timesteps: int) -> int:

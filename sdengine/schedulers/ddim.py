@@ -9,7 +9,7 @@ import numpy as np
 
 from . import tables
 from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
-from .schedule import Forms, Schedule, make_schedule, vp_predictions
+from .schedule import Forms, Schedule, make_schedule, vp_image_noise, vp_predictions
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class DDIM(BaseScheduler):
         super()._validate(params)
         self.refuse_flags(params, "thresholding", "clip_sample")
 
-    def _build(self, n: int) -> Schedule:
+    def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         n_train = p["num_train_timesteps"]
         abar = self.alphas_cumprod()
@@ -51,7 +51,7 @@ class DDIM(BaseScheduler):
         )
         f = Forms(0)
         rows = []
-        for t in ts:
+        for t in ts[t_start:]:  # stateless: image-to-image keeps the last rows
             prev_t = t - n_train // n
             a, a_prev = abar[t], (abar[prev_t] if prev_t >= 0 else final_abar)
             x0, eps = vp_predictions(p["prediction_type"], a, f.sample, f.model_output)
@@ -61,7 +61,9 @@ class DDIM(BaseScheduler):
             input_scale=1.0,
             rows=rows,
             init_noise_sigma=1.0,
+            image_noise=vp_image_noise(abar[ts[t_start]]),
             history_size=0,
             num_inference_steps=n,
+            t_start=t_start,
             scheduler=self.name,
         )

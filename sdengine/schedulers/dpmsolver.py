@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import UnsupportedConfigError
+from ..errors import InvalidArgumentError, UnsupportedConfigError
 from . import tables
 from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
 from .schedule import Forms, Schedule, make_schedule, vp_predictions
@@ -28,6 +28,8 @@ class DPMSolverMultistep(BaseScheduler):
 
     diffusers quirks kept: the first step is first order; the last one too when ``euler_at_final``, when
     ``final_sigmas_type="zero"`` (then x' = x0), or with ``lower_order_final`` and fewer than 15 steps.
+    Image-to-image restarts at first order on its first call; "last" and "fewer than 15" still count the
+    full schedule's steps.
     """
 
     name: str = field(default="dpmpp_2m", init=False)
@@ -89,7 +91,7 @@ class DPMSolverMultistep(BaseScheduler):
             "use_dynamic_shifting",
         )
 
-    def _build(self, n: int) -> Schedule:
+    def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         n_train = p["num_train_timesteps"]
         abar = self.alphas_cumprod(zero_snr_floor=True)
@@ -115,10 +117,15 @@ class DPMSolverMultistep(BaseScheduler):
         sigmas = tables.f32(np.concatenate([sigmas, [sigma_last]]))
 
         steps = len(timesteps)
+        if t_start >= steps:  # lambda_min_clipped with trailing spacing can give fewer than n timesteps
+            raise InvalidArgumentError(
+                f"{self.name}: this strength skips all {steps} timesteps; raise strength or steps"
+            )
+        alpha_start = 1.0 / np.sqrt(sigmas[t_start] ** 2 + 1.0)
         f = Forms(1)
         x, prev_x0 = f.sample, f.history(1)
         rows = []
-        for i in range(steps):
+        for i in range(t_start, steps):
             s, s_next = sigmas[i], sigmas[i + 1]
             alpha, alpha_next = 1.0 / np.sqrt(s**2 + 1.0), 1.0 / np.sqrt(s_next**2 + 1.0)
             x0 = vp_predictions(p["prediction_type"], alpha**2, x, f.model_output)[0]
@@ -130,7 +137,8 @@ class DPMSolverMultistep(BaseScheduler):
                 or (p["lower_order_final"] and steps < 15)
                 or p["final_sigmas_type"] == "zero"
             )
-            if i > 0 and not lower_order_final:
+            # The first call of a run has no previous x0 (diffusers' lower_order_nums starts at 0).
+            if i > t_start and not lower_order_final:
                 h = np.log(s / s_next)
                 r = np.log(sigmas[i - 1] / s) / h
                 d1 = (x0 - prev_x0) / r
@@ -144,8 +152,10 @@ class DPMSolverMultistep(BaseScheduler):
             input_scale=1.0,
             rows=rows,
             init_noise_sigma=1.0,
+            image_noise=(alpha_start, sigmas[t_start] * alpha_start),  # add_noise: alpha_t x0 + sigma_t noise
             history_size=1,
             num_inference_steps=n,
+            t_start=t_start,
             scheduler=self.name,
         )
 

@@ -88,7 +88,7 @@ class Euler(BaseScheduler):
         self.require(params, "final_sigmas_type", ("zero", "sigma_min"))
         self.refuse_flags(params, "use_exponential_sigmas", "use_beta_sigmas")
 
-    def _build(self, n: int) -> Schedule:
+    def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         abar = self.alphas_cumprod(zero_snr_floor=True)
         timesteps, sigmas = discrete_sigmas(p, abar, n, karras=bool(p["use_karras_sigmas"]))
@@ -97,7 +97,8 @@ class Euler(BaseScheduler):
             timesteps = tables.f32(0.25 * np.log(sigmas[:-1]))
         f = Forms(0)
         rows = []
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        # stateless: image-to-image keeps the last rows
+        for sigma, sigma_next in zip(sigmas[t_start:-1], sigmas[t_start + 1 :], strict=True):
             x0 = k_diffusion_denoised(p["prediction_type"], sigma, f.sample, f.model_output)
             derivative = (f.sample - x0) / sigma
             rows.append([f.sample + derivative * (sigma_next - sigma)])
@@ -106,7 +107,9 @@ class Euler(BaseScheduler):
             input_scale=1.0 / np.sqrt(sigmas[:-1] ** 2 + 1.0),
             rows=rows,
             init_noise_sigma=init_noise_sigma(p["timestep_spacing"], sigmas),
+            image_noise=(1.0, float(sigmas[t_start])),  # add_noise: x0 + sigma noise, sigma at begin_index
             history_size=0,
             num_inference_steps=n,
+            t_start=t_start,
             scheduler=self.name,
         )

@@ -34,13 +34,14 @@ class EulerAncestral(BaseScheduler):
         "rescale_betas_zero_snr": False,
     }
 
-    def _build(self, n: int) -> Schedule:
+    def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         abar = self.alphas_cumprod(zero_snr_floor=True)
         timesteps, sigmas = discrete_sigmas(p, abar, n)
         f = Forms(0)
         rows = []
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        # stateless: image-to-image keeps the last rows
+        for sigma, sigma_next in zip(sigmas[t_start:-1], sigmas[t_start + 1 :], strict=True):
             sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
             sigma_down = np.sqrt(sigma_next**2 - sigma_up**2)
             x0 = k_diffusion_denoised(p["prediction_type"], sigma, f.sample, f.model_output)
@@ -51,7 +52,9 @@ class EulerAncestral(BaseScheduler):
             input_scale=1.0 / np.sqrt(sigmas[:-1] ** 2 + 1.0),
             rows=rows,
             init_noise_sigma=init_noise_sigma(p["timestep_spacing"], sigmas),
+            image_noise=(1.0, float(sigmas[t_start])),  # add_noise: x0 + sigma noise, sigma at begin_index
             history_size=0,
             num_inference_steps=n,
+            t_start=t_start,
             scheduler=self.name,
         )

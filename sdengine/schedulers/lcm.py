@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from .base import BaseScheduler
-from .schedule import Forms, Schedule, make_schedule, vp_predictions
+from .schedule import Forms, Schedule, make_schedule, vp_image_noise, vp_predictions
 
 #: sigma_data of the consistency-model boundary condition (Song et al. 2023, "Consistency Models", App. C).
 SIGMA_DATA = 0.5
@@ -53,7 +53,7 @@ class LCM(BaseScheduler):
         super()._validate(params)
         self.refuse_flags(params, "thresholding", "clip_sample")
 
-    def _build(self, n: int) -> Schedule:
+    def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         n_train, original = p["num_train_timesteps"], p["original_inference_steps"]
         if not 1 <= original <= n_train:
@@ -70,7 +70,8 @@ class LCM(BaseScheduler):
         abar = self.alphas_cumprod()
         f = Forms(0)
         rows = []
-        for i, t in enumerate(ts):
+        for i in range(t_start, n):  # stateless: image-to-image keeps the last rows (i is absolute)
+            t = ts[i]
             u = t * p["timestep_scaling"]
             c_skip = SIGMA_DATA**2 / (u**2 + SIGMA_DATA**2)
             c_out = u / np.sqrt(u**2 + SIGMA_DATA**2)
@@ -86,7 +87,9 @@ class LCM(BaseScheduler):
             input_scale=1.0,
             rows=rows,
             init_noise_sigma=1.0,
+            image_noise=vp_image_noise(abar[ts[t_start]]),
             history_size=0,
             num_inference_steps=n,
+            t_start=t_start,
             scheduler=self.name,
         )

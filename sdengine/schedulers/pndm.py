@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import UnsupportedConfigError
 from . import tables
 from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
-from .schedule import Forms, Schedule, make_schedule
+from .schedule import Forms, Schedule, make_schedule, vp_image_noise
 
 #: Adams-Bashforth weights applied to [eps_i, eps_{i-1}, ...] once the history holds 1..4 model outputs.
 _PLMS_WEIGHTS = {
@@ -36,6 +36,11 @@ class PNDM(BaseScheduler):
     sample x_0 and output e_0; call 1 restarts from x_0 with (e_0 + e_1) / 2 over [t_1 + T // N, t_1] and
     does not enter e_1 in the history; later calls use 2, 3, then 4 outputs (Adams-Bashforth weights). As in
     diffusers the step is always T // N timesteps long, whatever the spacing.
+
+    Image-to-image runs the calls from ``t_start`` on, with this warm-up restarted there (diffusers' counter
+    and history start empty). Since the timestep list repeats t_1, call ``t_start`` (k >= 1) is at t_{k-1},
+    one step noisier than the other schedulers start; for k = 1 the first two calls are both at t_1 and the
+    second steps from t_1 + T // N to t_1 (diffusers too).
     """
 
     name: str = field(default="pndm", init=False)
@@ -58,7 +63,7 @@ class PNDM(BaseScheduler):
                 "only PLMS with skip_prk_steps=True"
             )
 
-    def _build(self, n: int) -> Schedule:
+    def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         n_train = p["num_train_timesteps"]
         abar = self.alphas_cumprod()
@@ -72,17 +77,18 @@ class PNDM(BaseScheduler):
         f = Forms(4)
         stored, outputs = f.history(1), [f.history(2), f.history(3), f.history(4)]
         rows = []
-        for i, t in enumerate(ts):
-            if i == 1:
+        for i in range(t_start, len(ts)):
+            t, calls = ts[i], i - t_start  # calls: diffusers' counter, 0 at the first call of a run
+            if calls == 1:
                 t_cur, t_prev = t + ratio, t
                 x, e = stored, (f.model_output + outputs[0]) / 2
                 new_history = [f.zero, *outputs]
             else:
                 t_cur, t_prev = t, t - ratio
                 past = [f.model_output, *outputs]
-                weights = _PLMS_WEIGHTS[1 if i == 0 else min(i, 4)]
+                weights = _PLMS_WEIGHTS[1 if calls == 0 else min(calls, 4)]
                 x, e = f.sample, sum(w * o for w, o in zip(weights, past[: len(weights)], strict=True))
-                new_history = [f.sample if i == 0 else f.zero, *past[:3]]
+                new_history = [f.sample if calls == 0 else f.zero, *past[:3]]
             tables.check_timesteps(np.array([t_cur]), n_train)
             a, a_prev = abar[t_cur], (abar[t_prev] if t_prev >= 0 else final_abar)
             if p["prediction_type"] == "v_prediction":
@@ -94,7 +100,9 @@ class PNDM(BaseScheduler):
             input_scale=1.0,
             rows=rows,
             init_noise_sigma=1.0,
+            image_noise=vp_image_noise(abar[ts[t_start]]),
             history_size=4,
             num_inference_steps=n,
+            t_start=t_start,
             scheduler=self.name,
         )

@@ -7,6 +7,12 @@ a matrix ``coeffs[i]`` of shape ``(1 + K, 3 + K)``::
 
 A scheduler builds each output as a *linear form*: a float64 vector over those ``3 + K`` inputs, combined with
 ordinary arithmetic (see :class:`Forms`), so the table code reads like the update equations it encodes.
+
+Image-to-image runs only the calls ``t_start, t_start + 1, ...`` of the full schedule, with a fresh scheduler
+(diffusers' img2img pipeline slices ``scheduler.timesteps`` and calls ``set_begin_index``). Every scheduler
+builds its rows the same way: ``for i in range(t_start, S)``, reading the full-schedule tables at ``i`` (step
+indices stay absolute) and its multistep state from ``i - t_start`` (the calls made since it was fresh);
+:func:`make_schedule` then keeps the per-call tables from ``t_start`` on.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UnsupportedConfigError
+from ..errors import InvalidArgumentError, UnsupportedConfigError
 
 SAMPLE, MODEL_OUTPUT, NOISE = 0, 1, 2
 #: Column of history buffer ``h_1`` in a row; ``h_j`` is column ``HISTORY + j - 1``.
@@ -30,6 +36,11 @@ class Schedule:
     ``S = len(timesteps)`` model calls (PNDM makes ``num_inference_steps + 1``, like diffusers). For call
     ``i`` the UNet gets ``input_scale[i] * sample`` at timestep ``timesteps[i]``, then
     :func:`sdengine.schedulers.step` applies ``coeffs[i]``. Arrays are read-only.
+
+    The first sample is ``init_noise_sigma * noise`` for text-to-image, and ``a * image_latents + b * noise``
+    with ``(a, b) = image_noise`` for image-to-image (the scheduler's ``add_noise`` at ``timesteps[0]``; it
+    is filled at strength 1 too). A schedule for ``strength`` < 1 leaves out its first ``t_start`` calls of
+    the full ``num_inference_steps`` schedule; ``t_start`` is 0 at strength 1.
     """
 
     timesteps: np.ndarray  # (S,) float32
@@ -37,8 +48,10 @@ class Schedule:
     coeffs: np.ndarray  # (S, 1 + K, 3 + K) float32
     needs_noise: np.ndarray  # (S,) bool
     init_noise_sigma: float
+    image_noise: tuple[float, float]
     history_size: int
     num_inference_steps: int
+    t_start: int
 
     def __post_init__(self) -> None:
         s, k = len(self.timesteps), self.history_size
@@ -57,6 +70,8 @@ class Schedule:
             view = value.view()  # read-only view: the caller's own array keeps its flags
             view.setflags(write=False)
             object.__setattr__(self, name, view)
+        a, b = self.image_noise
+        object.__setattr__(self, "image_noise", (float(a), float(b)))
 
 
 class Forms:
@@ -122,18 +137,33 @@ def vp_predictions(
     )
 
 
+def vp_image_noise(alpha_prod: float) -> tuple[float, float]:
+    """``add_noise`` of the variance-preserving schedulers (DDPM's q(x_t | x_0), Ho et al. 2020, eq. 4):
+    x_t = sqrt(a) x_0 + sqrt(1 - a) noise, a = alpha-bar_t."""
+    return float(np.sqrt(alpha_prod)), float(np.sqrt(1.0 - alpha_prod))
+
+
 def make_schedule(
     *,
     timesteps: np.ndarray,
     input_scale: np.ndarray | float,
     rows: Sequence[Sequence[np.ndarray]],
     init_noise_sigma: float,
+    image_noise: tuple[float, float],
     history_size: int,
     num_inference_steps: int,
+    t_start: int,
     scheduler: str,
 ) -> Schedule:
-    """A :class:`Schedule` from per-step output forms ``rows[i] = [new_sample, new_h_1..new_h_K]``."""
+    """A :class:`Schedule` from the full run's per-call ``timesteps`` and ``input_scale`` and the output forms
+    ``rows = [[new_sample, new_h_1..new_h_K] for calls t_start, t_start + 1, ...]``."""
     timesteps = np.asarray(timesteps, dtype=np.float64)
+    input_scale = np.broadcast_to(np.asarray(input_scale, dtype=np.float64), timesteps.shape)
+    if t_start >= len(timesteps):
+        raise InvalidArgumentError(
+            f"{scheduler}: this strength skips all {len(timesteps)} model calls; raise strength or steps"
+        )
+    timesteps, input_scale = timesteps[t_start:], input_scale[t_start:]
     if len(rows) != len(timesteps):
         raise AssertionError(f"{scheduler}: {len(rows)} rows for {len(timesteps)} timesteps")
     coeffs = np.array([np.stack(row) for row in rows], dtype=np.float64).reshape(
@@ -147,10 +177,12 @@ def make_schedule(
     coeffs32 = coeffs.astype(np.float32)
     return Schedule(
         timesteps=timesteps.astype(np.float32),
-        input_scale=np.broadcast_to(np.asarray(input_scale, dtype=np.float32), timesteps.shape).copy(),
+        input_scale=input_scale.astype(np.float32),
         coeffs=coeffs32,
         needs_noise=(coeffs32[:, :, NOISE] != 0).any(axis=1),
         init_noise_sigma=float(init_noise_sigma),
+        image_noise=image_noise,
         history_size=history_size,
         num_inference_steps=num_inference_steps,
+        t_start=t_start,
     )
