@@ -1,4 +1,5 @@
-"""The offline demo: random tiny checkpoint -> ONNX -> image, with the PyTorch baseline beside it.
+"""The offline demo: random tiny checkpoint -> ONNX -> image, then image to image from it, with the PyTorch
+baseline beside each.
 
 Needs the ``export`` extra (torch, diffusers) for writing the checkpoint, exporting it and the baseline.
 """
@@ -13,6 +14,8 @@ from sdengine.images import psnr, save_png
 PROMPT = "a photo of an astronaut riding a horse on mars"
 NEGATIVE = "blurry"
 SEED = 0
+IMG2IMG_PROMPT = "the same scene as a watercolour"
+IMG2IMG_STRENGTH = 0.6
 
 
 def run_demo(
@@ -25,27 +28,47 @@ def run_demo(
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/4] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/5] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/4] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/5] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
-    results = {}
+    pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/4] generating with the {backend} backend")
-        pipe = Pipeline.load(path, backend=backend)
-        pipe(PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
-        results[backend] = pipe(PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
+        say(f"[{i}/5] text to image with the {backend} backend")
+        pipes[backend] = Pipeline.load(path, backend=backend)
+        pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
+        results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
     ort_result = results["ort"]
+    say(f"[5/5] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    redone = {
+        backend: pipe(
+            IMG2IMG_PROMPT,
+            NEGATIVE,
+            steps=steps,
+            seed=SEED,
+            scheduler=scheduler,
+            image=ort_result.array,
+            strength=IMG2IMG_STRENGTH,
+        )
+        for backend, pipe in pipes.items()
+    }
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
+    img2img_output = output.with_name(f"{output.stem}-img2img{output.suffix or '.png'}")
+    save_png(
+        redone["ort"].images[0], img2img_output, {**redone["ort"].request.parameters(), "backend": "ort"}
+    )
     similarity = psnr(ort_result.array, results["torch"].array)
+    img2img_similarity = psnr(redone["ort"].array, redone["torch"].array)
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
     print(
         f"\nwrote {output}: {steps} steps, "
         f"{ort_result.request.height}x{ort_result.request.width}, seed {SEED}"
     )
     print(f"ONNX Runtime image vs PyTorch (diffusers) image: PSNR {similarity:.1f} dB")
+    print(f"wrote {img2img_output}: image to image from it, strength {IMG2IMG_STRENGTH}")
+    print(f"ONNX Runtime vs PyTorch (diffusers img2img): PSNR {img2img_similarity:.1f} dB")
     print(
         "NOTE: the checkpoint's weights are RANDOM, so the image is structured noise, "
         "not a picture of the prompt."
     )
-    return {"psnr_db": similarity}
+    return {"psnr_db": similarity, "img2img_psnr_db": img2img_similarity}

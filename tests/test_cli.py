@@ -111,3 +111,13 @@ def test_corrupt_onnx_is_one_line(onnx_fp32, tmp_path, capsys):
     assert main(["generate", str(broken), "a cat"]) == 1
     err = capsys.readouterr().err.strip()
     assert "cannot load" in err and "vae_decoder" in err and "\n" not in err
+
+
+def test_demo_writes_both_images_and_matches_diffusers(tmp_path, capsys):
+    from sdengine.demo import run_demo
+
+    output = tmp_path / "demo.png"
+    scores = run_demo(tmp_path / "work", output=output, steps=4)
+    assert output.is_file() and (tmp_path / "demo-img2img.png").is_file()
+    assert scores["psnr_db"] >= 40 and scores["img2img_psnr_db"] >= 40
+    assert "PSNR" in capsys.readouterr().out
