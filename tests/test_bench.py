@@ -82,3 +82,11 @@ def test_gpu_preset_without_a_gpu_is_one_line(capsys):
     assert main(["bench", "sd15-512"]) == 1
     err = capsys.readouterr().err.strip()
     assert "runs on a CUDA GPU" in err and "\n" not in err
+
+
+def test_host_overhead_benchmark_runs_the_real_step(capsys):
+    from benchmarks.host_overhead import main as host_overhead
+
+    assert host_overhead(["--steps", "5", "--runs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("us/step") == 2 and "not included" in out
