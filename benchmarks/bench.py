@@ -50,6 +50,7 @@ class BenchConfig:
     device: str | None = None
     optimized_cache: bool = False
     engine_dir: Path | None = None  # TensorRT engines (``sdengine build``) for the trt backend
+    graphs: str = "step"  # GPU graph mode of the ort and trt backends
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -142,6 +143,8 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
         cmd += ["--device", config.device]
     if config.optimized_cache and backend != "torch":
         cmd += ["--optimized-cache"]
+    if backend != "torch":
+        cmd += ["--graphs", config.graphs]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SDEngineError(

@@ -4,12 +4,13 @@ Run on a lent GPU machine by ``benchmarks/gpu_check.sh`` (which installs the car
 
     python -m benchmarks.gpu_check [--out DIR] [--steps 20,50] [--runs 3]
 
-1. Parity on the tiny random checkpoint: ONNX Runtime CUDA with CUDA graphs against the same backend eager
-   (graph replay must give the eager latents), against ONNX Runtime on the CPU (fp32), and fp16 ONNX Runtime
-   CUDA against diffusers fp16 on the GPU.
+1. Parity on the tiny random checkpoint: ONNX Runtime CUDA with whole-step graphs (``step``) and with its
+   own graph mode (``ort``) against the same backend without graphs (a replay must give the eager latents),
+   against ONNX Runtime on the CPU (fp32, text and image to image), and fp16 ONNX Runtime CUDA against
+   diffusers fp16 on the GPU.
 2. Latency on the SD 1.5-sized random checkpoint, fp16, 512x512, batch 1, CFG, for each step count: every
    available GPU backend against diffusers fp16 eager on the same GPU, in the same run (CUDA events for the
-   denoising loop, medians over runs).
+   denoising loop, medians over runs); then ONNX Runtime once more with its own graph mode.
 Writes ``gpu_check.json`` and the tables to --out. TensorRT runs only where it is installed (engines are
 built for 512x512 first, and their build time reported); the lent machines here have none.
 """
@@ -20,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,28 +50,36 @@ def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
 
     ckpt = write_random_checkpoint(work / "tiny", "tiny", seed=0, overwrite=True)
     parts = ["text_encoder", "unet", "vae_decoder"]
-    export_checkpoint(ckpt, work / "tiny-fp32", components=parts)
+    export_checkpoint(ckpt, work / "tiny-fp32", components=[*parts, "vae_encoder"])  # + image to image
     export_checkpoint(ckpt, work / "tiny-fp16", precision="fp16", components=parts)
     fp32, fp16 = open_onnx_dir(work / "tiny-fp32"), open_onnx_dir(work / "tiny-fp16")
     settings = dict(steps=8, seed=1, height=64, width=96, guidance=7.5)
     tok = ClipTokenizer.from_dir(fp32.tokenizer_dir)
-    graph_backend = OrtCudaBackend(fp32, cuda_graphs=True, device=device)
-    graphs = Pipeline(fp32, graph_backend, tok)
-    eager = Pipeline(fp32, OrtCudaBackend(fp32, cuda_graphs=False, device=device), tok)
+    backends = {mode: OrtCudaBackend(fp32, graphs=mode, device=device) for mode in ("step", "ort", "none")}
+    pipes = {mode: Pipeline(fp32, backend, tok) for mode, backend in backends.items()}
     cpu = Pipeline.load(fp32.root, backend="ort", device="cpu")
     results = {}
     for scheduler in ("pndm", "euler_a", "dpmpp_2m"):
-        g1 = graphs(PROMPT, scheduler=scheduler, **settings)
-        g2 = graphs(PROMPT, scheduler=scheduler, **{**settings, "seed": 2})  # replays the captured graphs
-        e1 = eager(PROMPT, scheduler=scheduler, **settings)
-        e2 = eager(PROMPT, scheduler=scheduler, **{**settings, "seed": 2})
+        runs = {
+            mode: [pipe(PROMPT, scheduler=scheduler, **{**settings, "seed": seed}) for seed in (1, 2)]
+            for mode, pipe in pipes.items()  # the second seed replays the graphs captured for the first
+        }
+        for mode in ("step", "ort"):
+            results[f"{scheduler}: {mode} graphs vs no graphs, max |latent diff|"] = float(
+                max(
+                    np.abs(a.latents - b.latents).max() for a, b in zip(runs[mode], runs["none"], strict=True)
+                )
+            )
         c1 = cpu(PROMPT, scheduler=scheduler, **settings)
-        results[f"{scheduler}: graph vs eager, max |latent diff|"] = float(
-            max(np.abs(g1.latents - e1.latents).max(), np.abs(g2.latents - e2.latents).max())
-        )
-        results[f"{scheduler}: CUDA vs CPU fp32, PSNR dB"] = psnr(g1.array, c1.array)
-    results["UNet CUDA graphs refused by ONNX Runtime"] = graph_backend.graphs_refused or "no"
-    half = Pipeline(fp16, OrtCudaBackend(fp16, cuda_graphs=True, device=device), tok)
+        results[f"{scheduler}: CUDA vs CPU fp32, PSNR dB"] = psnr(runs["step"][0].array, c1.array)
+    for mode in ("step", "ort"):
+        results[f"{mode} graphs refused"] = backends[mode].graphs_refused or "no"
+    image = cpu(PROMPT, **settings).array
+    img2img = dict(settings, image=image, strength=0.6)
+    results["image to image: CUDA vs CPU fp32, PSNR dB"] = psnr(
+        pipes["step"](PROMPT, **img2img).array, cpu(PROMPT, **img2img).array
+    )
+    half = Pipeline(fp16, OrtCudaBackend(fp16, device=device), tok)
     torch16 = TorchPipeline.load(ckpt, device=device)
     results["fp16 CUDA vs diffusers fp16 GPU, PSNR dB"] = psnr(
         half(PROMPT, **settings).array, torch16(PROMPT, **settings).array
@@ -104,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     report["parity"] = parity(work, device)
     for name, value in report["parity"].items():
         log(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
+    save(report, out)
 
     from export.checkpoint import write_random_checkpoint
     from export.onnx_export import export_checkpoint
@@ -132,30 +143,42 @@ def main(argv: list[str] | None = None) -> int:
         backends = ("trt", "ort", "torch")
     flops = stage_flops(ckpt, onnx_dir, batch=1, height=size, width=size, cfg=True)
     report["latency"] = {}
-    for steps in (int(s) for s in args.steps.split(",")):
-        log(f"latency: {size}x{size}, batch 1, CFG, {steps} steps")
-        config = BenchConfig(
-            onnx_dir=onnx_dir,
-            checkpoint=ckpt,
-            backends=backends,
-            height=size,
-            width=size,
-            batch=1,
-            steps=steps,
-            guidance=7.5,
-            runs=args.runs,
-            warmup=1,
-            device=device,
-            engine_dir=engine_dir,
+    config = BenchConfig(
+        onnx_dir=onnx_dir,
+        checkpoint=ckpt,
+        backends=backends,
+        height=size,
+        width=size,
+        batch=1,
+        steps=0,
+        guidance=7.5,
+        runs=args.runs,
+        warmup=1,
+        device=device,
+        engine_dir=engine_dir,
+    )
+    step_counts = [int(s) for s in args.steps.split(",")]
+    runs = [(str(n), replace(config, steps=n)) for n in step_counts]
+    # then ONNX Runtime once more, with its own graph mode (a wait for the GPU after each replay)
+    runs.append(
+        (
+            f"{max(step_counts)}-ort-graphs",
+            replace(config, backends=("ort",), graphs="ort", steps=max(step_counts)),
         )
-        result = run_benchmark(config, flops)
-        report["latency"][steps] = result
+    )
+    for name, run_config in runs:
+        log(f"latency {name}: {size}x{size}, batch 1, CFG, {run_config.steps} steps, {run_config.backends}")
+        report["latency"][name] = result = run_benchmark(run_config, flops)
         table = format_report(result)
         print(table, flush=True)
-        (out / f"gpu_check_{steps}_steps.txt").write_text(table + "\n")
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (out / f"gpu_check_{name.replace('-', '_')}_steps.txt").write_text(table + "\n")
+        save(report, out)  # after each part, so a run cut short still leaves what it measured
     log(f"wrote {out}/gpu_check.json")
     return 0
+
+
+def save(report: dict, out: Path) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

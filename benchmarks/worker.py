@@ -39,6 +39,7 @@ def measure(args: argparse.Namespace) -> dict:
         device=args.device,
         threads=args.threads,
         optimized_cache=args.optimized_cache,
+        graphs=args.graphs,
     )
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mb()
@@ -58,6 +59,7 @@ def measure(args: argparse.Namespace) -> dict:
     np.save(args.image_out, results[-1].array)
     return {
         "backend": args.backend,
+        "graphs": args.graphs,
         "choice": vars(pipe.choice) if pipe.choice else None,
         "load_s": load_s,
         "rss_after_load_mb": rss_loaded,
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--optimized-cache", action="store_true")
+    p.add_argument("--graphs", default="step")
     p.add_argument("--image-out", required=True)
     print(json.dumps(measure(p.parse_args(argv))))
 

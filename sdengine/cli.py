@@ -20,6 +20,11 @@ from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
 
 EXIT_ERROR = 1
 OPTIMIZED_CACHE_HELP = "CPU: keep ONNX Runtime's optimised graphs per machine (fast starts, more disk)"
+GRAPH_CHOICES = ("step", "ort", "none")
+GRAPHS_HELP = (
+    "GPU: step = each whole denoising step one CUDA graph (default); ort = ONNX Runtime's own graph mode; "
+    "none = no graphs"
+)
 
 
 def _progress(desc: str):
@@ -63,6 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         optimized_cache=args.optimized_cache,
+        graphs=args.graphs,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     result = pipeline(
@@ -175,6 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=device,
         optimized_cache=args.optimized_cache,
+        graphs=args.graphs,
         **{**size, **overrides},
     )
     flops = {}
@@ -234,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
+    g.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
     g.add_argument("--output", default="image.png")
     g.set_defaults(func=cmd_generate)
 
@@ -264,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
     b.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
+    b.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
     b.add_argument("--json", default=None)
     b.add_argument("--plot", default=None)
     b.set_defaults(func=cmd_bench)

@@ -126,10 +126,13 @@ class Pipeline(_CallMixin):
         device: str | None = None,
         threads: int | None = None,
         optimized_cache: bool = False,
+        graphs: str = "step",
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
-        ``optimized_cache``: on the CPU, keep ONNX Runtime's optimised graphs per machine for fast starts."""
+        ``optimized_cache``: on the CPU, keep ONNX Runtime's optimised graphs per machine for fast starts.
+        ``graphs`` (GPU): ``step`` captures each whole denoising step as one CUDA graph; ``ort`` uses ONNX
+        Runtime's own graph mode (ONNX Runtime on CUDA only); ``none`` runs without graphs."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -141,7 +144,7 @@ class Pipeline(_CallMixin):
         elif choice.backend == "trt":
             from sdengine.backends.trt import TrtBackend
 
-            trt_backend = TrtBackend.load(path)
+            trt_backend = TrtBackend.load(path, graphs=graphs)
             model_dir = trt_backend.model_dir
             pipeline = cls(model_dir, trt_backend, ClipTokenizer.from_dir(model_dir.tokenizer_dir))
         else:
@@ -150,7 +153,7 @@ class Pipeline(_CallMixin):
             if choice.device == "cuda":
                 from sdengine.backends.ort_cuda import OrtCudaBackend
 
-                ort_backend: Backend = OrtCudaBackend(model_dir, threads=threads)
+                ort_backend: Backend = OrtCudaBackend(model_dir, threads=threads, graphs=graphs)
             else:
                 ort_backend = OrtBackend(model_dir, threads=threads, optimized_cache=optimized_cache)
             pipeline = cls(model_dir, ort_backend, tokenizer)

@@ -20,7 +20,7 @@ PROMPT = "a photo of a cat"
 SETTINGS = dict(steps=6, seed=3, height=64, width=96, guidance=7.5)
 
 
-def _pipelines(onnx_dir):
+def _pipelines(onnx_dir, mode):
     from sdengine.backends.ort_cuda import OrtCudaBackend
     from sdengine.model_dir import open_onnx_dir
     from sdengine.pipeline import Pipeline
@@ -28,15 +28,17 @@ def _pipelines(onnx_dir):
 
     model_dir = open_onnx_dir(onnx_dir)
     tok = ClipTokenizer.from_dir(model_dir.tokenizer_dir)
-    graphs = Pipeline(model_dir, OrtCudaBackend(model_dir, cuda_graphs=True), tok)
-    eager = Pipeline(model_dir, OrtCudaBackend(model_dir, cuda_graphs=False), tok)
+    graphs = Pipeline(model_dir, OrtCudaBackend(model_dir, graphs=mode), tok)
+    eager = Pipeline(model_dir, OrtCudaBackend(model_dir, graphs="none"), tok)
     return graphs, eager
 
 
 @needs_ort_cuda
+@pytest.mark.parametrize("mode", ["step", "ort"])
 @pytest.mark.parametrize("scheduler", ["pndm", "euler_a", "dpmpp_2m"])
-def test_replayed_graphs_give_the_eager_latents(onnx_fp32, scheduler):
-    graphs, eager = _pipelines(onnx_fp32)
+def test_replayed_graphs_give_the_eager_latents(onnx_fp32, scheduler, mode):
+    graphs, eager = _pipelines(onnx_fp32, mode)
+    assert graphs.backend.graph_mode == mode, graphs.backend.graphs_refused
     for seed in (3, 4):  # the second run replays the graphs captured by the first
         a = graphs(PROMPT, scheduler=scheduler, **{**SETTINGS, "seed": seed})
         b = eager(PROMPT, scheduler=scheduler, **{**SETTINGS, "seed": seed})

@@ -15,9 +15,12 @@ def test_gpu_check_rehearsal_runs_end_to_end(tmp_path):
     assert code == 0
     report = json.loads((out / "gpu_check.json").read_text())
     parity = report["parity"]
-    assert all(v == 0 for k, v in parity.items() if "graph vs eager" in k)
-    assert parity["UNet CUDA graphs refused by ONNX Runtime"] == "no"
-    assert all(v >= 40 for k, v in parity.items() if "PSNR" in k)
-    latency = report["latency"]["2"]
-    assert set(latency["backends"]) == {"ort", "torch"}
+    graph_rows = [v for k, v in parity.items() if "graphs vs no graphs" in k]
+    assert len(graph_rows) == 6 and all(v == 0 for v in graph_rows)
+    assert parity["step graphs refused"] == parity["ort graphs refused"] == "no"
+    psnr_rows = [v for k, v in parity.items() if "PSNR" in k]
+    assert len(psnr_rows) == 5 and all(v >= 40 for v in psnr_rows)  # 3 schedulers, image to image, fp16
+    assert set(report["latency"]["2"]["backends"]) == {"ort", "torch"}
+    assert set(report["latency"]["2-ort-graphs"]["backends"]) == {"ort"}
     assert (out / "gpu_check_2_steps.txt").read_text().startswith("machine:")
+    assert (out / "gpu_check_2_ort_graphs_steps.txt").is_file()

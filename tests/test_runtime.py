@@ -282,10 +282,51 @@ def test_optimized_graph_cache(onnx_fp32, ort_pipe_fp32, tmp_path, monkeypatch):
     assert cache_key(copy / "unet" / "model.onnx") != cache_key(onnx_fp32 / "unet" / "model.onnx")
 
 
+def test_whole_step_graphs_replay_the_host_loop(ort_pipe_fp32, monkeypatch):
+    """``step`` mode on the CPU provider with a simulated CUDA runtime: each parity's whole step (both runs)
+    is captured, recorded rather than run, and every step of every later run is one graph launch."""
+    from fake_cuda import install_fake_cuda
+
+    from sdengine.backends import ort_cuda
+    from sdengine.backends.cuda_runtime import Stream
+
+    cudart = install_fake_cuda(monkeypatch)
+    enqueue_step = ort_cuda.DeviceDenoiser._eager_step
+
+    def on_stream(self, parity):
+        if cudart.capture is not None:  # work put on a capturing stream is recorded, not run
+            cudart.capture.append(lambda: enqueue_step(self, parity))
+        else:
+            enqueue_step(self, parity)
+
+    monkeypatch.setattr(ort_cuda.DeviceDenoiser, "_eager_step", on_stream)
+    backend = ort_cuda.OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu", stream=Stream())
+    assert backend.graph_mode == "step"
+    bound = Pipeline(ort_pipe_fp32.model_dir, backend, ort_pipe_fp32.tokenizer)
+    runs = [
+        dict(seed=1, scheduler="pndm"),
+        dict(seed=2, scheduler="pndm"),  # same shapes and length: the graphs are replayed
+        dict(seed=3, scheduler="euler_a", width=96),  # a new shape: new buffers, new graphs
+        dict(seed=4, scheduler="ddim", steps=1),  # one call: both graphs still captured in range
+    ]
+    calls = 0
+    for settings in runs:
+        settings = {"steps": 4, "height": 64, "width": 64, **settings}
+        ours, ref = bound(PROMPT, **settings), ort_pipe_fp32(PROMPT, **settings)
+        scale = float(np.abs(ref.latents).max())
+        np.testing.assert_allclose(
+            ours.latents, ref.latents, rtol=0, atol=1e-5 * scale, err_msg=str(settings)
+        )
+        assert ours.times.count("denoise_gpu") == 1
+        calls += ours.times.count("step_call")
+    assert cudart.launches == calls and backend.graphs_refused is None
+    assert all(len(d.graphs) == 2 for d in backend._denoisers.values())
+
+
 def test_device_loop_runs_without_graphs_when_capture_fails(ort_pipe_fp32, monkeypatch, capsys):
     from sdengine.backends import ort_cuda
 
-    def refuse(self, plan):
+    def refuse(self, plan, **_):
         raise RuntimeError("Error in execution: operation not permitted when stream is capturing\nmore")
 
     monkeypatch.setattr(ort_cuda.DeviceDenoiser, "capture", refuse)
@@ -296,7 +337,7 @@ def test_device_loop_runs_without_graphs_when_capture_fails(ort_pipe_fp32, monke
         np.testing.assert_allclose(
             bound(PROMPT, **settings).latents, ort_pipe_fp32(PROMPT, **settings).latents, atol=1e-4
         )
-    assert backend.graphs_refused.endswith("stream is capturing") and not backend.cuda_graphs
+    assert backend.graphs_refused.endswith("stream is capturing") and backend.graph_mode == "none"
     assert capsys.readouterr().err.count("without CUDA graphs") == 1
 
 

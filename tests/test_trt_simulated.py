@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fake_cuda import install_fake_cuda, view
 
 from sdengine.engine_keys import BuildEnv
 
@@ -27,98 +28,6 @@ ENV = BuildEnv(trt_version="10.9.0", compute_capability="8.9")
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
 #: Device memory each simulated engine asks for; the VAE decoder's is the largest, as at 512x512.
 ENGINE_MEMORY = {"text_encoder": 4096, "unet": 8192, "vae_decoder": 16384, "vae_encoder": 12288}
-
-
-def _view(ptr: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    count = int(np.prod(shape, dtype=np.int64))
-    raw = (ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(ptr)
-    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
-
-
-class FakeCudart(types.ModuleType):
-    class cudaError_t:  # noqa: N801 - the real names
-        cudaSuccess = 0
-
-    class cudaMemcpyKind:  # noqa: N801
-        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
-
-    class cudaStreamCaptureMode:  # noqa: N801
-        cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal = 0, 1
-
-    class cudaDeviceAttr:  # noqa: N801
-        cudaDevAttrComputeCapabilityMajor, cudaDevAttrComputeCapabilityMinor = 75, 76
-
-    cudaStreamNonBlocking = 1
-
-    def __init__(self) -> None:
-        super().__init__("cuda.bindings.runtime")
-        self.memory: dict[int, np.ndarray] = {}
-        self.capture: list | None = None
-        self.launches = 0
-
-    def cudaMalloc(self, size):  # noqa: N802
-        block = np.zeros(size, np.uint8)
-        self.memory[block.ctypes.data] = block
-        return 0, block.ctypes.data
-
-    def cudaFree(self, ptr):  # noqa: N802
-        self.memory.pop(ptr, None)
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst, src, size, kind, stream):  # noqa: N802
-        ctypes.memmove(dst, src, size)
-        return (0,)
-
-    def cudaStreamCreateWithFlags(self, flags):  # noqa: N802
-        return 0, 7
-
-    def cudaSetDevice(self, device):  # noqa: N802
-        return (0,)
-
-    def cudaStreamSynchronize(self, stream):  # noqa: N802
-        return (0,)
-
-    def cudaEventCreate(self):  # noqa: N802
-        return 0, object()
-
-    def cudaEventRecord(self, event, stream):  # noqa: N802
-        return (0,)
-
-    def cudaEventSynchronize(self, event):  # noqa: N802
-        return (0,)
-
-    def cudaEventElapsedTime(self, start, end):  # noqa: N802
-        return 0, 1.5
-
-    def cudaStreamBeginCapture(self, stream, mode):  # noqa: N802
-        assert self.capture is None, "a stream was left in capture mode"
-        self.capture = []
-        return (0,)
-
-    def cudaStreamEndCapture(self, stream):  # noqa: N802
-        graph, self.capture = self.capture, None
-        return 0, graph
-
-    def cudaGetLastError(self):  # noqa: N802
-        return (0,)
-
-    def cudaGraphInstantiate(self, graph, flags):  # noqa: N802
-        return 0, tuple(graph)
-
-    def cudaGraphDestroy(self, graph):  # noqa: N802
-        return (0,)
-
-    def cudaGraphExecDestroy(self, graph):  # noqa: N802
-        return (0,)
-
-    def cudaGraphLaunch(self, graph, stream):  # noqa: N802
-        self.launches += 1
-        for launch in graph:
-            launch()
-        return (0,)
-
-    def cudaDeviceGetAttribute(self, attr, device):  # noqa: N802
-        return 0, 8 if attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor else 9
 
 
 class FakeEngine:
@@ -172,7 +81,7 @@ class FakeContext:
 
     def _inputs(self, addresses):
         return {
-            name: _view(addresses[name], self.shapes[name], self.engine.get_tensor_dtype(name)).copy()
+            name: view(addresses[name], self.shapes[name], self.engine.get_tensor_dtype(name)).copy()
             for name in self.shapes
         }
 
@@ -231,18 +140,8 @@ def write_plan(onnx_path, plan_path, profile, *, optimization_level, timing_cach
 
 @pytest.fixture
 def simulated(monkeypatch):
-    cudart = FakeCudart()
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime = cudart
-    cuda = types.ModuleType("cuda")
-    cuda.bindings = bindings
-    for name, module in (
-        ("cuda", cuda),
-        ("cuda.bindings", bindings),
-        ("cuda.bindings.runtime", cudart),
-        ("tensorrt", fake_tensorrt()),
-    ):
-        monkeypatch.setitem(sys.modules, name, module)
+    cudart = install_fake_cuda(monkeypatch)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
     import export.trt_build
 
     monkeypatch.setattr(export.trt_build, "build_serialized_engine", write_plan)

@@ -2,29 +2,34 @@
 
 Per generation, everything the loop touches is uploaded once, into buffers allocated once per shape (a
 captured graph keeps the addresses it was captured with): text embeddings, the step tables, the noise, the
-initial latents. Each denoising step is then two ``run_with_iobinding`` calls — the UNet and the step model
-(guidance + scheduler update + the next UNet input) — on buffers that never move, so with ONNX Runtime's
-CUDA-graph mode each call is one graph replay and nothing comes back to the host until the final latents.
+initial latents. Each denoising step is two ``run_with_iobinding`` calls — the UNet and the step model
+(guidance + scheduler update + the next UNet input) — on buffers that never move, and nothing comes back to
+the host until the final latents. The state is ping-ponged between two buffer sets (step ``i`` reads set
+``i % 2`` and writes the other), so each parity has fixed bindings. All sessions share one CUDA stream
+(cuda-python) and run with ``disable_synchronize_execution_providers``, so the runs stay in order on it with
+no host wait, and the denoising time is measured with CUDA events on that stream.
 
-All sessions share one CUDA stream (cuda-python), so the UNet and the step model run in order on it, and the
-denoising time is measured with CUDA events on that stream. Without cuda-python each run synchronises its own
-stream before returning (correct, with a host wait per call). ONNX Runtime's own graph replay may still wait
-for the GPU after each replay (its CUDA provider synchronises in ``ReplayGraph``, per its source); the GPU
-check's "host time per step call" shows what that costs.
+Graph modes (:data:`GRAPH_MODES`):
 
-Graphs: the state is ping-ponged between two buffer sets (step ``i`` reads set ``i % 2`` and writes the
-other), which gives the step model two fixed bindings and so two graphs (``gpu_graph_id`` 1 and 2 in its
-per-shape session). A UNet session serves every plan of its shapes, so each denoiser takes a graph id of its
-own in it (a replayed graph would otherwise run another denoiser's buffers). All graphs of a denoiser are
-captured when it is created, on that plan's inputs; if ONNX Runtime refuses graph mode (as the session opens
-or in a capture), the backend says so once and runs every step without graphs. Symbolic dimensions are
+- ``step`` (the default): after two warm-up rounds, each parity's whole step — both runs — is captured on
+  our stream into one CUDA graph (ONNX Runtime's own graph mode off), as the TensorRT backend does; the loop
+  launches one graph per step and the host waits once, for the final latents. This is stream capture around
+  ONNX Runtime's runs, the same mechanism as its own graph mode, without its per-replay synchronisation.
+- ``ort``: ONNX Runtime's CUDA-graph mode, a graph per run (``gpu_graph_id`` 1 and 2 for the step model's
+  parities; a UNet session serves every plan of its shapes, so each denoiser takes an id of its own there).
+  Its CUDA provider waits for the GPU after every replay.
+- ``none``: plain runs.
+
+A denoiser's graphs are made when it is created, on that plan's inputs; if any is refused (as the session
+opens, or in a capture), the backend says so once and runs every step without graphs. Symbolic dimensions are
 pinned per shape with free-dimension overrides, so ONNX Runtime folds the exported shape arithmetic away and
 the whole UNet lands on the CUDA provider, which graph capture requires.
 
 Status: written against ONNX Runtime's documented Python API (IO binding, ``enable_cuda_graph``,
-``gpu_graph_id``, ``add_free_dimension_override_by_name``), and its behaviour read from the 1.31 sources. The
-CPU tests run this same bound loop (and its capture sequence, with graph ids the CPU provider ignores) on the
-CPU provider; its GPU numbers come from ``benchmarks/gpu_check.sh`` on a lent GPU.
+``gpu_graph_id``, ``add_free_dimension_override_by_name``), its behaviour read from the 1.31 sources. The CPU
+tests run this same bound loop on the CPU provider in all three modes (``step`` against a simulated CUDA
+runtime, ``ort`` with graph ids the CPU provider ignores). Neither graph mode has run on a GPU yet:
+``benchmarks/gpu_check.sh`` checks both against plain runs and times them.
 """
 
 from __future__ import annotations
@@ -33,14 +38,20 @@ import contextlib
 import io
 import itertools
 import sys
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from sdengine.backends.base import DenoisePlan, GraphKey
-from sdengine.backends.cuda_runtime import Event, Stream
+from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, cudart
 from sdengine.backends.ort import OrtBackend, open_session, session_inputs, session_options
-from sdengine.errors import BackendUnavailableError, CorruptModelError, UnsupportedConfigError
+from sdengine.errors import (
+    BackendUnavailableError,
+    CorruptModelError,
+    InvalidArgumentError,
+    UnsupportedConfigError,
+)
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
 from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, first_timestep, first_unet_inputs
@@ -54,6 +65,18 @@ GRAPH_ID = "gpu_graph_id"
 NO_SYNC = "disable_synchronize_execution_providers"
 #: The step model's graph ids in its per-shape session: one per state parity.
 STEP_GRAPH_IDS = (1, 2)
+#: ``step``: each whole step (UNet + step model) captured on our stream as one CUDA graph, replayed with no
+#: host wait; ``ort``: ONNX Runtime's own CUDA-graph mode, one graph per session run, each replay followed by
+#: a wait for the GPU (its CUDA provider synchronises there); ``none``: plain runs.
+GRAPH_MODES = ("step", "ort", "none")
+#: What a refused graph raises: ONNX Runtime at session creation (as CorruptModelError, via open_session) or
+#: in a run, or the CUDA runtime in a capture.
+GRAPH_FAILURES = (
+    CorruptModelError,
+    BackendUnavailableError,
+    RuntimeError,
+    ort.capi.onnxruntime_pybind11_state.Fail,
+)
 
 
 def require_cuda() -> None:
@@ -114,15 +137,23 @@ class OrtCudaBackend(OrtBackend):
         model_dir: ModelDir,
         *,
         device_id: int = 0,
-        cuda_graphs: bool = True,
+        graphs: str = "step",
         tensorrt: bool = False,
         threads: int | None = None,
         device: str = "cuda",
+        stream: Stream | None = None,
     ) -> None:
-        """``device="cpu"`` runs the same bound, device-state loop on the CPU provider (no stream; graph ids
-        are passed but the CPU provider ignores them): it exists so that the binding, ping-pong and capture
-        logic is tested where there is no GPU. ``tensorrt`` puts ONNX Runtime's TensorRT provider first
-        (it builds its own engines, in its own cache); steps then run without CUDA graphs."""
+        """``graphs``: one of :data:`GRAPH_MODES` (see the module docs); ``step`` needs cuda-python, and
+        without it becomes ``ort``. ``tensorrt`` puts ONNX Runtime's TensorRT provider first (it builds its
+        own engines, in its own cache); steps then run without graphs.
+
+        ``device="cpu"`` runs the same bound, device-state loop on the CPU provider, with ``stream`` if one is
+        given (ONNX Runtime's graph ids are passed but the CPU provider ignores them): it exists so that the
+        binding, ping-pong and capture logic is tested where there is no GPU."""
+        if graphs not in GRAPH_MODES:
+            raise InvalidArgumentError(
+                f"unknown graph mode {graphs!r}; choose one of {', '.join(GRAPH_MODES)}"
+            )
         self.device, self.device_id = device, device_id
         if device == "cuda":
             require_cuda()
@@ -131,33 +162,34 @@ class OrtCudaBackend(OrtBackend):
                 "ONNX Runtime has no TensorRT execution provider in this installation"
             )
         self.tensorrt = tensorrt
-        self.stream: Stream | None = None
-        if device == "cuda":
+        self.stream = stream
+        if device == "cuda" and stream is None:
             with contextlib.suppress(
                 BackendUnavailableError
             ):  # without cuda-python each run syncs its stream
                 self.stream = Stream(device_id)
         super().__init__(
-            model_dir,
-            providers=self._providers(graphs=False),
-            threads=threads,
-            preload=(TEXT_ENCODER, VAE_DECODER),
+            model_dir, providers=self._providers(), threads=threads, preload=(TEXT_ENCODER, VAE_DECODER)
         )
         if device == "cuda":
             for component in (TEXT_ENCODER, VAE_DECODER):
                 require_provider(self.sessions[component], self.providers[0][0], component)
         self.model_dir = model_dir
-        self.cuda_graphs = cuda_graphs and not tensorrt
-        self.step_providers = self._providers(graphs=self.cuda_graphs, step=True)
+        if tensorrt:
+            graphs = "none"
+        elif graphs == "step" and self.stream is None:
+            graphs = "ort"  # capturing a whole step needs a stream of our own (cuda-python)
+        self.graph_mode = graphs
+        self.step_providers = self._providers(ort_graphs=graphs == "ort", step=True)
         self._unet_sessions: dict[tuple, ort.InferenceSession] = {}
         self._unet_graph_ids: dict[tuple, itertools.count] = {}
         self._denoisers: dict[GraphKey, DeviceDenoiser] = {}
         self.graphs_refused: str | None = None  # why steps run without graphs, if they do
 
-    def _providers(self, *, graphs: bool, step: bool = False) -> list:
+    def _providers(self, *, ort_graphs: bool = False, step: bool = False) -> list:
         if self.device != "cuda":
             return ["CPUExecutionProvider"]
-        options = {"device_id": str(self.device_id), "enable_cuda_graph": "1" if graphs else "0"}
+        options = {"device_id": str(self.device_id), "enable_cuda_graph": "1" if ort_graphs else "0"}
         if self.stream is not None:
             options["user_compute_stream"] = str(self.stream.pointer)
         providers: list = [(CUDA, options), "CPUExecutionProvider"]
@@ -179,7 +211,8 @@ class OrtCudaBackend(OrtBackend):
                 options.add_free_dimension_override_by_name(name, value)
             spec = self.model_dir.arch.specs()[UNET]
             path = str(self.model_dir.onnx_path(UNET))
-            session = open_session(path, spec, self._providers(graphs=self.cuda_graphs), options)
+            providers = self._providers(ort_graphs=self.graph_mode == "ort")
+            session = open_session(path, spec, providers, options)
             if self.device == "cuda":
                 require_provider(session, self.providers[0][0], UNET)
             self._unet_sessions[key] = session
@@ -193,8 +226,8 @@ class OrtCudaBackend(OrtBackend):
         if key not in self._denoisers:
             try:
                 self._denoisers[key] = DeviceDenoiser(self, plan)
-            except (CorruptModelError, RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
-                if not self.cuda_graphs:
+            except GRAPH_FAILURES as exc:
+                if self.graph_mode == "none":
                     raise
                 self._without_graphs(exc)
                 self._denoisers[key] = DeviceDenoiser(self, plan)
@@ -202,19 +235,19 @@ class OrtCudaBackend(OrtBackend):
         denoiser.start(plan, times)
         return denoiser
 
-    def _without_graphs(self, exc: Exception) -> None:
-        """ONNX Runtime refused graph mode (a node off the CUDA provider, or a capture that failed): say so
-        once, and reopen every step session without graphs."""
+    def _without_graphs(self, exc: BaseException) -> None:
+        """A graph was refused (by ONNX Runtime as a session opened, or in a capture): say so once, and reopen
+        every step session without graphs."""
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         print(f"sdengine: warning: denoising steps run without CUDA graphs ({reason})", file=sys.stderr)
-        self.graphs_refused, self.cuda_graphs = reason, False
-        self.step_providers = self._providers(graphs=False, step=True)
+        self.graphs_refused, self.graph_mode = reason, "none"
+        self.step_providers = self._providers(step=True)
         for cache in (self._unet_sessions, self._unet_graph_ids, self._step_sessions, self._denoisers):
             cache.clear()
 
 
 class DeviceDenoiser:
-    """Device buffers and bindings for one shape; each step is two graph replays with no host sync."""
+    """Device buffers and bindings for one shape, and (``step`` mode) its two captured whole-step graphs."""
 
     def __init__(self, backend: OrtCudaBackend, plan: DenoisePlan) -> None:
         self.backend, self.stream = backend, backend.stream
@@ -280,23 +313,38 @@ class DeviceDenoiser:
             for name, tensor in zip(STEP_OUTPUTS, outputs, strict=True):
                 binding.bind_ortvalue_output(name, tensor.value)
             self.step_bindings.append(binding)
-        graphs, sync = backend.cuda_graphs, self.stream is None
-        self.unet_options = run_options(self.unet_graph_id if graphs else None, sync)
-        self.step_options = [run_options(graph_id if graphs else None, sync) for graph_id in STEP_GRAPH_IDS]
+        ort_graphs, sync = backend.graph_mode == "ort", self.stream is None
+        self.unet_options = run_options(self.unet_graph_id if ort_graphs else None, sync)
+        self.step_options = [run_options(i if ort_graphs else None, sync) for i in STEP_GRAPH_IDS]
         self.events = (Event(), Event()) if self.stream is not None else None
         self.times, self.calls = StageTimes(), 0
-        if graphs:
-            self.capture(plan)
+        self.graphs: list[Any] = []  # "step" mode: one captured graph per state parity, each a whole step
+        self._rt = cudart() if backend.graph_mode == "step" else None
+        if backend.graph_mode != "none":
+            self.capture(plan, whole_steps=backend.graph_mode == "step")
 
-    def capture(self, plan: DenoisePlan) -> None:
-        """Run each graph id once on this plan's inputs: ONNX Runtime warms up, captures and replays it in
-        that first run, so a refusal surfaces here, not in the middle of a generation."""
+    def capture(self, plan: DenoisePlan, *, whole_steps: bool) -> None:
+        """Run both parities' steps on this plan's inputs, so that a refused graph shows here, not mid-run:
+        ONNX Runtime warms up, captures and replays each graph id in its first run (``ort``); or two warm-up
+        rounds, then each whole step captured on our stream (``step``)."""
         self.start(plan, StageTimes())
-        for parity in (0, 1):
-            self.states[parity]["step_index"].fill(np.array(0))  # in range, even for a one-call schedule
-            self.unet.run_with_iobinding(self.unet_binding, self.unet_options)
-            self.step_model.run_with_iobinding(self.step_bindings[parity], self.step_options[parity])
+        for _ in range(2 if whole_steps else 1):
+            for parity in (0, 1):
+                self.states[parity]["step_index"].fill(np.array(0))  # in range, even for a one-call schedule
+                self._eager_step(parity)
         self.synchronize()
+        if whole_steps:
+            for parity in (0, 1):
+                self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
+
+    def _eager_step(self, parity: int) -> None:
+        """One whole step as two ONNX Runtime runs on the bound buffers (what a ``step`` graph captures)."""
+        self.unet.run_with_iobinding(self.unet_binding, self.unet_options)
+        self.step_model.run_with_iobinding(self.step_bindings[parity], self.step_options[parity])
+
+    def __del__(self) -> None:
+        for graph in getattr(self, "graphs", ()):
+            self._rt.cudaGraphExecDestroy(graph)
 
     def synchronize(self) -> None:
         if self.stream is not None:
@@ -323,8 +371,10 @@ class DeviceDenoiser:
 
     def step(self) -> None:
         parity = self.calls % 2
-        self.unet.run_with_iobinding(self.unet_binding, self.unet_options)
-        self.step_model.run_with_iobinding(self.step_bindings[parity], self.step_options[parity])
+        if self.graphs:
+            check(self._rt.cudaGraphLaunch(self.graphs[parity], self.stream.handle))
+        else:
+            self._eager_step(parity)
         self.calls += 1
 
     def latents(self) -> np.ndarray:

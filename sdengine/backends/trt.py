@@ -33,7 +33,7 @@ from onnx import helper
 from sdengine.backends.base import DenoisePlan, GraphKey
 from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, cudart
 from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, resolve_engine
-from sdengine.errors import BackendUnavailableError, ModelDirectoryError
+from sdengine.errors import BackendUnavailableError, InvalidArgumentError, ModelDirectoryError
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdengine.step_graph import (
@@ -150,7 +150,14 @@ class TrtBackend:
 
     name = "trt"
 
-    def __init__(self, engine_dir: Path, model_dir: ModelDir) -> None:
+    def __init__(self, engine_dir: Path, model_dir: ModelDir, *, graphs: str = "step") -> None:
+        """``graphs``: ``step`` (each whole step one captured CUDA graph) or ``none`` (engines enqueued one by
+        one, for debugging or comparison)."""
+        if graphs not in ("step", "none"):
+            raise InvalidArgumentError(
+                f"the TensorRT backend's graph modes are step and none, not {graphs!r}"
+            )
+        self.graph_mode = graphs
         self.trt = import_tensorrt()
         self.engine_dir, self.model_dir = engine_dir, model_dir
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
@@ -171,11 +178,11 @@ class TrtBackend:
         self.shared_memory(list(self.engines.values()))  # sized once, for the largest engine
 
     @classmethod
-    def load(cls, engine_dir: str | os.PathLike) -> TrtBackend:
+    def load(cls, engine_dir: str | os.PathLike, *, graphs: str = "step") -> TrtBackend:
         manifest = EngineManifest.read(engine_dir)
         if manifest is None:
             raise ModelDirectoryError(f"{engine_dir} has no engine manifest; build it: sdengine build")
-        return cls(Path(engine_dir), open_onnx_dir(manifest.onnx_dir))
+        return cls(Path(engine_dir), open_onnx_dir(manifest.onnx_dir), graphs=graphs)
 
     def shared_memory(self, engines: list[Engine]) -> None:
         """Give these contexts the one device-memory block (they all run one after another on one stream).
@@ -334,7 +341,7 @@ class GraphSteps:
         self.graphs: list[Any] = []
         self._rt = cudart()  # kept for __del__, which may run at interpreter exit
         try:
-            for parity in (0, 1):
+            for parity in (0, 1) if backend.graph_mode == "step" else ():
                 self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
         except BackendUnavailableError as exc:
             self._destroy_graphs()
