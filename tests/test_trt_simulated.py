@@ -228,6 +228,25 @@ def test_a_step_engine_needing_more_memory_moves_every_context_and_recaptures(
     assert simulated.launches == 4 + 5 + 4
 
 
+def test_graphs_none_enqueues_engine_by_engine(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+    from sdengine.errors import InvalidArgumentError
+    from sdengine.pipeline import Pipeline
+
+    engines = tmp_path / "engines"
+    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    with pytest.raises(InvalidArgumentError, match="step and none"):
+        TrtBackend.load(engines, graphs="ort")
+    backend = TrtBackend.load(engines, graphs="none")
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    settings = dict(steps=4, height=64, width=64, seed=2, scheduler="dpmpp_2m")
+    np.testing.assert_allclose(
+        pipe("a cat", **settings).array, ort_pipe_fp32("a cat", **settings).array, atol=1e-4
+    )
+    assert simulated.launches == 0 and backend.graphs_refused is None
+
+
 def test_image_to_image_loads_the_vae_encoder_engine_when_asked(
     simulated, onnx_fp32, ort_pipe_fp32, tmp_path
 ):
