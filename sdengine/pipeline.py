@@ -4,6 +4,7 @@ directory."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -116,6 +117,8 @@ class Pipeline(_CallMixin):
         self.model_dir = model_dir
         self.backend = backend
         self.tokenizer = tokenizer
+        # one generation at a time: a backend's per-shape buffers, stream and graphs serve every run
+        self._lock = threading.Lock()
 
     @classmethod
     def load(
@@ -161,8 +164,9 @@ class Pipeline(_CallMixin):
         return pipeline
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
+        """Run ``request``. Safe to call from several threads: generations on one pipeline take turns."""
         times = StageTimes()
-        with times.time("total"):
+        with self._lock, times.time("total"):
             scheduler = load_scheduler(request.scheduler, self.model_dir.scheduler_config)
             schedule = scheduler.schedule(request.steps, strength=request.schedule_strength)
             cfg = request.classifier_free_guidance

@@ -352,3 +352,71 @@ def test_device_tensors_keep_their_dtype_and_shape():
     assert scalar.numpy() == 7
     with pytest.raises(ValueError, match="expected shape"):
         tensor.fill(np.zeros(4))
+
+
+@pytest.mark.parametrize("refused", ["step", "step and ort"])
+def test_refused_graph_modes_fall_back_in_turn(ort_pipe_fp32, monkeypatch, capsys, refused):
+    from fake_cuda import install_fake_cuda
+
+    from sdengine.backends import ort_cuda
+    from sdengine.backends.cuda_runtime import Stream
+    from sdengine.errors import BackendUnavailableError
+
+    install_fake_cuda(monkeypatch)
+
+    def no_capture(stream, enqueue):
+        raise BackendUnavailableError("CUDA error: cudaErrorStreamCaptureUnsupported")
+
+    def no_ort_graphs(self, plan, *, whole_steps):
+        raise RuntimeError("This session cannot use the graph capture feature as requested by the user")
+
+    monkeypatch.setattr(ort_cuda, "capture_graph", no_capture)
+    if refused == "step and ort":
+        monkeypatch.setattr(ort_cuda.DeviceDenoiser, "capture", no_ort_graphs)
+    backend = ort_cuda.OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu", stream=Stream())
+    bound = Pipeline(ort_pipe_fp32.model_dir, backend, ort_pipe_fp32.tokenizer)
+    for seed in (1, 2):
+        settings = dict(steps=3, seed=seed, height=64, width=64)
+        np.testing.assert_allclose(
+            bound(PROMPT, **settings).latents, ort_pipe_fp32(PROMPT, **settings).latents, atol=1e-4
+        )
+    err = capsys.readouterr().err
+    if refused == "step":
+        assert backend.graph_mode == "ort" and "steps run in ONNX Runtime's own graph mode" in err
+        assert backend.graphs_refused.endswith("cudaErrorStreamCaptureUnsupported")
+    else:
+        assert backend.graph_mode == "none" and err.count("graphs refused") == 2
+        assert next(iter(backend._denoisers.values())).final_options is not None  # plain runs end synced
+
+
+def test_one_pipeline_serves_threads_in_turn(ort_pipe_fp32):
+    """The bound backend keeps one set of buffers per shape: concurrent calls must take turns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdengine.backends.ort_cuda import OrtCudaBackend
+
+    bound = Pipeline(
+        ort_pipe_fp32.model_dir,
+        OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu"),
+        ort_pipe_fp32.tokenizer,
+    )
+    settings = [dict(steps=3, seed=seed, height=64, width=64) for seed in range(6)]
+    alone = [ort_pipe_fp32(PROMPT, **s).latents for s in settings]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda s: bound(PROMPT, **s).latents, settings))
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_results_are_not_overwritten_by_the_next_run(ort_pipe_fp32):
+    from sdengine.backends.ort_cuda import OrtCudaBackend
+
+    bound = Pipeline(
+        ort_pipe_fp32.model_dir,
+        OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu"),
+        ort_pipe_fp32.tokenizer,
+    )
+    first = bound(PROMPT, steps=2, seed=1, height=64, width=64)
+    kept = first.latents.copy()
+    bound(PROMPT, steps=2, seed=2, height=64, width=64)  # same shape: same device buffers
+    np.testing.assert_array_equal(first.latents, kept)

@@ -119,6 +119,7 @@ class OrtBackend:
             for c in REQUIRED_COMPONENTS
         }
         self.step_providers = self.providers
+        self.step_session_options = self.options
         self._step_sessions: dict[GraphKey, ort.InferenceSession] = {}
 
     def _open(self, component: str) -> ort.InferenceSession:
@@ -159,7 +160,7 @@ class OrtBackend:
                 timestep_dtype=helper.np_dtype_to_tensor_dtype(np.dtype(t_dtype)),
             )
             self._step_sessions[key] = ort.InferenceSession(
-                model.SerializeToString(), self.options, providers=self.step_providers
+                model.SerializeToString(), self.step_session_options, providers=self.step_providers
             )
         return self._step_sessions[key]
 

@@ -69,6 +69,11 @@ STEP_GRAPH_IDS = (1, 2)
 #: host wait; ``ort``: ONNX Runtime's own CUDA-graph mode, one graph per session run, each replay followed by
 #: a wait for the GPU (its CUDA provider synchronises there); ``none``: plain runs.
 GRAPH_MODES = ("step", "ort", "none")
+#: Where a refused graph mode falls back to: ONNX Runtime's own mode tolerates CPU-placed shape nodes, which a
+#: whole-step capture refuses (a CPU node reading a bound input would bake its capture-time value in).
+FALLBACK = {"step": "ort", "ort": "none"}
+#: Session option making session creation fail if any node lands on the CPU provider (``step`` mode on CUDA).
+CUDA_ONLY = "session.disable_cpu_ep_fallback"
 #: What a refused graph raises: ONNX Runtime at session creation (as CorruptModelError, via open_session) or
 #: in a run, or the CUDA runtime in a capture.
 GRAPH_FAILURES = (
@@ -124,7 +129,8 @@ class DeviceTensor:
         self.value.update_inplace(host)
 
     def numpy(self) -> np.ndarray:
-        return self.value.numpy()
+        """A host copy (on the CPU provider ``OrtValue.numpy`` is a view, which the next run overwrites)."""
+        return np.array(self.value.numpy(), copy=True)
 
 
 class OrtCudaBackend(OrtBackend):
@@ -179,20 +185,36 @@ class OrtCudaBackend(OrtBackend):
             graphs = "none"
         elif graphs == "step" and self.stream is None:
             graphs = "ort"  # capturing a whole step needs a stream of our own (cuda-python)
-        self.graph_mode = graphs
-        self.step_providers = self._providers(ort_graphs=graphs == "ort", step=True)
+        self._set_graph_mode(graphs)
         self._unet_sessions: dict[tuple, ort.InferenceSession] = {}
         self._unet_graph_ids: dict[tuple, itertools.count] = {}
         self._denoisers: dict[GraphKey, DeviceDenoiser] = {}
         self.graphs_refused: str | None = None  # why steps run without graphs, if they do
 
-    def _providers(self, *, ort_graphs: bool = False, step: bool = False) -> list:
+    def _set_graph_mode(self, mode: str) -> None:
+        """The providers and session options the UNet and step sessions get in graph mode ``mode``."""
+        self.graph_mode = mode
+        self.step_providers = self._providers(ort_graphs=mode == "ort", step=True, cuda_only=self._cuda_only)
+        self.step_session_options = self._graph_session_options(session_options())
+
+    def _graph_session_options(self, options: ort.SessionOptions) -> ort.SessionOptions:
+        if self._cuda_only:
+            options.add_session_config_entry(CUDA_ONLY, "1")
+        return options
+
+    @property
+    def _cuda_only(self) -> bool:
+        """A whole-step capture needs every node on the CUDA provider (no CPU node may read a bound input)."""
+        return self.graph_mode == "step" and self.device == "cuda"
+
+    def _providers(self, *, ort_graphs: bool = False, step: bool = False, cuda_only: bool = False) -> list:
+        """``cuda_only``: no CPU provider in the list (ONNX Runtime refuses one together with CUDA_ONLY)."""
         if self.device != "cuda":
             return ["CPUExecutionProvider"]
         options = {"device_id": str(self.device_id), "enable_cuda_graph": "1" if ort_graphs else "0"}
         if self.stream is not None:
             options["user_compute_stream"] = str(self.stream.pointer)
-        providers: list = [(CUDA, options), "CPUExecutionProvider"]
+        providers: list = [(CUDA, options)] if cuda_only else [(CUDA, options), "CPUExecutionProvider"]
         if self.tensorrt and not step:  # the step model is small and runs on CUDA
             trt_options = {"device_id": str(self.device_id), "trt_fp16_enable": "True"}
             if self.stream is not None:
@@ -206,12 +228,12 @@ class OrtCudaBackend(OrtBackend):
         batch, _, height, width = plan.latents.shape
         key = (plan.copies * batch, height, width, plan.context.shape[1])
         if key not in self._unet_sessions:
-            options = session_options()
+            options = self._graph_session_options(session_options())
             for name, value in zip(("batch", "latent_height", "latent_width", "sequence"), key, strict=True):
                 options.add_free_dimension_override_by_name(name, value)
             spec = self.model_dir.arch.specs()[UNET]
             path = str(self.model_dir.onnx_path(UNET))
-            providers = self._providers(ort_graphs=self.graph_mode == "ort")
+            providers = self._providers(ort_graphs=self.graph_mode == "ort", cuda_only=self._cuda_only)
             session = open_session(path, spec, providers, options)
             if self.device == "cuda":
                 require_provider(session, self.providers[0][0], UNET)
@@ -223,27 +245,33 @@ class OrtCudaBackend(OrtBackend):
         """The device state for this plan's shapes: allocated, bound (and its graphs captured) once per shape,
         refilled in place for every run, since a captured graph keeps the addresses it was captured with."""
         key = GraphKey.of(plan)
-        if key not in self._denoisers:
+        while key not in self._denoisers:
             try:
                 self._denoisers[key] = DeviceDenoiser(self, plan)
             except GRAPH_FAILURES as exc:
                 if self.graph_mode == "none":
                     raise
-                self._without_graphs(exc)
-                self._denoisers[key] = DeviceDenoiser(self, plan)
+                self._fall_back(exc)
         denoiser = self._denoisers[key]
         denoiser.start(plan, times)
         return denoiser
 
-    def _without_graphs(self, exc: BaseException) -> None:
-        """A graph was refused (by ONNX Runtime as a session opened, or in a capture): say so once, and reopen
-        every step session without graphs."""
+    def _fall_back(self, exc: BaseException) -> None:
+        """A graph mode was refused (by ONNX Runtime as a session opened, or in a capture): say so once, and
+        reopen every step session in the next mode of :data:`FALLBACK`."""
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        print(f"sdengine: warning: denoising steps run without CUDA graphs ({reason})", file=sys.stderr)
-        self.graphs_refused, self.graph_mode = reason, "none"
-        self.step_providers = self._providers(step=True)
+        mode = FALLBACK[self.graph_mode]
+        instead = "in ONNX Runtime's own graph mode" if mode == "ort" else "without CUDA graphs"
+        print(
+            f"sdengine: warning: {self.graph_mode} graphs refused ({reason}); steps run {instead}",
+            file=sys.stderr,
+        )
+        self.graphs_refused = self.graphs_refused or reason
+        if self.stream is not None:
+            self.stream.synchronize()  # nothing of the dropped graphs may still be running
         for cache in (self._unet_sessions, self._unet_graph_ids, self._step_sessions, self._denoisers):
             cache.clear()
+        self._set_graph_mode(mode)
 
 
 class DeviceDenoiser:
@@ -317,7 +345,10 @@ class DeviceDenoiser:
         self.unet_options = run_options(self.unet_graph_id if ort_graphs else None, sync)
         self.step_options = [run_options(i if ort_graphs else None, sync) for i in STEP_GRAPH_IDS]
         self.events = (Event(), Event()) if self.stream is not None else None
-        self.times, self.calls = StageTimes(), 0
+        self.times, self.calls, self.num_calls = StageTimes(), 0, tables.num_calls
+        # plain runs that never wait would keep every pinned staging buffer ONNX Runtime made for them: the
+        # last step of a run waits, which frees them (graph modes must keep theirs: their graphs read them)
+        self.final_options = run_options(None, True) if backend.graph_mode == "none" and not sync else None
         self.graphs: list[Any] = []  # "step" mode: one captured graph per state parity, each a whole step
         self._rt = cudart() if backend.graph_mode == "step" else None
         if backend.graph_mode != "none":
@@ -337,13 +368,14 @@ class DeviceDenoiser:
             for parity in (0, 1):
                 self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
 
-    def _eager_step(self, parity: int) -> None:
+    def _eager_step(self, parity: int, options: tuple[ort.RunOptions, ort.RunOptions] | None = None) -> None:
         """One whole step as two ONNX Runtime runs on the bound buffers (what a ``step`` graph captures)."""
-        self.unet.run_with_iobinding(self.unet_binding, self.unet_options)
-        self.step_model.run_with_iobinding(self.step_bindings[parity], self.step_options[parity])
+        unet_options, step_options = options or (self.unet_options, self.step_options[parity])
+        self.unet.run_with_iobinding(self.unet_binding, unet_options)
+        self.step_model.run_with_iobinding(self.step_bindings[parity], step_options)
 
     def __del__(self) -> None:
-        for graph in getattr(self, "graphs", ()):
+        for graph in getattr(self, "graphs", ()):  # (every run ends with a wait: none is still running)
             self._rt.cudaGraphExecDestroy(graph)
 
     def synchronize(self) -> None:
@@ -370,12 +402,13 @@ class DeviceDenoiser:
             self.events[0].record(self.stream)
 
     def step(self) -> None:
-        parity = self.calls % 2
+        parity, self.calls = self.calls % 2, self.calls + 1
         if self.graphs:
             check(self._rt.cudaGraphLaunch(self.graphs[parity], self.stream.handle))
+        elif self.final_options is not None and self.calls == self.num_calls:
+            self._eager_step(parity, (self.final_options, self.final_options))
         else:
             self._eager_step(parity)
-        self.calls += 1
 
     def latents(self) -> np.ndarray:
         if self.events:
