@@ -1,14 +1,15 @@
 """The host's own cost per denoising step on the graph-replay path, without a GPU.
 
-On a GPU each step of the TensorRT backend is one ``cudaGraphLaunch``, so what the host spends per step is the
-loop (:func:`sdengine.denoise.denoise`: the per-step timer and the progress bar, when shown), the backend's
-``step()`` and the CUDA driver's launch. This measures the first two on the real code, with cuda-bindings'
-runtime module replaced by one whose calls return at once; the driver's launch is left out (it needs a GPU,
-and is typically a few microseconds), so add it when reading the result against the 50 us per-step target.
+On a GPU each step of the TensorRT backend, and of ONNX Runtime's in its default ``step`` graph mode, is one
+``cudaGraphLaunch``, so what the host spends per step is the loop (:func:`sdengine.denoise.denoise`: the
+per-step timer and the progress bar, when shown), the backend's ``step()`` and the CUDA driver's launch.
+This measures the first two on the real code, with cuda-bindings' runtime module replaced by one whose calls
+return at once; the driver's launch is left out (it needs a GPU, and is typically a few microseconds), so add
+it when reading the result against the 50 us per-step target.
 
     python -m benchmarks.host_overhead [--steps 50] [--runs 200]
 
-Prints the median (p10, p90) microseconds per step, for the bare loop and the loop with a progress bar.
+Prints the median (p10, p90) microseconds per step for each backend, without and with a progress bar.
 """
 
 from __future__ import annotations
@@ -48,25 +49,28 @@ class FixedPlan:
         self.tables = types.SimpleNamespace(num_calls=calls)
 
 
-def graph_steps(runtime: InstantRuntime):
-    """A TensorRT :class:`GraphSteps` past its capture: two graphs, a stream, nothing else touched."""
-    from sdengine.backends.trt import GraphSteps
+def captured(backend: str, runtime: InstantRuntime, steps: int):
+    """The ``backend``'s denoiser past its capture (TensorRT's ``GraphSteps``, ONNX Runtime's
+    ``DeviceDenoiser`` in ``step`` mode): two graphs and a stream; nothing else is touched by a step."""
+    if backend == "trt":
+        from sdengine.backends.trt import GraphSteps as Denoiser
+    else:
+        from sdengine.backends.ort_cuda import DeviceDenoiser as Denoiser
+    denoiser = object.__new__(Denoiser)
+    denoiser.graphs, denoiser.stream = ["graph-0", "graph-1"], types.SimpleNamespace(handle=7)
+    denoiser.calls, denoiser.num_calls, denoiser._rt = 0, steps, runtime
+    denoiser.latents = lambda: np.zeros(1, np.float32)
+    return denoiser
 
-    steps = object.__new__(GraphSteps)
-    steps.graphs, steps.stream, steps.calls = ["graph-0", "graph-1"], types.SimpleNamespace(handle=7), 0
-    steps._rt = runtime
-    steps.latents = lambda: np.zeros(1, np.float32)
-    return steps
 
-
-def per_step_us(steps: int, runs: int, progress: bool) -> dict[str, float]:
+def per_step_us(backend_name: str, steps: int, runs: int, progress: bool) -> dict[str, float]:
     from tqdm import tqdm
 
     from sdengine.denoise import denoise
     from sdengine.timing import StageTimes
 
     runtime = InstantRuntime()
-    denoiser = graph_steps(runtime)
+    denoiser = captured(backend_name, runtime, steps)
     backend = types.SimpleNamespace(denoiser=lambda plan, times: denoiser)
     bar = (lambda it: tqdm(it, file=io.StringIO(), leave=False)) if progress else None
     samples = []
@@ -96,12 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.machine import machine_info
 
     print(f"machine: {machine_info()['cpu']}, Python {sys.version.split()[0]}")
-    for label, progress in (
-        ("loop + step, no progress bar", False),
-        ("loop + step + tqdm progress bar", True),
-    ):
-        r = per_step_us(args.steps, args.runs, progress)
-        print(f"{label:<34} {r['median']:6.2f} us/step (p10 {r['p10']:.2f}, p90 {r['p90']:.2f})")
+    for backend in ("trt", "ort"):
+        for label, progress in (("loop + step", False), ("loop + step + tqdm progress bar", True)):
+            r = per_step_us(backend, args.steps, args.runs, progress)
+            name = f"{backend} ({'TensorRT' if backend == 'trt' else 'ONNX Runtime'}): {label}"
+            print(f"{name:<56} {r['median']:6.2f} us/step (p10 {r['p10']:.2f}, p90 {r['p90']:.2f})")
     print("the CUDA driver's graph launch is not included (no GPU here): add it against the 50 us target")
     return 0
 
