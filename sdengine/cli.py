@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--strength",
         type=float,
-        default=DEFAULT_STRENGTH,
+        default=None,
         help=f"image to image: share of the schedule that runs, (0, 1] (default {DEFAULT_STRENGTH})",
     )
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")

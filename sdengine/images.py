@@ -55,6 +55,8 @@ def image_array(image: ImageInput, height: int, width: int) -> np.ndarray:
     """An image input as float32 (B, height, width, 3) in [0, 1], resized (Lanczos, as diffusers) where its
     size differs. InvalidArgumentError for anything that is not an RGB image."""
     _check_kind(image)
+    if height < 1 or width < 1:
+        raise InvalidArgumentError(f"cannot resize an image to {height}x{width}")
     if isinstance(image, Image.Image):
         images = [image]
     elif isinstance(image, np.ndarray):

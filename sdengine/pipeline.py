@@ -16,6 +16,7 @@ from sdengine.backends.base import Backend, DenoisePlan
 from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.denoise import Progress, denoise
+from sdengine.errors import InvalidArgumentError
 from sdengine.images import ImageInput, image_array, image_size, to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.request import (
@@ -76,11 +77,14 @@ class _CallMixin:
         batch: int | None = None,
         latents: np.ndarray | None = None,
         image: ImageInput | None = None,
-        strength: float = DEFAULT_STRENGTH,
+        strength: float | None = None,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
-        to the size asked for. ``strength``: how much of the schedule runs on the noised image (0, 1]."""
+        to the size asked for. ``strength``: how much of the schedule runs on the noised image, in (0, 1]
+        (default 0.8); it needs an ``image``."""
+        if strength is not None and image is None:
+            raise InvalidArgumentError("strength applies to image to image only: give an input image too")
         multiple = self.model_dir.arch.vae_scale_factor
         default = (self.model_dir.default_image_size,) * 2
         if image is not None:
@@ -99,7 +103,7 @@ class _CallMixin:
             batch=batch,
             latents=latents,
             image=None if image is None else image_array(image, height, width),
-            strength=strength,
+            strength=DEFAULT_STRENGTH if strength is None else strength,
             size_multiple=multiple,
         )
 

@@ -103,6 +103,13 @@ def test_bad_image_requests_are_refused(ort_pipe_fp32, settings, message):
         ort_pipe_fp32(PROMPT, **settings)
 
 
+def test_strength_without_an_image_is_refused(ort_pipe_fp32):
+    with pytest.raises(InvalidArgumentError, match="strength applies to image to image only"):
+        ort_pipe_fp32(PROMPT, steps=2, strength=0.5)
+    with pytest.raises(InvalidArgumentError, match="cannot resize"):
+        ort_pipe_fp32(PROMPT, steps=2, image=picture(), height=0)
+
+
 def test_cli_image_to_image(onnx_fp32, tmp_path, capsys):
     source = tmp_path / "in.png"
     Image.fromarray((picture()[0] * 255).astype(np.uint8)).save(source)
