@@ -170,9 +170,8 @@ class OrtCudaBackend(OrtBackend):
         self.tensorrt = tensorrt
         self.stream = stream
         if device == "cuda" and stream is None:
-            with contextlib.suppress(
-                BackendUnavailableError
-            ):  # without cuda-python each run syncs its stream
+            # without cuda-python there is no stream of ours: each run then waits for its own
+            with contextlib.suppress(BackendUnavailableError):
                 self.stream = Stream(device_id)
         super().__init__(
             model_dir, providers=self._providers(), threads=threads, preload=(TEXT_ENCODER, VAE_DECODER)
@@ -195,7 +194,7 @@ class OrtCudaBackend(OrtBackend):
         """The providers and session options the UNet and step sessions get in graph mode ``mode``."""
         self.graph_mode = mode
         self.step_providers = self._providers(ort_graphs=mode == "ort", step=True, cuda_only=self._cuda_only)
-        self.step_session_options = self._graph_session_options(session_options())
+        self.step_session_options = self._graph_session_options(session_options(self.threads))
 
     def _graph_session_options(self, options: ort.SessionOptions) -> ort.SessionOptions:
         if self._cuda_only:
@@ -228,7 +227,7 @@ class OrtCudaBackend(OrtBackend):
         batch, _, height, width = plan.latents.shape
         key = (plan.copies * batch, height, width, plan.context.shape[1])
         if key not in self._unet_sessions:
-            options = self._graph_session_options(session_options())
+            options = self._graph_session_options(session_options(self.threads))
             for name, value in zip(("batch", "latent_height", "latent_width", "sequence"), key, strict=True):
                 options.add_free_dimension_override_by_name(name, value)
             spec = self.model_dir.arch.specs()[UNET]
