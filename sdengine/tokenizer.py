@@ -12,6 +12,7 @@ token's text inside a prompt is encoded: SD 2.x pads with ``!``, so a ``!`` in i
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ _UNSET_MAX_LENGTH = 1_000_000
 # Named special tokens in the order transformers registers them (later registrations override flags).
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
+
+log = logging.getLogger("sdengine")
 
 # transformers' CLIPTokenizer split pattern (the special-token alternatives are kept for parity).
 _SPLIT_PATTERN = (
@@ -268,4 +271,12 @@ class ClipTokenizer:
         if not prompts:
             return np.zeros((0, self.max_length), dtype=np.int64)
         encodings = self._tokenizer.encode_batch(prompts)
+        for prompt, encoding in zip(prompts, encodings, strict=True):
+            if encoding.overflowing:  # as diffusers does: say so, and go on with what fits
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                log.warning(
+                    "prompt %r is longer than the text encoder's %d tokens: the rest of it is ignored",
+                    shown,
+                    self.max_length,
+                )
         return np.array([e.ids for e in encodings], dtype=np.int64)

@@ -246,6 +246,16 @@ def test_output_layout(sd15_dir: Path) -> None:
     assert tok([]).shape == (0, 77)
 
 
+def test_a_truncated_prompt_is_reported(sd15_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tok = ClipTokenizer.from_dir(sd15_dir)
+    with caplog.at_level("WARNING", logger="sdengine"):
+        tok(["a cat", "cat " * 75])  # 75 text tokens fit exactly
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="sdengine"):
+        tok(["a cat", "cat " * 76])
+    assert len(caplog.records) == 1 and "longer than the text encoder's 77 tokens" in caplog.text
+
+
 def test_rejects_a_bare_string(sd15_dir: Path) -> None:
     tok = ClipTokenizer.from_dir(sd15_dir)
     with pytest.raises(InvalidArgumentError):
