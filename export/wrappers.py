@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdengine.model_dir import weights_variant
 from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Architecture
 
 
@@ -61,12 +62,16 @@ def load_export_module(checkpoint: str | Path, name: str) -> nn.Module:
     from transformers import CLIPTextModel
 
     root = Path(checkpoint)
+
+    def load(cls: type, folder: str) -> nn.Module:
+        return cls.from_pretrained(root / folder, variant=weights_variant(root / folder))
+
     if name == TEXT_ENCODER:
-        module: nn.Module = TextEncoderExport(CLIPTextModel.from_pretrained(root / "text_encoder"))
+        module: nn.Module = TextEncoderExport(load(CLIPTextModel, "text_encoder"))
     elif name == UNET:
-        module = UNetExport(UNet2DConditionModel.from_pretrained(root / "unet"))
+        module = UNetExport(load(UNet2DConditionModel, "unet"))
     elif name in (VAE_DECODER, VAE_ENCODER):
-        vae = AutoencoderKL.from_pretrained(root / "vae")
+        vae = load(AutoencoderKL, "vae")
         module = VaeDecoderExport(vae) if name == VAE_DECODER else VaeEncoderExport(vae)
     else:
         raise KeyError(name)

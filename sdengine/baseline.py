@@ -23,7 +23,7 @@ from diffusers import StableDiffusionPipeline
 
 from sdengine.denoise import Progress
 from sdengine.images import to_unit_range
-from sdengine.model_dir import ModelDir, open_checkpoint_dir
+from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
 from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.request import GenerationRequest
 from sdengine.schedulers import diffusers_scheduler_class, load_scheduler
@@ -88,6 +88,7 @@ class TorchPipeline(_CallMixin):
             feature_extractor=None,
             requires_safety_checker=False,
             torch_dtype=dtype,
+            variant=weights_variant(model_dir.root / "unet"),
         )
         return cls(model_dir, pipe.to(device), device)
 

@@ -129,3 +129,31 @@ def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:
     needed += [Path("tokenizer") / f for f in TOKENIZER_FILES]
     _require_files(root, needed, "expected a diffusers-format Stable Diffusion checkpoint")
     return _open(root, "vae")
+
+
+#: Weight files diffusers and transformers look for in a component folder, without a variant.
+WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "model.safetensors",
+    "pytorch_model.bin",
+)
+
+
+def weights_variant(folder: str | os.PathLike) -> str | None:
+    """The variant (``fp16``...) a component folder's weights are saved under, where there are no plain
+    ones: a checkpoint downloaded with ``variant="fp16"`` holds only ``*.fp16.safetensors``, which
+    ``from_pretrained`` finds only when told the variant. Sharded weights (``*.index.json``) count too."""
+    folder = Path(folder)
+    stems = [name.split(".")[0] for name in WEIGHT_FILES]
+    if any((folder / name).is_file() or (folder / f"{name}.index.json").is_file() for name in WEIGHT_FILES):
+        return None
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        parts = path.name.split(".")
+        if parts[0] not in stems:
+            continue
+        if len(parts) == 3 and parts[2] in ("safetensors", "bin"):  # name.VARIANT.safetensors
+            return parts[1]
+        if len(parts) == 5 and parts[2:5:2] == ["index", "json"]:  # name.safetensors.index.VARIANT.json
+            return parts[3]
+    return None

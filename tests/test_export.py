@@ -146,3 +146,31 @@ def test_export_rejects_bad_arguments(tiny_checkpoint, tmp_path):
     (tmp_path / "half" / "model_index.json").write_text("{}")
     with pytest.raises(ModelDirectoryError, match="incomplete"):
         export_checkpoint(tmp_path / "half", tmp_path / "o")
+
+
+def test_weights_saved_as_a_variant_are_found(tiny_checkpoint, tmp_path):
+    """A checkpoint downloaded with ``variant="fp16"`` holds only ``*.fp16.safetensors``."""
+    import shutil
+
+    from sdengine.model_dir import weights_variant
+    from sdengine.pipeline import Pipeline
+
+    variant = tmp_path / "variant"
+    shutil.copytree(tiny_checkpoint, variant)
+    for folder in ("text_encoder", "unet", "vae"):
+        for weights in (variant / folder).glob("*.safetensors"):
+            weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+        assert weights_variant(variant / folder) == "fp16"
+    assert weights_variant(tiny_checkpoint / "unet") is None
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text("{}")
+    assert weights_variant(sharded) == "fp16"
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        ours = load_export_module(variant, name).state_dict()
+        plain = load_export_module(tiny_checkpoint, name).state_dict()
+        assert all(torch.equal(ours[k], plain[k]) for k in plain), name
+    settings = dict(steps=2, seed=1, height=64, width=64)
+    torch_pipe = Pipeline.load(variant, backend="torch", device="cpu")
+    ref = Pipeline.load(tiny_checkpoint, backend="torch", device="cpu")
+    np.testing.assert_array_equal(torch_pipe("a cat", **settings).array, ref("a cat", **settings).array)
