@@ -319,8 +319,37 @@ def test_whole_step_graphs_replay_the_host_loop(ort_pipe_fp32, monkeypatch):
         )
         assert ours.times.count("denoise_gpu") == 1
         calls += ours.times.count("step_call")
-    assert cudart.launches == calls and backend.graphs_refused is None
+    # every step one launch, plus one per parity when each shape's graphs were checked against plain runs
+    assert cudart.launches == calls + 2 * len(backend._denoisers) and backend.graphs_refused is None
     assert all(len(d.graphs) == 2 for d in backend._denoisers.values())
+
+
+def test_a_graph_that_does_not_replay_the_plain_runs_is_refused(ort_pipe_fp32, monkeypatch, capsys):
+    """A capture that recorded the wrong work (here: parity 0's step for both graphs) fails the check made
+    right after capture; the backend falls back and the images stay right."""
+    from fake_cuda import install_fake_cuda
+
+    from sdengine.backends import ort_cuda
+    from sdengine.backends.cuda_runtime import Stream
+
+    cudart = install_fake_cuda(monkeypatch)
+    enqueue_step = ort_cuda.DeviceDenoiser._eager_step
+
+    def wrong_capture(self, parity, options=None):
+        if cudart.capture is not None:
+            cudart.capture.append(lambda: enqueue_step(self, 0))  # always parity 0's bindings
+        else:
+            enqueue_step(self, parity, options)
+
+    monkeypatch.setattr(ort_cuda.DeviceDenoiser, "_eager_step", wrong_capture)
+    backend = ort_cuda.OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu", stream=Stream())
+    bound = Pipeline(ort_pipe_fp32.model_dir, backend, ort_pipe_fp32.tokenizer)
+    settings = dict(steps=4, seed=1, height=64, width=64)
+    np.testing.assert_allclose(
+        bound(PROMPT, **settings).latents, ort_pipe_fp32(PROMPT, **settings).latents, atol=1e-4
+    )
+    assert backend.graph_mode == "ort" and "does not reproduce the plain runs" in backend.graphs_refused
+    assert "step graphs refused" in capsys.readouterr().err
 
 
 def test_device_loop_runs_without_graphs_when_capture_fails(ort_pipe_fp32, monkeypatch, capsys):

@@ -175,7 +175,8 @@ def test_graph_steps_match_the_cpu_engine(simulated, onnx_fp32, ort_pipe_fp32, t
         np.testing.assert_allclose(ours.array, ref.array, atol=1e-4)
         assert ours.times.count("denoise_gpu") == 1
     assert len(backend._graphs) == 3
-    assert simulated.launches == 5 + 5 + 4 + 5 + 1
+    # every step one launch, plus one per parity when each shape's graphs were checked against plain runs
+    assert simulated.launches == 5 + 5 + 4 + 5 + 1 + 2 * 3
     assert backend.graphs_refused is None
     assert sorted(p.name.split(".")[0] for p in engines.glob("*.plan")).count("step") == 3
 
@@ -225,7 +226,33 @@ def test_a_step_engine_needing_more_memory_moves_every_context_and_recaptures(
         np.testing.assert_allclose(ours.array, ref.array, atol=1e-4, err_msg=scheduler)
     assert backend._memory.nbytes == 25000
     assert len(backend._graphs) == 2  # the 4-call graphs were dropped at the growth and captured again
-    assert simulated.launches == 4 + 5 + 4
+    assert simulated.launches == 4 + 5 + 4 + 2 * 3  # and each capture checked with one launch per parity
+
+
+def test_a_graph_that_does_not_replay_the_plain_enqueues_is_refused(
+    simulated, onnx_fp32, ort_pipe_fp32, tmp_path, monkeypatch, capsys
+):
+    from export.trt_build import build_engines
+    from sdengine.backends import trt
+    from sdengine.pipeline import Pipeline
+
+    enqueue_step = trt.GraphSteps._eager_step
+
+    def wrong_capture(self, parity):  # captures parity 0's step for both graphs
+        enqueue_step(self, 0 if simulated.capture is not None else parity)
+
+    monkeypatch.setattr(trt.GraphSteps, "_eager_step", wrong_capture)
+    engines = tmp_path / "engines"
+    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    backend = trt.TrtBackend.load(engines)
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    settings = dict(steps=4, height=64, width=64, seed=2, scheduler="pndm")
+    np.testing.assert_allclose(
+        pipe("a cat", **settings).array, ort_pipe_fp32("a cat", **settings).array, atol=1e-4
+    )
+    assert "does not reproduce the plain runs" in backend.graphs_refused
+    assert not next(iter(backend._graphs.values())).graphs and simulated.launches == 2  # the check's own
+    assert capsys.readouterr().err.count("without CUDA graphs") == 1
 
 
 def test_graphs_none_enqueues_engine_by_engine(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):

@@ -87,3 +87,30 @@ def capture_graph(stream: Stream, enqueue: Callable[[], None]) -> Any:
         return check(rt.cudaGraphInstantiate(graph, 0))
     finally:
         rt.cudaGraphDestroy(graph)  # the instantiated graph no longer needs its template
+
+
+#: How far a replayed graph's result may be from the plain runs' (relative to the result's largest value):
+#: the same kernels on the same inputs agree to rounding; a graph that replays a stale value does not.
+REPLAY_TOLERANCE = 1e-3
+
+
+def check_replay(
+    run: Callable[[int], None],
+    replay: Callable[[int], None],
+    two_steps: Callable[[Callable[[int], None]], list],
+) -> None:
+    """Refuse captured step graphs that do not reproduce the plain runs they were captured from.
+
+    ``two_steps(step)`` resets a denoiser to the same inputs, makes two steps with ``step(parity)`` and
+    returns their results on the host; it is called once with the plain runs and once with the replays.
+    BackendUnavailableError (so the caller falls back to running without graphs) if they differ.
+    """
+    import numpy as np
+
+    for parity, (a, b) in enumerate(zip(two_steps(run), two_steps(replay), strict=True)):
+        diff = float(np.abs(a - b).max())
+        if not diff <= REPLAY_TOLERANCE * max(float(np.abs(a).max()), 1e-6):
+            raise BackendUnavailableError(
+                f"the captured graph of step parity {parity} does not reproduce the plain runs "
+                f"(max |difference| {diff:.3g})"
+            )

@@ -20,8 +20,9 @@ Graph modes (:data:`GRAPH_MODES`):
   Its CUDA provider waits for the GPU after every replay.
 - ``none``: plain runs.
 
-A denoiser's graphs are made when it is created, on that plan's inputs; if any is refused (as the session
-opens, or in a capture), the backend says so once and runs every step without graphs. Symbolic dimensions are
+A denoiser's graphs are made when it is created, on that plan's inputs, and (``step``) replayed once against
+the plain runs they were captured from; if any is refused (as the session opens, in a capture, or by that
+check), the backend says so once and goes on in the next mode of :data:`FALLBACK`. Symbolic dimensions are
 pinned per shape with free-dimension overrides, so ONNX Runtime folds the exported shape arithmetic away and
 the whole UNet lands on the CUDA provider, which graph capture requires.
 
@@ -38,13 +39,14 @@ import contextlib
 import io
 import itertools
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from sdengine.backends.base import DenoisePlan, GraphKey
-from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, cudart
+from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
 from sdengine.backends.ort import OrtBackend, open_session, session_inputs, session_options
 from sdengine.errors import (
     BackendUnavailableError,
@@ -366,6 +368,21 @@ class DeviceDenoiser:
         if whole_steps:
             for parity in (0, 1):
                 self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
+            check_replay(self._eager_step, self._launch, lambda step: self._two_steps(plan, step))
+
+    def _launch(self, parity: int) -> None:
+        check(self._rt.cudaGraphLaunch(self.graphs[parity], self.stream.handle))
+
+    def _two_steps(self, plan: DenoisePlan, step: Callable[[int], None]) -> list[np.ndarray]:
+        """Both parities' steps from this plan's start, each from step index 0; their samples on the host."""
+        self.start(plan, StageTimes())
+        samples = []
+        for parity in (0, 1):
+            self.states[parity]["step_index"].fill(np.array(0))
+            step(parity)
+            self.synchronize()
+            samples.append(self.states[1 - parity]["sample"].numpy())
+        return samples
 
     def _eager_step(self, parity: int, options: tuple[ort.RunOptions, ort.RunOptions] | None = None) -> None:
         """One whole step as two ONNX Runtime runs on the bound buffers (what a ``step`` graph captures)."""
@@ -403,7 +420,7 @@ class DeviceDenoiser:
     def step(self) -> None:
         parity, self.calls = self.calls % 2, self.calls + 1
         if self.graphs:
-            check(self._rt.cudaGraphLaunch(self.graphs[parity], self.stream.handle))
+            self._launch(parity)
         elif self.final_options is not None and self.calls == self.num_calls:
             self._eager_step(parity, (self.final_options, self.final_options))
         else:

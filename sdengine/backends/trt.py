@@ -9,9 +9,10 @@
 - One device-memory block, sized for the largest engine, is shared by every execution context (they run one
   after another on one stream), and device buffers are allocated once per shape, their addresses set once.
 - Per (batch, latent height, latent width, calls, guidance) two CUDA graphs are captured, each holding one
-  whole step (UNet then step model) on ping-pong state buffers; the loop launches N graphs and the host waits
-  once, before the VAE. Each graph runs execution contexts of its own (the engines' weights are shared), so no
-  context's shapes, addresses or device memory ever change under a captured graph.
+  whole step (UNet then step model) on ping-pong state buffers, and checked once against the plain enqueues
+  they were captured from; the loop launches N graphs and the host waits once, before the VAE. Each graph
+  runs execution contexts of its own (the engines' weights are shared), so no context's shapes, addresses or
+  device memory ever change under a captured graph.
 
 Status: written against the documented TensorRT 10/11 and cuda-python runtime APIs; TensorRT cannot be
 installed where this project is developed and tested, so none of this module has been run. Everything around
@@ -24,6 +25,7 @@ import copy
 import hashlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ import numpy as np
 from onnx import helper
 
 from sdengine.backends.base import DenoisePlan, GraphKey
-from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, cudart
+from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
 from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, resolve_engine
 from sdengine.errors import BackendUnavailableError, InvalidArgumentError, ModelDirectoryError
 from sdengine.model_dir import ModelDir, open_onnx_dir
@@ -341,8 +343,10 @@ class GraphSteps:
         self.graphs: list[Any] = []
         self._rt = cudart()  # kept for __del__, which may run at interpreter exit
         try:
-            for parity in (0, 1) if backend.graph_mode == "step" else ():
-                self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
+            if backend.graph_mode == "step":
+                for parity in (0, 1):
+                    self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
+                check_replay(self._eager_step, self._launch, lambda step: self._two_steps(plan, step))
         except BackendUnavailableError as exc:
             self._destroy_graphs()
             if backend.graphs_refused is None:
@@ -355,6 +359,19 @@ class GraphSteps:
         unet, *steps = self.engines
         unet.run(self.stream)
         steps[parity].run(self.stream)
+
+    def _launch(self, parity: int) -> None:
+        check(cudart().cudaGraphLaunch(self.graphs[parity], self.stream.handle))
+
+    def _two_steps(self, plan: DenoisePlan, step: Callable[[int], None]) -> list[np.ndarray]:
+        """Both parities' steps from this plan's start, each from step index 0; their samples on the host."""
+        self.start(plan, StageTimes())
+        samples = []
+        for parity in (0, 1):
+            self.states[parity]["step_index"].upload(np.array(0), self.stream)
+            step(parity)
+            samples.append(self.states[1 - parity]["sample"].download(self.stream))
+        return samples
 
     def _destroy_graphs(self) -> None:
         for graph in self.graphs:
@@ -384,7 +401,7 @@ class GraphSteps:
 
     def step(self) -> None:
         if self.graphs:
-            check(cudart().cudaGraphLaunch(self.graphs[self.calls % 2], self.stream.handle))
+            self._launch(self.calls % 2)
         else:
             self._eager_step(self.calls % 2)
         self.calls += 1
