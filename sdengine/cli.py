@@ -86,10 +86,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         progress=_progress("denoising"),
     )
-    params = {**result.request.parameters(), "backend": result.backend, "model": str(Path(args.model_dir))}
-    for image, path in zip(result.images, output_paths(args.output, len(result.images)), strict=True):
-        print(f"wrote {save_png(image, path, params)}")
-    print(f"seed {result.request.seed}; {result.times.total_ms('total'):.0f} ms in all")
+    where = {"backend": result.backend, "model": str(Path(args.model_dir))}
+    paths = output_paths(args.output, len(result.images))
+    for i, (image, path) in enumerate(zip(result.images, paths, strict=True)):
+        seed = result.request.seeds[i]
+        print(f"wrote {save_png(image, path, {**result.request.parameters(i), **where})} (seed {seed})")
+    print(f"{result.times.total_ms('total'):.0f} ms in all")
     return 0
 
 

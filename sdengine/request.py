@@ -52,8 +52,20 @@ class GenerationRequest:
         """As in diffusers: guidance > 1 runs the UNet on [negative, positive] and combines the two."""
         return self.guidance > 1.0
 
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """One seed per image: ``seed``, ``seed + 1``, ... Every random draw of image ``i`` comes from
+        ``seeds[i]`` alone, so any image of a batch is made again by a batch of one with its seed."""
+        return tuple((self.seed + i) % 2**63 for i in range(self.batch))
+
+    def _draw(self, stream: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Unit normal noise (B, *shape), item ``i`` from seed ``seeds[i]`` and ``stream`` (0: initial
+        latents, 1: per-step noise, 2: the image's latent sample)."""
+        keys = [seed if stream == 0 else [seed, stream] for seed in self.seeds]
+        return np.stack([np.random.default_rng(k).standard_normal(shape, dtype=np.float32) for k in keys])
+
     def initial_latents(self, arch: Architecture) -> np.ndarray:
-        """Unit-variance initial latents: the caller's, or drawn from ``seed`` (the same on every backend)."""
+        """Unit-variance initial latents: the caller's, or drawn from the seeds (alike on every backend)."""
         shape = (
             self.batch,
             arch.latent_channels,
@@ -61,7 +73,7 @@ class GenerationRequest:
             self.width // arch.vae_scale_factor,
         )
         if self.latents is None:
-            return np.random.default_rng(self.seed).standard_normal(shape, dtype=np.float32)
+            return self._draw(0, shape[1:])
         if tuple(self.latents.shape) != shape:
             raise InvalidArgumentError(
                 f"latents have shape {tuple(self.latents.shape)}, expected {shape} for batch {self.batch} at "
@@ -76,22 +88,30 @@ class GenerationRequest:
         return np.ascontiguousarray(self.image.transpose(0, 3, 1, 2) * 2 - 1, dtype=np.float32)
 
     def encoder_noise(self, shape: tuple[int, ...]) -> np.ndarray:
-        """The unit noise that samples the image's latent distribution (a stream of its own from ``seed``)."""
-        return np.random.default_rng([self.seed, 2]).standard_normal(shape, dtype=np.float32)
+        """The unit noise (B, C, h, w) that samples the image's latent distribution."""
+        if shape[0] != self.batch:
+            raise ValueError(f"encoder noise for {shape[0]} images, the batch has {self.batch}")
+        return self._draw(2, shape[1:])
 
     def step_noise(self, schedule: Schedule, shape: tuple[int, ...]) -> np.ndarray:
-        """Per-step noise (S, *shape) for stochastic schedulers (ancestral, LCM), drawn up front from a stream
-        of its own derived from ``seed``; zeros for the steps (or schedulers) that draw none."""
+        """Per-step noise (S, B, C, h, w) for stochastic schedulers (ancestral, LCM), drawn up front; zeros
+        for the steps (or schedulers) that draw none."""
         noise = np.zeros((len(schedule.timesteps), *shape), np.float32)
         steps = np.flatnonzero(schedule.needs_noise)
         if steps.size:
-            noise[steps] = np.random.default_rng([self.seed, 1]).standard_normal(
-                (steps.size, *shape), np.float32
-            )
+            noise[steps] = self._draw(1, (steps.size, *shape[1:])).swapaxes(0, 1)
         return noise
 
-    def parameters(self) -> dict[str, Any]:
-        """What a PNG records: enough to reproduce the image."""
+    def parameters(self, index: int | None = None) -> dict[str, Any]:
+        """What a PNG records: enough to reproduce the request, or (``index``) that one image of it alone."""
+        if index is not None:
+            return {
+                **self.parameters(),
+                "prompt": [self.prompts[index]],
+                "negative_prompt": [self.negative_prompts[index]],
+                "seed": self.seeds[index],
+                "image_of_batch": f"{index + 1} of {self.batch}",
+            }
         return {
             "prompt": list(self.prompts),
             "negative_prompt": list(self.negative_prompts),

@@ -72,7 +72,9 @@ def test_batch_writes_numbered_files_and_latents_file_is_used(onnx_fp32, tmp_pat
         == 0
     )
     assert sorted(p.name for p in tmp_path.glob("img*.png")) == ["img-0.png", "img-1.png"]
-    assert read_png_parameters(tmp_path / "img-1.png")["latents"] == "supplied"
+    first, second = (read_png_parameters(tmp_path / f"img-{i}.png") for i in (0, 1))
+    assert second["latents"] == "supplied" and second["image_of_batch"] == "2 of 2"
+    assert second["seed"] == first["seed"] + 1  # each image records the seed that makes it alone
 
 
 @pytest.mark.parametrize(

@@ -449,3 +449,21 @@ def test_results_are_not_overwritten_by_the_next_run(ort_pipe_fp32):
     kept = first.latents.copy()
     bound(PROMPT, steps=2, seed=2, height=64, width=64)  # same shape: same device buffers
     np.testing.assert_array_equal(first.latents, kept)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+def test_any_image_of_a_batch_is_made_again_alone(ort_pipe_fp32, scheduler):
+    """Image i of a batch draws all its noise from seed + i: a batch of one with that seed repeats it."""
+    prompts = ["a cat", "a dog", "a cow"]
+    image = np.random.default_rng(5).uniform(0, 1, (1, 64, 64, 3)).astype(np.float32)
+    for extra in ({}, {"image": image, "strength": 0.7}):
+        settings = dict(steps=3, height=64, width=64, scheduler=scheduler, **extra)
+        batch = ort_pipe_fp32(prompts, "ugly", seed=40, **settings)
+        assert batch.request.seeds == (40, 41, 42)
+        assert batch.request.parameters(2)["seed"] == 42 and batch.request.parameters(2)["prompt"] == [
+            "a cow"
+        ]
+        for i, prompt in enumerate(prompts):
+            alone = ort_pipe_fp32(prompt, "ugly", seed=40 + i, **settings)
+            scale = float(np.abs(batch.latents[i]).max())
+            np.testing.assert_allclose(alone.latents[0], batch.latents[i], rtol=0, atol=1e-4 * scale)
