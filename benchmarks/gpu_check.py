@@ -2,7 +2,7 @@
 
 Run on a lent GPU machine by ``benchmarks/gpu_check.sh`` (which installs the carried onnxruntime-gpu wheel):
 
-    python -m benchmarks.gpu_check [--out DIR] [--steps 20,50] [--runs 3]
+    python -m benchmarks.gpu_check [--out DIR] [--steps 50,20] [--runs 3]
 
 1. Parity on the tiny random checkpoint: ONNX Runtime CUDA with whole-step graphs (``step``) and with its
    own graph mode (``ort``) against the same backend without graphs (a replay must give the eager latents),
@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu-check-out")
     p.add_argument("--work", default="/tmp/sdengine-gpu-check")
-    p.add_argument("--steps", default="20,50")
+    p.add_argument(
+        "--steps", default="50,20", help="step counts, the headline (50) first: a cut-short run keeps it"
+    )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument(
         "--rehearse",
