@@ -467,3 +467,17 @@ def test_any_image_of_a_batch_is_made_again_alone(ort_pipe_fp32, scheduler):
             alone = ort_pipe_fp32(prompt, "ugly", seed=40 + i, **settings)
             scale = float(np.abs(batch.latents[i]).max())
             np.testing.assert_allclose(alone.latents[0], batch.latents[i], rtol=0, atol=1e-4 * scale)
+
+
+def test_only_errors_a_graph_mode_can_cause_trigger_a_fall_back():
+    import onnxruntime as ort
+
+    from sdengine.backends.ort_cuda import refused_graph
+    from sdengine.errors import BackendUnavailableError, UnsupportedConfigError
+
+    assert refused_graph(CorruptModelError("cannot load unet: fallback to CPU EP has been disabled"))
+    assert refused_graph(BackendUnavailableError("CUDA error: cudaErrorStreamCaptureInvalidated"))
+    assert refused_graph(ort.capi.onnxruntime_pybind11_state.EPFail("capture failed"))
+    assert refused_graph(RuntimeError("Error in execution"))
+    assert not refused_graph(UnsupportedConfigError("the device loop needs a UNet with float32 inputs"))
+    assert not refused_graph(InvalidArgumentError("steps must be at least 1"))

@@ -52,6 +52,7 @@ from sdengine.errors import (
     BackendUnavailableError,
     CorruptModelError,
     InvalidArgumentError,
+    SDEngineError,
     UnsupportedConfigError,
 )
 from sdengine.model_dir import ModelDir
@@ -76,14 +77,16 @@ GRAPH_MODES = ("step", "ort", "none")
 FALLBACK = {"step": "ort", "ort": "none"}
 #: Session option making session creation fail if any node lands on the CPU provider (``step`` mode on CUDA).
 CUDA_ONLY = "session.disable_cpu_ep_fallback"
-#: What a refused graph raises: ONNX Runtime at session creation (as CorruptModelError, via open_session) or
-#: in a run, or the CUDA runtime in a capture.
-GRAPH_FAILURES = (
-    CorruptModelError,
-    BackendUnavailableError,
-    RuntimeError,
-    ort.capi.onnxruntime_pybind11_state.Fail,
-)
+
+
+def refused_graph(exc: Exception) -> bool:
+    """Whether ``exc``, raised while a denoiser was made, may come from its graph mode: ONNX Runtime refusing
+    a session or a run (its own error types, or CorruptModelError from :func:`open_session`), or the CUDA
+    runtime a capture (BackendUnavailableError). sdengine's other errors (bad input, unsupported models) are
+    the same in every mode, so they are not."""
+    if isinstance(exc, SDEngineError):
+        return isinstance(exc, (CorruptModelError, BackendUnavailableError))
+    return True
 
 
 def require_cuda() -> None:
@@ -249,8 +252,8 @@ class OrtCudaBackend(OrtBackend):
         while key not in self._denoisers:
             try:
                 self._denoisers[key] = DeviceDenoiser(self, plan)
-            except GRAPH_FAILURES as exc:
-                if self.graph_mode == "none":
+            except Exception as exc:  # ONNX Runtime's own error types have no stable importable names
+                if self.graph_mode == "none" or not refused_graph(exc):
                     raise
                 self._fall_back(exc)
         denoiser = self._denoisers[key]
