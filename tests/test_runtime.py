@@ -481,3 +481,20 @@ def test_only_errors_a_graph_mode_can_cause_trigger_a_fall_back():
     assert refused_graph(RuntimeError("Error in execution"))
     assert not refused_graph(UnsupportedConfigError("the device loop needs a UNet with float32 inputs"))
     assert not refused_graph(InvalidArgumentError("steps must be at least 1"))
+
+
+def test_least_recently_used_unet_shapes_are_freed(ort_pipe_fp32, monkeypatch):
+    from sdengine.backends import ort_cuda
+
+    monkeypatch.setattr(ort_cuda, "MAX_UNET_SHAPES", 2)
+    backend = ort_cuda.OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu")
+    bound = Pipeline(ort_pipe_fp32.model_dir, backend, ort_pipe_fp32.tokenizer)
+    for width in (64, 96, 64, 128, 96):  # 128 evicts 96 (64 was used since); 96 then evicts 64
+        settings = dict(steps=2, seed=width, height=64, width=width)
+        np.testing.assert_allclose(
+            bound(PROMPT, **settings).latents, ort_pipe_fp32(PROMPT, **settings).latents, atol=1e-4
+        )
+        assert len(backend._unet_sessions) <= 2
+    assert sorted(key[2] for key in backend._unet_sessions) == [12, 16]  # latent widths of 96 and 128
+    assert sorted(key.latent_width for key in backend._denoisers) == [12, 16]
+    assert len(backend._step_sessions) == 2

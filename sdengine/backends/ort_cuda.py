@@ -77,6 +77,9 @@ GRAPH_MODES = ("step", "ort", "none")
 FALLBACK = {"step": "ort", "ort": "none"}
 #: Session option making session creation fail if any node lands on the CPU provider (``step`` mode on CUDA).
 CUDA_ONLY = "session.disable_cpu_ep_fallback"
+#: UNet sessions kept at once (one per shape, each with its own copy of the weights on the GPU): the least
+#: recently used one goes, with its denoisers and graphs, when another shape needs a session.
+MAX_UNET_SHAPES = 4
 
 
 def refused_graph(exc: Exception) -> bool:
@@ -231,7 +234,11 @@ class OrtCudaBackend(OrtBackend):
         id in it that no other denoiser uses."""
         batch, _, height, width = plan.latents.shape
         key = (plan.copies * batch, height, width, plan.context.shape[1])
-        if key not in self._unet_sessions:
+        if key in self._unet_sessions:
+            self._unet_sessions[key] = self._unet_sessions.pop(key)  # most recently used last
+        else:
+            while len(self._unet_sessions) >= MAX_UNET_SHAPES:
+                self._drop_unet_session(next(iter(self._unet_sessions)))
             options = self._graph_session_options(session_options(self.threads))
             for name, value in zip(("batch", "latent_height", "latent_width", "sequence"), key, strict=True):
                 options.add_free_dimension_override_by_name(name, value)
@@ -244,6 +251,16 @@ class OrtCudaBackend(OrtBackend):
             self._unet_sessions[key] = session
             self._unet_graph_ids[key] = itertools.count(1)
         return self._unet_sessions[key], next(self._unet_graph_ids[key])
+
+    def _drop_unet_session(self, key: tuple) -> None:
+        """Free a UNet session and everything that runs it: its denoisers, their graphs and step sessions."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        session = self._unet_sessions.pop(key)
+        del self._unet_graph_ids[key]
+        for graph_key in [k for k, d in self._denoisers.items() if d.unet is session]:
+            del self._denoisers[graph_key]
+            self._step_sessions.pop(graph_key, None)
 
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> DeviceDenoiser:
         """The device state for this plan's shapes: allocated, bound (and its graphs captured) once per shape,
