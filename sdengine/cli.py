@@ -1,4 +1,4 @@
-"""``sdengine`` command line: generate, export, make-checkpoint, demo.
+"""``sdengine`` command line: generate, export, make-checkpoint, build, bench, info, demo.
 
 Errors a user can cause end as one line on stderr and a non-zero exit status, never a traceback.
 """
@@ -129,6 +129,14 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"wrote random-weight {args.preset} checkpoint to {path}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from sdengine.info import describe, format_info
+
+    info = describe(args.model_dir)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
 
@@ -282,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     from export.trt_build import add_build_parser
 
     add_build_parser(sub)
+
+    i = sub.add_parser("info", help="what a model directory holds, and whether it runs here as it is")
+    i.add_argument("model_dir", help="diffusers checkpoint, ONNX export or engine directory")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on a tiny random checkpoint")
     d.add_argument("--workdir", default="sdengine-demo")

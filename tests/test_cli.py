@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -123,3 +124,25 @@ def test_demo_writes_both_images_and_matches_diffusers(tmp_path, capsys):
     assert output.is_file() and (tmp_path / "demo-img2img.png").is_file()
     assert scores["psnr_db"] >= 40 and scores["img2img_psnr_db"] >= 40
     assert "PSNR" in capsys.readouterr().out
+
+
+def test_info_describes_each_kind_of_directory(tiny_checkpoint, onnx_fp32, tmp_path, capsys):
+    from export.trt_build import build_engines
+    from sdengine.engine_keys import BuildEnv
+
+    assert main(["info", str(onnx_fp32), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "onnx" and info["manifest"]["precision"] == "fp32" and all(info["models"].values())
+    assert main(["info", str(tiny_checkpoint)]) == 0
+    assert "kind: checkpoint" in capsys.readouterr().out
+    engines = tmp_path / "engines"
+    env = BuildEnv(trt_version="10.9.0", compute_capability="8.9")
+    build_engines(
+        onnx_fp32, engines, height=64, width=64, env=env, builder=lambda o, p, *a, **k: p.write_bytes(b"x")
+    )
+    assert main(["info", str(engines), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "not checked here" in info["this_machine"]  # no TensorRT on this machine
+    assert set(info["engines"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert main(["info", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1

@@ -321,3 +321,22 @@ def test_stale_engines_are_refused_before_anything_runs(simulated, onnx_fp32, tm
         f.write(b"\0")  # the ONNX changed after the build
     with pytest.raises(ModelDirectoryError, match="sdengine build"):
         TrtBackend.load(engines)
+
+
+def test_info_checks_each_engine_against_this_machine(simulated, onnx_fp32, tmp_path):
+    import shutil
+
+    from export.trt_build import build_engines
+    from sdengine.info import describe
+
+    onnx_copy = tmp_path / "onnx"
+    shutil.copytree(onnx_fp32, onnx_copy)
+    engines = tmp_path / "engines"
+    build_engines(onnx_copy, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    info = describe(engines)
+    assert info["kind"] == "engines" and "TensorRT 10.9.0" in info["this_machine"]
+    assert {e["status"] for e in info["engines"].values()} == {"usable here"}
+    with open(onnx_copy / "unet" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    status = describe(engines)["engines"]["unet"]["status"]
+    assert status.startswith("refused:") and "stale" in status and "sdengine build" in status

@@ -1,0 +1,103 @@
+"""``sdengine info DIR``: what a model directory holds, and whether this machine can run it as it is.
+
+For a diffusers checkpoint: its architecture and scheduler. For an ONNX export: its manifest (precision,
+opset, source, per-model size) and which models are present. For an engine directory: each engine's build
+(profile, TensorRT version, GPU) and its check against this machine and the ONNX it was built from: usable, or
+the one-line reason it would be refused and the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sdengine.errors import SDEngineError
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-ready description of the model directory ``path``."""
+    from sdengine.backends.select import model_kind
+
+    root = Path(path)
+    kind = model_kind(root)
+    info: dict[str, Any] = {"path": str(root), "kind": kind}
+    if kind == "engines":
+        info.update(_engines(root))
+    else:
+        info.update(_model(root, kind))
+    return info
+
+
+def _model(root: Path, kind: str) -> dict[str, Any]:
+    from sdengine.manifest import Manifest
+    from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir, weights_variant
+    from sdengine.model_specs import COMPONENTS
+
+    model_dir = open_checkpoint_dir(root) if kind == "checkpoint" else open_onnx_dir(root)
+    config = model_dir.scheduler_config
+    info: dict[str, Any] = {
+        "architecture": vars(model_dir.arch),
+        "native_size": model_dir.default_image_size,
+        "vae_scaling_factor": model_dir.vae_scaling_factor,
+        "scheduler": config.get("_class_name"),
+        "prediction_type": config.get("prediction_type", "epsilon"),
+    }
+    if kind == "checkpoint":
+        info["weights_variant"] = weights_variant(root / "unet")
+        return info
+    info["models"] = {c: model_dir.onnx_path(c).is_file() for c in COMPONENTS}
+    manifest = Manifest.read(root)
+    if manifest is not None:
+        info["manifest"] = {
+            "precision": manifest.precision,
+            "opset": manifest.opset,
+            "source_checkpoint": manifest.source_checkpoint,
+            "tool_versions": manifest.tool_versions,
+            "size_mb": {n: round(r.size_bytes / 1e6, 1) for n, r in manifest.components.items()},
+        }
+    return info
+
+
+def _engines(root: Path) -> dict[str, Any]:
+    from sdengine.engine_keys import EngineManifest, check_engine
+
+    manifest = EngineManifest.read(root)
+    assert manifest is not None  # model_kind found it
+    env = None
+    try:
+        from export.trt_build import detect_build_env
+
+        env = detect_build_env()
+        here = f"TensorRT {env.trt_version}, GPU compute capability {env.compute_capability}"
+    except SDEngineError as exc:
+        here = f"not checked here: {exc}"
+    engines = {}
+    for name, entry in manifest.engines.items():
+        status = "usable here"
+        if env is not None:
+            try:
+                check_engine(root, name, manifest.onnx_dir, env=env)
+            except SDEngineError as exc:
+                status = f"refused: {exc}"
+        engines[name] = {
+            "file": entry.file,
+            "precision": entry.precision,
+            "profile": entry.profile,
+            "built_with": f"TensorRT {entry.trt_version}, compute capability {entry.compute_capability}",
+            "size_mb": round(entry.size_bytes / 1e6, 1),
+            "status": status if env is not None else "not checked (no TensorRT here)",
+        }
+    return {"onnx_dir": manifest.onnx_dir, "this_machine": here, "engines": engines}
+
+
+def format_info(info: dict[str, Any], indent: str = "") -> str:
+    """The description as indented ``key: value`` lines."""
+    lines = []
+    for key, value in info.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}:")
+            lines.append(format_info(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return "\n".join(lines)
