@@ -102,11 +102,16 @@ def build_step_model(
     guidance: bool,
     timestep_shape: tuple[int, ...] = (),
     timestep_dtype: int = TensorProto.FLOAT,
+    unet_sample_dtype: int = TensorProto.FLOAT,
+    unet_output_dtype: int = TensorProto.FLOAT,
 ) -> onnx.ModelProto:
     """The step model for ``batch`` latents of ``latent_shape`` (C, h, w) and a schedule of ``num_calls``.
 
     ``timestep_shape``/``timestep_dtype`` give the UNet's timestep input as it declares it (a scalar float for
-    sdengine's exports; (1,) or (batch,) and int64 for some others).
+    sdengine's exports; (1,) or (batch,) and int64 for some others). ``unet_sample_dtype`` and
+    ``unet_output_dtype`` are the UNet's ``sample`` input and noise output types (float16 in exports that keep
+    fp16 inputs and outputs): the model takes the noise and gives the next UNet input in them, and computes in
+    float32 between.
     """
     copies = 2 if guidance else 1
     c, h, w = latent_shape
@@ -114,7 +119,7 @@ def build_step_model(
     rows, cols = 1 + MAX_HISTORY, 3 + MAX_HISTORY
     f32 = TensorProto.FLOAT
     inputs = [
-        helper.make_tensor_value_info("noise_pred", f32, [copies * batch, c, h, w]),
+        helper.make_tensor_value_info("noise_pred", unet_output_dtype, [copies * batch, c, h, w]),
         helper.make_tensor_value_info("sample", f32, latent),
         helper.make_tensor_value_info("history", f32, [MAX_HISTORY, *latent]),
         helper.make_tensor_value_info("step_index", TensorProto.INT64, []),
@@ -128,7 +133,7 @@ def build_step_model(
         helper.make_tensor_value_info("next_sample", f32, latent),
         helper.make_tensor_value_info("next_history", f32, [MAX_HISTORY, *latent]),
         helper.make_tensor_value_info("next_step_index", TensorProto.INT64, []),
-        helper.make_tensor_value_info("unet_input", f32, [copies * batch, c, h, w]),
+        helper.make_tensor_value_info("unet_input", unet_sample_dtype, [copies * batch, c, h, w]),
         helper.make_tensor_value_info("unet_timestep", timestep_dtype, list(timestep_shape)),
     ]
 
@@ -152,17 +157,17 @@ def build_step_model(
         )
         for k, v in ints.items()
     ]
-    nodes = []
+    nodes = [helper.make_node("Cast", ["noise_pred"], ["noise_pred_f32"], to=f32)]
     if guidance:
         nodes += [
-            helper.make_node("Slice", ["noise_pred", "zero_1", "batch_1"], ["uncond"]),
-            helper.make_node("Slice", ["noise_pred", "batch_1", "batch2_1"], ["cond"]),
+            helper.make_node("Slice", ["noise_pred_f32", "zero_1", "batch_1"], ["uncond"]),
+            helper.make_node("Slice", ["noise_pred_f32", "batch_1", "batch2_1"], ["cond"]),
             helper.make_node("Sub", ["cond", "uncond"], ["delta"]),
             helper.make_node("Mul", ["delta", "guidance"], ["scaled_delta"]),
             helper.make_node("Add", ["uncond", "scaled_delta"], ["eps"]),
         ]
     else:
-        nodes.append(helper.make_node("Identity", ["noise_pred"], ["eps"]))
+        nodes.append(helper.make_node("Identity", ["noise_pred_f32"], ["eps"]))
     nodes += [
         # the scheduler update: one (rows x cols) @ (cols x n) product
         helper.make_node("Gather", ["coeffs", "step_index"], ["row"], axis=0),
@@ -184,7 +189,8 @@ def build_step_model(
         helper.make_node("Gather", ["input_scales", "next_step_index"], ["scale"], axis=0),
         helper.make_node("Gather", ["timesteps", "next_step_index"], ["t"], axis=0),
         helper.make_node("Mul", ["next_sample", "scale"], ["scaled"]),
-        helper.make_node("Concat", ["scaled"] * copies, ["unet_input"], axis=0),
+        helper.make_node("Concat", ["scaled"] * copies, ["unet_input_f32"], axis=0),
+        helper.make_node("Cast", ["unet_input_f32"], ["unet_input"], to=unet_sample_dtype),
         helper.make_node("Cast", ["t"], ["t_cast"], to=timestep_dtype),
     ]
     if timestep_shape:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from model_variants import retype_input, with_fp16_unet_io
 
 from sdengine.baseline import TorchPipeline
 from sdengine.errors import (
@@ -156,25 +157,6 @@ def test_torch_pipeline_is_the_baseline(torch_pipe):
     assert isinstance(torch_pipe, TorchPipeline)
 
 
-def _retype_input(path, name, new_type, shape, make_nodes):
-    """Give model input ``name`` another dtype/shape, converting back inside the graph (as other exporters'
-    models declare it: int64 ids, a (batch,) int64 timestep)."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    old = next(i for i in graph.input if i.name == name)
-    inner = f"{name}_inner"
-    for node in graph.node:
-        node.input[:] = [inner if i == name else i for i in node.input]
-    graph.input.remove(old)
-    graph.input.insert(0, helper.make_tensor_value_info(name, new_type, shape))
-    for node in reversed(make_nodes(name, inner)):
-        graph.node.insert(0, node)
-    onnx.save(model, str(path))
-
-
 def test_models_declaring_other_input_types_load_and_match(onnx_fp32, ort_pipe_fp32, tmp_path):
     """Other exporters' models (e.g. Optimum's) declare int64 input ids and a (batch,) timestep."""
     import shutil
@@ -183,14 +165,14 @@ def test_models_declaring_other_input_types_load_and_match(onnx_fp32, ort_pipe_f
 
     other = tmp_path / "other"
     shutil.copytree(onnx_fp32, other)
-    _retype_input(
+    retype_input(
         other / "text_encoder" / "model.onnx",
         "input_ids",
         TensorProto.INT64,
         ["batch", "sequence"],
         lambda src, dst: [helper.make_node("Cast", [src], [dst], to=TensorProto.INT32)],
     )
-    _retype_input(
+    retype_input(
         other / "unet" / "model.onnx",
         "timestep",
         TensorProto.INT64,
@@ -498,3 +480,19 @@ def test_least_recently_used_unet_shapes_are_freed(ort_pipe_fp32, monkeypatch):
     assert sorted(key[2] for key in backend._unet_sessions) == [12, 16]  # latent widths of 96 and 128
     assert sorted(key.latent_width for key in backend._denoisers) == [12, 16]
     assert len(backend._step_sessions) == 2
+
+
+def test_the_device_loop_binds_a_unet_with_fp16_inputs_and_outputs(onnx_fp32, tmp_path):
+    """Exports that keep fp16 inputs and outputs (e.g. Optimum's fp16 ones): the device loop binds the UNet's
+    own dtypes, and its step model converts; the host loop converts on the host. The two agree."""
+    from sdengine.backends.ort_cuda import OrtCudaBackend
+
+    half = with_fp16_unet_io(onnx_fp32, tmp_path / "half-io")
+    host = Pipeline.load(half, backend="ort", device="cpu")
+    backend = OrtCudaBackend(host.model_dir, device="cpu")
+    assert backend.unet_io_dtypes() == (np.float16, np.float16)
+    bound = Pipeline(host.model_dir, backend, host.tokenizer)
+    for scheduler in ("pndm", "euler_a"):
+        settings = dict(steps=4, seed=3, height=64, width=64, scheduler=scheduler)
+        a, b = bound(PROMPT, **settings).latents, host(PROMPT, **settings).latents
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * float(np.abs(b).max()), err_msg=scheduler)

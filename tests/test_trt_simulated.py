@@ -25,7 +25,12 @@ from fake_cuda import install_fake_cuda, view
 from sdengine.engine_keys import BuildEnv
 
 ENV = BuildEnv(trt_version="10.9.0", compute_capability="8.9")
-ORT_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+}
 #: Device memory each simulated engine asks for; the VAE decoder's is the largest, as at 512x512.
 ENGINE_MEMORY = {"text_encoder": 4096, "unet": 8192, "vae_decoder": 16384, "vae_encoder": 12288}
 
@@ -253,6 +258,24 @@ def test_a_graph_that_does_not_replay_the_plain_enqueues_is_refused(
     assert "does not reproduce the plain runs" in backend.graphs_refused
     assert not next(iter(backend._graphs.values())).graphs and simulated.launches == 2  # the check's own
     assert capsys.readouterr().err.count("without CUDA graphs") == 1
+
+
+def test_a_unet_engine_with_fp16_inputs_and_outputs(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):
+    from model_variants import with_fp16_unet_io
+
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+    from sdengine.pipeline import Pipeline
+
+    half = with_fp16_unet_io(onnx_fp32, tmp_path / "half-io")
+    engines = tmp_path / "engines"
+    build_engines(half, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    backend = TrtBackend.load(engines)
+    assert backend.unet_io_dtypes() == (np.float16, np.float16)
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    settings = dict(steps=4, height=64, width=64, seed=2, scheduler="euler")
+    ours, ref = pipe("a cat", **settings).latents, ort_pipe_fp32("a cat", **settings).latents
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-2 * float(np.abs(ref).max()))
 
 
 def test_graphs_none_enqueues_engine_by_engine(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):

@@ -146,18 +146,27 @@ class OrtBackend:
         dtype, rank = self._inputs[UNET]["timestep"]
         return timestep_shape(rank, unet_batch), dtype
 
+    def unet_io_dtypes(self) -> tuple[type, type]:
+        """The (sample, noise) dtypes the step model exchanges with the UNet: float32 here, where the UNet's
+        inputs and output are converted on the host (a device loop binds the UNet's own, see ort_cuda)."""
+        return np.float32, np.float32
+
     def step_session(self, plan: DenoisePlan) -> ort.InferenceSession:
         """The step model for this plan's shapes, built and loaded once per shape."""
         key = GraphKey.of(plan)
         if key not in self._step_sessions:
             t_shape, t_dtype = self.timestep_format(key.copies * key.batch)
+            sample_dtype, noise_dtype = self.unet_io_dtypes()
+            tensor_type = lambda dtype: helper.np_dtype_to_tensor_dtype(np.dtype(dtype))  # noqa: E731
             model = build_step_model(
                 batch=key.batch,
                 latent_shape=plan.latents.shape[1:],
                 num_calls=key.num_calls,
                 guidance=key.guidance,
                 timestep_shape=t_shape,
-                timestep_dtype=helper.np_dtype_to_tensor_dtype(np.dtype(t_dtype)),
+                timestep_dtype=tensor_type(t_dtype),
+                unet_sample_dtype=tensor_type(sample_dtype),
+                unet_output_dtype=tensor_type(noise_dtype),
             )
             self._step_sessions[key] = ort.InferenceSession(
                 model.SerializeToString(), self.step_session_options, providers=self.step_providers

@@ -43,7 +43,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from sdengine.backends.base import DenoisePlan, GraphKey
 from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
@@ -53,7 +55,6 @@ from sdengine.errors import (
     CorruptModelError,
     InvalidArgumentError,
     SDEngineError,
-    UnsupportedConfigError,
 )
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
@@ -198,6 +199,16 @@ class OrtCudaBackend(OrtBackend):
         self._denoisers: dict[GraphKey, DeviceDenoiser] = {}
         self.graphs_refused: str | None = None  # why steps run without graphs, if they do
 
+    def unet_io_dtypes(self) -> tuple[type, type]:
+        """The UNet's own ``sample`` input and noise output dtypes: the device loop binds them as they are
+        (float16 in exports that keep fp16 inputs and outputs, such as some of Optimum's)."""
+        if not hasattr(self, "_unet_io_dtypes"):  # read once, from the model file (its weights not loaded)
+            graph = onnx.load(str(self.model_dir.onnx_path(UNET)), load_external_data=False).graph
+            output = next(o for o in graph.output if o.name == self.specs[UNET].output_names[0])
+            noise = helper.tensor_dtype_to_np_dtype(output.type.tensor_type.elem_type).type
+            self._unet_io_dtypes = (self._inputs[UNET]["sample"][0], noise)
+        return self._unet_io_dtypes
+
     def _set_graph_mode(self, mode: str) -> None:
         """The providers and session options the UNet and step sessions get in graph mode ``mode``."""
         self.graph_mode = mode
@@ -308,21 +319,15 @@ class DeviceDenoiser:
 
         declared = session_inputs(self.unet)
         unet_output = self.unet.get_outputs()[0]
-        if {declared["sample"][0], declared["encoder_hidden_states"][0]} != {np.float32} or (
-            unet_output.type != "tensor(float)"
-        ):
-            raise UnsupportedConfigError(
-                "the device loop needs a UNet with float32 inputs and outputs (sdengine export keeps them "
-                "float32 at fp16); run this model with --device cpu"
-            )
+        sample_dtype, noise_dtype = backend.unet_io_dtypes()  # what the step model was built for
         tables = plan.tables
         unet_batch = plan.copies * plan.latents.shape[0]
         t_shape, t_dtype = backend.timestep_format(unet_batch)
         unet_shape = (unet_batch, *plan.latents.shape[1:])
-        self.unet_input = empty(unet_shape, np.float32)
+        self.unet_input = empty(unet_shape, sample_dtype)
         self.timestep = empty(t_shape, t_dtype)
-        self.context = empty(plan.context.shape, np.float32)
-        self.noise_pred = empty(unet_shape, np.float32)
+        self.context = empty(plan.context.shape, declared["encoder_hidden_states"][0])
+        self.noise_pred = empty(unet_shape, noise_dtype)
         self.constants = {
             name: empty(getattr(tables, name).shape, np.float32)
             for name in ("coeffs", "timesteps", "input_scales", "noise")

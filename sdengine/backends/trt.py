@@ -207,11 +207,17 @@ class TrtBackend:
         rank = len(tuple(unet.engine.get_tensor_shape("timestep")))
         return timestep_shape(rank, unet_batch), unet.dtype("timestep")
 
+    def unet_io_dtypes(self) -> tuple[np.dtype, np.dtype]:
+        """The UNet engine's ``sample`` input and noise output dtypes, which the step engine exchanges."""
+        unet = self.engines[UNET]
+        return unet.dtype("sample"), unet.dtype(unet.outputs[0])
+
     def step_engine(self, key: GraphKey, plan: DenoisePlan) -> Engine:
         """The step model for ``key`` as a static engine, built once and cached in the engine directory."""
         from export.trt_build import build_serialized_engine  # the builder, only when an engine is missing
 
         t_shape, t_dtype = self.timestep_format(key.copies * key.batch)
+        sample_dtype, noise_dtype = self.unet_io_dtypes()
         model = build_step_model(
             batch=key.batch,
             latent_shape=plan.latents.shape[1:],
@@ -219,6 +225,8 @@ class TrtBackend:
             guidance=key.guidance,
             timestep_shape=t_shape,
             timestep_dtype=helper.np_dtype_to_tensor_dtype(t_dtype),
+            unet_sample_dtype=helper.np_dtype_to_tensor_dtype(sample_dtype),
+            unet_output_dtype=helper.np_dtype_to_tensor_dtype(noise_dtype),
         )
         data = model.SerializeToString()
         built_for = f"{self.env.trt_version} sm{self.env.compute_capability}".encode()
@@ -296,10 +304,10 @@ class GraphSteps:
         latent, history = plan.latents.shape, (MAX_HISTORY, *plan.latents.shape)
         f32 = np.dtype(np.float32)
         self.shared = {
-            "unet_input": DeviceArray(unet_input.shape, f32),
+            "unet_input": DeviceArray(unet_input.shape, unet.dtype("sample")),
             "timestep": DeviceArray(t_shape, t_dtype),
             "context": DeviceArray(plan.context.shape, unet.dtype("encoder_hidden_states")),
-            "noise_pred": DeviceArray(unet_input.shape, f32),
+            "noise_pred": DeviceArray(unet_input.shape, unet.dtype(unet.outputs[0])),
             "coeffs": DeviceArray(tables.coeffs.shape, f32),
             "timesteps": DeviceArray(tables.timesteps.shape, f32),
             "input_scales": DeviceArray(tables.input_scales.shape, f32),
