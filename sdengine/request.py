@@ -13,6 +13,7 @@ import numpy as np
 from sdengine.errors import InvalidArgumentError
 from sdengine.model_specs import Architecture
 from sdengine.schedulers import Schedule
+from sdengine.schedulers.base import img2img_start
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
@@ -172,7 +173,8 @@ def make_request(
     if not math.isfinite(guidance) or guidance < 0:
         raise InvalidArgumentError(f"guidance must be a finite number >= 0, got {guidance}")
     if image is not None:
-        check_image(image, len(prompts), height, width, strength)
+        check_image(image, len(prompts), height, width)
+        img2img_start(int(steps), strength)  # a strength in (0, 1] that leaves at least one step to run
     if seed is None:
         seed = secrets.randbits(63)
     if not 0 <= seed < 2**63:
@@ -192,13 +194,11 @@ def make_request(
     )
 
 
-def check_image(image: np.ndarray, batch: int, height: int, width: int, strength: float) -> None:
-    """An image-to-image input: (1 or batch, height, width, 3), and a strength in (0, 1]."""
+def check_image(image: np.ndarray, batch: int, height: int, width: int) -> None:
+    """An image-to-image input: (1 or batch, height, width, 3)."""
     shape = tuple(np.shape(image))
     if len(shape) != 4 or shape[0] not in (1, batch) or shape[1:] != (height, width, 3):
         raise InvalidArgumentError(
             f"image has shape {shape}, expected (1 or {batch}, {height}, {width}, 3) for batch {batch} at "
             f"{height}x{width}"
         )
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise InvalidArgumentError(f"strength must be a number in (0, 1], got {strength!r}")

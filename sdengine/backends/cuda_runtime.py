@@ -94,20 +94,12 @@ def capture_graph(stream: Stream, enqueue: Callable[[], None]) -> Any:
 REPLAY_TOLERANCE = 1e-3
 
 
-def check_replay(
-    run: Callable[[int], None],
-    replay: Callable[[int], None],
-    two_steps: Callable[[Callable[[int], None]], list],
-) -> None:
-    """Refuse captured step graphs that do not reproduce the plain runs they were captured from.
-
-    ``two_steps(step)`` resets a denoiser to the same inputs, makes two steps with ``step(parity)`` and
-    returns their results on the host; it is called once with the plain runs and once with the replays.
-    BackendUnavailableError (so the caller falls back to running without graphs) if they differ.
-    """
+def check_replay(eager: list[Any], replayed: list[Any]) -> None:
+    """Refuse captured step graphs whose results (host arrays, one per graph) differ from those of the plain
+    runs they were captured from, on the same inputs: BackendUnavailableError, so the caller falls back."""
     import numpy as np
 
-    for parity, (a, b) in enumerate(zip(two_steps(run), two_steps(replay), strict=True)):
+    for parity, (a, b) in enumerate(zip(eager, replayed, strict=True)):
         diff = float(np.abs(a - b).max())
         if not diff <= REPLAY_TOLERANCE * max(float(np.abs(a).max()), 1e-6):
             raise BackendUnavailableError(

@@ -393,7 +393,7 @@ class DeviceDenoiser:
         if whole_steps:
             for parity in (0, 1):
                 self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
-            check_replay(self._eager_step, self._launch, lambda step: self._two_steps(plan, step))
+            check_replay(self._two_steps(plan, self._eager_step), self._two_steps(plan, self._launch))
 
     def _launch(self, parity: int) -> None:
         check(self._rt.cudaGraphLaunch(self.graphs[parity], self.stream.handle))

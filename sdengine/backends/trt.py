@@ -354,7 +354,7 @@ class GraphSteps:
             if backend.graph_mode == "step":
                 for parity in (0, 1):
                     self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
-                check_replay(self._eager_step, self._launch, lambda step: self._two_steps(plan, step))
+                check_replay(self._two_steps(plan, self._eager_step), self._two_steps(plan, self._launch))
         except BackendUnavailableError as exc:
             self._destroy_graphs()
             if backend.graphs_refused is None:
