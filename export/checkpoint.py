@@ -136,7 +136,7 @@ def _write_text_encoder(out: Path, sizes: _Sizes, seed: int, tokenizer_vocab_siz
     model.save_pretrained(out / "text_encoder", safe_serialization=True)
 
 
-def _write_unet(out: Path, sizes: _Sizes, seed: int) -> None:
+def _write_unet(out: Path, sizes: _Sizes, seed: int, inpainting: bool = False) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -144,7 +144,7 @@ def _write_unet(out: Path, sizes: _Sizes, seed: int) -> None:
         torch.manual_seed(_component_seed(seed, "unet"))
         model = UNet2DConditionModel(
             sample_size=sizes.unet_sample_size,
-            in_channels=4,
+            in_channels=9 if inpainting else 4,  # inpainting: latents, mask, masked image latents
             out_channels=4,
             center_input_sample=False,
             flip_sin_to_cos=True,
@@ -203,11 +203,11 @@ def _write_scheduler(out: Path, prediction_type: str) -> None:
     (out / "scheduler" / "scheduler_config.json").write_text(text)
 
 
-def _write_model_index(out: Path) -> None:
+def _write_model_index(out: Path, inpainting: bool = False) -> None:
     import diffusers
 
     index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
@@ -244,6 +244,7 @@ def write_random_checkpoint(
     seed: int = 0,
     prediction_type: str = "epsilon",
     overwrite: bool = False,
+    inpainting: bool = False,
 ) -> Path:
     """Write a randomly initialised SD 1.x checkpoint in diffusers format to ``path`` and return its path.
 
@@ -251,7 +252,8 @@ def write_random_checkpoint(
     SD 1.5's scheduler config), weights as safetensors, and no safety checker. It is written next to ``path``
     first and moved into place at the end, so an interrupted write never leaves a half-written checkpoint
     behind, and each model is written and freed before the next is built. A non-empty ``path`` is only
-    replaced with ``overwrite=True``, and only if it is itself a diffusers checkpoint.
+    replaced with ``overwrite=True``, and only if it is itself a diffusers checkpoint. ``inpainting``: the
+    UNet takes 9 input channels (latents, mask, masked image latents), as SD's inpainting checkpoints do.
     """
     if preset not in PRESETS:
         raise InvalidArgumentError(
@@ -277,9 +279,9 @@ def write_random_checkpoint(
         ("tokenizer", lambda out: write_tokenizer_files(out / "tokenizer")),
         ("scheduler", lambda out: _write_scheduler(out, prediction_type)),
         ("text_encoder", lambda out: _write_text_encoder(out, sizes, seed, vocab_size)),
-        ("unet", lambda out: _write_unet(out, sizes, seed)),
+        ("unet", lambda out: _write_unet(out, sizes, seed, inpainting)),
         ("vae", lambda out: _write_vae(out, sizes, seed)),
-        ("model_index", _write_model_index),
+        ("model_index", lambda out: _write_model_index(out, inpainting)),
     ]
 
     from tqdm.auto import tqdm

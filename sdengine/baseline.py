@@ -1,12 +1,12 @@
 """The PyTorch baseline: the same request run through diffusers' ``StableDiffusionPipeline`` (and its
-``StableDiffusionImg2ImgPipeline`` for image to image).
+``StableDiffusionImg2ImgPipeline`` for image to image, ``StableDiffusionInpaintPipeline`` for inpainting).
 
 It is the reference that the engine's images are checked against and its speed is measured against. It takes
 the same initial latents as the engine (drawn from the same seed), so both produce the same image; for image
-to image, diffusers' two draws (the sample of the image's latent distribution, and the noise added to it)
-are replaced by the engine's. Stochastic schedulers draw their per-step noise from torch's generator here and
-from numpy's in the engine, so with those the two differ by design. Imports torch and diffusers, which the
-lean runtime never does.
+to image and inpainting, diffusers' draws (the samples of the image's and the masked image's latent
+distributions, and the noise added to the image) are replaced by the engine's. Stochastic schedulers draw
+their per-step noise from torch's generator here and from numpy's in the engine, so with those the two
+differ by design. Imports torch and diffusers, which the lean runtime never does.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -71,7 +72,7 @@ class TorchPipeline(_CallMixin):
         self.model_dir = model_dir
         self.pipe = pipe
         self.device = device
-        self._img2img = None
+        self._image_pipelines: dict[str, Any] = {}
 
     @classmethod
     def load(
@@ -101,11 +102,25 @@ class TorchPipeline(_CallMixin):
         )
         inputs: dict = {"latents": latents}
         draws: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if request.inpainting:
+            pipe = self.image_pipeline("StableDiffusionInpaintPipeline")
+            encoded = [request.masked_encoder_noise]  # diffusers encodes the image first where it needs it
+            if not request.starts_from_noise or not self.model_dir.arch.inpainting_unet:
+                encoded.insert(0, request.encoder_noise)
+            draws = same_draws(encoded, lambda _: latents, "pipeline_stable_diffusion_inpaint")
+            inputs = {
+                "image": per_prompt(request.image, request.batch),
+                "mask_image": per_prompt(request.mask, request.batch)[..., None],
+                "strength": request.strength,
+            }
+        elif request.image_to_image:
+            pipe = self.image_pipeline("StableDiffusionImg2ImgPipeline")
+            draws = same_draws(
+                [request.encoder_noise], lambda _: latents, "pipeline_stable_diffusion_img2img"
+            )
+            inputs = {"image": per_prompt(request.image, request.batch), "strength": request.strength}
         if request.image_to_image:
-            pipe, draws = self.image_to_image(), same_draws(request.encoder_noise, lambda _: latents)
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
-            copies = request.batch // len(request.image)  # diffusers wants one image per prompt
-            inputs = {"image": np.concatenate([request.image] * copies), "strength": request.strength}
         cuda = self.device == "cuda"
         timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
         try:
@@ -135,37 +150,50 @@ class TorchPipeline(_CallMixin):
         array = to_unit_range(decoded.float().cpu().numpy())
         return GenerationResult(array, request, times, self.name, final.float().cpu().numpy())
 
-    def image_to_image(self):
-        """diffusers' image-to-image pipeline on the same modules (made once)."""
-        if self._img2img is None:
-            from diffusers import StableDiffusionImg2ImgPipeline
+    def image_pipeline(self, class_name: str):
+        """diffusers' image-to-image or inpainting pipeline on the same modules (made once each)."""
+        if class_name not in self._image_pipelines:
+            import diffusers
 
-            self._img2img = StableDiffusionImg2ImgPipeline(
-                **self.pipe.components, requires_safety_checker=False
-            )
-            self._img2img.set_progress_bar_config(disable=True)
-        return self._img2img
+            pipe = getattr(diffusers, class_name)(**self.pipe.components, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            self._image_pipelines[class_name] = pipe
+        return self._image_pipelines[class_name]
+
+
+def per_prompt(images: np.ndarray, batch: int) -> np.ndarray:
+    """One image (or mask) per prompt, as diffusers wants them: a single one repeated for the batch."""
+    return np.concatenate([images] * (batch // len(images)))
 
 
 @contextlib.contextmanager
 def same_draws(
-    encoder_noise: Callable[[tuple[int, ...]], object], added_noise: Callable[[tuple[int, ...]], object]
+    encoder_noise: list[Callable[[tuple[int, ...]], object]],
+    added_noise: Callable[[tuple[int, ...]], object],
+    pipeline_module: str,
 ) -> Iterator[None]:
-    """Within the block, diffusers' image to image samples the image's latent distribution with
-    ``encoder_noise(shape)`` and noises the result with ``added_noise(shape)``: the engine's draws."""
+    """Within the block, diffusers' image pipeline ``pipeline_module`` samples its latent distributions with
+    ``encoder_noise[0](shape)``, ``encoder_noise[1](shape)``..., in the order it encodes, and noises the
+    image with ``added_noise(shape)``: the engine's draws."""
+    import importlib
+
     from diffusers.models.autoencoders import vae
-    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img
+
+    pipeline = importlib.import_module(f"diffusers.pipelines.stable_diffusion.{pipeline_module}")
+    encodings = iter(encoder_noise)
 
     def replace(draw: Callable[[tuple[int, ...]], object]) -> Callable[..., torch.Tensor]:
         def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) -> torch.Tensor:
-            value = torch.as_tensor(draw(tuple(shape)))
+            value = torch.as_tensor((draw or next(encodings))(tuple(shape)))
             assert tuple(value.shape) == tuple(shape), (tuple(value.shape), tuple(shape))
             return value.to(device=device, dtype=dtype)
 
         return randn_tensor
 
     with (
-        mock.patch.object(vae, "randn_tensor", replace(encoder_noise)),
-        mock.patch.object(img2img, "randn_tensor", replace(added_noise)),
+        mock.patch.object(vae, "randn_tensor", replace(None)),
+        mock.patch.object(pipeline, "randn_tensor", replace(added_noise)),
     ):
         yield
+    if next(encodings, None) is not None:
+        raise AssertionError("diffusers encoded fewer images than the engine's draws expect")

@@ -127,8 +127,10 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
         seed=args.seed,
         prediction_type=args.prediction_type,
         overwrite=args.overwrite,
+        inpainting=args.inpainting,
     )
-    print(f"wrote random-weight {args.preset} checkpoint to {path}")
+    kind = " inpainting" if args.inpainting else ""
+    print(f"wrote random-weight {args.preset}{kind} checkpoint to {path}")
     return 0
 
 
@@ -269,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet")
     c.set_defaults(func=cmd_make_checkpoint)
 
     b = sub.add_parser("bench", help="per-stage latency of each backend against the PyTorch baseline")

@@ -1,5 +1,5 @@
-"""Pixels in and out: input images for image-to-image, decoded VAE output -> PIL images, and PNG files that
-remember how they were made."""
+"""Pixels in and out: input images for image to image and inpainting masks, decoded VAE output -> PIL
+images, and PNG files that remember how they were made."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from sdengine.errors import InvalidArgumentError
 #: What image-to-image accepts: a PIL image, a list of them, or an array (H, W, 3) / (B, H, W, 3) of floats
 #: in [0, 1] or of uint8.
 ImageInput = Image.Image | Sequence[Image.Image] | np.ndarray
+#: What inpainting takes as a mask (white repaints, black keeps): a PIL image of any mode, a list of them, or
+#: an array (H, W) / (B, H, W) of floats in [0, 1] or of uint8.
+MaskInput = Image.Image | Sequence[Image.Image] | np.ndarray
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -29,7 +32,38 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise InvalidArgumentError(f"cannot read image {path}: {exc}") from None
 
 
-def _check_kind(image: object) -> None:
+def load_mask(path: str | os.PathLike) -> Image.Image:
+    """An inpainting mask read from a file, as grayscale, or a one-line InvalidArgumentError."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("L")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InvalidArgumentError(f"cannot read mask {path}: {exc}") from None
+
+
+def mask_array(mask: MaskInput, height: int, width: int) -> np.ndarray:
+    """A mask input as float32 (B, height, width) of 0 (keep) and 1 (repaint), as diffusers' mask processor
+    makes it: grayscale, resized (Lanczos) where its size differs, then 1 wherever it is at least 0.5."""
+    if isinstance(mask, np.ndarray):
+        if mask.ndim not in (2, 3):
+            raise InvalidArgumentError(f"a mask array must be (H, W) or (B, H, W), got {mask.shape}")
+        array = mask[None] if mask.ndim == 2 else mask
+        array = array.astype(np.float32) / 255 if array.dtype == np.uint8 else array.astype(np.float32)
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise InvalidArgumentError("mask values must be in [0, 1] (or uint8)")
+        if array.shape[1:] == (height, width):
+            return (array >= 0.5).astype(np.float32)
+        mask = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+    _check_kind(mask, "mask")
+    images = [mask] if isinstance(mask, Image.Image) else list(mask)
+    gray = [img.convert("L") for img in images]
+    resized = [
+        g.resize((width, height), Image.Resampling.LANCZOS) if g.size != (width, height) else g for g in gray
+    ]
+    return np.stack([np.asarray(g, dtype=np.float32) / 255 >= 0.5 for g in resized]).astype(np.float32)
+
+
+def _check_kind(image: object, what: str = "image") -> None:
     pil_list = isinstance(image, Sequence) and not isinstance(image, str) and len(image) > 0
     if not (
         isinstance(image, (Image.Image, np.ndarray))
@@ -37,7 +71,7 @@ def _check_kind(image: object) -> None:
         and all(isinstance(i, Image.Image) for i in image)
     ):
         kind = type(image).__name__
-        raise InvalidArgumentError(f"image must be a PIL image, a list of them or an array, not {kind}")
+        raise InvalidArgumentError(f"{what} must be a PIL image, a list of them or an array, not {kind}")
 
 
 def image_size(image: ImageInput) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdengine.errors import CorruptModelError, ModelDirectoryError
+from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.model_specs import REQUIRED_COMPONENTS, VAE_DECODER, Architecture
 
 DEFAULT_VAE_SCALING_FACTOR = 0.18215
@@ -62,8 +62,16 @@ def architecture(root: Path, vae_folder: str) -> tuple[Architecture, float]:
     tok = _optional_json(root / "tokenizer" / "tokenizer_config.json")
     default = Architecture()
     blocks = vae.get("block_out_channels")
+    latent = int(unet.get("out_channels", vae.get("latent_channels", default.latent_channels)))
+    unet_in = int(unet.get("in_channels", latent))
+    if unet_in not in (latent, 2 * latent + 1):
+        raise UnsupportedConfigError(
+            f"{root}: a UNet with {unet_in} input channels for {latent} latent channels is not supported "
+            f"(only {latent}, or {2 * latent + 1} for inpainting: latents, mask and masked image latents)"
+        )
     arch = Architecture(
-        latent_channels=int(unet.get("in_channels", vae.get("latent_channels", default.latent_channels))),
+        latent_channels=latent,
+        conditioning_channels=unet_in - latent,
         text_hidden_size=int(
             unet.get("cross_attention_dim", text.get("hidden_size", default.text_hidden_size))
         ),

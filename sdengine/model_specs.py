@@ -84,6 +84,17 @@ class Architecture:
     text_hidden_size: int = 768
     text_max_length: int = 77
     vae_scale_factor: int = 8
+    #: UNet input channels after the latents: 0, or 1 + latent_channels for an inpainting UNet (the mask and
+    #: the masked image's latents)
+    conditioning_channels: int = 0
+
+    @property
+    def unet_in_channels(self) -> int:
+        return self.latent_channels + self.conditioning_channels
+
+    @property
+    def inpainting_unet(self) -> bool:
+        return self.conditioning_channels > 0
 
     def sizes(self, batch: int, height: int, width: int) -> dict[str, int]:
         """Run-time sizes for ``batch`` images of ``height`` x ``width`` pixels."""
@@ -112,7 +123,7 @@ class Architecture:
             UNET: ModelSpec(
                 UNET,
                 inputs=(
-                    TensorSpec("sample", "float32", latent),
+                    TensorSpec("sample", "float32", ("batch", self.unet_in_channels, *latent[2:])),
                     TensorSpec("timestep", "float32", ()),
                     TensorSpec("encoder_hidden_states", "float32", text),
                 ),

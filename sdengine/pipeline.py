@@ -1,5 +1,5 @@
-"""Text (and image) to image: tokenize, encode, denoise, decode — on any backend, from one loaded model
-directory."""
+"""Text to image, image to image and inpainting: tokenize, encode, denoise, decode — on any backend, from one
+loaded model directory."""
 
 from __future__ import annotations
 
@@ -17,17 +17,11 @@ from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.denoise import Progress, denoise
 from sdengine.errors import InvalidArgumentError
-from sdengine.images import ImageInput, image_array, image_size, to_pil, to_unit_range
+from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_onnx_dir
-from sdengine.request import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    DEFAULT_STRENGTH,
-    GenerationRequest,
-    make_request,
-)
+from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
 from sdengine.schedulers import Schedule, load_scheduler
-from sdengine.step_graph import step_tables
+from sdengine.step_graph import Blend, step_tables
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
 
@@ -78,13 +72,15 @@ class _CallMixin:
         latents: np.ndarray | None = None,
         image: ImageInput | None = None,
         strength: float | None = None,
+        mask: MaskInput | None = None,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
         to the size asked for. ``strength``: how much of the schedule runs on the noised image, in (0, 1]
-        (default 0.8); it needs an ``image``."""
-        if strength is not None and image is None:
-            raise InvalidArgumentError("strength applies to image to image only: give an input image too")
+        (default 0.8, or 1.0 with a mask); it needs an ``image``. ``mask`` (inpainting): white repaints,
+        black keeps the image; resized like the image."""
+        if mask is not None and image is None:
+            raise InvalidArgumentError("a mask needs the image it applies to: give an input image too")
         multiple = self.model_dir.arch.vae_scale_factor
         default = (self.model_dir.default_image_size,) * 2
         if image is not None:
@@ -103,7 +99,8 @@ class _CallMixin:
             batch=batch,
             latents=latents,
             image=None if image is None else image_array(image, height, width),
-            strength=DEFAULT_STRENGTH if strength is None else strength,
+            strength=strength,
+            mask=None if mask is None else mask_array(mask, height, width),
             size_multiple=multiple,
         )
 
@@ -180,11 +177,11 @@ class Pipeline(_CallMixin):
                 )
             with times.time("text_encoder"):
                 context = self.backend.encode_text(ids)
-            latents = self.initial_latents(request, schedule, times)
+            latents, inpainting = self.initial_latents(request, schedule, times)
             plan = DenoisePlan(
                 latents=latents,
                 context=context,
-                tables=step_tables(schedule, request.step_noise(schedule, latents.shape)),
+                tables=step_tables(schedule, request.step_noise(schedule, latents.shape), **inpainting),
                 guidance=request.guidance if cfg else None,
             )
             with times.time("denoise"):
@@ -195,20 +192,53 @@ class Pipeline(_CallMixin):
 
     def initial_latents(
         self, request: GenerationRequest, schedule: Schedule, times: StageTimes
-    ) -> np.ndarray:
-        """Text to image: the seed's unit noise at the scheduler's initial sigma. Image to image: the image's
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The first latents, and the step's inpainting inputs (keywords of :func:`step_tables`).
+
+        Text to image: the seed's unit noise at the scheduler's initial sigma. Image to image: the image's
         latents (VAE encoder, sampled) noised to the first timestep that runs, as the scheduler's
-        ``add_noise`` does, with the same unit noise."""
-        noise = request.initial_latents(self.model_dir.arch)
+        ``add_noise`` does, with the same unit noise. Inpainting, as diffusers' inpainting pipeline: from
+        pure noise at strength 1; an inpainting UNet gets the mask and the masked image's latents beside the
+        latents in every call, while a plain UNet's result is blended with the noised image outside the mask
+        after every step."""
+        arch = self.model_dir.arch
+        noise = request.initial_latents(arch)
         if not request.image_to_image:
-            return noise * np.float32(schedule.init_noise_sigma)
+            return noise * np.float32(schedule.init_noise_sigma), {}
+        inpainting: dict[str, Any] = {}
         with times.time("vae_encode"):
-            parameters = self.backend.encode_image(request.pixels())
-        # one image for the whole batch: encoded once, sampled once per batch item (as B copies would be)
-        parameters = np.concatenate([parameters] * (request.batch // len(parameters)))
-        image_latents = sample_latents(parameters, request.encoder_noise) * self.model_dir.vae_scaling_factor
+            image_latents = None
+            if not request.starts_from_noise or (request.inpainting and not arch.inpainting_unet):
+                image_latents = self.encode(request.pixels(), request.batch, request.encoder_noise)
+            if request.inpainting:
+                mask = request.mask_pixels()  # (1 or B, 1, H, W)
+                factor = arch.vae_scale_factor
+                # nearest-neighbour downsampling (torch's interpolate): the top-left pixel of each block
+                latent_mask = np.broadcast_to(
+                    mask[:, :, ::factor, ::factor], (request.batch, 1, *noise.shape[2:])
+                )
+                if arch.inpainting_unet:
+                    masked_pixels = request.pixels() * (mask < 0.5)
+                    masked = self.encode(masked_pixels, request.batch, request.masked_encoder_noise)
+                    conditioning = np.concatenate([latent_mask, masked], axis=1)
+                    copies = 2 if request.classifier_free_guidance else 1
+                    inpainting["unet_conditioning"] = np.concatenate([conditioning] * copies)
+                else:
+                    inpainting["blend"] = Blend(latent_mask, image_latents, noise)
+        if request.starts_from_noise:
+            return noise * np.float32(schedule.init_noise_sigma), inpainting
         image_scale, noise_scale = schedule.image_noise
-        return (image_scale * image_latents + noise_scale * noise).astype(np.float32)
+        return (image_scale * image_latents + noise_scale * noise).astype(np.float32), inpainting
+
+    def encode(
+        self, pixels: np.ndarray, batch: int, unit_noise: Callable[[tuple[int, ...]], np.ndarray]
+    ) -> np.ndarray:
+        """Images (1 or ``batch``, 3, H, W) in [-1, 1] -> a sample of their latents per batch item, scaled as
+        the UNet takes them. One image for the whole batch is encoded once and sampled once per item (as
+        ``batch`` copies would be)."""
+        parameters = self.backend.encode_image(pixels)
+        parameters = np.concatenate([parameters] * (batch // len(parameters)))
+        return sample_latents(parameters, unit_noise) * self.model_dir.vae_scaling_factor
 
 
 def sample_latents(parameters: np.ndarray, unit_noise: Callable[[tuple[int, ...]], np.ndarray]) -> np.ndarray:

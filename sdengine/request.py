@@ -18,6 +18,7 @@ from sdengine.schedulers.base import img2img_start
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image default
+DEFAULT_INPAINT_STRENGTH = 1.0  # ... and its inpainting default
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,22 @@ class GenerationRequest:
     #: image-to-image: (1 or B, height, width, 3) float32 in [0, 1], and how much of the schedule to run
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float = DEFAULT_STRENGTH
+    #: inpainting: (1 or B, height, width) float32, 1 where the image is repainted and 0 where it is kept
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def image_to_image(self) -> bool:
+        """An input image is denoised from (image to image, and inpainting)."""
         return self.image is not None
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def starts_from_noise(self) -> bool:
+        """diffusers' inpainting at full strength starts from pure noise, not from the noised image."""
+        return not self.image_to_image or (self.inpainting and self.strength == 1.0)
 
     @property
     def schedule_strength(self) -> float:
@@ -61,7 +74,7 @@ class GenerationRequest:
 
     def _draw(self, stream: int, shape: tuple[int, ...]) -> np.ndarray:
         """Unit normal noise (B, *shape), item ``i`` from seed ``seeds[i]`` and ``stream`` (0: initial
-        latents, 1: per-step noise, 2: the image's latent sample)."""
+        latents, 1: per-step noise, 2: the image's latent sample, 3: the masked image's latent sample)."""
         keys = [seed if stream == 0 else [seed, stream] for seed in self.seeds]
         return np.stack([np.random.default_rng(k).standard_normal(shape, dtype=np.float32) for k in keys])
 
@@ -88,11 +101,23 @@ class GenerationRequest:
             raise InvalidArgumentError("this request has no input image")
         return np.ascontiguousarray(self.image.transpose(0, 3, 1, 2) * 2 - 1, dtype=np.float32)
 
+    def mask_pixels(self) -> np.ndarray:
+        """The inpainting mask as (1 or B, 1, height, width) float32: 1 repaints, 0 keeps."""
+        if self.mask is None:
+            raise InvalidArgumentError("this request has no mask")
+        return np.ascontiguousarray(self.mask[:, None], dtype=np.float32)
+
     def encoder_noise(self, shape: tuple[int, ...]) -> np.ndarray:
         """The unit noise (B, C, h, w) that samples the image's latent distribution."""
         if shape[0] != self.batch:
             raise ValueError(f"encoder noise for {shape[0]} images, the batch has {self.batch}")
         return self._draw(2, shape[1:])
+
+    def masked_encoder_noise(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The unit noise (B, C, h, w) that samples the masked image's latent distribution (inpainting)."""
+        if shape[0] != self.batch:
+            raise ValueError(f"encoder noise for {shape[0]} images, the batch has {self.batch}")
+        return self._draw(3, shape[1:])
 
     def step_noise(self, schedule: Schedule, shape: tuple[int, ...]) -> np.ndarray:
         """Per-step noise (S, B, C, h, w) for stochastic schedulers (ancestral, LCM), drawn up front; zeros
@@ -124,6 +149,7 @@ class GenerationRequest:
             "width": self.width,
             "latents": "supplied" if self.latents is not None else "from seed",
             **({"image": "supplied", "strength": self.strength} if self.image_to_image else {}),
+            **({"mask": "supplied"} if self.inpainting else {}),
         }
 
 
@@ -140,10 +166,12 @@ def make_request(
     batch: int | None = None,
     latents: np.ndarray | None = None,
     image: np.ndarray | None = None,
-    strength: float = DEFAULT_STRENGTH,
+    strength: float | None = None,
+    mask: np.ndarray | None = None,
     size_multiple: int = 8,
 ) -> GenerationRequest:
-    """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value."""
+    """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value.
+    ``strength`` defaults to diffusers' own: 0.8 for image to image, 1.0 for inpainting (a ``mask``)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if batch is not None:
         if batch < 1:
@@ -172,9 +200,17 @@ def make_request(
         raise InvalidArgumentError(f"steps must be at least 1, got {steps}")
     if not math.isfinite(guidance) or guidance < 0:
         raise InvalidArgumentError(f"guidance must be a finite number >= 0, got {guidance}")
+    if strength is not None and image is None:
+        raise InvalidArgumentError("strength applies to image to image only: give an input image too")
+    if mask is not None and image is None:
+        raise InvalidArgumentError("a mask needs the image it applies to: give an input image too")
+    if strength is None:
+        strength = DEFAULT_STRENGTH if mask is None else DEFAULT_INPAINT_STRENGTH
     if image is not None:
         check_image(image, len(prompts), height, width)
         img2img_start(int(steps), strength)  # a strength in (0, 1] that leaves at least one step to run
+    if mask is not None:
+        check_mask(mask, len(prompts), height, width)
     if seed is None:
         seed = secrets.randbits(63)
     if not 0 <= seed < 2**63:
@@ -191,6 +227,7 @@ def make_request(
         latents=None if latents is None else np.asarray(latents),
         image=None if image is None else np.asarray(image, dtype=np.float32),
         strength=float(strength),
+        mask=None if mask is None else np.asarray(mask, dtype=np.float32),
     )
 
 
@@ -202,3 +239,15 @@ def check_image(image: np.ndarray, batch: int, height: int, width: int) -> None:
             f"image has shape {shape}, expected (1 or {batch}, {height}, {width}, 3) for batch {batch} at "
             f"{height}x{width}"
         )
+
+
+def check_mask(mask: np.ndarray, batch: int, height: int, width: int) -> None:
+    """An inpainting mask: (1 or batch, height, width), every value 0 or 1."""
+    shape = tuple(np.shape(mask))
+    if len(shape) != 3 or shape[0] not in (1, batch) or shape[1:] != (height, width):
+        raise InvalidArgumentError(
+            f"mask has shape {shape}, expected (1 or {batch}, {height}, {width}) for batch {batch} at "
+            f"{height}x{width}"
+        )
+    if not np.isin(np.asarray(mask), (0, 1)).all():
+        raise InvalidArgumentError("mask values must be 0 (keep) or 1 (repaint)")

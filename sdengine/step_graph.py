@@ -5,7 +5,9 @@ that the model itself advances:
 
     eps        = uncond + g * (cond - uncond)         classifier-free guidance (when the batch is doubled)
     [x', h']   = coeffs[i] @ [x, eps, noise[i], h]    the scheduler update (one MatMul; see schedulers)
+    x'         = m * x' + (1 - m) * (a[i+1] * image + b[i+1] * noise0)     inpainting, plain UNet only
     unet_input = [x' * input_scale[i + 1]] * G        the next UNet call's input (G = 2 with guidance)
+                 (+ [mask, masked image latents] on the channel axis: inpainting with a 9-channel UNet)
     timestep   = timesteps[i + 1]                     ... and its timestep, shaped as the UNet wants
     i'         = i + 1
 
@@ -30,35 +32,76 @@ MAX_HISTORY = 4
 OPSET = 17
 IR_VERSION = 8
 
-STEP_INPUTS = (
-    "noise_pred",
-    "sample",
-    "history",
-    "step_index",
-    "coeffs",
-    "timesteps",
-    "input_scales",
-    "noise",
-    "guidance",
-)
 STEP_OUTPUTS = ("next_sample", "next_history", "next_step_index", "unet_input", "unet_timestep")
+#: Inputs of inpainting with a plain (4-channel) UNet: after each step the area outside the mask is the image
+#: noised to the next timestep, as diffusers' ``StableDiffusionInpaintPipeline`` does.
+BLEND_INPUTS = ("keep_mask", "image_latents", "image_noise", "noise_scales")
+#: Input of inpainting with an inpainting (9-channel) UNet: the channels after the latents, fixed for the run.
+CONDITIONING_INPUT = "unet_conditioning"
+
+
+@dataclass(frozen=True, eq=False)
+class Blend:
+    """Inpainting with a plain UNet: what is kept of each step's result, and the image it is blended with."""
+
+    keep_mask: np.ndarray  # (B, 1, h, w) float32: 1 where the denoised latents are kept, 0 where the image is
+    image_latents: np.ndarray  # (B, C, h, w) float32: the image's latents (scaled)
+    image_noise: np.ndarray  # (B, C, h, w) float32: the unit noise they are noised with (the initial draw)
 
 
 @dataclass(frozen=True, eq=False)
 class StepTables:
-    """A schedule's per-step values, padded for the step model; uploaded once per generation."""
+    """A schedule's per-step values, padded for the step model, and the run's other constant inputs of the
+    step model (inpainting's); uploaded once per generation."""
 
     coeffs: np.ndarray  # (S, 1 + MAX_HISTORY, 3 + MAX_HISTORY) float32
     timesteps: np.ndarray  # (S + 1,) float32: one spare entry, read (and unused) after the last step
     input_scales: np.ndarray  # (S + 1,) float32
     noise: np.ndarray  # (S, B, C, h, w) float32: per-step noise (zeros where the scheduler draws none)
+    #: (S + 1, 2) float32: add_noise's (image, noise) factors for the image blended in after each step; the
+    #: last row, after the last step, is (1, 0): the image itself. With ``blend`` only.
+    noise_scales: np.ndarray | None = None
+    blend: Blend | None = None
+    #: (G * B, E, h, w) float32: the UNet input's channels after the latents (inpainting UNets: the mask and
+    #: the masked image's latents), the same for every call
+    unet_conditioning: np.ndarray | None = None
 
     @property
     def num_calls(self) -> int:
         return len(self.coeffs)
 
+    @property
+    def conditioning_channels(self) -> int:
+        return 0 if self.unet_conditioning is None else self.unet_conditioning.shape[1]
 
-def step_tables(schedule: Schedule, noise: np.ndarray) -> StepTables:
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The step model's inputs that stay the same for the whole run (all but the state, the UNet's
+        output and the guidance scale), by name."""
+        arrays = {
+            "coeffs": self.coeffs,
+            "timesteps": self.timesteps,
+            "input_scales": self.input_scales,
+            "noise": self.noise,
+        }
+        if self.blend is not None:
+            arrays.update(
+                keep_mask=self.blend.keep_mask,
+                image_latents=self.blend.image_latents,
+                image_noise=self.blend.image_noise,
+                noise_scales=self.noise_scales,
+            )
+        if self.unet_conditioning is not None:
+            arrays[CONDITIONING_INPUT] = self.unet_conditioning
+        return arrays
+
+
+def step_tables(
+    schedule: Schedule,
+    noise: np.ndarray,
+    *,
+    blend: Blend | None = None,
+    unet_conditioning: np.ndarray | None = None,
+) -> StepTables:
     """Pad ``schedule``'s coefficient rows to :data:`MAX_HISTORY` history buffers.
 
     Row ``r`` / column ``c`` of the scheduler's ``(1 + K, 3 + K)`` matrix keep their place; the extra history
@@ -70,11 +113,19 @@ def step_tables(schedule: Schedule, noise: np.ndarray) -> StepTables:
     s = len(schedule.timesteps)
     coeffs = np.zeros((s, 1 + MAX_HISTORY, 3 + MAX_HISTORY), np.float32)
     coeffs[:, : 1 + k, : 3 + k] = schedule.coeffs
+    f32 = lambda a: None if a is None else np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     return StepTables(
         coeffs=coeffs,
         timesteps=np.append(schedule.timesteps, schedule.timesteps[-1]).astype(np.float32),
         input_scales=np.append(schedule.input_scale, schedule.input_scale[-1]).astype(np.float32),
-        noise=np.ascontiguousarray(noise, dtype=np.float32),
+        noise=f32(noise),
+        noise_scales=None
+        if blend is None
+        else np.append(schedule.noise_scales, [[1.0, 0.0]], axis=0).astype(np.float32),
+        blend=None
+        if blend is None
+        else Blend(f32(blend.keep_mask), f32(blend.image_latents), f32(blend.image_noise)),
+        unet_conditioning=f32(unet_conditioning),
     )
 
 
@@ -91,7 +142,10 @@ def first_timestep(tables: StepTables, shape: tuple[int, ...], dtype: type) -> n
 def first_unet_inputs(tables: StepTables, latents: np.ndarray, copies: int) -> np.ndarray:
     """The first UNet call's input, computed on the host (every later one comes out of the step model)."""
     scaled = latents * tables.input_scales[0]
-    return np.concatenate([scaled] * copies) if copies > 1 else scaled
+    unet_input = np.concatenate([scaled] * copies) if copies > 1 else scaled
+    if tables.unet_conditioning is not None:
+        unet_input = np.concatenate([unet_input, tables.unet_conditioning], axis=1)
+    return unet_input
 
 
 def build_step_model(
@@ -104,6 +158,8 @@ def build_step_model(
     timestep_dtype: int = TensorProto.FLOAT,
     unet_sample_dtype: int = TensorProto.FLOAT,
     unet_output_dtype: int = TensorProto.FLOAT,
+    blend: bool = False,
+    conditioning_channels: int = 0,
 ) -> onnx.ModelProto:
     """The step model for ``batch`` latents of ``latent_shape`` (C, h, w) and a schedule of ``num_calls``.
 
@@ -112,6 +168,11 @@ def build_step_model(
     ``unet_output_dtype`` are the UNet's ``sample`` input and noise output types (float16 in exports that keep
     fp16 inputs and outputs): the model takes the noise and gives the next UNet input in them, and computes in
     float32 between.
+
+    ``blend``: inpainting with a plain UNet; the model takes :data:`BLEND_INPUTS` and replaces the area
+    outside the mask by the image noised to the next timestep after every step. ``conditioning_channels``:
+    inpainting with an inpainting UNet; the model takes :data:`CONDITIONING_INPUT` and appends it to every
+    UNet input on the channel axis.
     """
     copies = 2 if guidance else 1
     c, h, w = latent_shape
@@ -133,7 +194,9 @@ def build_step_model(
         helper.make_tensor_value_info("next_sample", f32, latent),
         helper.make_tensor_value_info("next_history", f32, [MAX_HISTORY, *latent]),
         helper.make_tensor_value_info("next_step_index", TensorProto.INT64, []),
-        helper.make_tensor_value_info("unet_input", unet_sample_dtype, [copies * batch, c, h, w]),
+        helper.make_tensor_value_info(
+            "unet_input", unet_sample_dtype, [copies * batch, c + conditioning_channels, h, w]
+        ),
         helper.make_tensor_value_info("unet_timestep", timestep_dtype, list(timestep_shape)),
     ]
 
@@ -146,6 +209,7 @@ def build_step_model(
         "latent_shape": latent,
         "zero_1": [0],
         "one_1": [1],
+        "two_1": [2],
         "rows_end": [rows],
         "batch_1": [batch],
         "batch2_1": [2 * batch],
@@ -182,14 +246,50 @@ def build_step_model(
         helper.make_node("MatMul", ["row", "stacked"], ["updated"]),
         helper.make_node("Reshape", ["updated", "out_shape"], ["updated_latents"]),
         helper.make_node("Slice", ["updated_latents", "zero_1", "one_1"], ["sample_1"]),
-        helper.make_node("Reshape", ["sample_1", "latent_shape"], ["next_sample"]),
+        helper.make_node("Reshape", ["sample_1", "latent_shape"], ["denoised"]),
         helper.make_node("Slice", ["updated_latents", "one_1", "rows_end"], ["next_history"]),
-        # advance the index and prepare the next UNet call
+        # advance the index
         helper.make_node("Add", ["step_index", "one"], ["next_step_index"]),
+    ]
+    if blend:  # next = image_part + m * (denoised - image_part), image_part = a * image + b * noise0
+        inputs += [
+            helper.make_tensor_value_info("keep_mask", f32, [batch, 1, h, w]),
+            helper.make_tensor_value_info("image_latents", f32, latent),
+            helper.make_tensor_value_info("image_noise", f32, latent),
+            helper.make_tensor_value_info("noise_scales", f32, [num_calls + 1, 2]),
+        ]
+        nodes += [
+            helper.make_node("Gather", ["noise_scales", "next_step_index"], ["ab"], axis=0),
+            helper.make_node("Slice", ["ab", "zero_1", "one_1"], ["a"]),
+            helper.make_node("Slice", ["ab", "one_1", "two_1"], ["b"]),
+            helper.make_node("Mul", ["image_latents", "a"], ["image_a"]),
+            helper.make_node("Mul", ["image_noise", "b"], ["noise_b"]),
+            helper.make_node("Add", ["image_a", "noise_b"], ["image_part"]),
+            helper.make_node("Sub", ["denoised", "image_part"], ["kept_delta"]),
+            helper.make_node("Mul", ["kept_delta", "keep_mask"], ["masked_delta"]),
+            helper.make_node("Add", ["image_part", "masked_delta"], ["next_sample"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["denoised"], ["next_sample"]))
+    nodes += [
+        # prepare the next UNet call
         helper.make_node("Gather", ["input_scales", "next_step_index"], ["scale"], axis=0),
         helper.make_node("Gather", ["timesteps", "next_step_index"], ["t"], axis=0),
         helper.make_node("Mul", ["next_sample", "scale"], ["scaled"]),
-        helper.make_node("Concat", ["scaled"] * copies, ["unet_input_f32"], axis=0),
+        helper.make_node("Concat", ["scaled"] * copies, ["latent_input"], axis=0),
+    ]
+    if conditioning_channels:
+        inputs.append(
+            helper.make_tensor_value_info(
+                CONDITIONING_INPUT, f32, [copies * batch, conditioning_channels, h, w]
+            )
+        )
+        nodes.append(
+            helper.make_node("Concat", ["latent_input", CONDITIONING_INPUT], ["unet_input_f32"], axis=1)
+        )
+    else:
+        nodes.append(helper.make_node("Identity", ["latent_input"], ["unet_input_f32"]))
+    nodes += [
         helper.make_node("Cast", ["unet_input_f32"], ["unet_input"], to=unet_sample_dtype),
         helper.make_node("Cast", ["t"], ["t_cast"], to=timestep_dtype),
     ]

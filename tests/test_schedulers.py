@@ -198,12 +198,16 @@ def run_both(
     steps: int,
     schedule: Schedule | None = None,
     strength: float | None = None,
+    inpaint: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run the trajectory through diffusers and sdengine, asserting agreement at every step.
 
     ``strength=None`` is text-to-image (initial noise times ``init_noise_sigma``); a strength is
     image-to-image as diffusers' ``StableDiffusionImg2ImgPipeline`` runs it: the scheduler sliced by the
     pipeline's ``get_timesteps``, the first sample ``add_noise(image_latents, noise, timesteps[:1])``.
+    ``inpaint`` runs it as ``StableDiffusionInpaintPipeline`` does with a plain 4-channel UNet: pure noise
+    at strength 1, and after every step but the last the area outside a mask replaced by the image noised to
+    the next timestep (``add_noise`` after the step; ours from ``noise_scales``).
 
     Configs with a huge sigma_max run diffusers' arithmetic in float64 (its tables stay float32): there
     diffusers' float32 rounding on the first step, ~1e-7 of a 1e4 sample, would dominate every later step.
@@ -232,11 +236,18 @@ def run_both(
         assert plan.t_start == t_start
         image = rng.standard_normal(SHAPE, dtype=np.float32) * np.float32(2)  # stand-in VAE latents
         noise = torch.from_numpy(latents).to(reference_dtype)
-        x_ref = ref.add_noise(torch.from_numpy(image).to(reference_dtype), noise, ref_timesteps[:1])
-        a, b = plan.image_noise
-        assert type(a) is float and type(b) is float
-        x = np.float32(a) * image + np.float32(b) * latents
-        assert_close(x, x_ref.numpy(), float(x_ref.abs().max()), tol, f"{name} add_noise (image_noise)")
+        if inpaint and strength == 1.0:
+            x_ref = noise * ref.init_noise_sigma
+            x = latents * np.float32(plan.init_noise_sigma)
+        else:
+            x_ref = ref.add_noise(torch.from_numpy(image).to(reference_dtype), noise, ref_timesteps[:1])
+            a, b = plan.image_noise
+            assert type(a) is float and type(b) is float
+            x = np.float32(a) * image + np.float32(b) * latents
+            assert_close(x, x_ref.numpy(), float(x_ref.abs().max()), tol, f"{name} add_noise (image_noise)")
+    if inpaint:
+        keep = (rng.random((SHAPE[0], 1, *SHAPE[2:])) < 0.5).astype(np.float32)  # 1: denoised, 0: image
+        keep_ref = torch.from_numpy(keep).to(reference_dtype)
     assert plan.timesteps.shape == ref_timesteps.shape
     np.testing.assert_allclose(plan.timesteps, ref_timesteps.numpy().astype(np.float32), rtol=1e-6, atol=1e-6)
 
@@ -261,6 +272,14 @@ def run_both(
         assert not plan.needs_noise[i] or noise is not None, "needs noise diffusers does not draw"
         x, history = step(plan.coeffs[i], x, output, noise if plan.needs_noise[i] else None, history)
         assert x.dtype == np.float32
+        if inpaint:  # diffusers' inpaint loop with a 4-channel UNet, and ours from the schedule's table
+            proper_ref, proper = torch.from_numpy(image).to(reference_dtype), image
+            if i < len(ref_timesteps) - 1:
+                proper_ref = ref.add_noise(proper_ref, torch.from_numpy(latents), ref_timesteps[i + 1 : i + 2])
+                a, b = plan.noise_scales[i + 1].astype(np.float32)
+                proper = a * image + b * latents
+            x_ref = (1 - keep_ref) * proper_ref + keep_ref * x_ref
+            x = ((1 - keep) * proper + keep * x).astype(np.float32)
         assert_close(x, x_ref.numpy(), scale, tol, f"{name} sample after call {i}")
     return x, x_ref.numpy()
 
@@ -448,6 +467,22 @@ def test_img2img_variants_match_diffusers(
     name: str, config: dict[str, Any], steps: int, strength: float
 ) -> None:
     run_both(name, config, steps, strength=strength)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize("base", ["sd15", "sd21"])
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_inpaint_blend_matches_diffusers(name: str, base: str, strength: float) -> None:
+    """Inpainting with a plain UNet: every step's re-noised image (``noise_scales``) as diffusers'."""
+    run_both(name, BASE_CONFIGS[base], 10, strength=strength, inpaint=True)
+
+
+def test_inpaint_blend_catches_the_wrong_timestep() -> None:
+    """The harness catches noising the image to the step's own timestep instead of the next one."""
+    plan = load_scheduler("euler", SD15).schedule(10)
+    shifted = dataclasses.replace(plan, noise_scales=np.roll(plan.noise_scales, 1, axis=0))
+    with pytest.raises(AssertionError, match="sample after call 0"):
+        run_both("euler", SD15, 10, schedule=shifted, strength=1.0, inpaint=True)
 
 
 STATEFUL = {"pndm", "dpmpp_2m", "dpmpp_2m_karras"}

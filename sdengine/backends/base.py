@@ -24,11 +24,18 @@ class DenoisePlan:
     def copies(self) -> int:
         return 1 if self.guidance is None else 2
 
+    @property
+    def unet_input_shape(self) -> tuple[int, ...]:
+        """(G * B, C + E, h, w): the latents of every copy, and any conditioning channels after them."""
+        batch, channels, height, width = self.latents.shape
+        return (self.copies * batch, channels + self.tables.conditioning_channels, height, width)
+
 
 @dataclass(frozen=True)
 class GraphKey:
-    """What a backend's per-shape state depends on (step model, device buffers, captured graphs): the shapes
-    and the schedule's length. The tables, noise and guidance scale are inputs, so they are not in it."""
+    """What a backend's per-shape state depends on (step model, device buffers, captured graphs): the shapes,
+    the schedule's length and which inpainting inputs the step takes. The tables, noise, guidance scale and
+    inpainting images are inputs, so they are not in it."""
 
     batch: int
     latent_channels: int
@@ -36,10 +43,19 @@ class GraphKey:
     latent_width: int
     num_calls: int
     guidance: bool
+    blend: bool = False
+    conditioning_channels: int = 0
 
     @classmethod
     def of(cls, plan: DenoisePlan) -> GraphKey:
-        return cls(*plan.latents.shape, plan.tables.num_calls, plan.guidance is not None)
+        tables = plan.tables
+        return cls(
+            *plan.latents.shape,
+            tables.num_calls,
+            plan.guidance is not None,
+            tables.blend is not None,
+            tables.conditioning_channels,
+        )
 
     @property
     def copies(self) -> int:

@@ -167,6 +167,8 @@ class OrtBackend:
                 timestep_dtype=tensor_type(t_dtype),
                 unet_sample_dtype=tensor_type(sample_dtype),
                 unet_output_dtype=tensor_type(noise_dtype),
+                blend=key.blend,
+                conditioning_channels=key.conditioning_channels,
             )
             self._step_sessions[key] = ort.InferenceSession(
                 model.SerializeToString(), self.step_session_options, providers=self.step_providers
@@ -200,13 +202,7 @@ class HostDenoiser:
         self.session = backend.step_session(plan)
         tables = plan.tables
         t_shape, t_dtype = backend.timestep_format(plan.copies * plan.latents.shape[0])
-        self.constants = {
-            "coeffs": tables.coeffs,
-            "timesteps": tables.timesteps,
-            "input_scales": tables.input_scales,
-            "noise": tables.noise,
-            "guidance": np.array(plan.guidance or 1.0, np.float32),
-        }
+        self.constants = {**tables.inputs(), "guidance": np.array(plan.guidance or 1.0, np.float32)}
         self.context = plan.context
         self.state = {
             "sample": plan.latents,

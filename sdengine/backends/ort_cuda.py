@@ -323,15 +323,11 @@ class DeviceDenoiser:
         tables = plan.tables
         unet_batch = plan.copies * plan.latents.shape[0]
         t_shape, t_dtype = backend.timestep_format(unet_batch)
-        unet_shape = (unet_batch, *plan.latents.shape[1:])
-        self.unet_input = empty(unet_shape, sample_dtype)
+        self.unet_input = empty(plan.unet_input_shape, sample_dtype)
         self.timestep = empty(t_shape, t_dtype)
         self.context = empty(plan.context.shape, declared["encoder_hidden_states"][0])
-        self.noise_pred = empty(unet_shape, noise_dtype)
-        self.constants = {
-            name: empty(getattr(tables, name).shape, np.float32)
-            for name in ("coeffs", "timesteps", "input_scales", "noise")
-        }
+        self.noise_pred = empty((unet_batch, *plan.latents.shape[1:]), noise_dtype)
+        self.constants = {name: empty(a.shape, np.float32) for name, a in tables.inputs().items()}
         self.constants["guidance"] = empty((), np.float32)
         # two sets of state; step i reads set i % 2 and writes the other
         history = (MAX_HISTORY, *plan.latents.shape)
@@ -432,8 +428,8 @@ class DeviceDenoiser:
         self.unet_input.fill(first_unet_inputs(tables, plan.latents, plan.copies))
         self.timestep.fill(first_timestep(tables, self.timestep.shape, self.timestep.dtype))
         self.context.fill(plan.context)
-        for name in ("coeffs", "timesteps", "input_scales", "noise"):
-            self.constants[name].fill(getattr(tables, name))
+        for name, array in tables.inputs().items():
+            self.constants[name].fill(array)
         self.constants["guidance"].fill(np.array(plan.guidance or 1.0))
         state = self.states[0]
         state["sample"].fill(plan.latents)

@@ -227,6 +227,8 @@ class TrtBackend:
             timestep_dtype=helper.np_dtype_to_tensor_dtype(t_dtype),
             unet_sample_dtype=helper.np_dtype_to_tensor_dtype(sample_dtype),
             unet_output_dtype=helper.np_dtype_to_tensor_dtype(noise_dtype),
+            blend=key.blend,
+            conditioning_channels=key.conditioning_channels,
         )
         data = model.SerializeToString()
         built_for = f"{self.env.trt_version} sm{self.env.compute_capability}".encode()
@@ -299,19 +301,16 @@ class GraphSteps:
         backend.shared_memory([unet, *steps])
         self.engines = (unet, *steps)  # kept alive as long as the graphs that run them
         tables = plan.tables
-        unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
-        t_shape, t_dtype = backend.timestep_format(unet_input.shape[0])
+        unet_batch = plan.copies * plan.latents.shape[0]
+        t_shape, t_dtype = backend.timestep_format(unet_batch)
         latent, history = plan.latents.shape, (MAX_HISTORY, *plan.latents.shape)
         f32 = np.dtype(np.float32)
         self.shared = {
-            "unet_input": DeviceArray(unet_input.shape, unet.dtype("sample")),
+            "unet_input": DeviceArray(plan.unet_input_shape, unet.dtype("sample")),
             "timestep": DeviceArray(t_shape, t_dtype),
             "context": DeviceArray(plan.context.shape, unet.dtype("encoder_hidden_states")),
-            "noise_pred": DeviceArray(unet_input.shape, unet.dtype(unet.outputs[0])),
-            "coeffs": DeviceArray(tables.coeffs.shape, f32),
-            "timesteps": DeviceArray(tables.timesteps.shape, f32),
-            "input_scales": DeviceArray(tables.input_scales.shape, f32),
-            "noise": DeviceArray(tables.noise.shape, f32),
+            "noise_pred": DeviceArray((unet_batch, *latent[1:]), unet.dtype(unet.outputs[0])),
+            **{name: DeviceArray(array.shape, f32) for name, array in tables.inputs().items()},
             "guidance": DeviceArray((), f32),
         }
         self.states = [
@@ -399,8 +398,8 @@ class GraphSteps:
         timestep = self.shared["timestep"]
         timestep.upload(first_timestep(tables, timestep.shape, timestep.dtype), s)
         self.shared["context"].upload(plan.context, s)
-        for name in ("coeffs", "timesteps", "input_scales", "noise"):
-            self.shared[name].upload(getattr(tables, name), s)
+        for name, array in tables.inputs().items():
+            self.shared[name].upload(array, s)
         self.shared["guidance"].upload(np.array(plan.guidance or 1.0), s)
         self.states[0]["sample"].upload(plan.latents, s)
         self.states[0]["history"].upload(np.zeros(self.states[0]["history"].shape), s)

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import tables
 from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
-from .schedule import Forms, Schedule, make_schedule, vp_image_noise, vp_predictions
+from .schedule import Forms, Schedule, make_schedule, vp_noise_scales, vp_predictions
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class DDIM(BaseScheduler):
             input_scale=1.0,
             rows=rows,
             init_noise_sigma=1.0,
-            image_noise=vp_image_noise(abar[ts[t_start]]),
+            noise_scales=vp_noise_scales(abar[ts]),
             history_size=0,
             num_inference_steps=n,
             t_start=t_start,

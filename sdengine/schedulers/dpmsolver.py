@@ -121,7 +121,7 @@ class DPMSolverMultistep(BaseScheduler):
             raise InvalidArgumentError(
                 f"{self.name}: this strength skips all {steps} timesteps; raise strength or steps"
             )
-        alpha_start = 1.0 / np.sqrt(sigmas[t_start] ** 2 + 1.0)
+        alphas = 1.0 / np.sqrt(sigmas[:-1].astype(np.float64) ** 2 + 1.0)
         f = Forms(1)
         x, prev_x0 = f.sample, f.history(1)
         rows = []
@@ -152,7 +152,7 @@ class DPMSolverMultistep(BaseScheduler):
             input_scale=1.0,
             rows=rows,
             init_noise_sigma=1.0,
-            image_noise=(alpha_start, sigmas[t_start] * alpha_start),  # add_noise: alpha_t x0 + sigma_t noise
+            noise_scales=np.stack([alphas, sigmas[:-1] * alphas], axis=-1),  # alpha_t x0 + sigma_t noise
             history_size=1,
             num_inference_steps=n,
             t_start=t_start,

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import tables
 from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
-from .schedule import Forms, Schedule, make_schedule, vp_predictions
+from .schedule import Forms, Schedule, make_schedule, sigma_noise_scales, vp_predictions
 
 
 def discrete_sigmas(
@@ -107,7 +107,7 @@ class Euler(BaseScheduler):
             input_scale=1.0 / np.sqrt(sigmas[:-1] ** 2 + 1.0),
             rows=rows,
             init_noise_sigma=init_noise_sigma(p["timestep_spacing"], sigmas),
-            image_noise=(1.0, float(sigmas[t_start])),  # add_noise: x0 + sigma noise, sigma at begin_index
+            noise_scales=sigma_noise_scales(sigmas[:-1]),
             history_size=0,
             num_inference_steps=n,
             t_start=t_start,

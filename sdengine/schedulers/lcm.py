@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from .base import BaseScheduler
-from .schedule import Forms, Schedule, make_schedule, vp_image_noise, vp_predictions
+from .schedule import Forms, Schedule, make_schedule, vp_noise_scales, vp_predictions
 
 #: sigma_data of the consistency-model boundary condition (Song et al. 2023, "Consistency Models", App. C).
 SIGMA_DATA = 0.5
@@ -87,7 +87,7 @@ class LCM(BaseScheduler):
             input_scale=1.0,
             rows=rows,
             init_noise_sigma=1.0,
-            image_noise=vp_image_noise(abar[ts[t_start]]),
+            noise_scales=vp_noise_scales(abar[ts]),
             history_size=0,
             num_inference_steps=n,
             t_start=t_start,

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import UnsupportedConfigError
 from . import tables
 from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
-from .schedule import Forms, Schedule, make_schedule, vp_image_noise
+from .schedule import Forms, Schedule, make_schedule, vp_noise_scales
 
 #: Adams-Bashforth weights applied to [eps_i, eps_{i-1}, ...] once the history holds 1..4 model outputs.
 _PLMS_WEIGHTS = {
@@ -100,7 +100,7 @@ class PNDM(BaseScheduler):
             input_scale=1.0,
             rows=rows,
             init_noise_sigma=1.0,
-            image_noise=vp_image_noise(abar[ts[t_start]]),
+            noise_scales=vp_noise_scales(abar[ts]),
             history_size=4,
             num_inference_steps=n,
             t_start=t_start,

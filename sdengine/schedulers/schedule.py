@@ -39,8 +39,10 @@ class Schedule:
 
     The first sample is ``init_noise_sigma * noise`` for text-to-image, and ``a * image_latents + b * noise``
     with ``(a, b) = image_noise`` for image-to-image (the scheduler's ``add_noise`` at ``timesteps[0]``; it
-    is filled at strength 1 too). A schedule for ``strength`` < 1 leaves out its first ``t_start`` calls of
-    the full ``num_inference_steps`` schedule; ``t_start`` is 0 at strength 1.
+    is filled at strength 1 too). ``noise_scales[i]`` is that ``(a, b)`` at call ``i``'s timestep, as
+    ``add_noise`` gives it once ``i`` calls have run (inpainting with a plain UNet noises the image to the
+    next call's timestep after every step). A schedule for ``strength`` < 1 leaves out its first ``t_start``
+    calls of the full ``num_inference_steps`` schedule; ``t_start`` is 0 at strength 1.
     """
 
     timesteps: np.ndarray  # (S,) float32
@@ -48,7 +50,7 @@ class Schedule:
     coeffs: np.ndarray  # (S, 1 + K, 3 + K) float32
     needs_noise: np.ndarray  # (S,) bool
     init_noise_sigma: float
-    image_noise: tuple[float, float]
+    noise_scales: np.ndarray  # (S, 2) float64: add_noise's (image, noise) factors at each call's timestep
     history_size: int
     num_inference_steps: int
     t_start: int
@@ -60,6 +62,7 @@ class Schedule:
             "input_scale": ((s,), np.float32),
             "coeffs": ((s, 1 + k, 3 + k), np.float32),
             "needs_noise": ((s,), np.bool_),
+            "noise_scales": ((s, 2), np.float64),
         }
         for name, (shape, dtype) in expected.items():
             value = np.asarray(getattr(self, name))
@@ -70,8 +73,12 @@ class Schedule:
             view = value.view()  # read-only view: the caller's own array keeps its flags
             view.setflags(write=False)
             object.__setattr__(self, name, view)
-        a, b = self.image_noise
-        object.__setattr__(self, "image_noise", (float(a), float(b)))
+
+    @property
+    def image_noise(self) -> tuple[float, float]:
+        """``add_noise``'s (image, noise) factors at the first call's timestep: image to image's start."""
+        a, b = self.noise_scales[0]
+        return float(a), float(b)
 
 
 class Forms:
@@ -137,10 +144,17 @@ def vp_predictions(
     )
 
 
-def vp_image_noise(alpha_prod: float) -> tuple[float, float]:
+def vp_noise_scales(alpha_prod: np.ndarray) -> np.ndarray:
     """``add_noise`` of the variance-preserving schedulers (DDPM's q(x_t | x_0), Ho et al. 2020, eq. 4):
-    x_t = sqrt(a) x_0 + sqrt(1 - a) noise, a = alpha-bar_t."""
-    return float(np.sqrt(alpha_prod)), float(np.sqrt(1.0 - alpha_prod))
+    x_t = sqrt(a) x_0 + sqrt(1 - a) noise, a = alpha-bar_t; one (sqrt(a), sqrt(1 - a)) row per entry."""
+    a = np.asarray(alpha_prod, dtype=np.float64)
+    return np.stack([np.sqrt(a), np.sqrt(1.0 - a)], axis=-1)
+
+
+def sigma_noise_scales(sigmas: np.ndarray) -> np.ndarray:
+    """``add_noise`` of the sigma-parametrised (k-diffusion) schedulers: x_sigma = x_0 + sigma noise."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    return np.stack([np.ones_like(sigmas), sigmas], axis=-1)
 
 
 def make_schedule(
@@ -149,13 +163,14 @@ def make_schedule(
     input_scale: np.ndarray | float,
     rows: Sequence[Sequence[np.ndarray]],
     init_noise_sigma: float,
-    image_noise: tuple[float, float],
+    noise_scales: np.ndarray,
     history_size: int,
     num_inference_steps: int,
     t_start: int,
     scheduler: str,
 ) -> Schedule:
-    """A :class:`Schedule` from the full run's per-call ``timesteps`` and ``input_scale`` and the output forms
+    """A :class:`Schedule` from the full run's per-call ``timesteps``, ``input_scale`` and ``noise_scales``
+    (``add_noise``'s (image, noise) factors, shape (S, 2)) and the output forms
     ``rows = [[new_sample, new_h_1..new_h_K] for calls t_start, t_start + 1, ...]``."""
     timesteps = np.asarray(timesteps, dtype=np.float64)
     input_scale = np.broadcast_to(np.asarray(input_scale, dtype=np.float64), timesteps.shape)
@@ -163,7 +178,10 @@ def make_schedule(
         raise InvalidArgumentError(
             f"{scheduler}: this strength skips all {len(timesteps)} model calls; raise strength or steps"
         )
-    timesteps, input_scale = timesteps[t_start:], input_scale[t_start:]
+    noise_scales = np.asarray(noise_scales, dtype=np.float64)
+    if noise_scales.shape != (len(timesteps), 2):
+        raise AssertionError(f"{scheduler}: noise_scales {noise_scales.shape} for {len(timesteps)} timesteps")
+    timesteps, input_scale, noise_scales = timesteps[t_start:], input_scale[t_start:], noise_scales[t_start:]
     if len(rows) != len(timesteps):
         raise AssertionError(f"{scheduler}: {len(rows)} rows for {len(timesteps)} timesteps")
     coeffs = np.array([np.stack(row) for row in rows], dtype=np.float64).reshape(
@@ -181,7 +199,7 @@ def make_schedule(
         coeffs=coeffs32,
         needs_noise=(coeffs32[:, :, NOISE] != 0).any(axis=1),
         init_noise_sigma=float(init_noise_sigma),
-        image_noise=image_noise,
+        noise_scales=noise_scales,
         history_size=history_size,
         num_inference_steps=num_inference_steps,
         t_start=t_start,
