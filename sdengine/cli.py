@@ -16,7 +16,7 @@ import numpy as np
 from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.model_specs import COMPONENTS
-from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
+from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_INPAINT_STRENGTH, DEFAULT_STEPS, DEFAULT_STRENGTH
 
 EXIT_ERROR = 1
 OPTIMIZED_CACHE_HELP = "CPU: keep ONNX Runtime's optimised graphs per machine (fast starts, more disk)"
@@ -59,7 +59,7 @@ def format_times(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sdengine.images import load_image, output_paths, save_png
+    from sdengine.images import load_image, load_mask, output_paths, save_png
     from sdengine.pipeline import Pipeline
 
     pipeline = Pipeline.load(
@@ -84,6 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         latents=_load_latents(args.latents),
         image=None if args.image is None else load_image(args.image),
         strength=args.strength,
+        mask=None if args.mask is None else load_mask(args.mask),
         progress=_progress("denoising"),
     )
     where = {"backend": result.backend, "model": str(Path(args.model_dir))}
@@ -249,7 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--strength",
         type=float,
         default=None,
-        help=f"image to image: share of the schedule that runs, (0, 1] (default {DEFAULT_STRENGTH})",
+        help=f"image to image: share of the schedule that runs, (0, 1] (default {DEFAULT_STRENGTH}; "
+        f"{DEFAULT_INPAINT_STRENGTH} with --mask)",
+    )
+    g.add_argument(
+        "--mask", default=None, help="inpainting (with --image): white repaints, black keeps the image"
     )
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)

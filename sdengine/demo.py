@@ -1,5 +1,5 @@
-"""The offline demo: random tiny checkpoint -> ONNX -> image, then image to image from it, with the PyTorch
-baseline beside each.
+"""The offline demo: random tiny checkpoint -> ONNX -> image, then image to image and inpainting from it,
+with the PyTorch baseline beside each.
 
 Needs the ``export`` extra (torch, diffusers) for writing the checkpoint, exporting it and the baseline.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from sdengine.images import psnr, save_png
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -16,6 +18,14 @@ NEGATIVE = "blurry"
 SEED = 0
 IMG2IMG_PROMPT = "the same scene as a watercolour"
 IMG2IMG_STRENGTH = 0.6
+INPAINT_PROMPT = "a full moon in the sky"
+
+
+def centre_mask(height: int, width: int) -> np.ndarray:
+    """A (1, H, W) inpainting mask: repaint the centre half of each side, keep the rest."""
+    mask = np.zeros((1, height, width), np.float32)
+    mask[:, height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 1
+    return mask
 
 
 def run_demo(
@@ -28,18 +38,18 @@ def run_demo(
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/5] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/6] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/5] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/6] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
     pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/5] text to image with the {backend} backend")
+        say(f"[{i}/6] text to image with the {backend} backend")
         pipes[backend] = Pipeline.load(path, backend=backend)
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
     ort_result = results["ort"]
-    say(f"[5/5] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    say(f"[5/6] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
     redone = {
         backend: pipe(
             IMG2IMG_PROMPT,
@@ -52,23 +62,44 @@ def run_demo(
         )
         for backend, pipe in pipes.items()
     }
+    say("[6/6] inpainting the centre of the ort image with both backends")
+    mask = centre_mask(ort_result.request.height, ort_result.request.width)
+    inpainted = {
+        backend: pipe(
+            INPAINT_PROMPT,
+            NEGATIVE,
+            steps=steps,
+            seed=SEED,
+            scheduler=scheduler,
+            image=ort_result.array,
+            mask=mask,
+        )
+        for backend, pipe in pipes.items()
+    }
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
-    img2img_output = output.with_name(f"{output.stem}-img2img{output.suffix or '.png'}")
-    save_png(
-        redone["ort"].images[0], img2img_output, {**redone["ort"].request.parameters(), "backend": "ort"}
-    )
+    extra_outputs = {}
+    for name, result in (("img2img", redone["ort"]), ("inpaint", inpainted["ort"])):
+        extra_outputs[name] = output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}")
+        save_png(result.images[0], extra_outputs[name], {**result.request.parameters(), "backend": "ort"})
     similarity = psnr(ort_result.array, results["torch"].array)
     img2img_similarity = psnr(redone["ort"].array, redone["torch"].array)
+    inpaint_similarity = psnr(inpainted["ort"].array, inpainted["torch"].array)
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
     print(
         f"\nwrote {output}: {steps} steps, "
         f"{ort_result.request.height}x{ort_result.request.width}, seed {SEED}"
     )
     print(f"ONNX Runtime image vs PyTorch (diffusers) image: PSNR {similarity:.1f} dB")
-    print(f"wrote {img2img_output}: image to image from it, strength {IMG2IMG_STRENGTH}")
+    print(f"wrote {extra_outputs['img2img']}: image to image from it, strength {IMG2IMG_STRENGTH}")
     print(f"ONNX Runtime vs PyTorch (diffusers img2img): PSNR {img2img_similarity:.1f} dB")
+    print(f"wrote {extra_outputs['inpaint']}: its centre inpainted (the rest kept)")
+    print(f"ONNX Runtime vs PyTorch (diffusers inpainting): PSNR {inpaint_similarity:.1f} dB")
     print(
         "NOTE: the checkpoint's weights are RANDOM, so the image is structured noise, "
         "not a picture of the prompt."
     )
-    return {"psnr_db": similarity, "img2img_psnr_db": img2img_similarity}
+    return {
+        "psnr_db": similarity,
+        "img2img_psnr_db": img2img_similarity,
+        "inpaint_psnr_db": inpaint_similarity,
+    }

@@ -38,6 +38,8 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     config = model_dir.scheduler_config
     info: dict[str, Any] = {
         "architecture": vars(model_dir.arch),
+        # an inpainting UNet takes the mask and masked image; a plain one inpaints by blending after each step
+        "inpainting": "inpainting UNet" if model_dir.arch.inpainting_unet else "blended, plain UNet",
         "native_size": model_dir.default_image_size,
         "vae_scaling_factor": model_dir.vae_scaling_factor,
         "scheduler": config.get("_class_name"),

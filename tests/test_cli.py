@@ -121,8 +121,8 @@ def test_demo_writes_both_images_and_matches_diffusers(tmp_path, capsys):
 
     output = tmp_path / "demo.png"
     scores = run_demo(tmp_path / "work", output=output, steps=4)
-    assert output.is_file() and (tmp_path / "demo-img2img.png").is_file()
-    assert scores["psnr_db"] >= 40 and scores["img2img_psnr_db"] >= 40
+    assert all((tmp_path / f"demo{suffix}.png").is_file() for suffix in ("", "-img2img", "-inpaint"))
+    assert scores["psnr_db"] >= 40 and scores["img2img_psnr_db"] >= 40 and scores["inpaint_psnr_db"] >= 40
     assert "PSNR" in capsys.readouterr().out
 
 

@@ -275,7 +275,9 @@ def run_both(
         if inpaint:  # diffusers' inpaint loop with a 4-channel UNet, and ours from the schedule's table
             proper_ref, proper = torch.from_numpy(image).to(reference_dtype), image
             if i < len(ref_timesteps) - 1:
-                proper_ref = ref.add_noise(proper_ref, torch.from_numpy(latents), ref_timesteps[i + 1 : i + 2])
+                proper_ref = ref.add_noise(
+                    proper_ref, torch.from_numpy(latents), ref_timesteps[i + 1 : i + 2]
+                )
                 a, b = plan.noise_scales[i + 1].astype(np.float32)
                 proper = a * image + b * latents
             x_ref = (1 - keep_ref) * proper_ref + keep_ref * x_ref
