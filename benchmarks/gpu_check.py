@@ -44,6 +44,7 @@ def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
     from export.onnx_export import export_checkpoint
     from sdengine.backends.ort_cuda import OrtCudaBackend
     from sdengine.baseline import TorchPipeline
+    from sdengine.demo import centre_mask
     from sdengine.model_dir import open_onnx_dir
     from sdengine.pipeline import Pipeline
     from sdengine.tokenizer import ClipTokenizer
@@ -78,6 +79,10 @@ def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
     img2img = dict(settings, image=image, strength=0.6)
     results["image to image: CUDA vs CPU fp32, PSNR dB"] = psnr(
         pipes["step"](PROMPT, **img2img).array, cpu(PROMPT, **img2img).array
+    )
+    inpaint = dict(settings, image=image, mask=centre_mask(settings["height"], settings["width"]))
+    results["inpainting: CUDA vs CPU fp32, PSNR dB"] = psnr(
+        pipes["step"](PROMPT, **inpaint).array, cpu(PROMPT, **inpaint).array
     )
     half = Pipeline(fp16, OrtCudaBackend(fp16, device=device), tok)
     torch16 = TorchPipeline.load(ckpt, device=device)
