@@ -197,38 +197,39 @@ class Pipeline(_CallMixin):
 
         Text to image: the seed's unit noise at the scheduler's initial sigma. Image to image: the image's
         latents (VAE encoder, sampled) noised to the first timestep that runs, as the scheduler's
-        ``add_noise`` does, with the same unit noise. Inpainting, as diffusers' inpainting pipeline: from
-        pure noise at strength 1; an inpainting UNet gets the mask and the masked image's latents beside the
-        latents in every call, while a plain UNet's result is blended with the noised image outside the mask
-        after every step."""
+        ``add_noise`` does, with the same unit noise. Inpainting, as diffusers' inpainting pipeline, starts
+        from pure noise at strength 1."""
         arch = self.model_dir.arch
         noise = request.initial_latents(arch)
         if not request.image_to_image:
             return noise * np.float32(schedule.init_noise_sigma), {}
-        inpainting: dict[str, Any] = {}
         with times.time("vae_encode"):
             image_latents = None
             if not request.starts_from_noise or (request.inpainting and not arch.inpainting_unet):
                 image_latents = self.encode(request.pixels(), request.batch, request.encoder_noise)
-            if request.inpainting:
-                mask = request.mask_pixels()  # (1 or B, 1, H, W)
-                factor = arch.vae_scale_factor
-                # nearest-neighbour downsampling (torch's interpolate): the top-left pixel of each block
-                latent_mask = np.broadcast_to(
-                    mask[:, :, ::factor, ::factor], (request.batch, 1, *noise.shape[2:])
-                )
-                if arch.inpainting_unet:
-                    masked_pixels = request.pixels() * (mask < 0.5)
-                    masked = self.encode(masked_pixels, request.batch, request.masked_encoder_noise)
-                    conditioning = np.concatenate([latent_mask, masked], axis=1)
-                    copies = 2 if request.classifier_free_guidance else 1
-                    inpainting["unet_conditioning"] = np.concatenate([conditioning] * copies)
-                else:
-                    inpainting["blend"] = Blend(latent_mask, image_latents, noise)
+            inpainting = self.inpainting_inputs(request, noise, image_latents) if request.inpainting else {}
         if request.starts_from_noise:
             return noise * np.float32(schedule.init_noise_sigma), inpainting
         image_scale, noise_scale = schedule.image_noise
         return (image_scale * image_latents + noise_scale * noise).astype(np.float32), inpainting
+
+    def inpainting_inputs(
+        self, request: GenerationRequest, noise: np.ndarray, image_latents: np.ndarray | None
+    ) -> dict[str, Any]:
+        """The step's inpainting inputs. An inpainting UNet gets the mask and the masked image's latents
+        beside the latents in every call; a plain UNet's result is blended, after every step, with the image
+        noised (by the initial ``noise``) to the next timestep, outside the mask."""
+        mask = request.mask_pixels()  # (1 or B, 1, H, W)
+        factor = self.model_dir.arch.vae_scale_factor
+        # nearest-neighbour downsampling, as torch's interpolate: the top-left pixel of each block
+        latent_mask = np.broadcast_to(mask[:, :, ::factor, ::factor], (request.batch, 1, *noise.shape[2:]))
+        if not self.model_dir.arch.inpainting_unet:
+            assert image_latents is not None
+            return {"blend": Blend(latent_mask, image_latents, noise)}
+        masked = self.encode(request.pixels() * (mask < 0.5), request.batch, request.masked_encoder_noise)
+        conditioning = np.concatenate([latent_mask, masked], axis=1)
+        copies = 2 if request.classifier_free_guidance else 1
+        return {"unet_conditioning": np.concatenate([conditioning] * copies)}
 
     def encode(
         self, pixels: np.ndarray, batch: int, unit_noise: Callable[[tuple[int, ...]], np.ndarray]
