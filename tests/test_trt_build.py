@@ -102,6 +102,8 @@ def test_profiles_follow_the_architecture():
     unet = engine_profiles(arch, "unet", ProfileRequest(batch=1, height=512, width=256))
     assert unet["sample"][1] == (2, 8, 32, 16)
     assert unet["encoder_hidden_states"][1] == (2, 64, 1024)
+    inpainting = engine_profiles(Architecture(conditioning_channels=5), "unet", ProfileRequest())
+    assert inpainting["sample"][1] == (2, 9, 64, 64)  # latents, mask, masked image latents
 
 
 @pytest.mark.parametrize(
