@@ -2,7 +2,8 @@
 
 Per component: trace with torch's TorchScript-based ONNX exporter (the path Optimum and TensorRT's demo use
 for these models), fold constants, infer shapes, optionally convert to float16, store weights over 2 GB as one
-external-data file, and check the result with ``onnx.checker``. A manifest records what was made from what.
+external-data file, check the result with ``onnx.checker``, and check its outputs against the PyTorch module
+at another size (``export.verify``). A manifest records what was made from what, and how close it came.
 
 The UNet is traced at a latent size that is *not* a multiple of its total downsampling factor. That makes
 diffusers pass explicit upsample sizes, so the exported graph runs at every latent size, not only at
@@ -26,9 +27,10 @@ import psutil
 import sdengine
 from export.checkpoint import checkpoint_hash
 from export.fp16 import convert_to_fp16
+from export.verify import Verification, verify_component
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
-from sdengine.errors import InvalidArgumentError
-from sdengine.manifest import ComponentRecord, Manifest, file_sha256
+from sdengine.errors import ExportVerificationError, InvalidArgumentError
+from sdengine.manifest import MANIFEST_NAME, ComponentRecord, Manifest, file_sha256
 from sdengine.model_dir import open_checkpoint_dir
 from sdengine.model_specs import COMPONENTS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, ModelSpec
 
@@ -125,21 +127,22 @@ def _save(model: onnx.ModelProto, path: Path, threshold: int = TWO_GB) -> str | 
 
 
 def export_component(
-    checkpoint: Path, name: str, out_dir: Path, *, precision: str, opset: int
+    checkpoint: Path, name: str, out_dir: Path, *, precision: str, opset: int, verify: bool = True
 ) -> ComponentRecord:
-    """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result."""
+    """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result.
+    ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises)."""
     model_dir = open_checkpoint_dir(checkpoint)
     spec = model_dir.arch.specs()[name]
     scale = model_dir.arch.vae_scale_factor
     height, width = TRACE_LATENT[0] * scale, TRACE_LATENT[1] * scale
-    inputs = sample_inputs(
-        model_dir.arch, name, batch=2, height=height, width=width, vocab_size=text_vocab_size(checkpoint)
-    )
+    vocab_size = text_vocab_size(checkpoint)
+    inputs = sample_inputs(model_dir.arch, name, batch=2, height=height, width=width, vocab_size=vocab_size)
     target = out_dir / name / "model.onnx"
     start = time.perf_counter()
+    module = load_export_module(checkpoint, name)
     with _PeakRss() as rss, tempfile.TemporaryDirectory(prefix=f"sdengine-{name}-", dir=out_dir) as tmp:
         traced = Path(tmp) / "model.onnx"
-        _trace(load_export_module(checkpoint, name), spec, inputs, traced, opset)
+        _trace(module, spec, inputs, traced, opset)
         onnx.shape_inference.infer_shapes_path(str(traced), str(traced))
         model = onnx.load(str(traced))
         if precision == "fp16":
@@ -150,6 +153,12 @@ def export_component(
         del model
         onnx.shape_inference.infer_shapes_path(str(target), str(target))
         onnx.checker.check_model(str(target), full_check=False)
+    export_seconds = round(time.perf_counter() - start, 3)
+    verification = None
+    if verify:
+        check = verify_component(module, target, model_dir.arch, name, precision, vocab_size=vocab_size)
+        verification = check.as_dict()
+    del module
     data_path = target.with_name(external) if external else None
     return ComponentRecord(
         name=name,
@@ -157,10 +166,11 @@ def export_component(
         sha256=file_sha256(target),
         external_data=str(data_path.relative_to(out_dir)) if data_path else None,
         size_bytes=target.stat().st_size + (data_path.stat().st_size if data_path else 0),
-        export_seconds=round(time.perf_counter() - start, 3),
+        export_seconds=export_seconds,
         peak_rss_bytes=rss.peak,
         inputs={t.name: list(t.dims) for t in spec.inputs},
         outputs={t.name: list(t.dims) for t in spec.outputs},
+        verification=verification,
     )
 
 
@@ -183,8 +193,13 @@ def export_checkpoint(
     opset: int = DEFAULT_OPSET,
     components: Iterable[str] = COMPONENTS,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+    verify: bool = True,
 ) -> Manifest:
-    """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest."""
+    """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
+
+    ``verify`` (the default) checks each model's outputs against its PyTorch module's (``export.verify``).
+    A model that fails the check does not stop the export: every model is written and the manifest records
+    each check, then ExportVerificationError names the first failure. The files stay for inspection."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if opset < MIN_OPSET:
@@ -202,7 +217,9 @@ def export_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     records = {}
     for name in progress(components) if progress else components:
-        records[name] = export_component(source, name, out_dir, precision=precision, opset=opset)
+        records[name] = export_component(
+            source, name, out_dir, precision=precision, opset=opset, verify=verify
+        )
     _copy_side_files(source, out_dir)
     manifest = Manifest(
         source_checkpoint=str(source.resolve()),
@@ -213,6 +230,14 @@ def export_checkpoint(
         components=records,
     )
     manifest.write(out_dir)
+    failed = [
+        Verification(**{k: v for k, v in r.verification.items() if k != "passed"}).describe(n, precision)
+        for n, r in records.items()
+        if r.verification is not None and not r.verification["passed"]
+    ]
+    if failed:
+        more = f" (and {len(failed) - 1} more; see {MANIFEST_NAME})" if len(failed) > 1 else ""
+        raise ExportVerificationError(f"{failed[0]}{more}; the export in {out_dir} is kept for inspection")
     return manifest
 
 

@@ -112,9 +112,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         components=args.components.split(",") if args.components else COMPONENTS,
         progress=lambda names: tqdm(names, desc="exporting", unit="model", file=sys.stderr),
+        verify=args.verify,
     )
     for name, record in manifest.components.items():
-        print(f"{name:<13} {record.size_bytes / 1e6:10.1f} MB {record.export_seconds:8.1f} s  {record.path}")
+        check = record.verification
+        checked = f"{check['rel_error']:.1e} vs PyTorch" if check else "not checked"
+        print(
+            f"{name:<13} {record.size_bytes / 1e6:10.1f} MB {record.export_seconds:8.1f} s  {checked:<20} "
+            f"{record.path}"
+        )
     print(f"wrote {args.output} ({manifest.precision}, opset {manifest.opset})")
     return 0
 
@@ -227,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sdengine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="text to image (and image to image with --image)")
+    g = sub.add_parser(
+        "generate", help="text to image (image to image with --image, inpainting with --image and --mask)"
+    )
     g.add_argument(
         "model_dir", help="ONNX export (ort), engine directory (trt) or diffusers checkpoint (torch)"
     )
@@ -268,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--components", default=None, help="comma-separated subset (default: all four)")
+    e.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking each model's outputs against its PyTorch module's",
+    )
     e.set_defaults(func=cmd_export)
 
     c = sub.add_parser("make-checkpoint", help="write a randomly initialised SD 1.x checkpoint")

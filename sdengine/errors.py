@@ -33,3 +33,7 @@ class CorruptModelError(ModelDirectoryError):
 
 class BackendUnavailableError(SDEngineError):
     """The requested backend or device is not available on this machine."""
+
+
+class ExportVerificationError(SDEngineError):
+    """An exported model's outputs are too far from its PyTorch module's (the export is kept)."""

@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sdengine.errors import CorruptModelError
 
@@ -36,6 +37,8 @@ class ComponentRecord:
     peak_rss_bytes: int
     inputs: dict[str, list[str | int]]
     outputs: dict[str, list[str | int]]
+    #: the check of its outputs against the PyTorch module's (export.verify), or None where none was made
+    verification: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

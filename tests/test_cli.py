@@ -146,3 +146,18 @@ def test_info_describes_each_kind_of_directory(tiny_checkpoint, onnx_fp32, tmp_p
     assert set(info["engines"]) == {"text_encoder", "unet", "vae_decoder"}
     assert main(["info", str(tmp_path / "missing")]) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_export_prints_each_models_check(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import export.verify
+
+    out = tmp_path / "onnx"
+    assert main(["export", str(tiny_checkpoint), "--output", str(out), "--components", "vae_decoder"]) == 0
+    assert "vs PyTorch" in capsys.readouterr().out
+    args = ["export", str(tiny_checkpoint), "--output", str(out), "--components", "vae_decoder"]
+    assert main([*args, "--no-verify"]) == 0
+    assert "not checked" in capsys.readouterr().out
+    monkeypatch.setitem(export.verify.TOLERANCE, "fp32", 0.0)
+    assert main(args) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line
+    assert last.startswith("sdengine: error: vae_decoder: the ONNX model's output differs from PyTorch's")

@@ -174,3 +174,50 @@ def test_weights_saved_as_a_variant_are_found(tiny_checkpoint, tmp_path):
     torch_pipe = Pipeline.load(variant, backend="torch", device="cpu")
     ref = Pipeline.load(tiny_checkpoint, backend="torch", device="cpu")
     np.testing.assert_array_equal(torch_pipe("a cat", **settings).array, ref("a cat", **settings).array)
+
+
+@pytest.mark.parametrize("fixture", ["onnx_fp32", "onnx_fp16"])
+def test_every_export_is_checked_against_pytorch(request, fixture):
+    """Each model's outputs were compared with its PyTorch module's, at a size other than the traced one."""
+    from export.verify import CHECK_SIZE, TOLERANCE
+
+    manifest = Manifest.read(request.getfixturevalue(fixture))
+    for name, record in manifest.components.items():
+        check = record.verification
+        assert check["passed"] and 0 < check["rel_error"] <= TOLERANCE[manifest.precision], name
+        assert check["tolerance"] == TOLERANCE[manifest.precision] and check["batch"] == CHECK_SIZE[0]
+
+
+def test_a_failed_check_keeps_the_export_and_says_which_model(tiny_checkpoint, tmp_path, monkeypatch):
+    """fp16's real rounding error, held to a tolerance no fp16 model meets: the export is written, the
+    manifest records every check, and the error names the first model that failed."""
+    import export.verify
+    from sdengine.errors import ExportVerificationError
+
+    monkeypatch.setitem(export.verify.TOLERANCE, "fp16", 1e-9)
+    out = tmp_path / "strict"
+    with pytest.raises(ExportVerificationError) as info:
+        export_checkpoint(tiny_checkpoint, out, precision="fp16", components=["vae_decoder", "text_encoder"])
+    message = str(info.value)
+    assert message.startswith("vae_decoder: the ONNX model's output differs from PyTorch's by ")
+    assert "above the 1e-09 that fp16 allows" in message and "(and 1 more" in message and "\n" not in message
+    manifest = Manifest.read(out)
+    assert all(not r.verification["passed"] for r in manifest.components.values())
+    assert (out / "vae_decoder" / "model.onnx").is_file()
+    unchecked = export_checkpoint(
+        tiny_checkpoint, tmp_path / "unchecked", components=["vae_decoder"], verify=False
+    )
+    assert unchecked.components["vae_decoder"].verification is None
+
+
+def test_relative_error_refuses_non_finite_outputs():
+    from export.verify import Verification, rel_error
+
+    good = np.array([1.0, -2.0])
+    assert rel_error(good + 1e-6, good) == pytest.approx(5e-7)
+    assert rel_error(np.array([1.0, np.inf]), good) == float("inf")
+    assert rel_error(np.array([1.0, np.nan]), good) == float("inf")
+    failed = Verification(1, 128, 64, float("inf"), 1e-2)
+    assert not failed.passed and "non-finite values at batch 1, 128x64" in failed.describe(
+        "vae_decoder", "fp16"
+    )
