@@ -182,16 +182,22 @@ def same_draws(
     pipeline = importlib.import_module(f"diffusers.pipelines.stable_diffusion.{pipeline_module}")
     encodings = iter(encoder_noise)
 
+    def next_encoding(shape: tuple[int, ...]) -> object:
+        draw = next(encodings, None)
+        if draw is None:
+            raise AssertionError("diffusers encoded more images than the engine's draws expect")
+        return draw(shape)
+
     def replace(draw: Callable[[tuple[int, ...]], object]) -> Callable[..., torch.Tensor]:
         def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) -> torch.Tensor:
-            value = torch.as_tensor((draw or next(encodings))(tuple(shape)))
+            value = torch.as_tensor(draw(tuple(shape)))
             assert tuple(value.shape) == tuple(shape), (tuple(value.shape), tuple(shape))
             return value.to(device=device, dtype=dtype)
 
         return randn_tensor
 
     with (
-        mock.patch.object(vae, "randn_tensor", replace(None)),
+        mock.patch.object(vae, "randn_tensor", replace(next_encoding)),
         mock.patch.object(pipeline, "randn_tensor", replace(added_noise)),
     ):
         yield

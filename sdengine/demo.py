@@ -49,33 +49,15 @@ def run_demo(
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
     ort_result = results["ort"]
-    say(f"[5/6] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
-    redone = {
-        backend: pipe(
-            IMG2IMG_PROMPT,
-            NEGATIVE,
-            steps=steps,
-            seed=SEED,
-            scheduler=scheduler,
-            image=ort_result.array,
-            strength=IMG2IMG_STRENGTH,
-        )
+    on_both = lambda prompt, **settings: {  # noqa: E731 - the same request on each backend
+        backend: pipe(prompt, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **settings)
         for backend, pipe in pipes.items()
     }
+    say(f"[5/6] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    redone = on_both(IMG2IMG_PROMPT, image=ort_result.array, strength=IMG2IMG_STRENGTH)
     say("[6/6] inpainting the centre of the ort image with both backends")
     mask = centre_mask(ort_result.request.height, ort_result.request.width)
-    inpainted = {
-        backend: pipe(
-            INPAINT_PROMPT,
-            NEGATIVE,
-            steps=steps,
-            seed=SEED,
-            scheduler=scheduler,
-            image=ort_result.array,
-            mask=mask,
-        )
-        for backend, pipe in pipes.items()
-    }
+    inpainted = on_both(INPAINT_PROMPT, image=ort_result.array, mask=mask)
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
     extra_outputs = {}
     for name, result in (("img2img", redone["ort"]), ("inpaint", inpainted["ort"])):

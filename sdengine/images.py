@@ -23,22 +23,22 @@ ImageInput = Image.Image | Sequence[Image.Image] | np.ndarray
 MaskInput = Image.Image | Sequence[Image.Image] | np.ndarray
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image read from a file, or a one-line InvalidArgumentError."""
+def _load(path: str | os.PathLike, mode: str, what: str) -> Image.Image:
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return img.convert(mode)
     except (OSError, UnidentifiedImageError) as exc:
-        raise InvalidArgumentError(f"cannot read image {path}: {exc}") from None
+        raise InvalidArgumentError(f"cannot read {what} {path}: {exc}") from None
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB image read from a file, or a one-line InvalidArgumentError."""
+    return _load(path, "RGB", "image")
 
 
 def load_mask(path: str | os.PathLike) -> Image.Image:
     """An inpainting mask read from a file, as grayscale, or a one-line InvalidArgumentError."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("L")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InvalidArgumentError(f"cannot read mask {path}: {exc}") from None
+    return _load(path, "L", "mask")
 
 
 def mask_array(mask: MaskInput, height: int, width: int) -> np.ndarray:
