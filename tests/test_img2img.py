@@ -13,7 +13,7 @@ from sdengine.images import image_array, psnr, read_png_parameters
 from sdengine.pipeline import Pipeline
 
 PROMPT = "a watercolour of a lighthouse"
-DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m"]
+DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m", "unipc"]
 
 
 def picture(height: int = 64, width: int = 96, seed: int = 0) -> np.ndarray:

@@ -18,7 +18,7 @@ from sdengine.images import mask_array, psnr, read_png_parameters
 from sdengine.pipeline import Pipeline
 
 PROMPT = "a lighthouse at dusk"
-DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m"]
+DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m", "unipc"]
 
 
 def rectangle(height: int = 64, width: int = 96, batch: int = 1) -> np.ndarray:

@@ -20,7 +20,7 @@ from sdengine.images import psnr
 from sdengine.pipeline import Pipeline
 
 PROMPT = "a photo of an astronaut riding a horse"
-DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras"]
+DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
 
 
 @pytest.fixture(scope="module")

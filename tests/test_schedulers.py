@@ -110,6 +110,7 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "lcm": ("LCMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 
 # Tolerances, applied to every compared tensor as |ours - ref| <= TOL |ref| + TOL * scale, where scale is
@@ -338,7 +339,7 @@ def test_schedule_shapes_and_config(name: str, base: str) -> None:
         assert plan.input_scale.shape == plan.needs_noise.shape == (s,)
         assert plan.coeffs.shape == (s, 1 + k, 3 + k)
         assert plan.needs_noise.dtype == np.bool_
-        assert k == {"pndm": 4, "dpmpp_2m": 1, "dpmpp_2m_karras": 1}.get(name, 0)
+        assert k == {"pndm": 4, "dpmpp_2m": 1, "dpmpp_2m_karras": 1, "unipc": 3}.get(name, 0)
         expected_noise = np.zeros(s, dtype=bool)
         if name in ("euler_a", "lcm"):
             expected_noise[:-1] = True  # the last ancestral step has sigma_up = 0; LCM's last returns x0
@@ -389,6 +390,24 @@ VARIANTS = [
     ("lcm", {**SD15, "timestep_scaling": 0.01}, 4),  # makes c_skip (otherwise < 1e-5) matter
     # Keys diffusers marks as defaults of the writing class are dropped: Euler gets its own linspace.
     ("euler", {**SD15, "timestep_spacing": "leading", "_use_default_values": ["timestep_spacing"]}, 10),
+    ("unipc", {**SD15, "solver_type": "bh1", **SIGMA_MIN}, 10),  # bh1 is NaN in diffusers with "zero"
+    ("unipc", {**SD15, **SIGMA_MIN}, 10),
+    ("unipc", {**SD15, "solver_order": 1}, 10),
+    ("unipc", {**SD15, "solver_order": 3}, 12),  # UniP-3 / UniC-3 from call 3, then 2 and 1 at the end
+    ("unipc", {**SD21, "solver_order": 3, "solver_type": "bh1", **SIGMA_MIN}, 4),
+    ("unipc", {**SD15, "solver_order": 3, "lower_order_final": False, **SIGMA_MIN}, 12),
+    ("unipc", {**SD15, "disable_corrector": [0, 1, 5]}, 10),  # no corrector at calls 1, 2 and 6
+    ("unipc", {**SD15, "solver_order": 3, "disable_corrector": [3]}, 8),
+    ("unipc", {**SD15, "use_karras_sigmas": True}, 10),
+    ("unipc", {**SDXL, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0, **SIGMA_MIN}, 10),
+    ("unipc", {**SD15, "use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"}, 3),
+    ("unipc", {**SD21, "rescale_betas_zero_snr": True, "use_karras_sigmas": True}, 8),
+    ("unipc", {**SD15, "beta_schedule": "squaredcos_cap_v2"}, 10),
+    ("unipc", {**SD15, "timestep_spacing": "trailing", "steps_offset": 0}, 15),
+    ("unipc", {**SD15, "predict_x0": False, **SIGMA_MIN}, 10),  # UniPC on the noise prediction
+    ("unipc", {**SD21, "predict_x0": False, "solver_order": 3, "solver_type": "bh1", **SIGMA_MIN}, 9),
+    # A DPM-Solver config converted to UniPC: solver_type "midpoint" becomes "bh2".
+    ("unipc", {**SD15, "_class_name": "DPMSolverMultistepScheduler", "solver_type": "midpoint"}, 10),
 ]
 
 
@@ -413,6 +432,64 @@ def test_variants_cover_their_options() -> None:
     assert final2.coeffs[-1, 0, 3] != 0
     final1 = load_scheduler("dpmpp_2m", {**SD15, "final_sigmas_type": "sigma_min"}).schedule(10)
     assert final1.coeffs[-1, 0, 3] == 0
+
+
+def test_unipc_variants_cover_their_options() -> None:
+    """UniPC's columns: 3 = h_1 (the previous call's corrected input sample), 4.. = h_2.. (its x0 outputs)."""
+    default = load_scheduler("unipc", SD15).schedule(10)
+    assert default.history_size == 3 and (default.coeffs[0, 0, 3:] == 0).all()
+    assert (default.coeffs[1:-1, 0, 3] != 0).all()  # UniC but on the first call (the last returns x0)
+    skipped = load_scheduler("unipc", {**SD15, "disable_corrector": [0, 1, 5]}).schedule(10)
+    assert (skipped.coeffs[[1, 2, 6], 0, 3] == 0).all() and (skipped.coeffs[[3, 4, 5, 7], 0, 3] != 0).all()
+    part = load_scheduler("unipc", {**SD15, "disable_corrector": [5, 6]}).schedule(10, strength=0.5)
+    assert part.t_start == 5 and (part.coeffs[:3, 0, 3] == 0).all() and part.coeffs[3, 0, 3] != 0
+    order3 = load_scheduler("unipc", {**SD15, "solver_order": 3}).schedule(12)
+    assert order3.history_size == 4 and (order3.coeffs[:3, 0, 6] == 0).all() and order3.coeffs[3, 0, 6] != 0
+    assert load_scheduler("unipc", {**SD15, "solver_order": 1}).schedule(10).history_size == 2
+    bh1 = load_scheduler("unipc", {**SD15, "solver_type": "bh1", **SIGMA_MIN}).schedule(10)
+    bh2 = load_scheduler("unipc", {**SD15, **SIGMA_MIN}).schedule(10)
+    assert not np.allclose(bh1.coeffs, bh2.coeffs, rtol=1e-3)
+    eps = load_scheduler("unipc", {**SD15, "predict_x0": False, **SIGMA_MIN}).schedule(10)
+    assert not np.allclose(eps.coeffs, bh2.coeffs, rtol=1e-3)
+    karras = load_scheduler("unipc", {**SD15, "use_karras_sigmas": True}).schedule(10)
+    assert not np.array_equal(karras.timesteps, default.timesteps)
+    converted = {**SD15, "_class_name": "DPMSolverMultistepScheduler", "solver_type": "midpoint"}
+    assert load_scheduler("unipc", converted).params["solver_type"] == "bh2"
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"solver_type": "bh1"}, "bh1"),
+        ({"predict_x0": False}, "predict_x0"),
+        ({"lower_order_final": False}, ""),
+    ],
+)
+def test_unipc_refuses_what_diffusers_cannot_finish(options: dict[str, Any], option: str) -> None:
+    """A final sigma of 0 (lambda = inf) makes diffusers' last UniPC step 0 * inf with these options: refused
+    (naming the option), and run with final_sigmas_type="sigma_min"."""
+    config = {**SD15, **options}
+    name = option or next(iter(options))
+    with pytest.raises(UnsupportedConfigError, match=f"{name}.*final_sigmas_type='sigma_min'") as info:
+        load_scheduler("unipc", config).schedule(10)
+    assert "\n" not in str(info.value)
+    with np.errstate(all="ignore"):
+        assert not torch.isfinite(diffusers_trajectory("unipc", config, 10)).all()
+    run_both("unipc", {**config, **SIGMA_MIN}, 10)
+    if "lower_order_final" in options:  # only a second-order last step is not finite: one call is fine
+        run_both("unipc", config, 1)
+        run_both("unipc", config, 10, strength=0.1)
+
+
+def test_harness_detects_a_missing_corrector() -> None:
+    """UniPC's corrector and order are checked: the table without UniC fails at the first corrected call,
+    a UniPC-2 table for a UniPC-3 run at the first third-order call."""
+    no_corrector = load_scheduler("unipc", {**SD15, "disable_corrector": list(range(10))}).schedule(10)
+    with pytest.raises(AssertionError, match="sample after call 1"):
+        run_both("unipc", SD15, 10, schedule=no_corrector)
+    order2 = load_scheduler("unipc", SD15).schedule(12)
+    with pytest.raises(AssertionError, match="sample after call 2"):
+        run_both("unipc", {**SD15, "solver_order": 3}, 12, schedule=order2)
 
 
 def test_harness_detects_a_wrong_coefficient() -> None:
@@ -457,6 +534,10 @@ IMG2IMG_VARIANTS = [
     ("euler_a", SDXL, 10, 0.65),
     ("ddim", SDXL, 10, 0.65),
     ("lcm", {**SD15, "original_inference_steps": 20}, 7, 0.5),
+    ("unipc", {**SD15, "solver_order": 3, "solver_type": "bh1", **SIGMA_MIN}, 12, 0.6),
+    ("unipc", {**SD15, "disable_corrector": [5, 6]}, 10, 0.5),  # indices of the full schedule
+    ("unipc", {**SDXL, "use_karras_sigmas": True}, 10, 0.45),
+    ("unipc", SDXL_ZSNR, 25, 0.8),
 ]
 
 
@@ -487,7 +568,7 @@ def test_inpaint_blend_catches_the_wrong_timestep() -> None:
         run_both("euler", SD15, 10, schedule=shifted, strength=1.0, inpaint=True)
 
 
-STATEFUL = {"pndm", "dpmpp_2m", "dpmpp_2m_karras"}
+STATEFUL = {"pndm", "dpmpp_2m", "dpmpp_2m_karras", "unipc"}
 
 
 @pytest.mark.parametrize("name", sorted(STATEFUL))
@@ -720,6 +801,7 @@ def test_config_typed_fields() -> None:
             "dpmpp_2m_karras",
         ),
         ({**SD15, "_class_name": "LCMScheduler"}, "lcm"),
+        ({**SD15, "_class_name": "UniPCMultistepScheduler"}, "unipc"),
     ],
 )
 def test_checkpoint_scheduler_by_class(config: dict[str, Any], expected: str) -> None:
@@ -735,7 +817,7 @@ def test_unknown_names() -> None:
     with pytest.raises(UnknownSchedulerError) as info:
         load_scheduler("heun", SD15)
     assert all(name in str(info.value) for name in SCHEDULER_NAMES)
-    for config in ({**SD15, "_class_name": "UniPCMultistepScheduler"}, {"beta_start": 0.001}):
+    for config in ({**SD15, "_class_name": "DEISMultistepScheduler"}, {"beta_start": 0.001}):
         with pytest.raises(UnknownSchedulerError, match="dpmpp_2m_karras"):
             load_scheduler(None, config)
     with pytest.raises(UnknownSchedulerError):
@@ -786,6 +868,19 @@ def test_step_count_limits() -> None:
         ("lcm", {"clip_sample": True}, "clip_sample"),
         ("lcm", {"thresholding": True}, "thresholding"),
         ("euler", {"steps_offset": None}, "steps_offset"),
+        ("unipc", {"solver_order": 4}, "solver_order"),
+        ("unipc", {"solver_type": "bh3"}, "solver_type"),
+        ("unipc", {"thresholding": True}, "thresholding"),
+        ("unipc", {"solver_p": "DDIMScheduler"}, "solver_p"),
+        ("unipc", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ("unipc", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("unipc", {"use_flow_sigmas": True}, "use_flow_sigmas"),
+        ("unipc", {"use_dynamic_shifting": True}, "use_dynamic_shifting"),
+        ("unipc", {"shift_terminal": 0.1}, "shift_terminal"),
+        ("unipc", {"final_sigmas_type": "sigma_max"}, "final_sigmas_type"),
+        ("unipc", {"prediction_type": "flow_prediction"}, "prediction_type"),
+        ("unipc", {"disable_corrector": None}, "disable_corrector"),
+        ("unipc", {"disable_corrector": [1.0]}, "disable_corrector"),
     ],
 )
 def test_unsupported_options(name: str, options: dict[str, Any], option: str) -> None:

@@ -36,6 +36,7 @@ from .lcm import LCM
 from .pndm import PNDM
 from .schedule import Schedule
 from .step import initial_history, step
+from .unipc import UniPCMultistep
 
 _CLASSES: dict[str, type[BaseScheduler]] = {
     "ddim": DDIM,
@@ -45,6 +46,7 @@ _CLASSES: dict[str, type[BaseScheduler]] = {
     "dpmpp_2m": DPMSolverMultistep,
     "dpmpp_2m_karras": DPMSolverMultistepKarras,
     "lcm": LCM,
+    "unipc": UniPCMultistep,
 }
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_CLASSES)

@@ -55,6 +55,8 @@ _KINDS: dict[str, str] = {
     "lambda_min_clipped": "float",
     "original_inference_steps": "int",
     "timestep_scaling": "float",
+    "predict_x0": "bool",
+    "disable_corrector": "ints",
 }
 
 
@@ -94,6 +96,11 @@ def _check_value(key: str, kind: str, value: Any) -> Any:
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         )
         value = tuple(float(v) for v in value) if ok else value
+    elif kind == "ints":
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+        value = tuple(value) if ok else value
     if not ok:
         raise UnsupportedConfigError(f"scheduler config key {key!r} has an invalid value {value!r}")
     return value
@@ -137,6 +144,8 @@ class SchedulerConfig:
     lambda_min_clipped: float | None = None
     original_inference_steps: int | None = None
     timestep_scaling: float | None = None
+    predict_x0: bool | None = None
+    disable_corrector: tuple[int, ...] | None = None
     null_keys: frozenset[str] = frozenset()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
