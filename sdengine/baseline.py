@@ -76,9 +76,15 @@ class TorchPipeline(_CallMixin):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        vae_tiling: bool = False,
     ) -> TorchPipeline:
-        """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting)."""
+        """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting);
+        ``vae_tiling``: its VAE's ``enable_tiling()``."""
         model_dir = open_checkpoint_dir(path)
         if threads:
             torch.set_num_threads(threads)
@@ -91,6 +97,8 @@ class TorchPipeline(_CallMixin):
             torch_dtype=dtype,
             variant=weights_variant(model_dir.root / "unet"),
         )
+        if vae_tiling:
+            pipe.vae.enable_tiling()
         return cls(model_dir, pipe.to(device), device)
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:

@@ -69,6 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         threads=args.threads,
         optimized_cache=args.optimized_cache,
         graphs=args.graphs,
+        vae_tiling=args.vae_tiling,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     result = pipeline(
@@ -267,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
     g.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
+    g.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        help="run the VAE in overlapping tiles of its training size (large images in little memory)",
+    )
     g.add_argument("--output", default="image.png")
     g.set_defaults(func=cmd_generate)
 

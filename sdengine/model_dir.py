@@ -90,6 +90,8 @@ class ModelDir:
     vae_scaling_factor: float
     scheduler_config: dict[str, Any]
     default_image_size: int
+    #: the VAE's training size in pixels (its config's sample_size): the tile size of tiled VAE runs
+    vae_sample_size: int = 512
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -99,18 +101,22 @@ class ModelDir:
         return self.root / component / "model.onnx"
 
 
+def _first(size: int | list[int]) -> int:
+    return int(size[0] if isinstance(size, list) else size)
+
+
 def _open(root: Path, vae_folder: str) -> ModelDir:
     arch, scaling = architecture(root, vae_folder)
     unet = _optional_json(root / "unet" / "config.json")
-    sample_size = unet.get("sample_size", 64)
-    if isinstance(sample_size, list):
-        sample_size = sample_size[0]
+    default_image_size = _first(unet.get("sample_size", 64)) * arch.vae_scale_factor
+    vae = _optional_json(root / vae_folder / "config.json")
     return ModelDir(
         root=root,
         arch=arch,
         vae_scaling_factor=scaling,
         scheduler_config=read_json(root / SCHEDULER_CONFIG),
-        default_image_size=int(sample_size) * arch.vae_scale_factor,
+        default_image_size=default_image_size,
+        vae_sample_size=_first(vae.get("sample_size", default_image_size)),
     )
 
 

@@ -24,6 +24,7 @@ from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.step_graph import Blend, step_tables
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
+from sdengine.vae_tiling import needs_tiles, run_tiled
 
 
 @dataclass
@@ -114,10 +115,13 @@ class _CallMixin:
 class Pipeline(_CallMixin):
     """The lean runtime: load once, call many times. ``Pipeline.load(onnx_dir)("a photo of a cat")``."""
 
-    def __init__(self, model_dir: ModelDir, backend: Backend, tokenizer: ClipTokenizer) -> None:
+    def __init__(
+        self, model_dir: ModelDir, backend: Backend, tokenizer: ClipTokenizer, *, vae_tiling: bool = False
+    ) -> None:
         self.model_dir = model_dir
         self.backend = backend
         self.tokenizer = tokenizer
+        self.vae_tiling = vae_tiling
         # one generation at a time: a backend's per-shape buffers, stream and graphs serve every run
         self._lock = threading.Lock()
 
@@ -131,12 +135,15 @@ class Pipeline(_CallMixin):
         threads: int | None = None,
         optimized_cache: bool = False,
         graphs: str = "step",
+        vae_tiling: bool = False,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
         ``optimized_cache``: on the CPU, keep ONNX Runtime's optimised graphs per machine for fast starts.
         ``graphs`` (GPU): ``step`` captures each whole denoising step as one CUDA graph; ``ort`` uses ONNX
-        Runtime's own graph mode (ONNX Runtime on CUDA only); ``none`` runs without graphs."""
+        Runtime's own graph mode (ONNX Runtime on CUDA only); ``none`` runs without graphs. ``vae_tiling``:
+        the VAE runs images larger than its training size in overlapping tiles, as diffusers'
+        ``enable_vae_tiling()`` does (see ``sdengine.vae_tiling``), so its memory stays that of one tile."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -144,13 +151,16 @@ class Pipeline(_CallMixin):
         if choice.backend == "torch":
             from sdengine.baseline import TorchPipeline
 
-            pipeline: ImageGenerator = TorchPipeline.load(path, device=choice.device, threads=threads)
+            pipeline: ImageGenerator = TorchPipeline.load(
+                path, device=choice.device, threads=threads, vae_tiling=vae_tiling
+            )
         elif choice.backend == "trt":
             from sdengine.backends.trt import TrtBackend
 
             trt_backend = TrtBackend.load(path, graphs=graphs)
             model_dir = trt_backend.model_dir
-            pipeline = cls(model_dir, trt_backend, ClipTokenizer.from_dir(model_dir.tokenizer_dir))
+            tokenizer = ClipTokenizer.from_dir(model_dir.tokenizer_dir)
+            pipeline = cls(model_dir, trt_backend, tokenizer, vae_tiling=vae_tiling)
         else:
             model_dir = open_onnx_dir(path)
             tokenizer = ClipTokenizer.from_dir(model_dir.tokenizer_dir)
@@ -160,7 +170,7 @@ class Pipeline(_CallMixin):
                 ort_backend: Backend = OrtCudaBackend(model_dir, threads=threads, graphs=graphs)
             else:
                 ort_backend = OrtBackend(model_dir, threads=threads, optimized_cache=optimized_cache)
-            pipeline = cls(model_dir, ort_backend, tokenizer)
+            pipeline = cls(model_dir, ort_backend, tokenizer, vae_tiling=vae_tiling)
         pipeline.choice = choice
         return pipeline
 
@@ -187,7 +197,7 @@ class Pipeline(_CallMixin):
             with times.time("denoise"):
                 latents = denoise(self.backend, plan, times, progress)
             with times.time("vae_decode"):
-                decoded = self.backend.decode_latents(latents / np.float32(self.model_dir.vae_scaling_factor))
+                decoded = self.decode(latents / np.float32(self.model_dir.vae_scaling_factor))
         return GenerationResult(to_unit_range(decoded), request, times, self.backend.name, latents)
 
     def initial_latents(
@@ -237,9 +247,22 @@ class Pipeline(_CallMixin):
         """Images (1 or ``batch``, 3, H, W) in [-1, 1] -> a sample of their latents per batch item, scaled as
         the UNet takes them. One image for the whole batch is encoded once and sampled once per item (as
         ``batch`` copies would be)."""
-        parameters = self.backend.encode_image(pixels)
+        tile = self.model_dir.vae_sample_size
+        if self.vae_tiling and needs_tiles(pixels, tile):
+            parameters = run_tiled(
+                self.backend.encode_image, pixels, tile, tile // self.model_dir.arch.vae_scale_factor
+            )
+        else:
+            parameters = self.backend.encode_image(pixels)
         parameters = np.concatenate([parameters] * (batch // len(parameters)))
         return sample_latents(parameters, unit_noise) * self.model_dir.vae_scaling_factor
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """The VAE decoder on latents already divided by the scaling factor; in tiles with ``vae_tiling``."""
+        tile = self.model_dir.vae_sample_size // self.model_dir.arch.vae_scale_factor
+        if self.vae_tiling and needs_tiles(latents, tile):
+            return run_tiled(self.backend.decode_latents, latents, tile, self.model_dir.vae_sample_size)
+        return self.backend.decode_latents(latents)
 
 
 def sample_latents(parameters: np.ndarray, unit_noise: Callable[[tuple[int, ...]], np.ndarray]) -> np.ndarray:
