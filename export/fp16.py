@@ -23,7 +23,27 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         disable_shape_infer=True,
         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
     )
+    _drop_repeated_casts(converted.graph)
     # The converter appends the casts it inserts around blocked ops at the end of the node list; ONNX requires
     # topological order.
     OnnxModel(converted).topological_sort()
     return converted
+
+
+def _drop_repeated_casts(graph: onnx.GraphProto) -> None:
+    """The converter gives each blocked op a cast of its inputs named after the input, so two blocked ops
+    reading one tensor (the text encoder's embeddings feed its first layer norm and, for clip_skip, the final
+    one) get two identical casts with one output name, which ONNX forbids. Keep the first of each."""
+    seen: dict[str, onnx.NodeProto] = {}
+    repeated = []
+    for node in graph.node:
+        for output in node.output:
+            first = seen.setdefault(output, node)
+            if first is node:
+                continue
+            same = node.op_type == first.op_type == "Cast" and node.input == first.input
+            if not same or node.attribute != first.attribute:
+                raise ValueError(f"fp16 conversion: two different nodes write {output!r}")
+            repeated.append(node)
+    for node in repeated:
+        graph.node.remove(node)

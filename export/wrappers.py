@@ -16,13 +16,20 @@ from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, A
 
 
 class TextEncoderExport(nn.Module):
+    """Optimum's two outputs, then every layer's hidden states through the final layer norm, stacked
+    (batch, layers + 1, sequence, hidden): what ``clip_skip`` reads (diffusers' ``encode_prompt`` takes
+    ``hidden_states[-(clip_skip + 1)]`` and applies ``final_layer_norm``)."""
+
     def __init__(self, text_encoder: nn.Module) -> None:
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.text_encoder(input_ids.to(torch.int64), return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        # transformers 5 flattened CLIPTextModel (no .text_model); 4.x keeps the layer norm one level down
+        norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        layers = torch.stack([norm(h) for h in out.hidden_states], dim=1)
+        return out.last_hidden_state, out.pooler_output, layers
 
 
 class UNetExport(nn.Module):

@@ -129,14 +129,16 @@ class TorchPipeline(_CallMixin):
             inputs = {"image": per_prompt(request.image, request.batch), "strength": request.strength}
         if request.image_to_image:
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
+        prompts: dict = {"prompt": list(request.prompts), "negative_prompt": list(request.negative_prompts)}
         cuda = self.device == "cuda"
         timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
         try:
             with times.time("total"), torch.inference_mode(), draws:
+                if request.clip_skip:
+                    prompts = self.embeddings(pipe, request)
                 with times.time("denoise"):
                     out = pipe(
-                        prompt=list(request.prompts),
-                        negative_prompt=list(request.negative_prompts),
+                        **prompts,
                         num_inference_steps=request.steps,
                         guidance_scale=request.guidance,
                         height=request.height,
@@ -157,6 +159,32 @@ class TorchPipeline(_CallMixin):
                 timer.close(times)
         array = to_unit_range(decoded.float().cpu().numpy())
         return GenerationResult(array, request, times, self.name, final.float().cpu().numpy())
+
+    def embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
+        """Prompt embeddings with ``clip_skip``, made as diffusers' ``encode_prompt`` makes them (the hidden
+        states ``clip_skip + 1`` from the end, through the final layer norm), for the negative prompts too.
+
+        Not through ``encode_prompt`` itself: diffusers 0.42 skips layers for the positive prompts only,
+        which puts the two sides of classifier-free guidance on different layers, and its clip_skip path
+        reads ``text_encoder.text_model``, which transformers 5 no longer has."""
+        encoder = pipe.text_encoder
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+
+        def encode(texts: tuple[str, ...]) -> torch.Tensor:
+            ids = pipe.tokenizer(
+                list(texts),
+                padding="max_length",
+                max_length=pipe.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            states = encoder(ids.to(self.device), output_hidden_states=True).hidden_states
+            return norm(states[-(request.clip_skip + 1)])
+
+        return {
+            "prompt_embeds": encode(request.prompts),
+            "negative_prompt_embeds": encode(request.negative_prompts),
+        }
 
     def image_pipeline(self, class_name: str):
         """diffusers' image-to-image or inpainting pipeline on the same modules (made once each)."""

@@ -86,6 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         image=None if args.image is None else load_image(args.image),
         strength=args.strength,
         mask=None if args.mask is None else load_mask(args.mask),
+        clip_skip=args.clip_skip,
         progress=_progress("denoising"),
     )
     where = {"backend": result.backend, "model": str(Path(args.model_dir))}
@@ -251,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="default: auto (by directory)")
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
+    g.add_argument(
+        "--clip-skip",
+        type=int,
+        default=0,
+        help="text embeddings from this many layers before the text encoder's last (1 = 'clip skip 2')",
+    )
     g.add_argument("--latents", default=None, help=".npy of initial latents (batch, 4, height/8, width/8)")
     g.add_argument(
         "--image", default=None, help="image to image: the input image (resized to the output size)"

@@ -24,6 +24,8 @@ UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+#: The text encoder's per-layer output that ``clip_skip`` reads (absent from other tools' exports).
+LAYER_STATES = "normed_hidden_states"
 #: Components the text-to-image runtime needs; the VAE encoder is exported for image-to-image use.
 REQUIRED_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
 
@@ -118,6 +120,10 @@ class Architecture:
                 outputs=(
                     TensorSpec("last_hidden_state", "float32", text),
                     TensorSpec("pooler_output", "float32", ("batch", self.text_hidden_size)),
+                    # every layer's states after the final layer norm, for clip_skip (sdengine's exports)
+                    TensorSpec(
+                        LAYER_STATES, "float32", ("batch", "text_layers", "sequence", self.text_hidden_size)
+                    ),
                 ),
             ),
             UNET: ModelSpec(

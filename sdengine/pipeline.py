@@ -74,12 +74,15 @@ class _CallMixin:
         image: ImageInput | None = None,
         strength: float | None = None,
         mask: MaskInput | None = None,
+        clip_skip: int = 0,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
         to the size asked for. ``strength``: how much of the schedule runs on the noised image, in (0, 1]
         (default 0.8, or 1.0 with a mask); it needs an ``image``. ``mask`` (inpainting): white repaints,
-        black keeps the image; resized like the image."""
+        black keeps the image; resized like the image. ``clip_skip``: text embeddings from that many layers
+        before the text encoder's last, for positive and negative prompts alike (diffusers' numbering: 1
+        skips the last layer)."""
         if mask is not None and image is None:
             raise InvalidArgumentError("a mask needs the image it applies to: give an input image too")
         multiple = self.model_dir.arch.vae_scale_factor
@@ -102,6 +105,7 @@ class _CallMixin:
             image=None if image is None else image_array(image, height, width),
             strength=strength,
             mask=None if mask is None else mask_array(mask, height, width),
+            clip_skip=clip_skip,
             size_multiple=multiple,
         )
 
@@ -186,7 +190,7 @@ class Pipeline(_CallMixin):
                     [*request.negative_prompts, *request.prompts] if cfg else request.prompts
                 )
             with times.time("text_encoder"):
-                context = self.backend.encode_text(ids)
+                context = self.backend.encode_text(ids, request.clip_skip)
             latents, inpainting = self.initial_latents(request, schedule, times)
             plan = DenoisePlan(
                 latents=latents,

@@ -37,6 +37,8 @@ class GenerationRequest:
     strength: float = DEFAULT_STRENGTH
     #: inpainting: (1 or B, height, width) float32, 1 where the image is repainted and 0 where it is kept
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: text embeddings from this many layers before the text encoder's last (diffusers' clip_skip)
+    clip_skip: int = 0
 
     @property
     def image_to_image(self) -> bool:
@@ -150,6 +152,7 @@ class GenerationRequest:
             "latents": "supplied" if self.latents is not None else "from seed",
             **({"image": "supplied", "strength": self.strength} if self.image_to_image else {}),
             **({"mask": "supplied"} if self.inpainting else {}),
+            **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
         }
 
 
@@ -168,6 +171,7 @@ def make_request(
     image: np.ndarray | None = None,
     strength: float | None = None,
     mask: np.ndarray | None = None,
+    clip_skip: int = 0,
     size_multiple: int = 8,
 ) -> GenerationRequest:
     """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value.
@@ -198,6 +202,8 @@ def make_request(
             raise InvalidArgumentError(f"{name} must be a positive multiple of {size_multiple}, got {value}")
     if steps < 1:
         raise InvalidArgumentError(f"steps must be at least 1, got {steps}")
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or clip_skip < 0:
+        raise InvalidArgumentError(f"clip_skip must be a whole number >= 0, got {clip_skip!r}")
     if not math.isfinite(guidance) or guidance < 0:
         raise InvalidArgumentError(f"guidance must be a finite number >= 0, got {guidance}")
     if strength is not None and image is None:
@@ -228,6 +234,7 @@ def make_request(
         image=None if image is None else np.asarray(image, dtype=np.float32),
         strength=float(strength),
         mask=None if mask is None else np.asarray(mask, dtype=np.float32),
+        clip_skip=int(clip_skip),
     )
 
 

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
+from sdengine.errors import InvalidArgumentError
 from sdengine.step_graph import StepTables
 from sdengine.timing import StageTimes
 
@@ -81,8 +82,10 @@ class Backend(Protocol):
 
     name: str
 
-    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
-        """Token ids (B, sequence) -> text embeddings (B, sequence, hidden), float32."""
+    def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> np.ndarray:
+        """Token ids (B, sequence) -> text embeddings (B, sequence, hidden), float32; ``clip_skip`` > 0
+        takes them that many layers before the last (through the final layer norm, see
+        :func:`skipped_layers`)."""
         ...
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
@@ -97,3 +100,15 @@ class Backend(Protocol):
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         """The VAE decoder: latents divided by the scaling factor -> images (B, 3, H, W) in about [-1, 1]."""
         ...
+
+
+def skipped_layers(layer_states: np.ndarray, clip_skip: int) -> np.ndarray:
+    """The text embeddings ``clip_skip`` layers before the last, from the text encoder's per-layer states
+    (B, layers + 1, sequence, hidden) after its final layer norm: diffusers' ``clip_skip`` (1 skips the last
+    layer, which other tools call "clip skip 2")."""
+    layers = layer_states.shape[1] - 1
+    if not 0 <= clip_skip < layers:
+        raise InvalidArgumentError(
+            f"clip_skip must be in [0, {layers - 1}] for this {layers}-layer text encoder, got {clip_skip}"
+        )
+    return np.ascontiguousarray(layer_states[:, -(clip_skip + 1)], dtype=np.float32)

@@ -14,11 +14,19 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from sdengine.backends.base import DenoisePlan, GraphKey
+from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers
 from sdengine.backends.ort_cache import optimized_model
 from sdengine.errors import CorruptModelError, ModelDirectoryError
 from sdengine.model_dir import ModelDir
-from sdengine.model_specs import REQUIRED_COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelSpec
+from sdengine.model_specs import (
+    LAYER_STATES,
+    REQUIRED_COMPONENTS,
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    ModelSpec,
+)
 from sdengine.step_graph import (
     MAX_HISTORY,
     STEP_OUTPUTS,
@@ -134,10 +142,11 @@ class OrtBackend:
             return optimized_model(path, lambda: session_options(self.threads), opener)
         return open_session(str(path), spec, self.providers, self.options)
 
-    def _run(self, component: str, **arrays: np.ndarray) -> np.ndarray:
+    def _run(self, component: str, output: str | None = None, **arrays: np.ndarray) -> np.ndarray:
+        """One model run on host arrays: its first output (or ``output``), as float32."""
         declared = self._inputs[component]
         feed = {name: np.asarray(a, dtype=declared[name][0]) for name, a in arrays.items()}
-        output = self.specs[component].output_names[0]
+        output = output or self.specs[component].output_names[0]
         result = self.sessions[component].run([output], feed)[0]
         return result if result.dtype == np.float32 else result.astype(np.float32)
 
@@ -175,8 +184,15 @@ class OrtBackend:
             )
         return self._step_sessions[key]
 
-    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._run(TEXT_ENCODER, input_ids=input_ids)
+    def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> np.ndarray:
+        if not clip_skip:
+            return self._run(TEXT_ENCODER, input_ids=input_ids)
+        if LAYER_STATES not in {o.name for o in self.sessions[TEXT_ENCODER].get_outputs()}:
+            raise ModelDirectoryError(
+                f"{self.model_dir.root}: its text encoder gives only its last layer, and clip_skip needs "
+                "every layer's; export the checkpoint again with sdengine export"
+            )
+        return skipped_layers(self._run(TEXT_ENCODER, LAYER_STATES, input_ids=input_ids), clip_skip)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if VAE_ENCODER not in self.sessions:  # opened on first use: text to image never needs it

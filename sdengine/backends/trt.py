@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 from onnx import helper
 
-from sdengine.backends.base import DenoisePlan, GraphKey
+from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers
 from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
 from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, resolve_engine
 from sdengine.errors import BackendUnavailableError, InvalidArgumentError, ModelDirectoryError
 from sdengine.model_dir import ModelDir, open_onnx_dir
-from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from sdengine.model_specs import LAYER_STATES, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdengine.step_graph import (
     MAX_HISTORY,
     STEP_OUTPUTS,
@@ -247,9 +247,11 @@ class TrtBackend:
             )
         return Engine(self.trt, self.runtime, plan_path)
 
-    def _run_host(self, component: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """One engine call on host arrays (text encoder, VAE): upload, run, download. Device buffers are
-        allocated once per component and input shapes."""
+    def _run_host(
+        self, component: str, inputs: dict[str, np.ndarray], output: str | None = None
+    ) -> np.ndarray:
+        """One engine call on host arrays (text encoder, VAE): upload, run, download its first output (or
+        ``output``). Device buffers are allocated once per component and input shapes."""
         engine = self.engines[component]
         key = (component, *((name, array.shape) for name, array in inputs.items()))
         if key not in self._host_buffers:
@@ -265,10 +267,18 @@ class TrtBackend:
             buffers[name].upload(array, self.stream)
         engine.bind(buffers)
         engine.run(self.stream)
-        return buffers[engine.outputs[0]].download(self.stream).astype(np.float32)
+        return buffers[output or engine.outputs[0]].download(self.stream).astype(np.float32)
 
-    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._run_host(TEXT_ENCODER, {"input_ids": input_ids})
+    def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> np.ndarray:
+        if not clip_skip:
+            return self._run_host(TEXT_ENCODER, {"input_ids": input_ids})
+        if LAYER_STATES not in self.engines[TEXT_ENCODER].outputs:
+            raise ModelDirectoryError(
+                f"{self.engine_dir}: its text encoder engine gives only its last layer, and clip_skip needs "
+                "every layer's; export the checkpoint again with sdengine export, then sdengine build"
+            )
+        states = self._run_host(TEXT_ENCODER, {"input_ids": input_ids}, LAYER_STATES)
+        return skipped_layers(states, clip_skip)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if VAE_ENCODER not in self.engines:  # loaded on first use: text to image never needs it
