@@ -45,10 +45,13 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
         "scheduler": config.get("_class_name"),
         "prediction_type": config.get("prediction_type", "epsilon"),
     }
+    layers = _optional_int(root / "text_encoder" / "config.json", "num_hidden_layers")
     if kind == "checkpoint":
         info["weights_variant"] = weights_variant(root / "unet")
+        info["clip_skip"] = f"0 to {layers - 1}" if layers else "unknown"
         return info
     info["models"] = {c: model_dir.onnx_path(c).is_file() for c in COMPONENTS}
+    info["clip_skip"] = _clip_skip(model_dir.onnx_path("text_encoder"), layers)
     manifest = Manifest.read(root)
     if manifest is not None:
         info["manifest"] = {
@@ -103,3 +106,28 @@ def format_info(info: dict[str, Any], indent: str = "") -> str:
         else:
             lines.append(f"{indent}{key}: {value}")
     return "\n".join(lines)
+
+
+def _optional_int(path: Path, key: str) -> int | None:
+    import json
+
+    try:
+        value = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _clip_skip(text_encoder: Path, layers: int | None) -> str:
+    """Which clip_skip values an export's text encoder serves."""
+    import onnx
+
+    from sdengine.model_specs import LAYER_STATES
+
+    try:
+        outputs = {o.name for o in onnx.load(str(text_encoder), load_external_data=False).graph.output}
+    except Exception:  # an unreadable model: the run itself will say so
+        return "unknown"
+    if LAYER_STATES not in outputs:
+        return "0 only (its text encoder gives only its last layer; export again for more)"
+    return f"0 to {layers - 1}" if layers else "0 and up"

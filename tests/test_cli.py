@@ -133,8 +133,10 @@ def test_info_describes_each_kind_of_directory(tiny_checkpoint, onnx_fp32, tmp_p
     assert main(["info", str(onnx_fp32), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "onnx" and info["manifest"]["precision"] == "fp32" and all(info["models"].values())
+    assert info["clip_skip"] == "0 to 1" and info["inpainting"] == "blended, plain UNet"  # 2 text layers
     assert main(["info", str(tiny_checkpoint)]) == 0
-    assert "kind: checkpoint" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kind: checkpoint" in out and "clip_skip: 0 to 1" in out
     engines = tmp_path / "engines"
     env = BuildEnv(trt_version="10.9.0", compute_capability="8.9")
     build_engines(
