@@ -496,3 +496,33 @@ def test_the_device_loop_binds_a_unet_with_fp16_inputs_and_outputs(onnx_fp32, tm
         settings = dict(steps=4, seed=3, height=64, width=64, scheduler=scheduler)
         a, b = bound(PROMPT, **settings).latents, host(PROMPT, **settings).latents
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * float(np.abs(b).max()), err_msg=scheduler)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_run_stopped_from_its_progress_callback_leaves_the_pipeline_usable(ort_pipe_fp32):
+    """``progress`` wraps the step loop: raising from it stops a generation between two steps. The next
+    generation, on the host loop and on the bound device loop (its buffers half-way through a run), is
+    exactly what it would have been."""
+    from sdengine.backends.ort_cuda import OrtCudaBackend
+
+    def stop_after_two(steps):
+        for i in steps:
+            if i == 2:
+                raise Stop
+            yield i
+
+    bound = Pipeline(
+        ort_pipe_fp32.model_dir, OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu"), ort_pipe_fp32.tokenizer
+    )
+    settings = dict(steps=5, seed=8, height=64, width=64, scheduler="dpmpp_2m")
+    for pipe in (ort_pipe_fp32, bound):
+        expected = pipe(PROMPT, **settings).array
+        with pytest.raises(Stop):
+            pipe(PROMPT, progress=stop_after_two, **{**settings, "seed": 9})
+        np.testing.assert_array_equal(pipe(PROMPT, **settings).array, expected)
+        seen = []
+        pipe(PROMPT, progress=lambda steps: (seen.append(i) or i for i in steps), **settings)
+        assert seen == list(range(5))  # one model call per step with dpmpp_2m
