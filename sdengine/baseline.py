@@ -23,6 +23,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdengine.denoise import Progress
+from sdengine.errors import UnsupportedConfigError
 from sdengine.images import to_unit_range
 from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
 from sdengine.pipeline import GenerationResult, _CallMixin
@@ -108,8 +109,12 @@ class TorchPipeline(_CallMixin):
         latents = torch.from_numpy(request.initial_latents(self.model_dir.arch)).to(
             self.device, pipe.unet.dtype
         )
-        inputs: dict = {"latents": latents}
+        inputs: dict = {"latents": latents, "guidance_rescale": request.guidance_rescale}
         draws: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if request.image_to_image and request.guidance_rescale:
+            raise UnsupportedConfigError(
+                "diffusers' image-to-image and inpainting pipelines have no guidance_rescale"
+            )
         if request.inpainting:
             pipe = self.image_pipeline("StableDiffusionInpaintPipeline")
             encoded = [request.masked_encoder_noise]  # diffusers encodes the image first where it needs it

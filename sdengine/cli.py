@@ -87,6 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         mask=None if args.mask is None else load_mask(args.mask),
         clip_skip=args.clip_skip,
+        guidance_rescale=args.guidance_rescale,
         progress=_progress("denoising"),
     )
     where = {"backend": result.backend, "model": str(Path(args.model_dir))}
@@ -252,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="default: auto (by directory)")
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
+    g.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="rescale guided predictions towards the conditional one's std, in [0, 1] (zero-SNR models)",
+    )
     g.add_argument(
         "--clip-skip",
         type=int,

@@ -75,6 +75,7 @@ class _CallMixin:
         strength: float | None = None,
         mask: MaskInput | None = None,
         clip_skip: int = 0,
+        guidance_rescale: float = 0.0,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -82,7 +83,8 @@ class _CallMixin:
         (default 0.8, or 1.0 with a mask); it needs an ``image``. ``mask`` (inpainting): white repaints,
         black keeps the image; resized like the image. ``clip_skip``: text embeddings from that many layers
         before the text encoder's last, for positive and negative prompts alike (diffusers' numbering: 1
-        skips the last layer)."""
+        skips the last layer). ``guidance_rescale`` in [0, 1]: rescale the guided prediction towards the
+        conditional one's standard deviation (Lin et al. 2023, sec. 3.4), for zero-terminal-SNR models."""
         if mask is not None and image is None:
             raise InvalidArgumentError("a mask needs the image it applies to: give an input image too")
         multiple = self.model_dir.arch.vae_scale_factor
@@ -106,6 +108,7 @@ class _CallMixin:
             strength=strength,
             mask=None if mask is None else mask_array(mask, height, width),
             clip_skip=clip_skip,
+            guidance_rescale=guidance_rescale,
             size_multiple=multiple,
         )
 
@@ -191,11 +194,13 @@ class Pipeline(_CallMixin):
                 )
             with times.time("text_encoder"):
                 context = self.backend.encode_text(ids, request.clip_skip)
-            latents, inpainting = self.initial_latents(request, schedule, times)
+            latents, inputs = self.initial_latents(request, schedule, times)
+            if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
+                inputs["guidance_rescale"] = request.guidance_rescale
             plan = DenoisePlan(
                 latents=latents,
                 context=context,
-                tables=step_tables(schedule, request.step_noise(schedule, latents.shape), **inpainting),
+                tables=step_tables(schedule, request.step_noise(schedule, latents.shape), **inputs),
                 guidance=request.guidance if cfg else None,
             )
             with times.time("denoise"):

@@ -39,6 +39,8 @@ class GenerationRequest:
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
     #: text embeddings from this many layers before the text encoder's last (diffusers' clip_skip)
     clip_skip: int = 0
+    #: guidance rescale's factor in [0, 1] (Lin et al. 2023, sec. 3.4; diffusers' guidance_rescale)
+    guidance_rescale: float = 0.0
 
     @property
     def image_to_image(self) -> bool:
@@ -153,6 +155,7 @@ class GenerationRequest:
             **({"image": "supplied", "strength": self.strength} if self.image_to_image else {}),
             **({"mask": "supplied"} if self.inpainting else {}),
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
+            **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
         }
 
 
@@ -172,6 +175,7 @@ def make_request(
     strength: float | None = None,
     mask: np.ndarray | None = None,
     clip_skip: int = 0,
+    guidance_rescale: float = 0.0,
     size_multiple: int = 8,
 ) -> GenerationRequest:
     """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value.
@@ -204,6 +208,8 @@ def make_request(
         raise InvalidArgumentError(f"steps must be at least 1, got {steps}")
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or clip_skip < 0:
         raise InvalidArgumentError(f"clip_skip must be a whole number >= 0, got {clip_skip!r}")
+    if not (isinstance(guidance_rescale, (int, float)) and 0.0 <= guidance_rescale <= 1.0):
+        raise InvalidArgumentError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
     if not math.isfinite(guidance) or guidance < 0:
         raise InvalidArgumentError(f"guidance must be a finite number >= 0, got {guidance}")
     if strength is not None and image is None:
@@ -235,6 +241,7 @@ def make_request(
         strength=float(strength),
         mask=None if mask is None else np.asarray(mask, dtype=np.float32),
         clip_skip=int(clip_skip),
+        guidance_rescale=float(guidance_rescale),
     )
 
 

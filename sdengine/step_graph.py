@@ -4,6 +4,7 @@ One model does everything between two UNet calls, with every per-step value read
 that the model itself advances:
 
     eps        = uncond + g * (cond - uncond)         classifier-free guidance (when the batch is doubled)
+    eps        = r * eps * std(cond) / std(eps) + (1 - r) * eps       guidance rescale, when asked for
     [x', h']   = coeffs[i] @ [x, eps, noise[i], h]    the scheduler update (one MatMul; see schedulers)
     x'         = m * x' + (1 - m) * (a[i+1] * image + b[i+1] * noise0)     inpainting, plain UNet only
     unet_input = [x' * input_scale[i + 1]] * G        the next UNet call's input (G = 2 with guidance)
@@ -65,6 +66,8 @@ class StepTables:
     #: (G * B, E, h, w) float32: the UNet input's channels after the latents (inpainting UNets: the mask and
     #: the masked image's latents), the same for every call
     unet_conditioning: np.ndarray | None = None
+    #: () float32: guidance rescale's factor (Lin et al. 2023, sec. 3.4), with classifier-free guidance only
+    guidance_rescale: np.ndarray | None = None
 
     @property
     def num_calls(self) -> int:
@@ -92,6 +95,8 @@ class StepTables:
             )
         if self.unet_conditioning is not None:
             arrays[CONDITIONING_INPUT] = self.unet_conditioning
+        if self.guidance_rescale is not None:
+            arrays["guidance_rescale"] = self.guidance_rescale
         return arrays
 
 
@@ -101,6 +106,7 @@ def step_tables(
     *,
     blend: Blend | None = None,
     unet_conditioning: np.ndarray | None = None,
+    guidance_rescale: float | None = None,
 ) -> StepTables:
     """Pad ``schedule``'s coefficient rows to :data:`MAX_HISTORY` history buffers.
 
@@ -126,6 +132,7 @@ def step_tables(
         if blend is None
         else Blend(f32(blend.keep_mask), f32(blend.image_latents), f32(blend.image_noise)),
         unet_conditioning=f32(unet_conditioning),
+        guidance_rescale=None if guidance_rescale is None else np.array(guidance_rescale, np.float32),
     )
 
 
@@ -160,6 +167,7 @@ def build_step_model(
     unet_output_dtype: int = TensorProto.FLOAT,
     blend: bool = False,
     conditioning_channels: int = 0,
+    rescale: bool = False,
 ) -> onnx.ModelProto:
     """The step model for ``batch`` latents of ``latent_shape`` (C, h, w) and a schedule of ``num_calls``.
 
@@ -172,7 +180,9 @@ def build_step_model(
     ``blend``: inpainting with a plain UNet; the model takes :data:`BLEND_INPUTS` and replaces the area
     outside the mask by the image noised to the next timestep after every step. ``conditioning_channels``:
     inpainting with an inpainting UNet; the model takes :data:`CONDITIONING_INPUT` and appends it to every
-    UNet input on the channel axis.
+    UNet input on the channel axis. ``rescale`` (with ``guidance``): the model takes ``guidance_rescale``
+    and rescales the guided output towards the conditional one's standard deviation, as diffusers'
+    ``rescale_noise_cfg`` does (unbiased std over each image).
     """
     copies = 2 if guidance else 1
     c, h, w = latent_shape
@@ -228,8 +238,35 @@ def build_step_model(
             helper.make_node("Slice", ["noise_pred_f32", "batch_1", "batch2_1"], ["cond"]),
             helper.make_node("Sub", ["cond", "uncond"], ["delta"]),
             helper.make_node("Mul", ["delta", "guidance"], ["scaled_delta"]),
-            helper.make_node("Add", ["uncond", "scaled_delta"], ["eps"]),
+            helper.make_node("Add", ["uncond", "scaled_delta"], ["eps" if not rescale else "guided"]),
         ]
+        if rescale:
+            inputs.append(helper.make_tensor_value_info("guidance_rescale", f32, []))
+            per_image = c * h * w
+            initializers += [
+                helper.make_tensor("image_axes", TensorProto.INT64, [3], [1, 2, 3]),
+                helper.make_tensor("one_f", f32, [], [1.0]),
+                helper.make_tensor("n_minus_1", f32, [], [float(max(per_image - 1, 1))]),
+            ]
+            for name in ("cond", "guided"):  # unbiased standard deviation over each image, as torch.std
+                nodes += [
+                    helper.make_node("ReduceMean", [name], [f"{name}_mean"], axes=[1, 2, 3], keepdims=1),
+                    helper.make_node("Sub", [name, f"{name}_mean"], [f"{name}_centred"]),
+                    helper.make_node("Mul", [f"{name}_centred", f"{name}_centred"], [f"{name}_squares"]),
+                    helper.make_node(
+                        "ReduceSum", [f"{name}_squares", "image_axes"], [f"{name}_sum"], keepdims=1
+                    ),
+                    helper.make_node("Div", [f"{name}_sum", "n_minus_1"], [f"{name}_var"]),
+                    helper.make_node("Sqrt", [f"{name}_var"], [f"{name}_std"]),
+                ]
+            nodes += [
+                helper.make_node("Div", ["cond_std", "guided_std"], ["std_ratio"]),
+                helper.make_node("Mul", ["guided", "std_ratio"], ["rescaled"]),
+                helper.make_node("Mul", ["rescaled", "guidance_rescale"], ["rescaled_part"]),
+                helper.make_node("Sub", ["one_f", "guidance_rescale"], ["keep_factor"]),
+                helper.make_node("Mul", ["guided", "keep_factor"], ["kept_part"]),
+                helper.make_node("Add", ["rescaled_part", "kept_part"], ["eps"]),
+            ]
     else:
         nodes.append(helper.make_node("Identity", ["noise_pred_f32"], ["eps"]))
     nodes += [

@@ -46,6 +46,7 @@ class GraphKey:
     guidance: bool
     blend: bool = False
     conditioning_channels: int = 0
+    rescale: bool = False
 
     @classmethod
     def of(cls, plan: DenoisePlan) -> GraphKey:
@@ -56,6 +57,7 @@ class GraphKey:
             plan.guidance is not None,
             tables.blend is not None,
             tables.conditioning_channels,
+            tables.guidance_rescale is not None,
         )
 
     @property

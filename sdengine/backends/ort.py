@@ -178,6 +178,7 @@ class OrtBackend:
                 unet_output_dtype=tensor_type(noise_dtype),
                 blend=key.blend,
                 conditioning_channels=key.conditioning_channels,
+                rescale=key.rescale,
             )
             self._step_sessions[key] = ort.InferenceSession(
                 model.SerializeToString(), self.step_session_options, providers=self.step_providers

@@ -229,6 +229,7 @@ class TrtBackend:
             unet_output_dtype=helper.np_dtype_to_tensor_dtype(noise_dtype),
             blend=key.blend,
             conditioning_channels=key.conditioning_channels,
+            rescale=key.rescale,
         )
         data = model.SerializeToString()
         built_for = f"{self.env.trt_version} sm{self.env.compute_capability}".encode()
