@@ -4,9 +4,9 @@
 It is the reference that the engine's images are checked against and its speed is measured against. It takes
 the same initial latents as the engine (drawn from the same seed), so both produce the same image; for image
 to image and inpainting, diffusers' draws (the samples of the image's and the masked image's latent
-distributions, and the noise added to the image) are replaced by the engine's. Stochastic schedulers draw
-their per-step noise from torch's generator here and from numpy's in the engine, so with those the two
-differ by design. Imports torch and diffusers, which the lean runtime never does.
+distributions, and the noise added to the image) are replaced by the engine's, and so is the per-step noise
+of stochastic schedulers (Euler ancestral, LCM, DPM++ 2M SDE): every random draw of a run is the engine's,
+so those compare as exactly as the others. Imports torch and diffusers, which the lean runtime never does.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ class TorchPipeline(_CallMixin):
             inputs = {"image": per_prompt(request.image, request.batch), "strength": request.strength}
         if request.image_to_image:
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
+        draws = stacked(draws, same_step_noise(pipe.scheduler, self.step_noise(request)))
         prompts: dict = {"prompt": list(request.prompts), "negative_prompt": list(request.negative_prompts)}
         cuda = self.device == "cuda"
         timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
@@ -191,6 +192,15 @@ class TorchPipeline(_CallMixin):
             "negative_prompt_embeds": encode(request.negative_prompts),
         }
 
+    def step_noise(self, request: GenerationRequest) -> np.ndarray:
+        """The engine's per-step noise for this request, (calls, B, C, h, w); zeros where none is drawn."""
+        arch = self.model_dir.arch
+        schedule = load_scheduler(request.scheduler, self.model_dir.scheduler_config).schedule(
+            request.steps, strength=request.schedule_strength
+        )
+        shape = (request.batch, arch.latent_channels, request.height // arch.vae_scale_factor)
+        return request.step_noise(schedule, (*shape, request.width // arch.vae_scale_factor))
+
     def image_pipeline(self, class_name: str):
         """diffusers' image-to-image or inpainting pipeline on the same modules (made once each)."""
         if class_name not in self._image_pipelines:
@@ -244,3 +254,32 @@ def same_draws(
         yield
     if next(encodings, None) is not None:
         raise AssertionError("diffusers encoded fewer images than the engine's draws expect")
+
+
+@contextlib.contextmanager
+def stacked(*managers: contextlib.AbstractContextManager) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for manager in managers:
+            stack.enter_context(manager)
+        yield
+
+
+@contextlib.contextmanager
+def same_step_noise(scheduler: object, noise: np.ndarray) -> Iterator[None]:
+    """Within the block, a stochastic diffusers scheduler's per-step draw is the engine's noise for the call
+    it is making: ``noise[step_index - begin_index]`` (image to image starts at a later index)."""
+    import sys
+
+    module = sys.modules[type(scheduler).__module__]
+    if not hasattr(module, "randn_tensor"):  # a scheduler that never draws
+        yield
+        return
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) -> torch.Tensor:
+        call = scheduler.step_index - (scheduler.begin_index or 0)
+        value = torch.from_numpy(noise[call])
+        assert tuple(value.shape) == tuple(shape), (tuple(value.shape), tuple(shape))
+        return value.to(device=device, dtype=dtype)
+
+    with mock.patch.object(module, "randn_tensor", randn_tensor):
+        yield

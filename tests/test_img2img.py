@@ -13,7 +13,8 @@ from sdengine.images import image_array, psnr, read_png_parameters
 from sdengine.pipeline import Pipeline
 
 PROMPT = "a watercolour of a lighthouse"
-DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m", "unipc"]
+#: stochastic ones included: the baseline draws the engine's per-step noise
+SCHEDULERS = ["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
 
 
 def picture(height: int = 64, width: int = 96, seed: int = 0) -> np.ndarray:
@@ -29,7 +30,7 @@ def torch_pipe(tiny_checkpoint):
     return Pipeline.load(tiny_checkpoint, backend="torch")
 
 
-@pytest.mark.parametrize("scheduler", DETERMINISTIC)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_image_to_image_matches_diffusers(ort_pipe_fp32, torch_pipe, scheduler):
     settings = dict(steps=8, seed=4, scheduler=scheduler, guidance=7.5, image=picture(), strength=0.6)
     ours = ort_pipe_fp32(PROMPT, "blurry", **settings)

@@ -18,7 +18,8 @@ from sdengine.images import mask_array, psnr, read_png_parameters
 from sdengine.pipeline import Pipeline
 
 PROMPT = "a lighthouse at dusk"
-DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m", "unipc"]
+#: stochastic ones included: the baseline draws the engine's per-step noise
+SCHEDULERS = ["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
 
 
 def rectangle(height: int = 64, width: int = 96, batch: int = 1) -> np.ndarray:
@@ -71,7 +72,7 @@ def test_an_inpainting_checkpoint_is_read_and_exported_with_nine_unet_channels(i
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-@pytest.mark.parametrize("scheduler", DETERMINISTIC)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_inpainting_unet_matches_diffusers(inpaint_pipes, scheduler, strength):
     ours, ref = (
         pipe(PROMPT, "blurry", steps=6, seed=4, scheduler=scheduler, image=picture(), mask=rectangle(),
@@ -84,7 +85,7 @@ def test_inpainting_unet_matches_diffusers(inpaint_pipes, scheduler, strength):
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-@pytest.mark.parametrize("scheduler", DETERMINISTIC)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_plain_unet_inpainting_matches_diffusers(ort_pipe_fp32, torch_pipe, scheduler, strength):
     settings = dict(
         steps=6, seed=5, scheduler=scheduler, image=picture(), mask=rectangle(), strength=strength

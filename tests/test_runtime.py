@@ -18,9 +18,9 @@ from sdengine.errors import (
 )
 from sdengine.images import psnr
 from sdengine.pipeline import Pipeline
+from sdengine.schedulers import SCHEDULER_NAMES
 
 PROMPT = "a photo of an astronaut riding a horse"
-DETERMINISTIC = ["ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,9 @@ def torch_pipe(tiny_checkpoint):
     return Pipeline.load(tiny_checkpoint, backend="torch")
 
 
-@pytest.mark.parametrize("scheduler", DETERMINISTIC)
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
 def test_image_matches_diffusers(ort_pipe_fp32, torch_pipe, scheduler):
+    """Every scheduler, the stochastic ones too: the baseline draws the engine's per-step noise."""
     settings = dict(steps=6, seed=3, scheduler=scheduler, height=64, width=96, guidance=7.5)
     ours = ort_pipe_fp32(PROMPT, "ugly", **settings)
     ref = torch_pipe(PROMPT, "ugly", **settings)
@@ -83,7 +84,7 @@ def test_supplied_latents_and_seeds(ort_pipe_fp32):
 
 
 def test_stochastic_schedulers_run_and_follow_the_seed(ort_pipe_fp32):
-    for scheduler in ("euler_a", "lcm"):
+    for scheduler in ("euler_a", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"):
         a = ort_pipe_fp32(PROMPT, steps=3, seed=4, height=64, width=64, scheduler=scheduler)
         b = ort_pipe_fp32(PROMPT, steps=3, seed=4, height=64, width=64, scheduler=scheduler)
         assert np.isfinite(a.array).all()
@@ -514,15 +515,17 @@ def test_a_run_stopped_from_its_progress_callback_leaves_the_pipeline_usable(ort
                 raise Stop
             yield i
 
-    bound = Pipeline(
-        ort_pipe_fp32.model_dir, OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu"), ort_pipe_fp32.tokenizer
-    )
+    def record(seen):
+        return lambda steps: (seen.append(i) or i for i in steps)
+
+    model_dir = ort_pipe_fp32.model_dir
+    bound = Pipeline(model_dir, OrtCudaBackend(model_dir, device="cpu"), ort_pipe_fp32.tokenizer)
     settings = dict(steps=5, seed=8, height=64, width=64, scheduler="dpmpp_2m")
     for pipe in (ort_pipe_fp32, bound):
         expected = pipe(PROMPT, **settings).array
         with pytest.raises(Stop):
             pipe(PROMPT, progress=stop_after_two, **{**settings, "seed": 9})
         np.testing.assert_array_equal(pipe(PROMPT, **settings).array, expected)
-        seen = []
-        pipe(PROMPT, progress=lambda steps: (seen.append(i) or i for i in steps), **settings)
+        seen: list[int] = []
+        pipe(PROMPT, progress=record(seen), **settings)
         assert seen == list(range(5))  # one model call per step with dpmpp_2m

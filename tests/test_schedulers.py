@@ -109,6 +109,11 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
@@ -136,8 +141,9 @@ def tolerance(config: dict[str, Any]) -> tuple[float, Any]:
 #: Combinations sdengine refuses because diffusers' result is not finite there (checked below).
 NONFINITE_IN_DIFFUSERS = {("ddim", "sdxl_zsnr", "epsilon"), ("lcm", "sdxl_zsnr", "epsilon")}
 #: Combinations where diffusers itself fails: Karras sigmas above the zero-SNR training range round to the
-#: timestep 999 twice, diffusers' ``index_for_timestep`` then starts at index 1 and runs off the table.
-DIFFUSERS_INDEX_ERROR = {("dpmpp_2m_karras", "sdxl_zsnr", 25)}
+#: timestep 999 twice, diffusers' ``index_for_timestep`` then starts at index 1 and runs off the table (the
+#: SDE variant shares DPM-Solver's timesteps; test_matches_diffusers checks the IndexError).
+DIFFUSERS_INDEX_ERROR = {("dpmpp_2m_karras", "sdxl_zsnr", 25), ("dpmpp_2m_sde_karras", "sdxl_zsnr", 25)}
 
 SHAPE = (2, 4, 8, 8)
 SEED = 1234
@@ -151,9 +157,22 @@ def fake_unet(x: np.ndarray, t: float) -> np.ndarray:
     return (out + np.float32(0.1) * np.sin(t * np.float32(0.01) + x)).astype(np.float32)
 
 
+#: Schedulers whose diffusers ``step`` takes a generator and draws noise from it.
+STOCHASTIC = {"euler_a", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
+#: DPM-Solver's SDE draws on every call, the last included (where a final sigma of 0 gives it weight 0).
+DRAWS_EVERY_CALL = {"euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
+
+
 def diffusers_draws_noise(name: str, i: int, num_calls: int) -> bool:
-    """Whether diffusers' ``step`` i draws noise: ancestral Euler always, LCM except on its last step."""
-    return name == "euler_a" or (name == "lcm" and i != num_calls - 1)
+    """Whether diffusers' ``step`` i draws noise: ancestral Euler and DPM-Solver's SDE always, whatever the
+    order, ``lower_order_final`` or ``final_sigmas_type``; LCM except on its last step."""
+    return name in DRAWS_EVERY_CALL or (name == "lcm" and i != num_calls - 1)
+
+
+def diffusers_noise_dtype(name: str, reference_dtype: Any) -> Any:
+    """The dtype diffusers draws in: the model output's, but DPM-Solver's ``step`` always draws float32
+    (float32 and float64 draws of one generator differ)."""
+    return torch.float32 if name.startswith("dpmpp_2m_sde") else reference_dtype
 
 
 def reference_scheduler(name: str, config: dict[str, Any]):
@@ -167,7 +186,7 @@ def diffusers_trajectory(name: str, config: dict[str, Any], steps: int):
     ref.set_timesteps(steps)
     x = torch.ones(SHAPE)
     generator = torch.Generator().manual_seed(SEED)
-    kwargs = {"generator": generator} if name in ("euler_a", "lcm") else {}
+    kwargs = {"generator": generator} if name in STOCHASTIC else {}
     for t in ref.timesteps:
         output = torch.from_numpy(fake_unet(ref.scale_model_input(x, t).numpy(), float(t)))
         x = ref.step(output, t, x, **kwargs).prev_sample
@@ -255,7 +274,7 @@ def run_both(
     history = initial_history(plan, SHAPE)
     generator_ref = torch.Generator().manual_seed(SEED)
     generator_ours = torch.Generator().manual_seed(SEED)
-    kwargs = {"generator": generator_ref} if name in ("euler_a", "lcm") else {}
+    kwargs = {"generator": generator_ref} if name in STOCHASTIC else {}
     for i, t in enumerate(ref_timesteps):
         scale = float(x_ref.abs().max())
         model_input_ref = ref.scale_model_input(x_ref, t)
@@ -267,8 +286,8 @@ def run_both(
 
         noise = None
         if diffusers_draws_noise(name, i, len(plan.timesteps)):
-            # diffusers draws in the model output's dtype
-            noise = randn_tensor(SHAPE, generator=generator_ours, dtype=reference_dtype).numpy()
+            dtype = diffusers_noise_dtype(name, reference_dtype)
+            noise = randn_tensor(SHAPE, generator=generator_ours, dtype=dtype).numpy()
             noise = noise.astype(np.float32)
         assert not plan.needs_noise[i] or noise is not None, "needs noise diffusers does not draw"
         x, history = step(plan.coeffs[i], x, output, noise if plan.needs_noise[i] else None, history)
@@ -339,10 +358,12 @@ def test_schedule_shapes_and_config(name: str, base: str) -> None:
         assert plan.input_scale.shape == plan.needs_noise.shape == (s,)
         assert plan.coeffs.shape == (s, 1 + k, 3 + k)
         assert plan.needs_noise.dtype == np.bool_
-        assert k == {"pndm": 4, "dpmpp_2m": 1, "dpmpp_2m_karras": 1, "unipc": 3}.get(name, 0)
+        assert k == (1 if name.startswith("dpmpp_2m") else {"pndm": 4, "unipc": 3}.get(name, 0))
         expected_noise = np.zeros(s, dtype=bool)
-        if name in ("euler_a", "lcm"):
-            expected_noise[:-1] = True  # the last ancestral step has sigma_up = 0; LCM's last returns x0
+        if name in STOCHASTIC:
+            # the last ancestral step has sigma_up = 0; LCM's last returns x0; so does DPM-Solver's last
+            # SDE step with the base configs' final_sigmas_type="zero" (sigma' = 0: the noise weight is 0)
+            expected_noise[:-1] = True
         np.testing.assert_array_equal(plan.needs_noise, expected_noise)
         # (1 linspace Euler step starts at timestep 0: init_noise_sigma is sigma_0 = 0.029, as in diffusers)
         assert isinstance(plan.init_noise_sigma, float) and plan.init_noise_sigma > 0
@@ -381,6 +402,26 @@ VARIANTS = [
     ("dpmpp_2m_karras", {**SD15, "beta_schedule": "squaredcos_cap_v2"}, 3),
     ("dpmpp_2m_karras", {**SDXL, "sigma_min": 0.1, "sigma_max": 10.0}, 10),  # diffusers reads hidden keys
     ("dpmpp_2m_karras", {**SD21, "rescale_betas_zero_snr": True}, 8),
+    ("dpmpp_2m_sde", {**SD15, "solver_type": "heun"}, 12),
+    ("dpmpp_2m_sde", {**SD15, "solver_type": "heun", **SIGMA_MIN}, 16),  # second-order heun final step
+    ("dpmpp_2m_sde", {**SD15, **SIGMA_MIN}, 10),  # lower_order_final < 15 steps; noise on the last step
+    ("dpmpp_2m_sde", {**SD15, **SIGMA_MIN}, 20),  # second-order final step, with noise
+    ("dpmpp_2m_sde", {**SD15, "euler_at_final": True, **SIGMA_MIN}, 20),
+    ("dpmpp_2m_sde", {**SD15, "lower_order_final": False, **SIGMA_MIN}, 8),
+    ("dpmpp_2m_sde", {**SD15, "beta_schedule": "squaredcos_cap_v2"}, 10),
+    ("dpmpp_2m_sde", {**SD15, "lambda_min_clipped": -2.0}, 10),
+    ("dpmpp_2m_sde", {**SD15, "timestep_spacing": "trailing", "steps_offset": 0}, 15),
+    # An ODE DPM-Solver config (or a DEIS one) made stochastic by the name, as from_config(algorithm_type=...)
+    (
+        "dpmpp_2m_sde",
+        {**SD15, "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++"},
+        10,
+    ),
+    ("dpmpp_2m_sde", {**SD15, "_class_name": "DEISMultistepScheduler", "algorithm_type": "deis"}, 10),
+    ("dpmpp_2m_sde_karras", {**SDXL, "sigma_min": 0.1, "sigma_max": 10.0, **SIGMA_MIN}, 10),
+    ("dpmpp_2m_sde_karras", {**SD15, "solver_type": "heun"}, 20),
+    ("dpmpp_2m_sde_karras", {**SD15, "beta_schedule": "squaredcos_cap_v2"}, 3),
+    ("dpmpp_2m_sde_karras", {**SD21, "rescale_betas_zero_snr": True}, 8),
     ("ddim", {"_class_name": "DDIMScheduler", "clip_sample": False}, 10),  # DDIM defaults, set_alpha_to_one
     ("ddim", {**SD15, "trained_betas": list(np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)}, 10),
     ("pndm", {**SD15, "set_alpha_to_one": True}, 10),
@@ -432,6 +473,32 @@ def test_variants_cover_their_options() -> None:
     assert final2.coeffs[-1, 0, 3] != 0
     final1 = load_scheduler("dpmpp_2m", {**SD15, "final_sigmas_type": "sigma_min"}).schedule(10)
     assert final1.coeffs[-1, 0, 3] == 0
+
+
+def test_sde_variants_cover_their_options() -> None:
+    """DPM-Solver's SDE: noise on every row but a last one to sigma 0, its own weights on x and x0 (not the
+    ODE's), heun's D1 weight distinct from midpoint's, and the options' first-order last steps."""
+    sde = load_scheduler("dpmpp_2m_sde", {**SD15, **SIGMA_MIN}).schedule(20)
+    ode = load_scheduler("dpmpp_2m", {**SD15, **SIGMA_MIN}).schedule(20)
+    assert sde.needs_noise.all() and not ode.needs_noise.any()
+    assert sde.coeffs[-1, 0, 3] != 0  # second-order final step
+    assert not np.allclose(sde.coeffs[:, 0, :2], ode.coeffs[:, 0, :2], rtol=1e-2)
+    np.testing.assert_array_equal(sde.coeffs[:, 1], ode.coeffs[:, 1])  # the same x0 kept as history
+    zero = load_scheduler("dpmpp_2m_sde", SD15).schedule(20)
+    assert zero.needs_noise[:-1].all() and not zero.needs_noise[-1]
+    np.testing.assert_array_equal(
+        zero.coeffs[-1, 0], load_scheduler("dpmpp_2m", SD15).schedule(20).coeffs[-1, 0]
+    )
+    heun = load_scheduler("dpmpp_2m_sde", {**SD15, "solver_type": "heun"}).schedule(12)
+    midpoint = load_scheduler("dpmpp_2m_sde", SD15).schedule(12)
+    assert not np.allclose(heun.coeffs[1:-1, 0, 3], midpoint.coeffs[1:-1, 0, 3], rtol=1e-3)
+    for options in ({"euler_at_final": True}, {}):  # 20 steps: lower_order_final does not apply
+        final = load_scheduler("dpmpp_2m_sde", {**SD15, **SIGMA_MIN, **options}).schedule(20)
+        assert (final.coeffs[-1, 0, 3] == 0) == bool(options) and final.needs_noise[-1]
+    karras = load_scheduler("dpmpp_2m_sde_karras", SD15).schedule(10)
+    np.testing.assert_array_equal(
+        karras.timesteps, load_scheduler("dpmpp_2m_karras", SD15).schedule(10).timesteps
+    )
 
 
 def test_unipc_variants_cover_their_options() -> None:
@@ -503,6 +570,31 @@ def test_harness_detects_a_wrong_coefficient() -> None:
         run_both("dpmpp_2m", SD15, 10, schedule=broken)
 
 
+def test_harness_replays_diffusers_sde_noise() -> None:
+    """DPM-Solver's SDE noise is checked: its weight off by 1e-3 at one step fails that step, the ODE table
+    fails the first call; and the harness's replay is diffusers' own: noise drawn in the reference dtype
+    (float64 here) instead of diffusers' float32 fails, and a harness that thinks diffusers draws none
+    refuses a table that reads noise."""
+    plan = load_scheduler("dpmpp_2m_sde", SD15).schedule(10)
+    run_both("dpmpp_2m_sde", SD15, 10, schedule=plan)
+    coeffs = plan.coeffs.copy()
+    coeffs[5, 0, 2] *= np.float32(1 + 1e-3)
+    with pytest.raises(AssertionError, match="sample after call 5"):
+        run_both("dpmpp_2m_sde", SD15, 10, schedule=dataclasses.replace(plan, coeffs=coeffs))
+    ode = load_scheduler("dpmpp_2m", SD15).schedule(10)
+    with pytest.raises(AssertionError, match="sample after call 0"):
+        run_both("dpmpp_2m_sde", SD15, 10, schedule=ode)
+    module = sys.modules[__name__]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "diffusers_noise_dtype", lambda name, dtype: dtype)
+        with pytest.raises(AssertionError, match="sample after call 0"):
+            run_both("dpmpp_2m_sde", SDXL_ZSNR, 4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "DRAWS_EVERY_CALL", {"euler_a"})
+        with pytest.raises(AssertionError, match="needs noise diffusers does not draw"):
+            run_both("dpmpp_2m_sde", SD15, 4)
+
+
 # --- image-to-image (strength) ---
 
 IMG2IMG_CASES = [
@@ -529,6 +621,11 @@ IMG2IMG_VARIANTS = [
     ("dpmpp_2m_karras", {**SDXL, "sigma_min": 0.1, "sigma_max": 10.0}, 12, 0.6),
     # Text-to-image fails in diffusers here (DIFFUSERS_INDEX_ERROR); img2img sets begin_index and runs.
     ("dpmpp_2m_karras", SDXL_ZSNR, 25, 1.0),
+    ("dpmpp_2m_sde_karras", SDXL_ZSNR, 25, 1.0),
+    ("dpmpp_2m_sde", {**SD15, **SIGMA_MIN}, 20, 0.5),  # 10 calls, second-order final step
+    ("dpmpp_2m_sde", {**SD15, **SIGMA_MIN}, 10, 0.5),  # lower_order_final (< 15 steps)
+    ("dpmpp_2m_sde", {**SD15, "solver_type": "heun", **SIGMA_MIN}, 16, 0.7),
+    ("dpmpp_2m_sde_karras", {**SDXL, "sigma_min": 0.1, "sigma_max": 10.0}, 12, 0.6),
     ("euler", {**SDXL, "use_karras_sigmas": True}, 10, 0.45),
     ("euler", {**SD21, "timestep_type": "continuous"}, 10, 0.6),
     ("euler_a", SDXL, 10, 0.65),
@@ -568,7 +665,7 @@ def test_inpaint_blend_catches_the_wrong_timestep() -> None:
         run_both("euler", SD15, 10, schedule=shifted, strength=1.0, inpaint=True)
 
 
-STATEFUL = {"pndm", "dpmpp_2m", "dpmpp_2m_karras", "unipc"}
+STATEFUL = {"pndm", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "unipc"}
 
 
 @pytest.mark.parametrize("name", sorted(STATEFUL))
@@ -802,12 +899,31 @@ def test_config_typed_fields() -> None:
         ),
         ({**SD15, "_class_name": "LCMScheduler"}, "lcm"),
         ({**SD15, "_class_name": "UniPCMultistepScheduler"}, "unipc"),
+        (
+            {**SD15, "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"},
+            "dpmpp_2m_sde",
+        ),
+        (
+            {**SD15, "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}
+            | {"use_karras_sigmas": True},
+            "dpmpp_2m_sde_karras",
+        ),
+        # diffusers drops the keys its writer marked as defaults: the class default algorithm again
+        (
+            {**SD15, "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}
+            | {"_use_default_values": ["algorithm_type"]},
+            "dpmpp_2m",
+        ),
     ],
 )
 def test_checkpoint_scheduler_by_class(config: dict[str, Any], expected: str) -> None:
     scheduler = load_scheduler(None, config)
     assert scheduler.name == expected
     assert scheduler.config == load_scheduler(expected, config).config
+    ref = getattr(diffusers, config["_class_name"]).from_config(config)  # the checkpoint's own scheduler
+    if isinstance(ref, diffusers.DPMSolverMultistepScheduler):
+        assert ref.config.algorithm_type == ("sde-dpmsolver++" if "_sde" in expected else "dpmsolver++")
+        assert ref.config.use_karras_sigmas == expected.endswith("_karras")
 
 
 # --- refusals ---
@@ -865,6 +981,13 @@ def test_step_count_limits() -> None:
         ("dpmpp_2m", {"variance_type": "learned_range"}, "variance_type"),
         ("dpmpp_2m", {"algorithm_type": "deis"}, "final_sigmas_type"),
         ("dpmpp_2m_karras", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ("dpmpp_2m_sde", {"solver_order": 3}, "solver_order"),
+        ("dpmpp_2m_sde", {"solver_order": 1}, "solver_order"),
+        ("dpmpp_2m_sde", {"thresholding": True}, "thresholding"),
+        ("dpmpp_2m_sde", {"variance_type": "learned_range"}, "variance_type"),
+        ("dpmpp_2m_sde", {"final_sigmas_type": "sigma_max"}, "final_sigmas_type"),
+        ("dpmpp_2m_sde", {"use_lu_lambdas": True}, "use_lu_lambdas"),
+        ("dpmpp_2m_sde_karras", {"use_beta_sigmas": True}, "use_beta_sigmas"),
         ("lcm", {"clip_sample": True}, "clip_sample"),
         ("lcm", {"thresholding": True}, "thresholding"),
         ("euler", {"steps_offset": None}, "steps_offset"),

@@ -29,7 +29,12 @@ from ..errors import UnknownSchedulerError
 from .base import BaseScheduler, Scheduler
 from .config import SchedulerConfig
 from .ddim import DDIM
-from .dpmsolver import DPMSolverMultistep, DPMSolverMultistepKarras
+from .dpmsolver import (
+    DPMSolverMultistep,
+    DPMSolverMultistepKarras,
+    DPMSolverMultistepSDE,
+    DPMSolverMultistepSDEKarras,
+)
 from .euler import Euler
 from .euler_ancestral import EulerAncestral
 from .lcm import LCM
@@ -45,43 +50,62 @@ _CLASSES: dict[str, type[BaseScheduler]] = {
     "euler_a": EulerAncestral,
     "dpmpp_2m": DPMSolverMultistep,
     "dpmpp_2m_karras": DPMSolverMultistepKarras,
+    "dpmpp_2m_sde": DPMSolverMultistepSDE,
+    "dpmpp_2m_sde_karras": DPMSolverMultistepSDEKarras,
     "lcm": LCM,
     "unipc": UniPCMultistep,
 }
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_CLASSES)
 
-#: Scheduler name of each supported diffusers class (``_class_name`` of a checkpoint's config).
+#: Scheduler name of each supported diffusers class (``_class_name`` of a checkpoint's config): the name that
+#: stands for the class as its config configures it (a few names also fix some of its options, see
+#: :func:`load_scheduler`).
 DIFFUSERS_CLASS_NAMES: dict[str, str] = {
-    cls.diffusers_class: name for name, cls in _CLASSES.items() if name != "dpmpp_2m_karras"
+    cls.diffusers_class: name for name, cls in _CLASSES.items() if not cls.diffusers_overrides
 }
+
+
+def _checkpoint_scheduler(cfg: SchedulerConfig) -> str:
+    """The name for a checkpoint's own scheduler: its class's, or the name fixing the options its config
+    sets (the one fixing the most of them), e.g. ``dpmpp_2m_sde_karras`` for a DPMSolverMultistepScheduler
+    config with ``algorithm_type="sde-dpmsolver++"`` and ``use_karras_sigmas``."""
+    class_name = cfg.class_name
+    if class_name not in DIFFUSERS_CLASS_NAMES:
+        raise UnknownSchedulerError(
+            f"checkpoint scheduler class {class_name!r} is not supported; "
+            f"choose a scheduler: {', '.join(SCHEDULER_NAMES)}"
+        )
+    name = DIFFUSERS_CLASS_NAMES[class_name]
+    params = cfg.resolve(_CLASSES[name].defaults)  # what diffusers' own from_config(config) gets
+    matches = [
+        (len(cls.diffusers_overrides), other)
+        for other, cls in _CLASSES.items()
+        if cls.diffusers_class == class_name
+        and all(params[k] == v and type(params[k]) is type(v) for k, v in cls.diffusers_overrides.items())
+    ]
+    return max(matches)[1]
 
 
 def load_scheduler(name: str | None, config: Mapping[str, Any] | SchedulerConfig) -> Scheduler:
     """The scheduler ``name`` for a checkpoint whose ``scheduler_config.json`` object is ``config``.
 
     ``name=None`` picks the checkpoint's own scheduler from ``_class_name`` (a DPMSolverMultistepScheduler
-    config with ``use_karras_sigmas`` gives ``dpmpp_2m_karras``). Another name converts the config the way
+    config with ``use_karras_sigmas`` gives ``dpmpp_2m_karras``, with ``algorithm_type="sde-dpmsolver++"``
+    ``dpmpp_2m_sde``, with both ``dpmpp_2m_sde_karras``). Another name converts the config the way
     diffusers' ``TargetScheduler.from_config(config)`` does: keys the target class accepts are carried over,
     the others take that class's defaults. ``dpmpp_2m_karras`` is ``DPMSolverMultistepScheduler.from_config(
-    config, use_karras_sigmas=True)``.
+    config, use_karras_sigmas=True)``, ``dpmpp_2m_sde`` the same with ``algorithm_type="sde-dpmsolver++"``
+    (see :func:`diffusers_scheduler_class`); ``dpmpp_2m`` refuses an SDE config.
 
     Raises UnknownSchedulerError for an unknown name or checkpoint class, UnsupportedConfigError for options
     that are not implemented.
     """
     cfg = config if isinstance(config, SchedulerConfig) else SchedulerConfig.from_dict(config)
-    valid = ", ".join(SCHEDULER_NAMES)
     if name is None:
-        class_name = cfg.class_name
-        if class_name not in DIFFUSERS_CLASS_NAMES:
-            raise UnknownSchedulerError(
-                f"checkpoint scheduler class {class_name!r} is not supported; choose a scheduler: {valid}"
-            )
-        name = DIFFUSERS_CLASS_NAMES[class_name]
-        if name == "dpmpp_2m" and cfg.use_karras_sigmas:
-            name = "dpmpp_2m_karras"
+        name = _checkpoint_scheduler(cfg)
     if not isinstance(name, str) or name not in _CLASSES:
-        raise UnknownSchedulerError(f"unknown scheduler {name!r}; valid names: {valid}")
+        raise UnknownSchedulerError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")
     class_name, overrides = diffusers_scheduler_class(name)
     return _CLASSES[name](cfg.with_values(class_name=class_name, **overrides))
 
@@ -91,8 +115,8 @@ def diffusers_scheduler_class(name: str) -> tuple[str, dict[str, Any]]:
     ``getattr(diffusers, class_name).from_config(config, **overrides)``."""
     if name not in _CLASSES:
         raise UnknownSchedulerError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")
-    overrides = {"use_karras_sigmas": True} if _CLASSES[name] is DPMSolverMultistepKarras else {}
-    return _CLASSES[name].diffusers_class, overrides
+    cls = _CLASSES[name]
+    return cls.diffusers_class, dict(cls.diffusers_overrides)
 
 
 __all__ = [

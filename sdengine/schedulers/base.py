@@ -39,7 +39,10 @@ class BaseScheduler:
     """Frozen scheduler holding its :class:`SchedulerConfig`; subclasses describe one diffusers class.
 
     ``defaults`` are the diffusers class's ``__init__`` defaults: the config is resolved against them exactly
-    as ``DiffusersClass.from_config(config)`` would, and validated when the scheduler is created.
+    as ``DiffusersClass.from_config(config, **diffusers_overrides)`` would, and validated when the scheduler
+    is created. ``diffusers_overrides`` are the constructor arguments a name fixes whatever the config says
+    (``dpmpp_2m_karras`` is DPM-Solver with ``use_karras_sigmas=True``); they win over the config, as keyword
+    arguments of ``from_config`` do, and come before the constructor's own rewrites (:meth:`_adjust`).
     """
 
     config: SchedulerConfig
@@ -48,11 +51,12 @@ class BaseScheduler:
 
     diffusers_class: ClassVar[str] = ""
     defaults: ClassVar[Mapping[str, Any]] = {}
+    diffusers_overrides: ClassVar[Mapping[str, Any]] = {}
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, SchedulerConfig):
             raise TypeError(f"config must be a SchedulerConfig, got {type(self.config).__name__}")
-        params = self.config.resolve(self.defaults)
+        params = {**self.config.resolve(self.defaults), **self.diffusers_overrides}
         self._adjust(params)
         self._validate(params)
         object.__setattr__(self, "params", params)

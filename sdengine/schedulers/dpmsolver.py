@@ -1,5 +1,6 @@
 """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): diffusers ``DPMSolverMultistepScheduler``
-with ``algorithm_type="dpmsolver++"`` and ``solver_order=2``, optionally on Karras sigmas."""
+with ``algorithm_type="dpmsolver++"`` and ``solver_order=2``, optionally on Karras sigmas; and its stochastic
+variant, ``algorithm_type="sde-dpmsolver++"`` (A1111's "DPM++ 2M SDE")."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class DPMSolverMultistep(BaseScheduler):
     name: str = field(default="dpmpp_2m", init=False)
 
     diffusers_class: ClassVar[str] = "DPMSolverMultistepScheduler"
+    #: the one ``algorithm_type`` this class implements (the SDE subclass fixes it by ``diffusers_overrides``)
+    algorithm_type: ClassVar[str] = "dpmsolver++"
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,
         "solver_order": 2,
@@ -76,7 +79,7 @@ class DPMSolverMultistep(BaseScheduler):
 
     def _validate(self, params: dict[str, Any]) -> None:
         super()._validate(params)
-        self.require(params, "algorithm_type", ("dpmsolver++",))
+        self.require(params, "algorithm_type", (self.algorithm_type,))
         self.require(params, "solver_order", (2,))
         self.require(params, "solver_type", ("midpoint", "heun"))
         self.require(params, "final_sigmas_type", ("zero", "sigma_min"))
@@ -122,6 +125,7 @@ class DPMSolverMultistep(BaseScheduler):
                 f"{self.name}: this strength skips all {steps} timesteps; raise strength or steps"
             )
         alphas = 1.0 / np.sqrt(sigmas[:-1].astype(np.float64) ** 2 + 1.0)
+        sde = p["algorithm_type"] == "sde-dpmsolver++"
         f = Forms(1)
         x, prev_x0 = f.sample, f.history(1)
         rows = []
@@ -130,7 +134,11 @@ class DPMSolverMultistep(BaseScheduler):
             alpha, alpha_next = 1.0 / np.sqrt(s**2 + 1.0), 1.0 / np.sqrt(s_next**2 + 1.0)
             x0 = vp_predictions(p["prediction_type"], alpha**2, x, f.model_output)[0]
             ratio = s_next / s  # exp(-h); also sigma'/sigma = ratio * alpha'/alpha
-            new_x = ratio * alpha_next / alpha * x + alpha_next * (1.0 - ratio) * x0
+            # The SDE's coefficients: the ODE's with h doubled (exp(-h) squared), see DPMSolverMultistepSDE.
+            decay = ratio * ratio if sde else ratio
+            new_x = decay * alpha_next / alpha * x + alpha_next * (1.0 - decay) * x0
+            if sde:  # sigma'_VP sqrt(1 - exp(-2h)) noise, sigma'_VP = s' alpha'
+                new_x = new_x + s_next * alpha_next * np.sqrt(1.0 - decay) * f.noise
             last = i == steps - 1
             lower_order_final = last and (
                 p["euler_at_final"]
@@ -140,12 +148,13 @@ class DPMSolverMultistep(BaseScheduler):
             # The first call of a run has no previous x0 (diffusers' lower_order_nums starts at 0).
             if i > t_start and not lower_order_final:
                 h = np.log(s / s_next)
-                r = np.log(sigmas[i - 1] / s) / h
+                r = np.log(sigmas[i - 1] / s) / h  # h_prev / h, the step ratio, for SDE and ODE alike
                 d1 = (x0 - prev_x0) / r
                 if p["solver_type"] == "midpoint":
-                    new_x = new_x + 0.5 * alpha_next * (1.0 - ratio) * d1
+                    new_x = new_x + 0.5 * alpha_next * (1.0 - decay) * d1
                 else:
-                    new_x = new_x + alpha_next * ((ratio - 1.0) / h + 1.0) * d1
+                    h_eff = 2.0 * h if sde else h
+                    new_x = new_x + alpha_next * ((decay - 1.0) / h_eff + 1.0) * d1
             rows.append([new_x, x0])
         return make_schedule(
             timesteps=timesteps,
@@ -185,6 +194,40 @@ class DPMSolverMultistepKarras(DPMSolverMultistep):
 
     name: str = field(default="dpmpp_2m_karras", init=False)
 
-    def _adjust(self, params: dict[str, Any]) -> None:
-        super()._adjust(params)
-        params["use_karras_sigmas"] = True
+    diffusers_overrides: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
+
+
+@dataclass(frozen=True)
+class DPMSolverMultistepSDE(DPMSolverMultistep):
+    """SDE-DPM-Solver++(2M): the multistep data-prediction solver of the diffusion SDE instead of its ODE.
+
+    Over a step the reverse SDE's linear part and its noise are integrated exactly, with x0 as in the ODE
+    solver (held at x0, or extrapolated by D1). In the ODE's terms (``DPMSolverMultistep``: sigma, alpha the
+    VP parameters, h = lambda' - lambda), the Ito integral of the noise gives a Gaussian of variance
+    sigma'^2 (1 - exp(-2h)), and the drift's decay is exp(-2h) instead of exp(-h):
+
+    * first order: x' = (sigma'/sigma) exp(-h) x + alpha' (1 - exp(-2h)) x0 + sigma' sqrt(1 - exp(-2h)) z
+    * midpoint: adds alpha' (1 - exp(-2h)) D1 / 2;  heun: adds alpha' ((exp(-2h) - 1) / (2h) + 1) D1
+
+    i.e. the ODE step with h replaced by 2h (D1 still divides by r = h_prev / h), plus the noise: the same
+    update as k-diffusion's ``sample_dpmpp_2m_sde`` at eta = 1. z is a fresh unit Gaussian on every call
+    (diffusers draws one on every call, the last included); on a last step to sigma' = 0 its weight is 0 and
+    x' = x0, as in the ODE solver. Orders, image-to-image restarts and ``add_noise`` are ``dpmpp_2m``'s.
+    """
+
+    name: str = field(default="dpmpp_2m_sde", init=False)
+
+    algorithm_type: ClassVar[str] = "sde-dpmsolver++"
+    diffusers_overrides: ClassVar[dict[str, Any]] = {"algorithm_type": "sde-dpmsolver++"}
+
+
+@dataclass(frozen=True)
+class DPMSolverMultistepSDEKarras(DPMSolverMultistepSDE):
+    """``dpmpp_2m_sde`` with ``use_karras_sigmas`` forced on (A1111's "DPM++ 2M SDE Karras")."""
+
+    name: str = field(default="dpmpp_2m_sde_karras", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "algorithm_type": "sde-dpmsolver++",
+        "use_karras_sigmas": True,
+    }
