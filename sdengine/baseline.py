@@ -166,6 +166,14 @@ class TorchPipeline(_CallMixin):
         array = to_unit_range(decoded.float().cpu().numpy())
         return GenerationResult(array, request, times, self.name, final.float().cpu().numpy())
 
+    def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:
+        """diffusers' own ``load_textual_inversion`` (its image pipelines share the tokenizer and encoder)."""
+        from sdengine.textual_inversion import read_embedding
+
+        token = read_embedding(path, token)[0]  # the same checks and token name as the engine
+        self.pipe.load_textual_inversion(str(path), token=token)
+        return token
+
     def embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """Prompt embeddings with ``clip_skip``, made as diffusers' ``encode_prompt`` makes them (the hidden
         states ``clip_skip + 1`` from the end, through the final layer norm), for the negative prompts too.

@@ -72,6 +72,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         vae_tiling=args.vae_tiling,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
+    for spec in args.embedding:
+        path, token = (spec, None) if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)
+        print(f"embedding: {pipeline.load_textual_inversion(path, token)} from {path}")
     result = pipeline(
         args.prompt,
         args.negative_prompt,
@@ -253,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="default: auto (by directory)")
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
+    g.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE[:TOKEN]",
+        help="textual inversion embedding (.safetensors) to use as TOKEN in prompts (default: its own name)",
+    )
     g.add_argument(
         "--guidance-rescale",
         type=float,

@@ -22,6 +22,7 @@ from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
 from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.step_graph import Blend, step_tables
+from sdengine.textual_inversion import read_embedding, vector_tokens
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
 from sdengine.vae_tiling import needs_tiles, run_tiled
@@ -49,6 +50,8 @@ class ImageGenerator(Protocol):
     choice: Choice | None
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult: ...
+
+    def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str: ...
 
 
 class _CallMixin:
@@ -208,6 +211,20 @@ class Pipeline(_CallMixin):
             with times.time("vae_decode"):
                 decoded = self.decode(latents / np.float32(self.model_dir.vae_scaling_factor))
         return GenerationResult(to_unit_range(decoded), request, times, self.backend.name, latents)
+
+    def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:
+        """Add a textual inversion embedding (a safetensors file in diffusers' or A1111's format) as a
+        prompt token: ``token``, or the name the file gives. Returns the token. As diffusers does, an
+        n-vector embedding adds ``token``, ``token_1`` ... ``token_{n-1}``, and a prompt naming ``token``
+        reads all n (see ``sdengine.textual_inversion``)."""
+        with self._lock:
+            token, vectors = read_embedding(path, token)
+            tokens = vector_tokens(token, len(vectors))
+            ids = self.tokenizer.next_ids(tokens)  # the text encoder first: a refusal there changes nothing
+            self.backend.set_token_embeddings(dict(zip(ids, vectors, strict=True)))
+            if self.tokenizer.add_tokens(tokens) != ids:  # pragma: no cover - tokenizers assigns ids in order
+                raise AssertionError("the tokenizer gave the new tokens other ids than expected")
+            return token
 
     def initial_latents(
         self, request: GenerationRequest, schedule: Schedule, times: StageTimes

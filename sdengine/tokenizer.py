@@ -158,6 +158,7 @@ class ClipTokenizer:
             direction="right", pad_id=self.pad_token_id, pad_token=self.pad_token, length=max_length
         )
         self._tokenizer = tokenizer
+        self._multi_vector: dict[str, str] = {}  # textual inversion: token -> "token token_1 ..."
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> ClipTokenizer:
@@ -253,6 +254,32 @@ class ClipTokenizer:
         """Number of ids, special tokens included."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def next_ids(self, tokens: Sequence[str]) -> list[int]:
+        """The ids :meth:`add_tokens` will give ``tokens``; InvalidArgumentError if one is taken."""
+        taken = [t for t in tokens if self._tokenizer.token_to_id(t) is not None]
+        if taken:
+            raise InvalidArgumentError(f"token {taken[0]!r} is already in the tokenizer's vocabulary")
+        return list(range(self.vocab_size, self.vocab_size + len(tokens)))
+
+    def add_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add textual inversion tokens (normal, normalised tokens, as transformers' ``add_tokens``): their
+        new ids, in order. The first token of a multi-vector group stands for the whole group in prompts."""
+        self.next_ids(tokens)  # none taken
+        ids = []
+        for token in tokens:
+            self._tokenizer.add_tokens([AddedToken(token, normalized=True)])
+            ids.append(self._tokenizer.token_to_id(token))
+        if len(tokens) > 1:
+            self._multi_vector[tokens[0]] = " ".join(tokens)
+        return ids
+
+    def expand(self, prompt: str) -> str:
+        """``prompt`` with each multi-vector token spelled out as its group (diffusers'
+        ``maybe_convert_prompt``)."""
+        for token in set(self.tokenize(prompt)) & self._multi_vector.keys():
+            prompt = prompt.replace(token, self._multi_vector[token])
+        return prompt
+
     def tokenize(self, prompt: str) -> list[str]:
         """The tokens of one prompt, with BOS/EOS and without padding (for inspection and debugging)."""
         encoding = self._tokenizer.encode(prompt)
@@ -270,6 +297,8 @@ class ClipTokenizer:
                 raise InvalidArgumentError(f"every prompt must be a string, got {type(prompt).__name__}")
         if not prompts:
             return np.zeros((0, self.max_length), dtype=np.int64)
+        if self._multi_vector:
+            prompts = [self.expand(prompt) for prompt in prompts]
         encodings = self._tokenizer.encode_batch(prompts)
         for prompt, encoding in zip(prompts, encodings, strict=True):
             if encoding.overflowing:  # as diffusers does: say so, and go on with what fits

@@ -90,6 +90,11 @@ class Backend(Protocol):
         :func:`skipped_layers`)."""
         ...
 
+    def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
+        """Textual inversion: give the text encoder's token-embedding table these rows (id -> vector),
+        growing it where an id lies past its end. UnsupportedConfigError where the weights are fixed."""
+        ...
+
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """The VAE encoder (image to image): images (B, 3, H, W) in [-1, 1] -> the latent distribution's
         parameters (B, 2 * latent channels, H / 8, W / 8), means then log-variances, float32."""

@@ -35,6 +35,7 @@ from sdengine.step_graph import (
     first_unet_inputs,
     timestep_shape,
 )
+from sdengine.textual_inversion import with_token_rows
 from sdengine.timing import StageTimes
 
 
@@ -129,6 +130,7 @@ class OrtBackend:
         self.step_providers = self.providers
         self.step_session_options = self.options
         self._step_sessions: dict[GraphKey, ort.InferenceSession] = {}
+        self._token_rows: dict[int, np.ndarray] = {}  # textual inversion rows, by token id
 
     def _open(self, component: str) -> ort.InferenceSession:
         path, spec = self.model_dir.onnx_path(component), self.specs[component]
@@ -194,6 +196,13 @@ class OrtBackend:
                 "every layer's; export the checkpoint again with sdengine export"
             )
         return skipped_layers(self._run(TEXT_ENCODER, LAYER_STATES, input_ids=input_ids), clip_skip)
+
+    def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
+        """The text encoder's session again, from its model with every row given so far."""
+        model = onnx.load(str(self.model_dir.onnx_path(TEXT_ENCODER)))
+        data = with_token_rows(model, {**self._token_rows, **rows}).SerializeToString()
+        self.sessions[TEXT_ENCODER] = ort.InferenceSession(data, self.options, providers=self.providers)
+        self._token_rows.update(rows)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if VAE_ENCODER not in self.sessions:  # opened on first use: text to image never needs it

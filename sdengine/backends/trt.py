@@ -35,7 +35,12 @@ from onnx import helper
 from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers
 from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
 from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, resolve_engine
-from sdengine.errors import BackendUnavailableError, InvalidArgumentError, ModelDirectoryError
+from sdengine.errors import (
+    BackendUnavailableError,
+    InvalidArgumentError,
+    ModelDirectoryError,
+    UnsupportedConfigError,
+)
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.model_specs import LAYER_STATES, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from sdengine.step_graph import (
@@ -280,6 +285,11 @@ class TrtBackend:
             )
         states = self._run_host(TEXT_ENCODER, {"input_ids": input_ids}, LAYER_STATES)
         return skipped_layers(states, clip_skip)
+
+    def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
+        raise UnsupportedConfigError(
+            "textual inversion needs the ONNX Runtime backend: a TensorRT engine holds its weights"
+        )
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if VAE_ENCODER not in self.engines:  # loaded on first use: text to image never needs it
