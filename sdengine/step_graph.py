@@ -241,32 +241,7 @@ def build_step_model(
             helper.make_node("Add", ["uncond", "scaled_delta"], ["eps" if not rescale else "guided"]),
         ]
         if rescale:
-            inputs.append(helper.make_tensor_value_info("guidance_rescale", f32, []))
-            per_image = c * h * w
-            initializers += [
-                helper.make_tensor("image_axes", TensorProto.INT64, [3], [1, 2, 3]),
-                helper.make_tensor("one_f", f32, [], [1.0]),
-                helper.make_tensor("n_minus_1", f32, [], [float(max(per_image - 1, 1))]),
-            ]
-            for name in ("cond", "guided"):  # unbiased standard deviation over each image, as torch.std
-                nodes += [
-                    helper.make_node("ReduceMean", [name], [f"{name}_mean"], axes=[1, 2, 3], keepdims=1),
-                    helper.make_node("Sub", [name, f"{name}_mean"], [f"{name}_centred"]),
-                    helper.make_node("Mul", [f"{name}_centred", f"{name}_centred"], [f"{name}_squares"]),
-                    helper.make_node(
-                        "ReduceSum", [f"{name}_squares", "image_axes"], [f"{name}_sum"], keepdims=1
-                    ),
-                    helper.make_node("Div", [f"{name}_sum", "n_minus_1"], [f"{name}_var"]),
-                    helper.make_node("Sqrt", [f"{name}_var"], [f"{name}_std"]),
-                ]
-            nodes += [
-                helper.make_node("Div", ["cond_std", "guided_std"], ["std_ratio"]),
-                helper.make_node("Mul", ["guided", "std_ratio"], ["rescaled"]),
-                helper.make_node("Mul", ["rescaled", "guidance_rescale"], ["rescaled_part"]),
-                helper.make_node("Sub", ["one_f", "guidance_rescale"], ["keep_factor"]),
-                helper.make_node("Mul", ["guided", "keep_factor"], ["kept_part"]),
-                helper.make_node("Add", ["rescaled_part", "kept_part"], ["eps"]),
-            ]
+            _add_guidance_rescale(inputs, initializers, nodes, per_image=c * h * w)
     else:
         nodes.append(helper.make_node("Identity", ["noise_pred_f32"], ["eps"]))
     nodes += [
@@ -288,24 +263,8 @@ def build_step_model(
         # advance the index
         helper.make_node("Add", ["step_index", "one"], ["next_step_index"]),
     ]
-    if blend:  # next = image_part + m * (denoised - image_part), image_part = a * image + b * noise0
-        inputs += [
-            helper.make_tensor_value_info("keep_mask", f32, [batch, 1, h, w]),
-            helper.make_tensor_value_info("image_latents", f32, latent),
-            helper.make_tensor_value_info("image_noise", f32, latent),
-            helper.make_tensor_value_info("noise_scales", f32, [num_calls + 1, 2]),
-        ]
-        nodes += [
-            helper.make_node("Gather", ["noise_scales", "next_step_index"], ["ab"], axis=0),
-            helper.make_node("Slice", ["ab", "zero_1", "one_1"], ["a"]),
-            helper.make_node("Slice", ["ab", "one_1", "two_1"], ["b"]),
-            helper.make_node("Mul", ["image_latents", "a"], ["image_a"]),
-            helper.make_node("Mul", ["image_noise", "b"], ["noise_b"]),
-            helper.make_node("Add", ["image_a", "noise_b"], ["image_part"]),
-            helper.make_node("Sub", ["denoised", "image_part"], ["kept_delta"]),
-            helper.make_node("Mul", ["kept_delta", "keep_mask"], ["masked_delta"]),
-            helper.make_node("Add", ["image_part", "masked_delta"], ["next_sample"]),
-        ]
+    if blend:
+        _add_blend(inputs, nodes, latent, num_calls)
     else:
         nodes.append(helper.make_node("Identity", ["denoised"], ["next_sample"]))
     nodes += [
@@ -338,3 +297,57 @@ def build_step_model(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     onnx.checker.check_model(model)
     return model
+
+
+def _add_guidance_rescale(inputs: list, initializers: list, nodes: list, *, per_image: int) -> None:
+    """eps = r * guided * std(cond) / std(guided) + (1 - r) * guided, the unbiased standard deviation taken
+    over each image, as diffusers' ``rescale_noise_cfg`` computes it (with torch.std)."""
+    f32 = TensorProto.FLOAT
+    inputs.append(helper.make_tensor_value_info("guidance_rescale", f32, []))
+    initializers += [
+        helper.make_tensor("image_axes", TensorProto.INT64, [3], [1, 2, 3]),
+        helper.make_tensor("one_f", f32, [], [1.0]),
+        helper.make_tensor("n_minus_1", f32, [], [float(max(per_image - 1, 1))]),
+    ]
+    for name in ("cond", "guided"):
+        nodes += [
+            helper.make_node("ReduceMean", [name], [f"{name}_mean"], axes=[1, 2, 3], keepdims=1),
+            helper.make_node("Sub", [name, f"{name}_mean"], [f"{name}_centred"]),
+            helper.make_node("Mul", [f"{name}_centred", f"{name}_centred"], [f"{name}_squares"]),
+            helper.make_node("ReduceSum", [f"{name}_squares", "image_axes"], [f"{name}_sum"], keepdims=1),
+            helper.make_node("Div", [f"{name}_sum", "n_minus_1"], [f"{name}_var"]),
+            helper.make_node("Sqrt", [f"{name}_var"], [f"{name}_std"]),
+        ]
+    nodes += [
+        helper.make_node("Div", ["cond_std", "guided_std"], ["std_ratio"]),
+        helper.make_node("Mul", ["guided", "std_ratio"], ["rescaled"]),
+        helper.make_node("Mul", ["rescaled", "guidance_rescale"], ["rescaled_part"]),
+        helper.make_node("Sub", ["one_f", "guidance_rescale"], ["keep_factor"]),
+        helper.make_node("Mul", ["guided", "keep_factor"], ["kept_part"]),
+        helper.make_node("Add", ["rescaled_part", "kept_part"], ["eps"]),
+    ]
+
+
+def _add_blend(inputs: list, nodes: list, latent: list[int], num_calls: int) -> None:
+    """Inpainting with a plain UNet: next_sample = image_part + m * (denoised - image_part), where
+    image_part = a * image + b * noise0 with (a, b) = noise_scales[i + 1] (the image itself after the last
+    step) and m the keep mask, as diffusers' inpainting loop blends after each step."""
+    f32 = TensorProto.FLOAT
+    batch, _, h, w = latent
+    inputs += [
+        helper.make_tensor_value_info("keep_mask", f32, [batch, 1, h, w]),
+        helper.make_tensor_value_info("image_latents", f32, latent),
+        helper.make_tensor_value_info("image_noise", f32, latent),
+        helper.make_tensor_value_info("noise_scales", f32, [num_calls + 1, 2]),
+    ]
+    nodes += [
+        helper.make_node("Gather", ["noise_scales", "next_step_index"], ["ab"], axis=0),
+        helper.make_node("Slice", ["ab", "zero_1", "one_1"], ["a"]),
+        helper.make_node("Slice", ["ab", "one_1", "two_1"], ["b"]),
+        helper.make_node("Mul", ["image_latents", "a"], ["image_a"]),
+        helper.make_node("Mul", ["image_noise", "b"], ["noise_b"]),
+        helper.make_node("Add", ["image_a", "noise_b"], ["image_part"]),
+        helper.make_node("Sub", ["denoised", "image_part"], ["kept_delta"]),
+        helper.make_node("Mul", ["kept_delta", "keep_mask"], ["masked_delta"]),
+        helper.make_node("Add", ["image_part", "masked_delta"], ["next_sample"]),
+    ]
