@@ -61,7 +61,17 @@ def format_times(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdengine.images import load_image, load_mask, output_paths, save_png
     from sdengine.pipeline import Pipeline
+    from sdengine.textual_inversion import read_embedding
 
+    # every input file is read before the models load, so a bad one costs no load time
+    latents = _load_latents(args.latents)
+    image = None if args.image is None else load_image(args.image)
+    mask = None if args.mask is None else load_mask(args.mask)
+    embeddings = []
+    for spec in args.embedding:
+        path, token = (spec, None) if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)
+        read_embedding(path, token)
+        embeddings.append((path, token))
     pipeline = Pipeline.load(
         args.model_dir,
         backend=args.backend,
@@ -72,8 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         vae_tiling=args.vae_tiling,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
-    for spec in args.embedding:
-        path, token = (spec, None) if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)
+    for path, token in embeddings:
         print(f"embedding: {pipeline.load_textual_inversion(path, token)} from {path}")
     result = pipeline(
         args.prompt,
@@ -85,10 +94,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         batch=args.batch,
-        latents=_load_latents(args.latents),
-        image=None if args.image is None else load_image(args.image),
+        latents=latents,
+        image=image,
         strength=args.strength,
-        mask=None if args.mask is None else load_mask(args.mask),
+        mask=mask,
         clip_skip=args.clip_skip,
         guidance_rescale=args.guidance_rescale,
         progress=_progress("denoising"),

@@ -163,3 +163,15 @@ def test_export_prints_each_models_check(tiny_checkpoint, tmp_path, capsys, monk
     assert main(args) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line
     assert last.startswith("sdengine: error: vae_decoder: the ONNX model's output differs from PyTorch's")
+
+
+def test_generate_reads_its_input_files_before_loading_any_model(tmp_path, capsys):
+    """A bad image, mask or embedding costs no model load: it is refused first (here the model directory
+    does not even exist)."""
+    missing = str(tmp_path / "missing.png")
+    for flag in ("--image", "--mask", "--embedding"):
+        args = ["generate", str(tmp_path / "no-model"), "a cat", flag, missing]
+        args += ["--image", str(tmp_path / "missing-too.png")] if flag == "--mask" else []
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "missing" in err and "no-model" not in err, (flag, err)
