@@ -202,12 +202,8 @@ class TorchPipeline(_CallMixin):
 
     def step_noise(self, request: GenerationRequest) -> np.ndarray:
         """The engine's per-step noise for this request, (calls, B, C, h, w); zeros where none is drawn."""
-        arch = self.model_dir.arch
-        schedule = load_scheduler(request.scheduler, self.model_dir.scheduler_config).schedule(
-            request.steps, strength=request.schedule_strength
-        )
-        shape = (request.batch, arch.latent_channels, request.height // arch.vae_scale_factor)
-        return request.step_noise(schedule, (*shape, request.width // arch.vae_scale_factor))
+        schedule = request.schedule(self.model_dir.scheduler_config)
+        return request.step_noise(schedule, request.latent_shape(self.model_dir.arch))
 
     def image_pipeline(self, class_name: str):
         """diffusers' image-to-image or inpainting pipeline on the same modules (made once each)."""

@@ -47,20 +47,30 @@ def mask_array(mask: MaskInput, height: int, width: int) -> np.ndarray:
     if isinstance(mask, np.ndarray):
         if mask.ndim not in (2, 3):
             raise InvalidArgumentError(f"a mask array must be (H, W) or (B, H, W), got {mask.shape}")
-        array = mask[None] if mask.ndim == 2 else mask
-        array = array.astype(np.float32) / 255 if array.dtype == np.uint8 else array.astype(np.float32)
-        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise InvalidArgumentError("mask values must be in [0, 1] (or uint8)")
+        array = _unit_floats(mask[None] if mask.ndim == 2 else mask, "mask")
         if array.shape[1:] == (height, width):
             return (array >= 0.5).astype(np.float32)
-        mask = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+        mask = to_pil(array)
     _check_kind(mask, "mask")
-    images = [mask] if isinstance(mask, Image.Image) else list(mask)
-    gray = [img.convert("L") for img in images]
-    resized = [
-        g.resize((width, height), Image.Resampling.LANCZOS) if g.size != (width, height) else g for g in gray
-    ]
-    return np.stack([np.asarray(g, dtype=np.float32) / 255 >= 0.5 for g in resized]).astype(np.float32)
+    gray = _resized([mask] if isinstance(mask, Image.Image) else list(mask), "L", height, width)
+    return (gray >= 0.5).astype(np.float32)
+
+
+def _unit_floats(array: np.ndarray, what: str) -> np.ndarray:
+    """An image or mask array as float32 in [0, 1] (uint8 scaled by 1/255), or InvalidArgumentError."""
+    array = array.astype(np.float32) / 255 if array.dtype == np.uint8 else np.asarray(array, dtype=np.float32)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise InvalidArgumentError(f"{what} values must be in [0, 1] (or uint8)")
+    return array
+
+
+def _resized(images: list[Image.Image], mode: str, height: int, width: int) -> np.ndarray:
+    """PIL images in ``mode`` (converted first), Lanczos-resized where their size differs, as diffusers'
+    image processors do: float32 (B, height, width[, channels]) in [0, 1]."""
+    size = (width, height)
+    converted = [img.convert(mode) for img in images]
+    resized = [img if img.size == size else img.resize(size, Image.Resampling.LANCZOS) for img in converted]
+    return np.stack([np.asarray(img) for img in resized]).astype(np.float32) / 255
 
 
 def _check_kind(image: object, what: str = "image") -> None:
@@ -97,23 +107,13 @@ def image_array(image: ImageInput, height: int, width: int) -> np.ndarray:
         array = image[None] if image.ndim == 3 else image
         if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] < 1:
             raise InvalidArgumentError(f"an image array must be (H, W, 3) or (B, H, W, 3), got {image.shape}")
-        if array.dtype == np.uint8:
-            array = array.astype(np.float32) / 255
-        array = np.asarray(array, dtype=np.float32)
-        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise InvalidArgumentError("image values must be in [0, 1] (or uint8)")
+        array = _unit_floats(array, "image")
         if array.shape[1:3] == (height, width):
             return array
-        images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+        images = to_pil(array)
     else:
         images = list(image)
-    resized = [
-        img.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-        if img.size != (width, height)
-        else img.convert("RGB")
-        for img in images
-    ]
-    return np.stack([np.asarray(img, dtype=np.float32) / 255 for img in resized])
+    return _resized(images, "RGB", height, width)
 
 
 def to_unit_range(decoded: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 def _model(root: Path, kind: str) -> dict[str, Any]:
     from sdengine.manifest import Manifest
-    from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir, weights_variant
+    from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir, optional_json, weights_variant
     from sdengine.model_specs import COMPONENTS
 
     model_dir = open_checkpoint_dir(root) if kind == "checkpoint" else open_onnx_dir(root)
@@ -45,7 +45,8 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
         "scheduler": config.get("_class_name"),
         "prediction_type": config.get("prediction_type", "epsilon"),
     }
-    layers = _optional_int(root / "text_encoder" / "config.json", "num_hidden_layers")
+    layers = optional_json(root / "text_encoder" / "config.json").get("num_hidden_layers")
+    layers = layers if isinstance(layers, int) and not isinstance(layers, bool) else None
     if kind == "checkpoint":
         info["weights_variant"] = weights_variant(root / "unet")
         info["clip_skip"] = f"0 to {layers - 1}" if layers else "unknown"
@@ -106,16 +107,6 @@ def format_info(info: dict[str, Any], indent: str = "") -> str:
         else:
             lines.append(f"{indent}{key}: {value}")
     return "\n".join(lines)
-
-
-def _optional_int(path: Path, key: str) -> int | None:
-    import json
-
-    try:
-        value = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, int) else None
 
 
 def _clip_skip(text_encoder: Path, layers: int | None) -> str:

@@ -32,7 +32,8 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _optional_json(path: Path) -> dict[str, Any]:
+def optional_json(path: Path) -> dict[str, Any]:
+    """A config file's object, or {} where the file is absent (a present but broken one is an error)."""
     return read_json(path) if path.is_file() else {}
 
 
@@ -56,10 +57,10 @@ def architecture(root: Path, vae_folder: str) -> tuple[Architecture, float]:
 
     Directories without them (some third-party exports) get SD 1.x defaults.
     """
-    text = _optional_json(root / "text_encoder" / "config.json")
-    unet = _optional_json(root / "unet" / "config.json")
-    vae = _optional_json(root / vae_folder / "config.json")
-    tok = _optional_json(root / "tokenizer" / "tokenizer_config.json")
+    text = optional_json(root / "text_encoder" / "config.json")
+    unet = optional_json(root / "unet" / "config.json")
+    vae = optional_json(root / vae_folder / "config.json")
+    tok = optional_json(root / "tokenizer" / "tokenizer_config.json")
     default = Architecture()
     blocks = vae.get("block_out_channels")
     latent = int(unet.get("out_channels", vae.get("latent_channels", default.latent_channels)))
@@ -107,9 +108,9 @@ def _first(size: int | list[int]) -> int:
 
 def _open(root: Path, vae_folder: str) -> ModelDir:
     arch, scaling = architecture(root, vae_folder)
-    unet = _optional_json(root / "unet" / "config.json")
+    unet = optional_json(root / "unet" / "config.json")
     default_image_size = _first(unet.get("sample_size", 64)) * arch.vae_scale_factor
-    vae = _optional_json(root / vae_folder / "config.json")
+    vae = optional_json(root / vae_folder / "config.json")
     return ModelDir(
         root=root,
         arch=arch,

@@ -16,11 +16,10 @@ from sdengine.backends.base import Backend, DenoisePlan
 from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.denoise import Progress, denoise
-from sdengine.errors import InvalidArgumentError
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
-from sdengine.schedulers import Schedule, load_scheduler
+from sdengine.schedulers import Schedule
 from sdengine.step_graph import Blend, step_tables
 from sdengine.textual_inversion import read_embedding, vector_tokens
 from sdengine.timing import StageTimes
@@ -88,8 +87,6 @@ class _CallMixin:
         before the text encoder's last, for positive and negative prompts alike (diffusers' numbering: 1
         skips the last layer). ``guidance_rescale`` in [0, 1]: rescale the guided prediction towards the
         conditional one's standard deviation (Lin et al. 2023, sec. 3.4), for zero-terminal-SNR models."""
-        if mask is not None and image is None:
-            raise InvalidArgumentError("a mask needs the image it applies to: give an input image too")
         multiple = self.model_dir.arch.vae_scale_factor
         default = (self.model_dir.default_image_size,) * 2
         if image is not None:
@@ -109,7 +106,8 @@ class _CallMixin:
             latents=latents,
             image=None if image is None else image_array(image, height, width),
             strength=strength,
-            mask=None if mask is None else mask_array(mask, height, width),
+            # without an image, make_request refuses the mask before reading it
+            mask=mask if mask is None or image is None else mask_array(mask, height, width),
             clip_skip=clip_skip,
             guidance_rescale=guidance_rescale,
             size_multiple=multiple,
@@ -188,8 +186,7 @@ class Pipeline(_CallMixin):
         """Run ``request``. Safe to call from several threads: generations on one pipeline take turns."""
         times = StageTimes()
         with self._lock, times.time("total"):
-            scheduler = load_scheduler(request.scheduler, self.model_dir.scheduler_config)
-            schedule = scheduler.schedule(request.steps, strength=request.schedule_strength)
+            schedule = request.schedule(self.model_dir.scheduler_config)
             cfg = request.classifier_free_guidance
             with times.time("tokenize"):
                 ids = self.tokenizer(
@@ -240,17 +237,23 @@ class Pipeline(_CallMixin):
         if not request.image_to_image:
             return noise * np.float32(schedule.init_noise_sigma), {}
         with times.time("vae_encode"):
-            image_latents = None
+            pixels, image_latents = request.pixels(), None
             if not request.starts_from_noise or (request.inpainting and not arch.inpainting_unet):
-                image_latents = self.encode(request.pixels(), request.batch, request.encoder_noise)
-            inpainting = self.inpainting_inputs(request, noise, image_latents) if request.inpainting else {}
+                image_latents = self.encode(pixels, request.batch, request.encoder_noise)
+            inpainting = (
+                self.inpainting_inputs(request, pixels, noise, image_latents) if request.inpainting else {}
+            )
         if request.starts_from_noise:
             return noise * np.float32(schedule.init_noise_sigma), inpainting
         image_scale, noise_scale = schedule.image_noise
         return (image_scale * image_latents + noise_scale * noise).astype(np.float32), inpainting
 
     def inpainting_inputs(
-        self, request: GenerationRequest, noise: np.ndarray, image_latents: np.ndarray | None
+        self,
+        request: GenerationRequest,
+        pixels: np.ndarray,
+        noise: np.ndarray,
+        image_latents: np.ndarray | None,
     ) -> dict[str, Any]:
         """The step's inpainting inputs. An inpainting UNet gets the mask and the masked image's latents
         beside the latents in every call; a plain UNet's result is blended, after every step, with the image
@@ -262,7 +265,7 @@ class Pipeline(_CallMixin):
         if not self.model_dir.arch.inpainting_unet:
             assert image_latents is not None
             return {"blend": Blend(latent_mask, image_latents, noise)}
-        masked = self.encode(request.pixels() * (mask < 0.5), request.batch, request.masked_encoder_noise)
+        masked = self.encode(pixels * (mask < 0.5), request.batch, request.masked_encoder_noise)
         conditioning = np.concatenate([latent_mask, masked], axis=1)
         copies = 2 if request.classifier_free_guidance else 1
         return {"unet_conditioning": np.concatenate([conditioning] * copies)}

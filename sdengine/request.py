@@ -12,7 +12,7 @@ import numpy as np
 
 from sdengine.errors import InvalidArgumentError
 from sdengine.model_specs import Architecture
-from sdengine.schedulers import Schedule
+from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.schedulers.base import img2img_start
 
 DEFAULT_STEPS = 50
@@ -82,14 +82,19 @@ class GenerationRequest:
         keys = [seed if stream == 0 else [seed, stream] for seed in self.seeds]
         return np.stack([np.random.default_rng(k).standard_normal(shape, dtype=np.float32) for k in keys])
 
+    def schedule(self, scheduler_config: dict[str, Any]) -> Schedule:
+        """This request's schedule for a checkpoint's scheduler config (shortened by image to image)."""
+        scheduler = load_scheduler(self.scheduler, scheduler_config)
+        return scheduler.schedule(self.steps, strength=self.schedule_strength)
+
+    def latent_shape(self, arch: Architecture) -> tuple[int, int, int, int]:
+        """(B, C, h, w) of this request's latents."""
+        factor = arch.vae_scale_factor
+        return (self.batch, arch.latent_channels, self.height // factor, self.width // factor)
+
     def initial_latents(self, arch: Architecture) -> np.ndarray:
         """Unit-variance initial latents: the caller's, or drawn from the seeds (alike on every backend)."""
-        shape = (
-            self.batch,
-            arch.latent_channels,
-            self.height // arch.vae_scale_factor,
-            self.width // arch.vae_scale_factor,
-        )
+        shape = self.latent_shape(arch)
         if self.latents is None:
             return self._draw(0, shape[1:])
         if tuple(self.latents.shape) != shape:
@@ -113,15 +118,16 @@ class GenerationRequest:
 
     def encoder_noise(self, shape: tuple[int, ...]) -> np.ndarray:
         """The unit noise (B, C, h, w) that samples the image's latent distribution."""
-        if shape[0] != self.batch:
-            raise ValueError(f"encoder noise for {shape[0]} images, the batch has {self.batch}")
-        return self._draw(2, shape[1:])
+        return self._batch_draw(2, shape)
 
     def masked_encoder_noise(self, shape: tuple[int, ...]) -> np.ndarray:
         """The unit noise (B, C, h, w) that samples the masked image's latent distribution (inpainting)."""
+        return self._batch_draw(3, shape)
+
+    def _batch_draw(self, stream: int, shape: tuple[int, ...]) -> np.ndarray:
         if shape[0] != self.batch:
             raise ValueError(f"encoder noise for {shape[0]} images, the batch has {self.batch}")
-        return self._draw(3, shape[1:])
+        return self._draw(stream, shape[1:])
 
     def step_noise(self, schedule: Schedule, shape: tuple[int, ...]) -> np.ndarray:
         """Per-step noise (S, B, C, h, w) for stochastic schedulers (ancestral, LCM), drawn up front; zeros
