@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import onnx
+from onnx import helper
 
 from sdengine.errors import InvalidArgumentError
-from sdengine.step_graph import StepTables
+from sdengine.step_graph import StepTables, build_step_model
 from sdengine.timing import StageTimes
 
 
@@ -64,6 +66,27 @@ class GraphKey:
     def copies(self) -> int:
         """UNet batch multiplier: 2 with classifier-free guidance."""
         return 2 if self.guidance else 1
+
+    def step_model(
+        self, timestep: tuple[tuple[int, ...], type], unet_io_dtypes: tuple[type, type]
+    ) -> onnx.ModelProto:
+        """The step model for these shapes, exchanging the UNet's timestep as it declares it (shape, dtype)
+        and its (sample, noise) dtypes: what every backend builds, each in its own runtime."""
+        tensor_type = lambda dtype: helper.np_dtype_to_tensor_dtype(np.dtype(dtype))  # noqa: E731
+        (t_shape, t_dtype), (sample_dtype, noise_dtype) = timestep, unet_io_dtypes
+        return build_step_model(
+            batch=self.batch,
+            latent_shape=(self.latent_channels, self.latent_height, self.latent_width),
+            num_calls=self.num_calls,
+            guidance=self.guidance,
+            timestep_shape=t_shape,
+            timestep_dtype=tensor_type(t_dtype),
+            unet_sample_dtype=tensor_type(sample_dtype),
+            unet_output_dtype=tensor_type(noise_dtype),
+            blend=self.blend,
+            conditioning_channels=self.conditioning_channels,
+            rescale=self.rescale,
+        )
 
 
 class Denoiser(Protocol):

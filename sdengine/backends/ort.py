@@ -30,7 +30,6 @@ from sdengine.model_specs import (
 from sdengine.step_graph import (
     MAX_HISTORY,
     STEP_OUTPUTS,
-    build_step_model,
     first_timestep,
     first_unet_inputs,
     timestep_shape,
@@ -166,22 +165,7 @@ class OrtBackend:
         """The step model for this plan's shapes, built and loaded once per shape."""
         key = GraphKey.of(plan)
         if key not in self._step_sessions:
-            t_shape, t_dtype = self.timestep_format(key.copies * key.batch)
-            sample_dtype, noise_dtype = self.unet_io_dtypes()
-            tensor_type = lambda dtype: helper.np_dtype_to_tensor_dtype(np.dtype(dtype))  # noqa: E731
-            model = build_step_model(
-                batch=key.batch,
-                latent_shape=plan.latents.shape[1:],
-                num_calls=key.num_calls,
-                guidance=key.guidance,
-                timestep_shape=t_shape,
-                timestep_dtype=tensor_type(t_dtype),
-                unet_sample_dtype=tensor_type(sample_dtype),
-                unet_output_dtype=tensor_type(noise_dtype),
-                blend=key.blend,
-                conditioning_channels=key.conditioning_channels,
-                rescale=key.rescale,
-            )
+            model = key.step_model(self.timestep_format(key.copies * key.batch), self.unet_io_dtypes())
             self._step_sessions[key] = ort.InferenceSession(
                 model.SerializeToString(), self.step_session_options, providers=self.step_providers
             )

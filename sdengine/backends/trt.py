@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx import helper
 
 from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers
 from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
@@ -46,7 +45,6 @@ from sdengine.model_specs import LAYER_STATES, TEXT_ENCODER, UNET, VAE_DECODER, 
 from sdengine.step_graph import (
     MAX_HISTORY,
     STEP_OUTPUTS,
-    build_step_model,
     first_timestep,
     first_unet_inputs,
     timestep_shape,
@@ -217,25 +215,11 @@ class TrtBackend:
         unet = self.engines[UNET]
         return unet.dtype("sample"), unet.dtype(unet.outputs[0])
 
-    def step_engine(self, key: GraphKey, plan: DenoisePlan) -> Engine:
+    def step_engine(self, key: GraphKey) -> Engine:
         """The step model for ``key`` as a static engine, built once and cached in the engine directory."""
         from export.trt_build import build_serialized_engine  # the builder, only when an engine is missing
 
-        t_shape, t_dtype = self.timestep_format(key.copies * key.batch)
-        sample_dtype, noise_dtype = self.unet_io_dtypes()
-        model = build_step_model(
-            batch=key.batch,
-            latent_shape=plan.latents.shape[1:],
-            num_calls=key.num_calls,
-            guidance=key.guidance,
-            timestep_shape=t_shape,
-            timestep_dtype=helper.np_dtype_to_tensor_dtype(t_dtype),
-            unet_sample_dtype=helper.np_dtype_to_tensor_dtype(sample_dtype),
-            unet_output_dtype=helper.np_dtype_to_tensor_dtype(noise_dtype),
-            blend=key.blend,
-            conditioning_channels=key.conditioning_channels,
-            rescale=key.rescale,
-        )
+        model = key.step_model(self.timestep_format(key.copies * key.batch), self.unet_io_dtypes())
         data = model.SerializeToString()
         built_for = f"{self.env.trt_version} sm{self.env.compute_capability}".encode()
         digest = hashlib.sha256(data + built_for).hexdigest()[:16]
@@ -317,7 +301,7 @@ class GraphSteps:
         self.backend, self.stream = backend, backend.stream
         # a context of its own for the UNet and for each graph's step: bound once, never changed under a graph
         unet = backend.engines[UNET].with_own_context()
-        step = backend.step_engine(key, plan)
+        step = backend.step_engine(key)
         steps = (step, step.with_own_context())
         backend.shared_memory([unet, *steps])
         self.engines = (unet, *steps)  # kept alive as long as the graphs that run them
