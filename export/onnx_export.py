@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import onnx
@@ -27,12 +27,15 @@ import psutil
 import sdengine
 from export.checkpoint import checkpoint_hash
 from export.fp16 import convert_to_fp16
+from export.lora_fuse import fuse_loras
 from export.verify import Verification, verify_component
+from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
 from sdengine.errors import ExportVerificationError, InvalidArgumentError
+from sdengine.lora import LoraFile, read_lora
 from sdengine.manifest import MANIFEST_NAME, ComponentRecord, Manifest, file_sha256
 from sdengine.model_dir import open_checkpoint_dir
-from sdengine.model_specs import COMPONENTS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, ModelSpec
+from sdengine.model_specs import COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelSpec
 
 PRECISIONS = ("fp32", "fp16")
 MIN_OPSET = 17
@@ -127,10 +130,19 @@ def _save(model: onnx.ModelProto, path: Path, threshold: int = TWO_GB) -> str | 
 
 
 def export_component(
-    checkpoint: Path, name: str, out_dir: Path, *, precision: str, opset: int, verify: bool = True
+    checkpoint: Path,
+    name: str,
+    out_dir: Path,
+    *,
+    precision: str,
+    opset: int,
+    verify: bool = True,
+    loras: Sequence[tuple[LoraFile, float]] = (),
 ) -> ComponentRecord:
     """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result.
-    ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises)."""
+    ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises).
+    ``loras``: (LoRA, scale) pairs fused into the component first. The UNet's and text encoder's layer
+    weights are named after their layers (``export.weight_names``), so LoRA can be fused at run time too."""
     model_dir = open_checkpoint_dir(checkpoint)
     spec = model_dir.arch.specs()[name]
     scale = model_dir.arch.vae_scale_factor
@@ -140,11 +152,14 @@ def export_component(
     target = out_dir / name / "model.onnx"
     start = time.perf_counter()
     module = load_export_module(checkpoint, name)
+    fuse_loras(module, name, loras)
     with _PeakRss() as rss, tempfile.TemporaryDirectory(prefix=f"sdengine-{name}-", dir=out_dir) as tmp:
         traced = Path(tmp) / "model.onnx"
         _trace(module, spec, inputs, traced, opset)
         onnx.shape_inference.infer_shapes_path(str(traced), str(traced))
         model = onnx.load(str(traced))
+        if name in (UNET, TEXT_ENCODER):
+            name_weights(model, module)
         if precision == "fp16":
             model = convert_to_fp16(model)
         for stale in (target, target.with_name(target.name + ".data")):
@@ -194,12 +209,14 @@ def export_checkpoint(
     components: Iterable[str] = COMPONENTS,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
     verify: bool = True,
+    loras: Sequence[tuple[str | os.PathLike, float]] = (),
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
 
     ``verify`` (the default) checks each model's outputs against its PyTorch module's (``export.verify``).
     A model that fails the check does not stop the export: every model is written and the manifest records
-    each check, then ExportVerificationError names the first failure. The files stay for inspection."""
+    each check, then ExportVerificationError names the first failure. The files stay for inspection.
+    ``loras``: (LoRA file, scale) pairs fused into the UNet and text encoder before they are exported."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if opset < MIN_OPSET:
@@ -211,6 +228,7 @@ def export_checkpoint(
             f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
         )
     source = open_checkpoint_dir(checkpoint).root
+    lora_files = [(read_lora(path), float(scale)) for path, scale in loras]
     out_dir = Path(output)
     if out_dir.resolve() == source.resolve():
         raise InvalidArgumentError("--output must differ from the checkpoint directory")
@@ -218,7 +236,7 @@ def export_checkpoint(
     records = {}
     for name in progress(components) if progress else components:
         records[name] = export_component(
-            source, name, out_dir, precision=precision, opset=opset, verify=verify
+            source, name, out_dir, precision=precision, opset=opset, verify=verify, loras=lora_files
         )
     _copy_side_files(source, out_dir)
     manifest = Manifest(
@@ -228,6 +246,9 @@ def export_checkpoint(
         opset=opset,
         tool_versions=tool_versions(),
         components=records,
+        loras=[
+            {"file": str(f.path.resolve()), "sha256": file_sha256(f.path), "scale": s} for f, s in lora_files
+        ],
     )
     manifest.write(out_dir)
     failed = [

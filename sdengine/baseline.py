@@ -23,7 +23,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdengine.denoise import Progress
-from sdengine.errors import UnsupportedConfigError
+from sdengine.errors import BackendUnavailableError, UnsupportedConfigError
 from sdengine.images import to_unit_range
 from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
 from sdengine.pipeline import GenerationResult, _CallMixin
@@ -74,6 +74,7 @@ class TorchPipeline(_CallMixin):
         self.pipe = pipe
         self.device = device
         self._image_pipelines: dict[str, Any] = {}
+        self._loras = 0  # LoRAs fused so far (each is loaded under its own adapter name)
 
     @classmethod
     def load(
@@ -173,6 +174,24 @@ class TorchPipeline(_CallMixin):
         token = read_embedding(path, token)[0]  # the same checks and token name as the engine
         self.pipe.load_textual_inversion(str(path), token=token)
         return token
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int:
+        """diffusers' ``load_lora_weights`` then ``fuse_lora(lora_scale=scale)`` (which needs peft)."""
+        from sdengine.lora import read_lora
+
+        layers = len(read_lora(path).layers)  # the same checks as the engine
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise BackendUnavailableError(
+                "LoRA on the torch backend needs peft (pip install peft), which diffusers loads LoRA with"
+            ) from None
+        name = f"sdengine_{self._loras}"
+        self.pipe.load_lora_weights(str(path), adapter_name=name)
+        self.pipe.fuse_lora(lora_scale=scale, adapter_names=[name])
+        self.pipe.unload_lora_weights()  # the fused weights stay
+        self._loras += 1
+        return layers
 
     def embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """Prompt embeddings with ``clip_skip``, made as diffusers' ``encode_prompt`` makes them (the hidden

@@ -60,6 +60,7 @@ def format_times(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdengine.images import load_image, load_mask, output_paths, save_png
+    from sdengine.lora import parse_lora_arg, read_lora
     from sdengine.pipeline import Pipeline
     from sdengine.textual_inversion import read_embedding
 
@@ -72,6 +73,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path, token = (spec, None) if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)
         read_embedding(path, token)
         embeddings.append((path, token))
+    loras = [parse_lora_arg(spec) for spec in args.lora]
+    for path, _ in loras:
+        read_lora(path)
     pipeline = Pipeline.load(
         args.model_dir,
         backend=args.backend,
@@ -82,8 +86,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         vae_tiling=args.vae_tiling,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
+    embeddings = [(path, pipeline.load_textual_inversion(path, token)) for path, token in embeddings]
     for path, token in embeddings:
-        print(f"embedding: {pipeline.load_textual_inversion(path, token)} from {path}")
+        print(f"embedding: {token} from {path}")
+    for path, scale in loras:
+        print(f"lora: {pipeline.load_lora(path, scale)} layers from {path} at scale {scale:g}")
     result = pipeline(
         args.prompt,
         args.negative_prompt,
@@ -103,6 +110,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         progress=_progress("denoising"),
     )
     where = {"backend": result.backend, "model": str(Path(args.model_dir))}
+    if loras:
+        where["loras"] = [{"file": Path(path).name, "scale": scale} for path, scale in loras]
+    if embeddings:
+        where["embeddings"] = [{"file": Path(path).name, "token": token} for path, token in embeddings]
     paths = output_paths(args.output, len(result.images))
     for i, (image, path) in enumerate(zip(result.images, paths, strict=True)):
         seed = result.request.seeds[i]
@@ -120,6 +131,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         ) from None
     from tqdm import tqdm
 
+    from sdengine.lora import parse_lora_arg
+
     manifest = export_checkpoint(
         args.checkpoint,
         args.output,
@@ -128,6 +141,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         components=args.components.split(",") if args.components else COMPONENTS,
         progress=lambda names: tqdm(names, desc="exporting", unit="model", file=sys.stderr),
         verify=args.verify,
+        loras=[parse_lora_arg(spec) for spec in args.lora],
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -273,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="textual inversion embedding (.safetensors) to use as TOKEN in prompts (default: its own name)",
     )
     g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="LoRA (.safetensors; diffusers', PEFT's or kohya's layout) fused into the UNet and text encoder "
+        "at SCALE (default 1); repeatable. ONNX Runtime and torch backends",
+    )
+    g.add_argument(
         "--guidance-rescale",
         type=float,
         default=0.0,
@@ -320,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="verify",
         action="store_false",
         help="skip checking each model's outputs against its PyTorch module's",
+    )
+    e.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="LoRA (.safetensors) fused into the UNet and text encoder before export, at SCALE (default 1); "
+        "repeatable. For TensorRT engines, which hold their weights",
     )
     e.set_defaults(func=cmd_export)
 

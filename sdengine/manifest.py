@@ -50,6 +50,8 @@ class Manifest:
     tool_versions: dict[str, str]
     components: dict[str, ComponentRecord] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
+    #: LoRA files fused into the weights at export ({file, sha256, scale} each)
+    loras: list[dict[str, Any]] = field(default_factory=list)
 
     def write(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST_NAME

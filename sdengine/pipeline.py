@@ -17,6 +17,7 @@ from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.denoise import Progress, denoise
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
+from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
 from sdengine.schedulers import Schedule
@@ -51,6 +52,8 @@ class ImageGenerator(Protocol):
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult: ...
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str: ...
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int: ...
 
 
 class _CallMixin:
@@ -132,6 +135,7 @@ class Pipeline(_CallMixin):
         self.vae_tiling = vae_tiling
         # one generation at a time: a backend's per-shape buffers, stream and graphs serve every run
         self._lock = threading.Lock()
+        self._loras: list[tuple[LoraFile, float]] = []  # fused into the backend's weights, in load order
 
     @classmethod
     def load(
@@ -222,6 +226,32 @@ class Pipeline(_CallMixin):
             if self.tokenizer.add_tokens(tokens) != ids:  # pragma: no cover - tokenizers assigns ids in order
                 raise AssertionError("the tokenizer gave the new tokens other ids than expected")
             return token
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int:
+        """Fuse a LoRA (a safetensors file in diffusers', PEFT's or kohya's layout) into the UNet and text
+        encoder with weight ``scale``, on top of those loaded before, as diffusers' ``load_lora_weights``
+        then ``fuse_lora(lora_scale=scale)`` does. The model files are left alone: the fused weights are
+        computed from them and replace theirs in the reopened sessions. Returns how many layers it updates.
+        ONNX Runtime only: a TensorRT engine holds its weights (``sdengine export --lora`` fuses them
+        there)."""
+        with self._lock:
+            lora = read_lora(path)
+            self._set_loras([*self._loras, (lora, float(scale))])
+            return len(lora.layers)
+
+    def unload_loras(self) -> None:
+        """Back to the model files' own weights."""
+        with self._lock:
+            self._set_loras([])
+
+    def _set_loras(self, loras: list[tuple[LoraFile, float]]) -> None:
+        """Every component any LoRA (then or now) updates gets the fusion of all of ``loras`` from its file's
+        weights, so loading one after another never compounds rounding, and unloading restores the file's."""
+        for component in sorted({c for lora, _ in [*self._loras, *loras] for c in lora.components()}):
+            path = self.model_dir.onnx_path(component)  # none in an engine directory, whose backend refuses
+            weights = fused_weights(path, component, loras) if loras and path.is_file() else {}
+            self.backend.set_weights(component, weights)
+        self._loras = loras
 
     def initial_latents(
         self, request: GenerationRequest, schedule: Schedule, times: StageTimes

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
 
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 
@@ -68,15 +68,20 @@ def vector_tokens(token: str, count: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, count)]
 
 
-def with_token_rows(model: onnx.ModelProto, rows: dict[int, np.ndarray]) -> onnx.ModelProto:
-    """A text encoder whose token-embedding table (the largest 2-D initializer a Gather reads) holds
-    ``rows`` at their ids, grown where an id lies past its end; the model is changed in place."""
+def grown_token_table(
+    model: onnx.ModelProto, folder: str, rows: dict[int, np.ndarray]
+) -> tuple[str, np.ndarray]:
+    """The text encoder's token-embedding table (the largest 2-D initializer a Gather reads; its data read
+    from ``folder`` where it is stored outside the model) with ``rows`` at their ids, grown where an id lies
+    past its end: (initializer name, table)."""
     initializers = {t.name: t for t in model.graph.initializer}
     gathered = [initializers.get(node.input[0]) for node in model.graph.node if node.op_type == "Gather"]
     tables = [t for t in gathered if t is not None and len(t.dims) == 2]
     if not tables:
         raise UnsupportedConfigError("the text encoder has no token-embedding table to add tokens to")
     table_proto = max(tables, key=lambda t: t.dims[0])
+    if external_data_helper.uses_external_data(table_proto):
+        external_data_helper.load_external_data_for_tensor(table_proto, folder)
     table = numpy_helper.to_array(table_proto)
     size = max(table.shape[0], max(rows) + 1)
     grown = np.zeros((size, table.shape[1]), table.dtype)
@@ -87,5 +92,4 @@ def with_token_rows(model: onnx.ModelProto, rows: dict[int, np.ndarray]) -> onnx
                 f"an embedding vector of size {vector.shape[-1]} for a text encoder of width {table.shape[1]}"
             )
         grown[token_id] = vector.astype(table.dtype)
-    table_proto.CopyFrom(numpy_helper.from_array(grown, table_proto.name))
-    return model
+    return table_proto.name, grown

@@ -118,6 +118,12 @@ class Backend(Protocol):
         growing it where an id lies past its end. UnsupportedConfigError where the weights are fixed."""
         ...
 
+    def set_weights(self, component: str, weights: dict[str, np.ndarray]) -> None:
+        """LoRA: run ``component`` with these initializers (name -> array, see ``sdengine.lora``) in place of
+        its model file's; an empty dict restores the file's. UnsupportedConfigError where the weights are
+        fixed."""
+        ...
+
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """The VAE encoder (image to image): images (B, 3, H, W) in [-1, 1] -> the latent distribution's
         parameters (B, 2 * latent channels, H / 8, W / 8), means then log-variances, float32."""

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers
 from sdengine.backends.ort_cache import optimized_model
-from sdengine.errors import CorruptModelError, ModelDirectoryError
+from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import (
     LAYER_STATES,
@@ -34,7 +35,7 @@ from sdengine.step_graph import (
     first_unet_inputs,
     timestep_shape,
 )
-from sdengine.textual_inversion import with_token_rows
+from sdengine.textual_inversion import grown_token_table
 from sdengine.timing import StageTimes
 
 
@@ -78,12 +79,48 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def open_session(
-    path: str, spec: ModelSpec, providers: Sequence[str], options: ort.SessionOptions
-) -> ort.InferenceSession:
-    """A session for ``path``, checked against ``spec``; unreadable or foreign models: CorruptModelError."""
+#: ONNX Runtime's session option for where a model given as bytes finds its external-data file.
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
+def model_with_initializers(path: str | os.PathLike, replaced: dict[str, np.ndarray]) -> tuple[bytes, bool]:
+    """The model at ``path`` with these initializers (name -> array) in place of its own, serialised, and
+    whether its other weights stay in its external-data file. Replaced in the model itself, not with
+    ONNX Runtime's initializer overrides: those apply after graph optimisation, which may already have
+    folded the file's values into fused weights (as its fp16 CPU fusions do)."""
+    model = onnx.load(str(path), load_external_data=False)
+    external = False
+    for tensor in model.graph.initializer:
+        if tensor.name in replaced:
+            tensor.CopyFrom(numpy_helper.from_array(replaced[tensor.name], tensor.name))
+        else:
+            external |= external_data_helper.uses_external_data(tensor)
     try:
-        session = ort.InferenceSession(path, sess_options=options, providers=list(providers))
+        return model.SerializeToString(), external
+    except ValueError:  # protobuf's 2 GB limit
+        raise UnsupportedConfigError(
+            f"{path}: with its replaced weights inside, the model passes protobuf's 2 GB limit; fuse the "
+            "LoRA at export instead (sdengine export --lora)"
+        ) from None
+
+
+def open_session(
+    path: str,
+    spec: ModelSpec,
+    providers: Sequence[str],
+    options: ort.SessionOptions,
+    replaced: dict[str, np.ndarray] | None = None,
+) -> ort.InferenceSession:
+    """A session for ``path``, checked against ``spec``; unreadable or foreign models: CorruptModelError.
+    ``replaced``: initializers (name -> array) to run with in place of the file's; then ``options`` must be
+    the session's own (it gets the external-data folder)."""
+    try:
+        source: str | bytes = path
+        if replaced:
+            source, external = model_with_initializers(path, replaced)
+            if external:
+                options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(path).parent))
+        session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
     except Exception as exc:  # ORT raises its own exception types, not importable by a stable name
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CorruptModelError(f"cannot load {path}: {reason[:300]}") from None
@@ -119,6 +156,8 @@ class OrtBackend:
         self.threads, self.optimized_cache = threads, optimized_cache
         self.options = session_options(threads)
         self.specs = model_dir.arch.specs()
+        self._weights: dict[str, dict[str, np.ndarray]] = {}  # LoRA-fused weights, by component
+        self._token_rows: dict[int, np.ndarray] = {}  # textual inversion rows, by token id
         self.sessions = {c: self._open(c) for c in preload}
         self._inputs = {
             c: session_inputs(self.sessions[c])
@@ -129,7 +168,6 @@ class OrtBackend:
         self.step_providers = self.providers
         self.step_session_options = self.options
         self._step_sessions: dict[GraphKey, ort.InferenceSession] = {}
-        self._token_rows: dict[int, np.ndarray] = {}  # textual inversion rows, by token id
 
     def _open(self, component: str) -> ort.InferenceSession:
         path, spec = self.model_dir.onnx_path(component), self.specs[component]
@@ -138,10 +176,39 @@ class OrtBackend:
                 f"{self.model_dir.root} has no {component} model, which image to image needs; export it "
                 "(sdengine export writes every component unless --components says otherwise)"
             )
-        if self.optimized_cache and all(p == "CPUExecutionProvider" for p in self.providers):
+        cpu_only = all(p == "CPUExecutionProvider" for p in self.providers)
+        replaced = self.replaced_weights(component)
+        if self.optimized_cache and cpu_only and not replaced:
             opener = lambda p, o: open_session(p, spec, self.providers, o)  # noqa: E731
             return optimized_model(path, lambda: session_options(self.threads), opener)
-        return open_session(str(path), spec, self.providers, self.options)
+        options = session_options(self.threads) if replaced else self.options  # see open_session
+        return open_session(str(path), spec, self.providers, options, replaced)
+
+    def replaced_weights(self, component: str) -> dict[str, np.ndarray]:
+        """The initializers ``component`` runs with in place of its file's: LoRA's fused weights
+        (:meth:`set_weights`) and, for the text encoder, the token table with textual inversion's rows."""
+        replaced = dict(self._weights.get(component, {}))
+        if component == TEXT_ENCODER and self._token_rows:
+            path = self.model_dir.onnx_path(TEXT_ENCODER)
+            model = onnx.load(str(path), load_external_data=False)
+            name, table = grown_token_table(model, str(path.parent), self._token_rows)
+            replaced[name] = table
+        return replaced
+
+    def set_weights(self, component: str, weights: dict[str, np.ndarray]) -> None:
+        """LoRA: run ``component`` with these initializers (name -> array) in place of its file's, and its
+        file's own for the rest; an empty dict restores the file's. Reopens its session."""
+        previous = self._weights.get(component, {})
+        self._weights[component] = dict(weights)
+        try:
+            self._reopen(component)
+        except BaseException:
+            self._weights[component] = previous
+            raise
+
+    def _reopen(self, component: str) -> None:
+        if component in self.sessions:
+            self.sessions[component] = self._open(component)
 
     def _run(self, component: str, output: str | None = None, **arrays: np.ndarray) -> np.ndarray:
         """One model run on host arrays: its first output (or ``output``), as float32."""
@@ -183,10 +250,13 @@ class OrtBackend:
 
     def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
         """The text encoder's session again, from its model with every row given so far."""
-        model = onnx.load(str(self.model_dir.onnx_path(TEXT_ENCODER)))
-        data = with_token_rows(model, {**self._token_rows, **rows}).SerializeToString()
-        self.sessions[TEXT_ENCODER] = ort.InferenceSession(data, self.options, providers=self.providers)
-        self._token_rows.update(rows)
+        previous = self._token_rows
+        self._token_rows = {**previous, **rows}
+        try:
+            self._reopen(TEXT_ENCODER)
+        except BaseException:
+            self._token_rows = previous
+            raise
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if VAE_ENCODER not in self.sessions:  # opened on first use: text to image never needs it

@@ -256,12 +256,20 @@ class OrtCudaBackend(OrtBackend):
             spec = self.model_dir.arch.specs()[UNET]
             path = str(self.model_dir.onnx_path(UNET))
             providers = self._providers(ort_graphs=self.graph_mode == "ort", cuda_only=self._cuda_only)
-            session = open_session(path, spec, providers, options)
+            session = open_session(path, spec, providers, options, self.replaced_weights(UNET))
             if self.device == "cuda":
                 require_provider(session, self.providers[0][0], UNET)
             self._unet_sessions[key] = session
             self._unet_graph_ids[key] = itertools.count(1)
         return self._unet_sessions[key], next(self._unet_graph_ids[key])
+
+    def _reopen(self, component: str) -> None:
+        """As the host backend; the UNet's sessions, which are opened per shape, are dropped to reopen."""
+        if component == UNET:
+            for key in list(self._unet_sessions):
+                self._drop_unet_session(key)
+        else:
+            super()._reopen(component)
 
     def _drop_unet_session(self, key: tuple) -> None:
         """Free a UNet session and everything that runs it: its denoisers, their graphs and step sessions."""

@@ -275,6 +275,12 @@ class TrtBackend:
             "textual inversion needs the ONNX Runtime backend: a TensorRT engine holds its weights"
         )
 
+    def set_weights(self, component: str, weights: dict[str, np.ndarray]) -> None:
+        raise UnsupportedConfigError(
+            "LoRA at run time needs the ONNX Runtime backend: a TensorRT engine holds its weights; fuse the "
+            "LoRA at export (sdengine export --lora FILE[:SCALE]) and build the engines from that export"
+        )
+
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if VAE_ENCODER not in self.engines:  # loaded on first use: text to image never needs it
             plan = resolve_engine(self.engine_dir, VAE_ENCODER, self.model_dir.root, env=self.env)
