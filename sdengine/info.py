@@ -53,6 +53,7 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
         return info
     info["models"] = {c: model_dir.onnx_path(c).is_file() for c in COMPONENTS}
     info["clip_skip"] = _clip_skip(model_dir.onnx_path("text_encoder"), layers)
+    info["lora_at_run_time"] = _lora(model_dir.onnx_path("unet"))
     manifest = Manifest.read(root)
     if manifest is not None:
         info["manifest"] = {
@@ -61,6 +62,8 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
             "source_checkpoint": manifest.source_checkpoint,
             "tool_versions": manifest.tool_versions,
             "size_mb": {n: round(r.size_bytes / 1e6, 1) for n, r in manifest.components.items()},
+            "loras_fused": ", ".join(f"{Path(x['file']).name} at {x['scale']:g}" for x in manifest.loras)
+            or "none",
         }
     return info
 
@@ -122,3 +125,18 @@ def _clip_skip(text_encoder: Path, layers: int | None) -> str:
     if LAYER_STATES not in outputs:
         return "0 only (its text encoder gives only its last layer; export again for more)"
     return f"0 to {layers - 1}" if layers else "0 and up"
+
+
+def _lora(unet: Path) -> str:
+    """Whether an export's UNet names its layer weights, which fusing a LoRA at run time needs."""
+    import onnx
+
+    from sdengine.lora import named_weights
+
+    try:
+        named = named_weights(onnx.load(str(unet), load_external_data=False))
+    except Exception:  # an unreadable model: the run itself will say so
+        return "unknown"
+    if not named:
+        return "no (its weights carry no layer names; export again)"
+    return "yes (ONNX Runtime backends)"

@@ -247,11 +247,22 @@ class Pipeline(_CallMixin):
     def _set_loras(self, loras: list[tuple[LoraFile, float]]) -> None:
         """Every component any LoRA (then or now) updates gets the fusion of all of ``loras`` from its file's
         weights, so loading one after another never compounds rounding, and unloading restores the file's."""
-        for component in sorted({c for lora, _ in [*self._loras, *loras] for c in lora.components()}):
-            path = self.model_dir.onnx_path(component)  # none in an engine directory, whose backend refuses
-            weights = fused_weights(path, component, loras) if loras and path.is_file() else {}
-            self.backend.set_weights(component, weights)
+        components = sorted({c for lora, _ in [*self._loras, *loras] for c in lora.components()})
+        weights = {c: self._fused(c, loras) for c in components}  # a bad file stops here, before any change
+        done = []
+        try:
+            for component in components:
+                self.backend.set_weights(component, weights[component])
+                done.append(component)
+        except BaseException:
+            for component in done:  # back to what the others still run with
+                self.backend.set_weights(component, self._fused(component, self._loras))
+            raise
         self._loras = loras
+
+    def _fused(self, component: str, loras: list[tuple[LoraFile, float]]) -> dict[str, np.ndarray]:
+        path = self.model_dir.onnx_path(component)  # none in an engine directory, whose backend refuses
+        return fused_weights(path, component, loras) if loras and path.is_file() else {}
 
     def initial_latents(
         self, request: GenerationRequest, schedule: Schedule, times: StageTimes

@@ -114,12 +114,12 @@ def open_session(
     """A session for ``path``, checked against ``spec``; unreadable or foreign models: CorruptModelError.
     ``replaced``: initializers (name -> array) to run with in place of the file's; then ``options`` must be
     the session's own (it gets the external-data folder)."""
+    source: str | bytes = path
+    if replaced:
+        source, external = model_with_initializers(path, replaced)
+        if external:
+            options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(path).parent))
     try:
-        source: str | bytes = path
-        if replaced:
-            source, external = model_with_initializers(path, replaced)
-            if external:
-                options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(path).parent))
         session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
     except Exception as exc:  # ORT raises its own exception types, not importable by a stable name
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
