@@ -347,3 +347,64 @@ def test_parse_lora_arg(tmp_path):
     odd = tmp_path / "a:0.5"
     odd.write_bytes(b"")
     assert parse_lora_arg(str(odd)) == (str(odd), 1.0)  # a file of that name exists: taken whole
+
+
+def test_a_model_that_fails_to_open_undoes_the_whole_lora(onnx_fp32, loras, without_lora, monkeypatch):
+    """The text encoder takes the LoRA, then the UNet's session refuses it (as one over 2 GB would): both
+    go back to what they ran before, and the pipeline goes on."""
+    from sdengine.backends import ort as ort_backend
+
+    def too_big(path, replaced):
+        if "unet" in str(path):
+            raise UnsupportedConfigError(f"{path}: with its replaced weights inside, too big")
+        return real(path, replaced)
+
+    real = ort_backend.model_with_initializers
+    pipe = ours(onnx_fp32)
+    monkeypatch.setattr(ort_backend, "model_with_initializers", too_big)
+    with pytest.raises(UnsupportedConfigError, match="too big"):
+        pipe.load_lora(loras / "diffusers.safetensors")
+    np.testing.assert_array_equal(pipe(PROMPT, NEGATIVE, **SETTINGS).array, without_lora)
+
+
+def test_name_weights_finds_each_layer_and_skips_twins(tmp_path):
+    """Each Linear and Conv2d weight is named from its value, in whichever layout the exporter stored it;
+    two layers with one value are ambiguous and keep their names."""
+    import torch
+    from torch import nn
+
+    from export.weight_names import name_weights
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.proj = nn.Linear(8, 8)  # reads a 3-D input: MatMul, weight transposed
+            self.head = nn.Linear(8, 5)
+            self.twin_a, self.twin_b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+            self.twin_b.weight.data.copy_(self.twin_a.weight.data)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x).flatten(2).transpose(1, 2)
+            return self.head(self.proj(h) + self.twin_a(h) + self.twin_b(h))
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = Toy()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.unet(x)
+
+    wrapper, path = Wrapper().eval(), tmp_path / "toy.onnx"
+    x = torch.randn(1, 3, 6, 6)
+    torch.onnx.export(wrapper, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"])
+    model = onnx.load(str(path))
+    assert name_weights(model, wrapper) == 3
+    named = named_weights(model)
+    assert named["conv"] == ("conv.weight", False) and named["proj"] == ("proj.weight.T", True)
+    assert "head" in named and "twin_a" not in named and "twin_b" not in named
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], wrapper(x).detach().numpy(), atol=1e-5)

@@ -7,7 +7,7 @@ int64 ids, float32 or float16 tensors) and the timestep is given the rank the UN
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -200,15 +200,20 @@ class OrtBackend:
         file's own for the rest; an empty dict restores the file's. Reopens its session."""
         previous = self._weights.get(component, {})
         self._weights[component] = dict(weights)
-        try:
-            self._reopen(component)
-        except BaseException:
-            self._weights[component] = previous
-            raise
+        self._reopen(component, undo=lambda: self._weights.update({component: previous}))
 
-    def _reopen(self, component: str) -> None:
-        if component in self.sessions:
+    def _reopen(self, component: str, undo: Callable[[], None]) -> None:
+        """Reopen ``component``'s session after a change of what it runs with; where that fails, ``undo`` the
+        change and reopen it as it was. The old session is freed first: two SD 1.5 UNet sessions side by
+        side would double the peak memory."""
+        if self.sessions.pop(component, None) is None:
+            return  # not open yet: it opens with the change on first use
+        try:
             self.sessions[component] = self._open(component)
+        except BaseException:
+            undo()
+            self.sessions[component] = self._open(component)
+            raise
 
     def _run(self, component: str, output: str | None = None, **arrays: np.ndarray) -> np.ndarray:
         """One model run on host arrays: its first output (or ``output``), as float32."""
@@ -252,11 +257,7 @@ class OrtBackend:
         """The text encoder's session again, from its model with every row given so far."""
         previous = self._token_rows
         self._token_rows = {**previous, **rows}
-        try:
-            self._reopen(TEXT_ENCODER)
-        except BaseException:
-            self._token_rows = previous
-            raise
+        self._reopen(TEXT_ENCODER, undo=lambda: setattr(self, "_token_rows", previous))
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if VAE_ENCODER not in self.sessions:  # opened on first use: text to image never needs it

@@ -263,13 +263,12 @@ class OrtCudaBackend(OrtBackend):
             self._unet_graph_ids[key] = itertools.count(1)
         return self._unet_sessions[key], next(self._unet_graph_ids[key])
 
-    def _reopen(self, component: str) -> None:
-        """As the host backend; the UNet's sessions, which are opened per shape, are dropped to reopen."""
-        if component == UNET:
-            for key in list(self._unet_sessions):
-                self._drop_unet_session(key)
-        else:
-            super()._reopen(component)
+    def _reopen(self, component: str, undo: Callable[[], None]) -> None:
+        """As the host backend's; the UNet's sessions, opened per shape, are dropped, to open on next use."""
+        if component != UNET:
+            return super()._reopen(component, undo)
+        for key in list(self._unet_sessions):
+            self._drop_unet_session(key)
 
     def _drop_unet_session(self, key: tuple) -> None:
         """Free a UNet session and everything that runs it: its denoisers, their graphs and step sessions."""
