@@ -42,6 +42,7 @@ def log(text: str) -> None:
 def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
     from export.checkpoint import write_random_checkpoint
     from export.onnx_export import export_checkpoint
+    from export.random_lora import write_random_lora
     from sdengine.backends.ort_cuda import OrtCudaBackend
     from sdengine.baseline import TorchPipeline
     from sdengine.demo import centre_mask
@@ -83,6 +84,12 @@ def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
     inpaint = dict(settings, image=image, mask=centre_mask(settings["height"], settings["width"]))
     results["inpainting: CUDA vs CPU fp32, PSNR dB"] = psnr(
         pipes["step"](PROMPT, **inpaint).array, cpu(PROMPT, **inpaint).array
+    )
+    lora = write_random_lora(fp32.root, work / "random-lora.safetensors")
+    for pipe in (pipes["step"], cpu):  # the UNet's per-shape sessions reopen with the fused weights
+        pipe.load_lora(lora, 0.8)
+    results["LoRA: CUDA vs CPU fp32, PSNR dB"] = psnr(
+        pipes["step"](PROMPT, **settings).array, cpu(PROMPT, **settings).array
     )
     half = Pipeline(fp16, OrtCudaBackend(fp16, device=device), tok)
     torch16 = TorchPipeline.load(ckpt, device=device)
