@@ -382,8 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_build_parser(sub)
 
-    i = sub.add_parser("info", help="what a model directory holds, and whether it runs here as it is")
-    i.add_argument("model_dir", help="diffusers checkpoint, ONNX export or engine directory")
+    i = sub.add_parser(
+        "info", help="what a model directory (or a LoRA file) holds, and whether it runs here as it is"
+    )
+    i.add_argument("model_dir", help="diffusers checkpoint, ONNX export or engine directory, or a LoRA file")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
 

@@ -1,4 +1,5 @@
-"""``sdengine info DIR``: what a model directory holds, and whether this machine can run it as it is.
+"""``sdengine info DIR``: what a model directory holds, and whether this machine can run it as it is (and
+``sdengine info FILE.safetensors``: what a LoRA file updates).
 
 For a diffusers checkpoint: its architecture and scheduler. For an ONNX export: its manifest (precision,
 opset, source, per-model size) and which models are present. For an engine directory: each engine's build
@@ -20,6 +21,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     from sdengine.backends.select import model_kind
 
     root = Path(path)
+    if root.suffix == ".safetensors" and root.is_file():
+        return _lora_file(root)
     kind = model_kind(root)
     info: dict[str, Any] = {"path": str(root), "kind": kind}
     if kind == "engines":
@@ -140,3 +143,25 @@ def _lora(unet: Path) -> str:
     if not named:
         return "no (its weights carry no layer names; export again)"
     return "yes (ONNX Runtime backends)"
+
+
+def _lora_file(path: Path) -> dict[str, Any]:
+    """A LoRA file: its layers per component, their ranks and their ``alpha / rank`` factors."""
+    from sdengine.lora import read_lora
+
+    lora = read_lora(path)
+    info: dict[str, Any] = {"path": str(path), "kind": "lora"}
+    for component in sorted(lora.components()):
+        layers = [layer for layer in lora.layers if layer.component == component]
+        ranks = sorted({layer.down.shape[0] for layer in layers})
+        factors = sorted({round(layer.factor, 4) for layer in layers})
+        info[component] = {
+            "layers": len(layers),
+            "convolution_layers": sum(
+                layer.down.ndim == 4 and layer.down.shape[2:] != (1, 1) for layer in layers
+            ),
+            "ranks": ", ".join(map(str, ranks)),
+            "alpha_over_rank": ", ".join(f"{f:g}" for f in factors),
+            "layout": "kohya-ss" if layers[0].flat else "diffusers/PEFT",
+        }
+    return info

@@ -126,6 +126,10 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     for key, tensor in tensors.items():
         prefix = next((p for p in PREFIXES if key.startswith(p)), None)
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        if key.startswith(("lora_te2_", "text_encoder_2.")):
+            raise UnsupportedConfigError(
+                f"{path} is an SDXL LoRA (it updates a second text encoder); sdengine runs SD 1.x and 2.x"
+            )
         if prefix is None or suffix is None:
             raise InvalidArgumentError(
                 f"{path}: {key!r} is not a LoRA layer of a Stable Diffusion UNet or text encoder"

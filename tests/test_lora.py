@@ -290,6 +290,8 @@ def test_refusals_leave_the_pipeline_as_it_was(onnx_fp32, loras, layer_shapes, w
     mixed = {f"{te}.down.weight": z, f"{te}.up.weight": z.T + 1, "unet.nowhere.lora.down.weight": z}
     mixed["unet.nowhere.lora.up.weight"] = z.T
     cases.append((refused(tmp_path, "mixed", mixed), InvalidArgumentError, "names no layer of this unet"))
+    sdxl = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": z}
+    cases.append((refused(tmp_path, "sdxl", sdxl), UnsupportedConfigError, "an SDXL LoRA"))
     for path, error, message in cases:
         with pytest.raises(error, match=message):
             pipe.load_lora(path)
@@ -408,3 +410,18 @@ def test_name_weights_finds_each_layer_and_skips_twins(tmp_path):
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], wrapper(x).detach().numpy(), atol=1e-5)
+
+
+def test_info_describes_a_lora_file(loras, layer_shapes):
+    info = describe(loras / "kohya.safetensors")
+    convs = [n for n, s in layer_shapes["unet"].items() if len(s) == 4 and s[2:] != (1, 1)]
+    assert info["kind"] == "lora" and info["unet"]["layout"] == "kohya-ss"
+    assert info["unet"]["convolution_layers"] == len([n for n in convs if n.endswith(("conv1", "conv2"))]) > 0
+    assert info["text_encoder"]["layers"] == len(layer_shapes["text_encoder"])
+    assert info["unet"]["ranks"] == "4" and info["unet"]["alpha_over_rank"] == "1"
+    peft = describe(loras / "peft.safetensors")["unet"]
+    assert (
+        peft["layout"] == "diffusers/PEFT"
+        and peft["ranks"] == "2, 4"
+        and peft["alpha_over_rank"] == "0.5, 2, 4"
+    )
