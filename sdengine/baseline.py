@@ -141,7 +141,7 @@ class TorchPipeline(_CallMixin):
         timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
         try:
             with times.time("total"), torch.inference_mode(), draws:
-                if request.clip_skip:
+                if request.clip_skip or request.long_prompts:
                     prompts = self.embeddings(pipe, request)
                 with times.time("denoise"):
                     out = pipe(
@@ -194,30 +194,29 @@ class TorchPipeline(_CallMixin):
         return layers
 
     def embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
-        """Prompt embeddings with ``clip_skip``, made as diffusers' ``encode_prompt`` makes them (the hidden
-        states ``clip_skip + 1`` from the end, through the final layer norm), for the negative prompts too.
+        """Prompt embeddings with ``clip_skip`` and ``long_prompts``, made as diffusers' ``encode_prompt``
+        makes them (the hidden states ``clip_skip + 1`` from the end, through the final layer norm), for the
+        negative prompts too; with ``long_prompts``, from windows of 75 tokens (:func:`token_windows`).
 
         Not through ``encode_prompt`` itself: diffusers 0.42 skips layers for the positive prompts only,
-        which puts the two sides of classifier-free guidance on different layers, and its clip_skip path
-        reads ``text_encoder.text_model``, which transformers 5 no longer has."""
+        which puts the two sides of classifier-free guidance on different layers, its clip_skip path reads
+        ``text_encoder.text_model``, which transformers 5 no longer has, and it cuts long prompts off."""
         encoder = pipe.text_encoder
         norm = getattr(encoder, "text_model", encoder).final_layer_norm
-
-        def encode(texts: tuple[str, ...]) -> torch.Tensor:
+        texts = [
+            pipe.maybe_convert_prompt(t, pipe.tokenizer) for t in request.negative_prompts + request.prompts
+        ]
+        if request.long_prompts:
+            ids = token_windows(pipe.tokenizer, texts)
+        else:
+            max_length = pipe.tokenizer.model_max_length
             ids = pipe.tokenizer(
-                list(texts),
-                padding="max_length",
-                max_length=pipe.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            states = encoder(ids.to(self.device), output_hidden_states=True).hidden_states
-            return norm(states[-(request.clip_skip + 1)])
-
-        return {
-            "prompt_embeds": encode(request.prompts),
-            "negative_prompt_embeds": encode(request.negative_prompts),
-        }
+                texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            ).input_ids[:, None]
+        states = encoder(ids.flatten(0, 1).to(self.device), output_hidden_states=True).hidden_states
+        embeds = norm(states[-(request.clip_skip + 1)])
+        embeds = embeds.reshape(len(texts), -1, embeds.shape[-1])
+        return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
 
     def step_noise(self, request: GenerationRequest) -> np.ndarray:
         """The engine's per-step noise for this request, (calls, B, C, h, w); zeros where none is drawn."""
@@ -233,6 +232,22 @@ class TorchPipeline(_CallMixin):
             pipe.set_progress_bar_config(disable=True)
             self._image_pipelines[class_name] = pipe
         return self._image_pipelines[class_name]
+
+
+def token_windows(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids (len(texts), windows, 77) with transformers' tokenizer: each text's tokens in windows of 75,
+    each with BOS, EOS and padding, and the empty text's window where a text needs fewer than the longest."""
+    size = tokenizer.model_max_length - 2
+    content = [tokenizer(t, add_special_tokens=False, truncation=False).input_ids for t in texts]
+    windows = [[ids[i : i + size] for i in range(0, len(ids), size)] or [[]] for ids in content]
+    count = max(len(w) for w in windows)
+
+    def row(ids: list[int]) -> list[int]:
+        return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (
+            size - len(ids)
+        )
+
+    return torch.tensor([[row(w) for w in ws] + [row([])] * (count - len(ws)) for ws in windows])
 
 
 def per_prompt(images: np.ndarray, batch: int) -> np.ndarray:

@@ -107,6 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         mask=mask,
         clip_skip=args.clip_skip,
         guidance_rescale=args.guidance_rescale,
+        long_prompts=args.long_prompts,
         progress=_progress("denoising"),
     )
     where = {"backend": result.backend, "model": str(Path(args.model_dir))}
@@ -285,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FILE[:TOKEN]",
         help="textual inversion embedding (.safetensors) to use as TOKEN in prompts (default: its own name)",
+    )
+    g.add_argument(
+        "--long-prompts",
+        action="store_true",
+        help="read prompts past 77 tokens whole, in windows of 75 tokens (instead of cutting them off)",
     )
     g.add_argument(
         "--lora",

@@ -81,6 +81,7 @@ class _CallMixin:
         mask: MaskInput | None = None,
         clip_skip: int = 0,
         guidance_rescale: float = 0.0,
+        long_prompts: bool = False,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -89,7 +90,9 @@ class _CallMixin:
         black keeps the image; resized like the image. ``clip_skip``: text embeddings from that many layers
         before the text encoder's last, for positive and negative prompts alike (diffusers' numbering: 1
         skips the last layer). ``guidance_rescale`` in [0, 1]: rescale the guided prediction towards the
-        conditional one's standard deviation (Lin et al. 2023, sec. 3.4), for zero-terminal-SNR models."""
+        conditional one's standard deviation (Lin et al. 2023, sec. 3.4), for zero-terminal-SNR models.
+        ``long_prompts``: prompts past the text encoder's 77 tokens are read whole, in windows of 75 tokens
+        encoded one by one and concatenated (:meth:`ClipTokenizer.chunks`), not cut off."""
         multiple = self.model_dir.arch.vae_scale_factor
         default = (self.model_dir.default_image_size,) * 2
         if image is not None:
@@ -113,6 +116,7 @@ class _CallMixin:
             mask=mask if mask is None or image is None else mask_array(mask, height, width),
             clip_skip=clip_skip,
             guidance_rescale=guidance_rescale,
+            long_prompts=long_prompts,
             size_multiple=multiple,
         )
 
@@ -192,12 +196,12 @@ class Pipeline(_CallMixin):
         with self._lock, times.time("total"):
             schedule = request.schedule(self.model_dir.scheduler_config)
             cfg = request.classifier_free_guidance
+            texts = [*request.negative_prompts, *request.prompts] if cfg else request.prompts
             with times.time("tokenize"):
-                ids = self.tokenizer(
-                    [*request.negative_prompts, *request.prompts] if cfg else request.prompts
-                )
-            with times.time("text_encoder"):
-                context = self.backend.encode_text(ids, request.clip_skip)
+                ids = self.tokenizer.chunks(texts) if request.long_prompts else self.tokenizer(texts)[:, None]
+            with times.time("text_encoder"):  # each window on its own, then side by side in the sequence
+                windows = self.backend.encode_text(ids.reshape(-1, ids.shape[-1]), request.clip_skip)
+                context = windows.reshape(len(texts), -1, windows.shape[-1])
             latents, inputs = self.initial_latents(request, schedule, times)
             if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
                 inputs["guidance_rescale"] = request.guidance_rescale

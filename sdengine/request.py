@@ -41,6 +41,8 @@ class GenerationRequest:
     clip_skip: int = 0
     #: guidance rescale's factor in [0, 1] (Lin et al. 2023, sec. 3.4; diffusers' guidance_rescale)
     guidance_rescale: float = 0.0
+    #: prompts of any length, encoded in windows of 75 tokens whose embeddings are concatenated
+    long_prompts: bool = False
 
     @property
     def image_to_image(self) -> bool:
@@ -162,6 +164,7 @@ class GenerationRequest:
             **({"mask": "supplied"} if self.inpainting else {}),
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
+            **({"long_prompts": True} if self.long_prompts else {}),
         }
 
 
@@ -182,6 +185,7 @@ def make_request(
     mask: np.ndarray | None = None,
     clip_skip: int = 0,
     guidance_rescale: float = 0.0,
+    long_prompts: bool = False,
     size_multiple: int = 8,
 ) -> GenerationRequest:
     """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value.
@@ -248,6 +252,7 @@ def make_request(
         mask=None if mask is None else np.asarray(mask, dtype=np.float32),
         clip_skip=int(clip_skip),
         guidance_rescale=float(guidance_rescale),
+        long_prompts=bool(long_prompts),
     )
 
 

@@ -287,19 +287,7 @@ class ClipTokenizer:
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         """Ids of shape ``(len(prompts), max_length)``, int64: BOS, text (truncated), EOS, then padding."""
-        if isinstance(prompts, str):
-            raise InvalidArgumentError(
-                "prompts must be a list of strings, not a single string; wrap it in a list"
-            )
-        prompts = list(prompts)
-        for prompt in prompts:
-            if not isinstance(prompt, str):
-                raise InvalidArgumentError(f"every prompt must be a string, got {type(prompt).__name__}")
-        if not prompts:
-            return np.zeros((0, self.max_length), dtype=np.int64)
-        if self._multi_vector:
-            prompts = [self.expand(prompt) for prompt in prompts]
-        encodings = self._tokenizer.encode_batch(prompts)
+        encodings = self._encode(prompts)
         for prompt, encoding in zip(prompts, encodings, strict=True):
             if encoding.overflowing:  # as diffusers does: say so, and go on with what fits
                 shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
@@ -308,4 +296,31 @@ class ClipTokenizer:
                     shown,
                     self.max_length,
                 )
-        return np.array([e.ids for e in encodings], dtype=np.int64)
+        return np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(encodings), self.max_length)
+
+    def chunks(self, prompts: Sequence[str]) -> np.ndarray:
+        """Ids of shape ``(len(prompts), windows, max_length)``, int64, for prompts of any length: each
+        prompt's tokens in windows of ``max_length - 2``, each with BOS, EOS and padding, so that each window
+        is encoded on its own and their embeddings are concatenated (what compel does with
+        ``truncate_long_prompts=False``, splitting at the window's end, and A1111 at about that place). A
+        prompt shorter than the longest gets the empty prompt's window as often as it is short."""
+        encodings = self._encode(prompts)
+        windows = [[e.ids, *(o.ids for o in e.overflowing)] for e in encodings]
+        count = max((len(w) for w in windows), default=1)
+        empty = self._tokenizer.encode("").ids
+        padded = [w + [empty] * (count - len(w)) for w in windows]
+        return np.array(padded, dtype=np.int64).reshape(len(encodings), count, self.max_length)
+
+    def _encode(self, prompts: Sequence[str]) -> list:
+        """The tokenizers library's encodings of ``prompts`` (checked), multi-vector tokens spelled out."""
+        if isinstance(prompts, str):
+            raise InvalidArgumentError(
+                "prompts must be a list of strings, not a single string; wrap it in a list"
+            )
+        prompts = list(prompts)
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise InvalidArgumentError(f"every prompt must be a string, got {type(prompt).__name__}")
+        if self._multi_vector:
+            prompts = [self.expand(prompt) for prompt in prompts]
+        return self._tokenizer.encode_batch(prompts) if prompts else []

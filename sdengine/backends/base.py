@@ -49,6 +49,7 @@ class GraphKey:
     blend: bool = False
     conditioning_channels: int = 0
     rescale: bool = False
+    sequence: int = 77  # the text embeddings' length: 77 tokens per window of a long prompt
 
     @classmethod
     def of(cls, plan: DenoisePlan) -> GraphKey:
@@ -60,6 +61,7 @@ class GraphKey:
             tables.blend is not None,
             tables.conditioning_channels,
             tables.guidance_rescale is not None,
+            plan.context.shape[1],
         )
 
     @property

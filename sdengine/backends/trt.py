@@ -290,6 +290,11 @@ class TrtBackend:
 
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> GraphSteps:
         key = GraphKey.of(plan)
+        if key.sequence != self.model_dir.arch.text_max_length:
+            raise UnsupportedConfigError(
+                f"a long prompt ({key.sequence} tokens of text embeddings) needs the ONNX Runtime backend: "
+                f"TensorRT engines are built for the text encoder's {self.model_dir.arch.text_max_length}"
+            )
         if key not in self._graphs:  # buffers, addresses and graphs: once per shape
             self._graphs[key] = GraphSteps(self, key, plan)
         steps = self._graphs[key]
