@@ -3,23 +3,55 @@ TensorRT engines, which hold their weights, get them too. The arithmetic is ``sd
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from sdengine.lora import LoraFile, canonical_module, resolve
+from sdengine.model_specs import UNET
+
+
+def _layers(component: nn.Module) -> dict[str, nn.Module]:
+    """The Linear and Conv2d layers of a component, by the names LoRA files give them."""
+    return {
+        canonical_module(path): layer
+        for path, layer in component.named_modules()
+        if isinstance(layer, nn.Linear | nn.Conv2d)
+    }
+
+
+def check_loras(checkpoint: Path, components: Iterable[str], loras: Sequence[tuple[LoraFile, float]]) -> None:
+    """Refuse, before anything is exported, a LoRA layer that names no layer of the checkpoint or whose
+    update has another shape: each component is built from its config on PyTorch's meta device (no weights,
+    no memory), so this costs seconds, not the minutes an export would run before it found out."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    wanted = {layer.component for lora, _ in loras for layer in lora.layers} & set(components)
+    for component in sorted(wanted):
+        with torch.device("meta"):
+            if component == UNET:
+                model = UNet2DConditionModel.from_config(
+                    UNet2DConditionModel.load_config(checkpoint / "unet")
+                )
+            else:
+                model = CLIPTextModel(CLIPTextConfig.from_pretrained(checkpoint / "text_encoder"))
+        layers = _layers(model)
+        names = {name: (name, False) for name in layers}
+        flat_names = {name.replace(".", "_"): name for name in layers}
+        for lora, _ in loras:
+            for lora_layer in lora.layers:
+                if lora_layer.component == component:
+                    lora_layer.delta(tuple(layers[resolve(lora_layer, names, flat_names)].weight.shape), 0.0)
 
 
 def fuse_loras(module: nn.Module, component: str, loras: Sequence[tuple[LoraFile, float]]) -> int:
     """Add every LoRA layer of ``component`` to ``module`` (a wrapper whose single child is the component),
     in place. Returns how many layers were fused."""
     (inner,) = module.children()
-    layers = {
-        canonical_module(path): layer
-        for path, layer in inner.named_modules()
-        if isinstance(layer, nn.Linear | nn.Conv2d)
-    }
+    layers = _layers(inner)
     weights = {name: (name, False) for name in layers}
     flat_names = {name.replace(".", "_"): name for name in layers}
     fused = 0

@@ -27,7 +27,7 @@ import psutil
 import sdengine
 from export.checkpoint import checkpoint_hash
 from export.fp16 import convert_to_fp16
-from export.lora_fuse import fuse_loras
+from export.lora_fuse import check_loras, fuse_loras
 from export.verify import Verification, verify_component
 from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
@@ -229,6 +229,7 @@ def export_checkpoint(
         )
     source = open_checkpoint_dir(checkpoint).root
     lora_files = [(read_lora(path), float(scale)) for path, scale in loras]
+    check_loras(source, components, lora_files)
     out_dir = Path(output)
     if out_dir.resolve() == source.resolve():
         raise InvalidArgumentError("--output must differ from the checkpoint directory")

@@ -425,3 +425,22 @@ def test_info_describes_a_lora_file(loras, layer_shapes):
         and peft["ranks"] == "2, 4"
         and peft["alpha_over_rank"] == "0.5, 2, 4"
     )
+
+
+def test_export_refuses_a_foreign_lora_before_exporting_anything(tiny_checkpoint, tmp_path):
+    from export.onnx_export import export_checkpoint
+
+    z = np.zeros((4, 32), np.float32)
+    q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    for name, tensors, message in (
+        ("other", {"unet.nowhere.lora.down.weight": z, "unet.nowhere.lora.up.weight": z.T}, "names no layer"),
+        (
+            "wide",
+            {f"{q}.lora.down.weight": np.zeros((4, 64), np.float32), f"{q}.lora.up.weight": z.T},
+            "another",
+        ),
+    ):
+        out = tmp_path / name
+        with pytest.raises(InvalidArgumentError, match=message):
+            export_checkpoint(tiny_checkpoint, out, loras=[(refused(tmp_path, name, tensors), 1.0)])
+        assert not out.exists()
