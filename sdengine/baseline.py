@@ -141,7 +141,7 @@ class TorchPipeline(_CallMixin):
         timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
         try:
             with times.time("total"), torch.inference_mode(), draws:
-                if request.clip_skip or request.long_prompts:
+                if request.clip_skip or request.long_prompts or request.prompt_weights:
                     prompts = self.embeddings(pipe, request)
                 with times.time("denoise"):
                     out = pipe(
@@ -201,6 +201,8 @@ class TorchPipeline(_CallMixin):
         Not through ``encode_prompt`` itself: diffusers 0.42 skips layers for the positive prompts only,
         which puts the two sides of classifier-free guidance on different layers, its clip_skip path reads
         ``text_encoder.text_model``, which transformers 5 no longer has, and it cuts long prompts off."""
+        if request.prompt_weights:
+            return self.weighted_embeddings(pipe, request)
         encoder = pipe.text_encoder
         norm = getattr(encoder, "text_model", encoder).final_layer_norm
         texts = [
@@ -216,6 +218,33 @@ class TorchPipeline(_CallMixin):
         states = encoder(ids.flatten(0, 1).to(self.device), output_hidden_states=True).hidden_states
         embeds = norm(states[-(request.clip_skip + 1)])
         embeds = embeds.reshape(len(texts), -1, embeds.shape[-1])
+        return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
+
+    def weighted_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
+        """Weighted prompt embeddings from compel, the library diffusers' documentation weights prompts with:
+        windows split where they fill (``SplitLongTextMode.BRUTAL``) and fragments below weight 1 blended out
+        by encoding the prompt without them (``DownweightMode.REMOVE``), as the engine does."""
+        try:
+            from compel import Compel, DownweightMode
+            from compel.embeddings_provider import SplitLongTextMode
+        except ImportError:
+            raise BackendUnavailableError(
+                "prompt weights on the torch backend need compel (pip install compel)"
+            ) from None
+        if request.clip_skip:
+            raise UnsupportedConfigError(
+                "the torch backend weights prompts with compel, which has no clip_skip"
+            )
+        compel = Compel(
+            tokenizer=pipe.tokenizer,
+            text_encoder=pipe.text_encoder,
+            truncate_long_prompts=not request.long_prompts,
+            split_long_text_mode=SplitLongTextMode.BRUTAL,
+            downweight_mode=DownweightMode.REMOVE,
+            device=self.device,
+        )
+        embeds = [compel(text) for text in request.negative_prompts + request.prompts]
+        embeds = torch.cat(compel.pad_conditioning_tensors_to_same_length(embeds))
         return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
 
     def step_noise(self, request: GenerationRequest) -> np.ndarray:

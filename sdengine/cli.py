@@ -108,6 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         clip_skip=args.clip_skip,
         guidance_rescale=args.guidance_rescale,
         long_prompts=args.long_prompts,
+        prompt_weights=args.prompt_weights,
         progress=_progress("denoising"),
     )
     where = {"backend": result.backend, "model": str(Path(args.model_dir))}
@@ -291,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--long-prompts",
         action="store_true",
         help="read prompts past 77 tokens whole, in windows of 75 tokens (instead of cutting them off)",
+    )
+    g.add_argument(
+        "--prompt-weights",
+        action="store_true",
+        help="read prompts in compel's weighting syntax: (red cat)1.3, dog+, (blue)-",
     )
     g.add_argument(
         "--lora",

@@ -19,6 +19,7 @@ from sdengine.denoise import Progress, denoise
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.model_dir import ModelDir, open_onnx_dir
+from sdengine.prompt_weights import parse_weighted, weighted_embeddings
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
 from sdengine.schedulers import Schedule
 from sdengine.step_graph import Blend, step_tables
@@ -82,6 +83,7 @@ class _CallMixin:
         clip_skip: int = 0,
         guidance_rescale: float = 0.0,
         long_prompts: bool = False,
+        prompt_weights: bool = False,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -92,7 +94,8 @@ class _CallMixin:
         skips the last layer). ``guidance_rescale`` in [0, 1]: rescale the guided prediction towards the
         conditional one's standard deviation (Lin et al. 2023, sec. 3.4), for zero-terminal-SNR models.
         ``long_prompts``: prompts past the text encoder's 77 tokens are read whole, in windows of 75 tokens
-        encoded one by one and concatenated (:meth:`ClipTokenizer.chunks`), not cut off."""
+        encoded one by one and concatenated (:meth:`ClipTokenizer.chunks`), not cut off. ``prompt_weights``:
+        prompts in compel's weighting syntax, ``(red cat)1.3``, ``dog+`` (:mod:`sdengine.prompt_weights`)."""
         multiple = self.model_dir.arch.vae_scale_factor
         default = (self.model_dir.default_image_size,) * 2
         if image is not None:
@@ -117,6 +120,7 @@ class _CallMixin:
             clip_skip=clip_skip,
             guidance_rescale=guidance_rescale,
             long_prompts=long_prompts,
+            prompt_weights=prompt_weights,
             size_multiple=multiple,
         )
 
@@ -197,11 +201,7 @@ class Pipeline(_CallMixin):
             schedule = request.schedule(self.model_dir.scheduler_config)
             cfg = request.classifier_free_guidance
             texts = [*request.negative_prompts, *request.prompts] if cfg else request.prompts
-            with times.time("tokenize"):
-                ids = self.tokenizer.chunks(texts) if request.long_prompts else self.tokenizer(texts)[:, None]
-            with times.time("text_encoder"):  # each window on its own, then side by side in the sequence
-                windows = self.backend.encode_text(ids.reshape(-1, ids.shape[-1]), request.clip_skip)
-                context = windows.reshape(len(texts), -1, windows.shape[-1])
+            context = self.encode_prompts(texts, request, times)
             latents, inputs = self.initial_latents(request, schedule, times)
             if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
                 inputs["guidance_rescale"] = request.guidance_rescale
@@ -216,6 +216,35 @@ class Pipeline(_CallMixin):
             with times.time("vae_decode"):
                 decoded = self.decode(latents / np.float32(self.model_dir.vae_scaling_factor))
         return GenerationResult(to_unit_range(decoded), request, times, self.backend.name, latents)
+
+    def encode_prompts(
+        self, texts: Sequence[str], request: GenerationRequest, times: StageTimes
+    ) -> np.ndarray:
+        """Text embeddings (len(texts), sequence, hidden): plain, in windows of 75 tokens side by side in the
+        sequence (``long_prompts``), or weighted (``prompt_weights``, tokenized as it is encoded); every text
+        gets as many windows as the longest, the empty prompt's filling the rest."""
+        encode = lambda ids: self.backend.encode_text(ids, request.clip_skip)  # noqa: E731
+        if request.prompt_weights:
+            with times.time("text_encoder"):
+                return self._weighted(texts, request.long_prompts, encode)
+        with times.time("tokenize"):
+            ids = self.tokenizer.chunks(texts) if request.long_prompts else self.tokenizer(texts)[:, None]
+        with times.time("text_encoder"):
+            windows = encode(ids.reshape(-1, ids.shape[-1]))  # each window on its own, then side by side
+        return windows.reshape(len(texts), -1, windows.shape[-1])
+
+    def _weighted(
+        self, texts: Sequence[str], long: bool, encode: Callable[[np.ndarray], np.ndarray]
+    ) -> np.ndarray:
+        tok = self.tokenizer
+        specials, window = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), tok.max_length - 2
+        embeds = [
+            weighted_embeddings(parse_weighted(t), tok.content_ids, encode, specials, window, long)
+            for t in texts
+        ]
+        empty = encode(tok([""]))[0]
+        longest = max(len(e) for e in embeds)
+        return np.stack([np.concatenate([e, *[empty] * ((longest - len(e)) // len(empty))]) for e in embeds])
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:
         """Add a textual inversion embedding (a safetensors file in diffusers' or A1111's format) as a

@@ -43,6 +43,8 @@ class GenerationRequest:
     guidance_rescale: float = 0.0
     #: prompts of any length, encoded in windows of 75 tokens whose embeddings are concatenated
     long_prompts: bool = False
+    #: prompts in compel's weighting syntax: ``(red cat)1.3``, ``dog+`` (see sdengine.prompt_weights)
+    prompt_weights: bool = False
 
     @property
     def image_to_image(self) -> bool:
@@ -165,6 +167,7 @@ class GenerationRequest:
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
             **({"long_prompts": True} if self.long_prompts else {}),
+            **({"prompt_weights": True} if self.prompt_weights else {}),
         }
 
 
@@ -186,6 +189,7 @@ def make_request(
     clip_skip: int = 0,
     guidance_rescale: float = 0.0,
     long_prompts: bool = False,
+    prompt_weights: bool = False,
     size_multiple: int = 8,
 ) -> GenerationRequest:
     """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value.
@@ -253,6 +257,7 @@ def make_request(
         clip_skip=int(clip_skip),
         guidance_rescale=float(guidance_rescale),
         long_prompts=bool(long_prompts),
+        prompt_weights=bool(prompt_weights),
     )
 
 

@@ -311,6 +311,18 @@ class ClipTokenizer:
         padded = [w + [empty] * (count - len(w)) for w in windows]
         return np.array(padded, dtype=np.int64).reshape(len(encodings), count, self.max_length)
 
+    def content_ids(self, text: str) -> list[int]:
+        """The ids of ``text``'s tokens alone: no BOS, EOS or padding, however long it is."""
+        (encoding,) = self._encode([text])
+        return [
+            token
+            for window in (encoding, *encoding.overflowing)
+            for token, real, special in zip(
+                window.ids, window.attention_mask, window.special_tokens_mask, strict=True
+            )
+            if real and not special
+        ]
+
     def _encode(self, prompts: Sequence[str]) -> list:
         """The tokenizers library's encodings of ``prompts`` (checked), multi-vector tokens spelled out."""
         if isinstance(prompts, str):
