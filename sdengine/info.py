@@ -157,9 +157,8 @@ def _lora_file(path: Path) -> dict[str, Any]:
         factors = sorted({round(layer.factor, 4) for layer in layers})
         info[component] = {
             "layers": len(layers),
-            "convolution_layers": sum(
-                layer.down.ndim == 4 and layer.down.shape[2:] != (1, 1) for layer in layers
-            ),
+            # LoCon's: convolutions with a kernel wider than 1x1 (resnets), beyond attention's projections
+            "kernel_layers": sum(layer.down.ndim == 4 and layer.down.shape[2:] != (1, 1) for layer in layers),
             "ranks": ", ".join(map(str, ranks)),
             "alpha_over_rank": ", ".join(f"{f:g}" for f in factors),
             "layout": "kohya-ss" if layers[0].flat else "diffusers/PEFT",

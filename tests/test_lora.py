@@ -416,7 +416,7 @@ def test_info_describes_a_lora_file(loras, layer_shapes):
     info = describe(loras / "kohya.safetensors")
     convs = [n for n, s in layer_shapes["unet"].items() if len(s) == 4 and s[2:] != (1, 1)]
     assert info["kind"] == "lora" and info["unet"]["layout"] == "kohya-ss"
-    assert info["unet"]["convolution_layers"] == len([n for n in convs if n.endswith(("conv1", "conv2"))]) > 0
+    assert info["unet"]["kernel_layers"] == len([n for n in convs if n.endswith(("conv1", "conv2"))]) > 0
     assert info["text_encoder"]["layers"] == len(layer_shapes["text_encoder"])
     assert info["unet"]["ranks"] == "4" and info["unet"]["alpha_over_rank"] == "1"
     peft = describe(loras / "peft.safetensors")["unet"]
