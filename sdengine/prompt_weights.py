@@ -15,6 +15,7 @@ the fragment's tokens instead, through an attention mask that exported text enco
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -29,6 +30,7 @@ _WEIGHTED_WORD = re.compile(r"([^\s()+\-,.;:!?]+(?:-[^\s()+\-,.;:!?]+)*)(\++|-+)
 _GROUP_WEIGHT = re.compile(r"\++|-+|\d+\.\d*|\.\d+|\d+")
 #: compel's operators, which this module does not read: refused rather than read as words.
 _UNSUPPORTED = re.compile(r"\)\.(blend|and|swap)\(")
+log = logging.getLogger("sdengine")
 
 
 def _suffix_weight(suffix: str) -> float:
@@ -123,6 +125,8 @@ def weighted_embeddings(
     count = None if long else 1
     empty = encode(_windows([], [], bos, eos, pad, window, 1)[0])[0]
     tokens = [token_ids(text) for text, _ in fragments]
+    if not long and sum(map(len, tokens)) > window:  # as the plain path does: say so, and go on
+        log.warning("a weighted prompt is longer than the text encoder's window: the rest of it is ignored")
 
     def embed(keep: list[int], windows: int | None) -> np.ndarray:
         ids = [t for i in keep for t in tokens[i]]
