@@ -3,13 +3,13 @@ TensorRT engines, which hold their weights, get them too. The arithmetic is ``sd
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sdengine.lora import LoraFile, canonical_module, resolve
+from sdengine.lora import LoraFile, LoraLayer, canonical_module, resolve
 from sdengine.model_specs import UNET
 
 
@@ -20,6 +20,20 @@ def _layers(component: nn.Module) -> dict[str, nn.Module]:
         for path, layer in component.named_modules()
         if isinstance(layer, nn.Linear | nn.Conv2d)
     }
+
+
+def _targets(
+    component: nn.Module, name: str, loras: Sequence[tuple[LoraFile, float]]
+) -> Iterator[tuple[nn.Module, LoraLayer, float]]:
+    """(layer of ``component``, LoRA layer, scale) for every LoRA layer that updates component ``name``;
+    InvalidArgumentError for one that names no layer of it."""
+    layers = _layers(component)
+    names = {layer: (layer, False) for layer in layers}
+    flat_names = {layer.replace(".", "_"): layer for layer in layers}
+    for lora, scale in loras:
+        for lora_layer in lora.layers:
+            if lora_layer.component == name:
+                yield layers[resolve(lora_layer, names, flat_names)], lora_layer, scale
 
 
 def check_loras(checkpoint: Path, components: Iterable[str], loras: Sequence[tuple[LoraFile, float]]) -> None:
@@ -38,30 +52,18 @@ def check_loras(checkpoint: Path, components: Iterable[str], loras: Sequence[tup
                 )
             else:
                 model = CLIPTextModel(CLIPTextConfig.from_pretrained(checkpoint / "text_encoder"))
-        layers = _layers(model)
-        names = {name: (name, False) for name in layers}
-        flat_names = {name.replace(".", "_"): name for name in layers}
-        for lora, _ in loras:
-            for lora_layer in lora.layers:
-                if lora_layer.component == component:
-                    lora_layer.delta(tuple(layers[resolve(lora_layer, names, flat_names)].weight.shape), 0.0)
+        for layer, lora_layer, _ in _targets(model, component, loras):
+            lora_layer.delta(tuple(layer.weight.shape), 0.0)  # refuses an update of another shape
 
 
 def fuse_loras(module: nn.Module, component: str, loras: Sequence[tuple[LoraFile, float]]) -> int:
     """Add every LoRA layer of ``component`` to ``module`` (a wrapper whose single child is the component),
     in place. Returns how many layers were fused."""
     (inner,) = module.children()
-    layers = _layers(inner)
-    weights = {name: (name, False) for name in layers}
-    flat_names = {name.replace(".", "_"): name for name in layers}
     fused = 0
     with torch.no_grad():
-        for lora, scale in loras:
-            for lora_layer in lora.layers:
-                if lora_layer.component != component:
-                    continue
-                weight = layers[resolve(lora_layer, weights, flat_names)].weight
-                delta = lora_layer.delta(tuple(weight.shape), scale)
-                weight += torch.from_numpy(delta).to(weight.dtype)
-                fused += 1
+        for layer, lora_layer, scale in _targets(inner, component, loras):
+            delta = lora_layer.delta(tuple(layer.weight.shape), scale)
+            layer.weight += torch.from_numpy(delta).to(layer.weight.dtype)
+            fused += 1
     return fused

@@ -238,11 +238,11 @@ class Pipeline(_CallMixin):
     ) -> np.ndarray:
         tok = self.tokenizer
         specials, window = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), tok.max_length - 2
+        empty = encode(tok([""]))[0]
         embeds = [
-            weighted_embeddings(parse_weighted(t), tok.content_ids, encode, specials, window, long)
+            weighted_embeddings(parse_weighted(t), tok.content_ids, encode, specials, window, long, empty)
             for t in texts
         ]
-        empty = encode(tok([""]))[0]
         longest = max(len(e) for e in embeds)
         return np.stack([np.concatenate([e, *[empty] * ((longest - len(e)) // len(empty))]) for e in embeds])
 

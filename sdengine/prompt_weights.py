@@ -117,13 +117,14 @@ def weighted_embeddings(
     specials: tuple[int, int, int],
     window: int,
     long: bool,
+    empty: np.ndarray,
 ) -> np.ndarray:
     """One prompt's text embeddings (windows * (window + 2), hidden) from its weighted ``fragments``.
     ``token_ids``: a text's tokens without markers; ``encode``: token windows (n, window + 2) -> their
-    embeddings; ``specials``: the BOS, EOS and pad ids; ``long``: every window, else only the first."""
+    embeddings; ``specials``: the BOS, EOS and pad ids; ``long``: every window, else only the first;
+    ``empty``: the empty prompt's window's embeddings (window + 2, hidden), encoded once for a whole run."""
     bos, eos, pad = specials
     count = None if long else 1
-    empty = encode(_windows([], [], bos, eos, pad, window, 1)[0])[0]
     tokens = [token_ids(text) for text, _ in fragments]
     if not long and sum(map(len, tokens)) > window:  # as the plain path does: say so, and go on
         log.warning("a weighted prompt is longer than the text encoder's window: the rest of it is ignored")

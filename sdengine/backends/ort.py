@@ -158,6 +158,7 @@ class OrtBackend:
         self.specs = model_dir.arch.specs()
         self._weights: dict[str, dict[str, np.ndarray]] = {}  # LoRA-fused weights, by component
         self._token_rows: dict[int, np.ndarray] = {}  # textual inversion rows, by token id
+        self._token_table: dict[str, np.ndarray] = {}  # the text encoder's token table with those rows
         self.sessions = {c: self._open(c) for c in preload}
         self._inputs = {
             c: session_inputs(self.sessions[c])
@@ -187,13 +188,10 @@ class OrtBackend:
     def replaced_weights(self, component: str) -> dict[str, np.ndarray]:
         """The initializers ``component`` runs with in place of its file's: LoRA's fused weights
         (:meth:`set_weights`) and, for the text encoder, the token table with textual inversion's rows."""
-        replaced = dict(self._weights.get(component, {}))
-        if component == TEXT_ENCODER and self._token_rows:
-            path = self.model_dir.onnx_path(TEXT_ENCODER)
-            model = onnx.load(str(path), load_external_data=False)
-            name, table = grown_token_table(model, str(path.parent), self._token_rows)
-            replaced[name] = table
-        return replaced
+        return {
+            **self._weights.get(component, {}),
+            **(self._token_table if component == TEXT_ENCODER else {}),
+        }
 
     def set_weights(self, component: str, weights: dict[str, np.ndarray]) -> None:
         """LoRA: run ``component`` with these initializers (name -> array) in place of its file's, and its
@@ -254,10 +252,21 @@ class OrtBackend:
         return skipped_layers(self._run(TEXT_ENCODER, LAYER_STATES, input_ids=input_ids), clip_skip)
 
     def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
-        """The text encoder's session again, from its model with every row given so far."""
-        previous = self._token_rows
-        self._token_rows = {**previous, **rows}
-        self._reopen(TEXT_ENCODER, undo=lambda: setattr(self, "_token_rows", previous))
+        """The text encoder's session again, from its model with every row given so far (the grown table is
+        made here, once, not at every reopening of the session: LoRA reopens it too)."""
+        all_rows = {**self._token_rows, **rows}
+        path = self.model_dir.onnx_path(TEXT_ENCODER)
+        model = onnx.load(str(path), load_external_data=False)
+        name, table = grown_token_table(
+            model, str(path.parent), all_rows
+        )  # refuses a bad row, changing nothing
+        previous = self._token_rows, self._token_table
+        self._token_rows, self._token_table = all_rows, {name: table}
+
+        def undo() -> None:
+            self._token_rows, self._token_table = previous
+
+        self._reopen(TEXT_ENCODER, undo=undo)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if VAE_ENCODER not in self.sessions:  # opened on first use: text to image never needs it
