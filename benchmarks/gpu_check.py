@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -41,11 +42,12 @@ def log(text: str) -> None:
 
 def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
     from export.checkpoint import write_random_checkpoint
+    from export.controlnet import write_random_controlnet
     from export.onnx_export import export_checkpoint
     from export.random_lora import write_random_lora
     from sdengine.backends.ort_cuda import OrtCudaBackend
     from sdengine.baseline import TorchPipeline
-    from sdengine.demo import centre_mask
+    from sdengine.demo import centre_mask, edge_map
     from sdengine.model_dir import open_onnx_dir
     from sdengine.pipeline import Pipeline
     from sdengine.tokenizer import ClipTokenizer
@@ -90,6 +92,15 @@ def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
         pipe.load_lora(lora, 0.8)
     results["LoRA: CUDA vs CPU fp32, PSNR dB"] = psnr(
         pipes["step"](PROMPT, **settings).array, cpu(PROMPT, **settings).array
+    )
+    shutil.rmtree(work / "random-controlnet", ignore_errors=True)  # a rerun writes it again
+    controlnet = write_random_controlnet(ckpt, work / "random-controlnet")
+    export_checkpoint(ckpt, work / "tiny-controlnet", components=parts, controlnets=[controlnet])
+    controlled = open_onnx_dir(work / "tiny-controlnet")
+    control = dict(settings, control_image=edge_map(image[0]), control_end=0.6)  # weights from the step model
+    results["ControlNet: CUDA vs CPU fp32, PSNR dB"] = psnr(
+        Pipeline(controlled, OrtCudaBackend(controlled, device=device), tok)(PROMPT, **control).array,
+        Pipeline.load(controlled.root, backend="ort", device="cpu")(PROMPT, **control).array,
     )
     half = Pipeline(fp16, OrtCudaBackend(fp16, device=device), tok)
     torch16 = TorchPipeline.load(ckpt, device=device)

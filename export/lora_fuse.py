@@ -57,9 +57,10 @@ def check_loras(checkpoint: Path, components: Iterable[str], loras: Sequence[tup
 
 
 def fuse_loras(module: nn.Module, component: str, loras: Sequence[tuple[LoraFile, float]]) -> int:
-    """Add every LoRA layer of ``component`` to ``module`` (a wrapper whose single child is the component),
-    in place. Returns how many layers were fused."""
-    (inner,) = module.children()
+    """Add every LoRA layer of ``component`` to ``module`` (a wrapper whose first child is the component;
+    ControlNets beside it are left alone, as diffusers leaves them), in place. Returns how many layers were
+    fused."""
+    inner = next(module.children())
     fused = 0
     with torch.no_grad():
         for layer, lora_layer, scale in _targets(inner, component, loras):

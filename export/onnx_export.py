@@ -12,6 +12,8 @@ multiples of 8 (a graph traced at a multiple of 8 bakes in scale-factor-2 upsamp
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -26,11 +28,13 @@ import psutil
 
 import sdengine
 from export.checkpoint import checkpoint_hash
+from export.controlnet import check_controlnets
 from export.fp16 import convert_to_fp16
 from export.lora_fuse import check_loras, fuse_loras
 from export.verify import Verification, verify_component
 from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
+from sdengine.controlnet import CONTROLNET_CONFIG
 from sdengine.errors import ExportVerificationError, InvalidArgumentError
 from sdengine.lora import LoraFile, read_lora
 from sdengine.manifest import MANIFEST_NAME, ComponentRecord, Manifest, file_sha256
@@ -138,20 +142,24 @@ def export_component(
     opset: int,
     verify: bool = True,
     loras: Sequence[tuple[LoraFile, float]] = (),
+    controlnets: Sequence[Path] = (),
 ) -> ComponentRecord:
     """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result.
     ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises).
     ``loras``: (LoRA, scale) pairs fused into the component first. The UNet's and text encoder's layer
-    weights are named after their layers (``export.weight_names``), so LoRA can be fused at run time too."""
+    weights are named after their layers (``export.weight_names``), so LoRA can be fused at run time too.
+    ``controlnets``: ControlNet directories traced into the UNet (``wrappers.ControlledUNetExport``)."""
     model_dir = open_checkpoint_dir(checkpoint)
-    spec = model_dir.arch.specs()[name]
-    scale = model_dir.arch.vae_scale_factor
+    controlnets = tuple(controlnets) if name == UNET else ()
+    arch = dataclasses.replace(model_dir.arch, controlnets=len(controlnets))
+    spec = arch.specs()[name]
+    scale = arch.vae_scale_factor
     height, width = TRACE_LATENT[0] * scale, TRACE_LATENT[1] * scale
     vocab_size = text_vocab_size(checkpoint)
-    inputs = sample_inputs(model_dir.arch, name, batch=2, height=height, width=width, vocab_size=vocab_size)
+    inputs = sample_inputs(arch, name, batch=2, height=height, width=width, vocab_size=vocab_size)
     target = out_dir / name / "model.onnx"
     start = time.perf_counter()
-    module = load_export_module(checkpoint, name)
+    module = load_export_module(checkpoint, name, controlnets)
     fuse_loras(module, name, loras)
     with _PeakRss() as rss, tempfile.TemporaryDirectory(prefix=f"sdengine-{name}-", dir=out_dir) as tmp:
         traced = Path(tmp) / "model.onnx"
@@ -171,7 +179,7 @@ def export_component(
     export_seconds = round(time.perf_counter() - start, 3)
     verification = None
     if verify:
-        check = verify_component(module, target, model_dir.arch, name, precision, vocab_size=vocab_size)
+        check = verify_component(module, target, arch, name, precision, vocab_size=vocab_size)
         verification = check.as_dict()
     del module
     data_path = target.with_name(external) if external else None
@@ -187,6 +195,17 @@ def export_component(
         outputs={t.name: list(t.dims) for t in spec.outputs},
         verification=verification,
     )
+
+
+def _write_controlnet_config(out_dir: Path, records: list[dict], configs: list[dict]) -> None:
+    """List the ControlNets inside the exported UNet (none: no list, so an older one never outlives them)."""
+    path = out_dir / CONTROLNET_CONFIG
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [{**record, "config": config} for record, config in zip(records, configs, strict=True)]
+    path.write_text(json.dumps({"controlnets": entries}, indent=2) + "\n")
 
 
 def _copy_side_files(checkpoint: Path, out_dir: Path) -> None:
@@ -210,13 +229,16 @@ def export_checkpoint(
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
     verify: bool = True,
     loras: Sequence[tuple[str | os.PathLike, float]] = (),
+    controlnets: Sequence[str | os.PathLike] = (),
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
 
     ``verify`` (the default) checks each model's outputs against its PyTorch module's (``export.verify``).
     A model that fails the check does not stop the export: every model is written and the manifest records
     each check, then ExportVerificationError names the first failure. The files stay for inspection.
-    ``loras``: (LoRA file, scale) pairs fused into the UNet and text encoder before they are exported."""
+    ``loras``: (LoRA file, scale) pairs fused into the UNet and text encoder before they are exported.
+    ``controlnets``: ControlNet directories traced into the UNet, whose model then takes their conditioning
+    images and weights (``sdengine.controlnet``); listed in ``controlnet/config.json``."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if opset < MIN_OPSET:
@@ -227,9 +249,14 @@ def export_checkpoint(
         raise InvalidArgumentError(
             f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
         )
-    source = open_checkpoint_dir(checkpoint).root
+    checkpoint_dir = open_checkpoint_dir(checkpoint)
+    source = checkpoint_dir.root
     lora_files = [(read_lora(path), float(scale)) for path, scale in loras]
     check_loras(source, components, lora_files)
+    control_paths = [Path(p).resolve() for p in controlnets]
+    if control_paths and UNET not in components:
+        raise InvalidArgumentError("ControlNets are exported inside the UNet: export the unet component too")
+    control_configs = check_controlnets(source, checkpoint_dir.arch, control_paths)
     out_dir = Path(output)
     if out_dir.resolve() == source.resolve():
         raise InvalidArgumentError("--output must differ from the checkpoint directory")
@@ -237,9 +264,19 @@ def export_checkpoint(
     records = {}
     for name in progress(components) if progress else components:
         records[name] = export_component(
-            source, name, out_dir, precision=precision, opset=opset, verify=verify, loras=lora_files
+            source,
+            name,
+            out_dir,
+            precision=precision,
+            opset=opset,
+            verify=verify,
+            loras=lora_files,
+            controlnets=control_paths,
         )
     _copy_side_files(source, out_dir)
+    control_records = [{"dir": str(p), "sha256": checkpoint_hash(p)} for p in control_paths]
+    if UNET in components:
+        _write_controlnet_config(out_dir, control_records, control_configs)
     manifest = Manifest(
         source_checkpoint=str(source.resolve()),
         source_hash=checkpoint_hash(source),
@@ -250,6 +287,7 @@ def export_checkpoint(
         loras=[
             {"file": str(f.path.resolve()), "sha256": file_sha256(f.path), "scale": s} for f, s in lora_files
         ],
+        controlnets=control_records,
     )
     manifest.write(out_dir)
     failed = [

@@ -33,9 +33,10 @@ def _fingerprint(weight: np.ndarray) -> tuple[tuple[int, ...], bytes]:
 
 def name_weights(model: onnx.ModelProto, module: nn.Module) -> int:
     """Rename, in place, the initializers of ``model`` that hold a Linear or Conv2d weight of ``module`` (a
-    wrapper whose single child is the component), and drop the wrapper's prefix from those the exporter
-    named itself (biases, norms, embeddings). Returns how many layer weights were named."""
-    ((attribute, component),) = module.named_children()
+    wrapper whose first child is the component; ControlNets' layers beside it keep their own names), and
+    drop the wrapper's prefix from those the exporter named itself (biases, norms, embeddings). Returns how
+    many layer weights were named."""
+    attribute, component = next(module.named_children())
     layers: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     for path, layer in component.named_modules():
         if isinstance(layer, nn.Linear | nn.Conv2d):

@@ -6,6 +6,7 @@ Only the export imports these; the runtime never needs torch.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,6 +44,48 @@ class UNetExport(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class ControlledUNetExport(nn.Module):
+    """The UNet with ControlNets inside: each reads the latents (an inpainting UNet's first channels), the
+    timestep, the text and its 3 channels of ``controlnet_cond``, and the UNet adds the sum of their
+    residuals, each scaled by its ``conditioning_scale``, as diffusers' ControlNet pipelines and
+    ``MultiControlNetModel`` do. The UNet is the first child (its layer weights are named after it)."""
+
+    def __init__(self, unet: nn.Module, controlnets: list[nn.Module]) -> None:
+        super().__init__()
+        self.unet = unet
+        self.controlnets = nn.ModuleList(controlnets)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+    ) -> torch.Tensor:
+        latents = sample[:, : self.controlnets[0].config.in_channels]
+        down, mid = None, None
+        for i, controlnet in enumerate(self.controlnets):
+            d, m = controlnet(
+                latents,
+                timestep,
+                encoder_hidden_states,
+                controlnet_cond=controlnet_cond[:, 3 * i : 3 * i + 3],
+                conditioning_scale=conditioning_scale[i],
+                return_dict=False,
+            )
+            down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+            mid = m if mid is None else mid + m
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+
+
 class VaeDecoderExport(nn.Module):
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
@@ -63,8 +106,9 @@ class VaeEncoderExport(nn.Module):
         return self.vae.encode(sample).latent_dist.parameters
 
 
-def load_export_module(checkpoint: str | Path, name: str) -> nn.Module:
-    """Load one checkpoint component, in float32 and eval mode, wrapped for export."""
+def load_export_module(checkpoint: str | Path, name: str, controlnets: Sequence[Path] = ()) -> nn.Module:
+    """Load one checkpoint component, in float32 and eval mode, wrapped for export; the UNet with the
+    ControlNets in the directories ``controlnets`` inside, if any."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -75,6 +119,11 @@ def load_export_module(checkpoint: str | Path, name: str) -> nn.Module:
 
     if name == TEXT_ENCODER:
         module: nn.Module = TextEncoderExport(load(CLIPTextModel, "text_encoder"))
+    elif name == UNET and controlnets:
+        from export.controlnet import load_controlnets
+
+        unet = load(UNet2DConditionModel, "unet")
+        module = ControlledUNetExport(unet, load_controlnets(list(controlnets)))
     elif name == UNET:
         module = UNetExport(load(UNet2DConditionModel, "unet"))
     elif name in (VAE_DECODER, VAE_ENCODER):

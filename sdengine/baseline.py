@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -69,10 +70,19 @@ class TorchPipeline(_CallMixin):
 
     name = "torch"
 
-    def __init__(self, model_dir: ModelDir, pipe: StableDiffusionPipeline, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model_dir: ModelDir,
+        pipe: StableDiffusionPipeline,
+        device: str = "cpu",
+        controlnet: torch.nn.Module | None = None,
+    ) -> None:
+        """``controlnet``: a diffusers ``ControlNetModel`` or ``MultiControlNetModel``, run by diffusers'
+        ControlNet pipelines."""
         self.model_dir = model_dir
         self.pipe = pipe
         self.device = device
+        self.controlnet = controlnet
         self._image_pipelines: dict[str, Any] = {}
         self._loras = 0  # LoRAs fused so far (each is loaded under its own adapter name)
 
@@ -84,9 +94,11 @@ class TorchPipeline(_CallMixin):
         device: str = "cpu",
         threads: int | None = None,
         vae_tiling: bool = False,
+        controlnets: Sequence[str | os.PathLike] = (),
     ) -> TorchPipeline:
         """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting);
-        ``vae_tiling``: its VAE's ``enable_tiling()``."""
+        ``vae_tiling``: its VAE's ``enable_tiling()``; ``controlnets``: ControlNet directories, each then
+        taking a control image, run by diffusers' ControlNet pipelines."""
         model_dir = open_checkpoint_dir(path)
         if threads:
             torch.set_num_threads(threads)
@@ -101,7 +113,23 @@ class TorchPipeline(_CallMixin):
         )
         if vae_tiling:
             pipe.vae.enable_tiling()
-        return cls(model_dir, pipe.to(device), device)
+        controlnet = None
+        if controlnets:
+            from diffusers import MultiControlNetModel
+
+            from export.controlnet import check_controlnets, load_controlnets
+
+            paths = [Path(p) for p in controlnets]
+            check_controlnets(model_dir.root, model_dir.arch, paths)
+            nets = load_controlnets(paths, dtype)
+            controlnet = (nets[0] if len(nets) == 1 else MultiControlNetModel(nets)).to(device)
+        return cls(model_dir, pipe.to(device), device, controlnet)
+
+    @property
+    def controlnets(self) -> int:
+        if self.controlnet is None:
+            return 0
+        return len(getattr(self.controlnet, "nets", [self.controlnet]))
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         pipe, times = self.pipe, StageTimes()
@@ -112,28 +140,42 @@ class TorchPipeline(_CallMixin):
         )
         inputs: dict = {"latents": latents, "guidance_rescale": request.guidance_rescale}
         draws: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if request.image_to_image and request.guidance_rescale:
+        if (request.image_to_image or request.control is not None) and request.guidance_rescale:
             raise UnsupportedConfigError(
-                "diffusers' image-to-image and inpainting pipelines have no guidance_rescale"
+                "diffusers' image-to-image, inpainting and ControlNet pipelines have no guidance_rescale"
             )
+        control = request.control is not None
         if request.inpainting:
-            pipe = self.image_pipeline("StableDiffusionInpaintPipeline")
+            pipe = self.image_pipeline("Inpaint", control)
             encoded = [request.masked_encoder_noise]  # diffusers encodes the image first where it needs it
             if not request.starts_from_noise or not self.model_dir.arch.inpainting_unet:
                 encoded.insert(0, request.encoder_noise)
-            draws = same_draws(encoded, lambda _: latents, "pipeline_stable_diffusion_inpaint")
+            draws = same_draws(encoded, lambda _: latents, type(pipe).__module__)
             inputs = {
                 "image": per_prompt(request.image, request.batch),
                 "mask_image": per_prompt(request.mask, request.batch)[..., None],
                 "strength": request.strength,
             }
         elif request.image_to_image:
-            pipe = self.image_pipeline("StableDiffusionImg2ImgPipeline")
-            draws = same_draws(
-                [request.encoder_noise], lambda _: latents, "pipeline_stable_diffusion_img2img"
-            )
+            pipe = self.image_pipeline("Img2Img", control)
+            draws = same_draws([request.encoder_noise], lambda _: latents, type(pipe).__module__)
             inputs = {"image": per_prompt(request.image, request.batch), "strength": request.strength}
-        if request.image_to_image:
+        elif control:
+            pipe = self.image_pipeline("", control)
+            inputs = {"latents": latents}
+        if control:
+            images = [per_prompt(c, request.batch) for c in request.control]
+            inputs["image" if "image" not in inputs else "control_image"] = (
+                images if len(images) > 1 else images[0]
+            )
+            one = len(request.control_scales) == 1  # a single ControlNet takes single values
+            for name, values in (
+                ("controlnet_conditioning_scale", request.control_scales),
+                ("control_guidance_start", request.control_starts),
+                ("control_guidance_end", request.control_ends),
+            ):
+                inputs[name] = values[0] if one else list(values)
+        if request.image_to_image or control:
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
         draws = stacked(draws, same_step_noise(pipe.scheduler, self.step_noise(request)))
         prompts: dict = {"prompt": list(request.prompts), "negative_prompt": list(request.negative_prompts)}
@@ -252,12 +294,18 @@ class TorchPipeline(_CallMixin):
         schedule = request.schedule(self.model_dir.scheduler_config)
         return request.step_noise(schedule, request.latent_shape(self.model_dir.arch))
 
-    def image_pipeline(self, class_name: str):
-        """diffusers' image-to-image or inpainting pipeline on the same modules (made once each)."""
+    def image_pipeline(self, kind: str, control: bool = False):
+        """diffusers' image-to-image (``kind`` "Img2Img") or inpainting ("Inpaint") pipeline, or with
+        ``control`` its ControlNet pipeline of that kind ("" for text to image), on the same modules (made
+        once each)."""
+        class_name = f"StableDiffusion{'ControlNet' if control else ''}{kind}Pipeline"
         if class_name not in self._image_pipelines:
             import diffusers
 
-            pipe = getattr(diffusers, class_name)(**self.pipe.components, requires_safety_checker=False)
+            extra = {"controlnet": self.controlnet} if control else {}
+            pipe = getattr(diffusers, class_name)(
+                **self.pipe.components, **extra, requires_safety_checker=False
+            )
             pipe.set_progress_bar_config(disable=True)
             self._image_pipelines[class_name] = pipe
         return self._image_pipelines[class_name]
@@ -290,14 +338,14 @@ def same_draws(
     added_noise: Callable[[tuple[int, ...]], object],
     pipeline_module: str,
 ) -> Iterator[None]:
-    """Within the block, diffusers' image pipeline ``pipeline_module`` samples its latent distributions with
-    ``encoder_noise[0](shape)``, ``encoder_noise[1](shape)``..., in the order it encodes, and noises the
-    image with ``added_noise(shape)``: the engine's draws."""
+    """Within the block, diffusers' image pipeline (in module ``pipeline_module``) samples its latent
+    distributions with ``encoder_noise[0](shape)``, ``encoder_noise[1](shape)``..., in the order it encodes,
+    and noises the image with ``added_noise(shape)``: the engine's draws."""
     import importlib
 
     from diffusers.models.autoencoders import vae
 
-    pipeline = importlib.import_module(f"diffusers.pipelines.stable_diffusion.{pipeline_module}")
+    pipeline = importlib.import_module(pipeline_module)
     encodings = iter(encoder_noise)
 
     def next_encoding(shape: tuple[int, ...]) -> object:

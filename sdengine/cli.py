@@ -68,6 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     latents = _load_latents(args.latents)
     image = None if args.image is None else load_image(args.image)
     mask = None if args.mask is None else load_mask(args.mask)
+    controls = [load_image(path) for path in args.control_image]
     embeddings = []
     for spec in args.embedding:
         path, token = (spec, None) if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)
@@ -84,8 +85,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         optimized_cache=args.optimized_cache,
         graphs=args.graphs,
         vae_tiling=args.vae_tiling,
+        controlnets=args.controlnet,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
+    if len(controls) != pipeline.controlnets:
+        raise InvalidArgumentError(
+            f"{args.model_dir} has {pipeline.controlnets} ControlNet(s): give --control-image that many "
+            f"times, not {len(controls)}"
+        )
     embeddings = [(path, pipeline.load_textual_inversion(path, token)) for path, token in embeddings]
     for path, token in embeddings:
         print(f"embedding: {token} from {path}")
@@ -109,11 +116,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance_rescale=args.guidance_rescale,
         long_prompts=args.long_prompts,
         prompt_weights=args.prompt_weights,
+        control_image=(controls[0] if len(controls) == 1 else controls) if controls else None,
+        control_scale=args.control_scale or 1.0,
+        control_start=args.control_start or 0.0,
+        control_end=args.control_end or 1.0,
         progress=_progress("denoising"),
     )
     where = {"backend": result.backend, "model": str(Path(args.model_dir))}
     if loras:
         where["loras"] = [{"file": Path(path).name, "scale": scale} for path, scale in loras]
+    if controls:
+        where["control_images"] = [Path(path).name for path in args.control_image]
     if embeddings:
         where["embeddings"] = [{"file": Path(path).name, "token": token} for path, token in embeddings]
     paths = output_paths(args.output, len(result.images))
@@ -144,6 +157,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         progress=lambda names: tqdm(names, desc="exporting", unit="model", file=sys.stderr),
         verify=args.verify,
         loras=[parse_lora_arg(spec) for spec in args.lora],
+        controlnets=args.controlnet,
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -169,6 +183,15 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     )
     kind = " inpainting" if args.inpainting else ""
     print(f"wrote random-weight {args.preset}{kind} checkpoint to {path}")
+    return 0
+
+
+def cmd_make_controlnet(args: argparse.Namespace) -> int:
+    from export.controlnet import write_random_controlnet
+    from sdengine.model_dir import open_checkpoint_dir
+
+    path = write_random_controlnet(open_checkpoint_dir(args.checkpoint).root, args.output, seed=args.seed)
+    print(f"wrote random-weight ControlNet for {args.checkpoint} to {path}")
     return 0
 
 
@@ -332,6 +355,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--mask", default=None, help="inpainting (with --image): white repaints, black keeps the image"
     )
+    g.add_argument(
+        "--control-image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="ControlNet's conditioning image (resized to the output size, whose default it sets); once per "
+        "ControlNet, in the order they were exported",
+    )
+    g.add_argument(
+        "--control-scale",
+        type=float,
+        action="append",
+        default=[],
+        metavar="S",
+        help="each ControlNet's weight (default 1); once for all, or once per ControlNet",
+    )
+    g.add_argument(
+        "--control-start",
+        type=float,
+        action="append",
+        default=[],
+        metavar="F",
+        help="share of the schedule before each ControlNet starts, in [0, 1) (default 0); once or per "
+        "ControlNet",
+    )
+    g.add_argument(
+        "--control-end",
+        type=float,
+        action="append",
+        default=[],
+        metavar="F",
+        help="share of the schedule after which each ControlNet stops, in (0, 1] (default 1); once or per "
+        "ControlNet",
+    )
+    g.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="torch backend: a ControlNet directory (diffusers format); repeatable. An export holds its own",
+    )
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
     g.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
@@ -363,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA (.safetensors) fused into the UNet and text encoder before export, at SCALE (default 1); "
         "repeatable. For TensorRT engines, which hold their weights",
     )
+    e.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="ControlNet (a diffusers ControlNetModel directory) traced into the UNet, which then takes its "
+        "control image; repeatable (their residuals add up)",
+    )
     e.set_defaults(func=cmd_export)
 
     c = sub.add_parser("make-checkpoint", help="write a randomly initialised SD 1.x checkpoint")
@@ -373,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet")
     c.set_defaults(func=cmd_make_checkpoint)
+
+    n = sub.add_parser("make-controlnet", help="write a randomly initialised ControlNet for a checkpoint")
+    n.add_argument("checkpoint", help="the diffusers checkpoint whose UNet it conditions")
+    n.add_argument("output")
+    n.add_argument("--seed", type=int, default=0)
+    n.set_defaults(func=cmd_make_controlnet)
 
     b = sub.add_parser("bench", help="per-stage latency of each backend against the PyTorch baseline")
     b.add_argument("model", help="a preset (tiny, sd15-cpu, sd15-512) or an ONNX directory")

@@ -1,11 +1,13 @@
-"""The offline demo: random tiny checkpoint -> ONNX -> image, then image to image and inpainting from it, and
-the same prompt with a random LoRA fused, with the PyTorch baseline beside each.
+"""The offline demo: random tiny checkpoint -> ONNX -> image, then image to image and inpainting from it, the
+same prompt with a random LoRA fused, and with a random ControlNet following the image's edges, with the
+PyTorch baseline beside each.
 
 Needs the ``export`` extra (torch, diffusers) for writing the checkpoint, exporting it and the baseline.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +22,8 @@ IMG2IMG_PROMPT = "the same scene as a watercolour"
 IMG2IMG_STRENGTH = 0.6
 INPAINT_PROMPT = "a full moon in the sky"
 LORA_SCALE = 0.8
+CONTROL_PROMPT = "a castle on a hill"
+CONTROL_SCALE = 0.8
 
 
 def centre_mask(height: int, width: int) -> np.ndarray:
@@ -29,10 +33,20 @@ def centre_mask(height: int, width: int) -> np.ndarray:
     return mask
 
 
+def edge_map(image: np.ndarray) -> np.ndarray:
+    """A (H, W, 3) control image of an (H, W, 3) image's edges: white where its brightness changes most (the
+    top tenth of gradient magnitudes), black elsewhere, as an edge detector's map is given to a ControlNet."""
+    gy, gx = np.gradient(image.mean(axis=-1))
+    magnitude = np.hypot(gx, gy)
+    edges = (magnitude > np.quantile(magnitude, 0.9)).astype(np.float32)
+    return np.repeat(edges[..., None], 3, axis=-1)
+
+
 def run_demo(
     workdir: Path, *, output: Path, steps: int = 20, scheduler: str | None = None
 ) -> dict[str, float]:
     from export.checkpoint import write_random_checkpoint
+    from export.controlnet import write_random_controlnet
     from export.onnx_export import export_checkpoint
     from export.random_lora import write_random_lora
     from sdengine.cli import format_times
@@ -40,13 +54,13 @@ def run_demo(
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/7] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/8] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/7] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/8] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
     pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/7] text to image with the {backend} backend")
+        say(f"[{i}/8] text to image with the {backend} backend")
         pipes[backend] = Pipeline.load(path, backend=backend)
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
@@ -55,22 +69,39 @@ def run_demo(
         backend: pipe(prompt, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **settings)
         for backend, pipe in pipes.items()
     }
-    say(f"[5/7] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    say(f"[5/8] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
     redone = on_both(IMG2IMG_PROMPT, image=ort_result.array, strength=IMG2IMG_STRENGTH)
-    say("[6/7] inpainting the centre of the ort image with both backends")
+    say("[6/8] inpainting the centre of the ort image with both backends")
     mask = centre_mask(ort_result.request.height, ort_result.request.width)
     inpainted = on_both(INPAINT_PROMPT, image=ort_result.array, mask=mask)
     lora = write_random_lora(onnx_dir, workdir / "random-lora.safetensors", seed=SEED)
-    say(f"[7/7] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends")
+    say(f"[7/8] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends")
     for pipe in pipes.values():
         pipe.load_lora(lora, LORA_SCALE)
     with_lora = on_both(PROMPT)
+    controlnet, control_onnx = workdir / "random-controlnet", workdir / "tiny-onnx-controlnet"
+    say(f"[8/8] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
+    shutil.rmtree(controlnet, ignore_errors=True)
+    write_random_controlnet(checkpoint, controlnet, seed=SEED)
+    components = ["text_encoder", "unet", "vae_decoder"]
+    export_checkpoint(checkpoint, control_onnx, controlnets=[controlnet], components=components)
+    control = {"control_image": edge_map(ort_result.array[0]), "control_scale": CONTROL_SCALE}
+    controlled = {
+        backend: Pipeline.load(path, backend=backend, **extra)(
+            CONTROL_PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **control
+        )
+        for backend, path, extra in (
+            ("ort", control_onnx, {}),
+            ("torch", checkpoint, {"controlnets": [controlnet]}),
+        )
+    }
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
     extra_outputs = {}
     for name, result in (
         ("img2img", redone["ort"]),
         ("inpaint", inpainted["ort"]),
         ("lora", with_lora["ort"]),
+        ("controlnet", controlled["ort"]),
     ):
         extra_outputs[name] = output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}")
         save_png(result.images[0], extra_outputs[name], {**result.request.parameters(), "backend": "ort"})
@@ -78,6 +109,7 @@ def run_demo(
     img2img_similarity = psnr(redone["ort"].array, redone["torch"].array)
     inpaint_similarity = psnr(inpainted["ort"].array, inpainted["torch"].array)
     lora_similarity = psnr(with_lora["ort"].array, with_lora["torch"].array)
+    control_similarity = psnr(controlled["ort"].array, controlled["torch"].array)
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
     print(
         f"\nwrote {output}: {steps} steps, "
@@ -90,6 +122,8 @@ def run_demo(
     print(f"ONNX Runtime vs PyTorch (diffusers inpainting): PSNR {inpaint_similarity:.1f} dB")
     print(f"wrote {extra_outputs['lora']}: the first prompt with a random LoRA fused at scale {LORA_SCALE}")
     print(f"ONNX Runtime vs PyTorch (diffusers fuse_lora): PSNR {lora_similarity:.1f} dB")
+    print(f"wrote {extra_outputs['controlnet']}: a random ControlNet following the first image's edges")
+    print(f"ONNX Runtime vs PyTorch (diffusers ControlNet pipeline): PSNR {control_similarity:.1f} dB")
     print(
         "NOTE: the checkpoint's weights are RANDOM, so the image is structured noise, "
         "not a picture of the prompt."
@@ -99,4 +133,5 @@ def run_demo(
         "img2img_psnr_db": img2img_similarity,
         "inpaint_psnr_db": inpaint_similarity,
         "lora_psnr_db": lora_similarity,
+        "controlnet_psnr_db": control_similarity,
     }

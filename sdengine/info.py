@@ -33,6 +33,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _model(root: Path, kind: str) -> dict[str, Any]:
+    from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir, optional_json, weights_variant
     from sdengine.model_specs import COMPONENTS
@@ -57,6 +58,8 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     info["models"] = {c: model_dir.onnx_path(c).is_file() for c in COMPONENTS}
     info["clip_skip"] = _clip_skip(model_dir.onnx_path("text_encoder"), layers)
     info["lora_at_run_time"] = _lora(model_dir.onnx_path("unet"))
+    controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
+    info["controlnets"] = [Path(str(c.get("dir", "?"))).name for c in controlnets] or "none"
     manifest = Manifest.read(root)
     if manifest is not None:
         info["manifest"] = {

@@ -52,6 +52,8 @@ class Manifest:
     format: int = MANIFEST_FORMAT
     #: LoRA files fused into the weights at export ({file, sha256, scale} each)
     loras: list[dict[str, Any]] = field(default_factory=list)
+    #: ControlNets traced into the UNet ({dir, sha256} each; see sdengine.controlnet)
+    controlnets: list[dict[str, Any]] = field(default_factory=list)
 
     def write(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST_NAME

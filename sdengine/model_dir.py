@@ -6,12 +6,14 @@ All the checks that a directory is complete live here, so every entry point fail
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
 from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.model_specs import REQUIRED_COMPONENTS, VAE_DECODER, Architecture
 
@@ -106,8 +108,9 @@ def _first(size: int | list[int]) -> int:
     return int(size[0] if isinstance(size, list) else size)
 
 
-def _open(root: Path, vae_folder: str) -> ModelDir:
+def _open(root: Path, vae_folder: str, controlnets: int = 0) -> ModelDir:
     arch, scaling = architecture(root, vae_folder)
+    arch = dataclasses.replace(arch, controlnets=controlnets)
     unet = optional_json(root / "unet" / "config.json")
     default_image_size = _first(unet.get("sample_size", 64)) * arch.vae_scale_factor
     vae = optional_json(root / vae_folder / "config.json")
@@ -131,7 +134,8 @@ def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
     if no_models and (root / "unet" / "config.json").is_file():
         raise ModelDirectoryError(f"{root} has no ONNX models ({hint})")
     _require_files(root, needed, "re-run: sdengine export CHECKPOINT --output ONNX_DIR")
-    return _open(root, VAE_DECODER)
+    controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
+    return _open(root, VAE_DECODER, len(controlnets))
 
 
 def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:

@@ -26,6 +26,10 @@ VAE_ENCODER = "vae_encoder"
 COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 #: The text encoder's per-layer output that ``clip_skip`` reads (absent from other tools' exports).
 LAYER_STATES = "normed_hidden_states"
+#: The UNet's inputs when ControlNets are exported with it (see ``sdengine.controlnet``): every ControlNet's
+#: conditioning image side by side in the channels, and each one's weight.
+CONTROLNET_COND = "controlnet_cond"
+CONDITIONING_SCALE = "conditioning_scale"
 #: Components the text-to-image runtime needs; the VAE encoder is exported for image-to-image use.
 REQUIRED_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
 
@@ -89,6 +93,8 @@ class Architecture:
     #: UNet input channels after the latents: 0, or 1 + latent_channels for an inpainting UNet (the mask and
     #: the masked image's latents)
     conditioning_channels: int = 0
+    #: ControlNets exported inside the UNet: each adds 3 channels of conditioning image and a weight
+    controlnets: int = 0
 
     @property
     def unet_in_channels(self) -> int:
@@ -108,6 +114,15 @@ class Architecture:
             "latent_width": width // self.vae_scale_factor,
             "sequence": self.text_max_length,
         }
+
+    def control_specs(self) -> tuple[TensorSpec, ...]:
+        """The UNet's ControlNet inputs: none without ControlNets."""
+        if not self.controlnets:
+            return ()
+        return (
+            TensorSpec(CONTROLNET_COND, "float32", ("batch", 3 * self.controlnets, "height", "width")),
+            TensorSpec(CONDITIONING_SCALE, "float32", (self.controlnets,)),
+        )
 
     def specs(self) -> dict[str, ModelSpec]:
         latent = ("batch", self.latent_channels, "latent_height", "latent_width")
@@ -132,6 +147,7 @@ class Architecture:
                     TensorSpec("sample", "float32", ("batch", self.unet_in_channels, *latent[2:])),
                     TensorSpec("timestep", "float32", ()),
                     TensorSpec("encoder_hidden_states", "float32", text),
+                    *self.control_specs(),
                 ),
                 outputs=(TensorSpec("out_sample", "float32", latent),),
             ),

@@ -15,7 +15,9 @@ from PIL import Image
 from sdengine.backends.base import Backend, DenoisePlan
 from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
+from sdengine.controlnet import control_images, control_schedule
 from sdengine.denoise import Progress, denoise
+from sdengine.errors import InvalidArgumentError
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.model_dir import ModelDir, open_onnx_dir
@@ -61,6 +63,11 @@ class _CallMixin:
     model_dir: ModelDir
     choice: Choice | None = None
 
+    @property
+    def controlnets(self) -> int:
+        """How many ControlNets condition the UNet (each takes a control image)."""
+        return self.model_dir.arch.controlnets
+
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         raise NotImplementedError
 
@@ -84,6 +91,10 @@ class _CallMixin:
         guidance_rescale: float = 0.0,
         long_prompts: bool = False,
         prompt_weights: bool = False,
+        control_image: ImageInput | Sequence[ImageInput] | None = None,
+        control_scale: float | Sequence[float] = 1.0,
+        control_start: float | Sequence[float] = 0.0,
+        control_end: float | Sequence[float] = 1.0,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -95,11 +106,18 @@ class _CallMixin:
         conditional one's standard deviation (Lin et al. 2023, sec. 3.4), for zero-terminal-SNR models.
         ``long_prompts``: prompts past the text encoder's 77 tokens are read whole, in windows of 75 tokens
         encoded one by one and concatenated (:meth:`ClipTokenizer.chunks`), not cut off. ``prompt_weights``:
-        prompts in compel's weighting syntax, ``(red cat)1.3``, ``dog+`` (:mod:`sdengine.prompt_weights`)."""
+        prompts in compel's weighting syntax, ``(red cat)1.3``, ``dog+`` (:mod:`sdengine.prompt_weights`).
+        ``control_image``: ControlNet's conditioning image (one image, or one per batch item), or with several
+        ControlNets a list of those, one per ControlNet; resized like ``image``, and where given it sets the
+        default size, as in diffusers' ControlNet pipelines. ``control_scale``: each ControlNet's weight;
+        ``control_start``, ``control_end``: the share of the schedule each runs in, [start, end) within [0, 1]
+        (diffusers' ``control_guidance_start``/``_end``); each one for all, or one per ControlNet."""
         multiple = self.model_dir.arch.vae_scale_factor
+        controls = self._control_images(control_image)
         default = (self.model_dir.default_image_size,) * 2
-        if image is not None:
-            default = tuple(max(multiple, d // multiple * multiple) for d in image_size(image))
+        first = controls[0] if controls else image
+        if first is not None:
+            default = tuple(max(multiple, d // multiple * multiple) for d in image_size(first))
         height = default[0] if height is None else height
         width = default[1] if width is None else width
         return make_request(
@@ -121,8 +139,42 @@ class _CallMixin:
             guidance_rescale=guidance_rescale,
             long_prompts=long_prompts,
             prompt_weights=prompt_weights,
+            control=None if controls is None else self._control_array(controls, height, width),
+            control_scale=control_scale,
+            control_start=control_start,
+            control_end=control_end,
             size_multiple=multiple,
         )
+
+    def _control_images(self, control: ImageInput | Sequence[ImageInput] | None) -> list[ImageInput] | None:
+        """One image input per ControlNet; InvalidArgumentError where the count is not the model's."""
+        count = self.controlnets
+        if control is None:
+            if count:
+                raise InvalidArgumentError(
+                    f"this model's UNet is conditioned by {count} ControlNet(s): give a control image to each"
+                )
+            return None
+        if not count:
+            raise InvalidArgumentError(
+                "a control image needs a ControlNet: export the checkpoint with one (sdengine export "
+                "--controlnet DIR)"
+            )
+        if count == 1:
+            return [control]
+        if not isinstance(control, (list, tuple)) or len(control) != count:
+            raise InvalidArgumentError(
+                f"this model has {count} ControlNets: give a list of {count} control images"
+            )
+        return list(control)
+
+    @staticmethod
+    def _control_array(controls: list[ImageInput], height: int, width: int) -> np.ndarray:
+        """(ControlNets, 1 or B, height, width, 3) in [0, 1]; every ControlNet's images, batched alike."""
+        arrays = [image_array(c, height, width) for c in controls]
+        if len({len(a) for a in arrays}) > 1:
+            raise InvalidArgumentError("give every ControlNet the same number of control images")
+        return np.stack(arrays)
 
     def __call__(
         self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, **settings: Any
@@ -156,6 +208,7 @@ class Pipeline(_CallMixin):
         optimized_cache: bool = False,
         graphs: str = "step",
         vae_tiling: bool = False,
+        controlnets: Sequence[str | os.PathLike] = (),
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
@@ -163,16 +216,23 @@ class Pipeline(_CallMixin):
         ``graphs`` (GPU): ``step`` captures each whole denoising step as one CUDA graph; ``ort`` uses ONNX
         Runtime's own graph mode (ONNX Runtime on CUDA only); ``none`` runs without graphs. ``vae_tiling``:
         the VAE runs images larger than its training size in overlapping tiles, as diffusers'
-        ``enable_vae_tiling()`` does (see ``sdengine.vae_tiling``), so its memory stays that of one tile."""
+        ``enable_vae_tiling()`` does (see ``sdengine.vae_tiling``), so its memory stays that of one tile.
+        ``controlnets``: ControlNet directories, for a diffusers checkpoint (``torch``); an export holds its
+        ControlNets inside its UNet (``sdengine export --controlnet``)."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
         choice = choose(backend, device, kind, has)
+        if controlnets and choice.backend != "torch":
+            raise InvalidArgumentError(
+                "ControlNets are traced into an export's UNet: export the checkpoint with them (sdengine "
+                "export --controlnet DIR) and load that export; only the torch backend takes them at load"
+            )
         if choice.backend == "torch":
             from sdengine.baseline import TorchPipeline
 
             pipeline: ImageGenerator = TorchPipeline.load(
-                path, device=choice.device, threads=threads, vae_tiling=vae_tiling
+                path, device=choice.device, threads=threads, vae_tiling=vae_tiling, controlnets=controlnets
             )
         elif choice.backend == "trt":
             from sdengine.backends.trt import TrtBackend
@@ -205,11 +265,21 @@ class Pipeline(_CallMixin):
             latents, inputs = self.initial_latents(request, schedule, times)
             if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
                 inputs["guidance_rescale"] = request.guidance_rescale
+            unet_constants = {}
+            if request.control is not None:
+                unet_constants = control_images(request.control, request.batch, 2 if cfg else 1)
+                inputs["control_scales"] = control_schedule(
+                    request.control_scales,
+                    request.control_starts,
+                    request.control_ends,
+                    len(schedule.timesteps),
+                )
             plan = DenoisePlan(
                 latents=latents,
                 context=context,
                 tables=step_tables(schedule, request.step_noise(schedule, latents.shape), **inputs),
                 guidance=request.guidance if cfg else None,
+                unet_constants=unet_constants,
             )
             with times.time("denoise"):
                 latents = denoise(self.backend, plan, times, progress)

@@ -45,6 +45,14 @@ class GenerationRequest:
     long_prompts: bool = False
     #: prompts in compel's weighting syntax: ``(red cat)1.3``, ``dog+`` (see sdengine.prompt_weights)
     prompt_weights: bool = False
+    #: ControlNet: a conditioning image per ControlNet, (ControlNets, 1 or B, height, width, 3) in [0, 1]
+    control: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: ... and each ControlNet's weight (diffusers' controlnet_conditioning_scale)
+    control_scales: tuple[float, ...] = ()
+    #: ... and the share of the schedule each ControlNet runs in, [start, end) (diffusers'
+    #: control_guidance_start and control_guidance_end)
+    control_starts: tuple[float, ...] = ()
+    control_ends: tuple[float, ...] = ()
 
     @property
     def image_to_image(self) -> bool:
@@ -168,6 +176,16 @@ class GenerationRequest:
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
             **({"long_prompts": True} if self.long_prompts else {}),
             **({"prompt_weights": True} if self.prompt_weights else {}),
+            **(
+                {
+                    "control": "supplied",
+                    "control_scale": list(self.control_scales),
+                    "control_start": list(self.control_starts),
+                    "control_end": list(self.control_ends),
+                }
+                if self.control_scales
+                else {}
+            ),
         }
 
 
@@ -190,6 +208,10 @@ def make_request(
     guidance_rescale: float = 0.0,
     long_prompts: bool = False,
     prompt_weights: bool = False,
+    control: np.ndarray | None = None,
+    control_scale: float | Sequence[float] = 1.0,
+    control_start: float | Sequence[float] = 0.0,
+    control_end: float | Sequence[float] = 1.0,
     size_multiple: int = 8,
 ) -> GenerationRequest:
     """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value.
@@ -237,6 +259,9 @@ def make_request(
         img2img_start(int(steps), strength)  # a strength in (0, 1] that leaves at least one step to run
     if mask is not None:
         check_mask(mask, len(prompts), height, width)
+    scales, starts, ends = control_settings(
+        control, control_scale, control_start, control_end, len(prompts), height, width
+    )
     if seed is None:
         seed = secrets.randbits(63)
     if not 0 <= seed < 2**63:
@@ -258,7 +283,59 @@ def make_request(
         guidance_rescale=float(guidance_rescale),
         long_prompts=bool(long_prompts),
         prompt_weights=bool(prompt_weights),
+        control=None if control is None else np.asarray(control, dtype=np.float32),
+        control_scales=scales,
+        control_starts=starts,
+        control_ends=ends,
     )
+
+
+def control_settings(
+    control: np.ndarray | None,
+    scale: float | Sequence[float],
+    start: float | Sequence[float],
+    end: float | Sequence[float],
+    batch: int,
+    height: int,
+    width: int,
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """Check ControlNet conditioning images, (ControlNets, 1 or batch, height, width, 3), and return each
+    ControlNet's weight, start and end (each given once for all, or once per ControlNet), as diffusers'
+    ``controlnet_conditioning_scale``, ``control_guidance_start`` and ``control_guidance_end``: a ControlNet
+    runs on the calls ``i`` of ``n`` with ``start <= i / n`` and ``(i + 1) / n <= end``. No images: none."""
+    given = {"control_scale": scale, "control_start": start, "control_end": end}
+    values = {name: [v] if isinstance(v, (int, float, np.number)) else list(v) for name, v in given.items()}
+    for name, v in values.items():
+        if not v or not all(isinstance(x, (int, float, np.number)) and math.isfinite(x) for x in v):
+            raise InvalidArgumentError(
+                f"{name} must be a finite number or one per ControlNet, got {given[name]!r}"
+            )
+    if control is None:
+        if values != {"control_scale": [1.0], "control_start": [0.0], "control_end": [1.0]}:
+            raise InvalidArgumentError(
+                "control_scale, control_start and control_end apply to ControlNet only: give a control image"
+            )
+        return (), (), ()
+    shape = tuple(np.shape(control))
+    if len(shape) != 5 or shape[1] not in (1, batch) or shape[2:] != (height, width, 3) or not shape[0]:
+        raise InvalidArgumentError(
+            f"control images have shape {shape}, expected (ControlNets, 1 or {batch}, {height}, {width}, 3) "
+            f"for batch {batch} at {height}x{width}"
+        )
+    count = shape[0]
+    for name, v in values.items():
+        if len(v) == 1:
+            v *= count
+        if len(v) != count:
+            raise InvalidArgumentError(f"{len(v)} values of {name} for {count} control images")
+    for s, e in zip(values["control_start"], values["control_end"], strict=True):
+        if not 0.0 <= s < e <= 1.0:
+            raise InvalidArgumentError(
+                f"a ControlNet must start before it ends, within the schedule: 0 <= start < end <= 1, got "
+                f"start {s:g} and end {e:g}"
+            )
+    scales, starts, ends = (tuple(float(x) for x in values[n]) for n in given)
+    return scales, starts, ends
 
 
 def check_image(image: np.ndarray, batch: int, height: int, width: int) -> None:

@@ -10,6 +10,7 @@ that the model itself advances:
     unet_input = [x' * input_scale[i + 1]] * G        the next UNet call's input (G = 2 with guidance)
                  (+ [mask, masked image latents] on the channel axis: inpainting with a 9-channel UNet)
     timestep   = timesteps[i + 1]                     ... and its timestep, shaped as the UNet wants
+    scales     = control_scales[i + 1]                ... and its ControlNets' weights, where it has any
     i'         = i + 1
 
 Because the tables, the noise and the index live in the model's inputs, a GPU backend keeps them in device
@@ -39,6 +40,15 @@ STEP_OUTPUTS = ("next_sample", "next_history", "next_step_index", "unet_input", 
 BLEND_INPUTS = ("keep_mask", "image_latents", "image_noise", "noise_scales")
 #: Input of inpainting with an inpainting (9-channel) UNet: the channels after the latents, fixed for the run.
 CONDITIONING_INPUT = "unet_conditioning"
+#: ControlNet: the table of each call's ControlNet weights, and the output that gives the next call's.
+CONTROL_SCALES = "control_scales"
+CONTROL_SCALE_OUTPUT = "unet_conditioning_scale"
+
+
+def step_outputs(controls: int) -> tuple[str, ...]:
+    """The step model's outputs, in order: :data:`STEP_OUTPUTS`, then the next call's ControlNet weights
+    where the UNet has ``controls`` ControlNets."""
+    return STEP_OUTPUTS + ((CONTROL_SCALE_OUTPUT,) if controls else ())
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,10 +78,18 @@ class StepTables:
     unet_conditioning: np.ndarray | None = None
     #: () float32: guidance rescale's factor (Lin et al. 2023, sec. 3.4), with classifier-free guidance only
     guidance_rescale: np.ndarray | None = None
+    #: (S + 1, ControlNets) float32: each call's ControlNet weights (0 outside a ControlNet's share of the
+    #: schedule); one spare row, read (and unused) after the last step
+    control_scales: np.ndarray | None = None
 
     @property
     def num_calls(self) -> int:
         return len(self.coeffs)
+
+    @property
+    def controls(self) -> int:
+        """How many ControlNets the UNet runs (0: none)."""
+        return 0 if self.control_scales is None else self.control_scales.shape[1]
 
     @property
     def conditioning_channels(self) -> int:
@@ -97,6 +115,8 @@ class StepTables:
             arrays[CONDITIONING_INPUT] = self.unet_conditioning
         if self.guidance_rescale is not None:
             arrays["guidance_rescale"] = self.guidance_rescale
+        if self.control_scales is not None:
+            arrays[CONTROL_SCALES] = self.control_scales
         return arrays
 
 
@@ -107,8 +127,10 @@ def step_tables(
     blend: Blend | None = None,
     unet_conditioning: np.ndarray | None = None,
     guidance_rescale: float | None = None,
+    control_scales: np.ndarray | None = None,
 ) -> StepTables:
-    """Pad ``schedule``'s coefficient rows to :data:`MAX_HISTORY` history buffers.
+    """Pad ``schedule``'s coefficient rows to :data:`MAX_HISTORY` history buffers. ``control_scales``: each
+    call's ControlNet weights, (calls, ControlNets).
 
     Row ``r`` / column ``c`` of the scheduler's ``(1 + K, 3 + K)`` matrix keep their place; the extra history
     rows and columns are zero, so unused buffers stay zero and never contribute.
@@ -133,6 +155,9 @@ def step_tables(
         else Blend(f32(blend.keep_mask), f32(blend.image_latents), f32(blend.image_noise)),
         unet_conditioning=f32(unet_conditioning),
         guidance_rescale=None if guidance_rescale is None else np.array(guidance_rescale, np.float32),
+        control_scales=None
+        if control_scales is None
+        else np.concatenate([control_scales, control_scales[-1:]]).astype(np.float32),
     )
 
 
@@ -168,6 +193,7 @@ def build_step_model(
     blend: bool = False,
     conditioning_channels: int = 0,
     rescale: bool = False,
+    controls: int = 0,
 ) -> onnx.ModelProto:
     """The step model for ``batch`` latents of ``latent_shape`` (C, h, w) and a schedule of ``num_calls``.
 
@@ -182,7 +208,9 @@ def build_step_model(
     inpainting with an inpainting UNet; the model takes :data:`CONDITIONING_INPUT` and appends it to every
     UNet input on the channel axis. ``rescale`` (with ``guidance``): the model takes ``guidance_rescale``
     and rescales the guided output towards the conditional one's standard deviation, as diffusers'
-    ``rescale_noise_cfg`` does (unbiased std over each image).
+    ``rescale_noise_cfg`` does (unbiased std over each image). ``controls``: the UNet runs that many
+    ControlNets; the model takes :data:`CONTROL_SCALES` and gives the next call's row of it as
+    :data:`CONTROL_SCALE_OUTPUT`, so a ControlNet that stops (or starts) partway costs no host work.
     """
     copies = 2 if guidance else 1
     c, h, w = latent_shape
@@ -293,6 +321,12 @@ def build_step_model(
         nodes.append(helper.make_node("Expand", ["t_cast", "t_shape"], ["unet_timestep"]))
     else:
         nodes.append(helper.make_node("Identity", ["t_cast"], ["unet_timestep"]))
+    if controls:
+        inputs.append(helper.make_tensor_value_info(CONTROL_SCALES, f32, [num_calls + 1, controls]))
+        outputs.append(helper.make_tensor_value_info(CONTROL_SCALE_OUTPUT, f32, [controls]))
+        nodes.append(
+            helper.make_node("Gather", [CONTROL_SCALES, "next_step_index"], [CONTROL_SCALE_OUTPUT], axis=0)
+        )
     graph = helper.make_graph(nodes, "sdengine_step", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     onnx.checker.check_model(model)

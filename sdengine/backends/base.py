@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +23,8 @@ class DenoisePlan:
     context: np.ndarray  # (G * B, sequence, hidden) text embeddings; negatives first when G == 2
     tables: StepTables  # per-step coefficients, timesteps, input scales and noise
     guidance: float | None  # None: no classifier-free guidance, the UNet runs on the batch once (G == 1)
+    #: the UNet's inputs that hold for the whole run besides the text embeddings (ControlNet's, by name)
+    unet_constants: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def copies(self) -> int:
@@ -50,6 +53,8 @@ class GraphKey:
     conditioning_channels: int = 0
     rescale: bool = False
     sequence: int = 77  # the text embeddings' length: 77 tokens per window of a long prompt
+    unet_constants: tuple[str, ...] = ()  # the names of the plan's other constant UNet inputs
+    controls: int = 0  # ControlNets in the UNet, whose weights the step model gives each call
 
     @classmethod
     def of(cls, plan: DenoisePlan) -> GraphKey:
@@ -62,6 +67,8 @@ class GraphKey:
             tables.conditioning_channels,
             tables.guidance_rescale is not None,
             plan.context.shape[1],
+            tuple(sorted(plan.unet_constants)),
+            tables.controls,
         )
 
     @property
@@ -88,6 +95,7 @@ class GraphKey:
             blend=self.blend,
             conditioning_channels=self.conditioning_channels,
             rescale=self.rescale,
+            controls=self.controls,
         )
 
 

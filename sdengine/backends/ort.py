@@ -20,6 +20,7 @@ from sdengine.backends.ort_cache import optimized_model
 from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import (
+    CONDITIONING_SCALE,
     LAYER_STATES,
     REQUIRED_COMPONENTS,
     TEXT_ENCODER,
@@ -30,9 +31,9 @@ from sdengine.model_specs import (
 )
 from sdengine.step_graph import (
     MAX_HISTORY,
-    STEP_OUTPUTS,
     first_timestep,
     first_unet_inputs,
+    step_outputs,
     timestep_shape,
 )
 from sdengine.textual_inversion import grown_token_table
@@ -274,8 +275,11 @@ class OrtBackend:
             self._inputs[VAE_ENCODER] = session_inputs(self.sessions[VAE_ENCODER])
         return self._run(VAE_ENCODER, sample=pixels)
 
-    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
-        return self._run(UNET, sample=sample, timestep=timestep, encoder_hidden_states=context)
+    def predict_noise(
+        self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray, **constants: np.ndarray
+    ) -> np.ndarray:
+        """The UNet; ``constants``: its other inputs by name (ControlNet's)."""
+        return self._run(UNET, sample=sample, timestep=timestep, encoder_hidden_states=context, **constants)
 
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> HostDenoiser:
         return HostDenoiser(self, plan, times)
@@ -293,7 +297,10 @@ class HostDenoiser:
         tables = plan.tables
         t_shape, t_dtype = backend.timestep_format(plan.copies * plan.latents.shape[0])
         self.constants = {**tables.inputs(), "guidance": np.array(plan.guidance or 1.0, np.float32)}
-        self.context = plan.context
+        self.context, self.unet_constants = plan.context, dict(plan.unet_constants)
+        self.outputs = step_outputs(tables.controls)
+        if tables.control_scales is not None:  # the first call's; the step model gives each next one
+            self.unet_constants[CONDITIONING_SCALE] = tables.control_scales[0]
         self.state = {
             "sample": plan.latents,
             "history": np.zeros((MAX_HISTORY, *plan.latents.shape), np.float32),
@@ -304,10 +311,14 @@ class HostDenoiser:
 
     def step(self) -> None:
         with self.times.time("unet"):
-            noise_pred = self.backend.predict_noise(self.unet_input, self.timestep, self.context)
+            noise_pred = self.backend.predict_noise(
+                self.unet_input, self.timestep, self.context, **self.unet_constants
+            )
         with self.times.time("step"):
-            out = self.session.run(STEP_OUTPUTS, {"noise_pred": noise_pred, **self.state, **self.constants})
-        sample, history, index, self.unet_input, self.timestep = out
+            out = self.session.run(self.outputs, {"noise_pred": noise_pred, **self.state, **self.constants})
+        sample, history, index, self.unet_input, self.timestep, *control_scale = out
+        if control_scale:
+            self.unet_constants[CONDITIONING_SCALE] = control_scale[0]
         self.state = {"sample": sample, "history": history, "step_index": index}
 
     def latents(self) -> np.ndarray:

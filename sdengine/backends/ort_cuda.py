@@ -57,8 +57,8 @@ from sdengine.errors import (
     SDEngineError,
 )
 from sdengine.model_dir import ModelDir
-from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
-from sdengine.step_graph import MAX_HISTORY, STEP_OUTPUTS, first_timestep, first_unet_inputs
+from sdengine.model_specs import CONDITIONING_SCALE, TEXT_ENCODER, UNET, VAE_DECODER
+from sdengine.step_graph import MAX_HISTORY, first_timestep, first_unet_inputs, step_outputs
 from sdengine.timing import StageTimes
 
 CUDA = "CUDAExecutionProvider"
@@ -251,7 +251,10 @@ class OrtCudaBackend(OrtBackend):
             while len(self._unet_sessions) >= MAX_UNET_SHAPES:
                 self._drop_unet_session(next(iter(self._unet_sessions)))
             options = self._graph_session_options(session_options(self.threads))
-            for name, value in zip(("batch", "latent_height", "latent_width", "sequence"), key, strict=True):
+            factor = self.model_dir.arch.vae_scale_factor
+            pinned = {"batch": key[0], "latent_height": height, "latent_width": width, "sequence": key[3]}
+            pinned |= {"height": height * factor, "width": width * factor}  # a ControlNet's image
+            for name, value in pinned.items():
                 options.add_free_dimension_override_by_name(name, value)
             spec = self.model_dir.arch.specs()[UNET]
             path = str(self.model_dir.onnx_path(UNET))
@@ -333,6 +336,11 @@ class DeviceDenoiser:
         self.unet_input = empty(plan.unet_input_shape, sample_dtype)
         self.timestep = empty(t_shape, t_dtype)
         self.context = empty(plan.context.shape, declared["encoder_hidden_states"][0])
+        self.unet_constants = {
+            name: empty(array.shape, declared[name][0]) for name, array in plan.unet_constants.items()
+        }
+        # ControlNet: each call's weights, which the step model writes for the next call (as the timestep)
+        self.control_scale = empty((tables.controls,), np.float32) if tables.controls else None
         self.noise_pred = empty((unet_batch, *plan.latents.shape[1:]), noise_dtype)
         self.constants = {name: empty(a.shape, np.float32) for name, a in tables.inputs().items()}
         self.constants["guidance"] = empty((), np.float32)
@@ -351,6 +359,8 @@ class DeviceDenoiser:
             ("sample", self.unet_input),
             ("timestep", self.timestep),
             ("encoder_hidden_states", self.context),
+            *self.unet_constants.items(),
+            *([(CONDITIONING_SCALE, self.control_scale)] if self.control_scale is not None else []),
         ):
             self.unet_binding.bind_ortvalue_input(name, tensor.value)
         self.unet_binding.bind_ortvalue_output(unet_output.name, self.noise_pred.value)
@@ -366,8 +376,9 @@ class DeviceDenoiser:
                 target["step_index"],
                 self.unet_input,
                 self.timestep,
+                *([self.control_scale] if self.control_scale is not None else []),
             ]
-            for name, tensor in zip(STEP_OUTPUTS, outputs, strict=True):
+            for name, tensor in zip(step_outputs(tables.controls), outputs, strict=True):
                 binding.bind_ortvalue_output(name, tensor.value)
             self.step_bindings.append(binding)
         ort_graphs, sync = backend.graph_mode == "ort", self.stream is None
@@ -435,6 +446,10 @@ class DeviceDenoiser:
         self.unet_input.fill(first_unet_inputs(tables, plan.latents, plan.copies))
         self.timestep.fill(first_timestep(tables, self.timestep.shape, self.timestep.dtype))
         self.context.fill(plan.context)
+        for name, array in plan.unet_constants.items():
+            self.unet_constants[name].fill(array)
+        if self.control_scale is not None:
+            self.control_scale.fill(tables.control_scales[0])
         for name, array in tables.inputs().items():
             self.constants[name].fill(array)
         self.constants["guidance"].fill(np.array(plan.guidance or 1.0))

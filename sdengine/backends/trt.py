@@ -41,12 +41,19 @@ from sdengine.errors import (
     UnsupportedConfigError,
 )
 from sdengine.model_dir import ModelDir, open_onnx_dir
-from sdengine.model_specs import LAYER_STATES, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from sdengine.model_specs import (
+    CONDITIONING_SCALE,
+    LAYER_STATES,
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 from sdengine.step_graph import (
     MAX_HISTORY,
-    STEP_OUTPUTS,
     first_timestep,
     first_unet_inputs,
+    step_outputs,
     timestep_shape,
 )
 from sdengine.timing import StageTimes
@@ -329,6 +336,12 @@ class GraphSteps:
             **{name: DeviceArray(array.shape, f32) for name, array in tables.inputs().items()},
             "guidance": DeviceArray((), f32),
         }
+        #: the UNet's other inputs that hold for a run (ControlNet's): not the step engine's
+        self.unet_constants = {
+            name: DeviceArray(array.shape, unet.dtype(name)) for name, array in plan.unet_constants.items()
+        }
+        if tables.controls:  # each call's ControlNet weights, written by the step engine for the next call
+            self.unet_constants[CONDITIONING_SCALE] = DeviceArray((tables.controls,), f32)
         self.states = [
             {
                 "sample": DeviceArray(latent, f32),
@@ -342,6 +355,7 @@ class GraphSteps:
                 "sample": self.shared["unet_input"],
                 "timestep": self.shared["timestep"],
                 "encoder_hidden_states": self.shared["context"],
+                **self.unet_constants,
                 unet.outputs[0]: self.shared["noise_pred"],
             }
         )
@@ -351,12 +365,14 @@ class GraphSteps:
             source, target = self.states[parity], self.states[1 - parity]
             outputs = (target["sample"], target["history"], target["step_index"])
             outputs += (self.shared["unet_input"], self.shared["timestep"])
+            if tables.controls:
+                outputs += (self.unet_constants[CONDITIONING_SCALE],)
             step.bind(
                 {
                     "noise_pred": self.shared["noise_pred"],
                     **source,
                     **self.shared,
-                    **dict(zip(STEP_OUTPUTS, outputs, strict=True)),
+                    **dict(zip(step_outputs(tables.controls), outputs, strict=True)),
                 }
             )
         for parity in (0, 1):  # each context runs once outside capture, as TensorRT asks before capturing it
@@ -414,6 +430,10 @@ class GraphSteps:
         timestep = self.shared["timestep"]
         timestep.upload(first_timestep(tables, timestep.shape, timestep.dtype), s)
         self.shared["context"].upload(plan.context, s)
+        for name, array in plan.unet_constants.items():
+            self.unet_constants[name].upload(array, s)
+        if tables.control_scales is not None:
+            self.unet_constants[CONDITIONING_SCALE].upload(tables.control_scales[0], s)
         for name, array in tables.inputs().items():
             self.shared[name].upload(array, s)
         self.shared["guidance"].upload(np.array(plan.guidance or 1.0), s)

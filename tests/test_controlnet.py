@@ -1,0 +1,285 @@
+"""ControlNet: traced into the exported UNet, checked against diffusers' ControlNet pipelines (text to image,
+image to image, inpainting, several ControlNets) fed the same draws; on the host loop, the bound ONNX Runtime
+loop and the simulated TensorRT runtime; and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+from test_img2img import picture
+from test_inpaint import rectangle
+from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
+
+from sdengine.cli import main
+from sdengine.errors import InvalidArgumentError, ModelDirectoryError, UnsupportedConfigError
+from sdengine.images import psnr, read_png_parameters
+from sdengine.manifest import Manifest
+from sdengine.pipeline import Pipeline
+
+PROMPT = "a house by a lake"
+SIZE = dict(height=64, width=96)
+
+
+def control(seed: int = 0, height: int = 64, width: int = 96) -> np.ndarray:
+    """A control image (H, W, 3) in [0, 1] with edges, as an edge map has."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.float32)
+    for _ in range(6):
+        y, x = rng.integers(0, height), rng.integers(0, width)
+        image[y, :] = 1.0
+        image[:, x] = rng.random(3)
+    return image
+
+
+@pytest.fixture(scope="module")
+def controlnet_dirs(tiny_checkpoint, tmp_path_factory):
+    from export.controlnet import write_random_controlnet
+
+    root = tmp_path_factory.mktemp("controlnets")
+    return [write_random_controlnet(tiny_checkpoint, root / f"cn{seed}", seed=seed) for seed in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def control_onnx(tiny_checkpoint, controlnet_dirs, tmp_path_factory):
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx") / "controlled"
+    export_checkpoint(tiny_checkpoint, out, controlnets=controlnet_dirs[:1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_checkpoint, controlnet_dirs, control_onnx):
+    """(ONNX Runtime on the CPU, diffusers) with the first ControlNet."""
+    ours = Pipeline.load(control_onnx, backend="ort", device="cpu")
+    return ours, Pipeline.load(tiny_checkpoint, backend="torch", controlnets=controlnet_dirs[:1])
+
+
+def test_the_export_lists_its_controlnets_and_its_unet_takes_their_inputs(control_onnx, controlnet_dirs):
+    listed = json.loads((control_onnx / "controlnet" / "config.json").read_text())["controlnets"]
+    assert [entry["dir"] for entry in listed] == [str(controlnet_dirs[0].resolve())]
+    assert listed[0]["config"]["_class_name"] == "ControlNetModel"
+    manifest = Manifest.read(control_onnx)
+    assert [c["dir"] for c in manifest.controlnets] == [listed[0]["dir"]]
+    assert manifest.components["unet"].verification["passed"]
+    unet = onnx.load(str(control_onnx / "unet" / "model.onnx"), load_external_data=False)
+    shapes = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in unet.graph.input
+    }
+    assert shapes["controlnet_cond"] == ["batch", 3, "height", "width"]
+    assert shapes["conditioning_scale"] == [1]
+
+
+def test_the_unet_layers_keep_their_names_beside_the_controlnet(control_onnx, onnx_fp32):
+    """LoRA finds the UNet's layers by name: the ControlNet traced beside them takes none of those names."""
+
+    def layer_weights(root):
+        model = onnx.load(str(root / "unet" / "model.onnx"), load_external_data=False)
+        return {t.name for t in model.graph.initializer if t.name.endswith((".weight", ".weight.T"))}
+
+    plain, controlled = layer_weights(onnx_fp32), layer_weights(control_onnx)
+    assert len(plain) > 50 and plain <= controlled
+    assert all(name.startswith("controlnets.0.") for name in controlled - plain)
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "euler_a", "dpmpp_2m"])
+def test_text_to_image_matches_diffusers(pipes, scheduler):
+    settings = dict(steps=4, seed=3, scheduler=scheduler, control_image=control(), control_scale=0.8, **SIZE)
+    ours, ref = (pipe(PROMPT, "blurry", **settings) for pipe in pipes)
+    assert psnr(ours.array, ref.array) >= 100
+    scale = float(np.abs(ref.latents).max())  # float32 rounding, relative to the latents' size
+    np.testing.assert_allclose(ours.latents, ref.latents, rtol=0, atol=1e-5 * scale)
+
+
+def test_controlnets_running_on_part_of_the_schedule_match_diffusers(pipes):
+    """control_start/control_end: the step model gives each call its weights, 0 outside the share."""
+    settings = dict(steps=6, seed=11, control_image=control(7), scheduler="dpmpp_2m", **SIZE)
+    whole = pipes[0](PROMPT, **settings)
+    for start, end in ((0.0, 0.5), (0.34, 1.0), (0.2, 0.7)):
+        ours, ref = (pipe(PROMPT, control_start=start, control_end=end, **settings) for pipe in pipes)
+        assert psnr(ours.array, ref.array) >= 100, (start, end)
+        assert psnr(ours.array, whole.array) < 60, (start, end)
+
+
+def test_control_schedule_is_diffusers_controlnet_keep():
+    from sdengine.controlnet import control_schedule
+
+    calls, starts, ends, scales = 7, (0.0, 0.3), (0.6, 1.0), (0.5, 2.0)
+    table = control_schedule(scales, starts, ends, calls)
+    for i in range(calls):  # diffusers' StableDiffusionControlNetPipeline.__call__, written out
+        keep = [1.0 - float(i / calls < s or (i + 1) / calls > e) for s, e in zip(starts, ends, strict=True)]
+        np.testing.assert_array_equal(table[i], np.float32(keep) * np.float32(scales))
+
+
+def test_the_control_image_changes_the_image_and_scale_zero_is_the_plain_unet(pipes, ort_pipe_fp32):
+    settings = dict(steps=4, seed=4, **SIZE)
+    plain = ort_pipe_fp32(PROMPT, **settings)
+    zero = pipes[0](PROMPT, control_image=control(), control_scale=0.0, **settings)
+    full = pipes[0](PROMPT, control_image=control(), **settings)
+    other = pipes[0](PROMPT, control_image=control(seed=9), **settings)
+    np.testing.assert_allclose(zero.latents, plain.latents, rtol=0, atol=1e-4)
+    assert psnr(full.array, plain.array) < 40 and psnr(full.array, other.array) < 45
+
+
+def test_image_to_image_and_inpainting_match_diffusers(pipes):
+    settings = dict(steps=5, seed=5, image=picture(), control_image=control(1), scheduler="euler_a")
+    for extra in (dict(strength=0.6), dict(mask=rectangle())):
+        ours, ref = (pipe(PROMPT, **settings, **extra) for pipe in pipes)
+        assert psnr(ours.array, ref.array) >= 100, extra
+
+
+def test_two_controlnets_add_up_as_diffusers_multi_controlnet(tiny_checkpoint, controlnet_dirs, tmp_path):
+    from export.onnx_export import export_checkpoint
+
+    components = ["text_encoder", "unet", "vae_decoder"]
+    export_checkpoint(tiny_checkpoint, tmp_path / "multi", controlnets=controlnet_dirs, components=components)
+    ours = Pipeline.load(tmp_path / "multi", backend="ort", device="cpu")
+    ref = Pipeline.load(tiny_checkpoint, backend="torch", controlnets=controlnet_dirs)
+    assert ours.controlnets == ref.controlnets == 2
+    settings = dict(
+        steps=4, seed=6, control_image=[control(2), control(3)], control_scale=[0.6, -0.4], **SIZE
+    )
+    a, b = ours(PROMPT, **settings), ref(PROMPT, **settings)
+    assert psnr(a.array, b.array) >= 100
+    swapped = ours(PROMPT, **{**settings, "control_image": [control(3), control(2)]})
+    assert psnr(swapped.array, a.array) < 45  # each ControlNet reads its own image
+    with pytest.raises(InvalidArgumentError, match="give a list of 2 control images"):
+        ours.request(PROMPT, control_image=control(2))
+    with pytest.raises(InvalidArgumentError, match="3 values of control_scale for 2 control images"):
+        ours.request(PROMPT, control_image=[control(2), control(3)], control_scale=[1, 1, 1])
+
+
+def test_batches_share_one_control_image_or_take_one_each(pipes):
+    one = pipes[0]([PROMPT, "a boat"], steps=3, seed=7, control_image=control(4), **SIZE)
+    each = pipes[0](
+        [PROMPT, "a boat"], steps=3, seed=7, control_image=np.stack([control(4), control(5)]), **SIZE
+    )
+    ref = pipes[1](
+        [PROMPT, "a boat"], steps=3, seed=7, control_image=np.stack([control(4), control(5)]), **SIZE
+    )
+    np.testing.assert_allclose(one.latents[0], each.latents[0], rtol=0, atol=1e-5)
+    assert psnr(one.array[1], each.array[1]) < 45
+    assert psnr(each.array, ref.array) >= 100
+
+
+def test_the_control_image_sets_the_default_size(pipes):
+    request = pipes[0].request(PROMPT, control_image=control(height=72, width=45), image=picture())
+    assert (request.height, request.width) == (72, 40)
+    assert request.parameters()["control_scale"] == [1.0]
+
+
+def test_control_images_and_models_must_agree(
+    pipes, ort_pipe_fp32, onnx_fp32, tiny_checkpoint, controlnet_dirs
+):
+    ours = pipes[0]
+    with pytest.raises(InvalidArgumentError, match="conditioned by 1 ControlNet"):
+        ours.request(PROMPT)
+    with pytest.raises(InvalidArgumentError, match="needs a ControlNet"):
+        ort_pipe_fp32.request(PROMPT, control_image=control())
+    with pytest.raises(InvalidArgumentError, match="apply to ControlNet only"):
+        ort_pipe_fp32.request(PROMPT, control_scale=0.5)
+    with pytest.raises(InvalidArgumentError, match="apply to ControlNet only"):
+        ort_pipe_fp32.request(PROMPT, control_end=0.5)
+    with pytest.raises(InvalidArgumentError, match="finite number"):
+        ours.request(PROMPT, control_image=control(), control_scale=float("nan"))
+    for start, end in ((0.5, 0.5), (-0.1, 1.0), (0.0, 1.2)):
+        with pytest.raises(InvalidArgumentError, match="start before it ends"):
+            ours.request(PROMPT, control_image=control(), control_start=start, control_end=end)
+    with pytest.raises(InvalidArgumentError, match="control images have shape"):
+        ours.request(PROMPT, control_image=np.stack([control()] * 3), batch=2, **SIZE)
+    with pytest.raises(InvalidArgumentError, match="export the checkpoint with them"):
+        Pipeline.load(onnx_fp32, backend="ort", device="cpu", controlnets=controlnet_dirs[:1])
+
+
+def test_export_refuses_controlnets_that_do_not_fit(tiny_checkpoint, controlnet_dirs, tmp_path):
+    from export.onnx_export import export_checkpoint
+
+    with pytest.raises(ModelDirectoryError, match="is not a ControlNet"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "a", controlnets=[tiny_checkpoint / "unet"])
+    other = tmp_path / "other"
+    shutil.copytree(controlnet_dirs[0], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "block_out_channels": [64, 128, 256, 256]}))
+    with pytest.raises(UnsupportedConfigError, match="block_out_channels"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "b", controlnets=[other])
+    with pytest.raises(InvalidArgumentError, match="export the unet component too"):
+        export_checkpoint(
+            tiny_checkpoint, tmp_path / "c", controlnets=controlnet_dirs, components=["vae_decoder"]
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_export_without_controlnets_drops_an_older_list(tiny_checkpoint, controlnet_dirs, tmp_path):
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path / "again"
+    export_checkpoint(
+        tiny_checkpoint, out, controlnets=controlnet_dirs[:1], components=["unet"], verify=False
+    )
+    assert (out / "controlnet" / "config.json").is_file()
+    export_checkpoint(tiny_checkpoint, out, components=["unet"], verify=False)
+    assert not (out / "controlnet" / "config.json").exists()
+
+
+def test_bound_loop_matches_the_host_loop(pipes):
+    """The device loop (here on the CPU provider) binds the ControlNet's inputs once and refills them."""
+    from sdengine.backends.ort_cuda import OrtCudaBackend
+
+    host = pipes[0]
+    bound = Pipeline(host.model_dir, OrtCudaBackend(host.model_dir, device="cpu"), host.tokenizer)
+    for seed in (8, 9):  # the second run refills the same buffers with another control image
+        settings = dict(
+            steps=4, seed=seed, control_image=control(seed), control_scale=0.5 + seed / 10, **SIZE
+        )
+        settings["control_end"] = 0.5 if seed == 9 else 1.0  # weights from the step model: 0 after call 2
+        np.testing.assert_allclose(
+            bound(PROMPT, **settings).latents, host(PROMPT, **settings).latents, atol=1e-4
+        )
+    assert len(bound.backend._denoisers) == 1
+
+
+def test_simulated_tensorrt_binds_the_controlnet_inputs(simulated, control_onnx, pipes, tmp_path):  # noqa: F811
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+
+    manifest = build_engines(control_onnx, tmp_path / "engines", batch=1, env=ENV, builder=write_plan, **SIZE)
+    assert manifest.engines["unet"].profile["controlnet_cond"] == [[2, 3, 64, 96]] * 3
+    backend = TrtBackend.load(tmp_path / "engines")
+    pipe = Pipeline(backend.model_dir, backend, pipes[0].tokenizer)
+    settings = dict(steps=4, seed=10, control_image=control(6), control_scale=0.7, control_start=0.25, **SIZE)
+    np.testing.assert_allclose(pipe(PROMPT, **settings).array, pipes[0](PROMPT, **settings).array, atol=1e-4)
+    assert backend.graphs_refused is None
+
+
+def test_cli_controlnet(tiny_checkpoint, tmp_path, capsys):
+    cn, onnx_dir, out = tmp_path / "cn", tmp_path / "onnx", tmp_path / "out.png"
+    assert main(["make-controlnet", str(tiny_checkpoint), str(cn), "--seed", "4"]) == 0
+    args = ["export", str(tiny_checkpoint), "--output", str(onnx_dir), "--controlnet", str(cn), "--no-verify"]
+    assert main([*args, "--components", "text_encoder,unet,vae_decoder"]) == 0
+    edges = tmp_path / "edges.png"
+    Image.fromarray((control(height=48, width=80) * 255).astype(np.uint8)).save(edges)
+    generate = ["generate", str(onnx_dir), PROMPT, "--steps", "2", "--device", "cpu", "--output", str(out)]
+    assert (
+        main([*generate, "--control-image", str(edges), "--control-scale", "0.5", "--control-end", "0.8"])
+        == 0
+    )
+    params = read_png_parameters(out)
+    assert (params["height"], params["width"], params["control_scale"]) == (48, 80, [0.5])
+    assert (params["control_start"], params["control_end"]) == ([0.0], [0.8])
+    assert params["control_images"] == ["edges.png"]
+    capsys.readouterr()
+    assert main(["info", str(onnx_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["controlnets"], info["architecture"]["controlnets"]) == (["cn"], 1)
+    assert main(generate) == 1
+    err = capsys.readouterr().err.strip()
+    assert "1 ControlNet(s): give --control-image that many times, not 0" in err and "\n" not in err
+    assert (
+        main(["export", str(tiny_checkpoint), "--output", str(tmp_path / "x"), "--controlnet", str(out)]) == 1
+    )
+    assert "ControlNet directory" in capsys.readouterr().err
