@@ -51,6 +51,8 @@ class BenchConfig:
     optimized_cache: bool = False
     engine_dir: Path | None = None  # TensorRT engines (``sdengine build``) for the trt backend
     graphs: str = "step"  # GPU graph mode of the ort and trt backends
+    #: the ControlNets an export holds, which the torch baseline loads beside the checkpoint
+    controlnets: tuple[str, ...] = ()
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -145,6 +147,8 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
         cmd += ["--optimized-cache"]
     if backend != "torch":
         cmd += ["--graphs", config.graphs]
+    else:
+        cmd += [arg for path in config.controlnets for arg in ("--controlnet", path)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SDEngineError(

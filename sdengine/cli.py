@@ -226,6 +226,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     prep: dict[str, float] = {}
     device = args.device
+    controlnets: tuple[str, ...] = ()
     if args.model in PRESETS:
         preset = get_preset(args.model)
         device = device or preset.device
@@ -244,11 +245,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             Path(args.checkpoint or manifest.source_checkpoint) if (args.checkpoint or manifest) else None
         )
         native = open_onnx_dir(onnx_dir).default_image_size
+        controlnets = tuple(str(c["dir"]) for c in manifest.controlnets) if manifest else ()
         size = dict(height=native, width=native, batch=1, steps=4, guidance=7.5, runs=3, warmup=1)
     overrides = {k: getattr(args, k) for k in size if getattr(args, k) is not None}
     config = BenchConfig(
         onnx_dir=onnx_dir,
         checkpoint=checkpoint,
+        controlnets=controlnets,
         backends=tuple(b for b in args.backends.split(",") if b),
         scheduler=args.scheduler,
         threads=args.threads,

@@ -1,5 +1,6 @@
 """``sdengine info DIR``: what a model directory holds, and whether this machine can run it as it is (and
-``sdengine info FILE.safetensors``: what a LoRA file updates).
+``sdengine info FILE.safetensors``: what a LoRA file updates; ``sdengine info CONTROLNET_DIR``: what a
+ControlNet must fit).
 
 For a diffusers checkpoint: its architecture and scheduler. For an ONNX export: its manifest (precision,
 opset, source, per-model size) and which models are present. For an engine directory: each engine's build
@@ -23,6 +24,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     root = Path(path)
     if root.suffix == ".safetensors" and root.is_file():
         return _lora_file(root)
+    if (root / "config.json").is_file() and not (root / "model_index.json").is_file():
+        return _controlnet_dir(root)
     kind = model_kind(root)
     info: dict[str, Any] = {"path": str(root), "kind": kind}
     if kind == "engines":
@@ -146,6 +149,15 @@ def _lora(unet: Path) -> str:
     if not named:
         return "no (its weights carry no layer names; export again)"
     return "yes (ONNX Runtime backends)"
+
+
+def _controlnet_dir(root: Path) -> dict[str, Any]:
+    """A ControlNet directory: what fixes whether it fits a checkpoint's UNet (``export --controlnet``)."""
+    from export.controlnet import MATCHING, controlnet_config
+
+    config = controlnet_config(root)  # a one-line error for any other single-model folder
+    keys = ("in_channels", "conditioning_channels", *MATCHING, "controlnet_conditioning_channel_order")
+    return {"path": str(root), "kind": "controlnet", **{k: config[k] for k in keys if k in config}}
 
 
 def _lora_file(path: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from PIL import Image
 from test_img2img import picture
-from test_inpaint import rectangle
+from test_inpaint import inpaint_checkpoint, rectangle  # noqa: F401 (inpaint_checkpoint: a fixture)
 from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.cli import main
@@ -131,6 +131,44 @@ def test_image_to_image_and_inpainting_match_diffusers(pipes):
     for extra in (dict(strength=0.6), dict(mask=rectangle())):
         ours, ref = (pipe(PROMPT, **settings, **extra) for pipe in pipes)
         assert psnr(ours.array, ref.array) >= 100, extra
+
+
+def test_an_inpainting_unet_gives_its_controlnet_the_latents_alone(
+    inpaint_checkpoint,  # noqa: F811
+    controlnet_dirs,
+    tmp_path,
+):
+    """A 9-channel inpainting UNet with a (4-channel) ControlNet, as diffusers' ControlNet inpainting pipeline
+    runs them: the ControlNet reads the latents without the mask channels."""
+    from export.onnx_export import export_checkpoint
+
+    components = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    export_checkpoint(
+        inpaint_checkpoint, tmp_path / "x", controlnets=controlnet_dirs[:1], components=components
+    )
+    ours = Pipeline.load(tmp_path / "x", backend="ort", device="cpu")
+    ref = Pipeline.load(inpaint_checkpoint, backend="torch", controlnets=controlnet_dirs[:1])
+    settings = dict(
+        steps=4, seed=12, image=picture(), mask=rectangle(), control_image=control(8), strength=0.9
+    )
+    assert psnr(ours(PROMPT, **settings).array, ref(PROMPT, **settings).array) >= 100
+
+
+def test_a_lora_loaded_at_run_time_updates_the_unet_beside_its_controlnet(
+    tiny_checkpoint, controlnet_dirs, control_onnx, tmp_path
+):
+    from export.random_lora import write_random_lora
+
+    lora = write_random_lora(control_onnx, tmp_path / "lora.safetensors", seed=3)
+    ours = Pipeline.load(control_onnx, backend="ort", device="cpu")
+    ref = Pipeline.load(tiny_checkpoint, backend="torch", controlnets=controlnet_dirs[:1])
+    settings = dict(steps=4, seed=13, control_image=control(9), **SIZE)
+    before = ours(PROMPT, **settings)
+    for pipe in (ours, ref):
+        pipe.load_lora(lora, 0.8)
+    after = ours(PROMPT, **settings)
+    assert psnr(after.array, ref(PROMPT, **settings).array) >= 100
+    assert psnr(after.array, before.array) < 45
 
 
 def test_two_controlnets_add_up_as_diffusers_multi_controlnet(tiny_checkpoint, controlnet_dirs, tmp_path):
@@ -276,6 +314,9 @@ def test_cli_controlnet(tiny_checkpoint, tmp_path, capsys):
     assert main(["info", str(onnx_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["controlnets"], info["architecture"]["controlnets"]) == (["cn"], 1)
+    assert main(["info", str(cn), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "controlnet" and info["in_channels"] == 4
     assert main(generate) == 1
     err = capsys.readouterr().err.strip()
     assert "1 ControlNet(s): give --control-image that many times, not 0" in err and "\n" not in err
@@ -283,3 +324,11 @@ def test_cli_controlnet(tiny_checkpoint, tmp_path, capsys):
         main(["export", str(tiny_checkpoint), "--output", str(tmp_path / "x"), "--controlnet", str(out)]) == 1
     )
     assert "ControlNet directory" in capsys.readouterr().err
+
+
+def test_bench_runs_the_baseline_with_the_exports_controlnets(control_onnx, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["bench", str(control_onnx), "--runs", "1", "--warmup", "0", "--steps", "2", "--device", "cpu"]
+    assert main([*args, "--height", "64", "--width", "96", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["backends"]["ort"]["psnr_vs_torch_db"] >= 100  # the same control image, the same ControlNet
