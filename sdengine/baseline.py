@@ -243,8 +243,10 @@ class TorchPipeline(_CallMixin):
         Not through ``encode_prompt`` itself: diffusers 0.42 skips layers for the positive prompts only,
         which puts the two sides of classifier-free guidance on different layers, its clip_skip path reads
         ``text_encoder.text_model``, which transformers 5 no longer has, and it cuts long prompts off."""
-        if request.prompt_weights:
+        if request.prompt_weights == "compel":
             return self.weighted_embeddings(pipe, request)
+        if request.prompt_weights == "a1111":
+            return self.a1111_embeddings(pipe, request)
         encoder = pipe.text_encoder
         norm = getattr(encoder, "text_model", encoder).final_layer_norm
         texts = [
@@ -260,6 +262,44 @@ class TorchPipeline(_CallMixin):
         states = encoder(ids.flatten(0, 1).to(self.device), output_hidden_states=True).hidden_states
         embeds = norm(states[-(request.clip_skip + 1)])
         embeds = embeds.reshape(len(texts), -1, embeds.shape[-1])
+        return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
+
+    def a1111_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
+        """Prompt embeddings in the AUTOMATIC1111 web UI's weighting syntax, with transformers' tokenizer and
+        the torch text encoder: the windows as :func:`sdengine.prompt_weights_a1111.a1111_windows` fills
+        them, each window's embeddings multiplied by its weights and rescaled to its own mean; shorter
+        prompts get the empty prompt's window as often as they are short."""
+        from sdengine.prompt_weights_a1111 import a1111_windows, parse_a1111
+
+        tok, encoder = pipe.tokenizer, pipe.text_encoder
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        specials = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        comma = tok.convert_tokens_to_ids(",</w>")  # the web UI's comma token
+
+        def content(text: str) -> list[int]:
+            return tok(text, add_special_tokens=False, truncation=False).input_ids
+
+        def encode(ids: np.ndarray) -> torch.Tensor:
+            states = encoder(torch.from_numpy(ids).to(self.device), output_hidden_states=True).hidden_states
+            return norm(states[-(request.clip_skip + 1)]).double()
+
+        embeds = []
+        for text in request.negative_prompts + request.prompts:
+            fragments = parse_a1111(pipe.maybe_convert_prompt(text, tok))
+            ids, weights = a1111_windows(fragments, content, specials, comma, tok.model_max_length - 2)
+            if not request.long_prompts:
+                ids, weights = ids[:1], weights[:1]
+            z = encode(ids)
+            mean = z.mean(dim=(1, 2), keepdim=True)
+            z = z * torch.from_numpy(weights).to(z)[..., None]
+            embeds.append((z * mean / z.mean(dim=(1, 2), keepdim=True)).flatten(0, 1))
+        empty = encode(
+            tok("", padding="max_length", max_length=tok.model_max_length, return_tensors="np").input_ids
+        )[0]
+        longest = max(len(e) for e in embeds)
+        embeds = torch.stack(
+            [torch.cat([e, *[empty] * ((longest - len(e)) // len(empty))]) for e in embeds]
+        ).to(pipe.unet.dtype)
         return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
 
     def weighted_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:

@@ -321,8 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--prompt-weights",
-        action="store_true",
-        help="read prompts in compel's weighting syntax: (red cat)1.3, dog+, (blue)-",
+        nargs="?",
+        const="compel",
+        default="",
+        choices=("compel", "a1111"),
+        help="read prompts in a weighting syntax: compel's (the default: (red cat)1.3, dog+, (blue)-) or "
+        "the AUTOMATIC1111 web UI's (a1111: (red cat:1.3), (dog), [blue], BREAK)",
     )
     g.add_argument(
         "--lora",

@@ -22,6 +22,7 @@ from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
+from sdengine.prompt_weights_a1111 import a1111_embeddings, parse_a1111
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
 from sdengine.schedulers import Schedule
 from sdengine.step_graph import Blend, step_tables
@@ -90,7 +91,7 @@ class _CallMixin:
         clip_skip: int = 0,
         guidance_rescale: float = 0.0,
         long_prompts: bool = False,
-        prompt_weights: bool = False,
+        prompt_weights: bool | str = False,
         control_image: ImageInput | Sequence[ImageInput] | None = None,
         control_scale: float | Sequence[float] = 1.0,
         control_start: float | Sequence[float] = 0.0,
@@ -106,7 +107,9 @@ class _CallMixin:
         conditional one's standard deviation (Lin et al. 2023, sec. 3.4), for zero-terminal-SNR models.
         ``long_prompts``: prompts past the text encoder's 77 tokens are read whole, in windows of 75 tokens
         encoded one by one and concatenated (:meth:`ClipTokenizer.chunks`), not cut off. ``prompt_weights``:
-        prompts in compel's weighting syntax, ``(red cat)1.3``, ``dog+`` (:mod:`sdengine.prompt_weights`).
+        prompts in compel's weighting syntax (``True`` or ``"compel"``: ``(red cat)1.3``, ``dog+``;
+        :mod:`sdengine.prompt_weights`) or the AUTOMATIC1111 web UI's (``"a1111"``: ``(red cat:1.3)``,
+        ``[dog]``, ``BREAK``; :mod:`sdengine.prompt_weights_a1111`).
         ``control_image``: ControlNet's conditioning image (one image, or one per batch item), or with several
         ControlNets a list of those, one per ControlNet; resized like ``image``, and where given it sets the
         default size, as in diffusers' ControlNet pipelines. ``control_scale``: each ControlNet's weight;
@@ -296,7 +299,7 @@ class Pipeline(_CallMixin):
         encode = lambda ids: self.backend.encode_text(ids, request.clip_skip)  # noqa: E731
         if request.prompt_weights:
             with times.time("text_encoder"):
-                return self._weighted(texts, request.long_prompts, encode)
+                return self._weighted(texts, request.prompt_weights, request.long_prompts, encode)
         with times.time("tokenize"):
             ids = self.tokenizer.chunks(texts) if request.long_prompts else self.tokenizer(texts)[:, None]
         with times.time("text_encoder"):
@@ -304,15 +307,22 @@ class Pipeline(_CallMixin):
         return windows.reshape(len(texts), -1, windows.shape[-1])
 
     def _weighted(
-        self, texts: Sequence[str], long: bool, encode: Callable[[np.ndarray], np.ndarray]
+        self, texts: Sequence[str], syntax: str, long: bool, encode: Callable[[np.ndarray], np.ndarray]
     ) -> np.ndarray:
         tok = self.tokenizer
         specials, window = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), tok.max_length - 2
         empty = encode(tok([""]))[0]
-        embeds = [
-            weighted_embeddings(parse_weighted(t), tok.content_ids, encode, specials, window, long, empty)
-            for t in texts
-        ]
+        if syntax == "a1111":
+            comma = tok.content_ids(",")[0]
+            embeds = [
+                a1111_embeddings(parse_a1111(t), tok.content_ids, encode, specials, comma, window, long)
+                for t in texts
+            ]
+        else:
+            embeds = [
+                weighted_embeddings(parse_weighted(t), tok.content_ids, encode, specials, window, long, empty)
+                for t in texts
+            ]
         longest = max(len(e) for e in embeds)
         return np.stack([np.concatenate([e, *[empty] * ((longest - len(e)) // len(empty))]) for e in embeds])
 

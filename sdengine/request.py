@@ -43,8 +43,9 @@ class GenerationRequest:
     guidance_rescale: float = 0.0
     #: prompts of any length, encoded in windows of 75 tokens whose embeddings are concatenated
     long_prompts: bool = False
-    #: prompts in compel's weighting syntax: ``(red cat)1.3``, ``dog+`` (see sdengine.prompt_weights)
-    prompt_weights: bool = False
+    #: the weighting syntax prompts are read in: "" (none), "compel" (``(red cat)1.3``, ``dog+``; see
+    #: sdengine.prompt_weights) or "a1111" (``(red cat:1.3)``, ``[dog]``; see sdengine.prompt_weights_a1111)
+    prompt_weights: str = ""
     #: ControlNet: a conditioning image per ControlNet, (ControlNets, 1 or B, height, width, 3) in [0, 1]
     control: np.ndarray | None = field(default=None, compare=False, repr=False)
     #: ... and each ControlNet's weight (diffusers' controlnet_conditioning_scale)
@@ -175,7 +176,7 @@ class GenerationRequest:
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
             **({"long_prompts": True} if self.long_prompts else {}),
-            **({"prompt_weights": True} if self.prompt_weights else {}),
+            **({"prompt_weights": self.prompt_weights} if self.prompt_weights else {}),
             **(
                 {
                     "control": "supplied",
@@ -207,7 +208,7 @@ def make_request(
     clip_skip: int = 0,
     guidance_rescale: float = 0.0,
     long_prompts: bool = False,
-    prompt_weights: bool = False,
+    prompt_weights: bool | str = False,
     control: np.ndarray | None = None,
     control_scale: float | Sequence[float] = 1.0,
     control_start: float | Sequence[float] = 0.0,
@@ -282,12 +283,29 @@ def make_request(
         clip_skip=int(clip_skip),
         guidance_rescale=float(guidance_rescale),
         long_prompts=bool(long_prompts),
-        prompt_weights=bool(prompt_weights),
+        prompt_weights=weighting_syntax(prompt_weights),
         control=None if control is None else np.asarray(control, dtype=np.float32),
         control_scales=scales,
         control_starts=starts,
         control_ends=ends,
     )
+
+
+#: The prompt weighting syntaxes: compel's (``True`` stands for it) and the AUTOMATIC1111 web UI's.
+WEIGHTING_SYNTAXES = ("compel", "a1111")
+
+
+def weighting_syntax(prompt_weights: bool | str | None) -> str:
+    """ "" for unweighted prompts, else the syntax's name; InvalidArgumentError for an unknown one."""
+    if prompt_weights is True:
+        return "compel"
+    if prompt_weights in (False, None, ""):
+        return ""
+    if prompt_weights not in WEIGHTING_SYNTAXES:
+        raise InvalidArgumentError(
+            f"unknown prompt weighting syntax {prompt_weights!r}; choose {' or '.join(WEIGHTING_SYNTAXES)}"
+        )
+    return str(prompt_weights)
 
 
 def control_settings(

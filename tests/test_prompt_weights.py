@@ -102,4 +102,4 @@ def test_cli_prompt_weights(onnx_fp32, tmp_path):
     out = tmp_path / "cat.png"
     args = ["generate", str(onnx_fp32), "a (red cat)1.3", "--steps", "2", "--height", "64", "--width", "64"]
     assert main([*args, "--prompt-weights", "--device", "cpu", "--output", str(out)]) == 0
-    assert read_png_parameters(out)["prompt_weights"] is True
+    assert read_png_parameters(out)["prompt_weights"] == "compel"
