@@ -37,6 +37,7 @@ from .dpmsolver import (
 )
 from .euler import Euler
 from .euler_ancestral import EulerAncestral
+from .heun import Heun
 from .lcm import LCM
 from .pndm import PNDM
 from .schedule import Schedule
@@ -48,6 +49,7 @@ _CLASSES: dict[str, type[BaseScheduler]] = {
     "pndm": PNDM,
     "euler": Euler,
     "euler_a": EulerAncestral,
+    "heun": Heun,
     "dpmpp_2m": DPMSolverMultistep,
     "dpmpp_2m_karras": DPMSolverMultistepKarras,
     "dpmpp_2m_sde": DPMSolverMultistepSDE,

@@ -104,8 +104,8 @@ class BaseScheduler:
     def _build(self, n: int, t_start: int) -> Schedule:
         """The schedule of ``n`` steps from model call ``t_start`` on, the scheduler fresh at that call.
 
-        diffusers slices ``timesteps[t_start * order:]``; ``order`` is 1 for every supported class, so
-        ``t_start`` is also a call index (for PNDM, into its ``n + 1`` calls).
+        diffusers slices ``timesteps[t_start * order:]``; ``order`` is 1 for every supported class but Heun
+        (2), so ``t_start`` is also a call index (for PNDM, into its ``n + 1`` calls).
         """
         raise NotImplementedError
 

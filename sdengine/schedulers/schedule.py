@@ -41,8 +41,9 @@ class Schedule:
     with ``(a, b) = image_noise`` for image-to-image (the scheduler's ``add_noise`` at ``timesteps[0]``; it
     is filled at strength 1 too). ``noise_scales[i]`` is that ``(a, b)`` at call ``i``'s timestep, as
     ``add_noise`` gives it once ``i`` calls have run (inpainting with a plain UNet noises the image to the
-    next call's timestep after every step). A schedule for ``strength`` < 1 leaves out its first ``t_start``
-    calls of the full ``num_inference_steps`` schedule; ``t_start`` is 0 at strength 1.
+    next call's timestep after every step). A schedule for ``strength`` < 1 leaves out the first ``t_start``
+    steps of the full ``num_inference_steps`` schedule (``order * t_start`` calls, for a scheduler of
+    ``order`` calls per step, as diffusers' image-to-image slices them); ``t_start`` is 0 at strength 1.
     """
 
     timesteps: np.ndarray  # (S,) float32
@@ -168,20 +169,23 @@ def make_schedule(
     num_inference_steps: int,
     t_start: int,
     scheduler: str,
+    order: int = 1,
 ) -> Schedule:
     """A :class:`Schedule` from the full run's per-call ``timesteps``, ``input_scale`` and ``noise_scales``
     (``add_noise``'s (image, noise) factors, shape (S, 2)) and the output forms
-    ``rows = [[new_sample, new_h_1..new_h_K] for calls t_start, t_start + 1, ...]``."""
+    ``rows = [[new_sample, new_h_1..new_h_K] for calls c, c + 1, ...]`` from call ``c = order * t_start``
+    on (``order``: diffusers' ``scheduler.order``, 2 for Heun's method)."""
     timesteps = np.asarray(timesteps, dtype=np.float64)
     input_scale = np.broadcast_to(np.asarray(input_scale, dtype=np.float64), timesteps.shape)
-    if t_start >= len(timesteps):
+    first = order * t_start
+    if first >= len(timesteps):
         raise InvalidArgumentError(
             f"{scheduler}: this strength skips all {len(timesteps)} model calls; raise strength or steps"
         )
     noise_scales = np.asarray(noise_scales, dtype=np.float64)
     if noise_scales.shape != (len(timesteps), 2):
         raise AssertionError(f"{scheduler}: noise_scales {noise_scales.shape} for {len(timesteps)} timesteps")
-    timesteps, input_scale, noise_scales = timesteps[t_start:], input_scale[t_start:], noise_scales[t_start:]
+    timesteps, input_scale, noise_scales = timesteps[first:], input_scale[first:], noise_scales[first:]
     if len(rows) != len(timesteps):
         raise AssertionError(f"{scheduler}: {len(rows)} rows for {len(timesteps)} timesteps")
     coeffs = np.array([np.stack(row) for row in rows], dtype=np.float64).reshape(
