@@ -6,7 +6,9 @@ Counts come from ``torch.utils.flop_counter`` on the PyTorch modules the ONNX mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
@@ -14,22 +16,27 @@ from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
 CACHE_NAME = "flops.json"
 
 
-def _key(component: str, batch: int, height: int, width: int) -> str:
-    return f"{component}@b{batch}x{height}x{width}"
+def _key(component: str, batch: int, height: int, width: int, controlnets: int = 0) -> str:
+    with_controlnets = f"+{controlnets}controlnets" if controlnets and component == UNET else ""
+    return f"{component}{with_controlnets}@b{batch}x{height}x{width}"
 
 
-def count_flops(checkpoint: Path, component: str, batch: int, height: int, width: int) -> int:
+def count_flops(
+    checkpoint: Path, component: str, batch: int, height: int, width: int, controlnets: Sequence[str] = ()
+) -> int:
+    """FLOPs of one call of ``component`` (the UNet with ``controlnets`` inside, as exported)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from export.wrappers import load_export_module, sample_inputs, text_vocab_size
     from sdengine.model_dir import open_checkpoint_dir
 
-    arch = open_checkpoint_dir(checkpoint).arch
+    controlnets = [Path(c) for c in controlnets] if component == UNET else []
+    arch = dataclasses.replace(open_checkpoint_dir(checkpoint).arch, controlnets=len(controlnets))
     inputs = sample_inputs(
         arch, component, batch=batch, height=height, width=width, vocab_size=text_vocab_size(checkpoint)
     )
-    module = load_export_module(checkpoint, component)
+    module = load_export_module(checkpoint, component, controlnets)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         module(*inputs.values())
@@ -37,9 +44,17 @@ def count_flops(checkpoint: Path, component: str, batch: int, height: int, width
 
 
 def stage_flops(
-    checkpoint: Path, onnx_dir: Path, *, batch: int, height: int, width: int, cfg: bool
+    checkpoint: Path,
+    onnx_dir: Path,
+    *,
+    batch: int,
+    height: int,
+    width: int,
+    cfg: bool,
+    controlnets: Sequence[str] = (),
 ) -> dict[str, int]:
-    """FLOPs of one call of each model stage (UNet and text encoder at twice the batch with CFG)."""
+    """FLOPs of one call of each model stage (UNet and text encoder at twice the batch with CFG; the UNet
+    with the ControlNets an export holds)."""
     cache_path = onnx_dir / CACHE_NAME
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     text_batch = 2 * batch if cfg else batch
@@ -50,9 +65,9 @@ def stage_flops(
     }
     result = {}
     for stage, (component, b) in wanted.items():
-        key = _key(component, b, height, width)
+        key = _key(component, b, height, width, len(controlnets))
         if key not in cache:
-            cache[key] = count_flops(checkpoint, component, b, height, width)
+            cache[key] = count_flops(checkpoint, component, b, height, width, controlnets)
             cache_path.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
         result[stage] = cache[key]
     return result

@@ -269,6 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             height=config.height,
             width=config.width,
             cfg=config.guidance > 1,
+            controlnets=controlnets,
         )
     report = run_benchmark(config, flops)
     report["preparation_s"] = prep

@@ -326,9 +326,15 @@ def test_cli_controlnet(tiny_checkpoint, tmp_path, capsys):
     assert "ControlNet directory" in capsys.readouterr().err
 
 
-def test_bench_runs_the_baseline_with_the_exports_controlnets(control_onnx, tmp_path, capsys):
+def test_bench_runs_the_baseline_with_the_exports_controlnets(
+    tiny_checkpoint, control_onnx, tmp_path, capsys
+):
+    from benchmarks.flops import count_flops
+
     out = tmp_path / "r.json"
     args = ["bench", str(control_onnx), "--runs", "1", "--warmup", "0", "--steps", "2", "--device", "cpu"]
     assert main([*args, "--height", "64", "--width", "96", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["backends"]["ort"]["psnr_vs_torch_db"] >= 100  # the same control image, the same ControlNet
+    plain_unet = count_flops(tiny_checkpoint, "unet", 2, 64, 96)
+    assert report["flops_per_call"]["unet"] > 1.2 * plain_unet  # the ControlNet's FLOPs counted
