@@ -187,6 +187,43 @@ def _write_vae(out: Path, sizes: _Sizes, seed: int) -> None:
     model.save_pretrained(out / "vae", safe_serialization=True)
 
 
+def _write_safety_checker(out: Path, seed: int) -> None:
+    """A small random safety checker (SD 1.x's architecture: a CLIP vision model, a projection, 17 concept
+    and 3 special-care embeddings with their thresholds) and CLIP's image processor settings. Its
+    thresholds sit above the cosine similarities random embeddings give, so it flags nothing until a
+    test lowers them."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 224,
+            "patch_size": 32,
+        },
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(_component_seed(seed, "safety_checker"))
+        model = StableDiffusionSafetyChecker(config).eval()
+        model.concept_embeds.normal_()
+        model.special_care_embeds.normal_()
+        model.concept_embeds_weights.fill_(0.9)
+        model.special_care_embeds_weights.fill_(0.9)
+    model.save_pretrained(out / "safety_checker", safe_serialization=True)
+    CLIPImageProcessor().save_pretrained(out / "feature_extractor")
+
+
 def _write_scheduler(out: Path, prediction_type: str) -> None:
     """Written as JSON, as SD 1.5 ships it: it holds ``clip_sample``, which PNDM itself does not take but
     which other schedulers built ``from_config`` (DDIM) read."""
@@ -203,15 +240,17 @@ def _write_scheduler(out: Path, prediction_type: str) -> None:
     (out / "scheduler" / "scheduler_config.json").write_text(text)
 
 
-def _write_model_index(out: Path, inpainting: bool = False) -> None:
+def _write_model_index(out: Path, inpainting: bool = False, safety_checker: bool = False) -> None:
     import diffusers
 
     index = {
         "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"] if safety_checker else [None, None],
+        "requires_safety_checker": safety_checker,
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"]
+        if safety_checker
+        else [None, None],
         "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -245,15 +284,19 @@ def write_random_checkpoint(
     prediction_type: str = "epsilon",
     overwrite: bool = False,
     inpainting: bool = False,
+    safety_checker: bool = False,
 ) -> Path:
     """Write a randomly initialised SD 1.x checkpoint in diffusers format to ``path`` and return its path.
 
     The folder holds model_index.json, text_encoder/, tokenizer/, unet/, vae/ and scheduler/ (PNDM with
-    SD 1.5's scheduler config), weights as safetensors, and no safety checker. It is written next to ``path``
-    first and moved into place at the end, so an interrupted write never leaves a half-written checkpoint
-    behind, and each model is written and freed before the next is built. A non-empty ``path`` is only
-    replaced with ``overwrite=True``, and only if it is itself a diffusers checkpoint. ``inpainting``: the
-    UNet takes 9 input channels (latents, mask, masked image latents), as SD's inpainting checkpoints do.
+    SD 1.5's scheduler config), weights as safetensors, and (unless asked for) no safety checker. It is
+    written next to ``path`` first and moved into place at the end, so an interrupted write never leaves a
+    half-written checkpoint behind, and each model is written and freed before the next is built. A
+    non-empty ``path`` is only replaced with ``overwrite=True``, and only if it is itself a diffusers
+    checkpoint. ``inpainting``: the UNet takes 9 input channels (latents, mask, masked image latents), as
+    SD's inpainting checkpoints do.
+    ``safety_checker``: with a small random safety checker and its image processor (see
+    :func:`_write_safety_checker`), as SD 1.x checkpoints ship one.
     """
     if preset not in PRESETS:
         raise InvalidArgumentError(
@@ -281,8 +324,10 @@ def write_random_checkpoint(
         ("text_encoder", lambda out: _write_text_encoder(out, sizes, seed, vocab_size)),
         ("unet", lambda out: _write_unet(out, sizes, seed, inpainting)),
         ("vae", lambda out: _write_vae(out, sizes, seed)),
-        ("model_index", lambda out: _write_model_index(out, inpainting)),
+        ("model_index", lambda out: _write_model_index(out, inpainting, safety_checker)),
     ]
+    if safety_checker:
+        steps.insert(-1, ("safety_checker", lambda out: _write_safety_checker(out, seed)))
 
     from tqdm.auto import tqdm
 

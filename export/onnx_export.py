@@ -35,11 +35,20 @@ from export.verify import Verification, verify_component
 from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
 from sdengine.controlnet import CONTROLNET_CONFIG
-from sdengine.errors import ExportVerificationError, InvalidArgumentError
+from sdengine.errors import ExportVerificationError, InvalidArgumentError, ModelDirectoryError
 from sdengine.lora import LoraFile, read_lora
 from sdengine.manifest import MANIFEST_NAME, ComponentRecord, Manifest, file_sha256
 from sdengine.model_dir import open_checkpoint_dir
-from sdengine.model_specs import COMPONENTS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelSpec
+from sdengine.model_specs import (
+    COMPONENTS,
+    EXPORTABLE,
+    SAFETY_CHECKER,
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    ModelSpec,
+)
 
 PRECISIONS = ("fp32", "fp16")
 MIN_OPSET = 17
@@ -56,6 +65,8 @@ COPIED = {
     "unet/config.json": "unet/config.json",
     "vae/config.json": ("vae_decoder/config.json", "vae_encoder/config.json"),
     "model_index.json": "model_index.json",
+    "feature_extractor": "feature_extractor",  # the safety checker's image processor
+    "safety_checker/config.json": "safety_checker/config.json",
 }
 
 
@@ -150,6 +161,8 @@ def export_component(
     weights are named after their layers (``export.weight_names``), so LoRA can be fused at run time too.
     ``controlnets``: ControlNet directories traced into the UNet (``wrappers.ControlledUNetExport``)."""
     model_dir = open_checkpoint_dir(checkpoint)
+    if name == SAFETY_CHECKER:
+        precision = "fp32"  # small, and its flags are thresholds: kept in float32
     controlnets = tuple(controlnets) if name == UNET else ()
     arch = dataclasses.replace(model_dir.arch, controlnets=len(controlnets))
     spec = arch.specs()[name]
@@ -212,7 +225,8 @@ def _copy_side_files(checkpoint: Path, out_dir: Path) -> None:
     for src, dsts in COPIED.items():
         for dst in (dsts,) if isinstance(dsts, str) else dsts:
             source, target = checkpoint / src, out_dir / dst
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.exists():  # the safety checker's files are there only with one
+                target.parent.mkdir(parents=True, exist_ok=True)
             if source.is_dir():
                 shutil.copytree(source, target, dirs_exist_ok=True)
             elif source.is_file():
@@ -225,13 +239,15 @@ def export_checkpoint(
     *,
     precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
-    components: Iterable[str] = COMPONENTS,
+    components: Iterable[str] | None = None,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
     verify: bool = True,
     loras: Sequence[tuple[str | os.PathLike, float]] = (),
     controlnets: Sequence[str | os.PathLike] = (),
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
+    ``components``: a subset of :data:`EXPORTABLE`; by default the four models and, where the checkpoint has
+    one, its safety checker (always in float32).
 
     ``verify`` (the default) checks each model's outputs against its PyTorch module's (``export.verify``).
     A model that fails the check does not stop the export: every model is written and the manifest records
@@ -243,14 +259,19 @@ def export_checkpoint(
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if opset < MIN_OPSET:
         raise InvalidArgumentError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
-    components = list(components)
-    unknown = sorted(set(components) - set(COMPONENTS))
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
-        )
     checkpoint_dir = open_checkpoint_dir(checkpoint)
     source = checkpoint_dir.root
+    has_checker = (source / SAFETY_CHECKER / "config.json").is_file()
+    if components is None:
+        components = [*COMPONENTS, *([SAFETY_CHECKER] if has_checker else [])]
+    components = list(components)
+    unknown = sorted(set(components) - set(EXPORTABLE))
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(EXPORTABLE)}"
+        )
+    if SAFETY_CHECKER in components and not has_checker:
+        raise ModelDirectoryError(f"{source} has no safety checker to export")
     lora_files = [(read_lora(path), float(scale)) for path, scale in loras]
     check_loras(source, components, lora_files)
     control_paths = [Path(p).resolve() for p in controlnets]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sdengine.model_dir import weights_variant
-from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Architecture
+from sdengine.model_specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Architecture
 
 
 class TextEncoderExport(nn.Module):
@@ -106,6 +106,21 @@ class VaeEncoderExport(nn.Module):
         return self.vae.encode(sample).latent_dist.parameters
 
 
+class SafetyCheckerExport(nn.Module):
+    """diffusers' ``StableDiffusionSafetyChecker.forward_onnx`` (Optimum's inputs and outputs): the images
+    with every flagged one black, and the flags. Its flags come from ``forward_onnx`` itself; its blacking
+    out, an in-place masked write, is done here as a product, which traces for any image shape."""
+
+    def __init__(self, checker: nn.Module) -> None:
+        super().__init__()
+        self.checker = checker
+
+    def forward(self, clip_input: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        placeholder = torch.zeros(clip_input.shape[0], 1, 1, 1)  # forward_onnx writes into it; unused
+        _, flags = self.checker.forward_onnx(clip_input, placeholder)
+        return images * (~flags).to(images.dtype)[:, None, None, None], flags
+
+
 def load_export_module(checkpoint: str | Path, name: str, controlnets: Sequence[Path] = ()) -> nn.Module:
     """Load one checkpoint component, in float32 and eval mode, wrapped for export; the UNet with the
     ControlNets in the directories ``controlnets`` inside, if any."""
@@ -126,6 +141,10 @@ def load_export_module(checkpoint: str | Path, name: str, controlnets: Sequence[
         module = ControlledUNetExport(unet, load_controlnets(list(controlnets)))
     elif name == UNET:
         module = UNetExport(load(UNet2DConditionModel, "unet"))
+    elif name == SAFETY_CHECKER:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+        module = SafetyCheckerExport(load(StableDiffusionSafetyChecker, "safety_checker"))
     elif name in (VAE_DECODER, VAE_ENCODER):
         vae = load(AutoencoderKL, "vae")
         module = VaeDecoderExport(vae) if name == VAE_DECODER else VaeEncoderExport(vae)

@@ -95,18 +95,21 @@ class TorchPipeline(_CallMixin):
         threads: int | None = None,
         vae_tiling: bool = False,
         controlnets: Sequence[str | os.PathLike] = (),
+        safety_checker: bool = True,
     ) -> TorchPipeline:
         """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting);
         ``vae_tiling``: its VAE's ``enable_tiling()``; ``controlnets``: ControlNet directories, each then
-        taking a control image, run by diffusers' ControlNet pipelines."""
+        taking a control image, run by diffusers' ControlNet pipelines; ``safety_checker``: the checkpoint's,
+        where it has one, as diffusers loads and runs it by default."""
         model_dir = open_checkpoint_dir(path)
         if threads:
             torch.set_num_threads(threads)
         dtype = torch.float16 if device == "cuda" else torch.float32
+        checker = safety_checker and (model_dir.root / "safety_checker" / "config.json").is_file()
+        without = {} if checker else {"safety_checker": None, "feature_extractor": None}
         pipe = StableDiffusionPipeline.from_pretrained(
             model_dir.root,
-            safety_checker=None,
-            feature_extractor=None,
+            **without,
             requires_safety_checker=False,
             torch_dtype=dtype,
             variant=weights_variant(model_dir.root / "unet"),
@@ -206,8 +209,14 @@ class TorchPipeline(_CallMixin):
         finally:
             for timer in timers:
                 timer.close(times)
+        nsfw = None
+        if self.pipe.safety_checker is not None:  # diffusers' own check; flagged images come out black
+            with times.time("safety_checker"), torch.inference_mode():
+                decoded, nsfw = self.pipe.run_safety_checker(decoded, self.device, decoded.dtype)
+            nsfw = [bool(f) for f in nsfw]
         array = to_unit_range(decoded.float().cpu().numpy())
-        return GenerationResult(array, request, times, self.name, final.float().cpu().numpy())
+        array[np.asarray(nsfw or [], dtype=bool)] = 0.0  # diffusers does not denormalise a flagged image
+        return GenerationResult(array, request, times, self.name, final.float().cpu().numpy(), nsfw)
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:
         """diffusers' own ``load_textual_inversion`` (its image pipelines share the tokenizer and encoder)."""

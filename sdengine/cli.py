@@ -15,7 +15,6 @@ import numpy as np
 
 from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
 from sdengine.errors import InvalidArgumentError, SDEngineError
-from sdengine.model_specs import COMPONENTS
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_INPAINT_STRENGTH, DEFAULT_STEPS, DEFAULT_STRENGTH
 
 EXIT_ERROR = 1
@@ -86,6 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         graphs=args.graphs,
         vae_tiling=args.vae_tiling,
         controlnets=args.controlnet,
+        safety_checker=args.safety_checker,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     if len(controls) != pipeline.controlnets:
@@ -132,7 +132,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = output_paths(args.output, len(result.images))
     for i, (image, path) in enumerate(zip(result.images, paths, strict=True)):
         seed = result.request.seeds[i]
-        print(f"wrote {save_png(image, path, {**result.request.parameters(i), **where})} (seed {seed})")
+        flagged = bool(result.nsfw and result.nsfw[i])
+        checked = {} if result.nsfw is None else {"safety_checker": "flagged" if flagged else "passed"}
+        written = save_png(image, path, {**result.request.parameters(i), **where, **checked})
+        print(f"wrote {written} (seed {seed})")
+        if flagged:
+            print(
+                f"sdengine: warning: the safety checker flagged {path}; it was written black "
+                "(--no-safety-checker turns the checker off)",
+                file=sys.stderr,
+            )
     print(f"{result.times.total_ms('total'):.0f} ms in all")
     return 0
 
@@ -153,7 +162,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.output,
         precision=args.precision,
         opset=args.opset,
-        components=args.components.split(",") if args.components else COMPONENTS,
+        components=args.components.split(",") if args.components else None,
         progress=lambda names: tqdm(names, desc="exporting", unit="model", file=sys.stderr),
         verify=args.verify,
         loras=[parse_lora_arg(spec) for spec in args.lora],
@@ -180,6 +189,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
         prediction_type=args.prediction_type,
         overwrite=args.overwrite,
         inpainting=args.inpainting,
+        safety_checker=args.safety_checker,
     )
     kind = " inpainting" if args.inpainting else ""
     print(f"wrote random-weight {args.preset}{kind} checkpoint to {path}")
@@ -412,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the VAE in overlapping tiles of its training size (large images in little memory)",
     )
+    g.add_argument(
+        "--no-safety-checker",
+        dest="safety_checker",
+        action="store_false",
+        help="do not run the model's safety checker (where it has one), which blacks out flagged images",
+    )
     g.add_argument("--output", default="image.png")
     g.set_defaults(func=cmd_generate)
 
@@ -420,7 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True)
     e.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     e.add_argument("--opset", type=int, default=17)
-    e.add_argument("--components", default=None, help="comma-separated subset (default: all four)")
+    e.add_argument(
+        "--components",
+        default=None,
+        help="comma-separated subset (default: all four, and the checkpoint's safety checker if it has one)",
+    )
     e.add_argument(
         "--no-verify",
         dest="verify",
@@ -452,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet")
+    c.add_argument("--safety-checker", action="store_true", help="with a random safety checker, as SD 1.x's")
     c.set_defaults(func=cmd_make_checkpoint)
 
     n = sub.add_parser("make-controlnet", help="write a randomly initialised ControlNet for a checkpoint")

@@ -39,7 +39,7 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir, optional_json, weights_variant
-    from sdengine.model_specs import COMPONENTS
+    from sdengine.model_specs import COMPONENTS, SAFETY_CHECKER
 
     model_dir = open_checkpoint_dir(root) if kind == "checkpoint" else open_onnx_dir(root)
     config = model_dir.scheduler_config
@@ -54,6 +54,8 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     }
     layers = optional_json(root / "text_encoder" / "config.json").get("num_hidden_layers")
     layers = layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+    checker = (root / SAFETY_CHECKER / ("config.json" if kind == "checkpoint" else "model.onnx")).is_file()
+    info["safety_checker"] = "yes: run on every image unless switched off" if checker else "none"
     if kind == "checkpoint":
         info["weights_variant"] = weights_variant(root / "unet")
         info["clip_skip"] = f"0 to {layers - 1}" if layers else "unknown"

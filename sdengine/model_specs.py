@@ -24,6 +24,10 @@ UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+#: The safety checker of checkpoints that have one: exported with them, run by ONNX Runtime on every backend.
+SAFETY_CHECKER = "safety_checker"
+#: What an export may hold.
+EXPORTABLE: tuple[str, ...] = (*COMPONENTS, SAFETY_CHECKER)
 #: The text encoder's per-layer output that ``clip_skip`` reads (absent from other tools' exports).
 LAYER_STATES = "normed_hidden_states"
 #: The UNet's inputs when ControlNets are exported with it (see ``sdengine.controlnet``): every ControlNet's
@@ -95,6 +99,8 @@ class Architecture:
     conditioning_channels: int = 0
     #: ControlNets exported inside the UNet: each adds 3 channels of conditioning image and a weight
     controlnets: int = 0
+    #: the safety checker's CLIP image size
+    safety_image_size: int = 224
 
     @property
     def unet_in_channels(self) -> int:
@@ -155,6 +161,17 @@ class Architecture:
                 VAE_DECODER,
                 inputs=(TensorSpec("latent_sample", "float32", latent),),
                 outputs=(TensorSpec("sample", "float32", image),),
+            ),
+            SAFETY_CHECKER: ModelSpec(  # Optimum's layout: flagged images come out black
+                SAFETY_CHECKER,
+                inputs=(
+                    TensorSpec("clip_input", "float32", ("batch", 3, *(self.safety_image_size,) * 2)),
+                    TensorSpec("images", "float32", ("batch", "height", "width", 3)),
+                ),
+                outputs=(
+                    TensorSpec("out_images", "float32", ("batch", "height", "width", 3)),
+                    TensorSpec("has_nsfw_concepts", "bool", ("batch",)),
+                ),
             ),
             VAE_ENCODER: ModelSpec(
                 VAE_ENCODER,

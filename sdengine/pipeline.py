@@ -20,10 +20,12 @@ from sdengine.denoise import Progress, denoise
 from sdengine.errors import InvalidArgumentError
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.lora import LoraFile, fused_weights, read_lora
-from sdengine.model_dir import ModelDir, open_onnx_dir
+from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
+from sdengine.model_specs import SAFETY_CHECKER
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
 from sdengine.prompt_weights_a1111 import a1111_embeddings, parse_a1111
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
+from sdengine.safety import PREPROCESSOR_CONFIG, clip_pixels
 from sdengine.schedulers import Schedule
 from sdengine.step_graph import Blend, step_tables
 from sdengine.textual_inversion import read_embedding, vector_tokens
@@ -34,13 +36,15 @@ from sdengine.vae_tiling import needs_tiles, run_tiled
 
 @dataclass
 class GenerationResult:
-    """Images as float arrays (B, H, W, 3) in [0, 1] and as PIL, the request, and per-stage timings."""
+    """Images as float arrays (B, H, W, 3) in [0, 1] and as PIL, the request, and per-stage timings;
+    ``nsfw``: the safety checker's flag for each image (flagged ones are black), None where none ran."""
 
     array: np.ndarray
     request: GenerationRequest
     times: StageTimes
     backend: str
     latents: np.ndarray = field(repr=False)
+    nsfw: list[bool] | None = None
 
     @property
     def images(self) -> list[Image.Image]:
@@ -190,12 +194,20 @@ class Pipeline(_CallMixin):
     """The lean runtime: load once, call many times. ``Pipeline.load(onnx_dir)("a photo of a cat")``."""
 
     def __init__(
-        self, model_dir: ModelDir, backend: Backend, tokenizer: ClipTokenizer, *, vae_tiling: bool = False
+        self,
+        model_dir: ModelDir,
+        backend: Backend,
+        tokenizer: ClipTokenizer,
+        *,
+        vae_tiling: bool = False,
+        safety_checker: bool = True,
     ) -> None:
+        """``safety_checker``: run the export's safety checker, where it has one, on every image."""
         self.model_dir = model_dir
         self.backend = backend
         self.tokenizer = tokenizer
         self.vae_tiling = vae_tiling
+        self.safety_checker = safety_checker and model_dir.onnx_path(SAFETY_CHECKER).is_file()
         # one generation at a time: a backend's per-shape buffers, stream and graphs serve every run
         self._lock = threading.Lock()
         self._loras: list[tuple[LoraFile, float]] = []  # fused into the backend's weights, in load order
@@ -212,6 +224,7 @@ class Pipeline(_CallMixin):
         graphs: str = "step",
         vae_tiling: bool = False,
         controlnets: Sequence[str | os.PathLike] = (),
+        safety_checker: bool = True,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
@@ -221,7 +234,9 @@ class Pipeline(_CallMixin):
         the VAE runs images larger than its training size in overlapping tiles, as diffusers'
         ``enable_vae_tiling()`` does (see ``sdengine.vae_tiling``), so its memory stays that of one tile.
         ``controlnets``: ControlNet directories, for a diffusers checkpoint (``torch``); an export holds its
-        ControlNets inside its UNet (``sdengine export --controlnet``)."""
+        ControlNets inside its UNet (``sdengine export --controlnet``). ``safety_checker``: run the model's
+        safety checker, where it has one (SD 1.x checkpoints do), on every image, as diffusers does: a
+        flagged image comes out black and ``GenerationResult.nsfw`` says which."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -235,7 +250,12 @@ class Pipeline(_CallMixin):
             from sdengine.baseline import TorchPipeline
 
             pipeline: ImageGenerator = TorchPipeline.load(
-                path, device=choice.device, threads=threads, vae_tiling=vae_tiling, controlnets=controlnets
+                path,
+                device=choice.device,
+                threads=threads,
+                vae_tiling=vae_tiling,
+                controlnets=controlnets,
+                safety_checker=safety_checker,
             )
         elif choice.backend == "trt":
             from sdengine.backends.trt import TrtBackend
@@ -243,7 +263,9 @@ class Pipeline(_CallMixin):
             trt_backend = TrtBackend.load(path, graphs=graphs)
             model_dir = trt_backend.model_dir
             tokenizer = ClipTokenizer.from_dir(model_dir.tokenizer_dir)
-            pipeline = cls(model_dir, trt_backend, tokenizer, vae_tiling=vae_tiling)
+            pipeline = cls(
+                model_dir, trt_backend, tokenizer, vae_tiling=vae_tiling, safety_checker=safety_checker
+            )
         else:
             model_dir = open_onnx_dir(path)
             tokenizer = ClipTokenizer.from_dir(model_dir.tokenizer_dir)
@@ -253,7 +275,9 @@ class Pipeline(_CallMixin):
                 ort_backend: Backend = OrtCudaBackend(model_dir, threads=threads, graphs=graphs)
             else:
                 ort_backend = OrtBackend(model_dir, threads=threads, optimized_cache=optimized_cache)
-            pipeline = cls(model_dir, ort_backend, tokenizer, vae_tiling=vae_tiling)
+            pipeline = cls(
+                model_dir, ort_backend, tokenizer, vae_tiling=vae_tiling, safety_checker=safety_checker
+            )
         pipeline.choice = choice
         return pipeline
 
@@ -288,7 +312,18 @@ class Pipeline(_CallMixin):
                 latents = denoise(self.backend, plan, times, progress)
             with times.time("vae_decode"):
                 decoded = self.decode(latents / np.float32(self.model_dir.vae_scaling_factor))
-        return GenerationResult(to_unit_range(decoded), request, times, self.backend.name, latents)
+            images, nsfw = to_unit_range(decoded), None
+            if self.safety_checker:
+                with times.time("safety_checker"):
+                    images, nsfw = self.check_safety(images)
+        return GenerationResult(images, request, times, self.backend.name, latents, nsfw)
+
+    def check_safety(self, images: np.ndarray) -> tuple[np.ndarray, list[bool]]:
+        """The safety checker on images (B, H, W, 3) in [0, 1]: them with each flagged one black, and the
+        flags."""
+        config = optional_json(self.model_dir.root / PREPROCESSOR_CONFIG)
+        checked, flags = self.backend.check_safety(clip_pixels(images, config), images)
+        return checked, [bool(f) for f in flags]
 
     def encode_prompts(
         self, texts: Sequence[str], request: GenerationRequest, times: StageTimes

@@ -139,7 +139,7 @@ def test_export_rejects_bad_arguments(tiny_checkpoint, tmp_path):
     with pytest.raises(InvalidArgumentError, match="opset"):
         export_checkpoint(tiny_checkpoint, tmp_path / "o", opset=13)
     with pytest.raises(InvalidArgumentError, match="component"):
-        export_checkpoint(tiny_checkpoint, tmp_path / "o", components=["unet", "safety_checker"])
+        export_checkpoint(tiny_checkpoint, tmp_path / "o", components=["unet", "text_decoder"])
     with pytest.raises(ModelDirectoryError, match="does not exist"):
         export_checkpoint(tmp_path / "nowhere", tmp_path / "o")
     (tmp_path / "half").mkdir()

@@ -23,6 +23,7 @@ from sdengine.model_specs import (
     CONDITIONING_SCALE,
     LAYER_STATES,
     REQUIRED_COMPONENTS,
+    SAFETY_CHECKER,
     TEXT_ENCODER,
     UNET,
     VAE_DECODER,
@@ -286,6 +287,22 @@ class OrtBackend:
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         return self._run(VAE_DECODER, latent_sample=latents)
+
+    def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if SAFETY_CHECKER not in self.sessions:  # opened on first use, where the export has one
+            self.sessions[SAFETY_CHECKER] = self._open(SAFETY_CHECKER)
+        return run_safety_checker(self.sessions[SAFETY_CHECKER], clip_input, images)
+
+
+def run_safety_checker(
+    session: ort.InferenceSession, clip_input: np.ndarray, images: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """One run of an exported safety checker (Optimum's inputs and outputs)."""
+    out, flags = session.run(
+        ["out_images", "has_nsfw_concepts"],
+        {"clip_input": clip_input.astype(np.float32), "images": images.astype(np.float32)},
+    )
+    return out.astype(np.float32), flags.astype(bool)
 
 
 class HostDenoiser:

@@ -44,6 +44,7 @@ from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.model_specs import (
     CONDITIONING_SCALE,
     LAYER_STATES,
+    SAFETY_CHECKER,
     TEXT_ENCODER,
     UNET,
     VAE_DECODER,
@@ -187,6 +188,7 @@ class TrtBackend:
         self._graphs: dict[GraphKey, GraphSteps] = {}
         self._host_buffers: dict[tuple, dict[str, DeviceArray]] = {}
         self.graphs_refused: str | None = None  # why steps run without CUDA graphs, if they do
+        self._safety_session: Any = None  # ONNX Runtime's, opened on first use
         self.shared_memory(list(self.engines.values()))  # sized once, for the largest engine
 
     @classmethod
@@ -310,6 +312,23 @@ class TrtBackend:
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         return self._run_host(VAE_DECODER, {"latent_sample": latents})
+
+    def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """With ONNX Runtime (on CUDA where it has it): the safety checker is not built as an engine."""
+        import onnxruntime as ort
+
+        from sdengine.backends.ort import open_session, run_safety_checker, session_options
+
+        if self._safety_session is None:
+            providers = [
+                p
+                for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                if p in ort.get_available_providers()
+            ]
+            path = self.model_dir.onnx_path(SAFETY_CHECKER)
+            spec = self.model_dir.arch.specs()[SAFETY_CHECKER]
+            self._safety_session = open_session(str(path), spec, providers, session_options())
+        return run_safety_checker(self._safety_session, clip_input, images)
 
 
 class GraphSteps:
