@@ -19,7 +19,7 @@ from sdengine.pipeline import Pipeline
 
 PROMPT = "a lighthouse at dusk"
 #: stochastic ones included: the baseline draws the engine's per-step noise
-SCHEDULERS = ["ddim", "pndm", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
+SCHEDULERS = ["ddim", "pndm", "euler", "euler_a", "heun", "dpm2", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
 
 
 def rectangle(height: int = 64, width: int = 96, batch: int = 1) -> np.ndarray:

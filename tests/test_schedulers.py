@@ -108,6 +108,8 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
@@ -353,14 +355,17 @@ def test_schedule_shapes_and_config(name: str, base: str) -> None:
             break  # epsilon with zero terminal SNR: refused, see test_matches_diffusers
         plan = scheduler.schedule(steps)
         s, k = len(plan.timesteps), plan.history_size
-        calls = {"pndm": steps + 1 if steps > 1 else steps, "heun": 2 * steps - 1}  # the two-call ones
+        two_calls = 2 * steps - 1
+        calls = {"pndm": steps + 1 if steps > 1 else steps, "heun": two_calls, "dpm2": two_calls}
+        calls["dpm2_karras"] = two_calls
         assert s == calls.get(name, steps)
         assert plan.num_inference_steps == steps
         assert plan.timesteps.dtype == plan.input_scale.dtype == plan.coeffs.dtype == np.float32
         assert plan.input_scale.shape == plan.needs_noise.shape == (s,)
         assert plan.coeffs.shape == (s, 1 + k, 3 + k)
         assert plan.needs_noise.dtype == np.bool_
-        assert k == (1 if name.startswith("dpmpp_2m") else {"pndm": 4, "unipc": 3, "heun": 2}.get(name, 0))
+        histories = {"pndm": 4, "unipc": 3, "heun": 2, "dpm2": 1, "dpm2_karras": 1}
+        assert k == (1 if name.startswith("dpmpp_2m") else histories.get(name, 0))
         expected_noise = np.zeros(s, dtype=bool)
         if name in STOCHASTIC:
             # the last ancestral step has sigma_up = 0; LCM's last returns x0; so does DPM-Solver's last
@@ -693,7 +698,7 @@ def test_img2img_schedule_structure(name: str) -> None:
     assert same.image_noise == full.image_noise
     part = scheduler.schedule(10, strength=0.65)
     assert part.t_start == 4 and part.num_inference_steps == 10
-    calls = 4 * (2 if name == "heun" else 1)  # diffusers skips t_start * order calls (Heun: 2 per step)
+    calls = 4 * (2 if name in ("heun", "dpm2", "dpm2_karras") else 1)  # t_start * order calls skipped
     np.testing.assert_array_equal(part.timesteps, full.timesteps[calls:])
     np.testing.assert_array_equal(part.input_scale, full.input_scale[calls:])
     if name in STATEFUL:

@@ -38,6 +38,7 @@ from .dpmsolver import (
 from .euler import Euler
 from .euler_ancestral import EulerAncestral
 from .heun import Heun
+from .kdpm2 import KDPM2, KDPM2Karras
 from .lcm import LCM
 from .pndm import PNDM
 from .schedule import Schedule
@@ -50,6 +51,8 @@ _CLASSES: dict[str, type[BaseScheduler]] = {
     "euler": Euler,
     "euler_a": EulerAncestral,
     "heun": Heun,
+    "dpm2": KDPM2,
+    "dpm2_karras": KDPM2Karras,
     "dpmpp_2m": DPMSolverMultistep,
     "dpmpp_2m_karras": DPMSolverMultistepKarras,
     "dpmpp_2m_sde": DPMSolverMultistepSDE,
