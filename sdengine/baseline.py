@@ -215,7 +215,8 @@ class TorchPipeline(_CallMixin):
                 decoded, nsfw = self.pipe.run_safety_checker(decoded, self.device, decoded.dtype)
             nsfw = [bool(f) for f in nsfw]
         array = to_unit_range(decoded.float().cpu().numpy())
-        array[np.asarray(nsfw or [], dtype=bool)] = 0.0  # diffusers does not denormalise a flagged image
+        if nsfw:
+            array[np.asarray(nsfw)] = 0.0  # diffusers does not denormalise a flagged image: black
         return GenerationResult(array, request, times, self.name, final.float().cpu().numpy(), nsfw)
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:
