@@ -107,9 +107,10 @@ class VaeEncoderExport(nn.Module):
 
 
 class SafetyCheckerExport(nn.Module):
-    """diffusers' ``StableDiffusionSafetyChecker.forward_onnx`` (Optimum's inputs and outputs): the images
-    with every flagged one black, and the flags. Its flags come from ``forward_onnx`` itself; its blacking
-    out, an in-place masked write, is done here as a product, which traces for any image shape."""
+    """diffusers' ``StableDiffusionSafetyChecker.forward_onnx`` (its ONNX pipeline's inputs and outputs):
+    the images with every flagged one black, and the flags. Its flags come from ``forward_onnx`` itself;
+    its blacking out, an in-place masked write, is done here as a product, which traces for any image
+    shape."""
 
     def __init__(self, checker: nn.Module) -> None:
         super().__init__()

@@ -162,7 +162,7 @@ class Architecture:
                 inputs=(TensorSpec("latent_sample", "float32", latent),),
                 outputs=(TensorSpec("sample", "float32", image),),
             ),
-            SAFETY_CHECKER: ModelSpec(  # Optimum's layout: flagged images come out black
+            SAFETY_CHECKER: ModelSpec(  # as diffusers' ONNX pipeline runs it: flagged images black
                 SAFETY_CHECKER,
                 inputs=(
                     TensorSpec("clip_input", "float32", ("batch", 3, *(self.safety_image_size,) * 2)),

@@ -4,8 +4,8 @@
 Its input is the image as CLIP's image processor makes it (the checkpoint's ``feature_extractor``
 preprocessor config): the image as 8-bit RGB, resized so its shorter side is 224 pixels (bicubic), cropped to
 224 x 224 at its centre, scaled to [0, 1] and normalised by CLIP's mean and standard deviation. The exported
-model (``safety_checker/model.onnx``, Optimum's layout) takes that and the images, and gives the images with
-each flagged one black, and the flags.
+model (``safety_checker/model.onnx``, as diffusers' ONNX pipeline runs it) takes that and the images, and
+gives the images with each flagged one black, and the flags.
 """
 
 from __future__ import annotations

@@ -297,7 +297,7 @@ class OrtBackend:
 def run_safety_checker(
     session: ort.InferenceSession, clip_input: np.ndarray, images: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One run of an exported safety checker (Optimum's inputs and outputs)."""
+    """One run of an exported safety checker (with the inputs and outputs diffusers' ONNX pipeline uses)."""
     out, flags = session.run(
         ["out_images", "has_nsfw_concepts"],
         {"clip_input": clip_input.astype(np.float32), "images": images.astype(np.float32)},
