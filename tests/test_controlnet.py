@@ -169,6 +169,15 @@ def test_a_lora_loaded_at_run_time_updates_the_unet_beside_its_controlnet(
     after = ours(PROMPT, **settings)
     assert psnr(after.array, ref(PROMPT, **settings).array) >= 100
     assert psnr(after.array, before.array) < 45
+    from export.onnx_export import export_checkpoint  # fused at export instead, as TensorRT needs it
+
+    components = ["text_encoder", "unet", "vae_decoder"]
+    fused = tmp_path / "fused"
+    export_checkpoint(
+        tiny_checkpoint, fused, components=components, controlnets=controlnet_dirs[:1], loras=[(lora, 0.8)]
+    )
+    at_export = Pipeline.load(fused, backend="ort", device="cpu")(PROMPT, **settings)
+    np.testing.assert_allclose(at_export.latents, after.latents, rtol=0, atol=1e-4)
 
 
 def test_two_controlnets_add_up_as_diffusers_multi_controlnet(tiny_checkpoint, controlnet_dirs, tmp_path):
