@@ -107,19 +107,31 @@ class VaeEncoderExport(nn.Module):
 
 
 class SafetyCheckerExport(nn.Module):
-    """diffusers' ``StableDiffusionSafetyChecker.forward_onnx`` (its ONNX pipeline's inputs and outputs):
-    the images with every flagged one black, and the flags. Its flags come from ``forward_onnx`` itself;
-    its blacking out, an in-place masked write, is done here as a product, which traces for any image
-    shape."""
+    """diffusers' ``StableDiffusionSafetyChecker.forward_onnx`` with the inputs and outputs its ONNX pipeline
+    uses (the images with every flagged one black, and the flags), and each image's concept scores
+    beside them: an image is flagged where a score is above 0. The scores give the export's check against
+    PyTorch something continuous to compare (random inputs flag nothing); the flags and scores are checked
+    against diffusers' own checker in the tests. The blacking out is a product, which traces for any size."""
 
     def __init__(self, checker: nn.Module) -> None:
         super().__init__()
         self.checker = checker
 
-    def forward(self, clip_input: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        placeholder = torch.zeros(clip_input.shape[0], 1, 1, 1)  # forward_onnx writes into it; unused
-        _, flags = self.checker.forward_onnx(clip_input, placeholder)
-        return images * (~flags).to(images.dtype)[:, None, None, None], flags
+    def forward(
+        self, clip_input: torch.Tensor, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        checker = self.checker
+        embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
+        unit = nn.functional.normalize(embeds)
+
+        def similarity(concepts: torch.Tensor) -> torch.Tensor:
+            return unit @ nn.functional.normalize(concepts).t()
+
+        special = similarity(checker.special_care_embeds) - checker.special_care_embeds_weights
+        adjustment = (special > 0).any(dim=1, keepdim=True).to(embeds.dtype) * 0.01  # special care: stricter
+        scores = similarity(checker.concept_embeds) - checker.concept_embeds_weights + adjustment
+        flags = (scores > 0).any(dim=1)
+        return images * (~flags).to(images.dtype)[:, None, None, None], flags, scores
 
 
 def load_export_module(checkpoint: str | Path, name: str, controlnets: Sequence[Path] = ()) -> nn.Module:

@@ -171,6 +171,8 @@ class Architecture:
                 outputs=(
                     TensorSpec("out_images", "float32", ("batch", "height", "width", 3)),
                     TensorSpec("has_nsfw_concepts", "bool", ("batch",)),
+                    # sdengine's exports: each concept's score, above 0 where it flags (for the export check)
+                    TensorSpec("concept_scores", "float32", ("batch", "concepts")),
                 ),
             ),
             VAE_ENCODER: ModelSpec(

@@ -63,11 +63,22 @@ def checked(tmp_path_factory):
         flag_first = highest[0] > highest[1]
     checker.save_pretrained(checkpoint / "safety_checker")
     export_checkpoint(checkpoint, root / "onnx", components=["safety_checker"])
-    return checkpoint, root / "onnx", bool(flag_first)
+    return checkpoint, root / "onnx", bool(flag_first), (highest - highest.mean()).numpy(), images.array
+
+
+def test_the_exported_scores_are_diffusers_similarities_less_the_thresholds(checked):
+    import onnxruntime as ort
+
+    _, onnx_dir, _, expected, images = checked
+    session = ort.InferenceSession(str(onnx_dir / "safety_checker" / "model.onnx"))
+    feed = {"clip_input": clip_pixels(images, {}), "images": images}
+    flags, scores = session.run(["has_nsfw_concepts", "concept_scores"], feed)
+    np.testing.assert_allclose(scores.max(axis=1), expected, rtol=0, atol=1e-5)
+    assert list(flags) == list(expected > 0)
 
 
 def test_flags_match_diffusers_and_flagged_images_are_black(checked):
-    checkpoint, onnx_dir, flag_first = checked
+    checkpoint, onnx_dir, flag_first, _, _ = checked
     ours = Pipeline.load(onnx_dir, backend="ort", device="cpu")(PROMPTS, **SETTINGS)
     ref = Pipeline.load(checkpoint, backend="torch")(PROMPTS, **SETTINGS)
     expected = [flag_first, not flag_first]
@@ -79,7 +90,7 @@ def test_flags_match_diffusers_and_flagged_images_are_black(checked):
 
 
 def test_the_checker_can_be_switched_off(checked):
-    checkpoint, onnx_dir, _ = checked
+    checkpoint, onnx_dir, *_ = checked
     for pipe in (
         Pipeline.load(onnx_dir, backend="ort", device="cpu", safety_checker=False),
         Pipeline.load(checkpoint, backend="torch", safety_checker=False),
@@ -89,7 +100,7 @@ def test_the_checker_can_be_switched_off(checked):
 
 
 def test_cli_warns_of_a_flagged_image(checked, tmp_path, capsys):
-    _, onnx_dir, flag_first = checked
+    _, onnx_dir, flag_first, *_ = checked
     out = tmp_path / "out.png"
     args = ["generate", str(onnx_dir), PROMPTS[0 if flag_first else 1], "--steps", "3", "--seed", "4"]
     args += ["--height", "64", "--width", "96", "--device", "cpu", "--output", str(out)]
@@ -116,7 +127,7 @@ def test_simulated_tensorrt_runs_the_checker_with_onnx_runtime(simulated, checke
     from export.trt_build import build_engines
     from sdengine.backends.trt import TrtBackend
 
-    _, onnx_dir, flag_first = checked
+    _, onnx_dir, flag_first, *_ = checked
     build_engines(onnx_dir, tmp_path / "engines", batch=2, env=ENV, builder=write_plan, height=64, width=96)
     backend = TrtBackend.load(tmp_path / "engines")
     tokenizer = ClipTokenizer.from_dir(backend.model_dir.tokenizer_dir)
