@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sdengine.denoise import Progress
+from sdengine.denoise import Preview, Progress
 from sdengine.errors import BackendUnavailableError, UnsupportedConfigError
-from sdengine.images import to_unit_range
+from sdengine.images import to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
 from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.request import GenerationRequest
@@ -134,7 +134,9 @@ class TorchPipeline(_CallMixin):
             return 0
         return len(getattr(self.controlnet, "nets", [self.controlnet]))
 
-    def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, progress: Progress | None = None, preview: Preview | None = None
+    ) -> GenerationResult:
         pipe, times = self.pipe, StageTimes()
         pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
         pipe.set_progress_bar_config(disable=progress is None)
@@ -191,6 +193,7 @@ class TorchPipeline(_CallMixin):
                 with times.time("denoise"):
                     out = pipe(
                         **prompts,
+                        **self.preview_callback(preview, len(self.step_noise(request))),
                         num_inference_steps=request.steps,
                         guidance_scale=request.guidance,
                         height=request.height,
@@ -218,6 +221,29 @@ class TorchPipeline(_CallMixin):
         if nsfw:
             array[np.asarray(nsfw)] = 0.0  # diffusers does not denormalise a flagged image: black
         return GenerationResult(array, request, times, self.name, final.float().cpu().numpy(), nsfw)
+
+    @staticmethod
+    def preview_callback(preview: Preview | None, num_calls: int) -> dict[str, Any]:
+        """diffusers' ``callback_on_step_end`` arguments that hand ``preview`` the latents after its calls."""
+        if preview is None:
+            return {}
+
+        def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict:
+            if preview.due(i + 1, num_calls):
+                preview.callback(i + 1, tensors["latents"].float().cpu().numpy())
+            return {}
+
+        return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+    def preview_images(self, latents: np.ndarray) -> list:
+        """Latents -> PIL images through diffusers' VAE."""
+        with torch.inference_mode():
+            scaled = (
+                torch.from_numpy(latents).to(self.device, self.pipe.vae.dtype)
+                / self.pipe.vae.config.scaling_factor
+            )
+            decoded = self.pipe.vae.decode(scaled, return_dict=False)[0]
+        return to_pil(to_unit_range(decoded.float().cpu().numpy()))
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:
         """diffusers' own ``load_textual_inversion`` (its image pipelines share the tokenizer and encoder)."""

@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,6 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         control_start=args.control_start or 0.0,
         control_end=args.control_end or 1.0,
         progress=_progress("denoising"),
+        **_previews(pipeline, args),
     )
     where = {"backend": result.backend, "model": str(Path(args.model_dir))}
     if loras:
@@ -144,6 +146,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
     print(f"{result.times.total_ms('total'):.0f} ms in all")
     return 0
+
+
+def _previews(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """``--preview-every N``: after every N UNet calls, the images so far beside the output, decoded by the
+    VAE: ``out-step4.png`` (``out-step4-0.png``, ... for a batch)."""
+    if not args.preview_every:
+        return {}
+    from sdengine.images import output_paths
+
+    output = Path(args.output)
+
+    def write(calls: int, latents: np.ndarray) -> None:
+        images = pipeline.preview_images(latents)
+        base = output.with_name(f"{output.stem}-step{calls}{output.suffix or '.png'}")
+        for image, path in zip(images, output_paths(base, len(images)), strict=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+
+    return {"preview": write, "preview_every": args.preview_every}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -427,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="safety_checker",
         action="store_false",
         help="do not run the model's safety checker (where it has one), which blacks out flagged images",
+    )
+    g.add_argument(
+        "--preview-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write the images so far after every N UNet calls (OUTPUT-stepK.png); each waits for them",
     )
     g.add_argument("--output", default="image.png")
     g.set_defaults(func=cmd_generate)

@@ -16,7 +16,7 @@ from sdengine.backends.base import Backend, DenoisePlan
 from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.controlnet import control_images, control_schedule
-from sdengine.denoise import Progress, denoise
+from sdengine.denoise import Preview, Progress, denoise
 from sdengine.errors import InvalidArgumentError
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.lora import LoraFile, fused_weights, read_lora
@@ -57,7 +57,11 @@ class ImageGenerator(Protocol):
     model_dir: ModelDir
     choice: Choice | None
 
-    def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult: ...
+    def generate(
+        self, request: GenerationRequest, progress: Progress | None = None, preview: Preview | None = None
+    ) -> GenerationResult: ...
+
+    def preview_images(self, latents: np.ndarray) -> list[Image.Image]: ...
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str: ...
 
@@ -73,7 +77,9 @@ class _CallMixin:
         """How many ControlNets condition the UNet (each takes a control image)."""
         return self.model_dir.arch.controlnets
 
-    def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, progress: Progress | None = None, preview: Preview | None = None
+    ) -> GenerationResult:
         raise NotImplementedError
 
     def request(
@@ -187,7 +193,9 @@ class _CallMixin:
         self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, **settings: Any
     ) -> GenerationResult:
         progress = settings.pop("progress", None)
-        return self.generate(self.request(prompt, negative_prompt, **settings), progress)
+        callback, every = settings.pop("preview", None), settings.pop("preview_every", 1)
+        preview = None if callback is None else Preview(callback, every)
+        return self.generate(self.request(prompt, negative_prompt, **settings), progress, preview)
 
 
 class Pipeline(_CallMixin):
@@ -281,8 +289,11 @@ class Pipeline(_CallMixin):
         pipeline.choice = choice
         return pipeline
 
-    def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
-        """Run ``request``. Safe to call from several threads: generations on one pipeline take turns."""
+    def generate(
+        self, request: GenerationRequest, progress: Progress | None = None, preview: Preview | None = None
+    ) -> GenerationResult:
+        """Run ``request``. Safe to call from several threads: generations on one pipeline take turns.
+        ``preview``: look at the latents part way (:class:`Preview`; :meth:`preview_images` decodes them)."""
         times = StageTimes()
         with self._lock, times.time("total"):
             schedule = request.schedule(self.model_dir.scheduler_config)
@@ -309,7 +320,7 @@ class Pipeline(_CallMixin):
                 unet_constants=unet_constants,
             )
             with times.time("denoise"):
-                latents = denoise(self.backend, plan, times, progress)
+                latents = denoise(self.backend, plan, times, progress, preview)
             with times.time("vae_decode"):
                 decoded = self.decode(latents / np.float32(self.model_dir.vae_scaling_factor))
             images, nsfw = to_unit_range(decoded), None
@@ -317,6 +328,11 @@ class Pipeline(_CallMixin):
                 with times.time("safety_checker"):
                     images, nsfw = self.check_safety(images)
         return GenerationResult(images, request, times, self.backend.name, latents, nsfw)
+
+    def preview_images(self, latents: np.ndarray) -> list[Image.Image]:
+        """Latents as a preview's callback gets them -> images, through the VAE decoder (no safety check:
+        they are not the result)."""
+        return to_pil(to_unit_range(self.decode(latents / np.float32(self.model_dir.vae_scaling_factor))))
 
     def check_safety(self, images: np.ndarray) -> tuple[np.ndarray, list[bool]]:
         """The safety checker on images (B, H, W, 3) in [0, 1]: them with each flagged one black, and the

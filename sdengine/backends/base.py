@@ -107,8 +107,9 @@ class Denoiser(Protocol):
         """One whole step: the UNet on the (doubled) batch, guidance and the scheduler update."""
         ...
 
-    def latents(self) -> np.ndarray:
-        """The current latents on the host (synchronises with the device, where there is one)."""
+    def latents(self, final: bool = True) -> np.ndarray:
+        """The current latents on the host (synchronises with the device, where there is one); ``final``:
+        the run is over (a device loop records its GPU time), not a look part way (a preview)."""
         ...
 
 

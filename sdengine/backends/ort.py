@@ -338,5 +338,5 @@ class HostDenoiser:
             self.unet_constants[CONDITIONING_SCALE] = control_scale[0]
         self.state = {"sample": sample, "history": history, "step_index": index}
 
-    def latents(self) -> np.ndarray:
+    def latents(self, final: bool = True) -> np.ndarray:
         return self.state["sample"]

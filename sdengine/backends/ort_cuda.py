@@ -469,8 +469,8 @@ class DeviceDenoiser:
         else:
             self._eager_step(parity)
 
-    def latents(self) -> np.ndarray:
-        if self.events:
+    def latents(self, final: bool = True) -> np.ndarray:
+        if self.events and final:
             self.events[1].record(self.stream)
             self.times.add("denoise_gpu", int(self.events[1].elapsed_ms(self.events[0]) * 1e6))
         self.synchronize()

@@ -468,7 +468,8 @@ class GraphSteps:
             self._eager_step(self.calls % 2)
         self.calls += 1
 
-    def latents(self) -> np.ndarray:
-        self.events[1].record(self.stream)
-        self.times.add("denoise_gpu", int(self.events[1].elapsed_ms(self.events[0]) * 1e6))
+    def latents(self, final: bool = True) -> np.ndarray:
+        if final:
+            self.events[1].record(self.stream)
+            self.times.add("denoise_gpu", int(self.events[1].elapsed_ms(self.events[0]) * 1e6))
         return self.states[self.calls % 2]["sample"].download(self.stream)
