@@ -121,6 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         control_scale=args.control_scale or 1.0,
         control_start=args.control_start or 0.0,
         control_end=args.control_end or 1.0,
+        variation_seed=args.variation_seed,
+        variation_strength=args.variation_strength,
         progress=_progress("denoising"),
         **_previews(pipeline, args),
     )
@@ -337,6 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="default: the model's native size (or --image's)")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--batch", type=int, default=1)
+    g.add_argument(
+        "--variation-seed", type=int, default=None, help="variations: the seed whose noise to move towards"
+    )
+    g.add_argument(
+        "--variation-strength",
+        type=float,
+        default=0.0,
+        help="how far (0 to 1, along the sphere) the seed's noise moves towards --variation-seed's",
+    )
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="default: auto (by directory)")
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
     g.add_argument(

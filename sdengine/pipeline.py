@@ -106,6 +106,8 @@ class _CallMixin:
         control_scale: float | Sequence[float] = 1.0,
         control_start: float | Sequence[float] = 0.0,
         control_end: float | Sequence[float] = 1.0,
+        variation_seed: int | None = None,
+        variation_strength: float = 0.0,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -124,7 +126,10 @@ class _CallMixin:
         ControlNets a list of those, one per ControlNet; resized like ``image``, and where given it sets the
         default size, as in diffusers' ControlNet pipelines. ``control_scale``: each ControlNet's weight;
         ``control_start``, ``control_end``: the share of the schedule each runs in, [start, end) within [0, 1]
-        (diffusers' ``control_guidance_start``/``_end``); each one for all, or one per ControlNet."""
+        (diffusers' ``control_guidance_start``/``_end``); each one for all, or one per ControlNet.
+        ``variation_seed``, ``variation_strength``: the seed's initial noise moved that far (0 to 1, along
+        the sphere) towards ``variation_seed``'s, for images like the seed's (image ``i`` of a batch: seed
+        ``seed + i``'s towards ``variation_seed + i``'s)."""
         multiple = self.model_dir.arch.vae_scale_factor
         controls = self._control_images(control_image)
         default = (self.model_dir.default_image_size,) * 2
@@ -156,6 +161,8 @@ class _CallMixin:
             control_scale=control_scale,
             control_start=control_start,
             control_end=control_end,
+            variation_seed=variation_seed,
+            variation_strength=variation_strength,
             size_multiple=multiple,
         )
 

@@ -54,6 +54,10 @@ class GenerationRequest:
     #: control_guidance_start and control_guidance_end)
     control_starts: tuple[float, ...] = ()
     control_ends: tuple[float, ...] = ()
+    #: variations: the initial noise moves this far (0 to 1, along the sphere) towards the noise of
+    #: ``variation_seed`` (image ``i``: ``variation_seed + i``)
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
 
     @property
     def image_to_image(self) -> bool:
@@ -89,10 +93,11 @@ class GenerationRequest:
         ``seeds[i]`` alone, so any image of a batch is made again by a batch of one with its seed."""
         return tuple((self.seed + i) % 2**63 for i in range(self.batch))
 
-    def _draw(self, stream: int, shape: tuple[int, ...]) -> np.ndarray:
-        """Unit normal noise (B, *shape), item ``i`` from seed ``seeds[i]`` and ``stream`` (0: initial
-        latents, 1: per-step noise, 2: the image's latent sample, 3: the masked image's latent sample)."""
-        keys = [seed if stream == 0 else [seed, stream] for seed in self.seeds]
+    def _draw(self, stream: int, shape: tuple[int, ...], seeds: tuple[int, ...] | None = None) -> np.ndarray:
+        """Unit normal noise (B, *shape), item ``i`` from seed ``seeds[i]`` (default: the request's) and
+        ``stream`` (0: initial latents, 1: per-step noise, 2: the image's latent sample, 3: the masked
+        image's latent sample)."""
+        keys = [seed if stream == 0 else [seed, stream] for seed in seeds or self.seeds]
         return np.stack([np.random.default_rng(k).standard_normal(shape, dtype=np.float32) for k in keys])
 
     def schedule(self, scheduler_config: dict[str, Any]) -> Schedule:
@@ -108,6 +113,9 @@ class GenerationRequest:
     def initial_latents(self, arch: Architecture) -> np.ndarray:
         """Unit-variance initial latents: the caller's, or drawn from the seeds (alike on every backend)."""
         shape = self.latent_shape(arch)
+        if self.latents is None and self.variation_strength:
+            others = tuple((self.variation_seed + i) % 2**63 for i in range(self.batch))
+            return slerp(self.variation_strength, self._draw(0, shape[1:]), self._draw(0, shape[1:], others))
         if self.latents is None:
             return self._draw(0, shape[1:])
         if tuple(self.latents.shape) != shape:
@@ -171,6 +179,11 @@ class GenerationRequest:
             "height": self.height,
             "width": self.width,
             "latents": "supplied" if self.latents is not None else "from seed",
+            **(
+                {"variation_seed": self.variation_seed, "variation_strength": self.variation_strength}
+                if self.variation_strength
+                else {}
+            ),
             **({"image": "supplied", "strength": self.strength} if self.image_to_image else {}),
             **({"mask": "supplied"} if self.inpainting else {}),
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
@@ -213,6 +226,8 @@ def make_request(
     control_scale: float | Sequence[float] = 1.0,
     control_start: float | Sequence[float] = 0.0,
     control_end: float | Sequence[float] = 1.0,
+    variation_seed: int | None = None,
+    variation_strength: float = 0.0,
     size_multiple: int = 8,
 ) -> GenerationRequest:
     """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value.
@@ -267,6 +282,7 @@ def make_request(
         seed = secrets.randbits(63)
     if not 0 <= seed < 2**63:
         raise InvalidArgumentError(f"seed must be in [0, 2**63), got {seed}")
+    check_variation(variation_seed, variation_strength, latents)
     return GenerationRequest(
         prompts=tuple(prompts),
         negative_prompts=tuple(negatives),
@@ -288,7 +304,38 @@ def make_request(
         control_scales=scales,
         control_starts=starts,
         control_ends=ends,
+        variation_seed=None if variation_seed is None else int(variation_seed),
+        variation_strength=float(variation_strength),
     )
+
+
+def check_variation(seed: int | None, strength: float, latents: np.ndarray | None) -> None:
+    """A variation needs its seed, a strength in [0, 1] and noise drawn from seeds (not supplied latents)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        raise InvalidArgumentError(f"variation_strength must be a number in [0, 1], got {strength!r}")
+    if strength and seed is None:
+        raise InvalidArgumentError("variation_strength needs a variation_seed to move towards")
+    whole = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+    if seed is not None and (not whole or not 0 <= seed < 2**63):
+        raise InvalidArgumentError(f"variation_seed must be in [0, 2**63), got {seed!r}")
+    if strength and latents is not None:
+        raise InvalidArgumentError(
+            "a variation moves the seed's noise: it does not apply to supplied latents"
+        )
+
+
+def slerp(t: float, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spherical interpolation, per batch item, from ``a`` (t = 0) to ``b`` (t = 1) (B, ...): along the great
+    circle through both, so unit-variance noise stays unit-variance noise, where a straight line would
+    shrink it; straight where the two are (nearly) parallel."""
+    flat_a, flat_b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    cos = np.sum(flat_a * flat_b, 1) / (np.linalg.norm(flat_a, axis=1) * np.linalg.norm(flat_b, axis=1))
+    omega = np.arccos(np.clip(cos, -1.0, 1.0))[:, None]
+    sin = np.sin(omega)
+    safe = np.where(sin > 1e-6, sin, 1.0)
+    wa = np.where(sin > 1e-6, np.sin((1 - t) * omega) / safe, 1 - t)
+    wb = np.where(sin > 1e-6, np.sin(t * omega) / safe, t)
+    return (wa * flat_a + wb * flat_b).reshape(a.shape).astype(np.float32)
 
 
 #: The prompt weighting syntaxes: compel's (``True`` stands for it) and the AUTOMATIC1111 web UI's.
