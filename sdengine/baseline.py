@@ -182,7 +182,8 @@ class TorchPipeline(_CallMixin):
                 inputs[name] = values[0] if one else list(values)
         if request.image_to_image or control:
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
-        draws = stacked(draws, same_step_noise(pipe.scheduler, self.step_noise(request)))
+        step_noise = self.step_noise(request)  # (calls, ...): also how many calls a preview counts
+        draws = stacked(draws, same_step_noise(pipe.scheduler, step_noise))
         prompts: dict = {"prompt": list(request.prompts), "negative_prompt": list(request.negative_prompts)}
         cuda = self.device == "cuda"
         timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
@@ -193,7 +194,7 @@ class TorchPipeline(_CallMixin):
                 with times.time("denoise"):
                     out = pipe(
                         **prompts,
-                        **self.preview_callback(preview, len(self.step_noise(request))),
+                        **self.preview_callback(preview, len(step_noise)),
                         num_inference_steps=request.steps,
                         guidance_scale=request.guidance,
                         height=request.height,
@@ -206,7 +207,7 @@ class TorchPipeline(_CallMixin):
                     if cuda:
                         torch.cuda.synchronize()
                 with times.time("vae_decode"):
-                    decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False)[0]
+                    decoded = self.decode(final)
                     if cuda:
                         torch.cuda.synchronize()
         finally:
@@ -235,14 +236,14 @@ class TorchPipeline(_CallMixin):
 
         return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
 
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """diffusers' VAE decoder on latents as the UNet sees them (divided by the scaling factor here)."""
+        return self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+
     def preview_images(self, latents: np.ndarray) -> list:
         """Latents -> PIL images through diffusers' VAE."""
         with torch.inference_mode():
-            scaled = (
-                torch.from_numpy(latents).to(self.device, self.pipe.vae.dtype)
-                / self.pipe.vae.config.scaling_factor
-            )
-            decoded = self.pipe.vae.decode(scaled, return_dict=False)[0]
+            decoded = self.decode(torch.from_numpy(latents).to(self.device, self.pipe.vae.dtype))
         return to_pil(to_unit_range(decoded.float().cpu().numpy()))
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:

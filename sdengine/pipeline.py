@@ -223,6 +223,8 @@ class Pipeline(_CallMixin):
         self.tokenizer = tokenizer
         self.vae_tiling = vae_tiling
         self.safety_checker = safety_checker and model_dir.onnx_path(SAFETY_CHECKER).is_file()
+        # its image processor's settings, read once
+        self._clip_config = optional_json(model_dir.root / PREPROCESSOR_CONFIG) if self.safety_checker else {}
         # one generation at a time: a backend's per-shape buffers, stream and graphs serve every run
         self._lock = threading.Lock()
         self._loras: list[tuple[LoraFile, float]] = []  # fused into the backend's weights, in load order
@@ -329,23 +331,25 @@ class Pipeline(_CallMixin):
             with times.time("denoise"):
                 latents = denoise(self.backend, plan, times, progress, preview)
             with times.time("vae_decode"):
-                decoded = self.decode(latents / np.float32(self.model_dir.vae_scaling_factor))
-            images, nsfw = to_unit_range(decoded), None
+                images, nsfw = self.decode_images(latents), None
             if self.safety_checker:
                 with times.time("safety_checker"):
                     images, nsfw = self.check_safety(images)
         return GenerationResult(images, request, times, self.backend.name, latents, nsfw)
 
+    def decode_images(self, latents: np.ndarray) -> np.ndarray:
+        """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the VAE decoder."""
+        return to_unit_range(self.decode(latents / np.float32(self.model_dir.vae_scaling_factor)))
+
     def preview_images(self, latents: np.ndarray) -> list[Image.Image]:
         """Latents as a preview's callback gets them -> images, through the VAE decoder (no safety check:
         they are not the result)."""
-        return to_pil(to_unit_range(self.decode(latents / np.float32(self.model_dir.vae_scaling_factor))))
+        return to_pil(self.decode_images(latents))
 
     def check_safety(self, images: np.ndarray) -> tuple[np.ndarray, list[bool]]:
         """The safety checker on images (B, H, W, 3) in [0, 1]: them with each flagged one black, and the
         flags."""
-        config = optional_json(self.model_dir.root / PREPROCESSOR_CONFIG)
-        checked, flags = self.backend.check_safety(clip_pixels(images, config), images)
+        checked, flags = self.backend.check_safety(clip_pixels(images, self._clip_config), images)
         return checked, [bool(f) for f in flags]
 
     def encode_prompts(

@@ -91,7 +91,11 @@ class GenerationRequest:
     def seeds(self) -> tuple[int, ...]:
         """One seed per image: ``seed``, ``seed + 1``, ... Every random draw of image ``i`` comes from
         ``seeds[i]`` alone, so any image of a batch is made again by a batch of one with its seed."""
-        return tuple((self.seed + i) % 2**63 for i in range(self.batch))
+        return self._seeds_from(self.seed)
+
+    def _seeds_from(self, first: int) -> tuple[int, ...]:
+        """``first``, ``first + 1``, ... one per image (wrapping at 2**63)."""
+        return tuple((first + i) % 2**63 for i in range(self.batch))
 
     def _draw(self, stream: int, shape: tuple[int, ...], seeds: tuple[int, ...] | None = None) -> np.ndarray:
         """Unit normal noise (B, *shape), item ``i`` from seed ``seeds[i]`` (default: the request's) and
@@ -114,8 +118,8 @@ class GenerationRequest:
         """Unit-variance initial latents: the caller's, or drawn from the seeds (alike on every backend)."""
         shape = self.latent_shape(arch)
         if self.latents is None and self.variation_strength:
-            others = tuple((self.variation_seed + i) % 2**63 for i in range(self.batch))
-            return slerp(self.variation_strength, self._draw(0, shape[1:]), self._draw(0, shape[1:], others))
+            others = self._draw(0, shape[1:], self._seeds_from(self.variation_seed))
+            return slerp(self.variation_strength, self._draw(0, shape[1:]), others)
         if self.latents is None:
             return self._draw(0, shape[1:])
         if tuple(self.latents.shape) != shape:
