@@ -87,6 +87,11 @@ def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
     results["inpainting: CUDA vs CPU fp32, PSNR dB"] = psnr(
         pipes["step"](PROMPT, **inpaint).array, cpu(PROMPT, **inpaint).array
     )
+    edited = dict(settings, prompt_weights="a1111")  # each call's text embeddings from the step model
+    results["prompt editing: CUDA vs CPU fp32, PSNR dB"] = psnr(
+        pipes["step"]("a [red:blue:0.5] cat, [oil|watercolour]", **edited).array,
+        cpu("a [red:blue:0.5] cat, [oil|watercolour]", **edited).array,
+    )
     lora = write_random_lora(fp32.root, work / "random-lora.safetensors")
     for pipe in (pipes["step"], cpu):  # the UNet's per-shape sessions reopen with the fused weights
         pipe.load_lora(lora, 0.8)

@@ -29,7 +29,7 @@ from sdengine.images import to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
 from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.request import GenerationRequest
-from sdengine.schedulers import diffusers_scheduler_class, load_scheduler
+from sdengine.schedulers import Schedule, diffusers_scheduler_class, load_scheduler
 from sdengine.timing import StageTimes
 
 
@@ -182,19 +182,23 @@ class TorchPipeline(_CallMixin):
                 inputs[name] = values[0] if one else list(values)
         if request.image_to_image or control:
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
-        step_noise = self.step_noise(request)  # (calls, ...): also how many calls a preview counts
+        schedule = request.schedule(self.model_dir.scheduler_config)
+        step_noise = request.step_noise(schedule, request.latent_shape(self.model_dir.arch))
         draws = stacked(draws, same_step_noise(pipe.scheduler, step_noise))
         prompts: dict = {"prompt": list(request.prompts), "negative_prompt": list(request.negative_prompts)}
         cuda = self.device == "cuda"
         timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
         try:
             with times.time("total"), torch.inference_mode(), draws:
-                if request.clip_skip or request.long_prompts or request.prompt_weights:
+                call_embeds = None  # every call's prompt embeddings (the UNet's batch), where they change
+                if request.prompt_weights == "a1111":
+                    prompts, call_embeds = self.edited_embeddings(pipe, request, schedule)
+                elif request.clip_skip or request.long_prompts or request.prompt_weights:
                     prompts = self.embeddings(pipe, request)
                 with times.time("denoise"):
                     out = pipe(
                         **prompts,
-                        **self.preview_callback(preview, len(step_noise)),
+                        **self.step_end_callback(preview, len(step_noise), call_embeds),
                         num_inference_steps=request.steps,
                         guidance_scale=request.guidance,
                         height=request.height,
@@ -224,14 +228,19 @@ class TorchPipeline(_CallMixin):
         return GenerationResult(array, request, times, self.name, final.float().cpu().numpy(), nsfw)
 
     @staticmethod
-    def preview_callback(preview: Preview | None, num_calls: int) -> dict[str, Any]:
-        """diffusers' ``callback_on_step_end`` arguments that hand ``preview`` the latents after its calls."""
-        if preview is None:
+    def step_end_callback(
+        preview: Preview | None, num_calls: int, call_embeds: list[torch.Tensor] | None = None
+    ) -> dict[str, Any]:
+        """diffusers' ``callback_on_step_end`` arguments that hand ``preview`` the latents after its calls,
+        and give each call after the first its prompt embeddings from ``call_embeds`` (edited prompts)."""
+        if preview is None and call_embeds is None:
             return {}
 
         def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict:
-            if preview.due(i + 1, num_calls):
+            if preview is not None and preview.due(i + 1, num_calls):
                 preview.callback(i + 1, tensors["latents"].float().cpu().numpy())
+            if call_embeds is not None and i + 1 < num_calls:
+                return {"prompt_embeds": call_embeds[i + 1]}  # the next call's (both halves with guidance)
             return {}
 
         return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
@@ -282,8 +291,6 @@ class TorchPipeline(_CallMixin):
         ``text_encoder.text_model``, which transformers 5 no longer has, and it cuts long prompts off."""
         if request.prompt_weights == "compel":
             return self.weighted_embeddings(pipe, request)
-        if request.prompt_weights == "a1111":
-            return self.a1111_embeddings(pipe, request)
         encoder = pipe.text_encoder
         norm = getattr(encoder, "text_model", encoder).final_layer_norm
         texts = [
@@ -301,11 +308,27 @@ class TorchPipeline(_CallMixin):
         embeds = embeds.reshape(len(texts), -1, embeds.shape[-1])
         return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
 
-    def a1111_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
-        """Prompt embeddings in the AUTOMATIC1111 web UI's weighting syntax, with transformers' tokenizer and
-        the torch text encoder: the windows as :func:`sdengine.prompt_weights_a1111.a1111_windows` fills
-        them, each window's embeddings multiplied by its weights and rescaled to its own mean; shorter
-        prompts get the empty prompt's window as often as they are short."""
+    def edited_embeddings(
+        self, pipe, request: GenerationRequest, schedule: Schedule
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+        """Prompt embeddings in the AUTOMATIC1111 web UI's syntax: the first call's (diffusers' arguments),
+        and where the prompts are edited part way (:mod:`sdengine.prompt_editing`) every call's, as the UNet
+        takes them (negatives then prompts with classifier-free guidance)."""
+        edits = request.prompt_edits(schedule)
+        sets = self.a1111_embeddings(pipe, request, edits.texts)[torch.from_numpy(edits.rows)]
+        batch, first = request.batch, sets[0]
+        if request.classifier_free_guidance:
+            prompts = {"negative_prompt_embeds": first[:batch], "prompt_embeds": first[batch:]}
+        else:
+            prompts = {"prompt_embeds": first}
+        return prompts, [sets[k] for k in edits.call_rows] if edits.edited else None
+
+    def a1111_embeddings(self, pipe, request: GenerationRequest, texts: list[str]) -> torch.Tensor:
+        """Text embeddings (len(texts), sequence, hidden) in the AUTOMATIC1111 web UI's weighting syntax,
+        with transformers' tokenizer and the torch text encoder: the windows as
+        :func:`sdengine.prompt_weights_a1111.a1111_windows` fills them, each window's embeddings multiplied
+        by its weights and rescaled to its own mean; shorter texts get the empty prompt's window as often as
+        they are short."""
         from sdengine.prompt_weights_a1111 import a1111_windows, parse_a1111
 
         tok, encoder = pipe.tokenizer, pipe.text_encoder
@@ -321,7 +344,7 @@ class TorchPipeline(_CallMixin):
             return norm(states[-(request.clip_skip + 1)]).double()
 
         embeds = []
-        for text in request.negative_prompts + request.prompts:
+        for text in texts:
             fragments = parse_a1111(pipe.maybe_convert_prompt(text, tok))
             ids, weights = a1111_windows(fragments, content, specials, comma, tok.model_max_length - 2)
             if not request.long_prompts:
@@ -334,10 +357,9 @@ class TorchPipeline(_CallMixin):
             tok("", padding="max_length", max_length=tok.model_max_length, return_tensors="np").input_ids
         )[0]
         longest = max(len(e) for e in embeds)
-        embeds = torch.stack(
+        return torch.stack(
             [torch.cat([e, *[empty] * ((longest - len(e)) // len(empty))]) for e in embeds]
         ).to(pipe.unet.dtype)
-        return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
 
     def weighted_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """Weighted prompt embeddings from compel, the library diffusers' documentation weights prompts with:
@@ -365,11 +387,6 @@ class TorchPipeline(_CallMixin):
         embeds = [compel(text) for text in request.negative_prompts + request.prompts]
         embeds = torch.cat(compel.pad_conditioning_tensors_to_same_length(embeds))
         return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
-
-    def step_noise(self, request: GenerationRequest) -> np.ndarray:
-        """The engine's per-step noise for this request, (calls, B, C, h, w); zeros where none is drawn."""
-        schedule = request.schedule(self.model_dir.scheduler_config)
-        return request.step_noise(schedule, request.latent_shape(self.model_dir.arch))
 
     def image_pipeline(self, kind: str, control: bool = False):
         """diffusers' image-to-image (``kind`` "Img2Img") or inpainting ("Inpaint") pipeline, or with

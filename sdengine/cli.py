@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         choices=("compel", "a1111"),
         help="read prompts in a weighting syntax: compel's (the default: (red cat)1.3, dog+, (blue)-) or "
-        "the AUTOMATIC1111 web UI's (a1111: (red cat:1.3), (dog), [blue], BREAK)",
+        "the AUTOMATIC1111 web UI's (a1111: (red cat:1.3), (dog), [blue], BREAK, and prompt editing: "
+        "[cat:dog:0.5] switches half way, [cat|dog] alternates every step)",
     )
     g.add_argument(
         "--lora",

@@ -307,9 +307,11 @@ class Pipeline(_CallMixin):
         with self._lock, times.time("total"):
             schedule = request.schedule(self.model_dir.scheduler_config)
             cfg = request.classifier_free_guidance
-            texts = [*request.negative_prompts, *request.prompts] if cfg else request.prompts
-            context = self.encode_prompts(texts, request, times)
+            edits = request.prompt_edits(schedule)
+            contexts = self.encode_prompts(edits.texts, request, times)[edits.rows]  # (sets, G * B, ...)
             latents, inputs = self.initial_latents(request, schedule, times)
+            if edits.edited:  # every call's text embeddings, which the step model hands the UNet
+                inputs.update(contexts=contexts, context_index=edits.call_rows)
             if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
                 inputs["guidance_rescale"] = request.guidance_rescale
             unet_constants = {}
@@ -323,7 +325,7 @@ class Pipeline(_CallMixin):
                 )
             plan = DenoisePlan(
                 latents=latents,
-                context=context,
+                context=contexts[0],
                 tables=step_tables(schedule, request.step_noise(schedule, latents.shape), **inputs),
                 guidance=request.guidance if cfg else None,
                 unet_constants=unet_constants,

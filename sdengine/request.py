@@ -12,6 +12,7 @@ import numpy as np
 
 from sdengine.errors import InvalidArgumentError
 from sdengine.model_specs import Architecture
+from sdengine.prompt_editing import PromptEdits, prompt_edits
 from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.schedulers.base import img2img_start
 
@@ -103,6 +104,23 @@ class GenerationRequest:
         image's latent sample)."""
         keys = [seed if stream == 0 else [seed, stream] for seed in seeds or self.seeds]
         return np.stack([np.random.default_rng(k).standard_normal(shape, dtype=np.float32) for k in keys])
+
+    @property
+    def texts(self) -> list[str]:
+        """The texts the UNet's batch reads: the negative prompts then the prompts with classifier-free
+        guidance, the prompts alone without."""
+        return (
+            [*self.negative_prompts, *self.prompts] if self.classifier_free_guidance else list(self.prompts)
+        )
+
+    def prompt_edits(self, schedule: Schedule) -> PromptEdits:
+        """What :attr:`texts` read call by call over ``schedule``: in the AUTOMATIC1111 syntax they may be
+        edited part way (:mod:`sdengine.prompt_editing`); otherwise every call reads them as they are."""
+        if self.prompt_weights == "a1111":
+            return prompt_edits(self.texts, schedule.steps_run, len(schedule.timesteps))
+        return PromptEdits(
+            self.texts, np.arange(len(self.texts))[None], np.zeros(len(schedule.timesteps), int)
+        )
 
     def schedule(self, scheduler_config: dict[str, Any]) -> Schedule:
         """This request's schedule for a checkpoint's scheduler config (shortened by image to image)."""

@@ -11,6 +11,7 @@ that the model itself advances:
                  (+ [mask, masked image latents] on the channel axis: inpainting with a 9-channel UNet)
     timestep   = timesteps[i + 1]                     ... and its timestep, shaped as the UNet wants
     scales     = control_scales[i + 1]                ... and its ControlNets' weights, where it has any
+    context    = contexts[context_index[i + 1]]       ... and its text embeddings, where prompts are edited
     i'         = i + 1
 
 Because the tables, the noise and the index live in the model's inputs, a GPU backend keeps them in device
@@ -27,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from sdengine.model_specs import CONDITIONING_SCALE
 from sdengine.schedulers import Schedule
 
 #: History buffers the step model carries (PNDM needs the most: 4).
@@ -43,12 +45,12 @@ CONDITIONING_INPUT = "unet_conditioning"
 #: ControlNet: the table of each call's ControlNet weights, and the output that gives the next call's.
 CONTROL_SCALES = "control_scales"
 CONTROL_SCALE_OUTPUT = "unet_conditioning_scale"
-
-
-def step_outputs(controls: int) -> tuple[str, ...]:
-    """The step model's outputs, in order: :data:`STEP_OUTPUTS`, then the next call's ControlNet weights
-    where the UNet has ``controls`` ControlNets."""
-    return STEP_OUTPUTS + ((CONTROL_SCALE_OUTPUT,) if controls else ())
+#: Prompt editing: every set of text embeddings the run reads, which set each call reads, and the output that
+#: gives the next call's.
+CONTEXTS, CONTEXT_INDEX, CONTEXT_OUTPUT = "contexts", "context_index", "unet_context"
+#: The step model's outputs that are the next UNet call's inputs besides its sample and timestep: the UNet
+#: input each one feeds, by output.
+CALL_INPUTS = {CONTROL_SCALE_OUTPUT: CONDITIONING_SCALE, CONTEXT_OUTPUT: "encoder_hidden_states"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,10 +83,19 @@ class StepTables:
     #: (S + 1, ControlNets) float32: each call's ControlNet weights (0 outside a ControlNet's share of the
     #: schedule); one spare row, read (and unused) after the last step
     control_scales: np.ndarray | None = None
+    #: (sets, G * B, sequence, hidden) float32: each set of text embeddings an edited prompt reads
+    #: (:mod:`sdengine.prompt_editing`), and (S + 1,) int64: the set each call reads, one spare entry
+    contexts: np.ndarray | None = None
+    context_index: np.ndarray | None = None
 
     @property
     def num_calls(self) -> int:
         return len(self.coeffs)
+
+    @property
+    def context_sets(self) -> int:
+        """How many sets of text embeddings the calls read from the step model (0: the UNet keeps one)."""
+        return 0 if self.contexts is None else len(self.contexts)
 
     @property
     def controls(self) -> int:
@@ -117,7 +128,25 @@ class StepTables:
             arrays["guidance_rescale"] = self.guidance_rescale
         if self.control_scales is not None:
             arrays[CONTROL_SCALES] = self.control_scales
+        if self.contexts is not None:
+            arrays[CONTEXTS], arrays[CONTEXT_INDEX] = self.contexts, self.context_index
         return arrays
+
+    def outputs(self) -> tuple[str, ...]:
+        """The step model's outputs, in order: :data:`STEP_OUTPUTS`, then those of :data:`CALL_INPUTS` the
+        run has (the next call's ControlNet weights, its text embeddings)."""
+        extra = (CONTROL_SCALE_OUTPUT,) * bool(self.controls) + (CONTEXT_OUTPUT,) * bool(self.context_sets)
+        return STEP_OUTPUTS + extra
+
+    def first_call_inputs(self) -> dict[str, np.ndarray]:
+        """The first UNet call's values of the inputs that the step model gives every later call (by UNet
+        input name)."""
+        inputs = {}
+        if self.control_scales is not None:
+            inputs[CONDITIONING_SCALE] = self.control_scales[0]
+        if self.contexts is not None:
+            inputs[CALL_INPUTS[CONTEXT_OUTPUT]] = self.contexts[self.context_index[0]]
+        return inputs
 
 
 def step_tables(
@@ -128,9 +157,12 @@ def step_tables(
     unet_conditioning: np.ndarray | None = None,
     guidance_rescale: float | None = None,
     control_scales: np.ndarray | None = None,
+    contexts: np.ndarray | None = None,
+    context_index: np.ndarray | None = None,
 ) -> StepTables:
     """Pad ``schedule``'s coefficient rows to :data:`MAX_HISTORY` history buffers. ``control_scales``: each
-    call's ControlNet weights, (calls, ControlNets).
+    call's ControlNet weights, (calls, ControlNets). ``contexts`` (sets, G * B, sequence, hidden) and
+    ``context_index`` (calls,): edited prompts' text embeddings, and the set each call reads.
 
     Row ``r`` / column ``c`` of the scheduler's ``(1 + K, 3 + K)`` matrix keep their place; the extra history
     rows and columns are zero, so unused buffers stay zero and never contribute.
@@ -158,6 +190,10 @@ def step_tables(
         control_scales=None
         if control_scales is None
         else np.concatenate([control_scales, control_scales[-1:]]).astype(np.float32),
+        contexts=f32(contexts),
+        context_index=None
+        if context_index is None
+        else np.append(context_index, context_index[-1]).astype(np.int64),
     )
 
 
@@ -194,6 +230,8 @@ def build_step_model(
     conditioning_channels: int = 0,
     rescale: bool = False,
     controls: int = 0,
+    contexts: tuple[int, int, int] = (),
+    context_dtype: int = TensorProto.FLOAT,
 ) -> onnx.ModelProto:
     """The step model for ``batch`` latents of ``latent_shape`` (C, h, w) and a schedule of ``num_calls``.
 
@@ -211,6 +249,9 @@ def build_step_model(
     ``rescale_noise_cfg`` does (unbiased std over each image). ``controls``: the UNet runs that many
     ControlNets; the model takes :data:`CONTROL_SCALES` and gives the next call's row of it as
     :data:`CONTROL_SCALE_OUTPUT`, so a ControlNet that stops (or starts) partway costs no host work.
+    ``contexts`` (sets, sequence, hidden): prompts are edited; the model takes :data:`CONTEXTS` and
+    :data:`CONTEXT_INDEX` and gives the next call's set of text embeddings, in ``context_dtype`` (the UNet's
+    ``encoder_hidden_states`` type), as :data:`CONTEXT_OUTPUT`.
     """
     copies = 2 if guidance else 1
     c, h, w = latent_shape
@@ -327,6 +368,20 @@ def build_step_model(
         nodes.append(
             helper.make_node("Gather", [CONTROL_SCALES, "next_step_index"], [CONTROL_SCALE_OUTPUT], axis=0)
         )
+    if contexts:
+        sets, sequence, hidden = contexts
+        inputs += [
+            helper.make_tensor_value_info(CONTEXTS, f32, [sets, copies * batch, sequence, hidden]),
+            helper.make_tensor_value_info(CONTEXT_INDEX, TensorProto.INT64, [num_calls + 1]),
+        ]
+        outputs.append(
+            helper.make_tensor_value_info(CONTEXT_OUTPUT, context_dtype, [copies * batch, sequence, hidden])
+        )
+        nodes += [
+            helper.make_node("Gather", [CONTEXT_INDEX, "next_step_index"], ["context_set"], axis=0),
+            helper.make_node("Gather", [CONTEXTS, "context_set"], ["next_context"], axis=0),
+            helper.make_node("Cast", ["next_context"], [CONTEXT_OUTPUT], to=context_dtype),
+        ]
     graph = helper.make_graph(nodes, "sdengine_step", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     onnx.checker.check_model(model)

@@ -491,7 +491,7 @@ def test_the_device_loop_binds_a_unet_with_fp16_inputs_and_outputs(onnx_fp32, tm
     half = with_fp16_unet_io(onnx_fp32, tmp_path / "half-io")
     host = Pipeline.load(half, backend="ort", device="cpu")
     backend = OrtCudaBackend(host.model_dir, device="cpu")
-    assert backend.unet_io_dtypes() == (np.float16, np.float16)
+    assert backend.unet_io_dtypes() == (np.float16, np.float16, np.float16)
     bound = Pipeline(host.model_dir, backend, host.tokenizer)
     for scheduler in ("pndm", "euler_a"):
         settings = dict(steps=4, seed=3, height=64, width=64, scheduler=scheduler)

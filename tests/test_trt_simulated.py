@@ -186,6 +186,26 @@ def test_graph_steps_match_the_cpu_engine(simulated, onnx_fp32, ort_pipe_fp32, t
     assert sorted(p.name.split(".")[0] for p in engines.glob("*.plan")).count("step") == 3
 
 
+def test_edited_prompts_run_in_the_captured_steps(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):
+    """The step engine writes each next call's text embeddings into the UNet's bound input, inside the
+    graphs; runs reading two sets, one set (no step output of embeddings) and two sets again."""
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+    from sdengine.pipeline import Pipeline
+
+    engines = tmp_path / "engines"
+    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    backend = TrtBackend.load(engines)
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    settings = dict(steps=4, height=64, width=64, seed=3, scheduler="euler", prompt_weights="a1111")
+    for prompt in ("a [cat|dog]", "a cat", "a [cat:(dog:1.2):0.5]"):
+        ours, ref = pipe(prompt, **settings), ort_pipe_fp32(prompt, **settings)
+        scale = float(np.abs(ref.latents).max())
+        np.testing.assert_allclose(ours.latents, ref.latents, rtol=0, atol=1e-5 * scale, err_msg=prompt)
+    assert sorted(key.context_sets for key in backend._graphs) == [0, 2]
+    assert simulated.launches == 3 * 4 + 2 * 2 and backend.graphs_refused is None
+
+
 def test_steps_run_without_graphs_when_capture_fails(simulated, onnx_fp32, ort_pipe_fp32, tmp_path, capsys):
     from export.trt_build import build_engines
     from sdengine.backends.trt import TrtBackend
@@ -271,11 +291,13 @@ def test_a_unet_engine_with_fp16_inputs_and_outputs(simulated, onnx_fp32, ort_pi
     engines = tmp_path / "engines"
     build_engines(half, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
     backend = TrtBackend.load(engines)
-    assert backend.unet_io_dtypes() == (np.float16, np.float16)
+    assert backend.unet_io_dtypes() == (np.float16, np.float16, np.float16)
     pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
     settings = dict(steps=4, height=64, width=64, seed=2, scheduler="euler")
-    ours, ref = pipe("a cat", **settings).latents, ort_pipe_fp32("a cat", **settings).latents
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-2 * float(np.abs(ref).max()))
+    for prompt in ("a cat", "a [cat|dog]"):  # edited: the step engine gives fp16 text embeddings
+        ours = pipe(prompt, **settings, prompt_weights="a1111").latents
+        ref = ort_pipe_fp32(prompt, **settings, prompt_weights="a1111").latents
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-2 * float(np.abs(ref).max()))
 
 
 def test_graphs_none_enqueues_engine_by_engine(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):

@@ -20,7 +20,9 @@ class DenoisePlan:
     """Everything a denoising run needs, as host arrays, prepared once before the loop."""
 
     latents: np.ndarray  # (B, C, h, w) initial latents, already scaled by the scheduler's init_noise_sigma
-    context: np.ndarray  # (G * B, sequence, hidden) text embeddings; negatives first when G == 2
+    #: (G * B, sequence, hidden) text embeddings, negatives first when G == 2: the first call's, where
+    #: prompts are edited (the tables hold every call's)
+    context: np.ndarray
     tables: StepTables  # per-step coefficients, timesteps, input scales and noise
     guidance: float | None  # None: no classifier-free guidance, the UNet runs on the batch once (G == 1)
     #: the UNet's inputs that hold for the whole run besides the text embeddings (ControlNet's, by name)
@@ -29,6 +31,15 @@ class DenoisePlan:
     @property
     def copies(self) -> int:
         return 1 if self.guidance is None else 2
+
+    def first_unet_inputs(self) -> dict[str, np.ndarray]:
+        """The first UNet call's inputs besides its sample and timestep, by name: the text embeddings, the
+        constant ones and the first values of those the step model gives every later call."""
+        return {
+            "encoder_hidden_states": self.context,
+            **self.unet_constants,
+            **self.tables.first_call_inputs(),
+        }
 
     @property
     def unet_input_shape(self) -> tuple[int, ...]:
@@ -55,6 +66,8 @@ class GraphKey:
     sequence: int = 77  # the text embeddings' length: 77 tokens per window of a long prompt
     unet_constants: tuple[str, ...] = ()  # the names of the plan's other constant UNet inputs
     controls: int = 0  # ControlNets in the UNet, whose weights the step model gives each call
+    context_sets: int = 0  # edited prompts: the sets of text embeddings the step model gives the calls
+    hidden: int = 768  # the text embeddings' width
 
     @classmethod
     def of(cls, plan: DenoisePlan) -> GraphKey:
@@ -69,6 +82,8 @@ class GraphKey:
             plan.context.shape[1],
             tuple(sorted(plan.unet_constants)),
             tables.controls,
+            tables.context_sets,
+            plan.context.shape[2],
         )
 
     @property
@@ -77,12 +92,13 @@ class GraphKey:
         return 2 if self.guidance else 1
 
     def step_model(
-        self, timestep: tuple[tuple[int, ...], type], unet_io_dtypes: tuple[type, type]
+        self, timestep: tuple[tuple[int, ...], type], unet_io_dtypes: tuple[type, type, type]
     ) -> onnx.ModelProto:
         """The step model for these shapes, exchanging the UNet's timestep as it declares it (shape, dtype)
-        and its (sample, noise) dtypes: what every backend builds, each in its own runtime."""
+        and its (sample, noise, text embeddings) dtypes: what every backend builds, each in its own
+        runtime."""
         tensor_type = lambda dtype: helper.np_dtype_to_tensor_dtype(np.dtype(dtype))  # noqa: E731
-        (t_shape, t_dtype), (sample_dtype, noise_dtype) = timestep, unet_io_dtypes
+        (t_shape, t_dtype), (sample_dtype, noise_dtype, context_dtype) = timestep, unet_io_dtypes
         return build_step_model(
             batch=self.batch,
             latent_shape=(self.latent_channels, self.latent_height, self.latent_width),
@@ -96,6 +112,8 @@ class GraphKey:
             conditioning_channels=self.conditioning_channels,
             rescale=self.rescale,
             controls=self.controls,
+            contexts=(self.context_sets, self.sequence, self.hidden) if self.context_sets else (),
+            context_dtype=tensor_type(context_dtype),
         )
 
 

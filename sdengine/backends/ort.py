@@ -20,7 +20,6 @@ from sdengine.backends.ort_cache import optimized_model
 from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import (
-    CONDITIONING_SCALE,
     LAYER_STATES,
     REQUIRED_COMPONENTS,
     SAFETY_CHECKER,
@@ -31,10 +30,11 @@ from sdengine.model_specs import (
     ModelSpec,
 )
 from sdengine.step_graph import (
+    CALL_INPUTS,
     MAX_HISTORY,
+    STEP_OUTPUTS,
     first_timestep,
     first_unet_inputs,
-    step_outputs,
     timestep_shape,
 )
 from sdengine.textual_inversion import grown_token_table
@@ -228,10 +228,11 @@ class OrtBackend:
         dtype, rank = self._inputs[UNET]["timestep"]
         return timestep_shape(rank, unet_batch), dtype
 
-    def unet_io_dtypes(self) -> tuple[type, type]:
-        """The (sample, noise) dtypes the step model exchanges with the UNet: float32 here, where the UNet's
-        inputs and output are converted on the host (a device loop binds the UNet's own, see ort_cuda)."""
-        return np.float32, np.float32
+    def unet_io_dtypes(self) -> tuple[type, type, type]:
+        """The (sample, noise, text embeddings) dtypes the step model exchanges with the UNet: float32 here,
+        where the UNet's inputs and output are converted on the host (a device loop binds the UNet's own, see
+        ort_cuda)."""
+        return np.float32, np.float32, np.float32
 
     def step_session(self, plan: DenoisePlan) -> ort.InferenceSession:
         """The step model for this plan's shapes, built and loaded once per shape."""
@@ -276,11 +277,9 @@ class OrtBackend:
             self._inputs[VAE_ENCODER] = session_inputs(self.sessions[VAE_ENCODER])
         return self._run(VAE_ENCODER, sample=pixels)
 
-    def predict_noise(
-        self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray, **constants: np.ndarray
-    ) -> np.ndarray:
-        """The UNet; ``constants``: its other inputs by name (ControlNet's)."""
-        return self._run(UNET, sample=sample, timestep=timestep, encoder_hidden_states=context, **constants)
+    def predict_noise(self, sample: np.ndarray, timestep: np.ndarray, **inputs: np.ndarray) -> np.ndarray:
+        """The UNet; ``inputs``: its others by name (``encoder_hidden_states``, ControlNet's)."""
+        return self._run(UNET, sample=sample, timestep=timestep, **inputs)
 
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> HostDenoiser:
         return HostDenoiser(self, plan, times)
@@ -314,10 +313,10 @@ class HostDenoiser:
         tables = plan.tables
         t_shape, t_dtype = backend.timestep_format(plan.copies * plan.latents.shape[0])
         self.constants = {**tables.inputs(), "guidance": np.array(plan.guidance or 1.0, np.float32)}
-        self.context, self.unet_constants = plan.context, dict(plan.unet_constants)
-        self.outputs = step_outputs(tables.controls)
-        if tables.control_scales is not None:  # the first call's; the step model gives each next one
-            self.unet_constants[CONDITIONING_SCALE] = tables.control_scales[0]
+        self.outputs = tables.outputs()
+        # the UNet's inputs besides its sample and timestep; the step model gives each next call's of those
+        # that change from call to call (CALL_INPUTS)
+        self.unet_inputs = plan.first_unet_inputs()
         self.state = {
             "sample": plan.latents,
             "history": np.zeros((MAX_HISTORY, *plan.latents.shape), np.float32),
@@ -328,14 +327,12 @@ class HostDenoiser:
 
     def step(self) -> None:
         with self.times.time("unet"):
-            noise_pred = self.backend.predict_noise(
-                self.unet_input, self.timestep, self.context, **self.unet_constants
-            )
+            noise_pred = self.backend.predict_noise(self.unet_input, self.timestep, **self.unet_inputs)
         with self.times.time("step"):
             out = self.session.run(self.outputs, {"noise_pred": noise_pred, **self.state, **self.constants})
-        sample, history, index, self.unet_input, self.timestep, *control_scale = out
-        if control_scale:
-            self.unet_constants[CONDITIONING_SCALE] = control_scale[0]
+        sample, history, index, self.unet_input, self.timestep, *per_call = out
+        for name, value in zip(self.outputs[len(STEP_OUTPUTS) :], per_call, strict=True):
+            self.unet_inputs[CALL_INPUTS[name]] = value
         self.state = {"sample": sample, "history": history, "step_index": index}
 
     def latents(self, final: bool = True) -> np.ndarray:

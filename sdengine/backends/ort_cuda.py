@@ -57,8 +57,8 @@ from sdengine.errors import (
     SDEngineError,
 )
 from sdengine.model_dir import ModelDir
-from sdengine.model_specs import CONDITIONING_SCALE, TEXT_ENCODER, UNET, VAE_DECODER
-from sdengine.step_graph import MAX_HISTORY, first_timestep, first_unet_inputs, step_outputs
+from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
+from sdengine.step_graph import CALL_INPUTS, MAX_HISTORY, first_timestep, first_unet_inputs
 from sdengine.timing import StageTimes
 
 CUDA = "CUDAExecutionProvider"
@@ -199,14 +199,16 @@ class OrtCudaBackend(OrtBackend):
         self._denoisers: dict[GraphKey, DeviceDenoiser] = {}
         self.graphs_refused: str | None = None  # why steps run without graphs, if they do
 
-    def unet_io_dtypes(self) -> tuple[type, type]:
-        """The UNet's own ``sample`` input and noise output dtypes: the device loop binds them as they are
-        (float16 in exports that keep fp16 inputs and outputs, such as some of Optimum's)."""
+    def unet_io_dtypes(self) -> tuple[type, type, type]:
+        """The UNet's own ``sample`` input, noise output and ``encoder_hidden_states`` dtypes: the device loop
+        binds them as they are (float16 in exports that keep fp16 inputs and outputs, such as some of
+        Optimum's)."""
         if not hasattr(self, "_unet_io_dtypes"):  # read once, from the model file (its weights not loaded)
             graph = onnx.load(str(self.model_dir.onnx_path(UNET)), load_external_data=False).graph
             output = next(o for o in graph.output if o.name == self.specs[UNET].output_names[0])
             noise = helper.tensor_dtype_to_np_dtype(output.type.tensor_type.elem_type).type
-            self._unet_io_dtypes = (self._inputs[UNET]["sample"][0], noise)
+            inputs = self._inputs[UNET]
+            self._unet_io_dtypes = (inputs["sample"][0], noise, inputs["encoder_hidden_states"][0])
         return self._unet_io_dtypes
 
     def _set_graph_mode(self, mode: str) -> None:
@@ -329,20 +331,19 @@ class DeviceDenoiser:
 
         declared = session_inputs(self.unet)
         unet_output = self.unet.get_outputs()[0]
-        sample_dtype, noise_dtype = backend.unet_io_dtypes()  # what the step model was built for
+        sample_dtype, noise_dtype, _ = backend.unet_io_dtypes()  # what the step model was built for
         tables = plan.tables
         unet_batch = plan.copies * plan.latents.shape[0]
         t_shape, t_dtype = backend.timestep_format(unet_batch)
         self.unet_input = empty(plan.unet_input_shape, sample_dtype)
         self.timestep = empty(t_shape, t_dtype)
-        self.context = empty(plan.context.shape, declared["encoder_hidden_states"][0])
-        self.unet_constants = {
-            name: empty(array.shape, declared[name][0]) for name, array in plan.unet_constants.items()
+        # the UNet's other inputs: the text embeddings, ControlNet's; the step model writes the next call's of
+        # those that change from call to call (CALL_INPUTS), as it writes the timestep
+        self.unet_inputs = {
+            name: empty(array.shape, declared[name][0]) for name, array in plan.first_unet_inputs().items()
         }
-        # ControlNet: each call's weights, which the step model writes for the next call (as the timestep)
-        self.control_scale = empty((tables.controls,), np.float32) if tables.controls else None
         self.noise_pred = empty((unet_batch, *plan.latents.shape[1:]), noise_dtype)
-        self.constants = {name: empty(a.shape, np.float32) for name, a in tables.inputs().items()}
+        self.constants = {name: empty(a.shape, a.dtype.type) for name, a in tables.inputs().items()}
         self.constants["guidance"] = empty((), np.float32)
         # two sets of state; step i reads set i % 2 and writes the other
         history = (MAX_HISTORY, *plan.latents.shape)
@@ -358,9 +359,7 @@ class DeviceDenoiser:
         for name, tensor in (
             ("sample", self.unet_input),
             ("timestep", self.timestep),
-            ("encoder_hidden_states", self.context),
-            *self.unet_constants.items(),
-            *([(CONDITIONING_SCALE, self.control_scale)] if self.control_scale is not None else []),
+            *self.unet_inputs.items(),
         ):
             self.unet_binding.bind_ortvalue_input(name, tensor.value)
         self.unet_binding.bind_ortvalue_output(unet_output.name, self.noise_pred.value)
@@ -376,9 +375,9 @@ class DeviceDenoiser:
                 target["step_index"],
                 self.unet_input,
                 self.timestep,
-                *([self.control_scale] if self.control_scale is not None else []),
             ]
-            for name, tensor in zip(step_outputs(tables.controls), outputs, strict=True):
+            outputs += [self.unet_inputs[CALL_INPUTS[name]] for name in tables.outputs()[len(outputs) :]]
+            for name, tensor in zip(tables.outputs(), outputs, strict=True):
                 binding.bind_ortvalue_output(name, tensor.value)
             self.step_bindings.append(binding)
         ort_graphs, sync = backend.graph_mode == "ort", self.stream is None
@@ -445,11 +444,8 @@ class DeviceDenoiser:
         self.times, self.calls = times, 0
         self.unet_input.fill(first_unet_inputs(tables, plan.latents, plan.copies))
         self.timestep.fill(first_timestep(tables, self.timestep.shape, self.timestep.dtype))
-        self.context.fill(plan.context)
-        for name, array in plan.unet_constants.items():
-            self.unet_constants[name].fill(array)
-        if self.control_scale is not None:
-            self.control_scale.fill(tables.control_scales[0])
+        for name, array in plan.first_unet_inputs().items():
+            self.unet_inputs[name].fill(array)
         for name, array in tables.inputs().items():
             self.constants[name].fill(array)
         self.constants["guidance"].fill(np.array(plan.guidance or 1.0))

@@ -42,7 +42,6 @@ from sdengine.errors import (
 )
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.model_specs import (
-    CONDITIONING_SCALE,
     LAYER_STATES,
     SAFETY_CHECKER,
     TEXT_ENCODER,
@@ -51,10 +50,10 @@ from sdengine.model_specs import (
     VAE_ENCODER,
 )
 from sdengine.step_graph import (
+    CALL_INPUTS,
     MAX_HISTORY,
     first_timestep,
     first_unet_inputs,
-    step_outputs,
     timestep_shape,
 )
 from sdengine.timing import StageTimes
@@ -219,10 +218,11 @@ class TrtBackend:
         rank = len(tuple(unet.engine.get_tensor_shape("timestep")))
         return timestep_shape(rank, unet_batch), unet.dtype("timestep")
 
-    def unet_io_dtypes(self) -> tuple[np.dtype, np.dtype]:
-        """The UNet engine's ``sample`` input and noise output dtypes, which the step engine exchanges."""
+    def unet_io_dtypes(self) -> tuple[np.dtype, np.dtype, np.dtype]:
+        """The UNet engine's ``sample`` input, noise output and ``encoder_hidden_states`` dtypes, which the
+        step engine exchanges."""
         unet = self.engines[UNET]
-        return unet.dtype("sample"), unet.dtype(unet.outputs[0])
+        return unet.dtype("sample"), unet.dtype(unet.outputs[0]), unet.dtype("encoder_hidden_states")
 
     def step_engine(self, key: GraphKey) -> Engine:
         """The step model for ``key`` as a static engine, built once and cached in the engine directory."""
@@ -350,17 +350,16 @@ class GraphSteps:
         self.shared = {
             "unet_input": DeviceArray(plan.unet_input_shape, unet.dtype("sample")),
             "timestep": DeviceArray(t_shape, t_dtype),
-            "context": DeviceArray(plan.context.shape, unet.dtype("encoder_hidden_states")),
             "noise_pred": DeviceArray((unet_batch, *latent[1:]), unet.dtype(unet.outputs[0])),
-            **{name: DeviceArray(array.shape, f32) for name, array in tables.inputs().items()},
+            **{name: DeviceArray(array.shape, array.dtype) for name, array in tables.inputs().items()},
             "guidance": DeviceArray((), f32),
         }
-        #: the UNet's other inputs that hold for a run (ControlNet's): not the step engine's
-        self.unet_constants = {
-            name: DeviceArray(array.shape, unet.dtype(name)) for name, array in plan.unet_constants.items()
+        #: the UNet's other inputs (text embeddings, ControlNet's): not the step engine's inputs; it writes
+        #: the next call's of those that change from call to call (CALL_INPUTS), as it writes the timestep
+        self.unet_inputs = {
+            name: DeviceArray(array.shape, unet.dtype(name))
+            for name, array in plan.first_unet_inputs().items()
         }
-        if tables.controls:  # each call's ControlNet weights, written by the step engine for the next call
-            self.unet_constants[CONDITIONING_SCALE] = DeviceArray((tables.controls,), f32)
         self.states = [
             {
                 "sample": DeviceArray(latent, f32),
@@ -373,8 +372,7 @@ class GraphSteps:
             {
                 "sample": self.shared["unet_input"],
                 "timestep": self.shared["timestep"],
-                "encoder_hidden_states": self.shared["context"],
-                **self.unet_constants,
+                **self.unet_inputs,
                 unet.outputs[0]: self.shared["noise_pred"],
             }
         )
@@ -384,14 +382,13 @@ class GraphSteps:
             source, target = self.states[parity], self.states[1 - parity]
             outputs = (target["sample"], target["history"], target["step_index"])
             outputs += (self.shared["unet_input"], self.shared["timestep"])
-            if tables.controls:
-                outputs += (self.unet_constants[CONDITIONING_SCALE],)
+            outputs += tuple(self.unet_inputs[CALL_INPUTS[name]] for name in tables.outputs()[len(outputs) :])
             step.bind(
                 {
                     "noise_pred": self.shared["noise_pred"],
                     **source,
                     **self.shared,
-                    **dict(zip(step_outputs(tables.controls), outputs, strict=True)),
+                    **dict(zip(tables.outputs(), outputs, strict=True)),
                 }
             )
         for parity in (0, 1):  # each context runs once outside capture, as TensorRT asks before capturing it
@@ -448,11 +445,8 @@ class GraphSteps:
         self.shared["unet_input"].upload(unet_input, s)
         timestep = self.shared["timestep"]
         timestep.upload(first_timestep(tables, timestep.shape, timestep.dtype), s)
-        self.shared["context"].upload(plan.context, s)
-        for name, array in plan.unet_constants.items():
-            self.unet_constants[name].upload(array, s)
-        if tables.control_scales is not None:
-            self.unet_constants[CONDITIONING_SCALE].upload(tables.control_scales[0], s)
+        for name, array in plan.first_unet_inputs().items():
+            self.unet_inputs[name].upload(array, s)
         for name, array in tables.inputs().items():
             self.shared[name].upload(array, s)
         self.shared["guidance"].upload(np.array(plan.guidance or 1.0), s)

@@ -76,6 +76,12 @@ class Schedule:
             object.__setattr__(self, name, view)
 
     @property
+    def steps_run(self) -> int:
+        """The steps this run makes: ``num_inference_steps`` less the ``t_start`` that image to image
+        leaves out."""
+        return self.num_inference_steps - self.t_start
+
+    @property
     def image_noise(self) -> tuple[float, float]:
         """``add_noise``'s (image, noise) factors at the first call's timestep: image to image's start."""
         a, b = self.noise_scales[0]
