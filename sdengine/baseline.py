@@ -137,7 +137,37 @@ class TorchPipeline(_CallMixin):
     def generate(
         self, request: GenerationRequest, progress: Progress | None = None, preview: Preview | None = None
     ) -> GenerationResult:
-        pipe, times = self.pipe, StageTimes()
+        times, cuda = StageTimes(), self.device == "cuda"
+        with times.time("total"):
+            final = self.denoised(request, times, progress, preview)
+            if request.hires is not None:
+                latents = final.float().cpu().numpy()
+                second, preview = self.second_pass(request, latents, times, preview)
+                final = self.denoised(second, times, progress, preview)
+            with times.time("vae_decode"), torch.inference_mode():
+                decoded = self.decode(final)
+                if cuda:
+                    torch.cuda.synchronize()
+        nsfw = None
+        if self.pipe.safety_checker is not None:  # diffusers' own check; flagged images come out black
+            with times.time("safety_checker"), torch.inference_mode():
+                decoded, nsfw = self.pipe.run_safety_checker(decoded, self.device, decoded.dtype)
+            nsfw = [bool(f) for f in nsfw]
+        array = to_unit_range(decoded.float().cpu().numpy())
+        if nsfw:
+            array[np.asarray(nsfw)] = 0.0  # diffusers does not denormalise a flagged image: black
+        return GenerationResult(array, request, times, self.name, final.float().cpu().numpy(), nsfw)
+
+    def denoised(
+        self,
+        request: GenerationRequest,
+        times: StageTimes,
+        progress: Progress | None = None,
+        preview: Preview | None = None,
+    ) -> torch.Tensor:
+        """One pass of ``request`` through diffusers' pipeline for it, with the engine's draws: the final
+        latents."""
+        pipe = self.pipe
         pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
         pipe.set_progress_bar_config(disable=progress is None)
         latents = torch.from_numpy(request.initial_latents(self.model_dir.arch)).to(
@@ -161,6 +191,10 @@ class TorchPipeline(_CallMixin):
                 "mask_image": per_prompt(request.mask, request.batch)[..., None],
                 "strength": request.strength,
             }
+        elif request.init_latents is not None:  # the hires fix's second pass: diffusers takes latents as is
+            pipe = self.image_pipeline("Img2Img", control)
+            draws = same_draws([], lambda _: latents, type(pipe).__module__)
+            inputs = {"image": torch.from_numpy(request.init_latents), "strength": request.strength}
         elif request.image_to_image:
             pipe = self.image_pipeline("Img2Img", control)
             draws = same_draws([request.encoder_noise], lambda _: latents, type(pipe).__module__)
@@ -189,7 +223,7 @@ class TorchPipeline(_CallMixin):
         cuda = self.device == "cuda"
         timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
         try:
-            with times.time("total"), torch.inference_mode(), draws:
+            with torch.inference_mode(), draws:
                 call_embeds = None  # every call's prompt embeddings (the UNet's batch), where they change
                 if request.prompt_weights == "a1111":
                     prompts, call_embeds = self.edited_embeddings(pipe, request, schedule)
@@ -207,25 +241,12 @@ class TorchPipeline(_CallMixin):
                         output_type="latent",
                         **inputs,
                     )
-                    final = out.images
-                    if cuda:
-                        torch.cuda.synchronize()
-                with times.time("vae_decode"):
-                    decoded = self.decode(final)
                     if cuda:
                         torch.cuda.synchronize()
         finally:
             for timer in timers:
                 timer.close(times)
-        nsfw = None
-        if self.pipe.safety_checker is not None:  # diffusers' own check; flagged images come out black
-            with times.time("safety_checker"), torch.inference_mode():
-                decoded, nsfw = self.pipe.run_safety_checker(decoded, self.device, decoded.dtype)
-            nsfw = [bool(f) for f in nsfw]
-        array = to_unit_range(decoded.float().cpu().numpy())
-        if nsfw:
-            array[np.asarray(nsfw)] = 0.0  # diffusers does not denormalise a flagged image: black
-        return GenerationResult(array, request, times, self.name, final.float().cpu().numpy(), nsfw)
+        return out.images
 
     @staticmethod
     def step_end_callback(
@@ -249,11 +270,21 @@ class TorchPipeline(_CallMixin):
         """diffusers' VAE decoder on latents as the UNet sees them (divided by the scaling factor here)."""
         return self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
 
-    def preview_images(self, latents: np.ndarray) -> list:
-        """Latents -> PIL images through diffusers' VAE."""
+    def decode_images(self, latents: np.ndarray) -> np.ndarray:
+        """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through diffusers' VAE."""
         with torch.inference_mode():
             decoded = self.decode(torch.from_numpy(latents).to(self.device, self.pipe.vae.dtype))
-        return to_pil(to_unit_range(decoded.float().cpu().numpy()))
+        return to_unit_range(decoded.float().cpu().numpy())
+
+    def preview_images(self, latents: np.ndarray) -> list:
+        """Latents -> PIL images through diffusers' VAE."""
+        return to_pil(self.decode_images(latents))
+
+    def upscale_latents(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
+        """The hires fix's latent upscaler, torch's own bilinear ``interpolate``."""
+        size = (height // self.model_dir.arch.vae_scale_factor, width // self.model_dir.arch.vae_scale_factor)
+        upscaled = torch.nn.functional.interpolate(torch.from_numpy(latents), size=size, mode="bilinear")
+        return upscaled.numpy()
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:
         """diffusers' own ``load_textual_inversion`` (its image pipelines share the tokenizer and encoder)."""

@@ -123,6 +123,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         control_end=args.control_end or 1.0,
         variation_seed=args.variation_seed,
         variation_strength=args.variation_strength,
+        hires_scale=args.hires_scale,
+        hires_strength=args.hires_strength,
+        hires_steps=args.hires_steps,
+        hires_upscale=args.hires_upscale,
         progress=_progress("denoising"),
         **_previews(pipeline, args),
     )
@@ -347,6 +351,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="how far (0 to 1, along the sphere) the seed's noise moves towards --variation-seed's",
+    )
+    g.add_argument(
+        "--hires-scale",
+        type=float,
+        default=None,
+        help="hires fix: after text to image, image to image again at this many times the size",
+    )
+    g.add_argument(
+        "--hires-strength", type=float, default=None, help="the hires pass's strength (default 0.7)"
+    )
+    g.add_argument("--hires-steps", type=int, default=None, help="the hires pass's steps (default: --steps)")
+    g.add_argument(
+        "--hires-upscale",
+        choices=("latent", "image"),
+        default=None,
+        help="enlarge the first pass's latents (default) or its decoded images",
     )
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="default: auto (by directory)")
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")

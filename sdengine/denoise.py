@@ -28,6 +28,11 @@ class Preview:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise InvalidArgumentError(f"preview_every must be a whole number >= 1, got {self.every!r}")
 
+    def shifted(self, calls: int) -> Preview:
+        """This preview for a run that follows one of ``calls`` calls (the hires fix's second pass): its
+        callback counts on from there."""
+        return Preview(lambda done, latents: self.callback(calls + done, latents), self.every)
+
     def due(self, calls_done: int, num_calls: int) -> bool:
         return calls_done % self.every == 0 and calls_done < num_calls
 

@@ -18,6 +18,7 @@ from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.controlnet import control_images, control_schedule
 from sdengine.denoise import Preview, Progress, denoise
 from sdengine.errors import InvalidArgumentError
+from sdengine.hires import upscale_latents
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
@@ -82,6 +83,32 @@ class _CallMixin:
     ) -> GenerationResult:
         raise NotImplementedError
 
+    def decode_images(self, latents: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def upscale_latents(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
+        """The hires fix's latent upscaler (:func:`sdengine.hires.upscale_latents`), to latents of an image of
+        ``height`` x ``width`` pixels."""
+        factor = self.model_dir.arch.vae_scale_factor
+        return upscale_latents(latents, height // factor, width // factor)
+
+    def second_pass(
+        self, request: GenerationRequest, latents: np.ndarray, times: StageTimes, preview: Preview | None
+    ) -> tuple[GenerationRequest, Preview | None]:
+        """The hires fix's second pass after a first that ended with ``latents``: its request, from them
+        upscaled or from their images resized (:mod:`sdengine.hires`), and the preview, which counts its
+        calls on from the first pass's."""
+        hires = request.hires
+        assert hires is not None
+        if hires.upscale == "latent":
+            second = request.hires_pass(init_latents=self.upscale_latents(latents, hires.height, hires.width))
+        else:
+            with times.time("vae_decode"):
+                images = self.decode_images(latents)
+            second = request.hires_pass(image=image_array(images, hires.height, hires.width))
+        calls = len(request.schedule(self.model_dir.scheduler_config).timesteps)
+        return second, None if preview is None else preview.shifted(calls)
+
     def request(
         self,
         prompt: str | Sequence[str],
@@ -108,6 +135,10 @@ class _CallMixin:
         control_end: float | Sequence[float] = 1.0,
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
+        hires_scale: float | None = None,
+        hires_strength: float | None = None,
+        hires_steps: int | None = None,
+        hires_upscale: str | None = None,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -129,7 +160,10 @@ class _CallMixin:
         (diffusers' ``control_guidance_start``/``_end``); each one for all, or one per ControlNet.
         ``variation_seed``, ``variation_strength``: the seed's initial noise moved that far (0 to 1, along
         the sphere) towards ``variation_seed``'s, for images like the seed's (image ``i`` of a batch: seed
-        ``seed + i``'s towards ``variation_seed + i``'s)."""
+        ``seed + i``'s towards ``variation_seed + i``'s). ``hires_scale`` (text to image): the hires fix, a
+        second pass at that many times the size, image to image from the first pass enlarged
+        (``hires_upscale`` "latent", its latents, or "image", its images), ``hires_strength`` of
+        ``hires_steps`` steps (defaults 0.7 of the first pass's steps; see :mod:`sdengine.hires`)."""
         multiple = self.model_dir.arch.vae_scale_factor
         controls = self._control_images(control_image)
         default = (self.model_dir.default_image_size,) * 2
@@ -163,6 +197,10 @@ class _CallMixin:
             control_end=control_end,
             variation_seed=variation_seed,
             variation_strength=variation_strength,
+            hires_scale=hires_scale,
+            hires_strength=hires_strength,
+            hires_steps=hires_steps,
+            hires_upscale=hires_upscale,
             size_multiple=multiple,
         )
 
@@ -305,39 +343,53 @@ class Pipeline(_CallMixin):
         ``preview``: look at the latents part way (:class:`Preview`; :meth:`preview_images` decodes them)."""
         times = StageTimes()
         with self._lock, times.time("total"):
-            schedule = request.schedule(self.model_dir.scheduler_config)
-            cfg = request.classifier_free_guidance
-            edits = request.prompt_edits(schedule)
-            contexts = self.encode_prompts(edits.texts, request, times)[edits.rows]  # (sets, G * B, ...)
-            latents, inputs = self.initial_latents(request, schedule, times)
-            if edits.edited:  # every call's text embeddings, which the step model hands the UNet
-                inputs.update(contexts=contexts, context_index=edits.call_rows)
-            if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
-                inputs["guidance_rescale"] = request.guidance_rescale
-            unet_constants = {}
-            if request.control is not None:
-                unet_constants = control_images(request.control, request.batch, 2 if cfg else 1)
-                inputs["control_scales"] = control_schedule(
-                    request.control_scales,
-                    request.control_starts,
-                    request.control_ends,
-                    len(schedule.timesteps),
-                )
-            plan = DenoisePlan(
-                latents=latents,
-                context=contexts[0],
-                tables=step_tables(schedule, request.step_noise(schedule, latents.shape), **inputs),
-                guidance=request.guidance if cfg else None,
-                unet_constants=unet_constants,
-            )
-            with times.time("denoise"):
-                latents = denoise(self.backend, plan, times, progress, preview)
+            latents = self.denoised(request, times, progress, preview)
+            if request.hires is not None:
+                second, preview = self.second_pass(request, latents, times, preview)
+                latents = self.denoised(second, times, progress, preview)
             with times.time("vae_decode"):
                 images, nsfw = self.decode_images(latents), None
             if self.safety_checker:
                 with times.time("safety_checker"):
                     images, nsfw = self.check_safety(images)
         return GenerationResult(images, request, times, self.backend.name, latents, nsfw)
+
+    def denoised(
+        self,
+        request: GenerationRequest,
+        times: StageTimes,
+        progress: Progress | None = None,
+        preview: Preview | None = None,
+    ) -> np.ndarray:
+        """One pass of ``request``: its prompts encoded, its first latents made and denoised; the final
+        latents."""
+        schedule = request.schedule(self.model_dir.scheduler_config)
+        cfg = request.classifier_free_guidance
+        edits = request.prompt_edits(schedule)
+        contexts = self.encode_prompts(edits.texts, request, times)[edits.rows]  # (sets, G * B, ...)
+        latents, inputs = self.initial_latents(request, schedule, times)
+        if edits.edited:  # every call's text embeddings, which the step model hands the UNet
+            inputs.update(contexts=contexts, context_index=edits.call_rows)
+        if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
+            inputs["guidance_rescale"] = request.guidance_rescale
+        unet_constants = {}
+        if request.control is not None:
+            unet_constants = control_images(request.control, request.batch, 2 if cfg else 1)
+            inputs["control_scales"] = control_schedule(
+                request.control_scales,
+                request.control_starts,
+                request.control_ends,
+                len(schedule.timesteps),
+            )
+        plan = DenoisePlan(
+            latents=latents,
+            context=contexts[0],
+            tables=step_tables(schedule, request.step_noise(schedule, latents.shape), **inputs),
+            guidance=request.guidance if cfg else None,
+            unet_constants=unet_constants,
+        )
+        with times.time("denoise"):
+            return denoise(self.backend, plan, times, progress, preview)
 
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
         """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the VAE decoder."""
@@ -454,6 +506,9 @@ class Pipeline(_CallMixin):
         noise = request.initial_latents(arch)
         if not request.image_to_image:
             return noise * np.float32(schedule.init_noise_sigma), {}
+        if request.init_latents is not None:  # the hires fix's second pass: latents, not an image
+            image_scale, noise_scale = schedule.image_noise
+            return (image_scale * request.init_latents + noise_scale * noise).astype(np.float32), {}
         with times.time("vae_encode"):
             pixels, image_latents = request.pixels(), None
             if not request.starts_from_noise or (request.inpainting and not arch.inpainting_unet):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from sdengine.errors import InvalidArgumentError
+from sdengine.hires import HiresFix, hires_fix
 from sdengine.model_specs import Architecture
 from sdengine.prompt_editing import PromptEdits, prompt_edits
 from sdengine.schedulers import Schedule, load_scheduler
@@ -59,11 +61,16 @@ class GenerationRequest:
     #: ``variation_seed`` (image ``i``: ``variation_seed + i``)
     variation_seed: int | None = None
     variation_strength: float = 0.0
+    #: the hires fix: a second pass, image to image at a larger size (see sdengine.hires)
+    hires: HiresFix | None = None
+    #: image to image from latents (B, C, h, w), as the UNet takes them, not from an image: the hires fix's
+    #: second pass
+    init_latents: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def image_to_image(self) -> bool:
-        """An input image is denoised from (image to image, and inpainting)."""
-        return self.image is not None
+        """An input image (or its latents) is denoised from (image to image, and inpainting)."""
+        return self.image is not None or self.init_latents is not None
 
     @property
     def inpainting(self) -> bool:
@@ -147,6 +154,27 @@ class GenerationRequest:
             )
         return np.asarray(self.latents, dtype=np.float32)
 
+    def hires_pass(
+        self, *, image: np.ndarray | None = None, init_latents: np.ndarray | None = None
+    ) -> GenerationRequest:
+        """The hires fix's second pass, image to image at the larger size from the first pass's ``image``
+        (resized to it) or ``init_latents`` (upscaled to it): the same prompts, seeds and settings, its noise
+        drawn from the seeds at that size."""
+        if self.hires is None:
+            raise InvalidArgumentError("this request has no hires fix")
+        hires = self.hires
+        return dataclasses.replace(
+            self,
+            height=hires.height,
+            width=hires.width,
+            steps=hires.steps,
+            strength=hires.strength,
+            latents=None,
+            image=image,
+            init_latents=None if init_latents is None else np.asarray(init_latents, np.float32),
+            hires=None,
+        )
+
     def pixels(self) -> np.ndarray:
         """The input image as the VAE encoder takes it: (1 or B, 3, height, width) float32 in [-1, 1]."""
         if self.image is None:
@@ -206,7 +234,7 @@ class GenerationRequest:
                 if self.variation_strength
                 else {}
             ),
-            **({"image": "supplied", "strength": self.strength} if self.image_to_image else {}),
+            **({"image": "supplied", "strength": self.strength} if self.image is not None else {}),
             **({"mask": "supplied"} if self.inpainting else {}),
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
@@ -222,6 +250,7 @@ class GenerationRequest:
                 if self.control_scales
                 else {}
             ),
+            **(self.hires.parameters() if self.hires else {}),
         }
 
 
@@ -250,10 +279,15 @@ def make_request(
     control_end: float | Sequence[float] = 1.0,
     variation_seed: int | None = None,
     variation_strength: float = 0.0,
+    hires_scale: float | None = None,
+    hires_strength: float | None = None,
+    hires_steps: int | None = None,
+    hires_upscale: str | None = None,
     size_multiple: int = 8,
 ) -> GenerationRequest:
     """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value.
-    ``strength`` defaults to diffusers' own: 0.8 for image to image, 1.0 for inpainting (a ``mask``)."""
+    ``strength`` defaults to diffusers' own: 0.8 for image to image, 1.0 for inpainting (a ``mask``).
+    ``hires_*``: the hires fix (:func:`sdengine.hires.hires_fix`), text to image only."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if batch is not None:
         if batch < 1:
@@ -305,6 +339,20 @@ def make_request(
     if not 0 <= seed < 2**63:
         raise InvalidArgumentError(f"seed must be in [0, 2**63), got {seed}")
     check_variation(variation_seed, variation_strength, latents)
+    hires = hires_fix(
+        hires_scale,
+        hires_strength,
+        hires_steps,
+        hires_upscale,
+        height=height,
+        width=width,
+        first_steps=int(steps),
+        multiple=size_multiple,
+    )
+    if hires is not None and (image is not None or control is not None):
+        raise InvalidArgumentError(
+            "the hires fix follows text to image: it takes no input image, mask or control image"
+        )
     return GenerationRequest(
         prompts=tuple(prompts),
         negative_prompts=tuple(negatives),
@@ -328,6 +376,7 @@ def make_request(
         control_ends=ends,
         variation_seed=None if variation_seed is None else int(variation_seed),
         variation_strength=float(variation_strength),
+        hires=hires,
     )
 
 
