@@ -40,6 +40,7 @@ from .euler_ancestral import EulerAncestral
 from .heun import Heun
 from .kdpm2 import KDPM2, KDPM2Karras
 from .lcm import LCM
+from .lms import LMS, LMSKarras
 from .pndm import PNDM
 from .schedule import Schedule
 from .step import initial_history, step
@@ -53,6 +54,8 @@ _CLASSES: dict[str, type[BaseScheduler]] = {
     "heun": Heun,
     "dpm2": KDPM2,
     "dpm2_karras": KDPM2Karras,
+    "lms": LMS,
+    "lms_karras": LMSKarras,
     "dpmpp_2m": DPMSolverMultistep,
     "dpmpp_2m_karras": DPMSolverMultistepKarras,
     "dpmpp_2m_sde": DPMSolverMultistepSDE,
