@@ -240,6 +240,37 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sdengine.pipeline import Pipeline
+    from sdengine.server import make_server
+
+    pipeline = Pipeline.load(
+        args.model_dir,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        graphs=args.graphs,
+        safety_checker=args.safety_checker,
+    )
+    print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
+    try:
+        server = make_server(pipeline, args.host, args.port)
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from None
+    host, port = server.server_address[:2]
+    print(
+        f"serving the AUTOMATIC1111 web UI's API (/sdapi/v1/txt2img, img2img) on http://{host}:{port}",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sdengine.demo import run_demo
 
@@ -567,6 +598,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model_dir", help="diffusers checkpoint, ONNX export or engine directory, or a LoRA file")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("serve", help="serve a model over HTTP with the AUTOMATIC1111 web UI's API")
+    v.add_argument(
+        "model_dir", help="ONNX export (ort), engine directory (trt) or diffusers checkpoint (torch)"
+    )
+    v.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only; no auth)")
+    v.add_argument("--port", type=int, default=7860, help="default: 7860, the web UI's")
+    v.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    v.add_argument("--device", choices=DEVICE_CHOICES, default=None)
+    v.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    v.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
+    v.add_argument(
+        "--no-safety-checker",
+        dest="safety_checker",
+        action="store_false",
+        help="do not run the safety checker",
+    )
+    v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="offline end-to-end demo on a tiny random checkpoint")
     d.add_argument("--workdir", default="sdengine-demo")

@@ -1,0 +1,384 @@
+"""An HTTP server that speaks the AUTOMATIC1111 web UI's API, so that its clients drive sdengine unchanged:
+``sdengine serve MODEL_DIR`` then ``POST /sdapi/v1/txt2img`` (or ``img2img``) with the web UI's JSON.
+
+What the web UI's API takes, and how it maps here:
+
+- ``prompt``, ``negative_prompt``: read in the web UI's syntax (weights, ``BREAK``, prompt editing), and
+  whole past 75 tokens, as the web UI reads them (``prompt_weights="a1111"``, ``long_prompts=True``).
+- ``steps`` (50), ``cfg_scale`` (7), ``width``/``height`` (512), ``seed`` (-1: random), ``batch_size``,
+  ``n_iter`` (batches one after another; image ``i`` of batch ``n`` has seed ``seed + n * batch_size + i``,
+  as in the web UI), ``subseed``/``subseed_strength`` (variations, the same spherical interpolation).
+- ``sampler_name`` (or ``sampler_index``; default "Euler") and ``scheduler`` ("Automatic" or "Karras"): the
+  names of :data:`SAMPLERS`.
+- ``enable_hr`` with ``hr_scale``, ``hr_upscaler`` ("Latent", or "None"/"Lanczos": the image),
+  ``hr_second_pass_steps`` and ``denoising_strength``: the hires fix (:mod:`sdengine.hires`).
+- ``override_settings.CLIP_stop_at_last_layers``: clip skip (the web UI counts the last layer as 1).
+- img2img: ``init_images`` (one, or one per batch item; base64 images) and ``denoising_strength`` (0.75).
+- What asks for something sdengine does not do (face restoration, tiling, scripts, styles, an inpainting
+  mask, other samplers or upscalers) is refused, naming the field; fields that only steer the web UI's own
+  bookkeeping (``save_images``, ``send_images``...) are accepted and left alone, and others are ignored
+  and listed in the answer's ``info`` as ``ignored_fields``, as the web UI ignores fields it does not know.
+
+Answers are the web UI's: ``{"images": [base64 PNG], "parameters": {...}, "info": "<JSON>"}``; errors are
+``{"error": type, "detail": message}`` with 400 (unreadable JSON), 404, 413 or 422. Generations take turns
+(the pipeline's lock); the server answers other requests meanwhile. It has no authentication: bind it to
+localhost (the default) or put it behind a proxy that has.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from sdengine.errors import InvalidArgumentError, SDEngineError
+
+#: The web UI's sampler names that sdengine runs, and the scheduler each is.
+SAMPLERS = {
+    "Euler": "euler",
+    "Euler a": "euler_a",
+    "LMS": "lms",
+    "LMS Karras": "lms_karras",
+    "Heun": "heun",
+    "DPM2": "dpm2",
+    "DPM2 Karras": "dpm2_karras",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M Karras": "dpmpp_2m_karras",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
+    "DDIM": "ddim",
+    "PLMS": "pndm",
+    "UniPC": "unipc",
+    "LCM": "lcm",
+}
+#: hr_upscaler values: the web UI's "Latent" enlarges the latents; "None" and "Lanczos" the image.
+UPSCALERS = {"Latent": "latent", "None": "image", "Lanczos": "image"}
+#: Fields that only steer the web UI's own bookkeeping: accepted, and nothing to do here.
+BOOKKEEPING = {
+    "send_images",
+    "save_images",
+    "do_not_save_samples",
+    "do_not_save_grid",
+    "override_settings_restore_afterwards",
+    "comments",
+    "force_task_id",
+    "infotext",
+    "include_init_images",
+    "disable_extra_networks",
+}
+#: Fields that ask for something sdengine does not do, unless they hold the value that asks for nothing.
+UNSUPPORTED = {
+    "restore_faces": (None, False),
+    "tiling": (None, False),
+    "styles": (None, []),
+    "script_name": (None, ""),
+    "script_args": (None, []),
+    "alwayson_scripts": (None, {}),
+    "seed_resize_from_h": (None, -1, 0),
+    "seed_resize_from_w": (None, -1, 0),
+    "hr_resize_x": (None, 0),
+    "hr_resize_y": (None, 0),
+    "hr_checkpoint_name": (None, ""),
+    "hr_sampler_name": (None, ""),
+    "hr_scheduler": (None, ""),
+    "hr_prompt": (None, ""),
+    "hr_negative_prompt": (None, ""),
+    "refiner_checkpoint": (None, ""),
+    "firstpass_image": (None, ""),
+    "firstphase_width": (None, 0),
+    "firstphase_height": (None, 0),
+    "mask": (None, ""),
+    "image_cfg_scale": (None,),
+    "s_churn": (None, 0),
+    "s_tmin": (None, 0),
+    "s_tmax": (None, 0),
+    "s_noise": (None, 1),
+    "s_min_uncond": (None, 0),
+}
+#: The only ``eta`` each sampler runs with (the others take none): ancestral ones add all their noise, DDIM
+#: none.
+ETA = {"euler_a": 1, "dpmpp_2m_sde": 1, "dpmpp_2m_sde_karras": 1, "ddim": 0}
+#: The fields this module reads.
+READ = {
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "cfg_scale",
+    "width",
+    "height",
+    "seed",
+    "subseed",
+    "subseed_strength",
+    "batch_size",
+    "n_iter",
+    "sampler_name",
+    "sampler_index",
+    "scheduler",
+    "enable_hr",
+    "hr_scale",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "denoising_strength",
+    "override_settings",
+    "init_images",
+    "eta",
+}
+MAX_BODY = 64 * 2**20
+
+
+def scheduler_name(sampler: str | None, scheduler: str | None) -> str:
+    """sdengine's scheduler for the web UI's ``sampler_name`` and ``scheduler`` (its 1.9+ split of the
+    noise schedule from the sampler: "Automatic" keeps the sampler's own, "Karras" picks its Karras one)."""
+    sampler = sampler or "Euler"
+    if scheduler == "Karras" and not sampler.endswith(" Karras"):
+        sampler += " Karras"
+    elif scheduler not in (None, "", "Automatic", "Karras"):
+        raise InvalidArgumentError(f"scheduler {scheduler!r} is not supported; use Automatic or Karras")
+    if sampler not in SAMPLERS:
+        raise InvalidArgumentError(f"sampler {sampler!r} is not supported; supported: {', '.join(SAMPLERS)}")
+    return SAMPLERS[sampler]
+
+
+def decode_image(data: str) -> Image.Image:
+    """A base64 image, with or without a ``data:image/...;base64,`` prefix."""
+    try:
+        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            return image.convert("RGB")
+    except (ValueError, UnidentifiedImageError, AttributeError) as exc:
+        raise InvalidArgumentError(f"init_images: not a base64 image ({exc})") from None
+
+
+def encode_png(image: Image.Image, parameters: dict[str, Any]) -> str:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _number(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and value != int(value))
+    ):
+        raise InvalidArgumentError(
+            f"{key} must be {'a whole number' if kind is int else 'a number'}, got {value!r}"
+        )
+    return kind(value)
+
+
+def generation_settings(body: dict[str, Any], img2img: bool) -> tuple[dict[str, Any], int, list[str]]:
+    """The keyword arguments of one ``pipeline(...)`` call for a web UI request, its ``n_iter``, and the
+    fields it ignores. InvalidArgumentError names a field sdengine cannot honour."""
+    if not isinstance(body, dict):
+        raise InvalidArgumentError("the request body must be a JSON object")
+    refused = [key for key, fine in UNSUPPORTED.items() if key in body and body[key] not in fine]
+    if refused:
+        raise InvalidArgumentError(f"not supported: {', '.join(sorted(refused))}")
+    ignored = sorted(set(body) - READ - BOOKKEEPING - set(UNSUPPORTED))
+    settings: dict[str, Any] = {
+        "prompt": body.get("prompt") or "",
+        "negative_prompt": body.get("negative_prompt") or "",
+        "steps": _number(body, "steps", 50, int),
+        "guidance": _number(body, "cfg_scale", 7.0, float),
+        "width": _number(body, "width", 512, int),
+        "height": _number(body, "height", 512, int),
+        "batch": _number(body, "batch_size", 1, int),
+        "scheduler": scheduler_name(
+            body.get("sampler_name") or body.get("sampler_index"), body.get("scheduler")
+        ),
+        "prompt_weights": "a1111",
+        "long_prompts": True,
+    }
+    eta = _number(body, "eta", None, float)
+    if eta is not None and settings["scheduler"] in ETA and eta != ETA[settings["scheduler"]]:
+        raise InvalidArgumentError(
+            f"eta {eta:g} is not supported with this sampler (only {ETA[settings['scheduler']]})"
+        )
+    seed = _number(body, "seed", -1, int)
+    settings["seed"] = None if seed == -1 else seed
+    strength = _number(body, "subseed_strength", 0.0, float)
+    if strength:
+        subseed = _number(body, "subseed", -1, int)
+        settings["variation_seed"] = (
+            int(np.random.default_rng().integers(2**63)) if subseed == -1 else subseed
+        )
+        settings["variation_strength"] = strength
+    overrides = body.get("override_settings") or {}
+    if not isinstance(overrides, dict) or set(overrides) - {"CLIP_stop_at_last_layers"}:
+        raise InvalidArgumentError("override_settings: only CLIP_stop_at_last_layers is supported")
+    clip = _number(overrides, "CLIP_stop_at_last_layers", 1, int)
+    settings["clip_skip"] = clip - 1  # the web UI's 1 is the last layer
+    denoising = _number(body, "denoising_strength", None, float)
+    if img2img:
+        images = body.get("init_images")
+        if not isinstance(images, list) or not images:
+            raise InvalidArgumentError("init_images: give a list of one base64 image (or one per batch item)")
+        decoded = [decode_image(data) for data in images]
+        settings["image"] = decoded[0] if len(decoded) == 1 else decoded
+        settings["strength"] = 0.75 if denoising is None else denoising
+    elif body.get("enable_hr"):
+        upscaler = body.get("hr_upscaler") or "Latent"
+        if upscaler not in UPSCALERS:
+            raise InvalidArgumentError(
+                f"hr_upscaler {upscaler!r} is not supported; use {', '.join(UPSCALERS)}"
+            )
+        second = _number(body, "hr_second_pass_steps", 0, int)
+        settings.update(
+            hires_scale=_number(body, "hr_scale", 2.0, float),
+            hires_upscale=UPSCALERS[upscaler],
+            hires_steps=second or None,
+            hires_strength=denoising or None,
+        )
+    n_iter = _number(body, "n_iter", 1, int)
+    if n_iter < 1:
+        raise InvalidArgumentError(f"n_iter must be at least 1, got {n_iter}")
+    return settings, n_iter, ignored
+
+
+def run_request(pipeline: Any, body: dict[str, Any], img2img: bool) -> dict[str, Any]:
+    """A web UI API request run on ``pipeline``: the answer's JSON object."""
+    settings, n_iter, ignored = generation_settings(body, img2img)
+    prompt, negative = settings.pop("prompt"), settings.pop("negative_prompt")
+    images, seeds, nsfw, first = [], [], [], None
+    for n in range(n_iter):
+        if n:  # later batches go on from the first's seeds (and variation seeds), as the web UI's do
+            settings["seed"] = first.request.seed + n * first.request.batch
+            if first.request.variation_strength:
+                settings["variation_seed"] = first.request.variation_seed + n * first.request.batch
+        result = pipeline(prompt, negative, **settings)
+        first = first or result
+        for i, image in enumerate(result.images):
+            parameters = {**result.request.parameters(i), "backend": result.backend}
+            images.append(encode_png(image, parameters))
+        seeds += list(result.request.seeds)
+        nsfw += result.nsfw or [False] * result.request.batch
+    request = first.request
+    info = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "all_prompts": [prompt] * len(seeds),
+        "all_negative_prompts": [negative] * len(seeds),
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": request.variation_seed if request.variation_strength else -1,
+        "subseed_strength": request.variation_strength,
+        "width": request.hires.width if request.hires else request.width,
+        "height": request.hires.height if request.hires else request.height,
+        "sampler_name": next(k for k, v in SAMPLERS.items() if v == request.scheduler),
+        "cfg_scale": request.guidance,
+        "steps": request.steps,
+        "batch_size": request.batch,
+        "clip_skip": request.clip_skip + 1,
+        "denoising_strength": request.strength
+        if img2img
+        else (request.hires.strength if request.hires else 0),
+        "nsfw": nsfw,
+        "backend": first.backend,
+        "ignored_fields": ignored,
+    }
+    return {"images": images, "parameters": body_without_images(body), "info": json.dumps(info)}
+
+
+def body_without_images(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's fields as the answer echoes them (the web UI's ``parameters``), input images left out."""
+    return {k: v for k, v in body.items() if k != "init_images"}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """The web UI's routes over one loaded pipeline (``server.pipeline``)."""
+
+    server_version = "sdengine"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        pipeline = self.server.pipeline  # type: ignore[attr-defined]
+        name = pipeline.model_dir.root.name
+        routes: dict[str, Callable[[], Any]] = {
+            "/sdapi/v1/samplers": lambda: [
+                {"name": n, "aliases": [s], "options": {}} for n, s in SAMPLERS.items()
+            ],
+            "/sdapi/v1/upscalers": lambda: [{"name": n} for n in UPSCALERS],
+            "/sdapi/v1/sd-models": lambda: [
+                {"title": name, "model_name": name, "filename": str(pipeline.model_dir.root)}
+            ],
+            "/sdapi/v1/options": lambda: {"sd_model_checkpoint": name, "CLIP_stop_at_last_layers": 1},
+        }
+        route = routes.get(self.path.split("?", 1)[0])
+        if route is None:
+            return self._answer(
+                HTTPStatus.NOT_FOUND, {"error": "NotFound", "detail": f"no route {self.path}"}
+            )
+        self._answer(HTTPStatus.OK, route())
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path not in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):
+            return self._answer(
+                HTTPStatus.NOT_FOUND, {"error": "NotFound", "detail": f"no route {self.path}"}
+            )
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            return self._answer(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                {"error": "TooLarge", "detail": f"request body over {MAX_BODY} bytes"},
+            )
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return self._answer(HTTPStatus.BAD_REQUEST, {"error": "BadJSON", "detail": str(exc)})
+        try:
+            answer = run_request(self.server.pipeline, body, path.endswith("img2img"))  # type: ignore[attr-defined]
+        except SDEngineError as exc:
+            return self._answer(
+                HTTPStatus.UNPROCESSABLE_ENTITY, {"error": type(exc).__name__, "detail": str(exc)}
+            )
+        except Exception as exc:  # the server stays up for the next request
+            self.log_message("failed: %r", exc)
+            return self._answer(
+                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": type(exc).__name__, "detail": str(exc)}
+            )
+        self._answer(HTTPStatus.OK, answer)
+
+    def _answer(self, status: HTTPStatus, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        print(f"sdengine serve: {self.address_string()} {format % args}", file=sys.stderr)
+
+
+def make_server(pipeline: Any, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
+    """A server for ``pipeline`` on ``host``:``port`` (0: any free port; ``server.server_address`` says
+    which), not yet serving: call ``serve_forever()``."""
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    server.pipeline = pipeline  # type: ignore[attr-defined]
+    return server
+
+
+def serve_in_thread(pipeline: Any, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """:func:`make_server`, serving from a daemon thread (for embedding, and tests); ``shutdown()`` stops
+    it."""
+    server = make_server(pipeline, host, port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -1,0 +1,226 @@
+"""The AUTOMATIC1111-compatible HTTP API: its requests map onto the pipeline's settings, its answers carry the
+same images a direct call makes, and bad requests get one clear error each while the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdengine.errors import InvalidArgumentError
+from sdengine.server import generation_settings, scheduler_name, serve_in_thread
+
+SIZE = {"width": 64, "height": 64, "steps": 3}
+
+
+@pytest.fixture(scope="module")
+def server(ort_pipe_fp32):
+    server = serve_in_thread(ort_pipe_fp32)
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def call(url: str, path: str, body: object | None = None, raw: bytes | None = None) -> tuple[int, object]:
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def pixels(b64: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
+        return np.asarray(image.convert("RGB"), np.float32) / 255
+
+
+def png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray((array * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "expected"),
+    [
+        (None, None, "euler"),  # the web UI API's default sampler
+        ("Euler a", "Automatic", "euler_a"),
+        ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
+        ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),
+        ("PLMS", "", "pndm"),
+        ("LMS", "Karras", "lms_karras"),
+    ],
+)
+def test_sampler_names(sampler, scheduler, expected):
+    assert scheduler_name(sampler, scheduler) == expected
+
+
+def test_settings_map_the_web_uis_fields():
+    body = {
+        "prompt": "a [cat:dog:0.5]",
+        "steps": 20,
+        "cfg_scale": 5,
+        "seed": 7,
+        "subseed": 9,
+        "subseed_strength": 0.3,
+        "batch_size": 2,
+        "n_iter": 3,
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_upscaler": "Latent",
+        "denoising_strength": 0.6,
+        "override_settings": {"CLIP_stop_at_last_layers": 2},
+        "restore_faces": False,  # asks for nothing: accepted
+        "save_images": True,  # the web UI's bookkeeping
+        "eta": 1.0,  # what the default sampler ignores
+        "some_new_field": 1,
+    }
+    settings, n_iter, ignored = generation_settings(body, img2img=False)
+    assert n_iter == 3 and ignored == ["some_new_field"]
+    assert settings == {
+        "prompt": "a [cat:dog:0.5]",
+        "negative_prompt": "",
+        "steps": 20,
+        "guidance": 5.0,
+        "width": 512,
+        "height": 512,
+        "batch": 2,
+        "scheduler": "euler",
+        "prompt_weights": "a1111",
+        "long_prompts": True,
+        "seed": 7,
+        "variation_seed": 9,
+        "variation_strength": 0.3,
+        "clip_skip": 1,
+        "hires_scale": 1.5,
+        "hires_upscale": "latent",
+        "hires_steps": None,
+        "hires_strength": 0.6,
+    }
+    assert generation_settings({"seed": -1}, img2img=False)[0]["seed"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"restore_faces": True}, "not supported: restore_faces"),
+        ({"tiling": True, "styles": ["x"]}, "not supported: styles, tiling"),
+        ({"sampler_name": "DPM adaptive"}, "sampler 'DPM adaptive' is not supported"),
+        ({"scheduler": "Exponential"}, "scheduler 'Exponential' is not supported"),
+        ({"sampler_name": "DDIM", "eta": 0.5}, "eta 0.5 is not supported"),
+        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler 'R-ESRGAN 4x\\+' is not supported"),
+        ({"steps": "many"}, "steps must be a whole number"),
+        ({"n_iter": 0}, "n_iter must be at least 1"),
+        ({"override_settings": {"sd_vae": "x"}}, "only CLIP_stop_at_last_layers"),
+        ([], "must be a JSON object"),
+    ],
+)
+def test_bad_fields_are_named(body, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        generation_settings(body, img2img=False)
+
+
+def test_txt2img_answers_what_a_direct_call_makes(server, ort_pipe_fp32):
+    status, answer = call(server, "/sdapi/v1/txt2img", {"prompt": "a (red:1.2) cat", **SIZE, "seed": 11})
+    assert status == 200 and len(answer["images"]) == 1
+    direct = ort_pipe_fp32(
+        "a (red:1.2) cat",
+        "",
+        **SIZE,
+        seed=11,
+        guidance=7.0,
+        scheduler="euler",
+        prompt_weights="a1111",
+        long_prompts=True,
+    )
+    np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
+    info = json.loads(answer["info"])
+    assert (info["seed"], info["all_seeds"], info["sampler_name"], info["width"]) == (11, [11], "Euler", 64)
+    assert answer["parameters"]["prompt"] == "a (red:1.2) cat"
+
+
+def test_batches_and_iterations_go_on_from_the_seed(server, ort_pipe_fp32):
+    body = {"prompt": "a cat", **SIZE, "seed": 20, "batch_size": 2, "n_iter": 2, "sampler_name": "Euler a"}
+    status, answer = call(server, "/sdapi/v1/txt2img", body)
+    assert status == 200 and json.loads(answer["info"])["all_seeds"] == [20, 21, 22, 23]
+    alone = ort_pipe_fp32(
+        "a cat", **SIZE, seed=23, guidance=7.0, scheduler="euler_a", prompt_weights="a1111", long_prompts=True
+    )
+    np.testing.assert_allclose(pixels(answer["images"][3]), alone.array[0], atol=0.5 / 255)
+
+
+def test_hires_and_img2img(server, ort_pipe_fp32):
+    body = {"prompt": "a cat", **SIZE, "seed": 4, "enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}
+    status, answer = call(server, "/sdapi/v1/txt2img", body)
+    assert status == 200 and pixels(answer["images"][0]).shape == (128, 128, 3)
+    source = pixels(answer["images"][0])
+    body = {"prompt": "a dog", **SIZE, "seed": 5, "init_images": [png(source)], "denoising_strength": 0.6}
+    status, answer = call(server, "/sdapi/v1/img2img", body)
+    assert status == 200 and "init_images" not in answer["parameters"]
+    direct = ort_pipe_fp32(
+        "a dog",
+        "",
+        **SIZE,
+        seed=5,
+        guidance=7.0,
+        scheduler="euler",
+        image=source,
+        strength=0.6,
+        prompt_weights="a1111",
+        long_prompts=True,
+    )
+    np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
+
+
+def test_errors_are_one_json_line_and_the_server_goes_on(server):
+    status, answer = call(server, "/sdapi/v1/txt2img", raw=b"{not json")
+    assert (status, answer["error"]) == (400, "BadJSON")
+    status, answer = call(server, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE, "width": 60})
+    assert (status, answer["error"]) == (422, "InvalidArgumentError") and "width must be" in answer["detail"]
+    status, answer = call(server, "/sdapi/v1/img2img", {"prompt": "a cat", **SIZE, "init_images": ["nope"]})
+    assert status == 422 and "init_images: not a base64 image" in answer["detail"]
+    assert call(server, "/sdapi/v1/interrogate", {})[0] == 404
+    status, samplers = call(server, "/sdapi/v1/samplers")
+    assert (
+        status == 200
+        and {"name": "DPM++ 2M Karras", "aliases": ["dpmpp_2m_karras"], "options": {}} in samplers
+    )
+    assert call(server, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE})[0] == 200  # still serving
+
+
+def test_cli_serves_until_stopped(onnx_fp32):
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "sdengine.cli",
+        "serve",
+        str(onnx_fp32),
+        "--device",
+        "cpu",
+        "--port",
+        "0",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith("backend: ort on cpu")
+        url = lines[1].split(" on ")[-1].strip()
+        assert url.startswith("http://127.0.0.1:")
+        status, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE})
+        assert status == 200 and len(answer["images"]) == 1
+        port = url.rsplit(":", 1)[1]
+        busy = subprocess.run([*command[:-1], port], capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
