@@ -92,6 +92,10 @@ def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
         pipes["step"]("a [red:blue:0.5] cat, [oil|watercolour]", **edited).array,
         cpu("a [red:blue:0.5] cat, [oil|watercolour]", **edited).array,
     )
+    hires = dict(settings, hires_scale=1.5)  # a second shape: its own buffers and graphs
+    results["hires fix: CUDA vs CPU fp32, PSNR dB"] = psnr(
+        pipes["step"](PROMPT, **hires).array, cpu(PROMPT, **hires).array
+    )
     lora = write_random_lora(fp32.root, work / "random-lora.safetensors")
     for pipe in (pipes["step"], cpu):  # the UNet's per-shape sessions reopen with the fused weights
         pipe.load_lora(lora, 0.8)

@@ -53,3 +53,30 @@ def ort_pipe_fp32(onnx_fp32: Path):
     from sdengine.pipeline import Pipeline
 
     return Pipeline.load(onnx_fp32, backend="ort", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def biased_pipes(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(ONNX Runtime, torch) pipelines on a copy of ``tiny_checkpoint`` whose text encoder's final layer norm
+    has a bias: random weights leave it 0, which puts the mean that the AUTOMATIC1111 web UI's weighting keeps
+    at about 0, where a trained text encoder's is not."""
+    import shutil
+
+    import torch
+    from transformers import CLIPTextModel
+
+    from export.onnx_export import export_checkpoint
+    from sdengine.pipeline import Pipeline
+
+    root = tmp_path_factory.mktemp("biased")
+    checkpoint = shutil.copytree(tiny_checkpoint, root / "checkpoint")
+    encoder = CLIPTextModel.from_pretrained(checkpoint / "text_encoder")
+    with torch.no_grad():
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        norm.bias.copy_(torch.linspace(-0.2, 0.8, norm.bias.numel()))
+    encoder.save_pretrained(checkpoint / "text_encoder")
+    components = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    export_checkpoint(checkpoint, root / "onnx", components=components)
+    return Pipeline.load(root / "onnx", backend="ort", device="cpu"), Pipeline.load(
+        checkpoint, backend="torch"
+    )

@@ -4,8 +4,6 @@ same embeddings call by call."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -142,27 +140,8 @@ def test_the_step_model_gives_each_next_call_its_set(context_type):
 
 
 @pytest.fixture(scope="module")
-def pipes(tiny_checkpoint, tmp_path_factory):
-    """(ONNX Runtime, torch) on the tiny checkpoint, its text encoder's final layer norm given a bias (as for
-    the web UI's weights, whose arithmetic keeps a mean that random weights leave at about 0)."""
-    import torch
-    from transformers import CLIPTextModel
-
-    from export.onnx_export import export_checkpoint
-
-    root = tmp_path_factory.mktemp("editing")
-    checkpoint = shutil.copytree(tiny_checkpoint, root / "checkpoint")
-    encoder = CLIPTextModel.from_pretrained(checkpoint / "text_encoder")
-    with torch.no_grad():
-        norm = getattr(encoder, "text_model", encoder).final_layer_norm
-        norm.bias.copy_(torch.linspace(-0.2, 0.8, norm.bias.numel()))
-    encoder.save_pretrained(checkpoint / "text_encoder")
-    export_checkpoint(
-        checkpoint, root / "onnx", components=["text_encoder", "unet", "vae_decoder", "vae_encoder"]
-    )
-    return Pipeline.load(root / "onnx", backend="ort", device="cpu"), Pipeline.load(
-        checkpoint, backend="torch"
-    )
+def pipes(biased_pipes):
+    return biased_pipes
 
 
 RED, BLUE = "a photo of a red cat", "a photo of a (blue:1.3) dog"
