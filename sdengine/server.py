@@ -45,10 +45,12 @@ from sdengine.errors import InvalidArgumentError, SDEngineError
 #: The web UI's sampler names that sdengine runs, and the scheduler each is.
 SAMPLERS = {
     "Euler": "euler",
+    "Euler Karras": "euler_karras",
     "Euler a": "euler_a",
     "LMS": "lms",
     "LMS Karras": "lms_karras",
     "Heun": "heun",
+    "Heun Karras": "heun_karras",
     "DPM2": "dpm2",
     "DPM2 Karras": "dpm2_karras",
     "DPM++ 2M": "dpmpp_2m",
@@ -58,6 +60,7 @@ SAMPLERS = {
     "DDIM": "ddim",
     "PLMS": "pndm",
     "UniPC": "unipc",
+    "UniPC Karras": "unipc_karras",
     "LCM": "lcm",
 }
 #: hr_upscaler values: the web UI's "Latent" enlarges the latents; "None" and "Lanczos" the image.

@@ -106,8 +106,10 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
+    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
     "dpm2": ("KDPM2DiscreteScheduler", {}),
     "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
     "lms": ("LMSDiscreteScheduler", {}),
@@ -121,6 +123,7 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
 }
 
 # Tolerances, applied to every compared tensor as |ours - ref| <= TOL |ref| + TOL * scale, where scale is
@@ -149,6 +152,9 @@ NONFINITE_IN_DIFFUSERS = {("ddim", "sdxl_zsnr", "epsilon"), ("lcm", "sdxl_zsnr",
 #: timestep 999 twice, diffusers' ``index_for_timestep`` then starts at index 1 and runs off the table (the
 #: SDE variant shares DPM-Solver's timesteps; test_matches_diffusers checks the IndexError).
 DIFFUSERS_INDEX_ERROR = {("dpmpp_2m_karras", "sdxl_zsnr", 25), ("dpmpp_2m_sde_karras", "sdxl_zsnr", 25)}
+#: The same doubled timestep 999, where diffusers does not fail but runs on from its second sigma (its
+#: ``index_for_timestep`` takes the second of two matches): sdengine keeps the schedule's own first step.
+DIFFUSERS_SKIPS_FIRST_SIGMA = {("unipc_karras", "sdxl_zsnr", 25)}
 
 SHAPE = (2, 4, 8, 8)
 SEED = 1234
@@ -274,7 +280,11 @@ def run_both(
         keep = (rng.random((SHAPE[0], 1, *SHAPE[2:])) < 0.5).astype(np.float32)  # 1: denoised, 0: image
         keep_ref = torch.from_numpy(keep).to(reference_dtype)
     assert plan.timesteps.shape == ref_timesteps.shape
-    np.testing.assert_allclose(plan.timesteps, ref_timesteps.numpy().astype(np.float32), rtol=1e-6, atol=1e-6)
+    # (Karras timesteps are interpolated from the training sigmas: zero-SNR ones differ as the tables do)
+    t_tol = 1e-6 if tol == TOL else tol
+    np.testing.assert_allclose(
+        plan.timesteps, ref_timesteps.numpy().astype(np.float32), rtol=t_tol, atol=1e-6
+    )
 
     history = initial_history(plan, SHAPE)
     generator_ref = torch.Generator().manual_seed(SEED)
@@ -338,6 +348,15 @@ def test_matches_diffusers(name: str, base: str, prediction: str, steps: int) ->
         with pytest.raises(IndexError):
             diffusers_trajectory(name, config, steps)
         return
+    if (name, base, steps) in DIFFUSERS_SKIPS_FIRST_SIGMA:
+        plan = load_scheduler(name, config).schedule(steps)
+        assert np.isfinite(plan.coeffs).all() and plan.timesteps[0] == plan.timesteps[1] == 999
+        class_name, overrides = DIFFUSERS_EQUIVALENT[name]
+        ref = getattr(diffusers, class_name).from_config(config, **overrides)
+        ref.set_timesteps(steps)
+        ref._init_step_index(ref.timesteps[0])
+        assert ref.step_index == 1
+        return
     run_both(name, config, steps)
 
 
@@ -359,14 +378,15 @@ def test_schedule_shapes_and_config(name: str, base: str) -> None:
         s, k = len(plan.timesteps), plan.history_size
         two_calls = 2 * steps - 1
         calls = {"pndm": steps + 1 if steps > 1 else steps, "heun": two_calls, "dpm2": two_calls}
-        calls["dpm2_karras"] = two_calls
+        calls["dpm2_karras"] = calls["heun_karras"] = two_calls
         assert s == calls.get(name, steps)
         assert plan.num_inference_steps == steps
         assert plan.timesteps.dtype == plan.input_scale.dtype == plan.coeffs.dtype == np.float32
         assert plan.input_scale.shape == plan.needs_noise.shape == (s,)
         assert plan.coeffs.shape == (s, 1 + k, 3 + k)
         assert plan.needs_noise.dtype == np.bool_
-        histories = {"pndm": 4, "unipc": 3, "heun": 2, "dpm2": 1, "dpm2_karras": 1, "lms": 3, "lms_karras": 3}
+        histories = {"pndm": 4, "unipc": 3, "unipc_karras": 3, "heun": 2, "heun_karras": 2, "dpm2": 1}
+        histories |= {"dpm2_karras": 1, "lms": 3, "lms_karras": 3}
         assert k == (1 if name.startswith("dpmpp_2m") else histories.get(name, 0))
         expected_noise = np.zeros(s, dtype=bool)
         if name in STOCHASTIC:
@@ -681,6 +701,7 @@ STATEFUL = {
     "dpmpp_2m_sde",
     "dpmpp_2m_sde_karras",
     "unipc",
+    "unipc_karras",
     "lms",
     "lms_karras",
 }
@@ -711,7 +732,9 @@ def test_img2img_schedule_structure(name: str) -> None:
     assert same.image_noise == full.image_noise
     part = scheduler.schedule(10, strength=0.65)
     assert part.t_start == 4 and part.num_inference_steps == 10
-    calls = 4 * (2 if name in ("heun", "dpm2", "dpm2_karras") else 1)  # t_start * order calls skipped
+    calls = 4 * (
+        2 if name in ("heun", "heun_karras", "dpm2", "dpm2_karras") else 1
+    )  # t_start * order calls skipped
     np.testing.assert_array_equal(part.timesteps, full.timesteps[calls:])
     np.testing.assert_array_equal(part.input_scale, full.input_scale[calls:])
     if name in STATEFUL:

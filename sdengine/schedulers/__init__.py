@@ -35,23 +35,25 @@ from .dpmsolver import (
     DPMSolverMultistepSDE,
     DPMSolverMultistepSDEKarras,
 )
-from .euler import Euler
+from .euler import Euler, EulerKarras
 from .euler_ancestral import EulerAncestral
-from .heun import Heun
+from .heun import Heun, HeunKarras
 from .kdpm2 import KDPM2, KDPM2Karras
 from .lcm import LCM
 from .lms import LMS, LMSKarras
 from .pndm import PNDM
 from .schedule import Schedule
 from .step import initial_history, step
-from .unipc import UniPCMultistep
+from .unipc import UniPCMultistep, UniPCMultistepKarras
 
 _CLASSES: dict[str, type[BaseScheduler]] = {
     "ddim": DDIM,
     "pndm": PNDM,
     "euler": Euler,
+    "euler_karras": EulerKarras,
     "euler_a": EulerAncestral,
     "heun": Heun,
+    "heun_karras": HeunKarras,
     "dpm2": KDPM2,
     "dpm2_karras": KDPM2Karras,
     "lms": LMS,
@@ -62,6 +64,7 @@ _CLASSES: dict[str, type[BaseScheduler]] = {
     "dpmpp_2m_sde_karras": DPMSolverMultistepSDEKarras,
     "lcm": LCM,
     "unipc": UniPCMultistep,
+    "unipc_karras": UniPCMultistepKarras,
 }
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_CLASSES)

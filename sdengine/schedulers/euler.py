@@ -113,3 +113,12 @@ class Euler(BaseScheduler):
             t_start=t_start,
             scheduler=self.name,
         )
+
+
+@dataclass(frozen=True)
+class EulerKarras(Euler):
+    """``euler`` with ``use_karras_sigmas`` forced on (Karras et al. 2022, eq. 5, rho = 7)."""
+
+    name: str = field(default="euler_karras", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}

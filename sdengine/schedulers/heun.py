@@ -81,3 +81,12 @@ class Heun(BaseScheduler):
             scheduler=self.name,
             order=2,
         )
+
+
+@dataclass(frozen=True)
+class HeunKarras(Heun):
+    """``heun`` with ``use_karras_sigmas`` forced on (Karras et al. 2022, eq. 5, rho = 7)."""
+
+    name: str = field(default="heun_karras", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}

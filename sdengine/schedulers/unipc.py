@@ -233,3 +233,12 @@ class UniPCMultistep(BaseScheduler):
             sigmas, sigma_min = train_sigmas[timesteps], train_sigmas[0]
         sigma_last = sigma_min if p["final_sigmas_type"] == "sigma_min" else 0.0
         return timesteps, tables.f32(np.concatenate([sigmas, [sigma_last]]))
+
+
+@dataclass(frozen=True)
+class UniPCMultistepKarras(UniPCMultistep):
+    """``unipc`` with ``use_karras_sigmas`` forced on (Karras et al. 2022, eq. 5, rho = 7)."""
+
+    name: str = field(default="unipc_karras", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
