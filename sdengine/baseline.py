@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sdengine.denoise import Preview, Progress
+from sdengine.denoise import Preview, Progress, Stop
 from sdengine.errors import BackendUnavailableError, UnsupportedConfigError
 from sdengine.images import to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
@@ -135,15 +135,19 @@ class TorchPipeline(_CallMixin):
         return len(getattr(self.controlnet, "nets", [self.controlnet]))
 
     def generate(
-        self, request: GenerationRequest, progress: Progress | None = None, preview: Preview | None = None
+        self,
+        request: GenerationRequest,
+        progress: Progress | None = None,
+        preview: Preview | None = None,
+        stop: Stop | None = None,
     ) -> GenerationResult:
         times, cuda = StageTimes(), self.device == "cuda"
         with times.time("total"):
-            final = self.denoised(request, times, progress, preview)
-            if request.hires is not None:
+            final = self.denoised(request, times, progress, preview, stop)
+            if request.hires is not None and not (stop and stop()):
                 latents = final.float().cpu().numpy()
                 second, preview = self.second_pass(request, latents, times, preview)
-                final = self.denoised(second, times, progress, preview)
+                final = self.denoised(second, times, progress, preview, stop)
             with times.time("vae_decode"), torch.inference_mode():
                 decoded = self.decode(final)
                 if cuda:
@@ -164,6 +168,7 @@ class TorchPipeline(_CallMixin):
         times: StageTimes,
         progress: Progress | None = None,
         preview: Preview | None = None,
+        stop: Stop | None = None,
     ) -> torch.Tensor:
         """One pass of ``request`` through diffusers' pipeline for it, with the engine's draws: the final
         latents."""
@@ -232,7 +237,7 @@ class TorchPipeline(_CallMixin):
                 with times.time("denoise"):
                     out = pipe(
                         **prompts,
-                        **self.step_end_callback(preview, len(step_noise), call_embeds),
+                        **self.step_end_callback(preview, len(step_noise), call_embeds, stop),
                         num_inference_steps=request.steps,
                         guidance_scale=request.guidance,
                         height=request.height,
@@ -250,14 +255,21 @@ class TorchPipeline(_CallMixin):
 
     @staticmethod
     def step_end_callback(
-        preview: Preview | None, num_calls: int, call_embeds: list[torch.Tensor] | None = None
+        preview: Preview | None,
+        num_calls: int,
+        call_embeds: list[torch.Tensor] | None = None,
+        stop: Stop | None = None,
     ) -> dict[str, Any]:
         """diffusers' ``callback_on_step_end`` arguments that hand ``preview`` the latents after its calls,
-        and give each call after the first its prompt embeddings from ``call_embeds`` (edited prompts)."""
-        if preview is None and call_embeds is None:
+        give each call after the first its prompt embeddings from ``call_embeds`` (edited prompts), and skip
+        the calls after ``stop`` answers True (diffusers' own ``interrupt``, which keeps the latents so
+        far)."""
+        if preview is None and call_embeds is None and stop is None:
             return {}
 
         def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict:
+            if stop is not None and i + 1 < num_calls and stop():
+                pipe._interrupt = True  # noqa: SLF001 - the flag diffusers' loop reads
             if preview is not None and preview.due(i + 1, num_calls):
                 preview.callback(i + 1, tensors["latents"].float().cpu().numpy())
             if call_embeds is not None and i + 1 < num_calls:

@@ -12,6 +12,8 @@ from sdengine.errors import InvalidArgumentError
 from sdengine.timing import StageTimes
 
 Progress = Callable[[Iterable[int]], Iterable[int]]
+#: Asked between two steps; once it answers True the run ends with the latents so far.
+Stop = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,16 @@ def denoise(
     times: StageTimes,
     progress: Progress | None = None,
     preview: Preview | None = None,
+    stop: Stop | None = None,
 ) -> np.ndarray:
-    """Run every model call of ``plan`` and return the final latents (on the host)."""
+    """Run every model call of ``plan`` (or, asked after each call but the last, those until ``stop``
+    answers True) and return the final latents (on the host)."""
     denoiser = backend.denoiser(plan, times)
     num_calls = plan.tables.num_calls
     calls = range(num_calls)
     for call in progress(calls) if progress else calls:
+        if call and stop is not None and stop():
+            break
         with times.time("step_call"):  # host time per step: the whole step on the CPU, its launch on a GPU
             denoiser.step()
         if preview and preview.due(call + 1, num_calls):

@@ -16,7 +16,7 @@ from sdengine.backends.base import Backend, DenoisePlan
 from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.controlnet import control_images, control_schedule
-from sdengine.denoise import Preview, Progress, denoise
+from sdengine.denoise import Preview, Progress, Stop, denoise
 from sdengine.errors import InvalidArgumentError
 from sdengine.hires import upscale_latents
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
@@ -59,7 +59,11 @@ class ImageGenerator(Protocol):
     choice: Choice | None
 
     def generate(
-        self, request: GenerationRequest, progress: Progress | None = None, preview: Preview | None = None
+        self,
+        request: GenerationRequest,
+        progress: Progress | None = None,
+        preview: Preview | None = None,
+        stop: Stop | None = None,
     ) -> GenerationResult: ...
 
     def preview_images(self, latents: np.ndarray) -> list[Image.Image]: ...
@@ -79,7 +83,11 @@ class _CallMixin:
         return self.model_dir.arch.controlnets
 
     def generate(
-        self, request: GenerationRequest, progress: Progress | None = None, preview: Preview | None = None
+        self,
+        request: GenerationRequest,
+        progress: Progress | None = None,
+        preview: Preview | None = None,
+        stop: Stop | None = None,
     ) -> GenerationResult:
         raise NotImplementedError
 
@@ -237,10 +245,10 @@ class _CallMixin:
     def __call__(
         self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, **settings: Any
     ) -> GenerationResult:
-        progress = settings.pop("progress", None)
+        progress, stop = settings.pop("progress", None), settings.pop("stop", None)
         callback, every = settings.pop("preview", None), settings.pop("preview_every", 1)
         preview = None if callback is None else Preview(callback, every)
-        return self.generate(self.request(prompt, negative_prompt, **settings), progress, preview)
+        return self.generate(self.request(prompt, negative_prompt, **settings), progress, preview, stop)
 
 
 class Pipeline(_CallMixin):
@@ -337,16 +345,22 @@ class Pipeline(_CallMixin):
         return pipeline
 
     def generate(
-        self, request: GenerationRequest, progress: Progress | None = None, preview: Preview | None = None
+        self,
+        request: GenerationRequest,
+        progress: Progress | None = None,
+        preview: Preview | None = None,
+        stop: Stop | None = None,
     ) -> GenerationResult:
         """Run ``request``. Safe to call from several threads: generations on one pipeline take turns.
-        ``preview``: look at the latents part way (:class:`Preview`; :meth:`preview_images` decodes them)."""
+        ``preview``: look at the latents part way (:class:`Preview`; :meth:`preview_images` decodes them).
+        ``stop``: asked between two steps; once it answers True (say, from another thread) the generation
+        ends with the images of the latents so far (the hires fix's second pass does not start)."""
         times = StageTimes()
         with self._lock, times.time("total"):
-            latents = self.denoised(request, times, progress, preview)
-            if request.hires is not None:
+            latents = self.denoised(request, times, progress, preview, stop)
+            if request.hires is not None and not (stop and stop()):
                 second, preview = self.second_pass(request, latents, times, preview)
-                latents = self.denoised(second, times, progress, preview)
+                latents = self.denoised(second, times, progress, preview, stop)
             with times.time("vae_decode"):
                 images, nsfw = self.decode_images(latents), None
             if self.safety_checker:
@@ -360,6 +374,7 @@ class Pipeline(_CallMixin):
         times: StageTimes,
         progress: Progress | None = None,
         preview: Preview | None = None,
+        stop: Stop | None = None,
     ) -> np.ndarray:
         """One pass of ``request``: its prompts encoded, its first latents made and denoised; the final
         latents."""
@@ -389,7 +404,7 @@ class Pipeline(_CallMixin):
             unet_constants=unet_constants,
         )
         with times.time("denoise"):
-            return denoise(self.backend, plan, times, progress, preview)
+            return denoise(self.backend, plan, times, progress, preview, stop)
 
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
         """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the VAE decoder."""

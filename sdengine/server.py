@@ -20,9 +20,11 @@ What the web UI's API takes, and how it maps here:
   and listed in the answer's ``info`` as ``ignored_fields``, as the web UI ignores fields it does not know.
 
 Answers are the web UI's: ``{"images": [base64 PNG], "parameters": {...}, "info": "<JSON>"}``; errors are
-``{"error": type, "detail": message}`` with 400 (unreadable JSON), 404, 413 or 422. Generations take turns
-(the pipeline's lock); the server answers other requests meanwhile. It has no authentication: bind it to
-localhost (the default) or put it behind a proxy that has.
+``{"error": type, "detail": message}`` with 400 (unreadable JSON), 404, 413 or 422. Generations take turns;
+the server answers other requests meanwhile: ``GET /sdapi/v1/progress`` tells how far the one running is,
+and ``POST /sdapi/v1/interrupt`` ends it between two steps, its answer holding the images of the latents so
+far (the web UI's behaviour; later ``n_iter`` batches and a hires fix's second pass do not start). It has no
+authentication: bind it to localhost (the default) or put it behind a proxy that has.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import io
 import json
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -255,12 +258,90 @@ def generation_settings(body: dict[str, Any], img2img: bool) -> tuple[dict[str, 
     return settings, n_iter, ignored
 
 
-def run_request(pipeline: Any, body: dict[str, Any], img2img: bool) -> dict[str, Any]:
-    """A web UI API request run on ``pipeline``: the answer's JSON object."""
+class Job:
+    """The generation the server runs (one at a time): how far it is, for ``/progress``, and the flag that
+    ``/interrupt`` raises."""
+
+    def __init__(self) -> None:
+        self.running = threading.Lock()  # held for a whole request: its batches, then the next request's
+        self.interrupted = threading.Event()
+        self._state = threading.Lock()
+        self.begin(0)
+
+    def begin(self, job_count: int) -> None:
+        with self._state:
+            self.job_count, self.job_no, self.step, self.steps = job_count, 0, 0, 0
+            self.started = time.monotonic()
+        self.interrupted.clear()
+
+    def next_batch(self, job_no: int) -> None:
+        with self._state:
+            self.job_no, self.step, self.steps = job_no, 0, 0
+
+    def progress(self, calls: Iterable[int]) -> Iterator[int]:
+        """The pipeline's ``progress`` wrapper: counts each pass's steps as they run."""
+        calls = list(calls)
+        with self._state:
+            self.step, self.steps = 0, len(calls)
+        for call in calls:
+            yield call
+            with self._state:
+                self.step += 1
+
+    def report(self) -> dict[str, Any]:
+        """``/sdapi/v1/progress``'s answer, as the web UI gives it (no live preview image)."""
+        with self._state:
+            done = (
+                (self.job_no + (self.step / self.steps if self.steps else 0)) / self.job_count
+                if self.job_count
+                else 0
+            )
+            elapsed = time.monotonic() - self.started
+            state = {
+                "skipped": False,
+                "interrupted": self.interrupted.is_set(),
+                "job": "txt2img/img2img" if self.job_count else "",
+                "job_count": self.job_count,
+                "job_no": self.job_no,
+                "sampling_step": self.step,
+                "sampling_steps": self.steps,
+            }
+        eta = elapsed / done - elapsed if 0 < done < 1 else 0.0
+        return {
+            "progress": done,
+            "eta_relative": eta,
+            "state": state,
+            "current_image": None,
+            "textinfo": None,
+        }
+
+
+def run_request(pipeline: Any, body: dict[str, Any], img2img: bool, job: Job | None = None) -> dict[str, Any]:
+    """A web UI API request run on ``pipeline``: the answer's JSON object. ``job``: where its progress goes
+    and its interruption comes from."""
     settings, n_iter, ignored = generation_settings(body, img2img)
+    job = job or Job()
+    with job.running:
+        job.begin(n_iter)
+        return _run_batches(pipeline, settings, n_iter, ignored, body, img2img, job)
+
+
+def _run_batches(
+    pipeline: Any,
+    settings: dict[str, Any],
+    n_iter: int,
+    ignored: list[str],
+    body: dict[str, Any],
+    img2img: bool,
+    job: Job,
+) -> dict[str, Any]:
     prompt, negative = settings.pop("prompt"), settings.pop("negative_prompt")
+    settings.update(progress=job.progress, stop=job.interrupted.is_set)
     images, seeds, nsfw, first = [], [], [], None
     for n in range(n_iter):
+        if n and job.interrupted.is_set():
+            break
+        job.next_batch(n)
         if n:  # later batches go on from the first's seeds (and variation seeds), as the web UI's do
             settings["seed"] = first.request.seed + n * first.request.batch
             if first.request.variation_strength:
@@ -293,6 +374,7 @@ def run_request(pipeline: Any, body: dict[str, Any], img2img: bool) -> dict[str,
         if img2img
         else (request.hires.strength if request.hires else 0),
         "nsfw": nsfw,
+        "interrupted": job.interrupted.is_set(),
         "backend": first.backend,
         "ignored_fields": ignored,
     }
@@ -321,6 +403,7 @@ class Handler(BaseHTTPRequestHandler):
                 {"title": name, "model_name": name, "filename": str(pipeline.model_dir.root)}
             ],
             "/sdapi/v1/options": lambda: {"sd_model_checkpoint": name, "CLIP_stop_at_last_layers": 1},
+            "/sdapi/v1/progress": self.server.job.report,  # type: ignore[attr-defined]
         }
         route = routes.get(self.path.split("?", 1)[0])
         if route is None:
@@ -331,6 +414,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
+        if path == "/sdapi/v1/interrupt":
+            self.server.job.interrupted.set()  # type: ignore[attr-defined]
+            return self._answer(HTTPStatus.OK, {})
         if path not in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):
             return self._answer(
                 HTTPStatus.NOT_FOUND, {"error": "NotFound", "detail": f"no route {self.path}"}
@@ -346,7 +432,8 @@ class Handler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return self._answer(HTTPStatus.BAD_REQUEST, {"error": "BadJSON", "detail": str(exc)})
         try:
-            answer = run_request(self.server.pipeline, body, path.endswith("img2img"))  # type: ignore[attr-defined]
+            server = self.server
+            answer = run_request(server.pipeline, body, path.endswith("img2img"), server.job)  # type: ignore[attr-defined]
         except SDEngineError as exc:
             return self._answer(
                 HTTPStatus.UNPROCESSABLE_ENTITY, {"error": type(exc).__name__, "detail": str(exc)}
@@ -376,6 +463,7 @@ def make_server(pipeline: Any, host: str = "127.0.0.1", port: int = 7860) -> Thr
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     server.pipeline = pipeline  # type: ignore[attr-defined]
+    server.job = Job()  # type: ignore[attr-defined]
     return server
 
 

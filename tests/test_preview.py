@@ -48,6 +48,39 @@ def test_previews_are_diffusers_latents_after_those_calls(ort_pipe_fp32, torch_p
     assert len(ort_pipe_fp32.preview_images(ours[0][1])) == 1
 
 
+def stop_after(queries: int):
+    """A ``stop`` that answers True from its ``queries + 1``-th question on."""
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > queries
+
+    return stop
+
+
+@pytest.mark.parametrize(("scheduler", "calls"), [("euler", 2), ("heun", 3), ("dpmpp_2m", 4)])
+def test_a_stopped_run_ends_with_the_latents_so_far(ort_pipe_fp32, torch_pipe, scheduler, calls):
+    """``stop`` is asked between two calls: answering True after ``calls`` calls gives the latents a preview
+    sees there, decoded; diffusers' own interrupt stops at the same place."""
+    seen, _ = collect(ort_pipe_fp32, 1, scheduler=scheduler)
+    ours = ort_pipe_fp32(PROMPT, "blurry", scheduler=scheduler, stop=stop_after(calls - 1), **SETTINGS)
+    np.testing.assert_array_equal(ours.latents, dict(seen)[calls])
+    assert ours.times.count("step_call") == calls
+    ref = torch_pipe(PROMPT, "blurry", scheduler=scheduler, stop=stop_after(calls - 1), **SETTINGS)
+    np.testing.assert_allclose(
+        ours.latents, ref.latents, rtol=0, atol=1e-5 * float(np.abs(ref.latents).max())
+    )
+    assert ours.array.shape == (1, 64, 64, 3)
+
+
+def test_a_stop_before_the_hires_pass_keeps_the_first_passs_images(ort_pipe_fp32):
+    # euler, 5 calls: 4 questions between them answered False, then the fifth, before the hires pass, True
+    result = ort_pipe_fp32(PROMPT, stop=stop_after(4), hires_scale=2, scheduler="euler", **SETTINGS)
+    plain = ort_pipe_fp32(PROMPT, scheduler="euler", **SETTINGS)
+    np.testing.assert_array_equal(result.array, plain.array)
+
+
 def test_bound_loop_previews_are_the_host_loops(ort_pipe_fp32):
     from sdengine.backends.ort_cuda import OrtCudaBackend
 

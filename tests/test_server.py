@@ -224,3 +224,33 @@ def test_cli_serves_until_stopped(onnx_fp32):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_progress_and_interrupt(server):
+    """A long generation shows its steps on /progress; /interrupt ends it between two steps, and its answer
+    holds the image of the latents so far; the next request runs whole."""
+    import threading
+    import time
+
+    answers = {}
+    body = {"prompt": "a cat", **SIZE, "steps": 400, "n_iter": 3}
+    worker = threading.Thread(target=lambda: answers.update(long=call(server, "/sdapi/v1/txt2img", body)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while True:
+        status, progress = call(server, "/sdapi/v1/progress")
+        assert status == 200 and time.monotonic() < deadline
+        state = progress["state"]
+        if state["sampling_steps"] == 400 and state["sampling_step"] >= 2:  # this request's run, under way
+            break
+        time.sleep(0.02)
+    assert state["job_count"] == 3 and state["job_no"] == 0
+    assert 0 < progress["progress"] < 1 / 3
+    assert call(server, "/sdapi/v1/interrupt", {}) == (200, {})
+    worker.join(timeout=60)
+    status, answer = answers["long"]
+    info = json.loads(answer["info"])
+    assert status == 200 and info["interrupted"] and len(answer["images"]) == 1  # later batches not run
+    status, answer = call(server, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE})
+    assert status == 200 and not json.loads(answer["info"])["interrupted"]
+    assert call(server, "/sdapi/v1/progress")[1]["state"]["sampling_step"] == 3  # the last run's, whole
