@@ -1,6 +1,6 @@
-"""The offline demo: random tiny checkpoint -> ONNX -> image, then image to image and inpainting from it, the
-same prompt with a random LoRA fused, and with a random ControlNet following the image's edges, with the
-PyTorch baseline beside each.
+"""The offline demo: random tiny checkpoint -> ONNX -> image, then image to image and inpainting from it, an
+edited prompt drawn again at twice the size (the hires fix), the same prompt with a random LoRA fused, and
+with a random ControlNet following the image's edges, with the PyTorch baseline beside each.
 
 Needs the ``export`` extra (torch, diffusers) for writing the checkpoint, exporting it and the baseline.
 """
@@ -21,6 +21,9 @@ SEED = 0
 IMG2IMG_PROMPT = "the same scene as a watercolour"
 IMG2IMG_STRENGTH = 0.6
 INPAINT_PROMPT = "a full moon in the sky"
+#: The AUTOMATIC1111 web UI's prompt editing: a horse for the first half of the steps, a camel after.
+EDITED_PROMPT = "a photo of an astronaut riding a [horse:camel:0.5] on mars"
+HIRES_SCALE = 2.0
 LORA_SCALE = 0.8
 CONTROL_PROMPT = "a castle on a hill"
 CONTROL_SCALE = 0.8
@@ -54,13 +57,13 @@ def run_demo(
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/8] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/9] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/8] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/9] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
     pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/8] text to image with the {backend} backend")
+        say(f"[{i}/9] text to image with the {backend} backend")
         pipes[backend] = Pipeline.load(path, backend=backend)
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
@@ -69,18 +72,23 @@ def run_demo(
         backend: pipe(prompt, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **settings)
         for backend, pipe in pipes.items()
     }
-    say(f"[5/8] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    say(f"[5/9] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
     redone = on_both(IMG2IMG_PROMPT, image=ort_result.array, strength=IMG2IMG_STRENGTH)
-    say("[6/8] inpainting the centre of the ort image with both backends")
+    say("[6/9] inpainting the centre of the ort image with both backends")
     mask = centre_mask(ort_result.request.height, ort_result.request.width)
     inpainted = on_both(INPAINT_PROMPT, image=ort_result.array, mask=mask)
+    say(
+        f"[7/9] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
+        "on both backends"
+    )
+    edited = on_both(EDITED_PROMPT, prompt_weights="a1111", hires_scale=HIRES_SCALE)
     lora = write_random_lora(onnx_dir, workdir / "random-lora.safetensors", seed=SEED)
-    say(f"[7/8] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends")
+    say(f"[8/9] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends")
     for pipe in pipes.values():
         pipe.load_lora(lora, LORA_SCALE)
     with_lora = on_both(PROMPT)
     controlnet, control_onnx = workdir / "random-controlnet", workdir / "tiny-onnx-controlnet"
-    say(f"[8/8] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
+    say(f"[9/9] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
     shutil.rmtree(controlnet, ignore_errors=True)
     write_random_controlnet(checkpoint, controlnet, seed=SEED)
     components = ["text_encoder", "unet", "vae_decoder"]
@@ -100,6 +108,7 @@ def run_demo(
     for name, result in (
         ("img2img", redone["ort"]),
         ("inpaint", inpainted["ort"]),
+        ("edit-hires", edited["ort"]),
         ("lora", with_lora["ort"]),
         ("controlnet", controlled["ort"]),
     ):
@@ -108,6 +117,7 @@ def run_demo(
     similarity = psnr(ort_result.array, results["torch"].array)
     img2img_similarity = psnr(redone["ort"].array, redone["torch"].array)
     inpaint_similarity = psnr(inpainted["ort"].array, inpainted["torch"].array)
+    edit_similarity = psnr(edited["ort"].array, edited["torch"].array)
     lora_similarity = psnr(with_lora["ort"].array, with_lora["torch"].array)
     control_similarity = psnr(controlled["ort"].array, controlled["torch"].array)
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
@@ -120,6 +130,14 @@ def run_demo(
     print(f"ONNX Runtime vs PyTorch (diffusers img2img): PSNR {img2img_similarity:.1f} dB")
     print(f"wrote {extra_outputs['inpaint']}: its centre inpainted (the rest kept)")
     print(f"ONNX Runtime vs PyTorch (diffusers inpainting): PSNR {inpaint_similarity:.1f} dB")
+    print(
+        f"wrote {extra_outputs['edit-hires']}: {EDITED_PROMPT!r}, then the hires fix at {HIRES_SCALE:g}x "
+        f"({edited['ort'].array.shape[1]}x{edited['ort'].array.shape[2]})"
+    )
+    print(
+        "ONNX Runtime vs PyTorch (diffusers fed each step's embeddings, then its img2img): "
+        f"PSNR {edit_similarity:.1f} dB"
+    )
     print(f"wrote {extra_outputs['lora']}: the first prompt with a random LoRA fused at scale {LORA_SCALE}")
     print(f"ONNX Runtime vs PyTorch (diffusers fuse_lora): PSNR {lora_similarity:.1f} dB")
     print(f"wrote {extra_outputs['controlnet']}: a random ControlNet following the first image's edges")
@@ -132,6 +150,7 @@ def run_demo(
         "psnr_db": similarity,
         "img2img_psnr_db": img2img_similarity,
         "inpaint_psnr_db": inpaint_similarity,
+        "edit_hires_psnr_db": edit_similarity,
         "lora_psnr_db": lora_similarity,
         "controlnet_psnr_db": control_similarity,
     }
