@@ -92,6 +92,7 @@ class _CallMixin:
         raise NotImplementedError
 
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
+        """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the pipeline's VAE."""
         raise NotImplementedError
 
     def upscale_latents(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:

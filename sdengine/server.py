@@ -68,8 +68,10 @@ SAMPLERS = {
 }
 #: hr_upscaler values: the web UI's "Latent" enlarges the latents; "None" and "Lanczos" the image.
 UPSCALERS = {"Latent": "latent", "None": "image", "Lanczos": "image"}
-#: Fields that only steer the web UI's own bookkeeping: accepted, and nothing to do here.
+#: Fields that change nothing here: the web UI's own bookkeeping, and ``image_cfg_scale``, which the web UI
+#: too reads only for instruct-pix2pix models.
 BOOKKEEPING = {
+    "image_cfg_scale",
     "send_images",
     "save_images",
     "do_not_save_samples",
@@ -103,7 +105,6 @@ UNSUPPORTED = {
     "firstphase_width": (None, 0),
     "firstphase_height": (None, 0),
     "mask": (None, ""),
-    "image_cfg_scale": (None,),
     "s_churn": (None, 0),
     "s_tmin": (None, 0),
     "s_tmax": (None, 0),
