@@ -11,8 +11,9 @@ and gains detail. The first pass is enlarged one of two ways:
 - ``"image"``: its decoded images, with Lanczos (as any image input is resized), encoded again by the VAE.
 
 The second pass is an ordinary image-to-image request (:meth:`GenerationRequest.hires_pass`): the same
-prompts, seeds and settings, its own noise drawn from the seeds at the larger size, ``hires_steps`` steps
-(default: the first pass's) of which ``strength`` run. Only its images are checked by the safety checker.
+prompts, seeds and settings, its own noise drawn from the seeds at the larger size, ControlNet's images
+resized to it, ``hires_steps`` steps (default: the first pass's) of which ``strength`` run. Only its images
+are checked by the safety checker.
 """
 
 from __future__ import annotations

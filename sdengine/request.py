@@ -13,6 +13,7 @@ import numpy as np
 
 from sdengine.errors import InvalidArgumentError
 from sdengine.hires import HiresFix, hires_fix
+from sdengine.images import image_array
 from sdengine.model_specs import Architecture
 from sdengine.prompt_editing import PromptEdits, prompt_edits
 from sdengine.schedulers import Schedule, load_scheduler
@@ -159,10 +160,13 @@ class GenerationRequest:
     ) -> GenerationRequest:
         """The hires fix's second pass, image to image at the larger size from the first pass's ``image``
         (resized to it) or ``init_latents`` (upscaled to it): the same prompts, seeds and settings, its noise
-        drawn from the seeds at that size."""
+        drawn from the seeds at that size; ControlNet's images resized to it (as input images are)."""
         if self.hires is None:
             raise InvalidArgumentError("this request has no hires fix")
         hires = self.hires
+        control = self.control
+        if control is not None:
+            control = np.stack([image_array(images, hires.height, hires.width) for images in control])
         return dataclasses.replace(
             self,
             height=hires.height,
@@ -172,6 +176,7 @@ class GenerationRequest:
             latents=None,
             image=image,
             init_latents=None if init_latents is None else np.asarray(init_latents, np.float32),
+            control=control,
             hires=None,
         )
 
@@ -349,10 +354,8 @@ def make_request(
         first_steps=int(steps),
         multiple=size_multiple,
     )
-    if hires is not None and (image is not None or control is not None):
-        raise InvalidArgumentError(
-            "the hires fix follows text to image: it takes no input image, mask or control image"
-        )
+    if hires is not None and image is not None:
+        raise InvalidArgumentError("the hires fix follows text to image: it takes no input image or mask")
     return GenerationRequest(
         prompts=tuple(prompts),
         negative_prompts=tuple(negatives),

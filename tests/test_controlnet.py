@@ -133,6 +133,18 @@ def test_image_to_image_and_inpainting_match_diffusers(pipes):
         assert psnr(ours.array, ref.array) >= 100, extra
 
 
+@pytest.mark.parametrize("upscale", ["latent", "image"])
+def test_the_hires_fix_gives_the_second_pass_its_control_image_resized(pipes, upscale):
+    settings = dict(steps=6, seed=5, control_image=control(1), control_end=0.8, scheduler="euler")
+    settings.update(hires_scale=2, hires_upscale=upscale, hires_strength=0.7)
+    ours, ref = (pipe(PROMPT, **settings) for pipe in pipes)
+    assert ours.array.shape == (1, 128, 192, 3)
+    # "image": the first pass's images are rounded to 8 bits before they are resized (see test_hires)
+    assert psnr(ours.array, ref.array) >= (90 if upscale == "image" else 100)
+    other = pipes[0](PROMPT, **{**settings, "control_image": control(2)})
+    assert psnr(ours.array, other.array) < 60  # the control image matters in both passes
+
+
 def test_an_inpainting_unet_gives_its_controlnet_the_latents_alone(
     inpaint_checkpoint,  # noqa: F811
     controlnet_dirs,
