@@ -143,11 +143,7 @@ class TorchPipeline(_CallMixin):
     ) -> GenerationResult:
         times, cuda = StageTimes(), self.device == "cuda"
         with times.time("total"):
-            final = self.denoised(request, times, progress, preview, stop)
-            if request.hires is not None and not (stop and stop()):
-                latents = final.float().cpu().numpy()
-                second, preview = self.second_pass(request, latents, times, preview)
-                final = self.denoised(second, times, progress, preview, stop)
+            final = self.denoised_passes(request, times, progress, preview, stop)
             with times.time("vae_decode"), torch.inference_mode():
                 decoded = self.decode(final)
                 if cuda:
@@ -160,7 +156,7 @@ class TorchPipeline(_CallMixin):
         array = to_unit_range(decoded.float().cpu().numpy())
         if nsfw:
             array[np.asarray(nsfw)] = 0.0  # diffusers does not denormalise a flagged image: black
-        return GenerationResult(array, request, times, self.name, final.float().cpu().numpy(), nsfw)
+        return GenerationResult(array, request, times, self.name, self.host_latents(final), nsfw)
 
     def denoised(
         self,
@@ -281,6 +277,9 @@ class TorchPipeline(_CallMixin):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """diffusers' VAE decoder on latents as the UNet sees them (divided by the scaling factor here)."""
         return self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+
+    def host_latents(self, latents: torch.Tensor) -> np.ndarray:
+        return latents.float().cpu().numpy()
 
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
         """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through diffusers' VAE."""

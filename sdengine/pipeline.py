@@ -101,6 +101,36 @@ class _CallMixin:
         factor = self.model_dir.arch.vae_scale_factor
         return upscale_latents(latents, height // factor, width // factor)
 
+    def denoised(
+        self,
+        request: GenerationRequest,
+        times: StageTimes,
+        progress: Progress | None = None,
+        preview: Preview | None = None,
+        stop: Stop | None = None,
+    ) -> Any:
+        raise NotImplementedError
+
+    def host_latents(self, latents: Any) -> np.ndarray:
+        """:meth:`denoised`'s latents as a host array."""
+        return latents
+
+    def denoised_passes(
+        self,
+        request: GenerationRequest,
+        times: StageTimes,
+        progress: Progress | None = None,
+        preview: Preview | None = None,
+        stop: Stop | None = None,
+    ) -> Any:
+        """The final latents of ``request``: one pass of :meth:`denoised`, then the hires fix's second where
+        it has one (not once ``stop`` has answered True)."""
+        latents = self.denoised(request, times, progress, preview, stop)
+        if request.hires is not None and not (stop and stop()):
+            second, preview = self.second_pass(request, self.host_latents(latents), times, preview)
+            latents = self.denoised(second, times, progress, preview, stop)
+        return latents
+
     def second_pass(
         self, request: GenerationRequest, latents: np.ndarray, times: StageTimes, preview: Preview | None
     ) -> tuple[GenerationRequest, Preview | None]:
@@ -358,10 +388,7 @@ class Pipeline(_CallMixin):
         ends with the images of the latents so far (the hires fix's second pass does not start)."""
         times = StageTimes()
         with self._lock, times.time("total"):
-            latents = self.denoised(request, times, progress, preview, stop)
-            if request.hires is not None and not (stop and stop()):
-                second, preview = self.second_pass(request, latents, times, preview)
-                latents = self.denoised(second, times, progress, preview, stop)
+            latents = self.denoised_passes(request, times, progress, preview, stop)
             with times.time("vae_decode"):
                 images, nsfw = self.decode_images(latents), None
             if self.safety_checker:

@@ -205,8 +205,10 @@ def prompt_edits(prompts: Sequence[str], steps: int, calls: int) -> PromptEdits:
         ],
         np.int64,
     ).reshape(calls, len(prompts))
-    rows, call_rows = np.unique(per_call, axis=0, return_inverse=True)
-    order = np.argsort([np.flatnonzero(call_rows == r)[0] for r in range(len(rows))], kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))  # rows in the order the calls first read them
-    return PromptEdits(list(ids), rows[order].astype(np.int64), rank[call_rows.reshape(-1)].astype(np.int64))
+    rows: dict[tuple[int, ...], int] = {}  # each distinct set, in the order the calls first read them
+    call_rows = [rows.setdefault(tuple(row), len(rows)) for row in per_call.tolist()]
+    return PromptEdits(
+        list(ids),
+        np.array(list(rows), np.int64).reshape(len(rows), len(prompts)),
+        np.array(call_rows, np.int64),
+    )

@@ -322,38 +322,26 @@ def run_request(pipeline: Any, body: dict[str, Any], img2img: bool, job: Job | N
     and its interruption comes from."""
     settings, n_iter, ignored = generation_settings(body, img2img)
     job = job or Job()
-    with job.running:
+    with job.running:  # one request at a time: its batches, then the next request's
         job.begin(n_iter)
-        return _run_batches(pipeline, settings, n_iter, ignored, body, img2img, job)
-
-
-def _run_batches(
-    pipeline: Any,
-    settings: dict[str, Any],
-    n_iter: int,
-    ignored: list[str],
-    body: dict[str, Any],
-    img2img: bool,
-    job: Job,
-) -> dict[str, Any]:
-    prompt, negative = settings.pop("prompt"), settings.pop("negative_prompt")
-    settings.update(progress=job.progress, stop=job.interrupted.is_set)
-    images, seeds, nsfw, first = [], [], [], None
-    for n in range(n_iter):
-        if n and job.interrupted.is_set():
-            break
-        job.next_batch(n)
-        if n:  # later batches go on from the first's seeds (and variation seeds), as the web UI's do
-            settings["seed"] = first.request.seed + n * first.request.batch
-            if first.request.variation_strength:
-                settings["variation_seed"] = first.request.variation_seed + n * first.request.batch
-        result = pipeline(prompt, negative, **settings)
-        first = first or result
-        for i, image in enumerate(result.images):
-            parameters = {**result.request.parameters(i), "backend": result.backend}
-            images.append(encode_png(image, parameters))
-        seeds += list(result.request.seeds)
-        nsfw += result.nsfw or [False] * result.request.batch
+        prompt, negative = settings.pop("prompt"), settings.pop("negative_prompt")
+        settings.update(progress=job.progress, stop=job.interrupted.is_set)
+        images, seeds, nsfw, first = [], [], [], None
+        for n in range(n_iter):
+            if n and job.interrupted.is_set():
+                break
+            job.next_batch(n)
+            if n:  # later batches go on from the first's seeds (and variation seeds), as the web UI's do
+                settings["seed"] = first.request.seed + n * first.request.batch
+                if first.request.variation_strength:
+                    settings["variation_seed"] = first.request.variation_seed + n * first.request.batch
+            result = pipeline(prompt, negative, **settings)
+            first = first or result
+            for i, image in enumerate(result.images):
+                parameters = {**result.request.parameters(i), "backend": result.backend}
+                images.append(encode_png(image, parameters))
+            seeds += list(result.request.seeds)
+            nsfw += result.nsfw or [False] * result.request.batch
     request = first.request
     info = {
         "prompt": prompt,
