@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
+from sdengine.model_specs import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER
 
 CACHE_NAME = "flops.json"
 
@@ -33,10 +33,9 @@ def count_flops(
 
     controlnets = [Path(c) for c in controlnets] if component == UNET else []
     arch = dataclasses.replace(open_checkpoint_dir(checkpoint).arch, controlnets=len(controlnets))
-    inputs = sample_inputs(
-        arch, component, batch=batch, height=height, width=width, vocab_size=text_vocab_size(checkpoint)
-    )
-    module = load_export_module(checkpoint, component, controlnets)
+    vocab_size = text_vocab_size(checkpoint, component)
+    inputs = sample_inputs(arch, component, batch=batch, height=height, width=width, vocab_size=vocab_size)
+    module = load_export_module(checkpoint, component, controlnets, arch.xl)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         module(*inputs.values())
@@ -54,20 +53,23 @@ def stage_flops(
     controlnets: Sequence[str] = (),
 ) -> dict[str, int]:
     """FLOPs of one call of each model stage (UNet and text encoder at twice the batch with CFG; the UNet
-    with the ControlNets an export holds)."""
+    with the ControlNets an export holds; SDXL's text encoder stage runs both its text encoders)."""
     cache_path = onnx_dir / CACHE_NAME
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     text_batch = 2 * batch if cfg else batch
+    xl = (onnx_dir / TEXT_ENCODER_2 / "model.onnx").is_file()
     wanted = {
-        "text_encoder": (TEXT_ENCODER, text_batch),
-        "unet": (UNET, text_batch),
-        "vae_decode": (VAE_DECODER, batch),
+        "text_encoder": [(TEXT_ENCODER, text_batch), *([(TEXT_ENCODER_2, text_batch)] if xl else [])],
+        "unet": [(UNET, text_batch)],
+        "vae_decode": [(VAE_DECODER, batch)],
     }
     result = {}
-    for stage, (component, b) in wanted.items():
-        key = _key(component, b, height, width, len(controlnets))
-        if key not in cache:
-            cache[key] = count_flops(checkpoint, component, b, height, width, controlnets)
-            cache_path.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
-        result[stage] = cache[key]
+    for stage, calls in wanted.items():
+        result[stage] = 0
+        for component, b in calls:
+            key = _key(component, b, height, width, len(controlnets))
+            if key not in cache:
+                cache[key] = count_flops(checkpoint, component, b, height, width, controlnets)
+                cache_path.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
+            result[stage] += cache[key]
     return result

@@ -1,4 +1,4 @@
-"""Randomly initialised Stable Diffusion 1.x checkpoints in diffusers format.
+"""Randomly initialised Stable Diffusion 1.x and SDXL checkpoints in diffusers format.
 
 Real weights cannot be downloaded here, yet export, runtime and parity tests need a checkpoint with the real
 SD 1.x architecture (block types, layer counts, tensor names). ``write_random_checkpoint`` writes one that
@@ -7,6 +7,8 @@ SD 1.x architecture (block types, layer counts, tensor names). ``write_random_ch
 * ``tiny``: SD 1.x's exact topology at toy widths, small enough that a 64x64 image runs through the whole
   pipeline in a fraction of a second on a laptop CPU. Tests use this one.
 * ``sd15``: SD 1.5's exact sizes (about 1.07 B parameters, 4.3 GB in fp32), for export and speed checks.
+* ``tiny-xl`` and ``sdxl``: the same for SDXL base (two text encoders, the UNet's added conditioning, SDXL's
+  VAE scaling and Euler scheduler); ``sdxl`` has its exact sizes (about 3.5 B parameters, 14 GB in fp32).
 
 Weights are seeded per component, so the same seed gives byte-identical files on the same library versions.
 The tokenizer is the small generated vocabulary of :mod:`export.tokenizer_vocab`, since CLIP's real one
@@ -15,6 +17,7 @@ cannot be downloaded either.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -29,7 +32,7 @@ from typing import Any
 from export.tokenizer_vocab import MODEL_MAX_LENGTH, build_vocab, write_tokenizer_files
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError
 
-PRESETS: tuple[str, ...] = ("tiny", "sd15")
+PRESETS: tuple[str, ...] = ("tiny", "sd15", "tiny-xl", "sdxl")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 COMPONENTS: tuple[str, ...] = ("tokenizer", "scheduler", "text_encoder", "unet", "vae")
 
@@ -37,6 +40,9 @@ SD15_VOCAB_SIZE = 49408
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 VAE_SCALING_FACTOR = 0.18215
+XL_DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+XL_UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+XL_VAE_SCALING_FACTOR = 0.13025
 
 # SD 1.5's scheduler/scheduler_config.json; prediction_type is added from the argument.
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -50,6 +56,31 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
     "trained_betas": None,
 }
+
+
+# SDXL base's scheduler/scheduler_config.json (Euler), prediction_type added as above.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    **SD15_SCHEDULER_CONFIG,
+    "interpolation_type": "linear",
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+
+
+@dataclass(frozen=True)
+class _XlSizes:
+    """SDXL's own numbers: its second text encoder's and its UNet's (three blocks, deeper transformers)."""
+
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    text_vocab: int | None
+    unet_channels: tuple[int, int, int]
+    unet_heads: tuple[int, int, int]
+    transformer_layers: tuple[int, int, int]
+    time_embed_dim: int
 
 
 @dataclass(frozen=True)
@@ -67,6 +98,7 @@ class _Sizes:
     vae_channels: tuple[int, int, int, int]
     vae_sample_size: int
     norm_groups: int
+    xl: _XlSizes | None = None  # SDXL: its second text encoder and UNet; the first text encoder is above
 
 
 _PRESET_SIZES: dict[str, _Sizes] = {
@@ -97,6 +129,36 @@ _PRESET_SIZES: dict[str, _Sizes] = {
         norm_groups=32,
     ),
 }
+_PRESET_SIZES["tiny-xl"] = dataclasses.replace(
+    _PRESET_SIZES["tiny"],
+    xl=_XlSizes(
+        text_hidden=32,
+        text_layers=3,
+        text_heads=4,
+        text_intermediate=64,
+        text_vocab=None,
+        unet_channels=(16, 32, 32),
+        unet_heads=(2, 2, 4),
+        transformer_layers=(1, 1, 2),
+        time_embed_dim=8,
+    ),
+)
+_PRESET_SIZES["sdxl"] = dataclasses.replace(
+    _PRESET_SIZES["sd15"],
+    unet_sample_size=128,
+    vae_sample_size=1024,
+    xl=_XlSizes(
+        text_hidden=1280,
+        text_layers=32,
+        text_heads=20,
+        text_intermediate=5120,
+        text_vocab=SD15_VOCAB_SIZE,
+        unet_channels=(320, 640, 1280),
+        unet_heads=(5, 10, 20),
+        transformer_layers=(1, 2, 10),
+        time_embed_dim=256,
+    ),
+)
 
 
 def _component_seed(seed: int, component: str) -> int:
@@ -105,9 +167,13 @@ def _component_seed(seed: int, component: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _write_text_encoder(out: Path, sizes: _Sizes, seed: int, tokenizer_vocab_size: int) -> None:
+def _write_text_encoder(
+    out: Path, sizes: _Sizes | _XlSizes, seed: int, tokenizer_vocab_size: int, second: bool = False
+) -> None:
+    """CLIP ViT-L's text encoder at ``sizes``; ``second``: SDXL's second one (OpenCLIP ViT-bigG's: GELU,
+    and a projection of the pooled output)."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     # Special ids come from the tokenizer's layout (BOS and EOS are its last two ids). With eos_token_id != 2,
     # transformers pools at the first EOS instead of at argmax(input_ids); both pick the same position here.
@@ -119,7 +185,7 @@ def _write_text_encoder(out: Path, sizes: _Sizes, seed: int, tokenizer_vocab_siz
         num_hidden_layers=sizes.text_layers,
         num_attention_heads=sizes.text_heads,
         max_position_embeddings=MODEL_MAX_LENGTH,
-        hidden_act="quick_gelu",
+        hidden_act="gelu" if second else "quick_gelu",
         layer_norm_eps=1e-5,
         attention_dropout=0.0,
         dropout=0.0,
@@ -129,17 +195,46 @@ def _write_text_encoder(out: Path, sizes: _Sizes, seed: int, tokenizer_vocab_siz
         eos_token_id=tokenizer_vocab_size - 1,
         pad_token_id=tokenizer_vocab_size - 1,
     )
-    config.architectures = ["CLIPTextModel"]
+    name = "text_encoder_2" if second else "text_encoder"
+    cls = CLIPTextModelWithProjection if second else CLIPTextModel
+    config.architectures = [cls.__name__]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_component_seed(seed, "text_encoder"))
-        model = CLIPTextModel(config).eval()
-    model.save_pretrained(out / "text_encoder", safe_serialization=True)
+        torch.manual_seed(_component_seed(seed, name))
+        model = cls(config).eval()
+    model.save_pretrained(out / name, safe_serialization=True)
+
+
+def _xl_unet_config(sizes: _Sizes, xl: _XlSizes) -> dict[str, Any]:
+    """SDXL base's UNet settings at these sizes: three blocks, linear projections in deeper transformers,
+    and the added conditioning of the pooled text embeddings and six size numbers."""
+    return {
+        "down_block_types": XL_DOWN_BLOCK_TYPES,
+        "up_block_types": XL_UP_BLOCK_TYPES,
+        "block_out_channels": xl.unet_channels,
+        "attention_head_dim": xl.unet_heads,
+        "transformer_layers_per_block": xl.transformer_layers,
+        "use_linear_projection": True,
+        "cross_attention_dim": sizes.text_hidden + xl.text_hidden,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": xl.time_embed_dim,
+        "projection_class_embeddings_input_dim": 6 * xl.time_embed_dim + xl.text_hidden,
+    }
 
 
 def _write_unet(out: Path, sizes: _Sizes, seed: int, inpainting: bool = False) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
+    config: dict[str, Any] = {
+        "down_block_types": DOWN_BLOCK_TYPES,
+        "up_block_types": UP_BLOCK_TYPES,
+        "block_out_channels": sizes.unet_channels,
+        "cross_attention_dim": sizes.text_hidden,
+        # As in SD 1.x's own config, this diffusers field holds the number of heads.
+        "attention_head_dim": sizes.unet_heads,
+    }
+    if sizes.xl:
+        config.update(_xl_unet_config(sizes, sizes.xl))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_component_seed(seed, "unet"))
         model = UNet2DConditionModel(
@@ -149,18 +244,13 @@ def _write_unet(out: Path, sizes: _Sizes, seed: int, inpainting: bool = False) -
             center_input_sample=False,
             flip_sin_to_cos=True,
             freq_shift=0,
-            down_block_types=DOWN_BLOCK_TYPES,
-            up_block_types=UP_BLOCK_TYPES,
-            block_out_channels=sizes.unet_channels,
             layers_per_block=2,
             downsample_padding=1,
             mid_block_scale_factor=1,
             act_fn="silu",
             norm_num_groups=sizes.norm_groups,
             norm_eps=1e-5,
-            cross_attention_dim=sizes.text_hidden,
-            # As in SD 1.x's own config, this diffusers field holds the number of heads.
-            attention_head_dim=sizes.unet_heads,
+            **config,
         ).eval()
     model.save_pretrained(out / "unet", safe_serialization=True)
 
@@ -182,7 +272,8 @@ def _write_vae(out: Path, sizes: _Sizes, seed: int) -> None:
             latent_channels=4,
             norm_num_groups=sizes.norm_groups,
             sample_size=sizes.vae_sample_size,
-            scaling_factor=VAE_SCALING_FACTOR,
+            scaling_factor=XL_VAE_SCALING_FACTOR if sizes.xl else VAE_SCALING_FACTOR,
+            force_upcast=sizes.xl is not None,  # SDXL's VAE overflows float16
         ).eval()
     model.save_pretrained(out / "vae", safe_serialization=True)
 
@@ -224,15 +315,15 @@ def _write_safety_checker(out: Path, seed: int) -> None:
     CLIPImageProcessor().save_pretrained(out / "feature_extractor")
 
 
-def _write_scheduler(out: Path, prediction_type: str) -> None:
-    """Written as JSON, as SD 1.5 ships it: it holds ``clip_sample``, which PNDM itself does not take but
-    which other schedulers built ``from_config`` (DDIM) read."""
+def _write_scheduler(out: Path, prediction_type: str, xl: bool = False) -> None:
+    """Written as JSON, as SD 1.5 (PNDM) and SDXL (Euler) ship it: it holds ``clip_sample``, which PNDM
+    itself does not take but which other schedulers built ``from_config`` (DDIM) read."""
     import diffusers
 
     config = {
-        "_class_name": "PNDMScheduler",
+        "_class_name": "EulerDiscreteScheduler" if xl else "PNDMScheduler",
         "_diffusers_version": diffusers.__version__,
-        **SD15_SCHEDULER_CONFIG,
+        **(SDXL_SCHEDULER_CONFIG if xl else SD15_SCHEDULER_CONFIG),
         "prediction_type": prediction_type,
     }
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
@@ -243,6 +334,9 @@ def _write_scheduler(out: Path, prediction_type: str) -> None:
 def _write_model_index(out: Path, inpainting: bool = False, safety_checker: bool = False) -> None:
     import diffusers
 
+    if (out / "text_encoder_2").is_dir():
+        _write_xl_model_index(out, inpainting)
+        return
     index = {
         "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -254,6 +348,26 @@ def _write_model_index(out: Path, inpainting: bool = False, safety_checker: bool
         "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _write_xl_model_index(out: Path, inpainting: bool) -> None:
+    import diffusers
+
+    index = {
+        "_class_name": f"StableDiffusionXL{'Inpaint' if inpainting else ''}Pipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
@@ -318,14 +432,22 @@ def write_random_checkpoint(
         raise InvalidArgumentError(
             f"tokenizer has {vocab_size} ids, more than the text encoder's {sizes.text_vocab}"
         )
+    xl = sizes.xl
     steps: list[tuple[str, Callable[[Path], object]]] = [
         ("tokenizer", lambda out: write_tokenizer_files(out / "tokenizer")),
-        ("scheduler", lambda out: _write_scheduler(out, prediction_type)),
+        ("scheduler", lambda out: _write_scheduler(out, prediction_type, xl is not None)),
         ("text_encoder", lambda out: _write_text_encoder(out, sizes, seed, vocab_size)),
         ("unet", lambda out: _write_unet(out, sizes, seed, inpainting)),
         ("vae", lambda out: _write_vae(out, sizes, seed)),
         ("model_index", lambda out: _write_model_index(out, inpainting, safety_checker)),
     ]
+    if xl is not None:  # SDXL's second tokenizer pads with "!", as OpenCLIP's does
+        steps[3:3] = [
+            ("tokenizer_2", lambda out: write_tokenizer_files(out / "tokenizer_2", pad_token="!")),
+            ("text_encoder_2", lambda out: _write_text_encoder(out, xl, seed, vocab_size, second=True)),
+        ]
+        if safety_checker:
+            raise InvalidArgumentError("SDXL checkpoints ship no safety checker")
     if safety_checker:
         steps.insert(-1, ("safety_checker", lambda out: _write_safety_checker(out, seed)))
 
@@ -335,11 +457,13 @@ def write_random_checkpoint(
     staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        with tqdm(steps, desc=f"writing {preset} checkpoint", unit="part", disable=preset == "tiny") as bar:
+        with tqdm(
+            steps, desc=f"writing {preset} checkpoint", unit="part", disable=preset.startswith("tiny")
+        ) as bar:
             for name, write in bar:
                 bar.set_postfix_str(name)
                 write(staging)
-                if preset != "tiny":
+                if not preset.startswith("tiny"):
                     gc.collect()  # free each multi-GB model before building the next
         old = None
         if target.exists():

@@ -40,10 +40,10 @@ from sdengine.lora import LoraFile, read_lora
 from sdengine.manifest import MANIFEST_NAME, ComponentRecord, Manifest, file_sha256
 from sdengine.model_dir import open_checkpoint_dir
 from sdengine.model_specs import (
-    COMPONENTS,
     EXPORTABLE,
     SAFETY_CHECKER,
     TEXT_ENCODER,
+    TEXT_ENCODER_2,
     UNET,
     VAE_DECODER,
     VAE_ENCODER,
@@ -62,6 +62,8 @@ COPIED = {
     "tokenizer": "tokenizer",
     "scheduler": "scheduler",
     "text_encoder/config.json": "text_encoder/config.json",
+    "tokenizer_2": "tokenizer_2",  # SDXL's second text encoder's
+    "text_encoder_2/config.json": "text_encoder_2/config.json",
     "unet/config.json": "unet/config.json",
     "vae/config.json": ("vae_decoder/config.json", "vae_encoder/config.json"),
     "model_index.json": "model_index.json",
@@ -163,16 +165,18 @@ def export_component(
     model_dir = open_checkpoint_dir(checkpoint)
     if name == SAFETY_CHECKER:
         precision = "fp32"  # small, and its flags are thresholds: kept in float32
+    if name in (VAE_DECODER, VAE_ENCODER) and model_dir.vae_force_upcast:
+        precision = "fp32"  # a VAE that overflows float16 (SDXL's), as diffusers upcasts it
     controlnets = tuple(controlnets) if name == UNET else ()
     arch = dataclasses.replace(model_dir.arch, controlnets=len(controlnets))
     spec = arch.specs()[name]
     scale = arch.vae_scale_factor
     height, width = TRACE_LATENT[0] * scale, TRACE_LATENT[1] * scale
-    vocab_size = text_vocab_size(checkpoint)
+    vocab_size = text_vocab_size(checkpoint, name)
     inputs = sample_inputs(arch, name, batch=2, height=height, width=width, vocab_size=vocab_size)
     target = out_dir / name / "model.onnx"
     start = time.perf_counter()
-    module = load_export_module(checkpoint, name, controlnets)
+    module = load_export_module(checkpoint, name, controlnets, arch.xl)
     fuse_loras(module, name, loras)
     with _PeakRss() as rss, tempfile.TemporaryDirectory(prefix=f"sdengine-{name}-", dir=out_dir) as tmp:
         traced = Path(tmp) / "model.onnx"
@@ -246,8 +250,9 @@ def export_checkpoint(
     controlnets: Sequence[str | os.PathLike] = (),
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
-    ``components``: a subset of :data:`EXPORTABLE`; by default the four models and, where the checkpoint has
-    one, its safety checker (always in float32).
+    ``components``: a subset of :data:`EXPORTABLE`; by default the four models (five for SDXL, with its
+    second text encoder) and, where the checkpoint has one, its safety checker (always in float32, as is a
+    VAE whose config says it overflows float16, SDXL's).
 
     ``verify`` (the default) checks each model's outputs against its PyTorch module's (``export.verify``).
     A model that fails the check does not stop the export: every model is written and the manifest records
@@ -263,13 +268,15 @@ def export_checkpoint(
     source = checkpoint_dir.root
     has_checker = (source / SAFETY_CHECKER / "config.json").is_file()
     if components is None:
-        components = [*COMPONENTS, *([SAFETY_CHECKER] if has_checker else [])]
+        components = [*checkpoint_dir.arch.components(), *([SAFETY_CHECKER] if has_checker else [])]
     components = list(components)
     unknown = sorted(set(components) - set(EXPORTABLE))
     if unknown:
         raise InvalidArgumentError(
             f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(EXPORTABLE)}"
         )
+    if TEXT_ENCODER_2 in components and not checkpoint_dir.arch.xl:
+        raise InvalidArgumentError(f"{source} has one text encoder; text_encoder_2 is SDXL's second")
     if SAFETY_CHECKER in components and not has_checker:
         raise ModelDirectoryError(f"{source} has no safety checker to export")
     lora_files = [(read_lora(path), float(scale)) for path, scale in loras]

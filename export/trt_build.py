@@ -323,7 +323,7 @@ def build_engines(
     max_width: int | None = None,
     cfg: bool = True,
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
-    components: Iterable[str] = REQUIRED_COMPONENTS,
+    components: Iterable[str] | None = None,
     progress: bool | None = None,
     env: BuildEnv | None = None,
     builder: EngineBuilder | None = None,
@@ -355,8 +355,8 @@ def build_engines(
         raise InvalidArgumentError(
             f"optimization level must be 0 to {MAX_OPTIMIZATION_LEVEL}, got {optimization_level}"
         )
-    names = check_components(components)
     model_dir = open_onnx_dir(onnx_dir)
+    names = check_components(model_dir.arch.required_components() if components is None else components)
     profiles = {name: engine_profiles(model_dir.arch, name, request) for name in names}
     out = Path(engine_dir)
     if out.exists() and not out.is_dir():
@@ -466,7 +466,7 @@ def add_build_parser(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument(
         "--components",
         default=None,
-        help=f"comma-separated subset (default: {','.join(REQUIRED_COMPONENTS)})",
+        help=f"comma-separated subset (default: {','.join(REQUIRED_COMPONENTS)}; SDXL: text_encoder_2 too)",
     )
     b.add_argument(
         "--no-cfg",
@@ -484,7 +484,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         native = open_onnx_dir(args.onnx_dir).default_image_size
         height = native if height is None else height
         width = native if width is None else width
-    components = [c for c in args.components.split(",") if c] if args.components else REQUIRED_COMPONENTS
+    components = [c for c in args.components.split(",") if c] if args.components else None
     manifest = build_engines(
         args.onnx_dir,
         args.output,

@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from sdengine.model_dir import weights_variant
-from sdengine.model_specs import SAFETY_CHECKER, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, Architecture
+from sdengine.model_specs import (
+    SAFETY_CHECKER,
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    Architecture,
+)
 
 
 class TextEncoderExport(nn.Module):
@@ -33,6 +41,24 @@ class TextEncoderExport(nn.Module):
         return out.last_hidden_state, out.pooler_output, layers
 
 
+class XlTextEncoderExport(nn.Module):
+    """SDXL's text encoders: Optimum's first output (the second encoder's pooled, projected ``text_embeds``;
+    the first encoder's last states), then every layer's states as they are, stacked (batch, layers + 1,
+    sequence, hidden). SDXL reads the penultimate layer's (``hidden_states[-(clip_skip + 2)]`` in diffusers'
+    ``encode_prompt``), without the final layer norm."""
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        states = torch.stack(out.hidden_states, dim=1)
+        if hasattr(out, "text_embeds"):  # the second encoder, with its projection
+            return out.text_embeds, out.last_hidden_state, states
+        return out.last_hidden_state, states
+
+
 class UNetExport(nn.Module):
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
@@ -42,6 +68,28 @@ class UNetExport(nn.Module):
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class XlUNetExport(nn.Module):
+    """SDXL's UNet, whose added conditioning (pooled text embeddings, size numbers) comes as two inputs of
+    its own, Optimum's ``text_embeds`` and ``time_ids``."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[
+            0
+        ]
 
 
 class ControlledUNetExport(nn.Module):
@@ -134,26 +182,33 @@ class SafetyCheckerExport(nn.Module):
         return images * (~flags).to(images.dtype)[:, None, None, None], flags, scores
 
 
-def load_export_module(checkpoint: str | Path, name: str, controlnets: Sequence[Path] = ()) -> nn.Module:
+def load_export_module(
+    checkpoint: str | Path, name: str, controlnets: Sequence[Path] = (), xl: bool = False
+) -> nn.Module:
     """Load one checkpoint component, in float32 and eval mode, wrapped for export; the UNet with the
-    ControlNets in the directories ``controlnets`` inside, if any."""
+    ControlNets in the directories ``controlnets`` inside, if any. ``xl``: an SDXL checkpoint's."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(checkpoint)
 
     def load(cls: type, folder: str) -> nn.Module:
         return cls.from_pretrained(root / folder, variant=weights_variant(root / folder))
 
-    if name == TEXT_ENCODER:
-        module: nn.Module = TextEncoderExport(load(CLIPTextModel, "text_encoder"))
+    if name == TEXT_ENCODER and xl:
+        module: nn.Module = XlTextEncoderExport(load(CLIPTextModel, TEXT_ENCODER))
+    elif name == TEXT_ENCODER_2:
+        module = XlTextEncoderExport(load(CLIPTextModelWithProjection, TEXT_ENCODER_2))
+    elif name == TEXT_ENCODER:
+        module = TextEncoderExport(load(CLIPTextModel, "text_encoder"))
     elif name == UNET and controlnets:
         from export.controlnet import load_controlnets
 
         unet = load(UNet2DConditionModel, "unet")
         module = ControlledUNetExport(unet, load_controlnets(list(controlnets)))
     elif name == UNET:
-        module = UNetExport(load(UNet2DConditionModel, "unet"))
+        unet = load(UNet2DConditionModel, "unet")
+        module = XlUNetExport(unet) if xl else UNetExport(unet)
     elif name == SAFETY_CHECKER:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
@@ -192,5 +247,7 @@ def sample_inputs(
     return inputs
 
 
-def text_vocab_size(checkpoint: str | Path) -> int:
-    return int(json.loads((Path(checkpoint) / "text_encoder" / "config.json").read_text())["vocab_size"])
+def text_vocab_size(checkpoint: str | Path, component: str = TEXT_ENCODER) -> int:
+    """The vocabulary size of the checkpoint's text encoder ``component`` (another model's: the first's)."""
+    folder = component if component in (TEXT_ENCODER, TEXT_ENCODER_2) else TEXT_ENCODER
+    return int(json.loads((Path(checkpoint) / folder / "config.json").read_text())["vocab_size"])

@@ -31,6 +31,7 @@ from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.request import GenerationRequest
 from sdengine.schedulers import Schedule, diffusers_scheduler_class, load_scheduler
 from sdengine.timing import StageTimes
+from sdengine.xl_conditioning import check_xl_request
 
 
 def diffusers_scheduler(name: str | None, config: dict):
@@ -105,15 +106,19 @@ class TorchPipeline(_CallMixin):
         if threads:
             torch.set_num_threads(threads)
         dtype = torch.float16 if device == "cuda" else torch.float32
-        checker = safety_checker and (model_dir.root / "safety_checker" / "config.json").is_file()
-        without = {} if checker else {"safety_checker": None, "feature_extractor": None}
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model_dir.root,
-            **without,
-            requires_safety_checker=False,
-            torch_dtype=dtype,
-            variant=weights_variant(model_dir.root / "unet"),
-        )
+        variant = weights_variant(model_dir.root / "unet")
+        if model_dir.arch.xl:
+            from diffusers import StableDiffusionXLPipeline
+
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                model_dir.root, torch_dtype=dtype, variant=variant
+            )
+        else:
+            checker = safety_checker and (model_dir.root / "safety_checker" / "config.json").is_file()
+            without = {} if checker else {"safety_checker": None, "feature_extractor": None}
+            pipe = StableDiffusionPipeline.from_pretrained(
+                model_dir.root, **without, requires_safety_checker=False, torch_dtype=dtype, variant=variant
+            )
         if vae_tiling:
             pipe.vae.enable_tiling()
         controlnet = None
@@ -149,7 +154,9 @@ class TorchPipeline(_CallMixin):
                 if cuda:
                     torch.cuda.synchronize()
         nsfw = None
-        if self.pipe.safety_checker is not None:  # diffusers' own check; flagged images come out black
+        if (
+            getattr(self.pipe, "safety_checker", None) is not None
+        ):  # SDXL's pipelines have none  # diffusers' own check; flagged images come out black
             with times.time("safety_checker"), torch.inference_mode():
                 decoded, nsfw = self.pipe.run_safety_checker(decoded, self.device, decoded.dtype)
             nsfw = [bool(f) for f in nsfw]
@@ -176,7 +183,8 @@ class TorchPipeline(_CallMixin):
         )
         inputs: dict = {"latents": latents, "guidance_rescale": request.guidance_rescale}
         draws: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if (request.image_to_image or request.control is not None) and request.guidance_rescale:
+        xl = self.model_dir.arch.xl
+        if (request.image_to_image or request.control is not None) and request.guidance_rescale and not xl:
             raise UnsupportedConfigError(
                 "diffusers' image-to-image, inpainting and ControlNet pipelines have no guidance_rescale"
             )
@@ -220,13 +228,22 @@ class TorchPipeline(_CallMixin):
         schedule = request.schedule(self.model_dir.scheduler_config)
         step_noise = request.step_noise(schedule, request.latent_shape(self.model_dir.arch))
         draws = stacked(draws, same_step_noise(pipe.scheduler, step_noise))
-        prompts: dict = {"prompt": list(request.prompts), "negative_prompt": list(request.negative_prompts)}
+        # no negative prompt: None, which an SDXL pipeline reads as zeros (force_zeros_for_empty_prompt)
+        negatives = None if request.default_negative else list(request.negative_prompts)
+        prompts: dict = {"prompt": list(request.prompts), "negative_prompt": negatives}
         cuda = self.device == "cuda"
-        timers = [ModuleTimer(pipe.text_encoder, "text_encoder", cuda), ModuleTimer(pipe.unet, "unet", cuda)]
+        encoders = [pipe.text_encoder, *([pipe.text_encoder_2] if xl else [])]
+        timers = [ModuleTimer(e, "text_encoder", cuda) for e in encoders] + [
+            ModuleTimer(pipe.unet, "unet", cuda)
+        ]
         try:
             with torch.inference_mode(), draws:
                 call_embeds = None  # every call's prompt embeddings (the UNet's batch), where they change
-                if request.prompt_weights == "a1111":
+                if xl:
+                    check_xl_request(request)
+                    if request.clip_skip:
+                        prompts = self.xl_embeddings(pipe, request)
+                elif request.prompt_weights == "a1111":
                     prompts, call_embeds = self.edited_embeddings(pipe, request, schedule)
                 elif request.clip_skip or request.long_prompts or request.prompt_weights:
                     prompts = self.embeddings(pipe, request)
@@ -275,8 +292,12 @@ class TorchPipeline(_CallMixin):
         return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """diffusers' VAE decoder on latents as the UNet sees them (divided by the scaling factor here)."""
-        return self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+        """diffusers' VAE decoder on latents as the UNet sees them (divided by the scaling factor here); a VAE
+        that overflows float16 (SDXL's ``force_upcast``) in float32, as diffusers' SDXL pipelines run it."""
+        vae = self.pipe.vae
+        if vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            vae.to(torch.float32)
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
 
     def host_latents(self, latents: torch.Tensor) -> np.ndarray:
         return latents.float().cpu().numpy()
@@ -349,6 +370,38 @@ class TorchPipeline(_CallMixin):
         embeds = norm(states[-(request.clip_skip + 1)])
         embeds = embeds.reshape(len(texts), -1, embeds.shape[-1])
         return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
+
+    def xl_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
+        """SDXL's prompt embeddings with ``clip_skip`` for the negative prompts too (diffusers' SDXL
+        ``encode_prompt`` skips layers for the positive prompts alone): each encoder's states
+        ``clip_skip + 2`` from the end, side by side, and the second's pooled embeddings; zeros for the
+        negative side where no negative prompt is given, as diffusers makes them."""
+        texts = list(request.negative_prompts + request.prompts)
+        states, pooled = [], None
+        for tokenizer, encoder in (
+            (pipe.tokenizer, pipe.text_encoder),
+            (pipe.tokenizer_2, pipe.text_encoder_2),
+        ):
+            ids = tokenizer(
+                texts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            out = encoder(ids.to(self.device), output_hidden_states=True)
+            states.append(out.hidden_states[-(request.clip_skip + 2)])
+            pooled = out[0]  # the second encoder's projected, pooled embeddings
+        embeds, batch = torch.cat(states, dim=-1), request.batch
+        negative, negative_pooled = embeds[:batch], pooled[:batch]
+        if request.default_negative and pipe.config.force_zeros_for_empty_prompt:
+            negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
+        return {
+            "prompt_embeds": embeds[batch:],
+            "negative_prompt_embeds": negative,
+            "pooled_prompt_embeds": pooled[batch:],
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
 
     def edited_embeddings(
         self, pipe, request: GenerationRequest, schedule: Schedule
@@ -434,14 +487,15 @@ class TorchPipeline(_CallMixin):
         """diffusers' image-to-image (``kind`` "Img2Img") or inpainting ("Inpaint") pipeline, or with
         ``control`` its ControlNet pipeline of that kind ("" for text to image), on the same modules (made
         once each)."""
-        class_name = f"StableDiffusion{'ControlNet' if control else ''}{kind}Pipeline"
+        xl = self.model_dir.arch.xl
+        class_name = f"StableDiffusion{'XL' if xl else ''}{'ControlNet' if control else ''}{kind}Pipeline"
         if class_name not in self._image_pipelines:
             import diffusers
 
             extra = {"controlnet": self.controlnet} if control else {}
-            pipe = getattr(diffusers, class_name)(
-                **self.pipe.components, **extra, requires_safety_checker=False
-            )
+            if not xl:
+                extra["requires_safety_checker"] = False
+            pipe = getattr(diffusers, class_name)(**self.pipe.components, **extra)
             pipe.set_progress_bar_config(disable=True)
             self._image_pipelines[class_name] = pipe
         return self._image_pipelines[class_name]

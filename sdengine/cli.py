@@ -556,9 +556,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=cmd_export)
 
-    c = sub.add_parser("make-checkpoint", help="write a randomly initialised SD 1.x checkpoint")
+    c = sub.add_parser("make-checkpoint", help="write a randomly initialised SD 1.x or SDXL checkpoint")
     c.add_argument("output")
-    c.add_argument("--preset", choices=("tiny", "sd15"), default="tiny")
+    c.add_argument(
+        "--preset",
+        choices=("tiny", "sd15", "tiny-xl", "sdxl"),
+        default="tiny",
+        help="tiny: SD 1.x at toy widths (default); sd15: SD 1.5's sizes; tiny-xl, sdxl: the same for SDXL",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     c.add_argument("--overwrite", action="store_true")

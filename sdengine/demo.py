@@ -1,6 +1,7 @@
 """The offline demo: random tiny checkpoint -> ONNX -> image, then image to image and inpainting from it, an
 edited prompt drawn again at twice the size (the hires fix), the same prompt with a random LoRA fused, and
-with a random ControlNet following the image's edges, with the PyTorch baseline beside each.
+with a random ControlNet following the image's edges, and a tiny random SDXL model's image, with the PyTorch
+baseline beside each.
 
 Needs the ``export`` extra (torch, diffusers) for writing the checkpoint, exporting it and the baseline.
 """
@@ -27,6 +28,7 @@ HIRES_SCALE = 2.0
 LORA_SCALE = 0.8
 CONTROL_PROMPT = "a castle on a hill"
 CONTROL_SCALE = 0.8
+XL_PROMPT = "a lighthouse on a cliff at sunset"
 
 
 def centre_mask(height: int, width: int) -> np.ndarray:
@@ -57,13 +59,13 @@ def run_demo(
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/9] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/10] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/9] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/10] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
     pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/9] text to image with the {backend} backend")
+        say(f"[{i}/10] text to image with the {backend} backend")
         pipes[backend] = Pipeline.load(path, backend=backend)
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
@@ -72,23 +74,25 @@ def run_demo(
         backend: pipe(prompt, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **settings)
         for backend, pipe in pipes.items()
     }
-    say(f"[5/9] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    say(f"[5/10] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
     redone = on_both(IMG2IMG_PROMPT, image=ort_result.array, strength=IMG2IMG_STRENGTH)
-    say("[6/9] inpainting the centre of the ort image with both backends")
+    say("[6/10] inpainting the centre of the ort image with both backends")
     mask = centre_mask(ort_result.request.height, ort_result.request.width)
     inpainted = on_both(INPAINT_PROMPT, image=ort_result.array, mask=mask)
     say(
-        f"[7/9] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
+        f"[7/10] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
         "on both backends"
     )
     edited = on_both(EDITED_PROMPT, prompt_weights="a1111", hires_scale=HIRES_SCALE)
     lora = write_random_lora(onnx_dir, workdir / "random-lora.safetensors", seed=SEED)
-    say(f"[8/9] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends")
+    say(
+        f"[8/10] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
+    )
     for pipe in pipes.values():
         pipe.load_lora(lora, LORA_SCALE)
     with_lora = on_both(PROMPT)
     controlnet, control_onnx = workdir / "random-controlnet", workdir / "tiny-onnx-controlnet"
-    say(f"[9/9] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
+    say(f"[9/10] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
     shutil.rmtree(controlnet, ignore_errors=True)
     write_random_controlnet(checkpoint, controlnet, seed=SEED)
     components = ["text_encoder", "unet", "vae_decoder"]
@@ -103,6 +107,16 @@ def run_demo(
             ("torch", checkpoint, {"controlnets": [controlnet]}),
         )
     }
+    xl_checkpoint, xl_onnx = workdir / "tiny-xl-checkpoint", workdir / "tiny-xl-onnx"
+    say(f"[10/10] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
+    write_random_checkpoint(xl_checkpoint, "tiny-xl", seed=SEED, overwrite=True)
+    export_checkpoint(
+        xl_checkpoint, xl_onnx, components=["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    )
+    xl = {
+        backend: Pipeline.load(path, backend=backend)(XL_PROMPT, steps=steps, seed=SEED, scheduler=scheduler)
+        for backend, path in (("ort", xl_onnx), ("torch", xl_checkpoint))
+    }
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
     extra_outputs = {}
     for name, result in (
@@ -111,6 +125,7 @@ def run_demo(
         ("edit-hires", edited["ort"]),
         ("lora", with_lora["ort"]),
         ("controlnet", controlled["ort"]),
+        ("sdxl", xl["ort"]),
     ):
         extra_outputs[name] = output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}")
         save_png(result.images[0], extra_outputs[name], {**result.request.parameters(), "backend": "ort"})
@@ -120,6 +135,7 @@ def run_demo(
     edit_similarity = psnr(edited["ort"].array, edited["torch"].array)
     lora_similarity = psnr(with_lora["ort"].array, with_lora["torch"].array)
     control_similarity = psnr(controlled["ort"].array, controlled["torch"].array)
+    xl_similarity = psnr(xl["ort"].array, xl["torch"].array)
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
     print(
         f"\nwrote {output}: {steps} steps, "
@@ -142,6 +158,8 @@ def run_demo(
     print(f"ONNX Runtime vs PyTorch (diffusers fuse_lora): PSNR {lora_similarity:.1f} dB")
     print(f"wrote {extra_outputs['controlnet']}: a random ControlNet following the first image's edges")
     print(f"ONNX Runtime vs PyTorch (diffusers ControlNet pipeline): PSNR {control_similarity:.1f} dB")
+    print(f"wrote {extra_outputs['sdxl']}: {XL_PROMPT!r} from the tiny SDXL model")
+    print(f"ONNX Runtime vs PyTorch (diffusers SDXL pipeline): PSNR {xl_similarity:.1f} dB")
     print(
         "NOTE: the checkpoint's weights are RANDOM, so the image is structured noise, "
         "not a picture of the prompt."
@@ -153,4 +171,5 @@ def run_demo(
         "edit_hires_psnr_db": edit_similarity,
         "lora_psnr_db": lora_similarity,
         "controlnet_psnr_db": control_similarity,
+        "sdxl_psnr_db": xl_similarity,
     }

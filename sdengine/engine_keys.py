@@ -33,7 +33,7 @@ from sdengine.errors import (
     ModelDirectoryError,
 )
 from sdengine.manifest import file_sha256
-from sdengine.model_specs import COMPONENTS, TEXT_ENCODER, UNET, Architecture
+from sdengine.model_specs import ENGINE_COMPONENTS, TEXT_ENCODER, TEXT_ENCODER_2, UNET, Architecture
 
 Shape = tuple[int, ...]
 #: input name -> (min shape, opt shape, max shape); only inputs with a run-time-sized dimension appear.
@@ -49,7 +49,7 @@ KEY_FORMAT = 1
 #: Build flags that are always on. Precision comes from the ONNX tensor types (strongly typed network).
 FIXED_BUILD_FLAGS: dict[str, Any] = {"strongly_typed": True}
 #: Components whose batch is doubled under classifier-free guidance (negative and positive prompts together).
-CFG_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET)
+CFG_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, TEXT_ENCODER_2, UNET)
 MAX_OPTIMIZATION_LEVEL = 5
 # Range a --dynamic profile covers when the bounds are not given (widened to include the optimum).
 DYNAMIC_DEFAULTS = {"min_batch": 1, "max_batch": 4, "min_size": 256, "max_size": 1024}
@@ -142,8 +142,9 @@ def engine_profiles(arch: Architecture, component: str, request: ProfileRequest 
     """
     request = request or ProfileRequest()
     specs = arch.specs()
-    if component not in COMPONENTS:  # the safety checker has a spec, but runs with ONNX Runtime
-        raise InvalidArgumentError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
+    known = arch.components()  # the safety checker has a spec, but runs with ONNX Runtime
+    if component not in known:
+        raise InvalidArgumentError(f"unknown component {component!r}; choose from {', '.join(known)}")
     bounds = request.bounds()
     _check_sizes(arch, bounds)
     factor = 2 if request.cfg and component in CFG_COMPONENTS else 1
@@ -394,8 +395,9 @@ def resolve_engine(
 
 def check_components(components: Iterable[str]) -> list[str]:
     names = list(components)
-    unknown = [c for c in names if c not in COMPONENTS]
+    unknown = [c for c in names if c not in ENGINE_COMPONENTS]
     if unknown or not names:
         given = ", ".join(unknown) or "(none given)"
-        raise InvalidArgumentError(f"unknown component(s) {given}; choose from {', '.join(COMPONENTS)}")
+        known = ", ".join(ENGINE_COMPONENTS)
+        raise InvalidArgumentError(f"unknown component(s) {given}; choose from {known}")
     return list(dict.fromkeys(names))

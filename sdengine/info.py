@@ -39,7 +39,7 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir, optional_json, weights_variant
-    from sdengine.model_specs import COMPONENTS, SAFETY_CHECKER
+    from sdengine.model_specs import SAFETY_CHECKER
 
     model_dir = open_checkpoint_dir(root) if kind == "checkpoint" else open_onnx_dir(root)
     config = model_dir.scheduler_config
@@ -60,7 +60,7 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
         info["weights_variant"] = weights_variant(root / "unet")
         info["clip_skip"] = f"0 to {layers - 1}" if layers else "unknown"
         return info
-    info["models"] = {c: model_dir.onnx_path(c).is_file() for c in COMPONENTS}
+    info["models"] = {c: model_dir.onnx_path(c).is_file() for c in model_dir.arch.components()}
     info["clip_skip"] = _clip_skip(model_dir.onnx_path("text_encoder"), layers)
     info["lora_at_run_time"] = _lora(model_dir.onnx_path("unet"))
     controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))

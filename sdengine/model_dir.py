@@ -15,7 +15,7 @@ from typing import Any
 
 from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
 from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
-from sdengine.model_specs import REQUIRED_COMPONENTS, VAE_DECODER, Architecture
+from sdengine.model_specs import REQUIRED_COMPONENTS, TEXT_ENCODER_2, VAE_DECODER, Architecture
 
 DEFAULT_VAE_SCALING_FACTOR = 0.18215
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -80,8 +80,35 @@ def architecture(root: Path, vae_folder: str) -> tuple[Architecture, float]:
         ),
         text_max_length=int(tok.get("model_max_length", default.text_max_length)),
         vae_scale_factor=2 ** (len(blocks) - 1) if blocks else default.vae_scale_factor,
+        **xl_sizes(root, unet),
     )
     return arch, float(vae.get("scaling_factor", DEFAULT_VAE_SCALING_FACTOR))
+
+
+def xl_sizes(root: Path, unet: dict[str, Any]) -> dict[str, int]:
+    """SDXL's numbers (:class:`Architecture`'s ``text_hidden_size_2``, ``pooled_size``, ``time_ids``),
+    from its UNet's added conditioning and second text encoder; none for a UNet without it."""
+    kind = unet.get("addition_embed_type")
+    if kind is None:
+        return {}
+    if kind != "text_time":
+        raise UnsupportedConfigError(
+            f"{root}: a UNet with {kind!r} added conditioning is not supported (SDXL's is 'text_time')"
+        )
+    text2 = read_json(root / "text_encoder_2" / "config.json")
+    pooled = int(text2.get("projection_dim", text2.get("hidden_size", 0)))
+    try:
+        time_ids = (int(unet["projection_class_embeddings_input_dim"]) - pooled) // int(
+            unet["addition_time_embed_dim"]
+        )
+    except (KeyError, TypeError, ValueError):
+        raise CorruptModelError(f"{root}/unet/config.json lacks SDXL's added-conditioning sizes") from None
+    if time_ids != 6:
+        raise UnsupportedConfigError(
+            f"{root}: a UNet taking {time_ids} size numbers is not supported (SDXL base takes 6; the "
+            "refiner's aesthetic-score conditioning is not run)"
+        )
+    return {"text_hidden_size_2": int(text2["hidden_size"]), "pooled_size": pooled, "time_ids": time_ids}
 
 
 @dataclass(frozen=True)
@@ -95,10 +122,20 @@ class ModelDir:
     default_image_size: int
     #: the VAE's training size in pixels (its config's sample_size): the tile size of tiled VAE runs
     vae_sample_size: int = 512
+    #: SDXL (diffusers' ``force_zeros_for_empty_prompt``): where no negative prompt is given, the negative
+    #: side of classifier-free guidance reads zeros, not the empty prompt's embeddings
+    zero_negative: bool = False
+    #: the VAE overflows float16 (SDXL's; its config's ``force_upcast``): exports keep it in float32
+    vae_force_upcast: bool = False
 
     @property
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def tokenizer_2_dir(self) -> Path:
+        """SDXL's second text encoder's tokenizer."""
+        return self.root / "tokenizer_2"
 
     def onnx_path(self, component: str) -> Path:
         return self.root / component / "model.onnx"
@@ -108,12 +145,16 @@ def _first(size: int | list[int]) -> int:
     return int(size[0] if isinstance(size, list) else size)
 
 
-def _open(root: Path, vae_folder: str, controlnets: int = 0) -> ModelDir:
+def _open(root: Path, vae_folder: str, xl_files: list[Path], hint: str, controlnets: int = 0) -> ModelDir:
+    """The directory's numbers; ``xl_files``: what it must hold besides where it is an SDXL model."""
     arch, scaling = architecture(root, vae_folder)
     arch = dataclasses.replace(arch, controlnets=controlnets)
+    if arch.xl:
+        _require_files(root, xl_files + [Path("tokenizer_2") / f for f in TOKENIZER_FILES], hint)
     unet = optional_json(root / "unet" / "config.json")
     default_image_size = _first(unet.get("sample_size", 64)) * arch.vae_scale_factor
     vae = optional_json(root / vae_folder / "config.json")
+    index = optional_json(root / "model_index.json")
     return ModelDir(
         root=root,
         arch=arch,
@@ -121,6 +162,8 @@ def _open(root: Path, vae_folder: str, controlnets: int = 0) -> ModelDir:
         scheduler_config=read_json(root / SCHEDULER_CONFIG),
         default_image_size=default_image_size,
         vae_sample_size=_first(vae.get("sample_size", default_image_size)),
+        zero_negative=arch.xl and bool(index.get("force_zeros_for_empty_prompt", True)),
+        vae_force_upcast=bool(vae.get("force_upcast", False)),
     )
 
 
@@ -133,9 +176,10 @@ def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
     no_models = not any((root / c / "model.onnx").is_file() for c in REQUIRED_COMPONENTS)
     if no_models and (root / "unet" / "config.json").is_file():
         raise ModelDirectoryError(f"{root} has no ONNX models ({hint})")
-    _require_files(root, needed, "re-run: sdengine export CHECKPOINT --output ONNX_DIR")
+    again = "re-run: sdengine export CHECKPOINT --output ONNX_DIR"
+    _require_files(root, needed, again)
     controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
-    return _open(root, VAE_DECODER, len(controlnets))
+    return _open(root, VAE_DECODER, [Path(TEXT_ENCODER_2) / "model.onnx"], again, len(controlnets))
 
 
 def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:
@@ -146,8 +190,9 @@ def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:
     needed = [Path("model_index.json"), SCHEDULER_CONFIG]
     needed += [Path(c) / "config.json" for c in ("text_encoder", "unet", "vae")]
     needed += [Path("tokenizer") / f for f in TOKENIZER_FILES]
-    _require_files(root, needed, "expected a diffusers-format Stable Diffusion checkpoint")
-    return _open(root, "vae")
+    hint = "expected a diffusers-format Stable Diffusion checkpoint"
+    _require_files(root, needed, hint)
+    return _open(root, "vae", [Path(TEXT_ENCODER_2) / "config.json"], hint)
 
 
 #: Weight files diffusers and transformers look for in a component folder, without a variant.

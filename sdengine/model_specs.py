@@ -20,21 +20,34 @@ import numpy as np
 Dim = int | str
 
 TEXT_ENCODER = "text_encoder"
+#: SDXL's second text encoder (OpenCLIP ViT-bigG with its projection)
+TEXT_ENCODER_2 = "text_encoder_2"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
+#: The models of an SD 1.x/2.x export (SDXL's add TEXT_ENCODER_2; see :meth:`Architecture.components`).
 COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+#: Every model an engine may be built for.
+ENGINE_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER)
 #: The safety checker of checkpoints that have one: exported with them, run by ONNX Runtime on every backend.
 SAFETY_CHECKER = "safety_checker"
 #: What an export may hold.
-EXPORTABLE: tuple[str, ...] = (*COMPONENTS, SAFETY_CHECKER)
+EXPORTABLE: tuple[str, ...] = (*ENGINE_COMPONENTS, SAFETY_CHECKER)
 #: The text encoder's per-layer output that ``clip_skip`` reads (absent from other tools' exports).
 LAYER_STATES = "normed_hidden_states"
+#: SDXL's text encoders: every layer's states as they are (SDXL reads the penultimate layer's, not through
+#: the final layer norm), stacked (batch, layers + 1, sequence, hidden)
+HIDDEN_STATES = "hidden_states"
+#: SDXL's UNet inputs besides the text embeddings: the second text encoder's pooled, projected embeddings and
+#: the six size conditioning numbers (original height and width, crop top and left, target height and width)
+TEXT_EMBEDS = "text_embeds"
+TIME_IDS = "time_ids"
 #: The UNet's inputs when ControlNets are exported with it (see ``sdengine.controlnet``): every ControlNet's
 #: conditioning image side by side in the channels, and each one's weight.
 CONTROLNET_COND = "controlnet_cond"
 CONDITIONING_SCALE = "conditioning_scale"
-#: Components the text-to-image runtime needs; the VAE encoder is exported for image-to-image use.
+#: Components the text-to-image runtime needs (an SDXL model's second text encoder too; see
+#: :meth:`Architecture.required_components`); the VAE encoder is exported for image-to-image use.
 REQUIRED_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
 
 
@@ -88,7 +101,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Architecture:
-    """The few numbers of an SD 1.x/2.x model that fix its tensor shapes."""
+    """The few numbers of an SD 1.x/2.x or SDXL model that fix its tensor shapes."""
 
     latent_channels: int = 4
     text_hidden_size: int = 768
@@ -101,6 +114,25 @@ class Architecture:
     controlnets: int = 0
     #: the safety checker's CLIP image size
     safety_image_size: int = 224
+    #: SDXL: the second text encoder's width (its states follow the first's in ``text_hidden_size``) and its
+    #: pooled embeddings' width; 0 for SD 1.x/2.x, which have one text encoder
+    text_hidden_size_2: int = 0
+    pooled_size: int = 0
+    #: SDXL: the size conditioning numbers the UNet takes (``time_ids``)
+    time_ids: int = 6
+
+    @property
+    def xl(self) -> bool:
+        """Two text encoders and the UNet's added conditioning (pooled text, sizes): SDXL."""
+        return self.pooled_size > 0
+
+    def components(self) -> tuple[str, ...]:
+        """The models an export of this architecture holds (besides a safety checker)."""
+        return ENGINE_COMPONENTS if self.xl else COMPONENTS
+
+    def required_components(self) -> tuple[str, ...]:
+        """The models text to image needs."""
+        return (*REQUIRED_COMPONENTS[:1], *((TEXT_ENCODER_2,) if self.xl else ()), *REQUIRED_COMPONENTS[1:])
 
     @property
     def unet_in_channels(self) -> int:
@@ -130,29 +162,71 @@ class Architecture:
             TensorSpec(CONDITIONING_SCALE, "float32", (self.controlnets,)),
         )
 
+    def added_specs(self) -> tuple[TensorSpec, ...]:
+        """SDXL's added UNet inputs (pooled text embeddings and size conditioning); none for SD 1.x/2.x."""
+        if not self.xl:
+            return ()
+        return (
+            TensorSpec(TEXT_EMBEDS, "float32", ("batch", self.pooled_size)),
+            TensorSpec(TIME_IDS, "float32", ("batch", self.time_ids)),
+        )
+
+    def text_encoder_specs(self) -> dict[str, ModelSpec]:
+        """SD 1.x/2.x: the text encoder's last states, pooled output and every layer's states through the
+        final layer norm (what ``clip_skip`` reads there). SDXL: each encoder's every layer's states as they
+        are, and the second's pooled, projected embeddings, first (Optimum's order)."""
+        ids = (TensorSpec("input_ids", "int32", ("batch", "sequence")),)
+        first = self.text_hidden_size - self.text_hidden_size_2
+
+        def states(name: str, width: int) -> TensorSpec:
+            return TensorSpec(name, "float32", ("batch", "text_layers", "sequence", width))
+
+        if not self.xl:
+            return {
+                TEXT_ENCODER: ModelSpec(
+                    TEXT_ENCODER,
+                    inputs=ids,
+                    outputs=(
+                        TensorSpec("last_hidden_state", "float32", ("batch", "sequence", first)),
+                        TensorSpec("pooler_output", "float32", ("batch", first)),
+                        states(LAYER_STATES, first),  # sdengine's exports
+                    ),
+                )
+            }
+        second = self.text_hidden_size_2
+        return {
+            TEXT_ENCODER: ModelSpec(
+                TEXT_ENCODER,
+                inputs=ids,
+                outputs=(
+                    TensorSpec("last_hidden_state", "float32", ("batch", "sequence", first)),
+                    states(HIDDEN_STATES, first),
+                ),
+            ),
+            TEXT_ENCODER_2: ModelSpec(
+                TEXT_ENCODER_2,
+                inputs=ids,
+                outputs=(
+                    TensorSpec(TEXT_EMBEDS, "float32", ("batch", self.pooled_size)),
+                    TensorSpec("last_hidden_state", "float32", ("batch", "sequence", second)),
+                    states(HIDDEN_STATES, second),
+                ),
+            ),
+        }
+
     def specs(self) -> dict[str, ModelSpec]:
         latent = ("batch", self.latent_channels, "latent_height", "latent_width")
         image = ("batch", 3, "height", "width")
         text = ("batch", "sequence", self.text_hidden_size)
         return {
-            TEXT_ENCODER: ModelSpec(
-                TEXT_ENCODER,
-                inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
-                outputs=(
-                    TensorSpec("last_hidden_state", "float32", text),
-                    TensorSpec("pooler_output", "float32", ("batch", self.text_hidden_size)),
-                    # every layer's states after the final layer norm, for clip_skip (sdengine's exports)
-                    TensorSpec(
-                        LAYER_STATES, "float32", ("batch", "text_layers", "sequence", self.text_hidden_size)
-                    ),
-                ),
-            ),
+            **self.text_encoder_specs(),
             UNET: ModelSpec(
                 UNET,
                 inputs=(
                     TensorSpec("sample", "float32", ("batch", self.unet_in_channels, *latent[2:])),
                     TensorSpec("timestep", "float32", ()),
                     TensorSpec("encoder_hidden_states", "float32", text),
+                    *self.added_specs(),
                     *self.control_specs(),
                 ),
                 outputs=(TensorSpec("out_sample", "float32", latent),),

@@ -17,7 +17,7 @@ from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.controlnet import control_images, control_schedule
 from sdengine.denoise import Preview, Progress, Stop, denoise
-from sdengine.errors import InvalidArgumentError
+from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.hires import upscale_latents
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.lora import LoraFile, fused_weights, read_lora
@@ -33,6 +33,7 @@ from sdengine.textual_inversion import read_embedding, vector_tokens
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
 from sdengine.vae_tiling import needs_tiles, run_tiled
+from sdengine.xl_conditioning import check_xl_request, xl_unet_inputs, zero_negatives
 
 
 @dataclass
@@ -298,6 +299,8 @@ class Pipeline(_CallMixin):
         self.model_dir = model_dir
         self.backend = backend
         self.tokenizer = tokenizer
+        #: SDXL's second text encoder's tokenizer (which pads with "!")
+        self.tokenizer_2 = ClipTokenizer.from_dir(model_dir.tokenizer_2_dir) if model_dir.arch.xl else None
         self.vae_tiling = vae_tiling
         self.safety_checker = safety_checker and model_dir.onnx_path(SAFETY_CHECKER).is_file()
         # its image processor's settings, read once
@@ -409,15 +412,21 @@ class Pipeline(_CallMixin):
         schedule = request.schedule(self.model_dir.scheduler_config)
         cfg = request.classifier_free_guidance
         edits = request.prompt_edits(schedule)
-        contexts = self.encode_prompts(edits.texts, request, times)[edits.rows]  # (sets, G * B, ...)
+        contexts, pooled = self.encode_prompts(edits.texts, request, times)
+        contexts = contexts[edits.rows]  # (sets, G * B, ...)
         latents, inputs = self.initial_latents(request, schedule, times)
         if edits.edited:  # every call's text embeddings, which the step model hands the UNet
             inputs.update(contexts=contexts, context_index=edits.call_rows)
         if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
             inputs["guidance_rescale"] = request.guidance_rescale
         unet_constants = {}
+        if pooled is not None:  # SDXL: its added conditioning
+            pooled = pooled[edits.rows[0]]
+            if cfg and request.default_negative and self.model_dir.zero_negative:
+                contexts, pooled = zero_negatives(contexts, pooled, request.batch)
+            unet_constants = xl_unet_inputs(pooled, request.height, request.width)
         if request.control is not None:
-            unet_constants = control_images(request.control, request.batch, 2 if cfg else 1)
+            unet_constants.update(control_images(request.control, request.batch, 2 if cfg else 1))
             inputs["control_scales"] = control_schedule(
                 request.control_scales,
                 request.control_starts,
@@ -451,10 +460,30 @@ class Pipeline(_CallMixin):
 
     def encode_prompts(
         self, texts: Sequence[str], request: GenerationRequest, times: StageTimes
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Text embeddings (len(texts), sequence, hidden): plain, in windows of 75 tokens side by side in the
         sequence (``long_prompts``), or weighted (``prompt_weights``, tokenized as it is encoded); every text
-        gets as many windows as the longest, the empty prompt's filling the rest."""
+        gets as many windows as the longest, the empty prompt's filling the rest. And SDXL's pooled text
+        embeddings (len(texts), pooled), None for other models."""
+        if self.tokenizer_2 is not None:
+            return self._encode_xl(texts, request, times)
+        return self._encode(texts, request, times), None
+
+    def _encode_xl(
+        self, texts: Sequence[str], request: GenerationRequest, times: StageTimes
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """SDXL: each text encoder's states from its own tokenizer's ids, side by side in the hidden axis,
+        and the second's pooled embeddings."""
+        assert self.tokenizer_2 is not None
+        check_xl_request(request)
+        with times.time("tokenize"):
+            ids, ids_2 = self.tokenizer(texts), self.tokenizer_2(texts)
+        with times.time("text_encoder"):
+            first = self.backend.encode_text(ids, request.clip_skip)
+            second, pooled = self.backend.encode_text_2(ids_2, request.clip_skip)
+        return np.concatenate([first, second], axis=-1), pooled
+
+    def _encode(self, texts: Sequence[str], request: GenerationRequest, times: StageTimes) -> np.ndarray:
         encode = lambda ids: self.backend.encode_text(ids, request.clip_skip)  # noqa: E731
         if request.prompt_weights:
             with times.time("text_encoder"):
@@ -491,6 +520,7 @@ class Pipeline(_CallMixin):
         n-vector embedding adds ``token``, ``token_1`` ... ``token_{n-1}``, and a prompt naming ``token``
         reads all n (see ``sdengine.textual_inversion``)."""
         with self._lock:
+            self._refuse_xl("textual inversion")
             token, vectors = read_embedding(path, token)
             tokens = vector_tokens(token, len(vectors))
             ids = self.tokenizer.next_ids(tokens)  # the text encoder first: a refusal there changes nothing
@@ -507,9 +537,14 @@ class Pipeline(_CallMixin):
         ONNX Runtime only: a TensorRT engine holds its weights (``sdengine export --lora`` fuses them
         there)."""
         with self._lock:
+            self._refuse_xl("LoRA")
             lora = read_lora(path)
             self._set_loras([*self._loras, (lora, float(scale))])
             return len(lora.layers)
+
+    def _refuse_xl(self, what: str) -> None:
+        if self.model_dir.arch.xl:
+            raise UnsupportedConfigError(f"{what}: not supported on SDXL models")
 
     def unload_loras(self) -> None:
         """Back to the model files' own weights."""

@@ -67,6 +67,9 @@ class GenerationRequest:
     #: image to image from latents (B, C, h, w), as the UNet takes them, not from an image: the hires fix's
     #: second pass
     init_latents: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: no negative prompt was given (each is the empty prompt): an SDXL model's negative side then reads
+    #: zeros, as diffusers' ``force_zeros_for_empty_prompt`` has it
+    default_negative: bool = False
 
     @property
     def image_to_image(self) -> bool:
@@ -359,6 +362,7 @@ def make_request(
     return GenerationRequest(
         prompts=tuple(prompts),
         negative_prompts=tuple(negatives),
+        default_negative=negative_prompt is None,
         steps=int(steps),
         guidance=float(guidance),
         scheduler=scheduler,

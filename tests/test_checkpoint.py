@@ -144,13 +144,20 @@ def test_overwrite_rules(tiny_checkpoint: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"preset": "sd99"}, {"prediction_type": "sample"}, {"seed": -1}, {"preset": "SD15"}]
+    "kwargs",
+    [
+        {"preset": "sd99"},
+        {"prediction_type": "sample"},
+        {"seed": -1},
+        {"preset": "SD15"},
+        {"preset": "tiny-xl", "safety_checker": True},  # SDXL ships none
+    ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgumentError):
         write_random_checkpoint(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
-    assert PRESETS == ("tiny", "sd15")
+    assert PRESETS == ("tiny", "sd15", "tiny-xl", "sdxl")
 
 
 def test_checkpoint_hash_covers_names_and_contents_but_not_hidden_files(tmp_path: Path) -> None:

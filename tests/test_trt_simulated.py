@@ -32,7 +32,13 @@ ORT_TYPES = {
     "tensor(int64)": np.int64,
 }
 #: Device memory each simulated engine asks for; the VAE decoder's is the largest, as at 512x512.
-ENGINE_MEMORY = {"text_encoder": 4096, "unet": 8192, "vae_decoder": 16384, "vae_encoder": 12288}
+ENGINE_MEMORY = {
+    "text_encoder": 4096,
+    "text_encoder_2": 6144,
+    "unet": 8192,
+    "vae_decoder": 16384,
+    "vae_encoder": 12288,
+}
 
 
 class FakeEngine:

@@ -139,7 +139,13 @@ class Backend(Protocol):
     def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> np.ndarray:
         """Token ids (B, sequence) -> text embeddings (B, sequence, hidden), float32; ``clip_skip`` > 0
         takes them that many layers before the last (through the final layer norm, see
-        :func:`skipped_layers`)."""
+        :func:`skipped_layers`). SDXL: the first text encoder's penultimate layer's states (see
+        :func:`xl_layer`)."""
+        ...
+
+    def encode_text_2(self, input_ids: np.ndarray, clip_skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """SDXL's second text encoder: token ids (B, sequence) -> its penultimate layer's states (B,
+        sequence, hidden 2) and its pooled, projected embeddings (B, pooled), float32, from one run."""
         ...
 
     def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
@@ -170,6 +176,17 @@ class Backend(Protocol):
         """The safety checker (``sdengine.safety``): its CLIP input (B, 3, 224, 224) and the images
         (B, H, W, 3) in [0, 1] -> the images with each flagged one black, and the flags (B,) bool."""
         ...
+
+
+def xl_layer(layer_states: np.ndarray, clip_skip: int) -> np.ndarray:
+    """SDXL's text embeddings from a text encoder's per-layer states (B, layers + 1, sequence, hidden), as
+    they are: the penultimate layer's, or ``clip_skip`` layers before it (diffusers' SDXL ``clip_skip``)."""
+    layers = layer_states.shape[1] - 1
+    if not 0 <= clip_skip < layers:
+        raise InvalidArgumentError(
+            f"clip_skip must be in [0, {layers - 1}] for this {layers}-layer text encoder, got {clip_skip}"
+        )
+    return np.ascontiguousarray(layer_states[:, -(clip_skip + 2)], dtype=np.float32)
 
 
 def skipped_layers(layer_states: np.ndarray, clip_skip: int) -> np.ndarray:

@@ -15,15 +15,17 @@ import onnx
 import onnxruntime as ort
 from onnx import external_data_helper, helper, numpy_helper
 
-from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers
+from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers, xl_layer
 from sdengine.backends.ort_cache import optimized_model
 from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import (
+    HIDDEN_STATES,
     LAYER_STATES,
-    REQUIRED_COMPONENTS,
     SAFETY_CHECKER,
+    TEXT_EMBEDS,
     TEXT_ENCODER,
+    TEXT_ENCODER_2,
     UNET,
     VAE_DECODER,
     VAE_ENCODER,
@@ -148,11 +150,12 @@ class OrtBackend:
         *,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int | None = None,
-        preload: Sequence[str] = REQUIRED_COMPONENTS,
+        preload: Sequence[str] | None = None,
         optimized_cache: bool = False,
     ) -> None:
-        """``preload``: the models to open sessions for now (a GPU backend opens its UNet per shape).
-        ``optimized_cache``: keep ONNX Runtime's optimised CPU graphs per machine (see ``ort_cache``)."""
+        """``preload``: the models to open sessions for now (default: those text to image needs; a GPU
+        backend opens its UNet per shape). ``optimized_cache``: keep ONNX Runtime's optimised CPU graphs per
+        machine (see ``ort_cache``)."""
         self.model_dir = model_dir
         self.providers = list(providers)
         self.threads, self.optimized_cache = threads, optimized_cache
@@ -161,12 +164,13 @@ class OrtBackend:
         self._weights: dict[str, dict[str, np.ndarray]] = {}  # LoRA-fused weights, by component
         self._token_rows: dict[int, np.ndarray] = {}  # textual inversion rows, by token id
         self._token_table: dict[str, np.ndarray] = {}  # the text encoder's token table with those rows
-        self.sessions = {c: self._open(c) for c in preload}
+        required = model_dir.arch.required_components()
+        self.sessions = {c: self._open(c) for c in (required if preload is None else preload)}
         self._inputs = {
             c: session_inputs(self.sessions[c])
             if c in self.sessions
             else declared_inputs(model_dir.onnx_path(c))
-            for c in REQUIRED_COMPONENTS
+            for c in required
         }
         self.step_providers = self.providers
         self.step_session_options = self.options
@@ -217,11 +221,14 @@ class OrtBackend:
 
     def _run(self, component: str, output: str | None = None, **arrays: np.ndarray) -> np.ndarray:
         """One model run on host arrays: its first output (or ``output``), as float32."""
+        return self._run_outputs(component, [output or self.specs[component].output_names[0]], **arrays)[0]
+
+    def _run_outputs(self, component: str, outputs: list[str], **arrays: np.ndarray) -> list[np.ndarray]:
+        """One model run on host arrays: the ``outputs`` named, as float32."""
         declared = self._inputs[component]
         feed = {name: np.asarray(a, dtype=declared[name][0]) for name, a in arrays.items()}
-        output = output or self.specs[component].output_names[0]
-        result = self.sessions[component].run([output], feed)[0]
-        return result if result.dtype == np.float32 else result.astype(np.float32)
+        results = self.sessions[component].run(outputs, feed)
+        return [r if r.dtype == np.float32 else r.astype(np.float32) for r in results]
 
     def timestep_format(self, unet_batch: int) -> tuple[tuple[int, ...], type]:
         """The shape and dtype the UNet declares for its timestep: a scalar, or one per batch item."""
@@ -245,6 +252,8 @@ class OrtBackend:
         return self._step_sessions[key]
 
     def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> np.ndarray:
+        if self.model_dir.arch.xl:
+            return xl_layer(self._run(TEXT_ENCODER, HIDDEN_STATES, input_ids=input_ids), clip_skip)
         if not clip_skip:
             return self._run(TEXT_ENCODER, input_ids=input_ids)
         if LAYER_STATES not in {o.name for o in self.sessions[TEXT_ENCODER].get_outputs()}:
@@ -253,6 +262,10 @@ class OrtBackend:
                 "every layer's; export the checkpoint again with sdengine export"
             )
         return skipped_layers(self._run(TEXT_ENCODER, LAYER_STATES, input_ids=input_ids), clip_skip)
+
+    def encode_text_2(self, input_ids: np.ndarray, clip_skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        pooled, states = self._run_outputs(TEXT_ENCODER_2, [TEXT_EMBEDS, HIDDEN_STATES], input_ids=input_ids)
+        return xl_layer(states, clip_skip), pooled
 
     def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
         """The text encoder's session again, from its model with every row given so far (the grown table is

@@ -57,7 +57,7 @@ from sdengine.errors import (
     SDEngineError,
 )
 from sdengine.model_dir import ModelDir
-from sdengine.model_specs import TEXT_ENCODER, UNET, VAE_DECODER
+from sdengine.model_specs import UNET
 from sdengine.step_graph import CALL_INPUTS, MAX_HISTORY, first_timestep, first_unet_inputs
 from sdengine.timing import StageTimes
 
@@ -182,11 +182,11 @@ class OrtCudaBackend(OrtBackend):
             # without cuda-python there is no stream of ours: each run then waits for its own
             with contextlib.suppress(BackendUnavailableError):
                 self.stream = Stream(device_id)
-        super().__init__(
-            model_dir, providers=self._providers(), threads=threads, preload=(TEXT_ENCODER, VAE_DECODER)
-        )
+        # the text encoder(s) and VAE decoder now; the UNet per shape
+        preload = [c for c in model_dir.arch.required_components() if c != UNET]
+        super().__init__(model_dir, providers=self._providers(), threads=threads, preload=preload)
         if device == "cuda":
-            for component in (TEXT_ENCODER, VAE_DECODER):
+            for component in preload:
                 require_provider(self.sessions[component], self.providers[0][0], component)
         self.model_dir = model_dir
         if tensorrt:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers
+from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers, xl_layer
 from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
 from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, resolve_engine
 from sdengine.errors import (
@@ -42,9 +42,12 @@ from sdengine.errors import (
 )
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.model_specs import (
+    HIDDEN_STATES,
     LAYER_STATES,
     SAFETY_CHECKER,
+    TEXT_EMBEDS,
     TEXT_ENCODER,
+    TEXT_ENCODER_2,
     UNET,
     VAE_DECODER,
     VAE_ENCODER,
@@ -180,7 +183,7 @@ class TrtBackend:
         self.env = detect_build_env()
         plans = {
             c: resolve_engine(engine_dir, c, model_dir.root, env=self.env)
-            for c in (TEXT_ENCODER, UNET, VAE_DECODER)
+            for c in model_dir.arch.required_components()
         }
         self.engines = {c: Engine(self.trt, self.runtime, p) for c, p in plans.items()}
         self._memory: DeviceArray | None = None
@@ -250,7 +253,14 @@ class TrtBackend:
         self, component: str, inputs: dict[str, np.ndarray], output: str | None = None
     ) -> np.ndarray:
         """One engine call on host arrays (text encoder, VAE): upload, run, download its first output (or
-        ``output``). Device buffers are allocated once per component and input shapes."""
+        ``output``)."""
+        return self._run_host_outputs(component, inputs, [output] if output else None)[0]
+
+    def _run_host_outputs(
+        self, component: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
+    ) -> list[np.ndarray]:
+        """One engine call on host arrays: upload, run, download the ``outputs`` named (default: the first),
+        as float32. Device buffers are allocated once per component and input shapes."""
         engine = self.engines[component]
         key = (component, *((name, array.shape) for name, array in inputs.items()))
         if key not in self._host_buffers:
@@ -266,9 +276,13 @@ class TrtBackend:
             buffers[name].upload(array, self.stream)
         engine.bind(buffers)
         engine.run(self.stream)
-        return buffers[output or engine.outputs[0]].download(self.stream).astype(np.float32)
+        names = outputs or engine.outputs[:1]
+        return [buffers[name].download(self.stream).astype(np.float32) for name in names]
 
     def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> np.ndarray:
+        if self.model_dir.arch.xl:
+            states = self._run_host(TEXT_ENCODER, {"input_ids": input_ids}, HIDDEN_STATES)
+            return xl_layer(states, clip_skip)
         if not clip_skip:
             return self._run_host(TEXT_ENCODER, {"input_ids": input_ids})
         if LAYER_STATES not in self.engines[TEXT_ENCODER].outputs:
@@ -278,6 +292,12 @@ class TrtBackend:
             )
         states = self._run_host(TEXT_ENCODER, {"input_ids": input_ids}, LAYER_STATES)
         return skipped_layers(states, clip_skip)
+
+    def encode_text_2(self, input_ids: np.ndarray, clip_skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        pooled, states = self._run_host_outputs(
+            TEXT_ENCODER_2, {"input_ids": input_ids}, [TEXT_EMBEDS, HIDDEN_STATES]
+        )
+        return xl_layer(states, clip_skip), pooled
 
     def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
         raise UnsupportedConfigError(

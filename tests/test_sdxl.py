@@ -1,0 +1,226 @@
+"""SDXL: the tiny random checkpoint, its export, and the runtime against diffusers' SDXL pipelines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+from sdengine.images import psnr
+from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir
+from sdengine.model_specs import TEXT_EMBEDS, TEXT_ENCODER_2, TIME_IDS, UNET
+from sdengine.pipeline import Pipeline
+from sdengine.xl_conditioning import size_conditioning
+
+PROMPT = "a photo of an astronaut riding a horse"
+SETTINGS = dict(steps=4, seed=3, height=64, width=96)
+
+
+@pytest.fixture(scope="module")
+def xl_checkpoint(tmp_path_factory):
+    from export.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("xl") / "tiny-xl", "tiny-xl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def xl_onnx(xl_checkpoint, tmp_path_factory):
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("xl") / "onnx"
+    export_checkpoint(xl_checkpoint, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def xl_pipes(xl_onnx, xl_checkpoint):
+    """(ONNX Runtime on the CPU, the torch baseline) on the tiny SDXL model."""
+    return Pipeline.load(xl_onnx, backend="ort", device="cpu"), Pipeline.load(xl_checkpoint, backend="torch")
+
+
+def test_the_tiny_checkpoint_is_sdxl(xl_checkpoint):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl_checkpoint)
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.vae.config.scaling_factor == 0.13025
+    model_dir = open_checkpoint_dir(xl_checkpoint)
+    arch = model_dir.arch
+    assert arch.xl and arch.text_hidden_size == 64 and arch.text_hidden_size_2 == 32
+    assert (arch.pooled_size, arch.time_ids) == (32, 6)
+    assert model_dir.zero_negative and model_dir.vae_force_upcast
+    assert model_dir.scheduler_config["timestep_spacing"] == "leading"
+
+
+def test_export_holds_both_text_encoders_and_keeps_the_vae_in_float32(xl_checkpoint, tmp_path):
+    from export.onnx_export import export_checkpoint
+
+    manifest = export_checkpoint(xl_checkpoint, tmp_path / "fp16", precision="fp16")
+    assert set(manifest.components) == set(open_checkpoint_dir(xl_checkpoint).arch.components())
+    assert all(r.verification["passed"] for r in manifest.components.values())
+
+    def weight_types(component: str) -> set[int]:
+        graph = onnx.load(str(tmp_path / "fp16" / component / "model.onnx")).graph
+        return {t.data_type for t in graph.initializer if len(t.dims) > 1}
+
+    assert weight_types(UNET) == weight_types(TEXT_ENCODER_2) == {onnx.TensorProto.FLOAT16}
+    assert weight_types("vae_decoder") == weight_types("vae_encoder") == {onnx.TensorProto.FLOAT}  # upcast
+    model_dir = open_onnx_dir(tmp_path / "fp16")
+    assert model_dir.arch.xl and (model_dir.root / "tokenizer_2" / "vocab.json").is_file()
+
+
+def test_text_encoder_2_is_only_exported_from_sdxl(tiny_checkpoint, tmp_path):
+    from export.onnx_export import export_checkpoint
+
+    with pytest.raises(InvalidArgumentError, match="text_encoder_2 is SDXL's second"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "out", components=[TEXT_ENCODER_2])
+
+
+CASES = {
+    "no negative prompt (zeros)": dict(),
+    "negative prompt": dict(negative_prompt="blurry"),
+    "empty negative prompt": dict(negative_prompt=""),
+    "batch with clip_skip": dict(prompt=[PROMPT, "a red cat"], clip_skip=1),
+    "no guidance": dict(guidance=1.0),
+    "guidance rescale, dpmpp_2m": dict(guidance_rescale=0.7, scheduler="dpmpp_2m"),
+    "euler_a": dict(scheduler="euler_a"),
+    "hires fix": dict(hires_scale=1.5),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_text_to_image_matches_diffusers(xl_pipes, case):
+    """Against diffusers' StableDiffusionXLPipeline (its own encode_prompt, but for clip_skip, which it
+    applies to the positive prompts alone), with the engine's draws."""
+    ours, ref = xl_pipes
+    settings = {**SETTINGS, **CASES[case]}
+    prompt, negative = settings.pop("prompt", PROMPT), settings.pop("negative_prompt", None)
+    a, b = ours(prompt, negative, **settings), ref(prompt, negative, **settings)
+    assert a.array.shape == b.array.shape
+    assert psnr(a.array, b.array) >= 100, case
+
+
+def test_image_to_image_and_inpainting_match_diffusers(xl_pipes):
+    ours, ref = xl_pipes
+    image = np.random.default_rng(0).random((64, 96, 3)).astype(np.float32)
+    mask = np.zeros((64, 96), np.float32)
+    mask[16:48, 24:72] = 1.0
+    for extra in (dict(image=image, strength=0.6), dict(image=image, mask=mask)):
+        a, b = ours(PROMPT, **SETTINGS, **extra), ref(PROMPT, **SETTINGS, **extra)
+        assert psnr(a.array, b.array) >= 100
+
+
+def test_no_negative_prompt_reads_zeros_not_the_empty_prompt(xl_pipes):
+    ours, _ = xl_pipes
+    zeros, empty = ours(PROMPT, **SETTINGS), ours(PROMPT, "", **SETTINGS)
+    assert psnr(zeros.array, empty.array) < 80
+
+
+def test_the_unet_is_conditioned_on_the_size(xl_pipes):
+    assert size_conditioning(64, 96, 2).tolist() == [[64, 96, 0, 0, 64, 96]] * 2
+    ours, _ = xl_pipes
+    square, wide = ours(PROMPT, **{**SETTINGS, "width": 64}), ours(PROMPT, **SETTINGS)
+    assert square.array.shape[2] == 64 and wide.array.shape[2] == 96
+
+
+def test_fp16_export_matches_the_fp32_one(xl_pipes, xl_checkpoint, tmp_path):
+    from export.onnx_export import export_checkpoint
+
+    export_checkpoint(xl_checkpoint, tmp_path / "fp16", precision="fp16")
+    half = Pipeline.load(tmp_path / "fp16", backend="ort", device="cpu")
+    a, b = half(PROMPT, **SETTINGS), xl_pipes[0](PROMPT, **SETTINGS)
+    assert psnr(a.array, b.array) >= 40
+
+
+def test_the_device_loop_matches_the_host_loop(xl_pipes):
+    """The bound device-state loop (ORT CUDA's code on the CPU provider) binds SDXL's added inputs."""
+    from sdengine.backends.ort_cuda import OrtCudaBackend
+
+    ours, _ = xl_pipes
+    bound = Pipeline(ours.model_dir, OrtCudaBackend(ours.model_dir, device="cpu"), ours.tokenizer)
+    for settings in (SETTINGS, {**SETTINGS, "scheduler": "euler_a", "seed": 4}):
+        a, b = bound(PROMPT, **settings), ours(PROMPT, **settings)
+        np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * float(np.abs(b.latents).max()))
+
+
+def test_engine_profiles_double_both_text_encoders_and_the_added_inputs(xl_onnx):
+    from sdengine.engine_keys import ProfileRequest, engine_profiles
+
+    arch = open_onnx_dir(xl_onnx).arch
+    request = ProfileRequest(batch=2, height=64, width=96)
+    assert engine_profiles(arch, TEXT_ENCODER_2, request)["input_ids"][1] == (4, 77)
+    unet = engine_profiles(arch, UNET, request)
+    assert unet[TEXT_EMBEDS][1] == (4, 32) and unet[TIME_IDS][1] == (4, 6)
+    assert unet["encoder_hidden_states"][1] == (4, 77, 64)
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        (dict(long_prompts=True), "long_prompts"),
+        (dict(prompt_weights="a1111"), "prompt_weights"),
+        (dict(clip_skip=3), "clip_skip must be in"),
+    ],
+)
+def test_what_sdxl_does_not_run_is_refused(xl_pipes, settings, match):
+    for pipe in xl_pipes:
+        if getattr(pipe, "name", "") == "torch" and "clip_skip" in settings:
+            continue  # torch's own error
+        with pytest.raises((UnsupportedConfigError, InvalidArgumentError), match=match):
+            pipe(PROMPT, **SETTINGS, **settings)
+
+
+def test_lora_and_textual_inversion_are_refused(xl_pipes, tmp_path):
+    ours, _ = xl_pipes
+    with pytest.raises(UnsupportedConfigError, match="LoRA: not supported on SDXL"):
+        ours.load_lora(tmp_path / "any.safetensors")
+    with pytest.raises(UnsupportedConfigError, match="textual inversion: not supported on SDXL"):
+        ours.load_textual_inversion(tmp_path / "any.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"addition_embed_type": "image"}, "'image' added conditioning is not supported"),
+        ({"projection_class_embeddings_input_dim": 72}, "taking 5 size numbers"),  # the refiner's
+    ],
+)
+def test_other_added_conditioning_is_refused(xl_checkpoint, tmp_path, change, match):
+    root = shutil.copytree(xl_checkpoint, tmp_path / "ckpt")
+    config = json.loads((root / "unet" / "config.json").read_text())
+    (root / "unet" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UnsupportedConfigError, match=match):
+        open_checkpoint_dir(root)
+
+
+def test_tensorrt_backend_runs_sdxl_in_captured_steps(xl_pipes, xl_onnx, tmp_path, monkeypatch):
+    """TensorRT's path with simulated engines (each runs its ONNX model; see test_trt_simulated): the second
+    text encoder's engine is built and loaded, and the added inputs are bound into the captured steps."""
+    import sys
+
+    import test_trt_simulated as simulated
+    from fake_cuda import install_fake_cuda
+
+    import export.trt_build
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+
+    cudart = install_fake_cuda(monkeypatch)
+    monkeypatch.setitem(sys.modules, "tensorrt", simulated.fake_tensorrt())
+    monkeypatch.setattr(export.trt_build, "build_serialized_engine", simulated.write_plan)
+    engines = tmp_path / "engines"
+    manifest = build_engines(
+        xl_onnx, engines, batch=1, height=64, width=96, env=simulated.ENV, builder=simulated.write_plan
+    )
+    assert TEXT_ENCODER_2 in manifest.engines
+    backend = TrtBackend.load(engines)
+    ours = xl_pipes[0]
+    pipe = Pipeline(backend.model_dir, backend, ours.tokenizer)
+    for settings in (SETTINGS, {**SETTINGS, "seed": 5}, {**SETTINGS, "clip_skip": 1}):
+        a, b = pipe(PROMPT, **settings), ours(PROMPT, **settings)
+        np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * float(np.abs(b.latents).max()))
+    assert cudart.launches > 0 and backend.graphs_refused is None
