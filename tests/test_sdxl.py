@@ -224,3 +224,11 @@ def test_tensorrt_backend_runs_sdxl_in_captured_steps(xl_pipes, xl_onnx, tmp_pat
         a, b = pipe(PROMPT, **settings), ours(PROMPT, **settings)
         np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * float(np.abs(b.latents).max()))
     assert cudart.launches > 0 and backend.graphs_refused is None
+
+
+def test_info_describes_an_sdxl_export(xl_onnx):
+    from sdengine.info import describe
+
+    info = describe(xl_onnx)
+    assert info["models"][TEXT_ENCODER_2] and info["architecture"]["pooled_size"] == 32
+    assert info["clip_skip"] == "0 to 1" and info["lora_at_run_time"].startswith("no")
