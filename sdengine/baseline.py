@@ -31,7 +31,7 @@ from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.request import GenerationRequest
 from sdengine.schedulers import Schedule, diffusers_scheduler_class, load_scheduler
 from sdengine.timing import StageTimes
-from sdengine.xl_conditioning import check_xl_request
+from sdengine.xl_conditioning import check_xl_edits, check_xl_request
 
 
 def diffusers_scheduler(name: str | None, config: dict):
@@ -241,7 +241,10 @@ class TorchPipeline(_CallMixin):
                 call_embeds = None  # every call's prompt embeddings (the UNet's batch), where they change
                 if xl:
                     check_xl_request(request)
-                    if request.clip_skip:
+                    check_xl_edits(request.prompt_edits(schedule).edited)
+                    if request.prompt_weights == "compel":
+                        prompts = self.xl_compel_embeddings(pipe, request)
+                    elif request.clip_skip or request.long_prompts or request.prompt_weights:
                         prompts = self.xl_embeddings(pipe, request)
                 elif request.prompt_weights == "a1111":
                     prompts, call_embeds = self.edited_embeddings(pipe, request, schedule)
@@ -373,26 +376,83 @@ class TorchPipeline(_CallMixin):
 
     def xl_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """SDXL's prompt embeddings with ``clip_skip`` for the negative prompts too (diffusers' SDXL
-        ``encode_prompt`` skips layers for the positive prompts alone): each encoder's states
-        ``clip_skip + 2`` from the end, side by side, and the second's pooled embeddings; zeros for the
-        negative side where no negative prompt is given, as diffusers makes them."""
+        ``encode_prompt`` skips layers for the positive prompts alone), ``long_prompts`` (windows of 75
+        tokens, :func:`token_windows`) and weights in the AUTOMATIC1111 web UI's syntax (as
+        :meth:`a1111_embeddings`, for each encoder): each encoder's states ``clip_skip + 2`` from the end,
+        side by side, and the second's pooled embeddings of each text's first window."""
+        from sdengine.prompt_weights_a1111 import a1111_windows, parse_a1111
+
         texts = list(request.negative_prompts + request.prompts)
-        states, pooled = [], None
-        for tokenizer, encoder in (
-            (pipe.tokenizer, pipe.text_encoder),
-            (pipe.tokenizer_2, pipe.text_encoder_2),
-        ):
-            ids = tokenizer(
-                texts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            out = encoder(ids.to(self.device), output_hidden_states=True)
-            states.append(out.hidden_states[-(request.clip_skip + 2)])
-            pooled = out[0]  # the second encoder's projected, pooled embeddings
-        embeds, batch = torch.cat(states, dim=-1), request.batch
+        states = []
+        for tok, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+
+            def encode(ids: Any, encoder: Any = encoder) -> torch.Tensor:
+                out = encoder(torch.as_tensor(ids).to(self.device), output_hidden_states=True)
+                return out.hidden_states[-(request.clip_skip + 2)]
+
+            if request.prompt_weights == "a1111":
+                states.append(a1111_states(pipe, tok, lambda ids, e=encode: e(ids).double(), texts, request))
+                continue
+            if request.long_prompts:
+                ids = token_windows(tok, texts)
+            else:
+                ids = tok(
+                    texts,
+                    padding="max_length",
+                    max_length=tok.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids[:, None]
+            embeds = encode(ids.flatten(0, 1))
+            states.append(embeds.reshape(len(texts), -1, embeds.shape[-1]))
+        tok = pipe.tokenizer_2
+        if request.prompt_weights == "a1111":  # the first window as the web UI fills it
+            specials = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+            comma = tok.convert_tokens_to_ids(",</w>")
+            content = lambda text: tok(text, add_special_tokens=False, truncation=False).input_ids  # noqa: E731
+            windows = [
+                a1111_windows(parse_a1111(t), content, specials, comma, tok.model_max_length - 2)
+                for t in texts
+            ]
+            pooled_ids = torch.from_numpy(np.stack([ids[0] for ids, _ in windows]))
+        else:
+            pooled_ids = token_windows(tok, texts)[:, 0]
+        pooled = pipe.text_encoder_2(pooled_ids.to(self.device))[0]  # the projected, pooled embeddings
+        return self.xl_prompts(pipe, request, torch.cat(states, dim=-1).to(pipe.unet.dtype), pooled)
+
+    def xl_compel_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
+        """SDXL's weighted prompt embeddings from compel, as diffusers' documentation makes them with it: both
+        tokenizers and encoders, their penultimate states not normalised, the second's pooled embeddings;
+        windows and downweighting as :meth:`weighted_embeddings`."""
+        from compel import Compel, DownweightMode, ReturnedEmbeddingsType
+        from compel.embeddings_provider import SplitLongTextMode
+
+        if request.clip_skip:
+            raise UnsupportedConfigError(
+                "the torch backend weights prompts with compel, which has no clip_skip"
+            )
+        compel = Compel(
+            tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
+            text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
+            returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+            requires_pooled=[False, True],
+            truncate_long_prompts=not request.long_prompts,
+            split_long_text_mode=SplitLongTextMode.BRUTAL,
+            downweight_mode=DownweightMode.REMOVE,
+            device=self.device,
+        )
+        out = [compel(text) for text in request.negative_prompts + request.prompts]
+        embeds = torch.cat(compel.pad_conditioning_tensors_to_same_length([e for e, _ in out]))
+        return self.xl_prompts(pipe, request, embeds, torch.cat([p for _, p in out]))
+
+    @staticmethod
+    def xl_prompts(
+        pipe, request: GenerationRequest, embeds: torch.Tensor, pooled: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """diffusers' SDXL arguments from the embeddings and pooled embeddings of the negative prompts then
+        the prompts: zeros for the negative side where no negative prompt is given, as diffusers makes
+        them."""
+        batch = request.batch
         negative, negative_pooled = embeds[:batch], pooled[:batch]
         if request.default_negative and pipe.config.force_zeros_for_empty_prompt:
             negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
@@ -424,37 +484,14 @@ class TorchPipeline(_CallMixin):
         :func:`sdengine.prompt_weights_a1111.a1111_windows` fills them, each window's embeddings multiplied
         by its weights and rescaled to its own mean; shorter texts get the empty prompt's window as often as
         they are short."""
-        from sdengine.prompt_weights_a1111 import a1111_windows, parse_a1111
-
-        tok, encoder = pipe.tokenizer, pipe.text_encoder
+        encoder = pipe.text_encoder
         norm = getattr(encoder, "text_model", encoder).final_layer_norm
-        specials = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-        comma = tok.convert_tokens_to_ids(",</w>")  # the web UI's comma token
-
-        def content(text: str) -> list[int]:
-            return tok(text, add_special_tokens=False, truncation=False).input_ids
 
         def encode(ids: np.ndarray) -> torch.Tensor:
             states = encoder(torch.from_numpy(ids).to(self.device), output_hidden_states=True).hidden_states
             return norm(states[-(request.clip_skip + 1)]).double()
 
-        embeds = []
-        for text in texts:
-            fragments = parse_a1111(pipe.maybe_convert_prompt(text, tok))
-            ids, weights = a1111_windows(fragments, content, specials, comma, tok.model_max_length - 2)
-            if not request.long_prompts:
-                ids, weights = ids[:1], weights[:1]
-            z = encode(ids)
-            mean = z.mean(dim=(1, 2), keepdim=True)
-            z = z * torch.from_numpy(weights).to(z)[..., None]
-            embeds.append((z * mean / z.mean(dim=(1, 2), keepdim=True)).flatten(0, 1))
-        empty = encode(
-            tok("", padding="max_length", max_length=tok.model_max_length, return_tensors="np").input_ids
-        )[0]
-        longest = max(len(e) for e in embeds)
-        return torch.stack(
-            [torch.cat([e, *[empty] * ((longest - len(e)) // len(empty))]) for e in embeds]
-        ).to(pipe.unet.dtype)
+        return a1111_states(pipe, pipe.tokenizer, encode, texts, request).to(pipe.unet.dtype)
 
     def weighted_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """Weighted prompt embeddings from compel, the library diffusers' documentation weights prompts with:
@@ -499,6 +536,39 @@ class TorchPipeline(_CallMixin):
             pipe.set_progress_bar_config(disable=True)
             self._image_pipelines[class_name] = pipe
         return self._image_pipelines[class_name]
+
+
+def a1111_states(
+    pipe, tok, encode: Callable[[np.ndarray], torch.Tensor], texts: list[str], request: GenerationRequest
+) -> torch.Tensor:
+    """Text embeddings (len(texts), sequence, hidden), float64, in the AUTOMATIC1111 web UI's weighting
+    syntax with transformers' tokenizer ``tok`` and ``encode`` (ids -> states): the windows as
+    :func:`sdengine.prompt_weights_a1111.a1111_windows` fills them, each window's states multiplied by its
+    weights and rescaled to its own mean; shorter texts get the empty prompt's window as often as they are
+    short."""
+    from sdengine.prompt_weights_a1111 import a1111_windows, parse_a1111
+
+    specials = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    comma = tok.convert_tokens_to_ids(",</w>")  # the web UI's comma token
+
+    def content(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False, truncation=False).input_ids
+
+    embeds = []
+    for text in texts:
+        fragments = parse_a1111(pipe.maybe_convert_prompt(text, tok))
+        ids, weights = a1111_windows(fragments, content, specials, comma, tok.model_max_length - 2)
+        if not request.long_prompts:
+            ids, weights = ids[:1], weights[:1]
+        z = encode(ids)
+        mean = z.mean(dim=(1, 2), keepdim=True)
+        z = z * torch.from_numpy(weights).to(z)[..., None]
+        embeds.append((z * mean / z.mean(dim=(1, 2), keepdim=True)).flatten(0, 1))
+    empty = encode(
+        tok("", padding="max_length", max_length=tok.model_max_length, return_tensors="np").input_ids
+    )[0]
+    longest = max(len(e) for e in embeds)
+    return torch.stack([torch.cat([e, *[empty] * ((longest - len(e)) // len(empty))]) for e in embeds])
 
 
 def token_windows(tokenizer, texts: list[str]) -> torch.Tensor:

@@ -24,7 +24,7 @@ from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
 from sdengine.model_specs import SAFETY_CHECKER
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
-from sdengine.prompt_weights_a1111 import a1111_embeddings, parse_a1111
+from sdengine.prompt_weights_a1111 import a1111_embeddings, a1111_windows, parse_a1111
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
 from sdengine.safety import PREPROCESSOR_CONFIG, clip_pixels
 from sdengine.schedulers import Schedule
@@ -33,7 +33,7 @@ from sdengine.textual_inversion import read_embedding, vector_tokens
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
 from sdengine.vae_tiling import needs_tiles, run_tiled
-from sdengine.xl_conditioning import check_xl_request, xl_unet_inputs, zero_negatives
+from sdengine.xl_conditioning import check_xl_edits, check_xl_request, xl_unet_inputs, zero_negatives
 
 
 @dataclass
@@ -412,6 +412,8 @@ class Pipeline(_CallMixin):
         schedule = request.schedule(self.model_dir.scheduler_config)
         cfg = request.classifier_free_guidance
         edits = request.prompt_edits(schedule)
+        if self.model_dir.arch.xl:
+            check_xl_edits(edits.edited)
         contexts, pooled = self.encode_prompts(edits.texts, request, times)
         contexts = contexts[edits.rows]  # (sets, G * B, ...)
         latents, inputs = self.initial_latents(request, schedule, times)
@@ -473,31 +475,73 @@ class Pipeline(_CallMixin):
         self, texts: Sequence[str], request: GenerationRequest, times: StageTimes
     ) -> tuple[np.ndarray, np.ndarray]:
         """SDXL: each text encoder's states from its own tokenizer's ids, side by side in the hidden axis,
-        and the second's pooled embeddings."""
-        assert self.tokenizer_2 is not None
+        (in windows, or weighted, as :meth:`_encode` makes them for each), and the second's pooled
+        embeddings of each text's first window (:meth:`_pooled_ids`; weights do not apply to them)."""
+        tok_2, skip = self.tokenizer_2, request.clip_skip
+        assert tok_2 is not None
         check_xl_request(request)
-        with times.time("tokenize"):
-            ids, ids_2 = self.tokenizer(texts), self.tokenizer_2(texts)
+        if not (request.long_prompts or request.prompt_weights):  # both of the second's from one run
+            with times.time("tokenize"):
+                ids, ids_2 = self.tokenizer(texts), tok_2(texts)
+            with times.time("text_encoder"):
+                first = self.backend.encode_text(ids, skip)
+                second, pooled = self.backend.encode_text_2(ids_2, skip)
+            return np.concatenate([first, second], axis=-1), pooled
+        first = self._encode(texts, request, times, self.tokenizer, self.backend.encode_text)
+        second = self._encode(
+            texts, request, times, tok_2, lambda ids, s: self.backend.encode_text_2(ids, s)[0]
+        )
         with times.time("text_encoder"):
-            first = self.backend.encode_text(ids, request.clip_skip)
-            second, pooled = self.backend.encode_text_2(ids_2, request.clip_skip)
+            pooled = self.backend.encode_text_2(self._pooled_ids(texts, request), skip)[1]
+        if first.shape[1] != second.shape[1]:  # pragma: no cover - SDXL's two tokenizers share a vocabulary
+            raise UnsupportedConfigError("SDXL's two tokenizers split this prompt into different windows")
         return np.concatenate([first, second], axis=-1), pooled
 
-    def _encode(self, texts: Sequence[str], request: GenerationRequest, times: StageTimes) -> np.ndarray:
-        encode = lambda ids: self.backend.encode_text(ids, request.clip_skip)  # noqa: E731
+    def _pooled_ids(self, texts: Sequence[str], request: GenerationRequest) -> np.ndarray:
+        """The ids SDXL's pooled embeddings are read from: in the AUTOMATIC1111 syntax, each text's first
+        window as the web UI fills it; otherwise the text as it is, cut to one window (as compel and
+        diffusers read it)."""
+        tok = self.tokenizer_2
+        assert tok is not None
+        if request.prompt_weights != "a1111":
+            return tok.chunks(texts)[:, 0]  # the first window: the text cut to one window, without a warning
+        specials, comma = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), tok.content_ids(",")[0]
+        return np.stack(
+            [
+                a1111_windows(parse_a1111(t), tok.content_ids, specials, comma, tok.max_length - 2)[0][0]
+                for t in texts
+            ]
+        )
+
+    def _encode(
+        self,
+        texts: Sequence[str],
+        request: GenerationRequest,
+        times: StageTimes,
+        tokenizer: ClipTokenizer | None = None,
+        encoder: Callable[[np.ndarray, int], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """:meth:`encode_prompts`' text embeddings, with ``tokenizer`` and ``encoder`` (ids, clip_skip) ->
+        states (default: the first text encoder's)."""
+        tokenizer, encoder = tokenizer or self.tokenizer, encoder or self.backend.encode_text
+        encode = lambda ids: encoder(ids, request.clip_skip)  # noqa: E731
         if request.prompt_weights:
             with times.time("text_encoder"):
-                return self._weighted(texts, request.prompt_weights, request.long_prompts, encode)
+                return self._weighted(texts, request.prompt_weights, request.long_prompts, encode, tokenizer)
         with times.time("tokenize"):
-            ids = self.tokenizer.chunks(texts) if request.long_prompts else self.tokenizer(texts)[:, None]
+            ids = tokenizer.chunks(texts) if request.long_prompts else tokenizer(texts)[:, None]
         with times.time("text_encoder"):
             windows = encode(ids.reshape(-1, ids.shape[-1]))  # each window on its own, then side by side
         return windows.reshape(len(texts), -1, windows.shape[-1])
 
     def _weighted(
-        self, texts: Sequence[str], syntax: str, long: bool, encode: Callable[[np.ndarray], np.ndarray]
+        self,
+        texts: Sequence[str],
+        syntax: str,
+        long: bool,
+        encode: Callable[[np.ndarray], np.ndarray],
+        tok: ClipTokenizer,
     ) -> np.ndarray:
-        tok = self.tokenizer
         specials, window = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id), tok.max_length - 2
         empty = encode(tok([""]))[0]
         if syntax == "a1111":

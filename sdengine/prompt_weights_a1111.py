@@ -100,7 +100,9 @@ def a1111_windows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token windows (n, window + 2) with BOS, EOS and padding, and each token's weight (1 for the markers
     and padding), filled as the web UI fills them: ``BREAK`` closes a window; a full window whose last comma
-    lies within :data:`COMMA_BACKTRACK` tokens of its end breaks after that comma, and the rest moves on."""
+    lies within :data:`COMMA_BACKTRACK` tokens of its end breaks after that comma, and the rest moves on.
+    The padding follows the EOS, as the web UI lays out a tokenizer whose pad token is not its EOS (SD 2.x's
+    and SDXL's second, ``!``), which is where the pooled output is read."""
     bos, eos, pad = specials
     windows: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
@@ -110,7 +112,7 @@ def a1111_windows(
     def close() -> None:
         nonlocal ids, weights, last_comma
         padding = window - len(ids)
-        windows.append(([bos, *ids, *[pad] * padding, eos], [1.0, *weights, *[1.0] * padding, 1.0]))
+        windows.append(([bos, *ids, eos, *[pad] * padding], [1.0, *weights, 1.0, *[1.0] * padding]))
         ids, weights, last_comma = [], [], -1
 
     for text, weight in fragments:

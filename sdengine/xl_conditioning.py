@@ -39,11 +39,12 @@ def zero_negatives(contexts: np.ndarray, pooled: np.ndarray, batch: int) -> tupl
 
 def check_xl_request(request: GenerationRequest) -> None:
     """Refuse, in one line, what sdengine does not run on an SDXL model."""
-    unsupported = [
-        ("long_prompts", request.long_prompts),
-        ("prompt_weights", bool(request.prompt_weights)),
-        ("ControlNet", request.control is not None),
-    ]
-    named = [name for name, given in unsupported if given]
-    if named:
-        raise UnsupportedConfigError(f"{', '.join(named)}: not supported on SDXL models")
+    if request.control is not None:
+        raise UnsupportedConfigError("ControlNet: not supported on SDXL models")
+
+
+def check_xl_edits(edited: bool) -> None:
+    """Prompt editing changes the pooled embeddings too, which the step does not hand the UNet call by
+    call: refused on SDXL models."""
+    if edited:
+        raise UnsupportedConfigError("prompt editing: not supported on SDXL models")

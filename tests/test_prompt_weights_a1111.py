@@ -63,16 +63,17 @@ def words(first: int, count: int) -> str:
 
 def test_windows_break_after_a_recent_comma_at_breaks_and_when_full():
     specials, window = (0, 2, 3), 75
-    # a comma 5 tokens before the end of a full window: the window ends after it, the rest moves on
+    # a comma 5 tokens before the end of a full window: the window ends after it (EOS, then the padding, as
+    # the web UI lays out a tokenizer whose pad is not its EOS), the rest moves on
     ids, weights = a1111_windows([(words(0, 70) + " , " + words(70, 10), 1.2)], fake_ids, specials, 1, window)
-    assert ids.shape == (2, 77) and list(ids[0, 70:73]) == [79, 1, 3] and ids[0, -1] == 2
+    assert ids.shape == (2, 77) and list(ids[0, 70:74]) == [79, 1, 2, 3] and ids[0, -1] == 3
     assert list(ids[1, 1:11]) == list(range(80, 90)) and weights[1, 1] == pytest.approx(1.2)
     # a comma further back than 20 tokens: the window is cut where it is full
     ids, _ = a1111_windows([(words(0, 40) + " , " + words(40, 40), 1.0)], fake_ids, specials, 1, window)
     assert list(ids[0, 74:77]) == [82, 83, 2] and ids[1, 1] == 84
     # BREAK closes a window early; the markers and padding weigh 1
     ids, weights = a1111_windows([("w0 w1", 1.5), BREAK, ("w2", 1.0)], fake_ids, specials, 1, window)
-    assert list(ids[:, :4].ravel()) == [0, 10, 11, 3, 0, 12, 3, 3]
+    assert list(ids[:, :4].ravel()) == [0, 10, 11, 2, 0, 12, 2, 3]
     assert list(weights[0, :4]) == [1.0, 1.5, 1.5, 1.0]
 
 

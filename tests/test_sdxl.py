@@ -17,6 +17,7 @@ from sdengine.pipeline import Pipeline
 from sdengine.xl_conditioning import size_conditioning
 
 PROMPT = "a photo of an astronaut riding a horse"
+LONG = "a photo of an astronaut riding a horse on mars, " * 8  # over two windows of 75 tokens
 SETTINGS = dict(steps=4, seed=3, height=64, width=96)
 
 
@@ -89,13 +90,35 @@ CASES = {
     "guidance rescale, dpmpp_2m": dict(guidance_rescale=0.7, scheduler="dpmpp_2m"),
     "euler_a": dict(scheduler="euler_a"),
     "hires fix": dict(hires_scale=1.5),
+    "long prompts": dict(prompt=LONG, negative_prompt="blurry, " * 40, long_prompts=True),
+    "A1111 weights with clip_skip": dict(
+        prompt="a (red:1.4) cat, [blue] sky",
+        negative_prompt="(ugly:1.2)",
+        prompt_weights="a1111",
+        clip_skip=1,
+    ),
+    "A1111 weights, long, BREAK": dict(
+        prompt=LONG.replace("horse", "(horse:1.3)") + " BREAK a cat",
+        prompt_weights="a1111",
+        long_prompts=True,
+    ),
+    # against compel itself, as diffusers' documentation runs it for SDXL
+    "compel weights": dict(prompt="a (red cat)1.3, blue-- sky", prompt_weights="compel"),
+    "compel weights, long": dict(
+        prompt="a (red cat)1.3, blue sky, " * 10,
+        negative_prompt="ugly--",
+        prompt_weights="compel",
+        long_prompts=True,
+    ),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_text_to_image_matches_diffusers(xl_pipes, case):
-    """Against diffusers' StableDiffusionXLPipeline (its own encode_prompt, but for clip_skip, which it
-    applies to the positive prompts alone), with the engine's draws."""
+    """Against diffusers' StableDiffusionXLPipeline with the engine's draws: its own encode_prompt for plain
+    prompts; for clip_skip (which it applies to the positive prompts alone), long prompts and the A1111
+    syntax, the baseline's embeddings from transformers' tokenizers and the torch encoders; for compel's
+    syntax, compel's."""
     ours, ref = xl_pipes
     settings = {**SETTINGS, **CASES[case]}
     prompt, negative = settings.pop("prompt", PROMPT), settings.pop("negative_prompt", None)
@@ -161,8 +184,7 @@ def test_engine_profiles_double_both_text_encoders_and_the_added_inputs(xl_onnx)
 @pytest.mark.parametrize(
     ("settings", "match"),
     [
-        (dict(long_prompts=True), "long_prompts"),
-        (dict(prompt_weights="a1111"), "prompt_weights"),
+        (dict(prompt_weights="a1111", prompt="a [cat:dog:0.5]"), "prompt editing: not supported on SDXL"),
         (dict(clip_skip=3), "clip_skip must be in"),
     ],
 )
@@ -171,7 +193,7 @@ def test_what_sdxl_does_not_run_is_refused(xl_pipes, settings, match):
         if getattr(pipe, "name", "") == "torch" and "clip_skip" in settings:
             continue  # torch's own error
         with pytest.raises((UnsupportedConfigError, InvalidArgumentError), match=match):
-            pipe(PROMPT, **SETTINGS, **settings)
+            pipe(**{"prompt": PROMPT, **SETTINGS, **settings})
 
 
 def test_lora_and_textual_inversion_are_refused(xl_pipes, tmp_path):
