@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sdengine.lora import LoraFile, LoraLayer, canonical_module, resolve
-from sdengine.model_specs import UNET
+from sdengine.model_specs import TEXT_ENCODER_2, UNET
 
 
 def _layers(component: nn.Module) -> dict[str, nn.Module]:
@@ -41,7 +41,7 @@ def check_loras(checkpoint: Path, components: Iterable[str], loras: Sequence[tup
     update has another shape: each component is built from its config on PyTorch's meta device (no weights,
     no memory), so this costs seconds, not the minutes an export would run before it found out."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     wanted = {layer.component for lora, _ in loras for layer in lora.layers} & set(components)
     for component in sorted(wanted):
@@ -50,6 +50,8 @@ def check_loras(checkpoint: Path, components: Iterable[str], loras: Sequence[tup
                 model = UNet2DConditionModel.from_config(
                     UNet2DConditionModel.load_config(checkpoint / "unet")
                 )
+            elif component == TEXT_ENCODER_2:  # SDXL's
+                model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(checkpoint / component))
             else:
                 model = CLIPTextModel(CLIPTextConfig.from_pretrained(checkpoint / "text_encoder"))
         for layer, lora_layer, _ in _targets(model, component, loras):

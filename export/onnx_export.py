@@ -183,7 +183,7 @@ def export_component(
         _trace(module, spec, inputs, traced, opset)
         onnx.shape_inference.infer_shapes_path(str(traced), str(traced))
         model = onnx.load(str(traced))
-        if name in (UNET, TEXT_ENCODER):
+        if name in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
             name_weights(model, module)
         if precision == "fp16":
             model = convert_to_fp16(model)

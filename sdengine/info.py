@@ -61,12 +61,11 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
         info["clip_skip"] = f"0 to {layers - 1}" if layers else "unknown"
         return info
     info["models"] = {c: model_dir.onnx_path(c).is_file() for c in model_dir.arch.components()}
-    if model_dir.arch.xl:  # SDXL exports give every layer; LoRA is not run on them
+    if model_dir.arch.xl:  # SDXL exports give every layer
         info["clip_skip"] = f"0 to {layers - 1}" if layers else "0 and up"
-        info["lora_at_run_time"] = "no (not supported on SDXL models)"
     else:
         info["clip_skip"] = _clip_skip(model_dir.onnx_path("text_encoder"), layers)
-        info["lora_at_run_time"] = _lora(model_dir.onnx_path("unet"))
+    info["lora_at_run_time"] = _lora(model_dir.onnx_path("unet"))
     controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
     info["controlnets"] = [Path(str(c.get("dir", "?"))).name for c in controlnets] or "none"
     manifest = Manifest.read(root)

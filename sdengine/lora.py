@@ -9,7 +9,10 @@ torch, in the layouts most files come in:
   ``<layer>.alpha`` tensors or the file's ``lora_adapter_metadata`` (``lora_alpha``, ``r``, their patterns
   and ``use_rslora``), else equal to the rank;
 - kohya-ss (A1111): ``lora_unet_<layer with _ for .>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
-  ``lora_te_`` for the text encoder, including LoCon's convolution layers.
+  ``lora_te_`` for the text encoder, including LoCon's convolution layers. SDXL's: ``lora_te1_`` and
+  ``lora_te2_`` for its two text encoders, and UNet layers named after the original (SGM) UNet's blocks,
+  ``input_blocks_4_1_...``, which :func:`sgm_unet_name` renames to diffusers' (``down_blocks_1_attentions_0_
+  ...``), as diffusers' loader does.
 
 LyCORIS' other decompositions (LoHa, LoKr, Tucker ``lora_mid``) and DoRA are refused by name. Layers are
 named relative to the diffusers or transformers component, without transformers 4's ``text_model.`` prefix;
@@ -32,11 +35,37 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError, UnsupportedConfigError
-from sdengine.model_specs import TEXT_ENCODER, UNET
+from sdengine.model_specs import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 
 #: The components a LoRA file can update, by the prefixes their layers have in diffusers' and kohya's files.
-PREFIXES = {"unet.": UNET, "text_encoder.": TEXT_ENCODER, "lora_unet_": UNET, "lora_te_": TEXT_ENCODER}
-PREFIXES["lora_te1_"] = TEXT_ENCODER
+PREFIXES = {
+    "unet.": UNET,
+    "text_encoder.": TEXT_ENCODER,
+    "text_encoder_2.": TEXT_ENCODER_2,
+    "lora_unet_": UNET,
+    "lora_te_": TEXT_ENCODER,
+    "lora_te1_": TEXT_ENCODER,
+    "lora_te2_": TEXT_ENCODER_2,
+}
+#: The original (SGM) UNet's layers that have names of their own in diffusers' (flat, ``_`` for ``.``).
+SGM_LAYERS = {
+    "input_blocks_0_0": "conv_in",
+    "out_2": "conv_out",
+    "time_embed_0": "time_embedding_linear_1",
+    "time_embed_2": "time_embedding_linear_2",
+    "label_emb_0_0": "add_embedding_linear_1",
+    "label_emb_0_2": "add_embedding_linear_2",
+}
+#: ... and its resnets' layers, by their names in diffusers' ResnetBlock2D.
+SGM_RESNET = {
+    "in_layers_2": "conv1",
+    "out_layers_3": "conv2",
+    "emb_layers_1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+}
+#: Layers per UNet block: 2 in every SD 1.x, 2.x and SDXL UNet (SGM numbers a block's layers and its down-
+#: or upsampler together, so a block spans 3 SGM indices).
+SGM_LAYERS_PER_BLOCK = 2
 #: Layer-key endings: (down or up, its suffix), in diffusers', PEFT's and kohya's spellings.
 SUFFIXES = {
     ".lora.down.weight": "down",
@@ -126,10 +155,6 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     for key, tensor in tensors.items():
         prefix = next((p for p in PREFIXES if key.startswith(p)), None)
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
-        if key.startswith(("lora_te2_", "text_encoder_2.")):
-            raise UnsupportedConfigError(
-                f"{path} is an SDXL LoRA (it updates a second text encoder); sdengine runs SD 1.x and 2.x"
-            )
         if prefix is None or suffix is None:
             raise InvalidArgumentError(
                 f"{path}: {key!r} is not a LoRA layer of a Stable Diffusion UNet or text encoder"
@@ -145,6 +170,8 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             )
         component, flat = PREFIXES[prefix], prefix.startswith("lora_")
         module = layer.removeprefix("text_model_") if flat else canonical_module(layer)
+        if prefix == "lora_unet_":
+            module = sgm_unet_name(module)
         down, up = (np.asarray(found[k], dtype=np.float32) for k in ("down", "up"))
         if up.shape[1] != down.shape[0]:
             raise InvalidArgumentError(f"{path}: layer {layer}'s up and down disagree on the rank")
@@ -153,6 +180,37 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     if not layers:
         raise InvalidArgumentError(f"{path} holds no LoRA layers")
     return LoraFile(path, tuple(layers))
+
+
+def sgm_unet_name(name: str) -> str:
+    """A kohya UNet layer name (flat) in the original SGM UNet's terms (SDXL's) as diffusers names it
+    (flat); any other name as it is. ``input_blocks_i_j``: block ``(i - 1) // 3``, its resnet (``j`` 0) or
+    attention (``j`` 1) ``(i - 1) % 3``, or its downsampler (``op``); ``middle_block_j``: resnet 0,
+    attention, resnet 1; ``output_blocks_i_j``: block ``i // 3``, its resnet, attention (``i % 3``) or
+    upsampler (``j`` 2). The same mapping as diffusers' ``_maybe_map_sgm_blocks_to_diffusers``."""
+    for sgm, ours in SGM_LAYERS.items():
+        if name == sgm or name.startswith(sgm + "_"):
+            return ours + name[len(sgm) :]
+    stride = SGM_LAYERS_PER_BLOCK + 1
+    if match := re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", name):
+        i, j, rest = int(match[1]), int(match[2]), match[3]
+        block, index = (i - 1) // stride, (i - 1) % stride
+        if rest.startswith("op"):
+            name = f"down_blocks_{block}_downsamplers_0_conv{rest[2:]}"
+        else:
+            name = f"down_blocks_{block}_{('resnets', 'attentions')[j]}_{index}_{rest}"
+    elif match := re.fullmatch(r"middle_block_(\d)_(.+)", name):
+        part = ("resnets_0", "attentions_0", "resnets_1")[int(match[1])]
+        name = f"mid_block_{part}_{match[2]}"
+    elif match := re.fullmatch(r"output_blocks_(\d+)_(\d)_(.+)", name):
+        i, j, rest = int(match[1]), int(match[2]), match[3]
+        part = ("resnets", "attentions", "upsamplers")[j]
+        name = f"up_blocks_{i // stride}_{part}_{i % stride if j < 2 else 0}_{rest}"
+    else:
+        return name
+    for sgm, ours in SGM_RESNET.items():
+        name = name.replace(f"_{sgm}", f"_{ours}")
+    return name
 
 
 def _adapter_config(metadata: dict[str, str], path: Path) -> dict[str, dict]:
@@ -166,7 +224,7 @@ def _adapter_config(metadata: dict[str, str], path: Path) -> dict[str, dict]:
     config: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, name = key.partition(".")
-        if component in (UNET, TEXT_ENCODER):
+        if component in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
             config.setdefault(component, {})[name] = value
     for component, values in config.items():
         if values.get("use_dora"):

@@ -581,8 +581,12 @@ class Pipeline(_CallMixin):
         ONNX Runtime only: a TensorRT engine holds its weights (``sdengine export --lora`` fuses them
         there)."""
         with self._lock:
-            self._refuse_xl("LoRA")
             lora = read_lora(path)
+            missing = sorted(lora.components() - set(self.model_dir.arch.components()))
+            if missing:  # an SDXL LoRA on a model with one text encoder
+                raise InvalidArgumentError(
+                    f"{path} updates {', '.join(missing)}, which this model does not have"
+                )
             self._set_loras([*self._loras, (lora, float(scale))])
             return len(lora.layers)
 

@@ -290,8 +290,11 @@ def test_refusals_leave_the_pipeline_as_it_was(onnx_fp32, loras, layer_shapes, w
     mixed = {f"{te}.down.weight": z, f"{te}.up.weight": z.T + 1, "unet.nowhere.lora.down.weight": z}
     mixed["unet.nowhere.lora.up.weight"] = z.T
     cases.append((refused(tmp_path, "mixed", mixed), InvalidArgumentError, "names no layer of this unet"))
-    sdxl = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": z}
-    cases.append((refused(tmp_path, "sdxl", sdxl), UnsupportedConfigError, "an SDXL LoRA"))
+    te2 = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"  # an SDXL LoRA's second text encoder
+    sdxl = {f"{te2}.lora_down.weight": z, f"{te2}.lora_up.weight": z.T}
+    cases.append(
+        (refused(tmp_path, "sdxl", sdxl), InvalidArgumentError, "updates text_encoder_2, which this")
+    )
     for path, error, message in cases:
         with pytest.raises(error, match=message):
             pipe.load_lora(path)

@@ -196,12 +196,98 @@ def test_what_sdxl_does_not_run_is_refused(xl_pipes, settings, match):
             pipe(**{"prompt": PROMPT, **SETTINGS, **settings})
 
 
-def test_lora_and_textual_inversion_are_refused(xl_pipes, tmp_path):
+def test_textual_inversion_is_refused(xl_pipes, tmp_path):
     ours, _ = xl_pipes
-    with pytest.raises(UnsupportedConfigError, match="LoRA: not supported on SDXL"):
-        ours.load_lora(tmp_path / "any.safetensors")
     with pytest.raises(UnsupportedConfigError, match="textual inversion: not supported on SDXL"):
         ours.load_textual_inversion(tmp_path / "any.safetensors")
+
+
+def sgm_name(layer: str) -> str:
+    """A diffusers UNet layer name as kohya's SDXL LoRAs flatten it, after the original (SGM) UNet's blocks
+    (the inverse of ``sdengine.lora.sgm_unet_name``, written out here by its own rules)."""
+    renames = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1"}
+    renames["conv_shortcut"] = "skip_connection"
+    parts = layer.split(".")
+    fixed = {"conv_in": "input_blocks.0.0", "conv_out": "out.2"}
+    fixed |= {"time_embedding": "time_embed", "add_embedding": "label_emb.0"}
+    if parts[0] in fixed:
+        inner = {"linear_1": "0", "linear_2": "2"}
+        return ".".join([fixed[parts[0]], *(inner.get(p, p) for p in parts[1:])]).replace(".", "_")
+    if parts[0] == "mid_block":
+        index = {("resnets", "0"): "0", ("attentions", "0"): "1", ("resnets", "1"): "2"}[parts[1], parts[2]]
+        head, rest = f"middle_block.{index}", parts[3:]
+    else:
+        block, kind, k, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if parts[0] == "down_blocks":
+            if kind == "downsamplers":
+                head, rest = f"input_blocks.{3 * block + 3}.0", ["op"]
+            else:
+                head = f"input_blocks.{3 * block + k + 1}.{0 if kind == 'resnets' else 1}"
+        elif kind == "upsamplers":
+            head = f"output_blocks.{3 * block + 2}.2"
+        else:
+            head = f"output_blocks.{3 * block + k}.{0 if kind == 'resnets' else 1}"
+    return ".".join([head, *(renames.get(p, p) for p in rest)]).replace(".", "_")
+
+
+@pytest.fixture(scope="module")
+def xl_loras(xl_onnx, tmp_path_factory):
+    """The same random SDXL LoRA (attention layers of the UNet and both text encoders) in PEFT's layout and in
+    kohya's, and a kohya one of every other UNet layer too (resnets, down- and upsamplers, the time and
+    added-conditioning embeddings, conv_in and conv_out)."""
+    from safetensors.numpy import load_file, save_file
+
+    from export.random_lora import write_random_lora
+    from sdengine.lora import named_weights
+
+    folder = tmp_path_factory.mktemp("xl-loras")
+    peft = write_random_lora(xl_onnx, folder / "peft.safetensors", seed=1, strength=0.3)
+    kohya = {}
+    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    for key, tensor in load_file(str(peft)).items():
+        component, _, rest = key.partition(".")
+        layer, kind = rest.removesuffix(".weight").rsplit(".", 1)
+        name = sgm_name(layer) if component == "unet" else layer.replace(".", "_")  # text_model_...
+        down_up = {"lora_A": "lora_down", "lora_B": "lora_up"}[kind]
+        kohya[f"{prefixes[component]}_{name}.{down_up}.weight"] = tensor
+        kohya[f"{prefixes[component]}_{name}.alpha"] = np.array(
+            tensor.shape[0 if kind == "lora_A" else 1], np.float32
+        )
+    save_file(kohya, str(folder / "kohya.safetensors"))
+    model = onnx.load(str(xl_onnx / "unet" / "model.onnx"), load_external_data=False)
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    rng, every = np.random.default_rng(2), {}
+    for layer, (name, transposed) in sorted(named_weights(model).items()):
+        if "attentions" in layer:
+            continue
+        shape = dims[name][::-1] if transposed else dims[name]
+        key = f"lora_unet_{sgm_name(layer)}"
+        every[f"{key}.lora_down.weight"] = (rng.standard_normal((4, *shape[1:])) / 4).astype(np.float32)
+        every[f"{key}.lora_up.weight"] = (
+            0.1 * rng.standard_normal((shape[0], 4, *[1] * (len(shape) - 2)))
+        ).astype(np.float32)
+        every[f"{key}.alpha"] = np.array(4, np.float32)
+    save_file(every, str(folder / "kohya_every_layer.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("file", ["peft", "kohya", "kohya_every_layer"])
+def test_lora_matches_diffusers(xl_onnx, xl_checkpoint, xl_loras, file):
+    """Fused at run time into the UNet and both text encoders, against diffusers' load_lora_weights and
+    fuse_lora; kohya's SGM-named UNet layers renamed as diffusers renames them."""
+    plain = Pipeline.load(xl_onnx, backend="ort", device="cpu")(PROMPT, **SETTINGS)
+    results = []
+    for path, backend in ((xl_onnx, "ort"), (xl_checkpoint, "torch")):
+        pipe = Pipeline.load(path, backend=backend, device="cpu")
+        pipe.load_lora(xl_loras / f"{file}.safetensors", 0.8)
+        results.append(pipe(PROMPT, **SETTINGS))
+    assert psnr(results[0].array, results[1].array) >= 100
+    assert psnr(results[0].array, plain.array) < 60  # the LoRA changes the image
+
+
+def test_an_sdxl_lora_on_a_model_with_one_text_encoder_is_refused(ort_pipe_fp32, xl_loras):
+    with pytest.raises(InvalidArgumentError, match="updates text_encoder_2, which this model does not have"):
+        ort_pipe_fp32.load_lora(xl_loras / "peft.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -253,4 +339,16 @@ def test_info_describes_an_sdxl_export(xl_onnx):
 
     info = describe(xl_onnx)
     assert info["models"][TEXT_ENCODER_2] and info["architecture"]["pooled_size"] == 32
-    assert info["clip_skip"] == "0 to 1" and info["lora_at_run_time"].startswith("no")
+    assert info["clip_skip"] == "0 to 1" and info["lora_at_run_time"].startswith("yes")
+
+
+def test_lora_fused_at_export_matches_the_run_time_fusion(xl_checkpoint, xl_onnx, xl_loras, tmp_path):
+    from export.onnx_export import export_checkpoint
+
+    kohya = xl_loras / "kohya.safetensors"
+    parts = ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    export_checkpoint(xl_checkpoint, tmp_path / "fused", components=parts, loras=[(kohya, 0.6)])
+    runtime = Pipeline.load(xl_onnx, backend="ort", device="cpu")
+    runtime.load_lora(kohya, 0.6)
+    fused = Pipeline.load(tmp_path / "fused", backend="ort", device="cpu")
+    assert psnr(fused(PROMPT, **SETTINGS).array, runtime(PROMPT, **SETTINGS).array) >= 100
