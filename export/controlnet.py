@@ -18,7 +18,13 @@ from sdengine.model_dir import optional_json, read_json, weights_variant
 from sdengine.model_specs import Architecture
 
 #: What a ControlNet's residuals must share with the UNet they are added to.
-MATCHING = ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim")
+MATCHING = (
+    "block_out_channels",
+    "down_block_types",
+    "layers_per_block",
+    "cross_attention_dim",
+    "projection_class_embeddings_input_dim",  # SDXL's added conditioning
+)
 
 
 def controlnet_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -55,9 +61,11 @@ def check_controlnets(checkpoint: Path, arch: Architecture, paths: list[Path]) -
                     f"{path}: the ControlNet's {key} {config[key]} differs from the UNet's {unet[key]}: it "
                     "was made for another Stable Diffusion architecture"
                 )
-        if config.get("addition_embed_type") or config.get("class_embed_type"):
+        added = config.get("addition_embed_type")
+        if added != unet.get("addition_embed_type") or config.get("class_embed_type"):
             raise UnsupportedConfigError(
-                f"{path}: ControlNets with added embeddings (SDXL's) are not supported"
+                f"{path}: the ControlNet's added conditioning ({added or 'none'}) differs from the UNet's "
+                f"({unet.get('addition_embed_type') or 'none'}): it was made for another architecture"
             )
         configs.append(config)
     return configs

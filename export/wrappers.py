@@ -111,6 +111,19 @@ class ControlledUNetExport(nn.Module):
         controlnet_cond: torch.Tensor,
         conditioning_scale: torch.Tensor,
     ) -> torch.Tensor:
+        return self.run(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)
+
+    def run(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+        added: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``added``: SDXL's added conditioning, which its ControlNets read as its UNet does."""
+        extra = {} if added is None else {"added_cond_kwargs": added}
         latents = sample[:, : self.controlnets[0].config.in_channels]
         down, mid = None, None
         for i, controlnet in enumerate(self.controlnets):
@@ -121,6 +134,7 @@ class ControlledUNetExport(nn.Module):
                 controlnet_cond=controlnet_cond[:, 3 * i : 3 * i + 3],
                 conditioning_scale=conditioning_scale[i],
                 return_dict=False,
+                **extra,
             )
             down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
@@ -131,7 +145,26 @@ class ControlledUNetExport(nn.Module):
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             return_dict=False,
+            **extra,
         )[0]
+
+
+class XlControlledUNetExport(ControlledUNetExport):
+    """SDXL's UNet with ControlNets inside: its added conditioning (``text_embeds``, ``time_ids``, after the
+    text, as :class:`XlUNetExport` takes them) goes to every ControlNet and the UNet."""
+
+    def forward(  # type: ignore[override]
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+    ) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.run(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, added)
 
 
 class VaeDecoderExport(nn.Module):
@@ -205,7 +238,8 @@ def load_export_module(
         from export.controlnet import load_controlnets
 
         unet = load(UNet2DConditionModel, "unet")
-        module = ControlledUNetExport(unet, load_controlnets(list(controlnets)))
+        wrapper = XlControlledUNetExport if xl else ControlledUNetExport
+        module = wrapper(unet, load_controlnets(list(controlnets)))
     elif name == UNET:
         unet = load(UNet2DConditionModel, "unet")
         module = XlUNetExport(unet) if xl else UNetExport(unet)

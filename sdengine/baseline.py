@@ -31,7 +31,7 @@ from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.request import GenerationRequest
 from sdengine.schedulers import Schedule, diffusers_scheduler_class, load_scheduler
 from sdengine.timing import StageTimes
-from sdengine.xl_conditioning import check_xl_edits, check_xl_request
+from sdengine.xl_conditioning import check_xl_edits
 
 
 def diffusers_scheduler(name: str | None, config: dict):
@@ -240,7 +240,6 @@ class TorchPipeline(_CallMixin):
             with torch.inference_mode(), draws:
                 call_embeds = None  # every call's prompt embeddings (the UNet's batch), where they change
                 if xl:
-                    check_xl_request(request)
                     check_xl_edits(request.prompt_edits(schedule).edited)
                     if request.prompt_weights == "compel":
                         prompts = self.xl_compel_embeddings(pipe, request)

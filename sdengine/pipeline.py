@@ -33,7 +33,7 @@ from sdengine.textual_inversion import read_embedding, vector_tokens
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
 from sdengine.vae_tiling import needs_tiles, run_tiled
-from sdengine.xl_conditioning import check_xl_edits, check_xl_request, xl_unet_inputs, zero_negatives
+from sdengine.xl_conditioning import check_xl_edits, xl_unet_inputs, zero_negatives
 
 
 @dataclass
@@ -479,7 +479,6 @@ class Pipeline(_CallMixin):
         embeddings of each text's first window (:meth:`_pooled_ids`; weights do not apply to them)."""
         tok_2, skip = self.tokenizer_2, request.clip_skip
         assert tok_2 is not None
-        check_xl_request(request)
         if not (request.long_prompts or request.prompt_weights):  # both of the second's from one run
             with times.time("tokenize"):
                 ids, ids_2 = self.tokenizer(texts), tok_2(texts)

@@ -13,7 +13,6 @@ import numpy as np
 
 from sdengine.errors import UnsupportedConfigError
 from sdengine.model_specs import TEXT_EMBEDS, TIME_IDS
-from sdengine.request import GenerationRequest
 
 
 def size_conditioning(height: int, width: int, rows: int) -> np.ndarray:
@@ -35,12 +34,6 @@ def zero_negatives(contexts: np.ndarray, pooled: np.ndarray, batch: int) -> tupl
     contexts[:, :batch] = 0.0
     pooled[:batch] = 0.0
     return contexts, pooled
-
-
-def check_xl_request(request: GenerationRequest) -> None:
-    """Refuse, in one line, what sdengine does not run on an SDXL model."""
-    if request.control is not None:
-        raise UnsupportedConfigError("ControlNet: not supported on SDXL models")
 
 
 def check_xl_edits(edited: bool) -> None:

@@ -352,3 +352,42 @@ def test_lora_fused_at_export_matches_the_run_time_fusion(xl_checkpoint, xl_onnx
     runtime.load_lora(kohya, 0.6)
     fused = Pipeline.load(tmp_path / "fused", backend="ort", device="cpu")
     assert psnr(fused(PROMPT, **SETTINGS).array, runtime(PROMPT, **SETTINGS).array) >= 100
+
+
+@pytest.fixture(scope="module")
+def xl_controlnets(xl_checkpoint, tmp_path_factory):
+    """Two random SDXL ControlNets, and an export with both inside its UNet."""
+    from export.controlnet import write_random_controlnet
+    from export.onnx_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("xl-controlnet")
+    nets = [write_random_controlnet(xl_checkpoint, root / f"net{seed}", seed=seed) for seed in (0, 1)]
+    parts = ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+    export_checkpoint(xl_checkpoint, root / "onnx", controlnets=nets, components=parts)
+    return nets, root / "onnx"
+
+
+def test_controlnets_match_diffusers(xl_checkpoint, xl_controlnets):
+    """Two SDXL ControlNets (which read the added conditioning as the UNet does) traced into the UNet, against
+    diffusers' SDXL ControlNet pipelines: text to image with per-ControlNet weights and ends, image to
+    image."""
+    nets, onnx_dir = xl_controlnets
+    ours = Pipeline.load(onnx_dir, backend="ort", device="cpu")
+    ref = Pipeline.load(xl_checkpoint, backend="torch", controlnets=nets)
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 96, 3)).astype(np.float32)
+    control = [rng.random((64, 96, 3)).astype(np.float32) for _ in nets]
+    for extra in (dict(control_scale=[0.5, 1.2], control_end=[0.6, 1.0]), dict(image=image, strength=0.7)):
+        settings = {**SETTINGS, "control_image": control, **extra}
+        a, b = ours(PROMPT, **settings), ref(PROMPT, **settings)
+        assert psnr(a.array, b.array) >= 100
+    off = ours(PROMPT, **SETTINGS, control_image=control, control_scale=0.0)
+    assert psnr(ours(PROMPT, **SETTINGS, control_image=control).array, off.array) < 60
+
+
+def test_an_sd_controlnet_does_not_fit_sdxl(xl_checkpoint, tiny_checkpoint, tmp_path):
+    from export.controlnet import check_controlnets, write_random_controlnet
+
+    net = write_random_controlnet(tiny_checkpoint, tmp_path / "sd-net")
+    with pytest.raises(UnsupportedConfigError, match="for another"):
+        check_controlnets(xl_checkpoint, open_checkpoint_dir(xl_checkpoint).arch, [net])
