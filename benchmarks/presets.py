@@ -35,6 +35,22 @@ PRESETS: dict[str, Workload] = {
         Workload(
             "sd15-512", "sd15", 512, 512, 1, 50, 7.5, "fp16", 5, 1, "SD 1.5, 512x512, 50 steps: GPU", "cuda"
         ),
+        Workload("tiny-xl", "tiny-xl", 64, 64, 1, 4, 7.5, "fp32", 5, 1, "test SDXL checkpoint, seconds"),
+        # SDXL at its own size; its fp16 export keeps the VAE in float32, as diffusers runs it
+        Workload(
+            "sdxl-1024",
+            "sdxl",
+            1024,
+            1024,
+            1,
+            30,
+            7.5,
+            "fp16",
+            3,
+            1,
+            "SDXL, 1024x1024, 30 steps: GPU",
+            "cuda",
+        ),
     )
 }
 

@@ -578,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=cmd_make_controlnet)
 
     b = sub.add_parser("bench", help="per-stage latency of each backend against the PyTorch baseline")
-    b.add_argument("model", help="a preset (tiny, sd15-cpu, sd15-512) or an ONNX directory")
+    b.add_argument(
+        "model", help="a preset (tiny, sd15-cpu, sd15-512, tiny-xl, sdxl-1024) or an ONNX directory"
+    )
     b.add_argument("--backends", default="ort,torch")
     b.add_argument("--checkpoint", default=None, help="source checkpoint (default: from the export manifest)")
     for name in ("steps", "height", "width", "batch", "runs", "warmup"):

@@ -76,10 +76,11 @@ def test_summary_arithmetic():
     assert summary["fraction_of_matmul_peak"]["vae_decode"] == pytest.approx(5e9 / 0.005 / 1e9 / 10)
 
 
-def test_gpu_preset_without_a_gpu_is_one_line(capsys):
+@pytest.mark.parametrize("preset", ["sd15-512", "sdxl-1024"])
+def test_gpu_preset_without_a_gpu_is_one_line(capsys, preset):
     if detect(torch_cuda=False).ort_cuda:
         pytest.skip("this machine has a CUDA GPU")
-    assert main(["bench", "sd15-512"]) == 1
+    assert main(["bench", preset]) == 1
     err = capsys.readouterr().err.strip()
     assert "runs on a CUDA GPU" in err and "\n" not in err
 
