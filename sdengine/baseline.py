@@ -31,7 +31,6 @@ from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.request import GenerationRequest
 from sdengine.schedulers import Schedule, diffusers_scheduler_class, load_scheduler
 from sdengine.timing import StageTimes
-from sdengine.xl_conditioning import check_xl_edits
 
 
 def diffusers_scheduler(name: str | None, config: dict):
@@ -240,10 +239,11 @@ class TorchPipeline(_CallMixin):
             with torch.inference_mode(), draws:
                 call_embeds = None  # every call's prompt embeddings (the UNet's batch), where they change
                 if xl:
-                    check_xl_edits(request.prompt_edits(schedule).edited)
                     if request.prompt_weights == "compel":
                         prompts = self.xl_compel_embeddings(pipe, request)
-                    elif request.clip_skip or request.long_prompts or request.prompt_weights:
+                    elif request.prompt_weights == "a1111":
+                        prompts, call_embeds = self.xl_edited_embeddings(pipe, request, schedule)
+                    elif request.clip_skip or request.long_prompts:
                         prompts = self.xl_embeddings(pipe, request)
                 elif request.prompt_weights == "a1111":
                     prompts, call_embeds = self.edited_embeddings(pipe, request, schedule)
@@ -272,7 +272,7 @@ class TorchPipeline(_CallMixin):
     def step_end_callback(
         preview: Preview | None,
         num_calls: int,
-        call_embeds: list[torch.Tensor] | None = None,
+        call_embeds: list[dict[str, torch.Tensor]] | None = None,
         stop: Stop | None = None,
     ) -> dict[str, Any]:
         """diffusers' ``callback_on_step_end`` arguments that hand ``preview`` the latents after its calls,
@@ -288,7 +288,7 @@ class TorchPipeline(_CallMixin):
             if preview is not None and preview.due(i + 1, num_calls):
                 preview.callback(i + 1, tensors["latents"].float().cpu().numpy())
             if call_embeds is not None and i + 1 < num_calls:
-                return {"prompt_embeds": call_embeds[i + 1]}  # the next call's (both halves with guidance)
+                return dict(call_embeds[i + 1])  # the next call's (both halves with guidance)
             return {}
 
         return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
@@ -374,14 +374,50 @@ class TorchPipeline(_CallMixin):
         return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
 
     def xl_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
-        """SDXL's prompt embeddings with ``clip_skip`` for the negative prompts too (diffusers' SDXL
-        ``encode_prompt`` skips layers for the positive prompts alone), ``long_prompts`` (windows of 75
-        tokens, :func:`token_windows`) and weights in the AUTOMATIC1111 web UI's syntax (as
-        :meth:`a1111_embeddings`, for each encoder): each encoder's states ``clip_skip + 2`` from the end,
-        side by side, and the second's pooled embeddings of each text's first window."""
+        """SDXL's prompt embeddings (:meth:`xl_states`) of the negative prompts and the prompts, as diffusers'
+        arguments."""
+        embeds, pooled = self.xl_states(pipe, request, list(request.negative_prompts + request.prompts))
+        return self.xl_prompts(pipe, request, embeds, pooled)
+
+    def xl_edited_embeddings(
+        self, pipe, request: GenerationRequest, schedule: Schedule
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]] | None]:
+        """SDXL's prompt embeddings in the AUTOMATIC1111 web UI's syntax: the first call's (diffusers'
+        arguments) and, where prompts are edited part way, every call's text and pooled embeddings as the
+        UNet takes them (``prompt_embeds`` and ``add_text_embeds`` in diffusers' loop)."""
+        edits = request.prompt_edits(schedule)
+        embeds, pooled = self.xl_states(pipe, request, edits.texts)
+        rows = torch.from_numpy(edits.rows)
+        sets, pooled_sets, batch = embeds[rows], pooled[rows], request.batch  # (sets, G * B, ...)
+        if not request.classifier_free_guidance:
+            prompts = {"prompt_embeds": sets[0], "pooled_prompt_embeds": pooled_sets[0]}
+        else:
+            if request.default_negative and pipe.config.force_zeros_for_empty_prompt:
+                sets, pooled_sets = sets.clone(), pooled_sets.clone()
+                sets[:, :batch], pooled_sets[:, :batch] = 0.0, 0.0
+            prompts = {
+                "prompt_embeds": sets[0][batch:],
+                "negative_prompt_embeds": sets[0][:batch],
+                "pooled_prompt_embeds": pooled_sets[0][batch:],
+                "negative_pooled_prompt_embeds": pooled_sets[0][:batch],
+            }
+        if not edits.edited:
+            return prompts, None
+        return prompts, [
+            {"prompt_embeds": sets[k], "add_text_embeds": pooled_sets[k]} for k in edits.call_rows
+        ]
+
+    def xl_states(
+        self, pipe, request: GenerationRequest, texts: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's text embeddings (len(texts), sequence, hidden) and pooled embeddings (len(texts), pooled)
+        with ``clip_skip`` for the negative prompts too (diffusers' SDXL ``encode_prompt`` skips layers for
+        the positive prompts alone), ``long_prompts`` (windows of 75 tokens, :func:`token_windows`) and
+        weights in the AUTOMATIC1111 web UI's syntax (as :meth:`a1111_embeddings`, for each encoder): each
+        encoder's states ``clip_skip + 2`` from the end, side by side, and the second's pooled embeddings of
+        each text's first window."""
         from sdengine.prompt_weights_a1111 import a1111_windows, parse_a1111
 
-        texts = list(request.negative_prompts + request.prompts)
         states = []
         for tok, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
 
@@ -417,7 +453,7 @@ class TorchPipeline(_CallMixin):
         else:
             pooled_ids = token_windows(tok, texts)[:, 0]
         pooled = pipe.text_encoder_2(pooled_ids.to(self.device))[0]  # the projected, pooled embeddings
-        return self.xl_prompts(pipe, request, torch.cat(states, dim=-1).to(pipe.unet.dtype), pooled)
+        return torch.cat(states, dim=-1).to(pipe.unet.dtype), pooled
 
     def xl_compel_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """SDXL's weighted prompt embeddings from compel, as diffusers' documentation makes them with it: both
@@ -464,7 +500,7 @@ class TorchPipeline(_CallMixin):
 
     def edited_embeddings(
         self, pipe, request: GenerationRequest, schedule: Schedule
-    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]] | None]:
         """Prompt embeddings in the AUTOMATIC1111 web UI's syntax: the first call's (diffusers' arguments),
         and where the prompts are edited part way (:mod:`sdengine.prompt_editing`) every call's, as the UNet
         takes them (negatives then prompts with classifier-free guidance)."""
@@ -475,7 +511,7 @@ class TorchPipeline(_CallMixin):
             prompts = {"negative_prompt_embeds": first[:batch], "prompt_embeds": first[batch:]}
         else:
             prompts = {"prompt_embeds": first}
-        return prompts, [sets[k] for k in edits.call_rows] if edits.edited else None
+        return prompts, [{"prompt_embeds": sets[k]} for k in edits.call_rows] if edits.edited else None
 
     def a1111_embeddings(self, pipe, request: GenerationRequest, texts: list[str]) -> torch.Tensor:
         """Text embeddings (len(texts), sequence, hidden) in the AUTOMATIC1111 web UI's weighting syntax,

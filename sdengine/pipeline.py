@@ -22,7 +22,7 @@ from sdengine.hires import upscale_latents
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
-from sdengine.model_specs import SAFETY_CHECKER
+from sdengine.model_specs import SAFETY_CHECKER, TEXT_EMBEDS
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
 from sdengine.prompt_weights_a1111 import a1111_embeddings, a1111_windows, parse_a1111
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
@@ -33,7 +33,7 @@ from sdengine.textual_inversion import read_embedding, vector_tokens
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
 from sdengine.vae_tiling import needs_tiles, run_tiled
-from sdengine.xl_conditioning import check_xl_edits, xl_unet_inputs, zero_negatives
+from sdengine.xl_conditioning import xl_unet_inputs, zero_negatives
 
 
 @dataclass
@@ -412,21 +412,22 @@ class Pipeline(_CallMixin):
         schedule = request.schedule(self.model_dir.scheduler_config)
         cfg = request.classifier_free_guidance
         edits = request.prompt_edits(schedule)
-        if self.model_dir.arch.xl:
-            check_xl_edits(edits.edited)
         contexts, pooled = self.encode_prompts(edits.texts, request, times)
         contexts = contexts[edits.rows]  # (sets, G * B, ...)
+        unet_constants = {}
+        if pooled is not None:  # SDXL: its added conditioning
+            pooled = pooled[edits.rows]  # (sets, G * B, pooled)
+            if cfg and request.default_negative and self.model_dir.zero_negative:
+                contexts, pooled = zero_negatives(contexts, pooled, request.batch)
+            unet_constants = xl_unet_inputs(pooled[0], request.height, request.width)
         latents, inputs = self.initial_latents(request, schedule, times)
         if edits.edited:  # every call's text embeddings, which the step model hands the UNet
             inputs.update(contexts=contexts, context_index=edits.call_rows)
+            if pooled is not None:  # ... and SDXL's pooled ones
+                inputs["pooled"] = pooled
+                del unet_constants[TEXT_EMBEDS]
         if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
             inputs["guidance_rescale"] = request.guidance_rescale
-        unet_constants = {}
-        if pooled is not None:  # SDXL: its added conditioning
-            pooled = pooled[edits.rows[0]]
-            if cfg and request.default_negative and self.model_dir.zero_negative:
-                contexts, pooled = zero_negatives(contexts, pooled, request.batch)
-            unet_constants = xl_unet_inputs(pooled, request.height, request.width)
         if request.control is not None:
             unet_constants.update(control_images(request.control, request.batch, 2 if cfg else 1))
             inputs["control_scales"] = control_schedule(

@@ -12,6 +12,7 @@ that the model itself advances:
     timestep   = timesteps[i + 1]                     ... and its timestep, shaped as the UNet wants
     scales     = control_scales[i + 1]                ... and its ControlNets' weights, where it has any
     context    = contexts[context_index[i + 1]]       ... and its text embeddings, where prompts are edited
+    pooled     = pooled[context_index[i + 1]]         ... and SDXL's pooled text embeddings with them
     i'         = i + 1
 
 Because the tables, the noise and the index live in the model's inputs, a GPU backend keeps them in device
@@ -28,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from sdengine.model_specs import CONDITIONING_SCALE
+from sdengine.model_specs import CONDITIONING_SCALE, TEXT_EMBEDS
 from sdengine.schedulers import Schedule
 
 #: History buffers the step model carries (PNDM needs the most: 4).
@@ -48,9 +49,15 @@ CONTROL_SCALE_OUTPUT = "unet_conditioning_scale"
 #: Prompt editing: every set of text embeddings the run reads, which set each call reads, and the output that
 #: gives the next call's.
 CONTEXTS, CONTEXT_INDEX, CONTEXT_OUTPUT = "contexts", "context_index", "unet_context"
+#: ... and on SDXL, each set's pooled text embeddings, and the output that gives the next call's.
+POOLED, POOLED_OUTPUT = "pooled_contexts", "unet_text_embeds"
 #: The step model's outputs that are the next UNet call's inputs besides its sample and timestep: the UNet
 #: input each one feeds, by output.
-CALL_INPUTS = {CONTROL_SCALE_OUTPUT: CONDITIONING_SCALE, CONTEXT_OUTPUT: "encoder_hidden_states"}
+CALL_INPUTS = {
+    CONTROL_SCALE_OUTPUT: CONDITIONING_SCALE,
+    CONTEXT_OUTPUT: "encoder_hidden_states",
+    POOLED_OUTPUT: TEXT_EMBEDS,
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,6 +94,8 @@ class StepTables:
     #: (:mod:`sdengine.prompt_editing`), and (S + 1,) int64: the set each call reads, one spare entry
     contexts: np.ndarray | None = None
     context_index: np.ndarray | None = None
+    #: (sets, G * B, pooled) float32: SDXL, each set's pooled text embeddings
+    pooled: np.ndarray | None = None
 
     @property
     def num_calls(self) -> int:
@@ -96,6 +105,11 @@ class StepTables:
     def context_sets(self) -> int:
         """How many sets of text embeddings the calls read from the step model (0: the UNet keeps one)."""
         return 0 if self.contexts is None else len(self.contexts)
+
+    @property
+    def pooled_size(self) -> int:
+        """The width of the pooled text embeddings the calls read from the step model (0: none)."""
+        return 0 if self.pooled is None else self.pooled.shape[-1]
 
     @property
     def controls(self) -> int:
@@ -130,13 +144,15 @@ class StepTables:
             arrays[CONTROL_SCALES] = self.control_scales
         if self.contexts is not None:
             arrays[CONTEXTS], arrays[CONTEXT_INDEX] = self.contexts, self.context_index
+        if self.pooled is not None:
+            arrays[POOLED] = self.pooled
         return arrays
 
     def outputs(self) -> tuple[str, ...]:
         """The step model's outputs, in order: :data:`STEP_OUTPUTS`, then those of :data:`CALL_INPUTS` the
-        run has (the next call's ControlNet weights, its text embeddings)."""
+        run has (the next call's ControlNet weights, its text embeddings, its pooled ones)."""
         extra = (CONTROL_SCALE_OUTPUT,) * bool(self.controls) + (CONTEXT_OUTPUT,) * bool(self.context_sets)
-        return STEP_OUTPUTS + extra
+        return STEP_OUTPUTS + extra + (POOLED_OUTPUT,) * bool(self.pooled_size)
 
     def first_call_inputs(self) -> dict[str, np.ndarray]:
         """The first UNet call's values of the inputs that the step model gives every later call (by UNet
@@ -146,6 +162,8 @@ class StepTables:
             inputs[CONDITIONING_SCALE] = self.control_scales[0]
         if self.contexts is not None:
             inputs[CALL_INPUTS[CONTEXT_OUTPUT]] = self.contexts[self.context_index[0]]
+        if self.pooled is not None:
+            inputs[CALL_INPUTS[POOLED_OUTPUT]] = self.pooled[self.context_index[0]]
         return inputs
 
 
@@ -159,14 +177,18 @@ def step_tables(
     control_scales: np.ndarray | None = None,
     contexts: np.ndarray | None = None,
     context_index: np.ndarray | None = None,
+    pooled: np.ndarray | None = None,
 ) -> StepTables:
     """Pad ``schedule``'s coefficient rows to :data:`MAX_HISTORY` history buffers. ``control_scales``: each
     call's ControlNet weights, (calls, ControlNets). ``contexts`` (sets, G * B, sequence, hidden) and
-    ``context_index`` (calls,): edited prompts' text embeddings, and the set each call reads.
+    ``context_index`` (calls,): edited prompts' text embeddings, and the set each call reads; ``pooled``
+    (sets, G * B, pooled): SDXL's pooled embeddings of those sets.
 
     Row ``r`` / column ``c`` of the scheduler's ``(1 + K, 3 + K)`` matrix keep their place; the extra history
     rows and columns are zero, so unused buffers stay zero and never contribute.
     """
+    if pooled is not None and (contexts is None or len(pooled) != len(contexts)):
+        raise ValueError("pooled text embeddings come with the sets of text embeddings they belong to")
     k = schedule.history_size
     if k > MAX_HISTORY:
         raise ValueError(f"schedule keeps {k} history buffers; the step model carries {MAX_HISTORY}")
@@ -194,6 +216,7 @@ def step_tables(
         context_index=None
         if context_index is None
         else np.append(context_index, context_index[-1]).astype(np.int64),
+        pooled=f32(pooled),
     )
 
 
@@ -232,6 +255,7 @@ def build_step_model(
     controls: int = 0,
     contexts: tuple[int, int, int] = (),
     context_dtype: int = TensorProto.FLOAT,
+    pooled: int = 0,
 ) -> onnx.ModelProto:
     """The step model for ``batch`` latents of ``latent_shape`` (C, h, w) and a schedule of ``num_calls``.
 
@@ -251,7 +275,9 @@ def build_step_model(
     :data:`CONTROL_SCALE_OUTPUT`, so a ControlNet that stops (or starts) partway costs no host work.
     ``contexts`` (sets, sequence, hidden): prompts are edited; the model takes :data:`CONTEXTS` and
     :data:`CONTEXT_INDEX` and gives the next call's set of text embeddings, in ``context_dtype`` (the UNet's
-    ``encoder_hidden_states`` type), as :data:`CONTEXT_OUTPUT`.
+    ``encoder_hidden_states`` type), as :data:`CONTEXT_OUTPUT`; with ``pooled`` (SDXL: the pooled
+    embeddings' width) it takes :data:`POOLED` too and gives the set's pooled embeddings, in the same type,
+    as :data:`POOLED_OUTPUT`.
     """
     copies = 2 if guidance else 1
     c, h, w = latent_shape
@@ -382,6 +408,15 @@ def build_step_model(
             helper.make_node("Gather", [CONTEXTS, "context_set"], ["next_context"], axis=0),
             helper.make_node("Cast", ["next_context"], [CONTEXT_OUTPUT], to=context_dtype),
         ]
+        if pooled:
+            inputs.append(helper.make_tensor_value_info(POOLED, f32, [sets, copies * batch, pooled]))
+            outputs.append(
+                helper.make_tensor_value_info(POOLED_OUTPUT, context_dtype, [copies * batch, pooled])
+            )
+            nodes += [
+                helper.make_node("Gather", [POOLED, "context_set"], ["next_pooled"], axis=0),
+                helper.make_node("Cast", ["next_pooled"], [POOLED_OUTPUT], to=context_dtype),
+            ]
     graph = helper.make_graph(nodes, "sdengine_step", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     onnx.checker.check_model(model)

@@ -4,14 +4,15 @@ An SDXL UNet takes, beside the two text encoders' states side by side, the secon
 projected embeddings (``text_embeds``) and six size numbers (``time_ids``): the original image's height and
 width, the crop's top-left corner and the target height and width. sdengine conditions on the size it makes
 (original = target = the image's size, no crop), as diffusers does by default. Both are constant over a run,
-so they reach the UNet as constant inputs of the step (``DenoisePlan.unet_constants``), on every backend.
+so they reach the UNet as constant inputs of the step (``DenoisePlan.unet_constants``), on every backend;
+where prompts are edited part way, the step model hands each call its set's pooled embeddings with its text
+embeddings (``sdengine.step_graph``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from sdengine.errors import UnsupportedConfigError
 from sdengine.model_specs import TEXT_EMBEDS, TIME_IDS
 
 
@@ -28,16 +29,10 @@ def xl_unet_inputs(pooled: np.ndarray, height: int, width: int) -> dict[str, np.
 
 
 def zero_negatives(contexts: np.ndarray, pooled: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """The embeddings with the negative side (the first ``batch`` texts) zero: SDXL's reading of "no
-    negative prompt" (``force_zeros_for_empty_prompt``)."""
+    """Every set's embeddings (sets, G * B, ...) and pooled embeddings (sets, G * B, pooled) with the negative
+    side (the first ``batch`` texts) zero: SDXL's reading of "no negative prompt"
+    (``force_zeros_for_empty_prompt``)."""
     contexts, pooled = contexts.copy(), pooled.copy()
     contexts[:, :batch] = 0.0
-    pooled[:batch] = 0.0
+    pooled[:, :batch] = 0.0
     return contexts, pooled
-
-
-def check_xl_edits(edited: bool) -> None:
-    """Prompt editing changes the pooled embeddings too, which the step does not hand the UNet call by
-    call: refused on SDXL models."""
-    if edited:
-        raise UnsupportedConfigError("prompt editing: not supported on SDXL models")

@@ -102,6 +102,15 @@ CASES = {
         prompt_weights="a1111",
         long_prompts=True,
     ),
+    # edited prompts: the step model hands each call its set's text and pooled embeddings; diffusers gets
+    # them through callback_on_step_end
+    "prompt editing, no negative prompt": dict(prompt="a [cat:dog:0.5]", prompt_weights="a1111"),
+    "prompt editing, Heun": dict(
+        prompt="a [cat|dog], [red::3]",
+        negative_prompt="[ugly:nice:2]",
+        prompt_weights="a1111",
+        scheduler="heun",
+    ),
     # against compel itself, as diffusers' documentation runs it for SDXL
     "compel weights": dict(prompt="a (red cat)1.3, blue-- sky", prompt_weights="compel"),
     "compel weights, long": dict(
@@ -165,8 +174,10 @@ def test_the_device_loop_matches_the_host_loop(xl_pipes):
 
     ours, _ = xl_pipes
     bound = Pipeline(ours.model_dir, OrtCudaBackend(ours.model_dir, device="cpu"), ours.tokenizer)
-    for settings in (SETTINGS, {**SETTINGS, "scheduler": "euler_a", "seed": 4}):
-        a, b = bound(PROMPT, **settings), ours(PROMPT, **settings)
+    edited = {**SETTINGS, "prompt": "a [cat|dog]", "prompt_weights": "a1111"}
+    for settings in (SETTINGS, {**SETTINGS, "scheduler": "euler_a", "seed": 4}, edited):
+        settings = {"prompt": PROMPT, **settings}
+        a, b = bound(**settings), ours(**settings)
         np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * float(np.abs(b.latents).max()))
 
 
@@ -184,7 +195,6 @@ def test_engine_profiles_double_both_text_encoders_and_the_added_inputs(xl_onnx)
 @pytest.mark.parametrize(
     ("settings", "match"),
     [
-        (dict(prompt_weights="a1111", prompt="a [cat:dog:0.5]"), "prompt editing: not supported on SDXL"),
         (dict(clip_skip=3), "clip_skip must be in"),
     ],
 )
@@ -328,10 +338,13 @@ def test_tensorrt_backend_runs_sdxl_in_captured_steps(xl_pipes, xl_onnx, tmp_pat
     backend = TrtBackend.load(engines)
     ours = xl_pipes[0]
     pipe = Pipeline(backend.model_dir, backend, ours.tokenizer)
-    for settings in (SETTINGS, {**SETTINGS, "seed": 5}, {**SETTINGS, "clip_skip": 1}):
-        a, b = pipe(PROMPT, **settings), ours(PROMPT, **settings)
+    edited = {**SETTINGS, "prompt": "a [cat:dog:0.5]", "prompt_weights": "a1111"}
+    for settings in (SETTINGS, {**SETTINGS, "seed": 5}, {**SETTINGS, "clip_skip": 1}, edited):
+        settings = {"prompt": PROMPT, **settings}
+        a, b = pipe(**settings), ours(**settings)
         np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * float(np.abs(b.latents).max()))
     assert cudart.launches > 0 and backend.graphs_refused is None
+    assert sorted(key.pooled for key in backend._graphs) == [0, 32]  # the edited run's step gives pooled
 
 
 def test_info_describes_an_sdxl_export(xl_onnx):

@@ -68,6 +68,9 @@ class GraphKey:
     controls: int = 0  # ControlNets in the UNet, whose weights the step model gives each call
     context_sets: int = 0  # edited prompts: the sets of text embeddings the step model gives the calls
     hidden: int = 768  # the text embeddings' width
+    pooled: int = (
+        0  # SDXL's edited prompts: the width of the pooled embeddings the step model gives the calls
+    )
 
     @classmethod
     def of(cls, plan: DenoisePlan) -> GraphKey:
@@ -84,6 +87,7 @@ class GraphKey:
             tables.controls,
             tables.context_sets,
             plan.context.shape[2],
+            tables.pooled_size,
         )
 
     @property
@@ -114,6 +118,7 @@ class GraphKey:
             controls=self.controls,
             contexts=(self.context_sets, self.sequence, self.hidden) if self.context_sets else (),
             context_dtype=tensor_type(context_dtype),
+            pooled=self.pooled,
         )
 
 
