@@ -321,11 +321,24 @@ class TorchPipeline(_CallMixin):
         return upscaled.numpy()
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:
-        """diffusers' own ``load_textual_inversion`` (its image pipelines share the tokenizer and encoder)."""
-        from sdengine.textual_inversion import read_embedding
+        """diffusers' own ``load_textual_inversion`` (its image pipelines share the tokenizer and encoder);
+        SDXL's ``clip_l`` and ``clip_g`` vectors into each text encoder with its tokenizer, as diffusers'
+        documentation loads them."""
+        from sdengine.textual_inversion import read_embedding, read_xl_embedding
 
-        token = read_embedding(path, token)[0]  # the same checks and token name as the engine
-        self.pipe.load_textual_inversion(str(path), token=token)
+        pipe = self.pipe
+        if not self.model_dir.arch.xl:
+            token = read_embedding(path, token)[0]  # the same checks and token name as the engine
+            pipe.load_textual_inversion(str(path), token=token)
+            return token
+        token, first, second = read_xl_embedding(path, token)
+        for vectors, encoder, tokenizer in (
+            (first, pipe.text_encoder, pipe.tokenizer),
+            (second, pipe.text_encoder_2, pipe.tokenizer_2),
+        ):
+            pipe.load_textual_inversion(
+                torch.from_numpy(vectors), token=token, text_encoder=encoder, tokenizer=tokenizer
+            )
         return token
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int:
@@ -428,11 +441,12 @@ class TorchPipeline(_CallMixin):
             if request.prompt_weights == "a1111":
                 states.append(a1111_states(pipe, tok, lambda ids, e=encode: e(ids).double(), texts, request))
                 continue
+            converted = [pipe.maybe_convert_prompt(t, tok) for t in texts]  # textual inversion's tokens
             if request.long_prompts:
-                ids = token_windows(tok, texts)
+                ids = token_windows(tok, converted)
             else:
                 ids = tok(
-                    texts,
+                    converted,
                     padding="max_length",
                     max_length=tok.model_max_length,
                     truncation=True,
@@ -441,17 +455,18 @@ class TorchPipeline(_CallMixin):
             embeds = encode(ids.flatten(0, 1))
             states.append(embeds.reshape(len(texts), -1, embeds.shape[-1]))
         tok = pipe.tokenizer_2
+        converted = [pipe.maybe_convert_prompt(t, tok) for t in texts]
         if request.prompt_weights == "a1111":  # the first window as the web UI fills it
             specials = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
             comma = tok.convert_tokens_to_ids(",</w>")
             content = lambda text: tok(text, add_special_tokens=False, truncation=False).input_ids  # noqa: E731
             windows = [
                 a1111_windows(parse_a1111(t), content, specials, comma, tok.model_max_length - 2)
-                for t in texts
+                for t in converted
             ]
             pooled_ids = torch.from_numpy(np.stack([ids[0] for ids, _ in windows]))
         else:
-            pooled_ids = token_windows(tok, texts)[:, 0]
+            pooled_ids = token_windows(tok, converted)[:, 0]
         pooled = pipe.text_encoder_2(pooled_ids.to(self.device))[0]  # the projected, pooled embeddings
         return torch.cat(states, dim=-1).to(pipe.unet.dtype), pooled
 
@@ -459,7 +474,7 @@ class TorchPipeline(_CallMixin):
         """SDXL's weighted prompt embeddings from compel, as diffusers' documentation makes them with it: both
         tokenizers and encoders, their penultimate states not normalised, the second's pooled embeddings;
         windows and downweighting as :meth:`weighted_embeddings`."""
-        from compel import Compel, DownweightMode, ReturnedEmbeddingsType
+        from compel import Compel, DiffusersTextualInversionManager, DownweightMode, ReturnedEmbeddingsType
         from compel.embeddings_provider import SplitLongTextMode
 
         if request.clip_skip:
@@ -475,6 +490,8 @@ class TorchPipeline(_CallMixin):
             split_long_text_mode=SplitLongTextMode.BRUTAL,
             downweight_mode=DownweightMode.REMOVE,
             device=self.device,
+            # textual inversion's multi-vector tokens spelled out, as diffusers and the engine read them
+            textual_inversion_manager=DiffusersTextualInversionManager(pipe),
         )
         out = [compel(text) for text in request.negative_prompts + request.prompts]
         embeds = torch.cat(compel.pad_conditioning_tensors_to_same_length([e for e, _ in out]))
@@ -533,7 +550,7 @@ class TorchPipeline(_CallMixin):
         windows split where they fill (``SplitLongTextMode.BRUTAL``) and fragments below weight 1 blended out
         by encoding the prompt without them (``DownweightMode.REMOVE``), as the engine does."""
         try:
-            from compel import Compel, DownweightMode
+            from compel import Compel, DiffusersTextualInversionManager, DownweightMode
             from compel.embeddings_provider import SplitLongTextMode
         except ImportError:
             raise BackendUnavailableError(
@@ -550,6 +567,8 @@ class TorchPipeline(_CallMixin):
             split_long_text_mode=SplitLongTextMode.BRUTAL,
             downweight_mode=DownweightMode.REMOVE,
             device=self.device,
+            # textual inversion's multi-vector tokens spelled out, as diffusers and the engine read them
+            textual_inversion_manager=DiffusersTextualInversionManager(pipe),
         )
         embeds = [compel(text) for text in request.negative_prompts + request.prompts]
         embeds = torch.cat(compel.pad_conditioning_tensors_to_same_length(embeds))

@@ -22,14 +22,14 @@ from sdengine.hires import upscale_latents
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
-from sdengine.model_specs import SAFETY_CHECKER, TEXT_EMBEDS
+from sdengine.model_specs import SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
 from sdengine.prompt_weights_a1111 import a1111_embeddings, a1111_windows, parse_a1111
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
 from sdengine.safety import PREPROCESSOR_CONFIG, clip_pixels
 from sdengine.schedulers import Schedule
 from sdengine.step_graph import Blend, step_tables
-from sdengine.textual_inversion import read_embedding, vector_tokens
+from sdengine.textual_inversion import read_embedding, read_xl_embedding, vector_tokens
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
 from sdengine.vae_tiling import needs_tiles, run_tiled
@@ -559,19 +559,39 @@ class Pipeline(_CallMixin):
         return np.stack([np.concatenate([e, *[empty] * ((longest - len(e)) // len(empty))]) for e in embeds])
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str:
-        """Add a textual inversion embedding (a safetensors file in diffusers' or A1111's format) as a
-        prompt token: ``token``, or the name the file gives. Returns the token. As diffusers does, an
-        n-vector embedding adds ``token``, ``token_1`` ... ``token_{n-1}``, and a prompt naming ``token``
-        reads all n (see ``sdengine.textual_inversion``)."""
+        """Add a textual inversion embedding (a safetensors file in diffusers' or A1111's format; for SDXL,
+        one with ``clip_l`` and ``clip_g`` vectors, one set for each text encoder) as a prompt token:
+        ``token``, or the name the file gives. Returns the token. As diffusers does, an n-vector embedding
+        adds ``token``, ``token_1`` ... ``token_{n-1}``, and a prompt naming ``token`` reads all n (see
+        ``sdengine.textual_inversion``)."""
         with self._lock:
-            self._refuse_xl("textual inversion")
-            token, vectors = read_embedding(path, token)
-            tokens = vector_tokens(token, len(vectors))
-            ids = self.tokenizer.next_ids(tokens)  # the text encoder first: a refusal there changes nothing
-            self.backend.set_token_embeddings(dict(zip(ids, vectors, strict=True)))
-            if self.tokenizer.add_tokens(tokens) != ids:  # pragma: no cover - tokenizers assigns ids in order
-                raise AssertionError("the tokenizer gave the new tokens other ids than expected")
+            if self.tokenizer_2 is None:
+                token, vectors = read_embedding(path, token)
+                self._add_tokens(token, [(self.tokenizer, TEXT_ENCODER, vectors)])
+                return token
+            token, first, second = read_xl_embedding(path, token)
+            arch = self.model_dir.arch
+            widths = (arch.text_hidden_size - arch.text_hidden_size_2, arch.text_hidden_size_2)
+            if (first.shape[1], second.shape[1]) != widths:
+                raise InvalidArgumentError(
+                    f"{path}: vectors of widths {first.shape[1]} and {second.shape[1]} for text encoders of "
+                    f"widths {widths[0]} and {widths[1]}: the embedding was made for another model"
+                )
+            self._add_tokens(
+                token, [(self.tokenizer, TEXT_ENCODER, first), (self.tokenizer_2, TEXT_ENCODER_2, second)]
+            )
             return token
+
+    def _add_tokens(self, token: str, parts: list[tuple[ClipTokenizer, str, np.ndarray]]) -> None:
+        """Give each (tokenizer, its text encoder, vectors) the embedding's tokens: the text encoders first,
+        so that a refusal there leaves the tokenizers as they were."""
+        tokens = vector_tokens(token, len(parts[0][2]))
+        ids = [tokenizer.next_ids(tokens) for tokenizer, _, _ in parts]
+        for (_, component, vectors), new_ids in zip(parts, ids, strict=True):
+            self.backend.set_token_embeddings(dict(zip(new_ids, vectors, strict=True)), component)
+        for (tokenizer, _, _), new_ids in zip(parts, ids, strict=True):
+            if tokenizer.add_tokens(tokens) != new_ids:  # pragma: no cover - tokenizers assigns ids in order
+                raise AssertionError("the tokenizer gave the new tokens other ids than expected")
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int:
         """Fuse a LoRA (a safetensors file in diffusers', PEFT's or kohya's layout) into the UNet and text
@@ -589,10 +609,6 @@ class Pipeline(_CallMixin):
                 )
             self._set_loras([*self._loras, (lora, float(scale))])
             return len(lora.layers)
-
-    def _refuse_xl(self, what: str) -> None:
-        if self.model_dir.arch.xl:
-            raise UnsupportedConfigError(f"{what}: not supported on SDXL models")
 
     def unload_loras(self) -> None:
         """Back to the model files' own weights."""

@@ -4,7 +4,9 @@ Loaded as diffusers' ``load_textual_inversion`` loads them: a token of n vectors
 ``tok_1`` ... ``tok_{n-1}``, each added to the tokenizer with the next free id and given its row of the text
 encoder's token-embedding table, and a prompt naming ``tok`` is read as ``tok tok_1 ... tok_{n-1}``. The
 runtime reads safetensors files (diffusers' ``{token: vectors}`` and A1111's ``emb_params``) without torch;
-pickled ``.bin``/``.pt`` files are read only where torch is installed.
+pickled ``.bin``/``.pt`` files are read only where torch is installed. SDXL's embeddings hold a set of vectors
+for each text encoder, ``clip_l`` (the first's) and ``clip_g`` (the second's), as diffusers' documentation
+loads them into each encoder with its tokenizer (:func:`read_xl_embedding`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+
+#: An SDXL embedding's vectors for its first and its second text encoder.
+XL_KEYS = ("clip_l", "clip_g")
 
 
 def read_embedding(path: str | os.PathLike, token: str | None = None) -> tuple[str, np.ndarray]:
@@ -31,6 +36,10 @@ def read_embedding(path: str | os.PathLike, token: str | None = None) -> tuple[s
             tensors = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise InvalidArgumentError(f"cannot read embedding {path}: {exc}") from None
+        if set(XL_KEYS) <= set(tensors):
+            raise InvalidArgumentError(
+                f"{path} is an SDXL embedding (clip_l and clip_g); load it into an SDXL model"
+            )
         if "emb_params" in tensors:  # A1111's safetensors: the token is the file's name
             loaded, vectors = path.stem, tensors["emb_params"]
         elif len(tensors) == 1:  # diffusers: {token: vectors}
@@ -45,6 +54,35 @@ def read_embedding(path: str | os.PathLike, token: str | None = None) -> tuple[s
     if vectors.ndim != 2 or not len(vectors):
         raise InvalidArgumentError(f"{path}: expected embedding vectors (n, hidden), got {vectors.shape}")
     return token or loaded, vectors
+
+
+def read_xl_embedding(
+    path: str | os.PathLike, token: str | None = None
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """(token, first encoder's vectors (n, hidden), second's (n, hidden 2)) from an SDXL embedding file
+    (safetensors with ``clip_l`` and ``clip_g``); the token is the file's name unless ``token`` is given."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgumentError(f"embedding file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise InvalidArgumentError(f"{path}: SDXL embeddings are read as .safetensors only")
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise InvalidArgumentError(f"cannot read embedding {path}: {exc}") from None
+    if not set(XL_KEYS) <= set(tensors):
+        raise InvalidArgumentError(
+            f"{path} is not an SDXL embedding: an SDXL model needs vectors for both text encoders "
+            "(clip_l and clip_g)"
+        )
+    first, second = (np.asarray(tensors[key], dtype=np.float32) for key in XL_KEYS)
+    if first.ndim != 2 or second.ndim != 2 or len(first) != len(second) or not len(first):
+        raise InvalidArgumentError(
+            f"{path}: expected as many clip_l as clip_g vectors, got {first.shape} and {second.shape}"
+        )
+    return token or path.stem, first, second
 
 
 def _read_pickled(path: Path) -> tuple[str, np.ndarray]:

@@ -206,10 +206,44 @@ def test_what_sdxl_does_not_run_is_refused(xl_pipes, settings, match):
             pipe(**{"prompt": PROMPT, **SETTINGS, **settings})
 
 
-def test_textual_inversion_is_refused(xl_pipes, tmp_path):
-    ours, _ = xl_pipes
-    with pytest.raises(UnsupportedConfigError, match="textual inversion: not supported on SDXL"):
-        ours.load_textual_inversion(tmp_path / "any.safetensors")
+def test_textual_inversion_matches_diffusers(xl_onnx, xl_checkpoint, tmp_path):
+    """An SDXL embedding (clip_l and clip_g vectors, two of each) into each text encoder with its tokenizer,
+    against diffusers loading each set as its documentation does; plain, weighted and edited prompts."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    vectors = {key: 0.5 * rng.standard_normal((2, 32)).astype(np.float32) for key in ("clip_l", "clip_g")}
+    save_file(vectors, str(tmp_path / "xlstyle.safetensors"))
+    ours = Pipeline.load(xl_onnx, backend="ort", device="cpu")
+    ref = Pipeline.load(xl_checkpoint, backend="torch")
+    before = ours("a photo of xlstyle", **SETTINGS)
+    for pipe in (ours, ref):
+        assert pipe.load_textual_inversion(tmp_path / "xlstyle.safetensors") == "xlstyle"
+    for prompt, extra in (
+        ("a photo of xlstyle", {}),
+        ("a (photo)1.2 of xlstyle", {"prompt_weights": "compel"}),
+        ("a [cat:(xlstyle:1.2):0.5]", {"prompt_weights": "a1111", "negative_prompt": "[xlstyle]"}),
+    ):
+        a, b = ours(prompt, **SETTINGS, **extra), ref(prompt, **SETTINGS, **extra)
+        assert psnr(a.array, b.array) >= 100, prompt
+    assert psnr(ours("a photo of xlstyle", **SETTINGS).array, before.array) < 60
+    save_file({"emb_params": vectors["clip_l"]}, str(tmp_path / "sd.safetensors"))
+    with pytest.raises(InvalidArgumentError, match="is not an SDXL embedding"):
+        ours.load_textual_inversion(tmp_path / "sd.safetensors")
+    save_file(
+        {"clip_l": vectors["clip_l"], "clip_g": np.zeros((2, 8), np.float32)}, str(tmp_path / "w.safetensors")
+    )
+    with pytest.raises(InvalidArgumentError, match="made for another model"):
+        ours.load_textual_inversion(tmp_path / "w.safetensors")
+
+
+def test_an_sdxl_embedding_is_refused_by_a_model_with_one_text_encoder(ort_pipe_fp32, tmp_path):
+    from safetensors.numpy import save_file
+
+    zeros = np.zeros((1, 32), np.float32)
+    save_file({"clip_l": zeros, "clip_g": zeros}, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(InvalidArgumentError, match="is an SDXL embedding"):
+        ort_pipe_fp32.load_textual_inversion(tmp_path / "xl.safetensors")
 
 
 def sgm_name(layer: str) -> str:

@@ -11,6 +11,7 @@ import onnx
 from onnx import helper
 
 from sdengine.errors import InvalidArgumentError
+from sdengine.model_specs import TEXT_ENCODER
 from sdengine.step_graph import StepTables, build_step_model
 from sdengine.timing import StageTimes
 
@@ -153,9 +154,10 @@ class Backend(Protocol):
         sequence, hidden 2) and its pooled, projected embeddings (B, pooled), float32, from one run."""
         ...
 
-    def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
-        """Textual inversion: give the text encoder's token-embedding table these rows (id -> vector),
-        growing it where an id lies past its end. UnsupportedConfigError where the weights are fixed."""
+    def set_token_embeddings(self, rows: dict[int, np.ndarray], component: str = TEXT_ENCODER) -> None:
+        """Textual inversion: give text encoder ``component``'s token-embedding table these rows (id ->
+        vector), growing it where an id lies past its end. UnsupportedConfigError where the weights are
+        fixed."""
         ...
 
     def set_weights(self, component: str, weights: dict[str, np.ndarray]) -> None:

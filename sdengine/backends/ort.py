@@ -162,8 +162,9 @@ class OrtBackend:
         self.options = session_options(threads)
         self.specs = model_dir.arch.specs()
         self._weights: dict[str, dict[str, np.ndarray]] = {}  # LoRA-fused weights, by component
-        self._token_rows: dict[int, np.ndarray] = {}  # textual inversion rows, by token id
-        self._token_table: dict[str, np.ndarray] = {}  # the text encoder's token table with those rows
+        # textual inversion: each text encoder's rows, by token id, and its token table with those rows
+        self._token_rows: dict[str, dict[int, np.ndarray]] = {}
+        self._token_tables: dict[str, dict[str, np.ndarray]] = {}
         required = model_dir.arch.required_components()
         self.sessions = {c: self._open(c) for c in (required if preload is None else preload)}
         self._inputs = {
@@ -196,7 +197,7 @@ class OrtBackend:
         (:meth:`set_weights`) and, for the text encoder, the token table with textual inversion's rows."""
         return {
             **self._weights.get(component, {}),
-            **(self._token_table if component == TEXT_ENCODER else {}),
+            **self._token_tables.get(component, {}),
         }
 
     def set_weights(self, component: str, weights: dict[str, np.ndarray]) -> None:
@@ -267,22 +268,22 @@ class OrtBackend:
         pooled, states = self._run_outputs(TEXT_ENCODER_2, [TEXT_EMBEDS, HIDDEN_STATES], input_ids=input_ids)
         return xl_layer(states, clip_skip), pooled
 
-    def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
+    def set_token_embeddings(self, rows: dict[int, np.ndarray], component: str = TEXT_ENCODER) -> None:
         """The text encoder's session again, from its model with every row given so far (the grown table is
         made here, once, not at every reopening of the session: LoRA reopens it too)."""
-        all_rows = {**self._token_rows, **rows}
-        path = self.model_dir.onnx_path(TEXT_ENCODER)
+        all_rows = {**self._token_rows.get(component, {}), **rows}
+        path = self.model_dir.onnx_path(component)
         model = onnx.load(str(path), load_external_data=False)
         name, table = grown_token_table(
             model, str(path.parent), all_rows
         )  # refuses a bad row, changing nothing
-        previous = self._token_rows, self._token_table
-        self._token_rows, self._token_table = all_rows, {name: table}
+        previous = self._token_rows.get(component, {}), self._token_tables.get(component, {})
+        self._token_rows[component], self._token_tables[component] = all_rows, {name: table}
 
         def undo() -> None:
-            self._token_rows, self._token_table = previous
+            self._token_rows[component], self._token_tables[component] = previous
 
-        self._reopen(TEXT_ENCODER, undo=undo)
+        self._reopen(component, undo=undo)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if VAE_ENCODER not in self.sessions:  # opened on first use: text to image never needs it

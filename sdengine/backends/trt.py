@@ -299,7 +299,7 @@ class TrtBackend:
         )
         return xl_layer(states, clip_skip), pooled
 
-    def set_token_embeddings(self, rows: dict[int, np.ndarray]) -> None:
+    def set_token_embeddings(self, rows: dict[int, np.ndarray], component: str = TEXT_ENCODER) -> None:
         raise UnsupportedConfigError(
             "textual inversion needs the ONNX Runtime backend: a TensorRT engine holds its weights"
         )
