@@ -474,24 +474,15 @@ class TorchPipeline(_CallMixin):
         """SDXL's weighted prompt embeddings from compel, as diffusers' documentation makes them with it: both
         tokenizers and encoders, their penultimate states not normalised, the second's pooled embeddings;
         windows and downweighting as :meth:`weighted_embeddings`."""
-        from compel import Compel, DiffusersTextualInversionManager, DownweightMode, ReturnedEmbeddingsType
-        from compel.embeddings_provider import SplitLongTextMode
+        from compel import ReturnedEmbeddingsType
 
-        if request.clip_skip:
-            raise UnsupportedConfigError(
-                "the torch backend weights prompts with compel, which has no clip_skip"
-            )
-        compel = Compel(
+        compel = self.compel(
+            pipe,
+            request,
             tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
             text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
             returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
             requires_pooled=[False, True],
-            truncate_long_prompts=not request.long_prompts,
-            split_long_text_mode=SplitLongTextMode.BRUTAL,
-            downweight_mode=DownweightMode.REMOVE,
-            device=self.device,
-            # textual inversion's multi-vector tokens spelled out, as diffusers and the engine read them
-            textual_inversion_manager=DiffusersTextualInversionManager(pipe),
         )
         out = [compel(text) for text in request.negative_prompts + request.prompts]
         embeds = torch.cat(compel.pad_conditioning_tensors_to_same_length([e for e, _ in out]))
@@ -546,9 +537,18 @@ class TorchPipeline(_CallMixin):
         return a1111_states(pipe, pipe.tokenizer, encode, texts, request).to(pipe.unet.dtype)
 
     def weighted_embeddings(self, pipe, request: GenerationRequest) -> dict[str, torch.Tensor]:
-        """Weighted prompt embeddings from compel, the library diffusers' documentation weights prompts with:
-        windows split where they fill (``SplitLongTextMode.BRUTAL``) and fragments below weight 1 blended out
-        by encoding the prompt without them (``DownweightMode.REMOVE``), as the engine does."""
+        """Weighted prompt embeddings from compel, the library diffusers' documentation weights prompts with
+        (:meth:`compel`)."""
+        compel = self.compel(pipe, request, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+        embeds = [compel(text) for text in request.negative_prompts + request.prompts]
+        embeds = torch.cat(compel.pad_conditioning_tensors_to_same_length(embeds))
+        return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
+
+    def compel(self, pipe, request: GenerationRequest, **encoders: Any) -> Any:
+        """compel on ``encoders`` (its tokenizer and text encoder arguments), weighting as the engine does:
+        windows split where they fill (``SplitLongTextMode.BRUTAL``), fragments below weight 1 blended out by
+        encoding the prompt without them (``DownweightMode.REMOVE``), and textual inversion's multi-vector
+        tokens spelled out as diffusers and the engine read them."""
         try:
             from compel import Compel, DiffusersTextualInversionManager, DownweightMode
             from compel.embeddings_provider import SplitLongTextMode
@@ -560,19 +560,14 @@ class TorchPipeline(_CallMixin):
             raise UnsupportedConfigError(
                 "the torch backend weights prompts with compel, which has no clip_skip"
             )
-        compel = Compel(
-            tokenizer=pipe.tokenizer,
-            text_encoder=pipe.text_encoder,
+        return Compel(
+            **encoders,
             truncate_long_prompts=not request.long_prompts,
             split_long_text_mode=SplitLongTextMode.BRUTAL,
             downweight_mode=DownweightMode.REMOVE,
             device=self.device,
-            # textual inversion's multi-vector tokens spelled out, as diffusers and the engine read them
             textual_inversion_manager=DiffusersTextualInversionManager(pipe),
         )
-        embeds = [compel(text) for text in request.negative_prompts + request.prompts]
-        embeds = torch.cat(compel.pad_conditioning_tensors_to_same_length(embeds))
-        return {"negative_prompt_embeds": embeds[: request.batch], "prompt_embeds": embeds[request.batch :]}
 
     def image_pipeline(self, kind: str, control: bool = False):
         """diffusers' image-to-image (``kind`` "Img2Img") or inpainting ("Inpaint") pipeline, or with

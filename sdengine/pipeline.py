@@ -595,11 +595,11 @@ class Pipeline(_CallMixin):
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int:
         """Fuse a LoRA (a safetensors file in diffusers', PEFT's or kohya's layout) into the UNet and text
-        encoder with weight ``scale``, on top of those loaded before, as diffusers' ``load_lora_weights``
-        then ``fuse_lora(lora_scale=scale)`` does. The model files are left alone: the fused weights are
-        computed from them and replace theirs in the reopened sessions. Returns how many layers it updates.
-        ONNX Runtime only: a TensorRT engine holds its weights (``sdengine export --lora`` fuses them
-        there)."""
+        encoder (SDXL's two) with weight ``scale``, on top of those loaded before, as diffusers'
+        ``load_lora_weights`` then ``fuse_lora(lora_scale=scale)`` does. The model files are left alone: the
+        fused weights are computed from them and replace theirs in the reopened sessions. Returns how many
+        layers it updates. ONNX Runtime only: a TensorRT engine holds its weights (``sdengine export --lora``
+        fuses them there)."""
         with self._lock:
             lora = read_lora(path)
             missing = sorted(lora.components() - set(self.model_dir.arch.components()))

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+from sdengine.errors import InvalidArgumentError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.images import psnr
 from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir
 from sdengine.model_specs import TEXT_EMBEDS, TEXT_ENCODER_2, TIME_IDS, UNET
@@ -438,3 +438,15 @@ def test_an_sd_controlnet_does_not_fit_sdxl(xl_checkpoint, tiny_checkpoint, tmp_
     net = write_random_controlnet(tiny_checkpoint, tmp_path / "sd-net")
     with pytest.raises(UnsupportedConfigError, match="for another"):
         check_controlnets(xl_checkpoint, open_checkpoint_dir(xl_checkpoint).arch, [net])
+
+
+def test_a_text_encoder_without_every_layer_is_one_line(xl_onnx, tmp_path):
+    """An SDXL export whose second text encoder gives its last states alone (as another tool's might)."""
+    root = shutil.copytree(xl_onnx, tmp_path / "onnx")
+    model = onnx.load(str(root / TEXT_ENCODER_2 / "model.onnx"))
+    kept = [o for o in model.graph.output if o.name != "hidden_states"]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    onnx.save(model, str(root / TEXT_ENCODER_2 / "model.onnx"))
+    with pytest.raises(ModelDirectoryError, match="does not give hidden_states"):
+        Pipeline.load(root, backend="ort", device="cpu")(PROMPT, **SETTINGS)

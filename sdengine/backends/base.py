@@ -69,9 +69,7 @@ class GraphKey:
     controls: int = 0  # ControlNets in the UNet, whose weights the step model gives each call
     context_sets: int = 0  # edited prompts: the sets of text embeddings the step model gives the calls
     hidden: int = 768  # the text embeddings' width
-    pooled: int = (
-        0  # SDXL's edited prompts: the width of the pooled embeddings the step model gives the calls
-    )
+    pooled: int = 0  # SDXL's edited prompts: the width of the pooled embeddings the step model gives
 
     @classmethod
     def of(cls, plan: DenoisePlan) -> GraphKey:

@@ -254,6 +254,7 @@ class OrtBackend:
 
     def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> np.ndarray:
         if self.model_dir.arch.xl:
+            self._require_states(TEXT_ENCODER)
             return xl_layer(self._run(TEXT_ENCODER, HIDDEN_STATES, input_ids=input_ids), clip_skip)
         if not clip_skip:
             return self._run(TEXT_ENCODER, input_ids=input_ids)
@@ -264,7 +265,16 @@ class OrtBackend:
             )
         return skipped_layers(self._run(TEXT_ENCODER, LAYER_STATES, input_ids=input_ids), clip_skip)
 
+    def _require_states(self, component: str) -> None:
+        """SDXL reads every layer's states, stacked (:data:`HIDDEN_STATES`): sdengine's exports give them."""
+        if HIDDEN_STATES not in {o.name for o in self.sessions[component].get_outputs()}:
+            raise ModelDirectoryError(
+                f"{self.model_dir.root}: its {component} does not give {HIDDEN_STATES} (every layer's "
+                "states, stacked), which SDXL reads; export the checkpoint with sdengine export"
+            )
+
     def encode_text_2(self, input_ids: np.ndarray, clip_skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        self._require_states(TEXT_ENCODER_2)
         pooled, states = self._run_outputs(TEXT_ENCODER_2, [TEXT_EMBEDS, HIDDEN_STATES], input_ids=input_ids)
         return xl_layer(states, clip_skip), pooled
 

@@ -281,6 +281,7 @@ class TrtBackend:
 
     def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> np.ndarray:
         if self.model_dir.arch.xl:
+            self._require_states(TEXT_ENCODER)
             states = self._run_host(TEXT_ENCODER, {"input_ids": input_ids}, HIDDEN_STATES)
             return xl_layer(states, clip_skip)
         if not clip_skip:
@@ -293,7 +294,16 @@ class TrtBackend:
         states = self._run_host(TEXT_ENCODER, {"input_ids": input_ids}, LAYER_STATES)
         return skipped_layers(states, clip_skip)
 
+    def _require_states(self, component: str) -> None:
+        """SDXL reads every layer's states, stacked (:data:`HIDDEN_STATES`): sdengine's exports give them."""
+        if HIDDEN_STATES not in self.engines[component].outputs:
+            raise ModelDirectoryError(
+                f"{self.engine_dir}: its {component} engine does not give {HIDDEN_STATES} (every layer's "
+                "states, stacked), which SDXL reads; export the checkpoint with sdengine export, then build"
+            )
+
     def encode_text_2(self, input_ids: np.ndarray, clip_skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        self._require_states(TEXT_ENCODER_2)
         pooled, states = self._run_host_outputs(
             TEXT_ENCODER_2, {"input_ids": input_ids}, [TEXT_EMBEDS, HIDDEN_STATES]
         )
