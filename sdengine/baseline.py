@@ -224,6 +224,8 @@ class TorchPipeline(_CallMixin):
                 inputs[name] = values[0] if one else list(values)
         if request.image_to_image or control:
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
+        if xl:
+            inputs.update(xl_size_arguments(request))
         schedule = request.schedule(self.model_dir.scheduler_config)
         step_noise = request.step_noise(schedule, request.latent_shape(self.model_dir.arch))
         draws = stacked(draws, same_step_noise(pipe.scheduler, step_noise))
@@ -585,6 +587,26 @@ class TorchPipeline(_CallMixin):
             pipe.set_progress_bar_config(disable=True)
             self._image_pipelines[class_name] = pipe
         return self._image_pipelines[class_name]
+
+
+def xl_size_arguments(request: GenerationRequest) -> dict[str, tuple[int, int]]:
+    """diffusers' SDXL size-conditioning arguments for ``request``: its own, or the image's size and crop
+    corner (0, 0); the negative ones where any is given (diffusers reads them only when both negative sizes
+    are given)."""
+    sizes, image = request.sizes, (request.height, request.width)
+    arguments = {
+        "original_size": sizes.original_size or image,
+        "crops_coords_top_left": sizes.crop_top_left,
+        "target_size": sizes.target_size or image,
+    }
+    negatives = (sizes.negative_original_size, sizes.negative_crop_top_left, sizes.negative_target_size)
+    if any(v is not None for v in negatives):
+        arguments |= {
+            "negative_original_size": negatives[0] or arguments["original_size"],
+            "negative_crops_coords_top_left": negatives[1] or arguments["crops_coords_top_left"],
+            "negative_target_size": negatives[2] or arguments["target_size"],
+        }
+    return arguments
 
 
 def a1111_states(

@@ -18,6 +18,28 @@ from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_INPAINT_STRENGTH, DEFAULT_STEPS, DEFAULT_STRENGTH
 
+#: SDXL's size conditioning, as ``generate`` takes it.
+SIZE_SETTINGS = {
+    "original_size": "SDXL: the original size it is conditioned on, HEIGHT,WIDTH (default: the image's)",
+    "crop_top_left": "SDXL: the crop corner it is conditioned on, TOP,LEFT (default 0,0)",
+    "target_size": "SDXL: the target size it is conditioned on, HEIGHT,WIDTH (default: the image's)",
+    "negative_original_size": "SDXL: --original-size for the negative side of guidance",
+    "negative_crop_top_left": "SDXL: --crop-top-left for the negative side of guidance",
+    "negative_target_size": "SDXL: --target-size for the negative side of guidance",
+}
+
+
+def pair(text: str) -> tuple[int, int]:
+    """``A,B`` -> (A, B), two whole numbers."""
+    parts = text.split(",")
+    try:
+        if len(parts) == 2:
+            return int(parts[0]), int(parts[1])
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected two whole numbers A,B, got {text!r}")
+
+
 EXIT_ERROR = 1
 OPTIMIZED_CACHE_HELP = "CPU: keep ONNX Runtime's optimised graphs per machine (fast starts, more disk)"
 GRAPH_CHOICES = ("step", "ort", "none")
@@ -127,6 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         hires_strength=args.hires_strength,
         hires_steps=args.hires_steps,
         hires_upscale=args.hires_upscale,
+        **{name: getattr(args, name) for name in SIZE_SETTINGS if getattr(args, name) is not None},
         progress=_progress("denoising"),
         **_previews(pipeline, args),
     )
@@ -399,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="enlarge the first pass's latents (default) or its decoded images",
     )
+    for name, what in SIZE_SETTINGS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", type=pair, default=None, metavar="A,B", help=what)
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="default: auto (by directory)")
     g.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
     g.add_argument(

@@ -179,6 +179,12 @@ class _CallMixin:
         hires_strength: float | None = None,
         hires_steps: int | None = None,
         hires_upscale: str | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crop_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -203,7 +209,21 @@ class _CallMixin:
         ``seed + i``'s towards ``variation_seed + i``'s). ``hires_scale`` (text to image): the hires fix, a
         second pass at that many times the size, image to image from the first pass enlarged
         (``hires_upscale`` "latent", its latents, or "image", its images), ``hires_strength`` of
-        ``hires_steps`` steps (defaults 0.7 of the first pass's steps; see :mod:`sdengine.hires`)."""
+        ``hires_steps`` steps (defaults 0.7 of the first pass's steps; see :mod:`sdengine.hires`).
+        ``original_size``, ``crop_top_left``, ``target_size`` and their ``negative_`` counterparts (SDXL):
+        the size conditioning, (height, width) and (top, left) pairs, as diffusers' SDXL pipelines take them
+        (defaults: the image's size, (0, 0), and the positive ones; see :mod:`sdengine.xl_conditioning`)."""
+        sizes = {
+            "original_size": original_size,
+            "crop_top_left": crop_top_left,
+            "target_size": target_size,
+            "negative_original_size": negative_original_size,
+            "negative_crop_top_left": negative_crop_top_left,
+            "negative_target_size": negative_target_size,
+        }
+        given = [name for name, value in sizes.items() if value is not None]
+        if given and not self.model_dir.arch.xl:
+            raise UnsupportedConfigError(f"{', '.join(given)}: SDXL's size conditioning; this model has none")
         multiple = self.model_dir.arch.vae_scale_factor
         controls = self._control_images(control_image)
         default = (self.model_dir.default_image_size,) * 2
@@ -242,6 +262,7 @@ class _CallMixin:
             hires_steps=hires_steps,
             hires_upscale=hires_upscale,
             size_multiple=multiple,
+            **sizes,
         )
 
     def _control_images(self, control: ImageInput | Sequence[ImageInput] | None) -> list[ImageInput] | None:
@@ -419,7 +440,7 @@ class Pipeline(_CallMixin):
             pooled = pooled[edits.rows]  # (sets, G * B, pooled)
             if cfg and request.default_negative and self.model_dir.zero_negative:
                 contexts, pooled = zero_negatives(contexts, pooled, request.batch)
-            unet_constants = xl_unet_inputs(pooled[0], request.height, request.width)
+            unet_constants = xl_unet_inputs(pooled[0], request.height, request.width, request.sizes, cfg)
         latents, inputs = self.initial_latents(request, schedule, times)
         if edits.edited:  # every call's text embeddings, which the step model hands the UNet
             inputs.update(contexts=contexts, context_index=edits.call_rows)

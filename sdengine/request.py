@@ -18,6 +18,7 @@ from sdengine.model_specs import Architecture
 from sdengine.prompt_editing import PromptEdits, prompt_edits
 from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.schedulers.base import img2img_start
+from sdengine.xl_conditioning import SizeConditioning, size_conditioning
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
@@ -70,6 +71,8 @@ class GenerationRequest:
     #: no negative prompt was given (each is the empty prompt): an SDXL model's negative side then reads
     #: zeros, as diffusers' ``force_zeros_for_empty_prompt`` has it
     default_negative: bool = False
+    #: SDXL's size conditioning, where it is given (see sdengine.xl_conditioning)
+    sizes: SizeConditioning = SizeConditioning()
 
     @property
     def image_to_image(self) -> bool:
@@ -259,6 +262,7 @@ class GenerationRequest:
                 else {}
             ),
             **(self.hires.parameters() if self.hires else {}),
+            **({"size_conditioning": self.sizes.parameters()} if self.sizes.given else {}),
         }
 
 
@@ -292,10 +296,15 @@ def make_request(
     hires_steps: int | None = None,
     hires_upscale: str | None = None,
     size_multiple: int = 8,
+    **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
     """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value.
     ``strength`` defaults to diffusers' own: 0.8 for image to image, 1.0 for inpainting (a ``mask``).
-    ``hires_*``: the hires fix (:func:`sdengine.hires.hires_fix`), text to image only."""
+    ``hires_*``: the hires fix (:func:`sdengine.hires.hires_fix`), text to image only. ``sizes``: SDXL's size
+    conditioning (:class:`sdengine.xl_conditioning.SizeConditioning`'s fields)."""
+    unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
+    if unknown:
+        raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if batch is not None:
         if batch < 1:
@@ -384,6 +393,7 @@ def make_request(
         variation_seed=None if variation_seed is None else int(variation_seed),
         variation_strength=float(variation_strength),
         hires=hires,
+        sizes=size_conditioning(**sizes),
     )
 
 

@@ -11,21 +11,82 @@ embeddings (``sdengine.step_graph``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
+from sdengine.errors import InvalidArgumentError
 from sdengine.model_specs import TEXT_EMBEDS, TIME_IDS
 
-
-def size_conditioning(height: int, width: int, rows: int) -> np.ndarray:
-    """``time_ids`` (rows, 6) float32 for images of ``height`` x ``width``: original size, crop corner (0, 0),
-    target size."""
-    return np.tile(np.array([height, width, 0, 0, height, width], np.float32), (rows, 1))
+Pair = tuple[int, int]
 
 
-def xl_unet_inputs(pooled: np.ndarray, height: int, width: int) -> dict[str, np.ndarray]:
-    """The UNet's added inputs for a run whose batch (negatives first with guidance) has these pooled text
-    embeddings (G * B, pooled)."""
-    return {TEXT_EMBEDS: pooled, TIME_IDS: size_conditioning(height, width, len(pooled))}
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's size conditioning where it is given (diffusers' ``original_size``, ``crops_coords_top_left``,
+    ``target_size`` and their ``negative_`` counterparts), as (height, width) and (top, left) pairs. Unset
+    sizes are the image's, the crop corner (0, 0), and each negative one its positive counterpart."""
+
+    original_size: Pair | None = None
+    crop_top_left: Pair = (0, 0)
+    target_size: Pair | None = None
+    negative_original_size: Pair | None = None
+    negative_crop_top_left: Pair | None = None
+    negative_target_size: Pair | None = None
+
+    def time_ids(self, height: int, width: int, negative: bool = False) -> np.ndarray:
+        """The six numbers (6,) float32 for an image of ``height`` x ``width``, on the negative side of
+        guidance or the positive one."""
+        image = (height, width)
+        original, crop, target = self.original_size or image, self.crop_top_left, self.target_size or image
+        if negative:
+            original = self.negative_original_size or original
+            crop = self.negative_crop_top_left or crop
+            target = self.negative_target_size or target
+        return np.array([*original, *crop, *target], np.float32)
+
+    def parameters(self) -> dict[str, list[int]]:
+        """The settings given, as a PNG records them."""
+        return {
+            k: list(v) for k, v in vars(self).items() if v is not None and (k != "crop_top_left" or any(v))
+        }
+
+    @property
+    def given(self) -> bool:
+        return bool(self.parameters())
+
+
+def size_conditioning(**settings: Any) -> SizeConditioning:
+    """Checked size conditioning: each setting a pair of whole numbers, sizes >= 1 and crop corners >= 0."""
+    checked = {}
+    for name, value in settings.items():
+        if value is None:
+            continue
+        least = 0 if "crop" in name else 1
+        if (
+            not isinstance(value, Sequence)
+            or isinstance(value, str)
+            or len(value) != 2
+            or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least for v in value
+            )
+        ):
+            raise InvalidArgumentError(f"{name} must be two whole numbers >= {least}, got {value!r}")
+        checked[name] = (int(value[0]), int(value[1]))
+    return SizeConditioning(**checked)
+
+
+def xl_unet_inputs(
+    pooled: np.ndarray, height: int, width: int, sizes: SizeConditioning, guidance: bool
+) -> dict[str, np.ndarray]:
+    """The UNet's added inputs for a run whose batch (negatives first with ``guidance``) has these pooled
+    text embeddings (G * B, pooled)."""
+    batch = len(pooled) // (2 if guidance else 1)
+    rows = [sizes.time_ids(height, width, negative=True)] * batch if guidance else []
+    rows += [sizes.time_ids(height, width)] * batch
+    return {TEXT_EMBEDS: pooled, TIME_IDS: np.stack(rows)}
 
 
 def zero_negatives(contexts: np.ndarray, pooled: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:

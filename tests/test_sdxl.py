@@ -14,7 +14,7 @@ from sdengine.images import psnr
 from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir
 from sdengine.model_specs import TEXT_EMBEDS, TEXT_ENCODER_2, TIME_IDS, UNET
 from sdengine.pipeline import Pipeline
-from sdengine.xl_conditioning import size_conditioning
+from sdengine.xl_conditioning import SizeConditioning
 
 PROMPT = "a photo of an astronaut riding a horse"
 LONG = "a photo of an astronaut riding a horse on mars, " * 8  # over two windows of 75 tokens
@@ -153,7 +153,7 @@ def test_no_negative_prompt_reads_zeros_not_the_empty_prompt(xl_pipes):
 
 
 def test_the_unet_is_conditioned_on_the_size(xl_pipes):
-    assert size_conditioning(64, 96, 2).tolist() == [[64, 96, 0, 0, 64, 96]] * 2
+    assert SizeConditioning().time_ids(64, 96).tolist() == [64, 96, 0, 0, 64, 96]
     ours, _ = xl_pipes
     square, wide = ours(PROMPT, **{**SETTINGS, "width": 64}), ours(PROMPT, **SETTINGS)
     assert square.array.shape[2] == 64 and wide.array.shape[2] == 96
@@ -450,3 +450,66 @@ def test_a_text_encoder_without_every_layer_is_one_line(xl_onnx, tmp_path):
     onnx.save(model, str(root / TEXT_ENCODER_2 / "model.onnx"))
     with pytest.raises(ModelDirectoryError, match="does not give hidden_states"):
         Pipeline.load(root, backend="ort", device="cpu")(PROMPT, **SETTINGS)
+
+
+def test_size_conditioning_matches_diffusers(xl_pipes):
+    """diffusers' original_size, crops_coords_top_left, target_size and their negative_ counterparts."""
+    ours, ref = xl_pipes
+    image = np.random.default_rng(0).random((64, 96, 3)).astype(np.float32)
+    default = ours(PROMPT, **SETTINGS)
+    for sizes in (
+        dict(original_size=(512, 512), crop_top_left=(16, 8), target_size=(128, 96)),
+        dict(negative_original_size=(256, 256)),
+        # (diffusers' SDXL image-to-image pipeline reads the positive crop corner on the negative side too)
+        dict(original_size=(1024, 1024), negative_target_size=(32, 32), image=image, strength=0.7),
+    ):
+        a, b = ours(PROMPT, **SETTINGS, **sizes), ref(PROMPT, **SETTINGS, **sizes)
+        assert psnr(a.array, b.array) >= 100, sizes
+        assert psnr(a.array, default.array) < 60  # the conditioning changed the image
+    assert a.request.parameters()["size_conditioning"] == {
+        "original_size": [1024, 1024],
+        "negative_target_size": [32, 32],
+    }
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        (dict(original_size=(0, 512)), "original_size must be two whole numbers >= 1"),
+        (dict(crop_top_left=(-1, 0)), "crop_top_left must be two whole numbers >= 0"),
+        (dict(target_size=(512,)), "target_size must be two whole numbers"),
+    ],
+)
+def test_bad_size_conditioning_is_refused(xl_pipes, settings, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        xl_pipes[0].request(PROMPT, **settings)
+
+
+def test_size_conditioning_needs_sdxl(ort_pipe_fp32):
+    with pytest.raises(UnsupportedConfigError, match="original_size: SDXL's size conditioning"):
+        ort_pipe_fp32.request(PROMPT, original_size=(512, 512))
+
+
+def test_cli_takes_size_conditioning(xl_onnx, tmp_path, capsys):
+    from sdengine.cli import main
+
+    out = tmp_path / "xl.png"
+    argv = [
+        "generate",
+        str(xl_onnx),
+        PROMPT,
+        "--steps",
+        "2",
+        "--original-size",
+        "512,512",
+        "--output",
+        str(out),
+    ]
+    assert main(argv) == 0
+    from PIL import Image
+
+    parameters = json.loads(Image.open(out).info["parameters"])
+    assert parameters["size_conditioning"] == {"original_size": [512, 512]}
+    with pytest.raises(SystemExit):
+        main(["generate", str(xl_onnx), PROMPT, "--original-size", "512"])
+    assert "expected two whole numbers A,B" in capsys.readouterr().err
