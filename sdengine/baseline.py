@@ -176,7 +176,7 @@ class TorchPipeline(_CallMixin):
         latents."""
         pipe = self.pipe
         pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
-        pipe.set_progress_bar_config(disable=progress is None)
+        pipe.set_progress_bar_config(disable=True)  # ``progress`` wraps the calls instead (step_end_callback)
         latents = torch.from_numpy(request.initial_latents(self.model_dir.arch)).to(
             self.device, pipe.unet.dtype
         )
@@ -254,7 +254,7 @@ class TorchPipeline(_CallMixin):
                 with times.time("denoise"):
                     out = pipe(
                         **prompts,
-                        **self.step_end_callback(preview, len(step_noise), call_embeds, stop),
+                        **self.step_end_callback(preview, len(step_noise), call_embeds, stop, progress),
                         num_inference_steps=request.steps,
                         guidance_scale=request.guidance,
                         height=request.height,
@@ -276,15 +276,22 @@ class TorchPipeline(_CallMixin):
         num_calls: int,
         call_embeds: list[dict[str, torch.Tensor]] | None = None,
         stop: Stop | None = None,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         """diffusers' ``callback_on_step_end`` arguments that hand ``preview`` the latents after its calls,
-        give each call after the first its prompt embeddings from ``call_embeds`` (edited prompts), and skip
+        give each call after the first its prompt embeddings from ``call_embeds`` (edited prompts), skip
         the calls after ``stop`` answers True (diffusers' own ``interrupt``, which keeps the latents so
-        far)."""
-        if preview is None and call_embeds is None and stop is None:
+        far), and step ``progress`` (the engine's loop wrapper) through the calls as the engine's loop
+        does: its first call is asked for now, before the loop starts, and each next one after a call."""
+        if preview is None and call_embeds is None and stop is None and progress is None:
             return {}
+        ticks = iter(progress(range(num_calls))) if progress is not None else None
+        if ticks is not None:
+            next(ticks, None)
 
         def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict:
+            if ticks is not None:
+                next(ticks, None)  # a wrapper that raises stops the run here, between two calls
             if stop is not None and i + 1 < num_calls and stop():
                 pipe._interrupt = True  # noqa: SLF001 - the flag diffusers' loop reads
             if preview is not None and preview.due(i + 1, num_calls):

@@ -529,3 +529,33 @@ def test_a_run_stopped_from_its_progress_callback_leaves_the_pipeline_usable(ort
         seen: list[int] = []
         pipe(PROMPT, progress=record(seen), **settings)
         assert seen == list(range(5))  # one model call per step with dpmpp_2m
+
+
+def test_the_torch_baseline_steps_progress_as_the_engine_does(ort_pipe_fp32, torch_pipe):
+    """The torch backend hands ``progress`` diffusers' calls one by one (callback_on_step_end), in the
+    engine's order: each call asked for before it runs, the end after the last; raising stops it."""
+
+    def record(events):
+        def wrap(calls):
+            for call in calls:
+                events.append(call)
+                yield call
+            events.append("end")
+
+        return wrap
+
+    settings = dict(steps=3, seed=8, height=64, width=64, scheduler="heun")  # 5 model calls
+    seen = {}
+    for name, pipe in (("ort", ort_pipe_fp32), ("torch", torch_pipe)):
+        seen[name] = []
+        pipe(PROMPT, progress=record(seen[name]), **settings)
+    assert seen["torch"] == seen["ort"] == [0, 1, 2, 3, 4, "end"]
+
+    def stop_at_two(calls):
+        for call in calls:
+            if call == 2:
+                raise Stop
+            yield call
+
+    with pytest.raises(Stop):
+        torch_pipe(PROMPT, progress=stop_at_two, **settings)
