@@ -9,6 +9,8 @@ SD 1.x architecture (block types, layer counts, tensor names). ``write_random_ch
 * ``sd15``: SD 1.5's exact sizes (about 1.07 B parameters, 4.3 GB in fp32), for export and speed checks.
 * ``tiny-xl`` and ``sdxl``: the same for SDXL base (two text encoders, the UNet's added conditioning, SDXL's
   VAE scaling and Euler scheduler); ``sdxl`` has its exact sizes (about 3.5 B parameters, 14 GB in fp32).
+* ``tiny-xl-refiner``: SDXL's refiner at toy widths: the second text encoder alone, a four-block UNet
+  conditioned on an aesthetic score in place of the target size, for image to image.
 
 Weights are seeded per component, so the same seed gives byte-identical files on the same library versions.
 The tokenizer is the small generated vocabulary of :mod:`export.tokenizer_vocab`, since CLIP's real one
@@ -32,7 +34,7 @@ from typing import Any
 from export.tokenizer_vocab import MODEL_MAX_LENGTH, build_vocab, write_tokenizer_files
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError
 
-PRESETS: tuple[str, ...] = ("tiny", "sd15", "tiny-xl", "sdxl")
+PRESETS: tuple[str, ...] = ("tiny", "sd15", "tiny-xl", "sdxl", "tiny-xl-refiner")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 COMPONENTS: tuple[str, ...] = ("tokenizer", "scheduler", "text_encoder", "unet", "vae")
 
@@ -42,6 +44,8 @@ UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "Cros
 VAE_SCALING_FACTOR = 0.18215
 XL_DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
 XL_UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+REFINER_DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+REFINER_UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 XL_VAE_SCALING_FACTOR = 0.13025
 
 # SD 1.5's scheduler/scheduler_config.json; prediction_type is added from the argument.
@@ -70,17 +74,19 @@ SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class _XlSizes:
-    """SDXL's own numbers: its second text encoder's and its UNet's (three blocks, deeper transformers)."""
+    """SDXL's own numbers: its second text encoder's and its UNet's (three blocks, deeper transformers; the
+    refiner's four, and no first text encoder)."""
 
     text_hidden: int
     text_layers: int
     text_heads: int
     text_intermediate: int
     text_vocab: int | None
-    unet_channels: tuple[int, int, int]
-    unet_heads: tuple[int, int, int]
-    transformer_layers: tuple[int, int, int]
+    unet_channels: tuple[int, ...]
+    unet_heads: tuple[int, ...]
+    transformer_layers: tuple[int, ...]
     time_embed_dim: int
+    refiner: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,21 @@ _PRESET_SIZES["tiny-xl"] = dataclasses.replace(
         unet_heads=(2, 2, 4),
         transformer_layers=(1, 1, 2),
         time_embed_dim=8,
+    ),
+)
+_PRESET_SIZES["tiny-xl-refiner"] = dataclasses.replace(
+    _PRESET_SIZES["tiny"],
+    xl=_XlSizes(
+        text_hidden=32,
+        text_layers=3,
+        text_heads=4,
+        text_intermediate=64,
+        text_vocab=None,
+        unet_channels=(16, 16, 32, 32),
+        unet_heads=(2, 2, 4, 4),
+        transformer_layers=(1, 1, 2, 1),
+        time_embed_dim=8,
+        refiner=True,
     ),
 )
 _PRESET_SIZES["sdxl"] = dataclasses.replace(
@@ -206,18 +227,21 @@ def _write_text_encoder(
 
 def _xl_unet_config(sizes: _Sizes, xl: _XlSizes) -> dict[str, Any]:
     """SDXL base's UNet settings at these sizes: three blocks, linear projections in deeper transformers,
-    and the added conditioning of the pooled text embeddings and six size numbers."""
+    and the added conditioning of the pooled text embeddings and six size numbers (the refiner: four
+    blocks, the second text encoder's states alone, and five numbers: an aesthetic score for the target
+    size)."""
     return {
-        "down_block_types": XL_DOWN_BLOCK_TYPES,
-        "up_block_types": XL_UP_BLOCK_TYPES,
+        "down_block_types": REFINER_DOWN_BLOCK_TYPES if xl.refiner else XL_DOWN_BLOCK_TYPES,
+        "up_block_types": REFINER_UP_BLOCK_TYPES if xl.refiner else XL_UP_BLOCK_TYPES,
         "block_out_channels": xl.unet_channels,
         "attention_head_dim": xl.unet_heads,
         "transformer_layers_per_block": xl.transformer_layers,
         "use_linear_projection": True,
-        "cross_attention_dim": sizes.text_hidden + xl.text_hidden,
+        "cross_attention_dim": xl.text_hidden if xl.refiner else sizes.text_hidden + xl.text_hidden,
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": xl.time_embed_dim,
-        "projection_class_embeddings_input_dim": 6 * xl.time_embed_dim + xl.text_hidden,
+        "projection_class_embeddings_input_dim": (5 if xl.refiner else 6) * xl.time_embed_dim
+        + xl.text_hidden,
     }
 
 
@@ -335,7 +359,7 @@ def _write_model_index(out: Path, inpainting: bool = False, safety_checker: bool
     import diffusers
 
     if (out / "text_encoder_2").is_dir():
-        _write_xl_model_index(out, inpainting)
+        _write_xl_model_index(out, inpainting, refiner=not (out / "text_encoder").is_dir())
         return
     index = {
         "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
@@ -354,22 +378,26 @@ def _write_model_index(out: Path, inpainting: bool = False, safety_checker: bool
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_xl_model_index(out: Path, inpainting: bool) -> None:
+def _write_xl_model_index(out: Path, inpainting: bool, refiner: bool = False) -> None:
+    """SDXL base's model_index.json, or its refiner's (an image-to-image pipeline with no first text encoder,
+    conditioned on an aesthetic score, whose negative side reads the empty prompt)."""
     import diffusers
 
+    kind = "Img2Img" if refiner else "Inpaint" if inpainting else ""
     index = {
-        "_class_name": f"StableDiffusionXL{'Inpaint' if inpainting else ''}Pipeline",
+        "_class_name": f"StableDiffusionXL{kind}Pipeline",
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
-        "force_zeros_for_empty_prompt": True,
+        "force_zeros_for_empty_prompt": not refiner,
         "image_encoder": [None, None],
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
+        **({"requires_aesthetics_score": True} if refiner else {}),
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
@@ -448,6 +476,8 @@ def write_random_checkpoint(
         ]
         if safety_checker:
             raise InvalidArgumentError("SDXL checkpoints ship no safety checker")
+        if xl.refiner:  # the second text encoder alone
+            steps = [step for step in steps if step[0] not in ("tokenizer", "text_encoder")]
     if safety_checker:
         steps.insert(-1, ("safety_checker", lambda out: _write_safety_checker(out, seed)))
 

@@ -282,6 +282,9 @@ def sample_inputs(
 
 
 def text_vocab_size(checkpoint: str | Path, component: str = TEXT_ENCODER) -> int:
-    """The vocabulary size of the checkpoint's text encoder ``component`` (another model's: the first's)."""
+    """The vocabulary size of the checkpoint's text encoder ``component`` (another model's: the first text
+    encoder's, or the second's where it is the only one, as in SDXL's refiner)."""
     folder = component if component in (TEXT_ENCODER, TEXT_ENCODER_2) else TEXT_ENCODER
+    if not (Path(checkpoint) / folder / "config.json").is_file():
+        folder = TEXT_ENCODER_2
     return int(json.loads((Path(checkpoint) / folder / "config.json").read_text())["vocab_size"])

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -106,10 +107,11 @@ class TorchPipeline(_CallMixin):
             torch.set_num_threads(threads)
         dtype = torch.float16 if device == "cuda" else torch.float32
         variant = weights_variant(model_dir.root / "unet")
-        if model_dir.arch.xl:
-            from diffusers import StableDiffusionXLPipeline
+        if model_dir.arch.xl:  # the refiner is an image-to-image pipeline
+            import diffusers
 
-            pipe = StableDiffusionXLPipeline.from_pretrained(
+            kind = "Img2Img" if model_dir.arch.aesthetic else ""
+            pipe = getattr(diffusers, f"StableDiffusionXL{kind}Pipeline").from_pretrained(
                 model_dir.root, torch_dtype=dtype, variant=variant
             )
         else:
@@ -233,7 +235,7 @@ class TorchPipeline(_CallMixin):
         negatives = None if request.default_negative else list(request.negative_prompts)
         prompts: dict = {"prompt": list(request.prompts), "negative_prompt": negatives}
         cuda = self.device == "cuda"
-        encoders = [pipe.text_encoder, *([pipe.text_encoder_2] if xl else [])]
+        encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
         timers = [ModuleTimer(e, "text_encoder", cuda) for e in encoders] + [
             ModuleTimer(pipe.unet, "unet", cuda)
         ]
@@ -345,6 +347,8 @@ class TorchPipeline(_CallMixin):
             (first, pipe.text_encoder, pipe.tokenizer),
             (second, pipe.text_encoder_2, pipe.tokenizer_2),
         ):
+            if encoder is None:  # the refiner's first
+                continue
             pipe.load_textual_inversion(
                 torch.from_numpy(vectors), token=token, text_encoder=encoder, tokenizer=tokenizer
             )
@@ -441,7 +445,8 @@ class TorchPipeline(_CallMixin):
         from sdengine.prompt_weights_a1111 import a1111_windows, parse_a1111
 
         states = []
-        for tok, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+        for tok, encoder in [(t, e) for t, e in pairs if e is not None]:  # the refiner has the second alone
 
             def encode(ids: Any, encoder: Any = encoder) -> torch.Tensor:
                 out = encoder(torch.as_tensor(ids).to(self.device), output_hidden_states=True)
@@ -485,13 +490,15 @@ class TorchPipeline(_CallMixin):
         windows and downweighting as :meth:`weighted_embeddings`."""
         from compel import ReturnedEmbeddingsType
 
+        pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+        pairs = [(t, e) for t, e in pairs if e is not None]  # the refiner has the second alone
         compel = self.compel(
             pipe,
             request,
-            tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
-            text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
+            tokenizer=[t for t, _ in pairs],
+            text_encoder=[e for _, e in pairs],
             returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
-            requires_pooled=[False, True],
+            requires_pooled=[False] * (len(pairs) - 1) + [True],
         )
         out = [compel(text) for text in request.negative_prompts + request.prompts]
         embeds = torch.cat(compel.pad_conditioning_tensors_to_same_length([e for e, _ in out]))
@@ -575,7 +582,14 @@ class TorchPipeline(_CallMixin):
             split_long_text_mode=SplitLongTextMode.BRUTAL,
             downweight_mode=DownweightMode.REMOVE,
             device=self.device,
-            textual_inversion_manager=DiffusersTextualInversionManager(pipe),
+            # (compel's manager reads pipe.tokenizer: the refiner's is its second, its only one)
+            textual_inversion_manager=DiffusersTextualInversionManager(
+                pipe
+                if pipe.tokenizer is not None
+                else SimpleNamespace(
+                    tokenizer=pipe.tokenizer_2, maybe_convert_prompt=pipe.maybe_convert_prompt
+                )
+            ),
         )
 
     def image_pipeline(self, kind: str, control: bool = False):
@@ -587,9 +601,13 @@ class TorchPipeline(_CallMixin):
         if class_name not in self._image_pipelines:
             import diffusers
 
-            extra = {"controlnet": self.controlnet} if control else {}
+            extra: dict[str, Any] = {"controlnet": self.controlnet} if control else {}
             if not xl:
                 extra["requires_safety_checker"] = False
+            else:  # the loaded pipeline's settings (the refiner's: no zeros, an aesthetic score)
+                extra["force_zeros_for_empty_prompt"] = self.pipe.config.force_zeros_for_empty_prompt
+                if self.model_dir.arch.aesthetic:
+                    extra["requires_aesthetics_score"] = True
             pipe = getattr(diffusers, class_name)(**self.pipe.components, **extra)
             pipe.set_progress_bar_config(disable=True)
             self._image_pipelines[class_name] = pipe

@@ -585,9 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output")
     c.add_argument(
         "--preset",
-        choices=("tiny", "sd15", "tiny-xl", "sdxl"),
+        choices=("tiny", "sd15", "tiny-xl", "sdxl", "tiny-xl-refiner"),
         default="tiny",
-        help="tiny: SD 1.x at toy widths (default); sd15: SD 1.5's sizes; tiny-xl, sdxl: the same for SDXL",
+        help="tiny: SD 1.x at toy widths (default); sd15: SD 1.5's sizes; tiny-xl, sdxl: the same for SDXL; "
+        "tiny-xl-refiner: SDXL's refiner at toy widths",
     )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")

@@ -9,13 +9,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
 from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
-from sdengine.model_specs import REQUIRED_COMPONENTS, TEXT_ENCODER_2, VAE_DECODER, Architecture
+from sdengine.model_specs import (
+    REQUIRED_COMPONENTS,
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    UNET,
+    VAE_DECODER,
+    Architecture,
+)
 
 DEFAULT_VAE_SCALING_FACTOR = 0.18215
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -103,10 +111,10 @@ def xl_sizes(root: Path, unet: dict[str, Any]) -> dict[str, int]:
         )
     except (KeyError, TypeError, ValueError):
         raise CorruptModelError(f"{root}/unet/config.json lacks SDXL's added-conditioning sizes") from None
-    if time_ids != 6:
+    if time_ids not in (5, 6):
         raise UnsupportedConfigError(
-            f"{root}: a UNet taking {time_ids} size numbers is not supported (SDXL base takes 6; the "
-            "refiner's aesthetic-score conditioning is not run)"
+            f"{root}: a UNet taking {time_ids} size numbers is not supported (SDXL's base takes 6, its "
+            "refiner 5)"
         )
     return {"text_hidden_size_2": int(text2["hidden_size"]), "pooled_size": pooled, "time_ids": time_ids}
 
@@ -130,7 +138,8 @@ class ModelDir:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.root / "tokenizer"
+        """The prompt's tokenizer: the first text encoder's (the second's in SDXL's refiner, its only one)."""
+        return self.root / ("tokenizer" if self.arch.first_text_encoder else "tokenizer_2")
 
     @property
     def tokenizer_2_dir(self) -> Path:
@@ -145,12 +154,23 @@ def _first(size: int | list[int]) -> int:
     return int(size[0] if isinstance(size, list) else size)
 
 
-def _open(root: Path, vae_folder: str, xl_files: list[Path], hint: str, controlnets: int = 0) -> ModelDir:
-    """The directory's numbers; ``xl_files``: what it must hold besides where it is an SDXL model."""
+def tokenizer_files(arch: Architecture) -> list[Path]:
+    """The tokenizer files of each text encoder an architecture has."""
+    folders = ["tokenizer"] * arch.first_text_encoder + ["tokenizer_2"] * arch.xl
+    return [Path(folder) / name for folder in folders for name in TOKENIZER_FILES]
+
+
+def text_encoders(arch: Architecture) -> list[str]:
+    return [c for c in arch.components() if c in (TEXT_ENCODER, TEXT_ENCODER_2)]
+
+
+def _open(
+    root: Path, vae_folder: str, files: Callable[[Architecture], list[Path]], hint: str, controlnets: int = 0
+) -> ModelDir:
+    """The directory's numbers, once it holds the ``files`` its architecture needs."""
     arch, scaling = architecture(root, vae_folder)
     arch = dataclasses.replace(arch, controlnets=controlnets)
-    if arch.xl:
-        _require_files(root, xl_files + [Path("tokenizer_2") / f for f in TOKENIZER_FILES], hint)
+    _require_files(root, files(arch), hint)
     unet = optional_json(root / "unet" / "config.json")
     default_image_size = _first(unet.get("sample_size", 64)) * arch.vae_scale_factor
     vae = optional_json(root / vae_folder / "config.json")
@@ -170,16 +190,18 @@ def _open(root: Path, vae_folder: str, xl_files: list[Path], hint: str, controln
 def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
     """Check an exported ONNX directory (ours or Optimum's) and read its configs."""
     root = _require_dir(path, "ONNX model directory")
-    needed = [Path(c) / "model.onnx" for c in REQUIRED_COMPONENTS]
-    needed += [Path("tokenizer") / f for f in TOKENIZER_FILES] + [SCHEDULER_CONFIG]
     hint = "a diffusers checkpoint? export it first: sdengine export CHECKPOINT --output ONNX_DIR"
     no_models = not any((root / c / "model.onnx").is_file() for c in REQUIRED_COMPONENTS)
     if no_models and (root / "unet" / "config.json").is_file():
         raise ModelDirectoryError(f"{root} has no ONNX models ({hint})")
     again = "re-run: sdengine export CHECKPOINT --output ONNX_DIR"
-    _require_files(root, needed, again)
+    _require_files(root, [Path(UNET) / "model.onnx", SCHEDULER_CONFIG], again)
+
+    def files(arch: Architecture) -> list[Path]:
+        return [Path(c) / "model.onnx" for c in arch.required_components()] + tokenizer_files(arch)
+
     controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
-    return _open(root, VAE_DECODER, [Path(TEXT_ENCODER_2) / "model.onnx"], again, len(controlnets))
+    return _open(root, VAE_DECODER, files, again, len(controlnets))
 
 
 def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:
@@ -187,12 +209,14 @@ def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:
     root = _require_dir(path, "checkpoint directory")
     if (root / "unet" / "model.onnx").is_file() and not (root / "unet" / "config.json").is_file():
         raise ModelDirectoryError(f"{root} is an ONNX directory, not a diffusers checkpoint")
-    needed = [Path("model_index.json"), SCHEDULER_CONFIG]
-    needed += [Path(c) / "config.json" for c in ("text_encoder", "unet", "vae")]
-    needed += [Path("tokenizer") / f for f in TOKENIZER_FILES]
+    needed = [Path("model_index.json"), SCHEDULER_CONFIG] + [Path(c) / "config.json" for c in ("unet", "vae")]
     hint = "expected a diffusers-format Stable Diffusion checkpoint"
     _require_files(root, needed, hint)
-    return _open(root, "vae", [Path(TEXT_ENCODER_2) / "config.json"], hint)
+
+    def files(arch: Architecture) -> list[Path]:
+        return [Path(c) / "config.json" for c in text_encoders(arch)] + tokenizer_files(arch)
+
+    return _open(root, "vae", files, hint)
 
 
 #: Weight files diffusers and transformers look for in a component folder, without a variant.

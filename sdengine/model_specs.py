@@ -118,21 +118,34 @@ class Architecture:
     #: pooled embeddings' width; 0 for SD 1.x/2.x, which have one text encoder
     text_hidden_size_2: int = 0
     pooled_size: int = 0
-    #: SDXL: the size conditioning numbers the UNet takes (``time_ids``)
+    #: SDXL: the size conditioning numbers the UNet takes (``time_ids``): 6 for the base model, 5 for the
+    #: refiner (original size, crop corner, aesthetic score)
     time_ids: int = 6
 
     @property
     def xl(self) -> bool:
-        """Two text encoders and the UNet's added conditioning (pooled text, sizes): SDXL."""
+        """The UNet's added conditioning (pooled text, sizes) and OpenCLIP's text encoder: SDXL."""
         return self.pooled_size > 0
+
+    @property
+    def first_text_encoder(self) -> bool:
+        """CLIP ViT-L's text encoder: all but SDXL's refiner, whose text is the second encoder's alone."""
+        return self.text_hidden_size > self.text_hidden_size_2
+
+    @property
+    def aesthetic(self) -> bool:
+        """SDXL's refiner: an aesthetic score among its size numbers, in place of the target size."""
+        return self.xl and self.time_ids == 5
 
     def components(self) -> tuple[str, ...]:
         """The models an export of this architecture holds (besides a safety checker)."""
-        return ENGINE_COMPONENTS if self.xl else COMPONENTS
+        if not self.xl:
+            return COMPONENTS
+        return tuple(c for c in ENGINE_COMPONENTS if c != TEXT_ENCODER or self.first_text_encoder)
 
     def required_components(self) -> tuple[str, ...]:
-        """The models text to image needs."""
-        return (*REQUIRED_COMPONENTS[:1], *((TEXT_ENCODER_2,) if self.xl else ()), *REQUIRED_COMPONENTS[1:])
+        """The models text to image (or, for SDXL's refiner, image to image) needs."""
+        return tuple(c for c in self.components() if c != VAE_ENCODER)
 
     @property
     def unet_in_channels(self) -> int:
@@ -194,15 +207,18 @@ class Architecture:
                 )
             }
         second = self.text_hidden_size_2
-        return {
-            TEXT_ENCODER: ModelSpec(
+        specs = {}
+        if self.first_text_encoder:  # all but the refiner
+            specs[TEXT_ENCODER] = ModelSpec(
                 TEXT_ENCODER,
                 inputs=ids,
                 outputs=(
                     TensorSpec("last_hidden_state", "float32", ("batch", "sequence", first)),
                     states(HIDDEN_STATES, first),
                 ),
-            ),
+            )
+        return {
+            **specs,
             TEXT_ENCODER_2: ModelSpec(
                 TEXT_ENCODER_2,
                 inputs=ids,

@@ -232,7 +232,7 @@ class _CallMixin:
             default = tuple(max(multiple, d // multiple * multiple) for d in image_size(first))
         height = default[0] if height is None else height
         width = default[1] if width is None else width
-        return make_request(
+        request = make_request(
             prompt,
             negative_prompt,
             steps=steps,
@@ -264,6 +264,9 @@ class _CallMixin:
             size_multiple=multiple,
             **sizes,
         )
+        if self.model_dir.arch.aesthetic and not request.image_to_image:
+            raise UnsupportedConfigError("SDXL's refiner refines images: give it one (image to image)")
+        return request
 
     def _control_images(self, control: ImageInput | Sequence[ImageInput] | None) -> list[ImageInput] | None:
         """One image input per ControlNet; InvalidArgumentError where the count is not the model's."""
@@ -320,8 +323,11 @@ class Pipeline(_CallMixin):
         self.model_dir = model_dir
         self.backend = backend
         self.tokenizer = tokenizer
-        #: SDXL's second text encoder's tokenizer (which pads with "!")
-        self.tokenizer_2 = ClipTokenizer.from_dir(model_dir.tokenizer_2_dir) if model_dir.arch.xl else None
+        #: SDXL's second text encoder's tokenizer (which pads with "!"); the refiner's only one
+        self.tokenizer_2: ClipTokenizer | None = None
+        if model_dir.arch.xl:
+            first = model_dir.arch.first_text_encoder
+            self.tokenizer_2 = ClipTokenizer.from_dir(model_dir.tokenizer_2_dir) if first else tokenizer
         self.vae_tiling = vae_tiling
         self.safety_checker = safety_checker and model_dir.onnx_path(SAFETY_CHECKER).is_file()
         # its image processor's settings, read once
@@ -440,7 +446,9 @@ class Pipeline(_CallMixin):
             pooled = pooled[edits.rows]  # (sets, G * B, pooled)
             if cfg and request.default_negative and self.model_dir.zero_negative:
                 contexts, pooled = zero_negatives(contexts, pooled, request.batch)
-            unet_constants = xl_unet_inputs(pooled[0], request.height, request.width, request.sizes, cfg)
+            unet_constants = xl_unet_inputs(
+                pooled[0], request.height, request.width, request.sizes, cfg, self.model_dir.arch.aesthetic
+            )
         latents, inputs = self.initial_latents(request, schedule, times)
         if edits.edited:  # every call's text embeddings, which the step model hands the UNet
             inputs.update(contexts=contexts, context_index=edits.call_rows)
@@ -501,19 +509,27 @@ class Pipeline(_CallMixin):
         embeddings of each text's first window (:meth:`_pooled_ids`; weights do not apply to them)."""
         tok_2, skip = self.tokenizer_2, request.clip_skip
         assert tok_2 is not None
+        both = self.model_dir.arch.first_text_encoder  # not the refiner, whose text is the second's alone
         if not (request.long_prompts or request.prompt_weights):  # both of the second's from one run
             with times.time("tokenize"):
-                ids, ids_2 = self.tokenizer(texts), tok_2(texts)
+                ids_2 = tok_2(texts)
+            with times.time("text_encoder"):
+                second, pooled = self.backend.encode_text_2(ids_2, skip)
+            if not both:
+                return second, pooled
+            with times.time("tokenize"):
+                ids = self.tokenizer(texts)
             with times.time("text_encoder"):
                 first = self.backend.encode_text(ids, skip)
-                second, pooled = self.backend.encode_text_2(ids_2, skip)
             return np.concatenate([first, second], axis=-1), pooled
-        first = self._encode(texts, request, times, self.tokenizer, self.backend.encode_text)
         second = self._encode(
             texts, request, times, tok_2, lambda ids, s: self.backend.encode_text_2(ids, s)[0]
         )
         with times.time("text_encoder"):
             pooled = self.backend.encode_text_2(self._pooled_ids(texts, request), skip)[1]
+        if not both:
+            return second, pooled
+        first = self._encode(texts, request, times, self.tokenizer, self.backend.encode_text)
         if first.shape[1] != second.shape[1]:  # pragma: no cover - SDXL's two tokenizers share a vocabulary
             raise UnsupportedConfigError("SDXL's two tokenizers split this prompt into different windows")
         return np.concatenate([first, second], axis=-1), pooled
@@ -593,14 +609,15 @@ class Pipeline(_CallMixin):
             token, first, second = read_xl_embedding(path, token)
             arch = self.model_dir.arch
             widths = (arch.text_hidden_size - arch.text_hidden_size_2, arch.text_hidden_size_2)
-            if (first.shape[1], second.shape[1]) != widths:
+            if second.shape[1] != widths[1] or (arch.first_text_encoder and first.shape[1] != widths[0]):
                 raise InvalidArgumentError(
                     f"{path}: vectors of widths {first.shape[1]} and {second.shape[1]} for text encoders of "
                     f"widths {widths[0]} and {widths[1]}: the embedding was made for another model"
                 )
-            self._add_tokens(
-                token, [(self.tokenizer, TEXT_ENCODER, first), (self.tokenizer_2, TEXT_ENCODER_2, second)]
-            )
+            parts = [(self.tokenizer_2, TEXT_ENCODER_2, second)]  # the refiner reads clip_g alone
+            if arch.first_text_encoder:
+                parts.insert(0, (self.tokenizer, TEXT_ENCODER, first))
+            self._add_tokens(token, parts)
             return token
 
     def _add_tokens(self, token: str, parts: list[tuple[ClipTokenizer, str, np.ndarray]]) -> None:

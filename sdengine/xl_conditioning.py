@@ -21,6 +21,8 @@ from sdengine.errors import InvalidArgumentError
 from sdengine.model_specs import TEXT_EMBEDS, TIME_IDS
 
 Pair = tuple[int, int]
+#: SDXL's refiner: the aesthetic scores of the positive and the negative side (diffusers' defaults).
+AESTHETIC_SCORES = {False: 6.0, True: 2.5}
 
 
 @dataclass(frozen=True)
@@ -36,16 +38,20 @@ class SizeConditioning:
     negative_crop_top_left: Pair | None = None
     negative_target_size: Pair | None = None
 
-    def time_ids(self, height: int, width: int, negative: bool = False) -> np.ndarray:
+    def time_ids(
+        self, height: int, width: int, negative: bool = False, aesthetic: bool = False
+    ) -> np.ndarray:
         """The six numbers (6,) float32 for an image of ``height`` x ``width``, on the negative side of
-        guidance or the positive one."""
+        guidance or the positive one; ``aesthetic`` (SDXL's refiner): five, the aesthetic score (diffusers'
+        defaults, :data:`AESTHETIC_SCORES`) in place of the target size."""
         image = (height, width)
         original, crop, target = self.original_size or image, self.crop_top_left, self.target_size or image
         if negative:
             original = self.negative_original_size or original
             crop = self.negative_crop_top_left or crop
             target = self.negative_target_size or target
-        return np.array([*original, *crop, *target], np.float32)
+        last = (AESTHETIC_SCORES[negative],) if aesthetic else target
+        return np.array([*original, *crop, *last], np.float32)
 
     def parameters(self) -> dict[str, list[int]]:
         """The settings given, as a PNG records them."""
@@ -79,13 +85,19 @@ def size_conditioning(**settings: Any) -> SizeConditioning:
 
 
 def xl_unet_inputs(
-    pooled: np.ndarray, height: int, width: int, sizes: SizeConditioning, guidance: bool
+    pooled: np.ndarray,
+    height: int,
+    width: int,
+    sizes: SizeConditioning,
+    guidance: bool,
+    aesthetic: bool = False,
 ) -> dict[str, np.ndarray]:
     """The UNet's added inputs for a run whose batch (negatives first with ``guidance``) has these pooled
-    text embeddings (G * B, pooled)."""
+    text embeddings (G * B, pooled); ``aesthetic``: the refiner's numbers
+    (:meth:`SizeConditioning.time_ids`)."""
     batch = len(pooled) // (2 if guidance else 1)
-    rows = [sizes.time_ids(height, width, negative=True)] * batch if guidance else []
-    rows += [sizes.time_ids(height, width)] * batch
+    rows = [sizes.time_ids(height, width, True, aesthetic)] * batch if guidance else []
+    rows += [sizes.time_ids(height, width, False, aesthetic)] * batch
     return {TEXT_EMBEDS: pooled, TIME_IDS: np.stack(rows)}
 
 

@@ -157,7 +157,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgumentError):
         write_random_checkpoint(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
-    assert PRESETS == ("tiny", "sd15", "tiny-xl", "sdxl")
+    assert PRESETS == ("tiny", "sd15", "tiny-xl", "sdxl", "tiny-xl-refiner")
 
 
 def test_checkpoint_hash_covers_names_and_contents_but_not_hidden_files(tmp_path: Path) -> None:

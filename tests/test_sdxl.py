@@ -338,7 +338,7 @@ def test_an_sdxl_lora_on_a_model_with_one_text_encoder_is_refused(ort_pipe_fp32,
     ("change", "match"),
     [
         ({"addition_embed_type": "image"}, "'image' added conditioning is not supported"),
-        ({"projection_class_embeddings_input_dim": 72}, "taking 5 size numbers"),  # the refiner's
+        ({"projection_class_embeddings_input_dim": 64}, "taking 4 size numbers"),  # neither base nor refiner
     ],
 )
 def test_other_added_conditioning_is_refused(xl_checkpoint, tmp_path, change, match):
@@ -513,3 +513,55 @@ def test_cli_takes_size_conditioning(xl_onnx, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", str(xl_onnx), PROMPT, "--original-size", "512"])
     assert "expected two whole numbers A,B" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def refiner_pipes(tmp_path_factory):
+    """(ONNX Runtime, torch) on a tiny random SDXL refiner: the second text encoder alone, and an aesthetic
+    score among the UNet's size numbers."""
+    from export.checkpoint import write_random_checkpoint
+    from export.onnx_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("refiner")
+    checkpoint = write_random_checkpoint(root / "checkpoint", "tiny-xl-refiner", seed=0)
+    export_checkpoint(checkpoint, root / "onnx")
+    ours = Pipeline.load(root / "onnx", backend="ort", device="cpu")
+    return ours, Pipeline.load(checkpoint, backend="torch")
+
+
+def test_the_refiner_matches_diffusers(refiner_pipes, tmp_path):
+    """Against diffusers' SDXL image-to-image and inpainting pipelines with requires_aesthetics_score (the
+    refiner's), whose negative side reads the empty prompt (force_zeros_for_empty_prompt is off)."""
+    from safetensors.numpy import save_file
+
+    ours, ref = refiner_pipes
+    assert ours.model_dir.arch.aesthetic and not ours.model_dir.arch.first_text_encoder
+    assert not ours.model_dir.zero_negative
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 96, 3)).astype(np.float32)
+    mask = np.zeros((64, 96), np.float32)
+    mask[16:48, 24:72] = 1.0
+    save_file(
+        {
+            "clip_l": rng.standard_normal((1, 8)).astype(np.float32),
+            "clip_g": rng.standard_normal((1, 32)).astype(np.float32),
+        },
+        str(tmp_path / "refstyle.safetensors"),
+    )
+    for pipe in (ours, ref):  # the refiner reads clip_g alone
+        pipe.load_textual_inversion(tmp_path / "refstyle.safetensors")
+    for prompt, extra in (
+        (PROMPT, {}),
+        (PROMPT, {"negative_prompt": "blurry", "original_size": (512, 512)}),
+        ("a (red:1.3) [cat:dog:0.5], refstyle", {"prompt_weights": "a1111"}),
+        ("a (red cat)1.3", {"prompt_weights": "compel", "mask": mask}),
+    ):
+        settings = {**SETTINGS, "image": image, "strength": 0.75, **extra}
+        a, b = ours(prompt, **settings), ref(prompt, **settings)
+        assert psnr(a.array, b.array) >= 100, (prompt, list(extra))
+
+
+def test_the_refiner_refines_images_only(refiner_pipes):
+    for pipe in refiner_pipes:
+        with pytest.raises(UnsupportedConfigError, match="refiner refines images"):
+            pipe.request(PROMPT, hires_scale=2.0)
