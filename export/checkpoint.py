@@ -149,18 +149,13 @@ _PRESET_SIZES["tiny-xl"] = dataclasses.replace(
         time_embed_dim=8,
     ),
 )
-_PRESET_SIZES["tiny-xl-refiner"] = dataclasses.replace(
-    _PRESET_SIZES["tiny"],
-    xl=_XlSizes(
-        text_hidden=32,
-        text_layers=3,
-        text_heads=4,
-        text_intermediate=64,
-        text_vocab=None,
+_PRESET_SIZES["tiny-xl-refiner"] = dataclasses.replace(  # tiny-xl's text encoder, the refiner's four blocks
+    _PRESET_SIZES["tiny-xl"],
+    xl=dataclasses.replace(
+        _PRESET_SIZES["tiny-xl"].xl,  # type: ignore[arg-type]
         unet_channels=(16, 16, 32, 32),
         unet_heads=(2, 2, 4, 4),
         transformer_layers=(1, 1, 2, 1),
-        time_embed_dim=8,
         refiner=True,
     ),
 )
