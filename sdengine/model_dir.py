@@ -161,6 +161,7 @@ def tokenizer_files(arch: Architecture) -> list[Path]:
 
 
 def text_encoders(arch: Architecture) -> list[str]:
+    """The text encoders an architecture has (SDXL's refiner: the second alone)."""
     return [c for c in arch.components() if c in (TEXT_ENCODER, TEXT_ENCODER_2)]
 
 
