@@ -50,6 +50,34 @@ def init_noise_sigma(spacing: str, sigmas: np.ndarray) -> float:
     return float(tables.f32((sigma_max**2 + 1) ** 0.5))
 
 
+def sigma_schedule(
+    scheduler: BaseScheduler,
+    *,
+    timesteps: np.ndarray,
+    sigmas: np.ndarray,
+    rows: list,
+    n: int,
+    t_start: int,
+    history_size: int,
+    order: int = 1,
+) -> Schedule:
+    """:func:`make_schedule` for a sigma-parametrised (k-diffusion) scheduler that calls the UNet at
+    ``sigmas[:-1]`` (the last is the run's end): its input scaled by 1 / sqrt(sigma^2 + 1), ``add_noise``
+    adding sigma times the noise, and diffusers' initial sigma for its timestep spacing."""
+    return make_schedule(
+        timesteps=timesteps,
+        input_scale=1.0 / np.sqrt(sigmas[:-1] ** 2 + 1.0),
+        rows=rows,
+        init_noise_sigma=init_noise_sigma(scheduler.params["timestep_spacing"], sigmas),
+        noise_scales=sigma_noise_scales(sigmas[:-1]),
+        history_size=history_size,
+        num_inference_steps=n,
+        t_start=t_start,
+        scheduler=scheduler.name,
+        order=order,
+    )
+
+
 def k_diffusion_denoised(prediction_type: str, sigma: float, x: np.ndarray, m: np.ndarray) -> np.ndarray:
     """x0 predicted from a k-diffusion sample x = x0 + sigma eps, whose VP form is x / sqrt(sigma^2 + 1)
     (epsilon: x0 = x - sigma m; v: x0 = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) m)."""
@@ -102,16 +130,14 @@ class Euler(BaseScheduler):
             x0 = k_diffusion_denoised(p["prediction_type"], sigma, f.sample, f.model_output)
             derivative = (f.sample - x0) / sigma
             rows.append([f.sample + derivative * (sigma_next - sigma)])
-        return make_schedule(
+        return sigma_schedule(
+            self,
             timesteps=timesteps,
-            input_scale=1.0 / np.sqrt(sigmas[:-1] ** 2 + 1.0),
+            sigmas=sigmas,
             rows=rows,
-            init_noise_sigma=init_noise_sigma(p["timestep_spacing"], sigmas),
-            noise_scales=sigma_noise_scales(sigmas[:-1]),
-            history_size=0,
-            num_inference_steps=n,
+            n=n,
             t_start=t_start,
-            scheduler=self.name,
+            history_size=0,
         )
 
 

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
-from .euler import discrete_sigmas, init_noise_sigma, k_diffusion_denoised
-from .schedule import Forms, Schedule, make_schedule, sigma_noise_scales
+from .euler import discrete_sigmas, k_diffusion_denoised, sigma_schedule
+from .schedule import Forms, Schedule
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,12 @@ class EulerAncestral(BaseScheduler):
             x0 = k_diffusion_denoised(p["prediction_type"], sigma, f.sample, f.model_output)
             derivative = (f.sample - x0) / sigma
             rows.append([f.sample + derivative * (sigma_down - sigma) + sigma_up * f.noise])
-        return make_schedule(
+        return sigma_schedule(
+            self,
             timesteps=timesteps,
-            input_scale=1.0 / np.sqrt(sigmas[:-1] ** 2 + 1.0),
+            sigmas=sigmas,
             rows=rows,
-            init_noise_sigma=init_noise_sigma(p["timestep_spacing"], sigmas),
-            noise_scales=sigma_noise_scales(sigmas[:-1]),
-            history_size=0,
-            num_inference_steps=n,
+            n=n,
             t_start=t_start,
-            scheduler=self.name,
+            history_size=0,
         )

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
-from .euler import discrete_sigmas, init_noise_sigma, k_diffusion_denoised
-from .schedule import Forms, Schedule, make_schedule, sigma_noise_scales
+from .euler import discrete_sigmas, k_diffusion_denoised, sigma_schedule
+from .schedule import Forms, Schedule
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,14 @@ class Heun(BaseScheduler):
                 x0 = k_diffusion_denoised(p["prediction_type"], sigma_next, f.sample, f.model_output)
                 d = ((f.sample - x0) / sigma_next + slope) / 2
                 rows.append([start + d * (sigma_next - sigma), f.zero, f.zero])
-        return make_schedule(
+        return sigma_schedule(
+            self,
             timesteps=timesteps,
-            input_scale=1.0 / np.sqrt(sigmas[:-1] ** 2 + 1.0),
+            sigmas=sigmas,
             rows=rows,
-            init_noise_sigma=init_noise_sigma(p["timestep_spacing"], sigmas),
-            noise_scales=sigma_noise_scales(sigmas[:-1]),
-            history_size=2,
-            num_inference_steps=n,
+            n=n,
             t_start=t_start,
-            scheduler=self.name,
+            history_size=2,
             order=2,
         )
 

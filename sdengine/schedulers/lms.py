@@ -10,8 +10,8 @@ import numpy as np
 from numpy.polynomial import polynomial
 
 from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
-from .euler import discrete_sigmas, init_noise_sigma, k_diffusion_denoised
-from .schedule import Forms, Schedule, make_schedule, sigma_noise_scales
+from .euler import discrete_sigmas, k_diffusion_denoised, sigma_schedule
+from .schedule import Forms, Schedule
 
 #: The order diffusers' ``step`` uses (its default, which the pipelines keep).
 ORDER = 4
@@ -76,16 +76,14 @@ class LMS(BaseScheduler):
                 lms_coefficient(sigmas64, i, order, j) * derivatives[j] for j in range(min(have, order))
             )
             rows.append([f.sample + update, derivatives[0], *derivatives[1 : ORDER - 1]])
-        return make_schedule(
+        return sigma_schedule(
+            self,
             timesteps=timesteps,
-            input_scale=1.0 / np.sqrt(sigmas[:-1] ** 2 + 1.0),
+            sigmas=sigmas,
             rows=rows,
-            init_noise_sigma=init_noise_sigma(p["timestep_spacing"], sigmas),
-            noise_scales=sigma_noise_scales(sigmas[:-1]),
-            history_size=ORDER - 1,
-            num_inference_steps=n,
+            n=n,
             t_start=t_start,
-            scheduler=self.name,
+            history_size=ORDER - 1,
         )
 
 
