@@ -30,7 +30,7 @@ from sdengine.images import to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
 from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.request import GenerationRequest
-from sdengine.schedulers import Schedule, diffusers_scheduler_class, load_scheduler
+from sdengine.schedulers import diffusers_scheduler_class, load_scheduler
 from sdengine.timing import StageTimes
 
 
@@ -151,7 +151,7 @@ class TorchPipeline(_CallMixin):
         with times.time("total"):
             final = self.denoised_passes(request, times, progress, preview, stop)
             with times.time("vae_decode"), torch.inference_mode():
-                decoded = self.decode(final)
+                decoded = self.final_model(request).decode(final)
                 if cuda:
                     torch.cuda.synchronize()
         nsfw = None
@@ -201,10 +201,12 @@ class TorchPipeline(_CallMixin):
                 "mask_image": per_prompt(request.mask, request.batch)[..., None],
                 "strength": request.strength,
             }
-        elif request.init_latents is not None:  # the hires fix's second pass: diffusers takes latents as is
+        elif request.init_latents is not None:  # the hires fix's second pass, or a refiner's part: latents
             pipe = self.image_pipeline("Img2Img", control)
             draws = same_draws([], lambda _: latents, type(pipe).__module__)
             inputs = {"image": torch.from_numpy(request.init_latents), "strength": request.strength}
+            if request.denoising_start is not None:  # as they are, not noised again
+                inputs["denoising_start"] = request.denoising_start
         elif request.image_to_image:
             pipe = self.image_pipeline("Img2Img", control)
             draws = same_draws([request.encoder_noise], lambda _: latents, type(pipe).__module__)
@@ -228,6 +230,12 @@ class TorchPipeline(_CallMixin):
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
         if xl:
             inputs.update(xl_size_arguments(request))
+        if request.refiner_switch is not None:
+            if not xl or control:
+                raise UnsupportedConfigError(
+                    "diffusers hands a run over to a refiner from its SDXL pipelines without ControlNet only"
+                )
+            inputs["denoising_end"] = request.refiner_switch
         schedule = request.schedule(self.model_dir.scheduler_config)
         step_noise = request.step_noise(schedule, request.latent_shape(self.model_dir.arch))
         draws = stacked(draws, same_step_noise(pipe.scheduler, step_noise))
@@ -246,11 +254,11 @@ class TorchPipeline(_CallMixin):
                     if request.prompt_weights == "compel":
                         prompts = self.xl_compel_embeddings(pipe, request)
                     elif request.prompt_weights == "a1111":
-                        prompts, call_embeds = self.xl_edited_embeddings(pipe, request, schedule)
+                        prompts, call_embeds = self.xl_edited_embeddings(pipe, request)
                     elif request.clip_skip or request.long_prompts:
                         prompts = self.xl_embeddings(pipe, request)
                 elif request.prompt_weights == "a1111":
-                    prompts, call_embeds = self.edited_embeddings(pipe, request, schedule)
+                    prompts, call_embeds = self.edited_embeddings(pipe, request)
                 elif request.clip_skip or request.long_prompts or request.prompt_weights:
                     prompts = self.embeddings(pipe, request)
                 with times.time("denoise"):
@@ -406,12 +414,12 @@ class TorchPipeline(_CallMixin):
         return self.xl_prompts(pipe, request, embeds, pooled)
 
     def xl_edited_embeddings(
-        self, pipe, request: GenerationRequest, schedule: Schedule
+        self, pipe, request: GenerationRequest
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]] | None]:
         """SDXL's prompt embeddings in the AUTOMATIC1111 web UI's syntax: the first call's (diffusers'
         arguments) and, where prompts are edited part way, every call's text and pooled embeddings as the
         UNet takes them (``prompt_embeds`` and ``add_text_embeds`` in diffusers' loop)."""
-        edits = request.prompt_edits(schedule)
+        edits = request.prompt_edits(self.model_dir.scheduler_config)
         embeds, pooled = self.xl_states(pipe, request, edits.texts)
         rows = torch.from_numpy(edits.rows)
         sets, pooled_sets, batch = embeds[rows], pooled[rows], request.batch  # (sets, G * B, ...)
@@ -523,12 +531,12 @@ class TorchPipeline(_CallMixin):
         }
 
     def edited_embeddings(
-        self, pipe, request: GenerationRequest, schedule: Schedule
+        self, pipe, request: GenerationRequest
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]] | None]:
         """Prompt embeddings in the AUTOMATIC1111 web UI's syntax: the first call's (diffusers' arguments),
         and where the prompts are edited part way (:mod:`sdengine.prompt_editing`) every call's, as the UNet
         takes them (negatives then prompts with classifier-free guidance)."""
-        edits = request.prompt_edits(schedule)
+        edits = request.prompt_edits(self.model_dir.scheduler_config)
         sets = self.a1111_embeddings(pipe, request, edits.texts)[torch.from_numpy(edits.rows)]
         batch, first = request.batch, sets[0]
         if request.classifier_free_guidance:

@@ -99,6 +99,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loras = [parse_lora_arg(spec) for spec in args.lora]
     for path, _ in loras:
         read_lora(path)
+    if args.refiner_switch is not None and args.refiner is None:
+        raise InvalidArgumentError("--refiner-switch needs a refiner: give --refiner DIR")
     pipeline = Pipeline.load(
         args.model_dir,
         backend=args.backend,
@@ -109,6 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         vae_tiling=args.vae_tiling,
         controlnets=args.controlnet,
         safety_checker=args.safety_checker,
+        refiner=args.refiner,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     if len(controls) != pipeline.controlnets:
@@ -117,6 +120,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"times, not {len(controls)}"
         )
     embeddings = [(path, pipeline.load_textual_inversion(path, token)) for path, token in embeddings]
+    if pipeline.refiner is not None:  # it reads the prompts too (its LoRAs would be its own: none here)
+        for path, token in embeddings:
+            pipeline.refiner.load_textual_inversion(path, token)
     for path, token in embeddings:
         print(f"embedding: {token} from {path}")
     for path, scale in loras:
@@ -149,11 +155,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         hires_strength=args.hires_strength,
         hires_steps=args.hires_steps,
         hires_upscale=args.hires_upscale,
+        refiner_switch=args.refiner_switch,
         **{name: getattr(args, name) for name in SIZE_SETTINGS if getattr(args, name) is not None},
         progress=_progress("denoising"),
         **_previews(pipeline, args),
     )
     where = {"backend": result.backend, "model": str(Path(args.model_dir))}
+    if args.refiner is not None:
+        where["refiner"] = str(Path(args.refiner))
     if loras:
         where["loras"] = [{"file": Path(path).name, "scale": scale} for path, scale in loras]
     if controls:
@@ -274,6 +283,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         graphs=args.graphs,
         safety_checker=args.safety_checker,
+        refiner=args.refiner,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     try:
@@ -421,6 +431,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("latent", "image"),
         default=None,
         help="enlarge the first pass's latents (default) or its decoded images",
+    )
+    g.add_argument(
+        "--refiner",
+        default=None,
+        metavar="DIR",
+        help="a model that finishes every run (SDXL's refiner for SDXL base), loaded as the model is",
+    )
+    g.add_argument(
+        "--refiner-switch",
+        type=float,
+        default=None,
+        metavar="F",
+        help="share of the run after which the refiner takes over, in (0, 1) (default 0.8)",
     )
     for name, what in SIZE_SETTINGS.items():
         g.add_argument(f"--{name.replace('_', '-')}", type=pair, default=None, metavar="A,B", help=what)
@@ -642,6 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", choices=DEVICE_CHOICES, default=None)
     v.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     v.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
+    v.add_argument(
+        "--refiner",
+        default=None,
+        metavar="DIR",
+        help="a model that finishes every run from refiner_switch_at on (SDXL's refiner for SDXL base)",
+    )
     v.add_argument(
         "--no-safety-checker",
         dest="safety_checker",

@@ -25,6 +25,7 @@ from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
 from sdengine.model_specs import SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
 from sdengine.prompt_weights_a1111 import a1111_embeddings, a1111_windows, parse_a1111
+from sdengine.refiner import DEFAULT_REFINER_SWITCH, check_refiner
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
 from sdengine.safety import PREPROCESSOR_CONFIG, clip_pixels
 from sdengine.schedulers import Schedule
@@ -58,6 +59,7 @@ class ImageGenerator(Protocol):
 
     model_dir: ModelDir
     choice: Choice | None
+    refiner: ImageGenerator | None
 
     def generate(
         self,
@@ -73,10 +75,21 @@ class ImageGenerator(Protocol):
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int: ...
 
+    def set_refiner(self, refiner: ImageGenerator | None) -> None: ...
+
 
 class _CallMixin:
     model_dir: ModelDir
     choice: Choice | None = None
+    #: the model that finishes every run from the switch on (:mod:`sdengine.refiner`), if one is set
+    refiner: _CallMixin | None = None
+
+    def set_refiner(self, refiner: ImageGenerator | None) -> None:
+        """Let ``refiner`` (a loaded pipeline on the same backend, whose latents are this model's) finish
+        every run from ``refiner_switch`` on; None: no refiner."""
+        if refiner is not None:
+            check_refiner(self, refiner)
+        self.refiner = refiner  # type: ignore[assignment]  # check_refiner: this class's own
 
     @property
     def controlnets(self) -> int:
@@ -95,6 +108,10 @@ class _CallMixin:
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
         """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the pipeline's VAE."""
         raise NotImplementedError
+
+    def final_model(self, request: GenerationRequest) -> _CallMixin:
+        """The pipeline whose VAE decodes ``request``'s result: its refiner's, where one finishes it."""
+        return self.refiner if request.refiner_switch is not None and self.refiner is not None else self
 
     def upscale_latents(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
         """The hires fix's latent upscaler (:func:`sdengine.hires.upscale_latents`), to latents of an image of
@@ -124,9 +141,15 @@ class _CallMixin:
         preview: Preview | None = None,
         stop: Stop | None = None,
     ) -> Any:
-        """The final latents of ``request``: one pass of :meth:`denoised`, then the hires fix's second where
-        it has one (not once ``stop`` has answered True)."""
+        """The final latents of ``request``: one pass of :meth:`denoised`, then the refiner's part of the run
+        or the hires fix's second pass where it has one (not once ``stop`` has answered True)."""
         latents = self.denoised(request, times, progress, preview, stop)
+        if request.refiner_switch is not None and not (stop and stop()):
+            assert self.refiner is not None, "request() gives a switch only with a refiner"
+            refined = request.refiner_pass(self.host_latents(latents))
+            if preview is not None:
+                preview = preview.shifted(len(request.schedule(self.model_dir.scheduler_config).timesteps))
+            return self.refiner.denoised(refined, times, progress, preview, stop)
         if request.hires is not None and not (stop and stop()):
             second, preview = self.second_pass(request, self.host_latents(latents), times, preview)
             latents = self.denoised(second, times, progress, preview, stop)
@@ -185,6 +208,7 @@ class _CallMixin:
         negative_original_size: tuple[int, int] | None = None,
         negative_crop_top_left: tuple[int, int] | None = None,
         negative_target_size: tuple[int, int] | None = None,
+        refiner_switch: float | None = None,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -212,7 +236,9 @@ class _CallMixin:
         ``hires_steps`` steps (defaults 0.7 of the first pass's steps; see :mod:`sdengine.hires`).
         ``original_size``, ``crop_top_left``, ``target_size`` and their ``negative_`` counterparts (SDXL):
         the size conditioning, (height, width) and (top, left) pairs, as diffusers' SDXL pipelines take them
-        (defaults: the image's size, (0, 0), and the positive ones; see :mod:`sdengine.xl_conditioning`)."""
+        (defaults: the image's size, (0, 0), and the positive ones; see :mod:`sdengine.xl_conditioning`).
+        ``refiner_switch`` (with a refiner set): the share of the run, in (0, 1), after which the refiner
+        takes over (default 0.8; see :mod:`sdengine.refiner`)."""
         sizes = {
             "original_size": original_size,
             "crop_top_left": crop_top_left,
@@ -224,6 +250,10 @@ class _CallMixin:
         given = [name for name, value in sizes.items() if value is not None]
         if given and not self.model_dir.arch.xl:
             raise UnsupportedConfigError(f"{', '.join(given)}: SDXL's size conditioning; this model has none")
+        if self.refiner is None and refiner_switch is not None:
+            raise InvalidArgumentError("refiner_switch needs a refiner: load one (refiner=DIR)")
+        if self.refiner is not None and refiner_switch is None:
+            refiner_switch = DEFAULT_REFINER_SWITCH
         multiple = self.model_dir.arch.vae_scale_factor
         controls = self._control_images(control_image)
         default = (self.model_dir.default_image_size,) * 2
@@ -261,11 +291,15 @@ class _CallMixin:
             hires_strength=hires_strength,
             hires_steps=hires_steps,
             hires_upscale=hires_upscale,
+            refiner_switch=refiner_switch,
             size_multiple=multiple,
             **sizes,
         )
         if self.model_dir.arch.aesthetic and not request.image_to_image:
             raise UnsupportedConfigError("SDXL's refiner refines images: give it one (image to image)")
+        if self.refiner is not None:  # both parts make a call (each raises InvalidArgumentError if not)
+            request.schedule(self.model_dir.scheduler_config)
+            request.refiner_pass(np.zeros(0)).schedule(self.refiner.model_dir.scheduler_config)
         return request
 
     def _control_images(self, control: ImageInput | Sequence[ImageInput] | None) -> list[ImageInput] | None:
@@ -349,6 +383,7 @@ class Pipeline(_CallMixin):
         vae_tiling: bool = False,
         controlnets: Sequence[str | os.PathLike] = (),
         safety_checker: bool = True,
+        refiner: str | os.PathLike | None = None,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
@@ -360,7 +395,9 @@ class Pipeline(_CallMixin):
         ``controlnets``: ControlNet directories, for a diffusers checkpoint (``torch``); an export holds its
         ControlNets inside its UNet (``sdengine export --controlnet``). ``safety_checker``: run the model's
         safety checker, where it has one (SD 1.x checkpoints do), on every image, as diffusers does: a
-        flagged image comes out black and ``GenerationResult.nsfw`` says which."""
+        flagged image comes out black and ``GenerationResult.nsfw`` says which. ``refiner``: a model
+        directory of the same kind, loaded the same way, that finishes every run (:mod:`sdengine.refiner`;
+        SDXL's refiner for SDXL base)."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -403,6 +440,10 @@ class Pipeline(_CallMixin):
                 model_dir, ort_backend, tokenizer, vae_tiling=vae_tiling, safety_checker=safety_checker
             )
         pipeline.choice = choice
+        if refiner is not None:
+            settings = {"threads": threads, "graphs": graphs, "optimized_cache": optimized_cache}
+            settings |= {"backend": choice.backend, "device": choice.device, "vae_tiling": vae_tiling}
+            pipeline.set_refiner(cls.load(refiner, **settings))
         return pipeline
 
     def generate(
@@ -420,7 +461,7 @@ class Pipeline(_CallMixin):
         with self._lock, times.time("total"):
             latents = self.denoised_passes(request, times, progress, preview, stop)
             with times.time("vae_decode"):
-                images, nsfw = self.decode_images(latents), None
+                images, nsfw = self.final_model(request).decode_images(latents), None
             if self.safety_checker:
                 with times.time("safety_checker"):
                     images, nsfw = self.check_safety(images)
@@ -438,7 +479,7 @@ class Pipeline(_CallMixin):
         latents."""
         schedule = request.schedule(self.model_dir.scheduler_config)
         cfg = request.classifier_free_guidance
-        edits = request.prompt_edits(schedule)
+        edits = request.prompt_edits(self.model_dir.scheduler_config)
         contexts, pooled = self.encode_prompts(edits.texts, request, times)
         contexts = contexts[edits.rows]  # (sets, G * B, ...)
         unet_constants = {}
@@ -459,12 +500,12 @@ class Pipeline(_CallMixin):
             inputs["guidance_rescale"] = request.guidance_rescale
         if request.control is not None:
             unet_constants.update(control_images(request.control, request.batch, 2 if cfg else 1))
-            inputs["control_scales"] = control_schedule(
+            inputs["control_scales"] = control_schedule(  # their shares of the whole run
                 request.control_scales,
                 request.control_starts,
                 request.control_ends,
-                len(schedule.timesteps),
-            )
+                len(request.run_schedule(self.model_dir.scheduler_config).timesteps),
+            )[: len(schedule.timesteps)]
         plan = DenoisePlan(
             latents=latents,
             context=contexts[0],
@@ -680,12 +721,14 @@ class Pipeline(_CallMixin):
 
         Text to image: the seed's unit noise at the scheduler's initial sigma. Image to image: the image's
         latents (VAE encoder, sampled) noised to the first timestep that runs, as the scheduler's
-        ``add_noise`` does, with the same unit noise. Inpainting, as diffusers' inpainting pipeline, starts
-        from pure noise at strength 1."""
+        ``add_noise`` does, with the same unit noise. A refiner's part of a run: the base's latents.
+        Inpainting, as diffusers' inpainting pipeline, starts from pure noise at strength 1."""
         arch = self.model_dir.arch
         noise = request.initial_latents(arch)
         if not request.image_to_image:
             return noise * np.float32(schedule.init_noise_sigma), {}
+        if request.denoising_start is not None:  # a refiner's part: the base's latents, noisy as they are
+            return np.array(request.init_latents, np.float32), {}
         if request.init_latents is not None:  # the hires fix's second pass: latents, not an image
             image_scale, noise_scale = schedule.image_noise
             return (image_scale * request.init_latents + noise_scale * noise).astype(np.float32), {}

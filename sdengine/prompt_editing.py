@@ -191,6 +191,11 @@ class PromptEdits:
         """Whether the prompts read more than one set of texts over the run."""
         return len(self.rows) > 1
 
+    def calls(self, start: int, stop: int) -> PromptEdits:
+        """What the calls ``start`` to ``stop`` of the run read (one model's part of a run that a base model
+        and its refiner share)."""
+        return PromptEdits(self.texts, self.rows, self.call_rows[start:stop])
+
 
 def prompt_edits(prompts: Sequence[str], steps: int, calls: int) -> PromptEdits:
     """The texts ``prompts`` read in each of ``calls`` UNet calls over a run of ``steps`` steps. Call ``c``

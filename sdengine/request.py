@@ -73,6 +73,12 @@ class GenerationRequest:
     default_negative: bool = False
     #: SDXL's size conditioning, where it is given (see sdengine.xl_conditioning)
     sizes: SizeConditioning = SizeConditioning()
+    #: a refiner finishes the run: the base model makes its calls down to this share of the training
+    #: timesteps, the refiner the rest (diffusers' ``denoising_end``; see sdengine.refiner)
+    refiner_switch: float | None = None
+    #: the refiner's part of such a run, from its ``init_latents``, which starts at this share (diffusers'
+    #: ``denoising_start``)
+    denoising_start: float | None = None
 
     @property
     def image_to_image(self) -> bool:
@@ -115,7 +121,7 @@ class GenerationRequest:
     def _draw(self, stream: int, shape: tuple[int, ...], seeds: tuple[int, ...] | None = None) -> np.ndarray:
         """Unit normal noise (B, *shape), item ``i`` from seed ``seeds[i]`` (default: the request's) and
         ``stream`` (0: initial latents, 1: per-step noise, 2: the image's latent sample, 3: the masked
-        image's latent sample)."""
+        image's latent sample, 4: the refiner's per-step noise)."""
         keys = [seed if stream == 0 else [seed, stream] for seed in seeds or self.seeds]
         return np.stack([np.random.default_rng(k).standard_normal(shape, dtype=np.float32) for k in keys])
 
@@ -127,19 +133,30 @@ class GenerationRequest:
             [*self.negative_prompts, *self.prompts] if self.classifier_free_guidance else list(self.prompts)
         )
 
-    def prompt_edits(self, schedule: Schedule) -> PromptEdits:
-        """What :attr:`texts` read call by call over ``schedule``: in the AUTOMATIC1111 syntax they may be
-        edited part way (:mod:`sdengine.prompt_editing`); otherwise every call reads them as they are."""
-        if self.prompt_weights == "a1111":
-            return prompt_edits(self.texts, schedule.steps_run, len(schedule.timesteps))
-        return PromptEdits(
-            self.texts, np.arange(len(self.texts))[None], np.zeros(len(schedule.timesteps), int)
-        )
+    def prompt_edits(self, scheduler_config: dict[str, Any]) -> PromptEdits:
+        """What :attr:`texts` read call by call over this pass's :meth:`schedule`: in the AUTOMATIC1111
+        syntax they may be edited part way (:mod:`sdengine.prompt_editing`), at steps of the whole run (a
+        base model's and its refiner's together); otherwise every call reads them as they are."""
+        calls = len(self.schedule(scheduler_config).timesteps)
+        if self.prompt_weights != "a1111":
+            return PromptEdits(self.texts, np.arange(len(self.texts))[None], np.zeros(calls, int))
+        run = self.run_schedule(scheduler_config)
+        edits = prompt_edits(self.texts, run.steps_run, len(run.timesteps))
+        first = len(run.timesteps) - calls if self.denoising_start is not None else 0  # a refiner's: the last
+        return edits.calls(first, first + calls)
 
     def schedule(self, scheduler_config: dict[str, Any]) -> Schedule:
-        """This request's schedule for a checkpoint's scheduler config (shortened by image to image)."""
+        """This pass's schedule for a checkpoint's scheduler config: shortened by image to image, and where a
+        refiner finishes the run, the base's part of it or the refiner's."""
         scheduler = load_scheduler(self.scheduler, scheduler_config)
-        return scheduler.schedule(self.steps, strength=self.schedule_strength)
+        if self.denoising_start is not None:
+            return scheduler.schedule(self.steps, denoising_start=self.denoising_start)
+        return scheduler.schedule(self.steps, self.schedule_strength, denoising_end=self.refiner_switch)
+
+    def run_schedule(self, scheduler_config: dict[str, Any]) -> Schedule:
+        """The whole run's schedule, which a base model and its refiner share out (the base's request's,
+        uncut): steps such as prompt edits and ControlNets' shares count in it."""
+        return load_scheduler(self.scheduler, scheduler_config).schedule(self.steps, self.schedule_strength)
 
     def latent_shape(self, arch: Architecture) -> tuple[int, int, int, int]:
         """(B, C, h, w) of this request's latents."""
@@ -186,6 +203,26 @@ class GenerationRequest:
             hires=None,
         )
 
+    def refiner_pass(self, latents: np.ndarray) -> GenerationRequest:
+        """The refiner's part of the run, from the base's final ``latents`` as they are (not noised again):
+        the same prompts, seeds and settings, from the switch on, with the run's strength (so that it counts
+        the same steps); no ControlNet (the refiner has none)."""
+        if self.refiner_switch is None:
+            raise InvalidArgumentError("this request has no refiner")
+        return dataclasses.replace(
+            self,
+            strength=self.schedule_strength,
+            latents=None,
+            image=None,
+            init_latents=np.asarray(latents, np.float32),
+            control=None,
+            control_scales=(),
+            control_starts=(),
+            control_ends=(),
+            refiner_switch=None,
+            denoising_start=self.refiner_switch,
+        )
+
     def pixels(self) -> np.ndarray:
         """The input image as the VAE encoder takes it: (1 or B, 3, height, width) float32 in [-1, 1]."""
         if self.image is None:
@@ -216,8 +253,9 @@ class GenerationRequest:
         for the steps (or schedulers) that draw none."""
         noise = np.zeros((len(schedule.timesteps), *shape), np.float32)
         steps = np.flatnonzero(schedule.needs_noise)
+        stream = 1 if self.denoising_start is None else 4  # the refiner's own: never the base's draws again
         if steps.size:
-            noise[steps] = self._draw(1, (steps.size, *shape[1:])).swapaxes(0, 1)
+            noise[steps] = self._draw(stream, (steps.size, *shape[1:])).swapaxes(0, 1)
         return noise
 
     def parameters(self, index: int | None = None) -> dict[str, Any]:
@@ -263,6 +301,7 @@ class GenerationRequest:
             ),
             **(self.hires.parameters() if self.hires else {}),
             **({"size_conditioning": self.sizes.parameters()} if self.sizes.given else {}),
+            **({"refiner_switch": self.refiner_switch} if self.refiner_switch is not None else {}),
         }
 
 
@@ -295,13 +334,15 @@ def make_request(
     hires_strength: float | None = None,
     hires_steps: int | None = None,
     hires_upscale: str | None = None,
+    refiner_switch: float | None = None,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
     """Check every setting and build the request; :class:`InvalidArgumentError` names any bad value.
     ``strength`` defaults to diffusers' own: 0.8 for image to image, 1.0 for inpainting (a ``mask``).
     ``hires_*``: the hires fix (:func:`sdengine.hires.hires_fix`), text to image only. ``sizes``: SDXL's size
-    conditioning (:class:`sdengine.xl_conditioning.SizeConditioning`'s fields)."""
+    conditioning (:class:`sdengine.xl_conditioning.SizeConditioning`'s fields). ``refiner_switch``: the share
+    of the run after which a refiner takes over, in (0, 1) (:mod:`sdengine.refiner`)."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -368,6 +409,7 @@ def make_request(
     )
     if hires is not None and image is not None:
         raise InvalidArgumentError("the hires fix follows text to image: it takes no input image or mask")
+    check_refiner_switch(refiner_switch, hires is not None, mask is not None)
     return GenerationRequest(
         prompts=tuple(prompts),
         negative_prompts=tuple(negatives),
@@ -394,7 +436,20 @@ def make_request(
         variation_strength=float(variation_strength),
         hires=hires,
         sizes=size_conditioning(**sizes),
+        refiner_switch=None if refiner_switch is None else float(refiner_switch),
     )
+
+
+def check_refiner_switch(switch: float | None, hires: bool, inpainting: bool) -> None:
+    """A refiner's switch: a number in (0, 1), for text or image to image without the hires fix."""
+    if switch is None:
+        return
+    if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0.0 < switch < 1.0:
+        raise InvalidArgumentError(f"refiner_switch must be a number in (0, 1), got {switch!r}")
+    if hires:
+        raise InvalidArgumentError("the hires fix and a refiner: use one at a time")
+    if inpainting:
+        raise InvalidArgumentError("inpainting with a refiner is not supported: load the model without one")
 
 
 def check_variation(seed: int | None, strength: float, latents: np.ndarray | None) -> None:

@@ -13,6 +13,8 @@ What the web UI's API takes, and how it maps here:
 - ``enable_hr`` with ``hr_scale``, ``hr_upscaler`` ("Latent", or "None"/"Lanczos": the image),
   ``hr_second_pass_steps`` and ``denoising_strength``: the hires fix (:mod:`sdengine.hires`).
 - ``override_settings.CLIP_stop_at_last_layers``: clip skip (the web UI counts the last layer as 1).
+- ``refiner_switch_at``: where the refiner of ``sdengine serve MODEL --refiner DIR`` takes over (0.8); that
+  refiner finishes every run, whatever ``refiner_checkpoint`` names, which is refused without one.
 - img2img: ``init_images`` (one, or one per batch item; base64 images) and ``denoising_strength`` (0.75).
 - What asks for something sdengine does not do (face restoration, tiling, scripts, styles, an inpainting
   mask, other samplers or upscalers) is refused, naming the field; fields that only steer the web UI's own
@@ -100,7 +102,6 @@ UNSUPPORTED = {
     "hr_scheduler": (None, ""),
     "hr_prompt": (None, ""),
     "hr_negative_prompt": (None, ""),
-    "refiner_checkpoint": (None, ""),
     "firstpass_image": (None, ""),
     "firstphase_width": (None, 0),
     "firstphase_height": (None, 0),
@@ -138,6 +139,8 @@ READ = {
     "override_settings",
     "init_images",
     "eta",
+    "refiner_checkpoint",
+    "refiner_switch_at",
 }
 MAX_BODY = 64 * 2**20
 
@@ -190,9 +193,12 @@ def _number(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
     return kind(value)
 
 
-def generation_settings(body: dict[str, Any], img2img: bool) -> tuple[dict[str, Any], int, list[str]]:
+def generation_settings(
+    body: dict[str, Any], img2img: bool, refiner: bool = False
+) -> tuple[dict[str, Any], int, list[str]]:
     """The keyword arguments of one ``pipeline(...)`` call for a web UI request, its ``n_iter``, and the
-    fields it ignores. InvalidArgumentError names a field sdengine cannot honour."""
+    fields it ignores. InvalidArgumentError names a field sdengine cannot honour. ``refiner``: the pipeline
+    has one."""
     if not isinstance(body, dict):
         raise InvalidArgumentError("the request body must be a JSON object")
     refused = [key for key, fine in UNSUPPORTED.items() if key in body and body[key] not in fine]
@@ -253,6 +259,11 @@ def generation_settings(body: dict[str, Any], img2img: bool) -> tuple[dict[str, 
             hires_steps=second or None,
             hires_strength=denoising or None,
         )
+    if body.get("refiner_checkpoint") and not refiner:
+        raise InvalidArgumentError("refiner_checkpoint: this server has no refiner (serve --refiner DIR)")
+    switch = _number(body, "refiner_switch_at", None, float)
+    if refiner and switch is not None:
+        settings["refiner_switch"] = switch
     n_iter = _number(body, "n_iter", 1, int)
     if n_iter < 1:
         raise InvalidArgumentError(f"n_iter must be at least 1, got {n_iter}")
@@ -320,7 +331,8 @@ class Job:
 def run_request(pipeline: Any, body: dict[str, Any], img2img: bool, job: Job | None = None) -> dict[str, Any]:
     """A web UI API request run on ``pipeline``: the answer's JSON object. ``job``: where its progress goes
     and its interruption comes from."""
-    settings, n_iter, ignored = generation_settings(body, img2img)
+    refiner = getattr(pipeline, "refiner", None) is not None
+    settings, n_iter, ignored = generation_settings(body, img2img, refiner)
     job = job or Job()
     with job.running:  # one request at a time: its batches, then the next request's
         job.begin(n_iter)
@@ -363,6 +375,7 @@ def run_request(pipeline: Any, body: dict[str, Any], img2img: bool, job: Job | N
         if img2img
         else (request.hires.strength if request.hires else 0),
         "nsfw": nsfw,
+        "refiner_switch_at": request.refiner_switch,
         "interrupted": job.interrupted.is_set(),
         "backend": first.backend,
         "ignored_fields": ignored,

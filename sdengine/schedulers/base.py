@@ -31,7 +31,14 @@ class Scheduler(Protocol):
     name: str
     config: SchedulerConfig
 
-    def schedule(self, num_inference_steps: int, strength: float = 1.0) -> Schedule: ...
+    def schedule(
+        self,
+        num_inference_steps: int,
+        strength: float = 1.0,
+        *,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+    ) -> Schedule: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,8 @@ class BaseScheduler:
     params: Mapping[str, Any] = field(init=False, repr=False, compare=False)
 
     diffusers_class: ClassVar[str] = ""
+    #: diffusers' ``scheduler.order``: the model calls of one step (2 for Heun's method and DPM2)
+    order: ClassVar[int] = 1
     defaults: ClassVar[Mapping[str, Any]] = {}
     diffusers_overrides: ClassVar[Mapping[str, Any]] = {}
 
@@ -92,14 +101,35 @@ class BaseScheduler:
                     f"{self.name}: {key}=True is not supported (it is not a linear step)"
                 )
 
-    def schedule(self, num_inference_steps: int, strength: float = 1.0) -> Schedule:
+    def schedule(
+        self,
+        num_inference_steps: int,
+        strength: float = 1.0,
+        *,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+    ) -> Schedule:
         """The tables for ``num_inference_steps`` denoising steps, of which image-to-image at ``strength``
         runs the last ``int(num_inference_steps * strength)`` (diffusers' ``StableDiffusionImg2ImgPipeline``).
+
+        A base model and its refiner split one run at a share of the training timesteps (diffusers' SDXL
+        pipelines): ``denoising_end`` keeps the calls up to it (the base's part; :func:`calls_before`),
+        ``denoising_start`` runs the calls after it instead of ``strength``'s (the refiner's part, from a
+        fresh scheduler; :func:`first_call_after`).
 
         InvalidArgumentError for a bad step count or strength (see :func:`img2img_start`).
         """
         n = check_steps(num_inference_steps, self.params["num_train_timesteps"])
-        return self._build(n, img2img_start(n, strength))
+        if denoising_start is None:
+            schedule = self._build(n, img2img_start(n, strength))
+        else:
+            cutoff = switch_timestep(denoising_start, self.params["num_train_timesteps"])
+            first = first_call_after(self._build(n, 0).timesteps, cutoff, self.order)
+            schedule = self._build(n, first // self.order)
+        if denoising_end is not None:
+            cutoff = switch_timestep(denoising_end, self.params["num_train_timesteps"])
+            schedule = schedule.head(calls_before(schedule.timesteps, cutoff))
+        return schedule
 
     def _build(self, n: int, t_start: int) -> Schedule:
         """The schedule of ``n`` steps from model call ``t_start`` on, the scheduler fresh at that call.
@@ -147,6 +177,45 @@ def img2img_start(num_inference_steps: int, strength: float) -> int:
             "raise strength or steps"
         )
     return n - denoising
+
+
+def switch_timestep(share: float, num_train_timesteps: int) -> int:
+    """The training timestep at which a run of a base model and its refiner changes models, ``share`` of
+    the way from the noisiest (diffusers' ``discrete_timestep_cutoff``): ``round(T - share * T)``.
+    InvalidArgumentError unless ``share`` is a number in (0, 1)."""
+    if isinstance(share, (bool, np.bool_)) or not isinstance(share, numbers.Real) or not 0.0 < share < 1.0:
+        raise InvalidArgumentError(f"the refiner's switch must be a number in (0, 1), got {share!r}")
+    return int(round(num_train_timesteps - share * num_train_timesteps))
+
+
+def calls_before(timesteps: np.ndarray, cutoff: int) -> int:
+    """How many calls of a run the base model makes: those at timesteps >= ``cutoff`` (diffusers' SDXL
+    pipelines' ``denoising_end``). InvalidArgumentError if that is none."""
+    calls = int(np.count_nonzero(np.asarray(timesteps) >= cutoff))
+    if not calls:
+        raise InvalidArgumentError(
+            f"the refiner's switch (timestep {cutoff}) comes before the run's first step (timestep "
+            f"{float(timesteps[0]):g}): the base model would run no step; switch later"
+        )
+    return calls
+
+
+def first_call_after(timesteps: np.ndarray, cutoff: int, order: int) -> int:
+    """The call of a full run's ``timesteps`` at which the refiner starts (diffusers' SDXL image to image
+    with ``denoising_start``): it makes the calls at timesteps < ``cutoff``, one more for a second-order
+    scheduler whose count is even (so that it starts a whole step). InvalidArgumentError if that is none."""
+    calls = int(np.count_nonzero(np.asarray(timesteps) < cutoff))
+    if order == 2 and calls % 2 == 0:
+        calls += 1
+    if not calls:
+        raise InvalidArgumentError(
+            f"the refiner's switch (timestep {cutoff}) comes after the run's last step (timestep "
+            f"{float(timesteps[-1]):g}): the refiner would run no step; switch earlier"
+        )
+    first = len(timesteps) - calls
+    if first % order:  # pragma: no cover - diffusers' +1 keeps it whole for the supported schedulers
+        raise AssertionError(f"the refiner would start in the middle of a step (call {first})")
+    return first
 
 
 def check_steps(num_inference_steps: int, num_train_timesteps: int) -> int:

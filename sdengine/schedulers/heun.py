@@ -29,6 +29,7 @@ class Heun(BaseScheduler):
     name: str = field(default="heun", init=False)
 
     diffusers_class: ClassVar[str] = "HeunDiscreteScheduler"
+    order: ClassVar[int] = 2
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,
         "beta_start": 0.00085,  # diffusers' Heun defaults to SD's betas
@@ -77,7 +78,7 @@ class Heun(BaseScheduler):
             n=n,
             t_start=t_start,
             history_size=2,
-            order=2,
+            order=self.order,
         )
 
 

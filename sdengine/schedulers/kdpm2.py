@@ -30,6 +30,7 @@ class KDPM2(BaseScheduler):
     name: str = field(default="dpm2", init=False)
 
     diffusers_class: ClassVar[str] = "KDPM2DiscreteScheduler"
+    order: ClassVar[int] = 2
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,
         "beta_start": 0.00085,  # diffusers' KDPM2 defaults to SD's betas
@@ -93,7 +94,7 @@ class KDPM2(BaseScheduler):
             num_inference_steps=n,
             t_start=t_start,
             scheduler=self.name,
-            order=2,
+            order=self.order,
         )
 
 

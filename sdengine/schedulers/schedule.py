@@ -17,6 +17,7 @@ indices stay absolute) and its multistep state from ``i - t_start`` (the calls m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,6 +81,14 @@ class Schedule:
         """The steps this run makes: ``num_inference_steps`` less the ``t_start`` that image to image
         leaves out."""
         return self.num_inference_steps - self.t_start
+
+    def head(self, calls: int) -> Schedule:
+        """The run cut after its first ``calls`` calls (a base model's part, before its refiner takes
+        over): every call keeps its row, so the calls run as they would in the whole run."""
+        if not 1 <= calls <= len(self.timesteps):
+            raise ValueError(f"head({calls}) of a schedule of {len(self.timesteps)} calls")
+        per_call = ("timesteps", "input_scale", "coeffs", "needs_noise", "noise_scales")
+        return dataclasses.replace(self, **{name: getattr(self, name)[:calls] for name in per_call})
 
     @property
     def image_noise(self) -> tuple[float, float]:
