@@ -53,6 +53,10 @@ class BenchConfig:
     graphs: str = "step"  # GPU graph mode of the ort and trt backends
     #: the ControlNets an export holds, which the torch baseline loads beside the checkpoint
     controlnets: tuple[str, ...] = ()
+    #: a refiner that finishes every run (sdengine.refiner): its export, checkpoint and TensorRT engines
+    refiner: Path | None = None
+    refiner_checkpoint: Path | None = None
+    refiner_engine_dir: Path | None = None
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -110,6 +114,11 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
     if model is None:
         needs = {"torch": "the source checkpoint: pass --checkpoint", "trt": "an engine directory"}[backend]
         raise SDEngineError(f"the {backend} backend needs {needs}")
+    refiner = {"torch": config.refiner_checkpoint, "trt": config.refiner_engine_dir}.get(
+        backend, config.refiner
+    )
+    if config.refiner is not None and refiner is None:
+        raise SDEngineError(f"the {backend} backend needs the refiner's {backend} model directory too")
     cmd = [
         sys.executable,
         "-m",
@@ -139,6 +148,8 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
     ]
     if config.scheduler:
         cmd += ["--scheduler", config.scheduler]
+    if refiner is not None:
+        cmd += ["--refiner", str(refiner)]
     if config.threads:
         cmd += ["--threads", str(config.threads)]
     if config.device:

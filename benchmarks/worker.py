@@ -53,6 +53,7 @@ def measure(args: argparse.Namespace) -> dict:
         optimized_cache=args.optimized_cache,
         graphs=args.graphs,
         controlnets=args.controlnet,
+        refiner=args.refiner,
     )
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mb()
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--optimized-cache", action="store_true")
     p.add_argument("--graphs", default="step")
     p.add_argument("--controlnet", action="append", default=[])
+    p.add_argument("--refiner", default=None)
     p.add_argument("--image-out", required=True)
     print(json.dumps(measure(p.parse_args(argv))))
 

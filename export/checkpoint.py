@@ -10,7 +10,8 @@ SD 1.x architecture (block types, layer counts, tensor names). ``write_random_ch
 * ``tiny-xl`` and ``sdxl``: the same for SDXL base (two text encoders, the UNet's added conditioning, SDXL's
   VAE scaling and Euler scheduler); ``sdxl`` has its exact sizes (about 3.5 B parameters, 14 GB in fp32).
 * ``tiny-xl-refiner``: SDXL's refiner at toy widths: the second text encoder alone, a four-block UNet
-  conditioned on an aesthetic score in place of the target size, for image to image.
+  conditioned on an aesthetic score in place of the target size, for image to image; ``sdxl-refiner`` has
+  SDXL refiner 1.0's exact sizes (about 3.0 B parameters).
 
 Weights are seeded per component, so the same seed gives byte-identical files on the same library versions.
 The tokenizer is the small generated vocabulary of :mod:`export.tokenizer_vocab`, since CLIP's real one
@@ -34,7 +35,7 @@ from typing import Any
 from export.tokenizer_vocab import MODEL_MAX_LENGTH, build_vocab, write_tokenizer_files
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError
 
-PRESETS: tuple[str, ...] = ("tiny", "sd15", "tiny-xl", "sdxl", "tiny-xl-refiner")
+PRESETS: tuple[str, ...] = ("tiny", "sd15", "tiny-xl", "sdxl", "tiny-xl-refiner", "sdxl-refiner")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 COMPONENTS: tuple[str, ...] = ("tokenizer", "scheduler", "text_encoder", "unet", "vae")
 
@@ -173,6 +174,18 @@ _PRESET_SIZES["sdxl"] = dataclasses.replace(
         unet_heads=(5, 10, 20),
         transformer_layers=(1, 2, 10),
         time_embed_dim=256,
+    ),
+)
+
+
+_PRESET_SIZES["sdxl-refiner"] = dataclasses.replace(  # sdxl's second text encoder and VAE, the refiner's UNet
+    _PRESET_SIZES["sdxl"],
+    xl=dataclasses.replace(
+        _PRESET_SIZES["sdxl"].xl,  # type: ignore[arg-type]
+        unet_channels=(384, 768, 1536, 1536),
+        unet_heads=(6, 12, 24, 24),
+        transformer_layers=(4, 4, 4, 4),
+        refiner=True,
     ),
 )
 

@@ -311,11 +311,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def refiner_dirs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """``bench --refiner``: the refiner's export and its source checkpoint (``--refiner-checkpoint``, or the
+    one its manifest names), which the torch baseline runs."""
+    from sdengine.manifest import Manifest
+    from sdengine.model_dir import open_onnx_dir
+
+    refiner = open_onnx_dir(args.refiner).root
+    manifest = Manifest.read(refiner)
+    source = args.refiner_checkpoint or (manifest.source_checkpoint if manifest else None)
+    return refiner, None if source is None else Path(source)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
         from benchmarks.bench import BenchConfig, format_report, plot_report, run_benchmark
         from benchmarks.flops import stage_flops
-        from benchmarks.presets import PRESETS, get_preset, prepare
+        from benchmarks.presets import PRESETS, get_preset, prepare, prepare_checkpoint
     except ImportError as exc:
         raise SDEngineError(
             f"bench needs the export extra ({exc.name} is missing): pip install 'sdengine[export]'"
@@ -328,6 +340,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prep: dict[str, float] = {}
     device = args.device
     controlnets: tuple[str, ...] = ()
+    refiner, refiner_checkpoint = (None, None) if args.refiner is None else refiner_dirs(args)
     if args.model in PRESETS:
         preset = get_preset(args.model)
         device = device or preset.device
@@ -337,6 +350,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "use --device cpu to run it on the CPU anyway (hours), or the sd15-cpu preset"
             )
         checkpoint, onnx_dir, prep = prepare(preset)
+        if preset.refiner is not None and args.refiner is None:
+            refiner_checkpoint, refiner, made = prepare_checkpoint(
+                preset.refiner, preset.precision, label="refiner_"
+            )
+            prep.update(made)
         size = dict(height=preset.height, width=preset.width, batch=preset.batch, steps=preset.steps)
         size.update(guidance=preset.guidance, runs=preset.runs, warmup=preset.warmup)
     else:
@@ -359,10 +377,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=device,
         optimized_cache=args.optimized_cache,
         graphs=args.graphs,
+        refiner=refiner,
+        refiner_checkpoint=refiner_checkpoint,
         **{**size, **overrides},
     )
     flops = {}
-    if checkpoint is not None:
+    if checkpoint is not None and refiner is None:  # (a refiner's calls cost what its own UNet does)
         flops = stage_flops(
             checkpoint,
             onnx_dir,
@@ -632,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--backends", default="ort,torch")
     b.add_argument("--checkpoint", default=None, help="source checkpoint (default: from the export manifest)")
+    b.add_argument(
+        "--refiner", default=None, metavar="DIR", help="a refiner's export that finishes every run (0.8 on)"
+    )
+    b.add_argument(
+        "--refiner-checkpoint", default=None, help="the refiner's source checkpoint (default: its manifest's)"
+    )
     for name in ("steps", "height", "width", "batch", "runs", "warmup"):
         b.add_argument(f"--{name}", type=int, default=None)
     b.add_argument("--guidance", type=float, default=None)

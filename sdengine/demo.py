@@ -1,7 +1,7 @@
 """The offline demo: random tiny checkpoint -> ONNX -> image, then image to image and inpainting from it, an
 edited prompt drawn again at twice the size (the hires fix), the same prompt with a random LoRA fused, and
-with a random ControlNet following the image's edges, and a tiny random SDXL model's image, with the PyTorch
-baseline beside each.
+with a random ControlNet following the image's edges, and a tiny random SDXL model's image, alone and with a
+tiny random refiner finishing its run, with the PyTorch baseline beside each.
 
 Needs the ``export`` extra (torch, diffusers) for writing the checkpoint, exporting it and the baseline.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sdengine.images import psnr, save_png
+from sdengine.refiner import DEFAULT_REFINER_SWITCH
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 NEGATIVE = "blurry"
@@ -59,13 +60,13 @@ def run_demo(
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/10] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/11] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/10] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/11] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
     pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/10] text to image with the {backend} backend")
+        say(f"[{i}/11] text to image with the {backend} backend")
         pipes[backend] = Pipeline.load(path, backend=backend)
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
@@ -74,25 +75,25 @@ def run_demo(
         backend: pipe(prompt, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **settings)
         for backend, pipe in pipes.items()
     }
-    say(f"[5/10] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    say(f"[5/11] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
     redone = on_both(IMG2IMG_PROMPT, image=ort_result.array, strength=IMG2IMG_STRENGTH)
-    say("[6/10] inpainting the centre of the ort image with both backends")
+    say("[6/11] inpainting the centre of the ort image with both backends")
     mask = centre_mask(ort_result.request.height, ort_result.request.width)
     inpainted = on_both(INPAINT_PROMPT, image=ort_result.array, mask=mask)
     say(
-        f"[7/10] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
+        f"[7/11] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
         "on both backends"
     )
     edited = on_both(EDITED_PROMPT, prompt_weights="a1111", hires_scale=HIRES_SCALE)
     lora = write_random_lora(onnx_dir, workdir / "random-lora.safetensors", seed=SEED)
     say(
-        f"[8/10] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
+        f"[8/11] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
     )
     for pipe in pipes.values():
         pipe.load_lora(lora, LORA_SCALE)
     with_lora = on_both(PROMPT)
     controlnet, control_onnx = workdir / "random-controlnet", workdir / "tiny-onnx-controlnet"
-    say(f"[9/10] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
+    say(f"[9/11] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
     shutil.rmtree(controlnet, ignore_errors=True)
     write_random_controlnet(checkpoint, controlnet, seed=SEED)
     components = ["text_encoder", "unet", "vae_decoder"]
@@ -108,7 +109,7 @@ def run_demo(
         )
     }
     xl_checkpoint, xl_onnx = workdir / "tiny-xl-checkpoint", workdir / "tiny-xl-onnx"
-    say(f"[10/10] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
+    say(f"[10/11] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
     write_random_checkpoint(xl_checkpoint, "tiny-xl", seed=SEED, overwrite=True)
     export_checkpoint(
         xl_checkpoint, xl_onnx, components=["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
@@ -116,6 +117,25 @@ def run_demo(
     xl = {
         backend: Pipeline.load(path, backend=backend)(XL_PROMPT, steps=steps, seed=SEED, scheduler=scheduler)
         for backend, path in (("ort", xl_onnx), ("torch", xl_checkpoint))
+    }
+    refiner_checkpoint, refiner_onnx = (
+        workdir / "tiny-xl-refiner-checkpoint",
+        workdir / "tiny-xl-refiner-onnx",
+    )
+    say(
+        f"[11/11] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
+        f"{1 - DEFAULT_REFINER_SWITCH:.0%} of the run, on both backends"
+    )
+    write_random_checkpoint(refiner_checkpoint, "tiny-xl-refiner", seed=SEED, overwrite=True)
+    export_checkpoint(refiner_checkpoint, refiner_onnx, components=["text_encoder_2", "unet", "vae_decoder"])
+    refined = {
+        backend: Pipeline.load(path, backend=backend, refiner=refiner)(
+            XL_PROMPT, steps=steps, seed=SEED, scheduler=scheduler
+        )
+        for backend, path, refiner in (
+            ("ort", xl_onnx, refiner_onnx),
+            ("torch", xl_checkpoint, refiner_checkpoint),
+        )
     }
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
     extra_outputs = {}
@@ -126,6 +146,7 @@ def run_demo(
         ("lora", with_lora["ort"]),
         ("controlnet", controlled["ort"]),
         ("sdxl", xl["ort"]),
+        ("sdxl-refined", refined["ort"]),
     ):
         extra_outputs[name] = output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}")
         save_png(result.images[0], extra_outputs[name], {**result.request.parameters(), "backend": "ort"})
@@ -136,6 +157,7 @@ def run_demo(
     lora_similarity = psnr(with_lora["ort"].array, with_lora["torch"].array)
     control_similarity = psnr(controlled["ort"].array, controlled["torch"].array)
     xl_similarity = psnr(xl["ort"].array, xl["torch"].array)
+    refined_similarity = psnr(refined["ort"].array, refined["torch"].array)
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
     print(
         f"\nwrote {output}: {steps} steps, "
@@ -160,6 +182,11 @@ def run_demo(
     print(f"ONNX Runtime vs PyTorch (diffusers ControlNet pipeline): PSNR {control_similarity:.1f} dB")
     print(f"wrote {extra_outputs['sdxl']}: {XL_PROMPT!r} from the tiny SDXL model")
     print(f"ONNX Runtime vs PyTorch (diffusers SDXL pipeline): PSNR {xl_similarity:.1f} dB")
+    print(f"wrote {extra_outputs['sdxl-refined']}: the same with the refiner from the switch on")
+    print(
+        "ONNX Runtime vs PyTorch (diffusers SDXL pipeline to denoising_end, then its refiner from "
+        f"denoising_start): PSNR {refined_similarity:.1f} dB"
+    )
     print(
         "NOTE: the checkpoint's weights are RANDOM, so the image is structured noise, "
         "not a picture of the prompt."
@@ -172,4 +199,5 @@ def run_demo(
         "lora_psnr_db": lora_similarity,
         "controlnet_psnr_db": control_similarity,
         "sdxl_psnr_db": xl_similarity,
+        "sdxl_refined_psnr_db": refined_similarity,
     }

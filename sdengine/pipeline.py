@@ -3,6 +3,7 @@ loaded model directory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -443,6 +444,7 @@ class Pipeline(_CallMixin):
         if refiner is not None:
             settings = {"threads": threads, "graphs": graphs, "optimized_cache": optimized_cache}
             settings |= {"backend": choice.backend, "device": choice.device, "vae_tiling": vae_tiling}
+            settings |= {"safety_checker": False}  # the base's checks the images
             pipeline.set_refiner(cls.load(refiner, **settings))
         return pipeline
 
@@ -458,10 +460,17 @@ class Pipeline(_CallMixin):
         ``stop``: asked between two steps; once it answers True (say, from another thread) the generation
         ends with the images of the latents so far (the hires fix's second pass does not start)."""
         times = StageTimes()
-        with self._lock, times.time("total"):
+        final = self.final_model(
+            request
+        )  # a refiner's backend serves this run too: it takes its turn as well
+        with (
+            self._lock,
+            final._lock if final is not self else contextlib.nullcontext(),
+            times.time("total"),
+        ):
             latents = self.denoised_passes(request, times, progress, preview, stop)
             with times.time("vae_decode"):
-                images, nsfw = self.final_model(request).decode_images(latents), None
+                images, nsfw = final.decode_images(latents), None
             if self.safety_checker:
                 with times.time("safety_checker"):
                     images, nsfw = self.check_safety(images)

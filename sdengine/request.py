@@ -142,7 +142,7 @@ class GenerationRequest:
             return PromptEdits(self.texts, np.arange(len(self.texts))[None], np.zeros(calls, int))
         run = self.run_schedule(scheduler_config)
         edits = prompt_edits(self.texts, run.steps_run, len(run.timesteps))
-        first = len(run.timesteps) - calls if self.denoising_start is not None else 0  # a refiner's: the last
+        first = max(0, len(run.timesteps) - calls) if self.denoising_start is not None else 0  # the refiner's
         return edits.calls(first, first + calls)
 
     def schedule(self, scheduler_config: dict[str, Any]) -> Schedule:

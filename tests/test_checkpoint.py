@@ -157,7 +157,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgumentError):
         write_random_checkpoint(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
-    assert PRESETS == ("tiny", "sd15", "tiny-xl", "sdxl", "tiny-xl-refiner")
+    assert PRESETS == ("tiny", "sd15", "tiny-xl", "sdxl", "tiny-xl-refiner", "sdxl-refiner")
 
 
 def test_checkpoint_hash_covers_names_and_contents_but_not_hidden_files(tmp_path: Path) -> None:
@@ -180,3 +180,22 @@ def test_checkpoint_hash_covers_names_and_contents_but_not_hidden_files(tmp_path
 
     with pytest.raises(ModelDirectoryError):
         checkpoint_hash(tmp_path / "missing")
+
+
+def test_the_full_size_sdxl_presets_have_the_released_unet_settings() -> None:
+    """The UNet settings the sdxl and sdxl-refiner presets derive, against SDXL 1.0 base's and refiner's
+    released unet/config.json values (weights are not written: 2.6 B and 2.3 B parameters)."""
+    from export.checkpoint import _PRESET_SIZES, _xl_unet_config
+
+    released = {
+        "sdxl": ((320, 640, 1280), (5, 10, 20), (1, 2, 10), 2048, 2816),
+        "sdxl-refiner": ((384, 768, 1536, 1536), (6, 12, 24, 24), (4, 4, 4, 4), 1280, 2560),
+    }
+    for preset, (channels, heads, layers, cross, projection) in released.items():
+        sizes = _PRESET_SIZES[preset]
+        config = _xl_unet_config(sizes, sizes.xl)
+        assert config["block_out_channels"] == channels and config["attention_head_dim"] == heads
+        assert config["transformer_layers_per_block"] == layers
+        assert config["cross_attention_dim"] == cross
+        assert config["projection_class_embeddings_input_dim"] == projection
+        assert config["addition_time_embed_dim"] == 256

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_controlnet import control, control_onnx, controlnet_dirs  # noqa: F401 (fixtures)
 
 from sdengine.cli import main
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
@@ -288,3 +289,34 @@ def test_the_server_runs_the_refiner(refined_pipes):
         long_prompts=True,
     )
     np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
+
+
+def test_a_controlled_base_reads_its_controlnet_over_the_whole_run(control_onnx, onnx_fp32):  # noqa: F811
+    """The base's calls are those of the whole run, ControlNet weights and all: ``control_end=0.5`` of 6 Euler
+    calls keeps the ControlNet on calls 0-2 (of the run), not 0-1 (of the base's 4: timesteps 999 ... 399.6);
+    the base hands over the latents the run has after those 4 calls."""
+    from sdengine.timing import StageTimes
+
+    settings = dict(steps=6, seed=1, height=64, width=96, scheduler="euler", control_end=0.5)
+    settings["control_image"] = control()
+    pipe = Pipeline.load(control_onnx, backend="ort", device="cpu", refiner=onnx_fp32)
+    request = pipe.request(PROMPT, **settings)
+    assert len(request.schedule(pipe.model_dir.scheduler_config).timesteps) == 4
+    asked = []
+    alone = Pipeline.load(control_onnx, backend="ort", device="cpu")
+    stopped = alone(PROMPT, **settings, stop=lambda: asked.append(1) or len(asked) == 4)
+    np.testing.assert_array_equal(pipe.denoised(request, StageTimes()), stopped.latents)
+    assert np.isfinite(pipe(PROMPT, **settings).array).all()
+
+
+def test_bench_runs_base_and_refiner_against_diffusers(xl_models, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["bench", str(xl_models["base"][1]), "--refiner", str(xl_models["refiner"][1]), "--device", "cpu"]
+    args += ["--runs", "1", "--warmup", "0", "--steps", "10", "--height", "64", "--width", "64"]
+    assert main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["refiner"] == str(xl_models["refiner"][1])
+    assert report["config"]["refiner_checkpoint"] == str(xl_models["refiner"][0].resolve())
+    ours = report["backends"]["ort"]
+    assert ours["unet_calls_per_run"] == 10 and ours["psnr_vs_torch_db"] >= 100
+    assert report["flops_per_call"] == {}  # two UNets: no one FLOP count per call
