@@ -7,7 +7,7 @@ Run on a lent GPU machine by ``benchmarks/gpu_check.sh`` (which installs the car
 1. Parity on the tiny random checkpoint: ONNX Runtime CUDA with whole-step graphs (``step``) and with its
    own graph mode (``ort``) against the same backend without graphs (a replay must give the eager latents),
    against ONNX Runtime on the CPU (fp32, text and image to image), and fp16 ONNX Runtime CUDA against
-   diffusers fp16 on the GPU; the same for the tiny SDXL model.
+   diffusers fp16 on the GPU; the same for the tiny SDXL model, and it with a tiny refiner finishing its runs.
 2. Latency on the SD 1.5-sized random checkpoint, fp16, 512x512, batch 1, CFG, for each step count: every
    available GPU backend against diffusers fp16 eager on the same GPU, in the same run (CUDA events for the
    denoising loop, medians over runs); then ONNX Runtime once more with its own graph mode.
@@ -122,13 +122,15 @@ def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
 
 def xl_parity(work: Path, settings: dict, device: str) -> dict[str, float]:
     """The tiny SDXL model: its added UNet inputs bound into the CUDA whole-step graphs, against the CPU
-    (fp32), and fp16 against diffusers' SDXL pipeline fp16 on the GPU (its VAE in float32, as both run it)."""
+    (fp32), and fp16 against diffusers' SDXL pipeline fp16 on the GPU (its VAE in float32, as both run it);
+    and with a tiny refiner finishing its runs (the base's graphs cut at the switch), against the CPU."""
     from export.checkpoint import write_random_checkpoint
     from export.onnx_export import export_checkpoint
     from sdengine.backends.ort_cuda import OrtCudaBackend
     from sdengine.baseline import TorchPipeline
     from sdengine.model_dir import open_onnx_dir
     from sdengine.pipeline import Pipeline
+    from sdengine.tokenizer import ClipTokenizer
 
     ckpt = write_random_checkpoint(work / "tiny-xl", "tiny-xl", seed=0, overwrite=True)
     parts = ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
@@ -139,12 +141,27 @@ def xl_parity(work: Path, settings: dict, device: str) -> dict[str, float]:
     gpu = Pipeline(fp32, OrtCudaBackend(fp32, device=device), cpu.tokenizer)
     half = Pipeline(fp16, OrtCudaBackend(fp16, device=device), cpu.tokenizer)
     torch16 = TorchPipeline.load(ckpt, device=device)
-    return {
+    results = {
         "SDXL: CUDA vs CPU fp32, PSNR dB": psnr(gpu(PROMPT, **settings).array, cpu(PROMPT, **settings).array),
         "SDXL: fp16 CUDA vs diffusers fp16 GPU, PSNR dB": psnr(
             half(PROMPT, **settings).array, torch16(PROMPT, **settings).array
         ),
     }
+    refiner_ckpt = write_random_checkpoint(
+        work / "tiny-xl-refiner", "tiny-xl-refiner", seed=0, overwrite=True
+    )
+    export_checkpoint(refiner_ckpt, work / "tiny-xl-refiner-fp32", components=parts[1:])
+    refiner = open_onnx_dir(work / "tiny-xl-refiner-fp32")
+    gpu.set_refiner(
+        Pipeline(
+            refiner, OrtCudaBackend(refiner, device=device), ClipTokenizer.from_dir(refiner.tokenizer_dir)
+        )
+    )
+    cpu.set_refiner(Pipeline.load(refiner.root, backend="ort", device="cpu"))
+    results["SDXL with its refiner: CUDA vs CPU fp32, PSNR dB"] = psnr(
+        gpu(PROMPT, **settings).array, cpu(PROMPT, **settings).array
+    )
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
