@@ -8,8 +8,8 @@ What the web UI's API takes, and how it maps here:
 - ``steps`` (50), ``cfg_scale`` (7), ``width``/``height`` (512), ``seed`` (-1: random), ``batch_size``,
   ``n_iter`` (batches one after another; image ``i`` of batch ``n`` has seed ``seed + n * batch_size + i``,
   as in the web UI), ``subseed``/``subseed_strength`` (variations, the same spherical interpolation).
-- ``sampler_name`` (or ``sampler_index``; default "Euler") and ``scheduler`` ("Automatic" or "Karras"): the
-  names of :data:`SAMPLERS`.
+- ``sampler_name`` (or ``sampler_index``; default "Euler") and ``scheduler`` ("Automatic", "Karras" or
+  "Exponential"): the names of :data:`SAMPLERS`, and their ``_exponential`` schedulers.
 - ``enable_hr`` with ``hr_scale``, ``hr_upscaler`` ("Latent", or "None"/"Lanczos": the image),
   ``hr_second_pass_steps`` and ``denoising_strength``: the hires fix (:mod:`sdengine.hires`).
 - ``override_settings.CLIP_stop_at_last_layers``: clip skip (the web UI counts the last layer as 1).
@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sdengine.errors import InvalidArgumentError, SDEngineError
+from sdengine.schedulers import SCHEDULER_NAMES
 
 #: The web UI's sampler names that sdengine runs, and the scheduler each is.
 SAMPLERS = {
@@ -68,6 +69,8 @@ SAMPLERS = {
     "UniPC Karras": "unipc_karras",
     "LCM": "lcm",
 }
+#: The web UI's noise schedules that sdengine runs (its ``scheduler`` field takes the label or the name).
+SCHEDULES = {"automatic": "Automatic", "karras": "Karras", "exponential": "Exponential"}
 #: hr_upscaler values: the web UI's "Latent" enlarges the latents; "None" and "Lanczos" the image.
 UPSCALERS = {"Latent": "latent", "None": "image", "Lanczos": "image"}
 #: Fields that change nothing here: the web UI's own bookkeeping, and ``image_cfg_scale``, which the web UI
@@ -147,15 +150,32 @@ MAX_BODY = 64 * 2**20
 
 def scheduler_name(sampler: str | None, scheduler: str | None) -> str:
     """sdengine's scheduler for the web UI's ``sampler_name`` and ``scheduler`` (its 1.9+ split of the
-    noise schedule from the sampler: "Automatic" keeps the sampler's own, "Karras" picks its Karras one)."""
+    noise schedule from the sampler: "Automatic" keeps the sampler's own, "Karras" picks its Karras one,
+    "Exponential" its one with sigmas evenly spaced in log sigma)."""
     sampler = sampler or "Euler"
+    scheduler = SCHEDULES.get(scheduler, scheduler) if isinstance(scheduler, str) else scheduler
     if scheduler == "Karras" and not sampler.endswith(" Karras"):
         sampler += " Karras"
-    elif scheduler not in (None, "", "Automatic", "Karras"):
-        raise InvalidArgumentError(f"scheduler {scheduler!r} is not supported; use Automatic or Karras")
+    elif scheduler not in (None, "", "Automatic", "Karras", "Exponential"):
+        raise InvalidArgumentError(
+            f"scheduler {scheduler!r} is not supported; use Automatic, Karras or Exponential"
+        )
     if sampler not in SAMPLERS:
         raise InvalidArgumentError(f"sampler {sampler!r} is not supported; supported: {', '.join(SAMPLERS)}")
-    return SAMPLERS[sampler]
+    if scheduler != "Exponential":
+        return SAMPLERS[sampler]
+    name = SAMPLERS[sampler.removesuffix(" Karras")] + "_exponential"
+    if sampler.endswith(" Karras") or name not in SCHEDULER_NAMES:
+        raise InvalidArgumentError(f"sampler {sampler!r} has no Exponential scheduler")
+    return name
+
+
+def sampler_of(scheduler: str) -> tuple[str, str]:
+    """The web UI's (sampler_name, scheduler) for sdengine's scheduler name."""
+    if scheduler.endswith("_exponential"):
+        return sampler_of(scheduler.removesuffix("_exponential"))[0], "Exponential"
+    sampler = next(k for k, v in SAMPLERS.items() if v == scheduler)
+    return sampler, "Karras" if sampler.endswith(" Karras") else "Automatic"
 
 
 def decode_image(data: str) -> Image.Image:
@@ -366,7 +386,8 @@ def run_request(pipeline: Any, body: dict[str, Any], img2img: bool, job: Job | N
         "subseed_strength": request.variation_strength,
         "width": request.hires.width if request.hires else request.width,
         "height": request.hires.height if request.hires else request.height,
-        "sampler_name": next(k for k, v in SAMPLERS.items() if v == request.scheduler),
+        "sampler_name": sampler_of(request.scheduler)[0],
+        "scheduler": sampler_of(request.scheduler)[1],
         "cfg_scale": request.guidance,
         "steps": request.steps,
         "batch_size": request.batch,
@@ -399,6 +420,9 @@ class Handler(BaseHTTPRequestHandler):
         routes: dict[str, Callable[[], Any]] = {
             "/sdapi/v1/samplers": lambda: [
                 {"name": n, "aliases": [s], "options": {}} for n, s in SAMPLERS.items()
+            ],
+            "/sdapi/v1/schedulers": lambda: [
+                {"name": n, "label": label, "aliases": None} for n, label in SCHEDULES.items()
             ],
             "/sdapi/v1/upscalers": lambda: [{"name": n} for n in UPSCALERS],
             "/sdapi/v1/sd-models": lambda: [

@@ -125,6 +125,22 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
 }
+# each ``_karras`` name sets exponential sigmas off; each ``_exponential`` name its family with them on
+for _name, (_cls, _kw) in list(DIFFUSERS_EQUIVALENT.items()):
+    if _name.endswith("_karras"):
+        _kw["use_exponential_sigmas"] = False
+        _family = _name.removesuffix("_karras")
+        _plain = {k: v for k, v in _kw.items() if k not in ("use_karras_sigmas", "use_exponential_sigmas")}
+        DIFFUSERS_EQUIVALENT[f"{_family}_exponential"] = (
+            _cls,
+            {**_plain, "use_exponential_sigmas": True, "use_karras_sigmas": False},
+        )
+
+
+def family(name: str) -> str:
+    """The scheduler a name is, whatever its sigma spacing: ``heun`` for ``heun_karras``."""
+    return name.removesuffix("_karras").removesuffix("_exponential")
+
 
 # Tolerances, applied to every compared tensor as |ours - ref| <= TOL |ref| + TOL * scale, where scale is
 # max(1, max |sample entering the step|): float32 evaluation of x + c * (...) has an absolute rounding error
@@ -152,9 +168,15 @@ NONFINITE_IN_DIFFUSERS = {("ddim", "sdxl_zsnr", "epsilon"), ("lcm", "sdxl_zsnr",
 #: timestep 999 twice, diffusers' ``index_for_timestep`` then starts at index 1 and runs off the table (the
 #: SDE variant shares DPM-Solver's timesteps; test_matches_diffusers checks the IndexError).
 DIFFUSERS_INDEX_ERROR = {("dpmpp_2m_karras", "sdxl_zsnr", 25), ("dpmpp_2m_sde_karras", "sdxl_zsnr", 25)}
-#: The same doubled timestep 999, where diffusers does not fail but runs on from its second sigma (its
-#: ``index_for_timestep`` takes the second of two matches): sdengine keeps the schedule's own first step.
-DIFFUSERS_SKIPS_FIRST_SIGMA = {("unipc_karras", "sdxl_zsnr", 25)}
+#: The same doubled first timestep (999; 998 for exponential sigmas, whose int64 cast truncates), where
+#: diffusers does not fail but runs on from its second sigma (its ``index_for_timestep`` takes the second of
+#: two matches): sdengine keeps the schedule's own first step.
+DIFFUSERS_SKIPS_FIRST_SIGMA = {
+    ("unipc_karras", "sdxl_zsnr", 25),
+    ("dpmpp_2m_exponential", "sdxl_zsnr", 25),
+    ("dpmpp_2m_sde_exponential", "sdxl_zsnr", 25),
+    ("unipc_exponential", "sdxl_zsnr", 25),
+}
 
 SHAPE = (2, 4, 8, 8)
 SEED = 1234
@@ -169,9 +191,9 @@ def fake_unet(x: np.ndarray, t: float) -> np.ndarray:
 
 
 #: Schedulers whose diffusers ``step`` takes a generator and draws noise from it.
-STOCHASTIC = {"euler_a", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
+STOCHASTIC = {"euler_a", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential"}
 #: DPM-Solver's SDE draws on every call, the last included (where a final sigma of 0 gives it weight 0).
-DRAWS_EVERY_CALL = {"euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras"}
+DRAWS_EVERY_CALL = {"euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential"}
 
 
 def diffusers_draws_noise(name: str, i: int, num_calls: int) -> bool:
@@ -350,7 +372,7 @@ def test_matches_diffusers(name: str, base: str, prediction: str, steps: int) ->
         return
     if (name, base, steps) in DIFFUSERS_SKIPS_FIRST_SIGMA:
         plan = load_scheduler(name, config).schedule(steps)
-        assert np.isfinite(plan.coeffs).all() and plan.timesteps[0] == plan.timesteps[1] == 999
+        assert np.isfinite(plan.coeffs).all() and plan.timesteps[0] == plan.timesteps[1] >= 998
         class_name, overrides = DIFFUSERS_EQUIVALENT[name]
         ref = getattr(diffusers, class_name).from_config(config, **overrides)
         ref.set_timesteps(steps)
@@ -378,16 +400,14 @@ def test_schedule_shapes_and_config(name: str, base: str) -> None:
         s, k = len(plan.timesteps), plan.history_size
         two_calls = 2 * steps - 1
         calls = {"pndm": steps + 1 if steps > 1 else steps, "heun": two_calls, "dpm2": two_calls}
-        calls["dpm2_karras"] = calls["heun_karras"] = two_calls
-        assert s == calls.get(name, steps)
+        assert s == calls.get(family(name), steps)
         assert plan.num_inference_steps == steps
         assert plan.timesteps.dtype == plan.input_scale.dtype == plan.coeffs.dtype == np.float32
         assert plan.input_scale.shape == plan.needs_noise.shape == (s,)
         assert plan.coeffs.shape == (s, 1 + k, 3 + k)
         assert plan.needs_noise.dtype == np.bool_
-        histories = {"pndm": 4, "unipc": 3, "unipc_karras": 3, "heun": 2, "heun_karras": 2, "dpm2": 1}
-        histories |= {"dpm2_karras": 1, "lms": 3, "lms_karras": 3}
-        assert k == (1 if name.startswith("dpmpp_2m") else histories.get(name, 0))
+        histories = {"pndm": 4, "unipc": 3, "heun": 2, "dpm2": 1, "lms": 3}
+        assert k == (1 if name.startswith("dpmpp_2m") else histories.get(family(name), 0))
         expected_noise = np.zeros(s, dtype=bool)
         if name in STOCHASTIC:
             # the last ancestral step has sigma_up = 0; LCM's last returns x0; so does DPM-Solver's last
@@ -695,19 +715,11 @@ def test_inpaint_blend_catches_the_wrong_timestep() -> None:
 
 
 STATEFUL = {
-    "pndm",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "dpmpp_2m_sde",
-    "dpmpp_2m_sde_karras",
-    "unipc",
-    "unipc_karras",
-    "lms",
-    "lms_karras",
+    name for name in SCHEDULER_NAMES if family(name) in ("pndm", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lms")
 }
 
 
-@pytest.mark.parametrize("name", sorted(STATEFUL - {"lms", "lms_karras"}))
+@pytest.mark.parametrize("name", sorted(name for name in STATEFUL if family(name) != "lms"))
 def test_img2img_naive_slice_is_caught(name: str) -> None:
     """The harness catches the tempting shortcut: the last rows of the full table (history not restarted).
     (Not for LMS: diffusers weighs a restarted run's derivatives as the full run weighs them, and those it
@@ -732,9 +744,7 @@ def test_img2img_schedule_structure(name: str) -> None:
     assert same.image_noise == full.image_noise
     part = scheduler.schedule(10, strength=0.65)
     assert part.t_start == 4 and part.num_inference_steps == 10
-    calls = 4 * (
-        2 if name in ("heun", "heun_karras", "dpm2", "dpm2_karras") else 1
-    )  # t_start * order calls skipped
+    calls = 4 * (2 if family(name) in ("heun", "dpm2") else 1)  # t_start * order calls skipped
     np.testing.assert_array_equal(part.timesteps, full.timesteps[calls:])
     np.testing.assert_array_equal(part.input_scale, full.input_scale[calls:])
     if name in STATEFUL:
@@ -1013,7 +1023,7 @@ def test_step_count_limits() -> None:
         ("ddim", {"trained_betas": [0.1, 0.2]}, "trained_betas"),
         ("pndm", {"skip_prk_steps": False}, "skip_prk_steps"),
         ("euler", {"interpolation_type": "log_linear"}, "interpolation_type"),
-        ("euler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ("euler", {"use_exponential_sigmas": True, "use_karras_sigmas": True}, "one sigma spacing at a time"),
         ("euler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
         ("euler_a", {"prediction_type": "sample"}, "prediction_type"),
         ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
@@ -1024,7 +1034,7 @@ def test_step_count_limits() -> None:
         ("dpmpp_2m", {"use_flow_sigmas": True}, "use_flow_sigmas"),
         ("dpmpp_2m", {"variance_type": "learned_range"}, "variance_type"),
         ("dpmpp_2m", {"algorithm_type": "deis"}, "final_sigmas_type"),
-        ("dpmpp_2m_karras", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ("dpmpp_2m_exponential", {"use_beta_sigmas": True}, "use_beta_sigmas"),
         ("dpmpp_2m_sde", {"solver_order": 3}, "solver_order"),
         ("dpmpp_2m_sde", {"solver_order": 1}, "solver_order"),
         ("dpmpp_2m_sde", {"thresholding": True}, "thresholding"),
@@ -1039,7 +1049,7 @@ def test_step_count_limits() -> None:
         ("unipc", {"solver_type": "bh3"}, "solver_type"),
         ("unipc", {"thresholding": True}, "thresholding"),
         ("unipc", {"solver_p": "DDIMScheduler"}, "solver_p"),
-        ("unipc", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ("unipc", {"use_exponential_sigmas": True, "use_karras_sigmas": True}, "one sigma spacing at a time"),
         ("unipc", {"use_beta_sigmas": True}, "use_beta_sigmas"),
         ("unipc", {"use_flow_sigmas": True}, "use_flow_sigmas"),
         ("unipc", {"use_dynamic_shifting": True}, "use_dynamic_shifting"),

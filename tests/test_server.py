@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sdengine.errors import InvalidArgumentError
-from sdengine.server import generation_settings, scheduler_name, serve_in_thread
+from sdengine.server import generation_settings, sampler_of, scheduler_name, serve_in_thread
 
 SIZE = {"width": 64, "height": 64, "steps": 3}
 
@@ -56,10 +56,14 @@ def png(array: np.ndarray) -> str:
         ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),
         ("PLMS", "", "pndm"),
         ("LMS", "Karras", "lms_karras"),
+        ("DPM++ 2M SDE", "Exponential", "dpmpp_2m_sde_exponential"),
+        ("Euler", "Exponential", "euler_exponential"),
+        ("Euler", "exponential", "euler_exponential"),  # the schedule's name, as the web UI takes it too
     ],
 )
 def test_sampler_names(sampler, scheduler, expected):
     assert scheduler_name(sampler, scheduler) == expected
+    assert scheduler_name(*sampler_of(expected)) == expected
 
 
 def test_settings_map_the_web_uis_fields():
@@ -113,7 +117,9 @@ def test_settings_map_the_web_uis_fields():
         ({"restore_faces": True}, "not supported: restore_faces"),
         ({"tiling": True, "styles": ["x"]}, "not supported: styles, tiling"),
         ({"sampler_name": "DPM adaptive"}, "sampler 'DPM adaptive' is not supported"),
-        ({"scheduler": "Exponential"}, "scheduler 'Exponential' is not supported"),
+        ({"scheduler": "Polyexponential"}, "scheduler 'Polyexponential' is not supported"),
+        ({"sampler_name": "Euler a", "scheduler": "Exponential"}, "'Euler a' has no Exponential scheduler"),
+        ({"sampler_name": "Euler Karras", "scheduler": "Exponential"}, "has no Exponential scheduler"),
         ({"sampler_name": "DDIM", "eta": 0.5}, "eta 0.5 is not supported"),
         ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler 'R-ESRGAN 4x\\+' is not supported"),
         ({"steps": "many"}, "steps must be a whole number"),
@@ -192,6 +198,8 @@ def test_errors_are_one_json_line_and_the_server_goes_on(server):
         status == 200
         and {"name": "DPM++ 2M Karras", "aliases": ["dpmpp_2m_karras"], "options": {}} in samplers
     )
+    status, schedules = call(server, "/sdapi/v1/schedulers")
+    assert status == 200 and [s["label"] for s in schedules] == ["Automatic", "Karras", "Exponential"]
     assert call(server, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE})[0] == 200  # still serving
 
 

@@ -31,20 +31,22 @@ from .config import SchedulerConfig
 from .ddim import DDIM
 from .dpmsolver import (
     DPMSolverMultistep,
+    DPMSolverMultistepExponential,
     DPMSolverMultistepKarras,
     DPMSolverMultistepSDE,
+    DPMSolverMultistepSDEExponential,
     DPMSolverMultistepSDEKarras,
 )
-from .euler import Euler, EulerKarras
+from .euler import Euler, EulerExponential, EulerKarras
 from .euler_ancestral import EulerAncestral
-from .heun import Heun, HeunKarras
-from .kdpm2 import KDPM2, KDPM2Karras
+from .heun import Heun, HeunExponential, HeunKarras
+from .kdpm2 import KDPM2, KDPM2Exponential, KDPM2Karras
 from .lcm import LCM
-from .lms import LMS, LMSKarras
+from .lms import LMS, LMSExponential, LMSKarras
 from .pndm import PNDM
 from .schedule import Schedule
 from .step import initial_history, step
-from .unipc import UniPCMultistep, UniPCMultistepKarras
+from .unipc import UniPCMultistep, UniPCMultistepExponential, UniPCMultistepKarras
 
 _CLASSES: dict[str, type[BaseScheduler]] = {
     "ddim": DDIM,
@@ -65,6 +67,13 @@ _CLASSES: dict[str, type[BaseScheduler]] = {
     "lcm": LCM,
     "unipc": UniPCMultistep,
     "unipc_karras": UniPCMultistepKarras,
+    "euler_exponential": EulerExponential,
+    "heun_exponential": HeunExponential,
+    "dpm2_exponential": KDPM2Exponential,
+    "lms_exponential": LMSExponential,
+    "dpmpp_2m_exponential": DPMSolverMultistepExponential,
+    "dpmpp_2m_sde_exponential": DPMSolverMultistepSDEExponential,
+    "unipc_exponential": UniPCMultistepExponential,
 }
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_CLASSES)

@@ -93,6 +93,16 @@ class BaseScheduler:
                 f"{self.name}: {key}={value!r} is not supported (supported: {shown})"
             )
 
+    def sigma_spacing(self, params: Mapping[str, Any]) -> str:
+        """The spacing that replaces the timesteps' own sigmas ("karras", "exponential"; "" for none), from
+        the config's flags; UnsupportedConfigError where it sets more than one (as diffusers refuses)."""
+        given = [spacing for flag, spacing in tables.SIGMA_SPACINGS.items() if params.get(flag)]
+        if len(given) > 1:
+            raise UnsupportedConfigError(
+                f"{self.name}: use_{given[0]}_sigmas and use_{given[1]}_sigmas: one sigma spacing at a time"
+            )
+        return given[0] if given else ""
+
     def refuse_flags(self, params: Mapping[str, Any], *keys: str) -> None:
         """UnsupportedConfigError if any of the boolean options ``keys`` is on."""
         for key in keys:

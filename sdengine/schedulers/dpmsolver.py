@@ -87,7 +87,6 @@ class DPMSolverMultistep(BaseScheduler):
         self.refuse_flags(
             params,
             "thresholding",
-            "use_exponential_sigmas",
             "use_beta_sigmas",
             "use_lu_lambdas",
             "use_flow_sigmas",
@@ -100,20 +99,21 @@ class DPMSolverMultistep(BaseScheduler):
         abar = self.alphas_cumprod(zero_snr_floor=True)
         train_sigmas = tables.sigmas_from_alphas_cumprod(abar)
         timesteps = self._timesteps(n, abar)
-        if p["use_karras_sigmas"]:
+        spacing = self.sigma_spacing(p)
+        if spacing:
             # diffusers reads config sigma_min / sigma_max even though they are not DPM-Solver arguments: they
             # are kept in its config when present in the JSON (e.g. converted from an Euler config).
             sigma_min, sigma_max = self.config.get("sigma_min"), self.config.get("sigma_max")
-            sigmas = tables.karras_sigmas(
+            sigmas = tables.spaced_sigmas(
+                spacing,
                 train_sigmas[0] if sigma_min is None else sigma_min,
                 train_sigmas[-1] if sigma_max is None else sigma_max,
                 n,
             )
             t = tables.sigma_to_t(sigmas, train_sigmas)
-            # rounded, except for squaredcos_cap_v2 where diffusers' int64 cast truncates
-            timesteps = (np.trunc(t) if p["beta_schedule"] == "squaredcos_cap_v2" else np.round(t)).astype(
-                np.int64
-            )
+            # Karras' rounded, except for squaredcos_cap_v2; the rest truncated by diffusers' int64 cast
+            rounded = spacing == "karras" and p["beta_schedule"] != "squaredcos_cap_v2"
+            timesteps = (np.round(t) if rounded else np.trunc(t)).astype(np.int64)
         else:
             sigmas = np.interp(timesteps, np.arange(n_train), train_sigmas)
         sigma_last = train_sigmas[0] if p["final_sigmas_type"] == "sigma_min" else 0.0
@@ -194,7 +194,23 @@ class DPMSolverMultistepKarras(DPMSolverMultistep):
 
     name: str = field(default="dpmpp_2m_karras", init=False)
 
-    diffusers_overrides: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_karras_sigmas": True,
+        "use_exponential_sigmas": False,
+    }
+
+
+@dataclass(frozen=True)
+class DPMSolverMultistepExponential(DPMSolverMultistep):
+    """``dpmpp_2m`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
+    "Exponential" scheduler)."""
+
+    name: str = field(default="dpmpp_2m_exponential", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_exponential_sigmas": True,
+        "use_karras_sigmas": False,
+    }
 
 
 @dataclass(frozen=True)
@@ -230,4 +246,19 @@ class DPMSolverMultistepSDEKarras(DPMSolverMultistepSDE):
     diffusers_overrides: ClassVar[dict[str, Any]] = {
         "algorithm_type": "sde-dpmsolver++",
         "use_karras_sigmas": True,
+        "use_exponential_sigmas": False,
+    }
+
+
+@dataclass(frozen=True)
+class DPMSolverMultistepSDEExponential(DPMSolverMultistepSDE):
+    """``dpmpp_2m_sde`` with ``use_exponential_sigmas`` forced on (the web UI's "DPM++ 2M SDE" with its
+    "Exponential" scheduler)."""
+
+    name: str = field(default="dpmpp_2m_sde_exponential", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "algorithm_type": "sde-dpmsolver++",
+        "use_exponential_sigmas": True,
+        "use_karras_sigmas": False,
     }

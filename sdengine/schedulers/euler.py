@@ -15,14 +15,15 @@ from .schedule import Forms, Schedule, make_schedule, sigma_noise_scales, vp_pre
 
 
 def discrete_sigmas(
-    params: Mapping[str, Any], abar: np.ndarray, n: int, *, karras: bool = False
+    params: Mapping[str, Any], abar: np.ndarray, n: int, *, spacing: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, sigmas) of diffusers' Euler schedulers: float32 timesteps (fractional for ``linspace``),
     and the N + 1 sigmas ending in 0 (or sigma_min with ``final_sigmas_type="sigma_min"``).
 
-    Sigmas are the training sigmas interpolated linearly at the timesteps; with ``karras`` they are replaced
-    by Karras sigmas spanning the interpolated range (or config ``sigma_min``/``sigma_max``) and the
-    timesteps by their log-sigma interpolated positions (:func:`tables.sigma_to_t`).
+    Sigmas are the training sigmas interpolated linearly at the timesteps; with a ``spacing`` ("karras",
+    "exponential") they are replaced by sigmas of that spacing spanning the interpolated range (or config
+    ``sigma_min``/``sigma_max``) and the timesteps by their log-sigma interpolated positions
+    (:func:`tables.sigma_to_t`).
     """
     n_train = params["num_train_timesteps"]
     timesteps = tables.f32(
@@ -31,11 +32,14 @@ def discrete_sigmas(
     tables.check_timesteps(timesteps, n_train)
     train_sigmas = tables.sigmas_from_alphas_cumprod(abar)
     sigmas = np.interp(timesteps, np.arange(n_train), train_sigmas)
-    if karras:
+    if spacing:
         sigma_min = params.get("sigma_min")
         sigma_max = params.get("sigma_max")
-        sigmas = tables.karras_sigmas(
-            sigmas[-1] if sigma_min is None else sigma_min, sigmas[0] if sigma_max is None else sigma_max, n
+        sigmas = tables.spaced_sigmas(
+            spacing,
+            sigmas[-1] if sigma_min is None else sigma_min,
+            sigmas[0] if sigma_max is None else sigma_max,
+            n,
         )
         timesteps = tables.f32(tables.sigma_to_t(sigmas, train_sigmas))
     sigma_last = train_sigmas[0] if params.get("final_sigmas_type") == "sigma_min" else 0.0
@@ -114,12 +118,12 @@ class Euler(BaseScheduler):
         self.require(params, "interpolation_type", ("linear",))
         self.require(params, "timestep_type", ("discrete", "continuous"))
         self.require(params, "final_sigmas_type", ("zero", "sigma_min"))
-        self.refuse_flags(params, "use_exponential_sigmas", "use_beta_sigmas")
+        self.refuse_flags(params, "use_beta_sigmas")
 
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         abar = self.alphas_cumprod(zero_snr_floor=True)
-        timesteps, sigmas = discrete_sigmas(p, abar, n, karras=bool(p["use_karras_sigmas"]))
+        timesteps, sigmas = discrete_sigmas(p, abar, n, spacing=self.sigma_spacing(p))
         if p["timestep_type"] == "continuous" and p["prediction_type"] == "v_prediction":
             # diffusers feeds such models c_noise = log(sigma) / 4 (Karras et al. 2022, Table 1).
             timesteps = tables.f32(0.25 * np.log(sigmas[:-1]))
@@ -147,4 +151,20 @@ class EulerKarras(Euler):
 
     name: str = field(default="euler_karras", init=False)
 
-    diffusers_overrides: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_karras_sigmas": True,
+        "use_exponential_sigmas": False,
+    }
+
+
+@dataclass(frozen=True)
+class EulerExponential(Euler):
+    """``euler`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
+    "Exponential" scheduler)."""
+
+    name: str = field(default="euler_exponential", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_exponential_sigmas": True,
+        "use_karras_sigmas": False,
+    }

@@ -46,12 +46,12 @@ class Heun(BaseScheduler):
 
     def _validate(self, params: dict[str, Any]) -> None:
         super()._validate(params)
-        self.refuse_flags(params, "use_exponential_sigmas", "use_beta_sigmas", "clip_sample")
+        self.refuse_flags(params, "use_beta_sigmas", "clip_sample")
 
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
-        karras = bool(p["use_karras_sigmas"])
-        steps_timesteps, steps_sigmas = discrete_sigmas(p, self.alphas_cumprod(), n, karras=karras)
+        spacing = self.sigma_spacing(p)
+        steps_timesteps, steps_sigmas = discrete_sigmas(p, self.alphas_cumprod(), n, spacing=spacing)
         # per call: t_0, t_1, t_1, ..., t_{N-1}, t_{N-1}; sigmas s_0, s_1, s_1, ..., s_{N-1}, s_{N-1}, 0
         timesteps = np.concatenate([steps_timesteps[:1], np.repeat(steps_timesteps[1:], 2)])
         sigmas = np.concatenate([steps_sigmas[:1], np.repeat(steps_sigmas[1:-1], 2), steps_sigmas[-1:]])
@@ -88,4 +88,20 @@ class HeunKarras(Heun):
 
     name: str = field(default="heun_karras", init=False)
 
-    diffusers_overrides: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_karras_sigmas": True,
+        "use_exponential_sigmas": False,
+    }
+
+
+@dataclass(frozen=True)
+class HeunExponential(Heun):
+    """``heun`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
+    "Exponential" scheduler)."""
+
+    name: str = field(default="heun_exponential", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_exponential_sigmas": True,
+        "use_karras_sigmas": False,
+    }

@@ -45,14 +45,14 @@ class KDPM2(BaseScheduler):
 
     def _validate(self, params: dict[str, Any]) -> None:
         super()._validate(params)
-        self.refuse_flags(params, "use_exponential_sigmas", "use_beta_sigmas")
+        self.refuse_flags(params, "use_beta_sigmas")
 
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         abar = self.alphas_cumprod()
-        karras = bool(p["use_karras_sigmas"])
-        steps_timesteps, steps_sigmas = discrete_sigmas(p, abar, n, karras=karras)
-        if karras:  # diffusers rounds KDPM2's Karras timesteps
+        spacing = self.sigma_spacing(p)
+        steps_timesteps, steps_sigmas = discrete_sigmas(p, abar, n, spacing=spacing)
+        if spacing == "karras":  # diffusers rounds KDPM2's Karras timesteps (not its exponential ones)
             steps_timesteps = np.round(steps_timesteps.astype(np.float64))
         # midpoints: the geometric mean of each sigma and the one before it (0 for the step to sigma' = 0)
         with np.errstate(divide="ignore"):
@@ -104,4 +104,20 @@ class KDPM2Karras(KDPM2):
 
     name: str = field(default="dpm2_karras", init=False)
 
-    diffusers_overrides: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_karras_sigmas": True,
+        "use_exponential_sigmas": False,
+    }
+
+
+@dataclass(frozen=True)
+class KDPM2Exponential(KDPM2):
+    """``dpm2`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
+    "Exponential" scheduler)."""
+
+    name: str = field(default="dpm2_exponential", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_exponential_sigmas": True,
+        "use_karras_sigmas": False,
+    }

@@ -57,12 +57,12 @@ class LMS(BaseScheduler):
 
     def _validate(self, params: dict[str, Any]) -> None:
         super()._validate(params)
-        self.refuse_flags(params, "use_exponential_sigmas", "use_beta_sigmas")
+        self.refuse_flags(params, "use_beta_sigmas")
 
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         abar = self.alphas_cumprod()
-        timesteps, sigmas = discrete_sigmas(p, abar, n, karras=bool(p["use_karras_sigmas"]))
+        timesteps, sigmas = discrete_sigmas(p, abar, n, spacing=self.sigma_spacing(p))
         sigmas64 = sigmas.astype(np.float64)
         f = Forms(ORDER - 1)
         history = [f.history(j) for j in range(1, ORDER)]  # d_{i-1}, d_{i-2}, d_{i-3}
@@ -93,4 +93,20 @@ class LMSKarras(LMS):
 
     name: str = field(default="lms_karras", init=False)
 
-    diffusers_overrides: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_karras_sigmas": True,
+        "use_exponential_sigmas": False,
+    }
+
+
+@dataclass(frozen=True)
+class LMSExponential(LMS):
+    """``lms`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
+    "Exponential" scheduler)."""
+
+    name: str = field(default="lms_exponential", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_exponential_sigmas": True,
+        "use_karras_sigmas": False,
+    }

@@ -11,6 +11,7 @@ Notation: ``alphas_cumprod[t]`` is the DDPM alpha-bar_t; the "k-diffusion" sigma
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -155,6 +156,23 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """Sigmas evenly spaced in log sigma, from ``sigma_max`` down to ``sigma_min`` (diffusers'
+    ``use_exponential_sigmas``; the web UI's "Exponential" scheduler)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+#: The sigma spacings that replace the timesteps' own sigmas, by diffusers' config flag.
+SIGMA_SPACINGS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential"}
+
+
+def spaced_sigmas(spacing: str, sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """``n`` sigmas from ``sigma_max`` down to ``sigma_min`` in ``spacing`` ("karras" or "exponential")."""
+    if spacing == "karras":
+        return karras_sigmas(sigma_min, sigma_max, n)
+    return exponential_sigmas(sigma_min, sigma_max, n)
 
 
 def sigma_to_t(sigmas: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:

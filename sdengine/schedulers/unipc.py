@@ -119,7 +119,6 @@ class UniPCMultistep(BaseScheduler):
         self.refuse_flags(
             params,
             "thresholding",
-            "use_exponential_sigmas",
             "use_beta_sigmas",
             "use_flow_sigmas",
             "use_dynamic_shifting",
@@ -217,12 +216,14 @@ class UniPCMultistep(BaseScheduler):
         p = self.params
         n_train = p["num_train_timesteps"]
         train_sigmas = tables.sigmas_from_alphas_cumprod(abar)
-        if p["use_karras_sigmas"]:
+        spacing = self.sigma_spacing(p)
+        if spacing:
             lo, hi = p["sigma_min"], p["sigma_max"]
-            sigmas = tables.karras_sigmas(
-                train_sigmas[0] if lo is None else lo, train_sigmas[-1] if hi is None else hi, n
+            sigmas = tables.spaced_sigmas(
+                spacing, train_sigmas[0] if lo is None else lo, train_sigmas[-1] if hi is None else hi, n
             )
-            timesteps = np.round(tables.sigma_to_t(sigmas, train_sigmas)).astype(np.int64)
+            t = tables.sigma_to_t(sigmas, train_sigmas)  # Karras' rounded, exponential ones truncated
+            timesteps = (np.round(t) if spacing == "karras" else np.trunc(t)).astype(np.int64)
             sigma_min = sigmas[-1]
         else:
             if p["timestep_spacing"] == "trailing":
@@ -241,4 +242,20 @@ class UniPCMultistepKarras(UniPCMultistep):
 
     name: str = field(default="unipc_karras", init=False)
 
-    diffusers_overrides: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_karras_sigmas": True,
+        "use_exponential_sigmas": False,
+    }
+
+
+@dataclass(frozen=True)
+class UniPCMultistepExponential(UniPCMultistep):
+    """``unipc`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
+    "Exponential" scheduler)."""
+
+    name: str = field(default="unipc_exponential", init=False)
+
+    diffusers_overrides: ClassVar[dict[str, Any]] = {
+        "use_exponential_sigmas": True,
+        "use_karras_sigmas": False,
+    }
