@@ -30,6 +30,7 @@ import sdengine
 from export.checkpoint import checkpoint_hash
 from export.controlnet import check_controlnets
 from export.fp16 import convert_to_fp16
+from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
 from export.verify import Verification, verify_component
 from export.weight_names import name_weights
@@ -41,6 +42,7 @@ from sdengine.manifest import MANIFEST_NAME, ComponentRecord, Manifest, file_sha
 from sdengine.model_dir import open_checkpoint_dir
 from sdengine.model_specs import (
     EXPORTABLE,
+    IMAGE_ENCODER,
     SAFETY_CHECKER,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -156,19 +158,28 @@ def export_component(
     verify: bool = True,
     loras: Sequence[tuple[LoraFile, float]] = (),
     controlnets: Sequence[Path] = (),
+    ip_adapter: dict | None = None,
 ) -> ComponentRecord:
     """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result.
     ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises).
     ``loras``: (LoRA, scale) pairs fused into the component first. The UNet's and text encoder's layer
     weights are named after their layers (``export.weight_names``), so LoRA can be fused at run time too.
-    ``controlnets``: ControlNet directories traced into the UNet (``wrappers.ControlledUNetExport``)."""
+    ``controlnets``: ControlNet directories traced into the UNet (``wrappers.ControlledUNetExport``).
+    ``ip_adapter``: an IP-Adapter's record (``export.ip_adapter.check_ip_adapter``), loaded into the UNet,
+    whose image encoder is the ``image_encoder`` component."""
     model_dir = open_checkpoint_dir(checkpoint)
-    if name == SAFETY_CHECKER:
-        precision = "fp32"  # small, and its flags are thresholds: kept in float32
+    if name in (SAFETY_CHECKER, IMAGE_ENCODER):
+        precision = "fp32"  # small and run once per generation: kept in float32
     if name in (VAE_DECODER, VAE_ENCODER) and model_dir.vae_force_upcast:
         precision = "fp32"  # a VAE that overflows float16 (SDXL's), as diffusers upcasts it
     controlnets = tuple(controlnets) if name == UNET else ()
-    arch = dataclasses.replace(model_dir.arch, controlnets=len(controlnets))
+    ip_adapter = ip_adapter if name in (UNET, IMAGE_ENCODER) else None
+    if name == IMAGE_ENCODER and ip_adapter is None:
+        raise InvalidArgumentError("image_encoder is an IP-Adapter's: export with --ip-adapter FILE")
+    ip_fields = {}
+    if ip_adapter is not None:
+        ip_fields = {"ip_image_embeds": ip_adapter["image_embeds"], "ip_image_size": ip_adapter["image_size"]}
+    arch = dataclasses.replace(model_dir.arch, controlnets=len(controlnets), **ip_fields)
     spec = arch.specs()[name]
     scale = arch.vae_scale_factor
     height, width = TRACE_LATENT[0] * scale, TRACE_LATENT[1] * scale
@@ -176,7 +187,8 @@ def export_component(
     inputs = sample_inputs(arch, name, batch=2, height=height, width=width, vocab_size=vocab_size)
     target = out_dir / name / "model.onnx"
     start = time.perf_counter()
-    module = load_export_module(checkpoint, name, controlnets, arch.xl)
+    ip_file = None if ip_adapter is None else Path(ip_adapter["file"])
+    module = load_export_module(checkpoint, name, controlnets, arch.xl, ip_file)
     fuse_loras(module, name, loras)
     with _PeakRss() as rss, tempfile.TemporaryDirectory(prefix=f"sdengine-{name}-", dir=out_dir) as tmp:
         traced = Path(tmp) / "model.onnx"
@@ -248,6 +260,7 @@ def export_checkpoint(
     verify: bool = True,
     loras: Sequence[tuple[str | os.PathLike, float]] = (),
     controlnets: Sequence[str | os.PathLike] = (),
+    ip_adapter: str | os.PathLike | None = None,
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
     ``components``: a subset of :data:`EXPORTABLE`; by default the four models (five for SDXL, with its
@@ -259,7 +272,10 @@ def export_checkpoint(
     each check, then ExportVerificationError names the first failure. The files stay for inspection.
     ``loras``: (LoRA file, scale) pairs fused into the UNet and text encoder before they are exported.
     ``controlnets``: ControlNet directories traced into the UNet, whose model then takes their conditioning
-    images and weights (``sdengine.controlnet``); listed in ``controlnet/config.json``."""
+    images and weights (``sdengine.controlnet``); listed in ``controlnet/config.json``. ``ip_adapter``: an
+    IP-Adapter weights file (its image encoder in ``image_encoder/`` beside it), loaded into the UNet, whose
+    model then takes an image prompt's embeddings and weight; its image encoder is exported too
+    (``sdengine.ip_adapter``; ``ip_adapter/config.json``)."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if opset < MIN_OPSET:
@@ -267,8 +283,10 @@ def export_checkpoint(
     checkpoint_dir = open_checkpoint_dir(checkpoint)
     source = checkpoint_dir.root
     has_checker = (source / SAFETY_CHECKER / "config.json").is_file()
+    ip_record = None if ip_adapter is None else check_ip_adapter(source, Path(ip_adapter).resolve())
     if components is None:
         components = [*checkpoint_dir.arch.components(), *([SAFETY_CHECKER] if has_checker else [])]
+        components += [IMAGE_ENCODER] if ip_record else []
     components = list(components)
     unknown = sorted(set(components) - set(EXPORTABLE))
     if unknown:
@@ -285,6 +303,10 @@ def export_checkpoint(
     if control_paths and UNET not in components:
         raise InvalidArgumentError("ControlNets are exported inside the UNet: export the unet component too")
     control_configs = check_controlnets(source, checkpoint_dir.arch, control_paths)
+    if ip_record and UNET not in components:
+        raise InvalidArgumentError("an IP-Adapter is exported inside the UNet: export the unet component too")
+    if IMAGE_ENCODER in components and not ip_record:
+        raise InvalidArgumentError("image_encoder is an IP-Adapter's: export with --ip-adapter FILE")
     out_dir = Path(output)
     if out_dir.resolve() == source.resolve():
         raise InvalidArgumentError("--output must differ from the checkpoint directory")
@@ -300,11 +322,13 @@ def export_checkpoint(
             verify=verify,
             loras=lora_files,
             controlnets=control_paths,
+            ip_adapter=ip_record,
         )
     _copy_side_files(source, out_dir)
     control_records = [{"dir": str(p), "sha256": checkpoint_hash(p)} for p in control_paths]
     if UNET in components:
         _write_controlnet_config(out_dir, control_records, control_configs)
+        write_ip_adapter_config(out_dir, ip_record)
     manifest = Manifest(
         source_checkpoint=str(source.resolve()),
         source_hash=checkpoint_hash(source),

@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from sdengine.model_dir import weights_variant
 from sdengine.model_specs import (
+    IMAGE_ENCODER,
+    IP_ADAPTER_SCALE,
     SAFETY_CHECKER,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -59,15 +62,40 @@ class XlTextEncoderExport(nn.Module):
         return out.last_hidden_state, states
 
 
+def with_image_prompt(
+    unet: nn.Module,
+    added: dict[str, torch.Tensor] | None,
+    image_embeds: torch.Tensor | None,
+    ip_adapter_scale: torch.Tensor | None,
+) -> dict[str, Any]:
+    """The UNet call's ``added_cond_kwargs`` keyword, with an IP-Adapter's image embeddings where it has one,
+    its attention weighted by ``ip_adapter_scale`` (an input: traced at any value but 0, which diffusers
+    skips in Python)."""
+    if image_embeds is None:
+        return {} if added is None else {"added_cond_kwargs": added}
+    for processor in unet.attn_processors.values():
+        if hasattr(processor, "to_k_ip"):
+            processor.scale = [ip_adapter_scale]
+    return {"added_cond_kwargs": {**(added or {}), "image_embeds": [image_embeds]}}
+
+
 class UNetExport(nn.Module):
+    """The UNet; with an IP-Adapter loaded, its image prompt's inputs after the text."""
+
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        ip_adapter_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        extra = with_image_prompt(self.unet, None, image_embeds, ip_adapter_scale)
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **extra)[0]
 
 
 class XlUNetExport(nn.Module):
@@ -85,11 +113,12 @@ class XlUNetExport(nn.Module):
         encoder_hidden_states: torch.Tensor,
         text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        ip_adapter_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[
-            0
-        ]
+        extra = with_image_prompt(self.unet, added, image_embeds, ip_adapter_scale)
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **extra)[0]
 
 
 class ControlledUNetExport(nn.Module):
@@ -110,8 +139,13 @@ class ControlledUNetExport(nn.Module):
         encoder_hidden_states: torch.Tensor,
         controlnet_cond: torch.Tensor,
         conditioning_scale: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        ip_adapter_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.run(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)
+        image_prompt = (image_embeds, ip_adapter_scale)
+        return self.run(
+            sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, None, image_prompt
+        )
 
     def run(
         self,
@@ -121,8 +155,11 @@ class ControlledUNetExport(nn.Module):
         controlnet_cond: torch.Tensor,
         conditioning_scale: torch.Tensor,
         added: dict[str, torch.Tensor] | None = None,
+        image_prompt: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> torch.Tensor:
-        """``added``: SDXL's added conditioning, which its ControlNets read as its UNet does."""
+        """``added``: SDXL's added conditioning, which its ControlNets read as its UNet does;
+        ``image_prompt``: an IP-Adapter's inputs, which the UNet alone reads (as in diffusers' ControlNet
+        pipelines)."""
         extra = {} if added is None else {"added_cond_kwargs": added}
         latents = sample[:, : self.controlnets[0].config.in_channels]
         down, mid = None, None
@@ -145,7 +182,7 @@ class ControlledUNetExport(nn.Module):
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             return_dict=False,
-            **extra,
+            **with_image_prompt(self.unet, added, *image_prompt),
         )[0]
 
 
@@ -162,9 +199,25 @@ class XlControlledUNetExport(ControlledUNetExport):
         time_ids: torch.Tensor,
         controlnet_cond: torch.Tensor,
         conditioning_scale: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        ip_adapter_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.run(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, added)
+        image_prompt = (image_embeds, ip_adapter_scale)
+        return self.run(
+            sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, added, image_prompt
+        )
+
+
+class ImageEncoderExport(nn.Module):
+    """An IP-Adapter's CLIP image encoder: its projected image embeddings."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixel_values=pixel_values).image_embeds
 
 
 class VaeDecoderExport(nn.Module):
@@ -216,10 +269,15 @@ class SafetyCheckerExport(nn.Module):
 
 
 def load_export_module(
-    checkpoint: str | Path, name: str, controlnets: Sequence[Path] = (), xl: bool = False
+    checkpoint: str | Path,
+    name: str,
+    controlnets: Sequence[Path] = (),
+    xl: bool = False,
+    ip_adapter: Path | None = None,
 ) -> nn.Module:
     """Load one checkpoint component, in float32 and eval mode, wrapped for export; the UNet with the
-    ControlNets in the directories ``controlnets`` inside, if any. ``xl``: an SDXL checkpoint's."""
+    ControlNets in the directories ``controlnets`` inside, if any, and the IP-Adapter file ``ip_adapter``
+    loaded (whose image encoder is the ``image_encoder`` component). ``xl``: an SDXL checkpoint's."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -234,15 +292,29 @@ def load_export_module(
         module = XlTextEncoderExport(load(CLIPTextModelWithProjection, TEXT_ENCODER_2))
     elif name == TEXT_ENCODER:
         module = TextEncoderExport(load(CLIPTextModel, "text_encoder"))
-    elif name == UNET and controlnets:
-        from export.controlnet import load_controlnets
-
-        unet = load(UNet2DConditionModel, "unet")
-        wrapper = XlControlledUNetExport if xl else ControlledUNetExport
-        module = wrapper(unet, load_controlnets(list(controlnets)))
     elif name == UNET:
         unet = load(UNet2DConditionModel, "unet")
-        module = XlUNetExport(unet) if xl else UNetExport(unet)
+        if ip_adapter is not None:
+            from export.ip_adapter import load_ip_adapter
+
+            load_ip_adapter(unet, ip_adapter)
+        if controlnets:
+            from export.controlnet import load_controlnets
+
+            wrapper = XlControlledUNetExport if xl else ControlledUNetExport
+            module = wrapper(unet, load_controlnets(list(controlnets)))
+        else:
+            module = XlUNetExport(unet) if xl else UNetExport(unet)
+    elif name == IMAGE_ENCODER:
+        from transformers import CLIPVisionModelWithProjection
+
+        from export.ip_adapter import image_encoder_dir
+
+        if ip_adapter is None:
+            raise KeyError(name)
+        module = ImageEncoderExport(
+            CLIPVisionModelWithProjection.from_pretrained(image_encoder_dir(ip_adapter))
+        )
     elif name == SAFETY_CHECKER:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
@@ -276,6 +348,8 @@ def sample_inputs(
             inputs[t.name] = torch.randint(0, vocab_size, shape, generator=gen, dtype=getattr(torch, t.dtype))
         elif t.name == "timestep":
             inputs[t.name] = torch.tensor(float(torch.randint(1, 1000, (), generator=gen)))
+        elif t.name == IP_ADAPTER_SCALE:  # not 0, which diffusers' attention skips in Python (untraced)
+            inputs[t.name] = torch.tensor(0.5 + float(torch.rand((), generator=gen)))
         else:
             inputs[t.name] = torch.randn(shape, generator=gen, dtype=getattr(torch, t.dtype))
     return inputs

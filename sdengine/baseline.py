@@ -97,11 +97,13 @@ class TorchPipeline(_CallMixin):
         vae_tiling: bool = False,
         controlnets: Sequence[str | os.PathLike] = (),
         safety_checker: bool = True,
+        ip_adapter: str | os.PathLike | None = None,
     ) -> TorchPipeline:
         """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting);
         ``vae_tiling``: its VAE's ``enable_tiling()``; ``controlnets``: ControlNet directories, each then
         taking a control image, run by diffusers' ControlNet pipelines; ``safety_checker``: the checkpoint's,
-        where it has one, as diffusers loads and runs it by default."""
+        where it has one, as diffusers loads and runs it by default; ``ip_adapter``: an IP-Adapter weights
+        file, loaded by diffusers' ``load_ip_adapter`` with the image encoder beside it."""
         model_dir = open_checkpoint_dir(path)
         if threads:
             torch.set_num_threads(threads)
@@ -122,6 +124,15 @@ class TorchPipeline(_CallMixin):
             )
         if vae_tiling:
             pipe.vae.enable_tiling()
+        if ip_adapter is not None:
+            from export.ip_adapter import ENCODER_FOLDER, check_ip_adapter
+
+            file = Path(ip_adapter).resolve()
+            check_ip_adapter(model_dir.root, file)
+            pipe.load_ip_adapter(
+                str(file.parent), subfolder="", weight_name=file.name, image_encoder_folder=ENCODER_FOLDER
+            )
+            pipe.image_encoder.to(dtype)
         controlnet = None
         if controlnets:
             from diffusers import MultiControlNetModel
@@ -139,6 +150,10 @@ class TorchPipeline(_CallMixin):
         if self.controlnet is None:
             return 0
         return len(getattr(self.controlnet, "nets", [self.controlnet]))
+
+    @property
+    def ip_adapter(self) -> bool:
+        return getattr(self.pipe, "image_encoder", None) is not None
 
     def generate(
         self,
@@ -230,6 +245,8 @@ class TorchPipeline(_CallMixin):
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
         if xl:
             inputs.update(xl_size_arguments(request))
+        if self.ip_adapter:
+            inputs.update(self.image_prompt(request))
         if request.refiner_switch is not None:
             if not xl or control:
                 raise UnsupportedConfigError(
@@ -311,6 +328,18 @@ class TorchPipeline(_CallMixin):
             return {}
 
         return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+    def image_prompt(self, request: GenerationRequest) -> dict[str, Any]:
+        """diffusers' IP-Adapter arguments: the image prompt at its weight; without one, zero embeddings at
+        weight 0 (diffusers' loaded adapter wants one or the other)."""
+        if request.ip_image is not None:
+            self.pipe.set_ip_adapter_scale(request.ip_scale)
+            return {"ip_adapter_image": to_pil(request.ip_image)[0]}
+        self.pipe.set_ip_adapter_scale(0.0)
+        width = self.pipe.image_encoder.config.projection_dim
+        copies = 2 if request.classifier_free_guidance else 1
+        zeros = torch.zeros(copies * request.batch, 1, width, dtype=self.pipe.unet.dtype, device=self.device)
+        return {"ip_adapter_image_embeds": [zeros]}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """diffusers' VAE decoder on latents as the UNet sees them (divided by the scaling factor here); a VAE

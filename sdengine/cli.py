@@ -91,6 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     image = None if args.image is None else load_image(args.image)
     mask = None if args.mask is None else load_mask(args.mask)
     controls = [load_image(path) for path in args.control_image]
+    image_prompt = None if args.ip_adapter_image is None else load_image(args.ip_adapter_image)
     embeddings = []
     for spec in args.embedding:
         path, token = (spec, None) if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)
@@ -112,6 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         controlnets=args.controlnet,
         safety_checker=args.safety_checker,
         refiner=args.refiner,
+        ip_adapter=args.ip_adapter,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     if len(controls) != pipeline.controlnets:
@@ -156,6 +158,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         hires_steps=args.hires_steps,
         hires_upscale=args.hires_upscale,
         refiner_switch=args.refiner_switch,
+        ip_adapter_image=image_prompt,
+        ip_adapter_scale=args.ip_adapter_scale,
         **{name: getattr(args, name) for name in SIZE_SETTINGS if getattr(args, name) is not None},
         progress=_progress("denoising"),
         **_previews(pipeline, args),
@@ -167,6 +171,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         where["loras"] = [{"file": Path(path).name, "scale": scale} for path, scale in loras]
     if controls:
         where["control_images"] = [Path(path).name for path in args.control_image]
+    if image_prompt is not None:
+        where["ip_adapter_image"] = Path(args.ip_adapter_image).name
     if embeddings:
         where["embeddings"] = [{"file": Path(path).name, "token": token} for path, token in embeddings]
     paths = output_paths(args.output, len(result.images))
@@ -226,6 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         verify=args.verify,
         loras=[parse_lora_arg(spec) for spec in args.lora],
         controlnets=args.controlnet,
+        ip_adapter=args.ip_adapter,
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -261,6 +268,15 @@ def cmd_make_controlnet(args: argparse.Namespace) -> int:
 
     path = write_random_controlnet(open_checkpoint_dir(args.checkpoint).root, args.output, seed=args.seed)
     print(f"wrote random-weight ControlNet for {args.checkpoint} to {path}")
+    return 0
+
+
+def cmd_make_ip_adapter(args: argparse.Namespace) -> int:
+    from export.ip_adapter import write_random_ip_adapter
+    from sdengine.model_dir import open_checkpoint_dir
+
+    path = write_random_ip_adapter(open_checkpoint_dir(args.checkpoint).root, args.output, seed=args.seed)
+    print(f"wrote random-weight IP-Adapter for {args.checkpoint} to {path}")
     return 0
 
 
@@ -566,6 +582,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="torch backend: a ControlNet directory (diffusers format); repeatable. An export holds its own",
     )
+    g.add_argument(
+        "--ip-adapter-image",
+        default=None,
+        metavar="FILE",
+        help="an image prompt, for a model with an IP-Adapter (sdengine export --ip-adapter)",
+    )
+    g.add_argument(
+        "--ip-adapter-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the image prompt's weight (default 1)",
+    )
+    g.add_argument(
+        "--ip-adapter",
+        default=None,
+        metavar="FILE",
+        help="torch backend: IP-Adapter weights (its image_encoder/ beside them). An export holds its own",
+    )
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
     g.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
@@ -622,16 +657,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="ControlNet (a diffusers ControlNetModel directory) traced into the UNet, which then takes its "
         "control image; repeatable (their residuals add up)",
     )
+    e.add_argument(
+        "--ip-adapter",
+        default=None,
+        metavar="FILE",
+        help="IP-Adapter weights (ip-adapter_sd15.safetensors; its image_encoder/ beside it) traced into the "
+        "UNet, which then takes an image prompt; its image encoder is exported too",
+    )
     e.set_defaults(func=cmd_export)
 
     c = sub.add_parser("make-checkpoint", help="write a randomly initialised SD 1.x or SDXL checkpoint")
     c.add_argument("output")
     c.add_argument(
         "--preset",
-        choices=("tiny", "sd15", "tiny-xl", "sdxl", "tiny-xl-refiner"),
+        choices=("tiny", "sd15", "tiny-xl", "sdxl", "tiny-xl-refiner", "sdxl-refiner"),
         default="tiny",
         help="tiny: SD 1.x at toy widths (default); sd15: SD 1.5's sizes; tiny-xl, sdxl: the same for SDXL; "
-        "tiny-xl-refiner: SDXL's refiner at toy widths",
+        "tiny-xl-refiner, sdxl-refiner: the same for SDXL's refiner",
     )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
@@ -645,6 +687,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("output")
     n.add_argument("--seed", type=int, default=0)
     n.set_defaults(func=cmd_make_controlnet)
+
+    a = sub.add_parser(
+        "make-ip-adapter", help="write a randomly initialised IP-Adapter (and image encoder) for a checkpoint"
+    )
+    a.add_argument("checkpoint", help="the diffusers checkpoint whose UNet it conditions")
+    a.add_argument("output", help="a new directory: ip-adapter.safetensors and image_encoder/ go there")
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=cmd_make_ip_adapter)
 
     b = sub.add_parser("bench", help="per-stage latency of each backend against the PyTorch baseline")
     b.add_argument(

@@ -16,7 +16,9 @@ from typing import Any
 
 from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
 from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
+from sdengine.ip_adapter import IP_ADAPTER_CONFIG, exported_ip_adapter
 from sdengine.model_specs import (
+    IMAGE_ENCODER,
     REQUIRED_COMPONENTS,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -166,11 +168,16 @@ def text_encoders(arch: Architecture) -> list[str]:
 
 
 def _open(
-    root: Path, vae_folder: str, files: Callable[[Architecture], list[Path]], hint: str, controlnets: int = 0
+    root: Path,
+    vae_folder: str,
+    files: Callable[[Architecture], list[Path]],
+    hint: str,
+    controlnets: int = 0,
+    ip_adapter: dict[str, int] | None = None,
 ) -> ModelDir:
     """The directory's numbers, once it holds the ``files`` its architecture needs."""
     arch, scaling = architecture(root, vae_folder)
-    arch = dataclasses.replace(arch, controlnets=controlnets)
+    arch = dataclasses.replace(arch, controlnets=controlnets, **(ip_adapter or {}))
     _require_files(root, files(arch), hint)
     unet = optional_json(root / "unet" / "config.json")
     default_image_size = _first(unet.get("sample_size", 64)) * arch.vae_scale_factor
@@ -199,10 +206,12 @@ def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
     _require_files(root, [Path(UNET) / "model.onnx", SCHEDULER_CONFIG], again)
 
     def files(arch: Architecture) -> list[Path]:
-        return [Path(c) / "model.onnx" for c in arch.required_components()] + tokenizer_files(arch)
+        encoder = [Path(IMAGE_ENCODER) / "model.onnx"] if arch.ip_adapter else []
+        return [Path(c) / "model.onnx" for c in arch.required_components()] + encoder + tokenizer_files(arch)
 
     controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
-    return _open(root, VAE_DECODER, files, again, len(controlnets))
+    ip_adapter = exported_ip_adapter(optional_json(root / IP_ADAPTER_CONFIG))
+    return _open(root, VAE_DECODER, files, again, len(controlnets), ip_adapter)
 
 
 def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:

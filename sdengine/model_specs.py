@@ -31,8 +31,11 @@ COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 ENGINE_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER)
 #: The safety checker of checkpoints that have one: exported with them, run by ONNX Runtime on every backend.
 SAFETY_CHECKER = "safety_checker"
+#: An IP-Adapter's CLIP image encoder (``sdengine.ip_adapter``): exported with it, run by ONNX Runtime on
+#: every backend, once per generation.
+IMAGE_ENCODER = "image_encoder"
 #: What an export may hold.
-EXPORTABLE: tuple[str, ...] = (*ENGINE_COMPONENTS, SAFETY_CHECKER)
+EXPORTABLE: tuple[str, ...] = (*ENGINE_COMPONENTS, SAFETY_CHECKER, IMAGE_ENCODER)
 #: The text encoder's per-layer output that ``clip_skip`` reads (absent from other tools' exports).
 LAYER_STATES = "normed_hidden_states"
 #: SDXL's text encoders: every layer's states as they are (SDXL reads the penultimate layer's, not through
@@ -46,6 +49,10 @@ TIME_IDS = "time_ids"
 #: conditioning image side by side in the channels, and each one's weight.
 CONTROLNET_COND = "controlnet_cond"
 CONDITIONING_SCALE = "conditioning_scale"
+#: The UNet's inputs when an IP-Adapter is exported with it: the image encoder's projected embeddings of the
+#: image prompt (zeros on the negative side), and the weight of its attention.
+IMAGE_EMBEDS = "image_embeds"
+IP_ADAPTER_SCALE = "ip_adapter_scale"
 #: Components the text-to-image runtime needs (an SDXL model's second text encoder too; see
 #: :meth:`Architecture.required_components`); the VAE encoder is exported for image-to-image use.
 REQUIRED_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
@@ -121,6 +128,14 @@ class Architecture:
     #: SDXL: the size conditioning numbers the UNet takes (``time_ids``): 6 for the base model, 5 for the
     #: refiner (original size, crop corner, aesthetic score)
     time_ids: int = 6
+    #: an IP-Adapter exported with the UNet: the width of its image encoder's embeddings (0: none), and the
+    #: square image size the encoder takes
+    ip_image_embeds: int = 0
+    ip_image_size: int = 224
+
+    @property
+    def ip_adapter(self) -> bool:
+        return self.ip_image_embeds > 0
 
     @property
     def xl(self) -> bool:
@@ -173,6 +188,15 @@ class Architecture:
         return (
             TensorSpec(CONTROLNET_COND, "float32", ("batch", 3 * self.controlnets, "height", "width")),
             TensorSpec(CONDITIONING_SCALE, "float32", (self.controlnets,)),
+        )
+
+    def ip_specs(self) -> tuple[TensorSpec, ...]:
+        """The UNet's IP-Adapter inputs: none without one."""
+        if not self.ip_adapter:
+            return ()
+        return (
+            TensorSpec(IMAGE_EMBEDS, "float32", ("batch", 1, self.ip_image_embeds)),
+            TensorSpec(IP_ADAPTER_SCALE, "float32", ()),
         )
 
     def added_specs(self) -> tuple[TensorSpec, ...]:
@@ -244,8 +268,14 @@ class Architecture:
                     TensorSpec("encoder_hidden_states", "float32", text),
                     *self.added_specs(),
                     *self.control_specs(),
+                    *self.ip_specs(),
                 ),
                 outputs=(TensorSpec("out_sample", "float32", latent),),
+            ),
+            IMAGE_ENCODER: ModelSpec(  # CLIP's vision model with its projection
+                IMAGE_ENCODER,
+                inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, *(self.ip_image_size,) * 2)),),
+                outputs=(TensorSpec(IMAGE_EMBEDS, "float32", ("batch", max(self.ip_image_embeds, 1))),),
             ),
             VAE_DECODER: ModelSpec(
                 VAE_DECODER,

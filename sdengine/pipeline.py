@@ -21,6 +21,7 @@ from sdengine.denoise import Preview, Progress, Stop, denoise
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.hires import upscale_latents
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
+from sdengine.ip_adapter import ip_pixels, ip_unet_inputs
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
 from sdengine.model_specs import SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2
@@ -96,6 +97,11 @@ class _CallMixin:
     def controlnets(self) -> int:
         """How many ControlNets condition the UNet (each takes a control image)."""
         return self.model_dir.arch.controlnets
+
+    @property
+    def ip_adapter(self) -> bool:
+        """The UNet holds an IP-Adapter, and so takes an image prompt."""
+        return self.model_dir.arch.ip_adapter
 
     def generate(
         self,
@@ -210,6 +216,8 @@ class _CallMixin:
         negative_crop_top_left: tuple[int, int] | None = None,
         negative_target_size: tuple[int, int] | None = None,
         refiner_switch: float | None = None,
+        ip_adapter_image: ImageInput | None = None,
+        ip_adapter_scale: float | None = None,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -239,7 +247,9 @@ class _CallMixin:
         the size conditioning, (height, width) and (top, left) pairs, as diffusers' SDXL pipelines take them
         (defaults: the image's size, (0, 0), and the positive ones; see :mod:`sdengine.xl_conditioning`).
         ``refiner_switch`` (with a refiner set): the share of the run, in (0, 1), after which the refiner
-        takes over (default 0.8; see :mod:`sdengine.refiner`)."""
+        takes over (default 0.8; see :mod:`sdengine.refiner`). ``ip_adapter_image`` (a model exported with an
+        IP-Adapter): an image prompt, one for the whole batch, and ``ip_adapter_scale`` its weight (default
+        1; see :mod:`sdengine.ip_adapter`)."""
         sizes = {
             "original_size": original_size,
             "crop_top_left": crop_top_left,
@@ -251,6 +261,11 @@ class _CallMixin:
         given = [name for name, value in sizes.items() if value is not None]
         if given and not self.model_dir.arch.xl:
             raise UnsupportedConfigError(f"{', '.join(given)}: SDXL's size conditioning; this model has none")
+        if ip_adapter_image is not None and not self.ip_adapter:
+            raise InvalidArgumentError(
+                "an image prompt needs an IP-Adapter: export the model with one (sdengine export "
+                "--ip-adapter FILE)"
+            )
         if self.refiner is None and refiner_switch is not None:
             raise InvalidArgumentError("refiner_switch needs a refiner: load one (refiner=DIR)")
         if self.refiner is not None and refiner_switch is None:
@@ -293,6 +308,10 @@ class _CallMixin:
             hires_steps=hires_steps,
             hires_upscale=hires_upscale,
             refiner_switch=refiner_switch,
+            ip_image=None
+            if ip_adapter_image is None
+            else image_array(ip_adapter_image, *image_size(ip_adapter_image)),
+            ip_scale=ip_adapter_scale,
             size_multiple=multiple,
             **sizes,
         )
@@ -385,6 +404,7 @@ class Pipeline(_CallMixin):
         controlnets: Sequence[str | os.PathLike] = (),
         safety_checker: bool = True,
         refiner: str | os.PathLike | None = None,
+        ip_adapter: str | os.PathLike | None = None,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
@@ -398,7 +418,9 @@ class Pipeline(_CallMixin):
         safety checker, where it has one (SD 1.x checkpoints do), on every image, as diffusers does: a
         flagged image comes out black and ``GenerationResult.nsfw`` says which. ``refiner``: a model
         directory of the same kind, loaded the same way, that finishes every run (:mod:`sdengine.refiner`;
-        SDXL's refiner for SDXL base)."""
+        SDXL's refiner for SDXL base). ``ip_adapter``: an IP-Adapter weights file (its image encoder in
+        ``image_encoder/`` beside it), for a diffusers checkpoint (``torch``); an export holds its IP-Adapter
+        inside its UNet (``sdengine export --ip-adapter``)."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -407,6 +429,11 @@ class Pipeline(_CallMixin):
             raise InvalidArgumentError(
                 "ControlNets are traced into an export's UNet: export the checkpoint with them (sdengine "
                 "export --controlnet DIR) and load that export; only the torch backend takes them at load"
+            )
+        if ip_adapter is not None and choice.backend != "torch":
+            raise InvalidArgumentError(
+                "an IP-Adapter is traced into an export's UNet: export the checkpoint with it (sdengine "
+                "export --ip-adapter FILE) and load that export; only the torch backend takes one at load"
             )
         if choice.backend == "torch":
             from sdengine.baseline import TorchPipeline
@@ -418,6 +445,7 @@ class Pipeline(_CallMixin):
                 vae_tiling=vae_tiling,
                 controlnets=controlnets,
                 safety_checker=safety_checker,
+                ip_adapter=ip_adapter,
             )
         elif choice.backend == "trt":
             from sdengine.backends.trt import TrtBackend
@@ -507,6 +535,8 @@ class Pipeline(_CallMixin):
                 del unet_constants[TEXT_EMBEDS]
         if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
             inputs["guidance_rescale"] = request.guidance_rescale
+        if self.model_dir.arch.ip_adapter:  # the image prompt's embeddings, or none (scale 0)
+            unet_constants.update(self.image_prompt_inputs(request, times))
         if request.control is not None:
             unet_constants.update(control_images(request.control, request.batch, 2 if cfg else 1))
             inputs["control_scales"] = control_schedule(  # their shares of the whole run
@@ -524,6 +554,16 @@ class Pipeline(_CallMixin):
         )
         with times.time("denoise"):
             return denoise(self.backend, plan, times, progress, preview, stop)
+
+    def image_prompt_inputs(self, request: GenerationRequest, times: StageTimes) -> dict[str, np.ndarray]:
+        """The UNet's IP-Adapter inputs (:func:`sdengine.ip_adapter.ip_unet_inputs`): the image prompt
+        through the image encoder, where the request has one."""
+        arch, embeds = self.model_dir.arch, None
+        if request.ip_image is not None:
+            with times.time("image_encoder"):
+                embeds = self.backend.encode_image_prompt(ip_pixels(request.ip_image, arch.ip_image_size))
+        copies = 2 if request.classifier_free_guidance else 1
+        return ip_unet_inputs(embeds, request.batch, copies, request.ip_scale, arch.ip_image_embeds)
 
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
         """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the VAE decoder."""

@@ -79,6 +79,9 @@ class GenerationRequest:
     #: the refiner's part of such a run, from its ``init_latents``, which starts at this share (diffusers'
     #: ``denoising_start``)
     denoising_start: float | None = None
+    #: an IP-Adapter's image prompt, (1, H, W, 3) float32 in [0, 1] at its own size, and its weight
+    ip_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    ip_scale: float = 1.0
 
     @property
     def image_to_image(self) -> bool:
@@ -221,6 +224,7 @@ class GenerationRequest:
             control_ends=(),
             refiner_switch=None,
             denoising_start=self.refiner_switch,
+            ip_image=None,  # the base's IP-Adapter is its own
         )
 
     def pixels(self) -> np.ndarray:
@@ -302,6 +306,11 @@ class GenerationRequest:
             **(self.hires.parameters() if self.hires else {}),
             **({"size_conditioning": self.sizes.parameters()} if self.sizes.given else {}),
             **({"refiner_switch": self.refiner_switch} if self.refiner_switch is not None else {}),
+            **(
+                {"ip_adapter_image": "supplied", "ip_adapter_scale": self.ip_scale}
+                if self.ip_image is not None
+                else {}
+            ),
         }
 
 
@@ -335,6 +344,8 @@ def make_request(
     hires_steps: int | None = None,
     hires_upscale: str | None = None,
     refiner_switch: float | None = None,
+    ip_image: np.ndarray | None = None,
+    ip_scale: float | None = None,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
@@ -342,7 +353,9 @@ def make_request(
     ``strength`` defaults to diffusers' own: 0.8 for image to image, 1.0 for inpainting (a ``mask``).
     ``hires_*``: the hires fix (:func:`sdengine.hires.hires_fix`), text to image only. ``sizes``: SDXL's size
     conditioning (:class:`sdengine.xl_conditioning.SizeConditioning`'s fields). ``refiner_switch``: the share
-    of the run after which a refiner takes over, in (0, 1) (:mod:`sdengine.refiner`)."""
+    of the run after which a refiner takes over, in (0, 1) (:mod:`sdengine.refiner`). ``ip_image``
+    (1, H, W, 3) and ``ip_scale`` (default 1): an IP-Adapter's image prompt and its weight
+    (:mod:`sdengine.ip_adapter`)."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -410,6 +423,7 @@ def make_request(
     if hires is not None and image is not None:
         raise InvalidArgumentError("the hires fix follows text to image: it takes no input image or mask")
     check_refiner_switch(refiner_switch, hires is not None, mask is not None)
+    ip_scale = check_image_prompt(ip_image, ip_scale)
     return GenerationRequest(
         prompts=tuple(prompts),
         negative_prompts=tuple(negatives),
@@ -437,7 +451,24 @@ def make_request(
         hires=hires,
         sizes=size_conditioning(**sizes),
         refiner_switch=None if refiner_switch is None else float(refiner_switch),
+        ip_image=None if ip_image is None else np.asarray(ip_image, dtype=np.float32),
+        ip_scale=ip_scale,
     )
+
+
+def check_image_prompt(image: np.ndarray | None, scale: float | None) -> float:
+    """An IP-Adapter's image prompt, one image (1, H, W, 3), and its weight, a finite number (default 1)."""
+    if scale is not None and image is None:
+        raise InvalidArgumentError("ip_adapter_scale weighs an image prompt: give ip_adapter_image too")
+    if image is not None and (np.ndim(image) != 4 or np.shape(image)[0] != 1 or np.shape(image)[-1] != 3):
+        raise InvalidArgumentError(
+            f"ip_adapter_image must be one RGB image (one for the whole batch), got shape {np.shape(image)}"
+        )
+    if scale is None:
+        return 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidArgumentError(f"ip_adapter_scale must be a finite number, got {scale!r}")
+    return float(scale)
 
 
 def check_refiner_switch(switch: float | None, hires: bool, inpainting: bool) -> None:

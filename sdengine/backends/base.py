@@ -182,6 +182,11 @@ class Backend(Protocol):
         (B, H, W, 3) in [0, 1] -> the images with each flagged one black, and the flags (B,) bool."""
         ...
 
+    def encode_image_prompt(self, pixels: np.ndarray) -> np.ndarray:
+        """An IP-Adapter's image encoder (``sdengine.ip_adapter``): its ``pixel_values`` (B, 3, S, S) ->
+        the image embeddings (B, width)."""
+        ...
+
 
 def xl_layer(layer_states: np.ndarray, clip_skip: int) -> np.ndarray:
     """SDXL's text embeddings from a text encoder's per-layer states (B, layers + 1, sequence, hidden), as

@@ -21,6 +21,7 @@ from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedC
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import (
     HIDDEN_STATES,
+    IMAGE_ENCODER,
     LAYER_STATES,
     SAFETY_CHECKER,
     TEXT_EMBEDS,
@@ -315,6 +316,12 @@ class OrtBackend:
         if SAFETY_CHECKER not in self.sessions:  # opened on first use, where the export has one
             self.sessions[SAFETY_CHECKER] = self._open(SAFETY_CHECKER)
         return run_safety_checker(self.sessions[SAFETY_CHECKER], clip_input, images)
+
+    def encode_image_prompt(self, pixels: np.ndarray) -> np.ndarray:
+        if IMAGE_ENCODER not in self.sessions:  # opened on first use: a run with an image prompt
+            self.sessions[IMAGE_ENCODER] = self._open(IMAGE_ENCODER)
+            self._inputs[IMAGE_ENCODER] = session_inputs(self.sessions[IMAGE_ENCODER])
+        return self._run(IMAGE_ENCODER, pixel_values=pixels)
 
 
 def run_safety_checker(

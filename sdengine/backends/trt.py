@@ -43,6 +43,7 @@ from sdengine.errors import (
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.model_specs import (
     HIDDEN_STATES,
+    IMAGE_ENCODER,
     LAYER_STATES,
     SAFETY_CHECKER,
     TEXT_EMBEDS,
@@ -190,7 +191,7 @@ class TrtBackend:
         self._graphs: dict[GraphKey, GraphSteps] = {}
         self._host_buffers: dict[tuple, dict[str, DeviceArray]] = {}
         self.graphs_refused: str | None = None  # why steps run without CUDA graphs, if they do
-        self._safety_session: Any = None  # ONNX Runtime's, opened on first use
+        self._ort_sessions: dict[str, Any] = {}  # ONNX Runtime's, for the models built as no engine
         self.shared_memory(list(self.engines.values()))  # sized once, for the largest engine
 
     @classmethod
@@ -345,20 +346,32 @@ class TrtBackend:
 
     def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """With ONNX Runtime (on CUDA where it has it): the safety checker is not built as an engine."""
+        from sdengine.backends.ort import run_safety_checker
+
+        return run_safety_checker(self._ort_session(SAFETY_CHECKER), clip_input, images)
+
+    def encode_image_prompt(self, pixels: np.ndarray) -> np.ndarray:
+        """With ONNX Runtime (on CUDA where it has it): an IP-Adapter's image encoder runs once a generation,
+        and is not built as an engine."""
+        session = self._ort_session(IMAGE_ENCODER)
+        return session.run(None, {"pixel_values": pixels.astype(np.float32)})[0].astype(np.float32)
+
+    def _ort_session(self, component: str) -> Any:
+        """ONNX Runtime's session for ``component`` (on CUDA where it has it), opened on first use."""
         import onnxruntime as ort
 
-        from sdengine.backends.ort import open_session, run_safety_checker, session_options
+        from sdengine.backends.ort import open_session, session_options
 
-        if self._safety_session is None:
+        if component not in self._ort_sessions:
             providers = [
                 p
                 for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                 if p in ort.get_available_providers()
             ]
-            path = self.model_dir.onnx_path(SAFETY_CHECKER)
-            spec = self.model_dir.arch.specs()[SAFETY_CHECKER]
-            self._safety_session = open_session(str(path), spec, providers, session_options())
-        return run_safety_checker(self._safety_session, clip_input, images)
+            path = self.model_dir.onnx_path(component)
+            spec = self.model_dir.arch.specs()[component]
+            self._ort_sessions[component] = open_session(str(path), spec, providers, session_options())
+        return self._ort_sessions[component]
 
 
 class GraphSteps:
