@@ -37,6 +37,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 def _model(root: Path, kind: str) -> dict[str, Any]:
     from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
+    from sdengine.ip_adapter import IP_ADAPTER_CONFIG
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir, optional_json, weights_variant
     from sdengine.model_specs import SAFETY_CHECKER
@@ -68,6 +69,10 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     info["lora_at_run_time"] = _lora(model_dir.onnx_path("unet"))
     controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
     info["controlnets"] = [Path(str(c.get("dir", "?"))).name for c in controlnets] or "none"
+    adapter = optional_json(root / IP_ADAPTER_CONFIG)
+    info["ip_adapter"] = (
+        f"{Path(str(adapter.get('file', '?'))).name}: takes an image prompt" if adapter else "none"
+    )
     manifest = Manifest.read(root)
     if manifest is not None:
         info["manifest"] = {

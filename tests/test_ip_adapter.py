@@ -52,6 +52,9 @@ def test_the_export_holds_the_adapter_and_its_image_encoder(ip_onnx, ip_pipes, a
     assert config["file"] == str(adapter.resolve()) and config["image_embeds"] == 32
     arch = ip_pipes[0].model_dir.arch
     assert arch.ip_adapter and (arch.ip_image_embeds, arch.ip_image_size) == (32, 32)
+    from sdengine.info import describe
+
+    assert describe(ip_onnx)["ip_adapter"] == "ip-adapter.safetensors: takes an image prompt"
     processors = ip_pipes[1].pipe.unet.attn_processors.values()
     assert sum(hasattr(p, "to_k_ip") for p in processors) == 16  # every cross-attention layer
 
