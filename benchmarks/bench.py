@@ -57,6 +57,8 @@ class BenchConfig:
     refiner: Path | None = None
     refiner_checkpoint: Path | None = None
     refiner_engine_dir: Path | None = None
+    #: the IP-Adapter an export holds, which the torch baseline loads beside the checkpoint
+    ip_adapter: str | None = None
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -160,6 +162,7 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
         cmd += ["--graphs", config.graphs]
     else:
         cmd += [arg for path in config.controlnets for arg in ("--controlnet", path)]
+        cmd += ["--ip-adapter", config.ip_adapter] if config.ip_adapter else []
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SDEngineError(

@@ -41,6 +41,13 @@ def control_images(count: int, height: int, width: int, seed: int) -> dict:
     return {"control_image": images[0] if count == 1 else images}
 
 
+def image_prompt(ip_adapter: bool, seed: int) -> dict:
+    """For a model with an IP-Adapter, a random image prompt (its cost is the same for any image)."""
+    if not ip_adapter:
+        return {}
+    return {"ip_adapter_image": np.random.default_rng(seed).random((224, 224, 3)).astype(np.float32)}
+
+
 def measure(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
@@ -54,6 +61,7 @@ def measure(args: argparse.Namespace) -> dict:
         graphs=args.graphs,
         controlnets=args.controlnet,
         refiner=args.refiner,
+        **({"ip_adapter": args.ip_adapter} if args.ip_adapter else {}),
     )
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mb()
@@ -67,6 +75,7 @@ def measure(args: argparse.Namespace) -> dict:
         batch=args.batch,
         scheduler=args.scheduler,
         **control_images(pipe.controlnets, args.height, args.width, args.seed),
+        **image_prompt(pipe.ip_adapter, args.seed),
     )
     results = []
     for _ in tqdm(range(args.warmup + args.runs), desc=f"{args.backend}", unit="run", file=sys.stderr):
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--graphs", default="step")
     p.add_argument("--controlnet", action="append", default=[])
     p.add_argument("--refiner", default=None)
+    p.add_argument("--ip-adapter", default=None)
     p.add_argument("--image-out", required=True)
     print(json.dumps(measure(p.parse_args(argv))))
 

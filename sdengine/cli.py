@@ -350,12 +350,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ) from None
     from sdengine.backends.select import detect
     from sdengine.errors import BackendUnavailableError
+    from sdengine.ip_adapter import IP_ADAPTER_CONFIG
     from sdengine.manifest import Manifest
-    from sdengine.model_dir import open_onnx_dir
+    from sdengine.model_dir import open_onnx_dir, optional_json
 
     prep: dict[str, float] = {}
     device = args.device
     controlnets: tuple[str, ...] = ()
+    ip_adapter = None
     refiner, refiner_checkpoint = (None, None) if args.refiner is None else refiner_dirs(args)
     if args.model in PRESETS:
         preset = get_preset(args.model)
@@ -381,6 +383,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         native = open_onnx_dir(onnx_dir).default_image_size
         controlnets = tuple(str(c["dir"]) for c in manifest.controlnets) if manifest else ()
+        ip_adapter = optional_json(onnx_dir / IP_ADAPTER_CONFIG).get("file")
         size = dict(height=native, width=native, batch=1, steps=4, guidance=7.5, runs=3, warmup=1)
     overrides = {k: getattr(args, k) for k in size if getattr(args, k) is not None}
     config = BenchConfig(
@@ -395,10 +398,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         graphs=args.graphs,
         refiner=refiner,
         refiner_checkpoint=refiner_checkpoint,
+        ip_adapter=ip_adapter,
         **{**size, **overrides},
     )
     flops = {}
-    if checkpoint is not None and refiner is None:  # (a refiner's calls cost what its own UNet does)
+    if checkpoint is not None and refiner is None and ip_adapter is None:  # (not counted: other modules')
         flops = stage_flops(
             checkpoint,
             onnx_dir,

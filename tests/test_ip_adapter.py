@@ -208,3 +208,13 @@ def test_cli_makes_exports_and_generates_with_an_image_prompt(tiny_checkpoint, t
     assert main([*args, "--output", str(out)]) == 0
     parameters = json.loads(Image.open(out).info["parameters"])
     assert parameters["ip_adapter_scale"] == 0.6 and parameters["ip_adapter_image"] == "style.png"
+
+
+def test_bench_runs_the_image_prompt_on_both(ip_onnx, tmp_path):
+    out = tmp_path / "r.json"
+    args = ["bench", str(ip_onnx), "--device", "cpu", "--runs", "1", "--warmup", "0", "--steps", "2"]
+    assert main([*args, "--height", "64", "--width", "64", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["ip_adapter"].endswith("ip-adapter.safetensors")
+    assert report["backends"]["ort"]["psnr_vs_torch_db"] >= 100  # the same image prompt, the same adapter
+    assert report["flops_per_call"] == {}
