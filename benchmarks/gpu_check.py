@@ -6,8 +6,9 @@ Run on a lent GPU machine by ``benchmarks/gpu_check.sh`` (which installs the car
 
 1. Parity on the tiny random checkpoint: ONNX Runtime CUDA with whole-step graphs (``step``) and with its
    own graph mode (``ort``) against the same backend without graphs (a replay must give the eager latents),
-   against ONNX Runtime on the CPU (fp32, text and image to image), and fp16 ONNX Runtime CUDA against
-   diffusers fp16 on the GPU; the same for the tiny SDXL model, and it with a tiny refiner finishing its runs.
+   against ONNX Runtime on the CPU (fp32: text and image to image, inpainting, prompt editing, the hires fix,
+   LoRA, a random ControlNet, a random IP-Adapter), and fp16 ONNX Runtime CUDA against diffusers fp16 on the
+   GPU; the same for the tiny SDXL model, and it with a tiny refiner finishing its runs.
 2. Latency on the SD 1.5-sized random checkpoint, fp16, 512x512, batch 1, CFG, for each step count: every
    available GPU backend against diffusers fp16 eager on the same GPU, in the same run (CUDA events for the
    denoising loop, medians over runs); then ONNX Runtime once more with its own graph mode.
@@ -43,6 +44,7 @@ def log(text: str) -> None:
 def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
     from export.checkpoint import write_random_checkpoint
     from export.controlnet import write_random_controlnet
+    from export.ip_adapter import write_random_ip_adapter
     from export.onnx_export import export_checkpoint
     from export.random_lora import write_random_lora
     from sdengine.backends.ort_cuda import OrtCudaBackend
@@ -110,6 +112,15 @@ def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
     results["ControlNet: CUDA vs CPU fp32, PSNR dB"] = psnr(
         Pipeline(controlled, OrtCudaBackend(controlled, device=device), tok)(PROMPT, **control).array,
         Pipeline.load(controlled.root, backend="ort", device="cpu")(PROMPT, **control).array,
+    )
+    shutil.rmtree(work / "random-ip-adapter", ignore_errors=True)
+    adapter = write_random_ip_adapter(ckpt, work / "random-ip-adapter")
+    export_checkpoint(ckpt, work / "tiny-ip", components=[*parts, "image_encoder"], ip_adapter=adapter)
+    prompted_dir = open_onnx_dir(work / "tiny-ip")
+    prompted = dict(settings, ip_adapter_image=image[0])  # the image prompt's inputs bound into the graphs
+    results["IP-Adapter: CUDA vs CPU fp32, PSNR dB"] = psnr(
+        Pipeline(prompted_dir, OrtCudaBackend(prompted_dir, device=device), tok)(PROMPT, **prompted).array,
+        Pipeline.load(prompted_dir.root, backend="ort", device="cpu")(PROMPT, **prompted).array,
     )
     half = Pipeline(fp16, OrtCudaBackend(fp16, device=device), tok)
     torch16 = TorchPipeline.load(ckpt, device=device)
