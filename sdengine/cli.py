@@ -292,6 +292,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sdengine.pipeline import Pipeline
     from sdengine.server import make_server
 
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():  # before the models load
+        raise InvalidArgumentError(f"LoRA directory {args.lora_dir} does not exist")
     pipeline = Pipeline.load(
         args.model_dir,
         backend=args.backend,
@@ -303,7 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     try:
-        server = make_server(pipeline, args.host, args.port)
+        server = make_server(pipeline, args.host, args.port, args.lora_dir)
     except OSError as exc:
         raise InvalidArgumentError(
             f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
@@ -750,6 +752,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="a model that finishes every run from refiner_switch_at on (SDXL's refiner for SDXL base)",
+    )
+    v.add_argument(
+        "--lora-dir",
+        default=None,
+        metavar="DIR",
+        help="where prompts' <lora:NAME:WEIGHT> tags find NAME.safetensors (the web UI's models/Lora)",
     )
     v.add_argument(
         "--no-safety-checker",

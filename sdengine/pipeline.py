@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -729,12 +730,7 @@ class Pipeline(_CallMixin):
         layers it updates. ONNX Runtime only: a TensorRT engine holds its weights (``sdengine export --lora``
         fuses them there)."""
         with self._lock:
-            lora = read_lora(path)
-            missing = sorted(lora.components() - set(self.model_dir.arch.components()))
-            if missing:  # an SDXL LoRA on a model with one text encoder
-                raise InvalidArgumentError(
-                    f"{path} updates {', '.join(missing)}, which this model does not have"
-                )
+            lora = self._read_lora(path)
             self._set_loras([*self._loras, (lora, float(scale))])
             return len(lora.layers)
 
@@ -742,6 +738,30 @@ class Pipeline(_CallMixin):
         """Back to the model files' own weights."""
         with self._lock:
             self._set_loras([])
+
+    @property
+    def loras(self) -> list[tuple[Path, float]]:
+        """The LoRAs fused now: (file, weight), in the order they were fused."""
+        return [(lora.path, scale) for lora, scale in self._loras]
+
+    def set_loras(self, loras: Sequence[tuple[str | os.PathLike, float]]) -> None:
+        """Run with exactly these (file, weight) LoRAs, fused in this order from the model files' weights
+        (what the HTTP API's ``<lora:NAME:WEIGHT>`` tags ask for, generation by generation). The set fused
+        already costs nothing; another reopens the sessions of the components either set updates."""
+        with self._lock:
+            wanted = [(Path(path).resolve(), float(scale)) for path, scale in loras]
+            if wanted == [(path.resolve(), scale) for path, scale in self.loras]:
+                return
+            self._set_loras([(self._read_lora(path), scale) for path, scale in wanted])
+
+    def _read_lora(self, path: str | os.PathLike) -> LoraFile:
+        """A LoRA file for this model; InvalidArgumentError where it updates a component the model has not
+        (an SDXL LoRA on a model with one text encoder)."""
+        lora = read_lora(path)
+        missing = sorted(lora.components() - set(self.model_dir.arch.components()))
+        if missing:
+            raise InvalidArgumentError(f"{path} updates {', '.join(missing)}, which this model does not have")
+        return lora
 
     def _set_loras(self, loras: list[tuple[LoraFile, float]]) -> None:
         """Every component any LoRA (then or now) updates gets the fusion of all of ``loras`` from its file's

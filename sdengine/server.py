@@ -16,6 +16,8 @@ What the web UI's API takes, and how it maps here:
 - ``refiner_switch_at``: where the refiner of ``sdengine serve MODEL --refiner DIR`` takes over (0.8); that
   refiner finishes every run, whatever ``refiner_checkpoint`` names, which is refused without one.
 - img2img: ``init_images`` (one, or one per batch item; base64 images) and ``denoising_strength`` (0.75).
+- ``<lora:NAME:WEIGHT>`` in the prompt (with ``sdengine serve --lora-dir DIR``): that LoRA file of the
+  directory, fused for the request (:mod:`sdengine.extra_networks`); ``/sdapi/v1/loras`` lists them.
 - What asks for something sdengine does not do (face restoration, tiling, scripts, styles, an inpainting
   mask, other samplers or upscalers) is refused, naming the field; fields that only steer the web UI's own
   bookkeeping (``save_images``, ``send_images``...) are accepted and left alone, and others are ignored
@@ -34,18 +36,21 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sdengine.errors import InvalidArgumentError, SDEngineError
+from sdengine.extra_networks import lora_files, lora_tags, resolve_loras
 from sdengine.schedulers import SCHEDULER_NAMES
 
 #: The web UI's sampler names that sdengine runs, and the scheduler each is.
@@ -348,13 +353,27 @@ class Job:
         }
 
 
-def run_request(pipeline: Any, body: dict[str, Any], img2img: bool, job: Job | None = None) -> dict[str, Any]:
+def run_request(
+    pipeline: Any,
+    body: dict[str, Any],
+    img2img: bool,
+    job: Job | None = None,
+    lora_dir: str | os.PathLike | None = None,
+    base_loras: Sequence[tuple[Path, float]] = (),
+) -> dict[str, Any]:
     """A web UI API request run on ``pipeline``: the answer's JSON object. ``job``: where its progress goes
-    and its interruption comes from."""
+    and its interruption comes from. The prompt's ``<lora:NAME:WEIGHT>`` tags (:mod:`sdengine.extra_networks`)
+    fuse files of ``lora_dir`` for this request, after ``base_loras`` (those the pipeline came with)."""
     refiner = getattr(pipeline, "refiner", None) is not None
     settings, n_iter, ignored = generation_settings(body, img2img, refiner)
+    settings["prompt"], tags = lora_tags(settings["prompt"])
+    loras = resolve_loras(tags, lora_dir)
+    if loras and not hasattr(pipeline, "set_loras"):
+        raise InvalidArgumentError("LoRA tags need the ort backend, which fuses LoRAs at run time")
     job = job or Job()
     with job.running:  # one request at a time: its batches, then the next request's
+        if hasattr(pipeline, "set_loras"):
+            pipeline.set_loras([*base_loras, *loras])
         job.begin(n_iter)
         prompt, negative = settings.pop("prompt"), settings.pop("negative_prompt")
         settings.update(progress=job.progress, stop=job.interrupted.is_set)
@@ -397,6 +416,7 @@ def run_request(pipeline: Any, body: dict[str, Any], img2img: bool, job: Job | N
         else (request.hires.strength if request.hires else 0),
         "nsfw": nsfw,
         "refiner_switch_at": request.refiner_switch,
+        "extra_networks": [{"lora": tag.name, "weight": tag.weight} for tag in tags],
         "interrupted": job.interrupted.is_set(),
         "backend": first.backend,
         "ignored_fields": ignored,
@@ -425,6 +445,10 @@ class Handler(BaseHTTPRequestHandler):
                 {"name": n, "label": label, "aliases": None} for n, label in SCHEDULES.items()
             ],
             "/sdapi/v1/upscalers": lambda: [{"name": n} for n in UPSCALERS],
+            "/sdapi/v1/loras": lambda: [
+                {"name": n, "alias": n, "path": str(p), "metadata": {}}
+                for n, p in self.server_loras().items()
+            ],
             "/sdapi/v1/sd-models": lambda: [
                 {"title": name, "model_name": name, "filename": str(pipeline.model_dir.root)}
             ],
@@ -459,7 +483,14 @@ class Handler(BaseHTTPRequestHandler):
             return self._answer(HTTPStatus.BAD_REQUEST, {"error": "BadJSON", "detail": str(exc)})
         try:
             server = self.server
-            answer = run_request(server.pipeline, body, path.endswith("img2img"), server.job)  # type: ignore[attr-defined]
+            answer = run_request(
+                server.pipeline,  # type: ignore[attr-defined]
+                body,
+                path.endswith("img2img"),
+                server.job,  # type: ignore[attr-defined]
+                server.lora_dir,  # type: ignore[attr-defined]
+                server.base_loras,  # type: ignore[attr-defined]
+            )
         except SDEngineError as exc:
             return self._answer(
                 HTTPStatus.UNPROCESSABLE_ENTITY, {"error": type(exc).__name__, "detail": str(exc)}
@@ -479,23 +510,37 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def server_loras(self) -> dict[str, Path]:
+        """The LoRA files of the server's directory, by name (none without one)."""
+        directory = self.server.lora_dir  # type: ignore[attr-defined]
+        return {} if directory is None else lora_files(directory)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         print(f"sdengine serve: {self.address_string()} {format % args}", file=sys.stderr)
 
 
-def make_server(pipeline: Any, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
+def make_server(
+    pipeline: Any, host: str = "127.0.0.1", port: int = 7860, lora_dir: str | os.PathLike | None = None
+) -> ThreadingHTTPServer:
     """A server for ``pipeline`` on ``host``:``port`` (0: any free port; ``server.server_address`` says
-    which), not yet serving: call ``serve_forever()``."""
+    which), not yet serving: call ``serve_forever()``. ``lora_dir``: where prompts' ``<lora:NAME:WEIGHT>``
+    tags find their files (``/sdapi/v1/loras`` lists them)."""
+    if lora_dir is not None and not Path(lora_dir).is_dir():
+        raise InvalidArgumentError(f"LoRA directory {lora_dir} does not exist")
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     server.pipeline = pipeline  # type: ignore[attr-defined]
     server.job = Job()  # type: ignore[attr-defined]
+    server.lora_dir = lora_dir  # type: ignore[attr-defined]
+    server.base_loras = list(getattr(pipeline, "loras", []))  # type: ignore[attr-defined]
     return server
 
 
-def serve_in_thread(pipeline: Any, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+def serve_in_thread(
+    pipeline: Any, host: str = "127.0.0.1", port: int = 0, lora_dir: str | os.PathLike | None = None
+) -> ThreadingHTTPServer:
     """:func:`make_server`, serving from a daemon thread (for embedding, and tests); ``shutdown()`` stops
     it."""
-    server = make_server(pipeline, host, port)
+    server = make_server(pipeline, host, port, lora_dir)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
