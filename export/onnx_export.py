@@ -178,7 +178,11 @@ def export_component(
         raise InvalidArgumentError("image_encoder is an IP-Adapter's: export with --ip-adapter FILE")
     ip_fields = {}
     if ip_adapter is not None:
-        ip_fields = {"ip_image_embeds": ip_adapter["image_embeds"], "ip_image_size": ip_adapter["image_size"]}
+        ip_fields = {
+            "ip_image_embeds": ip_adapter["image_embeds"],
+            "ip_image_size": ip_adapter["image_size"],
+            "ip_image_tokens": ip_adapter["image_tokens"],
+        }
     arch = dataclasses.replace(model_dir.arch, controlnets=len(controlnets), **ip_fields)
     spec = arch.specs()[name]
     scale = arch.vae_scale_factor

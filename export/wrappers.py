@@ -210,13 +210,17 @@ class XlControlledUNetExport(ControlledUNetExport):
 
 
 class ImageEncoderExport(nn.Module):
-    """An IP-Adapter's CLIP image encoder: its projected image embeddings."""
+    """An IP-Adapter's CLIP image encoder: its projected image embeddings, or (``hidden_states``, for the
+    Plus kind) every token of its penultimate layer, as diffusers' ``encode_image`` reads them."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, hidden_states: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
+        self.hidden_states = hidden_states
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.hidden_states:
+            return self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
         return self.encoder(pixel_values=pixel_values).image_embeds
 
 
@@ -308,13 +312,12 @@ def load_export_module(
     elif name == IMAGE_ENCODER:
         from transformers import CLIPVisionModelWithProjection
 
-        from export.ip_adapter import image_encoder_dir
+        from export.ip_adapter import image_encoder_dir, reads_hidden_states
 
         if ip_adapter is None:
             raise KeyError(name)
-        module = ImageEncoderExport(
-            CLIPVisionModelWithProjection.from_pretrained(image_encoder_dir(ip_adapter))
-        )
+        encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder_dir(ip_adapter))
+        module = ImageEncoderExport(encoder, reads_hidden_states(ip_adapter))
     elif name == SAFETY_CHECKER:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 

@@ -62,7 +62,8 @@ class ModuleTimer:
     def close(self, times: StageTimes) -> None:
         for hook in self.hooks:
             hook.remove()
-        for start, end in zip(self.marks[::2], self.marks[1::2], strict=True):
+        # (a call cut short by an exception leaves its start unmatched: not timed, and not in its way)
+        for start, end in zip(self.marks[::2], self.marks[1::2], strict=False):
             times.add(self.stage, int(start.elapsed_time(end) * 1e6) if self.cuda else end - start)
 
 
@@ -335,10 +336,15 @@ class TorchPipeline(_CallMixin):
         if request.ip_image is not None:
             self.pipe.set_ip_adapter_scale(request.ip_scale)
             return {"ip_adapter_image": to_pil(request.ip_image)[0]}
+        from diffusers.models.embeddings import ImageProjection
+
         self.pipe.set_ip_adapter_scale(0.0)
-        width = self.pipe.image_encoder.config.projection_dim
+        config = self.pipe.image_encoder.config
+        shape: tuple[int, ...] = (config.projection_dim,)  # the plain kind's: the projected embedding
+        if not isinstance(self.pipe.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection):
+            shape = ((config.image_size // config.patch_size) ** 2 + 1, config.hidden_size)  # every token's
         copies = 2 if request.classifier_free_guidance else 1
-        zeros = torch.zeros(copies * request.batch, 1, width, dtype=self.pipe.unet.dtype, device=self.device)
+        zeros = torch.zeros(copies * request.batch, 1, *shape, dtype=self.pipe.unet.dtype, device=self.device)
         return {"ip_adapter_image_embeds": [zeros]}
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -275,7 +275,8 @@ def cmd_make_ip_adapter(args: argparse.Namespace) -> int:
     from export.ip_adapter import write_random_ip_adapter
     from sdengine.model_dir import open_checkpoint_dir
 
-    path = write_random_ip_adapter(open_checkpoint_dir(args.checkpoint).root, args.output, seed=args.seed)
+    checkpoint = open_checkpoint_dir(args.checkpoint).root
+    path = write_random_ip_adapter(checkpoint, args.output, seed=args.seed, kind=args.kind)
     print(f"wrote random-weight IP-Adapter for {args.checkpoint} to {path}")
     return 0
 
@@ -700,6 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("checkpoint", help="the diffusers checkpoint whose UNet it conditions")
     a.add_argument("output", help="a new directory: ip-adapter.safetensors and image_encoder/ go there")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument(
+        "--kind",
+        choices=("plain", "plus"),
+        default="plain",
+        help="plain (one projected embedding, default) or plus (a resampler over every token of the encoder)",
+    )
     a.set_defaults(func=cmd_make_ip_adapter)
 
     b = sub.add_parser("bench", help="per-stage latency of each backend against the PyTorch baseline")

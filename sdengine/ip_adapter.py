@@ -8,10 +8,12 @@ into the UNet, whose model then takes the embeddings (``image_embeds``) and the 
 as inputs, and exports the image encoder (``image_encoder/model.onnx``); ``ip_adapter/config.json`` says
 so. Both inputs are constant for a run, so an IP-Adapter step is still one captured graph on a GPU.
 
-As diffusers' pipelines run the plain IP-Adapter (``ip-adapter_sd15``, ``ip-adapter_sdxl``): the image is
-prepared as CLIP's image processor prepares it (shorter side resized to the encoder's size, bicubic, centre
-crop, CLIP's mean and deviation), and the negative side of classifier-free guidance reads zeros. A run with
-no image prompt gives zeros and scale 0: the model without its adapter.
+As diffusers' pipelines run them: the image is prepared as CLIP's image processor prepares it (shorter side
+resized to the encoder's size, bicubic, centre crop, CLIP's mean and deviation). The plain IP-Adapter
+(``ip-adapter_sd15``, ``ip-adapter_sdxl``) reads the encoder's projected embedding, and the negative side of
+classifier-free guidance zeros; the Plus kind (``ip-adapter-plus_sd15``, ``-plus-face``, a resampler of 16
+tokens) reads every token of the encoder's penultimate layer, and the negative side the encoder's states of
+an all-zero input. A run with no image prompt gives zeros and scale 0: the model without its adapter.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def exported_ip_adapter(config: dict[str, Any]) -> dict[str, int]:
     if not config:
         return {}
     try:
-        return {"ip_image_embeds": int(config["image_embeds"]), "ip_image_size": int(config["image_size"])}
+        return {
+            "ip_image_embeds": int(config["image_embeds"]),
+            "ip_image_size": int(config["image_size"]),
+            "ip_image_tokens": int(config.get("image_tokens", 0)),
+        }
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelDirectoryError(f"{IP_ADAPTER_CONFIG} is unreadable ({exc!r}): export again") from None
 
@@ -46,19 +52,25 @@ def ip_pixels(images: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def ip_unet_inputs(
-    embeds: np.ndarray | None, batch: int, copies: int, scale: float, width: int
+    embeds: np.ndarray | None,
+    negative: np.ndarray | None,
+    batch: int,
+    copies: int,
+    scale: float,
+    shape: tuple[int, ...],
 ) -> dict[str, np.ndarray]:
     """The UNet's IP-Adapter inputs for a batch of ``batch`` (``copies`` 2 with guidance): the image
-    prompt's embeddings (1 or ``batch``, width) for every image, after zeros for the negative side, and the
-    scale; with no image prompt, zeros and scale 0."""
+    prompt's embeddings (1, *shape) for every image, after the ``negative`` side's (None: zeros, the plain
+    kind's; the others': the encoder's states of an all-zero input), and the scale; with no image prompt,
+    zeros and scale 0."""
     if embeds is None:
         return {
-            IMAGE_EMBEDS: np.zeros((copies * batch, 1, width), np.float32),
+            IMAGE_EMBEDS: np.zeros((copies * batch, 1, *shape), np.float32),
             IP_ADAPTER_SCALE: np.array(0.0, np.float32),
         }
-    positive = np.broadcast_to(np.asarray(embeds, np.float32)[:, None], (batch, 1, width))
-    sides = [np.zeros_like(positive)] * (copies - 1) + [positive]
+    sides = [np.zeros((1, *shape), np.float32) if negative is None else negative] * (copies - 1) + [embeds]
+    per_item = [np.broadcast_to(np.asarray(side, np.float32)[:, None], (batch, 1, *shape)) for side in sides]
     return {
-        IMAGE_EMBEDS: np.ascontiguousarray(np.concatenate(sides)),
+        IMAGE_EMBEDS: np.ascontiguousarray(np.concatenate(per_item)),
         IP_ADAPTER_SCALE: np.array(scale, np.float32),
     }

@@ -128,10 +128,13 @@ class Architecture:
     #: SDXL: the size conditioning numbers the UNet takes (``time_ids``): 6 for the base model, 5 for the
     #: refiner (original size, crop corner, aesthetic score)
     time_ids: int = 6
-    #: an IP-Adapter exported with the UNet: the width of its image encoder's embeddings (0: none), and the
-    #: square image size the encoder takes
+    #: an IP-Adapter exported with the UNet: the width of its image encoder's embeddings (0: none), the
+    #: square image size the encoder takes, and the tokens per image it gives (0: one projected embedding, the
+    #: plain IP-Adapter's; the encoder's patches and class token, read from its penultimate layer, for the
+    #: Plus kind)
     ip_image_embeds: int = 0
     ip_image_size: int = 224
+    ip_image_tokens: int = 0
 
     @property
     def ip_adapter(self) -> bool:
@@ -195,9 +198,15 @@ class Architecture:
         if not self.ip_adapter:
             return ()
         return (
-            TensorSpec(IMAGE_EMBEDS, "float32", ("batch", 1, self.ip_image_embeds)),
+            TensorSpec(IMAGE_EMBEDS, "float32", ("batch", 1, *self.ip_embeds_shape)),
             TensorSpec(IP_ADAPTER_SCALE, "float32", ()),
         )
+
+    @property
+    def ip_embeds_shape(self) -> tuple[int, ...]:
+        """One image's embeddings from the image encoder: (width,), or (tokens, width)."""
+        width = max(self.ip_image_embeds, 1)
+        return (self.ip_image_tokens, width) if self.ip_image_tokens else (width,)
 
     def added_specs(self) -> tuple[TensorSpec, ...]:
         """SDXL's added UNet inputs (pooled text embeddings and size conditioning); none for SD 1.x/2.x."""
@@ -275,7 +284,7 @@ class Architecture:
             IMAGE_ENCODER: ModelSpec(  # CLIP's vision model with its projection
                 IMAGE_ENCODER,
                 inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, *(self.ip_image_size,) * 2)),),
-                outputs=(TensorSpec(IMAGE_EMBEDS, "float32", ("batch", max(self.ip_image_embeds, 1))),),
+                outputs=(TensorSpec(IMAGE_EMBEDS, "float32", ("batch", *self.ip_embeds_shape)),),
             ),
             VAE_DECODER: ModelSpec(
                 VAE_DECODER,

@@ -559,12 +559,17 @@ class Pipeline(_CallMixin):
     def image_prompt_inputs(self, request: GenerationRequest, times: StageTimes) -> dict[str, np.ndarray]:
         """The UNet's IP-Adapter inputs (:func:`sdengine.ip_adapter.ip_unet_inputs`): the image prompt
         through the image encoder, where the request has one."""
-        arch, embeds = self.model_dir.arch, None
+        arch, embeds, negative = self.model_dir.arch, None, None
         if request.ip_image is not None:
+            pixels = ip_pixels(request.ip_image, arch.ip_image_size)
             with times.time("image_encoder"):
-                embeds = self.backend.encode_image_prompt(ip_pixels(request.ip_image, arch.ip_image_size))
+                if arch.ip_image_tokens:  # the negative side: the encoder's states of an all-zero input
+                    both = np.concatenate([np.zeros_like(pixels), pixels])
+                    negative, embeds = np.split(self.backend.encode_image_prompt(both), 2)
+                else:
+                    embeds = self.backend.encode_image_prompt(pixels)
         copies = 2 if request.classifier_free_guidance else 1
-        return ip_unet_inputs(embeds, request.batch, copies, request.ip_scale, arch.ip_image_embeds)
+        return ip_unet_inputs(embeds, negative, request.batch, copies, request.ip_scale, arch.ip_embeds_shape)
 
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
         """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the VAE decoder."""

@@ -95,6 +95,29 @@ def test_the_image_prompt_steers_and_without_one_the_model_is_itself(ip_pipes, o
     np.testing.assert_allclose(zero.array, without.array, atol=1e-5)
 
 
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_a_plus_adapter_reads_every_token_and_matches_diffusers(tiny_checkpoint, tmp_path, xl):
+    """The Plus kind (a resampler over every token of the encoder's penultimate layer; the negative side the
+    encoder's states of an all-zero input), as diffusers runs ``ip-adapter-plus_sd15``."""
+    from export.checkpoint import write_random_checkpoint
+    from export.ip_adapter import write_random_ip_adapter
+    from export.onnx_export import export_checkpoint
+
+    checkpoint = write_random_checkpoint(tmp_path / "xl", "tiny-xl", seed=0) if xl else tiny_checkpoint
+    adapter = write_random_ip_adapter(checkpoint, tmp_path / "plus", kind="plus")
+    export_checkpoint(checkpoint, tmp_path / "onnx", ip_adapter=adapter)
+    ours = Pipeline.load(tmp_path / "onnx", backend="ort", device="cpu")
+    assert ours.model_dir.arch.ip_embeds_shape == (17, 32)  # (32 / 8)^2 patches and the class token
+    ref = Pipeline.load(checkpoint, backend="torch", ip_adapter=adapter)
+    for extra in (
+        {"ip_adapter_image": IMAGE},
+        {"ip_adapter_image": IMAGE, "ip_adapter_scale": 0.6, "batch": 2},
+        {},
+    ):
+        settings = {**SETTINGS, "width": 96 if xl else 64, **extra}
+        assert psnr(ours(PROMPT, **settings).array, ref(PROMPT, **settings).array) >= 100
+
+
 def test_an_sdxl_image_prompt_matches_diffusers(tmp_path):
     from export.checkpoint import write_random_checkpoint
     from export.ip_adapter import write_random_ip_adapter
@@ -171,11 +194,12 @@ def test_what_is_refused(ip_pipes, ort_pipe_fp32, onnx_fp32, tiny_checkpoint, ad
         Pipeline.load(onnx_fp32, backend="ort", device="cpu", ip_adapter=adapter)
     with pytest.raises(InvalidArgumentError, match="export with --ip-adapter"):
         export_checkpoint(tiny_checkpoint, tmp_path / "x", components=[IMAGE_ENCODER])
-    plus = tmp_path / "plus" / "ip-adapter-plus.safetensors"
-    plus.parent.mkdir()
-    save_file({"image_proj.latents": np.zeros((1, 16, 32), np.float32)}, str(plus))
-    with pytest.raises(UnsupportedConfigError, match="only the plain IP-Adapter"):
-        check_ip_adapter(tiny_checkpoint, plus)
+    faceid = tmp_path / "faceid" / "ip-adapter-faceid.safetensors"
+    faceid.parent.mkdir()
+    projection = {f"image_proj.{k}": np.zeros((4, 4), np.float32) for k in ("proj.0.weight", "proj.2.weight")}
+    save_file({**projection, "image_proj.norm.weight": np.zeros(4, np.float32)}, str(faceid))
+    with pytest.raises(UnsupportedConfigError, match="FaceID's, which read a face model's embedding"):
+        check_ip_adapter(tiny_checkpoint, faceid)
     lonely = tmp_path / "lonely" / "ip-adapter.safetensors"
     lonely.parent.mkdir()
     lonely.write_bytes(adapter.read_bytes())
