@@ -1,6 +1,6 @@
 """``sdengine info DIR``: what a model directory holds, and whether this machine can run it as it is (and
-``sdengine info FILE.safetensors``: what a LoRA file updates; ``sdengine info CONTROLNET_DIR``: what a
-ControlNet must fit).
+``sdengine info FILE.safetensors``: what a LoRA file updates, or what an IP-Adapter is; ``sdengine info
+CONTROLNET_DIR``: what a ControlNet must fit).
 
 For a diffusers checkpoint: its architecture and scheduler. For an ONNX export: its manifest (precision,
 opset, source, per-model size) and which models are present. For an engine directory: each engine's build
@@ -23,7 +23,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
     root = Path(path)
     if root.suffix == ".safetensors" and root.is_file():
-        return _lora_file(root)
+        return _ip_adapter_file(root) or _lora_file(root)
     if (root / "config.json").is_file() and not (root / "model_index.json").is_file():
         return _controlnet_dir(root)
     kind = model_kind(root)
@@ -168,6 +168,39 @@ def _controlnet_dir(root: Path) -> dict[str, Any]:
     config = controlnet_config(root)  # a one-line error for any other single-model folder
     keys = ("in_channels", "conditioning_channels", *MATCHING, "controlnet_conditioning_channel_order")
     return {"path": str(root), "kind": "controlnet", **{k: config[k] for k in keys if k in config}}
+
+
+def _ip_adapter_file(path: Path) -> dict[str, Any] | None:
+    """An IP-Adapter weights file (``export --ip-adapter``): its kind, what its projection reads and gives,
+    its layers, and whether its image encoder is beside it; None for any other file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except Exception:  # noqa: BLE001 - not ours to judge: the LoRA reader names what is wrong
+        return None
+    if not any(key.startswith("image_proj.") for key in shapes):
+        return None
+    encoder = path.parent / "image_encoder" / "config.json"
+    info: dict[str, Any] = {"path": str(path), "kind": "ip-adapter"}
+    if "image_proj.proj.weight" in shapes:  # the plain kind: one projected embedding -> 4 tokens
+        rows, reads = shapes["image_proj.proj.weight"]
+        info.update(
+            adapter_kind="plain", reads_embeddings_of=reads, tokens_per_image=4, token_width=rows // 4
+        )
+    elif "image_proj.latents" in shapes and "image_proj.proj_in.weight" in shapes:  # Plus: a resampler
+        info.update(
+            adapter_kind="plus",
+            reads_embeddings_of=shapes["image_proj.proj_in.weight"][1],
+            tokens_per_image=shapes["image_proj.latents"][1],
+            token_width=shapes["image_proj.proj_out.weight"][0],
+        )
+    else:
+        info["adapter_kind"] = "another kind, not supported (FaceID, Full Face...)"
+    info["attention_layers"] = sum(key.endswith("to_k_ip.weight") for key in shapes)
+    info["image_encoder"] = str(encoder.parent) if encoder.is_file() else "missing (image_encoder/ beside it)"
+    return info
 
 
 def _lora_file(path: Path) -> dict[str, Any]:

@@ -242,3 +242,19 @@ def test_bench_runs_the_image_prompt_on_both(ip_onnx, tmp_path):
     assert report["config"]["ip_adapter"].endswith("ip-adapter.safetensors")
     assert report["backends"]["ort"]["psnr_vs_torch_db"] >= 100  # the same image prompt, the same adapter
     assert report["flops_per_call"] == {}
+
+
+def test_info_describes_an_adapter_file(adapter, tiny_checkpoint, tmp_path):
+    from export.ip_adapter import write_random_ip_adapter
+    from sdengine.info import describe
+
+    info = describe(adapter)
+    assert (info["kind"], info["adapter_kind"], info["tokens_per_image"], info["token_width"]) == (
+        "ip-adapter",
+        "plain",
+        4,
+        32,
+    )
+    assert info["attention_layers"] == 16 and info["image_encoder"].endswith("image_encoder")
+    plus = describe(write_random_ip_adapter(tiny_checkpoint, tmp_path / "plus", kind="plus"))
+    assert (plus["adapter_kind"], plus["tokens_per_image"]) == ("plus", 16)
