@@ -81,6 +81,7 @@ def format_times(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from sdengine.extra_networks import lora_tags, resolve_loras
     from sdengine.images import load_image, load_mask, output_paths, save_png
     from sdengine.lora import parse_lora_arg, read_lora
     from sdengine.pipeline import Pipeline
@@ -98,6 +99,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         read_embedding(path, token)
         embeddings.append((path, token))
     loras = [parse_lora_arg(spec) for spec in args.lora]
+    prompt = args.prompt
+    if args.lora_dir is not None:  # the web UI's tags: their LoRAs after --lora's
+        prompt, tags = lora_tags(prompt)
+        loras += resolve_loras(tags, args.lora_dir)
     for path, _ in loras:
         read_lora(path)
     if args.refiner_switch is not None and args.refiner is None:
@@ -130,7 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path, scale in loras:
         print(f"lora: {pipeline.load_lora(path, scale)} layers from {path} at scale {scale:g}")
     result = pipeline(
-        args.prompt,
+        prompt,
         args.negative_prompt,
         steps=args.steps,
         guidance=args.guidance,
@@ -521,6 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:SCALE]",
         help="LoRA (.safetensors; diffusers', PEFT's or kohya's layout) fused into the UNet and text encoder "
         "at SCALE (default 1); repeatable. ONNX Runtime and torch backends",
+    )
+    g.add_argument(
+        "--lora-dir",
+        default=None,
+        metavar="DIR",
+        help="where the prompt's <lora:NAME:WEIGHT> tags (the web UI's) find NAME.safetensors; the tags "
+        "leave the prompt's text",
     )
     g.add_argument(
         "--guidance-rescale",

@@ -96,3 +96,26 @@ def test_the_server_fuses_a_prompts_loras_for_its_request(onnx_fp32, ort_pipe_fp
     assert listed == [
         {"name": "style", "alias": "style", "path": str(loras / "style.safetensors"), "metadata": {}}
     ]
+
+
+def test_generate_reads_the_tags_with_a_lora_dir(onnx_fp32, tmp_path):
+    from PIL import Image
+
+    from export.random_lora import write_random_lora
+    from sdengine.cli import main
+
+    write_random_lora(onnx_fp32, tmp_path / "Lora" / "style.safetensors", seed=1)
+    args = ["generate", str(onnx_fp32), "--steps", "2", "--height", "64", "--width", "64", "--seed", "4"]
+    args += ["--device", "cpu", "--prompt-weights", "a1111"]
+    tagged, plain = tmp_path / "tagged.png", tmp_path / "plain.png"
+    lora = f"{tmp_path / 'Lora' / 'style.safetensors'}:0.8"
+    assert (
+        main([*args, "a cat <lora:style:0.8>", "--lora-dir", str(tmp_path / "Lora"), "--output", str(tagged)])
+        == 0
+    )
+    assert main([*args, "a cat ", "--lora", lora, "--output", str(plain)]) == 0
+    a, b = (np.asarray(Image.open(p), np.float32) for p in (tagged, plain))
+    np.testing.assert_array_equal(a, b)
+    assert json.loads(Image.open(tagged).info["parameters"])["loras"] == [
+        {"file": "style.safetensors", "scale": 0.8}
+    ]
