@@ -8,8 +8,9 @@ What the web UI's API takes, and how it maps here:
 - ``steps`` (50), ``cfg_scale`` (7), ``width``/``height`` (512), ``seed`` (-1: random), ``batch_size``,
   ``n_iter`` (batches one after another; image ``i`` of batch ``n`` has seed ``seed + n * batch_size + i``,
   as in the web UI), ``subseed``/``subseed_strength`` (variations, the same spherical interpolation).
-- ``sampler_name`` (or ``sampler_index``; default "Euler") and ``scheduler`` ("Automatic", "Karras" or
-  "Exponential"): the names of :data:`SAMPLERS`, and their ``_exponential`` schedulers.
+- ``sampler_name`` (or ``sampler_index``; default "Euler") and ``scheduler`` ("Automatic", "Karras",
+  "Exponential" or "Beta"): the names of :data:`SAMPLERS`, and their ``_exponential`` and ``_beta``
+  schedulers.
 - ``enable_hr`` with ``hr_scale``, ``hr_upscaler`` ("Latent", or "None"/"Lanczos": the image),
   ``hr_second_pass_steps`` and ``denoising_strength``: the hires fix (:mod:`sdengine.hires`).
 - ``override_settings.CLIP_stop_at_last_layers``: clip skip (the web UI counts the last layer as 1).
@@ -75,7 +76,9 @@ SAMPLERS = {
     "LCM": "lcm",
 }
 #: The web UI's noise schedules that sdengine runs (its ``scheduler`` field takes the label or the name).
-SCHEDULES = {"automatic": "Automatic", "karras": "Karras", "exponential": "Exponential"}
+SCHEDULES = {"automatic": "Automatic", "karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
+#: The schedules that are a scheduler of their own for each sampler: its name's suffix.
+SPACED = {"Exponential": "_exponential", "Beta": "_beta"}
 #: hr_upscaler values: the web UI's "Latent" enlarges the latents; "None" and "Lanczos" the image.
 UPSCALERS = {"Latent": "latent", "None": "image", "Lanczos": "image"}
 #: Fields that change nothing here: the web UI's own bookkeeping, and ``image_cfg_scale``, which the web UI
@@ -156,29 +159,31 @@ MAX_BODY = 64 * 2**20
 def scheduler_name(sampler: str | None, scheduler: str | None) -> str:
     """sdengine's scheduler for the web UI's ``sampler_name`` and ``scheduler`` (its 1.9+ split of the
     noise schedule from the sampler: "Automatic" keeps the sampler's own, "Karras" picks its Karras one,
-    "Exponential" its one with sigmas evenly spaced in log sigma)."""
+    "Exponential" its one with sigmas evenly spaced in log sigma, "Beta" its one with beta-quantile
+    sigmas)."""
     sampler = sampler or "Euler"
     scheduler = SCHEDULES.get(scheduler, scheduler) if isinstance(scheduler, str) else scheduler
     if scheduler == "Karras" and not sampler.endswith(" Karras"):
         sampler += " Karras"
-    elif scheduler not in (None, "", "Automatic", "Karras", "Exponential"):
+    elif scheduler not in (None, "", *SCHEDULES.values()):
         raise InvalidArgumentError(
-            f"scheduler {scheduler!r} is not supported; use Automatic, Karras or Exponential"
+            f"scheduler {scheduler!r} is not supported; use {', '.join(SCHEDULES.values())}"
         )
     if sampler not in SAMPLERS:
         raise InvalidArgumentError(f"sampler {sampler!r} is not supported; supported: {', '.join(SAMPLERS)}")
-    if scheduler != "Exponential":
+    if scheduler not in SPACED:
         return SAMPLERS[sampler]
-    name = SAMPLERS[sampler.removesuffix(" Karras")] + "_exponential"
+    name = SAMPLERS[sampler.removesuffix(" Karras")] + SPACED[scheduler]
     if sampler.endswith(" Karras") or name not in SCHEDULER_NAMES:
-        raise InvalidArgumentError(f"sampler {sampler!r} has no Exponential scheduler")
+        raise InvalidArgumentError(f"sampler {sampler!r} has no {scheduler} scheduler")
     return name
 
 
 def sampler_of(scheduler: str) -> tuple[str, str]:
     """The web UI's (sampler_name, scheduler) for sdengine's scheduler name."""
-    if scheduler.endswith("_exponential"):
-        return sampler_of(scheduler.removesuffix("_exponential"))[0], "Exponential"
+    for label, suffix in SPACED.items():
+        if scheduler.endswith(suffix):
+            return sampler_of(scheduler.removesuffix(suffix))[0], label
     sampler = next(k for k, v in SAMPLERS.items() if v == scheduler)
     return sampler, "Karras" if sampler.endswith(" Karras") else "Automatic"
 

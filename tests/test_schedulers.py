@@ -125,21 +125,23 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
 }
-# each ``_karras`` name sets exponential sigmas off; each ``_exponential`` name its family with them on
+SPACINGS = ("karras", "exponential", "beta")
+# each ``_karras`` name sets the other spacings off; each ``_exponential``/``_beta`` name is its family with
+# that spacing on and the others off
 for _name, (_cls, _kw) in list(DIFFUSERS_EQUIVALENT.items()):
     if _name.endswith("_karras"):
-        _kw["use_exponential_sigmas"] = False
         _family = _name.removesuffix("_karras")
-        _plain = {k: v for k, v in _kw.items() if k not in ("use_karras_sigmas", "use_exponential_sigmas")}
-        DIFFUSERS_EQUIVALENT[f"{_family}_exponential"] = (
-            _cls,
-            {**_plain, "use_exponential_sigmas": True, "use_karras_sigmas": False},
-        )
+        _plain = {k: v for k, v in _kw.items() if k != "use_karras_sigmas"}
+        for _spacing in SPACINGS:
+            flags = {f"use_{s}_sigmas": s == _spacing for s in SPACINGS}
+            DIFFUSERS_EQUIVALENT[f"{_family}_{_spacing}"] = (_cls, {**_plain, **flags})
 
 
 def family(name: str) -> str:
     """The scheduler a name is, whatever its sigma spacing: ``heun`` for ``heun_karras``."""
-    return name.removesuffix("_karras").removesuffix("_exponential")
+    for spacing in SPACINGS:
+        name = name.removesuffix(f"_{spacing}")
+    return name
 
 
 # Tolerances, applied to every compared tensor as |ours - ref| <= TOL |ref| + TOL * scale, where scale is
@@ -176,6 +178,12 @@ DIFFUSERS_SKIPS_FIRST_SIGMA = {
     ("dpmpp_2m_exponential", "sdxl_zsnr", 25),
     ("dpmpp_2m_sde_exponential", "sdxl_zsnr", 25),
     ("unipc_exponential", "sdxl_zsnr", 25),
+    # beta sigmas crowd at the top of the range: doubled at 4 steps too
+    *(
+        (name, "sdxl_zsnr", steps)
+        for name in ("dpmpp_2m_beta", "dpmpp_2m_sde_beta", "unipc_beta")
+        for steps in (4, 25)
+    ),
 }
 
 SHAPE = (2, 4, 8, 8)
@@ -191,9 +199,9 @@ def fake_unet(x: np.ndarray, t: float) -> np.ndarray:
 
 
 #: Schedulers whose diffusers ``step`` takes a generator and draws noise from it.
-STOCHASTIC = {"euler_a", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential"}
+STOCHASTIC = {"euler_a", "lcm", *(f"dpmpp_2m_sde{s}" for s in ("", "_karras", "_exponential", "_beta"))}
 #: DPM-Solver's SDE draws on every call, the last included (where a final sigma of 0 gives it weight 0).
-DRAWS_EVERY_CALL = {"euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential"}
+DRAWS_EVERY_CALL = STOCHASTIC - {"lcm"}
 
 
 def diffusers_draws_noise(name: str, i: int, num_calls: int) -> bool:
@@ -1024,7 +1032,7 @@ def test_step_count_limits() -> None:
         ("pndm", {"skip_prk_steps": False}, "skip_prk_steps"),
         ("euler", {"interpolation_type": "log_linear"}, "interpolation_type"),
         ("euler", {"use_exponential_sigmas": True, "use_karras_sigmas": True}, "one sigma spacing at a time"),
-        ("euler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("euler", {"use_beta_sigmas": True, "use_exponential_sigmas": True}, "one sigma spacing at a time"),
         ("euler_a", {"prediction_type": "sample"}, "prediction_type"),
         ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
         ("dpmpp_2m", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
@@ -1034,14 +1042,14 @@ def test_step_count_limits() -> None:
         ("dpmpp_2m", {"use_flow_sigmas": True}, "use_flow_sigmas"),
         ("dpmpp_2m", {"variance_type": "learned_range"}, "variance_type"),
         ("dpmpp_2m", {"algorithm_type": "deis"}, "final_sigmas_type"),
-        ("dpmpp_2m_exponential", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("dpmpp_2m_beta", {"use_lu_lambdas": True}, "use_lu_lambdas"),
         ("dpmpp_2m_sde", {"solver_order": 3}, "solver_order"),
         ("dpmpp_2m_sde", {"solver_order": 1}, "solver_order"),
         ("dpmpp_2m_sde", {"thresholding": True}, "thresholding"),
         ("dpmpp_2m_sde", {"variance_type": "learned_range"}, "variance_type"),
         ("dpmpp_2m_sde", {"final_sigmas_type": "sigma_max"}, "final_sigmas_type"),
         ("dpmpp_2m_sde", {"use_lu_lambdas": True}, "use_lu_lambdas"),
-        ("dpmpp_2m_sde_karras", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("dpmpp_2m_sde_karras", {"use_flow_sigmas": True}, "use_flow_sigmas"),
         ("lcm", {"clip_sample": True}, "clip_sample"),
         ("lcm", {"thresholding": True}, "thresholding"),
         ("euler", {"steps_offset": None}, "steps_offset"),
@@ -1050,7 +1058,7 @@ def test_step_count_limits() -> None:
         ("unipc", {"thresholding": True}, "thresholding"),
         ("unipc", {"solver_p": "DDIMScheduler"}, "solver_p"),
         ("unipc", {"use_exponential_sigmas": True, "use_karras_sigmas": True}, "one sigma spacing at a time"),
-        ("unipc", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("unipc", {"use_beta_sigmas": True, "use_karras_sigmas": True}, "one sigma spacing at a time"),
         ("unipc", {"use_flow_sigmas": True}, "use_flow_sigmas"),
         ("unipc", {"use_dynamic_shifting": True}, "use_dynamic_shifting"),
         ("unipc", {"shift_terminal": 0.1}, "shift_terminal"),

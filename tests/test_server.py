@@ -59,6 +59,7 @@ def png(array: np.ndarray) -> str:
         ("DPM++ 2M SDE", "Exponential", "dpmpp_2m_sde_exponential"),
         ("Euler", "Exponential", "euler_exponential"),
         ("Euler", "exponential", "euler_exponential"),  # the schedule's name, as the web UI takes it too
+        ("DPM++ 2M", "Beta", "dpmpp_2m_beta"),
     ],
 )
 def test_sampler_names(sampler, scheduler, expected):
@@ -199,7 +200,7 @@ def test_errors_are_one_json_line_and_the_server_goes_on(server):
         and {"name": "DPM++ 2M Karras", "aliases": ["dpmpp_2m_karras"], "options": {}} in samplers
     )
     status, schedules = call(server, "/sdapi/v1/schedulers")
-    assert status == 200 and [s["label"] for s in schedules] == ["Automatic", "Karras", "Exponential"]
+    assert status == 200 and [s["label"] for s in schedules] == ["Automatic", "Karras", "Exponential", "Beta"]
     assert call(server, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE})[0] == 200  # still serving
 
 

@@ -26,27 +26,25 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import UnknownSchedulerError
-from .base import BaseScheduler, Scheduler
+from .base import BaseScheduler, Scheduler, sigma_variant
 from .config import SchedulerConfig
 from .ddim import DDIM
 from .dpmsolver import (
     DPMSolverMultistep,
-    DPMSolverMultistepExponential,
     DPMSolverMultistepKarras,
     DPMSolverMultistepSDE,
-    DPMSolverMultistepSDEExponential,
     DPMSolverMultistepSDEKarras,
 )
-from .euler import Euler, EulerExponential, EulerKarras
+from .euler import Euler, EulerKarras
 from .euler_ancestral import EulerAncestral
-from .heun import Heun, HeunExponential, HeunKarras
-from .kdpm2 import KDPM2, KDPM2Exponential, KDPM2Karras
+from .heun import Heun, HeunKarras
+from .kdpm2 import KDPM2, KDPM2Karras
 from .lcm import LCM
-from .lms import LMS, LMSExponential, LMSKarras
+from .lms import LMS, LMSKarras
 from .pndm import PNDM
 from .schedule import Schedule
 from .step import initial_history, step
-from .unipc import UniPCMultistep, UniPCMultistepExponential, UniPCMultistepKarras
+from .unipc import UniPCMultistep, UniPCMultistepKarras
 
 _CLASSES: dict[str, type[BaseScheduler]] = {
     "ddim": DDIM,
@@ -67,13 +65,22 @@ _CLASSES: dict[str, type[BaseScheduler]] = {
     "lcm": LCM,
     "unipc": UniPCMultistep,
     "unipc_karras": UniPCMultistepKarras,
-    "euler_exponential": EulerExponential,
-    "heun_exponential": HeunExponential,
-    "dpm2_exponential": KDPM2Exponential,
-    "lms_exponential": LMSExponential,
-    "dpmpp_2m_exponential": DPMSolverMultistepExponential,
-    "dpmpp_2m_sde_exponential": DPMSolverMultistepSDEExponential,
-    "unipc_exponential": UniPCMultistepExponential,
+}
+#: The families that take diffusers' other sigma spacings: each gets ``{family}_exponential`` and
+#: ``{family}_beta`` (see :func:`sigma_variant`).
+_SPACED: dict[str, type[BaseScheduler]] = {
+    "euler": Euler,
+    "heun": Heun,
+    "dpm2": KDPM2,
+    "lms": LMS,
+    "dpmpp_2m": DPMSolverMultistep,
+    "dpmpp_2m_sde": DPMSolverMultistepSDE,
+    "unipc": UniPCMultistep,
+}
+_CLASSES |= {
+    f"{family}_{spacing}": sigma_variant(cls, family, spacing)
+    for spacing in ("exponential", "beta")
+    for family, cls in _SPACED.items()
 }
 
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_CLASSES)

@@ -189,6 +189,21 @@ def img2img_start(num_inference_steps: int, strength: float) -> int:
     return n - denoising
 
 
+def sigma_variant(cls: type[BaseScheduler], family: str, spacing: str) -> type[BaseScheduler]:
+    """Scheduler ``{family}_{spacing}``: ``cls`` (scheduler ``family``) with the sigmas of ``spacing``
+    ("exponential", "beta") forced on, as diffusers' ``from_config(config, use_{spacing}_sigmas=True)`` with
+    the other spacings off. Made, not written out: every such class is its family's with two settings."""
+    flags = {flag: kind == spacing for flag, kind in tables.SIGMA_SPACINGS.items()}
+    namespace = {
+        "__annotations__": {"name": str},
+        "__doc__": f"``{family}`` with ``use_{spacing}_sigmas`` forced on.",
+        "__module__": cls.__module__,
+        "name": field(default=f"{family}_{spacing}", init=False),
+        "diffusers_overrides": {**cls.diffusers_overrides, **flags},
+    }
+    return dataclass(frozen=True)(type(f"{cls.__name__}{spacing.title()}", (cls,), namespace))
+
+
 def switch_timestep(share: float, num_train_timesteps: int) -> int:
     """The training timestep at which a run of a base model and its refiner changes models, ``share`` of
     the way from the noisiest (diffusers' ``discrete_timestep_cutoff``): ``round(T - share * T)``.

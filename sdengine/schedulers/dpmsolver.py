@@ -87,7 +87,6 @@ class DPMSolverMultistep(BaseScheduler):
         self.refuse_flags(
             params,
             "thresholding",
-            "use_beta_sigmas",
             "use_lu_lambdas",
             "use_flow_sigmas",
             "use_dynamic_shifting",
@@ -197,19 +196,7 @@ class DPMSolverMultistepKarras(DPMSolverMultistep):
     diffusers_overrides: ClassVar[dict[str, Any]] = {
         "use_karras_sigmas": True,
         "use_exponential_sigmas": False,
-    }
-
-
-@dataclass(frozen=True)
-class DPMSolverMultistepExponential(DPMSolverMultistep):
-    """``dpmpp_2m`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
-    "Exponential" scheduler)."""
-
-    name: str = field(default="dpmpp_2m_exponential", init=False)
-
-    diffusers_overrides: ClassVar[dict[str, Any]] = {
-        "use_exponential_sigmas": True,
-        "use_karras_sigmas": False,
+        "use_beta_sigmas": False,
     }
 
 
@@ -247,18 +234,5 @@ class DPMSolverMultistepSDEKarras(DPMSolverMultistepSDE):
         "algorithm_type": "sde-dpmsolver++",
         "use_karras_sigmas": True,
         "use_exponential_sigmas": False,
-    }
-
-
-@dataclass(frozen=True)
-class DPMSolverMultistepSDEExponential(DPMSolverMultistepSDE):
-    """``dpmpp_2m_sde`` with ``use_exponential_sigmas`` forced on (the web UI's "DPM++ 2M SDE" with its
-    "Exponential" scheduler)."""
-
-    name: str = field(default="dpmpp_2m_sde_exponential", init=False)
-
-    diffusers_overrides: ClassVar[dict[str, Any]] = {
-        "algorithm_type": "sde-dpmsolver++",
-        "use_exponential_sigmas": True,
-        "use_karras_sigmas": False,
+        "use_beta_sigmas": False,
     }

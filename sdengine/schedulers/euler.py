@@ -118,7 +118,6 @@ class Euler(BaseScheduler):
         self.require(params, "interpolation_type", ("linear",))
         self.require(params, "timestep_type", ("discrete", "continuous"))
         self.require(params, "final_sigmas_type", ("zero", "sigma_min"))
-        self.refuse_flags(params, "use_beta_sigmas")
 
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
@@ -154,17 +153,5 @@ class EulerKarras(Euler):
     diffusers_overrides: ClassVar[dict[str, Any]] = {
         "use_karras_sigmas": True,
         "use_exponential_sigmas": False,
-    }
-
-
-@dataclass(frozen=True)
-class EulerExponential(Euler):
-    """``euler`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
-    "Exponential" scheduler)."""
-
-    name: str = field(default="euler_exponential", init=False)
-
-    diffusers_overrides: ClassVar[dict[str, Any]] = {
-        "use_exponential_sigmas": True,
-        "use_karras_sigmas": False,
+        "use_beta_sigmas": False,
     }

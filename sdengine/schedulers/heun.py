@@ -46,7 +46,7 @@ class Heun(BaseScheduler):
 
     def _validate(self, params: dict[str, Any]) -> None:
         super()._validate(params)
-        self.refuse_flags(params, "use_beta_sigmas", "clip_sample")
+        self.refuse_flags(params, "clip_sample")
 
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
@@ -91,17 +91,5 @@ class HeunKarras(Heun):
     diffusers_overrides: ClassVar[dict[str, Any]] = {
         "use_karras_sigmas": True,
         "use_exponential_sigmas": False,
-    }
-
-
-@dataclass(frozen=True)
-class HeunExponential(Heun):
-    """``heun`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
-    "Exponential" scheduler)."""
-
-    name: str = field(default="heun_exponential", init=False)
-
-    diffusers_overrides: ClassVar[dict[str, Any]] = {
-        "use_exponential_sigmas": True,
-        "use_karras_sigmas": False,
+        "use_beta_sigmas": False,
     }

@@ -45,7 +45,6 @@ class KDPM2(BaseScheduler):
 
     def _validate(self, params: dict[str, Any]) -> None:
         super()._validate(params)
-        self.refuse_flags(params, "use_beta_sigmas")
 
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
@@ -107,17 +106,5 @@ class KDPM2Karras(KDPM2):
     diffusers_overrides: ClassVar[dict[str, Any]] = {
         "use_karras_sigmas": True,
         "use_exponential_sigmas": False,
-    }
-
-
-@dataclass(frozen=True)
-class KDPM2Exponential(KDPM2):
-    """``dpm2`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
-    "Exponential" scheduler)."""
-
-    name: str = field(default="dpm2_exponential", init=False)
-
-    diffusers_overrides: ClassVar[dict[str, Any]] = {
-        "use_exponential_sigmas": True,
-        "use_karras_sigmas": False,
+        "use_beta_sigmas": False,
     }

@@ -57,7 +57,6 @@ class LMS(BaseScheduler):
 
     def _validate(self, params: dict[str, Any]) -> None:
         super()._validate(params)
-        self.refuse_flags(params, "use_beta_sigmas")
 
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
@@ -96,17 +95,5 @@ class LMSKarras(LMS):
     diffusers_overrides: ClassVar[dict[str, Any]] = {
         "use_karras_sigmas": True,
         "use_exponential_sigmas": False,
-    }
-
-
-@dataclass(frozen=True)
-class LMSExponential(LMS):
-    """``lms`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
-    "Exponential" scheduler)."""
-
-    name: str = field(default="lms_exponential", init=False)
-
-    diffusers_overrides: ClassVar[dict[str, Any]] = {
-        "use_exponential_sigmas": True,
-        "use_karras_sigmas": False,
+        "use_beta_sigmas": False,
     }

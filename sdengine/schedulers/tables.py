@@ -164,14 +164,81 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
 
 
+def beta_sigmas(
+    sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6
+) -> np.ndarray:
+    """Sigmas at the quantiles of a Beta(alpha, beta) distribution (Lee et al. 2024, "Beta Sampling is All You
+    Need"; diffusers' ``use_beta_sigmas``, the web UI's "Beta" scheduler): ``sigma_min + ppf(1 - i / (n - 1))
+    (sigma_max - sigma_min)``, steps crowded at both ends of the range for alpha = beta < 1."""
+    quantiles = 1 - np.linspace(0, 1, n)
+    return np.array(
+        [sigma_min + beta_ppf(float(q), alpha, beta) * (sigma_max - sigma_min) for q in quantiles]
+    )
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """The Beta(a, b) distribution's quantile function (scipy's ``beta.ppf``, which diffusers calls; the
+    runtime has no scipy): bisection of :func:`beta_cdf` to the last bit of a float64."""
+    lo, hi = 0.0, 1.0
+    if q <= 0.0 or q >= 1.0:
+        return lo if q <= 0.0 else hi
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if beta_cdf(mid, a, b) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (Lentz's method), on
+    the side of ``x`` where it converges fast."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x < (a + 1) / (a + b + 2):
+        return front * _beta_fraction(x, a, b) / a
+    return 1.0 - front * _beta_fraction(1.0 - x, b, a) / b
+
+
+def _beta_fraction(x: float, a: float, b: float) -> float:
+    """The continued fraction of I_x(a, b) (Abramowitz and Stegun 26.5.8), evaluated by Lentz's method."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 1000):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return result
+
+
 #: The sigma spacings that replace the timesteps' own sigmas, by diffusers' config flag.
-SIGMA_SPACINGS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential"}
+SIGMA_SPACINGS = {
+    "use_karras_sigmas": "karras",
+    "use_exponential_sigmas": "exponential",
+    "use_beta_sigmas": "beta",
+}
 
 
 def spaced_sigmas(spacing: str, sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
-    """``n`` sigmas from ``sigma_max`` down to ``sigma_min`` in ``spacing`` ("karras" or "exponential")."""
+    """``n`` sigmas from ``sigma_max`` down to ``sigma_min`` in ``spacing`` ("karras", "exponential" or
+    "beta")."""
     if spacing == "karras":
         return karras_sigmas(sigma_min, sigma_max, n)
+    if spacing == "beta":
+        return beta_sigmas(sigma_min, sigma_max, n)
     return exponential_sigmas(sigma_min, sigma_max, n)
 
 

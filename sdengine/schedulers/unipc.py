@@ -119,7 +119,6 @@ class UniPCMultistep(BaseScheduler):
         self.refuse_flags(
             params,
             "thresholding",
-            "use_beta_sigmas",
             "use_flow_sigmas",
             "use_dynamic_shifting",
         )
@@ -245,17 +244,5 @@ class UniPCMultistepKarras(UniPCMultistep):
     diffusers_overrides: ClassVar[dict[str, Any]] = {
         "use_karras_sigmas": True,
         "use_exponential_sigmas": False,
-    }
-
-
-@dataclass(frozen=True)
-class UniPCMultistepExponential(UniPCMultistep):
-    """``unipc`` with ``use_exponential_sigmas`` forced on: sigmas evenly spaced in log sigma (the web UI's
-    "Exponential" scheduler)."""
-
-    name: str = field(default="unipc_exponential", init=False)
-
-    diffusers_overrides: ClassVar[dict[str, Any]] = {
-        "use_exponential_sigmas": True,
-        "use_karras_sigmas": False,
+        "use_beta_sigmas": False,
     }
