@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from PIL import Image
+from test_controlnet import controlnet_dirs  # noqa: F401 (a fixture)
 
 from sdengine.cli import main
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError, UnsupportedConfigError
@@ -258,3 +259,25 @@ def test_info_describes_an_adapter_file(adapter, tiny_checkpoint, tmp_path):
     assert info["attention_layers"] == 16 and info["image_encoder"].endswith("image_encoder")
     plus = describe(write_random_ip_adapter(tiny_checkpoint, tmp_path / "plus", kind="plus"))
     assert (plus["adapter_kind"], plus["tokens_per_image"]) == ("plus", 16)
+
+
+def test_an_image_prompt_with_a_controlnet_matches_diffusers(
+    tiny_checkpoint,
+    adapter,
+    controlnet_dirs,  # noqa: F811 (the fixture)
+    tmp_path,
+):
+    """A ControlNet and an IP-Adapter in one UNet: the ControlNet reads the text alone, the UNet the image
+    prompt too, as in diffusers' ControlNet pipeline."""
+    from export.onnx_export import export_checkpoint
+
+    components = ["text_encoder", "unet", "vae_decoder", IMAGE_ENCODER]
+    out = tmp_path / "onnx"
+    export_checkpoint(
+        tiny_checkpoint, out, ip_adapter=adapter, controlnets=controlnet_dirs[:1], components=components
+    )
+    ours = Pipeline.load(out, backend="ort", device="cpu")
+    ref = Pipeline.load(tiny_checkpoint, backend="torch", ip_adapter=adapter, controlnets=controlnet_dirs[:1])
+    control = np.random.default_rng(1).random((64, 64, 3)).astype(np.float32)
+    settings = {**SETTINGS, "control_image": control, "ip_adapter_image": IMAGE}
+    assert psnr(ours(PROMPT, **settings).array, ref(PROMPT, **settings).array) >= 100

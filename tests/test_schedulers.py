@@ -1091,3 +1091,14 @@ def test_runtime_does_not_import_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.6, 0.6), (0.5, 2.0), (3.0, 0.7), (1.0, 1.0)])
+def test_beta_quantiles_are_scipys(a: float, b: float) -> None:
+    """The beta sigmas' quantiles (the runtime has no scipy), against scipy's ``beta.ppf``."""
+    from scipy import stats
+
+    from sdengine.schedulers.tables import beta_ppf
+
+    for q in np.linspace(0, 1, 41):
+        assert beta_ppf(float(q), a, b) == pytest.approx(stats.beta.ppf(q, a, b), abs=1e-13), q
