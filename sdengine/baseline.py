@@ -251,7 +251,7 @@ class TorchPipeline(_CallMixin):
         if request.refiner_switch is not None:
             if not xl or control:
                 raise UnsupportedConfigError(
-                    "diffusers hands a run over to a refiner from its SDXL pipelines without ControlNet only"
+                    "only diffusers' SDXL pipelines without ControlNet hand a run over to a refiner"
                 )
             inputs["denoising_end"] = request.refiner_switch
         schedule = request.schedule(self.model_dir.scheduler_config)

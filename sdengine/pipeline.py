@@ -489,9 +489,8 @@ class Pipeline(_CallMixin):
         ``stop``: asked between two steps; once it answers True (say, from another thread) the generation
         ends with the images of the latents so far (the hires fix's second pass does not start)."""
         times = StageTimes()
-        final = self.final_model(
-            request
-        )  # a refiner's backend serves this run too: it takes its turn as well
+        # a refiner's backend serves this run too: it takes its turn as well
+        final = self.final_model(request)
         with (
             self._lock,
             final._lock if final is not self else contextlib.nullcontext(),

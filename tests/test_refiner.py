@@ -196,7 +196,7 @@ def test_the_same_model_as_its_own_refiner_is_one_run(tiny_checkpoint, onnx_fp32
         alone = ort_pipe_fp32(PROMPT, **settings)
         shared = pipe(PROMPT, refiner_switch=switch, **settings)
         assert psnr(shared.array, alone.array) >= 100
-    with pytest.raises(UnsupportedConfigError, match="from its SDXL pipelines"):
+    with pytest.raises(UnsupportedConfigError, match="only diffusers' SDXL pipelines without ControlNet"):
         Pipeline.load(tiny_checkpoint, backend="torch", refiner=tiny_checkpoint)(PROMPT, steps=2)
 
 
