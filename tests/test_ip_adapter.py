@@ -281,3 +281,15 @@ def test_an_image_prompt_with_a_controlnet_matches_diffusers(
     control = np.random.default_rng(1).random((64, 64, 3)).astype(np.float32)
     settings = {**SETTINGS, "control_image": control, "ip_adapter_image": IMAGE}
     assert psnr(ours(PROMPT, **settings).array, ref(PROMPT, **settings).array) >= 100
+
+
+def test_an_image_prompt_with_a_lora_matches_diffusers(ip_onnx, tiny_checkpoint, adapter, tmp_path):
+    """A LoRA fused at run time into a UNet that holds an IP-Adapter (its own layers untouched)."""
+    from export.random_lora import write_random_lora
+
+    lora = write_random_lora(ip_onnx, tmp_path / "style.safetensors", seed=2)
+    ours = Pipeline.load(ip_onnx, backend="ort", device="cpu")
+    ref = Pipeline.load(tiny_checkpoint, backend="torch", ip_adapter=adapter)
+    assert ours.load_lora(lora, 0.8) == ref.load_lora(lora, 0.8) > 0
+    settings = {**SETTINGS, "ip_adapter_image": IMAGE}
+    assert psnr(ours(PROMPT, **settings).array, ref(PROMPT, **settings).array) >= 100
