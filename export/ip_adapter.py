@@ -32,7 +32,7 @@ TOKENS = 4
 def read_ip_adapter(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The adapter's weights as diffusers' loader takes them (``{"image_proj": ..., "ip_adapter": ...}``,
     torch tensors); ModelDirectoryError for a missing or unreadable file, UnsupportedConfigError for a kind
-    other than the plain IP-Adapter."""
+    not supported (:func:`adapter_kind`)."""
     import torch
     from safetensors.torch import load_file
 
@@ -93,7 +93,8 @@ def image_encoder_dir(path: str | os.PathLike) -> Path:
 def check_ip_adapter(checkpoint: Path, path: Path) -> dict[str, Any]:
     """What the export records of the adapter ``path``, checked against ``checkpoint``'s UNet and its own
     image encoder before anything is exported: the encoder's embeddings feed the projection, whose tokens
-    are the UNet's cross-attention width, and there is one key/value pair per cross-attention layer."""
+    are the UNet's cross-attention width (its attention layers meet the UNet's as it loads:
+    :func:`load_ip_adapter`)."""
     state = read_ip_adapter(path)
     kind, proj = adapter_kind(state, path), state["image_proj"]
     encoder = read_json(image_encoder_dir(path) / "config.json")
