@@ -410,7 +410,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         **{**size, **overrides},
     )
     flops = {}
-    if checkpoint is not None and refiner is None and ip_adapter is None:  # (not counted: other modules')
+    # FLOPs are counted for the checkpoint's own modules: not with a refiner's or an IP-Adapter's beside them
+    if checkpoint is not None and refiner is None and ip_adapter is None:
         flops = stage_flops(
             checkpoint,
             onnx_dir,
@@ -723,7 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="per-stage latency of each backend against the PyTorch baseline")
     b.add_argument(
-        "model", help="a preset (tiny, sd15-cpu, sd15-512, tiny-xl, sdxl-1024) or an ONNX directory"
+        "model",
+        help="a preset (tiny, sd15-cpu, sd15-512, tiny-xl, sdxl-1024, tiny-xl-refined, sdxl-1024-refined) or "
+        "an ONNX directory",
     )
     b.add_argument("--backends", default="ort,torch")
     b.add_argument("--checkpoint", default=None, help="source checkpoint (default: from the export manifest)")
