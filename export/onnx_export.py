@@ -169,7 +169,7 @@ def export_component(
     whose image encoder is the ``image_encoder`` component."""
     model_dir = open_checkpoint_dir(checkpoint)
     if name in (SAFETY_CHECKER, IMAGE_ENCODER):
-        precision = "fp32"  # small and run once per generation: kept in float32
+        precision = "fp32"  # small, run once per generation, and the checker's flags are thresholds
     if name in (VAE_DECODER, VAE_ENCODER) and model_dir.vae_force_upcast:
         precision = "fp32"  # a VAE that overflows float16 (SDXL's), as diffusers upcasts it
     controlnets = tuple(controlnets) if name == UNET else ()
