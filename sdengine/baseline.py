@@ -29,6 +29,7 @@ from sdengine.errors import BackendUnavailableError, UnsupportedConfigError
 from sdengine.images import to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
 from sdengine.pipeline import GenerationResult, _CallMixin
+from sdengine.prompt_editing import PromptEdits
 from sdengine.request import GenerationRequest
 from sdengine.schedulers import diffusers_scheduler_class, load_scheduler
 from sdengine.timing import StageTimes
@@ -255,6 +256,9 @@ class TorchPipeline(_CallMixin):
                 )
             inputs["denoising_end"] = request.refiner_switch
         schedule = request.schedule(self.model_dir.scheduler_config)
+        edits = request.prompt_edits(
+            schedule, request.run_schedule(self.model_dir.scheduler_config, schedule)
+        )
         step_noise = request.step_noise(schedule, request.latent_shape(self.model_dir.arch))
         draws = stacked(draws, same_step_noise(pipe.scheduler, step_noise))
         # no negative prompt: None, which an SDXL pipeline reads as zeros (force_zeros_for_empty_prompt)
@@ -272,11 +276,11 @@ class TorchPipeline(_CallMixin):
                     if request.prompt_weights == "compel":
                         prompts = self.xl_compel_embeddings(pipe, request)
                     elif request.prompt_weights == "a1111":
-                        prompts, call_embeds = self.xl_edited_embeddings(pipe, request)
+                        prompts, call_embeds = self.xl_edited_embeddings(pipe, request, edits)
                     elif request.clip_skip or request.long_prompts:
                         prompts = self.xl_embeddings(pipe, request)
                 elif request.prompt_weights == "a1111":
-                    prompts, call_embeds = self.edited_embeddings(pipe, request)
+                    prompts, call_embeds = self.edited_embeddings(pipe, request, edits)
                 elif request.clip_skip or request.long_prompts or request.prompt_weights:
                     prompts = self.embeddings(pipe, request)
                 with times.time("denoise"):
@@ -449,12 +453,11 @@ class TorchPipeline(_CallMixin):
         return self.xl_prompts(pipe, request, embeds, pooled)
 
     def xl_edited_embeddings(
-        self, pipe, request: GenerationRequest
+        self, pipe, request: GenerationRequest, edits: PromptEdits
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]] | None]:
         """SDXL's prompt embeddings in the AUTOMATIC1111 web UI's syntax: the first call's (diffusers'
         arguments) and, where prompts are edited part way, every call's text and pooled embeddings as the
         UNet takes them (``prompt_embeds`` and ``add_text_embeds`` in diffusers' loop)."""
-        edits = request.prompt_edits(self.model_dir.scheduler_config)
         embeds, pooled = self.xl_states(pipe, request, edits.texts)
         rows = torch.from_numpy(edits.rows)
         sets, pooled_sets, batch = embeds[rows], pooled[rows], request.batch  # (sets, G * B, ...)
@@ -566,12 +569,11 @@ class TorchPipeline(_CallMixin):
         }
 
     def edited_embeddings(
-        self, pipe, request: GenerationRequest
+        self, pipe, request: GenerationRequest, edits: PromptEdits
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]] | None]:
         """Prompt embeddings in the AUTOMATIC1111 web UI's syntax: the first call's (diffusers' arguments),
         and where the prompts are edited part way (:mod:`sdengine.prompt_editing`) every call's, as the UNet
         takes them (negatives then prompts with classifier-free guidance)."""
-        edits = request.prompt_edits(self.model_dir.scheduler_config)
         sets = self.a1111_embeddings(pipe, request, edits.texts)[torch.from_numpy(edits.rows)]
         batch, first = request.batch, sets[0]
         if request.classifier_free_guidance:

@@ -36,6 +36,7 @@ from onnx import external_data_helper, numpy_helper
 
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.model_specs import TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from sdengine.safetensors_io import read_safetensors
 
 #: The components a LoRA file can update, by the prefixes their layers have in diffusers' and kohya's files.
 PREFIXES = {
@@ -140,14 +141,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         raise InvalidArgumentError(f"LoRA file {path} does not exist")
     if path.suffix != ".safetensors":
         raise InvalidArgumentError(f"{path}: LoRA files are read as .safetensors only")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except Exception as exc:  # safetensors raises its own error types
-        raise InvalidArgumentError(f"cannot read LoRA {path}: {exc}") from None
+    tensors, metadata = read_safetensors(path, "LoRA")
     for fragment, kind in REFUSED.items():
         if any(fragment in key for key in tensors):
             raise UnsupportedConfigError(f"{path} is a {kind} file; sdengine fuses plain LoRA only")

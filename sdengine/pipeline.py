@@ -515,8 +515,9 @@ class Pipeline(_CallMixin):
         """One pass of ``request``: its prompts encoded, its first latents made and denoised; the final
         latents."""
         schedule = request.schedule(self.model_dir.scheduler_config)
+        run = request.run_schedule(self.model_dir.scheduler_config, schedule)
         cfg = request.classifier_free_guidance
-        edits = request.prompt_edits(self.model_dir.scheduler_config)
+        edits = request.prompt_edits(schedule, run)
         contexts, pooled = self.encode_prompts(edits.texts, request, times)
         contexts = contexts[edits.rows]  # (sets, G * B, ...)
         unet_constants = {}
@@ -543,7 +544,7 @@ class Pipeline(_CallMixin):
                 request.control_scales,
                 request.control_starts,
                 request.control_ends,
-                len(request.run_schedule(self.model_dir.scheduler_config).timesteps),
+                len(run.timesteps),
             )[: len(schedule.timesteps)]
         plan = DenoisePlan(
             latents=latents,

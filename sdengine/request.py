@@ -136,14 +136,14 @@ class GenerationRequest:
             [*self.negative_prompts, *self.prompts] if self.classifier_free_guidance else list(self.prompts)
         )
 
-    def prompt_edits(self, scheduler_config: dict[str, Any]) -> PromptEdits:
-        """What :attr:`texts` read call by call over this pass's :meth:`schedule`: in the AUTOMATIC1111
-        syntax they may be edited part way (:mod:`sdengine.prompt_editing`), at steps of the whole run (a
-        base model's and its refiner's together); otherwise every call reads them as they are."""
-        calls = len(self.schedule(scheduler_config).timesteps)
+    def prompt_edits(self, schedule: Schedule, run: Schedule) -> PromptEdits:
+        """What :attr:`texts` read call by call over this pass's ``schedule``: in the AUTOMATIC1111 syntax
+        they may be edited part way (:mod:`sdengine.prompt_editing`), at steps of the whole ``run`` (a base
+        model's and its refiner's together: :meth:`run_schedule`); otherwise every call reads them as they
+        are."""
+        calls = len(schedule.timesteps)
         if self.prompt_weights != "a1111":
             return PromptEdits(self.texts, np.arange(len(self.texts))[None], np.zeros(calls, int))
-        run = self.run_schedule(scheduler_config)
         edits = prompt_edits(self.texts, run.steps_run, len(run.timesteps))
         first = max(0, len(run.timesteps) - calls) if self.denoising_start is not None else 0  # the refiner's
         return edits.calls(first, first + calls)
@@ -156,9 +156,12 @@ class GenerationRequest:
             return scheduler.schedule(self.steps, denoising_start=self.denoising_start)
         return scheduler.schedule(self.steps, self.schedule_strength, denoising_end=self.refiner_switch)
 
-    def run_schedule(self, scheduler_config: dict[str, Any]) -> Schedule:
+    def run_schedule(self, scheduler_config: dict[str, Any], schedule: Schedule) -> Schedule:
         """The whole run's schedule, which a base model and its refiner share out (the base's request's,
-        uncut): steps such as prompt edits and ControlNets' shares count in it."""
+        uncut): steps such as prompt edits and ControlNets' shares count in it. ``schedule``: this pass's
+        (:meth:`schedule`), which is the whole run where no refiner shares it."""
+        if self.refiner_switch is None and self.denoising_start is None:
+            return schedule
         return load_scheduler(self.scheduler, scheduler_config).schedule(self.steps, self.schedule_strength)
 
     def latent_shape(self, arch: Architecture) -> tuple[int, int, int, int]:

@@ -19,6 +19,7 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+from sdengine.safetensors_io import read_safetensors
 
 #: An SDXL embedding's vectors for its first and its second text encoder.
 XL_KEYS = ("clip_l", "clip_g")
@@ -30,12 +31,7 @@ def read_embedding(path: str | os.PathLike, token: str | None = None) -> tuple[s
     if not path.is_file():
         raise InvalidArgumentError(f"embedding file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise InvalidArgumentError(f"cannot read embedding {path}: {exc}") from None
+        tensors = read_safetensors(path, "embedding")[0]
         if set(XL_KEYS) <= set(tensors):
             raise InvalidArgumentError(
                 f"{path} is an SDXL embedding (clip_l and clip_g); load it into an SDXL model"
@@ -66,12 +62,7 @@ def read_xl_embedding(
         raise InvalidArgumentError(f"embedding file {path} does not exist")
     if path.suffix != ".safetensors":
         raise InvalidArgumentError(f"{path}: SDXL embeddings are read as .safetensors only")
-    from safetensors.numpy import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types
-        raise InvalidArgumentError(f"cannot read embedding {path}: {exc}") from None
+    tensors = read_safetensors(path, "embedding")[0]
     if not set(XL_KEYS) <= set(tensors):
         raise InvalidArgumentError(
             f"{path} is not an SDXL embedding: an SDXL model needs vectors for both text encoders "
