@@ -32,6 +32,7 @@ from export.controlnet import check_controlnets
 from export.fp16 import convert_to_fp16
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
+from export.single_file import converted_checkpoint, is_single_file
 from export.verify import Verification, verify_component
 from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
@@ -265,8 +266,12 @@ def export_checkpoint(
     loras: Sequence[tuple[str | os.PathLike, float]] = (),
     controlnets: Sequence[str | os.PathLike] = (),
     ip_adapter: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
+    ``checkpoint`` may be a single-file checkpoint (``model.safetensors``), converted once into the cache
+    (:func:`export.single_file.converted_checkpoint`; the manifest names that directory), its configs and
+    tokenizer taken from ``config`` (a diffusers directory of the same architecture) or the Hub.
     ``components``: a subset of :data:`EXPORTABLE`; by default the four models (five for SDXL, with its
     second text encoder) and, where the checkpoint has one, its safety checker (always in float32, as is a
     VAE whose config says it overflows float16, SDXL's).
@@ -284,6 +289,12 @@ def export_checkpoint(
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if opset < MIN_OPSET:
         raise InvalidArgumentError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    if is_single_file(checkpoint):
+        checkpoint = converted_checkpoint(checkpoint, config)
+    elif config is not None:
+        raise InvalidArgumentError(
+            "a config directory is for single-file checkpoints; a directory has its own"
+        )
     checkpoint_dir = open_checkpoint_dir(checkpoint)
     source = checkpoint_dir.root
     has_checker = (source / SAFETY_CHECKER / "config.json").is_file()

@@ -41,6 +41,10 @@ def pair(text: str) -> tuple[int, int]:
 
 
 EXIT_ERROR = 1
+CONFIG_HELP = (
+    "for a single-file checkpoint: a diffusers-format directory of the same architecture whose configs and "
+    "tokenizer it takes (its weights are not read); without it they come from the Hugging Face Hub"
+)
 OPTIMIZED_CACHE_HELP = "CPU: keep ONNX Runtime's optimised graphs per machine (fast starts, more disk)"
 GRAPH_CHOICES = ("step", "ort", "none")
 GRAPHS_HELP = (
@@ -238,6 +242,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         loras=[parse_lora_arg(spec) for spec in args.lora],
         controlnets=args.controlnet,
         ip_adapter=args.ip_adapter,
+        config=args.config,
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -247,6 +252,19 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{record.path}"
         )
     print(f"wrote {args.output} ({manifest.precision}, opset {manifest.opset})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from export.single_file import convert_single_file
+    except ImportError as exc:
+        raise SDEngineError(
+            f"convert needs the export extra ({exc.name} is missing): pip install 'sdengine[export]'"
+        ) from None
+
+    path = convert_single_file(args.checkpoint, args.output, config=args.config)
+    print(f"wrote diffusers-format checkpoint {path}")
     return 0
 
 
@@ -645,8 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default="image.png")
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("export", help="export a diffusers checkpoint to ONNX")
-    e.add_argument("checkpoint")
+    e = sub.add_parser("export", help="export a diffusers checkpoint (or a single-file one) to ONNX")
+    e.add_argument(
+        "checkpoint", help="a diffusers-format directory, or a single .safetensors/.ckpt checkpoint"
+    )
     e.add_argument("--output", required=True)
     e.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     e.add_argument("--opset", type=int, default=17)
@@ -684,7 +704,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="IP-Adapter weights (ip-adapter_sd15.safetensors; its image_encoder/ beside it) traced into the "
         "UNet, which then takes an image prompt; its image encoder is exported too",
     )
+    e.add_argument("--config", default=None, metavar="DIR", help=CONFIG_HELP)
     e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser(
+        "convert", help="write a single-file checkpoint (.safetensors, .ckpt) as a diffusers-format directory"
+    )
+    v.add_argument("checkpoint")
+    v.add_argument("--output", required=True)
+    v.add_argument("--config", default=None, metavar="DIR", help=CONFIG_HELP)
+    v.set_defaults(func=cmd_convert)
 
     c = sub.add_parser("make-checkpoint", help="write a randomly initialised SD 1.x or SDXL checkpoint")
     c.add_argument("output")

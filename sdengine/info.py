@@ -23,7 +23,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
     root = Path(path)
     if root.suffix == ".safetensors" and root.is_file():
-        return _ip_adapter_file(root) or _lora_file(root)
+        return _checkpoint_file(root) or _ip_adapter_file(root) or _lora_file(root)
     if (root / "config.json").is_file() and not (root / "model_index.json").is_file():
         return _controlnet_dir(root)
     kind = model_kind(root)
@@ -168,6 +168,38 @@ def _controlnet_dir(root: Path) -> dict[str, Any]:
     config = controlnet_config(root)  # a one-line error for any other single-model folder
     keys = ("in_channels", "conditioning_channels", *MATCHING, "controlnet_conditioning_channel_order")
     return {"path": str(root), "kind": "controlnet", **{k: config[k] for k in keys if k in config}}
+
+
+#: a single-file checkpoint's text-encoder keys that tell its family (diffusers' rule, without diffusers)
+FAMILY_KEYS = (
+    ("conditioner.embedders.1.model.ln_final.weight", "SDXL base"),
+    ("conditioner.embedders.0.model.ln_final.weight", "SDXL refiner"),
+    ("cond_stage_model.model.ln_final.weight", "SD 2.x"),
+    ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "SD 1.x"),
+)
+
+
+def _checkpoint_file(path: Path) -> dict[str, Any] | None:
+    """A single-file checkpoint (the web UI's layout): its family, weights and how to run it; None for any
+    other file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+            conv_in = f.get_slice("model.diffusion_model.input_blocks.0.0.weight")
+            channels, dtype = conv_in.get_shape()[1], conv_in.get_dtype()
+    except Exception:  # noqa: BLE001 - no UNet: not a checkpoint, the other readers judge it
+        return None
+    family = next((name for key, name in FAMILY_KEYS if key in keys), "unknown family")
+    return {
+        "path": str(path),
+        "kind": "single-file checkpoint",
+        "family": family + (" inpainting" if channels == 9 else ""),
+        "tensors": len(keys),
+        "unet_dtype": dtype,
+        "run": f"sdengine export {path} --output DIR [--config DIFFUSERS_DIR]",
+    }
 
 
 def _ip_adapter_file(path: Path) -> dict[str, Any] | None:

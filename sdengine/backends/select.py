@@ -88,6 +88,11 @@ def detect(*, torch_cuda: bool = True, ort_cuda: bool = True) -> Availability:
 def model_kind(path: str | os.PathLike) -> str:
     """``engines`` (a TensorRT engine directory), ``onnx`` (an export) or ``checkpoint`` (diffusers)."""
     root = Path(path)
+    if root.is_file() and root.suffix.lower() in (".safetensors", ".ckpt"):
+        raise ModelDirectoryError(
+            f"{root} is a single file: a checkpoint is run from a directory (sdengine export {root} --output "
+            f"DIR exports it; sdengine convert {root} --output DIR makes it a diffusers directory)"
+        )
     if not root.is_dir():
         raise ModelDirectoryError(f"model directory {root} does not exist")
     if (root / ENGINE_MANIFEST).is_file():
