@@ -33,6 +33,7 @@ from export.fp16 import convert_to_fp16
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
 from export.single_file import converted_checkpoint, is_single_file
+from export.vae_override import checkpoint_with_vae
 from export.verify import Verification, verify_component
 from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
@@ -267,11 +268,14 @@ def export_checkpoint(
     controlnets: Sequence[str | os.PathLike] = (),
     ip_adapter: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
     ``checkpoint`` may be a single-file checkpoint (``model.safetensors``), converted once into the cache
     (:func:`export.single_file.converted_checkpoint`; the manifest names that directory), its configs and
-    tokenizer taken from ``config`` (a diffusers directory of the same architecture) or the Hub.
+    tokenizer taken from ``config`` (a diffusers directory of the same architecture) or the Hub. ``vae``:
+    another VAE in the checkpoint's place (:func:`export.vae_override.checkpoint_with_vae`; the manifest
+    names the composed checkpoint, in the cache).
     ``components``: a subset of :data:`EXPORTABLE`; by default the four models (five for SDXL, with its
     second text encoder) and, where the checkpoint has one, its safety checker (always in float32, as is a
     VAE whose config says it overflows float16, SDXL's).
@@ -295,6 +299,8 @@ def export_checkpoint(
         raise InvalidArgumentError(
             "a config directory is for single-file checkpoints; a directory has its own"
         )
+    if vae is not None:
+        checkpoint = checkpoint_with_vae(open_checkpoint_dir(checkpoint).root, vae)
     checkpoint_dir = open_checkpoint_dir(checkpoint)
     source = checkpoint_dir.root
     has_checker = (source / SAFETY_CHECKER / "config.json").is_file()

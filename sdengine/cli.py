@@ -45,6 +45,10 @@ CONFIG_HELP = (
     "for a single-file checkpoint: a diffusers-format directory of the same architecture whose configs and "
     "tokenizer it takes (its weights are not read); without it they come from the Hugging Face Hub"
 )
+VAE_HELP = (
+    "another VAE in place of the checkpoint's: a diffusers AutoencoderKL folder, a checkpoint directory "
+    "(its vae/), or a single .safetensors file in the original layout"
+)
 OPTIMIZED_CACHE_HELP = "CPU: keep ONNX Runtime's optimised graphs per machine (fast starts, more disk)"
 GRAPH_CHOICES = ("step", "ort", "none")
 GRAPHS_HELP = (
@@ -123,6 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         safety_checker=args.safety_checker,
         refiner=args.refiner,
         ip_adapter=args.ip_adapter,
+        vae=args.vae,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     if len(controls) != pipeline.controlnets:
@@ -243,6 +248,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         controlnets=args.controlnet,
         ip_adapter=args.ip_adapter,
         config=args.config,
+        vae=args.vae,
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -639,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="torch backend: IP-Adapter weights (its image_encoder/ beside them). An export holds its own",
     )
+    g.add_argument("--vae", default=None, metavar="DIR|FILE", help="torch backend: " + VAE_HELP)
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
     g.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
@@ -704,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="IP-Adapter weights (ip-adapter_sd15.safetensors; its image_encoder/ beside it) traced into the "
         "UNet, which then takes an image prompt; its image encoder is exported too",
     )
+    e.add_argument("--vae", default=None, metavar="DIR|FILE", help=VAE_HELP)
     e.add_argument("--config", default=None, metavar="DIR", help=CONFIG_HELP)
     e.set_defaults(func=cmd_export)
 

@@ -406,6 +406,7 @@ class Pipeline(_CallMixin):
         safety_checker: bool = True,
         refiner: str | os.PathLike | None = None,
         ip_adapter: str | os.PathLike | None = None,
+        vae: str | os.PathLike | None = None,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
@@ -421,7 +422,8 @@ class Pipeline(_CallMixin):
         directory of the same kind, loaded the same way, that finishes every run (:mod:`sdengine.refiner`;
         SDXL's refiner for SDXL base). ``ip_adapter``: an IP-Adapter weights file (its image encoder in
         ``image_encoder/`` beside it), for a diffusers checkpoint (``torch``); an export holds its IP-Adapter
-        inside its UNet (``sdengine export --ip-adapter``)."""
+        inside its UNet (``sdengine export --ip-adapter``). ``vae``: another VAE for a diffusers checkpoint
+        (``torch``; :mod:`export.vae_override`); an export holds its VAE (``sdengine export --vae``)."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -436,8 +438,18 @@ class Pipeline(_CallMixin):
                 "an IP-Adapter is traced into an export's UNet: export the checkpoint with it (sdengine "
                 "export --ip-adapter FILE) and load that export; only the torch backend takes one at load"
             )
+        if vae is not None and choice.backend != "torch":
+            raise InvalidArgumentError(
+                "an export holds its VAE: export the checkpoint with this one (sdengine export --vae) and "
+                "load that export; only the torch backend takes one at load"
+            )
         if choice.backend == "torch":
             from sdengine.baseline import TorchPipeline
+
+            if vae is not None:
+                from export.vae_override import checkpoint_with_vae
+
+                path = checkpoint_with_vae(path, vae)
 
             pipeline: ImageGenerator = TorchPipeline.load(
                 path,

@@ -1,0 +1,108 @@
+"""Another VAE for a checkpoint: ``sdengine export CKPT --vae VAE``, as users swap in a fine-tuned decoder
+(SD 1.x's ``sd-vae-ft-mse``) or one that runs in float16 (SDXL's ``sdxl-vae-fp16-fix``).
+
+The checkpoint with its VAE replaced is a directory of its own in the cache (``$SDENGINE_CACHE/checkpoints``):
+links to the checkpoint's components and to the VAE's folder, so nothing is copied, and the export's manifest
+names a checkpoint that the PyTorch baseline loads with the same VAE. The VAE may be a diffusers
+``AutoencoderKL`` folder, a checkpoint directory whose ``vae/`` is taken, or a single file in the original
+layout (``vae-ft-mse-840000-ema-pruned.safetensors``), read by diffusers' ``from_single_file`` with the
+checkpoint's own VAE config for its shape and saved once into the composed directory. Its config comes with
+it: its scaling factor, and whether it must stay float32 in fp16 exports (``force_upcast``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+from sdengine.cache import cache_dir
+from sdengine.errors import ModelDirectoryError, UnsupportedConfigError
+from sdengine.model_dir import optional_json, read_json, weights_variant
+
+VAE = "vae"
+
+
+def vae_source(vae: str | os.PathLike) -> Path:
+    """The ``AutoencoderKL`` folder (or single file) that ``vae`` names: a VAE folder, a checkpoint
+    directory's ``vae/``, or a file."""
+    path = Path(vae)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ModelDirectoryError(f"VAE {path} does not exist")
+    for folder in (path, path / VAE):
+        config = optional_json(folder / "config.json")
+        if config.get("_class_name") == "AutoencoderKL":
+            return folder
+    raise ModelDirectoryError(
+        f"{path} holds no diffusers AutoencoderKL (a config.json naming AutoencoderKL, here or in vae/)"
+    )
+
+
+def _check_fits(vae_config: dict, checkpoint: Path, vae: Path) -> None:
+    unet = read_json(checkpoint / "unet" / "config.json")
+    latent = unet.get("out_channels")
+    if vae_config.get("latent_channels") != latent:
+        raise UnsupportedConfigError(
+            f"VAE {vae} makes {vae_config.get('latent_channels')}-channel latents; {checkpoint}'s UNet "
+            f"denoises {latent}-channel ones"
+        )
+
+
+def _key(checkpoint: Path, vae: Path) -> str:
+    stamps = [str(checkpoint.resolve()), str(vae.resolve())]
+    for path in (vae, *vae.glob("*")) if vae.is_dir() else (vae,):
+        stamps.append(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}")
+    return hashlib.sha256("\0".join(stamps).encode()).hexdigest()[:16]
+
+
+def _convert_vae_file(file: Path, checkpoint: Path, target: Path) -> None:
+    """A single-file VAE, shaped by the checkpoint's own VAE config, saved as a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_single_file(
+            str(file), config=str(checkpoint), subfolder=VAE, local_files_only=True, torch_dtype=torch.float32
+        )
+    except Exception as exc:  # not a VAE, or one of another shape than the checkpoint's
+        raise ModelDirectoryError(
+            f"cannot read {file} as a VAE for {checkpoint}: {str(exc).splitlines()[0]}"
+        ) from None
+    vae.save_pretrained(target, safe_serialization=True)
+
+
+def checkpoint_with_vae(checkpoint: str | os.PathLike, vae: str | os.PathLike) -> Path:
+    """A checkpoint directory that is ``checkpoint`` with ``vae`` as its VAE (see the module's docs), made
+    once and kept in the cache."""
+    checkpoint, source = Path(checkpoint), vae_source(vae)
+    if source.is_dir():
+        _check_fits(read_json(source / "config.json"), checkpoint, source)
+        if weights_variant(source) is not None:
+            raise UnsupportedConfigError(
+                f"{source} holds only {weights_variant(source)}-variant weights: give one with plain weights"
+            )
+    target = cache_dir() / "checkpoints" / f"{checkpoint.resolve().name}+vae-{_key(checkpoint, source)}"
+    if (target / "model_index.json").exists():
+        return target
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        staging.mkdir(parents=True)
+        for entry in checkpoint.resolve().iterdir():
+            if entry.name != VAE and not entry.name.startswith("."):
+                (staging / entry.name).symlink_to(entry)
+        if source.is_dir():
+            (staging / VAE).symlink_to(source.resolve())
+        else:
+            print(f"converting VAE {source} to diffusers format in {target} (once)", file=sys.stderr)
+            _convert_vae_file(source, checkpoint, staging / VAE)
+            _check_fits(read_json(staging / VAE / "config.json"), checkpoint, source)
+        shutil.rmtree(target, ignore_errors=True)  # one cut short
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
