@@ -7,8 +7,7 @@ it: the file's family (SD 1.x, 2.x, SDXL base, SDXL refiner, their inpainting mo
 and anything else refused in one line; the components' configs and tokenizer, which a single file does not
 hold, come from ``config`` (a diffusers-format directory of the same architecture, whose weights are not
 read) or else from the Hugging Face Hub, as diffusers fetches them; a config directory of another family is
-refused before anything loads; each tokenizer's ``vocab.json`` and ``merges.txt`` are written, as the
-runtime reads them; weights keep the file's float16 (saved as the ``fp16`` variant, as a
+refused before anything loads; weights keep the file's float16 (saved as the ``fp16`` variant, as a
 ``variant="fp16"`` download is) or become float32. A single file holds no safety checker, so the directory
 has none.
 
@@ -149,20 +148,10 @@ def convert_single_file(
     staging = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
     try:
         pipe.save_pretrained(staging, safe_serialization=True, variant="fp16" if half else None)
-        _write_bpe_files(pipe, staging)
         staging.rename(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
-
-
-def _write_bpe_files(pipe: Any, root: Path) -> None:
-    """Each tokenizer's ``vocab.json`` and ``merges.txt``, which the runtime's tokenizer reads and recent
-    transformers no longer saves beside ``tokenizer.json``."""
-    for name in ("tokenizer", "tokenizer_2"):
-        tokenizer = getattr(pipe, name, None)
-        if tokenizer is not None and not (root / name / "vocab.json").is_file():
-            tokenizer.backend_tokenizer.model.save(str(root / name))
 
 
 def _conversion_key(path: Path, config: str | os.PathLike | None) -> str:

@@ -29,6 +29,8 @@ from sdengine.model_specs import (
 
 DEFAULT_VAE_SCALING_FACTOR = 0.18215
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+#: what makes a tokenizer folder complete in place of TOKENIZER_FILES (transformers 5 saves only it)
+TOKENIZER_JSON = "tokenizer.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 
 
@@ -58,8 +60,18 @@ def _require_dir(path: str | os.PathLike, what: str) -> Path:
     return root
 
 
-def _require_files(root: Path, files: list[Path], hint: str) -> None:
-    missing = [str(f) for f in files if not (root / f).is_file()]
+def _require_files(root: Path, files: list[Path | tuple[Path, ...]], hint: str) -> None:
+    """Each file of ``files`` is there; a tuple is a set of files that one file can stand in for, its last
+    (a tokenizer folder's vocab.json and merges.txt, or its tokenizer.json)."""
+    missing = []
+    for entry in files:
+        if isinstance(entry, Path):
+            if not (root / entry).is_file():
+                missing.append(str(entry))
+        elif not (root / entry[-1]).is_file():
+            absent = [str(f) for f in entry[:-1] if not (root / f).is_file()]
+            if absent:
+                missing.append(f"{' and '.join(absent)} (or {entry[-1]})")
     if missing:
         raise ModelDirectoryError(f"{root} is incomplete: missing {', '.join(missing)} ({hint})")
 
@@ -156,10 +168,11 @@ def _first(size: int | list[int]) -> int:
     return int(size[0] if isinstance(size, list) else size)
 
 
-def tokenizer_files(arch: Architecture) -> list[Path]:
-    """The tokenizer files of each text encoder an architecture has."""
+def tokenizer_files(arch: Architecture) -> list[tuple[Path, ...]]:
+    """The tokenizer files of each text encoder an architecture has: for each folder, vocab.json and
+    merges.txt, or tokenizer.json in their place (as :func:`_require_files` reads such a tuple)."""
     folders = ["tokenizer"] * arch.first_text_encoder + ["tokenizer_2"] * arch.xl
-    return [Path(folder) / name for folder in folders for name in TOKENIZER_FILES]
+    return [tuple(Path(folder) / name for name in (*TOKENIZER_FILES, TOKENIZER_JSON)) for folder in folders]
 
 
 def text_encoders(arch: Architecture) -> list[str]:
@@ -170,7 +183,7 @@ def text_encoders(arch: Architecture) -> list[str]:
 def _open(
     root: Path,
     vae_folder: str,
-    files: Callable[[Architecture], list[Path]],
+    files: Callable[[Architecture], list[Path | tuple[Path, ...]]],
     hint: str,
     controlnets: int = 0,
     ip_adapter: dict[str, int] | None = None,
@@ -205,7 +218,7 @@ def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
     again = "re-run: sdengine export CHECKPOINT --output ONNX_DIR"
     _require_files(root, [Path(UNET) / "model.onnx", SCHEDULER_CONFIG], again)
 
-    def files(arch: Architecture) -> list[Path]:
+    def files(arch: Architecture) -> list[Path | tuple[Path, ...]]:
         encoder = [Path(IMAGE_ENCODER) / "model.onnx"] if arch.ip_adapter else []
         return [Path(c) / "model.onnx" for c in arch.required_components()] + encoder + tokenizer_files(arch)
 
@@ -223,7 +236,7 @@ def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:
     hint = "expected a diffusers-format Stable Diffusion checkpoint"
     _require_files(root, needed, hint)
 
-    def files(arch: Architecture) -> list[Path]:
+    def files(arch: Architecture) -> list[Path | tuple[Path, ...]]:
         return [Path(c) / "config.json" for c in text_encoders(arch)] + tokenizer_files(arch)
 
     return _open(root, "vae", files, hint)

@@ -1,12 +1,13 @@
 """CLIP's byte-level BPE tokenizer, built on the ``tokenizers`` library alone.
 
 The runtime never imports torch or transformers, so the tokenizer that diffusers gets from
-``transformers.CLIPTokenizer`` is rebuilt here from the same files (``vocab.json`` + ``merges.txt`` and the
-two optional config files) with the same pipeline: NFC + whitespace collapsing + lowercasing, CLIP's split
-regex, byte-level mapping, BPE with the ``</w>`` end-of-word suffix, BOS/EOS around the text, truncation to
-``model_max_length`` and right padding with the pad token. The special tokens are registered the way
-transformers registers them (with the flags the config gives them), because that decides how a special
-token's text inside a prompt is encoded: SD 2.x pads with ``!``, so a ``!`` in its prompts is the pad id.
+``transformers.CLIPTokenizer`` is rebuilt here from the same files (``vocab.json`` + ``merges.txt``, or the
+``tokenizer.json`` that transformers 5 saves instead, and the optional config files) with the same
+pipeline: NFC + whitespace collapsing + lowercasing, CLIP's split regex, byte-level mapping, BPE with the
+``</w>`` end-of-word suffix, BOS/EOS around the text, truncation to ``model_max_length`` and right padding
+with the pad token. The special tokens are registered the way transformers registers them (with the flags
+the config gives them), because that decides how a special token's text inside a prompt is encoded: SD 2.x
+pads with ``!``, so a ``!`` in its prompts is the pad id.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MERGES_FILE = "merges.txt"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 ADDED_TOKENS_FILE = "added_tokens.json"
+TOKENIZER_JSON_FILE = "tokenizer.json"  # the ``tokenizers`` library's file: all transformers 5 saves
 
 DEFAULT_MAX_LENGTH = 77
 DEFAULT_BOS = "<|startoftext|>"
@@ -75,6 +77,74 @@ def _added_token(value: Any, source: Path, *, special: bool) -> AddedToken:
     )
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_bpe_files(vocab_path: Path, merges_path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges of a ``vocab.json`` + ``merges.txt`` pair."""
+    vocab_json = _read_json(vocab_path)
+    if not vocab_json or not all(_is_id(v) for v in vocab_json.values()):
+        raise CorruptModelError(
+            f"{vocab_path} must map tokens to integer ids; restore it from the checkpoint"
+        )
+    try:
+        return BPE.read_file(str(vocab_path), str(merges_path))
+    except Exception as exc:  # tokenizers raises plain Exception for parse errors
+        raise CorruptModelError(
+            f"{merges_path} could not be parsed ({exc}); restore it from the checkpoint"
+        ) from exc
+
+
+def _merge(value: Any) -> tuple[str, str] | None:
+    """One merge of a tokenizer.json: ``"a b"`` (tokenizers before 0.20) or ``["a", "b"]`` (since)."""
+    if isinstance(value, str):
+        value = value.split(" ")
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value):
+        return value[0], value[1]
+    return None
+
+
+def _read_tokenizer_json(
+    path: Path,
+) -> tuple[dict[str, int], list[tuple[str, str]], dict[int, AddedToken]]:
+    """The vocabulary, merges and added tokens (by id) of a ``tokenizer.json`` holding a BPE model.
+
+    Its normalizer, pre-tokenizer and post-processor are not read: like transformers' ``CLIPTokenizer``,
+    which takes only the vocabulary, merges and added tokens from it, the runtime builds CLIP's own.
+    """
+    data = _read_json(path)
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type", "BPE") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise CorruptModelError(
+            f"{path} does not hold a BPE model (model type {kind!r}); CLIP's tokenizer is byte-level BPE"
+        )
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not vocab or not all(_is_id(v) for v in vocab.values()):
+        raise CorruptModelError(f"{path}: model.vocab must map tokens to integer ids; restore the file")
+    raw_merges = model.get("merges")
+    if not isinstance(raw_merges, list):
+        raise CorruptModelError(f"{path}: model.merges must be a list of merges; restore the file")
+    merges = []
+    for value in raw_merges:
+        merge = _merge(value)
+        if merge is None:
+            raise CorruptModelError(
+                f'{path} has an invalid merge {value!r} (expected "a b" or ["a", "b"]); restore the file'
+            )
+        merges.append(merge)
+    entries = data.get("added_tokens", [])
+    if not isinstance(entries, list):
+        raise CorruptModelError(f"{path}: added_tokens must be a list; restore the file")
+    added: dict[int, AddedToken] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not _is_id(entry.get("id")):
+            raise CorruptModelError(f"{path} has an invalid added token {entry!r}; restore the file")
+        added[entry["id"]] = _added_token(entry, path, special=False)
+    return vocab, merges, added
+
+
 class ClipTokenizer:
     """Turns prompts into the fixed-length id arrays a CLIP text encoder takes."""
 
@@ -115,7 +185,7 @@ class ClipTokenizer:
             )
         except Exception as exc:  # tokenizers raises plain Exception
             raise CorruptModelError(
-                f"merges do not match the vocabulary ({exc}); restore vocab.json and merges.txt"
+                f"merges do not match the vocabulary ({exc}); restore the tokenizer files from the checkpoint"
             ) from exc
         tokenizer = Tokenizer(model)
         tokenizer.normalizer = normalizers.Sequence(
@@ -162,11 +232,13 @@ class ClipTokenizer:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> ClipTokenizer:
-        """Load a diffusers/Optimum ``tokenizer/`` folder (vocab.json, merges.txt and optional configs).
+        """Load a diffusers/Optimum ``tokenizer/`` folder: ``vocab.json`` and ``merges.txt``, or else
+        ``tokenizer.json`` (transformers 5 saves only that), and the optional configs.
 
         ``model_max_length`` and the special tokens come from ``tokenizer_config.json``; as in
-        transformers, ``special_tokens_map.json`` overrides its special tokens unless the config lists
-        ``added_tokens_decoder``.
+        transformers, ``special_tokens_map.json`` overrides its special tokens, and ``added_tokens.json``
+        then ``tokenizer.json``'s ``added_tokens`` give the added tokens, unless the config lists
+        ``added_tokens_decoder``. Each added token keeps the id its file gives it.
         """
         directory = Path(path)
         if not directory.is_dir():
@@ -175,24 +247,18 @@ class ClipTokenizer:
             )
         vocab_path = directory / VOCAB_FILE
         merges_path = directory / MERGES_FILE
-        for required in (vocab_path, merges_path):
-            if not required.is_file():
-                raise ModelDirectoryError(
-                    f"{required} is missing; the tokenizer folder needs {VOCAB_FILE} and {MERGES_FILE}"
-                )
-        vocab_json = _read_json(vocab_path)
-        if not vocab_json or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in vocab_json.values()
-        ):
-            raise CorruptModelError(
-                f"{vocab_path} must map tokens to integer ids; restore it from the checkpoint"
+        json_path = directory / TOKENIZER_JSON_FILE
+        json_added: dict[int, AddedToken] = {}
+        if vocab_path.is_file() and merges_path.is_file():  # preferred where both are there
+            vocab, merges = _read_bpe_files(vocab_path, merges_path)
+        elif json_path.is_file():
+            vocab, merges, json_added = _read_tokenizer_json(json_path)
+        else:
+            missing = vocab_path if not vocab_path.is_file() else merges_path
+            raise ModelDirectoryError(
+                f"{missing} is missing; the tokenizer folder needs {VOCAB_FILE} and {MERGES_FILE}, "
+                f"or {TOKENIZER_JSON_FILE}"
             )
-        try:
-            vocab, merges = BPE.read_file(str(vocab_path), str(merges_path))
-        except Exception as exc:  # tokenizers raises plain Exception for parse errors
-            raise CorruptModelError(
-                f"{merges_path} could not be parsed ({exc}); restore it from the checkpoint"
-            ) from exc
 
         config_path = directory / CONFIG_FILE
         config = _read_json(config_path) if config_path.is_file() else {}
@@ -234,12 +300,14 @@ class ClipTokenizer:
                     raise CorruptModelError(f"{legacy_path} must map tokens to integer ids; restore it")
                 is_special = content in special_contents
                 added[idx] = AddedToken(content, special=is_special, normalized=not is_special)
+        if decoder is None:  # transformers 5 reads tokenizer.json's after added_tokens.json, so it wins
+            added.update(json_added)
 
         # A named token that is also an added token takes that entry's flags.
         by_content = {tok.content: tok for tok in added.values()}
         special = {key: by_content.get(tok.content, tok) for key, tok in named.items()}
         try:
-            return cls(
+            tokenizer = cls(
                 vocab,
                 merges,
                 max_length=max_length,
@@ -248,6 +316,16 @@ class ClipTokenizer:
             )
         except CorruptModelError as exc:
             raise CorruptModelError(f"{directory}: {exc}") from exc
+        # An added token outside the vocabulary takes the next free id, so one listed with a gap before it
+        # (or under another token's id) would encode to another id than its embedding's.
+        for idx, token in sorted(added.items()):
+            given = tokenizer._tokenizer.token_to_id(token.content)
+            if given != idx:
+                raise CorruptModelError(
+                    f"{directory}: added token {token.content!r} is listed with id {idx} but gets id {given} "
+                    "(ids must follow the vocabulary without gaps); restore the tokenizer files"
+                )
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:

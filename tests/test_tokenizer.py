@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from export.tokenizer_vocab import BOS_TOKEN, EOS_TOKEN, bytes_to_unicode, write_tokenizer_files
-from sdengine.errors import InvalidArgumentError, ModelDirectoryError
+from sdengine.errors import CorruptModelError, InvalidArgumentError, ModelDirectoryError
 from sdengine.tokenizer import ClipTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -333,3 +334,237 @@ def test_import_pulls_in_no_torch_or_transformers(sd15_dir: Path) -> None:
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == ""
+
+
+# tokenizer.json: transformers 5 saves it alone (no vocab.json or merges.txt), and so do the diffusers
+# checkpoints and Optimum exports written with it.
+
+TI_TOKENS = ["<cat-toy>", "<cat-toy>_1"]  # a textual-inversion token, as pipelines add one
+TI_PROMPTS = ["a <cat-toy> on a <CAT-TOY>, <cat-toy>s", "<cat-toy>_1<cat-toy> x", "no token here"]
+
+
+def _json_only(source: Path, out: Path, add: list[str] | None = None) -> Path:
+    """``source`` loaded and saved again by transformers' fast CLIP tokenizer (``add``: tokens added first),
+    without vocab.json and merges.txt."""
+    import transformers
+
+    ref = transformers.CLIPTokenizerFast.from_pretrained(str(source))  # CLIPTokenizer too, in transformers 5
+    if add:
+        ref.add_tokens(add)
+    ref.save_pretrained(str(out))
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert not (out / "vocab.json").exists() and not (out / "merges.txt").exists()
+    for name in ("vocab.json", "merges.txt"):  # transformers 4 writes them beside tokenizer.json
+        (out / name).unlink(missing_ok=True)
+    assert (out / "tokenizer.json").is_file()
+    return out
+
+
+def _reference_ids(directory: Path, prompts: list[str], add: list[str] | None = None) -> np.ndarray:
+    import transformers
+
+    ref = transformers.CLIPTokenizerFast.from_pretrained(str(directory))
+    if add:
+        ref.add_tokens(add)
+    ids = ref(prompts, padding="max_length", max_length=ref.model_max_length, truncation=True)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _check_json_only(source: Path, out: Path, prompts: list[str]) -> ClipTokenizer:
+    """The tokenizer.json-only form of ``source`` gives the ids of ``source`` and of transformers on both."""
+    tok = ClipTokenizer.from_dir(_json_only(source, out))
+    ours = tok(prompts)
+    _assert_same(ours, ClipTokenizer.from_dir(source)(prompts), prompts)
+    _assert_same(ours, _reference_ids(out, prompts), prompts)
+    _assert_same(ours, _reference_ids(source, prompts), prompts)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def xl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("xl") / "tiny-xl", "tiny-xl", seed=0)
+
+
+def test_tokenizer_json_alone_gives_the_same_ids(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    prompts = PROMPTS + FAST_ONLY_PROMPTS
+    tok = _check_json_only(tiny_checkpoint / "tokenizer", tmp_path / "tokenizer", prompts)
+    assert tok.max_length == 77 and tok.pad_token == EOS_TOKEN
+    assert tok(["cat " * 100])[0, -1] == tok.eos_token_id  # truncated, as transformers does
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tokenizer_json_alone_matches_each_layout(tmp_path: Path, variant: str) -> None:
+    source = _variant(tmp_path / "source", variant)
+    _check_json_only(source, tmp_path / "json", PROMPTS + FAST_ONLY_PROMPTS)
+
+
+def test_sdxl_second_tokenizer_json_alone_pads_with_bang(xl_checkpoint: Path, tmp_path: Path) -> None:
+    prompts = PROMPTS + FAST_ONLY_PROMPTS
+    tok = _check_json_only(xl_checkpoint / "tokenizer_2", tmp_path / "tokenizer_2", prompts)
+    assert tok.pad_token == "!" and tok.pad_token_id == 0
+    ids = tok(["a cat", "bang! bang!! !"])
+    assert (ids[0, 4:] == 0).all()
+    assert 0 in ids[1, 1:-1].tolist()  # a "!" in a prompt is the pad id, as in transformers
+    _check_json_only(xl_checkpoint / "tokenizer", tmp_path / "tokenizer", prompts)
+
+
+def test_textual_inversion_tokens_on_tokenizer_json(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    source = tiny_checkpoint / "tokenizer"
+    prompts = PROMPTS[:5] + TI_PROMPTS
+    # Added at run time, as a pipeline loading an embedding does.
+    tok = ClipTokenizer.from_dir(_json_only(source, tmp_path / "plain"))
+    first = tok.vocab_size
+    assert tok.add_tokens(TI_TOKENS[:1]) == [first]
+    _assert_same(tok(prompts), _reference_ids(tmp_path / "plain", prompts, add=TI_TOKENS[:1]), prompts)
+    base = ClipTokenizer.from_dir(source)
+    base.add_tokens(TI_TOKENS[:1])
+    _assert_same(tok(prompts), base(prompts), prompts)
+    # Saved in tokenizer.json's added_tokens by a pipeline that added them, then loaded.
+    tok = ClipTokenizer.from_dir(_json_only(source, tmp_path / "saved", add=TI_TOKENS))
+    assert [tok._tokenizer.token_to_id(t) for t in TI_TOKENS] == [first, first + 1]
+    _assert_same(tok(prompts), _reference_ids(tmp_path / "saved", prompts), prompts)
+    with pytest.raises(InvalidArgumentError, match="already in the tokenizer's vocabulary"):
+        tok.next_ids(TI_TOKENS[:1])
+    assert tok.add_tokens(["<dog-toy>"]) == [first + 2]
+
+
+def test_string_merges_of_older_tokenizers(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """tokenizers before 0.20 wrote each merge as one "a b" string, not a pair."""
+    source = tiny_checkpoint / "tokenizer"
+    directory = _json_only(source, tmp_path / "tokenizer")
+    data = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    assert all(isinstance(m, list) for m in data["model"]["merges"])
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+    (directory / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    prompts = PROMPTS + FAST_ONLY_PROMPTS
+    _assert_same(ClipTokenizer.from_dir(directory)(prompts), ClipTokenizer.from_dir(source)(prompts), prompts)
+
+
+def test_vocab_and_merges_are_preferred_to_tokenizer_json(sd15_dir: Path, tmp_path: Path) -> None:
+    directory = _variant(tmp_path / "both", "sd15")
+    (directory / "tokenizer.json").write_text("{not json")  # never read while the pair is there
+    prompts = PROMPTS + FAST_ONLY_PROMPTS
+    _assert_same(
+        ClipTokenizer.from_dir(directory)(prompts), ClipTokenizer.from_dir(sd15_dir)(prompts), prompts
+    )
+    # With half the pair, tokenizer.json is read.
+    json_only = _json_only(sd15_dir, tmp_path / "json")
+    (json_only / "vocab.json").write_text((sd15_dir / "vocab.json").read_text(encoding="utf-8"))
+    _assert_same(
+        ClipTokenizer.from_dir(json_only)(prompts), ClipTokenizer.from_dir(sd15_dir)(prompts), prompts
+    )
+
+
+def _to_json_only(root: Path, folders: tuple[str, ...] = ("tokenizer",)) -> None:
+    """Each tokenizer folder of model directory ``root`` rewritten as transformers 5 saves it."""
+    import shutil
+
+    for folder in folders:
+        original = root.parent / f"{root.name}-{folder}"
+        (root / folder).rename(original)
+        _json_only(original, root / folder)
+        shutil.rmtree(original)
+
+
+def test_model_directories_accept_tokenizer_json(
+    tiny_checkpoint: Path, xl_checkpoint: Path, onnx_fp32: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir
+
+    prompts = PROMPTS[:4]
+    for source, opener in ((tiny_checkpoint, open_checkpoint_dir), (onnx_fp32, open_onnx_dir)):
+        root = shutil.copytree(source, tmp_path / source.name)
+        _to_json_only(root)
+        model_dir = opener(root)
+        assert model_dir.arch.text_max_length == 77
+        ours = ClipTokenizer.from_dir(model_dir.tokenizer_dir)(prompts)
+        _assert_same(ours, ClipTokenizer.from_dir(source / "tokenizer")(prompts), prompts)
+    root = shutil.copytree(xl_checkpoint, tmp_path / "xl")
+    _to_json_only(root, ("tokenizer", "tokenizer_2"))
+    model_dir = open_checkpoint_dir(root)
+    assert model_dir.arch.xl
+    assert ClipTokenizer.from_dir(model_dir.tokenizer_2_dir).pad_token == "!"
+
+
+@pytest.mark.parametrize(
+    ("remove", "missing"),
+    [
+        (("vocab.json", "merges.txt"), "vocab.json and tokenizer/merges.txt (or tokenizer/tokenizer.json)"),
+        (("merges.txt",), "merges.txt (or tokenizer/tokenizer.json)"),
+    ],
+)
+def test_an_incomplete_tokenizer_folder_names_what_is_missing(
+    tiny_checkpoint: Path, tmp_path: Path, remove: tuple[str, ...], missing: str
+) -> None:
+    import shutil
+
+    from sdengine.model_dir import open_checkpoint_dir
+
+    root = shutil.copytree(tiny_checkpoint, tmp_path / "tiny")
+    for name in remove:
+        (root / "tokenizer" / name).unlink()
+    with pytest.raises(ModelDirectoryError, match=re.escape(f"missing tokenizer/{missing} (")) as info:
+        open_checkpoint_dir(root)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelDirectoryError, match="needs vocab.json and merges.txt, or tokenizer.json"):
+        ClipTokenizer.from_dir(root / "tokenizer")
+
+
+def _break_json(directory: Path, how: str) -> None:
+    path = directory / "tokenizer.json"
+    if how == "not_json":
+        path.write_text('{"model": ')
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data["model"]
+    if how == "not_object":
+        data = [data]
+    elif how == "no_model":
+        del data["model"]
+    elif how == "not_bpe":
+        model["type"] = "WordPiece"
+    elif how == "vocab_not_ids":
+        model["vocab"] = {"a": "0"}
+    elif how == "no_merges":
+        del model["merges"]
+    elif how == "merge_three_parts":
+        model["merges"][3] = "a b c"
+    elif how == "merge_one_part":
+        model["merges"][3] = ["a"]
+    elif how == "merge_not_text":
+        model["merges"][3] = 7
+    elif how == "merge_unknown_token":
+        model["merges"][3] = ["qqqq", "zzzz"]
+    elif how == "added_tokens_not_list":
+        data["added_tokens"] = {"0": "!"}
+    elif how == "added_token_without_id":
+        del data["added_tokens"][0]["id"]
+    elif how == "added_token_without_content":
+        del data["added_tokens"][0]["content"]
+    elif how == "added_token_id_gap":  # the next free id is len(vocab), not len(vocab) + 5
+        data["added_tokens"].append({"id": len(model["vocab"]) + 5, "content": "<x>", "special": False})
+    else:  # pragma: no cover
+        raise AssertionError(how)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "not_json", "not_object", "no_model", "not_bpe", "vocab_not_ids", "no_merges", "merge_three_parts",
+        "merge_one_part", "merge_not_text", "merge_unknown_token", "added_tokens_not_list",
+        "added_token_without_id", "added_token_without_content", "added_token_id_gap",
+    ],
+)  # fmt: skip
+def test_a_broken_tokenizer_json_raises_corrupt_model_error(sd15_dir: Path, tmp_path: Path, how: str) -> None:
+    directory = _json_only(sd15_dir, tmp_path / "tokenizer")
+    _break_json(directory, how)
+    with pytest.raises(CorruptModelError) as info:
+        ClipTokenizer.from_dir(directory)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(directory) in message
