@@ -207,7 +207,16 @@ class TorchPipeline(_CallMixin):
                 "diffusers' image-to-image, inpainting and ControlNet pipelines have no guidance_rescale"
             )
         control = request.control is not None
-        if request.inpainting:
+        if request.inpainting and request.denoising_start is not None:  # a refiner's part: latents in
+            pipe = self.image_pipeline("Inpaint", control)
+            draws = same_draws([], lambda _: latents, type(pipe).__module__)  # no image to encode
+            inputs = {
+                "image": torch.from_numpy(request.init_latents),
+                "mask_image": per_prompt(request.mask, request.batch)[..., None],
+                "strength": request.strength,
+                "denoising_start": request.denoising_start,
+            }
+        elif request.inpainting:
             pipe = self.image_pipeline("Inpaint", control)
             encoded = [request.masked_encoder_noise]  # diffusers encodes the image first where it needs it
             if not request.starts_from_noise or not self.model_dir.arch.inpainting_unet:

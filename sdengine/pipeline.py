@@ -318,6 +318,11 @@ class _CallMixin:
         )
         if self.model_dir.arch.aesthetic and not request.image_to_image:
             raise UnsupportedConfigError("SDXL's refiner refines images: give it one (image to image)")
+        if self.refiner is not None and request.inpainting and self.model_dir.arch.inpainting_unet:
+            raise UnsupportedConfigError(
+                "an inpainting model's run cannot be handed to a refiner: its latents outside the mask are "
+                "still noisy at the switch (a plain model, which blends the image back in, can)"
+            )
         if self.refiner is not None:  # both parts make a call (each raises InvalidArgumentError if not)
             request.schedule(self.model_dir.scheduler_config)
             request.refiner_pass(np.zeros(0)).schedule(self.refiner.model_dir.scheduler_config)
@@ -814,7 +819,12 @@ class Pipeline(_CallMixin):
         if not request.image_to_image:
             return noise * np.float32(schedule.init_noise_sigma), {}
         if request.denoising_start is not None:  # a refiner's part: the base's latents, noisy as they are
-            return np.array(request.init_latents, np.float32), {}
+            start = np.array(request.init_latents, np.float32)
+            if not request.inpainting:
+                return start, {}
+            # diffusers' SDXL inpainting from latents: they are also the image blended in outside the mask
+            # (where the base's last step left the image's own latents), noised by the seed's noise
+            return start, {"blend": Blend(self.latent_mask(request, noise), start, noise)}
         if request.init_latents is not None:  # the hires fix's second pass: latents, not an image
             image_scale, noise_scale = schedule.image_noise
             return (image_scale * request.init_latents + noise_scale * noise).astype(np.float32), {}
@@ -840,10 +850,7 @@ class Pipeline(_CallMixin):
         """The step's inpainting inputs. An inpainting UNet gets the mask and the masked image's latents
         beside the latents in every call; a plain UNet's result is blended, after every step, with the image
         noised (by the initial ``noise``) to the next timestep, outside the mask."""
-        mask = request.mask_pixels()  # (1 or B, 1, H, W)
-        factor = self.model_dir.arch.vae_scale_factor
-        # nearest-neighbour downsampling, as torch's interpolate: the top-left pixel of each block
-        latent_mask = np.broadcast_to(mask[:, :, ::factor, ::factor], (request.batch, 1, *noise.shape[2:]))
+        mask, latent_mask = request.mask_pixels(), self.latent_mask(request, noise)
         if not self.model_dir.arch.inpainting_unet:
             assert image_latents is not None
             return {"blend": Blend(latent_mask, image_latents, noise)}
@@ -851,6 +858,13 @@ class Pipeline(_CallMixin):
         conditioning = np.concatenate([latent_mask, masked], axis=1)
         copies = 2 if request.classifier_free_guidance else 1
         return {"unet_conditioning": np.concatenate([conditioning] * copies)}
+
+    def latent_mask(self, request: GenerationRequest, noise: np.ndarray) -> np.ndarray:
+        """The inpainting mask at the latents' size (B, 1, h, w): nearest-neighbour downsampling, as torch's
+        ``interpolate``, the top-left pixel of each block."""
+        factor = self.model_dir.arch.vae_scale_factor
+        mask = request.mask_pixels()[:, :, ::factor, ::factor]
+        return np.broadcast_to(mask, (request.batch, 1, *noise.shape[2:]))
 
     def encode(
         self, pixels: np.ndarray, batch: int, unit_noise: Callable[[tuple[int, ...]], np.ndarray]

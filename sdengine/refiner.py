@@ -9,7 +9,10 @@ for every scheduler both parts run the calls diffusers' SDXL pipelines run.
 
 What the two parts share: the prompts (each model encodes them with its own text encoders), seeds, steps,
 guidance and scheduler. Prompt edits count steps of the whole run. The refiner draws its own per-step noise
-(stochastic schedulers), reads no ControlNet, and its VAE decodes the result.
+(stochastic schedulers), reads no ControlNet, and its VAE decodes the result. Inpainting (with a plain base
+model, which blends the image back in outside the mask after each step) goes on in the refiner, which blends
+its steps with the latents it was handed, as diffusers' SDXL inpainting pipeline does given latents; an
+inpainting model's run is not handed over, its latents outside the mask being still noisy at the switch.
 
 A refiner is any model whose latents are the base's: the same channels, downsampling and scaling factor
 (SDXL's refiner for SDXL base; any SD 1.x model for another). It is loaded beside the base, on the same kind

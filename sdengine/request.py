@@ -212,7 +212,8 @@ class GenerationRequest:
     def refiner_pass(self, latents: np.ndarray) -> GenerationRequest:
         """The refiner's part of the run, from the base's final ``latents`` as they are (not noised again):
         the same prompts, seeds and settings, from the switch on, with the run's strength (so that it counts
-        the same steps); no ControlNet (the refiner has none)."""
+        the same steps); no ControlNet (the refiner has none). Inpainting keeps its mask: the refiner blends
+        its steps with the base's latents outside it (:meth:`Pipeline.initial_latents`)."""
         if self.refiner_switch is None:
             raise InvalidArgumentError("this request has no refiner")
         return dataclasses.replace(
@@ -425,7 +426,7 @@ def make_request(
     )
     if hires is not None and image is not None:
         raise InvalidArgumentError("the hires fix follows text to image: it takes no input image or mask")
-    check_refiner_switch(refiner_switch, hires is not None, mask is not None)
+    check_refiner_switch(refiner_switch, hires is not None)
     ip_scale = check_image_prompt(ip_image, ip_scale)
     return GenerationRequest(
         prompts=tuple(prompts),
@@ -474,16 +475,14 @@ def check_image_prompt(image: np.ndarray | None, scale: float | None) -> float:
     return float(scale)
 
 
-def check_refiner_switch(switch: float | None, hires: bool, inpainting: bool) -> None:
-    """A refiner's switch: a number in (0, 1), for text or image to image without the hires fix."""
+def check_refiner_switch(switch: float | None, hires: bool) -> None:
+    """A refiner's switch: a number in (0, 1), without the hires fix."""
     if switch is None:
         return
     if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0.0 < switch < 1.0:
         raise InvalidArgumentError(f"refiner_switch must be a number in (0, 1), got {switch!r}")
     if hires:
         raise InvalidArgumentError("the hires fix and a refiner: use one at a time")
-    if inpainting:
-        raise InvalidArgumentError("inpainting with a refiner is not supported: load the model without one")
 
 
 def check_variation(seed: int | None, strength: float, latents: np.ndarray | None) -> None:
