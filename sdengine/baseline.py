@@ -269,7 +269,16 @@ class TorchPipeline(_CallMixin):
             schedule, request.run_schedule(self.model_dir.scheduler_config, schedule)
         )
         step_noise = request.step_noise(schedule, request.latent_shape(self.model_dir.arch))
-        draws = stacked(draws, same_step_noise(pipe.scheduler, step_noise))
+        generator: Any = torch.Generator(self.device).manual_seed(request.seed)  # unread: the draws are ours
+        if request.noise_source == "torch-cpu":  # diffusers' own draws, from one CPU generator per image
+            generator = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
+            if request.variation_strength:  # the seed's initial latents are drawn, then moved
+                for g in generator:
+                    torch.randn(latents.shape[1:], generator=g)
+            elif request.latents is None:
+                inputs["latents"] = None
+        else:
+            draws = stacked(draws, same_step_noise(pipe.scheduler, step_noise))
         # no negative prompt: None, which an SDXL pipeline reads as zeros (force_zeros_for_empty_prompt)
         negatives = None if request.default_negative else list(request.negative_prompts)
         prompts: dict = {"prompt": list(request.prompts), "negative_prompt": negatives}
@@ -300,7 +309,7 @@ class TorchPipeline(_CallMixin):
                         guidance_scale=request.guidance,
                         height=request.height,
                         width=request.width,
-                        generator=torch.Generator(self.device).manual_seed(request.seed),
+                        generator=generator,
                         output_type="latent",
                         **inputs,
                     )

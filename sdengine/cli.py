@@ -174,6 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         refiner_switch=args.refiner_switch,
         ip_adapter_image=image_prompt,
         ip_adapter_scale=args.ip_adapter_scale,
+        noise_source=args.noise_source,
         **{name: getattr(args, name) for name in SIZE_SETTINGS if getattr(args, name) is not None},
         progress=_progress("denoising"),
         **_previews(pipeline, args),
@@ -480,6 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="default: the model's native size (or --image's)")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--batch", type=int, default=1)
+    g.add_argument(
+        "--noise-source",
+        choices=("sdengine", "torch-cpu"),
+        default="sdengine",
+        help="torch-cpu: the seed's noise as PyTorch's CPU generator gives it (diffusers with "
+        'torch.Generator("cpu"), the web UI with its "CPU" random source): the same seed, the same image; '
+        "text to image",
+    )
     g.add_argument(
         "--variation-seed", type=int, default=None, help="variations: the seed whose noise to move towards"
     )

@@ -219,6 +219,7 @@ class _CallMixin:
         refiner_switch: float | None = None,
         ip_adapter_image: ImageInput | None = None,
         ip_adapter_scale: float | None = None,
+        noise_source: str = "sdengine",
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -250,7 +251,11 @@ class _CallMixin:
         ``refiner_switch`` (with a refiner set): the share of the run, in (0, 1), after which the refiner
         takes over (default 0.8; see :mod:`sdengine.refiner`). ``ip_adapter_image`` (a model exported with an
         IP-Adapter): an image prompt, one for the whole batch, and ``ip_adapter_scale`` its weight (default
-        1; see :mod:`sdengine.ip_adapter`)."""
+        1; see :mod:`sdengine.ip_adapter`). ``noise_source``: ``"sdengine"`` (the default: a stream of its
+        own per kind of draw) or ``"torch-cpu"``: the noise PyTorch's CPU generator gives diffusers' text to
+        image with ``generator=[torch.Generator("cpu").manual_seed(seed + i) ...]``, and the web UI with its
+        "CPU" random source, so the same seed makes the same image there and here
+        (:mod:`sdengine.torch_noise`; text to image only)."""
         sizes = {
             "original_size": original_size,
             "crop_top_left": crop_top_left,
@@ -313,6 +318,7 @@ class _CallMixin:
             if ip_adapter_image is None
             else image_array(ip_adapter_image, *image_size(ip_adapter_image)),
             ip_scale=ip_adapter_scale,
+            noise_source=noise_source,
             size_multiple=multiple,
             **sizes,
         )

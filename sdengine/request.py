@@ -18,12 +18,16 @@ from sdengine.model_specs import Architecture
 from sdengine.prompt_editing import PromptEdits, prompt_edits
 from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.schedulers.base import img2img_start
+from sdengine.torch_noise import TorchCpuGenerator
 from sdengine.xl_conditioning import SizeConditioning, size_conditioning
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image default
 DEFAULT_INPAINT_STRENGTH = 1.0  # ... and its inpainting default
+#: where the seeds' noise comes from: sdengine's own streams (one per kind of draw), or PyTorch's CPU
+#: generator as diffusers' text to image draws from it (sdengine.torch_noise)
+NOISE_SOURCES = ("sdengine", "torch-cpu")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class GenerationRequest:
     #: an IP-Adapter's image prompt, (1, H, W, 3) float32 in [0, 1] at its own size, and its weight
     ip_image: np.ndarray | None = field(default=None, compare=False, repr=False)
     ip_scale: float = 1.0
+    #: one of NOISE_SOURCES
+    noise_source: str = "sdengine"
 
     @property
     def image_to_image(self) -> bool:
@@ -125,8 +131,22 @@ class GenerationRequest:
         """Unit normal noise (B, *shape), item ``i`` from seed ``seeds[i]`` (default: the request's) and
         ``stream`` (0: initial latents, 1: per-step noise, 2: the image's latent sample, 3: the masked
         image's latent sample, 4: the refiner's per-step noise)."""
+        if self.noise_source == "torch-cpu":
+            return np.stack([self._torch_draw(stream, shape, seed) for seed in seeds or self.seeds])
         keys = [seed if stream == 0 else [seed, stream] for seed in seeds or self.seeds]
         return np.stack([np.random.default_rng(k).standard_normal(shape, dtype=np.float32) for k in keys])
+
+    def _torch_draw(self, stream: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
+        """One image's draws from PyTorch's CPU generator seeded with ``seed``, in diffusers' text-to-image
+        order: the initial latents (unless they are supplied), then each noisy step's noise."""
+        generator = TorchCpuGenerator(seed)
+        if stream == 0:
+            return generator.randn(shape)
+        if stream != 1:  # make_request refuses what would draw in another order
+            raise InvalidArgumentError("noise_source 'torch-cpu' draws initial latents and step noise only")
+        if self.latents is None:
+            generator.randn(shape[1:])  # the initial latents come first
+        return np.stack([generator.randn(shape[1:]) for _ in range(shape[0])])
 
     @property
     def texts(self) -> list[str]:
@@ -293,6 +313,7 @@ class GenerationRequest:
             ),
             **({"image": "supplied", "strength": self.strength} if self.image is not None else {}),
             **({"mask": "supplied"} if self.inpainting else {}),
+            **({"noise_source": self.noise_source} if self.noise_source != "sdengine" else {}),
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
             **({"long_prompts": True} if self.long_prompts else {}),
@@ -350,6 +371,7 @@ def make_request(
     refiner_switch: float | None = None,
     ip_image: np.ndarray | None = None,
     ip_scale: float | None = None,
+    noise_source: str = "sdengine",
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
@@ -359,7 +381,7 @@ def make_request(
     conditioning (:class:`sdengine.xl_conditioning.SizeConditioning`'s fields). ``refiner_switch``: the share
     of the run after which a refiner takes over, in (0, 1) (:mod:`sdengine.refiner`). ``ip_image``
     (1, H, W, 3) and ``ip_scale`` (default 1): an IP-Adapter's image prompt and its weight
-    (:mod:`sdengine.ip_adapter`)."""
+    (:mod:`sdengine.ip_adapter`). ``noise_source``: one of :data:`NOISE_SOURCES`."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -427,6 +449,7 @@ def make_request(
     if hires is not None and image is not None:
         raise InvalidArgumentError("the hires fix follows text to image: it takes no input image or mask")
     check_refiner_switch(refiner_switch, hires is not None)
+    check_noise_source(noise_source, image is not None, hires is not None, refiner_switch is not None)
     ip_scale = check_image_prompt(ip_image, ip_scale)
     return GenerationRequest(
         prompts=tuple(prompts),
@@ -457,6 +480,7 @@ def make_request(
         refiner_switch=None if refiner_switch is None else float(refiner_switch),
         ip_image=None if ip_image is None else np.asarray(ip_image, dtype=np.float32),
         ip_scale=ip_scale,
+        noise_source=noise_source,
     )
 
 
@@ -483,6 +507,25 @@ def check_refiner_switch(switch: float | None, hires: bool) -> None:
         raise InvalidArgumentError(f"refiner_switch must be a number in (0, 1), got {switch!r}")
     if hires:
         raise InvalidArgumentError("the hires fix and a refiner: use one at a time")
+
+
+def check_noise_source(source: str, image: bool, hires: bool, refiner: bool) -> None:
+    """PyTorch's CPU noise is drawn in diffusers' text-to-image order; image inputs, the hires fix and a
+    refiner draw in orders of their own, which it does not follow."""
+    if source not in NOISE_SOURCES:
+        raise InvalidArgumentError(
+            f"unknown noise source {source!r}; choose one of {', '.join(NOISE_SOURCES)}"
+        )
+    given = [
+        name
+        for name, on in (("an input image", image), ("the hires fix", hires), ("a refiner", refiner))
+        if on
+    ]
+    if source == "torch-cpu" and given:
+        raise InvalidArgumentError(
+            f"noise source 'torch-cpu' follows diffusers' text-to-image draws; {' and '.join(given)} draw "
+            "otherwise: use the default noise source"
+        )
 
 
 def check_variation(seed: int | None, strength: float, latents: np.ndarray | None) -> None:

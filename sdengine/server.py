@@ -13,7 +13,9 @@ What the web UI's API takes, and how it maps here:
   schedulers.
 - ``enable_hr`` with ``hr_scale``, ``hr_upscaler`` ("Latent", or "None"/"Lanczos": the image),
   ``hr_second_pass_steps`` and ``denoising_strength``: the hires fix (:mod:`sdengine.hires`).
-- ``override_settings.CLIP_stop_at_last_layers``: clip skip (the web UI counts the last layer as 1).
+- ``override_settings.CLIP_stop_at_last_layers``: clip skip (the web UI counts the last layer as 1);
+  ``override_settings.randn_source`` "CPU": the seeds' noise as PyTorch's CPU generator draws it
+  (``noise_source="torch-cpu"``, :mod:`sdengine.torch_noise`; txt2img); "GPU" and "NV" are refused.
 - ``refiner_switch_at``: where the refiner of ``sdengine serve MODEL --refiner DIR`` takes over (0.8); that
   refiner finishes every run, whatever ``refiner_checkpoint`` names, which is refused without one.
 - img2img: ``init_images`` (one, or one per batch item; base64 images) and ``denoising_strength`` (0.75).
@@ -264,8 +266,18 @@ def generation_settings(
         )
         settings["variation_strength"] = strength
     overrides = body.get("override_settings") or {}
-    if not isinstance(overrides, dict) or set(overrides) - {"CLIP_stop_at_last_layers"}:
-        raise InvalidArgumentError("override_settings: only CLIP_stop_at_last_layers is supported")
+    if not isinstance(overrides, dict) or set(overrides) - {"CLIP_stop_at_last_layers", "randn_source"}:
+        raise InvalidArgumentError(
+            "override_settings: only CLIP_stop_at_last_layers and randn_source are supported"
+        )
+    source = overrides.get("randn_source")
+    if source is not None:
+        if source != "CPU":
+            raise InvalidArgumentError(
+                f'override_settings.randn_source: only "CPU" (PyTorch\'s CPU generator) is drawn alike, '
+                f"not {source!r}"
+            )
+        settings["noise_source"] = "torch-cpu"
     clip = _number(overrides, "CLIP_stop_at_last_layers", 1, int)
     settings["clip_skip"] = clip - 1  # the web UI's 1 is the last layer
     denoising = _number(body, "denoising_strength", None, float)

@@ -126,12 +126,19 @@ def test_settings_map_the_web_uis_fields():
         ({"steps": "many"}, "steps must be a whole number"),
         ({"n_iter": 0}, "n_iter must be at least 1"),
         ({"override_settings": {"sd_vae": "x"}}, "only CLIP_stop_at_last_layers"),
+        ({"override_settings": {"randn_source": "GPU"}}, "only \"CPU\" .* not 'GPU'"),
         ([], "must be a JSON object"),
     ],
 )
 def test_bad_fields_are_named(body, message):
     with pytest.raises(InvalidArgumentError, match=message):
         generation_settings(body, img2img=False)
+
+
+def test_randn_source_cpu_is_torch_s_noise():
+    settings, _, _ = generation_settings({"override_settings": {"randn_source": "CPU"}}, img2img=False)
+    assert settings["noise_source"] == "torch-cpu"
+    assert "noise_source" not in generation_settings({}, img2img=False)[0]
 
 
 def test_txt2img_answers_what_a_direct_call_makes(server, ort_pipe_fp32):
