@@ -127,6 +127,10 @@ def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
     results["fp16 CUDA vs diffusers fp16 GPU, PSNR dB"] = psnr(
         half(PROMPT, **settings).array, torch16(PROMPT, **settings).array
     )
+    drawn = dict(settings, scheduler="euler_a", noise_source="torch-cpu")  # diffusers draws its own noise
+    results["torch-cpu noise: fp16 CUDA vs diffusers fp16 GPU with CPU generators, PSNR dB"] = psnr(
+        half(PROMPT, **drawn).array, torch16(PROMPT, **drawn).array
+    )
     results.update(xl_parity(work, settings, device))
     return results
 

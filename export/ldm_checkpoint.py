@@ -21,6 +21,12 @@ The layout, as the original training code names its modules:
   ``conditioner.embedders.1.model.``; the SDXL refiner has only the latter, under
   ``conditioner.embedders.0.model.``.
 
+A ControlNet (:func:`write_controlnet_single_file`) is a file of its own, as the ControlNet authors share them
+(``control_v11p_sd15_canny.pth``): under ``control_model.`` (or no prefix), its copy of the UNet's encoder
+named as the UNet's (``input_blocks``, ``middle_block``, ``time_embed``, SDXL's ``label_emb``), its zero
+convolutions ``zero_convs.N.0`` and ``middle_block_out.0``, and its control image's encoder
+``input_hint_block.M``; the inverse of diffusers' ``convert_controlnet_checkpoint``.
+
 Tensors keep their dtype and are stored contiguous, in a plain ``safetensors`` file (no metadata). Tokenizers,
 scheduler and safety checker are not written: a single file holds no tokenizer or scheduler, and
 ``from_single_file`` never reads a safety checker from one.
@@ -47,6 +53,7 @@ CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x's text encoder
 XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base's first text encoder
 XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base's second text encoder
 REFINER_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."  # the SDXL refiner's only text encoder
+CONTROLNET_PREFIX = "control_model."  # a ControlNet file's (the original ControlNet's ``.pth``)
 
 #: Weight files of a diffusers (``diffusion_pytorch_model``) or transformers (``model``) component, in the
 #: order they are looked for; a sharded one is read through its ``.index.json``.
@@ -148,27 +155,26 @@ def _layers_per_block(config: dict[str, Any], what: str) -> int:
     return int(layers)
 
 
-def _unet_rules(config: dict[str, Any]) -> list[_Rule]:
-    """The UNet's diffusers -> original renames for ``config`` (a ``UNet2DConditionModel`` config)."""
-    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+def _encoder_rules(config: dict[str, Any], what: str) -> list[_Rule]:
+    """The renames a UNet and its ControlNet share: time embedding, conv_in, SDXL's added conditioning,
+    down blocks (``input_blocks``) and mid block (``middle_block``), for ``config`` (a
+    ``UNet2DConditionModel`` or ``ControlNetModel`` config; ``what`` names it in errors)."""
+    down = list(config["down_block_types"])
     unknown = [kind for kind in down if kind not in _UNET_DOWN_TYPES]
-    unknown += [kind for kind in up if kind not in _UNET_UP_TYPES]
-    if unknown or len(up) != len(down):
+    if unknown:
         raise UnsupportedConfigError(
-            f"UNet blocks {down} / {up}: the original layout holds as many down as up blocks, of types "
-            f"{', '.join([*_UNET_DOWN_TYPES, *_UNET_UP_TYPES])}"
+            f"{what} down blocks {down}: the original layout's are of types {', '.join(_UNET_DOWN_TYPES)}"
         )
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
         raise UnsupportedConfigError(
-            f"UNet mid block {config['mid_block_type']}: the original layout's is resnet, transformer, resnet"
+            f"{what} mid block {config['mid_block_type']}: the original layout's is resnet, transformer, "
+            "resnet"
         )
-    layers = _layers_per_block(config, "UNet")
+    layers = _layers_per_block(config, what)
     rules = [
         _Rule("time_embedding.linear_1.", "time_embed.0."),
         _Rule("time_embedding.linear_2.", "time_embed.2."),
         _Rule("conv_in.", "input_blocks.0.0."),
-        _Rule("conv_norm_out.", "out.0."),
-        _Rule("conv_out.", "out.2."),
         _Rule("mid_block.resnets.0.", "middle_block.0.", _UNET_RESNET),
         _Rule("mid_block.attentions.0.", "middle_block.1."),
         _Rule("mid_block.resnets.1.", "middle_block.2.", _UNET_RESNET),
@@ -194,6 +200,22 @@ def _unet_rules(config: dict[str, Any]) -> list[_Rule]:
             rules.append(
                 _Rule(f"down_blocks.{block}.downsamplers.0.conv.", f"input_blocks.{first + layers}.0.op.")
             )
+    return rules
+
+
+def _unet_rules(config: dict[str, Any]) -> list[_Rule]:
+    """The UNet's diffusers -> original renames for ``config`` (a ``UNet2DConditionModel`` config)."""
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    unknown = [kind for kind in down if kind not in _UNET_DOWN_TYPES]
+    unknown += [kind for kind in up if kind not in _UNET_UP_TYPES]
+    if unknown or len(up) != len(down):
+        raise UnsupportedConfigError(
+            f"UNet blocks {down} / {up}: the original layout holds as many down as up blocks, of types "
+            f"{', '.join([*_UNET_DOWN_TYPES, *_UNET_UP_TYPES])}"
+        )
+    layers = _layers_per_block(config, "UNet")
+    rules = _encoder_rules(config, "UNet")
+    rules += [_Rule("conv_norm_out.", "out.0."), _Rule("conv_out.", "out.2.")]
     for block, kind in enumerate(up):
         first = block * (layers + 1)  # up blocks hold one resnet more than down blocks
         for layer in range(layers + 1):
@@ -211,6 +233,30 @@ def _unet_rules(config: dict[str, Any]) -> list[_Rule]:
             rules.append(
                 _Rule(f"up_blocks.{block}.upsamplers.0.conv.", f"output_blocks.{first + layers}.{slot}.conv.")
             )
+    return rules
+
+
+def _controlnet_rules(config: dict[str, Any]) -> list[_Rule]:
+    """A ControlNet's diffusers -> original renames for ``config`` (a ``ControlNetModel`` config): its copy
+    of the UNet's encoder as the UNet's, each zero convolution ``zero_convs.N.0`` (one per ``input_blocks``
+    entry), the mid block's ``middle_block_out.0``, and the conditioning embedding ``input_hint_block``, a
+    sequence of convolutions and SiLUs (``conv_in`` at 0, ``blocks.K`` at ``2K + 2``, ``conv_out`` last)."""
+    down = list(config["down_block_types"])
+    layers = _layers_per_block(config, "ControlNet")
+    rules = _encoder_rules(config, "ControlNet")
+    # one per input_blocks entry: conv_in, each block's resnets and each but the last block's downsampler
+    for index in range(len(down) * (layers + 1)):
+        rules.append(_Rule(f"controlnet_down_blocks.{index}.", f"zero_convs.{index}.0."))
+    blocks = 2 * (len(config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)
+    rules += [
+        _Rule("controlnet_mid_block.", "middle_block_out.0."),
+        _Rule("controlnet_cond_embedding.conv_in.", "input_hint_block.0."),
+        _Rule("controlnet_cond_embedding.conv_out.", f"input_hint_block.{2 * blocks + 2}."),
+    ]
+    for block in range(blocks):
+        rules.append(
+            _Rule(f"controlnet_cond_embedding.blocks.{block}.", f"input_hint_block.{2 * block + 2}.")
+        )
     return rules
 
 
@@ -404,4 +450,43 @@ def write_single_file(checkpoint_dir: Path, output: Path) -> Path:
     return output
 
 
-__all__ = ["ldm_state_dict", "write_single_file"]
+def controlnet_ldm_state_dict(
+    controlnet_dir: str | os.PathLike, prefix: str = CONTROLNET_PREFIX
+) -> dict[str, torch.Tensor]:
+    """Every weight of the diffusers ``ControlNetModel`` directory ``controlnet_dir`` under its
+    original-layout name (``input_blocks...``, ``zero_convs.N.0``, ``input_hint_block.M``,
+    ``middle_block_out.0``; see :func:`_controlnet_rules`) behind ``prefix``, dtype kept, contiguous."""
+    root = Path(controlnet_dir)
+    config = _read_config(root)
+    if config.get("_class_name") != "ControlNetModel":
+        raise ModelDirectoryError(f"{root} is not a diffusers ControlNetModel directory")
+    state = _apply_rules(_read_weights(root), _controlnet_rules(config), prefix, "ControlNet")
+    return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def write_controlnet_single_file(controlnet_dir: Path, output: Path, prefix: str = CONTROLNET_PREFIX) -> Path:
+    """Write the diffusers ``ControlNetModel`` directory ``controlnet_dir`` as one original-layout file
+    ``output``, as the ControlNet authors' ``control_v11p_sd15_canny.pth`` holds one, and return its path:
+    the inverse of diffusers' ``convert_controlnet_checkpoint``. ``prefix``: ``control_model.`` (the
+    ``.pth`` files') or ``""`` (as the web UI's ``.safetensors`` conversions keep them). A ``.safetensors``
+    ``output`` is a safetensors file, any other a ``torch.save`` of the state dict. Written beside ``output``
+    and moved into place; an existing ``output`` is replaced."""
+    import torch
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    state = controlnet_ldm_state_dict(controlnet_dir, prefix)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        if output.suffix.lower() == ".safetensors":
+            save_file(state, staging)
+        else:
+            torch.save(state, staging)
+        os.replace(staging, output)
+    finally:
+        staging.unlink(missing_ok=True)
+    return output
+
+
+__all__ = ["controlnet_ldm_state_dict", "ldm_state_dict", "write_controlnet_single_file", "write_single_file"]

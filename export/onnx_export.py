@@ -28,7 +28,7 @@ import psutil
 
 import sdengine
 from export.checkpoint import checkpoint_hash
-from export.controlnet import check_controlnets
+from export.controlnet import check_controlnets, controlnet_directory
 from export.fp16 import convert_to_fp16
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
@@ -320,7 +320,7 @@ def export_checkpoint(
         raise ModelDirectoryError(f"{source} has no safety checker to export")
     lora_files = [(read_lora(path), float(scale)) for path, scale in loras]
     check_loras(source, components, lora_files)
-    control_paths = [Path(p).resolve() for p in controlnets]
+    control_paths = [controlnet_directory(Path(p), source).resolve() for p in controlnets]  # files converted
     if control_paths and UNET not in components:
         raise InvalidArgumentError("ControlNets are exported inside the UNet: export the unet component too")
     control_configs = check_controlnets(source, checkpoint_dir.arch, control_paths)

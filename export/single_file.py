@@ -75,7 +75,7 @@ def checkpoint_family(state_dict: dict[str, Any], path: Path) -> str:
     if UNET_IN_WEIGHT not in state_dict:
         raise UnsupportedConfigError(
             f"{path} holds no Stable Diffusion UNet ({UNET_IN_WEIGHT} is missing): a LoRA, VAE, embedding or "
-            "ControlNet file is not a checkpoint (LoRAs: --lora; ControlNets: a diffusers directory)"
+            "ControlNet file is not a checkpoint (LoRAs: --lora; ControlNets: --controlnet)"
         )
     family = infer_diffusers_model_type(state_dict)
     if family not in PIPELINE_CLASSES:

@@ -139,9 +139,9 @@ class TorchPipeline(_CallMixin):
         if controlnets:
             from diffusers import MultiControlNetModel
 
-            from export.controlnet import check_controlnets, load_controlnets
+            from export.controlnet import check_controlnets, controlnet_directory, load_controlnets
 
-            paths = [Path(p) for p in controlnets]
+            paths = [controlnet_directory(Path(p), model_dir.root) for p in controlnets]  # files converted
             check_controlnets(model_dir.root, model_dir.arch, paths)
             nets = load_controlnets(paths, dtype)
             controlnet = (nets[0] if len(nets) == 1 else MultiControlNetModel(nets)).to(device)

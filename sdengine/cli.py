@@ -632,8 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--controlnet",
         action="append",
         default=[],
-        metavar="DIR",
-        help="torch backend: a ControlNet directory (diffusers format); repeatable. An export holds its own",
+        metavar="PATH",
+        help="torch backend: a ControlNet directory (diffusers format) or single file (.safetensors/.pth, "
+        "original layout); repeatable. An export holds its own",
     )
     g.add_argument(
         "--ip-adapter-image",
@@ -709,9 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--controlnet",
         action="append",
         default=[],
-        metavar="DIR",
-        help="ControlNet (a diffusers ControlNetModel directory) traced into the UNet, which then takes its "
-        "control image; repeatable (their residuals add up)",
+        metavar="PATH",
+        help="ControlNet (a diffusers ControlNetModel directory, or a single .safetensors/.pth file in the "
+        "original layout, converted once into the cache) traced into the UNet, which then takes its control "
+        "image; repeatable (their residuals add up)",
     )
     e.add_argument(
         "--ip-adapter",

@@ -20,8 +20,8 @@ def test_gpu_check_rehearsal_runs_end_to_end(tmp_path):
     assert parity["step graphs refused"] == parity["ort graphs refused"] == "no"
     psnr_rows = [v for k, v in parity.items() if "PSNR" in k]
     # 3 schedulers, image to image, inpainting, prompt editing, hires fix, LoRA, ControlNet, IP-Adapter,
-    # fp16; SDXL alone, in fp16 and refined
-    assert len(psnr_rows) == 14 and all(v >= 40 for v in psnr_rows)
+    # fp16, fp16 with PyTorch's CPU noise; SDXL alone, in fp16 and refined
+    assert len(psnr_rows) == 15 and all(v >= 40 for v in psnr_rows)
     assert set(report["latency"]["2"]["backends"]) == {"ort", "torch"}
     assert set(report["latency"]["2-ort-graphs"]["backends"]) == {"ort"}
     assert (out / "gpu_check_2_steps.txt").read_text().startswith("machine:")
