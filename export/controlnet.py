@@ -10,8 +10,9 @@ config: its shape is its UNet's plus the conditioning image's encoder, so the co
 checkpoint's UNet as ``ControlNetModel.from_unet`` derives it, and diffusers' own reader
 (``convert_controlnet_checkpoint``, ``ControlNetModel.from_single_file``) converts the file, offline.
 :func:`converted_controlnet` keeps each conversion in the cache (``$SDENGINE_CACHE/controlnets``), keyed by
-the file (path, size, modification time) and the UNet's config; :func:`check_controlnets` puts it in the
-file's place, so the export's records (``controlnet/config.json``, the manifest) name that directory.
+the file (path, size, modification time) and the UNet's config; the export and the torch backend take
+:func:`controlnet_directory` of each path, so the export's records (``controlnet/config.json``, the
+manifest) name that directory.
 
 The export lists the ControlNets it traced into the UNet in ``controlnet/config.json`` (see
 ``sdengine.controlnet``).
