@@ -146,6 +146,13 @@ def test_image_to_image_and_inpainting_match_diffusers(xl_pipes):
         assert psnr(a.array, b.array) >= 100
 
 
+def test_pytorch_s_cpu_noise_makes_diffusers_image(xl_pipes):
+    """diffusers' SDXL pipeline drawing everything from its own CPU generators (sdengine.torch_noise)."""
+    ours, ref = xl_pipes
+    settings = {**SETTINGS, "noise_source": "torch-cpu", "scheduler": "euler_a", "batch": 2}
+    assert psnr(ours(PROMPT, **settings).array, ref(PROMPT, **settings).array) >= 100
+
+
 def test_no_negative_prompt_reads_zeros_not_the_empty_prompt(xl_pipes):
     ours, _ = xl_pipes
     zeros, empty = ours(PROMPT, **SETTINGS), ours(PROMPT, "", **SETTINGS)
