@@ -272,11 +272,12 @@ class TorchPipeline(_CallMixin):
         generator: Any = torch.Generator(self.device).manual_seed(request.seed)  # unread: the draws are ours
         if request.noise_source == "torch-cpu":  # diffusers' own draws, from one CPU generator per image
             generator = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
+            draws = contextlib.nullcontext()  # none of the engine's
             if request.variation_strength:  # the seed's initial latents are drawn, then moved
                 for g in generator:
                     torch.randn(latents.shape[1:], generator=g)
             elif request.latents is None:
-                inputs["latents"] = None
+                inputs.pop("latents", None)  # diffusers draws them (image to image takes none)
         else:
             draws = stacked(draws, same_step_noise(pipe.scheduler, step_noise))
         # no negative prompt: None, which an SDXL pipeline reads as zeros (force_zeros_for_empty_prompt)

@@ -252,10 +252,10 @@ class _CallMixin:
         takes over (default 0.8; see :mod:`sdengine.refiner`). ``ip_adapter_image`` (a model exported with an
         IP-Adapter): an image prompt, one for the whole batch, and ``ip_adapter_scale`` its weight (default
         1; see :mod:`sdengine.ip_adapter`). ``noise_source``: ``"sdengine"`` (the default: a stream of its
-        own per kind of draw) or ``"torch-cpu"``: the noise PyTorch's CPU generator gives diffusers' text to
-        image with ``generator=[torch.Generator("cpu").manual_seed(seed + i) ...]``, and the web UI with its
-        "CPU" random source, so the same seed makes the same image there and here
-        (:mod:`sdengine.torch_noise`; text to image only)."""
+        own per kind of draw) or ``"torch-cpu"``: the noise PyTorch's CPU generator gives diffusers' text and
+        image to image with ``generator=[torch.Generator("cpu").manual_seed(seed + i) ...]``, and the web UI
+        with its "CPU" random source, so the same seed makes the same image there and here
+        (:mod:`sdengine.torch_noise`)."""
         sizes = {
             "original_size": original_size,
             "crop_top_left": crop_top_left,

@@ -26,7 +26,7 @@ DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image default
 DEFAULT_INPAINT_STRENGTH = 1.0  # ... and its inpainting default
 #: where the seeds' noise comes from: sdengine's own streams (one per kind of draw), or PyTorch's CPU
-#: generator as diffusers' text to image draws from it (sdengine.torch_noise)
+#: generator as diffusers' text- and image-to-image pipelines draw from it (sdengine.torch_noise)
 NOISE_SOURCES = ("sdengine", "torch-cpu")
 
 
@@ -137,16 +137,21 @@ class GenerationRequest:
         return np.stack([np.random.default_rng(k).standard_normal(shape, dtype=np.float32) for k in keys])
 
     def _torch_draw(self, stream: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
-        """One image's draws from PyTorch's CPU generator seeded with ``seed``, in diffusers' text-to-image
-        order: the initial latents (unless they are supplied), then each noisy step's noise."""
+        """One image's draws from PyTorch's CPU generator seeded with ``seed``, in the order diffusers' text
+        and image to image pipelines draw them: the image's latent sample (image to image), the initial
+        noise (unless the latents are supplied), then each noisy step's noise. Every draw before
+        ``stream``'s is latent-sized."""
+        order = [2] * (self.image is not None) + [0] * (self.latents is None)
+        if stream not in (*order, 1):  # make_request refuses what draws in other orders
+            raise InvalidArgumentError(f"noise_source 'torch-cpu' draws no stream {stream} noise")
         generator = TorchCpuGenerator(seed)
-        if stream == 0:
+        before = order.index(stream) if stream != 1 else len(order)
+        latent = shape if stream != 1 else shape[1:]
+        for _ in range(before):
+            generator.randn(latent)
+        if stream != 1:
             return generator.randn(shape)
-        if stream != 1:  # make_request refuses what would draw in another order
-            raise InvalidArgumentError("noise_source 'torch-cpu' draws initial latents and step noise only")
-        if self.latents is None:
-            generator.randn(shape[1:])  # the initial latents come first
-        return np.stack([generator.randn(shape[1:]) for _ in range(shape[0])])
+        return np.stack([generator.randn(latent) for _ in range(shape[0])])
 
     @property
     def texts(self) -> list[str]:
@@ -449,7 +454,13 @@ def make_request(
     if hires is not None and image is not None:
         raise InvalidArgumentError("the hires fix follows text to image: it takes no input image or mask")
     check_refiner_switch(refiner_switch, hires is not None)
-    check_noise_source(noise_source, image is not None, hires is not None, refiner_switch is not None)
+    check_noise_source(
+        noise_source,
+        inpainting=mask is not None,
+        hires=hires is not None,
+        refiner=refiner_switch is not None,
+        image_latents=image is not None and (latents is not None or bool(variation_strength)),
+    )
     ip_scale = check_image_prompt(ip_image, ip_scale)
     return GenerationRequest(
         prompts=tuple(prompts),
@@ -509,22 +520,25 @@ def check_refiner_switch(switch: float | None, hires: bool) -> None:
         raise InvalidArgumentError("the hires fix and a refiner: use one at a time")
 
 
-def check_noise_source(source: str, image: bool, hires: bool, refiner: bool) -> None:
-    """PyTorch's CPU noise is drawn in diffusers' text-to-image order; image inputs, the hires fix and a
-    refiner draw in orders of their own, which it does not follow."""
+def check_noise_source(source: str, **others: bool) -> None:
+    """PyTorch's CPU noise is drawn in the order of diffusers' text-to-image and image-to-image pipelines;
+    ``others`` (inpainting, the hires fix, a refiner, image to image from supplied or varied noise) draw in
+    orders of their own, which it does not follow."""
     if source not in NOISE_SOURCES:
         raise InvalidArgumentError(
             f"unknown noise source {source!r}; choose one of {', '.join(NOISE_SOURCES)}"
         )
-    given = [
-        name
-        for name, on in (("an input image", image), ("the hires fix", hires), ("a refiner", refiner))
-        if on
-    ]
+    names = {
+        "inpainting": "inpainting",
+        "hires": "the hires fix",
+        "refiner": "a refiner",
+        "image_latents": "image to image from supplied or varied noise",
+    }
+    given = [names[name] for name, on in others.items() if on]
     if source == "torch-cpu" and given:
         raise InvalidArgumentError(
-            f"noise source 'torch-cpu' follows diffusers' text-to-image draws; {' and '.join(given)} draw "
-            "otherwise: use the default noise source"
+            f"noise source 'torch-cpu' follows diffusers' text-to-image and image-to-image draws; "
+            f"{' and '.join(given)} draw otherwise: use the default noise source"
         )
 
 

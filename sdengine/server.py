@@ -15,7 +15,7 @@ What the web UI's API takes, and how it maps here:
   ``hr_second_pass_steps`` and ``denoising_strength``: the hires fix (:mod:`sdengine.hires`).
 - ``override_settings.CLIP_stop_at_last_layers``: clip skip (the web UI counts the last layer as 1);
   ``override_settings.randn_source`` "CPU": the seeds' noise as PyTorch's CPU generator draws it
-  (``noise_source="torch-cpu"``, :mod:`sdengine.torch_noise`; txt2img); "GPU" and "NV" are refused.
+  (``noise_source="torch-cpu"``, :mod:`sdengine.torch_noise`); "GPU" and "NV" are refused.
 - ``refiner_switch_at``: where the refiner of ``sdengine serve MODEL --refiner DIR`` takes over (0.8); that
   refiner finishes every run, whatever ``refiner_checkpoint`` names, which is refused without one.
 - img2img: ``init_images`` (one, or one per batch item; base64 images) and ``denoising_strength`` (0.75).

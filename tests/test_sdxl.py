@@ -151,6 +151,9 @@ def test_pytorch_s_cpu_noise_makes_diffusers_image(xl_pipes):
     ours, ref = xl_pipes
     settings = {**SETTINGS, "noise_source": "torch-cpu", "scheduler": "euler_a", "batch": 2}
     assert psnr(ours(PROMPT, **settings).array, ref(PROMPT, **settings).array) >= 100
+    image = np.random.default_rng(0).random((64, 96, 3)).astype(np.float32)  # image to image
+    settings = {**settings, "image": image, "strength": 0.7}
+    assert psnr(ours(PROMPT, **settings).array, ref(PROMPT, **settings).array) >= 100
 
 
 def test_no_negative_prompt_reads_zeros_not_the_empty_prompt(xl_pipes):

@@ -44,12 +44,22 @@ def torch_pipe(tiny_checkpoint):
         {"scheduler": "dpmpp_2m_sde", "negative_prompt": "grey"},
         {"scheduler": "lcm", "guidance": 1.0},
         {"scheduler": "euler_a", "variation_seed": 5, "variation_strength": 0.3},
+        # image to image: the image's latent sample, then the noise added to it, then the steps' noise
+        {"image": "picture", "strength": 0.6},
+        {"image": "picture", "scheduler": "euler_a", "batch": 2},
+        {"image": "pictures", "scheduler": "dpmpp_2m_sde", "strength": 0.9},
     ],
     ids=lambda extra: "-".join(map(str, extra.values())) or "pndm",
 )
 def test_the_same_seed_makes_diffusers_image(ort_pipe_fp32, torch_pipe, extra):
     """diffusers draws everything itself from ``torch.Generator("cpu").manual_seed(seed + i)`` (the
     baseline hands it no latents and no step noise); the engine draws the same without PyTorch."""
+    extra = dict(extra)
+    if extra.get("image") in ("picture", "pictures"):  # one for the batch, or one per image
+        count = extra.get("batch", 1) if extra["image"] == "picture" else 2
+        extra["image"] = np.random.default_rng(3).random((count, 64, 64, 3)).astype(np.float32)
+        extra["image"] = extra["image"][0] if count == 1 else extra["image"]
+        extra.setdefault("batch", count)
     ours, theirs = ort_pipe_fp32(PROMPT, **SETTINGS, **extra), torch_pipe(PROMPT, **SETTINGS, **extra)
     assert psnr(ours.array, theirs.array) >= 100
     default = ort_pipe_fp32(PROMPT, **{**SETTINGS, "noise_source": "sdengine"}, **extra)
@@ -66,8 +76,10 @@ def test_initial_latents_are_torch_randn_per_image(ort_pipe_fp32):
 
 def test_what_it_refuses_and_records(ort_pipe_fp32, tmp_path, capsys):
     image = np.zeros((64, 64, 3), np.float32)
-    with pytest.raises(InvalidArgumentError, match="an input image draw otherwise"):
-        ort_pipe_fp32.request(PROMPT, image=image, **SETTINGS)
+    with pytest.raises(InvalidArgumentError, match="inpainting draw otherwise"):
+        ort_pipe_fp32.request(PROMPT, image=image, mask=image[..., 0], **SETTINGS)
+    with pytest.raises(InvalidArgumentError, match="image to image from supplied or varied noise draw"):
+        ort_pipe_fp32.request(PROMPT, image=image, variation_seed=2, variation_strength=0.5, **SETTINGS)
     with pytest.raises(InvalidArgumentError, match="the hires fix draw otherwise"):
         ort_pipe_fp32.request(PROMPT, hires_scale=2.0, **SETTINGS)
     with pytest.raises(InvalidArgumentError, match="unknown noise source 'gpu'"):
@@ -89,5 +101,5 @@ def test_what_it_refuses_and_records(ort_pipe_fp32, tmp_path, capsys):
     ]
     assert main([*argv, "--noise-source", "torch-cpu"]) == 0
     assert read_png_parameters(out)["noise_source"] == "torch-cpu"
-    assert main([*argv, "--image", str(out), "--noise-source", "torch-cpu"]) == 1
-    assert "follows diffusers' text-to-image draws" in capsys.readouterr().err
+    assert main([*argv, "--image", str(out), "--mask", str(out), "--noise-source", "torch-cpu"]) == 1
+    assert "follows diffusers' text-to-image and image-to-image draws" in capsys.readouterr().err
