@@ -1,6 +1,6 @@
 """``sdengine info DIR``: what a model directory holds, and whether this machine can run it as it is (and
-``sdengine info FILE.safetensors``: what a LoRA file updates, or what an IP-Adapter is; ``sdengine info
-CONTROLNET_DIR``: what a ControlNet must fit).
+``sdengine info FILE.safetensors``: what a LoRA file updates, what an IP-Adapter is, or a single-file
+checkpoint's family or ControlNet's shape; ``sdengine info CONTROLNET_DIR``: what a ControlNet must fit).
 
 For a diffusers checkpoint: its architecture and scheduler. For an ONNX export: its manifest (precision,
 opset, source, per-model size) and which models are present. For an engine directory: each engine's build
@@ -23,7 +23,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
     root = Path(path)
     if root.suffix == ".safetensors" and root.is_file():
-        return _checkpoint_file(root) or _ip_adapter_file(root) or _lora_file(root)
+        return _checkpoint_file(root) or _controlnet_file(root) or _ip_adapter_file(root) or _lora_file(root)
     if (root / "config.json").is_file() and not (root / "model_index.json").is_file():
         return _controlnet_dir(root)
     kind = model_kind(root)
@@ -199,6 +199,31 @@ def _checkpoint_file(path: Path) -> dict[str, Any] | None:
         "tensors": len(keys),
         "unet_dtype": dtype,
         "run": f"sdengine export {path} --output DIR [--config DIFFUSERS_DIR]",
+    }
+
+
+def _controlnet_file(path: Path) -> dict[str, Any] | None:
+    """A single-file ControlNet (the original layout): its control image's encoder, blocks and dtype, and how
+    to use it; None for any other file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+            prefix = "control_model." if any(key.startswith("control_model.") for key in keys) else ""
+            hint = f.get_slice(f"{prefix}input_hint_block.0.weight")
+            channels, dtype = hint.get_shape()[1], hint.get_dtype()
+    except Exception:  # noqa: BLE001 - no control image encoder: not a ControlNet file
+        return None
+    return {
+        "path": str(path),
+        "kind": "single-file ControlNet",
+        "control_image_channels": channels,
+        "residuals": sum(key.startswith(f"{prefix}zero_convs.") and key.endswith(".weight") for key in keys)
+        + 1,
+        "sdxl": any(key.startswith(f"{prefix}label_emb.") for key in keys),
+        "dtype": dtype,
+        "run": f"sdengine export CHECKPOINT --output DIR --controlnet {path}",
     }
 
 

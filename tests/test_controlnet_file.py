@@ -238,3 +238,16 @@ def test_the_conversion_is_kept_in_the_cache(canny, tiny_checkpoint, tmp_path, m
     os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a changed file converts again
     with pytest.raises(AssertionError, match="converted again"):
         converted_controlnet(file, tiny_checkpoint)
+
+
+def test_info_describes_a_file_and_run_refuses_one(nets, canny, tmp_path, capsys):
+    from sdengine.cli import main
+    from sdengine.info import describe
+
+    info = describe(write_controlnet_single_file(nets["tiny"], tmp_path / "canny.safetensors"))
+    assert info["kind"] == "single-file ControlNet" and info["control_image_channels"] == 3
+    assert info["residuals"] == 13 and not info["sdxl"]  # SD 1.x: 12 down-block residuals and the mid block's
+    xl = describe(write_controlnet_single_file(nets["tiny-xl"], tmp_path / "xl.safetensors", prefix=""))
+    assert xl["sdxl"] and xl["residuals"] == 10  # SDXL's three down blocks: 9, and the mid block's
+    assert main(["generate", str(canny), "a house"]) == 1  # the .pth
+    assert "is a single file: a model is run from a directory" in capsys.readouterr().err

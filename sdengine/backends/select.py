@@ -88,10 +88,11 @@ def detect(*, torch_cuda: bool = True, ort_cuda: bool = True) -> Availability:
 def model_kind(path: str | os.PathLike) -> str:
     """``engines`` (a TensorRT engine directory), ``onnx`` (an export) or ``checkpoint`` (diffusers)."""
     root = Path(path)
-    if root.is_file() and root.suffix.lower() in (".safetensors", ".ckpt"):
+    if root.is_file():
         raise ModelDirectoryError(
-            f"{root} is a single file: a checkpoint is run from a directory (sdengine export {root} --output "
-            f"DIR exports it; sdengine convert {root} --output DIR makes it a diffusers directory)"
+            f"{root} is a single file: a model is run from a directory (a single-file checkpoint: sdengine "
+            f"export {root} --output DIR exports it, sdengine convert {root} --output DIR makes it a "
+            "diffusers directory; sdengine info tells what a .safetensors file is)"
         )
     if not root.is_dir():
         raise ModelDirectoryError(f"model directory {root} does not exist")
