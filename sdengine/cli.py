@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="sdengine",
         help="torch-cpu: the seed's noise as PyTorch's CPU generator gives it (diffusers with "
         'torch.Generator("cpu"), the web UI with its "CPU" random source): the same seed, the same image; '
-        "text and image to image",
+        "text and image to image, inpainting",
     )
     g.add_argument(
         "--variation-seed", type=int, default=None, help="variations: the seed whose noise to move towards"

@@ -253,8 +253,8 @@ class _CallMixin:
         IP-Adapter): an image prompt, one for the whole batch, and ``ip_adapter_scale`` its weight (default
         1; see :mod:`sdengine.ip_adapter`). ``noise_source``: ``"sdengine"`` (the default: a stream of its
         own per kind of draw) or ``"torch-cpu"``: the noise PyTorch's CPU generator gives diffusers' text and
-        image to image with ``generator=[torch.Generator("cpu").manual_seed(seed + i) ...]``, and the web UI
-        with its "CPU" random source, so the same seed makes the same image there and here
+        image to image and inpainting with ``generator=[torch.Generator("cpu").manual_seed(seed + i) ...]``,
+        and the web UI with its "CPU" random source, so the same seed makes the same image there and here
         (:mod:`sdengine.torch_noise`)."""
         sizes = {
             "original_size": original_size,
@@ -319,6 +319,7 @@ class _CallMixin:
             else image_array(ip_adapter_image, *image_size(ip_adapter_image)),
             ip_scale=ip_adapter_scale,
             noise_source=noise_source,
+            inpainting_unet=self.model_dir.arch.inpainting_unet,
             size_multiple=multiple,
             **sizes,
         )

@@ -26,7 +26,8 @@ DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image default
 DEFAULT_INPAINT_STRENGTH = 1.0  # ... and its inpainting default
 #: where the seeds' noise comes from: sdengine's own streams (one per kind of draw), or PyTorch's CPU
-#: generator as diffusers' text- and image-to-image pipelines draw from it (sdengine.torch_noise)
+#: generator as diffusers' text-to-image, image-to-image and inpainting pipelines draw from it
+#: (sdengine.torch_noise)
 NOISE_SOURCES = ("sdengine", "torch-cpu")
 
 
@@ -88,6 +89,8 @@ class GenerationRequest:
     ip_scale: float = 1.0
     #: one of NOISE_SOURCES
     noise_source: str = "sdengine"
+    #: inpainting by a UNet that takes the mask and masked image (which decides diffusers' order of draws)
+    inpainting_unet: bool = False
 
     @property
     def image_to_image(self) -> bool:
@@ -138,10 +141,12 @@ class GenerationRequest:
 
     def _torch_draw(self, stream: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
         """One image's draws from PyTorch's CPU generator seeded with ``seed``, in the order diffusers' text
-        and image to image pipelines draw them: the image's latent sample (image to image), the initial
-        noise (unless the latents are supplied), then each noisy step's noise. Every draw before
-        ``stream``'s is latent-sized."""
-        order = [2] * (self.image is not None) + [0] * (self.latents is None)
+        and image to image and inpainting pipelines draw them: the image's latent sample (image to image;
+        inpainting where the noised image starts the run or a plain UNet blends it in), the initial noise
+        (unless the latents are supplied), the masked image's latent sample (inpainting, whatever the UNet),
+        then each noisy step's noise. Every draw before ``stream``'s is latent-sized."""
+        sample = self.image is not None and not (self.starts_from_noise and self.inpainting_unet)
+        order = [2] * sample + [0] * (self.latents is None) + [3] * self.inpainting
         if stream not in (*order, 1):  # make_request refuses what draws in other orders
             raise InvalidArgumentError(f"noise_source 'torch-cpu' draws no stream {stream} noise")
         generator = TorchCpuGenerator(seed)
@@ -377,6 +382,7 @@ def make_request(
     ip_image: np.ndarray | None = None,
     ip_scale: float | None = None,
     noise_source: str = "sdengine",
+    inpainting_unet: bool = False,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
@@ -386,7 +392,8 @@ def make_request(
     conditioning (:class:`sdengine.xl_conditioning.SizeConditioning`'s fields). ``refiner_switch``: the share
     of the run after which a refiner takes over, in (0, 1) (:mod:`sdengine.refiner`). ``ip_image``
     (1, H, W, 3) and ``ip_scale`` (default 1): an IP-Adapter's image prompt and its weight
-    (:mod:`sdengine.ip_adapter`). ``noise_source``: one of :data:`NOISE_SOURCES`."""
+    (:mod:`sdengine.ip_adapter`). ``noise_source``: one of :data:`NOISE_SOURCES`. ``inpainting_unet``: the
+    model's UNet takes the mask and masked image."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -456,7 +463,6 @@ def make_request(
     check_refiner_switch(refiner_switch, hires is not None)
     check_noise_source(
         noise_source,
-        inpainting=mask is not None,
         hires=hires is not None,
         refiner=refiner_switch is not None,
         image_latents=image is not None and (latents is not None or bool(variation_strength)),
@@ -492,6 +498,7 @@ def make_request(
         ip_image=None if ip_image is None else np.asarray(ip_image, dtype=np.float32),
         ip_scale=ip_scale,
         noise_source=noise_source,
+        inpainting_unet=inpainting_unet and mask is not None,
     )
 
 
@@ -521,15 +528,14 @@ def check_refiner_switch(switch: float | None, hires: bool) -> None:
 
 
 def check_noise_source(source: str, **others: bool) -> None:
-    """PyTorch's CPU noise is drawn in the order of diffusers' text-to-image and image-to-image pipelines;
-    ``others`` (inpainting, the hires fix, a refiner, image to image from supplied or varied noise) draw in
-    orders of their own, which it does not follow."""
+    """PyTorch's CPU noise is drawn in the order of diffusers' text-to-image, image-to-image and inpainting
+    pipelines; ``others`` (the hires fix, a refiner, an image with supplied or varied noise) draw in orders
+    of their own, which it does not follow."""
     if source not in NOISE_SOURCES:
         raise InvalidArgumentError(
             f"unknown noise source {source!r}; choose one of {', '.join(NOISE_SOURCES)}"
         )
     names = {
-        "inpainting": "inpainting",
         "hires": "the hires fix",
         "refiner": "a refiner",
         "image_latents": "image to image from supplied or varied noise",
@@ -537,7 +543,7 @@ def check_noise_source(source: str, **others: bool) -> None:
     given = [names[name] for name, on in others.items() if on]
     if source == "torch-cpu" and given:
         raise InvalidArgumentError(
-            f"noise source 'torch-cpu' follows diffusers' text-to-image and image-to-image draws; "
+            "noise source 'torch-cpu' follows diffusers' text-to-image, image-to-image and inpainting draws; "
             f"{' and '.join(given)} draw otherwise: use the default noise source"
         )
 

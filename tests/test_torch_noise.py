@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_inpaint import inpaint_checkpoint, inpaint_onnx, inpaint_pipes  # noqa: F401 (fixtures)
 
 from sdengine.cli import main
 from sdengine.errors import InvalidArgumentError
@@ -66,6 +67,30 @@ def test_the_same_seed_makes_diffusers_image(ort_pipe_fp32, torch_pipe, extra):
     assert psnr(ours.array, default.array) < 40  # other noise indeed
 
 
+@pytest.mark.parametrize("inpainting_unet", [False, True], ids=["blended", "inpainting-unet"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"strength": 0.7, "scheduler": "euler_a", "batch": 2}, {"scheduler": "dpmpp_2m_sde"}],
+    ids=lambda extra: "-".join(map(str, extra.values())) or "full-strength",
+)
+def test_inpainting_draws_diffusers_noise(
+    ort_pipe_fp32,
+    torch_pipe,
+    inpaint_pipes,  # noqa: F811
+    inpainting_unet,
+    extra,
+):
+    """diffusers' inpainting draws the image's sample where it needs one (a plain UNet blends the image in;
+    below full strength the run starts from it), the noise, then the masked image's sample whatever the
+    UNet, then the steps' noise."""
+    from test_inpaint import rectangle
+
+    ours, theirs = inpaint_pipes if inpainting_unet else (ort_pipe_fp32, torch_pipe)
+    image = np.random.default_rng(4).random((64, 96, 3)).astype(np.float32)
+    settings = {**SETTINGS, "width": 96, "image": image, "mask": rectangle(), **extra}
+    assert psnr(ours(PROMPT, **settings).array, theirs(PROMPT, **settings).array) >= 100
+
+
 def test_initial_latents_are_torch_randn_per_image(ort_pipe_fp32):
     request = ort_pipe_fp32.request(PROMPT, batch=3, **SETTINGS)
     latents = request.initial_latents(ort_pipe_fp32.model_dir.arch)
@@ -76,8 +101,6 @@ def test_initial_latents_are_torch_randn_per_image(ort_pipe_fp32):
 
 def test_what_it_refuses_and_records(ort_pipe_fp32, tmp_path, capsys):
     image = np.zeros((64, 64, 3), np.float32)
-    with pytest.raises(InvalidArgumentError, match="inpainting draw otherwise"):
-        ort_pipe_fp32.request(PROMPT, image=image, mask=image[..., 0], **SETTINGS)
     with pytest.raises(InvalidArgumentError, match="image to image from supplied or varied noise draw"):
         ort_pipe_fp32.request(PROMPT, image=image, variation_seed=2, variation_strength=0.5, **SETTINGS)
     with pytest.raises(InvalidArgumentError, match="the hires fix draw otherwise"):
@@ -101,5 +124,5 @@ def test_what_it_refuses_and_records(ort_pipe_fp32, tmp_path, capsys):
     ]
     assert main([*argv, "--noise-source", "torch-cpu"]) == 0
     assert read_png_parameters(out)["noise_source"] == "torch-cpu"
-    assert main([*argv, "--image", str(out), "--mask", str(out), "--noise-source", "torch-cpu"]) == 1
-    assert "follows diffusers' text-to-image and image-to-image draws" in capsys.readouterr().err
+    assert main([*argv, "--hires-scale", "2", "--noise-source", "torch-cpu"]) == 1
+    assert "follows diffusers' text-to-image, image-to-image and inpainting draws" in capsys.readouterr().err
