@@ -24,12 +24,11 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdengine.cache import cache_dir
+from sdengine.cache import kept
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError, SDEngineError, UnsupportedConfigError
 from sdengine.model_dir import optional_json, read_json, weights_variant
 from sdengine.model_specs import Architecture
@@ -157,13 +156,9 @@ def converted_controlnet(path: str | os.PathLike, checkpoint: str | os.PathLike)
     if not path.is_file():
         raise ModelDirectoryError(f"ControlNet file {path} does not exist")
     unet = read_json(Path(checkpoint) / "unet" / "config.json")
-    target = cache_dir() / "controlnets" / f"{path.stem}-{_conversion_key(path, unet)}"
-    if not (target / "config.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)  # a conversion cut short
-        print(f"converting ControlNet {path} to diffusers format in {target} (once)", file=sys.stderr)
-        convert_controlnet_file(path, checkpoint, target)
-    return target
+    name = f"{path.stem}-{_conversion_key(path, unet)}"
+    make = lambda target: convert_controlnet_file(path, checkpoint, target)  # noqa: E731
+    return kept("controlnets", name, "config.json", make, f"ControlNet {path}")
 
 
 def _read_controlnet_file(path: Path) -> dict[str, torch.Tensor]:

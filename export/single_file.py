@@ -21,12 +21,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
-from sdengine.cache import cache_dir
+from sdengine.cache import kept
 from sdengine.errors import ModelDirectoryError, SDEngineError, UnsupportedConfigError
 from sdengine.model_dir import optional_json
 
@@ -169,10 +168,6 @@ def converted_checkpoint(path: str | os.PathLike, config: str | os.PathLike | No
     path = Path(path)
     if not path.is_file():
         raise ModelDirectoryError(f"checkpoint file {path} does not exist")
-    target = cache_dir() / "checkpoints" / f"{path.stem}-{_conversion_key(path, config)}"
-    if not (target / "model_index.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)  # a conversion cut short
-        print(f"converting {path} to diffusers format in {target} (once)", file=sys.stderr)
-        convert_single_file(path, target, config)
-    return target
+    name = f"{path.stem}-{_conversion_key(path, config)}"
+    make = lambda target: convert_single_file(path, target, config)  # noqa: E731
+    return kept("checkpoints", name, "model_index.json", make, str(path))

@@ -109,19 +109,8 @@ def test_what_it_refuses_and_records(ort_pipe_fp32, tmp_path, capsys):
         ort_pipe_fp32.request(PROMPT, **{**SETTINGS, "noise_source": "gpu"})
     model = str(ort_pipe_fp32.model_dir.root)
     out = tmp_path / "fox.png"
-    argv = [
-        "generate",
-        model,
-        PROMPT,
-        "--steps",
-        "2",
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--output",
-        str(out),
-    ]
+    size = ["--steps", "2", "--height", "64", "--width", "64"]
+    argv = ["generate", model, PROMPT, *size, "--output", str(out)]
     assert main([*argv, "--noise-source", "torch-cpu"]) == 0
     assert read_png_parameters(out)["noise_source"] == "torch-cpu"
     assert main([*argv, "--hires-scale", "2", "--noise-source", "torch-cpu"]) == 1
