@@ -84,8 +84,9 @@ def checkpoint_family(state_dict: dict[str, Any], path: Path) -> str:
     return family
 
 
-def _check_config(config: Path, family: str, path: Path) -> None:
-    """Refuse a config directory of another family than the file's, before diffusers loads anything."""
+def _check_config(config: Path, family: str, path: Path, unet_inputs: int) -> None:
+    """Refuse a config directory of another family than the file's (``unet_inputs``: its UNet's input
+    channels), before diffusers loads anything."""
     if not config.is_dir():
         raise ModelDirectoryError(f"config directory {config} does not exist")
     index = optional_json(config / "model_index.json")
@@ -98,6 +99,12 @@ def _check_config(config: Path, family: str, path: Path) -> None:
         raise UnsupportedConfigError(
             f"{path} is an {FAMILY_NAMES[family]} checkpoint, but {config} holds a "
             f"{index.get('_class_name')}'s configs: give a config directory of the same architecture"
+        )
+    config_inputs = optional_json(config / "unet" / "config.json").get("in_channels", unet_inputs)
+    if config_inputs != unet_inputs:
+        raise UnsupportedConfigError(
+            f"{path}'s UNet takes {unet_inputs} input channels, {config}'s {config_inputs}: give the configs "
+            f"of {'an inpainting' if unet_inputs > config_inputs else 'a plain'} model of its architecture"
         )
 
 
@@ -118,7 +125,7 @@ def convert_single_file(
     state_dict = _read_state_dict(path)
     family = checkpoint_family(state_dict, path)
     if config is not None:
-        _check_config(Path(config), family, path)
+        _check_config(Path(config), family, path, int(state_dict[UNET_IN_WEIGHT].shape[1]))
     half = state_dict[UNET_IN_WEIGHT].dtype == torch.float16
     del state_dict
     pipeline_class = getattr(diffusers, PIPELINE_CLASSES[family])

@@ -129,6 +129,16 @@ def test_refusals(tiny_checkpoint: Path, tiny_file: Path, tmp_path: Path) -> Non
         convert_single_file(xl_file, tmp_path / "a", config=tiny_checkpoint)
     with pytest.raises(UnsupportedConfigError, match=r"SD 1.x checkpoint, but .* StableDiffusionXLPipeline"):
         convert_single_file(tiny_file, tmp_path / "b", config=xl)
+    inpainting = write_random_checkpoint(tmp_path / "inpainting", "tiny", seed=2, inpainting=True)
+    inpainting_file = write_single_file(inpainting, tmp_path / "inpainting.safetensors")
+    with pytest.raises(
+        UnsupportedConfigError, match="takes 9 input channels, .* 4: give the configs of an inp"
+    ):
+        convert_single_file(inpainting_file, tmp_path / "b", config=tiny_checkpoint)
+    with pytest.raises(
+        UnsupportedConfigError, match="takes 4 input channels, .* 9: give the configs of a plain"
+    ):
+        convert_single_file(tiny_file, tmp_path / "b", config=inpainting)
 
     from safetensors.numpy import save_file
 
