@@ -88,6 +88,17 @@ def test_conversions_are_kept_until_the_file_changes(
     _assert_same_weights(second, tiny_checkpoint)
 
 
+def test_a_ckpt_file_converts_too(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The original training code's ``.ckpt``: a pickled dict whose ``state_dict`` holds the weights."""
+    import torch
+
+    from export.ldm_checkpoint import ldm_state_dict
+
+    torch.save({"state_dict": ldm_state_dict(tiny_checkpoint), "global_step": 840000}, tmp_path / "m.ckpt")
+    converted = convert_single_file(tmp_path / "m.ckpt", tmp_path / "converted", config=tiny_checkpoint)
+    _assert_same_weights(converted, tiny_checkpoint)
+
+
 def test_float16_files_stay_float16(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """A float16 file converts into the ``fp16`` variant's files, as a ``variant="fp16"`` download has them,
     and exports."""
