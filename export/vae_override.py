@@ -15,11 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 
-from sdengine.cache import cache_dir
+from sdengine.cache import kept
 from sdengine.errors import ModelDirectoryError, UnsupportedConfigError
 from sdengine.model_dir import optional_json, read_json, weights_variant
 
@@ -86,9 +85,14 @@ def checkpoint_with_vae(checkpoint: str | os.PathLike, vae: str | os.PathLike) -
             raise UnsupportedConfigError(
                 f"{source} holds only {weights_variant(source)}-variant weights: give one with plain weights"
             )
-    target = cache_dir() / "checkpoints" / f"{checkpoint.resolve().name}+vae-{_key(checkpoint, source)}"
-    if (target / "model_index.json").exists():
-        return target
+    name = f"{checkpoint.resolve().name}+vae-{_key(checkpoint, source)}"
+    make = lambda target: _compose(checkpoint, source, target)  # noqa: E731
+    return kept("checkpoints", name, "model_index.json", make, None if source.is_dir() else f"VAE {source}")
+
+
+def _compose(checkpoint: Path, source: Path, target: Path) -> None:
+    """Write ``target``: links to ``checkpoint``'s components but its VAE, and ``source`` as the VAE (a link
+    to a folder, or a single file converted), staged under another name so that a failure leaves nothing."""
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         staging.mkdir(parents=True)
@@ -98,11 +102,8 @@ def checkpoint_with_vae(checkpoint: str | os.PathLike, vae: str | os.PathLike) -
         if source.is_dir():
             (staging / VAE).symlink_to(source.resolve())
         else:
-            print(f"converting VAE {source} to diffusers format in {target} (once)", file=sys.stderr)
             _convert_vae_file(source, checkpoint, staging / VAE)
             _check_fits(read_json(staging / VAE / "config.json"), checkpoint, source)
-        shutil.rmtree(target, ignore_errors=True)  # one cut short
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target

@@ -16,7 +16,13 @@ import numpy as np
 
 from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
 from sdengine.errors import InvalidArgumentError, SDEngineError
-from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_INPAINT_STRENGTH, DEFAULT_STEPS, DEFAULT_STRENGTH
+from sdengine.request import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_INPAINT_STRENGTH,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    NOISE_SOURCES,
+)
 
 #: SDXL's size conditioning, as ``generate`` takes it.
 SIZE_SETTINGS = {
@@ -483,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1)
     g.add_argument(
         "--noise-source",
-        choices=("sdengine", "torch-cpu"),
-        default="sdengine",
+        choices=NOISE_SOURCES,
+        default=NOISE_SOURCES[0],
         help="torch-cpu: the seed's noise as PyTorch's CPU generator gives it (diffusers with "
         'torch.Generator("cpu"), the web UI with its "CPU" random source): the same seed, the same image; '
         "text and image to image, inpainting",

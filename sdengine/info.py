@@ -23,7 +23,13 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
     root = Path(path)
     if root.suffix == ".safetensors" and root.is_file():
-        return _checkpoint_file(root) or _controlnet_file(root) or _ip_adapter_file(root) or _lora_file(root)
+        tensors = _tensor_headers(root)
+        described = tensors and (
+            _checkpoint_file(root, tensors)
+            or _controlnet_file(root, tensors)
+            or _ip_adapter_file(root, tensors)
+        )
+        return described or _lora_file(root)  # which names what is wrong with an unreadable file
     if (root / "config.json").is_file() and not (root / "model_index.json").is_file():
         return _controlnet_dir(root)
     kind = model_kind(root)
@@ -179,64 +185,64 @@ FAMILY_KEYS = (
 )
 
 
-def _checkpoint_file(path: Path) -> dict[str, Any] | None:
-    """A single-file checkpoint (the web UI's layout): its family, weights and how to run it; None for any
-    other file."""
+#: a safetensors file's tensors by name: (shape, dtype), from its header alone
+Headers = dict[str, tuple[tuple[int, ...], str]]
+
+
+def _tensor_headers(path: Path) -> Headers | None:
+    """Each tensor's shape and dtype, read once for the describers below; None for an unreadable file."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            keys = list(f.keys())
-            conv_in = f.get_slice("model.diffusion_model.input_blocks.0.0.weight")
-            channels, dtype = conv_in.get_shape()[1], conv_in.get_dtype()
-    except Exception:  # noqa: BLE001 - no UNet: not a checkpoint, the other readers judge it
+            slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+            return {key: (tuple(s.get_shape()), s.get_dtype()) for key, s in slices.items()}
+    except Exception:  # noqa: BLE001 - not ours to judge: the LoRA reader names what is wrong
         return None
-    family = next((name for key, name in FAMILY_KEYS if key in keys), "unknown family")
+
+
+def _checkpoint_file(path: Path, tensors: Headers) -> dict[str, Any] | None:
+    """A single-file checkpoint (the web UI's layout): its family, weights and how to run it; None for any
+    other file."""
+    conv_in = tensors.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is None:  # no UNet: not a checkpoint
+        return None
+    family = next((name for key, name in FAMILY_KEYS if key in tensors), "unknown family")
     return {
         "path": str(path),
         "kind": "single-file checkpoint",
-        "family": family + (" inpainting" if channels == 9 else ""),
-        "tensors": len(keys),
-        "unet_dtype": dtype,
+        "family": family + (" inpainting" if conv_in[0][1] == 9 else ""),
+        "tensors": len(tensors),
+        "unet_dtype": conv_in[1],
         "run": f"sdengine export {path} --output DIR [--config DIFFUSERS_DIR]",
     }
 
 
-def _controlnet_file(path: Path) -> dict[str, Any] | None:
+def _controlnet_file(path: Path, tensors: Headers) -> dict[str, Any] | None:
     """A single-file ControlNet (the original layout): its control image's encoder, blocks and dtype, and how
     to use it; None for any other file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            keys = list(f.keys())
-            prefix = "control_model." if any(key.startswith("control_model.") for key in keys) else ""
-            hint = f.get_slice(f"{prefix}input_hint_block.0.weight")
-            channels, dtype = hint.get_shape()[1], hint.get_dtype()
-    except Exception:  # noqa: BLE001 - no control image encoder: not a ControlNet file
+    prefix = "control_model." if any(key.startswith("control_model.") for key in tensors) else ""
+    hint = tensors.get(f"{prefix}input_hint_block.0.weight")
+    if hint is None:  # no control image encoder: not a ControlNet file
         return None
     return {
         "path": str(path),
         "kind": "single-file ControlNet",
-        "control_image_channels": channels,
-        "residuals": sum(key.startswith(f"{prefix}zero_convs.") and key.endswith(".weight") for key in keys)
+        "control_image_channels": hint[0][1],
+        "residuals": sum(
+            key.startswith(f"{prefix}zero_convs.") and key.endswith(".weight") for key in tensors
+        )
         + 1,
-        "sdxl": any(key.startswith(f"{prefix}label_emb.") for key in keys),
-        "dtype": dtype,
+        "sdxl": any(key.startswith(f"{prefix}label_emb.") for key in tensors),
+        "dtype": hint[1],
         "run": f"sdengine export CHECKPOINT --output DIR --controlnet {path}",
     }
 
 
-def _ip_adapter_file(path: Path) -> dict[str, Any] | None:
+def _ip_adapter_file(path: Path, tensors: Headers) -> dict[str, Any] | None:
     """An IP-Adapter weights file (``export --ip-adapter``): its kind, what its projection reads and gives,
     its layers, and whether its image encoder is beside it; None for any other file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
-    except Exception:  # noqa: BLE001 - not ours to judge: the LoRA reader names what is wrong
-        return None
+    shapes = {key: shape for key, (shape, _) in tensors.items()}
     if not any(key.startswith("image_proj.") for key in shapes):
         return None
     encoder = path.parent / "image_encoder" / "config.json"
