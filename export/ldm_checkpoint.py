@@ -155,6 +155,17 @@ def _layers_per_block(config: dict[str, Any], what: str) -> int:
     return int(layers)
 
 
+def _layer_rules(block: str, blocks: str, first: int, layers: int, attention: bool) -> list[_Rule]:
+    """Each layer of diffusers' ``block`` (a down or up block): its resnet, and its transformer where the
+    block has ``attention``, at entries ``first``, ``first + 1``... of the original ``blocks`` list."""
+    rules = []
+    for layer in range(layers):
+        rules.append(_Rule(f"{block}.resnets.{layer}.", f"{blocks}.{first + layer}.0.", _UNET_RESNET))
+        if attention:
+            rules.append(_Rule(f"{block}.attentions.{layer}.", f"{blocks}.{first + layer}.1."))
+    return rules
+
+
 def _encoder_rules(config: dict[str, Any], what: str) -> list[_Rule]:
     """The renames a UNet and its ControlNet share: time embedding, conv_in, SDXL's added conditioning,
     down blocks (``input_blocks``) and mid block (``middle_block``), for ``config`` (a
@@ -186,16 +197,7 @@ def _encoder_rules(config: dict[str, Any], what: str) -> list[_Rule]:
         ]
     for block, kind in enumerate(down):
         first = 1 + block * (layers + 1)  # input_blocks.0 is conv_in
-        for layer in range(layers):
-            rules.append(
-                _Rule(
-                    f"down_blocks.{block}.resnets.{layer}.", f"input_blocks.{first + layer}.0.", _UNET_RESNET
-                )
-            )
-            if _UNET_DOWN_TYPES[kind]:
-                rules.append(
-                    _Rule(f"down_blocks.{block}.attentions.{layer}.", f"input_blocks.{first + layer}.1.")
-                )
+        rules += _layer_rules(f"down_blocks.{block}", "input_blocks", first, layers, _UNET_DOWN_TYPES[kind])
         if block < len(down) - 1:  # every block but the last halves the resolution
             rules.append(
                 _Rule(f"down_blocks.{block}.downsamplers.0.conv.", f"input_blocks.{first + layers}.0.op.")
@@ -218,16 +220,7 @@ def _unet_rules(config: dict[str, Any]) -> list[_Rule]:
     rules += [_Rule("conv_norm_out.", "out.0."), _Rule("conv_out.", "out.2.")]
     for block, kind in enumerate(up):
         first = block * (layers + 1)  # up blocks hold one resnet more than down blocks
-        for layer in range(layers + 1):
-            rules.append(
-                _Rule(
-                    f"up_blocks.{block}.resnets.{layer}.", f"output_blocks.{first + layer}.0.", _UNET_RESNET
-                )
-            )
-            if _UNET_UP_TYPES[kind]:
-                rules.append(
-                    _Rule(f"up_blocks.{block}.attentions.{layer}.", f"output_blocks.{first + layer}.1.")
-                )
+        rules += _layer_rules(f"up_blocks.{block}", "output_blocks", first, layers + 1, _UNET_UP_TYPES[kind])
         if block < len(up) - 1:  # the upsampler follows the block's last resnet (and its transformer)
             slot = 2 if _UNET_UP_TYPES[kind] else 1
             rules.append(
