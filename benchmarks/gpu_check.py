@@ -12,17 +12,24 @@ Run on a lent GPU machine by ``benchmarks/gpu_check.sh`` (which installs the car
 2. Latency on the SD 1.5-sized random checkpoint, fp16, 512x512, batch 1, CFG, for each step count: every
    available GPU backend against diffusers fp16 eager on the same GPU, in the same run (CUDA events for the
    denoising loop, medians over runs); then ONNX Runtime once more with its own graph mode.
-Writes ``gpu_check.json`` and the tables to --out. TensorRT runs only where it is installed (engines are
-built for 512x512 first, and their build time reported); the lent machines here have none.
+The headline latency (the largest step count) runs between the core parity rows (graphs, CUDA against the
+CPU for each scheduler, fp16 against diffusers) and the others, so a run cut short keeps the numbers that
+matter most. A row or run that fails is recorded as its one-line error and the rest goes on (exit status 1).
+Writes ``gpu_check.json`` (after each part) and the tables to --out. TensorRT runs only where it is
+installed (engines are built for 512x512 first, and their build time reported); the lent machines here have
+none.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,101 +48,192 @@ def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def parity(work: Path, device: str = "cuda") -> dict[str, float | str]:
-    from export.checkpoint import write_random_checkpoint
-    from export.controlnet import write_random_controlnet
-    from export.ip_adapter import write_random_ip_adapter
-    from export.onnx_export import export_checkpoint
-    from export.random_lora import write_random_lora
-    from sdengine.backends.ort_cuda import OrtCudaBackend
-    from sdengine.baseline import TorchPipeline
-    from sdengine.demo import centre_mask, edge_map
-    from sdengine.model_dir import open_onnx_dir
-    from sdengine.pipeline import Pipeline
-    from sdengine.tokenizer import ClipTokenizer
+def attempt(results: dict, name: str, measure: Callable[[], float | str]) -> None:
+    """Fill one row; a failure becomes the row's one-line error (its traceback printed), so the rest of the
+    check still runs in the lent machine's few minutes."""
+    try:
+        results[name] = measure()
+    except Exception as error:  # noqa: BLE001 - recorded, and the check goes on
+        traceback.print_exc()
+        results[name] = failure(error)
+    value = results[name]
+    log(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
 
-    ckpt = write_random_checkpoint(work / "tiny", "tiny", seed=0, overwrite=True)
-    parts = ["text_encoder", "unet", "vae_decoder"]
-    export_checkpoint(ckpt, work / "tiny-fp32", components=[*parts, "vae_encoder"])  # + image to image
-    export_checkpoint(ckpt, work / "tiny-fp16", precision="fp16", components=parts)
-    fp32, fp16 = open_onnx_dir(work / "tiny-fp32"), open_onnx_dir(work / "tiny-fp16")
-    settings = dict(steps=8, seed=1, height=64, width=96, guidance=7.5)
-    tok = ClipTokenizer.from_dir(fp32.tokenizer_dir)
-    backends = {mode: OrtCudaBackend(fp32, graphs=mode, device=device) for mode in ("step", "ort", "none")}
-    pipes = {mode: Pipeline(fp32, backend, tok) for mode, backend in backends.items()}
-    cpu = Pipeline.load(fp32.root, backend="ort", device="cpu")
-    results = {}
-    for scheduler in ("pndm", "euler_a", "dpmpp_2m"):
-        runs = {
-            mode: [pipe(PROMPT, scheduler=scheduler, **{**settings, "seed": seed}) for seed in (1, 2)]
-            for mode, pipe in pipes.items()  # the second seed replays the graphs captured for the first
+
+def failure(error: BaseException) -> str:
+    """An error as one line for the report."""
+    lines = str(error).strip().splitlines()
+    return f"failed: {type(error).__name__}: {lines[0] if lines else ''}"[:400]
+
+
+class Parity:
+    """Parity on the tiny random checkpoint, in two parts so that the headline latency runs between them:
+    :meth:`core` (graph modes against plain runs, CUDA against the CPU, fp16 against diffusers) and
+    :meth:`extras` (every other path). Rows land in :attr:`results` as they are measured."""
+
+    def __init__(self, work: Path, device: str = "cuda") -> None:
+        from export.checkpoint import write_random_checkpoint
+        from export.onnx_export import export_checkpoint
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+        from sdengine.model_dir import open_onnx_dir
+        from sdengine.pipeline import Pipeline
+        from sdengine.tokenizer import ClipTokenizer
+
+        self.work, self.device, self.results = work, device, {}
+        self.ckpt = write_random_checkpoint(work / "tiny", "tiny", seed=0, overwrite=True)
+        self.parts = ["text_encoder", "unet", "vae_decoder"]
+        export_checkpoint(self.ckpt, work / "tiny-fp32", components=[*self.parts, "vae_encoder"])
+        export_checkpoint(self.ckpt, work / "tiny-fp16", precision="fp16", components=self.parts)
+        self.fp32, self.fp16 = open_onnx_dir(work / "tiny-fp32"), open_onnx_dir(work / "tiny-fp16")
+        self.settings = dict(steps=8, seed=1, height=64, width=96, guidance=7.5)
+        self.tok = ClipTokenizer.from_dir(self.fp32.tokenizer_dir)
+        self.backends = {
+            mode: OrtCudaBackend(self.fp32, graphs=mode, device=device) for mode in ("step", "ort", "none")
         }
-        for mode in ("step", "ort"):
-            results[f"{scheduler}: {mode} graphs vs no graphs, max |latent diff|"] = float(
-                max(
-                    np.abs(a.latents - b.latents).max() for a, b in zip(runs[mode], runs["none"], strict=True)
+        self.pipes = {mode: Pipeline(self.fp32, b, self.tok) for mode, b in self.backends.items()}
+        self.cpu = Pipeline.load(self.fp32.root, backend="ort", device="cpu")
+
+    def core(self) -> None:
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+        from sdengine.baseline import TorchPipeline
+        from sdengine.pipeline import Pipeline
+
+        results, settings, pipes = self.results, self.settings, self.pipes
+        for scheduler in ("pndm", "euler_a", "dpmpp_2m"):
+            runs: dict = {}
+
+            def graphs_against_plain(mode: str, scheduler: str = scheduler, runs: dict = runs) -> float:
+                for name in (mode, "none"):  # the second seed replays the graphs captured for the first
+                    if name not in runs:
+                        runs[name] = [
+                            pipes[name](PROMPT, scheduler=scheduler, **{**settings, "seed": seed})
+                            for seed in (1, 2)
+                        ]
+                pairs = zip(runs[mode], runs["none"], strict=True)
+                return float(max(np.abs(a.latents - b.latents).max() for a, b in pairs))
+
+            for mode in ("step", "ort"):
+                attempt(
+                    results,
+                    f"{scheduler}: {mode} graphs vs no graphs, max |latent diff|",
+                    lambda mode=mode, f=graphs_against_plain: f(mode),
                 )
+            attempt(
+                results,
+                f"{scheduler}: CUDA vs CPU fp32, PSNR dB",
+                lambda scheduler=scheduler: psnr(
+                    pipes["step"](PROMPT, scheduler=scheduler, **settings).array,
+                    self.cpu(PROMPT, scheduler=scheduler, **settings).array,
+                ),
             )
-        c1 = cpu(PROMPT, scheduler=scheduler, **settings)
-        results[f"{scheduler}: CUDA vs CPU fp32, PSNR dB"] = psnr(runs["step"][0].array, c1.array)
-    for mode in ("step", "ort"):
-        results[f"{mode} graphs refused"] = backends[mode].graphs_refused or "no"
-    image = cpu(PROMPT, **settings).array
-    img2img = dict(settings, image=image, strength=0.6)
-    results["image to image: CUDA vs CPU fp32, PSNR dB"] = psnr(
-        pipes["step"](PROMPT, **img2img).array, cpu(PROMPT, **img2img).array
-    )
-    inpaint = dict(settings, image=image, mask=centre_mask(settings["height"], settings["width"]))
-    results["inpainting: CUDA vs CPU fp32, PSNR dB"] = psnr(
-        pipes["step"](PROMPT, **inpaint).array, cpu(PROMPT, **inpaint).array
-    )
-    edited = dict(settings, prompt_weights="a1111")  # each call's text embeddings from the step model
-    results["prompt editing: CUDA vs CPU fp32, PSNR dB"] = psnr(
-        pipes["step"]("a [red:blue:0.5] cat, [oil|watercolour]", **edited).array,
-        cpu("a [red:blue:0.5] cat, [oil|watercolour]", **edited).array,
-    )
-    hires = dict(settings, hires_scale=1.5)  # a second shape: its own buffers and graphs
-    results["hires fix: CUDA vs CPU fp32, PSNR dB"] = psnr(
-        pipes["step"](PROMPT, **hires).array, cpu(PROMPT, **hires).array
-    )
-    lora = write_random_lora(fp32.root, work / "random-lora.safetensors")
-    for pipe in (pipes["step"], cpu):  # the UNet's per-shape sessions reopen with the fused weights
-        pipe.load_lora(lora, 0.8)
-    results["LoRA: CUDA vs CPU fp32, PSNR dB"] = psnr(
-        pipes["step"](PROMPT, **settings).array, cpu(PROMPT, **settings).array
-    )
-    shutil.rmtree(work / "random-controlnet", ignore_errors=True)  # a rerun writes it again
-    controlnet = write_random_controlnet(ckpt, work / "random-controlnet")
-    export_checkpoint(ckpt, work / "tiny-controlnet", components=parts, controlnets=[controlnet])
-    controlled = open_onnx_dir(work / "tiny-controlnet")
-    control = dict(settings, control_image=edge_map(image[0]), control_end=0.6)  # weights from the step model
-    results["ControlNet: CUDA vs CPU fp32, PSNR dB"] = psnr(
-        Pipeline(controlled, OrtCudaBackend(controlled, device=device), tok)(PROMPT, **control).array,
-        Pipeline.load(controlled.root, backend="ort", device="cpu")(PROMPT, **control).array,
-    )
-    shutil.rmtree(work / "random-ip-adapter", ignore_errors=True)
-    adapter = write_random_ip_adapter(ckpt, work / "random-ip-adapter")
-    export_checkpoint(ckpt, work / "tiny-ip", components=[*parts, "image_encoder"], ip_adapter=adapter)
-    prompted_dir = open_onnx_dir(work / "tiny-ip")
-    prompted = dict(settings, ip_adapter_image=image[0])  # the image prompt's inputs bound into the graphs
-    results["IP-Adapter: CUDA vs CPU fp32, PSNR dB"] = psnr(
-        Pipeline(prompted_dir, OrtCudaBackend(prompted_dir, device=device), tok)(PROMPT, **prompted).array,
-        Pipeline.load(prompted_dir.root, backend="ort", device="cpu")(PROMPT, **prompted).array,
-    )
-    half = Pipeline(fp16, OrtCudaBackend(fp16, device=device), tok)
-    torch16 = TorchPipeline.load(ckpt, device=device)
-    results["fp16 CUDA vs diffusers fp16 GPU, PSNR dB"] = psnr(
-        half(PROMPT, **settings).array, torch16(PROMPT, **settings).array
-    )
-    drawn = dict(settings, scheduler="euler_a", noise_source="torch-cpu")  # diffusers draws its own noise
-    results["torch-cpu noise: fp16 CUDA vs diffusers fp16 GPU with CPU generators, PSNR dB"] = psnr(
-        half(PROMPT, **drawn).array, torch16(PROMPT, **drawn).array
-    )
-    results.update(xl_parity(work, settings, device))
-    return results
+        for mode in ("step", "ort"):
+            results[f"{mode} graphs refused"] = self.backends[mode].graphs_refused or "no"
+        self.half = Pipeline(self.fp16, OrtCudaBackend(self.fp16, device=self.device), self.tok)
+        self.torch16 = TorchPipeline.load(self.ckpt, device=self.device)
+        attempt(
+            results,
+            "fp16 CUDA vs diffusers fp16 GPU, PSNR dB",
+            lambda: psnr(self.half(PROMPT, **settings).array, self.torch16(PROMPT, **settings).array),
+        )
+
+    def extras(self) -> None:
+        results, settings, pipes, cpu, work = self.results, self.settings, self.pipes, self.cpu, self.work
+        image = cpu(PROMPT, **settings).array
+        img2img = dict(settings, image=image, strength=0.6)
+        attempt(
+            results,
+            "image to image: CUDA vs CPU fp32, PSNR dB",
+            lambda: psnr(pipes["step"](PROMPT, **img2img).array, cpu(PROMPT, **img2img).array),
+        )
+        from sdengine.demo import centre_mask, edge_map
+
+        inpaint = dict(settings, image=image, mask=centre_mask(settings["height"], settings["width"]))
+        attempt(
+            results,
+            "inpainting: CUDA vs CPU fp32, PSNR dB",
+            lambda: psnr(pipes["step"](PROMPT, **inpaint).array, cpu(PROMPT, **inpaint).array),
+        )
+        edited = dict(settings, prompt_weights="a1111")  # each call's text embeddings from the step model
+        attempt(
+            results,
+            "prompt editing: CUDA vs CPU fp32, PSNR dB",
+            lambda: psnr(
+                pipes["step"]("a [red:blue:0.5] cat, [oil|watercolour]", **edited).array,
+                cpu("a [red:blue:0.5] cat, [oil|watercolour]", **edited).array,
+            ),
+        )
+        hires = dict(settings, hires_scale=1.5)  # a second shape: its own buffers and graphs
+        attempt(
+            results,
+            "hires fix: CUDA vs CPU fp32, PSNR dB",
+            lambda: psnr(pipes["step"](PROMPT, **hires).array, cpu(PROMPT, **hires).array),
+        )
+        attempt(results, "LoRA: CUDA vs CPU fp32, PSNR dB", self.lora)
+        attempt(results, "ControlNet: CUDA vs CPU fp32, PSNR dB", lambda: self.controlnet(edge_map(image[0])))
+        attempt(results, "IP-Adapter: CUDA vs CPU fp32, PSNR dB", lambda: self.ip_adapter(image[0]))
+        drawn = dict(settings, scheduler="euler_a", noise_source="torch-cpu")  # diffusers draws its own noise
+        attempt(
+            results,
+            "torch-cpu noise: fp16 CUDA vs diffusers fp16 GPU with CPU generators, PSNR dB",
+            lambda: psnr(self.half(PROMPT, **drawn).array, self.torch16(PROMPT, **drawn).array),
+        )
+        xl_parity(work, settings, self.device, results)
+
+    def lora(self) -> float:
+        from export.random_lora import write_random_lora
+
+        lora = write_random_lora(self.fp32.root, self.work / "random-lora.safetensors")
+        step, cpu = self.pipes["step"], self.cpu
+        for pipe in (step, cpu):  # the UNet's per-shape sessions reopen with the fused weights
+            pipe.load_lora(lora, 0.8)
+        return psnr(step(PROMPT, **self.settings).array, cpu(PROMPT, **self.settings).array)
+
+    def controlnet(self, edges: np.ndarray) -> float:
+        from export.controlnet import write_random_controlnet
+        from export.onnx_export import export_checkpoint
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+        from sdengine.model_dir import open_onnx_dir
+        from sdengine.pipeline import Pipeline
+
+        shutil.rmtree(self.work / "random-controlnet", ignore_errors=True)  # a rerun writes it again
+        controlnet = write_random_controlnet(self.ckpt, self.work / "random-controlnet")
+        export_checkpoint(
+            self.ckpt, self.work / "tiny-controlnet", components=self.parts, controlnets=[controlnet]
+        )
+        controlled = open_onnx_dir(self.work / "tiny-controlnet")
+        control = dict(self.settings, control_image=edges, control_end=0.6)  # weights from the step model
+        return psnr(
+            Pipeline(controlled, OrtCudaBackend(controlled, device=self.device), self.tok)(
+                PROMPT, **control
+            ).array,
+            Pipeline.load(controlled.root, backend="ort", device="cpu")(PROMPT, **control).array,
+        )
+
+    def ip_adapter(self, image: np.ndarray) -> float:
+        from export.ip_adapter import write_random_ip_adapter
+        from export.onnx_export import export_checkpoint
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+        from sdengine.model_dir import open_onnx_dir
+        from sdengine.pipeline import Pipeline
+
+        shutil.rmtree(self.work / "random-ip-adapter", ignore_errors=True)
+        adapter = write_random_ip_adapter(self.ckpt, self.work / "random-ip-adapter")
+        export_checkpoint(
+            self.ckpt, self.work / "tiny-ip", components=[*self.parts, "image_encoder"], ip_adapter=adapter
+        )
+        prompted_dir = open_onnx_dir(self.work / "tiny-ip")
+        prompted = dict(
+            self.settings, ip_adapter_image=image
+        )  # the image prompt's inputs bound into the graphs
+        return psnr(
+            Pipeline(prompted_dir, OrtCudaBackend(prompted_dir, device=self.device), self.tok)(
+                PROMPT, **prompted
+            ).array,
+            Pipeline.load(prompted_dir.root, backend="ort", device="cpu")(PROMPT, **prompted).array,
+        )
 
 
-def xl_parity(work: Path, settings: dict, device: str) -> dict[str, float]:
+def xl_parity(work: Path, settings: dict, device: str, results: dict) -> None:
     """The tiny SDXL model: its added UNet inputs bound into the CUDA whole-step graphs, against the CPU
     (fp32), and fp16 against diffusers' SDXL pipeline fp16 on the GPU (its VAE in float32, as both run it);
     and with a tiny refiner finishing its runs (the base's graphs cut at the switch), against the CPU."""
@@ -154,29 +252,67 @@ def xl_parity(work: Path, settings: dict, device: str) -> dict[str, float]:
     fp32, fp16 = open_onnx_dir(work / "tiny-xl-fp32"), open_onnx_dir(work / "tiny-xl-fp16")
     cpu = Pipeline.load(fp32.root, backend="ort", device="cpu")
     gpu = Pipeline(fp32, OrtCudaBackend(fp32, device=device), cpu.tokenizer)
-    half = Pipeline(fp16, OrtCudaBackend(fp16, device=device), cpu.tokenizer)
-    torch16 = TorchPipeline.load(ckpt, device=device)
-    results = {
-        "SDXL: CUDA vs CPU fp32, PSNR dB": psnr(gpu(PROMPT, **settings).array, cpu(PROMPT, **settings).array),
-        "SDXL: fp16 CUDA vs diffusers fp16 GPU, PSNR dB": psnr(
-            half(PROMPT, **settings).array, torch16(PROMPT, **settings).array
-        ),
-    }
-    refiner_ckpt = write_random_checkpoint(
-        work / "tiny-xl-refiner", "tiny-xl-refiner", seed=0, overwrite=True
+    attempt(
+        results,
+        "SDXL: CUDA vs CPU fp32, PSNR dB",
+        lambda: psnr(gpu(PROMPT, **settings).array, cpu(PROMPT, **settings).array),
     )
-    export_checkpoint(refiner_ckpt, work / "tiny-xl-refiner-fp32", components=parts[1:])
-    refiner = open_onnx_dir(work / "tiny-xl-refiner-fp32")
-    gpu.set_refiner(
-        Pipeline(
-            refiner, OrtCudaBackend(refiner, device=device), ClipTokenizer.from_dir(refiner.tokenizer_dir)
+
+    def fp16_against_diffusers() -> float:
+        half = Pipeline(fp16, OrtCudaBackend(fp16, device=device), cpu.tokenizer)
+        torch16 = TorchPipeline.load(ckpt, device=device)
+        return psnr(half(PROMPT, **settings).array, torch16(PROMPT, **settings).array)
+
+    attempt(results, "SDXL: fp16 CUDA vs diffusers fp16 GPU, PSNR dB", fp16_against_diffusers)
+
+    def refined() -> float:
+        refiner_ckpt = write_random_checkpoint(
+            work / "tiny-xl-refiner", "tiny-xl-refiner", seed=0, overwrite=True
         )
+        export_checkpoint(refiner_ckpt, work / "tiny-xl-refiner-fp32", components=parts[1:])
+        refiner = open_onnx_dir(work / "tiny-xl-refiner-fp32")
+        tokenizer = ClipTokenizer.from_dir(refiner.tokenizer_dir)
+        gpu.set_refiner(Pipeline(refiner, OrtCudaBackend(refiner, device=device), tokenizer))
+        cpu.set_refiner(Pipeline.load(refiner.root, backend="ort", device="cpu"))
+        return psnr(gpu(PROMPT, **settings).array, cpu(PROMPT, **settings).array)
+
+    attempt(results, "SDXL with its refiner: CUDA vs CPU fp32, PSNR dB", refined)
+
+
+def prepare(work: Path, preset: str) -> tuple[Path, Path, dict[str, float]]:
+    """The large random checkpoint and its fp16 export, made once per machine. ``--prepare`` makes them in
+    the background while the wheel's parts travel (it needs torch, diffusers and onnx, not ONNX Runtime's
+    GPU build); the check then waits for that process, or makes them itself if none ran or it died."""
+    from export.checkpoint import write_random_checkpoint
+    from export.onnx_export import export_checkpoint
+
+    ckpt, onnx_dir = work / preset, work / f"{preset}-fp16"
+    done, pid_file = work / f"{preset}-fp16.done.json", work / f"{preset}-prepare.pid"
+    while not done.is_file() and pid_file.is_file() and alive(int(pid_file.read_text())):
+        time.sleep(2)
+    if done.is_file():
+        return ckpt, onnx_dir, json.loads(done.read_text())
+    pid_file.write_text(str(os.getpid()))
+    log(f"{preset} random checkpoint and its fp16 export")
+    write_random_checkpoint(ckpt, preset, seed=0, overwrite=True)
+    manifest = export_checkpoint(
+        ckpt, onnx_dir, precision="fp16", components=["text_encoder", "unet", "vae_decoder"]
     )
-    cpu.set_refiner(Pipeline.load(refiner.root, backend="ort", device="cpu"))
-    results["SDXL with its refiner: CUDA vs CPU fp32, PSNR dB"] = psnr(
-        gpu(PROMPT, **settings).array, cpu(PROMPT, **settings).array
-    )
-    return results
+    export_s = {n: r.export_seconds for n, r in manifest.components.items()}
+    done.write_text(json.dumps(export_s))
+    pid_file.unlink(missing_ok=True)
+    log(f"exported in {sum(export_s.values()):.0f} s")
+    return ckpt, onnx_dir, export_s
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,39 +328,39 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the whole script on the CPU with the tiny checkpoint (checks the script, not the GPU)",
     )
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only make the large random checkpoint and its fp16 export, then exit (see prepare())",
+    )
     args = p.parse_args(argv)
     device = "cpu" if args.rehearse else "cuda"
     out, work = Path(args.out), Path(args.work)
+    preset, size = ("tiny", 64) if args.rehearse else ("sd15", 512)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    if args.prepare:
+        prepare(work, preset)
+        return 0
     info = machine_info()
     has = detect()
     log(f"machine: {info['gpus']}; available: {has}")
     if not has.ort_cuda and not args.rehearse:
         print("gpu_check: ONNX Runtime cannot run on CUDA here (install the onnxruntime-gpu wheel first)")
         return 2
-    report: dict = {"machine": info, "availability": vars(has)}
-    log("parity on the tiny checkpoint")
-    report["parity"] = parity(work, device)
-    for name, value in report["parity"].items():
-        log(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
+    report: dict = {"machine": info, "availability": vars(has), "latency": {}}
+    log("parity on the tiny checkpoint: graphs, CUDA against the CPU, fp16 against diffusers")
+    check = None
+    try:
+        check = Parity(work, device)
+        report["parity"] = check.results
+        check.core()
+    except Exception as error:  # noqa: BLE001 - recorded; the latency still runs
+        traceback.print_exc()
+        report["parity_failed"] = failure(error)
     save(report, out)
 
-    from export.checkpoint import write_random_checkpoint
-    from export.onnx_export import export_checkpoint
-
-    preset, size = ("tiny", 64) if args.rehearse else ("sd15", 512)
-    log(f"{preset} random checkpoint and its fp16 export")
-    ckpt = work / preset
-    if not (ckpt / "model_index.json").is_file():
-        write_random_checkpoint(ckpt, preset, seed=0, overwrite=True)
-    onnx_dir = work / f"{preset}-fp16"
-    start = time.perf_counter()
-    manifest = export_checkpoint(
-        ckpt, onnx_dir, precision="fp16", components=["text_encoder", "unet", "vae_decoder"]
-    )
-    report["export_s"] = {n: r.export_seconds for n, r in manifest.components.items()}
-    log(f"exported in {time.perf_counter() - start:.0f} s")
+    ckpt, onnx_dir, report["export_s"] = prepare(work, preset)
     backends, engine_dir = ("ort", "torch"), None
     if has.tensorrt and has.cuda_python and not args.rehearse:
         from export.trt_build import build_engines
@@ -236,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         report["engine_build_s"] = time.perf_counter() - start
         backends = ("trt", "ort", "torch")
     flops = stage_flops(ckpt, onnx_dir, batch=1, height=size, width=size, cfg=True)
-    report["latency"] = {}
     config = BenchConfig(
         onnx_dir=onnx_dir,
         checkpoint=ckpt,
@@ -252,23 +387,47 @@ def main(argv: list[str] | None = None) -> int:
         engine_dir=engine_dir,
     )
     step_counts = [int(s) for s in args.steps.split(",")]
-    runs = [(str(n), replace(config, steps=n)) for n in step_counts]
+    headline, *others = [(str(n), replace(config, steps=n)) for n in step_counts]
     # then ONNX Runtime once more, with its own graph mode (a wait for the GPU after each replay)
-    runs.append(
+    others.append(
         (
             f"{max(step_counts)}-ort-graphs",
             replace(config, backends=("ort",), graphs="ort", steps=max(step_counts)),
         )
     )
-    for name, run_config in runs:
+
+    def latency(name: str, run_config: BenchConfig) -> None:
         log(f"latency {name}: {size}x{size}, batch 1, CFG, {run_config.steps} steps, {run_config.backends}")
-        report["latency"][name] = result = run_benchmark(run_config, flops)
+        try:
+            report["latency"][name] = result = run_benchmark(run_config, flops)
+        except Exception as error:  # noqa: BLE001 - recorded; the other runs still go
+            traceback.print_exc()
+            report["latency"][name] = {"failed": failure(error)}
+            save(report, out)
+            return
         table = format_report(result)
         print(table, flush=True)
         (out / f"gpu_check_{name.replace('-', '_')}_steps.txt").write_text(table + "\n")
         save(report, out)  # after each part, so a run cut short still leaves what it measured
+
+    latency(*headline)
+    if check is not None:
+        log("parity on the tiny checkpoint: the other paths")
+        try:
+            check.extras()
+        except Exception as error:  # noqa: BLE001 - recorded
+            traceback.print_exc()
+            report["parity_failed"] = failure(error)
+        save(report, out)
+    for name, run_config in others:
+        latency(name, run_config)
     log(f"wrote {out}/gpu_check.json")
-    return 0
+    failed = (
+        "parity_failed" in report
+        or any(str(v).startswith("failed") for v in report.get("parity", {}).values())
+        or any("failed" in r for r in report["latency"].values())
+    )
+    return 1 if failed else 0
 
 
 def save(report: dict, out: Path) -> None:

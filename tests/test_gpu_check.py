@@ -26,3 +26,43 @@ def test_gpu_check_rehearsal_runs_end_to_end(tmp_path):
     assert set(report["latency"]["2-ort-graphs"]["backends"]) == {"ort"}
     assert (out / "gpu_check_2_steps.txt").read_text().startswith("machine:")
     assert (out / "gpu_check_2_ort_graphs_steps.txt").is_file()
+
+
+def test_a_failing_row_is_recorded_as_one_line_and_the_next_still_runs():
+    from benchmarks.gpu_check import attempt
+
+    def broken() -> float:
+        raise RuntimeError("CUDA failure 700: an illegal memory access\nmore detail")
+
+    results: dict = {}
+    attempt(results, "broken", broken)
+    attempt(results, "fine", lambda: 42.0)
+    assert results == {
+        "broken": "failed: RuntimeError: CUDA failure 700: an illegal memory access",
+        "fine": 42.0,
+    }
+
+
+def test_prepare_reuses_a_finished_background_preparation(tmp_path, monkeypatch):
+    import benchmarks.gpu_check as gpu_check
+
+    (tmp_path / "tiny-fp16.done.json").write_text(json.dumps({"unet": 3.5}))
+    monkeypatch.setattr("export.checkpoint.write_random_checkpoint", lambda *a, **k: 1 / 0)  # never called
+    ckpt, onnx_dir, export_s = gpu_check.prepare(tmp_path, "tiny")
+    assert (ckpt, onnx_dir, export_s) == (tmp_path / "tiny", tmp_path / "tiny-fp16", {"unet": 3.5})
+
+
+def test_prepare_starts_again_when_the_background_process_died(tmp_path, monkeypatch):
+    import benchmarks.gpu_check as gpu_check
+
+    (tmp_path / "tiny-prepare.pid").write_text("999999999")  # no such process
+    made = []
+    monkeypatch.setattr("export.checkpoint.write_random_checkpoint", lambda path, *a, **k: made.append(path))
+
+    class Manifest:
+        components = {"unet": type("R", (), {"export_seconds": 1.0})()}
+
+    monkeypatch.setattr("export.onnx_export.export_checkpoint", lambda *a, **k: Manifest())
+    assert gpu_check.prepare(tmp_path, "tiny")[2] == {"unet": 1.0}
+    assert made == [tmp_path / "tiny"] and not (tmp_path / "tiny-prepare.pid").exists()
+    assert json.loads((tmp_path / "tiny-fp16.done.json").read_text()) == {"unet": 1.0}
