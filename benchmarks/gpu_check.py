@@ -23,6 +23,7 @@ none.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +60,19 @@ def attempt(results: dict, name: str, measure: Callable[[], float | str]) -> Non
         results[name] = failure(error)
     value = results[name]
     log(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
+
+
+def half_draws() -> float:
+    """How far torch's CPU ``randn`` in float16 is from its float32 draws cast to float16, from the same
+    seed (diffusers' float16 pipelines draw in float16; A1111's CPU source, and sdengine's, in float32)."""
+    import torch
+
+    worst = 0.0
+    for shape in ((1, 4, 8, 12), (1, 4, 64, 64)):
+        a = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(1), dtype=torch.float16)
+        b = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(1)).half()
+        worst = max(worst, float((a.float() - b.float()).abs().max()))
+    return worst
 
 
 def failure(error: BaseException) -> str:
@@ -94,9 +109,6 @@ class Parity:
         self.cpu = Pipeline.load(self.fp32.root, backend="ort", device="cpu")
 
     def core(self) -> None:
-        from sdengine.backends.ort_cuda import OrtCudaBackend
-        from sdengine.baseline import TorchPipeline
-        from sdengine.pipeline import Pipeline
 
         results, settings, pipes = self.results, self.settings, self.pipes
         for scheduler in ("pndm", "euler_a", "dpmpp_2m"):
@@ -128,12 +140,69 @@ class Parity:
             )
         for mode in ("step", "ort"):
             results[f"{mode} graphs refused"] = self.backends[mode].graphs_refused or "no"
-        self.half = Pipeline(self.fp16, OrtCudaBackend(self.fp16, device=self.device), self.tok)
-        self.torch16 = TorchPipeline.load(self.ckpt, device=self.device)
         attempt(
             results,
             "fp16 CUDA vs diffusers fp16 GPU, PSNR dB",
             lambda: psnr(self.half(PROMPT, **settings).array, self.torch16(PROMPT, **settings).array),
+        )
+        drawn = dict(settings, scheduler="euler_a", noise_source="torch-cpu")  # diffusers draws its own noise
+        attempt(
+            results,
+            "torch-cpu noise: fp16 CUDA vs diffusers fp16 GPU with CPU generators, PSNR dB",
+            lambda: psnr(self.half(PROMPT, **drawn).array, self.torch16(PROMPT, **drawn).array),
+        )
+        attempt(results, "torch's CPU randn: float16 draws vs float32 draws, max |diff|", half_draws)
+
+    @functools.cached_property
+    def half(self) -> Any:
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+        from sdengine.pipeline import Pipeline
+
+        return Pipeline(self.fp16, OrtCudaBackend(self.fp16, device=self.device), self.tok)
+
+    @functools.cached_property
+    def torch16(self) -> Any:
+        from sdengine.baseline import TorchPipeline
+
+        return TorchPipeline.load(self.ckpt, device=self.device)
+
+    def fused(self) -> None:
+        """The UNet fused for the CUDA provider (``export --target cuda``): its whole-step graphs against
+        plain runs, its images against the portable fp16 export's and diffusers fp16's."""
+        from export.onnx_export import export_checkpoint
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+        from sdengine.model_dir import open_onnx_dir
+        from sdengine.pipeline import Pipeline
+
+        results, settings = self.results, self.settings
+        export_checkpoint(
+            self.ckpt, self.work / "tiny-fp16-cuda", precision="fp16", components=self.parts, target="cuda"
+        )
+        fused_dir = open_onnx_dir(self.work / "tiny-fp16-cuda")
+        pipes = {
+            mode: Pipeline(fused_dir, OrtCudaBackend(fused_dir, graphs=mode, device=self.device), self.tok)
+            for mode in ("step", "none")
+        }
+
+        def graphs_against_plain() -> float:
+            runs = {
+                mode: [pipe(PROMPT, **{**settings, "seed": seed}) for seed in (1, 2)]
+                for mode, pipe in pipes.items()
+            }
+            pairs = zip(runs["step"], runs["none"], strict=True)
+            return float(max(np.abs(a.latents - b.latents).max() for a, b in pairs))
+
+        attempt(results, "fused UNet: step graphs vs no graphs, max |latent diff|", graphs_against_plain)
+        results["fused UNet: step graphs refused"] = pipes["step"].backend.graphs_refused or "no"
+        attempt(
+            results,
+            "fused UNet fp16 CUDA vs portable fp16 CUDA, PSNR dB",
+            lambda: psnr(pipes["step"](PROMPT, **settings).array, self.half(PROMPT, **settings).array),
+        )
+        attempt(
+            results,
+            "fused UNet fp16 CUDA vs diffusers fp16 GPU, PSNR dB",
+            lambda: psnr(pipes["step"](PROMPT, **settings).array, self.torch16(PROMPT, **settings).array),
         )
 
     def extras(self) -> None:
@@ -171,12 +240,6 @@ class Parity:
         attempt(results, "LoRA: CUDA vs CPU fp32, PSNR dB", self.lora)
         attempt(results, "ControlNet: CUDA vs CPU fp32, PSNR dB", lambda: self.controlnet(edge_map(image[0])))
         attempt(results, "IP-Adapter: CUDA vs CPU fp32, PSNR dB", lambda: self.ip_adapter(image[0]))
-        drawn = dict(settings, scheduler="euler_a", noise_source="torch-cpu")  # diffusers draws its own noise
-        attempt(
-            results,
-            "torch-cpu noise: fp16 CUDA vs diffusers fp16 GPU with CPU generators, PSNR dB",
-            lambda: psnr(self.half(PROMPT, **drawn).array, self.torch16(PROMPT, **drawn).array),
-        )
         xl_parity(work, settings, self.device, results)
 
     def lora(self) -> float:
@@ -279,30 +342,48 @@ def xl_parity(work: Path, settings: dict, device: str, results: dict) -> None:
     attempt(results, "SDXL with its refiner: CUDA vs CPU fp32, PSNR dB", refined)
 
 
-def prepare(work: Path, preset: str) -> tuple[Path, Path, dict[str, float]]:
-    """The large random checkpoint and its fp16 export, made once per machine. ``--prepare`` makes them in
-    the background while the wheel's parts travel (it needs torch, diffusers and onnx, not ONNX Runtime's
-    GPU build); the check then waits for that process, or makes them itself if none ran or it died."""
-    from export.checkpoint import write_random_checkpoint
-    from export.onnx_export import export_checkpoint
+def prepare(work: Path, preset: str, target: str = "portable") -> tuple[Path, Path, dict[str, float]]:
+    """The large random checkpoint and its fp16 export for ``target`` (``portable``, or ``cuda``: the UNet
+    fused for ONNX Runtime's CUDA provider), each made once per machine. ``--prepare TARGET`` makes them in
+    the background while the wheel's parts travel (they need torch, diffusers, onnx and ONNX Runtime's Python
+    tools, not its GPU build), both targets at once, after one checkpoint; the check then waits for those
+    processes, or makes what they did not (none ran, or one died)."""
+    ckpt, onnx_dir = work / preset, work / f"{preset}-fp16{'-cuda' if target == 'cuda' else ''}"
 
-    ckpt, onnx_dir = work / preset, work / f"{preset}-fp16"
-    done, pid_file = work / f"{preset}-fp16.done.json", work / f"{preset}-prepare.pid"
+    def checkpoint() -> dict:
+        from export.checkpoint import write_random_checkpoint
+
+        log(f"{preset} random checkpoint")
+        write_random_checkpoint(ckpt, preset, seed=0, overwrite=True)
+        return {}
+
+    def export() -> dict[str, float]:
+        from export.onnx_export import export_checkpoint
+
+        once(ckpt.with_name(ckpt.name + ".done.json"), checkpoint)
+        log(f"{preset} fp16 export, {target}")
+        parts = ["text_encoder", "unet", "vae_decoder"]
+        manifest = export_checkpoint(ckpt, onnx_dir, precision="fp16", components=parts, target=target)
+        export_s = {n: r.export_seconds for n, r in manifest.components.items()}
+        log(f"exported ({target}) in {sum(export_s.values()):.0f} s")
+        return export_s
+
+    return ckpt, onnx_dir, once(onnx_dir.with_name(onnx_dir.name + ".done.json"), export)
+
+
+def once(done: Path, make: Callable[[], dict]) -> dict:
+    """``make()``'s result, kept in ``done``: made here unless it is there, or another process (named in a
+    pid file beside it) is making it, which is then waited for."""
+    pid_file = done.with_name(done.name.removesuffix(".done.json") + ".pid")
     while not done.is_file() and pid_file.is_file() and alive(int(pid_file.read_text())):
         time.sleep(2)
     if done.is_file():
-        return ckpt, onnx_dir, json.loads(done.read_text())
+        return json.loads(done.read_text())
     pid_file.write_text(str(os.getpid()))
-    log(f"{preset} random checkpoint and its fp16 export")
-    write_random_checkpoint(ckpt, preset, seed=0, overwrite=True)
-    manifest = export_checkpoint(
-        ckpt, onnx_dir, precision="fp16", components=["text_encoder", "unet", "vae_decoder"]
-    )
-    export_s = {n: r.export_seconds for n, r in manifest.components.items()}
-    done.write_text(json.dumps(export_s))
+    result = make()
+    done.write_text(json.dumps(result))
     pid_file.unlink(missing_ok=True)
-    log(f"exported in {sum(export_s.values()):.0f} s")
-    return ckpt, onnx_dir, export_s
+    return result
 
 
 def alive(pid: int) -> bool:
@@ -315,6 +396,12 @@ def alive(pid: int) -> bool:
     return pid != os.getpid()
 
 
+#: the check's parts, in the order they run: ``core`` parity rows, ``fused`` (the CUDA-fused UNet: its parity
+#: rows, and it leads the latency runs), ``latency`` (every step count), ``extras`` (the other parity rows,
+#: after the headline latency), ``ort-graphs`` (ONNX Runtime's own graph mode, timed)
+PARTS = ("core", "fused", "latency", "extras", "ort-graphs")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu-check-out")
@@ -323,24 +410,32 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", default="50,20", help="step counts, the headline (50) first: a cut-short run keeps it"
     )
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--parts", default=",".join(PARTS), help=f"a comma-separated subset of {', '.join(PARTS)}")
     p.add_argument(
         "--rehearse",
         action="store_true",
-        help="run the whole script on the CPU with the tiny checkpoint (checks the script, not the GPU)",
+        help="run the whole script on the CPU with the tiny checkpoint (checks the script, not the GPU; the "
+        "fused UNet, which only the CUDA provider runs, is left out)",
     )
     p.add_argument(
         "--prepare",
-        action="store_true",
-        help="only make the large random checkpoint and its fp16 export, then exit (see prepare())",
+        choices=("portable", "cuda"),
+        help="only make the large random checkpoint and its fp16 export for this target, then exit",
     )
     args = p.parse_args(argv)
     device = "cpu" if args.rehearse else "cuda"
     out, work = Path(args.out), Path(args.work)
     preset, size = ("tiny", 64) if args.rehearse else ("sd15", 512)
+    parts = set(args.parts.split(","))
+    unknown = parts - set(PARTS)
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if args.rehearse:
+        parts.discard("fused")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     if args.prepare:
-        prepare(work, preset)
+        prepare(work, preset, args.prepare)
         return 0
     info = machine_info()
     has = detect()
@@ -348,18 +443,63 @@ def main(argv: list[str] | None = None) -> int:
     if not has.ort_cuda and not args.rehearse:
         print("gpu_check: ONNX Runtime cannot run on CUDA here (install the onnxruntime-gpu wheel first)")
         return 2
-    report: dict = {"machine": info, "availability": vars(has), "latency": {}}
-    log("parity on the tiny checkpoint: graphs, CUDA against the CPU, fp16 against diffusers")
-    check = None
-    try:
-        check = Parity(work, device)
-        report["parity"] = check.results
-        check.core()
-    except Exception as error:  # noqa: BLE001 - recorded; the latency still runs
-        traceback.print_exc()
-        report["parity_failed"] = failure(error)
-    save(report, out)
+    report: dict = {"machine": info, "availability": vars(has), "latency": {}, "parts": sorted(parts)}
 
+    def guarded(what: str, run: Callable[[], object]) -> object:
+        log(what)
+        try:
+            return run()
+        except Exception as error:  # noqa: BLE001 - recorded; the rest still runs
+            traceback.print_exc()
+            report.setdefault("failed", {})[what] = failure(error)
+            return None
+        finally:
+            save(report, out)
+
+    check = None
+    if parts & {"core", "fused", "extras"}:
+        check = guarded("parity on the tiny checkpoint: its exports", lambda: Parity(work, device))
+        if check is not None:
+            report["parity"] = check.results
+    if check is not None and "core" in parts:
+        guarded("parity: graphs, CUDA against the CPU, fp16 against diffusers", check.core)
+    if check is not None and "fused" in parts:
+        guarded("parity: the UNet fused for CUDA", check.fused)
+    extras_ran: list[bool] = []
+
+    def extras() -> None:  # after the headline latency, or at the end where none ran
+        if check is not None and "extras" in parts and not extras_ran:
+            extras_ran.append(True)
+            guarded("parity: the other paths", check.extras)
+
+    if parts & {"latency", "ort-graphs"}:
+        guarded(
+            "latency", lambda: latencies(args, parts, work, preset, size, device, has, report, out, extras)
+        )
+    extras()
+    log(f"wrote {out}/gpu_check.json")
+    failed = (
+        "failed" in report
+        or any(str(v).startswith("failed") for v in report.get("parity", {}).values())
+        or any("failed" in r for r in report["latency"].values())
+    )
+    return 1 if failed else 0
+
+
+def latencies(
+    args: argparse.Namespace,
+    parts: set[str],
+    work: Path,
+    preset: str,
+    size: int,
+    device: str,
+    has: object,
+    report: dict,
+    out: Path,
+    after_headline: Callable[[], None],
+) -> None:
+    """The latency runs, the headline first (the fused UNet's, where it is in ``parts``), then
+    ``after_headline`` (the other parity rows), then the rest."""
     ckpt, onnx_dir, report["export_s"] = prepare(work, preset)
     backends, engine_dir = ("ort", "torch"), None
     if has.tensorrt and has.cuda_python and not args.rehearse:
@@ -387,47 +527,32 @@ def main(argv: list[str] | None = None) -> int:
         engine_dir=engine_dir,
     )
     step_counts = [int(s) for s in args.steps.split(",")]
-    headline, *others = [(str(n), replace(config, steps=n)) for n in step_counts]
-    # then ONNX Runtime once more, with its own graph mode (a wait for the GPU after each replay)
-    others.append(
-        (
-            f"{max(step_counts)}-ort-graphs",
-            replace(config, backends=("ort",), graphs="ort", steps=max(step_counts)),
-        )
-    )
-
-    def latency(name: str, run_config: BenchConfig) -> None:
+    runs = []
+    if "latency" in parts:
+        if "fused" in parts:
+            _, fused_dir, report["export_s_fused"] = prepare(work, preset, "cuda")
+            fused = replace(config, onnx_dir=fused_dir)
+            runs.append((f"{step_counts[0]}-fused", replace(fused, steps=step_counts[0])))
+            runs.append((str(step_counts[0]), replace(config, backends=("ort",), steps=step_counts[0])))
+            runs += [(f"{n}-fused", replace(fused, steps=n)) for n in step_counts[1:]]
+        else:
+            runs += [(str(n), replace(config, steps=n)) for n in step_counts]
+    if "ort-graphs" in parts:  # ONNX Runtime's own graph mode (a wait for the GPU after each replay)
+        n = max(step_counts)
+        runs.append((f"{n}-ort-graphs", replace(config, backends=("ort",), graphs="ort", steps=n)))
+    for index, (name, run_config) in enumerate(runs):
         log(f"latency {name}: {size}x{size}, batch 1, CFG, {run_config.steps} steps, {run_config.backends}")
         try:
             report["latency"][name] = result = run_benchmark(run_config, flops)
+            table = format_report(result)
+            print(table, flush=True)
+            (out / f"gpu_check_{name.replace('-', '_')}_steps.txt").write_text(table + "\n")
         except Exception as error:  # noqa: BLE001 - recorded; the other runs still go
             traceback.print_exc()
             report["latency"][name] = {"failed": failure(error)}
-            save(report, out)
-            return
-        table = format_report(result)
-        print(table, flush=True)
-        (out / f"gpu_check_{name.replace('-', '_')}_steps.txt").write_text(table + "\n")
-        save(report, out)  # after each part, so a run cut short still leaves what it measured
-
-    latency(*headline)
-    if check is not None:
-        log("parity on the tiny checkpoint: the other paths")
-        try:
-            check.extras()
-        except Exception as error:  # noqa: BLE001 - recorded
-            traceback.print_exc()
-            report["parity_failed"] = failure(error)
-        save(report, out)
-    for name, run_config in others:
-        latency(name, run_config)
-    log(f"wrote {out}/gpu_check.json")
-    failed = (
-        "parity_failed" in report
-        or any(str(v).startswith("failed") for v in report.get("parity", {}).values())
-        or any("failed" in r for r in report["latency"].values())
-    )
-    return 1 if failed else 0
+        save(report, out)  # after each run, so a check cut short still leaves what it measured
+        if index == 0:
+            after_headline()
 
 
 def save(report: dict, out: Path) -> None:

@@ -2,8 +2,9 @@
 # The GPU check, for a lent GPU machine whose image has torch, onnx and cuda-python but CPU-only onnxruntime.
 #   bash benchmarks/gpu_check.sh prepare   installs the carried small wheels (.whl/: diffusers and what it
 #                                          needs) and starts, in the background, the large random checkpoint
-#                                          and its fp16 export (benchmarks/gpu_check.py --prepare), so that
-#                                          work overlaps the calls that carry ONNX Runtime's parts
+#                                          and its fp16 exports, portable and CUDA-fused (gpu_check.py
+#                                          --prepare), so that work overlaps the calls that carry ONNX
+#                                          Runtime's parts
 #   bash benchmarks/gpu_check.sh [ARGS]    joins the parts in /tmp/gpuwheel (benchmarks/stage_ort_gpu.sh makes
 #                                          them), installs onnxruntime-gpu, and runs benchmarks/gpu_check.py
 #                                          ARGS, which writes its tables and JSON to $OUT (or gpu-check-out/)
@@ -20,8 +21,12 @@ if [ ! -f "$site/.small-wheels" ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 if [ "${1:-}" = prepare ]; then
   python3 -c "import diffusers, torch, onnx; print('diffusers', diffusers.__version__, 'torch', torch.__version__, 'onnx', onnx.__version__)"
-  setsid nohup python3 -m benchmarks.gpu_check --prepare >/tmp/gpu-check-prepare.log 2>&1 </dev/null &
-  echo "preparing in the background (pid $!): /tmp/gpu-check-prepare.log"
+  # the portable export writes the checkpoint first; the fused one, started a little later, waits for it
+  setsid nohup python3 -m benchmarks.gpu_check --prepare portable >/tmp/gpu-check-prepare.log 2>&1 </dev/null &
+  echo "preparing the portable export in the background (pid $!): /tmp/gpu-check-prepare.log"
+  sleep 10
+  setsid nohup python3 -m benchmarks.gpu_check --prepare cuda >/tmp/gpu-check-prepare-cuda.log 2>&1 </dev/null &
+  echo "preparing the CUDA-fused export in the background (pid $!): /tmp/gpu-check-prepare-cuda.log"
   exit 0
 fi
 if [ ! -d "$site/onnxruntime" ]; then
@@ -35,5 +40,5 @@ if [ ! -d "$site/onnxruntime" ]; then
 fi
 python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-echo "background preparation, so far:"; tail -n 3 /tmp/gpu-check-prepare.log 2>/dev/null || echo "(none ran)"
+echo "background preparation, so far:"; tail -n 2 /tmp/gpu-check-prepare*.log 2>/dev/null || echo "(none ran)"
 timeout 540 python3 -m benchmarks.gpu_check --out "${OUT:-gpu-check-out}" "$@"

@@ -29,6 +29,7 @@ import psutil
 import sdengine
 from export.checkpoint import checkpoint_hash
 from export.controlnet import check_controlnets, controlnet_directory
+from export.cuda_fusion import TARGETS, classic_attention, fuse_for_cuda
 from export.fp16 import convert_to_fp16
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
@@ -161,6 +162,7 @@ def export_component(
     loras: Sequence[tuple[LoraFile, float]] = (),
     controlnets: Sequence[Path] = (),
     ip_adapter: dict | None = None,
+    target: str = "portable",
 ) -> ComponentRecord:
     """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result.
     ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises).
@@ -168,7 +170,9 @@ def export_component(
     weights are named after their layers (``export.weight_names``), so LoRA can be fused at run time too.
     ``controlnets``: ControlNet directories traced into the UNet (``wrappers.ControlledUNetExport``).
     ``ip_adapter``: an IP-Adapter's record (``export.ip_adapter.check_ip_adapter``), loaded into the UNet,
-    whose image encoder is the ``image_encoder`` component."""
+    whose image encoder is the ``image_encoder`` component. ``target`` ``cuda``: the UNet fused for ONNX
+    Runtime's CUDA provider (``export.cuda_fusion``; checked against PyTorch before the fusion)."""
+    cuda_fused = target == "cuda" and name == UNET
     model_dir = open_checkpoint_dir(checkpoint)
     if name in (SAFETY_CHECKER, IMAGE_ENCODER):
         precision = "fp32"  # small, run once per generation, and the checker's flags are thresholds
@@ -191,11 +195,14 @@ def export_component(
     height, width = TRACE_LATENT[0] * scale, TRACE_LATENT[1] * scale
     vocab_size = text_vocab_size(checkpoint, name)
     inputs = sample_inputs(arch, name, batch=2, height=height, width=width, vocab_size=vocab_size)
-    target = out_dir / name / "model.onnx"
+    model_path = out_dir / name / "model.onnx"
     start = time.perf_counter()
     ip_file = None if ip_adapter is None else Path(ip_adapter["file"])
     module = load_export_module(checkpoint, name, controlnets, arch.xl, ip_file)
     fuse_loras(module, name, loras)
+    fused_operators, verification = None, None
+    if cuda_fused:
+        classic_attention(module)
     with _PeakRss() as rss, tempfile.TemporaryDirectory(prefix=f"sdengine-{name}-", dir=out_dir) as tmp:
         traced = Path(tmp) / "model.onnx"
         _trace(module, spec, inputs, traced, opset)
@@ -203,32 +210,40 @@ def export_component(
         model = onnx.load(str(traced))
         if name in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
             name_weights(model, module)
-        if precision == "fp16":
+        if cuda_fused:  # checked in float32 before the fusion: the CPU cannot run the fused model
+            unfused = Path(tmp) / "unfused.onnx"
+            _save(model, unfused)
+            del model
+            if verify:
+                check = verify_component(module, unfused, arch, name, "fp32", vocab_size=vocab_size)
+                verification = check.as_dict()
+            model, fused_operators = fuse_for_cuda(unfused)
+        elif precision == "fp16":
             model = convert_to_fp16(model)
-        for stale in (target, target.with_name(target.name + ".data")):
+        for stale in (model_path, model_path.with_name(model_path.name + ".data")):
             stale.unlink(missing_ok=True)
-        external = _save(model, target)
+        external = _save(model, model_path)
         del model
-        onnx.shape_inference.infer_shapes_path(str(target), str(target))
-        onnx.checker.check_model(str(target), full_check=False)
+        onnx.shape_inference.infer_shapes_path(str(model_path), str(model_path))
+        onnx.checker.check_model(str(model_path), full_check=False)
     export_seconds = round(time.perf_counter() - start, 3)
-    verification = None
-    if verify:
-        check = verify_component(module, target, arch, name, precision, vocab_size=vocab_size)
+    if verify and not cuda_fused:
+        check = verify_component(module, model_path, arch, name, precision, vocab_size=vocab_size)
         verification = check.as_dict()
     del module
-    data_path = target.with_name(external) if external else None
+    data_path = model_path.with_name(external) if external else None
     return ComponentRecord(
         name=name,
-        path=str(target.relative_to(out_dir)),
-        sha256=file_sha256(target),
+        path=str(model_path.relative_to(out_dir)),
+        sha256=file_sha256(model_path),
         external_data=str(data_path.relative_to(out_dir)) if data_path else None,
-        size_bytes=target.stat().st_size + (data_path.stat().st_size if data_path else 0),
+        size_bytes=model_path.stat().st_size + (data_path.stat().st_size if data_path else 0),
         export_seconds=export_seconds,
         peak_rss_bytes=rss.peak,
         inputs={t.name: list(t.dims) for t in spec.inputs},
         outputs={t.name: list(t.dims) for t in spec.outputs},
         verification=verification,
+        fused_operators=fused_operators,
     )
 
 
@@ -269,6 +284,7 @@ def export_checkpoint(
     ip_adapter: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
     vae: str | os.PathLike | None = None,
+    target: str = "portable",
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
     ``checkpoint`` may be a single-file checkpoint (``model.safetensors``), converted once into the cache
@@ -288,9 +304,17 @@ def export_checkpoint(
     images and weights (``sdengine.controlnet``); listed in ``controlnet/config.json``. ``ip_adapter``: an
     IP-Adapter weights file (its image encoder in ``image_encoder/`` beside it), loaded into the UNet, whose
     model then takes an image prompt's embeddings and weight; its image encoder is exported too
-    (``sdengine.ip_adapter``; ``ip_adapter/config.json``)."""
+    (``sdengine.ip_adapter``; ``ip_adapter/config.json``). ``target``: ``portable`` (any ONNX Runtime
+    provider; TensorRT builds from it) or ``cuda``, float16 only: the UNet fused for ONNX Runtime's CUDA
+    provider, which alone runs it (``export.cuda_fusion``)."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if target not in TARGETS:
+        raise InvalidArgumentError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "cuda" and precision != "fp16":
+        raise InvalidArgumentError(
+            "--target cuda is float16 (ONNX Runtime's fused CUDA kernels): add --precision fp16"
+        )
     if opset < MIN_OPSET:
         raise InvalidArgumentError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
     if is_single_file(checkpoint):
@@ -328,6 +352,8 @@ def export_checkpoint(
         raise InvalidArgumentError("an IP-Adapter is exported inside the UNet: export the unet component too")
     if IMAGE_ENCODER in components and not ip_record:
         raise InvalidArgumentError("image_encoder is an IP-Adapter's: export with --ip-adapter FILE")
+    if target == "cuda" and UNET not in components:
+        raise InvalidArgumentError("--target cuda fuses the UNet for CUDA: export the unet component too")
     out_dir = Path(output)
     if out_dir.resolve() == source.resolve():
         raise InvalidArgumentError("--output must differ from the checkpoint directory")
@@ -344,6 +370,7 @@ def export_checkpoint(
             loras=lora_files,
             controlnets=control_paths,
             ip_adapter=ip_record,
+            target=target,
         )
     _copy_side_files(source, out_dir)
     control_records = [{"dir": str(p), "sha256": checkpoint_hash(p)} for p in control_paths]
@@ -361,6 +388,7 @@ def export_checkpoint(
             {"file": str(f.path.resolve()), "sha256": file_sha256(f.path), "scale": s} for f, s in lora_files
         ],
         controlnets=control_records,
+        target=target,
     )
     manifest.write(out_dir)
     failed = [

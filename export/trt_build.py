@@ -366,6 +366,11 @@ def build_engines(
     onnx_paths = {name: model_dir.onnx_path(name) for name in names}
     digests = {name: onnx_digest(path) for name, path in onnx_paths.items()}  # fails early on a missing model
     export = Manifest.read(model_dir.root)
+    if export and export.target == "cuda":
+        raise InvalidArgumentError(
+            f"{model_dir.root}'s UNet is fused for ONNX Runtime's CUDA provider (export --target cuda), "
+            "which TensorRT cannot parse: build engines from a portable export"
+        )
     precision = export.precision if export else UNKNOWN_PRECISION
     env = env or detect_build_env()
     builder = builder or build_serialized_engine

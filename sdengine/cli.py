@@ -256,6 +256,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         ip_adapter=args.ip_adapter,
         config=args.config,
         vae=args.vae,
+        target=args.target,
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -264,7 +265,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{name:<13} {record.size_bytes / 1e6:10.1f} MB {record.export_seconds:8.1f} s  {checked:<20} "
             f"{record.path}"
         )
-    print(f"wrote {args.output} ({manifest.precision}, opset {manifest.opset})")
+    fused = "; UNet fused for ONNX Runtime's CUDA provider" if manifest.target == "cuda" else ""
+    print(f"wrote {args.output} ({manifest.precision}, opset {manifest.opset}{fused})")
     return 0
 
 
@@ -692,6 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--output", required=True)
     e.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    e.add_argument(
+        "--target",
+        choices=("portable", "cuda"),
+        default="portable",
+        help="portable (default: any ONNX Runtime provider, TensorRT builds from it) or cuda: the UNet fused "
+        "for ONNX Runtime's CUDA provider (fused attention, NHWC GroupNorm and convolutions), which alone "
+        "runs it; needs --precision fp16",
+    )
     e.add_argument("--opset", type=int, default=17)
     e.add_argument(
         "--components",

@@ -37,3 +37,7 @@ class BackendUnavailableError(SDEngineError):
 
 class ExportVerificationError(SDEngineError):
     """An exported model's outputs are too far from its PyTorch module's (the export is kept)."""
+
+
+class ExportError(SDEngineError):
+    """An export step could not be done (a library's rewrite of the model failed, say)."""

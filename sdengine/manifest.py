@@ -39,6 +39,8 @@ class ComponentRecord:
     outputs: dict[str, list[str | int]]
     #: the check of its outputs against the PyTorch module's (export.verify), or None where none was made
     verification: dict[str, Any] | None = None
+    #: ONNX Runtime's CUDA operators fused into it, by count (``export.cuda_fusion``), or None
+    fused_operators: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Manifest:
     loras: list[dict[str, Any]] = field(default_factory=list)
     #: ControlNets traced into the UNet ({dir, sha256} each; see sdengine.controlnet)
     controlnets: list[dict[str, Any]] = field(default_factory=list)
+    #: ``portable`` (any ONNX Runtime provider, TensorRT) or ``cuda`` (the UNet fused for ONNX Runtime's
+    #: CUDA provider alone: ``export.cuda_fusion``)
+    target: str = "portable"
 
     def write(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST_NAME

@@ -17,6 +17,7 @@ from typing import Any
 from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
 from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.ip_adapter import IP_ADAPTER_CONFIG, exported_ip_adapter
+from sdengine.manifest import MANIFEST_NAME
 from sdengine.model_specs import (
     IMAGE_ENCODER,
     REQUIRED_COMPONENTS,
@@ -149,6 +150,9 @@ class ModelDir:
     zero_negative: bool = False
     #: the VAE overflows float16 (SDXL's; its config's ``force_upcast``): exports keep it in float32
     vae_force_upcast: bool = False
+    #: an export whose UNet is fused for ONNX Runtime's CUDA provider (``sdengine export --target cuda``),
+    #: which alone runs it
+    cuda_fused: bool = False
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -224,7 +228,9 @@ def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
 
     controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
     ip_adapter = exported_ip_adapter(optional_json(root / IP_ADAPTER_CONFIG))
-    return _open(root, VAE_DECODER, files, again, len(controlnets), ip_adapter)
+    model_dir = _open(root, VAE_DECODER, files, again, len(controlnets), ip_adapter)
+    cuda_fused = optional_json(root / MANIFEST_NAME).get("target") == "cuda"
+    return dataclasses.replace(model_dir, cuda_fused=cuda_fused) if cuda_fused else model_dir
 
 
 def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:

@@ -25,7 +25,7 @@ from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask
 from sdengine.ip_adapter import ip_pixels, ip_unet_inputs
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
-from sdengine.model_specs import SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2
+from sdengine.model_specs import SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
 from sdengine.prompt_weights_a1111 import a1111_embeddings, a1111_windows, parse_a1111
 from sdengine.refiner import DEFAULT_REFINER_SWITCH, check_refiner
@@ -790,6 +790,11 @@ class Pipeline(_CallMixin):
         missing = sorted(lora.components() - set(self.model_dir.arch.components()))
         if missing:
             raise InvalidArgumentError(f"{path} updates {', '.join(missing)}, which this model does not have")
+        if self.model_dir.cuda_fused and UNET in lora.components():
+            raise InvalidArgumentError(
+                f"{self.model_dir.root}'s UNet is fused for CUDA (export --target cuda), its attention "
+                "weights packed: fuse the LoRA at export instead (sdengine export --lora FILE:WEIGHT)"
+            )
         return lora
 
     def _set_loras(self, loras: list[tuple[LoraFile, float]]) -> None:

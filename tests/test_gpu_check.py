@@ -52,17 +52,28 @@ def test_prepare_reuses_a_finished_background_preparation(tmp_path, monkeypatch)
     assert (ckpt, onnx_dir, export_s) == (tmp_path / "tiny", tmp_path / "tiny-fp16", {"unet": 3.5})
 
 
-def test_prepare_starts_again_when_the_background_process_died(tmp_path, monkeypatch):
+def test_prepare_makes_what_a_dead_background_process_left_and_the_checkpoint_once(tmp_path, monkeypatch):
     import benchmarks.gpu_check as gpu_check
 
-    (tmp_path / "tiny-prepare.pid").write_text("999999999")  # no such process
-    made = []
+    (tmp_path / "tiny-fp16-cuda.pid").write_text("999999999")  # no such process
+    made, exported = [], []
     monkeypatch.setattr("export.checkpoint.write_random_checkpoint", lambda path, *a, **k: made.append(path))
 
     class Manifest:
         components = {"unet": type("R", (), {"export_seconds": 1.0})()}
 
-    monkeypatch.setattr("export.onnx_export.export_checkpoint", lambda *a, **k: Manifest())
+    def export(ckpt, out, **kwargs):
+        exported.append((out.name, kwargs["target"]))
+        return Manifest()
+
+    monkeypatch.setattr("export.onnx_export.export_checkpoint", export)
+    assert gpu_check.prepare(tmp_path, "tiny", "cuda") == (
+        tmp_path / "tiny",
+        tmp_path / "tiny-fp16-cuda",
+        {"unet": 1.0},
+    )
     assert gpu_check.prepare(tmp_path, "tiny")[2] == {"unet": 1.0}
-    assert made == [tmp_path / "tiny"] and not (tmp_path / "tiny-prepare.pid").exists()
-    assert json.loads((tmp_path / "tiny-fp16.done.json").read_text()) == {"unet": 1.0}
+    assert made == [tmp_path / "tiny"]  # one checkpoint for both targets
+    assert exported == [("tiny-fp16-cuda", "cuda"), ("tiny-fp16", "portable")]
+    assert not list(tmp_path.glob("*.pid"))
+    assert json.loads((tmp_path / "tiny-fp16-cuda.done.json").read_text()) == {"unet": 1.0}

@@ -17,7 +17,12 @@ from onnx import external_data_helper, helper, numpy_helper
 
 from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers, xl_layer
 from sdengine.backends.ort_cache import optimized_model
-from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
+from sdengine.errors import (
+    BackendUnavailableError,
+    CorruptModelError,
+    ModelDirectoryError,
+    UnsupportedConfigError,
+)
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import (
     HIDDEN_STATES,
@@ -159,6 +164,11 @@ class OrtBackend:
         machine (see ``ort_cache``)."""
         self.model_dir = model_dir
         self.providers = list(providers)
+        if model_dir.cuda_fused and "CUDAExecutionProvider" not in self.providers:
+            raise BackendUnavailableError(
+                f"{model_dir.root}'s UNet is fused for ONNX Runtime's CUDA provider (export --target cuda), "
+                "which alone runs it: use --device cuda, or a portable export on the CPU"
+            )
         self.threads, self.optimized_cache = threads, optimized_cache
         self.options = session_options(threads)
         self.specs = model_dir.arch.specs()

@@ -1,0 +1,100 @@
+"""The UNet fused for ONNX Runtime's CUDA provider (``sdengine export --target cuda``).
+
+The portable export spells attention out as MatMul, Softmax, MatMul: on a GPU that writes each attention
+matrix to memory (at 512x512, 4096x4096 per head), and GroupNorm as a dozen small kernels. ONNX Runtime's
+transformer optimizer (``onnxruntime.transformers``, model type ``unet``: the library its own Stable
+Diffusion tooling uses) rewrites the graph into its CUDA contrib operators: MultiHeadAttention (flash or
+memory-efficient attention, packed QKV and KV), GroupNorm and SkipGroupNorm in NHWC, NhwcConv, BiasSplitGelu,
+SkipLayerNormalization, BiasAdd. Two of its habits shape this module:
+
+- its attention matcher reads diffusers' classic attention processor (baddbmm, softmax, bmm), not torch's
+  ``scaled_dot_product_attention``, so the UNet is traced with that processor (:func:`classic_attention`);
+- its GroupNorm fusion reads float32 weights, so the trace is float32, fused, then converted to float16
+  by ONNX Runtime's own converter, as its tooling does.
+
+The result runs only on ONNX Runtime's CUDA provider (the CPU has none of these kernels, TensorRT parses no
+contrib operators): the manifest says ``target: cuda`` and the CPU backend, the TensorRT builder and run-time
+LoRA (its layers' weights are packed) refuse it. The export's check against PyTorch (``export.verify``)
+runs on the float32 trace before fusion; the fused model's numbers are checked on a GPU
+(``benchmarks/gpu_check.py``), against diffusers in float16.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import onnx
+
+from sdengine.errors import ExportError
+
+#: what the fused UNet must contain, or the fusion is refused (a model that lost these would be slower
+#: than the portable one, never faster)
+REQUIRED_FUSIONS = ("MultiHeadAttention", "GroupNorm")
+TARGETS = ("portable", "cuda")
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+def classic_attention(module: object) -> int:
+    """Give every plain attention layer of ``module`` diffusers' classic processor (what the fusion
+    matches); others (an IP-Adapter's) keep theirs. Returns how many were replaced."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    count = 0
+    for layer in module.modules():
+        if type(getattr(layer, "processor", None)) is AttnProcessor2_0:  # not a subclass: an adapter
+            layer.set_processor(AttnProcessor())
+            count += 1
+    return count
+
+
+def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The float32 UNet at ``model_path`` fused for the CUDA provider and converted to float16 (its inputs
+    and outputs kept float32); with the count of each fused operator. ExportError where it did not take."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("unet")
+    options.enable_packed_qkv = options.enable_packed_kv = True  # one projection for q, k and v
+    try:
+        fused = optimize_model(
+            str(model_path),
+            model_type="unet",
+            num_heads=0,  # read from the graph
+            hidden_size=0,
+            opt_level=0,  # the fusions only: ONNX Runtime's own graph optimisations run at session start
+            use_gpu=True,
+            optimization_options=options,
+        )
+    except Exception as exc:  # noqa: BLE001 - the library's failure, named in one line
+        raise ExportError(
+            f"ONNX Runtime's CUDA fusion of the UNet failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    # inputs and outputs stay float32, as the portable float16 export keeps them (the runtime binds those)
+    fused.convert_float_to_float16(keep_io_types=True, op_block_list=["RandomNormalLike"])
+    counts = collections.Counter(node.op_type for node in fused.model.graph.node)
+    missing = [op for op in REQUIRED_FUSIONS if not counts[op]]
+    if missing:
+        raise ExportError(
+            f"ONNX Runtime's CUDA fusion left the UNet without {', '.join(missing)}; "
+            "export without --target cuda"
+        )
+    fused.topological_sort()  # what the library's own save does first: the converter appends its casts
+    model = fused.model
+    if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):  # (its save adds this too)
+        model.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    return model, {op: n for op, n in sorted(counts.items()) if op in FUSED_OPERATORS}
+
+
+#: ONNX Runtime's contrib operators the fusion introduces (counted in the manifest)
+FUSED_OPERATORS = frozenset(
+    {
+        "BiasAdd",
+        "BiasSplitGelu",
+        "GroupNorm",
+        "MultiHeadAttention",
+        "NhwcConv",
+        "SkipGroupNorm",
+        "SkipLayerNormalization",
+    }
+)

@@ -1,0 +1,103 @@
+"""The UNet fused for ONNX Runtime's CUDA provider (``export --target cuda``): what can be checked on the CPU.
+
+The CPU has none of the fused kernels, so these check the fusion's structure, the manifest and every refusal;
+its numbers are checked on a GPU (tests/test_gpu.py, benchmarks/gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from sdengine.errors import BackendUnavailableError, InvalidArgumentError
+
+
+@pytest.fixture(scope="module")
+def fused_dir(tiny_checkpoint, tmp_path_factory):
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx") / "cuda-fp16"
+    export_checkpoint(tiny_checkpoint, out, precision="fp16", target="cuda")
+    return out
+
+
+def test_the_unet_is_fused_into_onnx_runtimes_cuda_operators(fused_dir, tiny_checkpoint):
+    import onnx
+
+    manifest = json.loads((fused_dir / "sdengine_manifest.json").read_text())
+    assert manifest["target"] == "cuda"
+    unet = manifest["components"]["unet"]
+    config = json.loads((tiny_checkpoint / "unet" / "config.json").read_text())
+    blocks = config["layers_per_block"] * sum("CrossAttn" in b for b in config["down_block_types"])
+    blocks += (config["layers_per_block"] + 1) * sum("CrossAttn" in b for b in config["up_block_types"])
+    blocks += 1  # the mid block's transformer
+    fused = unet["fused_operators"]
+    assert fused["MultiHeadAttention"] == 2 * blocks  # self and cross attention of every transformer
+    assert fused["GroupNorm"] + fused.get("SkipGroupNorm", 0) > 0 and fused["NhwcConv"] > 0
+    assert unet["verification"]["passed"] and unet["verification"]["tolerance"] == 1e-4  # float32 trace
+    model = onnx.load(str(fused_dir / "unet" / "model.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert "Softmax" not in ops  # no attention left spelled out
+    # inputs and outputs float32, as the portable export's, so the runtime binds the same buffers
+    assert {i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]} == {1}
+    assert manifest["components"]["text_encoder"]["fused_operators"] is None
+
+
+def test_the_cpu_and_tensorrt_refuse_a_fused_export(fused_dir):
+    from export.trt_build import build_engines
+    from sdengine.pipeline import Pipeline
+
+    with pytest.raises(BackendUnavailableError, match="fused for ONNX Runtime's CUDA provider"):
+        Pipeline.load(fused_dir, backend="ort", device="cpu")
+    with pytest.raises(InvalidArgumentError, match="TensorRT cannot parse"):
+        build_engines(fused_dir, fused_dir.parent / "engines", batch=1, height=64, width=64)
+
+
+def test_run_time_lora_is_refused_on_a_fused_unet(ort_pipe_fp32, onnx_fp32, tmp_path):
+    from export.random_lora import write_random_lora
+
+    lora = write_random_lora(onnx_fp32, tmp_path / "lora.safetensors")
+    pipe = ort_pipe_fp32
+    fused_view = dataclasses.replace(pipe.model_dir, cuda_fused=True)
+    real = pipe.model_dir
+    pipe.model_dir = fused_view
+    try:
+        with pytest.raises(InvalidArgumentError, match="fuse the LoRA at export"):
+            pipe.load_lora(lora, 0.5)
+    finally:
+        pipe.model_dir = real
+    assert pipe.loras == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": "cuda"}, "add --precision fp16"),
+        ({"target": "tpu", "precision": "fp16"}, "unknown target"),
+        ({"target": "cuda", "precision": "fp16", "components": ["vae_decoder"]}, "export the unet"),
+    ],
+)
+def test_bad_targets_are_refused_before_any_work(tiny_checkpoint, tmp_path, kwargs, message):
+    from export.onnx_export import export_checkpoint
+
+    with pytest.raises(InvalidArgumentError, match=message):
+        export_checkpoint(tiny_checkpoint, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_classic_attention_replaces_only_the_plain_processors():
+    import torch
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    from export.cuda_fusion import classic_attention
+
+    class Custom(AttnProcessor2_0):
+        pass
+
+    plain, custom = Attention(8, heads=2, dim_head=4), Attention(8, heads=2, dim_head=4)
+    custom.set_processor(Custom())
+    module = torch.nn.ModuleList([plain, custom])
+    assert classic_attention(module) == 1
+    assert type(plain.processor) is AttnProcessor and type(custom.processor) is Custom
