@@ -89,9 +89,7 @@ class Parity:
     def __init__(self, work: Path, device: str = "cuda") -> None:
         from export.checkpoint import write_random_checkpoint
         from export.onnx_export import export_checkpoint
-        from sdengine.backends.ort_cuda import OrtCudaBackend
         from sdengine.model_dir import open_onnx_dir
-        from sdengine.pipeline import Pipeline
         from sdengine.tokenizer import ClipTokenizer
 
         self.work, self.device, self.results = work, device, {}
@@ -102,14 +100,29 @@ class Parity:
         self.fp32, self.fp16 = open_onnx_dir(work / "tiny-fp32"), open_onnx_dir(work / "tiny-fp16")
         self.settings = dict(steps=8, seed=1, height=64, width=96, guidance=7.5)
         self.tok = ClipTokenizer.from_dir(self.fp32.tokenizer_dir)
-        self.backends = {
-            mode: OrtCudaBackend(self.fp32, graphs=mode, device=device) for mode in ("step", "ort", "none")
+
+    @functools.cached_property
+    def backends(self) -> dict[str, Any]:
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+
+        return {
+            mode: OrtCudaBackend(self.fp32, graphs=mode, device=self.device)
+            for mode in ("step", "ort", "none")
         }
-        self.pipes = {mode: Pipeline(self.fp32, b, self.tok) for mode, b in self.backends.items()}
-        self.cpu = Pipeline.load(self.fp32.root, backend="ort", device="cpu")
+
+    @functools.cached_property
+    def pipes(self) -> dict[str, Any]:
+        from sdengine.pipeline import Pipeline
+
+        return {mode: Pipeline(self.fp32, b, self.tok) for mode, b in self.backends.items()}
+
+    @functools.cached_property
+    def cpu(self) -> Any:
+        from sdengine.pipeline import Pipeline
+
+        return Pipeline.load(self.fp32.root, backend="ort", device="cpu")
 
     def core(self) -> None:
-
         results, settings, pipes = self.results, self.settings, self.pipes
         for scheduler in ("pndm", "euler_a", "dpmpp_2m"):
             runs: dict = {}
@@ -145,13 +158,16 @@ class Parity:
             "fp16 CUDA vs diffusers fp16 GPU, PSNR dB",
             lambda: psnr(self.half(PROMPT, **settings).array, self.torch16(PROMPT, **settings).array),
         )
-        drawn = dict(settings, scheduler="euler_a", noise_source="torch-cpu")  # diffusers draws its own noise
+
+    def noise(self) -> None:
+        """PyTorch's CPU noise (``noise_source="torch-cpu"``) against diffusers fp16 with CPU generators."""
+        drawn = dict(self.settings, scheduler="euler_a", noise_source="torch-cpu")  # diffusers draws its own
         attempt(
-            results,
+            self.results,
             "torch-cpu noise: fp16 CUDA vs diffusers fp16 GPU with CPU generators, PSNR dB",
             lambda: psnr(self.half(PROMPT, **drawn).array, self.torch16(PROMPT, **drawn).array),
         )
-        attempt(results, "torch's CPU randn: float16 draws vs float32 draws, max |diff|", half_draws)
+        attempt(self.results, "torch's CPU randn: float16 draws vs float32 draws, max |diff|", half_draws)
 
     @functools.cached_property
     def half(self) -> Any:
@@ -396,10 +412,11 @@ def alive(pid: int) -> bool:
     return pid != os.getpid()
 
 
-#: the check's parts, in the order they run: ``core`` parity rows, ``fused`` (the CUDA-fused UNet: its parity
+#: the check's parts, in the order they run: ``core`` parity rows, ``noise`` (PyTorch's CPU noise against
+#: diffusers'), ``fused`` (the CUDA-fused UNet: its parity
 #: rows, and it leads the latency runs), ``latency`` (every step count), ``extras`` (the other parity rows,
 #: after the headline latency), ``ort-graphs`` (ONNX Runtime's own graph mode, timed)
-PARTS = ("core", "fused", "latency", "extras", "ort-graphs")
+PARTS = ("core", "noise", "fused", "latency", "extras", "ort-graphs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,12 +474,14 @@ def main(argv: list[str] | None = None) -> int:
             save(report, out)
 
     check = None
-    if parts & {"core", "fused", "extras"}:
+    if parts & {"core", "noise", "fused", "extras"}:
         check = guarded("parity on the tiny checkpoint: its exports", lambda: Parity(work, device))
         if check is not None:
             report["parity"] = check.results
     if check is not None and "core" in parts:
         guarded("parity: graphs, CUDA against the CPU, fp16 against diffusers", check.core)
+    if check is not None and "noise" in parts:
+        guarded("parity: PyTorch's CPU noise", check.noise)
     if check is not None and "fused" in parts:
         guarded("parity: the UNet fused for CUDA", check.fused)
     extras_ran: list[bool] = []
@@ -532,9 +551,8 @@ def latencies(
         if "fused" in parts:
             _, fused_dir, report["export_s_fused"] = prepare(work, preset, "cuda")
             fused = replace(config, onnx_dir=fused_dir)
-            runs.append((f"{step_counts[0]}-fused", replace(fused, steps=step_counts[0])))
+            runs += [(f"{n}-fused", replace(fused, steps=n)) for n in step_counts]
             runs.append((str(step_counts[0]), replace(config, backends=("ort",), steps=step_counts[0])))
-            runs += [(f"{n}-fused", replace(fused, steps=n)) for n in step_counts[1:]]
         else:
             runs += [(str(n), replace(config, steps=n)) for n in step_counts]
     if "ort-graphs" in parts:  # ONNX Runtime's own graph mode (a wait for the GPU after each replay)

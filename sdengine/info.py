@@ -83,6 +83,9 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     if manifest is not None:
         info["manifest"] = {
             "precision": manifest.precision,
+            "target": "cuda: the UNet fused for ONNX Runtime's CUDA provider, which alone runs it"
+            if manifest.target == "cuda"
+            else "portable",
             "opset": manifest.opset,
             "source_checkpoint": manifest.source_checkpoint,
             "tool_versions": manifest.tool_versions,

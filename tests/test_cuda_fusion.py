@@ -45,6 +45,13 @@ def test_the_unet_is_fused_into_onnx_runtimes_cuda_operators(fused_dir, tiny_che
     assert manifest["components"]["text_encoder"]["fused_operators"] is None
 
 
+def test_info_says_what_runs_a_fused_export(fused_dir, onnx_fp32):
+    from sdengine.info import describe
+
+    assert describe(fused_dir)["manifest"]["target"].startswith("cuda: the UNet fused")
+    assert describe(onnx_fp32)["manifest"]["target"] == "portable"
+
+
 def test_the_cpu_and_tensorrt_refuse_a_fused_export(fused_dir):
     from export.trt_build import build_engines
     from sdengine.pipeline import Pipeline
