@@ -84,7 +84,7 @@ def stage_totals_ms(calls: dict[str, list[int]]) -> dict[str, float]:
     return totals
 
 
-def summarise(raw: dict, flops: dict[str, int], peak_gflops: float) -> dict:
+def summarise(raw: dict, flops: dict[str, int], peak_gflops: float | None) -> dict:
     runs = [stage_totals_ms(calls) for calls in raw["runs"]]
     unet_calls = [c for calls in raw["runs"] for c in calls.get("unet", ())]
     step_calls = [c for calls in raw["runs"] for c in calls.get("step_call", ())]
@@ -107,7 +107,8 @@ def summarise(raw: dict, flops: dict[str, int], peak_gflops: float) -> dict:
             timed["unet"] = summary["stages_ms"]["denoise_gpu"]["median"]
         achieved = {s: flops[s] * counts[s] / (timed[s] / 1e3) / 1e9 for s in FLOP_STAGES if timed[s] > 0}
         summary["gflops_per_s"] = achieved
-        summary["fraction_of_matmul_peak"] = {s: v / peak_gflops for s, v in achieved.items()}
+        if peak_gflops:
+            summary["fraction_of_matmul_peak"] = {s: v / peak_gflops for s, v in achieved.items()}
     return summary
 
 
@@ -173,7 +174,7 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
 
 def run_benchmark(config: BenchConfig, flops: dict[str, int] | None = None) -> dict:
     """Measure every backend of ``config``; the report as a JSON-ready dict."""
-    peak = matmul_gflops()
+    peak = matmul_gflops() if config.device != "cuda" else None  # a CPU ceiling, meaningless on a GPU
     report: dict = {
         "machine": machine_info(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
@@ -208,7 +209,9 @@ def format_report(report: dict) -> str:
     lines = [
         f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores"
         + (f", GPU {', '.join(report['machine']['gpus'])}" if report["machine"]["gpus"] else ""),
-        f"matmul ceiling (ONNX Runtime fp32): {report['matmul_gflops']:.0f} GFLOP/s",
+        f"matmul ceiling (ONNX Runtime fp32): {report['matmul_gflops']:.0f} GFLOP/s"
+        if report["matmul_gflops"]
+        else "matmul ceiling: - (the CPU's; not measured for a GPU run)",
         "",
         f"{'stage (ms)':<22}" + "".join(f"{b:>{width}}" for b in backends),
     ]
@@ -231,6 +234,7 @@ def format_report(report: dict) -> str:
         "load (s)": lambda r: f"{r['load_s']:.2f}",
         "peak RSS (MB)": lambda r: f"{r['peak_rss_mb']:.0f}",
         "GPU memory (MB)": lambda r: f"{r['device_memory_mb']:.0f}" if r.get("device_memory_mb") else "-",
+        "UNet TFLOP/s": lambda r: f"{r['gflops_per_s']['unet'] / 1e3:.1f}" if "gflops_per_s" in r else "-",
         "UNet % of matmul peak": lambda r: (
             f"{100 * r['fraction_of_matmul_peak']['unet']:.0f}%" if "fraction_of_matmul_peak" in r else "-"
         ),

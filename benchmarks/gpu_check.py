@@ -2,19 +2,21 @@
 
 Run on a lent GPU machine by ``benchmarks/gpu_check.sh`` (which installs the carried onnxruntime-gpu wheel):
 
-    python -m benchmarks.gpu_check [--out DIR] [--steps 50,20] [--runs 3]
+    python -m benchmarks.gpu_check [--out DIR] [--steps 50,20] [--runs 3] [--parts core,noise,...]
 
 1. Parity on the tiny random checkpoint: ONNX Runtime CUDA with whole-step graphs (``step``) and with its
    own graph mode (``ort``) against the same backend without graphs (a replay must give the eager latents),
    against ONNX Runtime on the CPU (fp32: text and image to image, inpainting, prompt editing, the hires fix,
-   LoRA, a random ControlNet, a random IP-Adapter), and fp16 ONNX Runtime CUDA against diffusers fp16 on the
-   GPU; the same for the tiny SDXL model, and it with a tiny refiner finishing its runs.
-2. Latency on the SD 1.5-sized random checkpoint, fp16, 512x512, batch 1, CFG, for each step count: every
-   available GPU backend against diffusers fp16 eager on the same GPU, in the same run (CUDA events for the
-   denoising loop, medians over runs); then ONNX Runtime once more with its own graph mode.
-The headline latency (the largest step count) runs between the core parity rows (graphs, CUDA against the
-CPU for each scheduler, fp16 against diffusers) and the others, so a run cut short keeps the numbers that
-matter most. A row or run that fails is recorded as its one-line error and the rest goes on (exit status 1).
+   LoRA, a random ControlNet, a random IP-Adapter), fp16 ONNX Runtime CUDA against diffusers fp16 on the GPU
+   (PyTorch's CPU noise too), and the UNet fused for CUDA (``export --target cuda``) against plain runs, the
+   portable export and diffusers; the same for the tiny SDXL model, and it with a tiny refiner.
+2. Latency on the SD 1.5-sized random checkpoint, fp16, 512x512, batch 1, CFG, for each step count: the
+   fused export (or the portable one) and every other available GPU backend against diffusers fp16 eager on
+   the same GPU, in the same run (CUDA events for the denoising loop, medians over runs); then the portable
+   export, and ONNX Runtime once more with its own graph mode.
+:data:`PARTS` names the pieces, in the order they run; the headline latency runs before the ``extras``
+parity rows, so a run cut short keeps the numbers that matter most. A row or run that fails is recorded as
+its one-line error and the rest goes on (exit status 1).
 Writes ``gpu_check.json`` (after each part) and the tables to --out. TensorRT runs only where it is
 installed (engines are built for 512x512 first, and their build time reported); the lent machines here have
 none.

@@ -62,6 +62,27 @@ def test_the_cpu_and_tensorrt_refuse_a_fused_export(fused_dir):
         build_engines(fused_dir, fused_dir.parent / "engines", batch=1, height=64, width=64)
 
 
+def test_the_cuda_provider_passes_the_check_as_a_name_or_with_its_options(fused_dir):
+    """The CUDA backend lists its provider as a (name, options) pair: the fused export is its to run."""
+    from sdengine.backends.ort import OrtBackend, provider_names
+
+    assert provider_names([("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    with pytest.raises(Exception) as refused:  # here the CPU then fails to open the fused kernels
+        OrtBackend(open_fused(fused_dir), providers=[("CUDAExecutionProvider", {"device_id": "0"})])
+    assert "which alone runs it" not in str(refused.value)
+
+
+def open_fused(path):
+    from sdengine.model_dir import open_onnx_dir
+
+    model_dir = open_onnx_dir(path)
+    assert model_dir.cuda_fused
+    return model_dir
+
+
 def test_run_time_lora_is_refused_on_a_fused_unet(ort_pipe_fp32, onnx_fp32, tmp_path):
     from export.random_lora import write_random_lora
 

@@ -145,6 +145,11 @@ def open_session(
     return session
 
 
+def provider_names(providers: Sequence[str | tuple[str, dict]]) -> list[str]:
+    """The execution providers' names, from names or (name, options) pairs as ONNX Runtime takes them."""
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
 class OrtBackend:
     """Runs text encoder, UNet, the step model and VAE decoder with ONNX Runtime, on host arrays."""
 
@@ -164,7 +169,7 @@ class OrtBackend:
         machine (see ``ort_cache``)."""
         self.model_dir = model_dir
         self.providers = list(providers)
-        if model_dir.cuda_fused and "CUDAExecutionProvider" not in self.providers:
+        if model_dir.cuda_fused and "CUDAExecutionProvider" not in provider_names(self.providers):
             raise BackendUnavailableError(
                 f"{model_dir.root}'s UNet is fused for ONNX Runtime's CUDA provider (export --target cuda), "
                 "which alone runs it: use --device cuda, or a portable export on the CPU"
