@@ -92,3 +92,24 @@ def test_inpainting_graphs_give_the_eager_latents(onnx_fp32, mode):
     for seed in (3, 4):
         a, b = graphs(PROMPT, **{**inpaint, "seed": seed}), eager(PROMPT, **{**inpaint, "seed": seed})
         np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5)
+
+
+@needs_ort_cuda
+@pytest.mark.skipif(not HAS.torch_cuda, reason="needs torch with CUDA")
+def test_the_unet_fused_for_cuda_matches_the_portable_export_and_diffusers(
+    onnx_fp16, tiny_checkpoint, tmp_path
+):
+    """``export --target cuda``: replayed graphs give its plain runs' latents, and its images are the
+    portable fp16 export's and diffusers fp16's within float16 tolerance."""
+    from export.onnx_export import export_checkpoint
+    from sdengine.pipeline import Pipeline
+
+    fused = tmp_path / "fused"
+    export_checkpoint(tiny_checkpoint, fused, precision="fp16", target="cuda")
+    graphs, eager = _pipelines(fused, "step")
+    assert graphs.backend.graph_mode == "step", graphs.backend.graphs_refused
+    a, b = graphs(PROMPT, **SETTINGS), eager(PROMPT, **SETTINGS)
+    np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5)
+    portable = Pipeline.load(onnx_fp16, backend="ort", device="cuda")(PROMPT, **SETTINGS)
+    ref = Pipeline.load(tiny_checkpoint, backend="torch", device="cuda")(PROMPT, **SETTINGS)
+    assert psnr(a.array, portable.array) >= 30 and psnr(a.array, ref.array) >= 30
