@@ -42,7 +42,7 @@ import numpy as np
 from benchmarks.bench import BenchConfig, format_report, run_benchmark
 from benchmarks.flops import stage_flops
 from benchmarks.machine import machine_info
-from sdengine.backends.select import detect
+from sdengine.backends.select import Availability, detect
 from sdengine.images import psnr
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -514,7 +514,7 @@ def latencies(
     preset: str,
     size: int,
     device: str,
-    has: object,
+    has: Availability,
     report: dict,
     out: Path,
     after_headline: Callable[[], None],

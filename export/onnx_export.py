@@ -217,6 +217,7 @@ def export_component(
             if verify:
                 check = verify_component(module, unfused, arch, name, "fp32", vocab_size=vocab_size)
                 verification = check.as_dict()
+            module = None  # PyTorch's copy of the weights, freed before the fusion's own copies
             model, fused_operators = fuse_for_cuda(unfused)
         elif precision == "fp16":
             model = convert_to_fp16(model)
