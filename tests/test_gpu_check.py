@@ -79,3 +79,55 @@ def test_prepare_makes_what_a_dead_background_process_left_and_the_checkpoint_on
     assert exported == [("tiny-fp16-cuda", "cuda"), ("tiny-fp16", "portable")]
     assert not list(tmp_path.glob("*.pid"))
     assert json.loads((tmp_path / "tiny-fp16-cuda.done.json").read_text()) == {"unet": 1.0}
+
+
+def test_with_the_fused_part_its_export_leads_the_latency_runs_and_the_extras_follow_the_headline(
+    tmp_path, monkeypatch
+):
+    """The order a lent GPU's minutes go in, with the exports and the timing replaced."""
+    import argparse
+
+    import benchmarks.gpu_check as gpu_check
+    from sdengine.backends.select import Availability
+
+    def prepare(work, preset, target="portable"):
+        return work / preset, work / f"{preset}-{target}", {"unet": 1.0}
+
+    runs = []
+
+    def run_benchmark(config, flops):
+        runs.append((config.onnx_dir.name, config.steps, config.backends, config.graphs))
+        if config.steps == 20:
+            raise RuntimeError("out of memory")  # recorded; the next run still goes
+        return {"backends": {}}
+
+    monkeypatch.setattr(gpu_check, "prepare", prepare)
+    monkeypatch.setattr(gpu_check, "stage_flops", lambda *a, **k: {})
+    monkeypatch.setattr(gpu_check, "run_benchmark", run_benchmark)
+    monkeypatch.setattr(gpu_check, "format_report", lambda result: "table")
+    report: dict = {"latency": {}}
+    order = []
+    args = argparse.Namespace(rehearse=False, steps="50,20", runs=3)
+    parts = {"fused", "latency", "ort-graphs"}
+    gpu_check.latencies(
+        args,
+        parts,
+        tmp_path,
+        "sd15",
+        512,
+        "cuda",
+        Availability(ort_cuda=True),
+        report,
+        tmp_path,
+        lambda: order.append(len(runs)),
+    )
+    assert runs == [
+        ("sd15-cuda", 50, ("ort", "torch"), "step"),
+        ("sd15-cuda", 20, ("ort", "torch"), "step"),
+        ("sd15-portable", 50, ("ort",), "step"),
+        ("sd15-portable", 50, ("ort",), "ort"),
+    ]
+    assert order == [1]  # the other parity rows right after the headline
+    assert list(report["latency"]) == ["50-fused", "20-fused", "50", "50-ort-graphs"]
+    assert report["latency"]["20-fused"] == {"failed": "failed: RuntimeError: out of memory"}
+    assert report["export_s_fused"] == {"unet": 1.0}
