@@ -44,6 +44,7 @@ from benchmarks.flops import stage_flops
 from benchmarks.machine import machine_info
 from sdengine.backends.select import Availability, detect
 from sdengine.images import psnr
+from sdengine.manifest import TARGETS
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -52,15 +53,20 @@ def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def attempt(results: dict, name: str, measure: Callable[[], float | str]) -> None:
-    """Fill one row; a failure becomes the row's one-line error (its traceback printed), so the rest of the
-    check still runs in the lent machine's few minutes."""
+def recorded(run: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``run()``'s result, or its failure as one line (its traceback printed), so the rest of the check
+    still runs in the lent machine's few minutes."""
     try:
-        results[name] = measure()
+        return run(), None
     except Exception as error:  # noqa: BLE001 - recorded, and the check goes on
         traceback.print_exc()
-        results[name] = failure(error)
-    value = results[name]
+        return None, failure(error)
+
+
+def attempt(results: dict, name: str, measure: Callable[[], float | str]) -> None:
+    """Fill one row: ``measure()``'s value, or its one-line error."""
+    value, error = recorded(measure)
+    results[name] = value = error or value
     log(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
 
 
@@ -96,9 +102,9 @@ class Parity:
 
         self.work, self.device, self.results = work, device, {}
         self.ckpt = write_random_checkpoint(work / "tiny", "tiny", seed=0, overwrite=True)
-        self.parts = ["text_encoder", "unet", "vae_decoder"]
-        export_checkpoint(self.ckpt, work / "tiny-fp32", components=[*self.parts, "vae_encoder"])
-        export_checkpoint(self.ckpt, work / "tiny-fp16", precision="fp16", components=self.parts)
+        self.components = ["text_encoder", "unet", "vae_decoder"]
+        export_checkpoint(self.ckpt, work / "tiny-fp32", components=[*self.components, "vae_encoder"])
+        export_checkpoint(self.ckpt, work / "tiny-fp16", precision="fp16", components=self.components)
         self.fp32, self.fp16 = open_onnx_dir(work / "tiny-fp32"), open_onnx_dir(work / "tiny-fp16")
         self.settings = dict(steps=8, seed=1, height=64, width=96, guidance=7.5)
         self.tok = ClipTokenizer.from_dir(self.fp32.tokenizer_dir)
@@ -194,7 +200,11 @@ class Parity:
 
         results, settings = self.results, self.settings
         export_checkpoint(
-            self.ckpt, self.work / "tiny-fp16-cuda", precision="fp16", components=self.parts, target="cuda"
+            self.ckpt,
+            self.work / "tiny-fp16-cuda",
+            precision="fp16",
+            components=self.components,
+            target="cuda",
         )
         fused_dir = open_onnx_dir(self.work / "tiny-fp16-cuda")
         pipes = {
@@ -279,7 +289,7 @@ class Parity:
         shutil.rmtree(self.work / "random-controlnet", ignore_errors=True)  # a rerun writes it again
         controlnet = write_random_controlnet(self.ckpt, self.work / "random-controlnet")
         export_checkpoint(
-            self.ckpt, self.work / "tiny-controlnet", components=self.parts, controlnets=[controlnet]
+            self.ckpt, self.work / "tiny-controlnet", components=self.components, controlnets=[controlnet]
         )
         controlled = open_onnx_dir(self.work / "tiny-controlnet")
         control = dict(self.settings, control_image=edges, control_end=0.6)  # weights from the step model
@@ -300,12 +310,14 @@ class Parity:
         shutil.rmtree(self.work / "random-ip-adapter", ignore_errors=True)
         adapter = write_random_ip_adapter(self.ckpt, self.work / "random-ip-adapter")
         export_checkpoint(
-            self.ckpt, self.work / "tiny-ip", components=[*self.parts, "image_encoder"], ip_adapter=adapter
+            self.ckpt,
+            self.work / "tiny-ip",
+            components=[*self.components, "image_encoder"],
+            ip_adapter=adapter,
         )
         prompted_dir = open_onnx_dir(self.work / "tiny-ip")
-        prompted = dict(
-            self.settings, ip_adapter_image=image
-        )  # the image prompt's inputs bound into the graphs
+        # the image prompt's inputs bound into the graphs
+        prompted = dict(self.settings, ip_adapter_image=image)
         return psnr(
             Pipeline(prompted_dir, OrtCudaBackend(prompted_dir, device=self.device), self.tok)(
                 PROMPT, **prompted
@@ -415,9 +427,9 @@ def alive(pid: int) -> bool:
 
 
 #: the check's parts, in the order they run: ``core`` parity rows, ``noise`` (PyTorch's CPU noise against
-#: diffusers'), ``fused`` (the CUDA-fused UNet: its parity
-#: rows, and it leads the latency runs), ``latency`` (every step count), ``extras`` (the other parity rows,
-#: after the headline latency), ``ort-graphs`` (ONNX Runtime's own graph mode, timed)
+#: diffusers'), ``fused`` (the CUDA-fused UNet: its parity rows, and it leads the latency runs), ``latency``
+#: (every step count), ``extras`` (the other parity rows, after the headline latency), ``ort-graphs``
+#: (ONNX Runtime's own graph mode, timed)
 PARTS = ("core", "noise", "fused", "latency", "extras", "ort-graphs")
 
 
@@ -438,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--prepare",
-        choices=("portable", "cuda"),
+        choices=TARGETS,
         help="only make the large random checkpoint and its fp16 export for this target, then exit",
     )
     args = p.parse_args(argv)
@@ -466,14 +478,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def guarded(what: str, run: Callable[[], object]) -> object:
         log(what)
-        try:
-            return run()
-        except Exception as error:  # noqa: BLE001 - recorded; the rest still runs
-            traceback.print_exc()
-            report.setdefault("failed", {})[what] = failure(error)
-            return None
-        finally:
-            save(report, out)
+        value, error = recorded(run)
+        if error:
+            report.setdefault("failed", {})[what] = error
+        save(report, out)
+        return value
 
     check = None
     if parts & {"core", "noise", "fused", "extras"}:
@@ -562,14 +571,18 @@ def latencies(
         runs.append((f"{n}-ort-graphs", replace(config, backends=("ort",), graphs="ort", steps=n)))
     for index, (name, run_config) in enumerate(runs):
         log(f"latency {name}: {size}x{size}, batch 1, CFG, {run_config.steps} steps, {run_config.backends}")
-        try:
-            report["latency"][name] = result = run_benchmark(run_config, flops)
-            table = format_report(result)
+
+        def measure(run_config: BenchConfig = run_config) -> tuple[dict, str]:
+            result = run_benchmark(run_config, flops)
+            return result, format_report(result)
+
+        outcome, error = recorded(measure)
+        if error:
+            report["latency"][name] = {"failed": error}
+        else:
+            report["latency"][name], table = outcome
             print(table, flush=True)
             (out / f"gpu_check_{name.replace('-', '_')}_steps.txt").write_text(table + "\n")
-        except Exception as error:  # noqa: BLE001 - recorded; the other runs still go
-            traceback.print_exc()
-            report["latency"][name] = {"failed": failure(error)}
         save(report, out)  # after each run, so a check cut short still leaves what it measured
         if index == 0:
             after_headline()

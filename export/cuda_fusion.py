@@ -31,7 +31,6 @@ from sdengine.errors import ExportError
 #: what the fused UNet must contain, or the fusion is refused (a model that lost these would be slower
 #: than the portable one, never faster)
 REQUIRED_FUSIONS = ("MultiHeadAttention", "GroupNorm")
-TARGETS = ("portable", "cuda")
 CONTRIB_DOMAIN = "com.microsoft"
 
 

@@ -29,7 +29,7 @@ import psutil
 import sdengine
 from export.checkpoint import checkpoint_hash
 from export.controlnet import check_controlnets, controlnet_directory
-from export.cuda_fusion import TARGETS, classic_attention, fuse_for_cuda
+from export.cuda_fusion import classic_attention, fuse_for_cuda
 from export.fp16 import convert_to_fp16
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
@@ -41,7 +41,7 @@ from export.wrappers import load_export_module, sample_inputs, text_vocab_size
 from sdengine.controlnet import CONTROLNET_CONFIG
 from sdengine.errors import ExportVerificationError, InvalidArgumentError, ModelDirectoryError
 from sdengine.lora import LoraFile, read_lora
-from sdengine.manifest import MANIFEST_NAME, ComponentRecord, Manifest, file_sha256
+from sdengine.manifest import MANIFEST_NAME, TARGETS, ComponentRecord, Manifest, file_sha256
 from sdengine.model_dir import open_checkpoint_dir
 from sdengine.model_specs import (
     EXPORTABLE,

@@ -16,6 +16,7 @@ import numpy as np
 
 from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
 from sdengine.errors import InvalidArgumentError, SDEngineError
+from sdengine.manifest import TARGETS
 from sdengine.request import (
     DEFAULT_GUIDANCE,
     DEFAULT_INPAINT_STRENGTH,
@@ -696,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     e.add_argument(
         "--target",
-        choices=("portable", "cuda"),
+        choices=TARGETS,
         default="portable",
         help="portable (default: any ONNX Runtime provider, TensorRT builds from it) or cuda: the UNet fused "
         "for ONNX Runtime's CUDA provider (fused attention, NHWC GroupNorm and convolutions), which alone "

@@ -24,6 +24,10 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+#: what an export is for (:attr:`Manifest.target`)
+TARGETS = ("portable", "cuda")
+
+
 @dataclass(frozen=True)
 class ComponentRecord:
     """One exported model file and how it was made."""
@@ -56,8 +60,8 @@ class Manifest:
     loras: list[dict[str, Any]] = field(default_factory=list)
     #: ControlNets traced into the UNet ({dir, sha256} each; see sdengine.controlnet)
     controlnets: list[dict[str, Any]] = field(default_factory=list)
-    #: ``portable`` (any ONNX Runtime provider, TensorRT) or ``cuda`` (the UNet fused for ONNX Runtime's
-    #: CUDA provider alone: ``export.cuda_fusion``)
+    #: one of TARGETS: ``portable`` (any ONNX Runtime provider, TensorRT) or ``cuda`` (the UNet fused for
+    #: ONNX Runtime's CUDA provider alone: ``export.cuda_fusion``)
     target: str = "portable"
 
     def write(self, directory: str | os.PathLike) -> Path:
