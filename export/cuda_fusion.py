@@ -12,6 +12,14 @@ SkipLayerNormalization, BiasAdd. Two of its habits shape this module:
 - its GroupNorm fusion reads float32 weights, so the trace is float32, fused, then converted to float16
   by ONNX Runtime's own converter, as its tooling does.
 
+Memory: the optimizer copies the whole model for each of its symbolic shape inferences. Given the float32
+SD 1.5 UNet (3.4 GB) with its weights, it peaked at 20 GB. So it is given the model without its weights:
+it reads the few it rewrites from the external-data file on demand (through ``numpy_helper.to_array``,
+relative to the working directory, hence :func:`_in_directory`), and the rest are loaded only for the
+float16 conversion, which reads every weight. That peak is 11.6 GB, about the portable float16 export's;
+the fused graph and every weight came out byte for byte the same (``tests/test_cuda_fusion.py`` checks
+this on the tiny UNet).
+
 The result runs only on ONNX Runtime's CUDA provider (the CPU has none of these kernels, TensorRT parses no
 contrib operators): the manifest says ``target: cuda`` and the CPU backend, the TensorRT builder and run-time
 LoRA (its layers' weights are packed) refuse it. The export's check against PyTorch (``export.verify``)
@@ -22,9 +30,13 @@ runs on the float32 trace before fusion; the fused model's numbers are checked o
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import load_external_data_for_model
 
 from sdengine.errors import ExportError
 
@@ -55,20 +67,23 @@ def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
 
     options = FusionOptions("unet")
     options.enable_packed_qkv = options.enable_packed_kv = True  # one projection for q, k and v
+    weights = str(Path(model_path).resolve().parent)
     try:
-        fused = optimize_model(
-            str(model_path),
-            model_type="unet",
-            num_heads=0,  # read from the graph
-            hidden_size=0,
-            opt_level=0,  # the fusions only: ONNX Runtime's own graph optimisations run at session start
-            use_gpu=True,
-            optimization_options=options,
-        )
+        with _in_directory(weights):  # where the optimizer finds the weights it reads (module docstring)
+            fused = optimize_model(
+                onnx.load(str(model_path), load_external_data=False),
+                model_type="unet",
+                num_heads=0,  # read from the graph
+                hidden_size=0,
+                opt_level=0,  # the fusions only: ONNX Runtime's own graph optimisations run at session start
+                use_gpu=True,
+                optimization_options=options,
+            )
     except Exception as exc:  # noqa: BLE001 - the library's failure, named in one line
         raise ExportError(
             f"ONNX Runtime's CUDA fusion of the UNet failed: {type(exc).__name__}: {exc}"
         ) from exc
+    load_external_data_for_model(fused.model, weights)  # the converter reads every weight
     # inputs and outputs stay float32, as the portable float16 export keeps them (the runtime binds those)
     fused.convert_float_to_float16(keep_io_types=True, op_block_list=["RandomNormalLike"])
     counts = collections.Counter(node.op_type for node in fused.model.graph.node)
@@ -83,6 +98,17 @@ def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
     if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):  # (its save adds this too)
         model.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
     return model, {op: n for op, n in sorted(counts.items()) if op in FUSED_OPERATORS}
+
+
+@contextlib.contextmanager
+def _in_directory(path: str) -> Iterator[None]:
+    """Work in ``path`` for the block (``contextlib.chdir`` from Python 3.11)."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 #: ONNX Runtime's contrib operators the fusion introduces (counted in the manifest)

@@ -16,10 +16,22 @@ from sdengine.errors import BackendUnavailableError, InvalidArgumentError
 
 @pytest.fixture(scope="module")
 def fused_dir(tiny_checkpoint, tmp_path_factory):
-    from export.onnx_export import export_checkpoint
+    """The tiny checkpoint exported with ``--target cuda``; the float32 UNet it fused is kept beside it,
+    in ``unfused/``."""
+    import onnx
+
+    import export.onnx_export
+    from export.cuda_fusion import fuse_for_cuda
 
     out = tmp_path_factory.mktemp("onnx") / "cuda-fp16"
-    export_checkpoint(tiny_checkpoint, out, precision="fp16", target="cuda")
+
+    def keeping_the_unfused(model_path):
+        onnx.save(onnx.load(str(model_path)), str(out.parent / "unfused.onnx"))
+        return fuse_for_cuda(model_path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export.onnx_export, "fuse_for_cuda", keeping_the_unfused)
+        export.onnx_export.export_checkpoint(tiny_checkpoint, out, precision="fp16", target="cuda")
     return out
 
 
@@ -43,6 +55,50 @@ def test_the_unet_is_fused_into_onnx_runtimes_cuda_operators(fused_dir, tiny_che
     # inputs and outputs float32, as the portable export's, so the runtime binds the same buffers
     assert {i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]} == {1}
     assert manifest["components"]["text_encoder"]["fused_operators"] is None
+
+
+def test_the_fusion_given_weights_on_disk_gives_what_it_gives_from_memory(fused_dir, tmp_path):
+    """The fusion reads the UNet without its weights and loads them as it needs them (export/cuda_fusion.py,
+    on memory). The tiny UNet's were inline; from an external-data file, read from another working
+    directory, the graph and every weight come out the same."""
+    import os
+
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    from export.cuda_fusion import fuse_for_cuda
+
+    external = tmp_path / "model.onnx"
+    onnx.save(
+        onnx.load(str(fused_dir.parent / "unfused.onnx")),
+        str(external),
+        save_as_external_data=True,
+        location="weights",
+        size_threshold=0,
+    )
+    on_disk = onnx.load(str(external), load_external_data=False).graph.initializer
+    assert sum(uses_external_data(t) for t in on_disk) > 100
+    cwd = os.getcwd()
+    from_disk, counts = fuse_for_cuda(external)
+    assert os.getcwd() == cwd
+    assert not any(uses_external_data(t) for t in from_disk.graph.initializer)  # all loaded, none left behind
+    exported = onnx.load(str(fused_dir / "unet" / "model.onnx"))
+    assert (
+        counts
+        == json.loads((fused_dir / "sdengine_manifest.json").read_text())["components"]["unet"][
+            "fused_operators"
+        ]
+    )
+    assert list(from_disk.graph.node) == list(exported.graph.node)
+
+    def weights(model):
+        return [
+            (t.name, t.data_type, list(t.dims), numpy_helper.to_array(t).tobytes())
+            for t in model.graph.initializer
+        ]
+
+    assert weights(from_disk) == weights(exported)
 
 
 def test_info_says_what_runs_a_fused_export(fused_dir, onnx_fp32):
