@@ -51,6 +51,8 @@ class BenchConfig:
     optimized_cache: bool = False
     engine_dir: Path | None = None  # TensorRT engines (``sdengine build``) for the trt backend
     graphs: str = "step"  # GPU graph mode of the ort and trt backends
+    #: ONNX Runtime CUDA provider options (``KEY=VALUE``) for the ort backend (sdengine.backends.cuda_options)
+    cuda_options: tuple[str, ...] = ()
     #: the ControlNets an export holds, which the torch baseline loads beside the checkpoint
     controlnets: tuple[str, ...] = ()
     #: a refiner that finishes every run (sdengine.refiner): its export, checkpoint and TensorRT engines
@@ -164,6 +166,8 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
     else:
         cmd += [arg for path in config.controlnets for arg in ("--controlnet", path)]
         cmd += ["--ip-adapter", config.ip_adapter] if config.ip_adapter else []
+    if backend == "ort":
+        cmd += [arg for option in config.cuda_options for arg in ("--cuda-option", option)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SDEngineError(
@@ -215,6 +219,8 @@ def format_report(report: dict) -> str:
         "",
         f"{'stage (ms)':<22}" + "".join(f"{b:>{width}}" for b in backends),
     ]
+    if report.get("config", {}).get("cuda_options"):
+        lines.insert(2, "ort's CUDA provider options: " + ", ".join(report["config"]["cuda_options"]))
     for stage in REPORT_STAGES:
         if all(r["stages_ms"][stage]["median"] == 0 for r in backends.values()):
             continue  # a stage no backend here has (e.g. device time on a CPU-only run)

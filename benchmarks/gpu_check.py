@@ -13,7 +13,8 @@ Run on a lent GPU machine by ``benchmarks/gpu_check.sh`` (which installs the car
 2. Latency on the SD 1.5-sized random checkpoint, fp16, 512x512, batch 1, CFG, for each step count: the
    fused export (or the portable one) and every other available GPU backend against diffusers fp16 eager on
    the same GPU, in the same run (CUDA events for the denoising loop, medians over runs); then the portable
-   export, and ONNX Runtime once more with its own graph mode.
+   export, alone and with the CUDA provider's NHWC kernels (``--cuda-option prefer_nhwc=1``), and ONNX
+   Runtime once more with its own graph mode.
 :data:`PARTS` names the pieces, in the order they run; the headline latency runs before the ``extras``
 parity rows, so a run cut short keeps the numbers that matter most. A row or run that fails is recorded as
 its one-line error and the rest goes on (exit status 1).
@@ -566,6 +567,9 @@ def latencies(
             runs.append((str(step_counts[0]), replace(config, backends=("ort",), steps=step_counts[0])))
         else:
             runs += [(str(n), replace(config, steps=n)) for n in step_counts]
+        if not args.rehearse:  # the portable export with the CUDA provider's NHWC kernels (a CUDA option)
+            nhwc = replace(config, backends=("ort",), steps=step_counts[0], cuda_options=("prefer_nhwc=1",))
+            runs.append((f"{step_counts[0]}-nhwc", nhwc))
     if "ort-graphs" in parts:  # ONNX Runtime's own graph mode (a wait for the GPU after each replay)
         n = max(step_counts)
         runs.append((f"{n}-ort-graphs", replace(config, backends=("ort",), graphs="ort", steps=n)))

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from benchmarks.machine import nvidia_smi
+from sdengine.backends.cuda_options import parse_cuda_options
 from sdengine.pipeline import Pipeline
 
 
@@ -62,6 +63,7 @@ def measure(args: argparse.Namespace) -> dict:
         controlnets=args.controlnet,
         refiner=args.refiner,
         **({"ip_adapter": args.ip_adapter} if args.ip_adapter else {}),
+        cuda_options=parse_cuda_options(args.cuda_option),
     )
     load_s = time.perf_counter() - start
     rss_loaded = peak_rss_mb()
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--optimized-cache", action="store_true")
     p.add_argument("--graphs", default="step")
+    p.add_argument("--cuda-option", action="append", default=[])
     p.add_argument("--controlnet", action="append", default=[])
     p.add_argument("--refiner", default=None)
     p.add_argument("--ip-adapter", default=None)

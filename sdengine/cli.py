@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from sdengine.backends.cuda_options import parse_cuda_options
 from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.manifest import TARGETS
@@ -62,6 +63,17 @@ GRAPHS_HELP = (
     "GPU: step = each whole denoising step one CUDA graph (default); ort = ONNX Runtime's own graph mode; "
     "none = no graphs"
 )
+
+CUDA_OPTION_HELP = (
+    "ONNX Runtime on CUDA: a CUDA provider option for every session, such as prefer_nhwc=1 or "
+    "cudnn_conv_algo_search=HEURISTIC (ONNX Runtime's documentation lists them); repeatable"
+)
+
+
+def _add_cuda_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cuda-option", action="append", default=[], metavar="KEY=VALUE", help=CUDA_OPTION_HELP
+    )
 
 
 def _progress(desc: str):
@@ -135,6 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         refiner=args.refiner,
         ip_adapter=args.ip_adapter,
         vae=args.vae,
+        cuda_options=parse_cuda_options(args.cuda_option),
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     if len(controls) != pipeline.controlnets:
@@ -342,6 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         graphs=args.graphs,
         safety_checker=args.safety_checker,
         refiner=args.refiner,
+        cuda_options=parse_cuda_options(args.cuda_option),
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     try:
@@ -396,6 +410,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_onnx_dir, optional_json
 
+    cuda_options = parse_cuda_options(args.cuda_option)  # before any preparation: a bad one fails at once
+    if cuda_options and args.device == "cpu":
+        raise InvalidArgumentError("--cuda-option is for ONNX Runtime on cuda, not --device cpu")
     prep: dict[str, float] = {}
     device = args.device
     controlnets: tuple[str, ...] = ()
@@ -438,6 +455,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=device,
         optimized_cache=args.optimized_cache,
         graphs=args.graphs,
+        cuda_options=tuple(f"{k}={v}" for k, v in cuda_options.items()),
         refiner=refiner,
         refiner_checkpoint=refiner_checkpoint,
         ip_adapter=ip_adapter,
@@ -668,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
     g.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
+    _add_cuda_option(g)
     g.add_argument(
         "--vae-tiling",
         action="store_true",
@@ -809,6 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=DEVICE_CHOICES, default=None, help="default: cuda where available")
     b.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
     b.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
+    _add_cuda_option(b)
     b.add_argument("--json", default=None)
     b.add_argument("--plot", default=None)
     b.set_defaults(func=cmd_bench)
@@ -834,6 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", choices=DEVICE_CHOICES, default=None)
     v.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     v.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
+    _add_cuda_option(v)
     v.add_argument(
         "--refiner",
         default=None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -419,6 +419,7 @@ class Pipeline(_CallMixin):
         refiner: str | os.PathLike | None = None,
         ip_adapter: str | os.PathLike | None = None,
         vae: str | os.PathLike | None = None,
+        cuda_options: Mapping[str, object] | None = None,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
@@ -435,7 +436,9 @@ class Pipeline(_CallMixin):
         SDXL's refiner for SDXL base). ``ip_adapter``: an IP-Adapter weights file (its image encoder in
         ``image_encoder/`` beside it), for a diffusers checkpoint (``torch``); an export holds its IP-Adapter
         inside its UNet (``sdengine export --ip-adapter``). ``vae``: another VAE for a diffusers checkpoint
-        (``torch``; :mod:`export.vae_override`); an export holds its VAE (``sdengine export --vae``)."""
+        (``torch``; :mod:`export.vae_override`); an export holds its VAE (``sdengine export --vae``).
+        ``cuda_options``: more options for ONNX Runtime's CUDA provider, such as ``{"prefer_nhwc": "1"}``
+        (ONNX Runtime on CUDA only; :mod:`sdengine.backends.cuda_options`)."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -449,6 +452,11 @@ class Pipeline(_CallMixin):
             raise InvalidArgumentError(
                 "an IP-Adapter is traced into an export's UNet: export the checkpoint with it (sdengine "
                 "export --ip-adapter FILE) and load that export; only the torch backend takes one at load"
+            )
+        if cuda_options and (choice.backend, choice.device) != ("ort", "cuda"):
+            raise InvalidArgumentError(
+                "CUDA provider options are ONNX Runtime's: they need the ort backend on cuda, and this run "
+                f"is {choice.backend} on {choice.device}"
             )
         if vae is not None and choice.backend != "torch":
             raise InvalidArgumentError(
@@ -487,7 +495,9 @@ class Pipeline(_CallMixin):
             if choice.device == "cuda":
                 from sdengine.backends.ort_cuda import OrtCudaBackend
 
-                ort_backend: Backend = OrtCudaBackend(model_dir, threads=threads, graphs=graphs)
+                ort_backend: Backend = OrtCudaBackend(
+                    model_dir, threads=threads, graphs=graphs, cuda_options=cuda_options
+                )
             else:
                 ort_backend = OrtBackend(model_dir, threads=threads, optimized_cache=optimized_cache)
             pipeline = cls(
@@ -498,6 +508,7 @@ class Pipeline(_CallMixin):
             settings = {"threads": threads, "graphs": graphs, "optimized_cache": optimized_cache}
             settings |= {"backend": choice.backend, "device": choice.device, "vae_tiling": vae_tiling}
             settings |= {"safety_checker": False}  # the base's checks the images
+            settings |= {"cuda_options": cuda_options}
             pipeline.set_refiner(cls.load(refiner, **settings))
         return pipeline
 

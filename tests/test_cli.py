@@ -86,6 +86,9 @@ def test_batch_writes_numbered_files_and_latents_file_is_used(onnx_fp32, tmp_pat
         (["--scheduler", "nope"], "nope"),
         (["--batch", "0"], "batch must be at least 1"),
         (["--latents", "missing.npy"], "cannot read latents"),
+        (["--cuda-option", "prefer_nhwc"], "expected KEY=VALUE"),
+        (["--cuda-option", "device_id=1"], "device_id is set by sdengine"),
+        (["--cuda-option", "prefer_nhwc=1"], "need the ort backend on cuda, and this run is ort on cpu"),
     ],
 )
 def test_generate_errors_are_one_line(onnx_fp32, capsys, extra, message):

@@ -96,7 +96,7 @@ def test_with_the_fused_part_its_export_leads_the_latency_runs_and_the_extras_fo
     runs = []
 
     def run_benchmark(config, flops):
-        runs.append((config.onnx_dir.name, config.steps, config.backends, config.graphs))
+        runs.append((config.onnx_dir.name, config.steps, config.backends, config.graphs, config.cuda_options))
         if config.steps == 20:
             raise RuntimeError("out of memory")  # recorded; the next run still goes
         return {"backends": {}}
@@ -122,12 +122,13 @@ def test_with_the_fused_part_its_export_leads_the_latency_runs_and_the_extras_fo
         lambda: order.append(len(runs)),
     )
     assert runs == [
-        ("sd15-cuda", 50, ("ort", "torch"), "step"),
-        ("sd15-cuda", 20, ("ort", "torch"), "step"),
-        ("sd15-portable", 50, ("ort",), "step"),
-        ("sd15-portable", 50, ("ort",), "ort"),
+        ("sd15-cuda", 50, ("ort", "torch"), "step", ()),
+        ("sd15-cuda", 20, ("ort", "torch"), "step", ()),
+        ("sd15-portable", 50, ("ort",), "step", ()),
+        ("sd15-portable", 50, ("ort",), "step", ("prefer_nhwc=1",)),
+        ("sd15-portable", 50, ("ort",), "ort", ()),
     ]
     assert order == [1]  # the other parity rows right after the headline
-    assert list(report["latency"]) == ["50-fused", "20-fused", "50", "50-ort-graphs"]
+    assert list(report["latency"]) == ["50-fused", "20-fused", "50", "50-nhwc", "50-ort-graphs"]
     assert report["latency"]["20-fused"] == {"failed": "failed: RuntimeError: out of memory"}
     assert report["export_s_fused"] == {"unet": 1.0}

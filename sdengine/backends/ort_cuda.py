@@ -39,7 +39,7 @@ import contextlib
 import io
 import itertools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from sdengine.backends.base import DenoisePlan, GraphKey
+from sdengine.backends.cuda_options import checked_cuda_options
 from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
 from sdengine.backends.ort import OrtBackend, open_session, session_inputs, session_options
 from sdengine.errors import (
@@ -157,10 +158,12 @@ class OrtCudaBackend(OrtBackend):
         threads: int | None = None,
         device: str = "cuda",
         stream: Stream | None = None,
+        cuda_options: Mapping[str, object] | None = None,
     ) -> None:
         """``graphs``: one of :data:`GRAPH_MODES` (see the module docs); ``step`` needs cuda-python, and
         without it becomes ``ort``. ``tensorrt`` puts ONNX Runtime's TensorRT provider first (it builds its
-        own engines, in its own cache); steps then run without graphs.
+        own engines, in its own cache); steps then run without graphs. ``cuda_options``: more CUDA provider
+        options for every session (:mod:`sdengine.backends.cuda_options`).
 
         ``device="cpu"`` runs the same bound, device-state loop on the CPU provider, with ``stream`` if one is
         given (ONNX Runtime's graph ids are passed but the CPU provider ignores them): it exists so that the
@@ -177,6 +180,7 @@ class OrtCudaBackend(OrtBackend):
                 "ONNX Runtime has no TensorRT execution provider in this installation"
             )
         self.tensorrt = tensorrt
+        self.cuda_options = checked_cuda_options(cuda_options or {})
         self.stream = stream
         if device == "cuda" and stream is None:
             # without cuda-python there is no stream of ours: each run then waits for its own
@@ -231,7 +235,8 @@ class OrtCudaBackend(OrtBackend):
         """``cuda_only``: no CPU provider in the list (ONNX Runtime refuses one together with CUDA_ONLY)."""
         if self.device != "cuda":
             return ["CPUExecutionProvider"]
-        options = {"device_id": str(self.device_id), "enable_cuda_graph": "1" if ort_graphs else "0"}
+        options = {**self.cuda_options, "device_id": str(self.device_id)}
+        options["enable_cuda_graph"] = "1" if ort_graphs else "0"
         if self.stream is not None:
             options["user_compute_stream"] = str(self.stream.pointer)
         providers: list = [(CUDA, options)] if cuda_only else [(CUDA, options), "CPUExecutionProvider"]
