@@ -16,6 +16,7 @@ from sdengine.hires import HiresFix, hires_fix
 from sdengine.images import image_array
 from sdengine.model_specs import Architecture
 from sdengine.prompt_editing import PromptEdits, prompt_edits
+from sdengine.prompt_weights_a1111 import refuse_composable
 from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.schedulers.base import img2img_start
 from sdengine.torch_noise import TorchCpuGenerator
@@ -468,6 +469,8 @@ def make_request(
         image_latents=image is not None and (latents is not None or bool(variation_strength)),
     )
     ip_scale = check_image_prompt(ip_image, ip_scale)
+    if weighting_syntax(prompt_weights) == "a1111":
+        refuse_composable(prompts)
     return GenerationRequest(
         prompts=tuple(prompts),
         negative_prompts=tuple(negatives),

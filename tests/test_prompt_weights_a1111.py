@@ -52,6 +52,23 @@ def test_a_weight_that_is_no_number_is_refused():
         parse_a1111("a (cat:1.2.3)")
 
 
+@pytest.mark.parametrize("prompt", ["a cat AND a dog", "a cat AND a dog:0.5", "[a cat AND a dog:a fox:0.5]"])
+def test_the_web_uis_composable_and_is_refused_not_read_as_text(prompt):
+    from sdengine.request import make_request
+
+    size = {"height": 64, "width": 64}
+
+    with pytest.raises(InvalidArgumentError, match="the web UI's AND"):
+        make_request(prompt, prompt_weights="a1111", **size)
+    with pytest.raises(InvalidArgumentError, match="the web UI's AND"):
+        make_request(["a fox", prompt], prompt_weights="a1111", batch=2, **size)
+    # the web UI reads these as text, and so does sdengine
+    for text in ("ANDROID, a cat and a dog", "a cat, BAND"):
+        make_request(text, prompt_weights="a1111", **size)
+    make_request("a fox", negative_prompt=prompt, prompt_weights="a1111", **size)
+    make_request(prompt, **size)  # another syntax: plain text
+
+
 def fake_ids(text: str) -> list[int]:
     """Word i -> token i + 10, a comma -> 1: one token per word."""
     return [1 if word == "," else int(word[1:]) + 10 for word in text.replace(",", " , ").split()]

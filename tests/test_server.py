@@ -200,6 +200,8 @@ def test_errors_are_one_json_line_and_the_server_goes_on(server):
     assert (status, answer["error"]) == (422, "InvalidArgumentError") and "width must be" in answer["detail"]
     status, answer = call(server, "/sdapi/v1/img2img", {"prompt": "a cat", **SIZE, "init_images": ["nope"]})
     assert status == 422 and "init_images: not a base64 image" in answer["detail"]
+    status, answer = call(server, "/sdapi/v1/txt2img", {"prompt": "a cat AND a dog", **SIZE})
+    assert status == 422 and "the web UI's AND" in answer["detail"]
     assert call(server, "/sdapi/v1/interrogate", {})[0] == 404
     status, samplers = call(server, "/sdapi/v1/samplers")
     assert (
