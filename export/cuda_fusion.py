@@ -16,9 +16,10 @@ Memory: the optimizer copies the whole model for each of its symbolic shape infe
 SD 1.5 UNet (3.4 GB) with its weights, it peaked at 20 GB. So it is given the model without its weights:
 it reads the few it rewrites from the external-data file on demand (through ``numpy_helper.to_array``,
 relative to the working directory, hence :func:`_in_directory`), and the rest are loaded only for the
-float16 conversion, which reads every weight. That peak is 11.6 GB, about the portable float16 export's;
-the fused graph and every weight came out byte for byte the same (``tests/test_cuda_fusion.py`` checks
-this on the tiny UNet).
+float16 conversion, which reads every weight. That peak is 11.6 GB, about the portable float16 export's.
+For SD 1.5 the fused graph and every weight came out byte for byte as when the optimizer held all the
+weights; ``tests/test_cuda_fusion.py`` checks the same on the tiny UNet, its weights read from disk
+against its weights in memory.
 
 The result runs only on ONNX Runtime's CUDA provider (the CPU has none of these kernels, TensorRT parses no
 contrib operators): the manifest says ``target: cuda`` and the CPU backend, the TensorRT builder and run-time
