@@ -25,7 +25,9 @@ The result runs only on ONNX Runtime's CUDA provider (the CPU has none of these 
 contrib operators): the manifest says ``target: cuda`` and the CPU backend, the TensorRT builder and run-time
 LoRA (its layers' weights are packed) refuse it. The export's check against PyTorch (``export.verify``)
 runs on the float32 trace before fusion; the fused model's numbers are checked on a GPU
-(``benchmarks/gpu_check.py``), against diffusers in float16.
+(``benchmarks/gpu_check.py``), against diffusers in float16. What the CPU can check in numbers, it does
+(``tests/test_cuda_fusion.py``): the same fusions less the CUDA-only ones (packing, NHWC, GroupNorm), whose
+attention, layer norm and Gelu kernels the CPU has, against the unfused trace.
 """
 
 from __future__ import annotations
@@ -35,11 +37,15 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 from onnx.external_data_helper import load_external_data_for_model
 
 from sdengine.errors import ExportError
+
+if TYPE_CHECKING:
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
 #: what the fused UNet must contain, or the fusion is refused (a model that lost these would be slower
 #: than the portable one, never faster)
@@ -63,11 +69,8 @@ def classic_attention(module: object) -> int:
 def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The float32 UNet at ``model_path`` fused for the CUDA provider and converted to float16 (its inputs
     and outputs kept float32); with the count of each fused operator. ExportError where it did not take."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    options = FusionOptions("unet")
-    options.enable_packed_qkv = options.enable_packed_kv = True  # one projection for q, k and v
     weights = str(Path(model_path).resolve().parent)
     try:
         with _in_directory(weights):  # where the optimizer finds the weights it reads (module docstring)
@@ -78,7 +81,7 @@ def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
                 hidden_size=0,
                 opt_level=0,  # the fusions only: ONNX Runtime's own graph optimisations run at session start
                 use_gpu=True,
-                optimization_options=options,
+                optimization_options=fusion_options(),
             )
     except Exception as exc:  # noqa: BLE001 - the library's failure, named in one line
         raise ExportError(
@@ -99,6 +102,15 @@ def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
     if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):  # (its save adds this too)
         model.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
     return model, {op: n for op, n in sorted(counts.items()) if op in FUSED_OPERATORS}
+
+
+def fusion_options() -> FusionOptions:
+    """The optimizer's UNet fusions, with q, k and v (and k and v) each packed into one projection."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions("unet")
+    options.enable_packed_qkv = options.enable_packed_kv = True
+    return options
 
 
 @contextlib.contextmanager

@@ -101,6 +101,57 @@ def test_the_fusion_given_weights_on_disk_gives_what_it_gives_from_memory(fused_
     assert weights(from_disk) == weights(exported)
 
 
+#: the fusions whose kernels only the CUDA provider has
+CUDA_ONLY_FUSIONS = (
+    "enable_nhwc_conv",
+    "enable_group_norm",
+    "enable_skip_group_norm",
+    "enable_bias_splitgelu",
+    "enable_bias_add",
+    "enable_packed_qkv",
+    "enable_packed_kv",
+)
+
+
+def test_the_fused_attention_computes_what_the_trace_does_where_the_cpu_can_run_it(fused_dir):
+    """The CPU has ONNX Runtime's Attention, MultiHeadAttention, SkipLayerNormalization and Gelu kernels,
+    not the NHWC, GroupNorm or packed-attention ones. With the export's fusions less those, the optimizer's
+    reading of the traced attention (heads, scale, which projection is q, k or v) is checked in numbers,
+    against the unfused float32 UNet."""
+    import collections
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from export.cuda_fusion import CONTRIB_DOMAIN, fusion_options
+
+    options = fusion_options()
+    for name in CUDA_ONLY_FUSIONS:
+        setattr(options, name, False)
+    unfused = str(fused_dir.parent / "unfused.onnx")
+    fused = optimize_model(unfused, model_type="unet", opt_level=0, optimization_options=options).model
+    fused.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    ops = collections.Counter(n.op_type for n in fused.graph.node)
+    manifest = json.loads((fused_dir / "sdengine_manifest.json").read_text())
+    attention = manifest["components"]["unet"]["fused_operators"]["MultiHeadAttention"]
+    assert ops["Attention"] + ops["MultiHeadAttention"] == attention  # every attention, as in the export
+    assert "Softmax" not in ops and ops["SkipLayerNormalization"] > 0
+
+    models = (unfused, fused.SerializeToString())
+    sessions = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]) for m in models]
+    sizes = {"batch": 2, "latent_height": 8, "latent_width": 8, "sequence": 77}
+    rng = np.random.default_rng(0)
+    feeds = {
+        i.name: rng.standard_normal([sizes.get(d, d) for d in i.shape]).astype(np.float32)
+        for i in sessions[0].get_inputs()
+    }
+    feeds["timestep"] = np.full(feeds["timestep"].shape, 500, np.float32)
+    expected, got = (session.run(None, feeds)[0] for session in sessions)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
 def test_info_says_what_runs_a_fused_export(fused_dir, onnx_fp32):
     from sdengine.info import describe
 
