@@ -181,6 +181,10 @@ class TorchPipeline(_CallMixin):
         array = to_unit_range(decoded.float().cpu().numpy())
         if nsfw:
             array[np.asarray(nsfw)] = 0.0  # diffusers does not denormalise a flagged image: black
+        if request.mask_crop is not None:  # laid back into the original by diffusers' own overlay
+            crop, overlay = request.mask_crop, self.pipe.image_processor.apply_overlay
+            laid = [overlay(crop.mask, crop.original, image, crop.box) for image in to_pil(array)]
+            array = np.stack([np.asarray(image) for image in laid]).astype(np.float32) / 255
         return GenerationResult(array, request, times, self.name, self.host_latents(final), nsfw)
 
     def denoised(

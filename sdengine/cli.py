@@ -177,6 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         image=image,
         strength=args.strength,
         mask=mask,
+        mask_crop=args.mask_crop,
         clip_skip=args.clip_skip,
         guidance_rescale=args.guidance_rescale,
         long_prompts=args.long_prompts,
@@ -620,6 +621,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--mask", default=None, help="inpainting (with --image): white repaints, black keeps the image"
+    )
+    g.add_argument(
+        "--mask-crop",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="inpainting: repaint only the mask's box grown by PIXELS, at --height x --width (default: the "
+        "model's size), laid back into the image, which keeps its size (diffusers' padding_mask_crop)",
     )
     g.add_argument(
         "--control-image",

@@ -47,7 +47,7 @@ def mask_array(mask: MaskInput, height: int, width: int) -> np.ndarray:
     if isinstance(mask, np.ndarray):
         if mask.ndim not in (2, 3):
             raise InvalidArgumentError(f"a mask array must be (H, W) or (B, H, W), got {mask.shape}")
-        array = _unit_floats(mask[None] if mask.ndim == 2 else mask, "mask")
+        array = unit_floats(mask[None] if mask.ndim == 2 else mask, "mask")
         if array.shape[1:] == (height, width):
             return (array >= 0.5).astype(np.float32)
         mask = to_pil(array)
@@ -56,7 +56,7 @@ def mask_array(mask: MaskInput, height: int, width: int) -> np.ndarray:
     return (gray >= 0.5).astype(np.float32)
 
 
-def _unit_floats(array: np.ndarray, what: str) -> np.ndarray:
+def unit_floats(array: np.ndarray, what: str) -> np.ndarray:
     """An image or mask array as float32 in [0, 1] (uint8 scaled by 1/255), or InvalidArgumentError."""
     array = array.astype(np.float32) / 255 if array.dtype == np.uint8 else np.asarray(array, dtype=np.float32)
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
@@ -107,7 +107,7 @@ def image_array(image: ImageInput, height: int, width: int) -> np.ndarray:
         array = image[None] if image.ndim == 3 else image
         if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] < 1:
             raise InvalidArgumentError(f"an image array must be (H, W, 3) or (B, H, W, 3), got {image.shape}")
-        array = _unit_floats(array, "image")
+        array = unit_floats(array, "image")
         if array.shape[1:3] == (height, width):
             return array
         images = to_pil(array)

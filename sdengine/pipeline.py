@@ -4,6 +4,7 @@ loaded model directory."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ from sdengine.hires import upscale_latents
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.ip_adapter import ip_pixels, ip_unet_inputs
 from sdengine.lora import LoraFile, fused_weights, read_lora
+from sdengine.mask_crop import MaskCrop
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
 from sdengine.model_specs import SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
@@ -196,6 +198,7 @@ class _CallMixin:
         image: ImageInput | None = None,
         strength: float | None = None,
         mask: MaskInput | None = None,
+        mask_crop: int | None = None,
         clip_skip: int = 0,
         guidance_rescale: float = 0.0,
         long_prompts: bool = False,
@@ -225,7 +228,11 @@ class _CallMixin:
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
         to the size asked for. ``strength``: how much of the schedule runs on the noised image, in (0, 1]
         (default 0.8, or 1.0 with a mask); it needs an ``image``. ``mask`` (inpainting): white repaints,
-        black keeps the image; resized like the image. ``clip_skip``: text embeddings from that many layers
+        black keeps the image; resized like the image. ``mask_crop`` (inpainting; diffusers'
+        ``padding_mask_crop``): repaint only the mask's bounding box grown by that many pixels, at the size
+        asked for (default: the model's native size), and lay the result back into the original image,
+        whose size the images then have (one image and one mask, the same size; :mod:`sdengine.mask_crop`).
+        ``clip_skip``: text embeddings from that many layers
         before the text encoder's last, for positive and negative prompts alike (diffusers' numbering: 1
         skips the last layer). ``guidance_rescale`` in [0, 1]: rescale the guided prediction towards the
         conditional one's standard deviation (Lin et al. 2023, sec. 3.4), for zero-terminal-SNR models.
@@ -277,6 +284,14 @@ class _CallMixin:
         if self.refiner is not None and refiner_switch is None:
             refiner_switch = DEFAULT_REFINER_SWITCH
         multiple = self.model_dir.arch.vae_scale_factor
+        crop = None
+        if mask_crop is not None:
+            if image is None or mask is None:
+                raise InvalidArgumentError("mask_crop repaints the mask's box: give an image and a mask")
+            height = self.model_dir.default_image_size if height is None else height
+            width = self.model_dir.default_image_size if width is None else width
+            crop = MaskCrop.around(image, mask, mask_crop, width, height)
+            image, mask = crop.inputs(width, height)
         controls = self._control_images(control_image)
         default = (self.model_dir.default_image_size,) * 2
         first = controls[0] if controls else image
@@ -323,6 +338,8 @@ class _CallMixin:
             size_multiple=multiple,
             **sizes,
         )
+        if crop is not None:
+            request = dataclasses.replace(request, mask_crop=crop)
         if self.model_dir.arch.aesthetic and not request.image_to_image:
             raise UnsupportedConfigError("SDXL's refiner refines images: give it one (image to image)")
         if self.refiner is not None and request.inpainting and self.model_dir.arch.inpainting_unet:
@@ -537,6 +554,8 @@ class Pipeline(_CallMixin):
             if self.safety_checker:
                 with times.time("safety_checker"):
                     images, nsfw = self.check_safety(images)
+            if request.mask_crop is not None:  # after the safety check, as diffusers orders them
+                images = request.mask_crop.paste(images)
         return GenerationResult(images, request, times, self.backend.name, latents, nsfw)
 
     def denoised(

@@ -14,6 +14,7 @@ import numpy as np
 from sdengine.errors import InvalidArgumentError
 from sdengine.hires import HiresFix, hires_fix
 from sdengine.images import image_array
+from sdengine.mask_crop import MaskCrop
 from sdengine.model_specs import Architecture
 from sdengine.prompt_editing import PromptEdits, prompt_edits
 from sdengine.prompt_weights_a1111 import refuse_composable
@@ -92,6 +93,9 @@ class GenerationRequest:
     noise_source: str = "sdengine"
     #: inpainting by a UNet that takes the mask and masked image (which decides diffusers' order of draws)
     inpainting_unet: bool = False
+    #: inpainting only the mask's box (:mod:`sdengine.mask_crop`): ``image`` and ``mask`` are that box,
+    #: resized; the images made are laid back into the original
+    mask_crop: MaskCrop | None = field(default=None, compare=False, repr=False)
 
     @property
     def image_to_image(self) -> bool:
@@ -324,6 +328,11 @@ class GenerationRequest:
             ),
             **({"image": "supplied", "strength": self.strength} if self.image is not None else {}),
             **({"mask": "supplied"} if self.inpainting else {}),
+            **(
+                {"mask_crop": self.mask_crop.padding, "mask_crop_box": list(self.mask_crop.box)}
+                if self.mask_crop is not None
+                else {}
+            ),
             **({"noise_source": self.noise_source} if self.noise_source != "sdengine" else {}),
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
