@@ -232,10 +232,10 @@ class _CallMixin:
         ``padding_mask_crop``): repaint only the mask's bounding box grown by that many pixels, at the size
         asked for (default: the model's native size), and lay the result back into the original image,
         whose size the images then have (one image and one mask, the same size; :mod:`sdengine.mask_crop`).
-        ``clip_skip``: text embeddings from that many layers
-        before the text encoder's last, for positive and negative prompts alike (diffusers' numbering: 1
-        skips the last layer). ``guidance_rescale`` in [0, 1]: rescale the guided prediction towards the
-        conditional one's standard deviation (Lin et al. 2023, sec. 3.4), for zero-terminal-SNR models.
+        ``clip_skip``: text embeddings from that many layers before the text encoder's last, for positive
+        and negative prompts alike (diffusers' numbering: 1 skips the last layer). ``guidance_rescale`` in
+        [0, 1]: rescale the guided prediction towards the conditional one's standard deviation (Lin et al.
+        2023, sec. 3.4), for zero-terminal-SNR models.
         ``long_prompts``: prompts past the text encoder's 77 tokens are read whole, in windows of 75 tokens
         encoded one by one and concatenated (:meth:`ClipTokenizer.chunks`), not cut off. ``prompt_weights``:
         prompts in compel's weighting syntax (``True`` or ``"compel"``: ``(red cat)1.3``, ``dog+``;
