@@ -71,11 +71,12 @@ def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
     and outputs kept float32); with the count of each fused operator. ExportError where it did not take."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    weights = str(Path(model_path).resolve().parent)
+    path = Path(model_path).resolve()  # (a relative one would not survive the change of directory)
+    weights = str(path.parent)
     try:
         with _in_directory(weights):  # where the optimizer finds the weights it reads (module docstring)
             fused = optimize_model(
-                onnx.load(str(model_path), load_external_data=False),
+                onnx.load(str(path), load_external_data=False),
                 model_type="unet",
                 num_heads=0,  # read from the graph
                 hidden_size=0,

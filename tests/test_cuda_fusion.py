@@ -57,10 +57,11 @@ def test_the_unet_is_fused_into_onnx_runtimes_cuda_operators(fused_dir, tiny_che
     assert manifest["components"]["text_encoder"]["fused_operators"] is None
 
 
-def test_the_fusion_given_weights_on_disk_gives_what_it_gives_from_memory(fused_dir, tmp_path):
+def test_the_fusion_given_weights_on_disk_gives_what_it_gives_from_memory(fused_dir, tmp_path, monkeypatch):
     """The fusion reads the UNet without its weights and loads them as it needs them (export/cuda_fusion.py,
-    on memory). The tiny UNet's were inline; from an external-data file, read from another working
-    directory, the graph and every weight come out the same."""
+    on memory). The tiny UNet's were inline; from an external-data file, given as a path relative to the
+    working directory (which the fusion changes and restores), the graph and every weight come out the
+    same."""
     import os
 
     import onnx
@@ -79,9 +80,9 @@ def test_the_fusion_given_weights_on_disk_gives_what_it_gives_from_memory(fused_
     )
     on_disk = onnx.load(str(external), load_external_data=False).graph.initializer
     assert sum(uses_external_data(t) for t in on_disk) > 100
-    cwd = os.getcwd()
-    from_disk, counts = fuse_for_cuda(external)
-    assert os.getcwd() == cwd
+    monkeypatch.chdir(tmp_path.parent)  # a path relative to the working directory, as --output may give
+    from_disk, counts = fuse_for_cuda(external.relative_to(tmp_path.parent))
+    assert os.getcwd() == str(tmp_path.parent)
     assert not any(uses_external_data(t) for t in from_disk.graph.initializer)  # all loaded, none left behind
     exported = onnx.load(str(fused_dir / "unet" / "model.onnx"))
     assert (
