@@ -84,6 +84,20 @@ def half_draws() -> float:
     return worst
 
 
+#: the seeds of a graphs-against-plain comparison: the second replays the graphs captured for the first
+REPLAY_SEEDS = (1, 2)
+
+
+def seeded_runs(pipe: Any, settings: dict) -> list:
+    """``pipe``'s results for each of :data:`REPLAY_SEEDS`."""
+    return [pipe(PROMPT, **{**settings, "seed": seed}) for seed in REPLAY_SEEDS]
+
+
+def max_latent_diff(ours: list, theirs: list) -> float:
+    """The largest |latent difference| between two lists of runs made alike, pair by pair."""
+    return float(max(np.abs(a.latents - b.latents).max() for a, b in zip(ours, theirs, strict=True)))
+
+
 def failure(error: BaseException) -> str:
     """An error as one line for the report."""
     lines = str(error).strip().splitlines()
@@ -137,14 +151,10 @@ class Parity:
             runs: dict = {}
 
             def graphs_against_plain(mode: str, scheduler: str = scheduler, runs: dict = runs) -> float:
-                for name in (mode, "none"):  # the second seed replays the graphs captured for the first
+                for name in (mode, "none"):  # the plain runs serve both graph modes
                     if name not in runs:
-                        runs[name] = [
-                            pipes[name](PROMPT, scheduler=scheduler, **{**settings, "seed": seed})
-                            for seed in (1, 2)
-                        ]
-                pairs = zip(runs[mode], runs["none"], strict=True)
-                return float(max(np.abs(a.latents - b.latents).max() for a, b in pairs))
+                        runs[name] = seeded_runs(pipes[name], {**settings, "scheduler": scheduler})
+                return max_latent_diff(runs[mode], runs["none"])
 
             for mode in ("step", "ort"):
                 attempt(
@@ -214,12 +224,7 @@ class Parity:
         }
 
         def graphs_against_plain() -> float:
-            runs = {
-                mode: [pipe(PROMPT, **{**settings, "seed": seed}) for seed in (1, 2)]
-                for mode, pipe in pipes.items()
-            }
-            pairs = zip(runs["step"], runs["none"], strict=True)
-            return float(max(np.abs(a.latents - b.latents).max() for a, b in pairs))
+            return max_latent_diff(seeded_runs(pipes["step"], settings), seeded_runs(pipes["none"], settings))
 
         attempt(results, "fused UNet: step graphs vs no graphs, max |latent diff|", graphs_against_plain)
         results["fused UNet: step graphs refused"] = pipes["step"].backend.graphs_refused or "no"

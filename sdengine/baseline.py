@@ -26,7 +26,7 @@ from diffusers import StableDiffusionPipeline
 
 from sdengine.denoise import Preview, Progress, Stop
 from sdengine.errors import BackendUnavailableError, UnsupportedConfigError
-from sdengine.images import to_pil, to_unit_range
+from sdengine.images import image_array, to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
 from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.prompt_editing import PromptEdits
@@ -184,7 +184,7 @@ class TorchPipeline(_CallMixin):
         if request.mask_crop is not None:  # laid back into the original by diffusers' own overlay
             crop, overlay = request.mask_crop, self.pipe.image_processor.apply_overlay
             laid = [overlay(crop.mask, crop.original, image, crop.box) for image in to_pil(array)]
-            array = np.stack([np.asarray(image) for image in laid]).astype(np.float32) / 255
+            array = image_array(laid, crop.original.height, crop.original.width)
         return GenerationResult(array, request, times, self.name, self.host_latents(final), nsfw)
 
     def denoised(

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sdengine.errors import InvalidArgumentError
-from sdengine.images import unit_floats
+from sdengine.images import image_array, to_pil, unit_floats
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive), as PIL's crop
 
@@ -140,9 +140,8 @@ class MaskCrop:
         left, top, right, bottom = self.box
         keep = ImageOps.invert(self.mask)
         pasted = []
-        for array in images:
-            generated = Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8))
+        for generated in to_pil(images):
             canvas = Image.new("RGB", self.original.size)  # black outside the box, as diffusers' is
             canvas.paste(cover_resize(generated, right - left, bottom - top), (left, top))
-            pasted.append(np.asarray(Image.composite(self.original, canvas, keep)))
-        return np.stack(pasted).astype(np.float32) / 255
+            pasted.append(Image.composite(self.original, canvas, keep))
+        return image_array(pasted, self.original.height, self.original.width)
