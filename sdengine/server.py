@@ -19,12 +19,17 @@ What the web UI's API takes, and how it maps here:
 - ``refiner_switch_at``: where the refiner of ``sdengine serve MODEL --refiner DIR`` takes over (0.8); that
   refiner finishes every run, whatever ``refiner_checkpoint`` names, which is refused without one.
 - img2img: ``init_images`` (one, or one per batch item; base64 images) and ``denoising_strength`` (0.75).
+- inpainting (img2img with a ``mask``; one init image): ``mask``, ``mask_blur`` (or ``mask_blur_x`` and
+  ``mask_blur_y``), ``inpainting_mask_invert``, ``inpaint_full_res`` with ``inpaint_full_res_padding``, and
+  ``inpainting_fill`` 0 (fill) or 1 (original), read as the web UI reads them; the result is laid back over
+  the original as the web UI lays it (:mod:`sdengine.webui_inpaint`, which says what differs).
 - ``<lora:NAME:WEIGHT>`` in the prompt (with ``sdengine serve --lora-dir DIR``): that LoRA file of the
   directory, fused for the request (:mod:`sdengine.extra_networks`); ``/sdapi/v1/loras`` lists them.
-- What asks for something sdengine does not do (face restoration, tiling, scripts, styles, an inpainting
-  mask, other samplers or upscalers) is refused, naming the field; fields that only steer the web UI's own
-  bookkeeping (``save_images``, ``send_images``...) are accepted and left alone, and others are ignored
-  and listed in the answer's ``info`` as ``ignored_fields``, as the web UI ignores fields it does not know.
+- What asks for something sdengine does not do (face restoration, tiling, scripts, styles, latent-space
+  masked content, other samplers or upscalers) is refused, naming the field; fields that only steer the web
+  UI's own bookkeeping (``save_images``, ``send_images``...) are accepted and left alone, and others are
+  ignored and listed in the answer's ``info`` as ``ignored_fields``, as the web UI ignores fields it does
+  not know.
 
 Answers are the web UI's: ``{"images": [base64 PNG], "parameters": {...}, "info": "<JSON>"}``; errors are
 ``{"error": type, "detail": message}`` with 400 (unreadable JSON), 404, 413 or 422. Generations take turns;
@@ -47,14 +52,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.extra_networks import lora_files, lora_tags, resolve_loras
+from sdengine.images import to_pil
+from sdengine.mask_crop import MaskCrop
 from sdengine.schedulers import SCHEDULER_NAMES
+from sdengine.webui_inpaint import WebUIInpaint
 
 #: The web UI's sampler names that sdengine runs, and the scheduler each is.
 SAMPLERS = {
@@ -118,7 +126,8 @@ UNSUPPORTED = {
     "firstpass_image": (None, ""),
     "firstphase_width": (None, 0),
     "firstphase_height": (None, 0),
-    "mask": (None, ""),
+    "latent_mask": (None, ""),
+    "initial_noise_multiplier": (None, 1),
     "s_churn": (None, 0),
     "s_tmin": (None, 0),
     "s_tmax": (None, 0),
@@ -151,6 +160,14 @@ READ = {
     "denoising_strength",
     "override_settings",
     "init_images",
+    "mask",
+    "mask_blur",
+    "mask_blur_x",
+    "mask_blur_y",
+    "inpainting_mask_invert",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpaint_full_res_padding",
     "eta",
     "refiner_checkpoint",
     "refiner_switch_at",
@@ -190,14 +207,15 @@ def sampler_of(scheduler: str) -> tuple[str, str]:
     return sampler, "Karras" if sampler.endswith(" Karras") else "Automatic"
 
 
-def decode_image(data: str) -> Image.Image:
-    """A base64 image, with or without a ``data:image/...;base64,`` prefix."""
+def decode_image(data: str, field: str = "init_images", mode: str | None = "RGB") -> Image.Image:
+    """A base64 image, with or without a ``data:image/...;base64,`` prefix, in ``mode`` (None: its own);
+    ``field`` names it in the error."""
     try:
         raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
         with Image.open(io.BytesIO(raw)) as image:
-            return image.convert("RGB")
+            return image.convert(mode) if mode else image.copy()
     except (ValueError, UnidentifiedImageError, AttributeError) as exc:
-        raise InvalidArgumentError(f"init_images: not a base64 image ({exc})") from None
+        raise InvalidArgumentError(f"{field}: not a base64 image ({exc})") from None
 
 
 def encode_png(image: Image.Image, parameters: dict[str, Any]) -> str:
@@ -225,12 +243,26 @@ def _number(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
     return kind(value)
 
 
-def generation_settings(
-    body: dict[str, Any], img2img: bool, refiner: bool = False
-) -> tuple[dict[str, Any], int, list[str]]:
-    """The keyword arguments of one ``pipeline(...)`` call for a web UI request, its ``n_iter``, and the
-    fields it ignores. InvalidArgumentError names a field sdengine cannot honour. ``refiner``: the pipeline
-    has one."""
+class Inpainting(NamedTuple):
+    """A web UI inpainting request's mask settings, and where its results go (laid over the original)."""
+
+    settings: WebUIInpaint
+    placement: MaskCrop
+
+
+class WebUIRequest(NamedTuple):
+    """A web UI request read: the keyword arguments of one ``pipeline(...)`` call, its ``n_iter``, the
+    fields it ignores, and its inpainting (None without a mask)."""
+
+    settings: dict[str, Any]
+    n_iter: int
+    ignored: list[str]
+    inpainting: Inpainting | None = None
+
+
+def generation_settings(body: dict[str, Any], img2img: bool, refiner: bool = False) -> WebUIRequest:
+    """A web UI request read into a pipeline call's settings. InvalidArgumentError names a field sdengine
+    cannot honour. ``refiner``: the pipeline has one."""
     if not isinstance(body, dict):
         raise InvalidArgumentError("the request body must be a JSON object")
     refused = [key for key, fine in UNSUPPORTED.items() if key in body and body[key] not in fine]
@@ -281,6 +313,9 @@ def generation_settings(
     clip = _number(overrides, "CLIP_stop_at_last_layers", 1, int)
     settings["clip_skip"] = clip - 1  # the web UI's 1 is the last layer
     denoising = _number(body, "denoising_strength", None, float)
+    inpainting = None
+    if not img2img and body.get("mask"):
+        raise InvalidArgumentError("mask: inpainting is img2img's (/sdapi/v1/img2img)")
     if img2img:
         images = body.get("init_images")
         if not isinstance(images, list) or not images:
@@ -288,6 +323,14 @@ def generation_settings(
         decoded = [decode_image(data) for data in images]
         settings["image"] = decoded[0] if len(decoded) == 1 else decoded
         settings["strength"] = 0.75 if denoising is None else denoising
+        if body.get("mask"):
+            if len(decoded) != 1:
+                raise InvalidArgumentError("init_images: inpainting (a mask) takes one init image")
+            inpaint = WebUIInpaint.from_body(body, decode_image(body["mask"], "mask", mode=None))
+            placement, settings["image"], settings["mask"] = inpaint.prepare(
+                decoded[0], settings["width"], settings["height"]
+            )
+            inpainting = Inpainting(inpaint, placement)
     elif body.get("enable_hr"):
         upscaler = body.get("hr_upscaler") or "Latent"
         if upscaler not in UPSCALERS:
@@ -309,7 +352,7 @@ def generation_settings(
     n_iter = _number(body, "n_iter", 1, int)
     if n_iter < 1:
         raise InvalidArgumentError(f"n_iter must be at least 1, got {n_iter}")
-    return settings, n_iter, ignored
+    return WebUIRequest(settings, n_iter, ignored, inpainting)
 
 
 class Job:
@@ -382,7 +425,7 @@ def run_request(
     and its interruption comes from. The prompt's ``<lora:NAME:WEIGHT>`` tags (:mod:`sdengine.extra_networks`)
     fuse files of ``lora_dir`` for this request, after ``base_loras`` (those the pipeline came with)."""
     refiner = getattr(pipeline, "refiner", None) is not None
-    settings, n_iter, ignored = generation_settings(body, img2img, refiner)
+    settings, n_iter, ignored, inpainting = generation_settings(body, img2img, refiner)
     settings["prompt"], tags = lora_tags(settings["prompt"])
     loras = resolve_loras(tags, lora_dir)
     if loras and not hasattr(pipeline, "set_loras"):
@@ -405,8 +448,12 @@ def run_request(
                     settings["variation_seed"] = first.request.variation_seed + n * first.request.batch
             result = pipeline(prompt, negative, **settings)
             first = first or result
-            for i, image in enumerate(result.images):
-                parameters = {**result.request.parameters(i), "backend": result.backend}
+            array, laid = result.array, {}
+            if inpainting is not None:  # the results laid over the original, as the web UI lays them
+                array = inpainting.placement.paste(array)
+                laid = inpainting.settings.parameters(inpainting.placement)
+            for i, image in enumerate(to_pil(array)):
+                parameters = {**result.request.parameters(i), **laid, "backend": result.backend}
                 images.append(encode_png(image, parameters))
             seeds += list(result.request.seeds)
             nsfw += result.nsfw or [False] * result.request.batch
@@ -433,6 +480,7 @@ def run_request(
         else (request.hires.strength if request.hires else 0),
         "nsfw": nsfw,
         "refiner_switch_at": request.refiner_switch,
+        "extra_generation_params": {} if inpainting is None else inpainting.settings.generation_params(),
         "extra_networks": [{"lora": tag.name, "weight": tag.weight} for tag in tags],
         "interrupted": job.interrupted.is_set(),
         "backend": first.backend,
@@ -442,8 +490,9 @@ def run_request(
 
 
 def body_without_images(body: dict[str, Any]) -> dict[str, Any]:
-    """The request's fields as the answer echoes them (the web UI's ``parameters``), input images left out."""
-    return {k: v for k, v in body.items() if k != "init_images"}
+    """The request's fields as the answer echoes them (the web UI's ``parameters``), input images and mask
+    left out."""
+    return {k: v for k, v in body.items() if k not in ("init_images", "mask")}
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -87,7 +87,7 @@ def test_settings_map_the_web_uis_fields():
         "eta": 1.0,  # what the default sampler ignores
         "some_new_field": 1,
     }
-    settings, n_iter, ignored = generation_settings(body, img2img=False)
+    settings, n_iter, ignored, _ = generation_settings(body, img2img=False)
     assert n_iter == 3 and ignored == ["some_new_field"]
     assert settings == {
         "prompt": "a [cat:dog:0.5]",
@@ -136,7 +136,7 @@ def test_bad_fields_are_named(body, message):
 
 
 def test_randn_source_cpu_is_torch_s_noise():
-    settings, _, _ = generation_settings({"override_settings": {"randn_source": "CPU"}}, img2img=False)
+    settings, *_ = generation_settings({"override_settings": {"randn_source": "CPU"}}, img2img=False)
     assert settings["noise_source"] == "torch-cpu"
     assert "noise_source" not in generation_settings({}, img2img=False)[0]
 
@@ -272,3 +272,84 @@ def test_progress_and_interrupt(server):
     status, answer = call(server, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE})
     assert status == 200 and not json.loads(answer["info"])["interrupted"]
     assert call(server, "/sdapi/v1/progress")[1]["state"]["sampling_step"] == 3  # the last run's, whole
+
+
+def test_inpainting_lays_the_repainted_box_over_the_original(server, ort_pipe_fp32):
+    rng = np.random.default_rng(3)
+    original = rng.random((80, 96, 3)).astype(np.float32)
+    marked = np.zeros((80, 96), np.float32)
+    marked[30:50, 40:60] = 1
+    body = {
+        "prompt": "a hat",
+        **SIZE,
+        "seed": 8,
+        "init_images": [png(original)],
+        "mask": png(marked[..., None].repeat(3, -1)),
+    }
+    body.update(inpaint_full_res_padding=6, denoising_strength=0.9)
+    status, answer = call(server, "/sdapi/v1/img2img", body)
+    assert status == 200, answer
+    answered = pixels(answer["images"][0])
+    assert answered.shape == original.shape  # "Only masked": back in the original, at its size
+    settings, _, _, inpainting = generation_settings(body, img2img=True)
+    direct = ort_pipe_fp32(
+        "a hat", **{k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt")}
+    )
+    np.testing.assert_allclose(answered, inpainting.placement.paste(direct.array)[0], atol=0.5 / 255)
+    kept = np.asarray(inpainting.settings.mask) == 0
+    original_levels = np.asarray(Image.open(io.BytesIO(base64.b64decode(png(original)))), np.float32) / 255
+    np.testing.assert_allclose(answered[kept], original_levels[kept], atol=0.5 / 255)  # untouched
+    assert np.abs(answered[35:45, 45:55] - original_levels[35:45, 45:55]).mean() > 0.05  # repainted
+    info = json.loads(answer["info"])
+    assert info["extra_generation_params"]["Inpaint area"] == "Only masked"
+    assert info["extra_generation_params"]["Masked content"] == "fill"
+    assert "mask" not in answer["parameters"] and "init_images" not in answer["parameters"]
+    with Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))) as image:
+        recorded = json.loads(image.info["parameters"])
+    assert recorded["inpaint_box"] == list(inpainting.placement.box) and recorded["mask"] == "supplied"
+
+
+def test_whole_picture_inpainting_answers_at_the_size_asked(server):
+    rng = np.random.default_rng(4)
+    original = rng.random((80, 96, 3)).astype(np.float32)
+    marked = np.zeros((80, 96, 3), np.float32)
+    marked[20:60, 20:70] = 1
+    body = {"prompt": "a hat", **SIZE, "seed": 9, "init_images": [png(original)], "mask": png(marked)}
+    body.update(inpaint_full_res=False, inpainting_fill=1, mask_blur=0)
+    status, answer = call(server, "/sdapi/v1/img2img", body)
+    assert status == 200 and pixels(answer["images"][0]).shape == (64, 64, 3)
+    resized = Image.open(io.BytesIO(base64.b64decode(png(original)))).resize(
+        (64, 64), Image.Resampling.LANCZOS
+    )
+    mask = np.asarray(
+        Image.fromarray((marked[..., 0] * 255).astype(np.uint8)).resize((64, 64), Image.Resampling.LANCZOS)
+    )
+    kept = mask == 0
+    np.testing.assert_allclose(
+        pixels(answer["images"][0])[kept], np.asarray(resized, np.float32)[kept] / 255, atol=0.5 / 255
+    )
+    assert json.loads(answer["info"])["extra_generation_params"]["Inpaint area"] == "Whole picture"
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "message"),
+    [
+        ("/sdapi/v1/img2img", {"inpainting_fill": 2}, "inpainting_fill 2"),
+        ("/sdapi/v1/img2img", {"initial_noise_multiplier": 0.5}, "not supported: initial_noise_multiplier"),
+        ("/sdapi/v1/img2img", {"two_images": True}, "takes one init image"),
+        ("/sdapi/v1/img2img", {"small_mask": True}, "with inpaint_full_res they must be the same size"),
+        ("/sdapi/v1/img2img", {"mask": "not an image"}, "mask: not a base64 image"),
+        ("/sdapi/v1/txt2img", {}, "inpainting is img2img's"),
+    ],
+)
+def test_inpainting_refusals_name_the_field(server, path, extra, message):
+    image, mask = np.full((64, 64, 3), 0.5, np.float32), np.zeros((64, 64, 3), np.float32)
+    mask[10:20, 10:20] = 1
+    body = {"prompt": "a hat", **SIZE, "init_images": [png(image)], "mask": png(mask)}
+    if extra.pop("two_images", False):
+        body["init_images"] *= 2
+    if extra.pop("small_mask", False):
+        body["mask"] = png(mask[:32, :32])
+    status, answer = call(server, path, {**body, **extra})
+    assert status == 422 and answer["error"] == "InvalidArgumentError", answer
+    assert message in answer["detail"]
