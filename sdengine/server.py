@@ -18,7 +18,9 @@ What the web UI's API takes, and how it maps here:
   (``noise_source="torch-cpu"``, :mod:`sdengine.torch_noise`); "GPU" and "NV" are refused.
 - ``refiner_switch_at``: where the refiner of ``sdengine serve MODEL --refiner DIR`` takes over (0.8); that
   refiner finishes every run, whatever ``refiner_checkpoint`` names, which is refused without one.
-- img2img: ``init_images`` (one, or one per batch item; base64 images) and ``denoising_strength`` (0.75).
+- img2img: ``init_images`` (one, or one per batch item; base64 images), ``denoising_strength`` (0.75) and
+  ``resize_mode`` (0 "Just resize", 1 "Crop and resize", 2 "Resize and fill"; 3, the latents', is refused):
+  how an image of another size is brought to ``width`` x ``height`` (:data:`RESIZE_MODES`).
 - inpainting (img2img with a ``mask``; one init image): ``mask``, ``mask_blur`` (or ``mask_blur_x`` and
   ``mask_blur_y``), ``inpainting_mask_invert``, ``inpaint_full_res`` with ``inpaint_full_res_padding``, and
   ``inpainting_fill`` 0 (fill) or 1 (original), read as the web UI reads them; the result is laid back over
@@ -60,9 +62,9 @@ from PIL import Image, UnidentifiedImageError
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.extra_networks import lora_files, lora_tags, resolve_loras
 from sdengine.images import to_pil
-from sdengine.mask_crop import MaskCrop
+from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.schedulers import SCHEDULER_NAMES
-from sdengine.webui_inpaint import WebUIInpaint
+from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
 
 #: The web UI's sampler names that sdengine runs, and the scheduler each is.
 SAMPLERS = {
@@ -91,6 +93,9 @@ SCHEDULES = {"automatic": "Automatic", "karras": "Karras", "exponential": "Expon
 SPACED = {"Exponential": "_exponential", "Beta": "_beta"}
 #: hr_upscaler values: the web UI's "Latent" enlarges the latents; "None" and "Lanczos" the image.
 UPSCALERS = {"Latent": "latent", "None": "image", "Lanczos": "image"}
+#: The web UI's ``resize_mode`` for images of another size than asked: stretched to it (Lanczos), resized to
+#: cover it and cut to it, or resized to fit in it with the edges stretched over the rest.
+RESIZE_MODES: dict[int, Resize] = {0: stretch, 1: cover_resize, 2: fill_resize}
 #: Fields that change nothing here: the web UI's own bookkeeping, and ``image_cfg_scale``, which the web UI
 #: too reads only for instruct-pix2pix models.
 BOOKKEEPING = {
@@ -160,6 +165,7 @@ READ = {
     "denoising_strength",
     "override_settings",
     "init_images",
+    "resize_mode",
     "mask",
     "mask_blur",
     "mask_blur_x",
@@ -320,17 +326,25 @@ def generation_settings(body: dict[str, Any], img2img: bool, refiner: bool = Fal
         images = body.get("init_images")
         if not isinstance(images, list) or not images:
             raise InvalidArgumentError("init_images: give a list of one base64 image (or one per batch item)")
+        resize_mode = _number(body, "resize_mode", 0, int)
+        if resize_mode not in RESIZE_MODES:
+            raise InvalidArgumentError(
+                f"resize_mode {resize_mode} is not supported; use 0 (just resize), 1 (crop and resize) or 2 "
+                "(resize and fill)"
+            )
+        resize = RESIZE_MODES[resize_mode]
+        size = (settings["width"], settings["height"])
         decoded = [decode_image(data) for data in images]
-        settings["image"] = decoded[0] if len(decoded) == 1 else decoded
         settings["strength"] = 0.75 if denoising is None else denoising
         if body.get("mask"):
             if len(decoded) != 1:
                 raise InvalidArgumentError("init_images: inpainting (a mask) takes one init image")
             inpaint = WebUIInpaint.from_body(body, decode_image(body["mask"], "mask", mode=None))
-            placement, settings["image"], settings["mask"] = inpaint.prepare(
-                decoded[0], settings["width"], settings["height"]
-            )
+            placement, settings["image"], settings["mask"] = inpaint.prepare(decoded[0], *size, resize)
             inpainting = Inpainting(inpaint, placement)
+        else:
+            resized = [image if image.size == size else resize(image, *size) for image in decoded]
+            settings["image"] = resized[0] if len(resized) == 1 else resized
     elif body.get("enable_hr"):
         upscaler = body.get("hr_upscaler") or "Latent"
         if upscaler not in UPSCALERS:

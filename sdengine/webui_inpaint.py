@@ -26,6 +26,7 @@ latents' size by nearest-neighbour sampling of the full-size mask, where the web
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,8 @@ from PIL import Image, ImageFilter
 from sdengine.errors import InvalidArgumentError
 from sdengine.mask_crop import MaskCrop
 
+#: How an image is brought to the size generated: (image, width, height) -> image.
+Resize = Callable[[Image.Image, int, int], Image.Image]
 #: The web UI's masked-content options; the two it does in latent space are refused.
 FILLS = {0: "fill", 1: "original"}
 #: The passes of the masked-content fill, broadest first: (blur radius in pixels, times laid over).
@@ -117,9 +120,10 @@ def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(straight * 255), 0, 255).astype(np.uint8), "RGB")
 
 
-def _resized(image: Image.Image, width: int, height: int) -> Image.Image:
-    size = (width, height)
-    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+def stretch(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` resized (Lanczos) to ``width`` x ``height``, its aspect ratio not kept (the web UI's "Just
+    resize")."""
+    return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def _whole(body: dict[str, Any], key: str, default: int) -> int:
@@ -181,12 +185,12 @@ class WebUIInpaint:
         )
 
     def prepare(
-        self, image: Image.Image, width: int, height: int
+        self, image: Image.Image, width: int, height: int, resize: Resize = stretch
     ) -> tuple[MaskCrop, Image.Image, Image.Image]:
         """For inpainting ``image`` at ``width`` x ``height``: where the results go (the mask's box of the
-        original, "Only masked", or the whole original resized to that size, "Whole picture", with the mask
-        they are laid over it through: :meth:`MaskCrop.paste`), and the image and mask of the pipeline's
-        inpainting call, the image's masked part filled first where ``inpainting_fill`` is 0."""
+        original, "Only masked", or the whole original brought to that size by ``resize``, "Whole picture",
+        with the mask they are laid over it through: :meth:`MaskCrop.paste`), and the image and mask of the
+        pipeline's inpainting call, the image's masked part filled first where ``inpainting_fill`` is 0."""
         if self.full_res:
             if image.size != self.mask.size:
                 raise InvalidArgumentError(
@@ -196,7 +200,8 @@ class WebUIInpaint:
             placement = MaskCrop.around(image, self.mask, self.padding, width, height)
             image, mask = placement.inputs(width, height)
         else:
-            image, mask = (_resized(picture, width, height) for picture in (image, self.mask))
+            size = (width, height)
+            image, mask = (p if p.size == size else resize(p, width, height) for p in (image, self.mask))
             overlay = np.clip(np.asarray(mask, np.float32) * 2, 0, 255).astype(np.uint8)
             placement = MaskCrop(0, (0, 0, width, height), image, Image.fromarray(overlay, "L"))
         return placement, fill(image, mask) if self.fill == 0 else image, mask

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from sdengine.errors import InvalidArgumentError
+from sdengine.mask_crop import cover_resize, fill_resize
 from sdengine.server import generation_settings, sampler_of, scheduler_name, serve_in_thread
 
 SIZE = {"width": 64, "height": 64, "steps": 3}
@@ -191,6 +192,42 @@ def test_hires_and_img2img(server, ort_pipe_fp32):
         long_prompts=True,
     )
     np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_img2img_resize_modes(server, ort_pipe_fp32, mode):
+    source = np.random.default_rng(mode).random((40, 96, 3)).astype(np.float32)  # wide: crop or fill it
+    body = {"prompt": "a dog", **SIZE, "seed": 6, "init_images": [png(source)], "resize_mode": mode}
+    status, answer = call(server, "/sdapi/v1/img2img", body)
+    assert status == 200, answer
+    image = Image.open(io.BytesIO(base64.b64decode(png(source))))
+    resized = (cover_resize if mode == 1 else fill_resize)(image, 64, 64)
+    direct = ort_pipe_fp32(
+        "a dog",
+        **SIZE,
+        seed=6,
+        guidance=7.0,
+        scheduler="euler",
+        image=resized,
+        strength=0.75,
+        prompt_weights="a1111",
+        long_prompts=True,
+    )
+    np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
+    stretched = ort_pipe_fp32(
+        "a dog",
+        **SIZE,
+        seed=6,
+        guidance=7.0,
+        scheduler="euler",
+        image=image,
+        strength=0.75,
+        prompt_weights="a1111",
+        long_prompts=True,
+    )
+    assert np.abs(stretched.array[0] - direct.array[0]).max() > 0.02  # the mode made a difference
+    status, answer = call(server, "/sdapi/v1/img2img", {**body, "resize_mode": 3})
+    assert status == 422 and "resize_mode 3 is not supported" in answer["detail"]
 
 
 def test_errors_are_one_json_line_and_the_server_goes_on(server):
