@@ -164,6 +164,11 @@ class TorchPipeline(_CallMixin):
         preview: Preview | None = None,
         stop: Stop | None = None,
     ) -> GenerationResult:
+        if request.composable:
+            raise UnsupportedConfigError(
+                "composable prompts (the web UI's AND, or a part's :weight) run on the ort and trt backends; "
+                "diffusers' pipelines guide one prompt"
+            )
         times, cuda = StageTimes(), self.device == "cuda"
         with times.time("total"):
             final = self.denoised_passes(request, times, progress, preview, stop)

@@ -579,8 +579,9 @@ class Pipeline(_CallMixin):
             pooled = pooled[edits.rows]  # (sets, G * B, pooled)
             if cfg and request.default_negative and self.model_dir.zero_negative:
                 contexts, pooled = zero_negatives(contexts, pooled, request.batch)
+            arch = self.model_dir.arch
             unet_constants = xl_unet_inputs(
-                pooled[0], request.height, request.width, request.sizes, cfg, self.model_dir.arch.aesthetic
+                pooled[0], request.height, request.width, request.sizes, request.copies, arch.aesthetic
             )
         latents, inputs = self.initial_latents(request, schedule, times)
         if edits.edited:  # every call's text embeddings, which the step model hands the UNet
@@ -590,10 +591,12 @@ class Pipeline(_CallMixin):
                 del unet_constants[TEXT_EMBEDS]
         if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
             inputs["guidance_rescale"] = request.guidance_rescale
+        if request.composable:  # the weights of composable prompts' parts
+            inputs["part_weights"] = request.part_weights
         if self.model_dir.arch.ip_adapter:  # the image prompt's embeddings, or none (scale 0)
             unet_constants.update(self.image_prompt_inputs(request, times))
         if request.control is not None:
-            unet_constants.update(control_images(request.control, request.batch, 2 if cfg else 1))
+            unet_constants.update(control_images(request.control, request.batch, request.copies))
             inputs["control_scales"] = control_schedule(  # their shares of the whole run
                 request.control_scales,
                 request.control_starts,
@@ -622,8 +625,9 @@ class Pipeline(_CallMixin):
                     negative, embeds = np.split(self.backend.encode_image_prompt(both), 2)
                 else:
                     embeds = self.backend.encode_image_prompt(pixels)
-        copies = 2 if request.classifier_free_guidance else 1
-        return ip_unet_inputs(embeds, negative, request.batch, copies, request.ip_scale, arch.ip_embeds_shape)
+        return ip_unet_inputs(
+            embeds, negative, request.batch, request.copies, request.ip_scale, arch.ip_embeds_shape
+        )
 
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
         """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the VAE decoder."""
@@ -898,8 +902,7 @@ class Pipeline(_CallMixin):
             return {"blend": Blend(latent_mask, image_latents, noise)}
         masked = self.encode(pixels * (mask < 0.5), request.batch, request.masked_encoder_noise)
         conditioning = np.concatenate([latent_mask, masked], axis=1)
-        copies = 2 if request.classifier_free_guidance else 1
-        return {"unet_conditioning": np.concatenate([conditioning] * copies)}
+        return {"unet_conditioning": np.concatenate([conditioning] * request.copies)}
 
     def latent_mask(self, request: GenerationRequest, noise: np.ndarray) -> np.ndarray:
         """The inpainting mask at the latents' size (B, 1, h, w): nearest-neighbour downsampling, as torch's

@@ -7,10 +7,10 @@ groups nest and multiply; a group still open at the end of the prompt applies to
 opening; a closing bracket with nothing open, and a colon that does not end a weighted group, are text;
 ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are literal (a lone backslash is dropped);
 neighbouring text of equal weight is one fragment. ``BREAK`` (a word of its own, in capitals) ends the
-current window of 75 tokens. ``AND`` (a word of its own, in capitals) splits the web UI's prompt into prompts
-whose noise predictions it combines (composable diffusion); sdengine does not, so a prompt with one is
-refused (:func:`refuse_composable`), never read as plain text. In a negative prompt the web UI reads ``AND``
-as text, and so does sdengine.
+current window of 75 tokens. ``AND`` (a word of its own, in capitals) splits the web UI's prompt into parts
+whose noise predictions guidance combines (composable prompts: :mod:`sdengine.composable`, which splits
+them before this module reads each part). In a negative prompt the web UI reads ``AND`` as text, and so does
+sdengine.
 
 The arithmetic (the web UI's default "Original" emphasis): each window of 75 tokens is encoded, each token's
 embedding multiplied by its weight, and the window rescaled so that its mean is what it was before. The web
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,20 +39,6 @@ ROUND, SQUARE = 1.1, 1 / 1.1
 #: How far back from a full window's end a comma may lie and still end the window (the web UI's
 #: ``comma_padding_backtrack`` setting, 20 by default).
 COMMA_BACKTRACK = 20
-
-#: The web UI's composable-prompt separator (its ``prompt_parser.re_AND``)
-COMPOSABLE_AND = re.compile(r"\bAND\b")
-
-
-def refuse_composable(prompts: Sequence[str]) -> None:
-    """Refuse a prompt that the web UI would split at ``AND`` (composable diffusion, not done here)."""
-    for prompt in prompts:
-        if COMPOSABLE_AND.search(prompt):
-            raise InvalidArgumentError(
-                "prompt: the web UI's AND (composable prompts, each its own noise prediction) is not "
-                f"supported, in {prompt!r}; write one prompt"
-            )
-
 
 #: The syntax's tokens: escapes, brackets, a group's closing weight, and runs of plain text.
 _TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")

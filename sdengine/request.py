@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from sdengine.composable import Parts, composable_parts, part_count, part_texts, part_weights
 from sdengine.errors import InvalidArgumentError
 from sdengine.hires import HiresFix, hires_fix
 from sdengine.images import image_array
 from sdengine.mask_crop import MaskCrop
 from sdengine.model_specs import Architecture
 from sdengine.prompt_editing import PromptEdits, prompt_edits
-from sdengine.prompt_weights_a1111 import refuse_composable
 from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.schedulers.base import img2img_start
 from sdengine.torch_noise import TorchCpuGenerator
@@ -96,6 +96,9 @@ class GenerationRequest:
     #: inpainting only the mask's box (:mod:`sdengine.mask_crop`): ``image`` and ``mask`` are that box,
     #: resized; the images made are laid back into the original
     mask_crop: MaskCrop | None = field(default=None, compare=False, repr=False)
+    #: composable prompts (the web UI's ``AND``, :mod:`sdengine.composable`): each image's parts (text,
+    #: weight); empty where every prompt is one part of weight 1
+    composable: tuple[Parts, ...] = ()
 
     @property
     def image_to_image(self) -> bool:
@@ -122,8 +125,23 @@ class GenerationRequest:
 
     @property
     def classifier_free_guidance(self) -> bool:
-        """As in diffusers: guidance > 1 runs the UNet on [negative, positive] and combines the two."""
-        return self.guidance > 1.0
+        """As in diffusers: guidance > 1 runs the UNet on [negative, positive] and combines the two; and
+        composable prompts always run the negative side, as the web UI does."""
+        return self.guidance > 1.0 or bool(self.composable)
+
+    @property
+    def copies(self) -> int:
+        """G, the UNet batch's multiple of the images: 1 without guidance, 2 with it, and 1 + K for
+        composable prompts of K parts."""
+        if not self.classifier_free_guidance:
+            return 1
+        return 1 + (part_count(self.composable) if self.composable else 1)
+
+    @property
+    def part_weights(self) -> np.ndarray | None:
+        """Composable prompts' weights (K, B, 1, 1, 1) (:func:`sdengine.composable.part_weights`); None for
+        plain guidance."""
+        return part_weights(self.composable) if self.composable else None
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -166,10 +184,11 @@ class GenerationRequest:
     @property
     def texts(self) -> list[str]:
         """The texts the UNet's batch reads: the negative prompts then the prompts with classifier-free
-        guidance, the prompts alone without."""
-        return (
-            [*self.negative_prompts, *self.prompts] if self.classifier_free_guidance else list(self.prompts)
-        )
+        guidance (then the composable prompts' parts, first parts first), the prompts alone without."""
+        if not self.classifier_free_guidance:
+            return list(self.prompts)
+        positive = part_texts(self.composable) if self.composable else self.prompts
+        return [*self.negative_prompts, *positive]
 
     def prompt_edits(self, schedule: Schedule, run: Schedule) -> PromptEdits:
         """What :attr:`texts` read call by call over this pass's ``schedule``: in the AUTOMATIC1111 syntax
@@ -478,8 +497,12 @@ def make_request(
         image_latents=image is not None and (latents is not None or bool(variation_strength)),
     )
     ip_scale = check_image_prompt(ip_image, ip_scale)
-    if weighting_syntax(prompt_weights) == "a1111":
-        refuse_composable(prompts)
+    composable = composable_parts(prompts) if weighting_syntax(prompt_weights) == "a1111" else ()
+    if composable and guidance_rescale:
+        raise InvalidArgumentError(
+            "guidance_rescale rescales one guided prediction; composable prompts (AND, or a part's :weight) "
+            "have several: give one or the other"
+        )
     return GenerationRequest(
         prompts=tuple(prompts),
         negative_prompts=tuple(negatives),
@@ -511,6 +534,7 @@ def make_request(
         ip_scale=ip_scale,
         noise_source=noise_source,
         inpainting_unet=inpainting_unet and mask is not None,
+        composable=composable,
     )
 
 

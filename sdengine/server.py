@@ -3,8 +3,9 @@
 
 What the web UI's API takes, and how it maps here:
 
-- ``prompt``, ``negative_prompt``: read in the web UI's syntax (weights, ``BREAK``, prompt editing), and
-  whole past 75 tokens, as the web UI reads them (``prompt_weights="a1111"``, ``long_prompts=True``).
+- ``prompt``, ``negative_prompt``: read in the web UI's syntax (weights, ``BREAK``, prompt editing,
+  composable ``AND``), and whole past 75 tokens, as the web UI reads them (``prompt_weights="a1111"``,
+  ``long_prompts=True``).
 - ``steps`` (50), ``cfg_scale`` (7), ``width``/``height`` (512), ``seed`` (-1: random), ``batch_size``,
   ``n_iter`` (batches one after another; image ``i`` of batch ``n`` has seed ``seed + n * batch_size + i``,
   as in the web UI), ``subseed``/``subseed_strength`` (variations, the same spherical interpolation).

@@ -4,10 +4,11 @@ One model does everything between two UNet calls, with every per-step value read
 that the model itself advances:
 
     eps        = uncond + g * (cond - uncond)         classifier-free guidance (when the batch is doubled)
+    eps        = uncond + g * sum_k w_k (cond_k - uncond)     ... composable prompts' K parts, weighted
     eps        = r * eps * std(cond) / std(eps) + (1 - r) * eps       guidance rescale, when asked for
     [x', h']   = coeffs[i] @ [x, eps, noise[i], h]    the scheduler update (one MatMul; see schedulers)
     x'         = m * x' + (1 - m) * (a[i+1] * image + b[i+1] * noise0)     inpainting, plain UNet only
-    unet_input = [x' * input_scale[i + 1]] * G        the next UNet call's input (G = 2 with guidance)
+    unet_input = [x' * input_scale[i + 1]] * G        the next UNet call's input (G = 2 with guidance, 1 + K)
                  (+ [mask, masked image latents] on the channel axis: inpainting with a 9-channel UNet)
     timestep   = timesteps[i + 1]                     ... and its timestep, shaped as the UNet wants
     scales     = control_scales[i + 1]                ... and its ControlNets' weights, where it has any
@@ -41,6 +42,8 @@ STEP_OUTPUTS = ("next_sample", "next_history", "next_step_index", "unet_input", 
 #: Inputs of inpainting with a plain (4-channel) UNet: after each step the area outside the mask is the image
 #: noised to the next timestep, as diffusers' ``StableDiffusionInpaintPipeline`` does.
 BLEND_INPUTS = ("keep_mask", "image_latents", "image_noise", "noise_scales")
+#: Composable prompts (:mod:`sdengine.composable`): each part's weight for each image, (K, B, 1, 1, 1).
+PART_WEIGHTS = "part_weights"
 #: Input of inpainting with an inpainting (9-channel) UNet: the channels after the latents, fixed for the run.
 CONDITIONING_INPUT = "unet_conditioning"
 #: ControlNet: the table of each call's ControlNet weights, and the output that gives the next call's.
@@ -96,6 +99,8 @@ class StepTables:
     context_index: np.ndarray | None = None
     #: (sets, G * B, pooled) float32: SDXL, each set's pooled text embeddings
     pooled: np.ndarray | None = None
+    #: (K, B, 1, 1, 1) float32: composable prompts, each part's weight for each image (G = 1 + K)
+    part_weights: np.ndarray | None = None
 
     @property
     def num_calls(self) -> int:
@@ -110,6 +115,11 @@ class StepTables:
     def pooled_size(self) -> int:
         """The width of the pooled text embeddings the calls read from the step model (0: none)."""
         return 0 if self.pooled is None else self.pooled.shape[-1]
+
+    @property
+    def parts(self) -> int:
+        """K, the composable prompts' parts guidance sums (0: plain guidance, or none)."""
+        return 0 if self.part_weights is None else len(self.part_weights)
 
     @property
     def controls(self) -> int:
@@ -146,6 +156,8 @@ class StepTables:
             arrays[CONTEXTS], arrays[CONTEXT_INDEX] = self.contexts, self.context_index
         if self.pooled is not None:
             arrays[POOLED] = self.pooled
+        if self.part_weights is not None:
+            arrays[PART_WEIGHTS] = self.part_weights
         return arrays
 
     def outputs(self) -> tuple[str, ...]:
@@ -178,11 +190,13 @@ def step_tables(
     contexts: np.ndarray | None = None,
     context_index: np.ndarray | None = None,
     pooled: np.ndarray | None = None,
+    part_weights: np.ndarray | None = None,
 ) -> StepTables:
     """Pad ``schedule``'s coefficient rows to :data:`MAX_HISTORY` history buffers. ``control_scales``: each
     call's ControlNet weights, (calls, ControlNets). ``contexts`` (sets, G * B, sequence, hidden) and
     ``context_index`` (calls,): edited prompts' text embeddings, and the set each call reads; ``pooled``
-    (sets, G * B, pooled): SDXL's pooled embeddings of those sets.
+    (sets, G * B, pooled): SDXL's pooled embeddings of those sets. ``part_weights`` (K, B, 1, 1, 1):
+    composable prompts' weights.
 
     Row ``r`` / column ``c`` of the scheduler's ``(1 + K, 3 + K)`` matrix keep their place; the extra history
     rows and columns are zero, so unused buffers stay zero and never contribute.
@@ -217,6 +231,7 @@ def step_tables(
         if context_index is None
         else np.append(context_index, context_index[-1]).astype(np.int64),
         pooled=f32(pooled),
+        part_weights=f32(part_weights),
     )
 
 
@@ -256,6 +271,7 @@ def build_step_model(
     contexts: tuple[int, int, int] = (),
     context_dtype: int = TensorProto.FLOAT,
     pooled: int = 0,
+    parts: int = 0,
 ) -> onnx.ModelProto:
     """The step model for ``batch`` latents of ``latent_shape`` (C, h, w) and a schedule of ``num_calls``.
 
@@ -277,9 +293,12 @@ def build_step_model(
     :data:`CONTEXT_INDEX` and gives the next call's set of text embeddings, in ``context_dtype`` (the UNet's
     ``encoder_hidden_states`` type), as :data:`CONTEXT_OUTPUT`; with ``pooled`` (SDXL: the pooled
     embeddings' width) it takes :data:`POOLED` too and gives the set's pooled embeddings, in the same type,
-    as :data:`POOLED_OUTPUT`.
+    as :data:`POOLED_OUTPUT`. ``parts`` (with ``guidance``, not with ``rescale``): composable prompts of that
+    many parts; the UNet's batch holds 1 + ``parts`` copies, and the model takes :data:`PART_WEIGHTS`.
     """
-    copies = 2 if guidance else 1
+    if parts and (rescale or not guidance):
+        raise ValueError("composable prompts' parts are guided, without guidance rescale")
+    copies = (1 + max(parts, 1)) if guidance else 1
     c, h, w = latent_shape
     latent = [batch, c, h, w]
     rows, cols = 1 + MAX_HISTORY, 3 + MAX_HISTORY
@@ -318,6 +337,8 @@ def build_step_model(
         "rows_end": [rows],
         "batch_1": [batch],
         "batch2_1": [2 * batch],
+        "all_1": [copies * batch],
+        "parts_shape": [parts, batch, c, h, w],
         "t_shape": list(timestep_shape) or [1],
     }
     initializers = [
@@ -327,7 +348,19 @@ def build_step_model(
         for k, v in ints.items()
     ]
     nodes = [helper.make_node("Cast", ["noise_pred"], ["noise_pred_f32"], to=f32)]
-    if guidance:
+    if parts:
+        inputs.append(helper.make_tensor_value_info(PART_WEIGHTS, f32, [parts, batch, 1, 1, 1]))
+        nodes += [
+            helper.make_node("Slice", ["noise_pred_f32", "zero_1", "batch_1"], ["uncond"]),
+            helper.make_node("Slice", ["noise_pred_f32", "batch_1", "all_1"], ["conds_flat"]),
+            helper.make_node("Reshape", ["conds_flat", "parts_shape"], ["conds"]),
+            helper.make_node("Sub", ["conds", "uncond"], ["deltas"]),
+            helper.make_node("Mul", ["deltas", PART_WEIGHTS], ["weighted_deltas"]),
+            helper.make_node("ReduceSum", ["weighted_deltas", "zero_1"], ["delta"], keepdims=0),
+            helper.make_node("Mul", ["delta", "guidance"], ["scaled_delta"]),
+            helper.make_node("Add", ["uncond", "scaled_delta"], ["eps"]),
+        ]
+    elif guidance:
         nodes += [
             helper.make_node("Slice", ["noise_pred_f32", "zero_1", "batch_1"], ["uncond"]),
             helper.make_node("Slice", ["noise_pred_f32", "batch_1", "batch2_1"], ["cond"]),

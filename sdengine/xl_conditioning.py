@@ -89,15 +89,15 @@ def xl_unet_inputs(
     height: int,
     width: int,
     sizes: SizeConditioning,
-    guidance: bool,
+    copies: int,
     aesthetic: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The UNet's added inputs for a run whose batch (negatives first with ``guidance``) has these pooled
-    text embeddings (G * B, pooled); ``aesthetic``: the refiner's numbers
+    """The UNet's added inputs for a run whose batch of ``copies`` * B (negatives first where ``copies`` >
+    1) has these pooled text embeddings (G * B, pooled); ``aesthetic``: the refiner's numbers
     (:meth:`SizeConditioning.time_ids`)."""
-    batch = len(pooled) // (2 if guidance else 1)
-    rows = [sizes.time_ids(height, width, True, aesthetic)] * batch if guidance else []
-    rows += [sizes.time_ids(height, width, False, aesthetic)] * batch
+    batch = len(pooled) // copies
+    rows = [sizes.time_ids(height, width, True, aesthetic)] * batch if copies > 1 else []
+    rows += [sizes.time_ids(height, width, False, aesthetic)] * batch * max(copies - 1, 1)
     return {TEXT_EMBEDS: pooled, TIME_IDS: np.stack(rows)}
 
 

@@ -359,3 +359,9 @@ def test_bench_runs_the_baseline_with_the_exports_controlnets(
     assert report["backends"]["ort"]["psnr_vs_torch_db"] >= 100  # the same control image, the same ControlNet
     plain_unet = count_flops(tiny_checkpoint, "unet", 2, 64, 96)
     assert report["flops_per_call"]["unet"] > 1.2 * plain_unet  # the ControlNet's FLOPs counted
+
+
+def test_composable_prompts_give_every_part_the_control_image(pipes):
+    settings = dict(steps=4, seed=4, control_image=control(), prompt_weights="a1111", **SIZE)
+    doubled = pipes[0](f"{PROMPT} AND {PROMPT}", guidance=3.0, **settings)
+    np.testing.assert_allclose(doubled.latents, pipes[0](PROMPT, guidance=6.0, **settings).latents, atol=1e-4)

@@ -144,3 +144,11 @@ def test_cli_writes_the_larger_image(onnx_fp32, tmp_path, capsys):
     assert (recorded["height"], recorded["hires_size"], recorded["hires_upscale"]) == (64, "96x96", "image")
     assert main([*args, "--hires-scale", "0.5"]) == 1
     assert "hires_scale must be a number in (1, 4]" in capsys.readouterr().err
+
+
+def test_composable_prompts_carry_into_the_second_pass(ort_pipe_fp32):
+    settings = dict(SETTINGS, hires_scale=2.0, prompt_weights="a1111")
+    doubled = ort_pipe_fp32(f"{PROMPT} AND {PROMPT}", guidance=3.0, **settings)
+    np.testing.assert_allclose(
+        doubled.latents, ort_pipe_fp32(PROMPT, guidance=6.0, **settings).latents, atol=1e-4
+    )

@@ -240,3 +240,10 @@ def test_cli_inpainting(inpaint_onnx, tmp_path, capsys):
     assert "cannot read mask" in err and "\n" not in err
     assert main(["generate", str(inpaint_onnx), PROMPT, "--mask", str(mask), "--device", "cpu"]) == 1
     assert "a mask needs the image" in capsys.readouterr().err
+
+
+def test_composable_prompts_give_every_part_the_mask(inpaint_pipes, ort_pipe_fp32):
+    settings = dict(steps=3, seed=1, image=picture(), mask=rectangle(), strength=0.9, prompt_weights="a1111")
+    for pipe in (inpaint_pipes[0], ort_pipe_fp32):  # an inpainting UNet's channels, a plain one's blend
+        doubled = pipe(f"{PROMPT} AND {PROMPT}", guidance=3.0, **settings)
+        np.testing.assert_allclose(doubled.latents, pipe(PROMPT, guidance=6.0, **settings).latents, atol=1e-4)

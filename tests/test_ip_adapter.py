@@ -293,3 +293,10 @@ def test_an_image_prompt_with_a_lora_matches_diffusers(ip_onnx, tiny_checkpoint,
     assert ours.load_lora(lora, 0.8) == ref.load_lora(lora, 0.8) > 0
     settings = {**SETTINGS, "ip_adapter_image": IMAGE}
     assert psnr(ours(PROMPT, **settings).array, ref(PROMPT, **settings).array) >= 100
+
+
+def test_composable_prompts_give_every_part_the_image_prompt(ip_pipes):
+    ours = ip_pipes[0]
+    settings = dict(SETTINGS, ip_adapter_image=IMAGE, prompt_weights="a1111")
+    doubled = ours(f"{PROMPT} AND {PROMPT}", guidance=3.0, **settings)
+    np.testing.assert_allclose(doubled.latents, ours(PROMPT, guidance=6.0, **settings).latents, atol=1e-4)

@@ -53,20 +53,19 @@ def test_a_weight_that_is_no_number_is_refused():
 
 
 @pytest.mark.parametrize("prompt", ["a cat AND a dog", "a cat AND a dog:0.5", "[a cat AND a dog:a fox:0.5]"])
-def test_the_web_uis_composable_and_is_refused_not_read_as_text(prompt):
+def test_the_web_uis_composable_and_splits_positive_prompts_only(prompt):
     from sdengine.request import make_request
 
     size = {"height": 64, "width": 64}
 
-    with pytest.raises(InvalidArgumentError, match="the web UI's AND"):
-        make_request(prompt, prompt_weights="a1111", **size)
-    with pytest.raises(InvalidArgumentError, match="the web UI's AND"):
-        make_request(["a fox", prompt], prompt_weights="a1111", batch=2, **size)
+    assert len(make_request(prompt, prompt_weights="a1111", **size).composable[0]) == 2
+    assert make_request(["a fox", prompt], prompt_weights="a1111", batch=2, **size).copies == 3
     # the web UI reads these as text, and so does sdengine
     for text in ("ANDROID, a cat and a dog", "a cat, BAND"):
-        make_request(text, prompt_weights="a1111", **size)
-    make_request("a fox", negative_prompt=prompt, prompt_weights="a1111", **size)
-    make_request(prompt, **size)  # another syntax: plain text
+        assert make_request(text, prompt_weights="a1111", **size).composable == ()
+    negative = make_request("a fox", negative_prompt=prompt, prompt_weights="a1111", **size)
+    assert negative.composable == () and negative.texts == [prompt, "a fox"]
+    assert make_request(prompt, **size).composable == ()  # another syntax: plain text
 
 
 def fake_ids(text: str) -> list[int]:

@@ -575,3 +575,16 @@ def test_the_refiner_refines_images_only(refiner_pipes):
     for pipe in refiner_pipes:
         with pytest.raises(UnsupportedConfigError, match="refiner refines images"):
             pipe.request(PROMPT, hires_scale=2.0)
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"])
+def test_composable_prompts_give_every_part_its_pooled_embeddings_and_size_ids(xl_pipes, negative):
+    """A part given twice pulls twice as hard, through SDXL's added conditioning as well (the negative side
+    with sizes of its own)."""
+    ours = xl_pipes[0]
+    settings = dict(
+        SETTINGS, negative_prompt=negative, prompt_weights="a1111", negative_original_size=(32, 48)
+    )
+    doubled = ours(f"{PROMPT} AND {PROMPT}", guidance=3.0, **settings)
+    np.testing.assert_allclose(doubled.latents, ours(PROMPT, guidance=6.0, **settings).latents, atol=1e-4)
+    assert psnr(ours(f"{PROMPT} AND a red barn", **settings).array, doubled.array) < 60

@@ -391,3 +391,36 @@ def test_info_checks_each_engine_against_this_machine(simulated, onnx_fp32, tmp_
         f.write(b"\0")
     status = describe(engines)["engines"]["unet"]["status"]
     assert status.startswith("refused:") and "stale" in status and "sdengine build" in status
+
+
+def test_composable_prompts_run_in_the_captured_steps(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):
+    """The step engine sums the parts of a composable prompt inside the graphs, the UNet on 1 + K copies."""
+    from export.trt_build import build_engines
+    from sdengine.backends.trt import TrtBackend
+    from sdengine.pipeline import Pipeline
+
+    engines = tmp_path / "engines"
+    build_engines(
+        onnx_fp32,
+        engines,
+        dynamic=True,
+        min_batch=1,
+        max_batch=2,
+        batch=1,
+        height=64,
+        width=64,
+        min_height=64,
+        max_height=64,
+        min_width=64,
+        max_width=64,
+        env=ENV,
+        builder=write_plan,
+    )
+    backend = TrtBackend.load(engines)
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    settings = dict(steps=4, height=64, width=64, seed=3, scheduler="euler", prompt_weights="a1111")
+    for prompt in ("a cat AND a dog :0.5", "a cat"):
+        ours, ref = pipe(prompt, **settings), ort_pipe_fp32(prompt, **settings)
+        scale = float(np.abs(ref.latents).max())
+        np.testing.assert_allclose(ours.latents, ref.latents, rtol=0, atol=1e-5 * scale, err_msg=prompt)
+    assert sorted(key.copies for key in backend._graphs) == [2, 3] and backend.graphs_refused is None

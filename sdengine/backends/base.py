@@ -21,7 +21,7 @@ class DenoisePlan:
     """Everything a denoising run needs, as host arrays, prepared once before the loop."""
 
     latents: np.ndarray  # (B, C, h, w) initial latents, already scaled by the scheduler's init_noise_sigma
-    #: (G * B, sequence, hidden) text embeddings, negatives first when G == 2: the first call's, where
+    #: (G * B, sequence, hidden) text embeddings, negatives first with guidance: the first call's, where
     #: prompts are edited (the tables hold every call's)
     context: np.ndarray
     tables: StepTables  # per-step coefficients, timesteps, input scales and noise
@@ -31,7 +31,8 @@ class DenoisePlan:
 
     @property
     def copies(self) -> int:
-        return 1 if self.guidance is None else 2
+        """G: 1 without guidance, 2 with it, 1 + K with composable prompts' K parts."""
+        return 1 if self.guidance is None else 1 + max(self.tables.parts, 1)
 
     def first_unet_inputs(self) -> dict[str, np.ndarray]:
         """The first UNet call's inputs besides its sample and timestep, by name: the text embeddings, the
@@ -70,6 +71,7 @@ class GraphKey:
     context_sets: int = 0  # edited prompts: the sets of text embeddings the step model gives the calls
     hidden: int = 768  # the text embeddings' width
     pooled: int = 0  # SDXL's edited prompts: the width of the pooled embeddings the step model gives
+    parts: int = 0  # composable prompts: the parts guidance sums (the UNet's batch is 1 + parts copies)
 
     @classmethod
     def of(cls, plan: DenoisePlan) -> GraphKey:
@@ -87,12 +89,13 @@ class GraphKey:
             tables.context_sets,
             plan.context.shape[2],
             tables.pooled_size,
+            tables.parts,
         )
 
     @property
     def copies(self) -> int:
-        """UNet batch multiplier: 2 with classifier-free guidance."""
-        return 2 if self.guidance else 1
+        """UNet batch multiplier: 2 with classifier-free guidance, 1 + K with composable prompts."""
+        return (1 + max(self.parts, 1)) if self.guidance else 1
 
     def step_model(
         self, timestep: tuple[tuple[int, ...], type], unet_io_dtypes: tuple[type, type, type]
@@ -118,6 +121,7 @@ class GraphKey:
             contexts=(self.context_sets, self.sequence, self.hidden) if self.context_sets else (),
             context_dtype=tensor_type(context_dtype),
             pooled=self.pooled,
+            parts=self.parts,
         )
 
 
