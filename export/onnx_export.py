@@ -35,7 +35,7 @@ from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
 from export.single_file import converted_checkpoint, is_single_file
 from export.vae_override import checkpoint_with_vae
-from export.verify import Verification, verify_component
+from export.verify import Verification, check_outputs, reference_outputs
 from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
 from sdengine.controlnet import CONTROLNET_CONFIG
@@ -207,17 +207,20 @@ def export_component(
         traced = Path(tmp) / "model.onnx"
         _trace(module, spec, inputs, traced, opset)
         onnx.shape_inference.infer_shapes_path(str(traced), str(traced))
-        model = onnx.load(str(traced))
+        # Never both copies of the weights at once: ONNX's stay on disk while the layers are named (read one
+        # at a time) and PyTorch's outputs for the check are taken; then PyTorch's are freed.
+        model = onnx.load(str(traced), load_external_data=False)
         if name in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
-            name_weights(model, module)
+            name_weights(model, module, tmp)
+        reference = reference_outputs(module, arch, name, vocab_size=vocab_size) if verify else None
+        module = None
+        onnx.load_external_data_for_model(model, tmp)
         if cuda_fused:  # checked in float32 before the fusion: the CPU cannot run the fused model
             unfused = Path(tmp) / "unfused.onnx"
             _save(model, unfused)
             del model
-            if verify:
-                check = verify_component(module, unfused, arch, name, "fp32", vocab_size=vocab_size)
-                verification = check.as_dict()
-            module = None  # PyTorch's copy of the weights, freed before the fusion's own copies
+            if reference is not None:
+                verification = check_outputs(unfused, reference, "fp32").as_dict()
             model, fused_operators = fuse_for_cuda(unfused)
         elif precision == "fp16":
             model = convert_to_fp16(model)
@@ -228,10 +231,8 @@ def export_component(
         onnx.shape_inference.infer_shapes_path(str(model_path), str(model_path))
         onnx.checker.check_model(str(model_path), full_check=False)
     export_seconds = round(time.perf_counter() - start, 3)
-    if verify and not cuda_fused:
-        check = verify_component(module, model_path, arch, name, precision, vocab_size=vocab_size)
-        verification = check.as_dict()
-    del module
+    if reference is not None and not cuda_fused:
+        verification = check_outputs(model_path, reference, precision).as_dict()
     data_path = model_path.with_name(external) if external else None
     return ComponentRecord(
         name=name,

@@ -64,11 +64,19 @@ def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max()) / scale
 
 
-def verify_component(
-    module: Any, path: Path, arch: Architecture, name: str, precision: str, *, vocab_size: int
-) -> Verification:
-    """Run ``module`` (the traced PyTorch wrapper) and the ONNX model at ``path`` on the same inputs."""
-    import onnxruntime as ort
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """The check's inputs and the PyTorch module's outputs for them, taken before the module is freed (an
+    SDXL UNet's weights are 10 GB, which the export should not hold beside ONNX's own copy)."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[np.ndarray, ...]
+    height: int
+    width: int
+
+
+def reference_outputs(module: Any, arch: Architecture, name: str, *, vocab_size: int) -> Reference:
+    """Run ``module`` (the traced PyTorch wrapper) on the check's inputs."""
     import torch
 
     batch, latent_h, latent_w = CHECK_SIZE
@@ -77,10 +85,19 @@ def verify_component(
     with torch.no_grad():
         expected = module(*inputs.values())
     expected = expected if isinstance(expected, tuple) else (expected,)
+    return Reference(
+        {k: v.numpy() for k, v in inputs.items()}, tuple(e.float().numpy() for e in expected), height, width
+    )
+
+
+def check_outputs(path: Path, reference: Reference, precision: str) -> Verification:
+    """Run the ONNX model at ``path`` on the reference's inputs and compare its outputs."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    actual = session.run(None, {k: v.numpy() for k, v in inputs.items()})
-    error = max(rel_error(a, e.float().numpy()) for a, e in zip(actual, expected, strict=True))
-    return Verification(batch, height, width, error, TOLERANCE[precision])
+    actual = session.run(None, reference.inputs)
+    error = max(rel_error(a, e) for a, e in zip(actual, reference.outputs, strict=True))
+    return Verification(CHECK_SIZE[0], reference.height, reference.width, error, TOLERANCE[precision])

@@ -11,6 +11,8 @@ files name their layers. A value shared by two layers, or by two initializers, i
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -31,11 +33,12 @@ def _fingerprint(weight: np.ndarray) -> tuple[tuple[int, ...], bytes]:
     return weight.shape, weight[np.ix_(rows, cols)].tobytes()
 
 
-def name_weights(model: onnx.ModelProto, module: nn.Module) -> int:
+def name_weights(model: onnx.ModelProto, module: nn.Module, base_dir: str | os.PathLike = "") -> int:
     """Rename, in place, the initializers of ``model`` that hold a Linear or Conv2d weight of ``module`` (a
     wrapper whose first child is the component; ControlNets' layers beside it keep their own names), and
     drop the wrapper's prefix from those the exporter named itself (biases, norms, embeddings). Returns how
-    many layer weights were named."""
+    many layer weights were named. ``model`` may leave its weights in external-data files in ``base_dir``:
+    each is read from there as it is compared, one at a time."""
     attribute, component = next(module.named_children())
     layers: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     for path, layer in component.named_modules():
@@ -46,7 +49,7 @@ def name_weights(model: onnx.ModelProto, module: nn.Module) -> int:
     for tensor in model.graph.initializer:
         if tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) not in (2, 4):
             continue
-        array = numpy_helper.to_array(tensor)
+        array = numpy_helper.to_array(tensor, str(base_dir))
         for transposed, view in ((False, array), (True, array.T if array.ndim == 2 else None)):
             if view is None:
                 continue

@@ -221,3 +221,33 @@ def test_relative_error_refuses_non_finite_outputs():
     assert not failed.passed and "non-finite values at batch 1, 128x64" in failed.describe(
         "vae_decoder", "fp16"
     )
+
+
+@pytest.mark.parametrize("target", ["portable", "cuda"])
+def test_pytorchs_weights_are_freed_before_onnxs_are_loaded(tiny_checkpoint, tmp_path, monkeypatch, target):
+    """The export never holds both copies of a model's weights (an SDXL UNet's are 10 GB each): the PyTorch
+    module is gone, its check's outputs taken, before the ONNX model's weights are read."""
+    import gc
+    import weakref
+
+    import export.onnx_export as onnx_export
+
+    modules, alive = [], []
+    load_module, load_weights = onnx_export.load_export_module, onnx.load_external_data_for_model
+
+    def tracked_module(*args, **kwargs):
+        module = load_module(*args, **kwargs)
+        modules.append(weakref.ref(module))
+        return module
+
+    def tracked_weights(model, base_dir):
+        gc.collect()
+        alive.append(modules[-1]() is not None)
+        return load_weights(model, base_dir)
+
+    monkeypatch.setattr(onnx_export, "load_export_module", tracked_module)
+    monkeypatch.setattr(onnx, "load_external_data_for_model", tracked_weights)
+    manifest = export_checkpoint(
+        tiny_checkpoint, tmp_path / "out", precision="fp16", components=[UNET], target=target
+    )
+    assert alive == [False] and manifest.components[UNET].verification["passed"]

@@ -413,6 +413,16 @@ def test_name_weights_finds_each_layer_and_skips_twins(tmp_path):
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], wrapper(x).detach().numpy(), atol=1e-5)
+    # the weights left on disk (as an export over 2 GB keeps them) are read from there, one at a time
+    onnx.save_model(
+        onnx.load(str(path)),
+        str(tmp_path / "ext.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
+    on_disk = onnx.load(str(tmp_path / "ext.onnx"), load_external_data=False)
+    assert name_weights(on_disk, wrapper, tmp_path) == 3 and named_weights(on_disk) == named
 
 
 def test_info_describes_a_lora_file(loras, layer_shapes):
