@@ -6,10 +6,11 @@ Run on a lent GPU machine by ``benchmarks/gpu_check.sh`` (which installs the car
 
 1. Parity on the tiny random checkpoint: ONNX Runtime CUDA with whole-step graphs (``step``) and with its
    own graph mode (``ort``) against the same backend without graphs (a replay must give the eager latents),
-   against ONNX Runtime on the CPU (fp32: text and image to image, inpainting, prompt editing, the hires fix,
-   LoRA, a random ControlNet, a random IP-Adapter), fp16 ONNX Runtime CUDA against diffusers fp16 on the GPU
-   (PyTorch's CPU noise too), and the UNet fused for CUDA (``export --target cuda``) against plain runs, the
-   portable export and diffusers; the same for the tiny SDXL model, and it with a tiny refiner.
+   against ONNX Runtime on the CPU (fp32: text and image to image, inpainting, prompt editing, composable
+   prompts, the hires fix, LoRA, a random ControlNet, a random IP-Adapter), fp16 ONNX Runtime CUDA against
+   diffusers fp16 on the GPU (PyTorch's CPU noise too), and the UNet fused for CUDA (``export --target
+   cuda``) against plain runs, the portable export and diffusers; the same for the tiny SDXL model, and it
+   with a tiny refiner.
 2. Latency on the SD 1.5-sized random checkpoint, fp16, 512x512, batch 1, CFG, for each step count: the
    fused export (or the portable one) and every other available GPU backend against diffusers fp16 eager on
    the same GPU, in the same run (CUDA events for the denoising loop, medians over runs); then the portable
@@ -264,6 +265,12 @@ class Parity:
                 pipes["step"]("a [red:blue:0.5] cat, [oil|watercolour]", **edited).array,
                 cpu("a [red:blue:0.5] cat, [oil|watercolour]", **edited).array,
             ),
+        )
+        composed = "a red cat AND a blue hat :0.7"  # three copies of the batch, summed in the step model
+        attempt(
+            results,
+            "composable prompts: CUDA vs CPU fp32, PSNR dB",
+            lambda: psnr(pipes["step"](composed, **edited).array, cpu(composed, **edited).array),
         )
         hires = dict(settings, hires_scale=1.5)  # a second shape: its own buffers and graphs
         attempt(
