@@ -34,7 +34,8 @@ What the web UI's API takes, and how it maps here:
   ignored and listed in the answer's ``info`` as ``ignored_fields``, as the web UI ignores fields it does
   not know.
 
-Answers are the web UI's: ``{"images": [base64 PNG], "parameters": {...}, "info": "<JSON>"}``; errors are
+Answers are the web UI's: ``{"images": [base64 PNG], "parameters": {...}, "info": "<JSON>"}``, the info
+holding each image's settings as the web UI's infotext too (:mod:`sdengine.infotext`); errors are
 ``{"error": type, "detail": message}`` with 400 (unreadable JSON), 404, 413 or 422. Generations take turns;
 the server answers other requests meanwhile: ``GET /sdapi/v1/progress`` tells how far the one running is,
 and ``POST /sdapi/v1/interrupt`` ends it between two steps, its answer holding the images of the latents so
@@ -60,9 +61,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sdengine import __version__
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.extra_networks import lora_files, lora_tags, resolve_loras
 from sdengine.images import to_pil
+from sdengine.infotext import infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.schedulers import SCHEDULER_NAMES
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
@@ -501,7 +504,39 @@ def run_request(
         "backend": first.backend,
         "ignored_fields": ignored,
     }
+    info["infotexts"] = [  # the prompt as given, LoRA tags and all, as the web UI writes it
+        infotext(body.get("prompt") or "", negative, webui_parameters(pipeline, body, info, request, i))
+        for i in range(len(seeds))
+    ]
     return {"images": images, "parameters": body_without_images(body), "info": json.dumps(info)}
+
+
+def webui_parameters(
+    pipeline: Any, body: dict[str, Any], info: dict[str, Any], request: Any, index: int
+) -> dict[str, Any]:
+    """Image ``index``'s parameters in the web UI's words and order, for its infotext: of ``request`` (the
+    first batch's, whose seeds the others go on from) and the answer's ``info``."""
+    hires = request.hires
+    return {
+        "Steps": request.steps,
+        "Sampler": info["sampler_name"],
+        "Schedule type": info["scheduler"],
+        "CFG scale": request.guidance,
+        "Seed": info["all_seeds"][index],
+        "Size": f"{request.width}x{request.height}",
+        "Model": pipeline.model_dir.root.name,
+        "Variation seed": info["subseed"] + index if request.variation_strength else None,
+        "Variation seed strength": request.variation_strength or None,
+        "Denoising strength": info["denoising_strength"] or None,
+        "Clip skip": info["clip_skip"] if info["clip_skip"] > 1 else None,
+        "RNG": "CPU" if request.noise_source == "torch-cpu" else None,
+        **info["extra_generation_params"],
+        "Hires upscale": hires and hires.scale,
+        "Hires steps": hires and body.get("hr_second_pass_steps") or None,
+        "Hires upscaler": hires and (body.get("hr_upscaler") or "Latent"),
+        "Refiner switch at": request.refiner_switch,
+        "Version": f"sdengine {__version__}",
+    }
 
 
 def body_without_images(body: dict[str, Any]) -> dict[str, Any]:

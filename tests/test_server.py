@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdengine import __version__
 from sdengine.errors import InvalidArgumentError
+from sdengine.infotext import infotext, quote
 from sdengine.mask_crop import cover_resize, fill_resize
 from sdengine.server import generation_settings, sampler_of, scheduler_name, serve_in_thread
 
@@ -158,13 +160,20 @@ def test_txt2img_answers_what_a_direct_call_makes(server, ort_pipe_fp32):
     np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
     info = json.loads(answer["info"])
     assert (info["seed"], info["all_seeds"], info["sampler_name"], info["width"]) == (11, [11], "Euler", 64)
+    model = ort_pipe_fp32.model_dir.root.name
+    assert info["infotexts"] == [
+        "a (red:1.2) cat\nSteps: 3, Sampler: Euler, Schedule type: Automatic, CFG scale: 7.0, Seed: 11, "
+        f"Size: 64x64, Model: {model}, Version: sdengine {__version__}"
+    ]
     assert answer["parameters"]["prompt"] == "a (red:1.2) cat"
 
 
 def test_batches_and_iterations_go_on_from_the_seed(server, ort_pipe_fp32):
     body = {"prompt": "a cat", **SIZE, "seed": 20, "batch_size": 2, "n_iter": 2, "sampler_name": "Euler a"}
     status, answer = call(server, "/sdapi/v1/txt2img", body)
-    assert status == 200 and json.loads(answer["info"])["all_seeds"] == [20, 21, 22, 23]
+    info = json.loads(answer["info"])
+    assert status == 200 and info["all_seeds"] == [20, 21, 22, 23]
+    assert [text.split("Seed: ")[1].split(",")[0] for text in info["infotexts"]] == ["20", "21", "22", "23"]
     alone = ort_pipe_fp32(
         "a cat", **SIZE, seed=23, guidance=7.0, scheduler="euler_a", prompt_weights="a1111", long_prompts=True
     )
@@ -175,6 +184,9 @@ def test_hires_and_img2img(server, ort_pipe_fp32):
     body = {"prompt": "a cat", **SIZE, "seed": 4, "enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}
     status, answer = call(server, "/sdapi/v1/txt2img", body)
     assert status == 200 and pixels(answer["images"][0]).shape == (128, 128, 3)
+    written = json.loads(answer["info"])["infotexts"][0]
+    assert ", Size: 64x64, " in written and ", Denoising strength: 0.5, " in written
+    assert ", Hires upscale: 2.0, Hires upscaler: Latent, " in written
     source = pixels(answer["images"][0])
     body = {"prompt": "a dog", **SIZE, "seed": 5, "init_images": [png(source)], "denoising_strength": 0.6}
     status, answer = call(server, "/sdapi/v1/img2img", body)
@@ -246,6 +258,16 @@ def test_composable_prompts_answer_what_a_direct_call_makes(server, ort_pipe_fp3
     )
     assert direct.request.copies == 3
     np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
+
+
+def test_infotext_is_written_as_the_web_ui_writes_it():
+    parameters = {"Steps": 20, "Sampler": "DPM++ 2M", "Seed": None, "Size": "512x512", "Note": "a, b: c"}
+    assert (
+        infotext("a cat", "", parameters)
+        == 'a cat\nSteps: 20, Sampler: DPM++ 2M, Size: 512x512, Note: "a, b: c"'
+    )
+    assert infotext("a cat", "blur", {"Steps": 2}) == "a cat\nNegative prompt: blur\nSteps: 2"
+    assert quote("line\nbreak") == '"line\\nbreak"' and quote(7.5) == "7.5"
 
 
 def test_errors_are_one_json_line_and_the_server_goes_on(server):
@@ -354,6 +376,11 @@ def test_inpainting_lays_the_repainted_box_over_the_original(server, ort_pipe_fp
     np.testing.assert_allclose(answered[kept], original_levels[kept], atol=0.5 / 255)  # untouched
     assert np.abs(answered[35:45, 45:55] - original_levels[35:45, 45:55]).mean() > 0.05  # repainted
     info = json.loads(answer["info"])
+    assert info["infotexts"][0].startswith("a hat\nSteps: 3, Sampler: Euler, ")
+    assert (
+        ", Denoising strength: 0.9, Mask blur: 4, Masked content: fill, Inpaint area: Only masked, "
+        in (info["infotexts"][0])
+    )
     assert info["extra_generation_params"]["Inpaint area"] == "Only masked"
     assert info["extra_generation_params"]["Masked content"] == "fill"
     assert "mask" not in answer["parameters"] and "init_images" not in answer["parameters"]
