@@ -134,19 +134,35 @@ def output_paths(path: str | os.PathLike, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: Mapping[str, Any]) -> Path:
-    """Write ``image`` as PNG with the generation parameters in a ``parameters`` text chunk (JSON)."""
+#: The PNG text chunk holding sdengine's own record of an image's parameters (JSON).
+PARAMETERS_CHUNK = "sdengine"
+
+
+def png_info(parameters: Mapping[str, Any]) -> PngInfo:
+    """An image's PNG text chunks: its parameters as JSON (:data:`PARAMETERS_CHUNK`), and as the AUTOMATIC1111
+    web UI's infotext in the ``parameters`` chunk, where the web UI's PNG Info and image sites read them
+    (:func:`sdengine.infotext.parameters_infotext`)."""
+    from sdengine.infotext import parameters_infotext
+
     info = PngInfo()
-    info.add_text("parameters", json.dumps(dict(parameters), sort_keys=True))
+    info.add_text("parameters", parameters_infotext(parameters))
+    info.add_text(PARAMETERS_CHUNK, json.dumps(dict(parameters), sort_keys=True))
+    return info
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: Mapping[str, Any]) -> Path:
+    """Write ``image`` as PNG with the generation parameters in its text chunks (:func:`png_info`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info)
+    image.save(path, format="PNG", pnginfo=png_info(parameters))
     return path
 
 
 def read_png_parameters(path: str | os.PathLike) -> dict[str, Any]:
+    """The parameters a PNG of sdengine's records (the JSON of its own chunk; older files kept it in
+    ``parameters``)."""
     with Image.open(path) as img:
-        return json.loads(img.text["parameters"])
+        return json.loads(img.text.get(PARAMETERS_CHUNK, img.text.get("parameters", "{}")))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,6 +9,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from sdengine import __version__
+from sdengine.webui_samplers import sampler_of
+
 
 def quote(value: Any) -> str:
     """A value as the web UI writes it in an infotext: as it is, or as a JSON string where it holds a comma,
@@ -27,3 +30,61 @@ def infotext(prompt: str, negative_prompt: str, parameters: Mapping[str, Any]) -
     )
     negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{fields}".strip()
+
+
+#: How sdengine's hires upscaling is named in the web UI.
+HIRES_UPSCALERS = {"latent": "Latent", "image": "Lanczos"}
+#: The web UI's inpainting fields a PNG may record (the HTTP API's) and their infotext names.
+MASKED_CONTENT = {0: "fill", 1: "original"}
+
+
+def parameters_infotext(parameters: Mapping[str, Any]) -> str:
+    """The infotext of one image's recorded parameters (:meth:`GenerationRequest.parameters` with an index,
+    plus what the CLI or the HTTP API adds): the web UI's names, in its order, for what it has a name for."""
+
+    def first(value: Any) -> Any:
+        return value[0] if isinstance(value, list | tuple) and len(value) == 1 else value
+
+    scheduler = parameters.get("scheduler")
+    sampler, schedule = sampler_of(scheduler) if scheduler else (None, None)
+    sampler = sampler and sampler.removesuffix(" Karras")  # the web UI's 1.9+ names: the schedule apart
+    blur = (parameters.get("mask_blur_x"), parameters.get("mask_blur_y"))
+    inpaint_fields = {}
+    if "inpaint_full_res" in parameters:  # the HTTP API's inpainting
+        inpaint_fields = {
+            "Mask blur": blur[0] if blur[0] == blur[1] else f"{blur[0]}x{blur[1]}",
+            "Masked content": MASKED_CONTENT.get(parameters.get("inpainting_fill")),
+            "Inpaint area": "Only masked" if parameters["inpaint_full_res"] else "Whole picture",
+            "Only masked padding, pixels": parameters.get("inpaint_full_res_padding")
+            if parameters["inpaint_full_res"]
+            else None,
+            "Mask mode": "Inpaint not masked" if parameters.get("inpainting_mask_invert") else None,
+        }
+    elif "mask_crop" in parameters:
+        inpaint_fields = {
+            "Inpaint area": "Only masked",
+            "Only masked padding, pixels": parameters["mask_crop"],
+        }
+    hires = "hires_scale" in parameters
+    model = parameters.get("model")
+    fields = {
+        "Steps": parameters.get("steps"),
+        "Sampler": sampler,
+        "Schedule type": schedule,
+        "CFG scale": parameters.get("guidance"),
+        "Seed": parameters.get("seed"),
+        "Size": f"{parameters['width']}x{parameters['height']}" if "width" in parameters else None,
+        "Model": None if model is None else str(model).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1],
+        "Variation seed": parameters.get("variation_seed"),
+        "Variation seed strength": parameters.get("variation_strength"),
+        "Denoising strength": parameters.get("strength", parameters.get("hires_strength")),
+        "Clip skip": parameters["clip_skip"] + 1 if parameters.get("clip_skip") else None,
+        "RNG": "CPU" if parameters.get("noise_source") == "torch-cpu" else None,
+        **inpaint_fields,
+        "Hires upscale": parameters.get("hires_scale"),
+        "Hires steps": parameters.get("hires_steps") if hires else None,
+        "Hires upscaler": HIRES_UPSCALERS.get(parameters.get("hires_upscale")) if hires else None,
+        "Refiner switch at": parameters.get("refiner_switch"),
+        "Version": f"sdengine {__version__}",
+    }
+    return infotext(first(parameters.get("prompt", "")), first(parameters.get("negative_prompt", "")), fields)

@@ -61,40 +61,14 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sdengine import __version__
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.extra_networks import lora_files, lora_tags, resolve_loras
-from sdengine.images import to_pil
-from sdengine.infotext import infotext
+from sdengine.images import png_info, to_pil
+from sdengine.infotext import parameters_infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
-from sdengine.schedulers import SCHEDULER_NAMES
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
+from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
 
-#: The web UI's sampler names that sdengine runs, and the scheduler each is.
-SAMPLERS = {
-    "Euler": "euler",
-    "Euler Karras": "euler_karras",
-    "Euler a": "euler_a",
-    "LMS": "lms",
-    "LMS Karras": "lms_karras",
-    "Heun": "heun",
-    "Heun Karras": "heun_karras",
-    "DPM2": "dpm2",
-    "DPM2 Karras": "dpm2_karras",
-    "DPM++ 2M": "dpmpp_2m",
-    "DPM++ 2M Karras": "dpmpp_2m_karras",
-    "DPM++ 2M SDE": "dpmpp_2m_sde",
-    "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
-    "DDIM": "ddim",
-    "PLMS": "pndm",
-    "UniPC": "unipc",
-    "UniPC Karras": "unipc_karras",
-    "LCM": "lcm",
-}
-#: The web UI's noise schedules that sdengine runs (its ``scheduler`` field takes the label or the name).
-SCHEDULES = {"automatic": "Automatic", "karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
-#: The schedules that are a scheduler of their own for each sampler: its name's suffix.
-SPACED = {"Exponential": "_exponential", "Beta": "_beta"}
 #: hr_upscaler values: the web UI's "Latent" enlarges the latents; "None" and "Lanczos" the image.
 UPSCALERS = {"Latent": "latent", "None": "image", "Lanczos": "image"}
 #: The web UI's ``resize_mode`` for images of another size than asked: stretched to it (Lanczos), resized to
@@ -185,38 +159,6 @@ READ = {
 MAX_BODY = 64 * 2**20
 
 
-def scheduler_name(sampler: str | None, scheduler: str | None) -> str:
-    """sdengine's scheduler for the web UI's ``sampler_name`` and ``scheduler`` (its 1.9+ split of the
-    noise schedule from the sampler: "Automatic" keeps the sampler's own, "Karras" picks its Karras one,
-    "Exponential" its one with sigmas evenly spaced in log sigma, "Beta" its one with beta-quantile
-    sigmas)."""
-    sampler = sampler or "Euler"
-    scheduler = SCHEDULES.get(scheduler, scheduler) if isinstance(scheduler, str) else scheduler
-    if scheduler == "Karras" and not sampler.endswith(" Karras"):
-        sampler += " Karras"
-    elif scheduler not in (None, "", *SCHEDULES.values()):
-        raise InvalidArgumentError(
-            f"scheduler {scheduler!r} is not supported; use {', '.join(SCHEDULES.values())}"
-        )
-    if sampler not in SAMPLERS:
-        raise InvalidArgumentError(f"sampler {sampler!r} is not supported; supported: {', '.join(SAMPLERS)}")
-    if scheduler not in SPACED:
-        return SAMPLERS[sampler]
-    name = SAMPLERS[sampler.removesuffix(" Karras")] + SPACED[scheduler]
-    if sampler.endswith(" Karras") or name not in SCHEDULER_NAMES:
-        raise InvalidArgumentError(f"sampler {sampler!r} has no {scheduler} scheduler")
-    return name
-
-
-def sampler_of(scheduler: str) -> tuple[str, str]:
-    """The web UI's (sampler_name, scheduler) for sdengine's scheduler name."""
-    for label, suffix in SPACED.items():
-        if scheduler.endswith(suffix):
-            return sampler_of(scheduler.removesuffix(suffix))[0], label
-    sampler = next(k for k, v in SAMPLERS.items() if v == scheduler)
-    return sampler, "Karras" if sampler.endswith(" Karras") else "Automatic"
-
-
 def decode_image(data: str, field: str = "init_images", mode: str | None = "RGB") -> Image.Image:
     """A base64 image, with or without a ``data:image/...;base64,`` prefix, in ``mode`` (None: its own);
     ``field`` names it in the error."""
@@ -229,12 +171,9 @@ def decode_image(data: str, field: str = "init_images", mode: str | None = "RGB"
 
 
 def encode_png(image: Image.Image, parameters: dict[str, Any]) -> str:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    """``image`` as a base64 PNG recording ``parameters`` (:func:`sdengine.images.png_info`)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=png_info(parameters))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -455,7 +394,7 @@ def run_request(
         job.begin(n_iter)
         prompt, negative = settings.pop("prompt"), settings.pop("negative_prompt")
         settings.update(progress=job.progress, stop=job.interrupted.is_set)
-        images, seeds, nsfw, first = [], [], [], None
+        images, infotexts, seeds, nsfw, first = [], [], [], [], None
         for n in range(n_iter):
             if n and job.interrupted.is_set():
                 break
@@ -470,9 +409,11 @@ def run_request(
             if inpainting is not None:  # the results laid over the original, as the web UI lays them
                 array = inpainting.placement.paste(array)
                 laid = inpainting.settings.parameters(inpainting.placement)
+            model = {"model": pipeline.model_dir.root.name, "backend": result.backend}
             for i, image in enumerate(to_pil(array)):
-                parameters = {**result.request.parameters(i), **laid, "backend": result.backend}
+                parameters = {**result.request.parameters(i), **laid, **model}
                 images.append(encode_png(image, parameters))
+                infotexts.append(parameters_infotext(parameters))
             seeds += list(result.request.seeds)
             nsfw += result.nsfw or [False] * result.request.batch
     request = first.request
@@ -503,40 +444,9 @@ def run_request(
         "interrupted": job.interrupted.is_set(),
         "backend": first.backend,
         "ignored_fields": ignored,
+        "infotexts": infotexts,
     }
-    info["infotexts"] = [  # the prompt as given, LoRA tags and all, as the web UI writes it
-        infotext(body.get("prompt") or "", negative, webui_parameters(pipeline, body, info, request, i))
-        for i in range(len(seeds))
-    ]
     return {"images": images, "parameters": body_without_images(body), "info": json.dumps(info)}
-
-
-def webui_parameters(
-    pipeline: Any, body: dict[str, Any], info: dict[str, Any], request: Any, index: int
-) -> dict[str, Any]:
-    """Image ``index``'s parameters in the web UI's words and order, for its infotext: of ``request`` (the
-    first batch's, whose seeds the others go on from) and the answer's ``info``."""
-    hires = request.hires
-    return {
-        "Steps": request.steps,
-        "Sampler": info["sampler_name"],
-        "Schedule type": info["scheduler"],
-        "CFG scale": request.guidance,
-        "Seed": info["all_seeds"][index],
-        "Size": f"{request.width}x{request.height}",
-        "Model": pipeline.model_dir.root.name,
-        "Variation seed": info["subseed"] + index if request.variation_strength else None,
-        "Variation seed strength": request.variation_strength or None,
-        "Denoising strength": info["denoising_strength"] or None,
-        "Clip skip": info["clip_skip"] if info["clip_skip"] > 1 else None,
-        "RNG": "CPU" if request.noise_source == "torch-cpu" else None,
-        **info["extra_generation_params"],
-        "Hires upscale": hires and hires.scale,
-        "Hires steps": hires and body.get("hr_second_pass_steps") or None,
-        "Hires upscaler": hires and (body.get("hr_upscaler") or "Latent"),
-        "Refiner switch at": request.refiner_switch,
-        "Version": f"sdengine {__version__}",
-    }
 
 
 def body_without_images(body: dict[str, Any]) -> dict[str, Any]:

@@ -116,6 +116,6 @@ def test_generate_reads_the_tags_with_a_lora_dir(onnx_fp32, tmp_path):
     assert main([*args, "a cat ", "--lora", lora, "--output", str(plain)]) == 0
     a, b = (np.asarray(Image.open(p), np.float32) for p in (tagged, plain))
     np.testing.assert_array_equal(a, b)
-    assert json.loads(Image.open(tagged).info["parameters"])["loras"] == [
+    assert json.loads(Image.open(tagged).info["sdengine"])["loras"] == [
         {"file": "style.safetensors", "scale": 0.8}
     ]

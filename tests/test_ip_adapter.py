@@ -231,7 +231,7 @@ def test_cli_makes_exports_and_generates_with_an_image_prompt(tiny_checkpoint, t
     args = ["generate", str(onnx_dir), PROMPT, "--steps", "2", "--height", "64", "--width", "64", "--device"]
     args += ["cpu", "--ip-adapter-image", str(tmp_path / "style.png"), "--ip-adapter-scale", "0.6"]
     assert main([*args, "--output", str(out)]) == 0
-    parameters = json.loads(Image.open(out).info["parameters"])
+    parameters = json.loads(Image.open(out).info["sdengine"])
     assert parameters["ip_adapter_scale"] == 0.6 and parameters["ip_adapter_image"] == "style.png"
 
 

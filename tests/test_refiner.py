@@ -264,7 +264,7 @@ def test_cli_generates_with_a_refiner(xl_models, tmp_path, capsys):
         str(xl_models["refiner"][1]),
     ]
     assert main([*args, "--refiner-switch", "0.7"]) == 0
-    parameters = json.loads(Image.open(out).info["parameters"])
+    parameters = json.loads(Image.open(out).info["sdengine"])
     assert parameters["refiner_switch"] == 0.7
     capsys.readouterr()
     assert main([*args[:-2], "--refiner-switch", "0.7"]) != 0

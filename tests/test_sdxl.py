@@ -518,7 +518,7 @@ def test_cli_takes_size_conditioning(xl_onnx, tmp_path, capsys):
     assert main(argv) == 0
     from PIL import Image
 
-    parameters = json.loads(Image.open(out).info["parameters"])
+    parameters = json.loads(Image.open(out).info["sdengine"])
     assert parameters["size_conditioning"] == {"original_size": [512, 512]}
     with pytest.raises(SystemExit):
         main(["generate", str(xl_onnx), PROMPT, "--original-size", "512"])

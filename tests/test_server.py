@@ -15,7 +15,6 @@ from PIL import Image
 
 from sdengine import __version__
 from sdengine.errors import InvalidArgumentError
-from sdengine.infotext import infotext, quote
 from sdengine.mask_crop import cover_resize, fill_resize
 from sdengine.server import generation_settings, sampler_of, scheduler_name, serve_in_thread
 
@@ -186,7 +185,7 @@ def test_hires_and_img2img(server, ort_pipe_fp32):
     assert status == 200 and pixels(answer["images"][0]).shape == (128, 128, 3)
     written = json.loads(answer["info"])["infotexts"][0]
     assert ", Size: 64x64, " in written and ", Denoising strength: 0.5, " in written
-    assert ", Hires upscale: 2.0, Hires upscaler: Latent, " in written
+    assert ", Hires upscale: 2.0, Hires steps: 3, Hires upscaler: Latent, " in written
     source = pixels(answer["images"][0])
     body = {"prompt": "a dog", **SIZE, "seed": 5, "init_images": [png(source)], "denoising_strength": 0.6}
     status, answer = call(server, "/sdapi/v1/img2img", body)
@@ -258,16 +257,6 @@ def test_composable_prompts_answer_what_a_direct_call_makes(server, ort_pipe_fp3
     )
     assert direct.request.copies == 3
     np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
-
-
-def test_infotext_is_written_as_the_web_ui_writes_it():
-    parameters = {"Steps": 20, "Sampler": "DPM++ 2M", "Seed": None, "Size": "512x512", "Note": "a, b: c"}
-    assert (
-        infotext("a cat", "", parameters)
-        == 'a cat\nSteps: 20, Sampler: DPM++ 2M, Size: 512x512, Note: "a, b: c"'
-    )
-    assert infotext("a cat", "blur", {"Steps": 2}) == "a cat\nNegative prompt: blur\nSteps: 2"
-    assert quote("line\nbreak") == '"line\\nbreak"' and quote(7.5) == "7.5"
 
 
 def test_errors_are_one_json_line_and_the_server_goes_on(server):
@@ -385,7 +374,7 @@ def test_inpainting_lays_the_repainted_box_over_the_original(server, ort_pipe_fp
     assert info["extra_generation_params"]["Masked content"] == "fill"
     assert "mask" not in answer["parameters"] and "init_images" not in answer["parameters"]
     with Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))) as image:
-        recorded = json.loads(image.info["parameters"])
+        recorded = json.loads(image.info["sdengine"])
     assert recorded["inpaint_box"] == list(inpainting.placement.box) and recorded["mask"] == "supplied"
 
 
