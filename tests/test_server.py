@@ -19,6 +19,8 @@ from sdengine.mask_crop import cover_resize, fill_resize
 from sdengine.server import generation_settings, sampler_of, scheduler_name, serve_in_thread
 
 SIZE = {"width": 64, "height": 64, "steps": 3}
+#: What the server asks of the pipeline where a request leaves it to the web UI's defaults.
+WEBUI = {"guidance": 7.0, "scheduler": "euler", "prompt_weights": "a1111", "long_prompts": True}
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +153,7 @@ def test_txt2img_answers_what_a_direct_call_makes(server, ort_pipe_fp32):
         "",
         **SIZE,
         seed=11,
-        guidance=7.0,
-        scheduler="euler",
-        prompt_weights="a1111",
-        long_prompts=True,
+        **WEBUI,
     )
     np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
     info = json.loads(answer["info"])
@@ -173,9 +172,7 @@ def test_batches_and_iterations_go_on_from_the_seed(server, ort_pipe_fp32):
     info = json.loads(answer["info"])
     assert status == 200 and info["all_seeds"] == [20, 21, 22, 23]
     assert [text.split("Seed: ")[1].split(",")[0] for text in info["infotexts"]] == ["20", "21", "22", "23"]
-    alone = ort_pipe_fp32(
-        "a cat", **SIZE, seed=23, guidance=7.0, scheduler="euler_a", prompt_weights="a1111", long_prompts=True
-    )
+    alone = ort_pipe_fp32("a cat", **SIZE, seed=23, **{**WEBUI, "scheduler": "euler_a"})
     np.testing.assert_allclose(pixels(answer["images"][3]), alone.array[0], atol=0.5 / 255)
 
 
@@ -195,12 +192,9 @@ def test_hires_and_img2img(server, ort_pipe_fp32):
         "",
         **SIZE,
         seed=5,
-        guidance=7.0,
-        scheduler="euler",
         image=source,
         strength=0.6,
-        prompt_weights="a1111",
-        long_prompts=True,
+        **WEBUI,
     )
     np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
 
@@ -217,24 +211,18 @@ def test_img2img_resize_modes(server, ort_pipe_fp32, mode):
         "a dog",
         **SIZE,
         seed=6,
-        guidance=7.0,
-        scheduler="euler",
         image=resized,
         strength=0.75,
-        prompt_weights="a1111",
-        long_prompts=True,
+        **WEBUI,
     )
     np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
     stretched = ort_pipe_fp32(
         "a dog",
         **SIZE,
         seed=6,
-        guidance=7.0,
-        scheduler="euler",
         image=image,
         strength=0.75,
-        prompt_weights="a1111",
-        long_prompts=True,
+        **WEBUI,
     )
     assert np.abs(stretched.array[0] - direct.array[0]).max() > 0.02  # the mode made a difference
     status, answer = call(server, "/sdapi/v1/img2img", {**body, "resize_mode": 3})
@@ -250,10 +238,7 @@ def test_composable_prompts_answer_what_a_direct_call_makes(server, ort_pipe_fp3
         "",
         **SIZE,
         seed=2,
-        guidance=7.0,
-        scheduler="euler",
-        prompt_weights="a1111",
-        long_prompts=True,
+        **WEBUI,
     )
     assert direct.request.copies == 3
     np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)

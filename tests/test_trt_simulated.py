@@ -400,21 +400,9 @@ def test_composable_prompts_run_in_the_captured_steps(simulated, onnx_fp32, ort_
     from sdengine.pipeline import Pipeline
 
     engines = tmp_path / "engines"
+    # room for 1 + 2 copies of a batch of one: a dynamic batch up to 2 (doubled for guidance)
     build_engines(
-        onnx_fp32,
-        engines,
-        dynamic=True,
-        min_batch=1,
-        max_batch=2,
-        batch=1,
-        height=64,
-        width=64,
-        min_height=64,
-        max_height=64,
-        min_width=64,
-        max_width=64,
-        env=ENV,
-        builder=write_plan,
+        onnx_fp32, engines, height=64, width=64, dynamic=True, max_batch=2, env=ENV, builder=write_plan
     )
     backend = TrtBackend.load(engines)
     pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
