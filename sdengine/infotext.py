@@ -6,6 +6,7 @@ web UI does."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,3 +89,33 @@ def parameters_infotext(parameters: Mapping[str, Any]) -> str:
         "Version": f"sdengine {__version__}",
     }
     return infotext(first(parameters.get("prompt", "")), first(parameters.get("negative_prompt", "")), fields)
+
+
+#: One ``Key: value`` field of an infotext's last line (a value in quotes may hold commas).
+FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """An infotext read back as the web UI reads it: ``Prompt``, ``Negative prompt`` and each field of the
+    last line (values as text, quoted ones unquoted; ``Size`` also as ``Size-1`` and ``Size-2``). A last line
+    of fewer than three fields is part of the prompt."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if len(FIELD.findall(lines[-1])) >= 3 else ""
+    if last:
+        lines = lines[:-1]
+    prompt: list[str] = []
+    negative: list[str] = []
+    reading = prompt
+    for line in lines:
+        if line.startswith("Negative prompt:"):  # this line and the ones after are the negative prompt
+            reading, line = negative, line.removeprefix("Negative prompt:").strip()
+        reading.append(line)
+    fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in FIELD.findall(last):
+        value = value.strip()
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            value = json.loads(value)
+        fields[key] = value
+        if key == "Size" and "x" in value:
+            fields["Size-1"], fields["Size-2"] = value.split("x", 1)
+    return fields

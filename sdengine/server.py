@@ -34,6 +34,10 @@ What the web UI's API takes, and how it maps here:
   ignored and listed in the answer's ``info`` as ``ignored_fields``, as the web UI ignores fields it does
   not know.
 
+``POST /sdapi/v1/options`` sets ``CLIP_stop_at_last_layers`` and ``randn_source`` for later requests (beneath
+their own ``override_settings``) and takes ``sd_model_checkpoint`` naming the model served; any other option
+is refused by name. ``POST /sdapi/v1/png-info`` reads a PNG's infotext back (:func:`parse_infotext`).
+
 Answers are the web UI's: ``{"images": [base64 PNG], "parameters": {...}, "info": "<JSON>"}``, the info
 holding each image's settings as the web UI's infotext too (:mod:`sdengine.infotext`); errors are
 ``{"error": type, "detail": message}`` with 400 (unreadable JSON), 404, 413 or 422. Generations take turns;
@@ -64,7 +68,7 @@ from PIL import Image, UnidentifiedImageError
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.extra_networks import lora_files, lora_tags, resolve_loras
 from sdengine.images import png_info, to_pil
-from sdengine.infotext import parameters_infotext
+from sdengine.infotext import parameters_infotext, parse_infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
 from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
@@ -449,6 +453,38 @@ def run_request(
     return {"images": images, "parameters": body_without_images(body), "info": json.dumps(info)}
 
 
+#: The options ``POST /sdapi/v1/options`` sets, for every later request (beneath its ``override_settings``).
+SETTABLE_OPTIONS = ("CLIP_stop_at_last_layers", "randn_source")
+
+
+def set_options(options: dict[str, Any], body: Any, model: str) -> None:
+    """``POST /sdapi/v1/options``: ``sd_model_checkpoint`` may name the model served (the only one), and
+    :data:`SETTABLE_OPTIONS` hold for later requests; any other option is refused, naming it, and a refused
+    request changes nothing. Answers null, as the web UI does."""
+    if not isinstance(body, dict):
+        raise InvalidArgumentError("the request body must be a JSON object")
+    unknown = sorted(set(body) - {"sd_model_checkpoint", *SETTABLE_OPTIONS})
+    if unknown:
+        raise InvalidArgumentError(f"options not supported: {', '.join(unknown)}")
+    checkpoint = body.get("sd_model_checkpoint")
+    if checkpoint is not None and checkpoint != model:
+        raise InvalidArgumentError(
+            f"sd_model_checkpoint: this server serves {model!r} only, not {checkpoint!r}"
+        )
+    settings = {key: body[key] for key in SETTABLE_OPTIONS if key in body}
+    generation_settings({"override_settings": settings}, img2img=False)  # refuses a value it cannot honour
+    options.update(settings)
+
+
+def png_info_answer(body: Any) -> dict[str, Any]:
+    """``POST /sdapi/v1/png-info``: a PNG's infotext (its ``parameters`` chunk), read back into fields as the
+    web UI reads it, and its other text chunks."""
+    image = decode_image(body.get("image") if isinstance(body, dict) else None, "image", mode=None)
+    text = {key: value for key, value in image.info.items() if isinstance(value, str)}  # its text chunks
+    info = text.pop("parameters", "")
+    return {"info": info, "items": text, "parameters": parse_infotext(info) if info else {}}
+
+
 def body_without_images(body: dict[str, Any]) -> dict[str, Any]:
     """The request's fields as the answer echoes them (the web UI's ``parameters``), input images and mask
     left out."""
@@ -478,7 +514,7 @@ class Handler(BaseHTTPRequestHandler):
             "/sdapi/v1/sd-models": lambda: [
                 {"title": name, "model_name": name, "filename": str(pipeline.model_dir.root)}
             ],
-            "/sdapi/v1/options": lambda: {"sd_model_checkpoint": name, "CLIP_stop_at_last_layers": 1},
+            "/sdapi/v1/options": lambda: {"sd_model_checkpoint": name, **self.server.options},  # type: ignore[attr-defined]
             "/sdapi/v1/progress": self.server.job.report,  # type: ignore[attr-defined]
         }
         route = routes.get(self.path.split("?", 1)[0])
@@ -490,10 +526,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
+        server = self.server
+        routes: dict[str, Callable[[Any], Any]] = {
+            "/sdapi/v1/txt2img": lambda body: self.generate(body, img2img=False),
+            "/sdapi/v1/img2img": lambda body: self.generate(body, img2img=True),
+            "/sdapi/v1/options": lambda body: set_options(
+                server.options,  # type: ignore[attr-defined]
+                body,
+                server.pipeline.model_dir.root.name,  # type: ignore[attr-defined]
+            ),
+            "/sdapi/v1/png-info": png_info_answer,
+        }
         if path == "/sdapi/v1/interrupt":
-            self.server.job.interrupted.set()  # type: ignore[attr-defined]
+            server.job.interrupted.set()  # type: ignore[attr-defined]
             return self._answer(HTTPStatus.OK, {})
-        if path not in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):
+        if path not in routes:
             return self._answer(
                 HTTPStatus.NOT_FOUND, {"error": "NotFound", "detail": f"no route {self.path}"}
             )
@@ -508,15 +555,7 @@ class Handler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return self._answer(HTTPStatus.BAD_REQUEST, {"error": "BadJSON", "detail": str(exc)})
         try:
-            server = self.server
-            answer = run_request(
-                server.pipeline,  # type: ignore[attr-defined]
-                body,
-                path.endswith("img2img"),
-                server.job,  # type: ignore[attr-defined]
-                server.lora_dir,  # type: ignore[attr-defined]
-                server.base_loras,  # type: ignore[attr-defined]
-            )
+            answer = routes[path](body)
         except SDEngineError as exc:
             return self._answer(
                 HTTPStatus.UNPROCESSABLE_ENTITY, {"error": type(exc).__name__, "detail": str(exc)}
@@ -527,6 +566,21 @@ class Handler(BaseHTTPRequestHandler):
                 HTTPStatus.INTERNAL_SERVER_ERROR, {"error": type(exc).__name__, "detail": str(exc)}
             )
         self._answer(HTTPStatus.OK, answer)
+
+    def generate(self, body: Any, img2img: bool) -> dict[str, Any]:
+        """A txt2img or img2img request, with the options set on the server beneath its own overrides."""
+        server = self.server
+        options = server.options  # type: ignore[attr-defined]
+        if options and isinstance(body, dict) and isinstance(body.get("override_settings") or {}, dict):
+            body = {**body, "override_settings": {**options, **(body.get("override_settings") or {})}}
+        return run_request(
+            server.pipeline,  # type: ignore[attr-defined]
+            body,
+            img2img,
+            server.job,  # type: ignore[attr-defined]
+            server.lora_dir,  # type: ignore[attr-defined]
+            server.base_loras,  # type: ignore[attr-defined]
+        )
 
     def _answer(self, status: HTTPStatus, payload: Any) -> None:
         data = json.dumps(payload).encode()
@@ -559,6 +613,7 @@ def make_server(
     server.job = Job()  # type: ignore[attr-defined]
     server.lora_dir = lora_dir  # type: ignore[attr-defined]
     server.base_loras = list(getattr(pipeline, "loras", []))  # type: ignore[attr-defined]
+    server.options = {}  # type: ignore[attr-defined]  # what POST /sdapi/v1/options set
     return server
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sdengine import __version__
 from sdengine.images import read_png_parameters, save_png
-from sdengine.infotext import infotext, parameters_infotext, quote
+from sdengine.infotext import infotext, parameters_infotext, parse_infotext, quote
 
 
 def test_infotext_is_written_as_the_web_ui_writes_it():
@@ -72,3 +72,20 @@ def test_a_png_holds_the_infotext_and_the_json(tmp_path):
     info.add_text("parameters", json.dumps(recorded))
     image.save(older, pnginfo=info)
     assert read_png_parameters(older) == recorded
+
+
+def test_an_infotext_reads_back_as_the_web_ui_reads_it():
+    written = infotext(
+        "a cat,\nin a hat", "blurry", {"Steps": 20, "Note": "a, b: c", "Size": "768x512", "CFG scale": 7.0}
+    )
+    assert parse_infotext(written) == {
+        "Prompt": "a cat,\nin a hat",
+        "Negative prompt": "blurry",
+        "Steps": "20",
+        "Note": "a, b: c",
+        "Size": "768x512",
+        "Size-1": "768",
+        "Size-2": "512",
+        "CFG scale": "7.0",
+    }
+    assert parse_infotext("a cat: the best") == {"Prompt": "a cat: the best", "Negative prompt": ""}

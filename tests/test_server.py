@@ -244,6 +244,54 @@ def test_composable_prompts_answer_what_a_direct_call_makes(server, ort_pipe_fp3
     np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
 
 
+def test_options_hold_for_later_requests_and_png_info_reads_answers_back(ort_pipe_fp32):
+    served = serve_in_thread(ort_pipe_fp32)  # a server of its own: options outlive the request
+    url = f"http://127.0.0.1:{served.server_address[1]}"
+    try:
+        name = ort_pipe_fp32.model_dir.root.name
+        assert call(
+            url, "/sdapi/v1/options", {"sd_model_checkpoint": name, "CLIP_stop_at_last_layers": 2}
+        ) == (
+            200,
+            None,
+        )
+        assert call(url, "/sdapi/v1/options")[1] == {
+            "sd_model_checkpoint": name,
+            "CLIP_stop_at_last_layers": 2,
+        }
+        status, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE, "seed": 3})
+        skipped = ort_pipe_fp32("a cat", "", **SIZE, seed=3, clip_skip=1, **WEBUI)
+        np.testing.assert_allclose(pixels(answer["images"][0]), skipped.array[0], atol=0.5 / 255)
+        body = {"prompt": "a cat", **SIZE, "seed": 3, "override_settings": {"CLIP_stop_at_last_layers": 1}}
+        _, overridden = call(url, "/sdapi/v1/txt2img", body)  # a request's own override wins
+        plain = ort_pipe_fp32("a cat", "", **SIZE, seed=3, **WEBUI)
+        np.testing.assert_allclose(pixels(overridden["images"][0]), plain.array[0], atol=0.5 / 255)
+        for refused, message in [
+            ({"sd_vae": "x", "CLIP_stop_at_last_layers": 3}, "options not supported: sd_vae"),
+            ({"sd_model_checkpoint": "another"}, f"this server serves {name!r} only"),
+            ({"randn_source": "GPU"}, "randn_source"),
+        ]:
+            status, error = call(url, "/sdapi/v1/options", refused)
+            assert status == 422 and message in error["detail"]
+        assert call(url, "/sdapi/v1/options")[1]["CLIP_stop_at_last_layers"] == 2  # refused: nothing changed
+        status, read = call(url, "/sdapi/v1/png-info", {"image": answer["images"][0]})
+        assert status == 200 and read["info"] == json.loads(answer["info"])["infotexts"][0]
+        assert (
+            read["parameters"]["Seed"],
+            read["parameters"]["Clip skip"],
+            read["parameters"]["Prompt"],
+        ) == (
+            "3",
+            "2",
+            "a cat",
+        )
+        assert json.loads(read["items"]["sdengine"])["seed"] == 3
+        status, error = call(url, "/sdapi/v1/png-info", {"image": "nope"})
+        assert status == 422 and "image: not a base64 image" in error["detail"]
+    finally:
+        served.shutdown()
+
+
 def test_errors_are_one_json_line_and_the_server_goes_on(server):
     status, answer = call(server, "/sdapi/v1/txt2img", raw=b"{not json")
     assert (status, answer["error"]) == (400, "BadJSON")
