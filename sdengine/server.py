@@ -43,7 +43,8 @@ holding each image's settings as the web UI's infotext too (:mod:`sdengine.infot
 ``{"error": type, "detail": message}`` with 400 (unreadable JSON), 404, 413 or 422. Generations take turns;
 the server answers other requests meanwhile: ``GET /sdapi/v1/progress`` tells how far the one running is,
 and ``POST /sdapi/v1/interrupt`` ends it between two steps, its answer holding the images of the latents so
-far (the web UI's behaviour; later ``n_iter`` batches and a hires fix's second pass do not start). It has no
+far (the web UI's behaviour; later ``n_iter`` batches and a hires fix's second pass do not start);
+``POST /sdapi/v1/skip`` ends only the batch running, and the next ``n_iter`` batch starts. It has no
 authentication: bind it to localhost (the default) or put it behind a proxy that has.
 """
 
@@ -317,12 +318,13 @@ def generation_settings(body: dict[str, Any], img2img: bool, refiner: bool = Fal
 
 
 class Job:
-    """The generation the server runs (one at a time): how far it is, for ``/progress``, and the flag that
-    ``/interrupt`` raises."""
+    """The generation the server runs (one at a time): how far it is, for ``/progress``, and the flags that
+    ``/interrupt`` (end the request) and ``/skip`` (end the batch running, go on with the next) raise."""
 
     def __init__(self) -> None:
         self.running = threading.Lock()  # held for a whole request: its batches, then the next request's
         self.interrupted = threading.Event()
+        self.skipped = threading.Event()
         self._state = threading.Lock()
         self.begin(0)
 
@@ -335,6 +337,11 @@ class Job:
     def next_batch(self, job_no: int) -> None:
         with self._state:
             self.job_no, self.step, self.steps = job_no, 0, 0
+        self.skipped.clear()
+
+    def stop(self) -> bool:
+        """The pipeline's ``stop``: whether the batch running ends here."""
+        return self.interrupted.is_set() or self.skipped.is_set()
 
     def progress(self, calls: Iterable[int]) -> Iterator[int]:
         """The pipeline's ``progress`` wrapper: counts each pass's steps as they run."""
@@ -356,7 +363,7 @@ class Job:
             )
             elapsed = time.monotonic() - self.started
             state = {
-                "skipped": False,
+                "skipped": self.skipped.is_set(),
                 "interrupted": self.interrupted.is_set(),
                 "job": "txt2img/img2img" if self.job_count else "",
                 "job_count": self.job_count,
@@ -397,7 +404,7 @@ def run_request(
             pipeline.set_loras([*base_loras, *loras])
         job.begin(n_iter)
         prompt, negative = settings.pop("prompt"), settings.pop("negative_prompt")
-        settings.update(progress=job.progress, stop=job.interrupted.is_set)
+        settings.update(progress=job.progress, stop=job.stop)
         images, infotexts, seeds, nsfw, first = [], [], [], [], None
         for n in range(n_iter):
             if n and job.interrupted.is_set():
@@ -537,8 +544,9 @@ class Handler(BaseHTTPRequestHandler):
             ),
             "/sdapi/v1/png-info": png_info_answer,
         }
-        if path == "/sdapi/v1/interrupt":
-            server.job.interrupted.set()  # type: ignore[attr-defined]
+        if path in ("/sdapi/v1/interrupt", "/sdapi/v1/skip"):
+            job = server.job  # type: ignore[attr-defined]
+            (job.interrupted if path.endswith("interrupt") else job.skipped).set()
             return self._answer(HTTPStatus.OK, {})
         if path not in routes:
             return self._answer(

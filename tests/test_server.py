@@ -371,6 +371,34 @@ def test_progress_and_interrupt(server):
     assert call(server, "/sdapi/v1/progress")[1]["state"]["sampling_step"] == 3  # the last run's, whole
 
 
+def test_skip_ends_the_batch_running_and_the_next_one_starts(server):
+    import threading
+    import time
+
+    answers = {}
+    body = {"prompt": "a cat", **SIZE, "steps": 400, "n_iter": 2, "seed": 5}
+    worker = threading.Thread(target=lambda: answers.update(long=call(server, "/sdapi/v1/txt2img", body)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while True:  # this request's first batch, under way
+        state = call(server, "/sdapi/v1/progress")[1]["state"]
+        if state["sampling_steps"] == 400 and state["sampling_step"] >= 2 and state["job_no"] == 0:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert call(server, "/sdapi/v1/skip", {}) == (200, {})
+    first_batch_steps = state["sampling_step"]
+    while (state := call(server, "/sdapi/v1/progress")[1]["state"])["job_no"] != 1:  # the second batch runs
+        first_batch_steps = max(first_batch_steps, state["sampling_step"])
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert first_batch_steps < 100  # the first batch ended at the skip, far short of its 400 steps
+    assert call(server, "/sdapi/v1/interrupt", {}) == (200, {})
+    worker.join(timeout=60)
+    status, answer = answers["long"]
+    assert status == 200 and json.loads(answer["info"])["all_seeds"] == [5, 6]  # both batches answered
+
+
 def test_inpainting_lays_the_repainted_box_over_the_original(server, ort_pipe_fp32):
     rng = np.random.default_rng(3)
     original = rng.random((80, 96, 3)).astype(np.float32)
