@@ -159,6 +159,18 @@ def engine_profiles(arch: Architecture, component: str, request: ProfileRequest 
     return profile
 
 
+def batch_runs(rows: int, low: int, high: int) -> list[tuple[int, int, int]]:
+    """How ``rows`` rows (a batch of texts, say) run on an engine whose batch spans [``low``, ``high``]:
+    ``(start, stop, size)`` for each run, at most ``high`` rows, and each short one padded up to ``size`` =
+    ``low`` rows (the text encoder of a static engine set takes exactly its batch: with prompt edits, weights
+    or composable prompts, there are other numbers of texts to encode)."""
+    if not 1 <= low <= high:
+        raise ValueError(f"need 1 <= low <= high, got {low}, {high}")
+    return [
+        (start, min(start + high, rows), max(min(high, rows - start), low)) for start in range(0, rows, high)
+    ]
+
+
 def profile_to_json(profile: Profile) -> dict[str, list[list[int]]]:
     return {name: [list(shape) for shape in shapes] for name, shapes in profile.items()}
 

@@ -35,6 +35,7 @@ from sdengine.engine_keys import (
     BuildEnv,
     EngineManifest,
     ProfileRequest,
+    batch_runs,
     check_engine,
     engine_key,
     engine_profiles,
@@ -728,3 +729,19 @@ def test_phase_bars_follow_tensorrt_phases():
     assert "unet: Building engine" in out.getvalue()
     bars.cancelled = True
     assert bars.step_complete("anything", 0) is False
+
+
+@pytest.mark.parametrize(
+    ("rows", "low", "high", "runs"),
+    [
+        (2, 2, 2, [(0, 2, 2)]),  # a static engine for one image with guidance: its two texts at once
+        (3, 2, 2, [(0, 2, 2), (2, 3, 2)]),  # an edited prompt's third text, padded to the engine's two
+        (1, 2, 2, [(0, 1, 2)]),  # one text (a weighted prompt's empty one), padded
+        (9, 1, 4, [(0, 4, 4), (4, 8, 4), (8, 9, 1)]),  # a dynamic engine: runs of up to four
+    ],
+)
+def test_texts_run_in_batches_the_engine_takes(rows, low, high, runs):
+    assert batch_runs(rows, low, high) == runs
+    assert all(low <= size <= high and stop - start <= size for start, stop, size in runs)
+    with pytest.raises(ValueError, match="need 1 <= low <= high"):
+        batch_runs(rows, 3, 2)

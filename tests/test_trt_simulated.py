@@ -1,17 +1,20 @@
 """The TensorRT backend's orchestration, run against a simulated TensorRT and CUDA runtime.
 
-No TensorRT can be installed here, so this stands in for it: a "plan" is the path of an ONNX file, an engine
-runs that file with ONNX Runtime on the CPU, device memory is host memory at the addresses handed out, and a
-captured CUDA graph records each engine launch with the tensor addresses bound at capture time, then replays
-exactly those. It checks what sdengine does with TensorRT — engine checks, shared device memory, buffers and
-addresses set once per shape, the step engine, two ping-pong graphs per shape replayed N times, uploads
-between runs — not TensorRT itself, whose calls are only written against its documented API.
+No TensorRT can be installed here, so this stands in for it: a "plan" is the path of an ONNX file and the
+optimization profile it was built for, an engine runs that file with ONNX Runtime on the CPU and refuses an
+input shape outside its profile, as TensorRT's ``set_input_shape`` does, device memory is host memory at the
+addresses handed out, and a captured CUDA graph records each engine launch with the tensor addresses bound
+at capture time, then replays exactly those. It checks what sdengine does with TensorRT — engine checks,
+shared device memory, buffers and addresses set once per shape, the step engine, two ping-pong graphs per
+shape replayed N times, uploads between runs, shapes within each engine's profile — not TensorRT itself,
+whose calls are only written against its documented API.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import json
 import sys
 import types
 import weakref
@@ -45,8 +48,9 @@ class FakeEngine:
     #: a step engine asks for this much device memory per model call (a test raises it to force growth)
     step_memory_per_call = 256
 
-    def __init__(self, trt, path: str) -> None:
+    def __init__(self, trt, path: str, profile: dict | None = None) -> None:
         self.trt, self.session = trt, ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.profile = profile or {}  # input name -> [min shape, opt shape, max shape]
         self.io = {i.name: (self.trt.TensorIOMode.INPUT, i) for i in self.session.get_inputs()}
         self.io.update({o.name: (self.trt.TensorIOMode.OUTPUT, o) for o in self.session.get_outputs()})
         self.names = list(self.io)
@@ -83,6 +87,13 @@ class FakeContext:
         self.memory = ptr
 
     def set_input_shape(self, name, shape):
+        if name in self.engine.profile:
+            low, _, high = self.engine.profile[name]
+            inside = len(shape) == len(low) and all(
+                lo <= d <= hi for lo, d, hi in zip(low, shape, high, strict=True)
+            )
+            if not inside:
+                return False  # outside the engine's profile, as TensorRT refuses it
         self.shapes[name] = tuple(shape)
         return True
 
@@ -139,14 +150,19 @@ def fake_tensorrt() -> types.ModuleType:
         (),
         {
             "__init__": lambda self, logger: None,
-            "deserialize_cuda_engine": lambda self, data: FakeEngine(trt, data.decode()),
+            "deserialize_cuda_engine": lambda self, data: FakeEngine(trt, **json.loads(data)),
         },
     )
     return trt
 
 
 def write_plan(onnx_path, plan_path, profile, *, optimization_level, timing_cache, progress):
-    plan_path.write_bytes(str(onnx_path).encode())  # the simulated "engine" is its ONNX file
+    # the simulated "engine" is its ONNX file and the profile it takes
+    plan = {
+        "path": str(onnx_path),
+        "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
+    }
+    plan_path.write_text(json.dumps(plan))
 
 
 @pytest.fixture

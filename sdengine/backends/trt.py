@@ -33,7 +33,7 @@ import numpy as np
 
 from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers, xl_layer
 from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
-from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, resolve_engine
+from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, batch_runs, resolve_engine
 from sdengine.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
@@ -182,6 +182,13 @@ class TrtBackend:
 
         self.stream = Stream()
         self.env = detect_build_env()
+        manifest = EngineManifest.read(engine_dir)
+        #: each text encoder's (min, opt, max) input shape: the batches it takes (see :meth:`_run_texts`)
+        self.text_profiles = {
+            c: entry.shapes["input_ids"]
+            for c, entry in (manifest.engines.items() if manifest else ())
+            if c in (TEXT_ENCODER, TEXT_ENCODER_2)
+        }
         plans = {
             c: resolve_engine(engine_dir, c, model_dir.root, env=self.env)
             for c in model_dir.arch.required_components()
@@ -280,19 +287,34 @@ class TrtBackend:
         names = outputs or engine.outputs[:1]
         return [buffers[name].download(self.stream).astype(np.float32) for name in names]
 
+    def _run_texts(
+        self, component: str, input_ids: np.ndarray, outputs: list[str] | None = None
+    ) -> list[np.ndarray]:
+        """A text encoder on any number of texts: in runs its engine's batch range allows (the last padded
+        with copies of its last text, whose outputs are dropped), joined (:func:`batch_runs`)."""
+        (low, *_), _, (high, *_) = self.text_profiles[component]
+        results = []
+        for start, stop, size in batch_runs(len(input_ids), low, high):
+            ids = input_ids[start:stop]
+            padded = np.concatenate([ids, np.repeat(ids[-1:], size - len(ids), axis=0)])
+            results.append(
+                [out[: len(ids)] for out in self._run_host_outputs(component, {"input_ids": padded}, outputs)]
+            )
+        return [np.concatenate(parts) for parts in zip(*results, strict=True)]
+
     def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> np.ndarray:
         if self.model_dir.arch.xl:
             self._require_states(TEXT_ENCODER)
-            states = self._run_host(TEXT_ENCODER, {"input_ids": input_ids}, HIDDEN_STATES)
+            states = self._run_texts(TEXT_ENCODER, input_ids, [HIDDEN_STATES])[0]
             return xl_layer(states, clip_skip)
         if not clip_skip:
-            return self._run_host(TEXT_ENCODER, {"input_ids": input_ids})
+            return self._run_texts(TEXT_ENCODER, input_ids)[0]
         if LAYER_STATES not in self.engines[TEXT_ENCODER].outputs:
             raise ModelDirectoryError(
                 f"{self.engine_dir}: its text encoder engine gives only its last layer, and clip_skip needs "
                 "every layer's; export the checkpoint again with sdengine export, then sdengine build"
             )
-        states = self._run_host(TEXT_ENCODER, {"input_ids": input_ids}, LAYER_STATES)
+        states = self._run_texts(TEXT_ENCODER, input_ids, [LAYER_STATES])[0]
         return skipped_layers(states, clip_skip)
 
     def _require_states(self, component: str) -> None:
@@ -305,9 +327,7 @@ class TrtBackend:
 
     def encode_text_2(self, input_ids: np.ndarray, clip_skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
         self._require_states(TEXT_ENCODER_2)
-        pooled, states = self._run_host_outputs(
-            TEXT_ENCODER_2, {"input_ids": input_ids}, [TEXT_EMBEDS, HIDDEN_STATES]
-        )
+        pooled, states = self._run_texts(TEXT_ENCODER_2, input_ids, [TEXT_EMBEDS, HIDDEN_STATES])
         return xl_layer(states, clip_skip), pooled
 
     def set_token_embeddings(self, rows: dict[int, np.ndarray], component: str = TEXT_ENCODER) -> None:
