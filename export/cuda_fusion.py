@@ -16,10 +16,14 @@ Memory: the optimizer copies the whole model for each of its symbolic shape infe
 SD 1.5 UNet (3.4 GB) with its weights, it peaked at 20 GB. So it is given the model without its weights:
 it reads the few it rewrites from the external-data file on demand (through ``numpy_helper.to_array``,
 relative to the working directory, hence :func:`_in_directory`), and the rest are loaded only for the
-float16 conversion, which reads every weight. That peak is 11.6 GB, about the portable float16 export's.
-For SD 1.5 the fused graph and every weight came out byte for byte as when the optimizer held all the
-weights; ``tests/test_cuda_fusion.py`` checks the same on the tiny UNet, its weights read from disk
-against its weights in memory.
+float16 conversion, which reads every weight. The two steps around the conversion that run that shape
+inference again (the value types the converter needs, and the removal of casts it made useless:
+``OnnxModel.convert_float_to_float16``'s steps, called one by one) run on a copy without the weights
+(:func:`_without_weights`): they read types and shapes, never a weight's values. SD 1.5's fusion and
+conversion peaked at 7.8 GB (12.4 GB with those two steps given the weights, 20 GB at first), below the
+portable float16 export's 9.0. The fused graph and every weight came out byte for byte the same each time;
+``tests/test_cuda_fusion.py`` checks the same on the tiny UNet (weights read from disk against weights in
+memory; the two steps given no weight over 64 bytes).
 
 The result runs only on ONNX Runtime's CUDA provider (the CPU has none of these kernels, TensorRT parses no
 contrib operators): the manifest says ``target: cuda`` and the CPU backend, the TensorRT builder and run-time
@@ -69,6 +73,7 @@ def classic_attention(module: object) -> int:
 def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
     """The float32 UNet at ``model_path`` fused for the CUDA provider and converted to float16 (its inputs
     and outputs kept float32); with the count of each fused operator. ExportError where it did not take."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.optimizer import optimize_model
 
     path = Path(model_path).resolve()  # (a relative one would not survive the change of directory)
@@ -84,13 +89,20 @@ def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
                 use_gpu=True,
                 optimization_options=fusion_options(),
             )
+            _add_value_types(fused.model)
     except Exception as exc:  # noqa: BLE001 - the library's failure, named in one line
         raise ExportError(
             f"ONNX Runtime's CUDA fusion of the UNet failed: {type(exc).__name__}: {exc}"
         ) from exc
     load_external_data_for_model(fused.model, weights)  # the converter reads every weight
     # inputs and outputs stay float32, as the portable float16 export keeps them (the runtime binds those)
-    fused.convert_float_to_float16(keep_io_types=True, op_block_list=["RandomNormalLike"])
+    fused.initialize(
+        convert_float_to_float16(
+            fused.model, disable_shape_infer=True, keep_io_types=True, op_block_list=["RandomNormalLike"]
+        )
+    )
+    fused.remove_cascaded_cast_nodes()  # the rest of what OnnxModel.convert_float_to_float16 does
+    _remove_useless_casts(fused.model)
     counts = collections.Counter(node.op_type for node in fused.model.graph.node)
     missing = [op for op in REQUIRED_FUSIONS if not counts[op]]
     if missing:
@@ -103,6 +115,58 @@ def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
     if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):  # (its save adds this too)
         model.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
     return model, {op: n for op, n in sorted(counts.items()) if op in FUSED_OPERATORS}
+
+
+def _add_value_types(model: onnx.ModelProto) -> None:
+    """Give ``model`` (without its weights, in their directory) the element type of every value the float16
+    converter needs: ONNX Runtime's symbolic shape inference's types, shapes left out, for each value that has
+    none, as ``OnnxModel.convert_float_to_float16`` adds them before it converts. Done here, before the
+    weights are loaded, because that inference copies the whole model: with an SDXL UNet's 10 GB of weights
+    loaded, the export did not fit in 23 GiB."""
+    from onnxruntime.transformers.shape_infer_helper import SymbolicShapeInferenceHelper
+
+    graph = _without_weights(model)
+    inferred = SymbolicShapeInferenceHelper(graph).infer_shapes(
+        graph, auto_merge=True, guess_output_rank=False
+    )
+    if inferred is None:
+        raise ExportError("ONNX Runtime's symbolic shape inference gave no types for the fused UNet")
+    known = {value.name for value in model.graph.value_info}
+    for value in inferred.graph.value_info:
+        typed = value.type.HasField("tensor_type") and value.type.tensor_type.elem_type
+        if typed and value.name and value.name not in known:
+            copy = onnx.ValueInfoProto()
+            copy.CopyFrom(value)
+            copy.type.tensor_type.ClearField("shape")
+            model.graph.value_info.append(copy)
+            known.add(value.name)
+
+
+def _remove_useless_casts(model: onnx.ModelProto) -> None:
+    """``OnnxModel.remove_useless_cast_nodes`` on ``model`` (casts to the type their input already has go),
+    run on a copy without the weights: its shape inference copies the whole model it is given. It changes
+    nodes only, so the copy's nodes become ``model``'s."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    view = OnnxModel(_without_weights(model))
+    view.remove_useless_cast_nodes()
+    del model.graph.node[:]
+    model.graph.node.extend(view.model.graph.node)
+
+
+def _without_weights(model: onnx.ModelProto, keep_bytes: int = 1 << 16) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers over ``keep_bytes`` hold their name, type and dims but no data:
+    weights, which shape inference never reads (the small ones it may read, shapes and indices, are kept)."""
+    copy = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    graph = copy.graph
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() <= keep_bytes:
+            graph.initializer.append(tensor)
+        else:
+            graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    return copy
 
 
 def fusion_options() -> FusionOptions:

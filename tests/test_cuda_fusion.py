@@ -102,6 +102,29 @@ def test_the_fusion_given_weights_on_disk_gives_what_it_gives_from_memory(fused_
     assert weights(from_disk) == weights(exported)
 
 
+def test_the_float16_steps_read_types_from_a_copy_without_weights(fused_dir, monkeypatch):
+    """The converter's type inference and the removal of useless casts run on a copy of the fused UNet
+    without its weights (each would copy the model, weights and all); with every weight over 64 bytes left
+    out of that copy, the result is what the export wrote."""
+    import onnx
+
+    import export.cuda_fusion as cuda_fusion
+
+    stripped, without = [], cuda_fusion._without_weights
+
+    def thinner(model, keep_bytes=1 << 16):
+        copy = without(model, keep_bytes=64)
+        stripped.append(sum(not t.raw_data and not t.float_data for t in copy.graph.initializer))
+        return copy
+
+    monkeypatch.setattr(cuda_fusion, "_without_weights", thinner)
+    model, _ = cuda_fusion.fuse_for_cuda(fused_dir.parent / "unfused.onnx")
+    exported = onnx.load(str(fused_dir / "unet" / "model.onnx"))
+    assert len(stripped) == 2 and min(stripped) > 100
+    assert list(model.graph.node) == list(exported.graph.node)  # the same casts kept, the same types
+    assert list(model.graph.initializer) == list(exported.graph.initializer)
+
+
 #: the fusions whose kernels only the CUDA provider has
 CUDA_ONLY_FUSIONS = (
     "enable_nhwc_conv",
