@@ -1,10 +1,12 @@
 """The AUTOMATIC1111 web UI's "infotext": how it writes an image's settings as text, the form its users read,
 paste back into it and share (``prompt``, then ``Negative prompt: ...``, then ``Steps: 20, Sampler: Euler a,
-...``; its ``processing.create_infotext``). The HTTP API answers one per image (``info.infotexts``), as the
-web UI does."""
+...``; its ``processing.create_infotext``). Each PNG sdengine writes carries one in its ``parameters`` chunk
+(:func:`parameters_infotext`), the HTTP API answers one per image (``info.infotexts``), as the web UI does,
+and :func:`parse_infotext` reads one back (``/sdapi/v1/png-info``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping
@@ -114,7 +116,8 @@ def parse_infotext(text: str) -> dict[str, str]:
     for key, value in FIELD.findall(last):
         value = value.strip()
         if len(value) > 1 and value[0] == value[-1] == '"':
-            value = json.loads(value)
+            with contextlib.suppress(ValueError):  # not JSON after all: kept as written
+                value = json.loads(value)
         fields[key] = value
         if key == "Size" and "x" in value:
             fields["Size-1"], fields["Size-2"] = value.split("x", 1)

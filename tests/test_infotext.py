@@ -89,3 +89,5 @@ def test_an_infotext_reads_back_as_the_web_ui_reads_it():
         "CFG scale": "7.0",
     }
     assert parse_infotext("a cat: the best") == {"Prompt": "a cat: the best", "Negative prompt": ""}
+    odd = parse_infotext('a\nSteps: 2, Note: "not \\x JSON", Seed: 1')  # a quoted value kept as written
+    assert odd["Note"] == '"not \\x JSON"' and odd["Seed"] == "1"
