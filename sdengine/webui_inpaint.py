@@ -12,7 +12,8 @@ The web UI's fields, and what each does here, in the web UI's order:
 - ``inpaint_full_res`` (True, "Only masked") with ``inpaint_full_res_padding`` (0): only the mask's box,
   grown by the padding and then to the aspect ratio of ``width`` x ``height``, is cut out, repainted at that
   size and put back into the original at the original's size (:class:`sdengine.mask_crop.MaskCrop`, the
-  same rules). False ("Whole picture"): the image and the mask are resized to ``width`` x ``height``.
+  same rules). False ("Whole picture"): the image and the mask are brought to ``width`` x ``height`` as the
+  request's ``resize_mode`` says (stretched, by default).
 - ``inpainting_fill`` (0): 0 "fill" first paints the masked part with the colours around it
   (:func:`fill`), 1 "original" keeps what is there; 2 and 3 (latent noise, latent nothing) are refused.
 - The result is laid over the original through the blurred mask, so what the mask keeps is the original's
