@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sdengine import __version__
+from sdengine.webui_inpaint import infotext_fields
 from sdengine.webui_samplers import sampler_of
 
 
@@ -37,8 +38,6 @@ def infotext(prompt: str, negative_prompt: str, parameters: Mapping[str, Any]) -
 
 #: How sdengine's hires upscaling is named in the web UI.
 HIRES_UPSCALERS = {"latent": "Latent", "image": "Lanczos"}
-#: The web UI's inpainting fields a PNG may record (the HTTP API's) and their infotext names.
-MASKED_CONTENT = {0: "fill", 1: "original"}
 
 
 def parameters_infotext(parameters: Mapping[str, Any]) -> str:
@@ -51,18 +50,9 @@ def parameters_infotext(parameters: Mapping[str, Any]) -> str:
     scheduler = parameters.get("scheduler")
     sampler, schedule = sampler_of(scheduler) if scheduler else (None, None)
     sampler = sampler and sampler.removesuffix(" Karras")  # the web UI's 1.9+ names: the schedule apart
-    blur = (parameters.get("mask_blur_x"), parameters.get("mask_blur_y"))
     inpaint_fields = {}
     if "inpaint_full_res" in parameters:  # the HTTP API's inpainting
-        inpaint_fields = {
-            "Mask blur": blur[0] if blur[0] == blur[1] else f"{blur[0]}x{blur[1]}",
-            "Masked content": MASKED_CONTENT.get(parameters.get("inpainting_fill")),
-            "Inpaint area": "Only masked" if parameters["inpaint_full_res"] else "Whole picture",
-            "Only masked padding, pixels": parameters.get("inpaint_full_res_padding")
-            if parameters["inpaint_full_res"]
-            else None,
-            "Mask mode": "Inpaint not masked" if parameters.get("inpainting_mask_invert") else None,
-        }
+        inpaint_fields = infotext_fields(parameters)
     elif "mask_crop" in parameters:
         inpaint_fields = {
             "Inpaint area": "Only masked",

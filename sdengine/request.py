@@ -20,6 +20,7 @@ from sdengine.model_specs import Architecture
 from sdengine.prompt_editing import PromptEdits, prompt_edits
 from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.schedulers.base import img2img_start
+from sdengine.step_graph import unet_copies
 from sdengine.torch_noise import TorchCpuGenerator
 from sdengine.xl_conditioning import SizeConditioning, size_conditioning
 
@@ -133,9 +134,8 @@ class GenerationRequest:
     def copies(self) -> int:
         """G, the UNet batch's multiple of the images: 1 without guidance, 2 with it, and 1 + K for
         composable prompts of K parts."""
-        if not self.classifier_free_guidance:
-            return 1
-        return 1 + (part_count(self.composable) if self.composable else 1)
+        parts = part_count(self.composable) if self.composable else 0
+        return unet_copies(self.classifier_free_guidance, parts)
 
     @property
     def part_weights(self) -> np.ndarray | None:

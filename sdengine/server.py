@@ -406,6 +406,7 @@ def run_request(
         prompt, negative = settings.pop("prompt"), settings.pop("negative_prompt")
         settings.update(progress=job.progress, stop=job.stop)
         images, infotexts, seeds, nsfw, first = [], [], [], [], None
+        laid = {} if inpainting is None else inpainting.settings.parameters(inpainting.placement)
         for n in range(n_iter):
             if n and job.interrupted.is_set():
                 break
@@ -416,10 +417,9 @@ def run_request(
                     settings["variation_seed"] = first.request.variation_seed + n * first.request.batch
             result = pipeline(prompt, negative, **settings)
             first = first or result
-            array, laid = result.array, {}
+            array = result.array
             if inpainting is not None:  # the results laid over the original, as the web UI lays them
                 array = inpainting.placement.paste(array)
-                laid = inpainting.settings.parameters(inpainting.placement)
             model = {"model": pipeline.model_dir.root.name, "backend": result.backend}
             for i, image in enumerate(to_pil(array)):
                 parameters = {**result.request.parameters(i), **laid, **model}

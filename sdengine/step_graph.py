@@ -179,6 +179,12 @@ class StepTables:
         return inputs
 
 
+def unet_copies(guidance: bool, parts: int = 0) -> int:
+    """G, how many copies of the latents the UNet's batch holds: 1 without guidance, 2 with it (negative,
+    positive), 1 + ``parts`` for composable prompts of that many parts."""
+    return 1 + max(parts, 1) if guidance else 1
+
+
 def step_tables(
     schedule: Schedule,
     noise: np.ndarray,
@@ -298,7 +304,7 @@ def build_step_model(
     """
     if parts and (rescale or not guidance):
         raise ValueError("composable prompts' parts are guided, without guidance rescale")
-    copies = (1 + max(parts, 1)) if guidance else 1
+    copies = unet_copies(guidance, parts)
     c, h, w = latent_shape
     latent = [batch, c, h, w]
     rows, cols = 1 + MAX_HISTORY, 3 + MAX_HISTORY

@@ -27,7 +27,7 @@ latents' size by nearest-neighbour sampling of the full-size mask, where the web
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,8 +207,8 @@ class WebUIInpaint:
             placement = MaskCrop(0, (0, 0, width, height), image, Image.fromarray(overlay, "L"))
         return placement, fill(image, mask) if self.fill == 0 else image, mask
 
-    def parameters(self, placement: MaskCrop) -> dict[str, Any]:
-        """What a PNG records of these settings (the web UI's field names)."""
+    def fields(self) -> dict[str, Any]:
+        """These settings under the web UI's request field names."""
         return {
             "mask_blur_x": self.blur_x,
             "mask_blur_y": self.blur_y,
@@ -216,18 +216,26 @@ class WebUIInpaint:
             "inpaint_full_res": self.full_res,
             "inpaint_full_res_padding": self.padding,
             "inpainting_mask_invert": int(self.invert),
-            **({"inpaint_box": list(placement.box)} if self.full_res else {}),
         }
 
+    def parameters(self, placement: MaskCrop) -> dict[str, Any]:
+        """What a PNG records of these settings: :meth:`fields`, and the box repainted ("Only masked")."""
+        return {**self.fields(), **({"inpaint_box": list(placement.box)} if self.full_res else {})}
+
     def generation_params(self) -> dict[str, Any]:
-        """The web UI's ``extra_generation_params`` for these settings, as its infotext names them."""
-        params: dict[str, Any] = {
-            "Mask blur": self.blur_x if self.blur_x == self.blur_y else f"{self.blur_x}x{self.blur_y}",
-            "Masked content": FILLS[self.fill],
-            "Inpaint area": "Only masked" if self.full_res else "Whole picture",
-        }
-        if self.full_res:
-            params["Only masked padding, pixels"] = self.padding
-        if self.invert:
-            params["Mask mode"] = "Inpaint not masked"
-        return params
+        """The web UI's ``extra_generation_params`` for these settings (:func:`infotext_fields`)."""
+        return infotext_fields(self.fields())
+
+
+def infotext_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Inpainting settings under the web UI's request field names (:meth:`WebUIInpaint.fields`, or a PNG's
+    record of them) as its infotext names them, those that say nothing left out."""
+    blur_x, blur_y, full_res = fields["mask_blur_x"], fields["mask_blur_y"], fields["inpaint_full_res"]
+    named = {
+        "Mask blur": blur_x if blur_x == blur_y else f"{blur_x}x{blur_y}",
+        "Masked content": FILLS[fields["inpainting_fill"]],
+        "Inpaint area": "Only masked" if full_res else "Whole picture",
+        "Only masked padding, pixels": fields["inpaint_full_res_padding"] if full_res else None,
+        "Mask mode": "Inpaint not masked" if fields["inpainting_mask_invert"] else None,
+    }
+    return {name: value for name, value in named.items() if value is not None}

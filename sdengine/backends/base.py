@@ -12,7 +12,7 @@ from onnx import helper
 
 from sdengine.errors import InvalidArgumentError
 from sdengine.model_specs import TEXT_ENCODER
-from sdengine.step_graph import StepTables, build_step_model
+from sdengine.step_graph import StepTables, build_step_model, unet_copies
 from sdengine.timing import StageTimes
 
 
@@ -32,7 +32,7 @@ class DenoisePlan:
     @property
     def copies(self) -> int:
         """G: 1 without guidance, 2 with it, 1 + K with composable prompts' K parts."""
-        return 1 if self.guidance is None else 1 + max(self.tables.parts, 1)
+        return unet_copies(self.guidance is not None, self.tables.parts)
 
     def first_unet_inputs(self) -> dict[str, np.ndarray]:
         """The first UNet call's inputs besides its sample and timestep, by name: the text embeddings, the
@@ -95,7 +95,7 @@ class GraphKey:
     @property
     def copies(self) -> int:
         """UNet batch multiplier: 2 with classifier-free guidance, 1 + K with composable prompts."""
-        return (1 + max(self.parts, 1)) if self.guidance else 1
+        return unet_copies(self.guidance, self.parts)
 
     def step_model(
         self, timestep: tuple[tuple[int, ...], type], unet_io_dtypes: tuple[type, type, type]

@@ -33,7 +33,13 @@ import numpy as np
 
 from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers, xl_layer
 from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
-from sdengine.engine_keys import TIMING_CACHE_NAME, EngineManifest, batch_runs, resolve_engine
+from sdengine.engine_keys import (
+    TIMING_CACHE_NAME,
+    EngineManifest,
+    batch_runs,
+    check_engine,
+    resolve_engine,
+)
 from sdengine.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
@@ -182,18 +188,15 @@ class TrtBackend:
 
         self.stream = Stream()
         self.env = detect_build_env()
-        manifest = EngineManifest.read(engine_dir)
-        #: each text encoder's (min, opt, max) input shape: the batches it takes (see :meth:`_run_texts`)
-        self.text_profiles = {
-            c: entry.shapes["input_ids"]
-            for c, entry in (manifest.engines.items() if manifest else ())
-            if c in (TEXT_ENCODER, TEXT_ENCODER_2)
-        }
-        plans = {
-            c: resolve_engine(engine_dir, c, model_dir.root, env=self.env)
+        entries = {
+            c: check_engine(engine_dir, c, model_dir.root, env=self.env)
             for c in model_dir.arch.required_components()
         }
-        self.engines = {c: Engine(self.trt, self.runtime, p) for c, p in plans.items()}
+        #: each text encoder's (min, opt, max) input shape: the batches it takes (see :meth:`_run_texts`)
+        self.text_profiles = {
+            c: e.shapes["input_ids"] for c, e in entries.items() if c in (TEXT_ENCODER, TEXT_ENCODER_2)
+        }
+        self.engines = {c: Engine(self.trt, self.runtime, engine_dir / e.file) for c, e in entries.items()}
         self._memory: DeviceArray | None = None
         self._graphs: dict[GraphKey, GraphSteps] = {}
         self._host_buffers: dict[tuple, dict[str, DeviceArray]] = {}
