@@ -322,6 +322,7 @@ def build_engines(
     min_width: int | None = None,
     max_width: int | None = None,
     cfg: bool = True,
+    parts: int = 1,
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL,
     components: Iterable[str] | None = None,
     progress: bool | None = None,
@@ -332,7 +333,8 @@ def build_engines(
     """Build (or reuse) one TensorRT engine per component of ``onnx_dir`` into ``engine_dir``.
 
     Static profiles by default (exactly ``batch`` x ``height`` x ``width``); ``dynamic`` spans the min/max
-    bounds. ``cfg`` sizes the text encoder and UNet for classifier-free guidance (twice the batch). An engine
+    bounds. ``cfg`` sizes the text encoder and UNet for classifier-free guidance (twice the batch), ``parts``
+    the UNet for composable prompts of up to that many parts (up to 1 + ``parts`` times the batch). An engine
     whose content key is unchanged is reused; a changed one is rebuilt and its old plan file removed. The
     engine manifest is rewritten after each engine, and the timing cache in ``engine_dir`` is shared by all
     builds. ``progress`` (default: when stderr is a terminal) shows TensorRT's build phases; ``env``
@@ -350,6 +352,7 @@ def build_engines(
         min_width=min_width,
         max_width=max_width,
         cfg=cfg,
+        parts=parts,
     )
     if not 0 <= optimization_level <= MAX_OPTIMIZATION_LEVEL:
         raise InvalidArgumentError(
@@ -478,6 +481,13 @@ def add_build_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="size the text encoder and UNet for guidance 1 (no doubled batch)",
     )
+    b.add_argument(
+        "--parts",
+        type=int,
+        default=1,
+        help="room in the UNet for composable prompts (the web UI's AND) of up to this many parts: "
+        "batches of up to (1 + PARTS) x --batch (default 1: none)",
+    )
     b.set_defaults(func=cmd_build)
     return b
 
@@ -504,6 +514,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         min_width=args.min_width,
         max_width=args.max_width,
         cfg=not args.no_cfg,
+        parts=args.parts,
         optimization_level=args.optimization_level,
         components=components,
         log=print,

@@ -10,7 +10,8 @@ an engine is unusable (stale ONNX, other TensorRT, other GPU) instead of silentl
 Profiles derive from :mod:`sdengine.model_specs`: each symbolic dimension of an input is looked up in
 ``Architecture.sizes`` at the minimum, optimum and maximum sizes, so no shape is restated here. With
 classifier-free guidance the text encoder and the UNet see the negative and positive prompts in one batch,
-so their batch dimension is twice the image batch.
+so their batch dimension is twice the image batch; composable prompts (``parts`` > 1) run the UNet on one
+copy of the batch per part beside the negative one, so its batch range reaches (1 + parts) times the batch.
 
 Nothing in this module imports TensorRT (the runtime reads the manifest too); :mod:`export.trt_build` holds
 the one function that builds engines.
@@ -22,7 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from sdengine.errors import (
     CorruptModelError,
     InvalidArgumentError,
     ModelDirectoryError,
+    UnsupportedConfigError,
 )
 from sdengine.manifest import file_sha256
 from sdengine.model_specs import ENGINE_COMPONENTS, TEXT_ENCODER, TEXT_ENCODER_2, UNET, Architecture
@@ -78,9 +80,13 @@ class ProfileRequest:
     min_width: int | None = None
     max_width: int | None = None
     cfg: bool = True
+    #: the most parts of a composable prompt (the web UI's ``AND``) the UNet engine takes; 1: none
+    parts: int = 1
 
     def bounds(self) -> dict[str, tuple[int, int, int]]:
         """(min, opt, max) of batch, height and width; raises InvalidArgumentError for an invalid request."""
+        if self.parts < 1:
+            raise InvalidArgumentError(f"--parts must be at least 1, got {self.parts}")
         given = {k: getattr(self, k) for k in ("min_batch", "max_batch", "min_height", "max_height")}
         given.update(min_width=self.min_width, max_width=self.max_width)
         if not self.dynamic:
@@ -116,7 +122,16 @@ class ProfileRequest:
                     args += [f"--{name.replace('_', '-')}", str(getattr(self, name))]
         if not self.cfg:
             args.append("--no-cfg")
+        if self.parts != 1:
+            args += ["--parts", str(self.parts)]
         return args
+
+    def unet_copies(self) -> tuple[int, int]:
+        """The fewest and the most copies of the image batch a UNet call carries: 2 with guidance (negative
+        and positive prompts), 1 without; up to 1 + ``parts`` for composable prompts, whose negative side
+        runs even without guidance (see :func:`sdengine.step_graph.unet_copies`)."""
+        fewest = 2 if self.cfg else 1
+        return fewest, 1 + self.parts if self.parts > 1 else fewest
 
 
 def _check_sizes(arch: Architecture, bounds: Mapping[str, tuple[int, int, int]]) -> None:
@@ -137,7 +152,9 @@ def engine_profiles(arch: Architecture, component: str, request: ProfileRequest 
     """The optimization profile of ``component``: min/opt/max shape of each input with run-time sizes.
 
     Shapes come from the component's spec at ``arch.sizes(...)`` of the request's min/opt/max; the batch is
-    doubled for the text encoder and the UNet when ``request.cfg`` (classifier-free guidance). Inputs whose
+    doubled for the text encoder and the UNet when ``request.cfg`` (classifier-free guidance), and the
+    UNet's maximum reaches ``1 + request.parts`` copies of the largest batch (composable prompts; the text
+    encoder runs any number of texts in batches its profile takes, so it needs no more). Inputs whose
     shape is fixed by the model (the UNet's scalar timestep) need no profile and are left out.
     """
     request = request or ProfileRequest()
@@ -147,9 +164,11 @@ def engine_profiles(arch: Architecture, component: str, request: ProfileRequest 
         raise InvalidArgumentError(f"unknown component {component!r}; choose from {', '.join(known)}")
     bounds = request.bounds()
     _check_sizes(arch, bounds)
+    most = request.unet_copies()[1]
     factor = 2 if request.cfg and component in CFG_COMPONENTS else 1
+    factors = (factor, factor, most if component == UNET else factor)
     sizes = [
-        arch.sizes(factor * bounds["batch"][i], bounds["height"][i], bounds["width"][i]) for i in range(3)
+        arch.sizes(factors[i] * bounds["batch"][i], bounds["height"][i], bounds["width"][i]) for i in range(3)
     ]
     profile: Profile = {}
     for tensor in specs[component].inputs:
@@ -312,20 +331,82 @@ class EngineManifest:
             ) from None
 
 
-def rebuild_command(onnx_dir: str | os.PathLike, engine_dir: str | os.PathLike, entry: EngineEntry) -> str:
-    """The ``sdengine build`` command line that rebuilds ``entry`` with the same profile and settings."""
+def rebuild_command(
+    onnx_dir: str | os.PathLike,
+    engine_dir: str | os.PathLike,
+    entry: EngineEntry,
+    request: ProfileRequest | None = None,
+    *,
+    every_component: bool = False,
+) -> str:
+    """The ``sdengine build`` command line that rebuilds ``entry`` with the same settings and its profile, or
+    ``request``'s; ``every_component``: the whole engine set, not just ``entry``'s component."""
+    components = [] if every_component else ["--components", entry.component]
     args = [
         "sdengine build",
         str(onnx_dir),
         "--output",
         str(engine_dir),
-        "--components",
-        entry.component,
-        *entry.profile_request.cli_args(),
+        *components,
+        *(request or entry.profile_request).cli_args(),
         "--optimization-level",
         str(entry.optimization_level),
     ]
     return " ".join(args)
+
+
+def covering_request(
+    request: ProfileRequest, *, batch: int, height: int, width: int, parts: int
+) -> ProfileRequest:
+    """``request`` grown just enough to take ``batch`` images of ``height`` x ``width`` with composable
+    prompts of ``parts`` parts: a static one is moved to those sizes, a dynamic one's bounds widened."""
+    parts = max(request.parts, parts)
+    if not request.dynamic:
+        return replace(request, batch=batch, height=height, width=width, parts=parts)
+    bounds, wider = request.bounds(), {"parts": parts}
+    for dim, value in (("batch", batch), ("height", height), ("width", width)):
+        lo, _, hi = bounds[dim]
+        if value < lo:
+            wider[f"min_{dim}"] = value
+        if value > hi:
+            wider[f"max_{dim}"] = value
+    return replace(request, **wider)
+
+
+def check_unet_fits(
+    entry: EngineEntry,
+    engine_dir: str | os.PathLike,
+    onnx_dir: str | os.PathLike,
+    arch: Architecture,
+    *,
+    batch: int,
+    height: int,
+    width: int,
+    copies: int,
+    parts: int,
+) -> None:
+    """Refuse, with the build command that fits, a run whose UNet calls fall outside the UNet engine's
+    profile (TensorRT would refuse the shape mid-run): ``batch`` images of ``height`` x ``width`` pixels,
+    ``copies`` of them per call (guidance; 1 + ``parts`` for a composable prompt of ``parts`` parts)."""
+    lo, _, hi = entry.shapes["sample"]
+    factor = arch.vae_scale_factor
+    rows, latent = copies * batch, (height // factor, width // factor)
+    if lo[0] <= rows <= hi[0] and all(lo[i] <= n <= hi[i] for i, n in zip((2, 3), latent, strict=True)):
+        return
+    request = entry.profile_request
+    wanted = covering_request(request, batch=batch, height=height, width=width, parts=parts)
+    only_parts = replace(wanted, parts=request.parts) == request
+    why = (
+        f"{batch} image(s) x {copies} copies (the negative prompt and {parts} parts)"
+        if parts > 1
+        else (f"{batch} image(s) x {copies} copies")
+    )
+    takes = f"{lo[0]}-{hi[0]} rows of {lo[2] * factor}x{lo[3] * factor} to {hi[2] * factor}x{hi[3] * factor}"
+    command = rebuild_command(onnx_dir, engine_dir, entry, wanted, every_component=not only_parts)
+    raise UnsupportedConfigError(
+        f"the UNet engine in {engine_dir} takes {takes} pixels a call; this run needs {rows} rows "
+        f"({why}) of {height}x{width}; rebuild: {command}"
+    )
 
 
 def check_engine(

@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import types
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -33,13 +34,17 @@ from sdengine.engine_keys import (
     ENGINE_MANIFEST_NAME,
     TIMING_CACHE_NAME,
     BuildEnv,
+    EngineEntry,
     EngineManifest,
     ProfileRequest,
     batch_runs,
     check_engine,
+    check_unet_fits,
+    covering_request,
     engine_key,
     engine_profiles,
     onnx_digest,
+    profile_to_json,
     resolve_engine,
 )
 from sdengine.errors import (
@@ -48,6 +53,7 @@ from sdengine.errors import (
     InvalidArgumentError,
     ModelDirectoryError,
     SDEngineError,
+    UnsupportedConfigError,
 )
 from sdengine.manifest import file_sha256
 from sdengine.model_specs import Architecture
@@ -71,6 +77,92 @@ def test_static_profile_doubles_text_encoder_and_unet_batch_for_guidance():
     }
     no_cfg = engine_profiles(SD15, "unet", ProfileRequest(batch=1, cfg=False))
     assert no_cfg["sample"] == ((1, 4, 64, 64),) * 3
+
+
+def test_parts_widen_only_the_unet_batch_to_one_copy_per_part_beside_the_negative():
+    unet = engine_profiles(SD15, "unet", ProfileRequest(batch=2, parts=3))
+    assert unet["sample"] == ((4, 4, 64, 64), (4, 4, 64, 64), (8, 4, 64, 64))  # 2 x 2 ... (1 + 3) x 2
+    assert unet["encoder_hidden_states"][2] == (8, 77, 768)
+    # the text encoder runs any number of texts in batches it takes; the VAE sees the images alone
+    assert engine_profiles(SD15, "text_encoder", ProfileRequest(batch=2, parts=3)) == {
+        "input_ids": ((4, 77),) * 3
+    }
+    assert engine_profiles(SD15, "vae_decoder", ProfileRequest(batch=2, parts=3))["latent_sample"][2][0] == 2
+    # without guidance a composable prompt still runs its negative side: 1 ... 1 + parts copies
+    assert engine_profiles(SD15, "unet", ProfileRequest(cfg=False, parts=2))["sample"][0::2] == (
+        (1, 4, 64, 64),
+        (3, 4, 64, 64),
+    )
+    dynamic = ProfileRequest(batch=2, dynamic=True, min_batch=1, max_batch=3, parts=2)
+    assert [shape[0] for shape in engine_profiles(SD15, "unet", dynamic)["sample"]] == [2, 4, 9]
+    assert engine_profiles(SD15, "unet", ProfileRequest(parts=1)) == engine_profiles(SD15, "unet")
+
+
+def test_parts_are_in_the_rebuild_command_and_old_manifests_read_as_one_part():
+    assert ProfileRequest(parts=3).cli_args()[-2:] == ["--parts", "3"]
+    assert "--parts" not in ProfileRequest().cli_args()
+    old = {k: v for k, v in asdict(ProfileRequest()).items() if k != "parts"}  # written before --parts
+    assert ProfileRequest(**old).parts == 1
+
+
+def test_covering_request_moves_a_static_profile_and_widens_a_dynamic_one():
+    static = ProfileRequest(batch=1, height=512, width=512)
+    assert covering_request(static, batch=2, height=512, width=768, parts=2) == ProfileRequest(
+        batch=2, height=512, width=768, parts=2
+    )
+    assert covering_request(ProfileRequest(parts=4), batch=1, height=512, width=512, parts=2).parts == 4
+    dynamic = ProfileRequest(dynamic=True, max_batch=2, min_height=256, max_height=768)
+    wider = covering_request(dynamic, batch=3, height=1024, width=512, parts=1)
+    assert wider.bounds() == {"batch": (1, 1, 3), "height": (256, 512, 1024), "width": (256, 512, 1024)}
+    assert wider.min_height == 256 and wider.dynamic
+
+
+def _entry(request: ProfileRequest) -> EngineEntry:
+    profile = engine_profiles(SD15, "unet", request)
+    return EngineEntry(
+        component="unet",
+        file="unet.0.plan",
+        key="0",
+        onnx_sha256="0",
+        precision="fp16",
+        profile=profile_to_json(profile),
+        optimization_level=3,
+        trt_version=ENV.trt_version,
+        compute_capability=ENV.compute_capability,
+        request=asdict(request),
+        size_bytes=1,
+        build_seconds=0.0,
+    )
+
+
+def _fits(request: ProfileRequest, **run) -> str | None:
+    run = {"batch": 1, "height": 512, "width": 512, "copies": 2, "parts": 0, **run}
+    try:
+        check_unet_fits(_entry(request), "engines/sd15", "onnx", SD15, **run)
+    except UnsupportedConfigError as error:
+        assert "\n" not in str(error)
+        return str(error)
+    return None
+
+
+def test_a_run_outside_the_unet_profile_is_refused_with_the_build_that_fits():
+    static = ProfileRequest()
+    assert _fits(static) is None and _fits(ProfileRequest(parts=2), copies=3, parts=2) is None
+    assert _fits(ProfileRequest(parts=2), copies=2, parts=1) is None  # fewer parts fit too
+    message = _fits(static, copies=3, parts=2)
+    assert "takes 2-2 rows of 512x512 to 512x512 pixels a call" in message
+    assert "needs 3 rows (1 image(s) x 3 copies (the negative prompt and 2 parts)) of 512x512" in message
+    assert message.endswith(
+        "rebuild: sdengine build onnx --output engines/sd15 --components unet --batch 1 --height 512 "
+        "--width 512 --parts 2 --optimization-level 3"
+    )
+    # another size or batch: every engine is rebuilt (the VAE takes the images' batch and size too)
+    message = _fits(static, batch=2, height=768)
+    assert "needs 4 rows (2 image(s) x 2 copies) of 768x512" in message
+    assert "--components" not in message and "--batch 2 --height 768 --width 512" in message
+    dynamic = ProfileRequest(dynamic=True, max_batch=2)
+    assert _fits(dynamic, batch=2, copies=2) is None
+    assert "--dynamic --max-batch 2 --parts 3" in _fits(dynamic, batch=2, copies=4, parts=3)
 
 
 def test_dynamic_profile_spans_min_opt_max():
@@ -504,6 +596,13 @@ def test_cli_flags_reach_the_profile(onnx_dir, tmp_path, monkeypatch):
     (call,) = builder.calls
     assert call["profile"]["sample"] == ((1, 4, 4, 4), (2, 4, 8, 12), (3, 4, 16, 16))
     assert call["optimization_level"] == 4
+    builder.calls.clear()
+    cmd_build(_parse([*argv, "--parts", "2"]))
+    (call,) = builder.calls
+    assert call["profile"]["sample"][2] == (9, 4, 16, 16)  # (1 + 2) x max batch 3
+    assert EngineManifest.read(tmp_path / "e").engines["unet"].profile_request.parts == 2
+    with pytest.raises(InvalidArgumentError, match="--parts must be at least 1, got 0"):
+        cmd_build(_parse([*argv, "--parts", "0"]))
 
 
 def test_cli_explicit_zero_size_is_refused_not_replaced(onnx_dir, tmp_path):

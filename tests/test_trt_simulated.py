@@ -26,6 +26,7 @@ import pytest
 from fake_cuda import install_fake_cuda, view
 
 from sdengine.engine_keys import BuildEnv
+from sdengine.errors import UnsupportedConfigError
 
 ENV = BuildEnv(trt_version="10.9.0", compute_capability="8.9")
 ORT_TYPES = {
@@ -416,13 +417,19 @@ def test_composable_prompts_run_in_the_captured_steps(simulated, onnx_fp32, ort_
     from sdengine.pipeline import Pipeline
 
     engines = tmp_path / "engines"
-    # room for 1 + 2 copies of a batch of one: a dynamic batch up to 2 (doubled for guidance)
-    build_engines(
-        onnx_fp32, engines, height=64, width=64, dynamic=True, max_batch=2, env=ENV, builder=write_plan
-    )
+    build_engines(onnx_fp32, engines, height=64, width=64, env=ENV, builder=write_plan)
     backend = TrtBackend.load(engines)
     pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
     settings = dict(steps=4, height=64, width=64, seed=3, scheduler="euler", prompt_weights="a1111")
+    # a static engine set takes 2 copies of one image: refused before any step, with the build that fits
+    with pytest.raises(UnsupportedConfigError) as refused:
+        pipe("a cat AND a dog :0.5", **settings)
+    assert "needs 3 rows" in str(refused.value) and "--components unet" in str(refused.value)
+    assert "--parts 2" in str(refused.value) and not backend._graphs
+    # room for 1 + 2 copies of a batch of one (static height and width)
+    build_engines(onnx_fp32, engines, height=64, width=64, parts=2, env=ENV, builder=write_plan)
+    backend = TrtBackend.load(engines)
+    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
     for prompt in ("a cat AND a dog :0.5", "a cat"):
         ours, ref = pipe(prompt, **settings), ort_pipe_fp32(prompt, **settings)
         scale = float(np.abs(ref.latents).max())

@@ -38,6 +38,7 @@ from sdengine.engine_keys import (
     EngineManifest,
     batch_runs,
     check_engine,
+    check_unet_fits,
     resolve_engine,
 )
 from sdengine.errors import (
@@ -196,6 +197,7 @@ class TrtBackend:
         self.text_profiles = {
             c: e.shapes["input_ids"] for c, e in entries.items() if c in (TEXT_ENCODER, TEXT_ENCODER_2)
         }
+        self.unet_entry = entries[UNET]  # its profile: which runs fit (:meth:`denoiser`)
         self.engines = {c: Engine(self.trt, self.runtime, engine_dir / e.file) for c, e in entries.items()}
         self._memory: DeviceArray | None = None
         self._graphs: dict[GraphKey, GraphSteps] = {}
@@ -358,6 +360,18 @@ class TrtBackend:
                 f"a long prompt ({key.sequence} tokens of text embeddings) needs the ONNX Runtime backend: "
                 f"TensorRT engines are built for the text encoder's {self.model_dir.arch.text_max_length}"
             )
+        factor = self.model_dir.arch.vae_scale_factor
+        check_unet_fits(
+            self.unet_entry,
+            self.engine_dir,
+            self.model_dir.root,
+            self.model_dir.arch,
+            batch=key.batch,
+            height=key.latent_height * factor,
+            width=key.latent_width * factor,
+            copies=key.copies,
+            parts=key.parts,
+        )
         if key not in self._graphs:  # buffers, addresses and graphs: once per shape
             self._graphs[key] = GraphSteps(self, key, plan)
         steps = self._graphs[key]
