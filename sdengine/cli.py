@@ -108,7 +108,7 @@ def format_times(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sdengine.extra_networks import lora_tags, resolve_loras
+    from sdengine.extra_networks import lora_hashes, lora_tags, resolve_loras
     from sdengine.images import load_image, load_mask, output_paths, save_png
     from sdengine.lora import parse_lora_arg, read_lora
     from sdengine.pipeline import Pipeline
@@ -126,10 +126,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         read_embedding(path, token)
         embeddings.append((path, token))
     loras = [parse_lora_arg(spec) for spec in args.lora]
-    prompt = args.prompt
+    prompt, tagged = args.prompt, {}
     if args.lora_dir is not None:  # the web UI's tags: their LoRAs after --lora's
         prompt, tags = lora_tags(prompt)
-        loras += resolve_loras(tags, args.lora_dir)
+        tag_loras = resolve_loras(tags, args.lora_dir)
+        loras += tag_loras
+        if tags:  # the pictures record the prompt as given, as the web UI's do
+            tagged = {"prompt": args.prompt, "lora_hashes": lora_hashes(tags, tag_loras)}
     for path, _ in loras:
         read_lora(path)
     if args.refiner_switch is not None and args.refiner is None:
@@ -200,7 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         progress=_progress("denoising"),
         **_previews(pipeline, args),
     )
-    where = {"backend": result.backend, "model": str(Path(args.model_dir))}
+    where = {"backend": result.backend, "model": str(Path(args.model_dir)), **tagged}
     if args.refiner is not None:
         where["refiner"] = str(Path(args.refiner))
     if loras:

@@ -5,10 +5,16 @@ As the web UI reads them: every ``<TYPE:ARGS>`` tag of the prompt is taken out o
 encoder never sees it); a LoRA's weight applies to its text encoder and UNet layers alike (a third argument,
 a separate UNet weight, is accepted where it is the same); ``NAME`` is a file's name without its suffix,
 anywhere under the directory. Other network types (hypernetworks, LyCORIS' own) are refused.
+
+What a picture records of them is the web UI's too: its prompt keeps the tags, and its infotext gains
+``Lora hashes: "NAME: HASH, ..."`` (:func:`lora_hashes`), the hash by which image-sharing sites and the web
+UI itself find the file again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -72,3 +78,30 @@ def resolve_loras(tags: list[LoraTag], directory: str | os.PathLike | None) -> l
     if missing:
         raise InvalidArgumentError(f"no LoRA named {', '.join(missing)} in {directory}")
     return [(files[t.name], t.weight) for t in tags]
+
+
+def lora_hash(path: str | os.PathLike) -> str:
+    """The web UI's hash of a LoRA file: its metadata's ``sshs_model_hash`` where it has one, else the
+    sha256 of everything after the safetensors header (kohya's "addnet" hash, which a change of metadata
+    leaves as it is), in hex. InvalidArgumentError for a file that is no safetensors file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        start = f.read(8)
+        size = int.from_bytes(start, "little") if len(start) == 8 else -1
+        header = f.read(size) if 0 < size < os.fstat(f.fileno()).st_size else b""
+        try:
+            metadata = json.loads(header).get("__metadata__") or {}
+        except (ValueError, AttributeError):
+            raise InvalidArgumentError(f"{path} is not a safetensors file") from None
+        if metadata.get("sshs_model_hash"):
+            return str(metadata["sshs_model_hash"])
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def lora_hashes(tags: list[LoraTag], loras: list[tuple[Path, float]]) -> str:
+    """The infotext's ``Lora hashes`` value for ``tags`` and their files (:func:`resolve_loras`): each tag's
+    name, less any ``:`` or ``,``, and the first 12 hex digits of its file's :func:`lora_hash`."""
+    names = [tag.name.replace(":", "").replace(",", "") for tag in tags]
+    return ", ".join(f"{name}: {lora_hash(path)[:12]}" for name, (path, _) in zip(names, loras, strict=True))

@@ -78,6 +78,7 @@ def parameters_infotext(parameters: Mapping[str, Any]) -> str:
         "Hires steps": parameters.get("hires_steps") if hires else None,
         "Hires upscaler": HIRES_UPSCALERS.get(parameters.get("hires_upscale")) if hires else None,
         "Refiner switch at": parameters.get("refiner_switch"),
+        "Lora hashes": parameters.get("lora_hashes"),
         "Version": f"sdengine {__version__}",
     }
     return infotext(first(parameters.get("prompt", "")), first(parameters.get("negative_prompt", "")), fields)

@@ -67,7 +67,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sdengine.errors import InvalidArgumentError, SDEngineError
-from sdengine.extra_networks import lora_files, lora_tags, resolve_loras
+from sdengine.extra_networks import lora_files, lora_hashes, lora_tags, resolve_loras
 from sdengine.images import png_info, to_pil
 from sdengine.infotext import parameters_infotext, parse_infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
@@ -391,11 +391,15 @@ def run_request(
 ) -> dict[str, Any]:
     """A web UI API request run on ``pipeline``: the answer's JSON object. ``job``: where its progress goes
     and its interruption comes from. The prompt's ``<lora:NAME:WEIGHT>`` tags (:mod:`sdengine.extra_networks`)
-    fuse files of ``lora_dir`` for this request, after ``base_loras`` (those the pipeline came with)."""
+    fuse files of ``lora_dir`` for this request, after ``base_loras`` (those the pipeline came with); the
+    answer and the pictures' infotexts keep the prompt as given, tags and all, as the web UI's do, with
+    their files' ``Lora hashes``."""
     refiner = getattr(pipeline, "refiner", None) is not None
     settings, n_iter, ignored, inpainting = generation_settings(body, img2img, refiner)
-    settings["prompt"], tags = lora_tags(settings["prompt"])
+    typed = settings["prompt"]
+    settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)
+    tagged = {"prompt": typed, "lora_hashes": lora_hashes(tags, loras)} if tags else {}
     if loras and not hasattr(pipeline, "set_loras"):
         raise InvalidArgumentError("LoRA tags need the ort backend, which fuses LoRAs at run time")
     job = job or Job()
@@ -422,16 +426,19 @@ def run_request(
                 array = inpainting.placement.paste(array)
             model = {"model": pipeline.model_dir.root.name, "backend": result.backend}
             for i, image in enumerate(to_pil(array)):
-                parameters = {**result.request.parameters(i), **laid, **model}
+                parameters = {**result.request.parameters(i), **laid, **model, **tagged}
                 images.append(encode_png(image, parameters))
                 infotexts.append(parameters_infotext(parameters))
             seeds += list(result.request.seeds)
             nsfw += result.nsfw or [False] * result.request.batch
     request = first.request
+    extra = {} if inpainting is None else inpainting.settings.generation_params()
+    if tags:
+        extra["Lora hashes"] = tagged["lora_hashes"]
     info = {
-        "prompt": prompt,
+        "prompt": typed,
         "negative_prompt": negative,
-        "all_prompts": [prompt] * len(seeds),
+        "all_prompts": [typed] * len(seeds),
         "all_negative_prompts": [negative] * len(seeds),
         "seed": seeds[0],
         "all_seeds": seeds,
@@ -450,7 +457,7 @@ def run_request(
         else (request.hires.strength if request.hires else 0),
         "nsfw": nsfw,
         "refiner_switch_at": request.refiner_switch,
-        "extra_generation_params": {} if inpainting is None else inpainting.settings.generation_params(),
+        "extra_generation_params": extra,
         "extra_networks": [{"lora": tag.name, "weight": tag.weight} for tag in tags],
         "interrupted": job.interrupted.is_set(),
         "backend": first.backend,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 
 import numpy as np
 import pytest
 from test_server import call, pixels
 
 from sdengine.errors import InvalidArgumentError
-from sdengine.extra_networks import LoraTag, lora_tags, resolve_loras
+from sdengine.extra_networks import LoraTag, lora_hash, lora_hashes, lora_tags, resolve_loras
+from sdengine.infotext import parse_infotext
 from sdengine.pipeline import Pipeline
 from sdengine.server import serve_in_thread
 
@@ -48,6 +51,38 @@ def test_names_are_files_anywhere_under_the_directory(tmp_path):
     assert resolve_loras([], None) == []
 
 
+def _tensor_bytes_sha256(path) -> str:
+    """sha256 of a safetensors file's data, read by the format's layout: 8 bytes of header length, the
+    header, then the tensors."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + length :]).hexdigest()
+
+
+def test_a_loras_hash_is_its_tensors_sha256_unless_its_metadata_holds_one(tmp_path):
+    from safetensors.numpy import save_file
+
+    tensors = {"lora_unet_a.lora_down.weight": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    plain, noted = tmp_path / "plain.safetensors", tmp_path / "noted.safetensors"
+    save_file(tensors, str(plain))
+    save_file(tensors, str(noted), metadata={"ss_output_name": "style", "ss_network_dim": "4"})
+    assert plain.read_bytes() != noted.read_bytes()  # other headers, the same tensors: the same hash
+    assert lora_hash(plain) == lora_hash(noted) == _tensor_bytes_sha256(plain)
+    assert lora_hash(plain) != hashlib.sha256(plain.read_bytes()).hexdigest()
+    other = tmp_path / "other.safetensors"
+    save_file({k: v + 1 for k, v in tensors.items()}, str(other))
+    assert lora_hash(other) != lora_hash(plain)
+    save_file(tensors, str(noted), metadata={"sshs_model_hash": "0123456789abcdef"})
+    assert lora_hash(noted) == "0123456789abcdef"
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InvalidArgumentError, match="is not a safetensors file"):
+        lora_hash(tmp_path / "bad.safetensors")
+    tags = [LoraTag("ink,wash:v2", 0.5), LoraTag("style", 1.0)]
+    assert lora_hashes(tags, [(plain, 0.5), (other, 1.0)]) == (
+        f"inkwashv2: {lora_hash(plain)[:12]}, style: {lora_hash(other)[:12]}"
+    )
+
+
 def test_set_loras_fuses_a_new_set_only(onnx_fp32, tmp_path, monkeypatch):
     from export.random_lora import write_random_lora
 
@@ -76,9 +111,8 @@ def test_the_server_fuses_a_prompts_loras_for_its_request(onnx_fp32, ort_pipe_fp
     try:
         body = {"prompt": "a cat <lora:style:0.8>", **SIZE, "seed": 5}
         status, answer = call(url, "/sdapi/v1/txt2img", body)
-        assert status == 200 and json.loads(answer["info"])["extra_networks"] == [
-            {"lora": "style", "weight": 0.8}
-        ]
+        info = json.loads(answer["info"])
+        assert status == 200 and info["extra_networks"] == [{"lora": "style", "weight": 0.8}]
         status, plain = call(url, "/sdapi/v1/txt2img", {**body, "prompt": "a cat "})
         status_missing, missing = call(url, "/sdapi/v1/txt2img", {**body, "prompt": "a cat <lora:paint>"})
         listed = call(url, "/sdapi/v1/loras")[1]
@@ -96,6 +130,13 @@ def test_the_server_fuses_a_prompts_loras_for_its_request(onnx_fp32, ort_pipe_fp
     assert listed == [
         {"name": "style", "alias": "style", "path": str(loras / "style.safetensors"), "metadata": {}}
     ]
+    # as the web UI records it: the prompt as given, tags and all, and the file's hash
+    short = _tensor_bytes_sha256(loras / "style.safetensors")[:12]
+    assert info["prompt"] == info["all_prompts"][0] == "a cat <lora:style:0.8>"
+    assert info["extra_generation_params"] == {"Lora hashes": f"style: {short}"}
+    read = parse_infotext(info["infotexts"][0])
+    assert read["Prompt"] == "a cat <lora:style:0.8>" and read["Lora hashes"] == f"style: {short}"
+    assert "Lora hashes" not in parse_infotext(json.loads(plain["info"])["infotexts"][0])
 
 
 def test_generate_reads_the_tags_with_a_lora_dir(onnx_fp32, tmp_path):
@@ -116,6 +157,10 @@ def test_generate_reads_the_tags_with_a_lora_dir(onnx_fp32, tmp_path):
     assert main([*args, "a cat ", "--lora", lora, "--output", str(plain)]) == 0
     a, b = (np.asarray(Image.open(p), np.float32) for p in (tagged, plain))
     np.testing.assert_array_equal(a, b)
-    assert json.loads(Image.open(tagged).info["sdengine"])["loras"] == [
-        {"file": "style.safetensors", "scale": 0.8}
-    ]
+    recorded = json.loads(Image.open(tagged).info["sdengine"])
+    assert recorded["loras"] == [{"file": "style.safetensors", "scale": 0.8}]
+    short = _tensor_bytes_sha256(tmp_path / "Lora" / "style.safetensors")[:12]
+    assert recorded["prompt"] == "a cat <lora:style:0.8>" and recorded["lora_hashes"] == f"style: {short}"
+    infotext = parse_infotext(Image.open(tagged).info["parameters"])
+    assert infotext["Prompt"] == "a cat <lora:style:0.8>" and infotext["Lora hashes"] == f"style: {short}"
+    assert "Lora hashes" not in parse_infotext(Image.open(plain).info["parameters"])
