@@ -33,13 +33,19 @@ from export.cuda_fusion import classic_attention, fuse_for_cuda
 from export.fp16 import convert_to_fp16
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
+from export.pag import write_pag_config
 from export.single_file import converted_checkpoint, is_single_file
 from export.vae_override import checkpoint_with_vae
 from export.verify import Verification, check_outputs, reference_outputs
 from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
 from sdengine.controlnet import CONTROLNET_CONFIG
-from sdengine.errors import ExportVerificationError, InvalidArgumentError, ModelDirectoryError
+from sdengine.errors import (
+    ExportVerificationError,
+    InvalidArgumentError,
+    ModelDirectoryError,
+    UnsupportedConfigError,
+)
 from sdengine.lora import LoraFile, read_lora
 from sdengine.manifest import MANIFEST_NAME, TARGETS, ComponentRecord, Manifest, file_sha256
 from sdengine.model_dir import open_checkpoint_dir
@@ -163,6 +169,7 @@ def export_component(
     controlnets: Sequence[Path] = (),
     ip_adapter: dict | None = None,
     target: str = "portable",
+    pag_layers: Sequence[str] = (),
 ) -> ComponentRecord:
     """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result.
     ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises).
@@ -171,7 +178,8 @@ def export_component(
     ``controlnets``: ControlNet directories traced into the UNet (``wrappers.ControlledUNetExport``).
     ``ip_adapter``: an IP-Adapter's record (``export.ip_adapter.check_ip_adapter``), loaded into the UNet,
     whose image encoder is the ``image_encoder`` component. ``target`` ``cuda``: the UNet fused for ONNX
-    Runtime's CUDA provider (``export.cuda_fusion``; checked against PyTorch before the fusion)."""
+    Runtime's CUDA provider (``export.cuda_fusion``; checked against PyTorch before the fusion).
+    ``pag_layers``: the UNet's self-attention there made perturbable (``export.pag``)."""
     cuda_fused = target == "cuda" and name == UNET
     model_dir = open_checkpoint_dir(checkpoint)
     if name in (SAFETY_CHECKER, IMAGE_ENCODER):
@@ -189,7 +197,10 @@ def export_component(
             "ip_image_size": ip_adapter["image_size"],
             "ip_image_tokens": ip_adapter["image_tokens"],
         }
-    arch = dataclasses.replace(model_dir.arch, controlnets=len(controlnets), **ip_fields)
+    pag_layers = tuple(pag_layers) if name == UNET else ()
+    arch = dataclasses.replace(
+        model_dir.arch, controlnets=len(controlnets), pag=bool(pag_layers), **ip_fields
+    )
     spec = arch.specs()[name]
     scale = arch.vae_scale_factor
     height, width = TRACE_LATENT[0] * scale, TRACE_LATENT[1] * scale
@@ -198,7 +209,7 @@ def export_component(
     model_path = out_dir / name / "model.onnx"
     start = time.perf_counter()
     ip_file = None if ip_adapter is None else Path(ip_adapter["file"])
-    module = load_export_module(checkpoint, name, controlnets, arch.xl, ip_file)
+    module = load_export_module(checkpoint, name, controlnets, arch.xl, ip_file, pag_layers)
     fuse_loras(module, name, loras)
     fused_operators, verification = None, None
     if cuda_fused:
@@ -287,6 +298,7 @@ def export_checkpoint(
     config: str | os.PathLike | None = None,
     vae: str | os.PathLike | None = None,
     target: str = "portable",
+    pag_layers: Sequence[str] = (),
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
     ``checkpoint`` may be a single-file checkpoint (``model.safetensors``), converted once into the cache
@@ -308,7 +320,10 @@ def export_checkpoint(
     model then takes an image prompt's embeddings and weight; its image encoder is exported too
     (``sdengine.ip_adapter``; ``ip_adapter/config.json``). ``target``: ``portable`` (any ONNX Runtime
     provider; TensorRT builds from it) or ``cuda``, float16 only: the UNet fused for ONNX Runtime's CUDA
-    provider, which alone runs it (``export.cuda_fusion``)."""
+    provider, which alone runs it (``export.cuda_fusion``). ``pag_layers``: the self-attention layers
+    perturbed-attention guidance may perturb, named as diffusers' PAG pipelines name them (``mid``,
+    ``down_blocks.1``, a regular expression); the UNet then takes ``pag_rows`` (``sdengine.pag``;
+    ``pag/config.json``)."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if target not in TARGETS:
@@ -356,6 +371,12 @@ def export_checkpoint(
         raise InvalidArgumentError("image_encoder is an IP-Adapter's: export with --ip-adapter FILE")
     if target == "cuda" and UNET not in components:
         raise InvalidArgumentError("--target cuda fuses the UNet for CUDA: export the unet component too")
+    pag_layers = [layer for layer in pag_layers if layer]
+    if pag_layers and UNET not in components:
+        raise InvalidArgumentError("--pag-layers are traced into the UNet: export the unet component too")
+    if pag_layers and (control_paths or ip_record or target == "cuda"):
+        other = "ControlNets" if control_paths else "an IP-Adapter" if ip_record else "--target cuda"
+        raise UnsupportedConfigError(f"--pag-layers with {other} is not supported")
     out_dir = Path(output)
     if out_dir.resolve() == source.resolve():
         raise InvalidArgumentError("--output must differ from the checkpoint directory")
@@ -373,12 +394,14 @@ def export_checkpoint(
             controlnets=control_paths,
             ip_adapter=ip_record,
             target=target,
+            pag_layers=pag_layers,
         )
     _copy_side_files(source, out_dir)
     control_records = [{"dir": str(p), "sha256": checkpoint_hash(p)} for p in control_paths]
     if UNET in components:
         _write_controlnet_config(out_dir, control_records, control_configs)
         write_ip_adapter_config(out_dir, ip_record)
+        write_pag_config(out_dir, pag_layers)
     manifest = Manifest(
         source_checkpoint=str(source.resolve()),
         source_hash=checkpoint_hash(source),

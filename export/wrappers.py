@@ -17,6 +17,7 @@ from sdengine.model_dir import weights_variant
 from sdengine.model_specs import (
     IMAGE_ENCODER,
     IP_ADAPTER_SCALE,
+    PAG_ROWS,
     SAFETY_CHECKER,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -278,10 +279,13 @@ def load_export_module(
     controlnets: Sequence[Path] = (),
     xl: bool = False,
     ip_adapter: Path | None = None,
+    pag_layers: Sequence[str] = (),
 ) -> nn.Module:
     """Load one checkpoint component, in float32 and eval mode, wrapped for export; the UNet with the
     ControlNets in the directories ``controlnets`` inside, if any, and the IP-Adapter file ``ip_adapter``
-    loaded (whose image encoder is the ``image_encoder`` component). ``xl``: an SDXL checkpoint's."""
+    loaded (whose image encoder is the ``image_encoder`` component), and the self-attention of
+    ``pag_layers`` perturbable (``export.pag``: its last input then says which rows). ``xl``: an SDXL
+    checkpoint's."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -309,6 +313,10 @@ def load_export_module(
             module = wrapper(unet, load_controlnets(list(controlnets)))
         else:
             module = XlUNetExport(unet) if xl else UNetExport(unet)
+        if pag_layers:
+            from export.pag import PerturbableUNetExport, perturb_self_attention
+
+            module = PerturbableUNetExport(module, perturb_self_attention(unet, pag_layers))
     elif name == IMAGE_ENCODER:
         from transformers import CLIPVisionModelWithProjection
 
@@ -353,6 +361,8 @@ def sample_inputs(
             inputs[t.name] = torch.tensor(float(torch.randint(1, 1000, (), generator=gen)))
         elif t.name == IP_ADAPTER_SCALE:  # not 0, which diffusers' attention skips in Python (untraced)
             inputs[t.name] = torch.tensor(0.5 + float(torch.rand((), generator=gen)))
+        elif t.name == PAG_ROWS:  # rows of both kinds, perturbed and not
+            inputs[t.name] = (torch.arange(shape[0]) % 2).to(torch.float32)
         else:
             inputs[t.name] = torch.randn(shape, generator=gen, dtype=getattr(torch, t.dtype))
     return inputs

@@ -12,6 +12,7 @@ so those compare as exactly as the others. Imports torch and diffusers, which th
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from sdengine.denoise import Preview, Progress, Stop
 from sdengine.errors import BackendUnavailableError, UnsupportedConfigError
 from sdengine.images import image_array, to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
+from sdengine.pag import DEFAULT_PAG_LAYERS
 from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.prompt_editing import PromptEdits
 from sdengine.request import GenerationRequest
@@ -79,14 +81,17 @@ class TorchPipeline(_CallMixin):
         pipe: StableDiffusionPipeline,
         device: str = "cpu",
         controlnet: torch.nn.Module | None = None,
+        pag_layers: Sequence[str] = DEFAULT_PAG_LAYERS,
     ) -> None:
         """``controlnet``: a diffusers ``ControlNetModel`` or ``MultiControlNetModel``, run by diffusers'
-        ControlNet pipelines."""
+        ControlNet pipelines. ``pag_layers``: where diffusers' PAG pipelines perturb the self-attention
+        (their ``pag_applied_layers``) when a request asks for perturbed-attention guidance."""
         self.model_dir = model_dir
         self.pipe = pipe
         self.device = device
         self.controlnet = controlnet
-        self._image_pipelines: dict[str, Any] = {}
+        self.pag_layers = tuple(pag_layers)
+        self._image_pipelines: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._loras = 0  # LoRAs fused so far (each is loaded under its own adapter name)
 
     @classmethod
@@ -157,6 +162,11 @@ class TorchPipeline(_CallMixin):
     def ip_adapter(self) -> bool:
         return getattr(self.pipe, "image_encoder", None) is not None
 
+    @property
+    def pag(self) -> bool:
+        """diffusers perturbs any UNet's self-attention at run time."""
+        return True
+
     def generate(
         self,
         request: GenerationRequest,
@@ -216,8 +226,16 @@ class TorchPipeline(_CallMixin):
                 "diffusers' image-to-image, inpainting and ControlNet pipelines have no guidance_rescale"
             )
         control = request.control is not None
+        pag = bool(request.pag_scale)
+        if pag and (control or self.ip_adapter or request.prompt_weights or self.model_dir.arch.aesthetic):
+            raise UnsupportedConfigError(
+                "the torch backend's perturbed-attention guidance (diffusers' PAG pipelines) takes no "
+                "ControlNet, IP-Adapter, prompt weights or refiner model here"
+            )
+        if pag:
+            pipe = self.image_pipeline("", pag=True)
         if request.inpainting and request.denoising_start is not None:  # a refiner's part: latents in
-            pipe = self.image_pipeline("Inpaint", control)
+            pipe = self.image_pipeline("Inpaint", control, pag)
             draws = same_draws([], lambda _: latents, type(pipe).__module__)  # no image to encode
             inputs = {
                 "image": torch.from_numpy(request.init_latents),
@@ -226,7 +244,7 @@ class TorchPipeline(_CallMixin):
                 "denoising_start": request.denoising_start,
             }
         elif request.inpainting:
-            pipe = self.image_pipeline("Inpaint", control)
+            pipe = self.image_pipeline("Inpaint", control, pag)
             encoded = [request.masked_encoder_noise]  # diffusers encodes the image first where it needs it
             if not request.starts_from_noise or not self.model_dir.arch.inpainting_unet:
                 encoded.insert(0, request.encoder_noise)
@@ -237,13 +255,13 @@ class TorchPipeline(_CallMixin):
                 "strength": request.strength,
             }
         elif request.init_latents is not None:  # the hires fix's second pass, or a refiner's part: latents
-            pipe = self.image_pipeline("Img2Img", control)
+            pipe = self.image_pipeline("Img2Img", control, pag)
             draws = same_draws([], lambda _: latents, type(pipe).__module__)
             inputs = {"image": torch.from_numpy(request.init_latents), "strength": request.strength}
             if request.denoising_start is not None:  # as they are, not noised again
                 inputs["denoising_start"] = request.denoising_start
         elif request.image_to_image:
-            pipe = self.image_pipeline("Img2Img", control)
+            pipe = self.image_pipeline("Img2Img", control, pag)
             draws = same_draws([request.encoder_noise], lambda _: latents, type(pipe).__module__)
             inputs = {"image": per_prompt(request.image, request.batch), "strength": request.strength}
         elif control:
@@ -261,7 +279,9 @@ class TorchPipeline(_CallMixin):
                 ("control_guidance_end", request.control_ends),
             ):
                 inputs[name] = values[0] if one else list(values)
-        if request.image_to_image or control:
+        if pag:
+            inputs.update(pag_scale=request.pag_scale, pag_adaptive_scale=0.0)
+        if pipe is not self.pipe:
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
         if xl:
             inputs.update(xl_size_arguments(request))
@@ -317,8 +337,7 @@ class TorchPipeline(_CallMixin):
                         **self.step_end_callback(preview, len(step_noise), call_embeds, stop, progress),
                         num_inference_steps=request.steps,
                         guidance_scale=request.guidance,
-                        height=request.height,
-                        width=request.width,
+                        **sized(pipe, request),
                         generator=generator,
                         output_type="latent",
                         **inputs,
@@ -665,16 +684,22 @@ class TorchPipeline(_CallMixin):
             ),
         )
 
-    def image_pipeline(self, kind: str, control: bool = False):
+    def image_pipeline(self, kind: str, control: bool = False, pag: bool = False):
         """diffusers' image-to-image (``kind`` "Img2Img") or inpainting ("Inpaint") pipeline, or with
-        ``control`` its ControlNet pipeline of that kind ("" for text to image), on the same modules (made
-        once each)."""
+        ``control`` its ControlNet pipeline of that kind ("" for text to image), or with ``pag`` its PAG
+        pipeline of that kind (perturbing :attr:`pag_layers`), on the same modules (made once each)."""
         xl = self.model_dir.arch.xl
-        class_name = f"StableDiffusion{'XL' if xl else ''}{'ControlNet' if control else ''}{kind}Pipeline"
-        if class_name not in self._image_pipelines:
+        pag_name = "PAG" if pag else ""
+        class_name = (
+            f"StableDiffusion{'XL' if xl else ''}{'ControlNet' if control else ''}{pag_name}{kind}Pipeline"
+        )
+        key = (class_name, self.pag_layers if pag else ())
+        if key not in self._image_pipelines:
             import diffusers
 
             extra: dict[str, Any] = {"controlnet": self.controlnet} if control else {}
+            if pag:
+                extra["pag_applied_layers"] = list(self.pag_layers)
             if not xl:
                 extra["requires_safety_checker"] = False
             else:  # the loaded pipeline's settings (the refiner's: no zeros, an aesthetic score)
@@ -683,8 +708,16 @@ class TorchPipeline(_CallMixin):
                     extra["requires_aesthetics_score"] = True
             pipe = getattr(diffusers, class_name)(**self.pipe.components, **extra)
             pipe.set_progress_bar_config(disable=True)
-            self._image_pipelines[class_name] = pipe
-        return self._image_pipelines[class_name]
+            self._image_pipelines[key] = pipe
+        return self._image_pipelines[key]
+
+
+def sized(pipe: Any, request: GenerationRequest) -> dict[str, int]:
+    """``height`` and ``width`` for a pipeline that takes them: its image-to-image pipelines size the output
+    by the image, and the PAG ones refuse the keywords."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    takes = "height" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return {"height": request.height, "width": request.width} if takes else {}
 
 
 def xl_size_arguments(request: GenerationRequest) -> dict[str, tuple[int, int]]:

@@ -199,6 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ip_adapter_image=image_prompt,
         ip_adapter_scale=args.ip_adapter_scale,
         noise_source=args.noise_source,
+        pag_scale=args.pag_scale,
         **{name: getattr(args, name) for name in SIZE_SETTINGS if getattr(args, name) is not None},
         progress=_progress("denoising"),
         **_previews(pipeline, args),
@@ -275,6 +276,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         config=args.config,
         vae=args.vae,
         target=args.target,
+        pag_layers=args.pag_layers.split(",") if args.pag_layers else (),
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -694,6 +696,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="torch backend: IP-Adapter weights (its image_encoder/ beside them). An export holds its own",
     )
+    g.add_argument(
+        "--pag-scale",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="perturbed-attention guidance's scale (default 0: none; diffusers' examples use 3), for a model "
+        "exported with --pag-layers (the torch backend perturbs mid)",
+    )
     g.add_argument("--vae", default=None, metavar="DIR|FILE", help="torch backend: " + VAE_HELP)
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
@@ -769,6 +779,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="IP-Adapter weights (ip-adapter_sd15.safetensors; its image_encoder/ beside it) traced into the "
         "UNet, which then takes an image prompt; its image encoder is exported too",
+    )
+    e.add_argument(
+        "--pag-layers",
+        default=None,
+        metavar="LAYERS",
+        help="make the UNet's self-attention in these layers perturbable, for perturbed-attention guidance "
+        "(generate --pag-scale): comma-separated names as diffusers' PAG pipelines take them, such as mid "
+        "(their default) or down_blocks.1",
     )
     e.add_argument("--vae", default=None, metavar="DIR|FILE", help=VAE_HELP)
     e.add_argument("--config", default=None, metavar="DIR", help=CONFIG_HELP)

@@ -47,6 +47,7 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir, optional_json, weights_variant
     from sdengine.model_specs import SAFETY_CHECKER
+    from sdengine.pag import PAG_CONFIG, exported_pag
 
     model_dir = open_checkpoint_dir(root) if kind == "checkpoint" else open_onnx_dir(root)
     config = model_dir.scheduler_config
@@ -79,6 +80,8 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     info["ip_adapter"] = (
         f"{Path(str(adapter.get('file', '?'))).name}: takes an image prompt" if adapter else "none"
     )
+    pag = exported_pag(optional_json(root / PAG_CONFIG))
+    info["pag"] = f"perturbed-attention guidance (--pag-scale) in {', '.join(pag)}" if pag else "none"
     manifest = Manifest.read(root)
     if manifest is not None:
         info["manifest"] = {

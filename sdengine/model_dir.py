@@ -27,6 +27,7 @@ from sdengine.model_specs import (
     VAE_DECODER,
     Architecture,
 )
+from sdengine.pag import PAG_CONFIG, exported_pag
 
 DEFAULT_VAE_SCALING_FACTOR = 0.18215
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -190,11 +191,12 @@ def _open(
     files: Callable[[Architecture], list[Path | tuple[Path, ...]]],
     hint: str,
     controlnets: int = 0,
-    ip_adapter: dict[str, int] | None = None,
+    fields: dict[str, Any] | None = None,
 ) -> ModelDir:
-    """The directory's numbers, once it holds the ``files`` its architecture needs."""
+    """The directory's numbers, once it holds the ``files`` its architecture needs; ``fields``: more of the
+    architecture's, from the export's records (an IP-Adapter's, perturbed-attention guidance's)."""
     arch, scaling = architecture(root, vae_folder)
-    arch = dataclasses.replace(arch, controlnets=controlnets, **(ip_adapter or {}))
+    arch = dataclasses.replace(arch, controlnets=controlnets, **(fields or {}))
     _require_files(root, files(arch), hint)
     unet = optional_json(root / "unet" / "config.json")
     default_image_size = _first(unet.get("sample_size", 64)) * arch.vae_scale_factor
@@ -228,7 +230,8 @@ def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
 
     controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
     ip_adapter = exported_ip_adapter(optional_json(root / IP_ADAPTER_CONFIG))
-    model_dir = _open(root, VAE_DECODER, files, again, len(controlnets), ip_adapter)
+    pag = {"pag": True} if exported_pag(optional_json(root / PAG_CONFIG)) else {}
+    model_dir = _open(root, VAE_DECODER, files, again, len(controlnets), {**ip_adapter, **pag})
     cuda_fused = optional_json(root / MANIFEST_NAME).get("target") == "cuda"
     return dataclasses.replace(model_dir, cuda_fused=cuda_fused) if cuda_fused else model_dir
 

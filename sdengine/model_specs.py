@@ -53,6 +53,8 @@ CONDITIONING_SCALE = "conditioning_scale"
 #: image prompt (zeros on the negative side), and the weight of its attention.
 IMAGE_EMBEDS = "image_embeds"
 IP_ADAPTER_SCALE = "ip_adapter_scale"
+#: Perturbed-attention guidance (``sdengine.pag``): the UNet rows whose chosen self-attention is the identity.
+PAG_ROWS = "pag_rows"
 #: Components the text-to-image runtime needs (an SDXL model's second text encoder too; see
 #: :meth:`Architecture.required_components`); the VAE encoder is exported for image-to-image use.
 REQUIRED_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
@@ -135,6 +137,8 @@ class Architecture:
     ip_image_embeds: int = 0
     ip_image_size: int = 224
     ip_image_tokens: int = 0
+    #: perturbed-attention guidance's layers traced into the UNet (``sdengine.pag``): it takes ``pag_rows``
+    pag: bool = False
 
     @property
     def ip_adapter(self) -> bool:
@@ -278,6 +282,7 @@ class Architecture:
                     *self.added_specs(),
                     *self.control_specs(),
                     *self.ip_specs(),
+                    *((TensorSpec(PAG_ROWS, "float32", ("batch",)),) if self.pag else ()),
                 ),
                 outputs=(TensorSpec("out_sample", "float32", latent),),
             ),

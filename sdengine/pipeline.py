@@ -27,7 +27,8 @@ from sdengine.ip_adapter import ip_pixels, ip_unet_inputs
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.mask_crop import MaskCrop
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
-from sdengine.model_specs import SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from sdengine.model_specs import PAG_ROWS, SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from sdengine.pag import perturbed_rows
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
 from sdengine.prompt_weights_a1111 import a1111_embeddings, a1111_windows, parse_a1111
 from sdengine.refiner import DEFAULT_REFINER_SWITCH, check_refiner
@@ -105,6 +106,12 @@ class _CallMixin:
     def ip_adapter(self) -> bool:
         """The UNet holds an IP-Adapter, and so takes an image prompt."""
         return self.model_dir.arch.ip_adapter
+
+    @property
+    def pag(self) -> bool:
+        """The UNet can perturb its self-attention, and so run perturbed-attention guidance
+        (:mod:`sdengine.pag`)."""
+        return self.model_dir.arch.pag
 
     def generate(
         self,
@@ -223,6 +230,7 @@ class _CallMixin:
         ip_adapter_image: ImageInput | None = None,
         ip_adapter_scale: float | None = None,
         noise_source: str = "sdengine",
+        pag_scale: float = 0.0,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -262,7 +270,8 @@ class _CallMixin:
         own per kind of draw) or ``"torch-cpu"``: the noise PyTorch's CPU generator gives diffusers' text and
         image to image and inpainting with ``generator=[torch.Generator("cpu").manual_seed(seed + i) ...]``,
         and the web UI with its "CPU" random source, so the same seed makes the same image there and here
-        (:mod:`sdengine.torch_noise`)."""
+        (:mod:`sdengine.torch_noise`). ``pag_scale`` (a model exported with ``--pag-layers``):
+        perturbed-attention guidance's scale, 0 (the default) for none (:mod:`sdengine.pag`)."""
         sizes = {
             "original_size": original_size,
             "crop_top_left": crop_top_left,
@@ -279,6 +288,13 @@ class _CallMixin:
                 "an image prompt needs an IP-Adapter: export the model with one (sdengine export "
                 "--ip-adapter FILE)"
             )
+        if pag_scale and not self.pag:
+            raise InvalidArgumentError(
+                "perturbed-attention guidance needs a UNet that can perturb its self-attention: export the "
+                "model with it (sdengine export --pag-layers mid)"
+            )
+        if pag_scale and self.refiner is not None:
+            raise UnsupportedConfigError("perturbed-attention guidance with a refiner is not supported")
         if self.refiner is None and refiner_switch is not None:
             raise InvalidArgumentError("refiner_switch needs a refiner: load one (refiner=DIR)")
         if self.refiner is not None and refiner_switch is None:
@@ -334,6 +350,7 @@ class _CallMixin:
             else image_array(ip_adapter_image, *image_size(ip_adapter_image)),
             ip_scale=ip_adapter_scale,
             noise_source=noise_source,
+            pag_scale=pag_scale,
             inpainting_unet=self.model_dir.arch.inpainting_unet,
             size_multiple=multiple,
             **sizes,
@@ -591,8 +608,10 @@ class Pipeline(_CallMixin):
                 del unet_constants[TEXT_EMBEDS]
         if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
             inputs["guidance_rescale"] = request.guidance_rescale
-        if request.composable:  # the weights of composable prompts' parts
+        if request.guided_parts:  # the weights of composable prompts' parts (or PAG's)
             inputs["part_weights"] = request.part_weights
+        if self.model_dir.arch.pag:  # which rows' self-attention is perturbed: none without PAG
+            unet_constants[PAG_ROWS] = perturbed_rows(request.copies, request.batch, bool(request.pag_scale))
         if self.model_dir.arch.ip_adapter:  # the image prompt's embeddings, or none (scale 0)
             unet_constants.update(self.image_prompt_inputs(request, times))
         if request.control is not None:

@@ -17,6 +17,7 @@ from sdengine.hires import HiresFix, hires_fix
 from sdengine.images import image_array
 from sdengine.mask_crop import MaskCrop
 from sdengine.model_specs import Architecture
+from sdengine.pag import check_pag_scale, pag_parts
 from sdengine.prompt_editing import PromptEdits, prompt_edits
 from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.schedulers.base import img2img_start
@@ -100,6 +101,16 @@ class GenerationRequest:
     #: composable prompts (the web UI's ``AND``, :mod:`sdengine.composable`): each image's parts (text,
     #: weight); empty where every prompt is one part of weight 1
     composable: tuple[Parts, ...] = ()
+    #: perturbed-attention guidance's scale (:mod:`sdengine.pag`; 0: none)
+    pag_scale: float = 0.0
+
+    @property
+    def guided_parts(self) -> tuple[Parts, ...]:
+        """The parts guidance sums (:mod:`sdengine.composable`): the composable prompts', or
+        perturbed-attention guidance's two (:func:`sdengine.pag.pag_parts`); empty for plain guidance."""
+        if self.pag_scale:
+            return pag_parts(self.prompts, self.guidance, self.pag_scale)
+        return self.composable
 
     @property
     def image_to_image(self) -> bool:
@@ -127,21 +138,22 @@ class GenerationRequest:
     @property
     def classifier_free_guidance(self) -> bool:
         """As in diffusers: guidance > 1 runs the UNet on [negative, positive] and combines the two; and
-        composable prompts always run the negative side, as the web UI does."""
-        return self.guidance > 1.0 or bool(self.composable)
+        composable prompts (and perturbed-attention guidance, summed as two parts) always run the negative
+        side, as the web UI does."""
+        return self.guidance > 1.0 or bool(self.guided_parts)
 
     @property
     def copies(self) -> int:
         """G, the UNet batch's multiple of the images: 1 without guidance, 2 with it, and 1 + K for
-        composable prompts of K parts."""
-        parts = part_count(self.composable) if self.composable else 0
+        composable prompts of K parts (3 with perturbed-attention guidance)."""
+        parts = part_count(self.guided_parts) if self.guided_parts else 0
         return unet_copies(self.classifier_free_guidance, parts)
 
     @property
     def part_weights(self) -> np.ndarray | None:
         """Composable prompts' weights (K, B, 1, 1, 1) (:func:`sdengine.composable.part_weights`); None for
         plain guidance."""
-        return part_weights(self.composable) if self.composable else None
+        return part_weights(self.guided_parts) if self.guided_parts else None
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -187,7 +199,7 @@ class GenerationRequest:
         guidance (then the composable prompts' parts, first parts first), the prompts alone without."""
         if not self.classifier_free_guidance:
             return list(self.prompts)
-        positive = part_texts(self.composable) if self.composable else self.prompts
+        positive = part_texts(self.guided_parts) if self.guided_parts else self.prompts
         return [*self.negative_prompts, *positive]
 
     def prompt_edits(self, schedule: Schedule, run: Schedule) -> PromptEdits:
@@ -355,6 +367,7 @@ class GenerationRequest:
             **({"noise_source": self.noise_source} if self.noise_source != "sdengine" else {}),
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
+            **({"pag_scale": self.pag_scale} if self.pag_scale else {}),
             **({"long_prompts": True} if self.long_prompts else {}),
             **({"prompt_weights": self.prompt_weights} if self.prompt_weights else {}),
             **(
@@ -412,6 +425,7 @@ def make_request(
     ip_scale: float | None = None,
     noise_source: str = "sdengine",
     inpainting_unet: bool = False,
+    pag_scale: float = 0.0,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
@@ -422,7 +436,8 @@ def make_request(
     of the run after which a refiner takes over, in (0, 1) (:mod:`sdengine.refiner`). ``ip_image``
     (1, H, W, 3) and ``ip_scale`` (default 1): an IP-Adapter's image prompt and its weight
     (:mod:`sdengine.ip_adapter`). ``noise_source``: one of :data:`NOISE_SOURCES`. ``inpainting_unet``: the
-    model's UNet takes the mask and masked image."""
+    model's UNet takes the mask and masked image. ``pag_scale``: perturbed-attention guidance's scale
+    (:mod:`sdengine.pag`; 0, the default: none)."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -503,6 +518,12 @@ def make_request(
             "guidance_rescale rescales one guided prediction; composable prompts (AND, or a part's :weight) "
             "have several: give one or the other"
         )
+    pag_scale = check_pag_scale(pag_scale, float(guidance))
+    if pag_scale and (composable or guidance_rescale):
+        other = "composable prompts (AND, or a part's :weight)" if composable else "guidance_rescale"
+        raise InvalidArgumentError(
+            f"perturbed-attention guidance adds a part of its own to the guided sum: it takes no {other}"
+        )
     return GenerationRequest(
         prompts=tuple(prompts),
         negative_prompts=tuple(negatives),
@@ -535,6 +556,7 @@ def make_request(
         noise_source=noise_source,
         inpainting_unet=inpainting_unet and mask is not None,
         composable=composable,
+        pag_scale=pag_scale,
     )
 
 

@@ -1,0 +1,75 @@
+"""Perturbed-attention guidance (PAG; Ahn et al. 2024, "Self-Rectifying Diffusion Sampling with
+Perturbed-Attention Guidance"), as diffusers' PAG pipelines run it.
+
+A third copy of the prompt's half of the batch runs through a UNet whose self-attention in chosen layers
+(``mid`` by default: the middle block's) is replaced by the identity (each token attends to itself alone,
+its value passed straight on), and guidance pulls away from that degraded prediction too::
+
+    eps = uncond + g * (cond - uncond) + s * (cond - perturbed)        (g > 1: with classifier-free guidance)
+    eps = cond + s * (cond - perturbed)                                (g <= 1: without, as in diffusers)
+
+The layers are traced into the exported UNet (``sdengine export --pag-layers``), which then takes one more
+input, ``pag_rows``: 1 for each batch row whose self-attention those layers perturb, 0 for the others, so
+one export serves runs with and without it. The guidance is the composable prompts' sum
+(:mod:`sdengine.composable`) over two parts, the prompt and its perturbed copy, with weights that give the
+formulas above::
+
+    uncond + g * (w_1 (cond - uncond) + w_2 (perturbed - uncond)),   w_1 = (G + s) / g,  w_2 = -s / g
+
+where G is g with guidance and 1 without, so it runs inside the captured steps on every backend with no step
+model of its own. The negative side runs even at g <= 1, where its weight comes out 0 (diffusers leaves it
+out: the same image, a third more UNet work). diffusers' adaptive scale (a scale falling with the timestep)
+is not offered.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdengine.composable import Parts
+from sdengine.errors import InvalidArgumentError, ModelDirectoryError
+
+#: Where an export says which layers its UNet can perturb.
+PAG_CONFIG = Path("pag") / "config.json"
+#: diffusers' default layers (its PAG pipelines' ``pag_applied_layers``).
+DEFAULT_PAG_LAYERS = ("mid",)
+
+
+def exported_pag(config: dict[str, Any]) -> tuple[str, ...]:
+    """The layers an export's ``pag/config.json`` names (empty: its UNet takes no ``pag_rows``)."""
+    if not config:
+        return ()
+    layers = config.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
+        raise ModelDirectoryError(f"{PAG_CONFIG} is unreadable (no list of layers): export again")
+    return tuple(layers)
+
+
+def check_pag_scale(scale: float, guidance: float) -> float:
+    """A PAG scale: a finite number >= 0 (0: off); with guidance other than 0, whose weights divide by it."""
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if not number or not math.isfinite(scale) or scale < 0:
+        raise InvalidArgumentError(f"pag_scale must be a finite number >= 0, got {scale!r}")
+    if scale and guidance == 0:
+        raise InvalidArgumentError("pag_scale needs a guidance scale other than 0")
+    return float(scale)
+
+
+def pag_parts(prompts: tuple[str, ...], guidance: float, scale: float) -> tuple[Parts, ...]:
+    """Each image's two parts: its prompt, and the same prompt perturbed, weighted so that the composable
+    sum is PAG's guidance (see the module's docstring)."""
+    full = guidance if guidance > 1.0 else 1.0
+    return tuple(((p, (full + scale) / guidance), (p, -scale / guidance)) for p in prompts)
+
+
+def perturbed_rows(copies: int, batch: int, perturbed: bool) -> np.ndarray:
+    """``pag_rows`` for a UNet batch of ``copies`` x ``batch`` rows, copies first: 1 on the last copy's rows
+    when ``perturbed`` (the perturbed part is the last), 0 elsewhere."""
+    rows = np.zeros((copies, batch), np.float32)
+    if perturbed:
+        rows[-1] = 1.0
+    return rows.reshape(-1)
