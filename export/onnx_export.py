@@ -374,9 +374,8 @@ def export_checkpoint(
     pag_layers = [layer for layer in pag_layers if layer]
     if pag_layers and UNET not in components:
         raise InvalidArgumentError("--pag-layers are traced into the UNet: export the unet component too")
-    if pag_layers and (control_paths or ip_record or target == "cuda"):
-        other = "ControlNets" if control_paths else "an IP-Adapter" if ip_record else "--target cuda"
-        raise UnsupportedConfigError(f"--pag-layers with {other} is not supported")
+    if pag_layers and target == "cuda":  # the fusion's matcher reads the classic attention alone
+        raise UnsupportedConfigError("--pag-layers with --target cuda is not supported")
     out_dir = Path(output)
     if out_dir.resolve() == source.resolve():
         raise InvalidArgumentError("--output must differ from the checkpoint directory")

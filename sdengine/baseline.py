@@ -227,13 +227,21 @@ class TorchPipeline(_CallMixin):
             )
         control = request.control is not None
         pag = bool(request.pag_scale)
-        if pag and (control or self.ip_adapter or request.prompt_weights or self.model_dir.arch.aesthetic):
+        if pag and (request.prompt_weights or self.model_dir.arch.aesthetic):
             raise UnsupportedConfigError(
-                "the torch backend's perturbed-attention guidance (diffusers' PAG pipelines) takes no "
-                "ControlNet, IP-Adapter, prompt weights or refiner model here"
+                "the torch backend's perturbed-attention guidance (diffusers' PAG pipelines) takes no prompt "
+                "weights or refiner model here"
             )
+        if (
+            pag
+            and control
+            and request.image_to_image
+            and not self.model_dir.arch.xl
+            and not request.inpainting
+        ):
+            raise UnsupportedConfigError("diffusers has no SD 1.x/2.x ControlNet PAG image-to-image pipeline")
         if pag:
-            pipe = self.image_pipeline("", pag=True)
+            pipe = self.image_pipeline("", control, pag=True)
         if request.inpainting and request.denoising_start is not None:  # a refiner's part: latents in
             pipe = self.image_pipeline("Inpaint", control, pag)
             draws = same_draws([], lambda _: latents, type(pipe).__module__)  # no image to encode
@@ -265,7 +273,7 @@ class TorchPipeline(_CallMixin):
             draws = same_draws([request.encoder_noise], lambda _: latents, type(pipe).__module__)
             inputs = {"image": per_prompt(request.image, request.batch), "strength": request.strength}
         elif control:
-            pipe = self.image_pipeline("", control)
+            pipe = self.image_pipeline("", control, pag)
             inputs = {"latents": latents}
         if control:
             images = [per_prompt(c, request.batch) for c in request.control]

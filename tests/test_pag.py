@@ -202,3 +202,31 @@ def test_sdxl_matches_diffusers_sdxl_pag_pipeline(tmp_path_factory):
         assert psnr(a.array, b.array) >= 100, negative
     plain = ours(PROMPT, NEGATIVE, **{**settings, "pag_scale": 0.0})
     assert psnr(a.array, plain.array) < 60
+
+
+@pytest.mark.parametrize("extra", ["controlnet", "ip_adapter"])
+def test_with_a_controlnet_or_an_image_prompt_it_matches_diffusers(tiny_checkpoint, tmp_path, extra):
+    """The ControlNet reads the perturbed copy with its control image, and the IP-Adapter's cross-attention
+    its image prompt, as in diffusers' ControlNet PAG pipeline and its PAG pipelines' image prompts; only
+    the UNet's self-attention is perturbed."""
+    from export.onnx_export import export_checkpoint
+
+    rng = np.random.default_rng(5)
+    if extra == "controlnet":
+        from export.controlnet import write_random_controlnet
+
+        adapted = {"controlnets": [write_random_controlnet(tiny_checkpoint, tmp_path / "cn", seed=0)]}
+        inputs = {"control_image": rng.random((64, 64, 3)).astype(np.float32), "control_scale": 0.8}
+    else:
+        from export.ip_adapter import write_random_ip_adapter
+
+        adapted = {"ip_adapter": write_random_ip_adapter(tiny_checkpoint, tmp_path / "ip")}
+        inputs = {"ip_adapter_image": rng.random((48, 80, 3)).astype(np.float32), "ip_adapter_scale": 0.6}
+    export_checkpoint(tiny_checkpoint, tmp_path / "onnx", pag_layers=list(LAYERS), **adapted)
+    ours = Pipeline.load(tmp_path / "onnx", backend="ort", device="cpu")
+    theirs = Pipeline.load(tiny_checkpoint, backend="torch", **adapted)
+    theirs.pag_layers = LAYERS
+    settings = {**SETTINGS, "scheduler": "euler", "guidance": 7.5, "pag_scale": 3.0, **inputs}
+    a, b = ours(PROMPT, NEGATIVE, **settings), theirs(PROMPT, NEGATIVE, **settings)
+    assert psnr(a.array, b.array) >= 100
+    assert psnr(a.array, ours(PROMPT, NEGATIVE, **{**settings, "pag_scale": 0.0}).array) < 60
