@@ -105,12 +105,14 @@ class TorchPipeline(_CallMixin):
         controlnets: Sequence[str | os.PathLike] = (),
         safety_checker: bool = True,
         ip_adapter: str | os.PathLike | None = None,
+        pag_layers: Sequence[str] = DEFAULT_PAG_LAYERS,
     ) -> TorchPipeline:
         """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting);
         ``vae_tiling``: its VAE's ``enable_tiling()``; ``controlnets``: ControlNet directories, each then
         taking a control image, run by diffusers' ControlNet pipelines; ``safety_checker``: the checkpoint's,
         where it has one, as diffusers loads and runs it by default; ``ip_adapter``: an IP-Adapter weights
-        file, loaded by diffusers' ``load_ip_adapter`` with the image encoder beside it."""
+        file, loaded by diffusers' ``load_ip_adapter`` with the image encoder beside it; ``pag_layers``: where
+        diffusers' PAG pipelines perturb the self-attention when a request asks for it."""
         model_dir = open_checkpoint_dir(path)
         if threads:
             torch.set_num_threads(threads)
@@ -150,7 +152,7 @@ class TorchPipeline(_CallMixin):
             check_controlnets(model_dir.root, model_dir.arch, paths)
             nets = load_controlnets(paths, dtype)
             controlnet = (nets[0] if len(nets) == 1 else MultiControlNetModel(nets)).to(device)
-        return cls(model_dir, pipe.to(device), device, controlnet)
+        return cls(model_dir, pipe.to(device), device, controlnet, pag_layers)
 
     @property
     def controlnets(self) -> int:

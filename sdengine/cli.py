@@ -151,6 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ip_adapter=args.ip_adapter,
         vae=args.vae,
         cuda_options=parse_cuda_options(args.cuda_option),
+        pag_layers=args.pag_layers.split(",") if args.pag_layers else None,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     if len(controls) != pipeline.controlnets:
@@ -702,7 +703,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="S",
         help="perturbed-attention guidance's scale (default 0: none; diffusers' examples use 3), for a model "
-        "exported with --pag-layers (the torch backend perturbs mid)",
+        "exported with --pag-layers (the torch backend perturbs --pag-layers, default mid)",
+    )
+    g.add_argument(
+        "--pag-layers",
+        default=None,
+        metavar="LAYERS",
+        help="torch backend: where --pag-scale perturbs the self-attention, comma-separated (default mid). "
+        "An export holds its own",
     )
     g.add_argument("--vae", default=None, metavar="DIR|FILE", help="torch backend: " + VAE_HELP)
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")

@@ -32,6 +32,9 @@ CONTROL_PROMPT = "a castle on a hill"
 CONTROL_SCALE = 0.8
 XL_PROMPT = "a lighthouse on a cliff at sunset"
 IP_PROMPT = "a house in the style of the image"
+PAG_SCALE = 3.0
+#: the middle block sees one token at 64x64 in the tiny model (attention there is the identity anyway)
+PAG_LAYERS = ("mid", "down_blocks.1")
 
 
 def centre_mask(height: int, width: int) -> np.ndarray:
@@ -63,13 +66,13 @@ def run_demo(
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/13] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/14] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/13] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/14] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
     pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/13] text to image with the {backend} backend")
+        say(f"[{i}/14] text to image with the {backend} backend")
         pipes[backend] = Pipeline.load(path, backend=backend)
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
@@ -78,25 +81,25 @@ def run_demo(
         backend: pipe(prompt, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **settings)
         for backend, pipe in pipes.items()
     }
-    say(f"[5/13] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    say(f"[5/14] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
     redone = on_both(IMG2IMG_PROMPT, image=ort_result.array, strength=IMG2IMG_STRENGTH)
-    say("[6/13] inpainting the centre of the ort image with both backends")
+    say("[6/14] inpainting the centre of the ort image with both backends")
     mask = centre_mask(ort_result.request.height, ort_result.request.width)
     inpainted = on_both(INPAINT_PROMPT, image=ort_result.array, mask=mask)
     say(
-        f"[7/13] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
+        f"[7/14] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
         "on both backends"
     )
     edited = on_both(EDITED_PROMPT, prompt_weights="a1111", hires_scale=HIRES_SCALE)
     lora = write_random_lora(onnx_dir, workdir / "random-lora.safetensors", seed=SEED)
     say(
-        f"[8/13] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
+        f"[8/14] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
     )
     for pipe in pipes.values():
         pipe.load_lora(lora, LORA_SCALE)
     with_lora = on_both(PROMPT)
     controlnet, control_onnx = workdir / "random-controlnet", workdir / "tiny-onnx-controlnet"
-    say(f"[9/13] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
+    say(f"[9/14] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
     shutil.rmtree(controlnet, ignore_errors=True)
     write_random_controlnet(checkpoint, controlnet, seed=SEED)
     components = ["text_encoder", "unet", "vae_decoder"]
@@ -112,7 +115,7 @@ def run_demo(
         )
     }
     xl_checkpoint, xl_onnx = workdir / "tiny-xl-checkpoint", workdir / "tiny-xl-onnx"
-    say(f"[10/13] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
+    say(f"[10/14] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
     write_random_checkpoint(xl_checkpoint, "tiny-xl", seed=SEED, overwrite=True)
     export_checkpoint(
         xl_checkpoint, xl_onnx, components=["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
@@ -126,7 +129,7 @@ def run_demo(
         workdir / "tiny-xl-refiner-onnx",
     )
     say(
-        f"[11/13] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
+        f"[11/14] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
         f"{1 - DEFAULT_REFINER_SWITCH:.0%} of the run, on both backends"
     )
     write_random_checkpoint(refiner_checkpoint, "tiny-xl-refiner", seed=SEED, overwrite=True)
@@ -142,7 +145,7 @@ def run_demo(
     }
     adapter_dir, ip_onnx = workdir / "random-ip-adapter", workdir / "tiny-onnx-ip-adapter"
     say(
-        f"[12/13] a random IP-Adapter ({adapter_dir.name}) given the first image as a prompt, on both "
+        f"[12/14] a random IP-Adapter ({adapter_dir.name}) given the first image as a prompt, on both "
         "backends"
     )
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -160,10 +163,22 @@ def run_demo(
         for backend, path, extra in (("ort", ip_onnx, {}), ("torch", checkpoint, {"ip_adapter": adapter}))
     }
     say(
-        "[13/13] the first prompt again, its noise drawn as PyTorch's CPU generator draws it: diffusers "
+        "[13/14] the first prompt again, its noise drawn as PyTorch's CPU generator draws it: diffusers "
         "draws its own, sdengine the same without PyTorch"
     )
     torch_noise = on_both(PROMPT, noise_source="torch-cpu")
+    pag_onnx = workdir / "tiny-onnx-pag"
+    say(
+        f"[14/14] the first prompt with perturbed-attention guidance (scale {PAG_SCALE:g}, layers "
+        f"{', '.join(PAG_LAYERS)}) on both backends"
+    )
+    export_checkpoint(checkpoint, pag_onnx, components=components, pag_layers=list(PAG_LAYERS))
+    perturbed = {
+        backend: Pipeline.load(path, backend=backend, **extra)(
+            PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, pag_scale=PAG_SCALE
+        )
+        for backend, path, extra in (("ort", pag_onnx, {}), ("torch", checkpoint, {"pag_layers": PAG_LAYERS}))
+    }
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
     extra_outputs = {}
     for name, result in (
@@ -176,6 +191,7 @@ def run_demo(
         ("sdxl-refined", refined["ort"]),
         ("ip-adapter", prompted["ort"]),
         ("torch-noise", torch_noise["ort"]),
+        ("pag", perturbed["ort"]),
     ):
         extra_outputs[name] = output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}")
         save_png(result.images[0], extra_outputs[name], {**result.request.parameters(), "backend": "ort"})
@@ -189,6 +205,7 @@ def run_demo(
     refined_similarity = psnr(refined["ort"].array, refined["torch"].array)
     ip_similarity = psnr(prompted["ort"].array, prompted["torch"].array)
     noise_similarity = psnr(torch_noise["ort"].array, torch_noise["torch"].array)
+    pag_similarity = psnr(perturbed["ort"].array, perturbed["torch"].array)
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
     print(
         f"\nwrote {output}: {steps} steps, "
@@ -228,6 +245,8 @@ def run_demo(
         "ONNX Runtime vs PyTorch (diffusers drawing its own noise from torch.Generator('cpu'), nothing "
         f"handed over): PSNR {noise_similarity:.1f} dB"
     )
+    print(f"wrote {extra_outputs['pag']}: the first prompt with perturbed-attention guidance")
+    print(f"ONNX Runtime vs PyTorch (diffusers PAG pipeline): PSNR {pag_similarity:.1f} dB")
     print(
         "NOTE: the checkpoint's weights are RANDOM, so the image is structured noise, "
         "not a picture of the prompt."
@@ -243,4 +262,5 @@ def run_demo(
         "sdxl_refined_psnr_db": refined_similarity,
         "ip_adapter_psnr_db": ip_similarity,
         "torch_noise_psnr_db": noise_similarity,
+        "pag_psnr_db": pag_similarity,
     }

@@ -28,7 +28,7 @@ from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.mask_crop import MaskCrop
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
 from sdengine.model_specs import PAG_ROWS, SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
-from sdengine.pag import perturbed_rows
+from sdengine.pag import DEFAULT_PAG_LAYERS, perturbed_rows
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
 from sdengine.prompt_weights_a1111 import a1111_embeddings, a1111_windows, parse_a1111
 from sdengine.refiner import DEFAULT_REFINER_SWITCH, check_refiner
@@ -454,6 +454,7 @@ class Pipeline(_CallMixin):
         ip_adapter: str | os.PathLike | None = None,
         vae: str | os.PathLike | None = None,
         cuda_options: Mapping[str, object] | None = None,
+        pag_layers: Sequence[str] | None = None,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
@@ -472,7 +473,9 @@ class Pipeline(_CallMixin):
         inside its UNet (``sdengine export --ip-adapter``). ``vae``: another VAE for a diffusers checkpoint
         (``torch``; :mod:`export.vae_override`); an export holds its VAE (``sdengine export --vae``).
         ``cuda_options``: more options for ONNX Runtime's CUDA provider, such as ``{"prefer_nhwc": "1"}``
-        (ONNX Runtime on CUDA only; :mod:`sdengine.backends.cuda_options`)."""
+        (ONNX Runtime on CUDA only; :mod:`sdengine.backends.cuda_options`). ``pag_layers``: where
+        perturbed-attention guidance perturbs the UNet's self-attention, for a diffusers checkpoint
+        (``torch``; default ``mid``); an export holds its own (``sdengine export --pag-layers``)."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -486,6 +489,11 @@ class Pipeline(_CallMixin):
             raise InvalidArgumentError(
                 "an IP-Adapter is traced into an export's UNet: export the checkpoint with it (sdengine "
                 "export --ip-adapter FILE) and load that export; only the torch backend takes one at load"
+            )
+        if pag_layers is not None and choice.backend != "torch":
+            raise InvalidArgumentError(
+                "an export's UNet holds its perturbed-attention guidance layers: export the checkpoint with "
+                "them (sdengine export --pag-layers LAYERS); only the torch backend takes them at load"
             )
         if cuda_options and (choice.backend, choice.device) != ("ort", "cuda"):
             raise InvalidArgumentError(
@@ -513,6 +521,7 @@ class Pipeline(_CallMixin):
                 controlnets=controlnets,
                 safety_checker=safety_checker,
                 ip_adapter=ip_adapter,
+                pag_layers=DEFAULT_PAG_LAYERS if pag_layers is None else pag_layers,
             )
         elif choice.backend == "trt":
             from sdengine.backends.trt import TrtBackend

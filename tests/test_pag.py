@@ -38,9 +38,7 @@ def pag_pipe(onnx_pag):
 
 @pytest.fixture(scope="module")
 def torch_pipe(tiny_checkpoint):
-    pipe = Pipeline.load(tiny_checkpoint, backend="torch")
-    pipe.pag_layers = LAYERS
-    return pipe
+    return Pipeline.load(tiny_checkpoint, backend="torch", pag_layers=LAYERS)
 
 
 def mask(height: int = 64, width: int = 64) -> np.ndarray:
@@ -88,8 +86,7 @@ def test_other_layers_match_diffusers_too(tiny_checkpoint, tmp_path):
     layers = ("up",)  # a regular expression: every up block's
     export_checkpoint(tiny_checkpoint, tmp_path / "pag", components=None, pag_layers=list(layers))
     ours = Pipeline.load(tmp_path / "pag", backend="ort", device="cpu")
-    theirs = Pipeline.load(tiny_checkpoint, backend="torch")
-    theirs.pag_layers = layers
+    theirs = Pipeline.load(tiny_checkpoint, backend="torch", pag_layers=layers)
     settings = {**SETTINGS, "scheduler": "dpmpp_2m", "guidance": 7.5, "pag_scale": 3.0}
     assert psnr(ours(PROMPT, **settings).array, theirs(PROMPT, **settings).array) >= 100
     assert json.loads((tmp_path / "pag" / "pag" / "config.json").read_text()) == {"layers": list(layers)}
@@ -118,7 +115,7 @@ def test_the_parts_weights_are_pags_formula():
     np.testing.assert_array_equal(perturbed_rows(2, 2, False), [0, 0, 0, 0])
 
 
-def test_refusals_are_one_line(pag_pipe, ort_pipe_fp32, tiny_checkpoint, tmp_path):
+def test_refusals_are_one_line(pag_pipe, ort_pipe_fp32, onnx_pag, tiny_checkpoint, tmp_path):
     from export.onnx_export import export_checkpoint
 
     cases = [
@@ -139,6 +136,8 @@ def test_refusals_are_one_line(pag_pipe, ort_pipe_fp32, tiny_checkpoint, tmp_pat
         with pytest.raises(error, match=message) as info:
             pipe(prompt, **{**SETTINGS, **settings})
         assert "\n" not in str(info.value)
+    with pytest.raises(InvalidArgumentError, match="only the torch backend takes them at load"):
+        Pipeline.load(onnx_pag, backend="ort", device="cpu", pag_layers=["mid"])
     with pytest.raises(InvalidArgumentError, match="Cannot find PAG layer"):
         export_checkpoint(tiny_checkpoint, tmp_path / "x", components=["unet"], pag_layers=["no_such_block"])
     with pytest.raises(UnsupportedConfigError, match="--pag-layers with --target cuda is not supported"):
@@ -194,8 +193,7 @@ def test_sdxl_matches_diffusers_sdxl_pag_pipeline(tmp_path_factory):
     checkpoint = write_random_checkpoint(root / "tiny-xl", "tiny-xl", seed=0)
     export_checkpoint(checkpoint, root / "onnx", components=None, pag_layers=list(LAYERS))
     ours = Pipeline.load(root / "onnx", backend="ort", device="cpu")
-    theirs = Pipeline.load(checkpoint, backend="torch")
-    theirs.pag_layers = LAYERS
+    theirs = Pipeline.load(checkpoint, backend="torch", pag_layers=LAYERS)
     settings = {**SETTINGS, "scheduler": "euler", "guidance": 6.0, "pag_scale": 3.0}
     for negative in (None, NEGATIVE):
         a, b = ours(PROMPT, negative, **settings), theirs(PROMPT, negative, **settings)
@@ -224,8 +222,7 @@ def test_with_a_controlnet_or_an_image_prompt_it_matches_diffusers(tiny_checkpoi
         inputs = {"ip_adapter_image": rng.random((48, 80, 3)).astype(np.float32), "ip_adapter_scale": 0.6}
     export_checkpoint(tiny_checkpoint, tmp_path / "onnx", pag_layers=list(LAYERS), **adapted)
     ours = Pipeline.load(tmp_path / "onnx", backend="ort", device="cpu")
-    theirs = Pipeline.load(tiny_checkpoint, backend="torch", **adapted)
-    theirs.pag_layers = LAYERS
+    theirs = Pipeline.load(tiny_checkpoint, backend="torch", pag_layers=LAYERS, **adapted)
     settings = {**SETTINGS, "scheduler": "euler", "guidance": 7.5, "pag_scale": 3.0, **inputs}
     a, b = ours(PROMPT, NEGATIVE, **settings), theirs(PROMPT, NEGATIVE, **settings)
     assert psnr(a.array, b.array) >= 100
