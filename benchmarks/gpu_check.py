@@ -7,10 +7,10 @@ Run on a lent GPU machine by ``benchmarks/gpu_check.sh`` (which installs the car
 1. Parity on the tiny random checkpoint: ONNX Runtime CUDA with whole-step graphs (``step``) and with its
    own graph mode (``ort``) against the same backend without graphs (a replay must give the eager latents),
    against ONNX Runtime on the CPU (fp32: text and image to image, inpainting, prompt editing, composable
-   prompts, the hires fix, LoRA, a random ControlNet, a random IP-Adapter), fp16 ONNX Runtime CUDA against
-   diffusers fp16 on the GPU (PyTorch's CPU noise too), and the UNet fused for CUDA (``export --target
-   cuda``) against plain runs, the portable export and diffusers; the same for the tiny SDXL model, and it
-   with a tiny refiner.
+   prompts, the hires fix, LoRA, a random ControlNet, a random IP-Adapter, perturbed-attention guidance),
+   fp16 ONNX Runtime CUDA against diffusers fp16 on the GPU (PyTorch's CPU noise too), and the UNet fused
+   for CUDA (``export --target cuda``) against plain runs, the portable export and diffusers; the same for
+   the tiny SDXL model, and it with a tiny refiner.
 2. Latency on the SD 1.5-sized random checkpoint, fp16, 512x512, batch 1, CFG, for each step count: the
    fused export (or the portable one) and every other available GPU backend against diffusers fp16 eager on
    the same GPU, in the same run (CUDA events for the denoising loop, medians over runs); then the portable
@@ -281,6 +281,7 @@ class Parity:
         attempt(results, "LoRA: CUDA vs CPU fp32, PSNR dB", self.lora)
         attempt(results, "ControlNet: CUDA vs CPU fp32, PSNR dB", lambda: self.controlnet(edge_map(image[0])))
         attempt(results, "IP-Adapter: CUDA vs CPU fp32, PSNR dB", lambda: self.ip_adapter(image[0]))
+        attempt(results, "perturbed-attention guidance: CUDA vs CPU fp32, PSNR dB", self.pag)
         xl_parity(work, settings, self.device, results)
 
     def lora(self) -> float:
@@ -336,6 +337,23 @@ class Parity:
                 PROMPT, **prompted
             ).array,
             Pipeline.load(prompted_dir.root, backend="ort", device="cpu")(PROMPT, **prompted).array,
+        )
+
+    def pag(self) -> float:
+        from export.onnx_export import export_checkpoint
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+        from sdengine.model_dir import open_onnx_dir
+        from sdengine.pipeline import Pipeline
+
+        layers = ["mid", "down_blocks.1"]  # the tiny model's middle block sees one token at 64x64
+        export_checkpoint(self.ckpt, self.work / "tiny-pag", components=self.components, pag_layers=layers)
+        perturbable = open_onnx_dir(self.work / "tiny-pag")
+        guided = dict(self.settings, pag_scale=3.0)  # the UNet on three copies, pag_rows bound in the graphs
+        return psnr(
+            Pipeline(perturbable, OrtCudaBackend(perturbable, device=self.device), self.tok)(
+                PROMPT, **guided
+            ).array,
+            Pipeline.load(perturbable.root, backend="ort", device="cpu")(PROMPT, **guided).array,
         )
 
 
