@@ -28,6 +28,9 @@ What the web UI's API takes, and how it maps here:
   the original as the web UI lays it (:mod:`sdengine.webui_inpaint`, which says what differs).
 - ``<lora:NAME:WEIGHT>`` in the prompt (with ``sdengine serve --lora-dir DIR``): that LoRA file of the
   directory, fused for the request (:mod:`sdengine.extra_networks`); ``/sdapi/v1/loras`` lists them.
+- ``alwayson_scripts.controlnet`` (the ControlNet extension's units) for an export with ControlNets in its
+  UNet: each unit's image, weight, guidance start and end for the ControlNet its ``model`` names
+  (:mod:`sdengine.webui_controlnet`); ``/controlnet/model_list`` lists them. Other scripts are refused.
 - What asks for something sdengine does not do (face restoration, tiling, scripts, styles, latent-space
   masked content, other samplers or upscalers) is refused, naming the field; fields that only steer the web
   UI's own bookkeeping (``save_images``, ``send_images``...) are accepted and left alone, and others are
@@ -66,11 +69,13 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.extra_networks import lora_files, lora_hashes, lora_tags, resolve_loras
 from sdengine.images import png_info, to_pil
 from sdengine.infotext import parameters_infotext, parse_infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
+from sdengine.webui_controlnet import control_settings, controlnet_name
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
 from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
 
@@ -101,7 +106,6 @@ UNSUPPORTED = {
     "styles": (None, []),
     "script_name": (None, ""),
     "script_args": (None, []),
-    "alwayson_scripts": (None, {}),
     "seed_resize_from_h": (None, -1, 0),
     "seed_resize_from_w": (None, -1, 0),
     "hr_resize_x": (None, 0),
@@ -160,6 +164,7 @@ READ = {
     "eta",
     "refiner_checkpoint",
     "refiner_switch_at",
+    "alwayson_scripts",
 }
 MAX_BODY = 64 * 2**20
 
@@ -214,9 +219,12 @@ class WebUIRequest(NamedTuple):
     inpainting: Inpainting | None = None
 
 
-def generation_settings(body: dict[str, Any], img2img: bool, refiner: bool = False) -> WebUIRequest:
+def generation_settings(
+    body: dict[str, Any], img2img: bool, refiner: bool = False, controlnets: Sequence[str] = ()
+) -> WebUIRequest:
     """A web UI request read into a pipeline call's settings. InvalidArgumentError names a field sdengine
-    cannot honour. ``refiner``: the pipeline has one."""
+    cannot honour. ``refiner``: the pipeline has one; ``controlnets``: the names of the ControlNets in its
+    UNet, which the ControlNet extension's units name (:mod:`sdengine.webui_controlnet`)."""
     if not isinstance(body, dict):
         raise InvalidArgumentError("the request body must be a JSON object")
     refused = [key for key, fine in UNSUPPORTED.items() if key in body and body[key] not in fine]
@@ -267,7 +275,7 @@ def generation_settings(body: dict[str, Any], img2img: bool, refiner: bool = Fal
     clip = _number(overrides, "CLIP_stop_at_last_layers", 1, int)
     settings["clip_skip"] = clip - 1  # the web UI's 1 is the last layer
     denoising = _number(body, "denoising_strength", None, float)
-    inpainting = None
+    inpainting, init_image = None, None
     if not img2img and body.get("mask"):
         raise InvalidArgumentError("mask: inpainting is img2img's (/sdapi/v1/img2img)")
     if img2img:
@@ -283,6 +291,7 @@ def generation_settings(body: dict[str, Any], img2img: bool, refiner: bool = Fal
         resize = RESIZE_MODES[resize_mode]
         size = (settings["width"], settings["height"])
         decoded = [decode_image(data) for data in images]
+        init_image = decoded[0]
         settings["strength"] = 0.75 if denoising is None else denoising
         if body.get("mask"):
             if len(decoded) != 1:
@@ -311,10 +320,20 @@ def generation_settings(body: dict[str, Any], img2img: bool, refiner: bool = Fal
     switch = _number(body, "refiner_switch_at", None, float)
     if refiner and switch is not None:
         settings["refiner_switch"] = switch
+    size = settings["width"], settings["height"]
+    scripts = body.get("alwayson_scripts")
+    settings.update(control_settings(scripts, controlnets, *size, init_image, decode_image))
     n_iter = _number(body, "n_iter", 1, int)
     if n_iter < 1:
         raise InvalidArgumentError(f"n_iter must be at least 1, got {n_iter}")
     return WebUIRequest(settings, n_iter, ignored, inpainting)
+
+
+def served_controlnets(pipeline: Any) -> list[str]:
+    """The names of the ControlNets in the served export's UNet, in its order (none for a checkpoint)."""
+    config = pipeline.model_dir.root / CONTROLNET_CONFIG
+    entries = exported_controlnets(json.loads(config.read_text())) if config.is_file() else []
+    return [controlnet_name(str(entry.get("dir", ""))) for entry in entries]
 
 
 class Job:
@@ -395,7 +414,8 @@ def run_request(
     answer and the pictures' infotexts keep the prompt as given, tags and all, as the web UI's do, with
     their files' ``Lora hashes``."""
     refiner = getattr(pipeline, "refiner", None) is not None
-    settings, n_iter, ignored, inpainting = generation_settings(body, img2img, refiner)
+    names = served_controlnets(pipeline)
+    settings, n_iter, ignored, inpainting = generation_settings(body, img2img, refiner, names)
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)
@@ -530,6 +550,9 @@ class Handler(BaseHTTPRequestHandler):
             ],
             "/sdapi/v1/options": lambda: {"sd_model_checkpoint": name, **self.server.options},  # type: ignore[attr-defined]
             "/sdapi/v1/progress": self.server.job.report,  # type: ignore[attr-defined]
+            # the ControlNet extension's: the ControlNets in the export's UNet, and no preprocessors
+            "/controlnet/model_list": lambda: {"model_list": served_controlnets(pipeline)},
+            "/controlnet/module_list": lambda: {"module_list": ["none"], "module_detail": {}},
         }
         route = routes.get(self.path.split("?", 1)[0])
         if route is None:

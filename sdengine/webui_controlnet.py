@@ -1,0 +1,172 @@
+"""The web UI ControlNet extension's API (sd-webui-controlnet), read for a served export with ControlNets.
+
+Its clients send ControlNet units in ``alwayson_scripts``::
+
+    "alwayson_scripts": {"controlnet": {"args": [{"image": "<base64>", "model": "canny", "weight": 0.8,
+                                                  "guidance_start": 0, "guidance_end": 0.6}]}}
+
+and ask ``GET /controlnet/model_list`` which models there are. Here the ControlNets are the ones traced into
+the served export's UNet (``sdengine export --controlnet``), named after their directories (or the files
+they were converted from); a unit's ``model`` names one of them (a `` [hash]`` the web UI appends is
+ignored), and its ``image``, ``weight``, ``guidance_start``, ``guidance_end`` and ``resize_mode`` ("Just
+Resize", "Crop and Resize", the extension's default, or "Resize and Fill"; or 0-2) become that ControlNet's
+control image, scale, start and end (:mod:`sdengine.controlnet`). A ControlNet no enabled unit names runs
+at weight 0 (its residuals scaled to nothing: the plain UNet's result), so such an export answers requests
+without ControlNet too. In img2img, a unit without an image takes the first init image, as the extension
+does.
+
+What the extension does and this does not is refused, naming it: preprocessors (``module`` other than
+``none``: send the preprocessed image, such as an edge map, itself), control modes other than "Balanced"
+and a unit's own mask, as are units naming a model not served, or two units naming one ControlNet. The
+preprocessors' settings (``processor_res``, ``threshold_a``...), ``pixel_perfect`` and ``low_vram`` change
+nothing without a preprocessor and are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sdengine.errors import InvalidArgumentError
+from sdengine.mask_crop import cover_resize, fill_resize
+from sdengine.webui_inpaint import Resize, stretch
+
+#: The extension's resize modes, by name and by number, to ``width`` x ``height``.
+RESIZE_MODES: dict[str | int, Resize] = {
+    "Just Resize": stretch,
+    "Crop and Resize": cover_resize,
+    "Resize and Fill": fill_resize,
+    0: stretch,
+    1: cover_resize,
+    2: fill_resize,
+}
+#: The ``alwayson_scripts`` entry (the web UI lowercases script titles).
+SCRIPT = "controlnet"
+#: What a unit's ``model`` may carry after the name: the web UI's `` [shorthash]``.
+HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]$")
+
+
+def controlnet_name(directory: str) -> str:
+    """The name a served ControlNet goes by: its directory's, or for a single file converted into the cache
+    (``controlnets/STEM-KEY``), the file's stem."""
+    path = Path(directory)
+    if path.parent.name == "controlnets":
+        return re.sub(r"-[0-9a-f]{16}$", "", path.name)
+    return path.name
+
+
+def control_settings(
+    scripts: Any,
+    served: Sequence[str],
+    width: int,
+    height: int,
+    init_image: Image.Image | None,
+    decode: Callable[[str, str], Image.Image],
+) -> dict[str, Any]:
+    """The pipeline's ControlNet settings (``control_image``, ``control_scale``, ``control_start``,
+    ``control_end``, one per served ControlNet) from a request's ``alwayson_scripts``; ``{}`` where the
+    model has no ControlNets and no unit asks for one. ``decode(base64, field)`` reads an image."""
+    if scripts in (None, {}):
+        scripts = {}
+    if not isinstance(scripts, dict):
+        raise InvalidArgumentError("alwayson_scripts must be an object of scripts")
+    others = sorted(name for name in scripts if name.lower() != SCRIPT)
+    if others:
+        raise InvalidArgumentError(f"alwayson_scripts: not supported: {', '.join(others)}")
+    units = [unit for unit in _units(scripts) if unit.get("enabled", True)]
+    if not served:
+        if units:
+            raise InvalidArgumentError(
+                "alwayson_scripts.controlnet: the model served has no ControlNet (export it with one: "
+                "sdengine export --controlnet)"
+            )
+        return {}
+    images: list[Image.Image | np.ndarray] = [np.zeros((height, width, 3), np.float32)] * len(served)
+    scales, starts, ends = [0.0] * len(served), [0.0] * len(served), [1.0] * len(served)
+    named: set[int] = set()
+    for i, unit in enumerate(units):
+        field = f"alwayson_scripts.controlnet.args[{i}]"
+        index = _served_index(unit, served, field)
+        if index in named:
+            raise InvalidArgumentError(f"{field}: a second unit for ControlNet {served[index]!r}")
+        named.add(index)
+        _check_unit(unit, field)
+        image = _unit_image(unit, init_image, decode, field)
+        resize = RESIZE_MODES.get(unit.get("resize_mode", "Crop and Resize"))
+        if resize is None:
+            raise InvalidArgumentError(
+                f"{field}.resize_mode {unit.get('resize_mode')!r}: use Just Resize, Crop and Resize or "
+                "Resize and Fill (or 0-2)"
+            )
+        images[index] = image if image.size == (width, height) else resize(image, width, height)
+        scales[index] = _number(unit, "weight", 1.0, field)
+        starts[index] = _number(unit, "guidance_start", 0.0, field)
+        ends[index] = _number(unit, "guidance_end", 1.0, field)
+    return {
+        "control_image": images[0] if len(images) == 1 else images,
+        "control_scale": scales,
+        "control_start": starts,
+        "control_end": ends,
+    }
+
+
+def _units(scripts: dict[str, Any]) -> list[dict[str, Any]]:
+    entry = next(value for name, value in scripts.items() if name.lower() == SCRIPT) if scripts else {}
+    args = entry.get("args", []) if isinstance(entry, dict) else None
+    if not isinstance(args, list) or not all(isinstance(unit, dict) for unit in args):
+        raise InvalidArgumentError("alwayson_scripts.controlnet.args must be a list of unit objects")
+    return args
+
+
+def _served_index(unit: dict[str, Any], served: Sequence[str], field: str) -> int:
+    model = HASH_SUFFIX.sub("", str(unit.get("model") or ""))
+    if model not in served:
+        raise InvalidArgumentError(
+            f"{field}.model {unit.get('model')!r} is not served; the served ControlNets: {', '.join(served)}"
+        )
+    return served.index(model)
+
+
+def _check_unit(unit: dict[str, Any], field: str) -> None:
+    module = unit.get("module") or "none"
+    if str(module).lower() != "none":
+        raise InvalidArgumentError(
+            f"{field}.module {module!r}: preprocessors are not run here; send the preprocessed image with "
+            "module none"
+        )
+    mode = unit.get("control_mode", "Balanced")
+    if mode not in ("Balanced", 0):
+        raise InvalidArgumentError(f"{field}.control_mode {mode!r}: only Balanced (0) is supported")
+    image = unit.get("image")
+    if isinstance(image, dict) and image.get("mask"):
+        raise InvalidArgumentError(f"{field}.image.mask: a unit's own mask is not supported")
+
+
+def _unit_image(
+    unit: dict[str, Any],
+    init_image: Image.Image | None,
+    decode: Callable[[str, str], Image.Image],
+    field: str,
+) -> Image.Image:
+    data = unit.get("image", unit.get("input_image"))
+    if isinstance(data, dict):
+        data = data.get("image")
+    if data:
+        return decode(data, f"{field}.image")
+    if init_image is None:
+        raise InvalidArgumentError(f"{field}.image: give the control image (base64)")
+    return init_image
+
+
+def _number(unit: dict[str, Any], key: str, default: float, field: str) -> float:
+    value = unit.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"{field}.{key} must be a number, got {value!r}")
+    return float(value)

@@ -1,0 +1,153 @@
+"""The ControlNet extension's API units (sdengine/webui_controlnet.py), read for a served export with
+ControlNets: mapped onto the pipeline's ControlNet settings, and served end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_server import call, pixels, png
+
+from sdengine.errors import InvalidArgumentError
+from sdengine.pipeline import Pipeline
+from sdengine.server import decode_image, serve_in_thread
+from sdengine.webui_controlnet import control_settings, controlnet_name
+
+SERVED = ["canny", "depth"]
+RNG = np.random.default_rng(3)
+EDGES, DEPTH = (RNG.random((64, 64, 3)).astype(np.float32) for _ in range(2))
+
+
+def settings(scripts, served=SERVED, init=None, width=64, height=64):
+    return control_settings(scripts, served, width, height, init, decode_image)
+
+
+def units(*args):
+    return {"controlnet": {"args": list(args)}}
+
+
+def test_units_become_each_controlnets_image_weight_and_range():
+    out = settings(
+        units(
+            {"image": png(DEPTH), "model": "depth [a1b2c3d4]", "weight": 0.5, "guidance_end": 0.6},
+            {"image": png(EDGES), "model": "canny", "guidance_start": 0.2, "resize_mode": "Just Resize"},
+        )
+    )
+    assert out["control_scale"] == [1.0, 0.5]
+    assert out["control_start"] == [0.2, 0.0] and out["control_end"] == [1.0, 0.6]
+    canny, depth = (np.asarray(image, np.float32) / 255 for image in out["control_image"])
+    np.testing.assert_allclose(canny, EDGES, atol=0.5 / 255)
+    np.testing.assert_allclose(depth, DEPTH, atol=0.5 / 255)
+
+
+def test_a_controlnet_no_unit_names_runs_at_weight_zero_and_disabled_units_count_for_nothing():
+    out = settings(units({"image": png(EDGES), "model": "depth", "enabled": False}))
+    assert out["control_scale"] == [0.0, 0.0]
+    assert all(np.asarray(image).shape == (64, 64, 3) for image in out["control_image"])
+    assert settings(None)["control_scale"] == [0.0, 0.0]
+    assert settings(None, served=[]) == {} and settings({}, served=[]) == {}
+
+
+def test_images_are_resized_as_the_unit_asks_and_img2img_lends_its_init_image():
+    wide = Image.fromarray((RNG.random((32, 96, 3)) * 255).astype(np.uint8))
+    data = png(np.asarray(wide, np.float32) / 255)
+    crop = settings(units({"image": data, "model": "canny"}), served=["canny"])["control_image"]
+    stretch = settings(units({"image": data, "model": "canny", "resize_mode": 0}), served=["canny"])
+    fill = settings(
+        units({"image": data, "model": "canny", "resize_mode": "Resize and Fill"}), served=["canny"]
+    )
+    assert crop.size == stretch["control_image"].size == fill["control_image"].size == (64, 64)
+    a, b, c = (np.asarray(x, np.float32) for x in (crop, stretch["control_image"], fill["control_image"]))
+    assert np.abs(a - b).max() > 10 and np.abs(a - c).max() > 10  # three different resizes
+    init = Image.fromarray((EDGES * 255).astype(np.uint8))
+    lent = settings(units({"model": "canny"}), served=["canny"], init=init)["control_image"]
+    assert lent is init
+
+
+@pytest.mark.parametrize(
+    ("scripts", "message"),
+    [
+        ({"adetailer": {"args": []}}, "alwayson_scripts: not supported: adetailer"),
+        (
+            units({"image": png(EDGES), "model": "openpose"}),
+            "'openpose' is not served; the served ControlNets",
+        ),
+        (units({"image": png(EDGES), "model": "canny", "module": "canny"}), "preprocessors are not run"),
+        (units({"image": png(EDGES), "model": "canny", "control_mode": 2}), "only Balanced"),
+        (units({"image": {"image": png(EDGES), "mask": png(EDGES)}, "model": "canny"}), "own mask"),
+        (units({"model": "canny"}), "give the control image"),
+        (units({"image": png(EDGES), "model": "canny", "weight": "1"}), "weight must be a number"),
+        (units({"image": png(EDGES), "model": "canny", "resize_mode": 5}), "resize_mode 5"),
+        (
+            units({"image": png(EDGES), "model": "canny"}, {"image": png(EDGES), "model": "canny"}),
+            "a second unit for ControlNet 'canny'",
+        ),
+        ({"controlnet": {"args": "x"}}, "must be a list of unit objects"),
+    ],
+)
+def test_what_the_extension_does_and_this_does_not_is_refused_in_one_line(scripts, message):
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        settings(scripts)
+    assert "\n" not in str(info.value)
+
+
+def test_a_model_without_controlnets_refuses_units():
+    with pytest.raises(InvalidArgumentError, match="has no ControlNet"):
+        settings(units({"image": png(EDGES), "model": "canny"}), served=[])
+
+
+def test_names_are_directories_or_the_files_converted_into_the_cache():
+    assert controlnet_name("/models/sd-controlnet-canny") == "sd-controlnet-canny"
+    assert controlnet_name("/cache/controlnets/control_v11p_sd15_canny-0123456789abcdef") == (
+        "control_v11p_sd15_canny"
+    )
+
+
+@pytest.fixture(scope="module")
+def controlled(tiny_checkpoint, tmp_path_factory):
+    """An export with two random ControlNets in its UNet, named canny and depth."""
+    from export.controlnet import write_random_controlnet
+    from export.onnx_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("webui-controlnet")
+    nets = [write_random_controlnet(tiny_checkpoint, root / name, seed=i) for i, name in enumerate(SERVED)]
+    export_checkpoint(
+        tiny_checkpoint, root / "onnx", controlnets=nets, components=["text_encoder", "unet", "vae_decoder"]
+    )
+    return root / "onnx"
+
+
+def test_the_server_runs_the_units_as_the_pipeline_does(controlled):
+    served = Pipeline.load(controlled, backend="ort", device="cpu")
+    server = serve_in_thread(served)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    body = {"prompt": "a house", "width": 64, "height": 64, "steps": 3, "seed": 5}
+    scripts = units({"image": png(EDGES), "model": "canny", "weight": 0.8, "guidance_end": 0.6})
+    try:
+        listed = call(url, "/controlnet/model_list")[1]
+        status, answer = call(url, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": scripts})
+        status_plain, plain = call(url, "/sdapi/v1/txt2img", body)
+        status_bad, bad = call(url, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": units({"model": "x"})})
+    finally:
+        server.shutdown()
+    assert listed == {"model_list": SERVED}
+    assert status == status_plain == 200 and status_bad == 422 and "is not served" in bad["detail"]
+    direct = Pipeline.load(controlled, backend="ort", device="cpu")
+    common = dict(width=64, height=64, steps=3, seed=5, guidance=7.0, scheduler="euler")
+    common.update(prompt_weights="a1111", long_prompts=True)
+    expected = direct(
+        "a house",
+        "",
+        **common,
+        control_image=[np.round(EDGES * 255) / 255, np.zeros((64, 64, 3), np.float32)],  # as sent: 8 bits
+        control_scale=[0.8, 0.0],
+        control_end=[0.6, 1.0],
+    )
+    np.testing.assert_allclose(pixels(answer["images"][0]), expected.array[0], atol=0.5 / 255)
+    without = direct("a house", "", **common, control_image=[EDGES, EDGES], control_scale=0.0)
+    np.testing.assert_allclose(pixels(plain["images"][0]), without.array[0], atol=0.5 / 255)
+    assert np.abs(expected.array - without.array).max() > 0.05  # the unit did something
+    info = json.loads(answer["info"])
+    assert info["ignored_fields"] == []
