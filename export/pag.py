@@ -96,6 +96,16 @@ def perturb_self_attention(unet: nn.Module, layers: Sequence[str]) -> list[Pertu
     return processors
 
 
+def check_pag_layers(unet: nn.Module, layers: Sequence[str]) -> None:
+    """InvalidArgumentError, before any run, for ``layers`` that select no self-attention of ``unet`` (whose
+    processors are left as they were)."""
+    originals = unet.attn_processors
+    try:
+        perturb_self_attention(unet, layers)
+    finally:
+        unet.set_attn_processor(originals)
+
+
 class PerturbableUNetExport(nn.Module):
     """A UNet export wrapper (``export.wrappers``) whose last input is ``pag_rows``, which reaches the
     perturbable self-attention modules before the wrapped UNet runs on the other inputs."""

@@ -133,6 +133,9 @@ class TorchPipeline(_CallMixin):
             )
         if vae_tiling:
             pipe.vae.enable_tiling()
+        from export.pag import check_pag_layers
+
+        check_pag_layers(pipe.unet, pag_layers)  # diffusers' PAG pipelines would refuse them mid-run
         if ip_adapter is not None:
             from export.ip_adapter import ENCODER_FOLDER, check_ip_adapter
 

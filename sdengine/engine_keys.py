@@ -356,14 +356,15 @@ def rebuild_command(
 
 
 def covering_request(
-    request: ProfileRequest, *, batch: int, height: int, width: int, parts: int
+    request: ProfileRequest, *, batch: int, height: int, width: int, parts: int, copies: int = 2
 ) -> ProfileRequest:
-    """``request`` grown just enough to take ``batch`` images of ``height`` x ``width`` with composable
-    prompts of ``parts`` parts: a static one is moved to those sizes, a dynamic one's bounds widened."""
-    parts = max(request.parts, parts)
+    """``request`` grown just enough to take ``batch`` images of ``height`` x ``width``, ``copies`` of them a
+    UNet call, with composable prompts of ``parts`` parts: a static one is moved to those sizes, a dynamic
+    one's bounds widened; guidance (two copies) turns ``cfg`` on."""
+    parts, cfg = max(request.parts, parts), request.cfg or copies == 2
     if not request.dynamic:
-        return replace(request, batch=batch, height=height, width=width, parts=parts)
-    bounds, wider = request.bounds(), {"parts": parts}
+        return replace(request, batch=batch, height=height, width=width, parts=parts, cfg=cfg)
+    bounds, wider = request.bounds(), {"parts": parts, "cfg": cfg}
     for dim, value in (("batch", batch), ("height", height), ("width", width)):
         lo, _, hi = bounds[dim]
         if value < lo:
@@ -394,7 +395,7 @@ def check_unet_fits(
     if lo[0] <= rows <= hi[0] and all(lo[i] <= n <= hi[i] for i, n in zip((2, 3), latent, strict=True)):
         return
     request = entry.profile_request
-    wanted = covering_request(request, batch=batch, height=height, width=width, parts=parts)
+    wanted = covering_request(request, batch=batch, height=height, width=width, parts=parts, copies=copies)
     only_parts = replace(wanted, parts=request.parts) == request
     why = (
         f"{batch} image(s) x {copies} copies (the negative prompt and {parts} parts)"

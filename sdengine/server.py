@@ -75,6 +75,7 @@ from sdengine.extra_networks import lora_files, lora_hashes, lora_tags, resolve_
 from sdengine.images import png_info, to_pil
 from sdengine.infotext import parameters_infotext, parse_infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
+from sdengine.model_dir import optional_json
 from sdengine.webui_controlnet import control_settings, controlnet_name
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
 from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
@@ -321,8 +322,13 @@ def generation_settings(
     if refiner and switch is not None:
         settings["refiner_switch"] = switch
     size = settings["width"], settings["height"]
-    scripts = body.get("alwayson_scripts")
-    settings.update(control_settings(scripts, controlnets, *size, init_image, decode_image))
+    control = control_settings(body.get("alwayson_scripts"), controlnets, *size, init_image, decode_image)
+    if inpainting is not None and inpainting.settings.full_res and any(control.get("control_scale", [])):
+        raise InvalidArgumentError(
+            "alwayson_scripts.controlnet with inpaint_full_res (only masked): the control image is not cut "
+            "to the mask's box here; send inpaint_full_res false"
+        )
+    settings.update(control)
     n_iter = _number(body, "n_iter", 1, int)
     if n_iter < 1:
         raise InvalidArgumentError(f"n_iter must be at least 1, got {n_iter}")
@@ -331,8 +337,7 @@ def generation_settings(
 
 def served_controlnets(pipeline: Any) -> list[str]:
     """The names of the ControlNets in the served export's UNet, in its order (none for a checkpoint)."""
-    config = pipeline.model_dir.root / CONTROLNET_CONFIG
-    entries = exported_controlnets(json.loads(config.read_text())) if config.is_file() else []
+    entries = exported_controlnets(optional_json(pipeline.model_dir.root / CONTROLNET_CONFIG))
     return [controlnet_name(str(entry.get("dir", ""))) for entry in entries]
 
 

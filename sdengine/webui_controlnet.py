@@ -16,8 +16,10 @@ without ControlNet too. In img2img, a unit without an image takes the first init
 does.
 
 What the extension does and this does not is refused, naming it: preprocessors (``module`` other than
-``none``: send the preprocessed image, such as an edge map, itself), control modes other than "Balanced"
-and a unit's own mask, as are units naming a model not served, or two units naming one ControlNet. The
+``none``: send the preprocessed image, such as an edge map, itself), control modes other than "Balanced",
+a unit's own mask, and units with inpainting of the mask's box alone (``inpaint_full_res``, where the
+extension cuts the control image to that box; the server refuses the pair), as are units naming a model
+not served, or two units naming one ControlNet. The
 preprocessors' settings (``processor_res``, ``threshold_a``...), ``pixel_perfect`` and ``low_vram`` change
 nothing without a preprocessor and are ignored.
 """

@@ -160,6 +160,8 @@ def test_a_run_outside_the_unet_profile_is_refused_with_the_build_that_fits():
     message = _fits(static, batch=2, height=768)
     assert "needs 4 rows (2 image(s) x 2 copies) of 768x512" in message
     assert "--components" not in message and "--batch 2 --height 768 --width 512" in message
+    no_cfg = _fits(ProfileRequest(cfg=False), copies=2)  # guidance on engines built without it
+    assert "needs 2 rows" in no_cfg and "--no-cfg" not in no_cfg and "--components" not in no_cfg
     dynamic = ProfileRequest(dynamic=True, max_batch=2)
     assert _fits(dynamic, batch=2, copies=2) is None
     assert "--dynamic --max-batch 2 --parts 3" in _fits(dynamic, batch=2, copies=4, parts=3)

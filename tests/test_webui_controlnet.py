@@ -151,3 +151,18 @@ def test_the_server_runs_the_units_as_the_pipeline_does(controlled):
     assert np.abs(expected.array - without.array).max() > 0.05  # the unit did something
     info = json.loads(answer["info"])
     assert info["ignored_fields"] == []
+
+
+def test_units_with_inpainting_of_the_masks_box_alone_are_refused():
+    from sdengine.server import generation_settings
+
+    mask = np.zeros((64, 64, 3), np.float32)
+    mask[16:48, 16:48] = 1.0
+    body = {"init_images": [png(EDGES)], "mask": png(mask), "width": 64, "height": 64}
+    body["alwayson_scripts"] = units({"image": png(DEPTH), "model": "depth"})
+    with pytest.raises(InvalidArgumentError, match="inpaint_full_res false"):
+        generation_settings(body, img2img=True, controlnets=SERVED)
+    whole = generation_settings({**body, "inpaint_full_res": False}, img2img=True, controlnets=SERVED)
+    assert whole.settings["control_scale"] == [0.0, 1.0]
+    unused = generation_settings({**body, "alwayson_scripts": {}}, img2img=True, controlnets=SERVED)
+    assert unused.settings["control_scale"] == [0.0, 0.0]  # no unit: the box alone is fine
