@@ -170,6 +170,7 @@ def export_component(
     ip_adapter: dict | None = None,
     target: str = "portable",
     pag_layers: Sequence[str] = (),
+    seamless: bool = False,
 ) -> ComponentRecord:
     """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result.
     ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises).
@@ -179,7 +180,8 @@ def export_component(
     ``ip_adapter``: an IP-Adapter's record (``export.ip_adapter.check_ip_adapter``), loaded into the UNet,
     whose image encoder is the ``image_encoder`` component. ``target`` ``cuda``: the UNet fused for ONNX
     Runtime's CUDA provider (``export.cuda_fusion``; checked against PyTorch before the fusion).
-    ``pag_layers``: the UNet's self-attention there made perturbable (``export.pag``)."""
+    ``pag_layers``: the UNet's self-attention there made perturbable (``export.pag``). ``seamless``: the
+    UNet's and VAE's convolutions wrap around the edges (``export.seamless``)."""
     cuda_fused = target == "cuda" and name == UNET
     model_dir = open_checkpoint_dir(checkpoint)
     if name in (SAFETY_CHECKER, IMAGE_ENCODER):
@@ -209,7 +211,7 @@ def export_component(
     model_path = out_dir / name / "model.onnx"
     start = time.perf_counter()
     ip_file = None if ip_adapter is None else Path(ip_adapter["file"])
-    module = load_export_module(checkpoint, name, controlnets, arch.xl, ip_file, pag_layers)
+    module = load_export_module(checkpoint, name, controlnets, arch.xl, ip_file, pag_layers, seamless)
     fuse_loras(module, name, loras)
     fused_operators, verification = None, None
     if cuda_fused:
@@ -299,6 +301,7 @@ def export_checkpoint(
     vae: str | os.PathLike | None = None,
     target: str = "portable",
     pag_layers: Sequence[str] = (),
+    seamless: bool = False,
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
     ``checkpoint`` may be a single-file checkpoint (``model.safetensors``), converted once into the cache
@@ -323,7 +326,8 @@ def export_checkpoint(
     provider, which alone runs it (``export.cuda_fusion``). ``pag_layers``: the self-attention layers
     perturbed-attention guidance may perturb, named as diffusers' PAG pipelines name them (``mid``,
     ``down_blocks.1``, a regular expression); the UNet then takes ``pag_rows`` (``sdengine.pag``;
-    ``pag/config.json``)."""
+    ``pag/config.json``). ``seamless``: the UNet's and VAE's convolutions wrap around the image's edges, so
+    every image made tiles (the web UI's "Tiling"; ``export.seamless``; recorded in the manifest)."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if target not in TARGETS:
@@ -376,6 +380,8 @@ def export_checkpoint(
         raise InvalidArgumentError("--pag-layers are traced into the UNet: export the unet component too")
     if pag_layers and target == "cuda":  # the fusion's matcher reads the classic attention alone
         raise UnsupportedConfigError("--pag-layers with --target cuda is not supported")
+    if seamless and target == "cuda":  # the wrapped padding before each convolution: not checked fused
+        raise UnsupportedConfigError("--seamless with --target cuda is not supported")
     out_dir = Path(output)
     if out_dir.resolve() == source.resolve():
         raise InvalidArgumentError("--output must differ from the checkpoint directory")
@@ -394,6 +400,7 @@ def export_checkpoint(
             ip_adapter=ip_record,
             target=target,
             pag_layers=pag_layers,
+            seamless=seamless,
         )
     _copy_side_files(source, out_dir)
     control_records = [{"dir": str(p), "sha256": checkpoint_hash(p)} for p in control_paths]
@@ -413,6 +420,7 @@ def export_checkpoint(
         ],
         controlnets=control_records,
         target=target,
+        seamless=seamless,
     )
     manifest.write(out_dir)
     failed = [

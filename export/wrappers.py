@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from export.seamless import make_seamless
 from sdengine.model_dir import weights_variant
 from sdengine.model_specs import (
     IMAGE_ENCODER,
@@ -280,12 +281,13 @@ def load_export_module(
     xl: bool = False,
     ip_adapter: Path | None = None,
     pag_layers: Sequence[str] = (),
+    seamless: bool = False,
 ) -> nn.Module:
     """Load one checkpoint component, in float32 and eval mode, wrapped for export; the UNet with the
     ControlNets in the directories ``controlnets`` inside, if any, and the IP-Adapter file ``ip_adapter``
     loaded (whose image encoder is the ``image_encoder`` component), and the self-attention of
     ``pag_layers`` perturbable (``export.pag``: its last input then says which rows). ``xl``: an SDXL
-    checkpoint's."""
+    checkpoint's. ``seamless``: the UNet's and VAE's convolutions wrap around (``export.seamless``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -302,6 +304,8 @@ def load_export_module(
         module = TextEncoderExport(load(CLIPTextModel, "text_encoder"))
     elif name == UNET:
         unet = load(UNet2DConditionModel, "unet")
+        if seamless:
+            make_seamless(unet)
         if ip_adapter is not None:
             from export.ip_adapter import load_ip_adapter
 
@@ -332,6 +336,8 @@ def load_export_module(
         module = SafetyCheckerExport(load(StableDiffusionSafetyChecker, "safety_checker"))
     elif name in (VAE_DECODER, VAE_ENCODER):
         vae = load(AutoencoderKL, "vae")
+        if seamless:
+            make_seamless(vae)
         module = VaeDecoderExport(vae) if name == VAE_DECODER else VaeEncoderExport(vae)
     else:
         raise KeyError(name)

@@ -12,6 +12,7 @@ so those compare as exactly as the others. Imports torch and diffusers, which th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 import time
@@ -106,13 +107,15 @@ class TorchPipeline(_CallMixin):
         safety_checker: bool = True,
         ip_adapter: str | os.PathLike | None = None,
         pag_layers: Sequence[str] = DEFAULT_PAG_LAYERS,
+        seamless: bool = False,
     ) -> TorchPipeline:
         """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting);
         ``vae_tiling``: its VAE's ``enable_tiling()``; ``controlnets``: ControlNet directories, each then
         taking a control image, run by diffusers' ControlNet pipelines; ``safety_checker``: the checkpoint's,
         where it has one, as diffusers loads and runs it by default; ``ip_adapter``: an IP-Adapter weights
         file, loaded by diffusers' ``load_ip_adapter`` with the image encoder beside it; ``pag_layers``: where
-        diffusers' PAG pipelines perturb the self-attention when a request asks for it."""
+        diffusers' PAG pipelines perturb the self-attention when a request asks for it; ``seamless``: the
+        UNet's and VAE's convolutions wrap around the edges (``export.seamless``), so the images tile."""
         model_dir = open_checkpoint_dir(path)
         if threads:
             torch.set_num_threads(threads)
@@ -136,6 +139,11 @@ class TorchPipeline(_CallMixin):
         from export.pag import check_pag_layers
 
         check_pag_layers(pipe.unet, pag_layers)  # diffusers' PAG pipelines would refuse them mid-run
+        if seamless:
+            from export.seamless import make_seamless
+
+            make_seamless(pipe.unet)
+            make_seamless(pipe.vae)
         if ip_adapter is not None:
             from export.ip_adapter import ENCODER_FOLDER, check_ip_adapter
 
@@ -155,6 +163,7 @@ class TorchPipeline(_CallMixin):
             check_controlnets(model_dir.root, model_dir.arch, paths)
             nets = load_controlnets(paths, dtype)
             controlnet = (nets[0] if len(nets) == 1 else MultiControlNetModel(nets)).to(device)
+        model_dir = dataclasses.replace(model_dir, seamless=seamless)  # for the record (request.seamless)
         return cls(model_dir, pipe.to(device), device, controlnet, pag_layers)
 
     @property

@@ -152,6 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         vae=args.vae,
         cuda_options=parse_cuda_options(args.cuda_option),
         pag_layers=args.pag_layers.split(",") if args.pag_layers else None,
+        seamless=args.seamless,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     if len(controls) != pipeline.controlnets:
@@ -278,6 +279,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         vae=args.vae,
         target=args.target,
         pag_layers=args.pag_layers.split(",") if args.pag_layers else (),
+        seamless=args.seamless,
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -712,6 +714,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch backend: where --pag-scale perturbs the self-attention, comma-separated (default mid). "
         "An export holds its own",
     )
+    g.add_argument(
+        "--seamless",
+        action="store_true",
+        help="torch backend: images that tile (the UNet's and VAE's convolutions wrap around). An export is "
+        "seamless or not (export --seamless)",
+    )
     g.add_argument("--vae", default=None, metavar="DIR|FILE", help="torch backend: " + VAE_HELP)
     g.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     g.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
@@ -795,6 +803,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="make the UNet's self-attention in these layers perturbable, for perturbed-attention guidance "
         "(generate --pag-scale): comma-separated names as diffusers' PAG pipelines take them, such as mid "
         "(their default) or down_blocks.1",
+    )
+    e.add_argument(
+        "--seamless",
+        action="store_true",
+        help="the UNet's and VAE's convolutions wrap around the image's edges, so every image made tiles "
+        "(the web UI's Tiling)",
     )
     e.add_argument("--vae", default=None, metavar="DIR|FILE", help=VAE_HELP)
     e.add_argument("--config", default=None, metavar="DIR", help=CONFIG_HELP)

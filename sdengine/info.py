@@ -82,6 +82,7 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     )
     pag = exported_pag(optional_json(root / PAG_CONFIG))
     info["pag"] = f"perturbed-attention guidance (--pag-scale) in {', '.join(pag)}" if pag else "none"
+    info["seamless"] = "yes: its images tile" if model_dir.seamless else "no"
     manifest = Manifest.read(root)
     if manifest is not None:
         info["manifest"] = {

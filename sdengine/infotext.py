@@ -73,6 +73,7 @@ def parameters_infotext(parameters: Mapping[str, Any]) -> str:
         "Denoising strength": parameters.get("strength", parameters.get("hires_strength")),
         "Clip skip": parameters["clip_skip"] + 1 if parameters.get("clip_skip") else None,
         "RNG": "CPU" if parameters.get("noise_source") == "torch-cpu" else None,
+        "Tiling": True if parameters.get("seamless") else None,  # the web UI's name for it
         **inpaint_fields,
         "Hires upscale": parameters.get("hires_scale"),
         "Hires steps": parameters.get("hires_steps") if hires else None,

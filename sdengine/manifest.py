@@ -63,6 +63,8 @@ class Manifest:
     #: one of TARGETS: ``portable`` (any ONNX Runtime provider, TensorRT) or ``cuda`` (the UNet fused for
     #: ONNX Runtime's CUDA provider alone: ``export.cuda_fusion``)
     target: str = "portable"
+    #: the UNet's and VAE's convolutions wrap around the image's edges: every image tiles (export.seamless)
+    seamless: bool = False
 
     def write(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST_NAME

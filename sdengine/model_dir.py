@@ -154,6 +154,9 @@ class ModelDir:
     #: an export whose UNet is fused for ONNX Runtime's CUDA provider (``sdengine export --target cuda``),
     #: which alone runs it
     cuda_fused: bool = False
+    #: an export whose UNet and VAE wrap around the image's edges (``sdengine export --seamless``): its
+    #: images tile
+    seamless: bool = False
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -232,8 +235,9 @@ def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
     ip_adapter = exported_ip_adapter(optional_json(root / IP_ADAPTER_CONFIG))
     pag = {"pag": True} if exported_pag(optional_json(root / PAG_CONFIG)) else {}
     model_dir = _open(root, VAE_DECODER, files, again, len(controlnets), {**ip_adapter, **pag})
-    cuda_fused = optional_json(root / MANIFEST_NAME).get("target") == "cuda"
-    return dataclasses.replace(model_dir, cuda_fused=cuda_fused) if cuda_fused else model_dir
+    manifest = optional_json(root / MANIFEST_NAME)
+    cuda_fused, seamless = manifest.get("target") == "cuda", manifest.get("seamless") is True
+    return dataclasses.replace(model_dir, cuda_fused=cuda_fused, seamless=seamless)
 
 
 def open_checkpoint_dir(path: str | os.PathLike) -> ModelDir:

@@ -108,6 +108,11 @@ class _CallMixin:
         return self.model_dir.arch.ip_adapter
 
     @property
+    def seamless(self) -> bool:
+        """The UNet and VAE wrap around the image's edges: every image made tiles."""
+        return self.model_dir.seamless
+
+    @property
     def pag(self) -> bool:
         """The UNet can perturb its self-attention, and so run perturbed-attention guidance
         (:mod:`sdengine.pag`)."""
@@ -357,6 +362,8 @@ class _CallMixin:
         )
         if crop is not None:
             request = dataclasses.replace(request, mask_crop=crop)
+        if self.seamless:
+            request = dataclasses.replace(request, seamless=True)
         if self.model_dir.arch.aesthetic and not request.image_to_image:
             raise UnsupportedConfigError("SDXL's refiner refines images: give it one (image to image)")
         if self.refiner is not None and request.inpainting and self.model_dir.arch.inpainting_unet:
@@ -455,6 +462,7 @@ class Pipeline(_CallMixin):
         vae: str | os.PathLike | None = None,
         cuda_options: Mapping[str, object] | None = None,
         pag_layers: Sequence[str] | None = None,
+        seamless: bool = False,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
@@ -475,7 +483,9 @@ class Pipeline(_CallMixin):
         ``cuda_options``: more options for ONNX Runtime's CUDA provider, such as ``{"prefer_nhwc": "1"}``
         (ONNX Runtime on CUDA only; :mod:`sdengine.backends.cuda_options`). ``pag_layers``: where
         perturbed-attention guidance perturbs the UNet's self-attention, for a diffusers checkpoint
-        (``torch``; default ``mid``); an export holds its own (``sdengine export --pag-layers``)."""
+        (``torch``; default ``mid``); an export holds its own (``sdengine export --pag-layers``).
+        ``seamless``: the UNet's and VAE's convolutions wrap around the edges, so the images tile, for a
+        diffusers checkpoint (``torch``); an export is seamless or not (``sdengine export --seamless``)."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -489,6 +499,11 @@ class Pipeline(_CallMixin):
             raise InvalidArgumentError(
                 "an IP-Adapter is traced into an export's UNet: export the checkpoint with it (sdengine "
                 "export --ip-adapter FILE) and load that export; only the torch backend takes one at load"
+            )
+        if seamless and choice.backend != "torch":
+            raise InvalidArgumentError(
+                "an export is seamless or not: export the checkpoint with --seamless and load that export; "
+                "only the torch backend takes it at load"
             )
         if pag_layers is not None and choice.backend != "torch":
             raise InvalidArgumentError(
@@ -522,6 +537,7 @@ class Pipeline(_CallMixin):
                 safety_checker=safety_checker,
                 ip_adapter=ip_adapter,
                 pag_layers=DEFAULT_PAG_LAYERS if pag_layers is None else pag_layers,
+                seamless=seamless,
             )
         elif choice.backend == "trt":
             from sdengine.backends.trt import TrtBackend

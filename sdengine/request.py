@@ -103,6 +103,9 @@ class GenerationRequest:
     composable: tuple[Parts, ...] = ()
     #: perturbed-attention guidance's scale (:mod:`sdengine.pag`; 0: none)
     pag_scale: float = 0.0
+    #: the model's UNet and VAE wrap around the image's edges, so its images tile (set by the pipeline from
+    #: the model, for the record: ``sdengine export --seamless``)
+    seamless: bool = False
 
     @property
     def guided_parts(self) -> tuple[Parts, ...]:
@@ -368,6 +371,7 @@ class GenerationRequest:
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
             **({"pag_scale": self.pag_scale} if self.pag_scale else {}),
+            **({"seamless": True} if self.seamless else {}),
             **({"long_prompts": True} if self.long_prompts else {}),
             **({"prompt_weights": self.prompt_weights} if self.prompt_weights else {}),
             **(

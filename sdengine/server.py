@@ -31,7 +31,9 @@ What the web UI's API takes, and how it maps here:
 - ``alwayson_scripts.controlnet`` (the ControlNet extension's units) for an export with ControlNets in its
   UNet: each unit's image, weight, guidance start and end for the ControlNet its ``model`` names
   (:mod:`sdengine.webui_controlnet`); ``/controlnet/model_list`` lists them. Other scripts are refused.
-- What asks for something sdengine does not do (face restoration, tiling, scripts, styles, latent-space
+- ``tiling`` (true): served by a seamless export (``sdengine export --seamless``), whose images always tile
+  (and say so in their infotext, "Tiling: True"); refused by any other.
+- What asks for something sdengine does not do (face restoration, scripts, styles, latent-space
   masked content, other samplers or upscalers) is refused, naming the field; fields that only steer the web
   UI's own bookkeeping (``save_images``, ``send_images``...) are accepted and left alone, and others are
   ignored and listed in the answer's ``info`` as ``ignored_fields``, as the web UI ignores fields it does
@@ -103,7 +105,6 @@ BOOKKEEPING = {
 #: Fields that ask for something sdengine does not do, unless they hold the value that asks for nothing.
 UNSUPPORTED = {
     "restore_faces": (None, False),
-    "tiling": (None, False),
     "styles": (None, []),
     "script_name": (None, ""),
     "script_args": (None, []),
@@ -166,6 +167,7 @@ READ = {
     "refiner_checkpoint",
     "refiner_switch_at",
     "alwayson_scripts",
+    "tiling",
 }
 MAX_BODY = 64 * 2**20
 
@@ -421,6 +423,10 @@ def run_request(
     refiner = getattr(pipeline, "refiner", None) is not None
     names = served_controlnets(pipeline)
     settings, n_iter, ignored, inpainting = generation_settings(body, img2img, refiner, names)
+    if body.get("tiling") and not getattr(pipeline, "seamless", False):
+        raise InvalidArgumentError(
+            "tiling: the model served is not seamless (export it with sdengine export --seamless)"
+        )
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)
