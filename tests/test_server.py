@@ -120,7 +120,7 @@ def test_settings_map_the_web_uis_fields():
     ("body", "message"),
     [
         ({"restore_faces": True}, "not supported: restore_faces"),
-        ({"tiling": True, "styles": ["x"]}, "not supported: styles, tiling"),
+        ({"restore_faces": True, "styles": ["x"]}, "not supported: restore_faces, styles"),
         ({"sampler_name": "DPM adaptive"}, "sampler 'DPM adaptive' is not supported"),
         ({"scheduler": "Polyexponential"}, "scheduler 'Polyexponential' is not supported"),
         ({"sampler_name": "Euler a", "scheduler": "Exponential"}, "'Euler a' has no Exponential scheduler"),
