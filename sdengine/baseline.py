@@ -106,7 +106,7 @@ class TorchPipeline(_CallMixin):
         controlnets: Sequence[str | os.PathLike] = (),
         safety_checker: bool = True,
         ip_adapter: str | os.PathLike | None = None,
-        pag_layers: Sequence[str] = DEFAULT_PAG_LAYERS,
+        pag_layers: Sequence[str] | None = None,
         seamless: bool = False,
     ) -> TorchPipeline:
         """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting);
@@ -114,7 +114,8 @@ class TorchPipeline(_CallMixin):
         taking a control image, run by diffusers' ControlNet pipelines; ``safety_checker``: the checkpoint's,
         where it has one, as diffusers loads and runs it by default; ``ip_adapter``: an IP-Adapter weights
         file, loaded by diffusers' ``load_ip_adapter`` with the image encoder beside it; ``pag_layers``: where
-        diffusers' PAG pipelines perturb the self-attention when a request asks for it; ``seamless``: the
+        diffusers' PAG pipelines perturb the self-attention when a request asks for it (default ``mid``;
+        layers given are checked here, the default at the first such request); ``seamless``: the
         UNet's and VAE's convolutions wrap around the edges (``export.seamless``), so the images tile."""
         model_dir = open_checkpoint_dir(path)
         if threads:
@@ -136,9 +137,10 @@ class TorchPipeline(_CallMixin):
             )
         if vae_tiling:
             pipe.vae.enable_tiling()
-        from export.pag import check_pag_layers
+        if pag_layers is not None:
+            from export.pag import check_pag_layers
 
-        check_pag_layers(pipe.unet, pag_layers)  # diffusers' PAG pipelines would refuse them mid-run
+            check_pag_layers(pipe.unet, pag_layers)
         if seamless:
             from export.seamless import make_seamless
 
@@ -164,7 +166,8 @@ class TorchPipeline(_CallMixin):
             nets = load_controlnets(paths, dtype)
             controlnet = (nets[0] if len(nets) == 1 else MultiControlNetModel(nets)).to(device)
         model_dir = dataclasses.replace(model_dir, seamless=seamless)  # for the record (request.seamless)
-        return cls(model_dir, pipe.to(device), device, controlnet, pag_layers)
+        layers = DEFAULT_PAG_LAYERS if pag_layers is None else pag_layers
+        return cls(model_dir, pipe.to(device), device, controlnet, layers)
 
     @property
     def controlnets(self) -> int:
@@ -718,6 +721,11 @@ class TorchPipeline(_CallMixin):
         key = (class_name, self.pag_layers if pag else ())
         if key not in self._image_pipelines:
             import diffusers
+
+            if pag:  # diffusers' PAG pipelines would refuse them mid-run
+                from export.pag import check_pag_layers
+
+                check_pag_layers(self.pipe.unet, self.pag_layers)
 
             extra: dict[str, Any] = {"controlnet": self.controlnet} if control else {}
             if pag:

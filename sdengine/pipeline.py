@@ -28,7 +28,7 @@ from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.mask_crop import MaskCrop
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
 from sdengine.model_specs import PAG_ROWS, SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
-from sdengine.pag import DEFAULT_PAG_LAYERS, perturbed_rows
+from sdengine.pag import perturbed_rows
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
 from sdengine.prompt_weights_a1111 import a1111_embeddings, a1111_windows, parse_a1111
 from sdengine.refiner import DEFAULT_REFINER_SWITCH, check_refiner
@@ -536,7 +536,7 @@ class Pipeline(_CallMixin):
                 controlnets=controlnets,
                 safety_checker=safety_checker,
                 ip_adapter=ip_adapter,
-                pag_layers=DEFAULT_PAG_LAYERS if pag_layers is None else pag_layers,
+                pag_layers=pag_layers,
                 seamless=seamless,
             )
         elif choice.backend == "trt":

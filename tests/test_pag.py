@@ -140,6 +140,10 @@ def test_refusals_are_one_line(pag_pipe, ort_pipe_fp32, onnx_pag, tiny_checkpoin
         Pipeline.load(onnx_pag, backend="ort", device="cpu", pag_layers=["mid"])
     with pytest.raises(InvalidArgumentError, match="Cannot find PAG layer"):
         Pipeline.load(tiny_checkpoint, backend="torch", pag_layers=["no_such_block"])
+    unchecked = Pipeline.load(tiny_checkpoint, backend="torch")  # the default layers: at the first request
+    unchecked.pag_layers = ("no_such_block",)
+    with pytest.raises(InvalidArgumentError, match="Cannot find PAG layer"):
+        unchecked(PROMPT, **{**SETTINGS, "pag_scale": 3.0})
     with pytest.raises(InvalidArgumentError, match="Cannot find PAG layer"):
         export_checkpoint(tiny_checkpoint, tmp_path / "x", components=["unet"], pag_layers=["no_such_block"])
     with pytest.raises(UnsupportedConfigError, match="--pag-layers with --target cuda is not supported"):
