@@ -61,6 +61,12 @@ class BenchConfig:
     refiner_engine_dir: Path | None = None
     #: the IP-Adapter an export holds, which the torch baseline loads beside the checkpoint
     ip_adapter: str | None = None
+    #: perturbed-attention guidance's scale (0: none), and the layers the export perturbs, which the torch
+    #: baseline's PAG pipelines perturb too
+    pag_scale: float = 0.0
+    pag_layers: tuple[str, ...] = ()
+    #: a seamless export (sdengine export --seamless): the torch baseline's convolutions wrap around too
+    seamless: bool = False
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -166,6 +172,10 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
     else:
         cmd += [arg for path in config.controlnets for arg in ("--controlnet", path)]
         cmd += ["--ip-adapter", config.ip_adapter] if config.ip_adapter else []
+        cmd += ["--pag-layers", ",".join(config.pag_layers)] if config.pag_layers else []
+        cmd += ["--seamless"] if config.seamless else []
+    if config.pag_scale:
+        cmd += ["--pag-scale", str(config.pag_scale)]
     if backend == "ort":
         cmd += [arg for option in config.cuda_options for arg in ("--cuda-option", option)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)

@@ -63,6 +63,8 @@ def measure(args: argparse.Namespace) -> dict:
         controlnets=args.controlnet,
         refiner=args.refiner,
         **({"ip_adapter": args.ip_adapter} if args.ip_adapter else {}),
+        **({"pag_layers": args.pag_layers.split(",")} if args.pag_layers else {}),
+        **({"seamless": True} if args.seamless else {}),
         cuda_options=parse_cuda_options(args.cuda_option),
     )
     load_s = time.perf_counter() - start
@@ -78,6 +80,7 @@ def measure(args: argparse.Namespace) -> dict:
         scheduler=args.scheduler,
         **control_images(pipe.controlnets, args.height, args.width, args.seed),
         **image_prompt(pipe.ip_adapter, args.seed),
+        **({"pag_scale": args.pag_scale} if args.pag_scale else {}),
     )
     results = []
     for _ in tqdm(range(args.warmup + args.runs), desc=f"{args.backend}", unit="run", file=sys.stderr):
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--controlnet", action="append", default=[])
     p.add_argument("--refiner", default=None)
     p.add_argument("--ip-adapter", default=None)
+    p.add_argument("--pag-scale", type=float, default=0.0)
+    p.add_argument("--pag-layers", default=None)
+    p.add_argument("--seamless", action="store_true")
     p.add_argument("--image-out", required=True)
     print(json.dumps(measure(p.parse_args(argv))))
 

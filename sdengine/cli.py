@@ -418,6 +418,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sdengine.ip_adapter import IP_ADAPTER_CONFIG
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_onnx_dir, optional_json
+    from sdengine.pag import PAG_CONFIG, exported_pag
 
     cuda_options = parse_cuda_options(args.cuda_option)  # before any preparation: a bad one fails at once
     if cuda_options and args.device == "cpu":
@@ -426,7 +427,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = args.device
     controlnets: tuple[str, ...] = ()
     ip_adapter = None
+    pag_layers: tuple[str, ...] = ()
+    seamless = False
     refiner, refiner_checkpoint = (None, None) if args.refiner is None else refiner_dirs(args)
+    if args.model in PRESETS and args.pag_scale:  # before any preparation
+        raise InvalidArgumentError(
+            "--pag-scale needs an export with perturbed-attention guidance (sdengine export --pag-layers); "
+            "the presets have none"
+        )
     if args.model in PRESETS:
         preset = get_preset(args.model)
         device = device or preset.device
@@ -452,6 +460,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         native = open_onnx_dir(onnx_dir).default_image_size
         controlnets = tuple(str(c["dir"]) for c in manifest.controlnets) if manifest else ()
         ip_adapter = optional_json(onnx_dir / IP_ADAPTER_CONFIG).get("file")
+        pag_layers = exported_pag(optional_json(onnx_dir / PAG_CONFIG))
+        seamless = bool(manifest and manifest.seamless)
         size = dict(height=native, width=native, batch=1, steps=4, guidance=7.5, runs=3, warmup=1)
     overrides = {k: getattr(args, k) for k in size if getattr(args, k) is not None}
     config = BenchConfig(
@@ -468,11 +478,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         refiner=refiner,
         refiner_checkpoint=refiner_checkpoint,
         ip_adapter=ip_adapter,
+        pag_scale=args.pag_scale,
+        pag_layers=pag_layers,
+        seamless=seamless,
         **{**size, **overrides},
     )
+    if args.pag_scale and not pag_layers:
+        raise InvalidArgumentError(
+            "--pag-scale needs an export with perturbed-attention guidance (sdengine export --pag-layers)"
+        )
     flops = {}
-    # FLOPs are counted for the checkpoint's own modules: not with a refiner's or an IP-Adapter's beside them
-    if checkpoint is not None and refiner is None and ip_adapter is None:
+    # FLOPs are counted for the checkpoint's own modules at two copies of the batch: not with a refiner's or
+    # an IP-Adapter's beside them, nor for PAG's third copy
+    if checkpoint is not None and refiner is None and ip_adapter is None and not args.pag_scale:
         flops = stage_flops(
             checkpoint,
             onnx_dir,
@@ -881,6 +899,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--optimized-cache", action="store_true", help=OPTIMIZED_CACHE_HELP)
     b.add_argument("--graphs", choices=GRAPH_CHOICES, default="step", help=GRAPHS_HELP)
     _add_cuda_option(b)
+    b.add_argument(
+        "--pag-scale",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="perturbed-attention guidance at this scale, for an export with --pag-layers (the baseline runs "
+        "diffusers' PAG pipelines on the same layers)",
+    )
     b.add_argument("--json", default=None)
     b.add_argument("--plot", default=None)
     b.set_defaults(func=cmd_bench)

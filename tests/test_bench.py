@@ -91,3 +91,35 @@ def test_host_overhead_benchmark_runs_the_real_step(capsys):
     assert host_overhead(["--steps", "5", "--runs", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("us/step") == 4 and "not included" in out
+
+
+def test_bench_runs_pag_and_seamless_exports_against_the_same_baseline(tiny_checkpoint, tmp_path, capsys):
+    """The baseline perturbs the export's layers with diffusers' PAG pipelines and wraps its convolutions
+    as the export does: the images agree as closely as any other run's."""
+    from export.onnx_export import export_checkpoint
+
+    onnx = tmp_path / "onnx"
+    components = ["text_encoder", "unet", "vae_decoder"]
+    export_checkpoint(
+        tiny_checkpoint, onnx, components=components, pag_layers=["down_blocks.1"], seamless=True
+    )
+    args = [
+        "bench",
+        str(onnx),
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+    ]
+    out = tmp_path / "r.json"
+    assert main([*args, "--device", "cpu", "--pag-scale", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["backends"]["ort"]["psnr_vs_torch_db"] >= 40 and report["flops_per_call"] == {}
+    assert main(["bench", "tiny", "--pag-scale", "3"]) == 1
+    assert "the presets have none" in capsys.readouterr().err
