@@ -305,7 +305,7 @@ class TorchPipeline(_CallMixin):
             ):
                 inputs[name] = values[0] if one else list(values)
         if pag:
-            inputs.update(pag_scale=request.pag_scale, pag_adaptive_scale=0.0)
+            inputs.update(pag_scale=request.pag_scale, pag_adaptive_scale=request.pag_adaptive_scale)
         if pipe is not self.pipe:
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
         if xl:

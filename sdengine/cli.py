@@ -202,6 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ip_adapter_scale=args.ip_adapter_scale,
         noise_source=args.noise_source,
         pag_scale=args.pag_scale,
+        pag_adaptive_scale=args.pag_adaptive_scale,
         **{name: getattr(args, name) for name in SIZE_SETTINGS if getattr(args, name) is not None},
         progress=_progress("denoising"),
         **_previews(pipeline, args),
@@ -724,6 +725,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="perturbed-attention guidance's scale (default 0: none; diffusers' examples use 3), for a model "
         "exported with --pag-layers (the torch backend perturbs --pag-layers, default mid)",
+    )
+    g.add_argument(
+        "--pag-adaptive-scale",
+        type=float,
+        default=0.0,
+        metavar="A",
+        help="lower the PAG scale as the timestep t falls: max(S - A (1000 - t), 0), as diffusers does "
+        "(default 0: constant)",
     )
     g.add_argument(
         "--pag-layers",

@@ -18,8 +18,9 @@ formulas above::
 
 where G is g with guidance and 1 without, so it runs inside the captured steps on every backend with no step
 model of its own. The negative side runs even at g <= 1, where its weight comes out 0 (diffusers leaves it
-out: the same image, a third more UNet work). diffusers' adaptive scale (a scale falling with the timestep)
-is not offered.
+out: the same image, a third more UNet work). diffusers' adaptive scale ``a`` lowers the scale as the
+timestep ``t`` of each UNet call falls, ``s_t = max(s - a (1000 - t), 0)``; the weights are then a table of
+the calls, which the step model reads as it reads the others (:func:`call_weights`).
 """
 
 from __future__ import annotations
@@ -49,14 +50,18 @@ def exported_pag(config: dict[str, Any]) -> tuple[str, ...]:
     return tuple(layers)
 
 
-def check_pag_scale(scale: float, guidance: float) -> float:
-    """A PAG scale: a finite number >= 0 (0: off); with guidance other than 0, whose weights divide by it."""
-    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if not number or not math.isfinite(scale) or scale < 0:
-        raise InvalidArgumentError(f"pag_scale must be a finite number >= 0, got {scale!r}")
+def check_pag_scale(scale: float, guidance: float, adaptive: float = 0.0) -> tuple[float, float]:
+    """A PAG scale and adaptive scale: finite numbers >= 0 (0: off); with guidance other than 0, whose
+    weights divide by it."""
+    for name, value in (("pag_scale", scale), ("pag_adaptive_scale", adaptive)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value < 0:
+            raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
     if scale and guidance == 0:
         raise InvalidArgumentError("pag_scale needs a guidance scale other than 0")
-    return float(scale)
+    if adaptive and not scale:
+        raise InvalidArgumentError("pag_adaptive_scale lowers a pag_scale: give one")
+    return float(scale), float(adaptive)
 
 
 def pag_parts(prompts: tuple[str, ...], guidance: float, scale: float) -> tuple[Parts, ...]:
@@ -64,6 +69,19 @@ def pag_parts(prompts: tuple[str, ...], guidance: float, scale: float) -> tuple[
     sum is PAG's guidance (see the module's docstring)."""
     full = guidance if guidance > 1.0 else 1.0
     return tuple(((p, (full + scale) / guidance), (p, -scale / guidance)) for p in prompts)
+
+
+def call_weights(
+    guidance: float, scale: float, adaptive: float, timesteps: np.ndarray, batch: int
+) -> np.ndarray:
+    """(calls, 2, B, 1, 1, 1): each UNet call's weights of the prompt and its perturbed copy, at the scale
+    the adaptive scale leaves at the call's timestep (see the module's docstring)."""
+    scales = np.maximum(scale - adaptive * (1000.0 - np.asarray(timesteps, np.float64)), 0.0)
+    full = guidance if guidance > 1.0 else 1.0
+    weights = np.stack([(full + scales) / guidance, -scales / guidance], axis=1)  # (calls, 2)
+    return np.broadcast_to(weights[:, :, None, None, None, None], (len(scales), 2, batch, 1, 1, 1)).astype(
+        np.float32
+    )
 
 
 def perturbed_rows(copies: int, batch: int, perturbed: bool) -> np.ndarray:

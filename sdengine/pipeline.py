@@ -236,6 +236,7 @@ class _CallMixin:
         ip_adapter_scale: float | None = None,
         noise_source: str = "sdengine",
         pag_scale: float = 0.0,
+        pag_adaptive_scale: float = 0.0,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -276,7 +277,8 @@ class _CallMixin:
         image to image and inpainting with ``generator=[torch.Generator("cpu").manual_seed(seed + i) ...]``,
         and the web UI with its "CPU" random source, so the same seed makes the same image there and here
         (:mod:`sdengine.torch_noise`). ``pag_scale`` (a model exported with ``--pag-layers``):
-        perturbed-attention guidance's scale, 0 (the default) for none (:mod:`sdengine.pag`)."""
+        perturbed-attention guidance's scale, 0 (the default) for none, and ``pag_adaptive_scale`` how fast
+        it falls with the timestep (diffusers'; :mod:`sdengine.pag`)."""
         sizes = {
             "original_size": original_size,
             "crop_top_left": crop_top_left,
@@ -356,6 +358,7 @@ class _CallMixin:
             ip_scale=ip_adapter_scale,
             noise_source=noise_source,
             pag_scale=pag_scale,
+            pag_adaptive_scale=pag_adaptive_scale,
             inpainting_unet=self.model_dir.arch.inpainting_unet,
             size_multiple=multiple,
             **sizes,
@@ -634,7 +637,7 @@ class Pipeline(_CallMixin):
         if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
             inputs["guidance_rescale"] = request.guidance_rescale
         if request.guided_parts:  # the weights of composable prompts' parts (or PAG's)
-            inputs["part_weights"] = request.part_weights
+            inputs["part_weights"] = request.call_part_weights(schedule)
         if self.model_dir.arch.pag:  # which rows' self-attention is perturbed: none without PAG
             unet_constants[PAG_ROWS] = perturbed_rows(request.copies, request.batch, bool(request.pag_scale))
         if self.model_dir.arch.ip_adapter:  # the image prompt's embeddings, or none (scale 0)

@@ -17,7 +17,7 @@ from sdengine.hires import HiresFix, hires_fix
 from sdengine.images import image_array
 from sdengine.mask_crop import MaskCrop
 from sdengine.model_specs import Architecture
-from sdengine.pag import check_pag_scale, pag_parts
+from sdengine.pag import call_weights, check_pag_scale, pag_parts
 from sdengine.prompt_editing import PromptEdits, prompt_edits
 from sdengine.schedulers import Schedule, load_scheduler
 from sdengine.schedulers.base import img2img_start
@@ -101,8 +101,9 @@ class GenerationRequest:
     #: composable prompts (the web UI's ``AND``, :mod:`sdengine.composable`): each image's parts (text,
     #: weight); empty where every prompt is one part of weight 1
     composable: tuple[Parts, ...] = ()
-    #: perturbed-attention guidance's scale (:mod:`sdengine.pag`; 0: none)
+    #: perturbed-attention guidance's scale (:mod:`sdengine.pag`; 0: none), and its adaptive scale
     pag_scale: float = 0.0
+    pag_adaptive_scale: float = 0.0
     #: the model's UNet and VAE wrap around the image's edges, so its images tile (set by the pipeline from
     #: the model, for the record: ``sdengine export --seamless``)
     seamless: bool = False
@@ -157,6 +158,14 @@ class GenerationRequest:
         """Composable prompts' weights (K, B, 1, 1, 1) (:func:`sdengine.composable.part_weights`); None for
         plain guidance."""
         return part_weights(self.guided_parts) if self.guided_parts else None
+
+    def call_part_weights(self, schedule: Schedule) -> np.ndarray | None:
+        """:attr:`part_weights`, or with perturbed-attention guidance's adaptive scale each call's of
+        ``schedule`` (calls, K, B, 1, 1, 1) (:func:`sdengine.pag.call_weights`)."""
+        if not self.pag_adaptive_scale:
+            return self.part_weights
+        adaptive = self.pag_adaptive_scale
+        return call_weights(self.guidance, self.pag_scale, adaptive, schedule.timesteps, self.batch)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -371,6 +380,7 @@ class GenerationRequest:
             **({"clip_skip": self.clip_skip} if self.clip_skip else {}),
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
             **({"pag_scale": self.pag_scale} if self.pag_scale else {}),
+            **({"pag_adaptive_scale": self.pag_adaptive_scale} if self.pag_adaptive_scale else {}),
             **({"seamless": True} if self.seamless else {}),
             **({"long_prompts": True} if self.long_prompts else {}),
             **({"prompt_weights": self.prompt_weights} if self.prompt_weights else {}),
@@ -430,6 +440,7 @@ def make_request(
     noise_source: str = "sdengine",
     inpainting_unet: bool = False,
     pag_scale: float = 0.0,
+    pag_adaptive_scale: float = 0.0,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
@@ -441,7 +452,8 @@ def make_request(
     (1, H, W, 3) and ``ip_scale`` (default 1): an IP-Adapter's image prompt and its weight
     (:mod:`sdengine.ip_adapter`). ``noise_source``: one of :data:`NOISE_SOURCES`. ``inpainting_unet``: the
     model's UNet takes the mask and masked image. ``pag_scale``: perturbed-attention guidance's scale
-    (:mod:`sdengine.pag`; 0, the default: none)."""
+    (:mod:`sdengine.pag`; 0, the default: none), ``pag_adaptive_scale`` how fast it falls with the
+    timestep."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -522,7 +534,7 @@ def make_request(
             "guidance_rescale rescales one guided prediction; composable prompts (AND, or a part's :weight) "
             "have several: give one or the other"
         )
-    pag_scale = check_pag_scale(pag_scale, float(guidance))
+    pag_scale, pag_adaptive_scale = check_pag_scale(pag_scale, float(guidance), pag_adaptive_scale)
     if pag_scale and (composable or guidance_rescale):
         other = "composable prompts (AND, or a part's :weight)" if composable else "guidance_rescale"
         raise InvalidArgumentError(
@@ -561,6 +573,7 @@ def make_request(
         inpainting_unet=inpainting_unet and mask is not None,
         composable=composable,
         pag_scale=pag_scale,
+        pag_adaptive_scale=pag_adaptive_scale,
     )
 
 

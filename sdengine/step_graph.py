@@ -42,7 +42,8 @@ STEP_OUTPUTS = ("next_sample", "next_history", "next_step_index", "unet_input", 
 #: Inputs of inpainting with a plain (4-channel) UNet: after each step the area outside the mask is the image
 #: noised to the next timestep, as diffusers' ``StableDiffusionInpaintPipeline`` does.
 BLEND_INPUTS = ("keep_mask", "image_latents", "image_noise", "noise_scales")
-#: Composable prompts (:mod:`sdengine.composable`): each part's weight for each image, (K, B, 1, 1, 1).
+#: Composable prompts (:mod:`sdengine.composable`): each call's weight of each part for each image,
+#: (S, K, B, 1, 1, 1).
 PART_WEIGHTS = "part_weights"
 #: Input of inpainting with an inpainting (9-channel) UNet: the channels after the latents, fixed for the run.
 CONDITIONING_INPUT = "unet_conditioning"
@@ -99,7 +100,8 @@ class StepTables:
     context_index: np.ndarray | None = None
     #: (sets, G * B, pooled) float32: SDXL, each set's pooled text embeddings
     pooled: np.ndarray | None = None
-    #: (K, B, 1, 1, 1) float32: composable prompts, each part's weight for each image (G = 1 + K)
+    #: (S, K, B, 1, 1, 1) float32: composable prompts (and perturbed-attention guidance), each call's weight
+    #: of each part for each image (G = 1 + K)
     part_weights: np.ndarray | None = None
 
     @property
@@ -119,7 +121,7 @@ class StepTables:
     @property
     def parts(self) -> int:
         """K, the composable prompts' parts guidance sums (0: plain guidance, or none)."""
-        return 0 if self.part_weights is None else len(self.part_weights)
+        return 0 if self.part_weights is None else self.part_weights.shape[1]
 
     @property
     def controls(self) -> int:
@@ -201,8 +203,9 @@ def step_tables(
     """Pad ``schedule``'s coefficient rows to :data:`MAX_HISTORY` history buffers. ``control_scales``: each
     call's ControlNet weights, (calls, ControlNets). ``contexts`` (sets, G * B, sequence, hidden) and
     ``context_index`` (calls,): edited prompts' text embeddings, and the set each call reads; ``pooled``
-    (sets, G * B, pooled): SDXL's pooled embeddings of those sets. ``part_weights`` (K, B, 1, 1, 1):
-    composable prompts' weights.
+    (sets, G * B, pooled): SDXL's pooled embeddings of those sets. ``part_weights`` (K, B, 1, 1, 1), the
+    same for every call, or (calls, K, B, 1, 1, 1): composable prompts' weights (perturbed-attention
+    guidance's, whose adaptive scale changes them call by call).
 
     Row ``r`` / column ``c`` of the scheduler's ``(1 + K, 3 + K)`` matrix keep their place; the extra history
     rows and columns are zero, so unused buffers stay zero and never contribute.
@@ -237,7 +240,9 @@ def step_tables(
         if context_index is None
         else np.append(context_index, context_index[-1]).astype(np.int64),
         pooled=f32(pooled),
-        part_weights=f32(part_weights),
+        part_weights=None
+        if part_weights is None
+        else f32(np.broadcast_to(part_weights, (s, *np.shape(part_weights)[-5:]))),
     )
 
 
@@ -300,7 +305,8 @@ def build_step_model(
     ``encoder_hidden_states`` type), as :data:`CONTEXT_OUTPUT`; with ``pooled`` (SDXL: the pooled
     embeddings' width) it takes :data:`POOLED` too and gives the set's pooled embeddings, in the same type,
     as :data:`POOLED_OUTPUT`. ``parts`` (with ``guidance``, not with ``rescale``): composable prompts of that
-    many parts; the UNet's batch holds 1 + ``parts`` copies, and the model takes :data:`PART_WEIGHTS`.
+    many parts; the UNet's batch holds 1 + ``parts`` copies, and the model takes :data:`PART_WEIGHTS`, each
+    call's row.
     """
     if parts and (rescale or not guidance):
         raise ValueError("composable prompts' parts are guided, without guidance rescale")
@@ -355,13 +361,14 @@ def build_step_model(
     ]
     nodes = [helper.make_node("Cast", ["noise_pred"], ["noise_pred_f32"], to=f32)]
     if parts:
-        inputs.append(helper.make_tensor_value_info(PART_WEIGHTS, f32, [parts, batch, 1, 1, 1]))
+        inputs.append(helper.make_tensor_value_info(PART_WEIGHTS, f32, [num_calls, parts, batch, 1, 1, 1]))
         nodes += [
+            helper.make_node("Gather", [PART_WEIGHTS, "step_index"], ["call_part_weights"], axis=0),
             helper.make_node("Slice", ["noise_pred_f32", "zero_1", "batch_1"], ["uncond"]),
             helper.make_node("Slice", ["noise_pred_f32", "batch_1", "all_1"], ["conds_flat"]),
             helper.make_node("Reshape", ["conds_flat", "parts_shape"], ["conds"]),
             helper.make_node("Sub", ["conds", "uncond"], ["deltas"]),
-            helper.make_node("Mul", ["deltas", PART_WEIGHTS], ["weighted_deltas"]),
+            helper.make_node("Mul", ["deltas", "call_part_weights"], ["weighted_deltas"]),
             helper.make_node("ReduceSum", ["weighted_deltas", "zero_1"], ["delta"], keepdims=0),
             helper.make_node("Mul", ["delta", "guidance"], ["scaled_delta"]),
             helper.make_node("Add", ["uncond", "scaled_delta"], ["eps"]),

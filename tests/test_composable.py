@@ -65,7 +65,7 @@ def test_the_step_model_sums_each_parts_weighted_pull():
         "input_scales": np.ones(2, np.float32),
         "noise": np.zeros((1, batch, *latent), np.float32),
         "guidance": np.array(6.0, np.float32),
-        PART_WEIGHTS: weights,
+        PART_WEIGHTS: weights[None],  # the one call's row
     }
     guided = session.run(["next_sample"], feeds)[0]
     uncond, conds = noise_pred[:batch], noise_pred[batch:].reshape(3, batch, *latent)

@@ -56,8 +56,11 @@ def mask(height: int = 64, width: int = 64) -> np.ndarray:
         dict(scheduler="pndm", guidance=7.5, pag_scale=3.0, image=picture(64, 64), strength=0.6),
         dict(scheduler="euler", guidance=6.0, pag_scale=2.5, image=picture(64, 64), mask=mask()),
         dict(scheduler="euler", guidance=7.5, pag_scale=3.0, hires_scale=2.0),  # latents enlarged
+        # the scale falls with the timestep, to 0 before the end: each call's weights from the step model
+        dict(scheduler="euler", guidance=7.5, pag_scale=3.0, pag_adaptive_scale=0.005),
+        dict(scheduler="heun", guidance=7.5, pag_scale=3.0, pag_adaptive_scale=0.004),  # two calls a step
     ],
-    ids=["euler", "no-cfg", "euler_a-batch", "img2img", "inpaint", "hires"],
+    ids=["euler", "no-cfg", "euler_a-batch", "img2img", "inpaint", "hires", "adaptive", "adaptive-heun"],
 )
 def test_pag_matches_diffusers_pag_pipelines(pag_pipe, torch_pipe, settings):
     settings = {**SETTINGS, **settings}
@@ -65,9 +68,12 @@ def test_pag_matches_diffusers_pag_pipelines(pag_pipe, torch_pipe, settings):
     scale = float(np.abs(ref.latents).max())
     np.testing.assert_allclose(ours.latents, ref.latents, rtol=0, atol=1e-4 * scale)
     assert psnr(ours.array, ref.array) >= 100
-    plain = torch_pipe(PROMPT, NEGATIVE, **{**settings, "pag_scale": 0.0})
+    plain = torch_pipe(PROMPT, NEGATIVE, **{**settings, "pag_scale": 0.0, "pag_adaptive_scale": 0.0})
     assert psnr(ours.array, plain.array) < 60  # it does something
     assert ours.request.parameters(0)["pag_scale"] == settings["pag_scale"]
+    if settings.get("pag_adaptive_scale"):  # not the constant scale's image (which diffusers' is not either)
+        constant = pag_pipe(PROMPT, NEGATIVE, **{**settings, "pag_adaptive_scale": 0.0})
+        assert psnr(ours.array, constant.array) < 90
 
 
 def test_scale_zero_is_the_plain_models_image(pag_pipe, ort_pipe_fp32):
@@ -123,6 +129,13 @@ def test_refusals_are_one_line(pag_pipe, ort_pipe_fp32, onnx_pag, tiny_checkpoin
         (pag_pipe, dict(pag_scale=-1.0), InvalidArgumentError, "pag_scale must be a finite number >= 0"),
         (pag_pipe, dict(pag_scale=float("nan")), InvalidArgumentError, "pag_scale must be"),
         (pag_pipe, dict(pag_scale=3.0, guidance=0.0), InvalidArgumentError, "guidance scale other than 0"),
+        (pag_pipe, dict(pag_adaptive_scale=0.01), InvalidArgumentError, "lowers a pag_scale: give one"),
+        (
+            pag_pipe,
+            dict(pag_scale=3.0, pag_adaptive_scale=-1.0),
+            InvalidArgumentError,
+            "pag_adaptive_scale must",
+        ),
         (pag_pipe, dict(pag_scale=3.0, guidance_rescale=0.5), InvalidArgumentError, "no guidance_rescale"),
         (
             pag_pipe,
