@@ -493,35 +493,25 @@ class Pipeline(_CallMixin):
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
         choice = choose(backend, device, kind, has)
-        if controlnets and choice.backend != "torch":
-            raise InvalidArgumentError(
-                "ControlNets are traced into an export's UNet: export the checkpoint with them (sdengine "
-                "export --controlnet DIR) and load that export; only the torch backend takes them at load"
-            )
-        if ip_adapter is not None and choice.backend != "torch":
-            raise InvalidArgumentError(
-                "an IP-Adapter is traced into an export's UNet: export the checkpoint with it (sdengine "
-                "export --ip-adapter FILE) and load that export; only the torch backend takes one at load"
-            )
-        if seamless and choice.backend != "torch":
-            raise InvalidArgumentError(
-                "an export is seamless or not: export the checkpoint with --seamless and load that export; "
-                "only the torch backend takes it at load"
-            )
-        if pag_layers is not None and choice.backend != "torch":
-            raise InvalidArgumentError(
-                "an export's UNet holds its perturbed-attention guidance layers: export the checkpoint with "
-                "them (sdengine export --pag-layers LAYERS); only the torch backend takes them at load"
-            )
+        torch_only = {  # what an export holds, and so only a diffusers checkpoint takes at load
+            "ControlNets are traced into an export's UNet (sdengine export --controlnet DIR)": controlnets,
+            "an IP-Adapter is traced into an export's UNet (sdengine export --ip-adapter FILE)": ip_adapter,
+            "an export holds its VAE (sdengine export --vae)": vae,
+            "an export's UNet holds its perturbed-attention guidance layers (sdengine export --pag-layers)": (
+                pag_layers
+            ),
+            "an export is seamless or not (sdengine export --seamless)": seamless,
+        }
+        for what, given in torch_only.items():
+            if given not in (None, False, (), []) and choice.backend != "torch":
+                raise InvalidArgumentError(
+                    f"{what}: export the checkpoint so and load that export; only the torch backend takes "
+                    "it at load"
+                )
         if cuda_options and (choice.backend, choice.device) != ("ort", "cuda"):
             raise InvalidArgumentError(
                 "CUDA provider options are ONNX Runtime's: they need the ort backend on cuda, and this run "
                 f"is {choice.backend} on {choice.device}"
-            )
-        if vae is not None and choice.backend != "torch":
-            raise InvalidArgumentError(
-                "an export holds its VAE: export the checkpoint with this one (sdengine export --vae) and "
-                "load that export; only the torch backend takes one at load"
             )
         if choice.backend == "torch":
             from sdengine.baseline import TorchPipeline

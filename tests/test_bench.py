@@ -11,30 +11,15 @@ from sdengine.backends.select import detect
 from sdengine.cli import main
 
 
+def tiny_run(model, *, runs: int, warmup: int) -> list[str]:
+    """``sdengine bench`` on ``model`` at 64x64, 2 steps, on the CPU."""
+    size = ["--steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]
+    return ["bench", str(model), "--runs", str(runs), "--warmup", str(warmup), *size]
+
+
 def test_bench_reports_every_stage_against_the_baseline(onnx_fp32, tmp_path, capsys):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    code = main(
-        [
-            "bench",
-            str(onnx_fp32),
-            "--runs",
-            "2",
-            "--warmup",
-            "1",
-            "--steps",
-            "2",
-            "--height",
-            "64",
-            "--width",
-            "64",
-            "--json",
-            str(out_json),
-            "--plot",
-            str(out_png),
-            "--device",
-            "cpu",
-        ]
-    )
+    code = main([*tiny_run(onnx_fp32, runs=2, warmup=1), "--json", str(out_json), "--plot", str(out_png)])
     assert code == 0
     table = capsys.readouterr().out
     assert "speed-up over the torch baseline" in table and "PSNR vs torch" in table
@@ -103,22 +88,8 @@ def test_bench_runs_pag_and_seamless_exports_against_the_same_baseline(tiny_chec
     export_checkpoint(
         tiny_checkpoint, onnx, components=components, pag_layers=["down_blocks.1"], seamless=True
     )
-    args = [
-        "bench",
-        str(onnx),
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--steps",
-        "2",
-        "--height",
-        "64",
-        "--width",
-        "64",
-    ]
     out = tmp_path / "r.json"
-    assert main([*args, "--device", "cpu", "--pag-scale", "3", "--json", str(out)]) == 0
+    assert main([*tiny_run(onnx, runs=1, warmup=0), "--pag-scale", "3", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["backends"]["ort"]["psnr_vs_torch_db"] >= 40 and report["flops_per_call"] == {}
     assert main(["bench", "tiny", "--pag-scale", "3"]) == 1

@@ -251,7 +251,7 @@ def test_control_images_and_models_must_agree(
             ours.request(PROMPT, control_image=control(), control_start=start, control_end=end)
     with pytest.raises(InvalidArgumentError, match="control images have shape"):
         ours.request(PROMPT, control_image=np.stack([control()] * 3), batch=2, **SIZE)
-    with pytest.raises(InvalidArgumentError, match="export the checkpoint with them"):
+    with pytest.raises(InvalidArgumentError, match="ControlNets are traced into an export's UNet"):
         Pipeline.load(onnx_fp32, backend="ort", device="cpu", controlnets=controlnet_dirs[:1])
 
 

@@ -191,7 +191,7 @@ def test_what_is_refused(ip_pipes, ort_pipe_fp32, onnx_fp32, tiny_checkpoint, ad
         ours.request(PROMPT, ip_adapter_image=np.stack([IMAGE, IMAGE]))
     with pytest.raises(InvalidArgumentError, match="ip_adapter_scale must be a finite number"):
         ours.request(PROMPT, ip_adapter_image=IMAGE, ip_adapter_scale=float("nan"))
-    with pytest.raises(InvalidArgumentError, match="only the torch backend takes one at load"):
+    with pytest.raises(InvalidArgumentError, match="only the torch backend takes it at load"):
         Pipeline.load(onnx_fp32, backend="ort", device="cpu", ip_adapter=adapter)
     with pytest.raises(InvalidArgumentError, match="export with --ip-adapter"):
         export_checkpoint(tiny_checkpoint, tmp_path / "x", components=[IMAGE_ENCODER])

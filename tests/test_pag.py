@@ -149,7 +149,7 @@ def test_refusals_are_one_line(pag_pipe, ort_pipe_fp32, onnx_pag, tiny_checkpoin
         with pytest.raises(error, match=message) as info:
             pipe(prompt, **{**SETTINGS, **settings})
         assert "\n" not in str(info.value)
-    with pytest.raises(InvalidArgumentError, match="only the torch backend takes them at load"):
+    with pytest.raises(InvalidArgumentError, match="only the torch backend takes it at load"):
         Pipeline.load(onnx_pag, backend="ort", device="cpu", pag_layers=["mid"])
     with pytest.raises(InvalidArgumentError, match="Cannot find PAG layer"):
         Pipeline.load(tiny_checkpoint, backend="torch", pag_layers=["no_such_block"])
