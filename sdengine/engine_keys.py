@@ -36,6 +36,7 @@ from sdengine.errors import (
 )
 from sdengine.manifest import file_sha256
 from sdengine.model_specs import ENGINE_COMPONENTS, TEXT_ENCODER, TEXT_ENCODER_2, UNET, Architecture
+from sdengine.step_graph import unet_copies
 
 Shape = tuple[int, ...]
 #: input name -> (min shape, opt shape, max shape); only inputs with a run-time-sized dimension appear.
@@ -131,7 +132,7 @@ class ProfileRequest:
         and positive prompts), 1 without; up to 1 + ``parts`` for composable prompts, whose negative side
         runs even without guidance (see :func:`sdengine.step_graph.unet_copies`)."""
         fewest = 2 if self.cfg else 1
-        return fewest, 1 + self.parts if self.parts > 1 else fewest
+        return fewest, unet_copies(True, self.parts) if self.parts > 1 else fewest
 
 
 def _check_sizes(arch: Architecture, bounds: Mapping[str, tuple[int, int, int]]) -> None:

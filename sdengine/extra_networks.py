@@ -13,6 +13,7 @@ UI itself find the file again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -83,7 +84,16 @@ def resolve_loras(tags: list[LoraTag], directory: str | os.PathLike | None) -> l
 def lora_hash(path: str | os.PathLike) -> str:
     """The web UI's hash of a LoRA file: its metadata's ``sshs_model_hash`` where it has one, else the
     sha256 of everything after the safetensors header (kohya's "addnet" hash, which a change of metadata
-    leaves as it is), in hex. InvalidArgumentError for a file that is no safetensors file."""
+    leaves as it is), in hex. InvalidArgumentError for a file that is no safetensors file. Read once per
+    file and modification (a served LoRA is named by request after request)."""
+    stat = os.stat(path)
+    return _lora_hash(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _lora_hash(path: str, mtime_ns: int, size: int) -> str:
+    """:func:`lora_hash` of the resolved ``path``; ``mtime_ns`` and ``size`` key the cache, so a file
+    written again is read again."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         start = f.read(8)

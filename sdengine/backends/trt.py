@@ -360,19 +360,19 @@ class TrtBackend:
                 f"a long prompt ({key.sequence} tokens of text embeddings) needs the ONNX Runtime backend: "
                 f"TensorRT engines are built for the text encoder's {self.model_dir.arch.text_max_length}"
             )
-        factor = self.model_dir.arch.vae_scale_factor
-        check_unet_fits(
-            self.unet_entry,
-            self.engine_dir,
-            self.model_dir.root,
-            self.model_dir.arch,
-            batch=key.batch,
-            height=key.latent_height * factor,
-            width=key.latent_width * factor,
-            copies=key.copies,
-            parts=key.parts,
-        )
-        if key not in self._graphs:  # buffers, addresses and graphs: once per shape
+        if key not in self._graphs:  # the engine's fit, buffers, addresses and graphs: once per shape
+            factor = self.model_dir.arch.vae_scale_factor
+            check_unet_fits(
+                self.unet_entry,
+                self.engine_dir,
+                self.model_dir.root,
+                self.model_dir.arch,
+                batch=key.batch,
+                height=key.latent_height * factor,
+                width=key.latent_width * factor,
+                copies=key.copies,
+                parts=key.parts,
+            )
             self._graphs[key] = GraphSteps(self, key, plan)
         steps = self._graphs[key]
         steps.start(plan, times)
