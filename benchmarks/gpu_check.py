@@ -204,7 +204,9 @@ class Parity:
 
     def fused(self) -> None:
         """The UNet fused for the CUDA provider (``export --target cuda``): its whole-step graphs against
-        plain runs, its images against the portable fp16 export's and diffusers fp16's."""
+        plain runs, its images against the portable fp16 export's and diffusers fp16's. It is exported with
+        perturbable layers (their attention left unfused, the rest as in the plain fused UNet), so one
+        export also checks perturbed-attention guidance fused, against diffusers' PAG pipeline."""
         from export.onnx_export import export_checkpoint
         from sdengine.backends.ort_cuda import OrtCudaBackend
         from sdengine.model_dir import open_onnx_dir
@@ -217,6 +219,7 @@ class Parity:
             precision="fp16",
             components=self.components,
             target="cuda",
+            pag_layers=FUSED_PAG_LAYERS,
         )
         fused_dir = open_onnx_dir(self.work / "tiny-fp16-cuda")
         pipes = {
@@ -238,6 +241,17 @@ class Parity:
             results,
             "fused UNet fp16 CUDA vs diffusers fp16 GPU, PSNR dB",
             lambda: psnr(pipes["step"](PROMPT, **settings).array, self.torch16(PROMPT, **settings).array),
+        )
+
+        def pag_against_diffusers() -> float:
+            from sdengine.baseline import TorchPipeline
+
+            torch16 = TorchPipeline.load(self.ckpt, device=self.device, pag_layers=FUSED_PAG_LAYERS)
+            guided = dict(settings, pag_scale=3.0)
+            return psnr(pipes["step"](PROMPT, **guided).array, torch16(PROMPT, **guided).array)
+
+        attempt(
+            results, "fused UNet with PAG fp16 CUDA vs diffusers PAG fp16 GPU, PSNR dB", pag_against_diffusers
         )
 
     def extras(self) -> None:
@@ -355,6 +369,11 @@ class Parity:
             ).array,
             Pipeline.load(perturbable.root, backend="ort", device="cpu")(PROMPT, **guided).array,
         )
+
+
+#: the layers the fused tiny UNet perturbs: two of its self-attention layers (the middle block's sees one
+#: token at 64x64, where the perturbation changes nothing)
+FUSED_PAG_LAYERS = ["down_blocks.1"]
 
 
 def xl_parity(work: Path, settings: dict, device: str, results: dict) -> None:

@@ -12,6 +12,12 @@ SkipLayerNormalization, BiasAdd. Two of its habits shape this module:
 - its GroupNorm fusion reads float32 weights, so the trace is float32, fused, then converted to float16
   by ONNX Runtime's own converter, as its tooling does.
 
+Perturbable self-attention (``export --pag-layers``, ``export.pag``) is not fused: the per-row choice
+between its attention and the identity sits between the attention's output projection and the residual
+sum, where the matcher expects nothing, so those few layers stay MatMul, Softmax, MatMul (the rest fuse as
+in the plain UNet). Seamless convolutions (``export.seamless``: their wrapped padding is Slice and Concat
+before a Conv without padding) fuse as plain ones do.
+
 Memory: the optimizer copies the whole model for each of its symbolic shape inferences. Given the float32
 SD 1.5 UNet (3.4 GB) with its weights, it peaked at 20 GB. So it is given the model without its weights:
 it reads the few it rewrites from the external-data file on demand (through ``numpy_helper.to_array``,
@@ -59,12 +65,19 @@ CONTRIB_DOMAIN = "com.microsoft"
 
 def classic_attention(module: object) -> int:
     """Give every plain attention layer of ``module`` diffusers' classic processor (what the fusion
-    matches); others (an IP-Adapter's) keep theirs. Returns how many were replaced."""
+    matches), a perturbable one (``export.pag``) for its ordinary rows; others (an IP-Adapter's) keep
+    theirs. Returns how many were replaced."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from export.pag import PerturbableSelfAttention
 
     count = 0
     for layer in module.modules():
-        if type(getattr(layer, "processor", None)) is AttnProcessor2_0:  # not a subclass: an adapter
+        processor = getattr(layer, "processor", None)
+        if isinstance(processor, PerturbableSelfAttention) and type(processor.base) is AttnProcessor2_0:
+            processor.base = AttnProcessor()
+            count += 1
+        elif type(processor) is AttnProcessor2_0:  # not a subclass: an adapter
             layer.set_processor(AttnProcessor())
             count += 1
     return count

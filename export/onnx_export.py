@@ -44,7 +44,6 @@ from sdengine.errors import (
     ExportVerificationError,
     InvalidArgumentError,
     ModelDirectoryError,
-    UnsupportedConfigError,
 )
 from sdengine.lora import LoraFile, read_lora
 from sdengine.manifest import MANIFEST_NAME, TARGETS, ComponentRecord, Manifest, file_sha256
@@ -378,10 +377,6 @@ def export_checkpoint(
     pag_layers = [layer for layer in pag_layers if layer]
     if pag_layers and UNET not in components:
         raise InvalidArgumentError("--pag-layers are traced into the UNet: export the unet component too")
-    if pag_layers and target == "cuda":  # the fusion's matcher reads the classic attention alone
-        raise UnsupportedConfigError("--pag-layers with --target cuda is not supported")
-    if seamless and target == "cuda":  # the wrapped padding before each convolution: not checked fused
-        raise UnsupportedConfigError("--seamless with --target cuda is not supported")
     out_dir = Path(output)
     if out_dir.resolve() == source.resolve():
         raise InvalidArgumentError("--output must differ from the checkpoint directory")

@@ -14,16 +14,13 @@ import pytest
 from sdengine.errors import BackendUnavailableError, InvalidArgumentError
 
 
-@pytest.fixture(scope="module")
-def fused_dir(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint exported with ``--target cuda``; the float32 UNet it fused is kept beside it,
-    in ``unfused/``."""
+def fused_export(checkpoint, out, **options):
+    """``checkpoint`` exported to ``out`` with ``--target cuda`` and ``options``; the float32 UNet it fused
+    is kept beside it, as ``unfused.onnx``."""
     import onnx
 
     import export.onnx_export
     from export.cuda_fusion import fuse_for_cuda
-
-    out = tmp_path_factory.mktemp("onnx") / "cuda-fp16"
 
     def keeping_the_unfused(model_path):
         onnx.save(onnx.load(str(model_path)), str(out.parent / "unfused.onnx"))
@@ -31,8 +28,25 @@ def fused_dir(tiny_checkpoint, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(export.onnx_export, "fuse_for_cuda", keeping_the_unfused)
-        export.onnx_export.export_checkpoint(tiny_checkpoint, out, precision="fp16", target="cuda")
+        export.onnx_export.export_checkpoint(checkpoint, out, precision="fp16", target="cuda", **options)
     return out
+
+
+@pytest.fixture(scope="module")
+def fused_dir(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported with ``--target cuda``."""
+    return fused_export(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "cuda-fp16")
+
+
+#: the tiny UNet's self-attention layers that :func:`fused_pag_seamless_dir` perturbs (two transformers)
+PAG_LAYERS, PERTURBED = ["down_blocks.1"], 2
+
+
+@pytest.fixture(scope="module")
+def fused_pag_seamless_dir(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported with ``--target cuda``, perturbable layers and seamless convolutions."""
+    out = tmp_path_factory.mktemp("onnx") / "cuda-fp16-pag-seamless"
+    return fused_export(tiny_checkpoint, out, pag_layers=PAG_LAYERS, seamless=True)
 
 
 def test_the_unet_is_fused_into_onnx_runtimes_cuda_operators(fused_dir, tiny_checkpoint):
@@ -142,6 +156,14 @@ def test_the_fused_attention_computes_what_the_trace_does_where_the_cpu_can_run_
     not the NHWC, GroupNorm or packed-attention ones. With the export's fusions less those, the optimizer's
     reading of the traced attention (heads, scale, which projection is q, k or v) is checked in numbers,
     against the unfused float32 UNet."""
+    fused, softmax = check_cpu_fusions(fused_dir)
+    assert softmax == 0  # no attention left spelled out
+
+
+def check_cpu_fusions(export_dir, **feeds):
+    """The export's fusions less the CUDA-only ones, applied to the float32 UNet it fused: every attention
+    the export fused is fused here too, and the outputs match the unfused UNet's (given random inputs, and
+    ``feeds``). Returns the outputs and the count of attention still spelled out (Softmax)."""
     import collections
 
     import numpy as np
@@ -154,26 +176,50 @@ def test_the_fused_attention_computes_what_the_trace_does_where_the_cpu_can_run_
     options = fusion_options()
     for name in CUDA_ONLY_FUSIONS:
         setattr(options, name, False)
-    unfused = str(fused_dir.parent / "unfused.onnx")
+    unfused = str(export_dir.parent / "unfused.onnx")
     fused = optimize_model(unfused, model_type="unet", opt_level=0, optimization_options=options).model
     fused.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
     ops = collections.Counter(n.op_type for n in fused.graph.node)
-    manifest = json.loads((fused_dir / "sdengine_manifest.json").read_text())
+    manifest = json.loads((export_dir / "sdengine_manifest.json").read_text())
     attention = manifest["components"]["unet"]["fused_operators"]["MultiHeadAttention"]
     assert ops["Attention"] + ops["MultiHeadAttention"] == attention  # every attention, as in the export
-    assert "Softmax" not in ops and ops["SkipLayerNormalization"] > 0
+    assert ops["SkipLayerNormalization"] > 0
 
     models = (unfused, fused.SerializeToString())
     sessions = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]) for m in models]
     sizes = {"batch": 2, "latent_height": 8, "latent_width": 8, "sequence": 77}
     rng = np.random.default_rng(0)
-    feeds = {
+    inputs = {
         i.name: rng.standard_normal([sizes.get(d, d) for d in i.shape]).astype(np.float32)
         for i in sessions[0].get_inputs()
     }
-    feeds["timestep"] = np.full(feeds["timestep"].shape, 500, np.float32)
-    expected, got = (session.run(None, feeds)[0] for session in sessions)
+    inputs["timestep"] = np.full(inputs["timestep"].shape, 500, np.float32)
+    inputs.update(feeds)
+    expected, got = (session.run(None, inputs)[0] for session in sessions)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    return got, ops["Softmax"]
+
+
+def test_perturbable_layers_and_seamless_convolutions_fuse(fused_pag_seamless_dir, fused_dir):
+    """With ``--pag-layers`` and ``--seamless`` the UNet fuses as the plain one does, but for the perturbed
+    self-attention, left spelled out: the row selection after it hides its pattern from the optimizer. Its
+    rows still choose: the perturbed row differs, the other is the same as with no row perturbed."""
+    import numpy as np
+
+    manifest = json.loads((fused_pag_seamless_dir / "sdengine_manifest.json").read_text())
+    assert manifest["seamless"] is True
+    assert json.loads((fused_pag_seamless_dir / "pag" / "config.json").read_text())["layers"] == PAG_LAYERS
+    fused = manifest["components"]["unet"]["fused_operators"]
+    plain = json.loads((fused_dir / "sdengine_manifest.json").read_text())["components"]["unet"]
+    assert fused == {
+        **plain["fused_operators"],
+        "MultiHeadAttention": plain["fused_operators"]["MultiHeadAttention"] - PERTURBED,
+    }
+    perturbed, softmax = check_cpu_fusions(fused_pag_seamless_dir, pag_rows=np.array([0, 1], np.float32))
+    assert softmax == PERTURBED
+    unperturbed, _ = check_cpu_fusions(fused_pag_seamless_dir, pag_rows=np.zeros(2, np.float32))
+    np.testing.assert_array_equal(perturbed[0], unperturbed[0])
+    assert np.abs(perturbed[1] - unperturbed[1]).max() > 1e-3 * np.abs(unperturbed[1]).max()
 
 
 def test_info_says_what_runs_a_fused_export(fused_dir, onnx_fp32):
@@ -251,12 +297,16 @@ def test_classic_attention_replaces_only_the_plain_processors():
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
     from export.cuda_fusion import classic_attention
+    from export.pag import PerturbableSelfAttention
 
     class Custom(AttnProcessor2_0):
         pass
 
     plain, custom = Attention(8, heads=2, dim_head=4), Attention(8, heads=2, dim_head=4)
     custom.set_processor(Custom())
-    module = torch.nn.ModuleList([plain, custom])
-    assert classic_attention(module) == 1
+    perturbable = Attention(8, heads=2, dim_head=4)
+    perturbable.set_processor(PerturbableSelfAttention(AttnProcessor2_0()))
+    module = torch.nn.ModuleList([plain, custom, perturbable])
+    assert classic_attention(module) == 2
     assert type(plain.processor) is AttnProcessor and type(custom.processor) is Custom
+    assert type(perturbable.processor.base) is AttnProcessor  # the ordinary rows' attention, classic

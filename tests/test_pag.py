@@ -10,7 +10,7 @@ import pytest
 from test_img2img import picture
 from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
-from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+from sdengine.errors import InvalidArgumentError
 from sdengine.images import psnr
 from sdengine.pag import pag_parts, perturbed_rows
 from sdengine.pipeline import Pipeline
@@ -159,10 +159,6 @@ def test_refusals_are_one_line(pag_pipe, ort_pipe_fp32, onnx_pag, tiny_checkpoin
         unchecked(PROMPT, **{**SETTINGS, "pag_scale": 3.0})
     with pytest.raises(InvalidArgumentError, match="Cannot find PAG layer"):
         export_checkpoint(tiny_checkpoint, tmp_path / "x", components=["unet"], pag_layers=["no_such_block"])
-    with pytest.raises(UnsupportedConfigError, match="--pag-layers with --target cuda is not supported"):
-        export_checkpoint(
-            tiny_checkpoint, tmp_path / "y", precision="fp16", target="cuda", pag_layers=["mid"]
-        )
     with pytest.raises(InvalidArgumentError, match="export the unet component too"):
         export_checkpoint(tiny_checkpoint, tmp_path / "z", components=["vae_decoder"], pag_layers=["mid"])
 

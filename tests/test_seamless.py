@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_server import call, pixels
 
-from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+from sdengine.errors import InvalidArgumentError
 from sdengine.images import psnr
 from sdengine.infotext import parse_infotext
 from sdengine.pipeline import Pipeline
@@ -69,11 +69,7 @@ def test_the_export_records_it_and_info_says_so(onnx_seamless, seamless_pipe, on
     assert describe(onnx_fp32)["seamless"] == "no"
 
 
-def test_refusals(tiny_checkpoint, onnx_fp32, tmp_path):
-    from export.onnx_export import export_checkpoint
-
-    with pytest.raises(UnsupportedConfigError, match="--seamless with --target cuda"):
-        export_checkpoint(tiny_checkpoint, tmp_path / "x", precision="fp16", target="cuda", seamless=True)
+def test_refusals(onnx_fp32):
     with pytest.raises(InvalidArgumentError, match="only the torch backend takes it at load"):
         Pipeline.load(onnx_fp32, backend="ort", device="cpu", seamless=True)
 
