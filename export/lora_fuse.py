@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from export.wrappers import exported_component
 from sdengine.lora import LoraFile, LoraLayer, canonical_module, resolve
 from sdengine.model_specs import TEXT_ENCODER_2, UNET
 
@@ -59,10 +60,10 @@ def check_loras(checkpoint: Path, components: Iterable[str], loras: Sequence[tup
 
 
 def fuse_loras(module: nn.Module, component: str, loras: Sequence[tuple[LoraFile, float]]) -> int:
-    """Add every LoRA layer of ``component`` to ``module`` (a wrapper whose first child is the component;
-    ControlNets beside it are left alone, as diffusers leaves them), in place. Returns how many layers were
-    fused."""
-    inner = next(module.children())
+    """Add every LoRA layer of ``component`` to ``module`` (a wrapper of the component:
+    :func:`export.wrappers.exported_component`; ControlNets beside it are left alone, as diffusers leaves
+    them), in place. Returns how many layers were fused."""
+    inner = exported_component(module)[1]
     fused = 0
     with torch.no_grad():
         for layer, lora_layer, scale in _targets(inner, component, loras):

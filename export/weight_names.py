@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 from torch import nn
 
+from export.wrappers import exported_component
 from sdengine.lora import canonical_module, weight_name
 
 #: Rows and columns of a weight sampled for its fingerprint: exact comparison then confirms a match.
@@ -35,11 +36,12 @@ def _fingerprint(weight: np.ndarray) -> tuple[tuple[int, ...], bytes]:
 
 def name_weights(model: onnx.ModelProto, module: nn.Module, base_dir: str | os.PathLike = "") -> int:
     """Rename, in place, the initializers of ``model`` that hold a Linear or Conv2d weight of ``module`` (a
-    wrapper whose first child is the component; ControlNets' layers beside it keep their own names), and
+    wrapper of the component: :func:`export.wrappers.exported_component`; ControlNets' layers beside it keep
+    their own names), and
     drop the wrapper's prefix from those the exporter named itself (biases, norms, embeddings). Returns how
     many layer weights were named. ``model`` may leave its weights in external-data files in ``base_dir``:
     each is read from there as it is compared, one at a time."""
-    attribute, component = next(module.named_children())
+    attribute, component = exported_component(module)
     layers: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     for path, layer in component.named_modules():
         if isinstance(layer, nn.Linear | nn.Conv2d):

@@ -64,6 +64,17 @@ class XlTextEncoderExport(nn.Module):
         return out.last_hidden_state, states
 
 
+def exported_component(wrapper: nn.Module) -> tuple[str, nn.Module]:
+    """The diffusers or transformers component a wrapper exports, and its path in the wrapper: the first
+    child, through the wrappers that only add an input (``inner``: ``export.pag``'s, say), so that the
+    component's weights are named alike whatever wraps it."""
+    module, path = wrapper, ""
+    while isinstance(getattr(module, "inner", None), nn.Module):
+        module, path = module.inner, f"{path}inner."
+    attribute, component = next(module.named_children())
+    return f"{path}{attribute}", component
+
+
 def with_image_prompt(
     unet: nn.Module,
     added: dict[str, torch.Tensor] | None,

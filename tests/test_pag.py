@@ -163,6 +163,25 @@ def test_refusals_are_one_line(pag_pipe, ort_pipe_fp32, onnx_pag, tiny_checkpoin
         export_checkpoint(tiny_checkpoint, tmp_path / "z", components=["vae_decoder"], pag_layers=["mid"])
 
 
+def test_its_weights_are_named_as_the_plain_exports_so_run_time_lora_finds_them(
+    onnx_pag, onnx_fp32, tmp_path
+):
+    """The perturbable UNet's wrapper wraps the plain one's; its layers' weights are still named after the
+    UNet's own layers (not ``unet.``-prefixed), which is what run-time LoRA looks them up by."""
+    import onnx
+
+    from export.random_lora import write_random_lora
+
+    def names(export_dir):
+        model = onnx.load(str(export_dir / "unet" / "model.onnx"), load_external_data=False)
+        return {t.name for t in model.graph.initializer if t.name.endswith((".weight", ".weight.T"))}
+
+    assert names(onnx_pag) == names(onnx_fp32) and "conv_in.weight" in names(onnx_pag)
+    lora = write_random_lora(onnx_fp32, tmp_path / "lora.safetensors")
+    plain = Pipeline.load(onnx_fp32, backend="ort", device="cpu").load_lora(lora, 0.5)
+    assert Pipeline.load(onnx_pag, backend="ort", device="cpu").load_lora(lora, 0.5) == plain > 0
+
+
 def test_generate_takes_pag_scale(onnx_pag, tmp_path):
     from PIL import Image
 
