@@ -253,7 +253,9 @@ def _xl_unet_config(sizes: _Sizes, xl: _XlSizes) -> dict[str, Any]:
     }
 
 
-def _write_unet(out: Path, sizes: _Sizes, seed: int, inpainting: bool = False) -> None:
+def _write_unet(
+    out: Path, sizes: _Sizes, seed: int, inpainting: bool = False, guidance_embedding: int = 0
+) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -267,6 +269,8 @@ def _write_unet(out: Path, sizes: _Sizes, seed: int, inpainting: bool = False) -
     }
     if sizes.xl:
         config.update(_xl_unet_config(sizes, sizes.xl))
+    if guidance_embedding:  # a latent consistency model's (LCM_Dreamshaper_v7's is 256)
+        config["time_cond_proj_dim"] = guidance_embedding
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_component_seed(seed, "unet"))
         model = UNet2DConditionModel(
@@ -435,6 +439,7 @@ def write_random_checkpoint(
     overwrite: bool = False,
     inpainting: bool = False,
     safety_checker: bool = False,
+    guidance_embedding: int = 0,
 ) -> Path:
     """Write a randomly initialised SD 1.x checkpoint in diffusers format to ``path`` and return its path.
 
@@ -446,7 +451,9 @@ def write_random_checkpoint(
     checkpoint. ``inpainting``: the UNet takes 9 input channels (latents, mask, masked image latents), as
     SD's inpainting checkpoints do.
     ``safety_checker``: with a small random safety checker and its image processor (see
-    :func:`_write_safety_checker`), as SD 1.x checkpoints ship one.
+    :func:`_write_safety_checker`), as SD 1.x checkpoints ship one. ``guidance_embedding``: the UNet takes
+    the guidance scale as an embedding this wide (``time_cond_proj_dim``), as latent consistency models'
+    do (``sdengine.guidance_embedding``).
     """
     if preset not in PRESETS:
         raise InvalidArgumentError(
@@ -458,6 +465,10 @@ def write_random_checkpoint(
         )
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise InvalidArgumentError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(guidance_embedding, int) or not (guidance_embedding == 0 or guidance_embedding >= 4):
+        raise InvalidArgumentError(
+            f"guidance_embedding must be 0 or a width >= 4, got {guidance_embedding!r}"
+        )
     sizes = _PRESET_SIZES[preset]
     target = Path(path).absolute()
     _prepare_target(target, overwrite)
@@ -473,7 +484,7 @@ def write_random_checkpoint(
         ("tokenizer", lambda out: write_tokenizer_files(out / "tokenizer")),
         ("scheduler", lambda out: _write_scheduler(out, prediction_type, xl is not None)),
         ("text_encoder", lambda out: _write_text_encoder(out, sizes, seed, vocab_size)),
-        ("unet", lambda out: _write_unet(out, sizes, seed, inpainting)),
+        ("unet", lambda out: _write_unet(out, sizes, seed, inpainting, guidance_embedding)),
         ("vae", lambda out: _write_vae(out, sizes, seed)),
         ("model_index", lambda out: _write_model_index(out, inpainting, safety_checker)),
     ]

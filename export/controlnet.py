@@ -328,6 +328,9 @@ def write_random_controlnet(checkpoint: str | os.PathLike, output: str | os.Path
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidArgumentError(f"{out} exists and is not an empty directory")
     unet = UNet2DConditionModel.from_pretrained(root / "unet", variant=weights_variant(root / "unet"))
+    # a latent consistency model's UNet: its ControlNets are SD's, without the guidance scale's projection
+    # (which from_unet would copy into a ControlNet that has no place for it)
+    unet.time_embedding.cond_proj = None
     digest = hashlib.sha256(f"sdengine-random-controlnet:{seed}".encode()).digest()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

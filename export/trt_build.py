@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -333,7 +333,8 @@ def build_engines(
     """Build (or reuse) one TensorRT engine per component of ``onnx_dir`` into ``engine_dir``.
 
     Static profiles by default (exactly ``batch`` x ``height`` x ``width``); ``dynamic`` spans the min/max
-    bounds. ``cfg`` sizes the text encoder and UNet for classifier-free guidance (twice the batch), ``parts``
+    bounds. ``cfg`` sizes the text encoder and UNet for classifier-free guidance (twice the batch; never
+    for a UNet that takes the guidance scale as an input, :mod:`sdengine.guidance_embedding`), ``parts``
     the UNet for composable prompts of up to that many parts (up to 1 + ``parts`` times the batch). An engine
     whose content key is unchanged is reused; a changed one is rebuilt and its old plan file removed. The
     engine manifest is rewritten after each engine, and the timing cache in ``engine_dir`` is shared by all
@@ -359,6 +360,8 @@ def build_engines(
             f"optimization level must be 0 to {MAX_OPTIMIZATION_LEVEL}, got {optimization_level}"
         )
     model_dir = open_onnx_dir(onnx_dir)
+    if model_dir.arch.guidance_embedding:  # one copy of the batch at any guidance scale
+        request = replace(request, cfg=False)
     names = check_components(model_dir.arch.required_components() if components is None else components)
     profiles = {name: engine_profiles(model_dir.arch, name, request) for name in names}
     out = Path(engine_dir)

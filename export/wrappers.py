@@ -134,6 +134,31 @@ class XlUNetExport(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **extra)[0]
 
 
+class GuidanceEmbeddedUNetExport(nn.Module):
+    """A UNet export wrapper (``inner``) whose last input is a guidance-embedded UNet's ``timestep_cond``
+    (``sdengine.guidance_embedding``), handed to the UNet's timestep embedding, where diffusers' UNet adds
+    it (``time_embedding(t_emb, timestep_cond)``), before the wrapped UNet runs on the other inputs."""
+
+    def __init__(self, inner: nn.Module, unet: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.condition: torch.Tensor | None = None
+        # a hook, not a wrapping module: the UNet's layers keep their names (export.weight_names)
+        unet.time_embedding.register_forward_pre_hook(self._condition)
+
+    def _condition(self, module: nn.Module, args: tuple) -> tuple:
+        if self.condition is None:
+            raise RuntimeError("GuidanceEmbeddedUNetExport's UNet called without its timestep_cond")
+        return (args[0], self.condition)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *others, self.condition = inputs
+        try:
+            return self.inner(*others)
+        finally:
+            self.condition = None
+
+
 class ControlledUNetExport(nn.Module):
     """The UNet with ControlNets inside: each reads the latents (an inpainting UNet's first channels), the
     timestep, the text and its 3 channels of ``controlnet_cond``, and the UNet adds the sum of their
@@ -332,6 +357,8 @@ def load_export_module(
             from export.pag import PerturbableUNetExport, perturb_self_attention
 
             module = PerturbableUNetExport(module, perturb_self_attention(unet, pag_layers))
+        if unet.config.time_cond_proj_dim:  # its last input (Architecture.guidance_specs)
+            module = GuidanceEmbeddedUNetExport(module, unet)
     elif name == IMAGE_ENCODER:
         from transformers import CLIPVisionModelWithProjection
 

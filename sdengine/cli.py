@@ -318,8 +318,10 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         inpainting=args.inpainting,
         safety_checker=args.safety_checker,
+        guidance_embedding=args.guidance_embedding,
     )
     kind = " inpainting" if args.inpainting else ""
+    kind += " latent consistency (guidance-embedded)" if args.guidance_embedding else ""
     print(f"wrote random-weight {args.preset}{kind} checkpoint to {path}")
     return 0
 
@@ -498,7 +500,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             batch=config.batch,
             height=config.height,
             width=config.width,
-            cfg=config.guidance > 1,
+            cfg=config.guidance > 1 and not open_onnx_dir(onnx_dir).arch.guidance_embedding,
             controlnets=controlnets,
         )
     report = run_benchmark(config, flops)
@@ -862,6 +864,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet")
+    c.add_argument(
+        "--guidance-embedding",
+        type=int,
+        default=0,
+        metavar="WIDTH",
+        help="a latent consistency model's UNet, which takes the guidance scale as an embedding this wide "
+        "(LCM_Dreamshaper_v7's: 256)",
+    )
     c.add_argument("--safety-checker", action="store_true", help="with a random safety checker, as SD 1.x's")
     c.set_defaults(func=cmd_make_checkpoint)
 

@@ -35,6 +35,10 @@ IP_PROMPT = "a house in the style of the image"
 PAG_SCALE = 3.0
 #: the middle block sees one token at 64x64 in the tiny model (attention there is the identity anyway)
 PAG_LAYERS = ("mid", "down_blocks.1")
+#: the latent consistency model's run: LCM_Dreamshaper_v7's defaults (its scheduler, 4 steps, scale 8.5)
+#: and its UNet's guidance embedding width
+LCM_SETTINGS = dict(scheduler="lcm", steps=4, guidance=8.5)
+LCM_WIDTH = 256
 
 
 def centre_mask(height: int, width: int) -> np.ndarray:
@@ -66,13 +70,13 @@ def run_demo(
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/14] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/15] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/14] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/15] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
     pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/14] text to image with the {backend} backend")
+        say(f"[{i}/15] text to image with the {backend} backend")
         pipes[backend] = Pipeline.load(path, backend=backend)
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
@@ -81,25 +85,25 @@ def run_demo(
         backend: pipe(prompt, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **settings)
         for backend, pipe in pipes.items()
     }
-    say(f"[5/14] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    say(f"[5/15] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
     redone = on_both(IMG2IMG_PROMPT, image=ort_result.array, strength=IMG2IMG_STRENGTH)
-    say("[6/14] inpainting the centre of the ort image with both backends")
+    say("[6/15] inpainting the centre of the ort image with both backends")
     mask = centre_mask(ort_result.request.height, ort_result.request.width)
     inpainted = on_both(INPAINT_PROMPT, image=ort_result.array, mask=mask)
     say(
-        f"[7/14] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
+        f"[7/15] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
         "on both backends"
     )
     edited = on_both(EDITED_PROMPT, prompt_weights="a1111", hires_scale=HIRES_SCALE)
     lora = write_random_lora(onnx_dir, workdir / "random-lora.safetensors", seed=SEED)
     say(
-        f"[8/14] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
+        f"[8/15] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
     )
     for pipe in pipes.values():
         pipe.load_lora(lora, LORA_SCALE)
     with_lora = on_both(PROMPT)
     controlnet, control_onnx = workdir / "random-controlnet", workdir / "tiny-onnx-controlnet"
-    say(f"[9/14] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
+    say(f"[9/15] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
     shutil.rmtree(controlnet, ignore_errors=True)
     write_random_controlnet(checkpoint, controlnet, seed=SEED)
     components = ["text_encoder", "unet", "vae_decoder"]
@@ -115,7 +119,7 @@ def run_demo(
         )
     }
     xl_checkpoint, xl_onnx = workdir / "tiny-xl-checkpoint", workdir / "tiny-xl-onnx"
-    say(f"[10/14] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
+    say(f"[10/15] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
     write_random_checkpoint(xl_checkpoint, "tiny-xl", seed=SEED, overwrite=True)
     export_checkpoint(
         xl_checkpoint, xl_onnx, components=["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
@@ -129,7 +133,7 @@ def run_demo(
         workdir / "tiny-xl-refiner-onnx",
     )
     say(
-        f"[11/14] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
+        f"[11/15] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
         f"{1 - DEFAULT_REFINER_SWITCH:.0%} of the run, on both backends"
     )
     write_random_checkpoint(refiner_checkpoint, "tiny-xl-refiner", seed=SEED, overwrite=True)
@@ -145,7 +149,7 @@ def run_demo(
     }
     adapter_dir, ip_onnx = workdir / "random-ip-adapter", workdir / "tiny-onnx-ip-adapter"
     say(
-        f"[12/14] a random IP-Adapter ({adapter_dir.name}) given the first image as a prompt, on both "
+        f"[12/15] a random IP-Adapter ({adapter_dir.name}) given the first image as a prompt, on both "
         "backends"
     )
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -163,13 +167,13 @@ def run_demo(
         for backend, path, extra in (("ort", ip_onnx, {}), ("torch", checkpoint, {"ip_adapter": adapter}))
     }
     say(
-        "[13/14] the first prompt again, its noise drawn as PyTorch's CPU generator draws it: diffusers "
+        "[13/15] the first prompt again, its noise drawn as PyTorch's CPU generator draws it: diffusers "
         "draws its own, sdengine the same without PyTorch"
     )
     torch_noise = on_both(PROMPT, noise_source="torch-cpu")
     pag_onnx = workdir / "tiny-onnx-pag"
     say(
-        f"[14/14] the first prompt with perturbed-attention guidance (scale {PAG_SCALE:g}, layers "
+        f"[14/15] the first prompt with perturbed-attention guidance (scale {PAG_SCALE:g}, layers "
         f"{', '.join(PAG_LAYERS)}) on both backends"
     )
     export_checkpoint(checkpoint, pag_onnx, components=components, pag_layers=list(PAG_LAYERS))
@@ -178,6 +182,17 @@ def run_demo(
             PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, pag_scale=PAG_SCALE
         )
         for backend, path, extra in (("ort", pag_onnx, {}), ("torch", checkpoint, {"pag_layers": PAG_LAYERS}))
+    }
+    lcm_checkpoint, lcm_onnx = workdir / "tiny-lcm-checkpoint", workdir / "tiny-lcm-onnx"
+    say(
+        "[15/15] a tiny random latent consistency model (its UNet takes the guidance scale as an input: one "
+        f"UNet call a step), {LCM_SETTINGS['steps']} steps of its scheduler, on both backends"
+    )
+    write_random_checkpoint(lcm_checkpoint, "tiny", seed=SEED, overwrite=True, guidance_embedding=LCM_WIDTH)
+    export_checkpoint(lcm_checkpoint, lcm_onnx, components=components)
+    consistent = {
+        backend: Pipeline.load(path, backend=backend)(PROMPT, seed=SEED, **LCM_SETTINGS)
+        for backend, path in (("ort", lcm_onnx), ("torch", lcm_checkpoint))
     }
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
     extra_outputs = {}
@@ -192,6 +207,7 @@ def run_demo(
         ("ip-adapter", prompted["ort"]),
         ("torch-noise", torch_noise["ort"]),
         ("pag", perturbed["ort"]),
+        ("lcm", consistent["ort"]),
     ):
         extra_outputs[name] = output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}")
         save_png(result.images[0], extra_outputs[name], {**result.request.parameters(), "backend": "ort"})
@@ -206,6 +222,7 @@ def run_demo(
     ip_similarity = psnr(prompted["ort"].array, prompted["torch"].array)
     noise_similarity = psnr(torch_noise["ort"].array, torch_noise["torch"].array)
     pag_similarity = psnr(perturbed["ort"].array, perturbed["torch"].array)
+    lcm_similarity = psnr(consistent["ort"].array, consistent["torch"].array)
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
     print(
         f"\nwrote {output}: {steps} steps, "
@@ -248,6 +265,13 @@ def run_demo(
     print(f"wrote {extra_outputs['pag']}: the first prompt with perturbed-attention guidance")
     print(f"ONNX Runtime vs PyTorch (diffusers PAG pipeline): PSNR {pag_similarity:.1f} dB")
     print(
+        f"wrote {extra_outputs['lcm']}: the first prompt from a latent consistency model in "
+        f"{LCM_SETTINGS['steps']} steps"
+    )
+    print(
+        f"ONNX Runtime vs PyTorch (diffusers pipeline, its guidance embedding): PSNR {lcm_similarity:.1f} dB"
+    )
+    print(
         "NOTE: the checkpoint's weights are RANDOM, so the image is structured noise, "
         "not a picture of the prompt."
     )
@@ -263,4 +287,5 @@ def run_demo(
         "ip_adapter_psnr_db": ip_similarity,
         "torch_noise_psnr_db": noise_similarity,
         "pag_psnr_db": pag_similarity,
+        "lcm_psnr_db": lcm_similarity,
     }

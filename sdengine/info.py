@@ -55,6 +55,10 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
         "architecture": vars(model_dir.arch),
         # an inpainting UNet takes the mask and masked image; a plain one inpaints by blending after each step
         "inpainting": "inpainting UNet" if model_dir.arch.inpainting_unet else "blended, plain UNet",
+        "guidance": "embedded: the UNet takes the scale as an input (a latent consistency model), one UNet "
+        "call per step"
+        if model_dir.arch.guidance_embedding
+        else "classifier-free: the UNet runs on the negative and positive prompts above guidance 1",
         "native_size": model_dir.default_image_size,
         "vae_scaling_factor": model_dir.vae_scaling_factor,
         "scheduler": config.get("_class_name"),

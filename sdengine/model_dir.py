@@ -90,6 +90,13 @@ def architecture(root: Path, vae_folder: str) -> tuple[Architecture, float]:
     default = Architecture()
     blocks = vae.get("block_out_channels")
     latent = int(unet.get("out_channels", vae.get("latent_channels", default.latent_channels)))
+    if vae.get("latents_mean") is not None or vae.get("latents_std") is not None:
+        # Playground v2.5's: its latents are normalised per channel (and its EDM schedule has no counterpart
+        # here); decoding them as SD's would give other images without an error
+        raise UnsupportedConfigError(
+            f"{root}: a VAE whose latents are normalised per channel (latents_mean, latents_std; "
+            "Playground v2.5's) is not supported"
+        )
     unet_in = int(unet.get("in_channels", latent))
     if unet_in not in (latent, 2 * latent + 1):
         raise UnsupportedConfigError(
@@ -104,6 +111,7 @@ def architecture(root: Path, vae_folder: str) -> tuple[Architecture, float]:
         ),
         text_max_length=int(tok.get("model_max_length", default.text_max_length)),
         vae_scale_factor=2 ** (len(blocks) - 1) if blocks else default.vae_scale_factor,
+        guidance_embedding=int(unet.get("time_cond_proj_dim") or 0),
         **xl_sizes(root, unet),
     )
     return arch, float(vae.get("scaling_factor", DEFAULT_VAE_SCALING_FACTOR))

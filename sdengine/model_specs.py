@@ -55,6 +55,9 @@ IMAGE_EMBEDS = "image_embeds"
 IP_ADAPTER_SCALE = "ip_adapter_scale"
 #: Perturbed-attention guidance (``sdengine.pag``): the UNet rows whose chosen self-attention is the identity.
 PAG_ROWS = "pag_rows"
+#: A guidance-embedded UNet's input (an LCM-distilled one; ``sdengine.guidance_embedding``): the guidance
+#: scale as a sinusoidal embedding, diffusers' ``timestep_cond`` (and Optimum's input name)
+TIMESTEP_COND = "timestep_cond"
 #: Components the text-to-image runtime needs (an SDXL model's second text encoder too; see
 #: :meth:`Architecture.required_components`); the VAE encoder is exported for image-to-image use.
 REQUIRED_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
@@ -139,6 +142,10 @@ class Architecture:
     ip_image_tokens: int = 0
     #: perturbed-attention guidance's layers traced into the UNet (``sdengine.pag``): it takes ``pag_rows``
     pag: bool = False
+    #: the width of a guidance-embedded UNet's ``timestep_cond`` (its config's ``time_cond_proj_dim``; 0:
+    #: none): it takes the guidance scale as an input and runs no classifier-free guidance
+    #: (``sdengine.guidance_embedding``)
+    guidance_embedding: int = 0
 
     @property
     def ip_adapter(self) -> bool:
@@ -267,6 +274,12 @@ class Architecture:
             ),
         }
 
+    def guidance_specs(self) -> tuple[TensorSpec, ...]:
+        """A guidance-embedded UNet's last input: the scale's embedding, one row per UNet row."""
+        if not self.guidance_embedding:
+            return ()
+        return (TensorSpec(TIMESTEP_COND, "float32", ("batch", self.guidance_embedding)),)
+
     def specs(self) -> dict[str, ModelSpec]:
         latent = ("batch", self.latent_channels, "latent_height", "latent_width")
         image = ("batch", 3, "height", "width")
@@ -283,6 +296,7 @@ class Architecture:
                     *self.control_specs(),
                     *self.ip_specs(),
                     *((TensorSpec(PAG_ROWS, "float32", ("batch",)),) if self.pag else ()),
+                    *self.guidance_specs(),
                 ),
                 outputs=(TensorSpec("out_sample", "float32", latent),),
             ),

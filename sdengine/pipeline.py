@@ -21,13 +21,22 @@ from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.controlnet import control_images, control_schedule
 from sdengine.denoise import Preview, Progress, Stop, denoise
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+from sdengine.guidance_embedding import guidance_embedding
 from sdengine.hires import upscale_latents
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.ip_adapter import ip_pixels, ip_unet_inputs
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.mask_crop import MaskCrop
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
-from sdengine.model_specs import PAG_ROWS, SAFETY_CHECKER, TEXT_EMBEDS, TEXT_ENCODER, TEXT_ENCODER_2, UNET
+from sdengine.model_specs import (
+    PAG_ROWS,
+    SAFETY_CHECKER,
+    TEXT_EMBEDS,
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    TIMESTEP_COND,
+    UNET,
+)
 from sdengine.pag import perturbed_rows
 from sdengine.prompt_weights import parse_weighted, weighted_embeddings
 from sdengine.prompt_weights_a1111 import a1111_embeddings, a1111_windows, parse_a1111
@@ -360,6 +369,7 @@ class _CallMixin:
             pag_scale=pag_scale,
             pag_adaptive_scale=pag_adaptive_scale,
             inpainting_unet=self.model_dir.arch.inpainting_unet,
+            guidance_embedded=bool(self.model_dir.arch.guidance_embedding),
             size_multiple=multiple,
             **sizes,
         )
@@ -630,6 +640,10 @@ class Pipeline(_CallMixin):
             inputs["part_weights"] = request.call_part_weights(schedule)
         if self.model_dir.arch.pag:  # which rows' self-attention is perturbed: none without PAG
             unet_constants[PAG_ROWS] = perturbed_rows(request.copies, request.batch, bool(request.pag_scale))
+        if self.model_dir.arch.guidance_embedding:  # the guidance scale, as the UNet takes it
+            unet_constants[TIMESTEP_COND] = guidance_embedding(
+                request.guidance, request.copies * request.batch, self.model_dir.arch.guidance_embedding
+            )
         if self.model_dir.arch.ip_adapter:  # the image prompt's embeddings, or none (scale 0)
             unet_constants.update(self.image_prompt_inputs(request, times))
         if request.control is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdengine.errors import InvalidArgumentError
+from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 
 #: The share of the run the base model makes when none is asked for: diffusers' documented
 #: ``high_noise_frac`` and the web UI's default switch.
@@ -48,6 +48,11 @@ def check_refiner(base: Any, refiner: Any) -> None:
         raise InvalidArgumentError(
             f"{theirs.root}: its latents ({other[0]} channels, 1/{other[1]} size, scaled by {other[2]:g}) "
             f"are not the base's ({mine[0]}, 1/{mine[1]}, {mine[2]:g}): it cannot refine this model's runs"
+        )
+    if ours.arch.guidance_embedding or theirs.arch.guidance_embedding:
+        raise UnsupportedConfigError(
+            "a refiner with a latent consistency model (a UNet that takes the guidance scale as an input) is "
+            "not supported"
         )
     if refiner.controlnets or theirs.arch.inpainting_unet:
         raise InvalidArgumentError(

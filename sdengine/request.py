@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from sdengine.composable import Parts, composable_parts, part_count, part_texts, part_weights
-from sdengine.errors import InvalidArgumentError
+from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.hires import HiresFix, hires_fix
 from sdengine.images import image_array
 from sdengine.mask_crop import MaskCrop
@@ -107,6 +107,9 @@ class GenerationRequest:
     #: the model's UNet and VAE wrap around the image's edges, so its images tile (set by the pipeline from
     #: the model, for the record: ``sdengine export --seamless``)
     seamless: bool = False
+    #: the model's UNet takes the guidance scale as an input (a latent consistency model's:
+    #: :mod:`sdengine.guidance_embedding`), so it runs no classifier-free guidance, as in diffusers
+    guidance_embedded: bool = False
 
     @property
     def guided_parts(self) -> tuple[Parts, ...]:
@@ -141,10 +144,10 @@ class GenerationRequest:
 
     @property
     def classifier_free_guidance(self) -> bool:
-        """As in diffusers: guidance > 1 runs the UNet on [negative, positive] and combines the two; and
-        composable prompts (and perturbed-attention guidance, summed as two parts) always run the negative
-        side, as the web UI does."""
-        return self.guidance > 1.0 or bool(self.guided_parts)
+        """As in diffusers: guidance > 1 runs the UNet on [negative, positive] and combines the two (unless
+        the UNet embeds the guidance scale); and composable prompts (and perturbed-attention guidance, summed
+        as two parts) always run the negative side, as the web UI does."""
+        return (self.guidance > 1.0 and not self.guidance_embedded) or bool(self.guided_parts)
 
     @property
     def copies(self) -> int:
@@ -441,6 +444,7 @@ def make_request(
     inpainting_unet: bool = False,
     pag_scale: float = 0.0,
     pag_adaptive_scale: float = 0.0,
+    guidance_embedded: bool = False,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
@@ -453,7 +457,8 @@ def make_request(
     (:mod:`sdengine.ip_adapter`). ``noise_source``: one of :data:`NOISE_SOURCES`. ``inpainting_unet``: the
     model's UNet takes the mask and masked image. ``pag_scale``: perturbed-attention guidance's scale
     (:mod:`sdengine.pag`; 0, the default: none), ``pag_adaptive_scale`` how fast it falls with the
-    timestep."""
+    timestep. ``guidance_embedded``: the model's UNet takes the guidance scale as an input
+    (:mod:`sdengine.guidance_embedding`)."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -540,6 +545,18 @@ def make_request(
         raise InvalidArgumentError(
             f"perturbed-attention guidance adds a part of its own to the guided sum: it takes no {other}"
         )
+    if guidance_embedded and (composable or pag_scale or guidance_rescale):
+        asked = (
+            "composable prompts (AND, or a part's :weight)"
+            if composable
+            else "perturbed-attention guidance"
+            if pag_scale
+            else "guidance_rescale"
+        )
+        raise UnsupportedConfigError(
+            f"this model's UNet takes the guidance scale as an input (a latent consistency model) and runs "
+            f"no classifier-free guidance: {asked} is not supported with it"
+        )
     return GenerationRequest(
         prompts=tuple(prompts),
         negative_prompts=tuple(negatives),
@@ -574,6 +591,7 @@ def make_request(
         composable=composable,
         pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale,
+        guidance_embedded=bool(guidance_embedded),
     )
 
 

@@ -359,6 +359,17 @@ def test_other_added_conditioning_is_refused(xl_checkpoint, tmp_path, change, ma
         open_checkpoint_dir(root)
 
 
+def test_a_vae_with_normalised_latents_is_refused(xl_checkpoint, tmp_path):
+    """Playground v2.5's VAE config: diffusers' SDXL pipeline shifts and scales its latents per channel,
+    which sdengine does not; refused, not decoded as SDXL's."""
+    root = shutil.copytree(xl_checkpoint, tmp_path / "ckpt")
+    config = json.loads((root / "vae" / "config.json").read_text())
+    stats = {"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}
+    (root / "vae" / "config.json").write_text(json.dumps({**config, **stats}))
+    with pytest.raises(UnsupportedConfigError, match="latents are normalised per channel"):
+        open_checkpoint_dir(root)
+
+
 def test_tensorrt_backend_runs_sdxl_in_captured_steps(xl_pipes, xl_onnx, tmp_path, monkeypatch):
     """TensorRT's path with simulated engines (each runs its ONNX model; see test_trt_simulated): the second
     text encoder's engine is built and loaded, and the added inputs are bound into the captured steps."""
