@@ -164,3 +164,16 @@ def test_refusals_are_one_line(lcm_pipe, ort_pipe_fp32, onnx_lcm):
         write_random_checkpoint(onnx_lcm.parent / "never", "tiny", guidance_embedding=2)
     assert describe(onnx_lcm)["guidance"].startswith("embedded")
     assert json.loads((onnx_lcm / "unet" / "config.json").read_text())["time_cond_proj_dim"] == WIDTH
+
+
+def test_make_checkpoint_writes_one(tmp_path, capsys):
+    from sdengine.cli import main
+
+    out = tmp_path / "lcm"
+    assert main(["make-checkpoint", str(out), "--guidance-embedding", "64"]) == 0
+    assert json.loads((out / "unet" / "config.json").read_text())["time_cond_proj_dim"] == 64
+    assert "latent consistency" in capsys.readouterr().out
+    assert main(["make-checkpoint", str(tmp_path / "bad"), "--guidance-embedding", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "guidance_embedding must be 0 or a width >= 4" in err and "\n" not in err
+    assert not (tmp_path / "bad").exists()
