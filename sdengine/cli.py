@@ -492,7 +492,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     flops = {}
     # FLOPs are counted for the checkpoint's own modules at two copies of the batch: not with a refiner's or
-    # an IP-Adapter's beside them, nor for PAG's third copy
+    # an IP-Adapter's beside them, nor for PAG's perturbed copy
     if checkpoint is not None and refiner is None and ip_adapter is None and not args.pag_scale:
         flops = stage_flops(
             checkpoint,

@@ -389,7 +389,8 @@ def check_unet_fits(
 ) -> None:
     """Refuse, with the build command that fits, a run whose UNet calls fall outside the UNet engine's
     profile (TensorRT would refuse the shape mid-run): ``batch`` images of ``height`` x ``width`` pixels,
-    ``copies`` of them per call (guidance; 1 + ``parts`` for a composable prompt of ``parts`` parts)."""
+    ``copies`` of them per call (guidance; 1 + ``parts`` for a composable prompt of ``parts`` parts, or
+    ``parts`` alone without the negative side)."""
     lo, _, hi = entry.shapes["sample"]
     factor = arch.vae_scale_factor
     rows, latent = copies * batch, (height // factor, width // factor)
@@ -398,11 +399,9 @@ def check_unet_fits(
     request = entry.profile_request
     wanted = covering_request(request, batch=batch, height=height, width=width, parts=parts, copies=copies)
     only_parts = replace(wanted, parts=request.parts) == request
-    why = (
-        f"{batch} image(s) x {copies} copies (the negative prompt and {parts} parts)"
-        if parts > 1
-        else (f"{batch} image(s) x {copies} copies")
-    )
+    why = f"{batch} image(s) x {copies} copies"
+    if parts > 1:
+        why += f" ({'the negative prompt and ' if copies > parts else ''}{parts} parts)"
     takes = f"{lo[0]}-{hi[0]} rows of {lo[2] * factor}x{lo[3] * factor} to {hi[2] * factor}x{hi[3] * factor}"
     command = rebuild_command(onnx_dir, engine_dir, entry, wanted, every_component=not only_parts)
     raise UnsupportedConfigError(

@@ -58,19 +58,21 @@ def ip_unet_inputs(
     copies: int,
     scale: float,
     shape: tuple[int, ...],
+    negative_side: bool,
 ) -> dict[str, np.ndarray]:
     """The UNet's IP-Adapter inputs for a batch of ``batch`` (``copies`` 2 with guidance, 1 + K with
     composable prompts): the image prompt's embeddings (1, *shape) for every image of every positive copy,
     after the ``negative`` side's (None: zeros, the plain
-    kind's; the others': the encoder's states of an all-zero input), and the scale; with no image prompt,
+    kind's; the others': the encoder's states of an all-zero input) where the batch has a negative side
+    (``negative_side``: classifier-free guidance), and the scale; with no image prompt,
     zeros and scale 0."""
     if embeds is None:
         return {
             IMAGE_EMBEDS: np.zeros((copies * batch, 1, *shape), np.float32),
             IP_ADAPTER_SCALE: np.array(0.0, np.float32),
         }
-    sides = [np.zeros((1, *shape), np.float32) if negative is None else negative] * (copies > 1)
-    sides += [embeds] * max(copies - 1, 1)
+    sides = [np.zeros((1, *shape), np.float32) if negative is None else negative] * negative_side
+    sides += [embeds] * (copies - int(negative_side))
     per_item = [np.broadcast_to(np.asarray(side, np.float32)[:, None], (batch, 1, *shape)) for side in sides]
     return {
         IMAGE_EMBEDS: np.ascontiguousarray(np.concatenate(per_item)),

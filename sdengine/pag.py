@@ -1,7 +1,7 @@
 """Perturbed-attention guidance (PAG; Ahn et al. 2024, "Self-Rectifying Diffusion Sampling with
 Perturbed-Attention Guidance"), as diffusers' PAG pipelines run it.
 
-A third copy of the prompt's half of the batch runs through a UNet whose self-attention in chosen layers
+One more copy of the prompt's part of the batch runs through a UNet whose self-attention in chosen layers
 (``mid`` by default: the middle block's) is replaced by the identity (each token attends to itself alone,
 its value passed straight on), and guidance pulls away from that degraded prediction too::
 
@@ -12,15 +12,16 @@ The layers are traced into the exported UNet (``sdengine export --pag-layers``),
 input, ``pag_rows``: 1 for each batch row whose self-attention those layers perturb, 0 for the others, so
 one export serves runs with and without it. The guidance is the composable prompts' sum
 (:mod:`sdengine.composable`) over two parts, the prompt and its perturbed copy, with weights that give the
-formulas above::
+formulas above. With classifier-free guidance the UNet's batch is [negative, prompt, perturbed] and::
 
-    uncond + g * (w_1 (cond - uncond) + w_2 (perturbed - uncond)),   w_1 = (G + s) / g,  w_2 = -s / g
+    uncond + g * (w_1 (cond - uncond) + w_2 (perturbed - uncond)),   w_1 = (g + s) / g,  w_2 = -s / g
 
-where G is g with guidance and 1 without, so it runs inside the captured steps on every backend with no step
-model of its own. The negative side runs even at g <= 1, where its weight comes out 0 (diffusers leaves it
-out: the same image, a third more UNet work). diffusers' adaptive scale ``a`` lowers the scale as the
-timestep ``t`` of each UNet call falls, ``s_t = max(s - a (1000 - t), 0)``; the weights are then a table of
-the calls, which the step model reads as it reads the others (:func:`call_weights`).
+and without it (g <= 1, 0 included) the batch is [prompt, perturbed], as in diffusers, and the step model's
+noise is the parts' sum itself, ``w_1 cond + w_2 perturbed`` with ``w_1 = 1 + s``, ``w_2 = -s``. So it runs
+inside the captured steps on every backend with no step model of its own. diffusers' adaptive scale ``a``
+lowers the scale as the timestep ``t`` of each UNet call falls, ``s_t = max(s - a (1000 - t), 0)``; the
+weights are then a table of the calls, which the step model reads as it reads the others
+(:func:`call_weights`).
 """
 
 from __future__ import annotations
@@ -51,14 +52,11 @@ def exported_pag(config: dict[str, Any]) -> tuple[str, ...]:
 
 
 def check_pag_scale(scale: float, guidance: float, adaptive: float = 0.0) -> tuple[float, float]:
-    """A PAG scale and adaptive scale: finite numbers >= 0 (0: off); with guidance other than 0, whose
-    weights divide by it."""
+    """A PAG scale and adaptive scale: finite numbers >= 0 (0: off)."""
     for name, value in (("pag_scale", scale), ("pag_adaptive_scale", adaptive)):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or not math.isfinite(value) or value < 0:
             raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
-    if scale and guidance == 0:
-        raise InvalidArgumentError("pag_scale needs a guidance scale other than 0")
     if adaptive and not scale:
         raise InvalidArgumentError("pag_adaptive_scale lowers a pag_scale: give one")
     return float(scale), float(adaptive)
@@ -67,8 +65,16 @@ def check_pag_scale(scale: float, guidance: float, adaptive: float = 0.0) -> tup
 def pag_parts(prompts: tuple[str, ...], guidance: float, scale: float) -> tuple[Parts, ...]:
     """Each image's two parts: its prompt, and the same prompt perturbed, weighted so that the composable
     sum is PAG's guidance (see the module's docstring)."""
-    full = guidance if guidance > 1.0 else 1.0
-    return tuple(((p, (full + scale) / guidance), (p, -scale / guidance)) for p in prompts)
+    first, second = part_weights_at(guidance, scale)
+    return tuple(((p, float(first)), (p, float(second))) for p in prompts)
+
+
+def part_weights_at(guidance: float, scale: np.ndarray | float) -> tuple[Any, Any]:
+    """The prompt's and the perturbed copy's weights at PAG scale(s) ``scale`` (module docstring): divided by
+    ``guidance`` with classifier-free guidance (g > 1), the plain sum's without."""
+    if guidance > 1.0:
+        return (guidance + scale) / guidance, -scale / guidance
+    return 1.0 + scale, -scale
 
 
 def call_weights(
@@ -77,8 +83,7 @@ def call_weights(
     """(calls, 2, B, 1, 1, 1): each UNet call's weights of the prompt and its perturbed copy, at the scale
     the adaptive scale leaves at the call's timestep (see the module's docstring)."""
     scales = np.maximum(scale - adaptive * (1000.0 - np.asarray(timesteps, np.float64)), 0.0)
-    full = guidance if guidance > 1.0 else 1.0
-    weights = np.stack([(full + scales) / guidance, -scales / guidance], axis=1)  # (calls, 2)
+    weights = np.stack(part_weights_at(guidance, scales), axis=1)  # (calls, 2)
     return np.broadcast_to(weights[:, :, None, None, None, None], (len(scales), 2, batch, 1, 1, 1)).astype(
         np.float32
     )

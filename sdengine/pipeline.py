@@ -626,7 +626,7 @@ class Pipeline(_CallMixin):
                 contexts, pooled = zero_negatives(contexts, pooled, request.batch)
             arch = self.model_dir.arch
             unet_constants = xl_unet_inputs(
-                pooled[0], request.height, request.width, request.sizes, request.copies, arch.aesthetic
+                pooled[0], request.height, request.width, request.sizes, request.copies, cfg, arch.aesthetic
             )
         latents, inputs = self.initial_latents(request, schedule, times)
         if edits.edited:  # every call's text embeddings, which the step model hands the UNet
@@ -677,7 +677,13 @@ class Pipeline(_CallMixin):
                 else:
                     embeds = self.backend.encode_image_prompt(pixels)
         return ip_unet_inputs(
-            embeds, negative, request.batch, request.copies, request.ip_scale, arch.ip_embeds_shape
+            embeds,
+            negative,
+            request.batch,
+            request.copies,
+            request.ip_scale,
+            arch.ip_embeds_shape,
+            request.classifier_free_guidance,
         )
 
     def decode_images(self, latents: np.ndarray) -> np.ndarray:

@@ -145,14 +145,15 @@ class GenerationRequest:
     @property
     def classifier_free_guidance(self) -> bool:
         """As in diffusers: guidance > 1 runs the UNet on [negative, positive] and combines the two (unless
-        the UNet embeds the guidance scale); and composable prompts (and perturbed-attention guidance, summed
-        as two parts) always run the negative side, as the web UI does."""
-        return (self.guidance > 1.0 and not self.guidance_embedded) or bool(self.guided_parts)
+        the UNet embeds the guidance scale; perturbed-attention guidance's perturbed copy is a part beside
+        them); and composable prompts always run the negative side, as the web UI does."""
+        return (self.guidance > 1.0 and not self.guidance_embedded) or bool(self.composable)
 
     @property
     def copies(self) -> int:
         """G, the UNet batch's multiple of the images: 1 without guidance, 2 with it, and 1 + K for
-        composable prompts of K parts (3 with perturbed-attention guidance)."""
+        composable prompts of K parts; perturbed-attention guidance's two parts make 3 with guidance, 2
+        without."""
         parts = part_count(self.guided_parts) if self.guided_parts else 0
         return unet_copies(self.classifier_free_guidance, parts)
 
@@ -211,10 +212,10 @@ class GenerationRequest:
     @property
     def texts(self) -> list[str]:
         """The texts the UNet's batch reads: the negative prompts then the prompts with classifier-free
-        guidance (then the composable prompts' parts, first parts first), the prompts alone without."""
-        if not self.classifier_free_guidance:
-            return list(self.prompts)
+        guidance, the prompts alone without (or in either case the guided parts', first parts first)."""
         positive = part_texts(self.guided_parts) if self.guided_parts else self.prompts
+        if not self.classifier_free_guidance:
+            return list(positive)
         return [*self.negative_prompts, *positive]
 
     def prompt_edits(self, schedule: Schedule, run: Schedule) -> PromptEdits:

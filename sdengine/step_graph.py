@@ -183,8 +183,9 @@ class StepTables:
 
 def unet_copies(guidance: bool, parts: int = 0) -> int:
     """G, how many copies of the latents the UNet's batch holds: 1 without guidance, 2 with it (negative,
-    positive), 1 + ``parts`` for composable prompts of that many parts."""
-    return 1 + max(parts, 1) if guidance else 1
+    positive), 1 + ``parts`` for composable prompts of that many parts; ``parts`` alone without guidance's
+    negative side (perturbed-attention guidance's two, at a scale <= 1)."""
+    return int(guidance) + max(parts, 1)
 
 
 def step_tables(
@@ -304,12 +305,13 @@ def build_step_model(
     :data:`CONTEXT_INDEX` and gives the next call's set of text embeddings, in ``context_dtype`` (the UNet's
     ``encoder_hidden_states`` type), as :data:`CONTEXT_OUTPUT`; with ``pooled`` (SDXL: the pooled
     embeddings' width) it takes :data:`POOLED` too and gives the set's pooled embeddings, in the same type,
-    as :data:`POOLED_OUTPUT`. ``parts`` (with ``guidance``, not with ``rescale``): composable prompts of that
-    many parts; the UNet's batch holds 1 + ``parts`` copies, and the model takes :data:`PART_WEIGHTS`, each
-    call's row.
+    as :data:`POOLED_OUTPUT`. ``parts`` (not with ``rescale``): composable prompts of that many parts; the
+    UNet's batch holds 1 + ``parts`` copies, and the model takes :data:`PART_WEIGHTS`, each call's row, and
+    sums the parts' pulls from the negative side; without ``guidance``, ``parts`` copies and no negative
+    side: the model's noise is the parts' weighted sum (perturbed-attention guidance at a scale <= 1).
     """
-    if parts and (rescale or not guidance):
-        raise ValueError("composable prompts' parts are guided, without guidance rescale")
+    if parts and rescale:
+        raise ValueError("composable prompts' parts are summed without guidance rescale")
     copies = unet_copies(guidance, parts)
     c, h, w = latent_shape
     latent = [batch, c, h, w]
@@ -362,8 +364,15 @@ def build_step_model(
     nodes = [helper.make_node("Cast", ["noise_pred"], ["noise_pred_f32"], to=f32)]
     if parts:
         inputs.append(helper.make_tensor_value_info(PART_WEIGHTS, f32, [num_calls, parts, batch, 1, 1, 1]))
+        nodes.append(helper.make_node("Gather", [PART_WEIGHTS, "step_index"], ["call_part_weights"], axis=0))
+    if parts and not guidance:  # no negative side: the weighted sum of the parts
         nodes += [
-            helper.make_node("Gather", [PART_WEIGHTS, "step_index"], ["call_part_weights"], axis=0),
+            helper.make_node("Reshape", ["noise_pred_f32", "parts_shape"], ["conds"]),
+            helper.make_node("Mul", ["conds", "call_part_weights"], ["weighted_conds"]),
+            helper.make_node("ReduceSum", ["weighted_conds", "zero_1"], ["eps"], keepdims=0),
+        ]
+    elif parts:
+        nodes += [
             helper.make_node("Slice", ["noise_pred_f32", "zero_1", "batch_1"], ["uncond"]),
             helper.make_node("Slice", ["noise_pred_f32", "batch_1", "all_1"], ["conds_flat"]),
             helper.make_node("Reshape", ["conds_flat", "parts_shape"], ["conds"]),

@@ -90,14 +90,15 @@ def xl_unet_inputs(
     width: int,
     sizes: SizeConditioning,
     copies: int,
+    negative: bool,
     aesthetic: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The UNet's added inputs for a run whose batch of ``copies`` * B (negatives first where ``copies`` >
-    1) has these pooled text embeddings (G * B, pooled); ``aesthetic``: the refiner's numbers
-    (:meth:`SizeConditioning.time_ids`)."""
+    """The UNet's added inputs for a run whose batch of ``copies`` * B (the negatives first where
+    ``negative``: classifier-free guidance) has these pooled text embeddings (G * B, pooled);
+    ``aesthetic``: the refiner's numbers (:meth:`SizeConditioning.time_ids`)."""
     batch = len(pooled) // copies
-    rows = [sizes.time_ids(height, width, True, aesthetic)] * batch if copies > 1 else []
-    rows += [sizes.time_ids(height, width, False, aesthetic)] * batch * max(copies - 1, 1)
+    rows = [sizes.time_ids(height, width, True, aesthetic)] * batch if negative else []
+    rows += [sizes.time_ids(height, width, False, aesthetic)] * batch * (copies - int(negative))
     return {TEXT_EMBEDS: pooled, TIME_IDS: np.stack(rows)}
 
 

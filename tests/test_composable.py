@@ -46,12 +46,15 @@ def test_plain_prompts_are_not_composable_and_short_ones_are_padded():
     assert make_request("a cat AND a hat", **{**SETTINGS, "prompt_weights": "compel"}).composable == ()
 
 
-def test_the_step_model_sums_each_parts_weighted_pull():
+@pytest.mark.parametrize("guidance", [True, False], ids=["guided", "no-negative-side"])
+def test_the_step_model_sums_each_parts_weighted_pull(guidance):
+    """With guidance, the negative side's prediction plus the parts' weighted pulls from it; without (the
+    UNet's batch holds the parts alone: perturbed-attention guidance at a scale <= 1), their weighted sum."""
     batch, latent = 2, (4, 3, 5)
-    model = build_step_model(batch=batch, latent_shape=latent, num_calls=1, guidance=True, parts=3)
+    model = build_step_model(batch=batch, latent_shape=latent, num_calls=1, guidance=guidance, parts=3)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    noise_pred = rng.standard_normal((4 * batch, *latent)).astype(np.float32)
+    noise_pred = rng.standard_normal(((3 + guidance) * batch, *latent)).astype(np.float32)
     weights = rng.standard_normal((3, batch, 1, 1, 1)).astype(np.float32)
     coeffs = np.zeros((1, 1 + MAX_HISTORY, 3 + MAX_HISTORY), np.float32)
     coeffs[0, 0, 1] = 1.0  # the next sample is the guided prediction itself
@@ -68,8 +71,12 @@ def test_the_step_model_sums_each_parts_weighted_pull():
         PART_WEIGHTS: weights[None],  # the one call's row
     }
     guided = session.run(["next_sample"], feeds)[0]
-    uncond, conds = noise_pred[:batch], noise_pred[batch:].reshape(3, batch, *latent)
-    expected = uncond + 6.0 * sum(weights[k] * (conds[k] - uncond) for k in range(3))
+    if guidance:
+        uncond, conds = noise_pred[:batch], noise_pred[batch:].reshape(3, batch, *latent)
+        expected = uncond + 6.0 * sum(weights[k] * (conds[k] - uncond) for k in range(3))
+    else:
+        conds = noise_pred.reshape(3, batch, *latent)
+        expected = sum(weights[k] * conds[k] for k in range(3))
     np.testing.assert_allclose(guided, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="without guidance rescale"):
         build_step_model(batch=1, latent_shape=latent, num_calls=1, guidance=True, parts=2, rescale=True)

@@ -52,6 +52,8 @@ def mask(height: int = 64, width: int = 64) -> np.ndarray:
     [
         dict(scheduler="euler", guidance=7.5, pag_scale=3.0),
         dict(scheduler="ddim", guidance=0.8, pag_scale=2.0),  # no classifier-free guidance (<= 1)
+        dict(scheduler="euler", guidance=0.0, pag_scale=3.0, batch=2),  # guidance 0: turbo models' setting
+        dict(scheduler="euler", guidance=1.0, pag_scale=3.0, pag_adaptive_scale=0.005),
         dict(scheduler="euler_a", guidance=5.0, pag_scale=1.5, batch=2),  # stochastic, a batch
         dict(scheduler="pndm", guidance=7.5, pag_scale=3.0, image=picture(64, 64), strength=0.6),
         dict(scheduler="euler", guidance=6.0, pag_scale=2.5, image=picture(64, 64), mask=mask()),
@@ -60,7 +62,18 @@ def mask(height: int = 64, width: int = 64) -> np.ndarray:
         dict(scheduler="euler", guidance=7.5, pag_scale=3.0, pag_adaptive_scale=0.005),
         dict(scheduler="heun", guidance=7.5, pag_scale=3.0, pag_adaptive_scale=0.004),  # two calls a step
     ],
-    ids=["euler", "no-cfg", "euler_a-batch", "img2img", "inpaint", "hires", "adaptive", "adaptive-heun"],
+    ids=[
+        "euler",
+        "no-cfg",
+        "no-cfg-0-batch",
+        "no-cfg-adaptive",
+        "euler_a-batch",
+        "img2img",
+        "inpaint",
+        "hires",
+        "adaptive",
+        "adaptive-heun",
+    ],
 )
 def test_pag_matches_diffusers_pag_pipelines(pag_pipe, torch_pipe, settings):
     settings = {**SETTINGS, **settings}
@@ -71,6 +84,8 @@ def test_pag_matches_diffusers_pag_pipelines(pag_pipe, torch_pipe, settings):
     plain = torch_pipe(PROMPT, NEGATIVE, **{**settings, "pag_scale": 0.0, "pag_adaptive_scale": 0.0})
     assert psnr(ours.array, plain.array) < 60  # it does something
     assert ours.request.parameters(0)["pag_scale"] == settings["pag_scale"]
+    # as diffusers: without classifier-free guidance the UNet runs the prompt and its perturbed copy alone
+    assert ours.request.copies == (3 if settings["guidance"] > 1 else 2)
     if settings.get("pag_adaptive_scale"):  # not the constant scale's image (which diffusers' is not either)
         constant = pag_pipe(PROMPT, NEGATIVE, **{**settings, "pag_adaptive_scale": 0.0})
         assert psnr(ours.array, constant.array) < 90
@@ -98,12 +113,13 @@ def test_other_layers_match_diffusers_too(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "pag" / "pag" / "config.json").read_text()) == {"layers": list(layers)}
 
 
-def test_the_bound_loop_guides_like_the_host_loop(pag_pipe):
+@pytest.mark.parametrize("guidance", [7.5, 0.8])
+def test_the_bound_loop_guides_like_the_host_loop(pag_pipe, guidance):
     from sdengine.backends.ort_cuda import OrtCudaBackend
 
     model_dir = pag_pipe.model_dir
     bound = Pipeline(model_dir, OrtCudaBackend(model_dir, device="cpu"), pag_pipe.tokenizer)
-    settings = {**SETTINGS, "scheduler": "euler", "guidance": 7.5, "pag_scale": 3.0}
+    settings = {**SETTINGS, "scheduler": "euler", "guidance": guidance, "pag_scale": 3.0}
     np.testing.assert_allclose(
         bound(PROMPT, NEGATIVE, **settings).latents, pag_pipe(PROMPT, NEGATIVE, **settings).latents, atol=1e-4
     )
@@ -114,9 +130,10 @@ def test_the_parts_weights_are_pags_formula():
     (((_, w1), (_, w2)),) = pag_parts(("a",), 7.5, 3.0)
     g = 7.5
     assert (g * w1, g * w2) == pytest.approx((7.5 + 3.0, -3.0))
-    # without (g <= 1): cond + s (cond - perturbed), the negative side's weight 1 - g (w1 + w2) = 0
-    (((_, w1), (_, w2)),) = pag_parts(("a",), 0.5, 2.0)
-    assert (0.5 * w1, 0.5 * w2, 1 - 0.5 * (w1 + w2)) == pytest.approx((3.0, -2.0, 0.0))
+    # without (g <= 1): cond + s (cond - perturbed), the parts' plain sum (no negative side to pull from)
+    for g in (0.5, 0.0):
+        (((_, w1), (_, w2)),) = pag_parts(("a",), g, 2.0)
+        assert (w1, w2) == pytest.approx((3.0, -2.0))
     np.testing.assert_array_equal(perturbed_rows(3, 2, True), [0, 0, 0, 0, 1, 1])
     np.testing.assert_array_equal(perturbed_rows(2, 2, False), [0, 0, 0, 0])
 
@@ -128,7 +145,6 @@ def test_refusals_are_one_line(pag_pipe, ort_pipe_fp32, onnx_pag, tiny_checkpoin
         (ort_pipe_fp32, dict(pag_scale=3.0), InvalidArgumentError, "export the model with it"),
         (pag_pipe, dict(pag_scale=-1.0), InvalidArgumentError, "pag_scale must be a finite number >= 0"),
         (pag_pipe, dict(pag_scale=float("nan")), InvalidArgumentError, "pag_scale must be"),
-        (pag_pipe, dict(pag_scale=3.0, guidance=0.0), InvalidArgumentError, "guidance scale other than 0"),
         (pag_pipe, dict(pag_adaptive_scale=0.01), InvalidArgumentError, "lowers a pag_scale: give one"),
         (
             pag_pipe,
@@ -206,15 +222,16 @@ def test_the_tensorrt_path_runs_pag_in_its_captured_steps(simulated, onnx_pag, p
     build_engines(onnx_pag, engines, height=64, width=64, parts=2, env=ENV, builder=write_plan)
     backend = TrtBackend.load(engines)
     pipe = Pipeline(backend.model_dir, backend, pag_pipe.tokenizer)
-    settings = {**SETTINGS, "scheduler": "euler", "guidance": 7.5}
-    for pag_scale in (3.0, 0.0):
+    settings = {**SETTINGS, "scheduler": "euler"}
+    for pag_scale, guidance in ((3.0, 7.5), (0.0, 7.5), (3.0, 1.0)):
         ours, ref = (
-            pipe(PROMPT, **settings, pag_scale=pag_scale),
-            pag_pipe(PROMPT, **settings, pag_scale=pag_scale),
+            pipe(PROMPT, **settings, pag_scale=pag_scale, guidance=guidance),
+            pag_pipe(PROMPT, **settings, pag_scale=pag_scale, guidance=guidance),
         )
         scale = float(np.abs(ref.latents).max())
         np.testing.assert_allclose(ours.latents, ref.latents, rtol=0, atol=1e-5 * scale)
-    assert sorted(key.copies for key in backend._graphs) == [2, 3] and backend.graphs_refused is None
+    copies = sorted(key.copies for key in backend._graphs)
+    assert copies == [2, 2, 3] and backend.graphs_refused is None  # 2: guidance, and PAG without it
 
 
 def test_sdxl_matches_diffusers_sdxl_pag_pipeline(tmp_path_factory):
@@ -229,9 +246,10 @@ def test_sdxl_matches_diffusers_sdxl_pag_pipeline(tmp_path_factory):
     ours = Pipeline.load(root / "onnx", backend="ort", device="cpu")
     theirs = Pipeline.load(checkpoint, backend="torch", pag_layers=LAYERS)
     settings = {**SETTINGS, "scheduler": "euler", "guidance": 6.0, "pag_scale": 3.0}
-    for negative in (None, NEGATIVE):
-        a, b = ours(PROMPT, negative, **settings), theirs(PROMPT, negative, **settings)
-        assert psnr(a.array, b.array) >= 100, negative
+    for negative, guidance in ((None, 6.0), (NEGATIVE, 6.0), (NEGATIVE, 1.0)):  # 1.0: no negative side
+        run = {**settings, "guidance": guidance}
+        a, b = ours(PROMPT, negative, **run), theirs(PROMPT, negative, **run)
+        assert psnr(a.array, b.array) >= 100, (negative, guidance)
     plain = ours(PROMPT, NEGATIVE, **{**settings, "pag_scale": 0.0})
     assert psnr(a.array, plain.array) < 60
 
@@ -261,3 +279,8 @@ def test_with_a_controlnet_or_an_image_prompt_it_matches_diffusers(tiny_checkpoi
     a, b = ours(PROMPT, NEGATIVE, **settings), theirs(PROMPT, NEGATIVE, **settings)
     assert psnr(a.array, b.array) >= 100
     assert psnr(a.array, ours(PROMPT, NEGATIVE, **{**settings, "pag_scale": 0.0}).array) < 60
+    unguided = {
+        **settings,
+        "guidance": 1.0,
+    }  # the image prompt (or control image) on both copies, no negative
+    assert psnr(ours(PROMPT, NEGATIVE, **unguided).array, theirs(PROMPT, NEGATIVE, **unguided).array) >= 100
