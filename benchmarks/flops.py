@@ -6,7 +6,6 @@ Counts come from ``torch.utils.flop_counter`` on the PyTorch modules the ONNX mo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,11 +27,12 @@ def count_flops(
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from export.controlnet import with_controlnets
     from export.wrappers import load_export_module, sample_inputs, text_vocab_size
     from sdengine.model_dir import open_checkpoint_dir
 
     controlnets = [Path(c) for c in controlnets] if component == UNET else []
-    arch = dataclasses.replace(open_checkpoint_dir(checkpoint).arch, controlnets=len(controlnets))
+    arch = with_controlnets(open_checkpoint_dir(checkpoint).arch, controlnets)
     vocab_size = text_vocab_size(checkpoint, component)
     inputs = sample_inputs(arch, component, batch=batch, height=height, width=width, vocab_size=vocab_size)
     module = load_export_module(checkpoint, component, controlnets, arch.xl)

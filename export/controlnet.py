@@ -20,15 +20,18 @@ The export lists the ControlNets it traced into the UNet in ``controlnet/config.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdengine.cache import kept
+from sdengine.controlnet import residual_count
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError, SDEngineError, UnsupportedConfigError
 from sdengine.model_dir import optional_json, read_json, weights_variant
 from sdengine.model_specs import Architecture
@@ -77,6 +80,13 @@ def controlnet_config(path: str | os.PathLike) -> dict[str, Any]:
             "diffusers ControlNetModel"
         )
     return config
+
+
+def with_controlnets(arch: Architecture, paths: Sequence[Path]) -> Architecture:
+    """``arch`` with the ControlNet directories ``paths`` inside its UNet, as the export traces them: their
+    count, and the residuals each adds, which the UNet weighs row by row (``control_weights``)."""
+    residuals = residual_count(controlnet_config(paths[0])) if paths else 0
+    return dataclasses.replace(arch, controlnets=len(paths), control_residuals=residuals)
 
 
 def check_controlnets(checkpoint: Path, arch: Architecture, paths: list[Path]) -> list[dict[str, Any]]:

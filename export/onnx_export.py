@@ -28,7 +28,7 @@ import psutil
 
 import sdengine
 from export.checkpoint import checkpoint_hash
-from export.controlnet import check_controlnets, controlnet_directory
+from export.controlnet import check_controlnets, controlnet_directory, with_controlnets
 from export.cuda_fusion import classic_attention, fuse_for_cuda
 from export.fp16 import convert_to_fp16
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
@@ -39,7 +39,7 @@ from export.vae_override import checkpoint_with_vae
 from export.verify import Verification, check_outputs, reference_outputs
 from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
-from sdengine.controlnet import CONTROLNET_CONFIG
+from sdengine.controlnet import CONTROLNET_CONFIG, residual_count
 from sdengine.errors import (
     ExportVerificationError,
     InvalidArgumentError,
@@ -200,7 +200,7 @@ def export_component(
         }
     pag_layers = tuple(pag_layers) if name == UNET else ()
     arch = dataclasses.replace(
-        model_dir.arch, controlnets=len(controlnets), pag=bool(pag_layers), **ip_fields
+        with_controlnets(model_dir.arch, controlnets), pag=bool(pag_layers), **ip_fields
     )
     spec = arch.specs()[name]
     scale = arch.vae_scale_factor
@@ -262,14 +262,17 @@ def export_component(
 
 
 def _write_controlnet_config(out_dir: Path, records: list[dict], configs: list[dict]) -> None:
-    """List the ControlNets inside the exported UNet (none: no list, so an older one never outlives them)."""
+    """List the ControlNets inside the exported UNet (none: no list, so an older one never outlives them),
+    and the residuals each adds, which the UNet weighs row by row
+    (``sdengine.controlnet.control_mode_weights``)."""
     path = out_dir / CONTROLNET_CONFIG
     if not records:
         path.unlink(missing_ok=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = [{**record, "config": config} for record, config in zip(records, configs, strict=True)]
-    path.write_text(json.dumps({"controlnets": entries}, indent=2) + "\n")
+    document = {"controlnets": entries, "residuals": residual_count(configs[0])}
+    path.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def _copy_side_files(checkpoint: Path, out_dir: Path) -> None:

@@ -163,7 +163,9 @@ class ControlledUNetExport(nn.Module):
     """The UNet with ControlNets inside: each reads the latents (an inpainting UNet's first channels), the
     timestep, the text and its 3 channels of ``controlnet_cond``, and the UNet adds the sum of their
     residuals, each scaled by its ``conditioning_scale``, as diffusers' ControlNet pipelines and
-    ``MultiControlNetModel`` do. The UNet is the first child (its layer weights are named after it)."""
+    ``MultiControlNetModel`` do, and each residual by its row's ``control_weights`` (its control mode:
+    ``sdengine.controlnet.control_mode_weights``). The UNet is the first child (its layer weights are named
+    after it)."""
 
     def __init__(self, unet: nn.Module, controlnets: list[nn.Module]) -> None:
         super().__init__()
@@ -177,12 +179,13 @@ class ControlledUNetExport(nn.Module):
         encoder_hidden_states: torch.Tensor,
         controlnet_cond: torch.Tensor,
         conditioning_scale: torch.Tensor,
+        control_weights: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
         ip_adapter_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        image_prompt = (image_embeds, ip_adapter_scale)
+        control = (controlnet_cond, conditioning_scale, control_weights)
         return self.run(
-            sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, None, image_prompt
+            sample, timestep, encoder_hidden_states, control, None, (image_embeds, ip_adapter_scale)
         )
 
     def run(
@@ -190,14 +193,15 @@ class ControlledUNetExport(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        controlnet_cond: torch.Tensor,
-        conditioning_scale: torch.Tensor,
+        control: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         added: dict[str, torch.Tensor] | None = None,
         image_prompt: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> torch.Tensor:
-        """``added``: SDXL's added conditioning, which its ControlNets read as its UNet does;
-        ``image_prompt``: an IP-Adapter's inputs, which the UNet alone reads (as in diffusers' ControlNet
-        pipelines)."""
+        """``control``: the ControlNet inputs (``controlnet_cond``, ``conditioning_scale``,
+        ``control_weights``); ``added``: SDXL's added conditioning, which its ControlNets read as its UNet
+        does; ``image_prompt``: an IP-Adapter's inputs, which the UNet alone reads (as in diffusers'
+        ControlNet pipelines)."""
+        controlnet_cond, conditioning_scale, control_weights = control
         extra = {} if added is None else {"added_cond_kwargs": added}
         latents = sample[:, : self.controlnets[0].config.in_channels]
         down, mid = None, None
@@ -211,6 +215,9 @@ class ControlledUNetExport(nn.Module):
                 return_dict=False,
                 **extra,
             )
+            rows = control_weights[:, i]  # (batch, residuals): this ControlNet's, down blocks' then middle's
+            d = [res * rows[:, r, None, None, None] for r, res in enumerate(d)]
+            m = m * rows[:, -1, None, None, None]
             down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
         return self.unet(
@@ -237,13 +244,14 @@ class XlControlledUNetExport(ControlledUNetExport):
         time_ids: torch.Tensor,
         controlnet_cond: torch.Tensor,
         conditioning_scale: torch.Tensor,
+        control_weights: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
         ip_adapter_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        image_prompt = (image_embeds, ip_adapter_scale)
+        control = (controlnet_cond, conditioning_scale, control_weights)
         return self.run(
-            sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, added, image_prompt
+            sample, timestep, encoder_hidden_states, control, added, (image_embeds, ip_adapter_scale)
         )
 
 

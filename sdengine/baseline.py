@@ -196,6 +196,11 @@ class TorchPipeline(_CallMixin):
                 "composable prompts (the web UI's AND, or a part's :weight) run on the ort and trt backends; "
                 "diffusers' pipelines guide one prompt"
             )
+        if set(request.control_modes) - {"balanced"} and set(request.control_modes) != {"guess"}:
+            raise UnsupportedConfigError(
+                "on the torch backend all ControlNets run balanced or all in guess mode (diffusers' "
+                "guess_mode): the web UI's control modes, and modes mixed, run on the ort and trt backends"
+            )
         times, cuda = StageTimes(), self.device == "cuda"
         with times.time("total"):
             final = self.denoised_passes(request, times, progress, preview, stop)
@@ -304,6 +309,8 @@ class TorchPipeline(_CallMixin):
                 ("control_guidance_end", request.control_ends),
             ):
                 inputs[name] = values[0] if one else list(values)
+            if set(request.control_modes) == {"guess"}:
+                inputs["guess_mode"] = True
         if pag:
             inputs.update(pag_scale=request.pag_scale, pag_adaptive_scale=request.pag_adaptive_scale)
         if pipe is not self.pipe:

@@ -16,6 +16,7 @@ import numpy as np
 
 from sdengine.backends.cuda_options import parse_cuda_options
 from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
+from sdengine.controlnet import CONTROL_MODES
 from sdengine.errors import InvalidArgumentError, SDEngineError
 from sdengine.manifest import TARGETS
 from sdengine.request import (
@@ -191,6 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         control_scale=args.control_scale or 1.0,
         control_start=args.control_start or 0.0,
         control_end=args.control_end or 1.0,
+        control_mode=args.control_mode or "balanced",
         variation_seed=args.variation_seed,
         variation_strength=args.variation_strength,
         hires_scale=args.hires_scale,
@@ -692,6 +694,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="share of the schedule after which each ControlNet stops, in (0, 1] (default 1); once or per "
         "ControlNet",
+    )
+    g.add_argument(
+        "--control-mode",
+        action="append",
+        default=[],
+        choices=CONTROL_MODES,
+        help="how each ControlNet's residuals are weighed: balanced (default), guess (diffusers' guess "
+        "mode), prompt or control (the web UI's 'My prompt' / 'ControlNet is more important'); once or "
+        "per ControlNet",
     )
     g.add_argument(
         "--controlnet",

@@ -80,6 +80,12 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     info["lora_at_run_time"] = _lora(model_dir.onnx_path("unet"))
     controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
     info["controlnets"] = [Path(str(c.get("dir", "?"))).name for c in controlnets] or "none"
+    if controlnets:
+        info["control_modes"] = (
+            "balanced, guess, prompt, control"
+            if model_dir.arch.control_residuals
+            else "balanced only (exported before control modes: export again for the others)"
+        )
     adapter = optional_json(root / IP_ADAPTER_CONFIG)
     info["ip_adapter"] = (
         f"{Path(str(adapter.get('file', '?'))).name}: takes an image prompt" if adapter else "none"

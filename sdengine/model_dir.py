@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
+from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets, exported_residuals
 from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.ip_adapter import IP_ADAPTER_CONFIG, exported_ip_adapter
 from sdengine.manifest import MANIFEST_NAME
@@ -239,10 +239,13 @@ def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
         encoder = [Path(IMAGE_ENCODER) / "model.onnx"] if arch.ip_adapter else []
         return [Path(c) / "model.onnx" for c in arch.required_components()] + encoder + tokenizer_files(arch)
 
-    controlnets = exported_controlnets(optional_json(root / CONTROLNET_CONFIG))
+    control_config = optional_json(root / CONTROLNET_CONFIG)
+    controlnets = exported_controlnets(control_config)
+    residuals = {"control_residuals": exported_residuals(control_config)} if controlnets else {}
     ip_adapter = exported_ip_adapter(optional_json(root / IP_ADAPTER_CONFIG))
     pag = {"pag": True} if exported_pag(optional_json(root / PAG_CONFIG)) else {}
-    model_dir = _open(root, VAE_DECODER, files, again, len(controlnets), {**ip_adapter, **pag})
+    fields = {**residuals, **ip_adapter, **pag}
+    model_dir = _open(root, VAE_DECODER, files, again, len(controlnets), fields)
     manifest = optional_json(root / MANIFEST_NAME)
     cuda_fused, seamless = manifest.get("target") == "cuda", manifest.get("seamless") is True
     return dataclasses.replace(model_dir, cuda_fused=cuda_fused, seamless=seamless)

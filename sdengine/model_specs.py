@@ -49,6 +49,9 @@ TIME_IDS = "time_ids"
 #: conditioning image side by side in the channels, and each one's weight.
 CONTROLNET_COND = "controlnet_cond"
 CONDITIONING_SCALE = "conditioning_scale"
+#: ... and each row's weight of each ControlNet's residuals, one by one (``sdengine.controlnet``'s control
+#: modes: diffusers' guess mode, the web UI extension's control modes)
+CONTROL_WEIGHTS = "control_weights"
 #: The UNet's inputs when an IP-Adapter is exported with it: the image encoder's projected embeddings of the
 #: image prompt (zeros on the negative side), and the weight of its attention.
 IMAGE_EMBEDS = "image_embeds"
@@ -124,6 +127,9 @@ class Architecture:
     conditioning_channels: int = 0
     #: ControlNets exported inside the UNet: each adds 3 channels of conditioning image and a weight
     controlnets: int = 0
+    #: the residuals each of them adds (13 for SD 1.x/2.x, 10 for SDXL), which the UNet weighs row by row
+    #: (``control_weights``); 0 in exports from before it took them
+    control_residuals: int = 0
     #: the safety checker's CLIP image size
     safety_image_size: int = 224
     #: SDXL: the second text encoder's width (its states follow the first's in ``text_hidden_size``) and its
@@ -199,9 +205,11 @@ class Architecture:
         """The UNet's ControlNet inputs: none without ControlNets."""
         if not self.controlnets:
             return ()
+        weights = TensorSpec(CONTROL_WEIGHTS, "float32", ("batch", self.controlnets, self.control_residuals))
         return (
             TensorSpec(CONTROLNET_COND, "float32", ("batch", 3 * self.controlnets, "height", "width")),
             TensorSpec(CONDITIONING_SCALE, "float32", (self.controlnets,)),
+            *((weights,) if self.control_residuals else ()),
         )
 
     def ip_specs(self) -> tuple[TensorSpec, ...]:

@@ -18,7 +18,7 @@ from PIL import Image
 from sdengine.backends.base import Backend, DenoisePlan
 from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
-from sdengine.controlnet import control_images, control_schedule
+from sdengine.controlnet import control_images, control_mode_weights, control_schedule
 from sdengine.denoise import Preview, Progress, Stop, denoise
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.guidance_embedding import guidance_embedding
@@ -29,6 +29,7 @@ from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.mask_crop import MaskCrop
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
 from sdengine.model_specs import (
+    CONTROL_WEIGHTS,
     PAG_ROWS,
     SAFETY_CHECKER,
     TEXT_EMBEDS,
@@ -228,6 +229,7 @@ class _CallMixin:
         control_scale: float | Sequence[float] = 1.0,
         control_start: float | Sequence[float] = 0.0,
         control_end: float | Sequence[float] = 1.0,
+        control_mode: str | Sequence[str] = "balanced",
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
         hires_scale: float | None = None,
@@ -268,7 +270,10 @@ class _CallMixin:
         ControlNets a list of those, one per ControlNet; resized like ``image``, and where given it sets the
         default size, as in diffusers' ControlNet pipelines. ``control_scale``: each ControlNet's weight;
         ``control_start``, ``control_end``: the share of the schedule each runs in, [start, end) within [0, 1]
-        (diffusers' ``control_guidance_start``/``_end``); each one for all, or one per ControlNet.
+        (diffusers' ``control_guidance_start``/``_end``); ``control_mode``: how its residuals are weighed
+        (``balanced``; ``guess``, diffusers' ``guess_mode``; ``prompt`` and ``control``, the web UI
+        extension's "My prompt is more important" and "ControlNet is more important":
+        :data:`sdengine.controlnet.CONTROL_MODES`); each one for all, or one per ControlNet.
         ``variation_seed``, ``variation_strength``: the seed's initial noise moved that far (0 to 1, along
         the sphere) towards ``variation_seed``'s, for images like the seed's (image ``i`` of a batch: seed
         ``seed + i``'s towards ``variation_seed + i``'s). ``hires_scale`` (text to image): the hires fix, a
@@ -354,6 +359,7 @@ class _CallMixin:
             control_scale=control_scale,
             control_start=control_start,
             control_end=control_end,
+            control_mode=control_mode,
             variation_seed=variation_seed,
             variation_strength=variation_strength,
             hires_scale=hires_scale,
@@ -648,6 +654,19 @@ class Pipeline(_CallMixin):
             unet_constants.update(self.image_prompt_inputs(request, times))
         if request.control is not None:
             unet_constants.update(control_images(request.control, request.batch, request.copies))
+            if self.model_dir.arch.control_residuals:  # each row's weight of each residual: the modes
+                unet_constants[CONTROL_WEIGHTS] = control_mode_weights(
+                    request.control_modes,
+                    self.model_dir.arch.control_residuals,
+                    request.batch,
+                    request.copies,
+                    cfg,
+                )
+            elif set(request.control_modes) != {"balanced"}:
+                raise UnsupportedConfigError(
+                    f"{self.model_dir.root}'s UNet was exported before control modes: export it again to "
+                    f"run {', '.join(sorted(set(request.control_modes) - {'balanced'}))}"
+                )
             inputs["control_scales"] = control_schedule(  # their shares of the whole run
                 request.control_scales,
                 request.control_starts,

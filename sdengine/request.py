@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from sdengine.composable import Parts, composable_parts, part_count, part_texts, part_weights
+from sdengine.controlnet import CONTROL_MODES
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.hires import HiresFix, hires_fix
 from sdengine.images import image_array
@@ -68,6 +69,8 @@ class GenerationRequest:
     #: control_guidance_start and control_guidance_end)
     control_starts: tuple[float, ...] = ()
     control_ends: tuple[float, ...] = ()
+    #: ... and how each one's residuals are weighed (:data:`sdengine.controlnet.CONTROL_MODES`)
+    control_modes: tuple[str, ...] = ()
     #: variations: the initial noise moves this far (0 to 1, along the sphere) towards the noise of
     #: ``variation_seed`` (image ``i``: ``variation_seed + i``)
     variation_seed: int | None = None
@@ -308,6 +311,7 @@ class GenerationRequest:
             control_scales=(),
             control_starts=(),
             control_ends=(),
+            control_modes=(),
             refiner_switch=None,
             denoising_start=self.refiner_switch,
             ip_image=None,  # the base's IP-Adapter is its own
@@ -394,6 +398,11 @@ class GenerationRequest:
                     "control_scale": list(self.control_scales),
                     "control_start": list(self.control_starts),
                     "control_end": list(self.control_ends),
+                    **(
+                        {"control_mode": list(self.control_modes)}
+                        if set(self.control_modes) != {"balanced"}
+                        else {}
+                    ),
                 }
                 if self.control_scales
                 else {}
@@ -432,6 +441,7 @@ def make_request(
     control_scale: float | Sequence[float] = 1.0,
     control_start: float | Sequence[float] = 0.0,
     control_end: float | Sequence[float] = 1.0,
+    control_mode: str | Sequence[str] = "balanced",
     variation_seed: int | None = None,
     variation_strength: float = 0.0,
     hires_scale: float | None = None,
@@ -509,6 +519,7 @@ def make_request(
     scales, starts, ends = control_settings(
         control, control_scale, control_start, control_end, len(prompts), height, width
     )
+    modes = control_modes(control_mode, len(scales))
     if seed is None:
         seed = secrets.randbits(63)
     if not 0 <= seed < 2**63:
@@ -580,6 +591,7 @@ def make_request(
         control_scales=scales,
         control_starts=starts,
         control_ends=ends,
+        control_modes=modes,
         variation_seed=None if variation_seed is None else int(variation_seed),
         variation_strength=float(variation_strength),
         hires=hires,
@@ -686,6 +698,25 @@ def weighting_syntax(prompt_weights: bool | str | None) -> str:
             f"unknown prompt weighting syntax {prompt_weights!r}; choose {' or '.join(WEIGHTING_SYNTAXES)}"
         )
     return str(prompt_weights)
+
+
+def control_modes(mode: str | Sequence[str], count: int) -> tuple[str, ...]:
+    """Each of ``count`` ControlNets' control mode (:data:`sdengine.controlnet.CONTROL_MODES`), given once for
+    all or once per ControlNet; none without ControlNets, where only the default is taken."""
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    if not modes or not all(isinstance(m, str) and m in CONTROL_MODES for m in modes):
+        raise InvalidArgumentError(
+            f"control_mode must be one of {', '.join(CONTROL_MODES)} (or one per ControlNet), got {mode!r}"
+        )
+    if not count:
+        if modes != ["balanced"]:
+            raise InvalidArgumentError("control_mode applies to ControlNet only: give a control image")
+        return ()
+    if len(modes) == 1:
+        modes *= count
+    if len(modes) != count:
+        raise InvalidArgumentError(f"{len(modes)} values of control_mode for {count} control images")
+    return tuple(modes)
 
 
 def control_settings(

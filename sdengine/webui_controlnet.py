@@ -15,13 +15,14 @@ at weight 0 (its residuals scaled to nothing: the plain UNet's result), so such 
 without ControlNet too. In img2img, a unit without an image takes the first init image, as the extension
 does.
 
+A unit's ``control_mode`` ("Balanced", "My prompt is more important", "ControlNet is more important", or
+0-2) weighs its ControlNet's residuals as the extension does (``sdengine.controlnet.control_mode_weights``).
 What the extension does and this does not is refused, naming it: preprocessors (``module`` other than
-``none``: send the preprocessed image, such as an edge map, itself), control modes other than "Balanced",
-a unit's own mask, and units with inpainting of the mask's box alone (``inpaint_full_res``, where the
-extension cuts the control image to that box; the server refuses the pair), as are units naming a model
-not served, or two units naming one ControlNet. The
-preprocessors' settings (``processor_res``, ``threshold_a``...), ``pixel_perfect`` and ``low_vram`` change
-nothing without a preprocessor and are ignored.
+``none``: send the preprocessed image, such as an edge map, itself), a unit's own mask, and units with
+inpainting of the mask's box alone (``inpaint_full_res``, where the extension cuts the control image to
+that box; the server refuses the pair), as are units naming a model not served, or two units naming one
+ControlNet. The preprocessors' settings (``processor_res``, ``threshold_a``...), ``pixel_perfect`` and
+``low_vram`` change nothing without a preprocessor and are ignored.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ RESIZE_MODES: dict[str | int, Resize] = {
     0: stretch,
     1: cover_resize,
     2: fill_resize,
+}
+#: The extension's control modes, by name and by number (``sdengine.controlnet.CONTROL_MODES``).
+CONTROL_MODES: dict[str | int, str] = {
+    "Balanced": "balanced",
+    "My prompt is more important": "prompt",
+    "ControlNet is more important": "control",
+    0: "balanced",
+    1: "prompt",
+    2: "control",
 }
 #: The ``alwayson_scripts`` entry (the web UI lowercases script titles).
 SCRIPT = "controlnet"
@@ -90,6 +100,7 @@ def control_settings(
         return {}
     images: list[Image.Image | np.ndarray] = [np.zeros((height, width, 3), np.float32)] * len(served)
     scales, starts, ends = [0.0] * len(served), [0.0] * len(served), [1.0] * len(served)
+    modes = ["balanced"] * len(served)
     named: set[int] = set()
     for i, unit in enumerate(units):
         field = f"alwayson_scripts.controlnet.args[{i}]"
@@ -97,7 +108,7 @@ def control_settings(
         if index in named:
             raise InvalidArgumentError(f"{field}: a second unit for ControlNet {served[index]!r}")
         named.add(index)
-        _check_unit(unit, field)
+        modes[index] = _check_unit(unit, field)
         image = _unit_image(unit, init_image, decode, field)
         resize = RESIZE_MODES.get(unit.get("resize_mode", "Crop and Resize"))
         if resize is None:
@@ -114,6 +125,7 @@ def control_settings(
         "control_scale": scales,
         "control_start": starts,
         "control_end": ends,
+        **({"control_mode": modes} if set(modes) != {"balanced"} else {}),
     }
 
 
@@ -134,7 +146,8 @@ def _served_index(unit: dict[str, Any], served: Sequence[str], field: str) -> in
     return served.index(model)
 
 
-def _check_unit(unit: dict[str, Any], field: str) -> None:
+def _check_unit(unit: dict[str, Any], field: str) -> str:
+    """The unit's control mode (:data:`CONTROL_MODES`'s name), once what it asks for is known runnable."""
     module = unit.get("module") or "none"
     if str(module).lower() != "none":
         raise InvalidArgumentError(
@@ -142,11 +155,15 @@ def _check_unit(unit: dict[str, Any], field: str) -> None:
             "module none"
         )
     mode = unit.get("control_mode", "Balanced")
-    if mode not in ("Balanced", 0):
-        raise InvalidArgumentError(f"{field}.control_mode {mode!r}: only Balanced (0) is supported")
+    if isinstance(mode, bool) or mode not in CONTROL_MODES:
+        raise InvalidArgumentError(
+            f"{field}.control_mode {mode!r}: use Balanced, My prompt is more important or ControlNet is more "
+            "important (or 0-2)"
+        )
     image = unit.get("image")
     if isinstance(image, dict) and image.get("mask"):
         raise InvalidArgumentError(f"{field}.image.mask: a unit's own mask is not supported")
+    return CONTROL_MODES[mode]
 
 
 def _unit_image(

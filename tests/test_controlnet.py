@@ -296,6 +296,7 @@ def test_bound_loop_matches_the_host_loop(pipes):
             steps=4, seed=seed, control_image=control(seed), control_scale=0.5 + seed / 10, **SIZE
         )
         settings["control_end"] = 0.5 if seed == 9 else 1.0  # weights from the step model: 0 after call 2
+        settings["control_mode"] = "guess" if seed == 9 else "balanced"  # each row's weights: refilled
         np.testing.assert_allclose(
             bound(PROMPT, **settings).latents, host(PROMPT, **settings).latents, atol=1e-4
         )
@@ -315,6 +316,83 @@ def test_simulated_tensorrt_binds_the_controlnet_inputs(simulated, control_onnx,
     assert backend.graphs_refused is None
 
 
+def test_control_mode_weights_are_diffusers_and_the_extensions():
+    import torch
+
+    from sdengine.controlnet import control_mode_weights
+
+    modes = ("guess", "prompt", "control", "balanced")
+    w = control_mode_weights(modes, 13, batch=2, copies=2, negative_side=True)  # rows: negative, positive
+    assert w.shape == (4, 4, 13)
+    np.testing.assert_allclose(
+        w[2:, 0], np.broadcast_to(torch.logspace(-1, 0, 13).numpy(), (2, 13)), rtol=1e-6
+    )
+    np.testing.assert_allclose(w[:, 1], np.broadcast_to(0.825 ** (12 - np.arange(13.0)), (4, 13)), rtol=1e-6)
+    assert not w[:2, 0].any() and not w[:2, 2].any()  # guess and "ControlNet is more important": no negative
+    assert (w[2:, 2] == w[2:, 1]).all() and (w[:, 3] == 1).all()
+    xl = control_mode_weights(("prompt", "guess"), 10, batch=1, copies=1, negative_side=False)
+    np.testing.assert_allclose(xl[0, 0], 0.825 ** (12 - np.arange(10.0)), rtol=1e-6)  # the first 10 of 13
+    np.testing.assert_allclose(
+        xl[0, 1], torch.logspace(-1, 0, 10).numpy(), rtol=1e-6
+    )  # every row: no negative
+
+
+def test_the_export_weighs_each_residual_of_each_row(control_onnx, controlnet_dirs):
+    from diffusers import ControlNetModel
+
+    from sdengine.controlnet import residual_count
+
+    model = ControlNetModel.from_pretrained(controlnet_dirs[0])
+    config = json.loads((controlnet_dirs[0] / "config.json").read_text())
+    assert residual_count(config) == len(model.controlnet_down_blocks) + 1 == 13
+    assert json.loads((control_onnx / "controlnet" / "config.json").read_text())["residuals"] == 13
+    unet = onnx.load(str(control_onnx / "unet" / "model.onnx"), load_external_data=False)
+    weights = next(i for i in unet.graph.input if i.name == "control_weights")
+    assert [d.dim_param or d.dim_value for d in weights.type.tensor_type.shape.dim] == ["batch", 1, 13]
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_guess_mode_matches_diffusers(pipes, guidance):
+    """diffusers' guess_mode: the ControlNet's residuals scaled from 0.1 to 1 block by block, and with
+    classifier-free guidance none on the negative side."""
+    settings = dict(steps=4, seed=3, scheduler="euler", guidance=guidance, control_image=control(), **SIZE)
+    guessed = {**settings, "control_scale": 0.8, "control_mode": "guess"}
+    ours, ref = (pipe(PROMPT, "blurry", **guessed) for pipe in pipes)
+    assert psnr(ours.array, ref.array) >= 100
+    assert ours.request.parameters(0)["control_mode"] == ["guess"]
+    balanced = pipes[0](PROMPT, "blurry", **{**guessed, "control_mode": "balanced"})
+    assert psnr(ours.array, balanced.array) < 80
+
+
+def test_the_web_uis_control_modes(pipes, control_onnx, ort_pipe_fp32, tmp_path):
+    """The extension's "My prompt is more important" and "ControlNet is more important" weigh the residuals
+    alike and differ on the negative side alone: the same image without one (guidance 1)."""
+    ours = pipes[0]
+    settings = dict(steps=4, seed=3, scheduler="euler", control_image=control(), **SIZE)
+    runs = {
+        (mode, g): ours(PROMPT, "blurry", **settings, guidance=g, control_mode=mode).array
+        for mode in ("balanced", "prompt", "control")
+        for g in (7.5, 1.0)
+    }
+    np.testing.assert_array_equal(runs["prompt", 1.0], runs["control", 1.0])
+    assert psnr(runs["prompt", 7.5], runs["control", 7.5]) < 80
+    assert psnr(runs["prompt", 7.5], runs["balanced", 7.5]) < 80
+    with pytest.raises(UnsupportedConfigError, match="all in guess mode"):
+        pipes[1](PROMPT, **settings, control_mode="prompt")
+    with pytest.raises(InvalidArgumentError, match="control_mode must be one of"):
+        ours(PROMPT, **settings, control_mode="strong")
+    with pytest.raises(InvalidArgumentError, match="2 values of control_mode for 1 control images"):
+        ours(PROMPT, **settings, control_mode=["guess", "prompt"])
+    with pytest.raises(InvalidArgumentError, match="applies to ControlNet only"):
+        ort_pipe_fp32(PROMPT, steps=2, control_mode="guess", **SIZE)
+    older = shutil.copytree(control_onnx, tmp_path / "older")  # an export from before: no residual count
+    listed = json.loads((older / "controlnet" / "config.json").read_text())
+    del listed["residuals"]
+    (older / "controlnet" / "config.json").write_text(json.dumps(listed))
+    with pytest.raises(UnsupportedConfigError, match="exported before control modes: export it again"):
+        Pipeline.load(older, backend="ort", device="cpu")(PROMPT, **settings, control_mode="guess")
+
+
 def test_cli_controlnet(tiny_checkpoint, tmp_path, capsys):
     cn, onnx_dir, out = tmp_path / "cn", tmp_path / "onnx", tmp_path / "out.png"
     assert main(["make-controlnet", str(tiny_checkpoint), str(cn), "--seed", "4"]) == 0
@@ -324,10 +402,14 @@ def test_cli_controlnet(tiny_checkpoint, tmp_path, capsys):
     Image.fromarray((control(height=48, width=80) * 255).astype(np.uint8)).save(edges)
     generate = ["generate", str(onnx_dir), PROMPT, "--steps", "2", "--device", "cpu", "--output", str(out)]
     assert (
-        main([*generate, "--control-image", str(edges), "--control-scale", "0.5", "--control-end", "0.8"])
+        main(
+            [*generate, "--control-image", str(edges), "--control-scale", "0.5", "--control-end", "0.8"]
+            + ["--control-mode", "guess"]
+        )
         == 0
     )
     params = read_png_parameters(out)
+    assert params["control_mode"] == ["guess"]
     assert (params["height"], params["width"], params["control_scale"]) == (48, 80, [0.5])
     assert (params["control_start"], params["control_end"]) == ([0.0], [0.8])
     assert params["control_images"] == ["edges.png"]
@@ -335,6 +417,7 @@ def test_cli_controlnet(tiny_checkpoint, tmp_path, capsys):
     assert main(["info", str(onnx_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["controlnets"], info["architecture"]["controlnets"]) == (["cn"], 1)
+    assert info["control_modes"].startswith("balanced, guess")
     assert main(["info", str(cn), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "controlnet" and info["in_channels"] == 4

@@ -132,7 +132,7 @@ def test_export_with_a_file_gives_the_directorys_unet(nets, canny, tiny_checkpoi
     listed = json.loads((tmp_path / "file" / "controlnet" / "config.json").read_text())["controlnets"]
     assert listed[0]["dir"] == str(folder) and folder.name.startswith("control_v11p_sd15_canny-")
     assert Manifest.read(tmp_path / "file").controlnets == manifest.controlnets
-    arch = dataclasses.replace(open_checkpoint_dir(tiny_checkpoint).arch, controlnets=1)
+    arch = dataclasses.replace(open_checkpoint_dir(tiny_checkpoint).arch, controlnets=1, control_residuals=13)
     feeds = {
         k: v.numpy() for k, v in sample_inputs(arch, "unet", batch=2, height=64, width=64, seed=5).items()
     }

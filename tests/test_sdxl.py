@@ -445,7 +445,11 @@ def test_controlnets_match_diffusers(xl_checkpoint, xl_controlnets):
     rng = np.random.default_rng(0)
     image = rng.random((64, 96, 3)).astype(np.float32)
     control = [rng.random((64, 96, 3)).astype(np.float32) for _ in nets]
-    for extra in (dict(control_scale=[0.5, 1.2], control_end=[0.6, 1.0]), dict(image=image, strength=0.7)):
+    for extra in (
+        dict(control_scale=[0.5, 1.2], control_end=[0.6, 1.0]),
+        dict(image=image, strength=0.7),
+        dict(control_scale=[0.5, 1.2], control_mode="guess"),  # diffusers' guess_mode: SDXL's 10 residuals
+    ):
         settings = {**SETTINGS, "control_image": control, **extra}
         a, b = ours(PROMPT, **settings), ref(PROMPT, **settings)
         assert psnr(a.array, b.array) >= 100

@@ -31,11 +31,20 @@ def units(*args):
 def test_units_become_each_controlnets_image_weight_and_range():
     out = settings(
         units(
-            {"image": png(DEPTH), "model": "depth [a1b2c3d4]", "weight": 0.5, "guidance_end": 0.6},
+            {
+                "image": png(DEPTH),
+                "model": "depth [a1b2c3d4]",
+                "weight": 0.5,
+                "guidance_end": 0.6,
+                "control_mode": 1,
+            },
             {"image": png(EDGES), "model": "canny", "guidance_start": 0.2, "resize_mode": "Just Resize"},
         )
     )
-    assert out["control_scale"] == [1.0, 0.5]
+    assert out["control_scale"] == [1.0, 0.5] and out["control_mode"] == ["balanced", "prompt"]
+    assert "control_mode" not in settings(
+        units({"image": png(EDGES), "model": "canny", "control_mode": "Balanced"})
+    )
     assert out["control_start"] == [0.2, 0.0] and out["control_end"] == [1.0, 0.6]
     canny, depth = (np.asarray(image, np.float32) / 255 for image in out["control_image"])
     np.testing.assert_allclose(canny, EDGES, atol=0.5 / 255)
@@ -75,7 +84,7 @@ def test_images_are_resized_as_the_unit_asks_and_img2img_lends_its_init_image():
             "'openpose' is not served; the served ControlNets",
         ),
         (units({"image": png(EDGES), "model": "canny", "module": "canny"}), "preprocessors are not run"),
-        (units({"image": png(EDGES), "model": "canny", "control_mode": 2}), "only Balanced"),
+        (units({"image": png(EDGES), "model": "canny", "control_mode": 3}), "control_mode 3: use Balanced"),
         (units({"image": {"image": png(EDGES), "mask": png(EDGES)}, "model": "canny"}), "own mask"),
         (units({"model": "canny"}), "give the control image"),
         (units({"image": png(EDGES), "model": "canny", "weight": "1"}), "weight must be a number"),
@@ -124,7 +133,10 @@ def test_the_server_runs_the_units_as_the_pipeline_does(controlled):
     server = serve_in_thread(served)
     url = f"http://127.0.0.1:{server.server_address[1]}"
     body = {"prompt": "a house", "width": 64, "height": 64, "steps": 3, "seed": 5}
-    scripts = units({"image": png(EDGES), "model": "canny", "weight": 0.8, "guidance_end": 0.6})
+    mode = "ControlNet is more important"  # no control on the negative side, soft weights
+    scripts = units(
+        {"image": png(EDGES), "model": "canny", "weight": 0.8, "guidance_end": 0.6, "control_mode": mode}
+    )
     try:
         listed = call(url, "/controlnet/model_list")[1]
         status, answer = call(url, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": scripts})
@@ -144,6 +156,7 @@ def test_the_server_runs_the_units_as_the_pipeline_does(controlled):
         control_image=[np.round(EDGES * 255) / 255, np.zeros((64, 64, 3), np.float32)],  # as sent: 8 bits
         control_scale=[0.8, 0.0],
         control_end=[0.6, 1.0],
+        control_mode=["control", "balanced"],
     )
     np.testing.assert_allclose(pixels(answer["images"][0]), expected.array[0], atol=0.5 / 255)
     without = direct("a house", "", **common, control_image=[EDGES, EDGES], control_scale=0.0)
