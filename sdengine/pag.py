@@ -51,7 +51,7 @@ def exported_pag(config: dict[str, Any]) -> tuple[str, ...]:
     return tuple(layers)
 
 
-def check_pag_scale(scale: float, guidance: float, adaptive: float = 0.0) -> tuple[float, float]:
+def check_pag_scale(scale: float, adaptive: float = 0.0) -> tuple[float, float]:
     """A PAG scale and adaptive scale: finite numbers >= 0 (0: off)."""
     for name, value in (("pag_scale", scale), ("pag_adaptive_scale", adaptive)):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)

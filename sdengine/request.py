@@ -551,7 +551,7 @@ def make_request(
             "guidance_rescale rescales one guided prediction; composable prompts (AND, or a part's :weight) "
             "have several: give one or the other"
         )
-    pag_scale, pag_adaptive_scale = check_pag_scale(pag_scale, float(guidance), pag_adaptive_scale)
+    pag_scale, pag_adaptive_scale = check_pag_scale(pag_scale, pag_adaptive_scale)
     if pag_scale and (composable or guidance_rescale):
         other = "composable prompts (AND, or a part's :weight)" if composable else "guidance_rescale"
         raise InvalidArgumentError(
@@ -712,11 +712,17 @@ def control_modes(mode: str | Sequence[str], count: int) -> tuple[str, ...]:
         if modes != ["balanced"]:
             raise InvalidArgumentError("control_mode applies to ControlNet only: give a control image")
         return ()
-    if len(modes) == 1:
-        modes *= count
-    if len(modes) != count:
-        raise InvalidArgumentError(f"{len(modes)} values of control_mode for {count} control images")
-    return tuple(modes)
+    return tuple(per_controlnet("control_mode", modes, count))
+
+
+def per_controlnet(name: str, values: list[Any], count: int) -> list[Any]:
+    """Setting ``name``'s ``values``, given once for all of ``count`` ControlNets or once per ControlNet, as
+    one per ControlNet."""
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise InvalidArgumentError(f"{len(values)} values of {name} for {count} control images")
+    return values
 
 
 def control_settings(
@@ -751,12 +757,7 @@ def control_settings(
             f"control images have shape {shape}, expected (ControlNets, 1 or {batch}, {height}, {width}, 3) "
             f"for batch {batch} at {height}x{width}"
         )
-    count = shape[0]
-    for name, v in values.items():
-        if len(v) == 1:
-            v *= count
-        if len(v) != count:
-            raise InvalidArgumentError(f"{len(v)} values of {name} for {count} control images")
+    values = {name: per_controlnet(name, v, shape[0]) for name, v in values.items()}
     for s, e in zip(values["control_start"], values["control_end"], strict=True):
         if not 0.0 <= s < e <= 1.0:
             raise InvalidArgumentError(
