@@ -8,11 +8,16 @@ names a checkpoint that the PyTorch baseline loads with the same VAE. The VAE ma
 layout (``vae-ft-mse-840000-ema-pruned.safetensors``), read by diffusers' ``from_single_file`` with the
 checkpoint's own VAE config for its shape and saved once into the composed directory. Its config comes with
 it: its scaling factor, and whether it must stay float32 in fp16 exports (``force_upcast``).
+
+It may also be a tiny VAE (diffusers' ``AutoencoderTiny`` folder: TAESD for SD 1.x/2.x, TAESDXL for SDXL,
+``sdengine.tiny_vae``), which decodes and encodes many times faster than the usual one, and a little less
+faithfully; the composed directory's ``model_index.json`` then names its class, so that diffusers loads it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -21,13 +26,15 @@ from pathlib import Path
 from sdengine.cache import kept
 from sdengine.errors import ModelDirectoryError, UnsupportedConfigError
 from sdengine.model_dir import optional_json, read_json, weights_variant
+from sdengine.model_specs import VAE_CLASSES
 
 VAE = "vae"
+MODEL_INDEX = "model_index.json"
 
 
 def vae_source(vae: str | os.PathLike) -> Path:
-    """The ``AutoencoderKL`` folder (or single file) that ``vae`` names: a VAE folder, a checkpoint
-    directory's ``vae/``, or a file."""
+    """The ``AutoencoderKL`` or ``AutoencoderTiny`` folder (or single file) that ``vae`` names: a VAE folder,
+    a checkpoint directory's ``vae/``, or a file."""
     path = Path(vae)
     if path.is_file():
         return path
@@ -35,10 +42,10 @@ def vae_source(vae: str | os.PathLike) -> Path:
         raise ModelDirectoryError(f"VAE {path} does not exist")
     for folder in (path, path / VAE):
         config = optional_json(folder / "config.json")
-        if config.get("_class_name") == "AutoencoderKL":
+        if config.get("_class_name") in VAE_CLASSES:
             return folder
     raise ModelDirectoryError(
-        f"{path} holds no diffusers AutoencoderKL (a config.json naming AutoencoderKL, here or in vae/)"
+        f"{path} holds no diffusers VAE (a config.json naming {' or '.join(VAE_CLASSES)}, here or in vae/)"
     )
 
 
@@ -87,7 +94,7 @@ def checkpoint_with_vae(checkpoint: str | os.PathLike, vae: str | os.PathLike) -
             )
     name = f"{checkpoint.resolve().name}+vae-{_key(checkpoint, source)}"
     make = lambda target: _compose(checkpoint, source, target)  # noqa: E731
-    return kept("checkpoints", name, "model_index.json", make, None if source.is_dir() else f"VAE {source}")
+    return kept("checkpoints", name, MODEL_INDEX, make, None if source.is_dir() else f"VAE {source}")
 
 
 def _compose(checkpoint: Path, source: Path, target: Path) -> None:
@@ -97,13 +104,16 @@ def _compose(checkpoint: Path, source: Path, target: Path) -> None:
     try:
         staging.mkdir(parents=True)
         for entry in checkpoint.resolve().iterdir():
-            if entry.name != VAE and not entry.name.startswith("."):
+            if entry.name not in (VAE, MODEL_INDEX) and not entry.name.startswith("."):
                 (staging / entry.name).symlink_to(entry)
+        index = read_json(checkpoint / MODEL_INDEX)
         if source.is_dir():
             (staging / VAE).symlink_to(source.resolve())
+            index[VAE] = ["diffusers", read_json(source / "config.json")["_class_name"]]
         else:
             _convert_vae_file(source, checkpoint, staging / VAE)
             _check_fits(read_json(staging / VAE / "config.json"), checkpoint, source)
+        (staging / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from export.seamless import make_seamless
-from sdengine.model_dir import weights_variant
+from sdengine.model_dir import optional_json, weights_variant
 from sdengine.model_specs import (
     IMAGE_ENCODER,
     IP_ADAPTER_SCALE,
@@ -22,6 +22,7 @@ from sdengine.model_specs import (
     SAFETY_CHECKER,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
+    TINY_VAE_CLASS,
     UNET,
     VAE_DECODER,
     VAE_ENCODER,
@@ -290,6 +291,18 @@ class VaeEncoderExport(nn.Module):
         return self.vae.encode(sample).latent_dist.parameters
 
 
+class TinyVaeEncoderExport(nn.Module):
+    """A tiny VAE's encoder (``AutoencoderTiny``): the latents themselves, which diffusers' pipelines take as
+    they are (no sampling)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(sample).latents
+
+
 class SafetyCheckerExport(nn.Module):
     """diffusers' ``StableDiffusionSafetyChecker.forward_onnx`` with the inputs and outputs its ONNX pipeline
     uses (the images with every flagged one black, and the flags), and each image's concept scores
@@ -332,7 +345,7 @@ def load_export_module(
     loaded (whose image encoder is the ``image_encoder`` component), and the self-attention of
     ``pag_layers`` perturbable (``export.pag``: its last input then says which rows). ``xl``: an SDXL
     checkpoint's. ``seamless``: the UNet's and VAE's convolutions wrap around (``export.seamless``)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(checkpoint)
@@ -381,10 +394,12 @@ def load_export_module(
 
         module = SafetyCheckerExport(load(StableDiffusionSafetyChecker, "safety_checker"))
     elif name in (VAE_DECODER, VAE_ENCODER):
-        vae = load(AutoencoderKL, "vae")
+        tiny = optional_json(root / "vae" / "config.json").get("_class_name") == TINY_VAE_CLASS
+        vae = load(AutoencoderTiny if tiny else AutoencoderKL, "vae")
         if seamless:
             make_seamless(vae)
-        module = VaeDecoderExport(vae) if name == VAE_DECODER else VaeEncoderExport(vae)
+        encoder = TinyVaeEncoderExport if tiny else VaeEncoderExport
+        module = VaeDecoderExport(vae) if name == VAE_DECODER else encoder(vae)
     else:
         raise KeyError(name)
     return module.float().eval()

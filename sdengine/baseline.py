@@ -36,6 +36,7 @@ from sdengine.prompt_editing import PromptEdits
 from sdengine.request import GenerationRequest
 from sdengine.schedulers import diffusers_scheduler_class, load_scheduler
 from sdengine.timing import StageTimes
+from sdengine.vae_tiling import check_tileable
 
 
 def diffusers_scheduler(name: str | None, config: dict):
@@ -118,6 +119,8 @@ class TorchPipeline(_CallMixin):
         layers given are checked here, the default at the first such request); ``seamless``: the
         UNet's and VAE's convolutions wrap around the edges (``export.seamless``), so the images tile."""
         model_dir = open_checkpoint_dir(path)
+        if vae_tiling:
+            check_tileable(model_dir.arch)
         if threads:
             torch.set_num_threads(threads)
         dtype = torch.float16 if device == "cuda" else torch.float32
@@ -278,7 +281,7 @@ class TorchPipeline(_CallMixin):
             encoded = [request.masked_encoder_noise]  # diffusers encodes the image first where it needs it
             if not request.starts_from_noise or not self.model_dir.arch.inpainting_unet:
                 encoded.insert(0, request.encoder_noise)
-            draws = same_draws(encoded, lambda _: latents, type(pipe).__module__)
+            draws = same_draws(self.encoder_draws(encoded), lambda _: latents, type(pipe).__module__)
             inputs = {
                 "image": per_prompt(request.image, request.batch),
                 "mask_image": per_prompt(request.mask, request.batch)[..., None],
@@ -292,7 +295,9 @@ class TorchPipeline(_CallMixin):
                 inputs["denoising_start"] = request.denoising_start
         elif request.image_to_image:
             pipe = self.image_pipeline("Img2Img", control, pag)
-            draws = same_draws([request.encoder_noise], lambda _: latents, type(pipe).__module__)
+            draws = same_draws(
+                self.encoder_draws([request.encoder_noise]), lambda _: latents, type(pipe).__module__
+            )
             inputs = {"image": per_prompt(request.image, request.batch), "strength": request.strength}
         elif control:
             pipe = self.image_pipeline("", control, pag)
@@ -447,9 +452,10 @@ class TorchPipeline(_CallMixin):
             decoded = self.decode(torch.from_numpy(latents).to(self.device, self.pipe.vae.dtype))
         return to_unit_range(decoded.float().cpu().numpy())
 
-    def preview_images(self, latents: np.ndarray) -> list:
-        """Latents -> PIL images through diffusers' VAE."""
-        return to_pil(self.decode_images(latents))
+    def encoder_draws(self, draws: list[Callable[[tuple[int, ...]], object]]) -> list:
+        """The noise draws diffusers' VAE makes for the images it encodes: one per encoding, none where a
+        tiny VAE's encoder gives the latents themselves."""
+        return [] if self.model_dir.arch.tiny_vae else draws
 
     def upscale_latents(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
         """The hires fix's latent upscaler, torch's own bilinear ``interpolate``."""

@@ -18,6 +18,7 @@ from sdengine.backends.cuda_options import parse_cuda_options
 from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
 from sdengine.controlnet import CONTROL_MODES
 from sdengine.errors import InvalidArgumentError, SDEngineError
+from sdengine.latent_preview import PREVIEW_METHODS
 from sdengine.manifest import TARGETS
 from sdengine.request import (
     DEFAULT_GUIDANCE,
@@ -55,8 +56,9 @@ CONFIG_HELP = (
     "tokenizer it takes (its weights are not read); without it they come from the Hugging Face Hub"
 )
 VAE_HELP = (
-    "another VAE in place of the checkpoint's: a diffusers AutoencoderKL folder, a checkpoint directory "
-    "(its vae/), or a single .safetensors file in the original layout"
+    "another VAE in place of the checkpoint's: a diffusers AutoencoderKL folder, a tiny VAE's "
+    "(AutoencoderTiny: TAESD, TAESDXL), a checkpoint directory (its vae/), or a single .safetensors file in "
+    "the original layout"
 )
 OPTIMIZED_CACHE_HELP = "CPU: keep ONNX Runtime's optimised graphs per machine (fast starts, more disk)"
 GRAPH_CHOICES = ("step", "ort", "none")
@@ -238,8 +240,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _previews(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """``--preview-every N``: after every N UNet calls, the images so far beside the output, decoded by the
-    VAE: ``out-step4.png`` (``out-step4-0.png``, ... for a batch)."""
+    """``--preview-every N``: after every N UNet calls, the images so far beside the output, drawn by
+    ``--preview-method`` (:mod:`sdengine.latent_preview`): ``out-step4.png`` (``out-step4-0.png``, ... for a
+    batch)."""
     if not args.preview_every:
         return {}
     from sdengine.images import output_paths
@@ -247,7 +250,7 @@ def _previews(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output)
 
     def write(calls: int, latents: np.ndarray) -> None:
-        images = pipeline.preview_images(latents)
+        images = pipeline.preview_images(latents, args.preview_method)
         base = output.with_name(f"{output.stem}-step{calls}{output.suffix or '.png'}")
         for image, path in zip(images, output_paths(base, len(images)), strict=True):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,6 +347,14 @@ def cmd_make_ip_adapter(args: argparse.Namespace) -> int:
     checkpoint = open_checkpoint_dir(args.checkpoint).root
     path = write_random_ip_adapter(checkpoint, args.output, seed=args.seed, kind=args.kind)
     print(f"wrote random-weight IP-Adapter for {args.checkpoint} to {path}")
+    return 0
+
+
+def cmd_make_tiny_vae(args: argparse.Namespace) -> int:
+    from export.tiny_vae import write_random_tiny_vae
+
+    path = write_random_tiny_vae(args.output, latent_channels=args.latent_channels, seed=args.seed)
+    print(f"wrote random-weight tiny VAE (TAESD's architecture) to {path}")
     return 0
 
 
@@ -783,6 +794,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also write the images so far after every N UNet calls (OUTPUT-stepK.png); each waits for them",
     )
+    g.add_argument(
+        "--preview-method",
+        choices=PREVIEW_METHODS,
+        default="full",
+        help="how --preview-every draws them: full, through the VAE decoder (default); approx, a fixed "
+        "linear mix of the latents' channels at 1/8 of the size, free",
+    )
     g.add_argument("--output", default="image.png")
     g.set_defaults(func=cmd_generate)
 
@@ -905,6 +923,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="plain (one projected embedding, default) or plus (a resampler over every token of the encoder)",
     )
     a.set_defaults(func=cmd_make_ip_adapter)
+
+    t = sub.add_parser(
+        "make-tiny-vae", help="write a randomly initialised tiny VAE (AutoencoderTiny, TAESD's architecture)"
+    )
+    t.add_argument("output", help="a new directory, to give export or generate as --vae")
+    t.add_argument("--latent-channels", type=int, default=4, help="the checkpoint's (default 4: SD and SDXL)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_make_tiny_vae)
 
     b = sub.add_parser("bench", help="per-stage latency of each backend against the PyTorch baseline")
     b.add_argument(

@@ -65,18 +65,19 @@ def run_demo(
     from export.ip_adapter import write_random_ip_adapter
     from export.onnx_export import export_checkpoint
     from export.random_lora import write_random_lora
+    from export.tiny_vae import write_random_tiny_vae
     from sdengine.cli import format_times
     from sdengine.pipeline import Pipeline
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/15] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/16] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/15] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/16] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
     pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/15] text to image with the {backend} backend")
+        say(f"[{i}/16] text to image with the {backend} backend")
         pipes[backend] = Pipeline.load(path, backend=backend)
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
@@ -85,25 +86,25 @@ def run_demo(
         backend: pipe(prompt, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **settings)
         for backend, pipe in pipes.items()
     }
-    say(f"[5/15] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    say(f"[5/16] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
     redone = on_both(IMG2IMG_PROMPT, image=ort_result.array, strength=IMG2IMG_STRENGTH)
-    say("[6/15] inpainting the centre of the ort image with both backends")
+    say("[6/16] inpainting the centre of the ort image with both backends")
     mask = centre_mask(ort_result.request.height, ort_result.request.width)
     inpainted = on_both(INPAINT_PROMPT, image=ort_result.array, mask=mask)
     say(
-        f"[7/15] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
+        f"[7/16] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
         "on both backends"
     )
     edited = on_both(EDITED_PROMPT, prompt_weights="a1111", hires_scale=HIRES_SCALE)
     lora = write_random_lora(onnx_dir, workdir / "random-lora.safetensors", seed=SEED)
     say(
-        f"[8/15] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
+        f"[8/16] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
     )
     for pipe in pipes.values():
         pipe.load_lora(lora, LORA_SCALE)
     with_lora = on_both(PROMPT)
     controlnet, control_onnx = workdir / "random-controlnet", workdir / "tiny-onnx-controlnet"
-    say(f"[9/15] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
+    say(f"[9/16] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
     shutil.rmtree(controlnet, ignore_errors=True)
     write_random_controlnet(checkpoint, controlnet, seed=SEED)
     components = ["text_encoder", "unet", "vae_decoder"]
@@ -119,7 +120,7 @@ def run_demo(
         )
     }
     xl_checkpoint, xl_onnx = workdir / "tiny-xl-checkpoint", workdir / "tiny-xl-onnx"
-    say(f"[10/15] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
+    say(f"[10/16] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
     write_random_checkpoint(xl_checkpoint, "tiny-xl", seed=SEED, overwrite=True)
     export_checkpoint(
         xl_checkpoint, xl_onnx, components=["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
@@ -133,7 +134,7 @@ def run_demo(
         workdir / "tiny-xl-refiner-onnx",
     )
     say(
-        f"[11/15] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
+        f"[11/16] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
         f"{1 - DEFAULT_REFINER_SWITCH:.0%} of the run, on both backends"
     )
     write_random_checkpoint(refiner_checkpoint, "tiny-xl-refiner", seed=SEED, overwrite=True)
@@ -149,7 +150,7 @@ def run_demo(
     }
     adapter_dir, ip_onnx = workdir / "random-ip-adapter", workdir / "tiny-onnx-ip-adapter"
     say(
-        f"[12/15] a random IP-Adapter ({adapter_dir.name}) given the first image as a prompt, on both "
+        f"[12/16] a random IP-Adapter ({adapter_dir.name}) given the first image as a prompt, on both "
         "backends"
     )
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -167,13 +168,13 @@ def run_demo(
         for backend, path, extra in (("ort", ip_onnx, {}), ("torch", checkpoint, {"ip_adapter": adapter}))
     }
     say(
-        "[13/15] the first prompt again, its noise drawn as PyTorch's CPU generator draws it: diffusers "
+        "[13/16] the first prompt again, its noise drawn as PyTorch's CPU generator draws it: diffusers "
         "draws its own, sdengine the same without PyTorch"
     )
     torch_noise = on_both(PROMPT, noise_source="torch-cpu")
     pag_onnx = workdir / "tiny-onnx-pag"
     say(
-        f"[14/15] the first prompt with perturbed-attention guidance (scale {PAG_SCALE:g}, layers "
+        f"[14/16] the first prompt with perturbed-attention guidance (scale {PAG_SCALE:g}, layers "
         f"{', '.join(PAG_LAYERS)}) on both backends"
     )
     export_checkpoint(checkpoint, pag_onnx, components=components, pag_layers=list(PAG_LAYERS))
@@ -185,7 +186,7 @@ def run_demo(
     }
     lcm_checkpoint, lcm_onnx = workdir / "tiny-lcm-checkpoint", workdir / "tiny-lcm-onnx"
     say(
-        "[15/15] a tiny random latent consistency model (its UNet takes the guidance scale as an input: one "
+        "[15/16] a tiny random latent consistency model (its UNet takes the guidance scale as an input: one "
         f"UNet call a step), {LCM_SETTINGS['steps']} steps of its scheduler, on both backends"
     )
     write_random_checkpoint(lcm_checkpoint, "tiny", seed=SEED, overwrite=True, guidance_embedding=LCM_WIDTH)
@@ -193,6 +194,20 @@ def run_demo(
     consistent = {
         backend: Pipeline.load(path, backend=backend)(PROMPT, seed=SEED, **LCM_SETTINGS)
         for backend, path in (("ort", lcm_onnx), ("torch", lcm_checkpoint))
+    }
+    tiny_vae, tiny_vae_onnx = workdir / "tiny-vae-taesd", workdir / "tiny-taesd-onnx"
+    say(
+        "[16/16] the first checkpoint with a random tiny VAE (TAESD's architecture, many times faster) in "
+        "its VAE's place, on both backends"
+    )
+    shutil.rmtree(tiny_vae, ignore_errors=True)
+    write_random_tiny_vae(tiny_vae, seed=SEED)
+    export_checkpoint(checkpoint, tiny_vae_onnx, components=components, vae=tiny_vae)
+    tiny_decoded = {
+        backend: Pipeline.load(path, backend=backend, **extra)(
+            PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler
+        )
+        for backend, path, extra in (("ort", tiny_vae_onnx, {}), ("torch", checkpoint, {"vae": tiny_vae}))
     }
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
     extra_outputs = {}
@@ -208,6 +223,7 @@ def run_demo(
         ("torch-noise", torch_noise["ort"]),
         ("pag", perturbed["ort"]),
         ("lcm", consistent["ort"]),
+        ("taesd", tiny_decoded["ort"]),
     ):
         extra_outputs[name] = output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}")
         save_png(result.images[0], extra_outputs[name], {**result.request.parameters(), "backend": "ort"})
@@ -223,6 +239,7 @@ def run_demo(
     noise_similarity = psnr(torch_noise["ort"].array, torch_noise["torch"].array)
     pag_similarity = psnr(perturbed["ort"].array, perturbed["torch"].array)
     lcm_similarity = psnr(consistent["ort"].array, consistent["torch"].array)
+    taesd_similarity = psnr(tiny_decoded["ort"].array, tiny_decoded["torch"].array)
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
     print(
         f"\nwrote {output}: {steps} steps, "
@@ -271,6 +288,8 @@ def run_demo(
     print(
         f"ONNX Runtime vs PyTorch (diffusers pipeline, its guidance embedding): PSNR {lcm_similarity:.1f} dB"
     )
+    print(f"wrote {extra_outputs['taesd']}: the first prompt decoded by a random tiny VAE")
+    print(f"ONNX Runtime vs PyTorch (diffusers with AutoencoderTiny): PSNR {taesd_similarity:.1f} dB")
     print(
         "NOTE: the checkpoint's weights are RANDOM, so the image is structured noise, "
         "not a picture of the prompt."
@@ -288,4 +307,5 @@ def run_demo(
         "torch_noise_psnr_db": noise_similarity,
         "pag_psnr_db": pag_similarity,
         "lcm_psnr_db": lcm_similarity,
+        "taesd_psnr_db": taesd_similarity,
     }

@@ -60,6 +60,7 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
         if model_dir.arch.guidance_embedding
         else "classifier-free: the UNet runs on the negative and positive prompts above guidance 1",
         "native_size": model_dir.default_image_size,
+        "vae": "tiny (AutoencoderTiny, TAESD's architecture)" if model_dir.arch.tiny_vae else "AutoencoderKL",
         "vae_scaling_factor": model_dir.vae_scaling_factor,
         "scheduler": config.get("_class_name"),
         "prediction_type": config.get("prediction_type", "epsilon"),

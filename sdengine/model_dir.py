@@ -23,7 +23,9 @@ from sdengine.model_specs import (
     REQUIRED_COMPONENTS,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
+    TINY_VAE_CLASS,
     UNET,
+    VAE_CLASSES,
     VAE_DECODER,
     Architecture,
 )
@@ -97,6 +99,10 @@ def architecture(root: Path, vae_folder: str) -> tuple[Architecture, float]:
             f"{root}: a VAE whose latents are normalised per channel (latents_mean, latents_std; "
             "Playground v2.5's) is not supported"
         )
+    if vae.get("_class_name", VAE_CLASSES[0]) not in VAE_CLASSES:
+        raise UnsupportedConfigError(
+            f"{root}: a VAE of class {vae['_class_name']} is not supported (only {' or '.join(VAE_CLASSES)})"
+        )
     unet_in = int(unet.get("in_channels", latent))
     if unet_in not in (latent, 2 * latent + 1):
         raise UnsupportedConfigError(
@@ -112,6 +118,7 @@ def architecture(root: Path, vae_folder: str) -> tuple[Architecture, float]:
         text_max_length=int(tok.get("model_max_length", default.text_max_length)),
         vae_scale_factor=2 ** (len(blocks) - 1) if blocks else default.vae_scale_factor,
         guidance_embedding=int(unet.get("time_cond_proj_dim") or 0),
+        tiny_vae=vae.get("_class_name") == TINY_VAE_CLASS,
         **xl_sizes(root, unet),
     )
     return arch, float(vae.get("scaling_factor", DEFAULT_VAE_SCALING_FACTOR))

@@ -61,6 +61,9 @@ PAG_ROWS = "pag_rows"
 #: A guidance-embedded UNet's input (an LCM-distilled one; ``sdengine.guidance_embedding``): the guidance
 #: scale as a sinusoidal embedding, diffusers' ``timestep_cond`` (and Optimum's input name)
 TIMESTEP_COND = "timestep_cond"
+#: diffusers' class of a tiny VAE (TAESD's architecture, ``Architecture.tiny_vae``) and of the usual one
+TINY_VAE_CLASS = "AutoencoderTiny"
+VAE_CLASSES: tuple[str, ...] = ("AutoencoderKL", TINY_VAE_CLASS)
 #: Components the text-to-image runtime needs (an SDXL model's second text encoder too; see
 #: :meth:`Architecture.required_components`); the VAE encoder is exported for image-to-image use.
 REQUIRED_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER)
@@ -152,6 +155,9 @@ class Architecture:
     #: none): it takes the guidance scale as an input and runs no classifier-free guidance
     #: (``sdengine.guidance_embedding``)
     guidance_embedding: int = 0
+    #: a tiny VAE (diffusers' ``AutoencoderTiny``, TAESD's architecture; ``sdengine.tiny_vae``): its encoder
+    #: gives the latents themselves, not a distribution's parameters
+    tiny_vae: bool = False
 
     @property
     def ip_adapter(self) -> bool:
@@ -335,7 +341,9 @@ class Architecture:
                 VAE_ENCODER,
                 inputs=(TensorSpec("sample", "float32", image),),
                 outputs=(
-                    TensorSpec(
+                    TensorSpec("latent_sample", "float32", latent)
+                    if self.tiny_vae
+                    else TensorSpec(
                         "latent_parameters",
                         "float32",
                         ("batch", 2 * self.latent_channels, "latent_height", "latent_width"),

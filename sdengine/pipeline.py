@@ -25,6 +25,7 @@ from sdengine.guidance_embedding import guidance_embedding
 from sdengine.hires import upscale_latents
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
 from sdengine.ip_adapter import ip_pixels, ip_unet_inputs
+from sdengine.latent_preview import approximate_images, check_preview_method
 from sdengine.lora import LoraFile, fused_weights, read_lora
 from sdengine.mask_crop import MaskCrop
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
@@ -49,7 +50,7 @@ from sdengine.step_graph import Blend, step_tables
 from sdengine.textual_inversion import read_embedding, read_xl_embedding, vector_tokens
 from sdengine.timing import StageTimes
 from sdengine.tokenizer import ClipTokenizer
-from sdengine.vae_tiling import needs_tiles, run_tiled
+from sdengine.vae_tiling import check_tileable, needs_tiles, run_tiled
 from sdengine.xl_conditioning import xl_unet_inputs, zero_negatives
 
 
@@ -85,7 +86,7 @@ class ImageGenerator(Protocol):
         stop: Stop | None = None,
     ) -> GenerationResult: ...
 
-    def preview_images(self, latents: np.ndarray) -> list[Image.Image]: ...
+    def preview_images(self, latents: np.ndarray, method: str = "full") -> list[Image.Image]: ...
 
     def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> str: ...
 
@@ -106,6 +107,14 @@ class _CallMixin:
         if refiner is not None:
             check_refiner(self, refiner)
         self.refiner = refiner  # type: ignore[assignment]  # check_refiner: this class's own
+
+    def preview_images(self, latents: np.ndarray, method: str = "full") -> list[Image.Image]:
+        """Latents as a preview's callback gets them -> images (no safety check: they are not the result),
+        by ``method`` (:mod:`sdengine.latent_preview`): ``full`` through the VAE decoder, ``approx`` by the
+        fixed linear mix of the latents' channels, at their size."""
+        if check_preview_method(method) == "approx":
+            return approximate_images(latents, self.model_dir.arch.xl)
+        return to_pil(self.decode_images(latents))  # type: ignore[attr-defined]  # each pipeline's own
 
     @property
     def controlnets(self) -> int:
@@ -455,6 +464,8 @@ class Pipeline(_CallMixin):
         if model_dir.arch.xl:
             first = model_dir.arch.first_text_encoder
             self.tokenizer_2 = ClipTokenizer.from_dir(model_dir.tokenizer_2_dir) if first else tokenizer
+        if vae_tiling:
+            check_tileable(model_dir.arch)
         self.vae_tiling = vae_tiling
         self.safety_checker = safety_checker and model_dir.onnx_path(SAFETY_CHECKER).is_file()
         # its image processor's settings, read once
@@ -708,11 +719,6 @@ class Pipeline(_CallMixin):
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
         """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the VAE decoder."""
         return to_unit_range(self.decode(latents / np.float32(self.model_dir.vae_scaling_factor)))
-
-    def preview_images(self, latents: np.ndarray) -> list[Image.Image]:
-        """Latents as a preview's callback gets them -> images, through the VAE decoder (no safety check:
-        they are not the result)."""
-        return to_pil(self.decode_images(latents))
 
     def check_safety(self, images: np.ndarray) -> tuple[np.ndarray, list[bool]]:
         """The safety checker on images (B, H, W, 3) in [0, 1]: them with each flagged one black, and the
@@ -990,9 +996,9 @@ class Pipeline(_CallMixin):
     def encode(
         self, pixels: np.ndarray, batch: int, unit_noise: Callable[[tuple[int, ...]], np.ndarray]
     ) -> np.ndarray:
-        """Images (1 or ``batch``, 3, H, W) in [-1, 1] -> a sample of their latents per batch item, scaled as
-        the UNet takes them. One image for the whole batch is encoded once and sampled once per item (as
-        ``batch`` copies would be)."""
+        """Images (1 or ``batch``, 3, H, W) in [-1, 1] -> a sample of their latents per batch item (a tiny
+        VAE's latents themselves), scaled as the UNet takes them. One image for the whole batch is encoded
+        once and sampled once per item (as ``batch`` copies would be)."""
         tile = self.model_dir.vae_sample_size
         if self.vae_tiling and needs_tiles(pixels, tile):
             parameters = run_tiled(
@@ -1001,6 +1007,8 @@ class Pipeline(_CallMixin):
         else:
             parameters = self.backend.encode_image(pixels)
         parameters = np.concatenate([parameters] * (batch // len(parameters)))
+        if self.model_dir.arch.tiny_vae:  # its encoder gives the latents, drawing no noise (as in diffusers)
+            return parameters.astype(np.float32) * self.model_dir.vae_scaling_factor
         return sample_latents(parameters, unit_noise) * self.model_dir.vae_scaling_factor
 
     def decode(self, latents: np.ndarray) -> np.ndarray:

@@ -39,17 +39,19 @@ What the web UI's API takes, and how it maps here:
   ignored and listed in the answer's ``info`` as ``ignored_fields``, as the web UI ignores fields it does
   not know.
 
-``POST /sdapi/v1/options`` sets ``CLIP_stop_at_last_layers`` and ``randn_source`` for later requests (beneath
-their own ``override_settings``) and takes ``sd_model_checkpoint`` naming the model served; any other option
-is refused by name. ``POST /sdapi/v1/png-info`` reads a PNG's infotext back (:func:`parse_infotext`).
+``POST /sdapi/v1/options`` sets ``CLIP_stop_at_last_layers``, ``randn_source`` and the live previews'
+options (:mod:`sdengine.webui_previews`) for later requests (beneath their own ``override_settings``) and
+takes ``sd_model_checkpoint`` naming the model served; any other option is refused by name.
+``POST /sdapi/v1/png-info`` reads a PNG's infotext back (:func:`parse_infotext`).
 
 Answers are the web UI's: ``{"images": [base64 PNG], "parameters": {...}, "info": "<JSON>"}``, the info
 holding each image's settings as the web UI's infotext too (:mod:`sdengine.infotext`); errors are
 ``{"error": type, "detail": message}`` with 400 (unreadable JSON), 404, 413 or 422. Generations take turns;
 the server answers other requests meanwhile: ``GET /sdapi/v1/progress`` tells how far the one running is,
-and ``POST /sdapi/v1/interrupt`` ends it between two steps, its answer holding the images of the latents so
-far (the web UI's behaviour; later ``n_iter`` batches and a hires fix's second pass do not start);
-``POST /sdapi/v1/skip`` ends only the batch running, and the next ``n_iter`` batch starts. It has no
+with its latest live preview (``current_image``), and ``POST /sdapi/v1/interrupt`` ends it between two
+steps, its answer holding the images of the latents so far (the web UI's behaviour; later ``n_iter``
+batches and a hires fix's second pass do not start); ``POST /sdapi/v1/skip`` ends only the batch running,
+and the next ``n_iter`` batch starts. It has no
 authentication: bind it to localhost (the default) or put it behind a proxy that has.
 """
 
@@ -67,6 +69,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -80,6 +83,7 @@ from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.model_dir import optional_json
 from sdengine.webui_controlnet import control_settings, controlnet_name
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
+from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS, live_preview
 from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
 
 #: hr_upscaler values: the web UI's "Latent" enlarges the latents; "None" and "Lanczos" the image.
@@ -222,6 +226,12 @@ class WebUIRequest(NamedTuple):
     inpainting: Inpainting | None = None
 
 
+#: The options ``POST /sdapi/v1/options`` sets, for every later request (beneath its ``override_settings``,
+#: which may set them too): clip skip, the noise source, and the live previews'
+#: (:mod:`sdengine.webui_previews`)
+SETTABLE_OPTIONS = ("CLIP_stop_at_last_layers", "randn_source", *LIVE_PREVIEW_OPTIONS)
+
+
 def generation_settings(
     body: dict[str, Any], img2img: bool, refiner: bool = False, controlnets: Sequence[str] = ()
 ) -> WebUIRequest:
@@ -263,10 +273,8 @@ def generation_settings(
         )
         settings["variation_strength"] = strength
     overrides = body.get("override_settings") or {}
-    if not isinstance(overrides, dict) or set(overrides) - {"CLIP_stop_at_last_layers", "randn_source"}:
-        raise InvalidArgumentError(
-            "override_settings: only CLIP_stop_at_last_layers and randn_source are supported"
-        )
+    if not isinstance(overrides, dict) or set(overrides) - set(SETTABLE_OPTIONS):
+        raise InvalidArgumentError(f"override_settings: only {', '.join(SETTABLE_OPTIONS)} are supported")
     source = overrides.get("randn_source")
     if source is not None:
         if source != "CPU":
@@ -358,7 +366,14 @@ class Job:
         with self._state:
             self.job_count, self.job_no, self.step, self.steps = job_count, 0, 0, 0
             self.started = time.monotonic()
+            self.current_image: str | None = None
         self.interrupted.clear()
+
+    def show(self, image: str) -> None:
+        """A live preview of the generation (:mod:`sdengine.webui_previews`): ``/progress``'s
+        ``current_image`` until the next."""
+        with self._state:
+            self.current_image = image
 
     def next_batch(self, job_no: int) -> None:
         with self._state:
@@ -379,8 +394,9 @@ class Job:
             with self._state:
                 self.step += 1
 
-    def report(self) -> dict[str, Any]:
-        """``/sdapi/v1/progress``'s answer, as the web UI gives it (no live preview image)."""
+    def report(self, skip_current_image: bool = False) -> dict[str, Any]:
+        """``/sdapi/v1/progress``'s answer, as the web UI gives it: with the latest live preview, unless
+        ``skip_current_image``."""
         with self._state:
             done = (
                 (self.job_no + (self.step / self.steps if self.steps else 0)) / self.job_count
@@ -397,12 +413,13 @@ class Job:
                 "sampling_step": self.step,
                 "sampling_steps": self.steps,
             }
+            image = None if skip_current_image else self.current_image
         eta = elapsed / done - elapsed if 0 < done < 1 else 0.0
         return {
             "progress": done,
             "eta_relative": eta,
             "state": state,
-            "current_image": None,
+            "current_image": image,
             "textinfo": None,
         }
 
@@ -427,6 +444,7 @@ def run_request(
         raise InvalidArgumentError(
             "tiling: the model served is not seamless (export it with sdengine export --seamless)"
         )
+    preview = live_preview(body.get("override_settings") or {}, pipeline.model_dir.arch.tiny_vae)
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)
@@ -440,6 +458,12 @@ def run_request(
         job.begin(n_iter)
         prompt, negative = settings.pop("prompt"), settings.pop("negative_prompt")
         settings.update(progress=job.progress, stop=job.stop)
+        if preview is not None and preview.every > 0:
+
+            def show(calls: int, latents: np.ndarray) -> None:
+                job.show(preview.encode(pipeline.preview_images(latents, preview.method)))
+
+            settings.update(preview=show, preview_every=preview.every)
         images, infotexts, seeds, nsfw, first = [], [], [], [], None
         laid = {} if inpainting is None else inpainting.settings.parameters(inpainting.placement)
         for n in range(n_iter):
@@ -461,6 +485,13 @@ def run_request(
                 images.append(encode_png(image, parameters))
                 infotexts.append(parameters_infotext(parameters))
             seeds += list(result.request.seeds)
+            if preview is not None and preview.every == -1:  # the web UI's "after completion of batch"
+                full = preview.method == "full"  # the batch's own images, decoded already
+                job.show(
+                    preview.encode(
+                        to_pil(array) if full else pipeline.preview_images(result.latents, "approx")
+                    )
+                )
             nsfw += result.nsfw or [False] * result.request.batch
     request = first.request
     extra = {} if inpainting is None else inpainting.settings.generation_params()
@@ -498,11 +529,7 @@ def run_request(
     return {"images": images, "parameters": body_without_images(body), "info": json.dumps(info)}
 
 
-#: The options ``POST /sdapi/v1/options`` sets, for every later request (beneath its ``override_settings``).
-SETTABLE_OPTIONS = ("CLIP_stop_at_last_layers", "randn_source")
-
-
-def set_options(options: dict[str, Any], body: Any, model: str) -> None:
+def set_options(options: dict[str, Any], body: Any, model: str, tiny_vae: bool = False) -> None:
     """``POST /sdapi/v1/options``: ``sd_model_checkpoint`` may name the model served (the only one), and
     :data:`SETTABLE_OPTIONS` hold for later requests; any other option is refused, naming it, and a refused
     request changes nothing. Answers null, as the web UI does."""
@@ -518,6 +545,7 @@ def set_options(options: dict[str, Any], body: Any, model: str) -> None:
         )
     settings = {key: body[key] for key in SETTABLE_OPTIONS if key in body}
     generation_settings({"override_settings": settings}, img2img=False)  # refuses a value it cannot honour
+    live_preview({**options, **settings}, tiny_vae)
     options.update(settings)
 
 
@@ -544,6 +572,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         pipeline = self.server.pipeline  # type: ignore[attr-defined]
         name = pipeline.model_dir.root.name
+        query = parse_qs(urlsplit(self.path).query)
+        skip_image = query.get("skip_current_image", ["false"])[-1].lower() in ("true", "1")
         routes: dict[str, Callable[[], Any]] = {
             "/sdapi/v1/samplers": lambda: [
                 {"name": n, "aliases": [s], "options": {}} for n, s in SAMPLERS.items()
@@ -559,8 +589,12 @@ class Handler(BaseHTTPRequestHandler):
             "/sdapi/v1/sd-models": lambda: [
                 {"title": name, "model_name": name, "filename": str(pipeline.model_dir.root)}
             ],
-            "/sdapi/v1/options": lambda: {"sd_model_checkpoint": name, **self.server.options},  # type: ignore[attr-defined]
-            "/sdapi/v1/progress": self.server.job.report,  # type: ignore[attr-defined]
+            "/sdapi/v1/options": lambda: {
+                "sd_model_checkpoint": name,
+                **LIVE_PREVIEW_OPTIONS,
+                **self.server.options,  # type: ignore[attr-defined]
+            },
+            "/sdapi/v1/progress": lambda: self.server.job.report(skip_image),  # type: ignore[attr-defined]
             # the ControlNet extension's: the ControlNets in the export's UNet, and no preprocessors
             "/controlnet/model_list": lambda: {"model_list": served_controlnets(pipeline)},
             "/controlnet/module_list": lambda: {"module_list": ["none"], "module_detail": {}},
@@ -582,6 +616,7 @@ class Handler(BaseHTTPRequestHandler):
                 server.options,  # type: ignore[attr-defined]
                 body,
                 server.pipeline.model_dir.root.name,  # type: ignore[attr-defined]
+                server.pipeline.model_dir.arch.tiny_vae,  # type: ignore[attr-defined]
             ),
             "/sdapi/v1/png-info": png_info_answer,
         }

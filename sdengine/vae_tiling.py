@@ -13,7 +13,20 @@ from collections.abc import Callable
 
 import numpy as np
 
+from sdengine.errors import UnsupportedConfigError
+from sdengine.model_specs import Architecture
+
 OVERLAP = 0.25  # diffusers' tile_overlap_factor
+
+
+def check_tileable(arch: Architecture) -> None:
+    """Tiling is ``AutoencoderKL``'s: a tiny VAE (``AutoencoderTiny``) is refused, whose own tiling in
+    diffusers is another algorithm, and which needs it least (its memory is a fraction of the usual VAE's)."""
+    if arch.tiny_vae:
+        raise UnsupportedConfigError(
+            "VAE tiling is for the usual VAE (AutoencoderKL): this model's is a tiny one (AutoencoderTiny), "
+            "which runs whole images in a fraction of the memory; run it without VAE tiling"
+        )
 
 
 def needs_tiles(array: np.ndarray, tile: int) -> bool:

@@ -113,7 +113,9 @@ def test_refusals(
     (wide / "config.json").write_text(json.dumps({**config, "latent_channels": 16}))
     with pytest.raises(UnsupportedConfigError, match="16-channel latents; .* denoises 4-channel ones"):
         checkpoint_with_vae(tiny_checkpoint, wide)
-    with pytest.raises(ModelDirectoryError, match="holds no diffusers AutoencoderKL"):
+    with pytest.raises(
+        ModelDirectoryError, match="no diffusers VAE .a config.json naming AutoencoderKL or AutoencoderTiny"
+    ):
         checkpoint_with_vae(tiny_checkpoint, tiny_checkpoint / "unet")
     with pytest.raises(ModelDirectoryError, match="does not exist"):
         checkpoint_with_vae(tiny_checkpoint, tmp_path / "missing")

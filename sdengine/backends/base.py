@@ -170,7 +170,8 @@ class Backend(Protocol):
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """The VAE encoder (image to image): images (B, 3, H, W) in [-1, 1] -> the latent distribution's
-        parameters (B, 2 * latent channels, H / 8, W / 8), means then log-variances, float32."""
+        parameters (B, 2 * latent channels, H / 8, W / 8), means then log-variances, float32; a tiny VAE's
+        (``Architecture.tiny_vae``): the latents themselves (B, latent channels, H / 8, W / 8)."""
         ...
 
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> Denoiser:

@@ -1,0 +1,181 @@
+"""A tiny VAE (diffusers' ``AutoencoderTiny``, TAESD's architecture) in a checkpoint's place: exported with
+``--vae``, its encoder giving the latents themselves, run by the PyTorch baseline with the same VAE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image, ImageDraw
+
+from export.tiny_vae import write_random_tiny_vae
+from export.vae_override import checkpoint_with_vae
+from sdengine.cli import main
+from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+from sdengine.images import psnr
+from sdengine.manifest import Manifest
+from sdengine.model_dir import open_onnx_dir
+from sdengine.pipeline import Pipeline
+
+SETTINGS = dict(steps=4, seed=4, height=64, width=64)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("cache")
+        patch.setenv("SDENGINE_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_tiny_vae(tmp_path_factory.mktemp("vae") / "taesd", seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_checkpoint: Path, tiny_vae: Path, cache: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(ONNX Runtime on an export with the tiny VAE, diffusers with the same VAE)."""
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx") / "taesd"
+    manifest = export_checkpoint(tiny_checkpoint, out, vae=tiny_vae)
+    assert all(record.verification["passed"] for record in manifest.components.values())
+    ours = Pipeline.load(out, backend="ort", device="cpu")
+    theirs = Pipeline.load(tiny_checkpoint, backend="torch", vae=tiny_vae)
+    return ours, theirs
+
+
+def _picture(size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(5)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _mask(size: int = 64) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
+    return mask
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"batch": 2},
+        {"image": "picture", "strength": 0.6},
+        {"image": "picture", "strength": 0.6, "batch": 2},
+        {"image": "picture", "mask": "mask"},
+    ],
+    ids=["text", "text-batch2", "image", "image-batch2", "inpaint"],
+)
+def test_the_tiny_vae_draws_the_baseline_s_image(pipes, settings: dict) -> None:
+    """Text to image decodes, image to image and inpainting encode through the tiny VAE, as diffusers'
+    pipelines run it: its encoder's latents taken as they are, with no noise drawn for them (a draw would
+    shift the whole run's noise and fail the comparison)."""
+    given = {**settings}
+    if "image" in given:
+        given["image"] = _picture()
+    if "mask" in given:
+        given["mask"] = _mask()
+    ours, theirs = (pipe("a red boat", "fog", **SETTINGS, **given) for pipe in pipes)
+    assert psnr(ours.array, theirs.array) >= 100
+    assert ours.array.std() > 0.05  # a picture, not a flat grey
+
+
+def test_the_export_holds_the_tiny_vae(pipes, tiny_checkpoint: Path, ort_pipe_fp32) -> None:
+    ours, _ = pipes
+    model_dir = open_onnx_dir(ours.model_dir.root)
+    assert model_dir.arch.tiny_vae and model_dir.vae_scaling_factor == 1.0
+    encoder = onnx.load(str(model_dir.onnx_path("vae_encoder")), load_external_data=False).graph
+    assert [o.name for o in encoder.output] == ["latent_sample"]
+    assert (
+        encoder.output[0].type.tensor_type.shape.dim[1].dim_value == 4
+    )  # latents, not mean and log-variance
+    own = ort_pipe_fp32("a red boat", "fog", **SETTINGS)
+    tiny = ours("a red boat", "fog", **SETTINGS)
+    assert psnr(own.array, tiny.array) < 30  # another decoder
+    composed = Path(Manifest.read(ours.model_dir.root).source_checkpoint)
+    assert json.loads((composed / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderTiny"]
+    assert json.loads((tiny_checkpoint / "model_index.json").read_text())["vae"][1] == "AutoencoderKL"
+
+
+def test_fp16_export_keeps_the_tiny_vae_in_float16(
+    tiny_checkpoint: Path, tiny_vae: Path, cache, tmp_path
+) -> None:
+    """Its config says it needs no upcast, so an fp16 export runs it in float16."""
+    from export.onnx_export import export_checkpoint
+
+    export_checkpoint(
+        tiny_checkpoint, tmp_path / "onnx", precision="fp16", components=["vae_decoder"], vae=tiny_vae
+    )
+    graph = onnx.load(str(tmp_path / "onnx" / "vae_decoder" / "model.onnx")).graph
+    assert {t.data_type for t in graph.initializer if len(t.dims) > 1} == {onnx.TensorProto.FLOAT16}
+
+
+def test_vae_tiling_is_refused(pipes, tiny_checkpoint: Path, tiny_vae: Path) -> None:
+    ours, _ = pipes
+    with pytest.raises(UnsupportedConfigError, match="VAE tiling is for the usual VAE"):
+        Pipeline.load(ours.model_dir.root, backend="ort", device="cpu", vae_tiling=True)
+    with pytest.raises(UnsupportedConfigError, match="VAE tiling is for the usual VAE"):
+        Pipeline.load(tiny_checkpoint, backend="torch", vae=tiny_vae, vae_tiling=True)
+
+
+def test_a_vae_of_another_class_is_refused(tiny_checkpoint: Path, tiny_vae: Path, cache, tmp_path) -> None:
+    import shutil
+
+    odd = shutil.copytree(tiny_vae, tmp_path / "odd")
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "_class_name": "ConsistencyDecoderVAE"}))
+    from sdengine.errors import ModelDirectoryError
+
+    with pytest.raises(ModelDirectoryError, match="holds no diffusers VAE"):
+        checkpoint_with_vae(tiny_checkpoint, odd)
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt", symlinks=True)
+    (folder / "vae" / "config.json").write_text(
+        json.dumps({**config, "_class_name": "ConsistencyDecoderVAE"})
+    )
+    with pytest.raises(UnsupportedConfigError, match="a VAE of class ConsistencyDecoderVAE is not supported"):
+        Pipeline.load(folder, backend="torch")
+
+
+def test_cli_make_tiny_vae(tmp_path: Path, capsys) -> None:
+    assert main(["make-tiny-vae", str(tmp_path / "vae"), "--seed", "1"]) == 0
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderTiny" and config["latent_channels"] == 4
+    assert "tiny VAE" in capsys.readouterr().out
+    assert main(["make-tiny-vae", str(tmp_path / "vae")]) == 1  # not an empty directory: nothing lost
+    assert (
+        capsys.readouterr().err.strip()
+        == f"sdengine: error: {tmp_path / 'vae'} exists and is not an empty directory"
+    )
+    with pytest.raises(InvalidArgumentError, match="latent_channels must be >= 1"):
+        write_random_tiny_vae(tmp_path / "other", latent_channels=0)
+
+
+def test_the_server_previews_through_the_tiny_vae_as_taesd(pipes) -> None:
+    """With a tiny VAE served, the web UI's "TAESD" live previews are its decoder's, at full size."""
+    import base64
+    import io
+    import urllib.request
+
+    from sdengine.server import serve_in_thread
+
+    ours, _ = pipes
+    served = serve_in_thread(ours)
+    url = f"http://127.0.0.1:{served.server_address[1]}/sdapi/v1/"
+    try:
+        options = {"show_progress_type": "TAESD", "show_progress_every_n_steps": 2}
+        body = {"prompt": "a cat", "width": 64, "height": 64, "steps": 4, "override_settings": options}
+        request = urllib.request.Request(
+            url + "txt2img", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            assert answer.status == 200
+        with urllib.request.urlopen(url + "progress", timeout=120) as answer:
+            image = json.loads(answer.read())["current_image"]
+        assert Image.open(io.BytesIO(base64.b64decode(image))).size == (64, 64)
+    finally:
+        served.shutdown()
