@@ -35,7 +35,7 @@ from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
 from export.pag import write_pag_config
 from export.single_file import converted_checkpoint, is_single_file
-from export.vae_override import checkpoint_with_vae
+from export.vae_override import checkpoint_with_vae, preview_vae_source
 from export.verify import Verification, check_outputs, reference_outputs
 from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
@@ -47,10 +47,11 @@ from sdengine.errors import (
 )
 from sdengine.lora import LoraFile, read_lora
 from sdengine.manifest import MANIFEST_NAME, TARGETS, ComponentRecord, Manifest, file_sha256
-from sdengine.model_dir import open_checkpoint_dir
+from sdengine.model_dir import open_checkpoint_dir, read_json
 from sdengine.model_specs import (
     EXPORTABLE,
     IMAGE_ENCODER,
+    PREVIEW_DECODER,
     SAFETY_CHECKER,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -170,6 +171,7 @@ def export_component(
     target: str = "portable",
     pag_layers: Sequence[str] = (),
     seamless: bool = False,
+    preview_vae: Path | None = None,
 ) -> ComponentRecord:
     """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result.
     ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises).
@@ -180,7 +182,8 @@ def export_component(
     whose image encoder is the ``image_encoder`` component. ``target`` ``cuda``: the UNet fused for ONNX
     Runtime's CUDA provider (``export.cuda_fusion``; checked against PyTorch before the fusion).
     ``pag_layers``: the UNet's self-attention there made perturbable (``export.pag``). ``seamless``: the
-    UNet's and VAE's convolutions wrap around the edges (``export.seamless``)."""
+    UNet's and VAE's convolutions wrap around the edges (``export.seamless``). ``preview_vae``: the tiny
+    VAE folder whose decoder is the ``preview_decoder`` component."""
     cuda_fused = target == "cuda" and name == UNET
     model_dir = open_checkpoint_dir(checkpoint)
     if name in (SAFETY_CHECKER, IMAGE_ENCODER):
@@ -210,7 +213,9 @@ def export_component(
     model_path = out_dir / name / "model.onnx"
     start = time.perf_counter()
     ip_file = None if ip_adapter is None else Path(ip_adapter["file"])
-    module = load_export_module(checkpoint, name, controlnets, arch.xl, ip_file, pag_layers, seamless)
+    module = load_export_module(
+        checkpoint, name, controlnets, arch.xl, ip_file, pag_layers, seamless, preview_vae
+    )
     fuse_loras(module, name, loras)
     fused_operators, verification = None, None
     if cuda_fused:
@@ -304,6 +309,7 @@ def export_checkpoint(
     target: str = "portable",
     pag_layers: Sequence[str] = (),
     seamless: bool = False,
+    preview_vae: str | os.PathLike | None = None,
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
     ``checkpoint`` may be a single-file checkpoint (``model.safetensors``), converted once into the cache
@@ -329,7 +335,9 @@ def export_checkpoint(
     perturbed-attention guidance may perturb, named as diffusers' PAG pipelines name them (``mid``,
     ``down_blocks.1``, a regular expression); the UNet then takes ``pag_rows`` (``sdengine.pag``;
     ``pag/config.json``). ``seamless``: the UNet's and VAE's convolutions wrap around the image's edges, so
-    every image made tiles (the web UI's "Tiling"; ``export.seamless``; recorded in the manifest)."""
+    every image made tiles (the web UI's "Tiling"; ``export.seamless``; recorded in the manifest).
+    ``preview_vae``: a tiny VAE (``AutoencoderTiny`` folder) whose decoder is exported beside the model's
+    own VAE as ``preview_decoder``, to draw previews part way through a run (``sdengine.latent_preview``)."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if target not in TARGETS:
@@ -352,9 +360,11 @@ def export_checkpoint(
     source = checkpoint_dir.root
     has_checker = (source / SAFETY_CHECKER / "config.json").is_file()
     ip_record = None if ip_adapter is None else check_ip_adapter(source, Path(ip_adapter).resolve())
+    preview = None if preview_vae is None else preview_vae_source(preview_vae, source).resolve()
     if components is None:
         components = [*checkpoint_dir.arch.components(), *([SAFETY_CHECKER] if has_checker else [])]
         components += [IMAGE_ENCODER] if ip_record else []
+        components += [PREVIEW_DECODER] if preview else []
     components = list(components)
     unknown = sorted(set(components) - set(EXPORTABLE))
     if unknown:
@@ -375,6 +385,8 @@ def export_checkpoint(
         raise InvalidArgumentError("an IP-Adapter is exported inside the UNet: export the unet component too")
     if IMAGE_ENCODER in components and not ip_record:
         raise InvalidArgumentError("image_encoder is an IP-Adapter's: export with --ip-adapter FILE")
+    if PREVIEW_DECODER in components and not preview:
+        raise InvalidArgumentError("preview_decoder is a tiny VAE's: export with --preview-vae DIR")
     if target == "cuda" and UNET not in components:
         raise InvalidArgumentError("--target cuda fuses the UNet for CUDA: export the unet component too")
     pag_layers = [layer for layer in pag_layers if layer]
@@ -399,8 +411,12 @@ def export_checkpoint(
             target=target,
             pag_layers=pag_layers,
             seamless=seamless,
+            preview_vae=preview,
         )
     _copy_side_files(source, out_dir)
+    if PREVIEW_DECODER in components:  # its config (its scaling factor), and where it came from
+        config = {**read_json(preview / "config.json"), "_source": str(preview)}
+        (out_dir / PREVIEW_DECODER / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     control_records = [{"dir": str(p), "sha256": checkpoint_hash(p)} for p in control_paths]
     if UNET in components:
         _write_controlnet_config(out_dir, control_records, control_configs)

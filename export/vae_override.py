@@ -26,7 +26,7 @@ from pathlib import Path
 from sdengine.cache import kept
 from sdengine.errors import ModelDirectoryError, UnsupportedConfigError
 from sdengine.model_dir import optional_json, read_json, weights_variant
-from sdengine.model_specs import VAE_CLASSES
+from sdengine.model_specs import TINY_VAE_CLASS, VAE_CLASSES
 
 VAE = "vae"
 MODEL_INDEX = "model_index.json"
@@ -47,6 +47,24 @@ def vae_source(vae: str | os.PathLike) -> Path:
     raise ModelDirectoryError(
         f"{path} holds no diffusers VAE (a config.json naming {' or '.join(VAE_CLASSES)}, here or in vae/)"
     )
+
+
+def preview_vae_source(vae: str | os.PathLike, checkpoint: str | os.PathLike) -> Path:
+    """The tiny VAE folder (``AutoencoderTiny``) that ``vae`` names (a folder, or a checkpoint directory's
+    ``vae/``) for ``checkpoint``'s latents: ``sdengine export --preview-vae``, whose decoder draws
+    previews."""
+    source = vae_source(vae)
+    config = read_json(source / "config.json") if source.is_dir() else {}
+    if config.get("_class_name") != TINY_VAE_CLASS:
+        raise ModelDirectoryError(
+            f"{vae}: a preview VAE is a tiny one, a diffusers {TINY_VAE_CLASS} folder (TAESD, TAESDXL)"
+        )
+    _check_fits(config, Path(checkpoint), source)
+    if weights_variant(source) is not None:
+        raise UnsupportedConfigError(
+            f"{source} holds only {weights_variant(source)}-variant weights: give one with plain weights"
+        )
+    return source
 
 
 def _check_fits(vae_config: dict, checkpoint: Path, vae: Path) -> None:

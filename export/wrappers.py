@@ -19,6 +19,7 @@ from sdengine.model_specs import (
     IMAGE_ENCODER,
     IP_ADAPTER_SCALE,
     PAG_ROWS,
+    PREVIEW_DECODER,
     SAFETY_CHECKER,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -339,12 +340,14 @@ def load_export_module(
     ip_adapter: Path | None = None,
     pag_layers: Sequence[str] = (),
     seamless: bool = False,
+    preview_vae: Path | None = None,
 ) -> nn.Module:
     """Load one checkpoint component, in float32 and eval mode, wrapped for export; the UNet with the
     ControlNets in the directories ``controlnets`` inside, if any, and the IP-Adapter file ``ip_adapter``
     loaded (whose image encoder is the ``image_encoder`` component), and the self-attention of
     ``pag_layers`` perturbable (``export.pag``: its last input then says which rows). ``xl``: an SDXL
-    checkpoint's. ``seamless``: the UNet's and VAE's convolutions wrap around (``export.seamless``)."""
+    checkpoint's. ``seamless``: the UNet's and VAE's convolutions wrap around (``export.seamless``).
+    ``preview_vae``: the tiny VAE folder whose decoder is the ``preview_decoder`` component."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -393,6 +396,13 @@ def load_export_module(
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
         module = SafetyCheckerExport(load(StableDiffusionSafetyChecker, "safety_checker"))
+    elif name == PREVIEW_DECODER:
+        if preview_vae is None:
+            raise KeyError(name)
+        vae = AutoencoderTiny.from_pretrained(preview_vae)
+        if seamless:
+            make_seamless(vae)
+        module = VaeDecoderExport(vae)
     elif name in (VAE_DECODER, VAE_ENCODER):
         tiny = optional_json(root / "vae" / "config.json").get("_class_name") == TINY_VAE_CLASS
         vae = load(AutoencoderTiny if tiny else AutoencoderKL, "vae")

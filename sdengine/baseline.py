@@ -95,6 +95,8 @@ class TorchPipeline(_CallMixin):
         self.pag_layers = tuple(pag_layers)
         self._image_pipelines: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._loras = 0  # LoRAs fused so far (each is loaded under its own adapter name)
+        #: a tiny VAE (diffusers' ``AutoencoderTiny``) whose decoder draws ``tiny`` previews, if loaded
+        self.preview_vae: torch.nn.Module | None = None
 
     @classmethod
     def load(
@@ -109,6 +111,7 @@ class TorchPipeline(_CallMixin):
         ip_adapter: str | os.PathLike | None = None,
         pag_layers: Sequence[str] | None = None,
         seamless: bool = False,
+        preview_vae: str | os.PathLike | None = None,
     ) -> TorchPipeline:
         """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting);
         ``vae_tiling``: its VAE's ``enable_tiling()``; ``controlnets``: ControlNet directories, each then
@@ -117,7 +120,9 @@ class TorchPipeline(_CallMixin):
         file, loaded by diffusers' ``load_ip_adapter`` with the image encoder beside it; ``pag_layers``: where
         diffusers' PAG pipelines perturb the self-attention when a request asks for it (default ``mid``;
         layers given are checked here, the default at the first such request); ``seamless``: the
-        UNet's and VAE's convolutions wrap around the edges (``export.seamless``), so the images tile."""
+        UNet's and VAE's convolutions wrap around the edges (``export.seamless``), so the images tile.
+        ``preview_vae``: a tiny VAE folder (``AutoencoderTiny``) whose decoder draws ``tiny`` previews, as
+        an export's ``--preview-vae`` does."""
         model_dir = open_checkpoint_dir(path)
         if vae_tiling:
             check_tileable(model_dir.arch)
@@ -170,7 +175,31 @@ class TorchPipeline(_CallMixin):
             controlnet = (nets[0] if len(nets) == 1 else MultiControlNetModel(nets)).to(device)
         model_dir = dataclasses.replace(model_dir, seamless=seamless)  # for the record (request.seamless)
         layers = DEFAULT_PAG_LAYERS if pag_layers is None else pag_layers
-        return cls(model_dir, pipe.to(device), device, controlnet, layers)
+        loaded = cls(model_dir, pipe.to(device), device, controlnet, layers)
+        if preview_vae is not None:
+            from diffusers import AutoencoderTiny
+
+            from export.seamless import make_seamless
+            from export.vae_override import preview_vae_source
+
+            source = preview_vae_source(preview_vae, model_dir.root)
+            tiny = AutoencoderTiny.from_pretrained(source, torch_dtype=dtype)
+            if seamless:
+                make_seamless(tiny)
+            loaded.preview_vae = tiny.to(device).eval()
+        return loaded
+
+    @property
+    def tiny_previews(self) -> bool:
+        return self.preview_vae is not None
+
+    def tiny_preview_images(self, latents: np.ndarray) -> np.ndarray:
+        """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the tiny VAE's decoder."""
+        vae = self.preview_vae
+        with torch.inference_mode():
+            scaled = torch.from_numpy(latents).to(self.device, vae.dtype) / vae.config.scaling_factor
+            decoded = vae.decode(scaled, return_dict=False)[0]
+        return to_unit_range(decoded.float().cpu().numpy())
 
     @property
     def controlnets(self) -> int:

@@ -18,7 +18,7 @@ from sdengine.backends.cuda_options import parse_cuda_options
 from sdengine.backends.select import BACKEND_CHOICES, DEVICE_CHOICES
 from sdengine.controlnet import CONTROL_MODES
 from sdengine.errors import InvalidArgumentError, SDEngineError
-from sdengine.latent_preview import PREVIEW_METHODS
+from sdengine.latent_preview import PREVIEW_METHODS, check_preview_method
 from sdengine.manifest import TARGETS
 from sdengine.request import (
     DEFAULT_GUIDANCE,
@@ -245,6 +245,7 @@ def _previews(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
     batch)."""
     if not args.preview_every:
         return {}
+    check_preview_method(args.preview_method, pipeline.tiny_previews)  # before the run, not at its first look
     from sdengine.images import output_paths
 
     output = Path(args.output)
@@ -286,6 +287,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         target=args.target,
         pag_layers=args.pag_layers.split(",") if args.pag_layers else (),
         seamless=args.seamless,
+        preview_vae=args.preview_vae,
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -799,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PREVIEW_METHODS,
         default="full",
         help="how --preview-every draws them: full, through the VAE decoder (default); approx, a fixed "
-        "linear mix of the latents' channels at 1/8 of the size, free",
+        "linear mix of the latents' channels at 1/8 of the size, free; tiny, through the preview decoder of "
+        "an export made with --preview-vae",
     )
     g.add_argument("--output", default="image.png")
     g.set_defaults(func=cmd_generate)
@@ -869,6 +872,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(the web UI's Tiling)",
     )
     e.add_argument("--vae", default=None, metavar="DIR|FILE", help=VAE_HELP)
+    e.add_argument(
+        "--preview-vae",
+        default=None,
+        metavar="DIR",
+        help="a tiny VAE (AutoencoderTiny: TAESD, TAESDXL) whose decoder is exported beside the model's VAE "
+        "to draw previews (--preview-method tiny; the HTTP API's TAESD live previews)",
+    )
     e.add_argument("--config", default=None, metavar="DIR", help=CONFIG_HELP)
     e.set_defaults(func=cmd_export)
 

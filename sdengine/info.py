@@ -46,7 +46,7 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     from sdengine.ip_adapter import IP_ADAPTER_CONFIG
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir, optional_json, weights_variant
-    from sdengine.model_specs import SAFETY_CHECKER
+    from sdengine.model_specs import PREVIEW_DECODER, SAFETY_CHECKER
     from sdengine.pag import PAG_CONFIG, exported_pag
 
     model_dir = open_checkpoint_dir(root) if kind == "checkpoint" else open_onnx_dir(root)
@@ -94,6 +94,8 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     pag = exported_pag(optional_json(root / PAG_CONFIG))
     info["pag"] = f"perturbed-attention guidance (--pag-scale) in {', '.join(pag)}" if pag else "none"
     info["seamless"] = "yes: its images tile" if model_dir.seamless else "no"
+    tiny = model_dir.onnx_path(PREVIEW_DECODER).is_file()
+    info["previews"] = "full, approx, tiny (its preview decoder)" if tiny else "full, approx"
     manifest = Manifest.read(root)
     if manifest is not None:
         info["manifest"] = {

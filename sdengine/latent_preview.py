@@ -6,7 +6,10 @@
   the image's): free, and rough. The mixes are the web UI's "Approx cheap" live previews' (its
   ``sd_vae_approx.cheap_approximation``), fitted to SD 1.x/2.x's and SDXL's VAEs; the web UI's tables are
   taken, as data, so that its clients see what they expect. For a model whose VAE was trained otherwise
-  (the random checkpoints here) the colours mean nothing, though the shapes still show.
+  (the random checkpoints here) the colours mean nothing, though the shapes still show;
+- ``tiny``: a tiny VAE's decoder (TAESD's, ``AutoencoderTiny``) exported beside the model's own VAE
+  (``sdengine export --preview-vae DIR``): full size, close to the VAE's image, a fraction of its cost (the
+  web UI's "TAESD" live previews).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from PIL import Image
 
 from sdengine.errors import InvalidArgumentError
 
-PREVIEW_METHODS: tuple[str, ...] = ("full", "approx")
+PREVIEW_METHODS: tuple[str, ...] = ("full", "approx", "tiny")
 
 #: latent channel -> (R, G, B) weight, for latents as the UNet takes them (scaled by the VAE's factor)
 SD_LATENT_RGB = np.array(
@@ -34,10 +37,16 @@ SDXL_LATENT_RGB = np.array(
 )
 
 
-def check_preview_method(method: str) -> str:
+def check_preview_method(method: str, tiny: bool) -> str:
+    """``method``, where it is one and the model can draw it (``tiny``: it has a preview decoder)."""
     if method not in PREVIEW_METHODS:
         raise InvalidArgumentError(
             f"preview method must be one of {', '.join(PREVIEW_METHODS)}, got {method!r}"
+        )
+    if method == "tiny" and not tiny:
+        raise InvalidArgumentError(
+            "tiny previews need a preview decoder: export the model with --preview-vae DIR (a tiny VAE, "
+            "AutoencoderTiny), or load a checkpoint with preview_vae=DIR (torch)"
         )
     return method
 

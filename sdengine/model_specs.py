@@ -34,8 +34,11 @@ SAFETY_CHECKER = "safety_checker"
 #: An IP-Adapter's CLIP image encoder (``sdengine.ip_adapter``): exported with it, run by ONNX Runtime on
 #: every backend, once per generation.
 IMAGE_ENCODER = "image_encoder"
+#: A tiny VAE's decoder beside the model's own VAE (``sdengine export --preview-vae``): it draws previews part
+#: way through a run (``sdengine.latent_preview``'s ``tiny``), run by ONNX Runtime on every backend.
+PREVIEW_DECODER = "preview_decoder"
 #: What an export may hold.
-EXPORTABLE: tuple[str, ...] = (*ENGINE_COMPONENTS, SAFETY_CHECKER, IMAGE_ENCODER)
+EXPORTABLE: tuple[str, ...] = (*ENGINE_COMPONENTS, SAFETY_CHECKER, IMAGE_ENCODER, PREVIEW_DECODER)
 #: The text encoder's per-layer output that ``clip_skip`` reads (absent from other tools' exports).
 LAYER_STATES = "normed_hidden_states"
 #: SDXL's text encoders: every layer's states as they are (SDXL reads the penultimate layer's, not through
@@ -321,6 +324,11 @@ class Architecture:
             ),
             VAE_DECODER: ModelSpec(
                 VAE_DECODER,
+                inputs=(TensorSpec("latent_sample", "float32", latent),),
+                outputs=(TensorSpec("sample", "float32", image),),
+            ),
+            PREVIEW_DECODER: ModelSpec(
+                PREVIEW_DECODER,
                 inputs=(TensorSpec("latent_sample", "float32", latent),),
                 outputs=(TensorSpec("sample", "float32", image),),
             ),

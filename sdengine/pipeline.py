@@ -32,6 +32,7 @@ from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
 from sdengine.model_specs import (
     CONTROL_WEIGHTS,
     PAG_ROWS,
+    PREVIEW_DECODER,
     SAFETY_CHECKER,
     TEXT_EMBEDS,
     TEXT_ENCODER,
@@ -111,10 +112,22 @@ class _CallMixin:
     def preview_images(self, latents: np.ndarray, method: str = "full") -> list[Image.Image]:
         """Latents as a preview's callback gets them -> images (no safety check: they are not the result),
         by ``method`` (:mod:`sdengine.latent_preview`): ``full`` through the VAE decoder, ``approx`` by the
-        fixed linear mix of the latents' channels, at their size."""
-        if check_preview_method(method) == "approx":
+        fixed linear mix of the latents' channels, at their size, ``tiny`` through the preview decoder."""
+        method = check_preview_method(method, self.tiny_previews)
+        if method == "approx":
             return approximate_images(latents, self.model_dir.arch.xl)
+        if method == "tiny":
+            return to_pil(self.tiny_preview_images(latents))
         return to_pil(self.decode_images(latents))  # type: ignore[attr-defined]  # each pipeline's own
+
+    @property
+    def tiny_previews(self) -> bool:
+        """The model has a preview decoder, a tiny VAE's, for ``tiny`` previews."""
+        return False
+
+    def tiny_preview_images(self, latents: np.ndarray) -> np.ndarray:
+        """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the preview decoder."""
+        raise NotImplementedError
 
     @property
     def controlnets(self) -> int:
@@ -493,6 +506,7 @@ class Pipeline(_CallMixin):
         cuda_options: Mapping[str, object] | None = None,
         pag_layers: Sequence[str] | None = None,
         seamless: bool = False,
+        preview_vae: str | os.PathLike | None = None,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
@@ -515,7 +529,9 @@ class Pipeline(_CallMixin):
         perturbed-attention guidance perturbs the UNet's self-attention, for a diffusers checkpoint
         (``torch``; default ``mid``); an export holds its own (``sdengine export --pag-layers``).
         ``seamless``: the UNet's and VAE's convolutions wrap around the edges, so the images tile, for a
-        diffusers checkpoint (``torch``); an export is seamless or not (``sdengine export --seamless``)."""
+        diffusers checkpoint (``torch``); an export is seamless or not (``sdengine export --seamless``).
+        ``preview_vae``: a tiny VAE whose decoder draws ``tiny`` previews, for a diffusers checkpoint
+        (``torch``); an export holds one or not (``sdengine export --preview-vae``)."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -528,6 +544,7 @@ class Pipeline(_CallMixin):
                 pag_layers
             ),
             "an export is seamless or not (sdengine export --seamless)": seamless,
+            "an export holds its preview decoder (sdengine export --preview-vae)": preview_vae,
         }
         for what, given in torch_only.items():
             if given not in (None, False, (), []) and choice.backend != "torch":
@@ -558,6 +575,7 @@ class Pipeline(_CallMixin):
                 ip_adapter=ip_adapter,
                 pag_layers=pag_layers,
                 seamless=seamless,
+                preview_vae=preview_vae,
             )
         elif choice.backend == "trt":
             from sdengine.backends.trt import TrtBackend
@@ -719,6 +737,15 @@ class Pipeline(_CallMixin):
     def decode_images(self, latents: np.ndarray) -> np.ndarray:
         """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the VAE decoder."""
         return to_unit_range(self.decode(latents / np.float32(self.model_dir.vae_scaling_factor)))
+
+    @property
+    def tiny_previews(self) -> bool:
+        return self.model_dir.onnx_path(PREVIEW_DECODER).is_file()
+
+    def tiny_preview_images(self, latents: np.ndarray) -> np.ndarray:
+        config = optional_json(self.model_dir.root / PREVIEW_DECODER / "config.json")
+        scale = np.float32(config.get("scaling_factor", 1.0))
+        return to_unit_range(self.backend.decode_preview(latents / scale))
 
     def check_safety(self, images: np.ndarray) -> tuple[np.ndarray, list[bool]]:
         """The safety checker on images (B, H, W, 3) in [0, 1]: them with each flagged one black, and the

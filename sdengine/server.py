@@ -83,7 +83,7 @@ from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.model_dir import optional_json
 from sdengine.webui_controlnet import control_settings, controlnet_name
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
-from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS, live_preview
+from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS, live_preview, taesd_method
 from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
 
 #: hr_upscaler values: the web UI's "Latent" enlarges the latents; "None" and "Lanczos" the image.
@@ -351,6 +351,11 @@ def served_controlnets(pipeline: Any) -> list[str]:
     return [controlnet_name(str(entry.get("dir", ""))) for entry in entries]
 
 
+def served_taesd(pipeline: Any) -> str | None:
+    """The preview method the web UI's "TAESD" live previews are for the model served, if any."""
+    return taesd_method(getattr(pipeline, "tiny_previews", False), pipeline.model_dir.arch.tiny_vae)
+
+
 class Job:
     """The generation the server runs (one at a time): how far it is, for ``/progress``, and the flags that
     ``/interrupt`` (end the request) and ``/skip`` (end the batch running, go on with the next) raise."""
@@ -444,7 +449,7 @@ def run_request(
         raise InvalidArgumentError(
             "tiling: the model served is not seamless (export it with sdengine export --seamless)"
         )
-    preview = live_preview(body.get("override_settings") or {}, pipeline.model_dir.arch.tiny_vae)
+    preview = live_preview(body.get("override_settings") or {}, served_taesd(pipeline))
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)
@@ -529,7 +534,7 @@ def run_request(
     return {"images": images, "parameters": body_without_images(body), "info": json.dumps(info)}
 
 
-def set_options(options: dict[str, Any], body: Any, model: str, tiny_vae: bool = False) -> None:
+def set_options(options: dict[str, Any], body: Any, model: str, taesd: str | None = None) -> None:
     """``POST /sdapi/v1/options``: ``sd_model_checkpoint`` may name the model served (the only one), and
     :data:`SETTABLE_OPTIONS` hold for later requests; any other option is refused, naming it, and a refused
     request changes nothing. Answers null, as the web UI does."""
@@ -545,7 +550,7 @@ def set_options(options: dict[str, Any], body: Any, model: str, tiny_vae: bool =
         )
     settings = {key: body[key] for key in SETTABLE_OPTIONS if key in body}
     generation_settings({"override_settings": settings}, img2img=False)  # refuses a value it cannot honour
-    live_preview({**options, **settings}, tiny_vae)
+    live_preview({**options, **settings}, taesd)
     options.update(settings)
 
 
@@ -616,7 +621,7 @@ class Handler(BaseHTTPRequestHandler):
                 server.options,  # type: ignore[attr-defined]
                 body,
                 server.pipeline.model_dir.root.name,  # type: ignore[attr-defined]
-                server.pipeline.model_dir.arch.tiny_vae,  # type: ignore[attr-defined]
+                served_taesd(server.pipeline),  # type: ignore[attr-defined]
             ),
             "/sdapi/v1/png-info": png_info_answer,
         }

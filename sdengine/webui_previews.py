@@ -8,9 +8,10 @@ Its options (``POST /sdapi/v1/options``, or a request's ``override_settings``), 
   during the steps, one of each finished batch (the web UI's "-1 shows after completion of batch");
 - ``show_progress_type`` ("Approx cheap"): how they are drawn (:mod:`sdengine.latent_preview`): "Approx
   cheap", a fixed linear mix of the latents' channels at 1/8 of the size, free; "Full", the model's VAE
-  decoder (on the CPU, seconds each for SD 1.5's VAE at 512 x 512); "TAESD" where the model's VAE is a tiny
-  one (an export with ``--vae`` of an ``AutoencoderTiny``), whose decoder "Full" then is. The web UI's
-  default, "Approx NN", is its own small network, whose weights are not here: refused by name;
+  decoder (on the CPU, seconds each for SD 1.5's VAE at 512 x 512); "TAESD", a tiny VAE's decoder
+  (``AutoencoderTiny``): the preview decoder of an export made with ``--preview-vae``, or the model's own
+  VAE where it is a tiny one (``--vae``). The web UI's default, "Approx NN", is its own small network,
+  whose weights are not here: refused by name;
 - ``live_previews_image_format`` ("png"): "png", "jpeg" or "webp";
 - ``show_progress_grid`` (true): a batch's previews side by side in the web UI's grid; false, the first.
 
@@ -38,8 +39,8 @@ LIVE_PREVIEW_OPTIONS: dict[str, Any] = {
     "live_previews_image_format": "png",
     "show_progress_grid": True,
 }
-#: ``show_progress_type`` -> :mod:`sdengine.latent_preview`'s method
-PREVIEW_TYPES = {"Approx cheap": "approx", "Full": "full", "TAESD": "full"}
+#: ``show_progress_type`` -> :mod:`sdengine.latent_preview`'s method (TAESD's: see :func:`taesd_method`)
+PREVIEW_TYPES = {"Approx cheap": "approx", "Full": "full", "TAESD": "tiny"}
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -61,10 +62,16 @@ class LivePreview:
         return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def live_preview(overrides: dict[str, Any], tiny_vae: bool) -> LivePreview | None:
+def taesd_method(tiny_previews: bool, tiny_vae: bool) -> str | None:
+    """The preview method "TAESD" is for a model: its preview decoder where it has one, else its VAE's
+    decoder where that is a tiny VAE; None: neither."""
+    return "tiny" if tiny_previews else "full" if tiny_vae else None
+
+
+def live_preview(overrides: dict[str, Any], taesd: str | None) -> LivePreview | None:
     """The live preview a request's options (``override_settings`` over the server's) ask for; None where
-    they ask for none. InvalidArgumentError names an option that cannot be honoured. ``tiny_vae``: the model
-    served decodes with a tiny VAE (so "TAESD" is its VAE decoder)."""
+    they ask for none. InvalidArgumentError names an option that cannot be honoured. ``taesd``: the method
+    "TAESD" is for the model served (:func:`taesd_method`)."""
     options = {**LIVE_PREVIEW_OPTIONS, **{k: v for k, v in overrides.items() if k in LIVE_PREVIEW_OPTIONS}}
     for key in ("live_previews_enable", "show_progress_grid"):
         if not isinstance(options[key], bool):
@@ -76,12 +83,14 @@ def live_preview(overrides: dict[str, Any], tiny_vae: bool) -> LivePreview | Non
     if kind == "Approx NN":
         raise InvalidArgumentError(
             'show_progress_type "Approx NN" (the web UI\'s own approximation network) is not available here: '
-            'use "Approx cheap" or "Full"' + (' (or "TAESD")' if tiny_vae else "")
+            'use "Approx cheap" or "Full"' + (' (or "TAESD")' if taesd else "")
         )
-    if kind not in PREVIEW_TYPES or (kind == "TAESD" and not tiny_vae):
-        known = ", ".join(k for k in PREVIEW_TYPES if k != "TAESD" or tiny_vae)
-        taesd = "" if tiny_vae else " (TAESD: export the model with --vae of a tiny VAE, AutoencoderTiny)"
-        raise InvalidArgumentError(f"show_progress_type {kind!r} is not supported; use {known}{taesd}")
+    if kind not in PREVIEW_TYPES or (kind == "TAESD" and not taesd):
+        known = ", ".join(k for k in PREVIEW_TYPES if k != "TAESD" or taesd)
+        hint = (
+            "" if taesd else " (TAESD: export the model with --preview-vae DIR, a tiny VAE, AutoencoderTiny)"
+        )
+        raise InvalidArgumentError(f"show_progress_type {kind!r} is not supported; use {known}{hint}")
     image_format = options["live_previews_image_format"]
     if image_format not in IMAGE_FORMATS:
         raise InvalidArgumentError(
@@ -89,7 +98,8 @@ def live_preview(overrides: dict[str, Any], tiny_vae: bool) -> LivePreview | Non
         )
     if not options["live_previews_enable"] or every == 0:
         return None
-    return LivePreview(int(every), PREVIEW_TYPES[kind], image_format, options["show_progress_grid"])
+    method = taesd if kind == "TAESD" else PREVIEW_TYPES[kind]
+    return LivePreview(int(every), str(method), image_format, options["show_progress_grid"])
 
 
 def image_grid(images: list[Image.Image]) -> Image.Image:

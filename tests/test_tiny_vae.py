@@ -179,3 +179,84 @@ def test_the_server_previews_through_the_tiny_vae_as_taesd(pipes) -> None:
         assert Image.open(io.BytesIO(base64.b64decode(image))).size == (64, 64)
     finally:
         served.shutdown()
+
+
+@pytest.fixture(scope="module")
+def previewed(tiny_checkpoint: Path, tiny_vae: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(ONNX Runtime on an export with the tiny VAE as its preview decoder, diffusers with the same)."""
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx") / "previewed"
+    manifest = export_checkpoint(tiny_checkpoint, out, preview_vae=tiny_vae)
+    assert manifest.components["preview_decoder"].verification["passed"]
+    ours = Pipeline.load(out, backend="ort", device="cpu")
+    theirs = Pipeline.load(tiny_checkpoint, backend="torch", preview_vae=tiny_vae)
+    return ours, theirs
+
+
+def test_tiny_previews_are_the_tiny_vae_s_images(previewed, pipes, ort_pipe_fp32) -> None:
+    """The preview decoder draws what the tiny VAE decodes (diffusers', and an export whose VAE it is), at
+    full size; the result is still the model's own VAE's."""
+    ours, theirs = previewed
+    seen: dict[int, np.ndarray] = {}
+    settings = {**SETTINGS, "scheduler": "euler"}
+    result = ours("a red boat", "fog", **settings, preview=lambda n, x: seen.update({n: x}), preview_every=2)
+    assert sorted(seen) == [2]
+    tiny = np.asarray(ours.preview_images(seen[2], "tiny")[0], np.float32) / 255
+    assert tiny.shape == (64, 64, 3)
+    assert psnr(tiny, np.asarray(theirs.preview_images(seen[2], "tiny")[0], np.float32) / 255) >= 100
+    decoded = np.asarray(pipes[0].preview_images(seen[2], "full")[0], np.float32) / 255
+    assert psnr(tiny, decoded) >= 100  # the export whose VAE is the tiny one decodes the same
+    full = np.asarray(ours.preview_images(seen[2], "full")[0], np.float32) / 255
+    assert psnr(tiny, full) < 30  # the model's own VAE is another
+    assert np.array_equal(result.array, ort_pipe_fp32("a red boat", "fog", **settings).array)
+    assert ours.tiny_previews and not ort_pipe_fp32.tiny_previews
+
+
+def test_tiny_previews_need_a_preview_decoder(ort_pipe_fp32, onnx_fp32: Path, tmp_path: Path, capsys) -> None:
+    latents = np.zeros((1, 4, 8, 8), np.float32)
+    with pytest.raises(InvalidArgumentError, match="tiny previews need a preview decoder"):
+        ort_pipe_fp32.preview_images(latents, "tiny")
+    out = tmp_path / "cat.png"
+    args = ["generate", str(onnx_fp32), "a cat", "--steps", "2", "--height", "64", "--width", "64"]
+    assert main([*args, "--output", str(out), "--preview-every", "1", "--preview-method", "tiny"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdengine: error: tiny previews need a preview decoder") and "\n" not in err
+    assert not out.exists()  # refused before the run
+
+
+def test_cli_tiny_previews_and_info(previewed, tmp_path: Path, capsys) -> None:
+    ours, _ = previewed
+    out = tmp_path / "cat.png"
+    args = ["generate", str(ours.model_dir.root), "a cat", "--steps", "4", "--height", "64", "--width", "64"]
+    args += ["--scheduler", "euler", "--output", str(out), "--preview-every", "2", "--preview-method", "tiny"]
+    assert main(args) == 0
+    with Image.open(tmp_path / "cat-step2.png") as image:
+        assert image.size == (64, 64)
+    capsys.readouterr()
+    assert main(["info", str(ours.model_dir.root)]) == 0
+    assert "previews: full, approx, tiny (its preview decoder)" in capsys.readouterr().out
+
+
+def test_the_server_s_taesd_previews_use_the_preview_decoder(previewed) -> None:
+    from sdengine.server import served_taesd
+
+    ours, _ = previewed
+    assert served_taesd(ours) == "tiny"
+
+
+def test_preview_vae_refusals(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path / "onnx"
+    assert (
+        main(["export", str(tiny_checkpoint), "--output", str(out), "--preview-vae", str(tiny_checkpoint)])
+        == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert "a preview VAE is a tiny one, a diffusers AutoencoderTiny folder" in err and "\n" not in err
+    assert not out.exists()
+    with pytest.raises(
+        InvalidArgumentError, match="preview_decoder is a tiny VAE's: export with --preview-vae"
+    ):
+        export_checkpoint(tiny_checkpoint, out, components=["preview_decoder"])

@@ -435,3 +435,29 @@ def test_composable_prompts_run_in_the_captured_steps(simulated, onnx_fp32, ort_
         scale = float(np.abs(ref.latents).max())
         np.testing.assert_allclose(ours.latents, ref.latents, rtol=0, atol=1e-5 * scale, err_msg=prompt)
     assert sorted(key.copies for key in backend._graphs) == [2, 3] and backend.graphs_refused is None
+
+
+def test_tiny_previews_run_on_onnx_runtime_beside_the_engines(simulated, tiny_checkpoint, tmp_path):
+    """An export's preview decoder is not built as an engine: ONNX Runtime runs it, as the CPU does."""
+    from export.onnx_export import export_checkpoint
+    from export.tiny_vae import write_random_tiny_vae
+    from export.trt_build import build_engines
+    from sdengine.backends.ort import OrtBackend
+    from sdengine.backends.trt import TrtBackend
+    from sdengine.pipeline import Pipeline
+    from sdengine.tokenizer import ClipTokenizer
+
+    tiny = write_random_tiny_vae(tmp_path / "taesd")
+    onnx_dir = tmp_path / "onnx"
+    components = ["text_encoder", "unet", "vae_decoder", "preview_decoder"]
+    export_checkpoint(tiny_checkpoint, onnx_dir, components=components, preview_vae=tiny, verify=False)
+    engines = tmp_path / "engines"
+    build_engines(onnx_dir, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
+    assert not list(engines.glob("preview_decoder*.plan"))
+    backend = TrtBackend.load(engines)
+    tokenizer = ClipTokenizer.from_dir(backend.model_dir.tokenizer_dir)
+    pipe = Pipeline(backend.model_dir, backend, tokenizer)
+    cpu = Pipeline(backend.model_dir, OrtBackend(backend.model_dir), tokenizer)  # Pipeline.load probes CUDA
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    ours, ref = (np.asarray(p.preview_images(latents, "tiny")[0]) for p in (pipe, cpu))
+    assert ours.shape == (64, 64, 3) and np.array_equal(ours, ref)

@@ -55,17 +55,18 @@ def test_approximate_colours_are_the_linear_mix() -> None:
 
 
 def test_live_preview_options() -> None:
-    assert live_preview({}, tiny_vae=False) == LivePreview(10, "approx", "png", True)
+    assert live_preview({}, taesd=None) == LivePreview(10, "approx", "png", True)
     assert live_preview(
-        {"show_progress_type": "Full", "show_progress_every_n_steps": -1}, False
+        {"show_progress_type": "Full", "show_progress_every_n_steps": -1}, None
     ) == LivePreview(-1, "full", "png", True)
-    assert live_preview({"show_progress_type": "TAESD"}, tiny_vae=True).method == "full"
-    assert live_preview({"live_previews_enable": False}, False) is None
-    assert live_preview({"show_progress_every_n_steps": 0}, False) is None
-    assert live_preview({"sd_vae": "ignored here: another function's"}, False) is not None
+    assert live_preview({"show_progress_type": "TAESD"}, taesd="full").method == "full"
+    assert live_preview({"show_progress_type": "TAESD"}, taesd="tiny").method == "tiny"
+    assert live_preview({"live_previews_enable": False}, None) is None
+    assert live_preview({"show_progress_every_n_steps": 0}, None) is None
+    assert live_preview({"sd_vae": "ignored here: another function's"}, None) is not None
     for options, message in [
         ({"show_progress_type": "Approx NN"}, 'Approx NN" .* not available here'),
-        ({"show_progress_type": "TAESD"}, "export the model with --vae of a tiny VAE"),
+        ({"show_progress_type": "TAESD"}, "export the model with --preview-vae DIR"),
         ({"show_progress_type": "fast"}, "'fast' is not supported; use Approx cheap, Full"),
         ({"live_previews_image_format": "gif"}, "must be one of png, jpeg, webp"),
         ({"show_progress_every_n_steps": -2}, "whole number >= -1"),
@@ -73,7 +74,7 @@ def test_live_preview_options() -> None:
         ({"live_previews_enable": "yes"}, "must be true or false"),
     ]:
         with pytest.raises(InvalidArgumentError, match=message):
-            live_preview(options, tiny_vae=False)
+            live_preview(options, taesd=None)
 
 
 def test_image_grid_lays_a_batch_out_as_the_web_ui_does() -> None:

@@ -182,6 +182,11 @@ class Backend(Protocol):
         """The VAE decoder: latents divided by the scaling factor -> images (B, 3, H, W) in about [-1, 1]."""
         ...
 
+    def decode_preview(self, latents: np.ndarray) -> np.ndarray:
+        """The tiny VAE's decoder beside the model's (``sdengine export --preview-vae``): latents divided by
+        its scaling factor -> images (B, 3, H, W) in about [-1, 1]; previews only."""
+        ...
+
     def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The safety checker (``sdengine.safety``): its CLIP input (B, 3, 224, 224) and the images
         (B, H, W, 3) in [0, 1] -> the images with each flagged one black, and the flags (B,) bool."""

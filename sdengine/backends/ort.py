@@ -28,6 +28,7 @@ from sdengine.model_specs import (
     HIDDEN_STATES,
     IMAGE_ENCODER,
     LAYER_STATES,
+    PREVIEW_DECODER,
     SAFETY_CHECKER,
     TEXT_EMBEDS,
     TEXT_ENCODER,
@@ -326,6 +327,12 @@ class OrtBackend:
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         return self._run(VAE_DECODER, latent_sample=latents)
+
+    def decode_preview(self, latents: np.ndarray) -> np.ndarray:
+        if PREVIEW_DECODER not in self.sessions:  # opened on first use: a run with tiny previews
+            self.sessions[PREVIEW_DECODER] = self._open(PREVIEW_DECODER)
+            self._inputs[PREVIEW_DECODER] = session_inputs(self.sessions[PREVIEW_DECODER])
+        return self._run(PREVIEW_DECODER, latent_sample=latents)
 
     def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if SAFETY_CHECKER not in self.sessions:  # opened on first use, where the export has one

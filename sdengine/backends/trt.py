@@ -52,6 +52,7 @@ from sdengine.model_specs import (
     HIDDEN_STATES,
     IMAGE_ENCODER,
     LAYER_STATES,
+    PREVIEW_DECODER,
     SAFETY_CHECKER,
     TEXT_EMBEDS,
     TEXT_ENCODER,
@@ -380,6 +381,14 @@ class TrtBackend:
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         return self._run_host(VAE_DECODER, {"latent_sample": latents})
+
+    def decode_preview(self, latents: np.ndarray) -> np.ndarray:
+        """With ONNX Runtime (on CUDA where it has it): previews' tiny decoder is not built as an engine."""
+        from sdengine.backends.ort import session_inputs
+
+        session = self._ort_session(PREVIEW_DECODER)
+        dtype = session_inputs(session)["latent_sample"][0]
+        return session.run(None, {"latent_sample": latents.astype(dtype)})[0].astype(np.float32)
 
     def check_safety(self, clip_input: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """With ONNX Runtime (on CUDA where it has it): the safety checker is not built as an engine."""
