@@ -260,3 +260,18 @@ def test_preview_vae_refusals(tiny_checkpoint: Path, tmp_path: Path, capsys) -> 
         InvalidArgumentError, match="preview_decoder is a tiny VAE's: export with --preview-vae"
     ):
         export_checkpoint(tiny_checkpoint, out, components=["preview_decoder"])
+
+
+def test_sdxl_with_a_tiny_vae(tiny_vae: Path, cache, tmp_path: Path) -> None:
+    """TAESDXL's place: an SDXL checkpoint with a tiny VAE, text and image to image, as diffusers' SDXL
+    pipelines run it."""
+    from export.checkpoint import write_random_checkpoint
+    from export.onnx_export import export_checkpoint
+
+    xl = write_random_checkpoint(tmp_path / "xl", "tiny-xl", seed=0)
+    export_checkpoint(xl, tmp_path / "onnx", vae=tiny_vae)
+    ours = Pipeline.load(tmp_path / "onnx", backend="ort", device="cpu")
+    theirs = Pipeline.load(xl, backend="torch", vae=tiny_vae)
+    for given in ({}, {"image": _picture(), "strength": 0.6}):
+        mine, diffusers = (pipe("a red boat", "fog", **SETTINGS, **given) for pipe in (ours, theirs))
+        assert psnr(mine.array, diffusers.array) >= 100
