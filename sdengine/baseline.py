@@ -228,6 +228,11 @@ class TorchPipeline(_CallMixin):
                 "composable prompts (the web UI's AND, or a part's :weight) run on the ort and trt backends; "
                 "diffusers' pipelines guide one prompt"
             )
+        if request.masked_content != "original" and not request.starts_from_noise:
+            raise UnsupportedConfigError(
+                f"masked content {request.masked_content!r} (the web UI's latent fills) runs on the ort and "
+                "trt backends: diffusers' inpainting pipelines start from the image's own latents"
+            )
         if set(request.control_modes) - {"balanced"} and set(request.control_modes) != {"guess"}:
             raise UnsupportedConfigError(
                 "on the torch backend all ControlNets run balanced or all in guess mode (diffusers' "

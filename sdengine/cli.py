@@ -25,6 +25,7 @@ from sdengine.request import (
     DEFAULT_INPAINT_STRENGTH,
     DEFAULT_STEPS,
     DEFAULT_STRENGTH,
+    MASKED_CONTENTS,
     NOISE_SOURCES,
 )
 
@@ -186,6 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         mask=mask,
         mask_crop=args.mask_crop,
+        masked_content=args.masked_content,
         clip_skip=args.clip_skip,
         guidance_rescale=args.guidance_rescale,
         long_prompts=args.long_prompts,
@@ -665,6 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--mask", default=None, help="inpainting (with --image): white repaints, black keeps the image"
+    )
+    g.add_argument(
+        "--masked-content",
+        choices=MASKED_CONTENTS,
+        default="original",
+        help="inpainting: what the masked part starts from before it is noised: the image's (default), the "
+        "seed's noise or zeros (the web UI's latent noise and latent nothing; not at strength 1)",
     )
     g.add_argument(
         "--mask-crop",

@@ -243,6 +243,7 @@ class _CallMixin:
         strength: float | None = None,
         mask: MaskInput | None = None,
         mask_crop: int | None = None,
+        masked_content: str = "original",
         clip_skip: int = 0,
         guidance_rescale: float = 0.0,
         long_prompts: bool = False,
@@ -279,6 +280,10 @@ class _CallMixin:
         ``padding_mask_crop``): repaint only the mask's bounding box grown by that many pixels, at the size
         asked for (default: the model's native size), and lay the result back into the original image,
         whose size the images then have (one image and one mask, the same size; :mod:`sdengine.mask_crop`).
+        ``masked_content`` (inpainting): what the masked part's latents start from before they are noised
+        to the first step: ``original``, the image's (diffusers'); ``latent noise``, the seed's noise;
+        ``latent nothing``, zeros (the web UI's "Masked content" 1, 2 and 3); at strength 1 every run starts
+        from noise alone.
         ``clip_skip``: text embeddings from that many layers before the text encoder's last, for positive
         and negative prompts alike (diffusers' numbering: 1 skips the last layer). ``guidance_rescale`` in
         [0, 1]: rescale the guided prediction towards the conditional one's standard deviation (Lin et al.
@@ -373,6 +378,7 @@ class _CallMixin:
             strength=strength,
             # without an image, make_request refuses the mask before reading it
             mask=mask if mask is None or image is None else mask_array(mask, height, width),
+            masked_content=masked_content,
             clip_skip=clip_skip,
             guidance_rescale=guidance_rescale,
             long_prompts=long_prompts,
@@ -992,8 +998,10 @@ class Pipeline(_CallMixin):
             )
         if request.starts_from_noise:
             return noise * np.float32(schedule.init_noise_sigma), inpainting
+        mask = self.latent_mask(request, noise) if request.inpainting else None
+        start = masked_start(image_latents, mask, noise, request.masked_content)
         image_scale, noise_scale = schedule.image_noise
-        return (image_scale * image_latents + noise_scale * noise).astype(np.float32), inpainting
+        return (image_scale * start + noise_scale * noise).astype(np.float32), inpainting
 
     def inpainting_inputs(
         self,
@@ -1044,6 +1052,18 @@ class Pipeline(_CallMixin):
         if self.vae_tiling and needs_tiles(latents, tile):
             return run_tiled(self.backend.decode_latents, latents, tile, self.model_dir.vae_sample_size)
         return self.backend.decode_latents(latents)
+
+
+def masked_start(
+    image_latents: np.ndarray, mask: np.ndarray | None, noise: np.ndarray, content: str
+) -> np.ndarray:
+    """The latents image to image starts from before they are noised: the image's, with the part ``mask``
+    (latent-sized, 1 where repainted) replaced by the seed's unit ``noise`` ("latent noise") or zeros
+    ("latent nothing"), as the web UI's ``inpainting_fill`` 2 and 3 replace it; "original" keeps it."""
+    if content == "original" or mask is None:
+        return image_latents
+    fill = noise if content == "latent noise" else np.zeros_like(image_latents)
+    return (image_latents * (1 - mask) + fill * mask).astype(np.float32)
 
 
 def sample_latents(parameters: np.ndarray, unit_noise: Callable[[tuple[int, ...]], np.ndarray]) -> np.ndarray:

@@ -30,6 +30,8 @@ DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image default
 DEFAULT_INPAINT_STRENGTH = 1.0  # ... and its inpainting default
+#: what an inpainting's masked part starts from (``GenerationRequest.masked_content``)
+MASKED_CONTENTS = ("original", "latent noise", "latent nothing")
 #: where the seeds' noise comes from: sdengine's own streams (one per kind of draw), or PyTorch's CPU
 #: generator as diffusers' text-to-image, image-to-image and inpainting pipelines draw from it
 #: (sdengine.torch_noise)
@@ -98,6 +100,10 @@ class GenerationRequest:
     noise_source: str = "sdengine"
     #: inpainting by a UNet that takes the mask and masked image (which decides diffusers' order of draws)
     inpainting_unet: bool = False
+    #: inpainting: what the masked part's latents start from (:data:`MASKED_CONTENTS`): the image's own
+    #: ("original", diffusers'), the seed's noise ("latent noise") or zeros ("latent nothing"), the web UI's
+    #: ``inpainting_fill`` 1, 2 and 3, before they are noised to the first step
+    masked_content: str = "original"
     #: inpainting only the mask's box (:mod:`sdengine.mask_crop`): ``image`` and ``mask`` are that box,
     #: resized; the images made are laid back into the original
     mask_crop: MaskCrop | None = field(default=None, compare=False, repr=False)
@@ -379,6 +385,7 @@ class GenerationRequest:
             ),
             **({"image": "supplied", "strength": self.strength} if self.image is not None else {}),
             **({"mask": "supplied"} if self.inpainting else {}),
+            **({"masked_content": self.masked_content} if self.masked_content != "original" else {}),
             **(
                 {"mask_crop": self.mask_crop.padding, "mask_crop_box": list(self.mask_crop.box)}
                 if self.mask_crop is not None
@@ -433,6 +440,7 @@ def make_request(
     image: np.ndarray | None = None,
     strength: float | None = None,
     mask: np.ndarray | None = None,
+    masked_content: str = "original",
     clip_skip: int = 0,
     guidance_rescale: float = 0.0,
     long_prompts: bool = False,
@@ -516,6 +524,12 @@ def make_request(
         img2img_start(int(steps), strength)  # a strength in (0, 1] that leaves at least one step to run
     if mask is not None:
         check_mask(mask, len(prompts), height, width)
+    if masked_content not in MASKED_CONTENTS:
+        raise InvalidArgumentError(
+            f"masked_content must be one of {', '.join(MASKED_CONTENTS)}, got {masked_content!r}"
+        )
+    if masked_content != "original" and mask is None:
+        raise InvalidArgumentError(f"masked_content {masked_content!r} is inpainting's: give a mask too")
     scales, starts, ends = control_settings(
         control, control_scale, control_start, control_end, len(prompts), height, width
     )
@@ -583,6 +597,7 @@ def make_request(
         image=None if image is None else np.asarray(image, dtype=np.float32),
         strength=float(strength),
         mask=None if mask is None else np.asarray(mask, dtype=np.float32),
+        masked_content=masked_content,
         clip_skip=int(clip_skip),
         guidance_rescale=float(guidance_rescale),
         long_prompts=bool(long_prompts),

@@ -24,8 +24,9 @@ What the web UI's API takes, and how it maps here:
   how an image of another size is brought to ``width`` x ``height`` (:data:`RESIZE_MODES`).
 - inpainting (img2img with a ``mask``; one init image): ``mask``, ``mask_blur`` (or ``mask_blur_x`` and
   ``mask_blur_y``), ``inpainting_mask_invert``, ``inpaint_full_res`` with ``inpaint_full_res_padding``, and
-  ``inpainting_fill`` 0 (fill) or 1 (original), read as the web UI reads them; the result is laid back over
-  the original as the web UI lays it (:mod:`sdengine.webui_inpaint`, which says what differs).
+  ``inpainting_fill`` 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), read as the web UI
+  reads them; the result is laid back over the original as the web UI lays it (:mod:`sdengine.webui_inpaint`,
+  which says what differs).
 - ``<lora:NAME:WEIGHT>`` in the prompt (with ``sdengine serve --lora-dir DIR``): that LoRA file of the
   directory, fused for the request (:mod:`sdengine.extra_networks`); ``/sdapi/v1/loras`` lists them.
 - ``alwayson_scripts.controlnet`` (the ControlNet extension's units) for an export with ControlNets in its
@@ -33,8 +34,8 @@ What the web UI's API takes, and how it maps here:
   (:mod:`sdengine.webui_controlnet`); ``/controlnet/model_list`` lists them. Other scripts are refused.
 - ``tiling`` (true): served by a seamless export (``sdengine export --seamless``), whose images always tile
   (and say so in their infotext, "Tiling: True"); refused by any other.
-- What asks for something sdengine does not do (face restoration, scripts, styles, latent-space
-  masked content, other samplers or upscalers) is refused, naming the field; fields that only steer the web
+- What asks for something sdengine does not do (face restoration, scripts, styles, other samplers or
+  upscalers) is refused, naming the field; fields that only steer the web
   UI's own bookkeeping (``save_images``, ``send_images``...) are accepted and left alone, and others are
   ignored and listed in the answer's ``info`` as ``ignored_fields``, as the web UI ignores fields it does
   not know.
@@ -309,6 +310,7 @@ def generation_settings(
                 raise InvalidArgumentError("init_images: inpainting (a mask) takes one init image")
             inpaint = WebUIInpaint.from_body(body, decode_image(body["mask"], "mask", mode=None))
             placement, settings["image"], settings["mask"] = inpaint.prepare(decoded[0], *size, resize)
+            settings["masked_content"] = inpaint.masked_content
             inpainting = Inpainting(inpaint, placement)
         else:
             resized = [image if image.size == size else resize(image, *size) for image in decoded]

@@ -15,7 +15,10 @@ The web UI's fields, and what each does here, in the web UI's order:
   same rules). False ("Whole picture"): the image and the mask are brought to ``width`` x ``height`` as the
   request's ``resize_mode`` says (stretched, by default).
 - ``inpainting_fill`` (0): 0 "fill" first paints the masked part with the colours around it
-  (:func:`fill`), 1 "original" keeps what is there; 2 and 3 (latent noise, latent nothing) are refused.
+  (:func:`fill`), 1 "original" keeps what is there; 2 "latent noise" and 3 "latent nothing" start the
+  masked part's latents from the seed's noise or from zeros, before they are noised to the first step (the
+  pipeline's ``masked_content``), as the web UI replaces them; at denoising strength 1 every run starts from
+  noise alone, so they change nothing there.
 - The result is laid over the original through the blurred mask, so what the mask keeps is the original's
   own pixels; "Whole picture" lays it through the mask at twice its strength, as the web UI does.
 
@@ -39,8 +42,8 @@ from sdengine.mask_crop import MaskCrop
 
 #: How an image is brought to the size generated: (image, width, height) -> image.
 Resize = Callable[[Image.Image, int, int], Image.Image]
-#: The web UI's masked-content options; the two it does in latent space are refused.
-FILLS = {0: "fill", 1: "original"}
+#: The web UI's masked-content options: two in pixels, two in latent space (the pipeline's ``masked_content``)
+FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 #: The passes of the masked-content fill, broadest first: (blur radius in pixels, times laid over).
 FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 
@@ -160,8 +163,8 @@ class WebUIInpaint:
         masked_content = _whole(body, "inpainting_fill", 0)
         if masked_content not in FILLS:
             raise InvalidArgumentError(
-                f"inpainting_fill {masked_content} (latent noise or latent nothing) is not supported; use 0 "
-                "(fill) or 1 (original)"
+                "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
+                f"got {masked_content}"
             )
         invert = body.get("inpainting_mask_invert")
         if invert not in (None, 0, 1):  # True and False are 1 and 0
@@ -206,6 +209,11 @@ class WebUIInpaint:
             overlay = np.clip(np.asarray(mask, np.float32) * 2, 0, 255).astype(np.uint8)
             placement = MaskCrop(0, (0, 0, width, height), image, Image.fromarray(overlay, "L"))
         return placement, fill(image, mask) if self.fill == 0 else image, mask
+
+    @property
+    def masked_content(self) -> str:
+        """The pipeline's ``masked_content``: the latent fills', and "original" for the two in pixels."""
+        return FILLS[self.fill] if self.fill >= 2 else "original"
 
     def fields(self) -> dict[str, Any]:
         """These settings under the web UI's request field names."""

@@ -466,7 +466,7 @@ def test_whole_picture_inpainting_answers_at_the_size_asked(server):
 @pytest.mark.parametrize(
     ("path", "extra", "message"),
     [
-        ("/sdapi/v1/img2img", {"inpainting_fill": 2}, "inpainting_fill 2"),
+        ("/sdapi/v1/img2img", {"inpainting_fill": 4}, "or 3 (latent nothing), got 4"),
         ("/sdapi/v1/img2img", {"initial_noise_multiplier": 0.5}, "not supported: initial_noise_multiplier"),
         ("/sdapi/v1/img2img", {"two_images": True}, "takes one init image"),
         ("/sdapi/v1/img2img", {"small_mask": True}, "with inpaint_full_res they must be the same size"),

@@ -115,8 +115,11 @@ def test_settings_read_as_the_web_ui_reads_them():
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"inpainting_fill": 2}, "inpainting_fill 2 .* not supported"),
-        ({"inpainting_fill": 3}, "inpainting_fill 3"),
+        (
+            {"inpainting_fill": 4},
+            r"inpainting_fill must be 0 \(fill\), 1 \(original\), 2 \(latent noise\) or 3",
+        ),
+        ({"inpainting_fill": -1}, "got -1"),
         ({"mask_blur": -1}, "mask_blur must be a whole number >= 0"),
         ({"inpaint_full_res_padding": 2.5}, "inpaint_full_res_padding must be a whole number"),
         ({"inpainting_mask_invert": 2}, "inpainting_mask_invert must be 0 or 1"),
