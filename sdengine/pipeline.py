@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -749,9 +750,13 @@ class Pipeline(_CallMixin):
         return self.model_dir.onnx_path(PREVIEW_DECODER).is_file()
 
     def tiny_preview_images(self, latents: np.ndarray) -> np.ndarray:
+        return to_unit_range(self.backend.decode_preview(latents / self._preview_scaling_factor))
+
+    @functools.cached_property
+    def _preview_scaling_factor(self) -> np.float32:
+        """The preview decoder's VAE scaling factor (its config's; TAESD's is 1), read once."""
         config = optional_json(self.model_dir.root / PREVIEW_DECODER / "config.json")
-        scale = np.float32(config.get("scaling_factor", 1.0))
-        return to_unit_range(self.backend.decode_preview(latents / scale))
+        return np.float32(config.get("scaling_factor", 1.0))
 
     def check_safety(self, images: np.ndarray) -> tuple[np.ndarray, list[bool]]:
         """The safety checker on images (B, H, W, 3) in [0, 1]: them with each flagged one black, and the

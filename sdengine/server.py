@@ -496,7 +496,7 @@ def run_request(
                 full = preview.method == "full"  # the batch's own images, decoded already
                 job.show(
                     preview.encode(
-                        to_pil(array) if full else pipeline.preview_images(result.latents, "approx")
+                        to_pil(array) if full else pipeline.preview_images(result.latents, preview.method)
                     )
                 )
             nsfw += result.nsfw or [False] * result.request.batch

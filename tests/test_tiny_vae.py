@@ -239,10 +239,41 @@ def test_cli_tiny_previews_and_info(previewed, tmp_path: Path, capsys) -> None:
 
 
 def test_the_server_s_taesd_previews_use_the_preview_decoder(previewed) -> None:
-    from sdengine.server import served_taesd
+    """ "TAESD" live previews of an export with a preview decoder are its images, also after each batch."""
+    import base64
+    import io
+    import urllib.request
+
+    from sdengine.server import serve_in_thread, served_taesd
 
     ours, _ = previewed
     assert served_taesd(ours) == "tiny"
+    served = serve_in_thread(ours)
+    url = f"http://127.0.0.1:{served.server_address[1]}/sdapi/v1/"
+    try:
+        options = {"show_progress_type": "TAESD", "show_progress_every_n_steps": -1}
+        body = {
+            "prompt": "a cat",
+            "width": 64,
+            "height": 64,
+            "steps": 3,
+            "seed": 2,
+            "override_settings": options,
+        }
+        request = urllib.request.Request(
+            url + "txt2img", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            assert answer.status == 200
+        with urllib.request.urlopen(url + "progress", timeout=120) as answer:
+            image = Image.open(io.BytesIO(base64.b64decode(json.loads(answer.read())["current_image"])))
+    finally:
+        served.shutdown()
+    webui = {"guidance": 7.0, "scheduler": "euler", "prompt_weights": "a1111", "long_prompts": True}
+    result = ours("a cat", "", width=64, height=64, steps=3, seed=2, **webui)
+    want = ours.preview_images(result.latents, "tiny")[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(want))
+    assert not np.array_equal(np.asarray(want), np.asarray(result.images[0]))  # not the VAE's own image
 
 
 def test_preview_vae_refusals(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
