@@ -10,8 +10,9 @@ checkpoint's own VAE config for its shape and saved once into the composed direc
 it: its scaling factor, and whether it must stay float32 in fp16 exports (``force_upcast``).
 
 It may also be a tiny VAE (diffusers' ``AutoencoderTiny`` folder: TAESD for SD 1.x/2.x, TAESDXL for SDXL,
-``sdengine.tiny_vae``), which decodes and encodes many times faster than the usual one, and a little less
-faithfully; the composed directory's ``model_index.json`` then names its class, so that diffusers loads it.
+``export.tiny_vae`` writes random ones), which decodes and encodes many times faster than the usual one,
+and a little less faithfully; the composed directory's ``model_index.json`` then names its class, so that
+diffusers loads it.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ class Architecture:
     #: none): it takes the guidance scale as an input and runs no classifier-free guidance
     #: (``sdengine.guidance_embedding``)
     guidance_embedding: int = 0
-    #: a tiny VAE (diffusers' ``AutoencoderTiny``, TAESD's architecture; ``sdengine.tiny_vae``): its encoder
+    #: a tiny VAE (diffusers' ``AutoencoderTiny``, TAESD's architecture; ``export.vae_override``): its encoder
     #: gives the latents themselves, not a distribution's parameters
     tiny_vae: bool = False
 
