@@ -296,7 +296,44 @@ class Parity:
         attempt(results, "ControlNet: CUDA vs CPU fp32, PSNR dB", lambda: self.controlnet(edge_map(image[0])))
         attempt(results, "IP-Adapter: CUDA vs CPU fp32, PSNR dB", lambda: self.ip_adapter(image[0]))
         attempt(results, "perturbed-attention guidance: CUDA vs CPU fp32, PSNR dB", self.pag)
+        noised = dict(inpaint, strength=0.7, masked_content="latent noise")  # the masked part from noise
+        attempt(
+            results,
+            "inpainting from latent noise: CUDA vs CPU fp32, PSNR dB",
+            lambda: psnr(pipes["step"](PROMPT, **noised).array, cpu(PROMPT, **noised).array),
+        )
+        self.tiny_vae(image, results)
         xl_parity(work, settings, self.device, results)
+
+    def tiny_vae(self, image: np.ndarray, results: dict) -> None:
+        """A random tiny VAE (TAESD's architecture) in the VAE's place and as the preview decoder: image to
+        image through it, and its previews, CUDA against the CPU."""
+        from export.onnx_export import export_checkpoint
+        from export.tiny_vae import write_random_tiny_vae
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+        from sdengine.model_dir import open_onnx_dir
+        from sdengine.pipeline import Pipeline
+
+        shutil.rmtree(self.work / "random-taesd", ignore_errors=True)
+        tiny = write_random_tiny_vae(self.work / "random-taesd")
+        parts = [*self.components, "vae_encoder", "preview_decoder"]
+        export_checkpoint(self.ckpt, self.work / "tiny-taesd", components=parts, vae=tiny, preview_vae=tiny)
+        tiny_dir = open_onnx_dir(self.work / "tiny-taesd")
+        gpu = Pipeline(tiny_dir, OrtCudaBackend(tiny_dir, device=self.device), self.tok)
+        cpu = Pipeline.load(tiny_dir.root, backend="ort", device="cpu")
+        img2img = dict(self.settings, image=image, strength=0.6)
+        attempt(
+            results,
+            "tiny VAE, image to image: CUDA vs CPU fp32, PSNR dB",
+            lambda: psnr(gpu(PROMPT, **img2img).array, cpu(PROMPT, **img2img).array),
+        )
+        latents = cpu(PROMPT, **self.settings).latents
+
+        def previews() -> float:
+            drawn = [np.stack([np.asarray(i) for i in p.preview_images(latents, "tiny")]) for p in (gpu, cpu)]
+            return psnr(drawn[0].astype(np.float32) / 255, drawn[1].astype(np.float32) / 255)
+
+        attempt(results, "preview decoder (tiny VAE): CUDA vs CPU fp32, PSNR dB", previews)
 
     def lora(self) -> float:
         from export.random_lora import write_random_lora

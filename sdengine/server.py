@@ -82,7 +82,7 @@ from sdengine.images import png_info, to_pil
 from sdengine.infotext import parameters_infotext, parse_infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.model_dir import optional_json
-from sdengine.webui_controlnet import control_settings, controlnet_name
+from sdengine.webui_controlnet import control_settings, controlnet_name, unit_infotexts
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
 from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS, live_preview, taesd_method
 from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
@@ -452,10 +452,12 @@ def run_request(
             "tiling: the model served is not seamless (export it with sdengine export --seamless)"
         )
     preview = live_preview(body.get("override_settings") or {}, served_taesd(pipeline))
+    units = unit_infotexts(body.get("alwayson_scripts"))  # checked by generation_settings
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)
     tagged = {"prompt": typed, "lora_hashes": lora_hashes(tags, loras)} if tags else {}
+    tagged |= {"controlnet_units": units} if units else {}
     if loras and not hasattr(pipeline, "set_loras"):
         raise InvalidArgumentError("LoRA tags need the ort backend, which fuses LoRAs at run time")
     job = job or Job()
@@ -502,6 +504,7 @@ def run_request(
             nsfw += result.nsfw or [False] * result.request.batch
     request = first.request
     extra = {} if inpainting is None else inpainting.settings.generation_params()
+    extra |= units
     if tags:
         extra["Lora hashes"] = tagged["lora_hashes"]
     info = {

@@ -23,6 +23,11 @@ inpainting of the mask's box alone (``inpaint_full_res``, where the extension cu
 that box; the server refuses the pair), as are units naming a model not served, or two units naming one
 ControlNet. The preprocessors' settings (``processor_res``, ``threshold_a``...), ``pixel_perfect`` and
 ``low_vram`` change nothing without a preprocessor and are ignored.
+
+Each enabled unit is recorded in the images' infotexts as the extension records it (:func:`unit_infotexts`):
+``ControlNet 0: "Module: none, Model: NAME [HASH], Weight: 1.0, Resize Mode: Crop and Resize, ..."``,
+numbered among the enabled units, its eleven fields in the extension's order and formatting (its
+``ControlNetUnit.infotext_fields`` and ``serialize``), so the web UI's PNG Info reads them back into units.
 """
 
 from __future__ import annotations
@@ -127,6 +132,53 @@ def control_settings(
         "control_end": ends,
         **({"control_mode": modes} if set(modes) != {"balanced"} else {}),
     }
+
+
+#: The extension's names of its resize modes, by name and by number.
+RESIZE_MODE_NAMES = {name: name for name in RESIZE_MODES if isinstance(name, str)} | {
+    0: "Just Resize",
+    1: "Crop and Resize",
+    2: "Resize and Fill",
+}
+#: ... and of its control modes
+CONTROL_MODE_NAMES = {name: name for name in CONTROL_MODES if isinstance(name, str)} | {
+    0: "Balanced",
+    1: "My prompt is more important",
+    2: "ControlNet is more important",
+}
+
+
+def unit_infotexts(scripts: Any) -> dict[str, str]:
+    """The infotext fields of a request's enabled ControlNet units (already checked by
+    :func:`control_settings`): ``"ControlNet i"`` -> the unit's eleven fields as the extension writes them.
+    Its module is "none", whose sliders take what is in their range (resolution 64-2048, thresholds 0-1)
+    and else their defaults (512, 0.5), as the extension's bound check does."""
+    if not scripts:
+        return {}
+    units = [unit for unit in _units(scripts) if unit.get("enabled", True)]
+
+    def within(key: str, low: float, high: float, default: float, kind: type) -> Any:
+        value = unit.get(key)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+        return kind(value) if ok else default
+
+    records = {}
+    for i, unit in enumerate(units):
+        fields = {
+            "Module": "none",
+            "Model": str(unit.get("model")),
+            "Weight": _number(unit, "weight", 1.0, ""),
+            "Resize Mode": RESIZE_MODE_NAMES[unit.get("resize_mode", "Crop and Resize")],
+            "Processor Res": within("processor_res", 64, 2048, 512, int),
+            "Threshold A": within("threshold_a", 0, 1, 0.5, float),
+            "Threshold B": within("threshold_b", 0, 1, 0.5, float),
+            "Guidance Start": _number(unit, "guidance_start", 0.0, ""),
+            "Guidance End": _number(unit, "guidance_end", 1.0, ""),
+            "Pixel Perfect": bool(unit.get("pixel_perfect", False)),
+            "Control Mode": CONTROL_MODE_NAMES[unit.get("control_mode", "Balanced")],
+        }
+        records[f"ControlNet {i}"] = ", ".join(f"{name}: {value}" for name, value in fields.items())
+    return records
 
 
 def _units(scripts: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from test_server import call, pixels, png
 from sdengine.errors import InvalidArgumentError
 from sdengine.pipeline import Pipeline
 from sdengine.server import decode_image, serve_in_thread
-from sdengine.webui_controlnet import control_settings, controlnet_name
+from sdengine.webui_controlnet import control_settings, controlnet_name, unit_infotexts
 
 SERVED = ["canny", "depth"]
 RNG = np.random.default_rng(3)
@@ -164,6 +164,14 @@ def test_the_server_runs_the_units_as_the_pipeline_does(controlled):
     assert np.abs(expected.array - without.array).max() > 0.05  # the unit did something
     info = json.loads(answer["info"])
     assert info["ignored_fields"] == []
+    record = (
+        "Module: none, Model: canny, Weight: 0.8, Resize Mode: Crop and Resize, Processor Res: 512, "
+        "Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 0.6, Pixel Perfect: False, "
+        "Control Mode: ControlNet is more important"
+    )
+    assert info["extra_generation_params"]["ControlNet 0"] == record
+    assert f'ControlNet 0: "{record}", Version: ' in info["infotexts"][0]  # quoted, as the web UI quotes
+    assert "ControlNet 0" not in json.loads(plain["info"])["infotexts"][0]
 
 
 def test_units_with_inpainting_of_the_masks_box_alone_are_refused():
@@ -179,3 +187,38 @@ def test_units_with_inpainting_of_the_masks_box_alone_are_refused():
     assert whole.settings["control_scale"] == [0.0, 1.0]
     unused = generation_settings({**body, "alwayson_scripts": {}}, img2img=True, controlnets=SERVED)
     assert unused.settings["control_scale"] == [0.0, 0.0]  # no unit: the box alone is fine
+
+
+def test_units_are_recorded_as_the_extension_records_them():
+    """Numbered among the enabled units; eleven fields in the extension's order; numbers as its pydantic
+    model gives them (floats as 1.0, the resolution an int); sliders out of range at their defaults."""
+    records = unit_infotexts(
+        units(
+            {"model": "depth [0123abcd]", "enabled": False},
+            {"model": "depth [0123abcd]", "weight": 1, "resize_mode": 2, "control_mode": 1},
+            {
+                "model": "canny",
+                "processor_res": 768,
+                "threshold_a": 100,
+                "pixel_perfect": True,
+                "weight": None,
+            },
+        )
+    )
+    assert records == {
+        "ControlNet 0": "Module: none, Model: depth [0123abcd], Weight: 1.0, Resize Mode: Resize and Fill, "
+        "Processor Res: 512, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 1.0, "
+        "Pixel Perfect: False, Control Mode: My prompt is more important",
+        "ControlNet 1": "Module: none, Model: canny, Weight: 1.0, Resize Mode: Crop and Resize, "
+        "Processor Res: 768, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 1.0, "
+        "Pixel Perfect: True, Control Mode: Balanced",
+    }
+    assert unit_infotexts(None) == unit_infotexts({}) == {}
+
+
+def test_a_unit_s_record_reads_back_from_the_infotext():
+    from sdengine.infotext import parameters_infotext, parse_infotext
+
+    record = unit_infotexts(units({"model": "canny", "weight": 0.5}))
+    text = parameters_infotext({"prompt": "a house", "steps": 3, "controlnet_units": record})
+    assert parse_infotext(text)["ControlNet 0"] == record["ControlNet 0"]
