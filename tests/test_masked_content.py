@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_server import png
 
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.images import psnr
@@ -83,12 +84,6 @@ def test_refusals(ort_pipe_fp32, tiny_checkpoint) -> None:
         torch_pipe("a hat", image=image, mask=mask, strength=0.7, masked_content="latent noise", **SETTINGS)
 
 
-def _png(array: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray((array * 255).round().astype(np.uint8)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 @pytest.mark.parametrize(("fill", "content"), [(2, "latent noise"), (3, "latent nothing")])
 def test_the_web_ui_s_latent_fills(ort_pipe_fp32, fill: int, content: str) -> None:
     """``inpainting_fill`` 2 and 3 are the pipeline's call with that masked content; the infotext names it."""
@@ -96,7 +91,7 @@ def test_the_web_ui_s_latent_fills(ort_pipe_fp32, fill: int, content: str) -> No
 
     image, mask = _inputs()
     body = {"prompt": "a hat", "width": 64, "height": 64, "steps": 3, "seed": 8, "denoising_strength": 0.7}
-    body |= {"init_images": [_png(image[0])], "mask": _png(mask[0][..., None].repeat(3, -1))}
+    body |= {"init_images": [png(image[0])], "mask": png(mask[0][..., None].repeat(3, -1))}
     body |= {"inpainting_fill": fill, "inpaint_full_res": False}
     settings, _, _, inpainting = generation_settings(body, img2img=True)
     assert settings["masked_content"] == content

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_server import call
 
 from sdengine.cli import main
 from sdengine.errors import InvalidArgumentError
@@ -21,16 +20,6 @@ from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS, LivePreview, image_gri
 
 SIZE = {"width": 64, "height": 64}
 WEBUI = {"guidance": 7.0, "scheduler": "euler", "prompt_weights": "a1111", "long_prompts": True}
-
-
-def call(url: str, path: str, body: object | None = None) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def decoded(b64: str) -> Image.Image:
