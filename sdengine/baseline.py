@@ -195,11 +195,15 @@ class TorchPipeline(_CallMixin):
 
     def tiny_preview_images(self, latents: np.ndarray) -> np.ndarray:
         """Latents as the UNet sees them -> images (B, H, W, 3) in [0, 1], through the tiny VAE's decoder."""
-        vae = self.preview_vae
         with torch.inference_mode():
-            scaled = torch.from_numpy(latents).to(self.device, vae.dtype) / vae.config.scaling_factor
-            decoded = vae.decode(scaled, return_dict=False)[0]
+            decoded = self.decode_tiny(torch.from_numpy(latents).to(self.device))
         return to_unit_range(decoded.float().cpu().numpy())
+
+    def decode_tiny(self, latents: torch.Tensor) -> torch.Tensor:
+        """The preview VAE's decoder on latents as the UNet sees them (divided by its scaling factor here)."""
+        vae = self.preview_vae
+        assert vae is not None, "request() asks for the tiny decoder only where there is one"
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
 
     @property
     def controlnets(self) -> int:
@@ -242,7 +246,9 @@ class TorchPipeline(_CallMixin):
         with times.time("total"):
             final = self.denoised_passes(request, times, progress, preview, stop)
             with times.time("vae_decode"), torch.inference_mode():
-                decoded = self.final_model(request).decode(final)
+                model = self.final_model(request)
+                tiny = request.decoder == "tiny" and model.tiny_previews
+                decoded = model.decode_tiny(final) if tiny else model.decode(final)
                 if cuda:
                     torch.cuda.synchronize()
         nsfw = None

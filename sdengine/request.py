@@ -30,6 +30,8 @@ DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image default
 DEFAULT_INPAINT_STRENGTH = 1.0  # ... and its inpainting default
+#: what decodes the final images (``GenerationRequest.decoder``)
+DECODERS = ("vae", "tiny")
 #: what an inpainting's masked part starts from (``GenerationRequest.masked_content``)
 MASKED_CONTENTS = ("original", "latent noise", "latent nothing")
 #: where the seeds' noise comes from: sdengine's own streams (one per kind of draw), or PyTorch's CPU
@@ -104,6 +106,10 @@ class GenerationRequest:
     #: ("original", diffusers'), the seed's noise ("latent noise") or zeros ("latent nothing"), the web UI's
     #: ``inpainting_fill`` 1, 2 and 3, before they are noised to the first step
     masked_content: str = "original"
+    #: what decodes the images (:data:`DECODERS`): the model's VAE, or a tiny VAE's decoder (the preview
+    #: decoder of an export made with ``--preview-vae``, or the VAE where that is a tiny one): faster, a
+    #: little less faithful (the web UI's ``sd_vae_decode_method`` "TAESD")
+    decoder: str = "vae"
     #: inpainting only the mask's box (:mod:`sdengine.mask_crop`): ``image`` and ``mask`` are that box,
     #: resized; the images made are laid back into the original
     mask_crop: MaskCrop | None = field(default=None, compare=False, repr=False)
@@ -386,6 +392,7 @@ class GenerationRequest:
             **({"image": "supplied", "strength": self.strength} if self.image is not None else {}),
             **({"mask": "supplied"} if self.inpainting else {}),
             **({"masked_content": self.masked_content} if self.masked_content != "original" else {}),
+            **({"decoder": self.decoder} if self.decoder != "vae" else {}),
             **(
                 {"mask_crop": self.mask_crop.padding, "mask_crop_box": list(self.mask_crop.box)}
                 if self.mask_crop is not None
@@ -441,6 +448,7 @@ def make_request(
     strength: float | None = None,
     mask: np.ndarray | None = None,
     masked_content: str = "original",
+    decoder: str = "vae",
     clip_skip: int = 0,
     guidance_rescale: float = 0.0,
     long_prompts: bool = False,
@@ -528,6 +536,8 @@ def make_request(
         raise InvalidArgumentError(
             f"masked_content must be one of {', '.join(MASKED_CONTENTS)}, got {masked_content!r}"
         )
+    if decoder not in DECODERS:
+        raise InvalidArgumentError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if masked_content != "original" and mask is None:
         raise InvalidArgumentError(f"masked_content {masked_content!r} is inpainting's: give a mask too")
     scales, starts, ends = control_settings(
@@ -598,6 +608,7 @@ def make_request(
         strength=float(strength),
         mask=None if mask is None else np.asarray(mask, dtype=np.float32),
         masked_content=masked_content,
+        decoder=decoder,
         clip_skip=int(clip_skip),
         guidance_rescale=float(guidance_rescale),
         long_prompts=bool(long_prompts),

@@ -14,6 +14,8 @@ What the web UI's API takes, and how it maps here:
   schedulers.
 - ``enable_hr`` with ``hr_scale``, ``hr_upscaler`` ("Latent", or "None"/"Lanczos": the image),
   ``hr_second_pass_steps`` and ``denoising_strength``: the hires fix (:mod:`sdengine.hires`).
+- ``override_settings.sd_vae_decode_method`` "TAESD": the images decoded by a tiny VAE's decoder (the
+  pipeline's ``decoder="tiny"``), for a model with one; "Full" (the default): its VAE.
 - ``override_settings.CLIP_stop_at_last_layers``: clip skip (the web UI counts the last layer as 1);
   ``override_settings.randn_source`` "CPU": the seeds' noise as PyTorch's CPU generator draws it
   (``noise_source="torch-cpu"``, :mod:`sdengine.torch_noise`); "GPU" and "NV" are refused.
@@ -230,7 +232,11 @@ class WebUIRequest(NamedTuple):
 #: The options ``POST /sdapi/v1/options`` sets, for every later request (beneath its ``override_settings``,
 #: which may set them too): clip skip, the noise source, and the live previews'
 #: (:mod:`sdengine.webui_previews`)
-SETTABLE_OPTIONS = ("CLIP_stop_at_last_layers", "randn_source", *LIVE_PREVIEW_OPTIONS)
+SETTABLE_OPTIONS = ("CLIP_stop_at_last_layers", "randn_source", "sd_vae_decode_method", *LIVE_PREVIEW_OPTIONS)
+#: ``sd_vae_decode_method`` -> the pipeline's ``decoder``
+DECODE_METHODS = {"Full": "vae", "TAESD": "tiny"}
+#: what ``GET /sdapi/v1/options`` answers for the options no request or ``POST`` has set
+OPTION_DEFAULTS = {"sd_vae_decode_method": "Full", **LIVE_PREVIEW_OPTIONS}
 
 
 def generation_settings(
@@ -284,6 +290,13 @@ def generation_settings(
                 f"not {source!r}"
             )
         settings["noise_source"] = "torch-cpu"
+    method = overrides.get("sd_vae_decode_method", "Full")
+    if method not in DECODE_METHODS:
+        raise InvalidArgumentError(
+            f"override_settings.sd_vae_decode_method must be Full or TAESD, got {method!r}"
+        )
+    if DECODE_METHODS[method] != "vae":
+        settings["decoder"] = DECODE_METHODS[method]
     clip = _number(overrides, "CLIP_stop_at_last_layers", 1, int)
     settings["clip_skip"] = clip - 1  # the web UI's 1 is the last layer
     denoising = _number(body, "denoising_strength", None, float)
@@ -556,6 +569,11 @@ def set_options(options: dict[str, Any], body: Any, model: str, taesd: str | Non
     settings = {key: body[key] for key in SETTABLE_OPTIONS if key in body}
     generation_settings({"override_settings": settings}, img2img=False)  # refuses a value it cannot honour
     live_preview({**options, **settings}, taesd)
+    if settings.get("sd_vae_decode_method") == "TAESD" and taesd is None:
+        raise InvalidArgumentError(
+            "sd_vae_decode_method TAESD: the model served has no tiny VAE's decoder (export it with "
+            "--preview-vae DIR)"
+        )
     options.update(settings)
 
 
@@ -601,7 +619,7 @@ class Handler(BaseHTTPRequestHandler):
             ],
             "/sdapi/v1/options": lambda: {
                 "sd_model_checkpoint": name,
-                **LIVE_PREVIEW_OPTIONS,
+                **OPTION_DEFAULTS,
                 **self.server.options,  # type: ignore[attr-defined]
             },
             "/sdapi/v1/progress": lambda: self.server.job.report(skip_image),  # type: ignore[attr-defined]

@@ -16,8 +16,13 @@ from PIL import Image
 from sdengine import __version__
 from sdengine.errors import InvalidArgumentError
 from sdengine.mask_crop import cover_resize, fill_resize
-from sdengine.server import generation_settings, sampler_of, scheduler_name, serve_in_thread
-from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS
+from sdengine.server import (
+    OPTION_DEFAULTS,
+    generation_settings,
+    sampler_of,
+    scheduler_name,
+    serve_in_thread,
+)
 
 SIZE = {"width": 64, "height": 64, "steps": 3}
 #: What the server asks of the pipeline where a request leaves it to the web UI's defaults.
@@ -258,7 +263,7 @@ def test_options_hold_for_later_requests_and_png_info_reads_answers_back(ort_pip
         )
         assert call(url, "/sdapi/v1/options")[1] == {
             "sd_model_checkpoint": name,
-            **LIVE_PREVIEW_OPTIONS,
+            **OPTION_DEFAULTS,
             "CLIP_stop_at_last_layers": 2,
         }
         status, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE, "seed": 3})

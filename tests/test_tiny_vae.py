@@ -306,3 +306,68 @@ def test_sdxl_with_a_tiny_vae(tiny_vae: Path, cache, tmp_path: Path) -> None:
     for given in ({}, {"image": _picture(), "strength": 0.6}):
         mine, diffusers = (pipe("a red boat", "fog", **SETTINGS, **given) for pipe in (ours, theirs))
         assert psnr(mine.array, diffusers.array) >= 100
+
+
+def test_decoder_tiny_makes_the_images_through_the_preview_decoder(previewed, pipes, ort_pipe_fp32) -> None:
+    """``decoder="tiny"``: the images (and the hires fix's first-pass image) from the tiny VAE's decoder, as
+    diffusers' AutoencoderTiny decodes them; the run's latents are the same."""
+    ours, theirs = previewed
+    settings = {**SETTINGS, "scheduler": "euler"}
+    fast = ours("a red boat", "fog", **settings, decoder="tiny")
+    plain = ours("a red boat", "fog", **settings)
+    assert np.array_equal(fast.latents, plain.latents)
+    assert np.array_equal(fast.array, ours.tiny_preview_images(fast.latents))
+    assert psnr(fast.array, plain.array) < 30  # not the model's VAE
+    assert psnr(fast.array, theirs("a red boat", "fog", **settings, decoder="tiny").array) >= 100
+    assert fast.request.parameters()["decoder"] == "tiny"
+    hires = {**settings, "hires_scale": 1.5, "hires_upscale": "image", "hires_steps": 2}
+    mine, diffusers = (pipe("a red boat", "fog", **hires, decoder="tiny") for pipe in (ours, theirs))
+    assert psnr(mine.array, diffusers.array) >= 100
+    assert psnr(mine.array, ours("a red boat", "fog", **hires).array) < 30
+    tiny_vae = pipes[0]  # an export whose VAE is the tiny one: its VAE is the tiny decoder
+    np.testing.assert_array_equal(
+        tiny_vae("a cat", **settings, decoder="tiny").array, tiny_vae("a cat", **settings).array
+    )
+    with pytest.raises(InvalidArgumentError, match="decoder tiny needs a tiny VAE's decoder"):
+        ort_pipe_fp32.request("a cat", **settings, decoder="tiny")
+    with pytest.raises(InvalidArgumentError, match="decoder must be one of vae, tiny"):
+        ours.request("a cat", **settings, decoder="taesd")
+
+
+def test_the_web_ui_s_taesd_decode_method(previewed, ort_pipe_fp32, tmp_path: Path, capsys) -> None:
+    """``sd_vae_decode_method`` TAESD decodes through the preview decoder; refused where there is none."""
+    import base64
+    import io
+
+    from test_server import call
+
+    from sdengine.server import serve_in_thread
+
+    ours, _ = previewed
+    body = {"prompt": "a cat", "width": 64, "height": 64, "steps": 3, "seed": 2}
+    served, plain = serve_in_thread(ours), serve_in_thread(ort_pipe_fp32)
+    try:
+        url = f"http://127.0.0.1:{served.server_address[1]}"
+        status, answer = call(
+            url, "/sdapi/v1/txt2img", {**body, "override_settings": {"sd_vae_decode_method": "TAESD"}}
+        )
+        assert status == 200
+        plain_url = f"http://127.0.0.1:{plain.server_address[1]}"
+        status, error = call(plain_url, "/sdapi/v1/options", {"sd_vae_decode_method": "TAESD"})
+        assert status == 422 and "has no tiny VAE's decoder" in error["detail"]
+        assert call(plain_url, "/sdapi/v1/options")[1]["sd_vae_decode_method"] == "Full"
+        status, error = call(
+            url, "/sdapi/v1/txt2img", {**body, "override_settings": {"sd_vae_decode_method": "x"}}
+        )
+        assert status == 422 and "must be Full or TAESD" in error["detail"]
+    finally:
+        served.shutdown()
+        plain.shutdown()
+    webui = {"guidance": 7.0, "scheduler": "euler", "prompt_weights": "a1111", "long_prompts": True}
+    want = ours("a cat", "", width=64, height=64, steps=3, seed=2, decoder="tiny", **webui)
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).convert("RGB"), np.float32)
+    np.testing.assert_allclose(got / 255, want.array[0], atol=0.5 / 255)
+    out = tmp_path / "cat.png"
+    args = ["generate", str(ours.model_dir.root), "a cat", "--steps", "2", "--height", "64", "--width", "64"]
+    assert main([*args, "--decoder", "tiny", "--seed", "2", "--output", str(out)]) == 0
+    assert out.is_file()
