@@ -10,10 +10,11 @@ the served export's UNet (``sdengine export --controlnet``), named after their d
 they were converted from); a unit's ``model`` names one of them (a `` [hash]`` the web UI appends is
 ignored), and its ``image``, ``weight``, ``guidance_start``, ``guidance_end`` and ``resize_mode`` ("Just
 Resize", "Crop and Resize", the extension's default, or "Resize and Fill"; or 0-2) become that ControlNet's
-control image, scale, start and end (:mod:`sdengine.controlnet`). A ControlNet no enabled unit names runs
-at weight 0 (its residuals scaled to nothing: the plain UNet's result), so such an export answers requests
-without ControlNet too. In img2img, a unit without an image takes the first init image, as the extension
-does.
+control image, scale, start and end (:mod:`sdengine.controlnet`); an image of another size is brought to
+the generation's as the extension brings it (:mod:`sdengine.webui_detectmap`, which says what differs). A
+ControlNet no enabled unit names runs at weight 0 (its residuals scaled to nothing: the plain UNet's
+result), so such an export answers requests without ControlNet too. In img2img, a unit without an image
+takes the first init image, as the extension does.
 
 A unit's ``control_mode`` ("Balanced", "My prompt is more important", "ControlNet is more important", or
 0-2) weighs its ControlNet's residuals as the extension does (``sdengine.controlnet.control_mode_weights``).
@@ -41,18 +42,12 @@ import numpy as np
 from PIL import Image
 
 from sdengine.errors import InvalidArgumentError
-from sdengine.mask_crop import cover_resize, fill_resize
-from sdengine.webui_inpaint import Resize, stretch
+from sdengine.webui_detectmap import MAP_RESIZE_MODES, detected_map
 
-#: The extension's resize modes, by name and by number, to ``width`` x ``height``.
-RESIZE_MODES: dict[str | int, Resize] = {
-    "Just Resize": stretch,
-    "Crop and Resize": cover_resize,
-    "Resize and Fill": fill_resize,
-    0: stretch,
-    1: cover_resize,
-    2: fill_resize,
-}
+#: The extension's resize modes, by name and by number (:mod:`sdengine.webui_detectmap`'s names).
+RESIZE_MODES: dict[str | int, str] = {name: name for name in MAP_RESIZE_MODES} | dict(
+    enumerate(MAP_RESIZE_MODES)
+)
 #: The extension's control modes, by name and by number (``sdengine.controlnet.CONTROL_MODES``).
 CONTROL_MODES: dict[str | int, str] = {
     "Balanced": "balanced",
@@ -121,7 +116,7 @@ def control_settings(
                 f"{field}.resize_mode {unit.get('resize_mode')!r}: use Just Resize, Crop and Resize or "
                 "Resize and Fill (or 0-2)"
             )
-        images[index] = image if image.size == (width, height) else resize(image, width, height)
+        images[index] = image if image.size == (width, height) else detected_map(image, resize, width, height)
         scales[index] = _number(unit, "weight", 1.0, field)
         starts[index] = _number(unit, "guidance_start", 0.0, field)
         ends[index] = _number(unit, "guidance_end", 1.0, field)
@@ -134,13 +129,7 @@ def control_settings(
     }
 
 
-#: The extension's names of its resize modes, by name and by number.
-RESIZE_MODE_NAMES = {name: name for name in RESIZE_MODES if isinstance(name, str)} | {
-    0: "Just Resize",
-    1: "Crop and Resize",
-    2: "Resize and Fill",
-}
-#: ... and of its control modes
+#: The extension's names of its control modes, by name and by number.
 CONTROL_MODE_NAMES = {name: name for name in CONTROL_MODES if isinstance(name, str)} | {
     0: "Balanced",
     1: "My prompt is more important",
@@ -168,7 +157,7 @@ def unit_infotexts(scripts: Any) -> dict[str, str]:
             "Module": "none",
             "Model": str(unit.get("model")),
             "Weight": _number(unit, "weight", 1.0, ""),
-            "Resize Mode": RESIZE_MODE_NAMES[unit.get("resize_mode", "Crop and Resize")],
+            "Resize Mode": RESIZE_MODES[unit.get("resize_mode", "Crop and Resize")],
             "Processor Res": within("processor_res", 64, 2048, 512, int),
             "Threshold A": within("threshold_a", 0, 1, 0.5, float),
             "Threshold B": within("threshold_b", 0, 1, 0.5, float),

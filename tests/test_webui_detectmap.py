@@ -1,0 +1,79 @@
+"""A ControlNet unit's image brought to size as the web UI's ControlNet extension brings it
+(sdengine/webui_detectmap.py): its geometry and fill, its choice of filter, two-colour maps kept two-coloured
+by Otsu's threshold (checked against OpenCV's where it is installed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdengine.errors import InvalidArgumentError
+from sdengine.webui_detectmap import detected_map, map_resize, otsu_threshold
+
+RNG = np.random.default_rng(7)
+PHOTO = (RNG.random((32, 96, 3)) * 255).astype(np.uint8)  # many colours
+
+
+def test_crop_and_resize_scales_by_the_larger_ratio_and_cuts_the_middle() -> None:
+    got = np.asarray(detected_map(Image.fromarray(PHOTO), "Crop and Resize", 64, 64))
+    scaled = map_resize(PHOTO, 192, 64)  # k = max(64 / 32, 64 / 96) = 2
+    np.testing.assert_array_equal(got, scaled[:, 64:128])
+
+
+def test_resize_and_fill_scales_by_the_smaller_ratio_onto_the_border_s_median() -> None:
+    got = np.asarray(detected_map(Image.fromarray(PHOTO), "Resize and Fill", 64, 64))
+    scaled = map_resize(PHOTO, 64, 21)  # k = min(2, 2 / 3): 96 x 32 -> 64 x 21.3, rounded
+    border = np.concatenate([PHOTO[0], PHOTO[-1], PHOTO[:, 0], PHOTO[:, -1]])
+    median = np.median(border, axis=0).astype(np.uint8)
+    np.testing.assert_array_equal(got[21:42], scaled)  # placed at (64 - 21) // 2
+    assert (got[:21] == median).all() and (got[42:] == median).all()
+
+
+def test_just_resize_stretches() -> None:
+    got = np.asarray(detected_map(Image.fromarray(PHOTO), "Just Resize", 48, 80))
+    np.testing.assert_array_equal(got, map_resize(PHOTO, 48, 80))
+    assert got.shape == (80, 48, 3)
+
+
+def test_the_filter_follows_the_map() -> None:
+    # many colours: area averaging when shrinking, bicubic when enlarging
+    np.testing.assert_array_equal(
+        map_resize(PHOTO, 48, 16), np.asarray(Image.fromarray(PHOTO).resize((48, 16), Image.Resampling.BOX))
+    )
+    np.testing.assert_array_equal(
+        map_resize(PHOTO, 192, 64),
+        np.asarray(Image.fromarray(PHOTO).resize((192, 64), Image.Resampling.BICUBIC)),
+    )
+    # a few colours (a segmentation map): nearest, so no new colours
+    palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9], [200, 100, 50]], np.uint8)
+    labels = palette[RNG.integers(0, 5, (16, 16))]
+    colours = {tuple(c) for c in map_resize(labels, 40, 40).reshape(-1, 3)}
+    assert colours <= {tuple(c) for c in palette}
+    # two colours, dark and bright (an edge map): still two colours after a bicubic enlargement
+    edges = np.zeros((16, 16, 3), np.uint8)
+    edges[8, :] = 255
+    enlarged = map_resize(edges, 40, 40)
+    assert set(np.unique(enlarged)) == {0, 255} and (enlarged[19:21] == 255).any()
+    assert map_resize(PHOTO, 96, 32) is PHOTO  # the right size already: as it is
+
+
+def test_otsu_threshold_is_opencv_s() -> None:
+    cv2 = pytest.importorskip("cv2")  # the dev extra installs it; the runtime does not need it
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        dark = rng.normal(rng.uniform(0, 120), rng.uniform(2, 40), 500)
+        bright = rng.normal(rng.uniform(120, 255), rng.uniform(2, 40), 300)
+        grey = np.clip(np.concatenate([dark, bright]), 0, 255).astype(np.uint8).reshape(-1, 8)
+        threshold, _ = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        assert otsu_threshold(grey) == int(threshold)
+
+
+def test_otsu_threshold_of_two_levels_lies_between_them() -> None:
+    grey = np.array([[10] * 30 + [230] * 70], np.uint8)
+    assert 10 <= otsu_threshold(grey) < 230
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="resize mode must be one of Just Resize"):
+        detected_map(Image.fromarray(PHOTO), "Envelope", 64, 64)
