@@ -84,7 +84,7 @@ from sdengine.images import png_info, to_pil
 from sdengine.infotext import parameters_infotext, parse_infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.model_dir import optional_json
-from sdengine.webui_controlnet import control_settings, controlnet_name, unit_infotexts
+from sdengine.webui_controlnet import control_settings, controlnet_name, preprocessors, unit_infotexts
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
 from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS, live_preview, taesd_method
 from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
@@ -465,7 +465,9 @@ def run_request(
             "tiling: the model served is not seamless (export it with sdengine export --seamless)"
         )
     preview = live_preview(body.get("override_settings") or {}, served_taesd(pipeline))
-    units = unit_infotexts(body.get("alwayson_scripts"))  # checked by generation_settings
+    lent = decode_image(body["init_images"][0]) if img2img else None  # a unit's image where it has none
+    size = settings["width"], settings["height"]
+    units = unit_infotexts(body.get("alwayson_scripts"), *size, lent, decode_image)  # checked already
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)
@@ -625,7 +627,7 @@ class Handler(BaseHTTPRequestHandler):
             "/sdapi/v1/progress": lambda: self.server.job.report(skip_image),  # type: ignore[attr-defined]
             # the ControlNet extension's: the ControlNets in the export's UNet, and no preprocessors
             "/controlnet/model_list": lambda: {"model_list": served_controlnets(pipeline)},
-            "/controlnet/module_list": lambda: {"module_list": ["none"], "module_detail": {}},
+            "/controlnet/module_list": lambda: {"module_list": preprocessors(), "module_detail": {}},
         }
         route = routes.get(self.path.split("?", 1)[0])
         if route is None:

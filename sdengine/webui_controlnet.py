@@ -18,12 +18,14 @@ takes the first init image, as the extension does.
 
 A unit's ``control_mode`` ("Balanced", "My prompt is more important", "ControlNet is more important", or
 0-2) weighs its ControlNet's residuals as the extension does (``sdengine.controlnet.control_mode_weights``).
-What the extension does and this does not is refused, naming it: preprocessors (``module`` other than
-``none``: send the preprocessed image, such as an edge map, itself), a unit's own mask, and units with
-inpainting of the mask's box alone (``inpaint_full_res``, where the extension cuts the control image to
-that box; the server refuses the pair), as are units naming a model not served, or two units naming one
-ControlNet. The preprocessors' settings (``processor_res``, ``threshold_a``...), ``pixel_perfect`` and
-``low_vram`` change nothing without a preprocessor and are ignored.
+A unit's ``module`` may be ``none`` (the image is the control image), ``canny`` or ``invert``
+(:mod:`sdengine.webui_preprocessors`, the extension's model-free preprocessors, with its ``processor_res``,
+``threshold_a`` and ``threshold_b`` bound to their sliders' ranges and ``pixel_perfect`` as the extension
+sets the resolution). What the extension does and this does not is refused, naming it: the preprocessors
+that run a model (depth, pose, line art...: send their map with module none), a unit's own mask, and
+units with inpainting of the mask's box alone (``inpaint_full_res``, where the extension cuts the control
+image to that box; the server refuses the pair), as are units naming a model not served, or two units
+naming one ControlNet. ``low_vram`` changes nothing here and is ignored.
 
 Each enabled unit is recorded in the images' infotexts as the extension records it (:func:`unit_infotexts`):
 ``ControlNet 0: "Module: none, Model: NAME [HASH], Weight: 1.0, Resize Mode: Crop and Resize, ..."``,
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ from PIL import Image
 
 from sdengine.errors import InvalidArgumentError
 from sdengine.webui_detectmap import MAP_RESIZE_MODES, detected_map
+from sdengine.webui_preprocessors import canny_map, invert_map, opencv
 
 #: The extension's resize modes, by name and by number (:mod:`sdengine.webui_detectmap`'s names).
 RESIZE_MODES: dict[str | int, str] = {name: name for name in MAP_RESIZE_MODES} | dict(
@@ -109,6 +113,7 @@ def control_settings(
             raise InvalidArgumentError(f"{field}: a second unit for ControlNet {served[index]!r}")
         named.add(index)
         modes[index] = _check_unit(unit, field)
+        module = _module(unit, field)
         image = _unit_image(unit, init_image, decode, field)
         resize = RESIZE_MODES.get(unit.get("resize_mode", "Crop and Resize"))
         if resize is None:
@@ -116,6 +121,11 @@ def control_settings(
                 f"{field}.resize_mode {unit.get('resize_mode')!r}: use Just Resize, Crop and Resize or "
                 "Resize and Fill (or 0-2)"
             )
+        resolution, low, high = _sliders(unit, module, image.size, resize, width, height)
+        if module == "canny":
+            image = canny_map(image, int(resolution), int(low), int(high))
+        elif module == "invert":
+            image = invert_map(image)
         images[index] = image if image.size == (width, height) else detected_map(image, resize, width, height)
         scales[index] = _number(unit, "weight", 1.0, field)
         starts[index] = _number(unit, "guidance_start", 0.0, field)
@@ -137,30 +147,33 @@ CONTROL_MODE_NAMES = {name: name for name in CONTROL_MODES if isinstance(name, s
 }
 
 
-def unit_infotexts(scripts: Any) -> dict[str, str]:
+def unit_infotexts(
+    scripts: Any,
+    width: int,
+    height: int,
+    init_image: Image.Image | None,
+    decode: Callable[[str, str], Image.Image],
+) -> dict[str, str]:
     """The infotext fields of a request's enabled ControlNet units (already checked by
-    :func:`control_settings`): ``"ControlNet i"`` -> the unit's eleven fields as the extension writes them.
-    Its module is "none", whose sliders take what is in their range (resolution 64-2048, thresholds 0-1)
-    and else their defaults (512, 0.5), as the extension's bound check does."""
+    :func:`control_settings`): ``"ControlNet i"`` -> the unit's eleven fields as the extension writes them,
+    its sliders as its preprocessor took them (:func:`_sliders`; a pixel-perfect unit's image is read again
+    for its size)."""
     if not scripts:
         return {}
     units = [unit for unit in _units(scripts) if unit.get("enabled", True)]
-
-    def within(key: str, low: float, high: float, default: float, kind: type) -> Any:
-        value = unit.get(key)
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
-        return kind(value) if ok else default
-
     records = {}
     for i, unit in enumerate(units):
+        module, resize = _module(unit, ""), RESIZE_MODES[unit.get("resize_mode", "Crop and Resize")]
+        size = _unit_image(unit, init_image, decode, "").size if unit.get("pixel_perfect") else None
+        resolution, low, high = _sliders(unit, module, size, resize, width, height)
         fields = {
-            "Module": "none",
+            "Module": str(unit.get("module") or "none"),
             "Model": str(unit.get("model")),
             "Weight": _number(unit, "weight", 1.0, ""),
-            "Resize Mode": RESIZE_MODES[unit.get("resize_mode", "Crop and Resize")],
-            "Processor Res": within("processor_res", 64, 2048, 512, int),
-            "Threshold A": within("threshold_a", 0, 1, 0.5, float),
-            "Threshold B": within("threshold_b", 0, 1, 0.5, float),
+            "Resize Mode": resize,
+            "Processor Res": resolution,
+            "Threshold A": low,
+            "Threshold B": high,
             "Guidance Start": _number(unit, "guidance_start", 0.0, ""),
             "Guidance End": _number(unit, "guidance_end", 1.0, ""),
             "Pixel Perfect": bool(unit.get("pixel_perfect", False)),
@@ -187,14 +200,76 @@ def _served_index(unit: dict[str, Any], served: Sequence[str], field: str) -> in
     return served.index(model)
 
 
+@dataclass(frozen=True)
+class Slider:
+    """A preprocessor's slider in the extension: a value outside [low, high] (as -1, unset) is its default."""
+
+    low: float
+    high: float
+    default: float
+
+    def value(self, given: Any, kind: type) -> Any:
+        fits = (
+            isinstance(given, int | float) and not isinstance(given, bool) and self.low <= given <= self.high
+        )
+        return kind(given) if fits else self.default
+
+
+#: The preprocessors run here (:mod:`sdengine.webui_preprocessors`), by the names the extension takes, and
+#: their sliders: resolution, threshold A, threshold B (the extension's ranges and defaults; "none" and
+#: "invert" show none, and keep the base ones)
+PREPROCESSORS: dict[str, tuple[Slider, Slider, Slider]] = {
+    "none": (Slider(64, 2048, 512), Slider(0, 1, 0.5), Slider(0, 1, 0.5)),
+    "canny": (Slider(64, 2048, 512), Slider(1, 255, 100), Slider(1, 255, 200)),
+    "invert": (Slider(0, 1, 0.5), Slider(0, 1, 0.5), Slider(0, 1, 0.5)),
+}
+#: ... and the extension's labels, which it takes too
+PREPROCESSOR_LABELS = {"invert (from white bg & black line)": "invert"}
+
+
+def preprocessors() -> list[str]:
+    """The preprocessors a unit may name here, in the order ``/controlnet/module_list`` gives them (the
+    extension's: none, then by priority); canny where OpenCV is installed."""
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return ["none", "invert"]
+    return ["none", "canny", "invert"]
+
+
+def _module(unit: dict[str, Any], field: str) -> str:
+    """The preprocessor a unit names (:data:`PREPROCESSORS`), or one line refusing it."""
+    module = str(unit.get("module") or "none")
+    name = "none" if module.lower() == "none" else PREPROCESSOR_LABELS.get(module, module)
+    if name not in PREPROCESSORS:
+        raise InvalidArgumentError(
+            f"{field}.module {module!r}: only the preprocessors {', '.join(PREPROCESSORS)} are run here; "
+            "send the preprocessed image (an edge or depth map) with module none"
+        )
+    if name == "canny":
+        opencv()
+    return name
+
+
+def _sliders(
+    unit: dict[str, Any], module: str, size: tuple[int, int] | None, resize: str, width: int, height: int
+) -> tuple[Any, Any, Any]:
+    """The resolution and thresholds the unit's preprocessor takes, as the extension sets them: each within
+    its slider's range or else its default; with ``pixel_perfect``, the resolution that brings the image
+    (``size``: width, height) to the generation's size by the resize mode, so its map needs no resizing."""
+    sliders = PREPROCESSORS[module]
+    resolution = sliders[0].value(unit.get("processor_res"), int)
+    low = sliders[1].value(unit.get("threshold_a"), float)
+    high = sliders[2].value(unit.get("threshold_b"), float)
+    if unit.get("pixel_perfect") and size is not None:
+        k0, k1 = height / size[1], width / size[0]
+        k = min(k0, k1) if resize == "Resize and Fill" else max(k0, k1)
+        resolution = int(np.round(k * min(size)))
+    return resolution, low, high
+
+
 def _check_unit(unit: dict[str, Any], field: str) -> str:
     """The unit's control mode (:data:`CONTROL_MODES`'s name), once what it asks for is known runnable."""
-    module = unit.get("module") or "none"
-    if str(module).lower() != "none":
-        raise InvalidArgumentError(
-            f"{field}.module {module!r}: preprocessors are not run here; send the preprocessed image with "
-            "module none"
-        )
     mode = unit.get("control_mode", "Balanced")
     if isinstance(mode, bool) or mode not in CONTROL_MODES:
         raise InvalidArgumentError(

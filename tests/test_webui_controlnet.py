@@ -83,7 +83,10 @@ def test_images_are_resized_as_the_unit_asks_and_img2img_lends_its_init_image():
             units({"image": png(EDGES), "model": "openpose"}),
             "'openpose' is not served; the served ControlNets",
         ),
-        (units({"image": png(EDGES), "model": "canny", "module": "canny"}), "preprocessors are not run"),
+        (
+            units({"image": png(EDGES), "model": "canny", "module": "depth_midas"}),
+            "only the preprocessors none, canny, invert are run",
+        ),
         (units({"image": png(EDGES), "model": "canny", "control_mode": 3}), "control_mode 3: use Balanced"),
         (units({"image": {"image": png(EDGES), "mask": png(EDGES)}, "model": "canny"}), "own mask"),
         (units({"model": "canny"}), "give the control image"),
@@ -191,19 +194,20 @@ def test_units_with_inpainting_of_the_masks_box_alone_are_refused():
 
 def test_units_are_recorded_as_the_extension_records_them():
     """Numbered among the enabled units; eleven fields in the extension's order; numbers as its pydantic
-    model gives them (floats as 1.0, the resolution an int); sliders out of range at their defaults."""
+    model gives them (floats as 1.0, the resolution an int); sliders out of range at their defaults, a
+    pixel-perfect unit's resolution the one that brings its image to the generation's size."""
+    wide = png(RNG.random((32, 96, 3)).astype(np.float32))  # 96 x 32 to 64 x 64: k = max(2, 2 / 3)
     records = unit_infotexts(
         units(
             {"model": "depth [0123abcd]", "enabled": False},
             {"model": "depth [0123abcd]", "weight": 1, "resize_mode": 2, "control_mode": 1},
-            {
-                "model": "canny",
-                "processor_res": 768,
-                "threshold_a": 100,
-                "pixel_perfect": True,
-                "weight": None,
-            },
-        )
+            {"model": "canny", "processor_res": 768, "threshold_a": 100, "weight": None},
+            {"model": "canny", "module": "canny", "threshold_a": 300, "image": wide, "pixel_perfect": True},
+        ),
+        64,
+        64,
+        None,
+        decode_image,
     )
     assert records == {
         "ControlNet 0": "Module: none, Model: depth [0123abcd], Weight: 1.0, Resize Mode: Resize and Fill, "
@@ -211,14 +215,96 @@ def test_units_are_recorded_as_the_extension_records_them():
         "Pixel Perfect: False, Control Mode: My prompt is more important",
         "ControlNet 1": "Module: none, Model: canny, Weight: 1.0, Resize Mode: Crop and Resize, "
         "Processor Res: 768, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 1.0, "
+        "Pixel Perfect: False, Control Mode: Balanced",
+        "ControlNet 2": "Module: canny, Model: canny, Weight: 1.0, Resize Mode: Crop and Resize, "
+        "Processor Res: 64, Threshold A: 100, Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0, "
         "Pixel Perfect: True, Control Mode: Balanced",
     }
-    assert unit_infotexts(None) == unit_infotexts({}) == {}
+    assert unit_infotexts(None, 64, 64, None, decode_image) == {}
 
 
 def test_a_unit_s_record_reads_back_from_the_infotext():
     from sdengine.infotext import parameters_infotext, parse_infotext
 
-    record = unit_infotexts(units({"model": "canny", "weight": 0.5}))
+    record = unit_infotexts(units({"model": "canny", "weight": 0.5}), 64, 64, None, decode_image)
     text = parameters_infotext({"prompt": "a house", "steps": 3, "controlnet_units": record})
     assert parse_infotext(text)["ControlNet 0"] == record["ControlNet 0"]
+
+
+def _photo(height: int = 48, width: int = 80) -> Image.Image:
+    """A smooth random picture, with edges for Canny to find."""
+    rng = np.random.default_rng(11)
+    base = Image.fromarray((rng.random((height // 4, width // 4, 3)) * 255).astype(np.uint8))
+    return base.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def test_canny_is_the_extension_s(monkeypatch):
+    """The unit's image scaled to the resolution on its short side, edge-padded to multiples of 64,
+    OpenCV's Canny, the padding cut: written out here with OpenCV as the extension's source does it (by hand
+    also checked identical to the extension's own function on 40 random images)."""
+    cv2 = pytest.importorskip("cv2")
+    from sdengine.webui_preprocessors import canny_map
+
+    photo = _photo()
+    for resolution, low, high in ((96, 100, 200), (40, 30, 120), (48, 100, 200)):
+        pixels = np.asarray(photo)
+        k = resolution / 48
+        size = (int(np.round(80 * k)), int(np.round(48 * k)))
+        scaled = cv2.resize(pixels, size, interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+        padded = np.pad(scaled, [(0, -size[1] % 64), (0, -size[0] % 64), (0, 0)], mode="edge")
+        want = cv2.Canny(padded, low, high)[: size[1], : size[0]]
+        got = np.asarray(canny_map(photo, resolution, low, high))
+        assert got.shape == (*want.shape, 3) and (got == want[..., None]).all()
+        assert set(np.unique(got)) == {0, 255}
+
+
+def test_units_run_canny_and_invert_then_bring_the_map_to_size():
+    pytest.importorskip("cv2")
+    from sdengine.webui_detectmap import detected_map
+    from sdengine.webui_preprocessors import canny_map
+
+    photo = _photo()
+    data = png(np.asarray(photo, np.float32) / 255)
+    perfect = settings(
+        units({"image": data, "model": "canny", "module": "canny", "pixel_perfect": True}), served=["canny"]
+    )
+    # pixel perfect, Crop and Resize: k = max(64 / 48, 64 / 80): the map comes out 107 x 64, then cropped
+    want = np.asarray(canny_map(photo, 64, 100, 200))
+    assert want.shape == (64, 107, 3)
+    np.testing.assert_array_equal(np.asarray(perfect["control_image"]), want[:, 21:85])
+    plain = settings(
+        units({"image": data, "model": "canny", "module": "canny", "threshold_a": 0}), served=["canny"]
+    )
+    want = detected_map(
+        canny_map(photo, 512, 100, 200), "Crop and Resize", 64, 64
+    )  # threshold 0: its default
+    np.testing.assert_array_equal(np.asarray(plain["control_image"]), np.asarray(want))
+    label = "invert (from white bg & black line)"
+    inverted = settings(
+        units({"image": data, "model": "canny", "module": label, "resize_mode": 0}), served=["canny"]
+    )
+    np.testing.assert_array_equal(
+        np.asarray(inverted["control_image"]),
+        np.asarray(detected_map(Image.fromarray(255 - np.asarray(photo)), "Just Resize", 64, 64)),
+    )
+
+
+def test_canny_without_opencv_is_refused_in_one_line(monkeypatch):
+    import sys
+
+    from sdengine.webui_controlnet import preprocessors
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 fails
+    with pytest.raises(InvalidArgumentError, match="pip install opencv-python-headless"):
+        settings(units({"image": png(EDGES), "model": "canny", "module": "canny"}))
+    assert preprocessors() == ["none", "invert"]
+
+
+def test_the_module_list_names_the_preprocessors_run_here(controlled):
+    pytest.importorskip("cv2")
+    server = serve_in_thread(Pipeline.load(controlled, backend="ort", device="cpu"))
+    try:
+        listed = call(f"http://127.0.0.1:{server.server_address[1]}", "/controlnet/module_list")[1]
+    finally:
+        server.shutdown()
+    assert listed["module_list"] == ["none", "canny", "invert"]
