@@ -10,13 +10,17 @@
 Each resize (:func:`map_resize`) chooses its filter as the extension does: none where the size is already
 right; nearest-neighbour for maps of 3 to 199 colours (segmentation maps keep their labels); area averaging
 when shrinking; bicubic when enlarging. A two-colour map (an edge or scribble map: darkest below 16,
-brightest above 240) is made two-coloured again after it: its channels' mean cut at Otsu's threshold.
+brightest above 240) is made two-coloured again after it: its channels' mean cut at Otsu's threshold; and
+where it is mostly one-pixel edges (a 3x3 opening removes more than half of its bright pixels), first
+thinned as the extension thins it: a non-maximum suppression along the four directions, then, after the
+threshold, Lvmin Zhang's edge thinning (repeated removal of eight 3x3 hit-or-miss patterns, and when
+enlarging one pass of eight pruning patterns; :func:`thin_edges`), so that enlarged edges stay one pixel
+wide. The suppression, the threshold and the thinning are checked equal to OpenCV's operations as the
+extension calls them.
 
-What differs: Pillow's filters stand in for OpenCV's (area and bicubic weights differ slightly at the
-edges), and the extension's thinning of one-pixel edges after enlarging (its non-maximum suppression and
-``lvmin_thin``) is not done, so enlarged one-pixel edges come out as the threshold leaves them (about as
-wide as the scale). The control image is read as RGB, an alpha channel dropped (the extension lays it over
-white).
+What differs: Pillow's filters stand in for OpenCV's (area and bicubic weights differ slightly, so a
+resized map can differ from the extension's by a level here and there, and an edge map by a pixel). The
+control image is read as RGB, an alpha channel dropped (the extension lays it over white).
 """
 
 from __future__ import annotations
@@ -73,8 +77,99 @@ def map_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     if not binary:
         return resized
     grey = np.mean(resized.astype(np.float32), axis=2).clip(0, 255).astype(np.uint8)
+    thin = one_pixel_edges(pixels)
+    if thin:
+        grey = directional_nms(grey)
     cut = np.where(grey > otsu_threshold(grey), 255, 0).astype(np.uint8)
+    if thin:
+        cut = thin_edges(cut, prune=width * height > pixels.shape[0] * pixels.shape[1])
     return np.repeat(cut[..., None], 3, axis=2)
+
+
+def _neighbours(image: np.ndarray, fill: int) -> np.ndarray:
+    """The 3x3 neighbourhood of every pixel, (3, 3, H, W): ``[i, j]`` holds the pixel ``i - 1`` rows and
+    ``j - 1`` columns away, ``fill`` beyond the edges."""
+    padded = np.pad(image, 1, constant_values=fill)
+    height, width = image.shape
+    return np.stack([np.stack([padded[i : i + height, j : j + width] for j in range(3)]) for i in range(3)])
+
+
+def one_pixel_edges(pixels: np.ndarray) -> bool:
+    """Whether a two-colour map is mostly one-pixel edges, as the extension tells: its 3x3 opening (erosion,
+    then dilation; OpenCV's, the edges of the image left out) takes away more than half of its bright
+    values."""
+    eroded = np.stack([_neighbours(c, 255).min(axis=(0, 1)) for c in np.moveaxis(pixels, 2, 0)], axis=2)
+    opened = np.stack([_neighbours(c, 0).max(axis=(0, 1)) for c in np.moveaxis(eroded, 2, 0)], axis=2)
+    return int(np.count_nonzero(opened < pixels)) * 2 > int(np.count_nonzero(pixels > 127))
+
+
+#: the four directions of the non-maximum suppression: (row, column) steps either way from a pixel
+NMS_DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
+
+
+def directional_nms(grey: np.ndarray) -> np.ndarray:
+    """A pixel kept where it is the largest of itself and its two neighbours along any of the four
+    directions (horizontal, vertical, both diagonals), zero elsewhere (the extension's ``nake_nms``)."""
+    near = _neighbours(grey, 0)
+    keep = np.zeros(grey.shape, bool)
+    for di, dj in NMS_DIRECTIONS:
+        keep |= (near[1 + di, 1 + dj] <= grey) & (near[1 - di, 1 - dj] <= grey)
+    return np.where(keep, grey, 0).astype(grey.dtype)
+
+
+def _rotations(pattern: list[list[int]]) -> list[np.ndarray]:
+    base = np.array(pattern, np.int8)
+    return [np.rot90(base, k) for k in range(4)]
+
+
+#: Lvmin Zhang's edge thinning ("High Quality Edge Thinning using Pure Python", sd-webui-controlnet): 3x3
+#: hit-or-miss patterns (1: a bright pixel, -1: a dark one, 0: either) whose centres are removed, each in
+#: its four rotations: the thinning's two, and the pruning's two (spurs left by enlarging)
+THINNING = [
+    *_rotations([[-1, -1, -1], [0, 1, 0], [1, 1, 1]]),
+    *_rotations([[0, -1, -1], [1, 1, -1], [0, 1, 0]]),
+]
+THINNING = [THINNING[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)]  # the extension's order: by rotation, then kind
+PRUNING = [
+    *_rotations([[-1, -1, -1], [-1, 1, -1], [0, 0, -1]]),
+    *_rotations([[-1, -1, -1], [-1, 1, -1], [-1, 0, 0]]),
+]
+PRUNING = [PRUNING[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)]
+
+
+def _hit_or_miss(binary: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """Where ``pattern`` fits the 0/255 image: its 1s on bright pixels, its -1s on dark ones (beyond the
+    image's edges, either fits, as OpenCV's ``MORPH_HITMISS`` has it)."""
+    bright, dark = _neighbours(binary > 0, True), _neighbours(binary == 0, True)
+    fits = np.ones(binary.shape, bool)
+    for (i, j), want in np.ndenumerate(pattern):
+        if want == 1:
+            fits &= bright[i, j]
+        elif want == -1:
+            fits &= dark[i, j]
+    return fits
+
+
+def thin_edges(binary: np.ndarray, prune: bool) -> np.ndarray:
+    """A 0/255 edge map thinned: each thinning pattern's fits removed in turn, over and over (at most 32
+    times) until none fits; then, with ``prune``, one such pass of the pruning patterns."""
+    thinned = binary.copy()
+
+    def one_pass(patterns: list[np.ndarray]) -> bool:
+        changed = False
+        for pattern in patterns:
+            fits = _hit_or_miss(thinned, pattern)
+            if fits.any():
+                thinned[fits] = 0
+                changed = True
+        return changed
+
+    for _ in range(32):
+        if not one_pass(THINNING):
+            break
+    if prune:
+        one_pass(PRUNING)
+    return thinned
 
 
 def otsu_threshold(grey: np.ndarray) -> int:

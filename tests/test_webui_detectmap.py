@@ -54,7 +54,7 @@ def test_the_filter_follows_the_map() -> None:
     edges = np.zeros((16, 16, 3), np.uint8)
     edges[8, :] = 255
     enlarged = map_resize(edges, 40, 40)
-    assert set(np.unique(enlarged)) == {0, 255} and (enlarged[19:21] == 255).any()
+    assert set(np.unique(enlarged)) == {0, 255} and (enlarged[19:23] == 255).any()
     assert map_resize(PHOTO, 96, 32) is PHOTO  # the right size already: as it is
 
 
@@ -77,3 +77,73 @@ def test_otsu_threshold_of_two_levels_lies_between_them() -> None:
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="resize mode must be one of Just Resize"):
         detected_map(Image.fromarray(PHOTO), "Envelope", 64, 64)
+
+
+def _blobs(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth grey image and its 0/255 cut: thick shapes for the thinning."""
+    grey = np.asarray(
+        Image.fromarray((rng.random((height // 4 + 1, width // 4 + 1)) * 255).astype(np.uint8)).resize(
+            (width, height), Image.Resampling.BICUBIC
+        )
+    )
+    return grey, np.where(grey > 128, 255, 0).astype(np.uint8)
+
+
+def test_thinning_is_opencv_s_hit_or_miss_as_the_extension_runs_it() -> None:
+    """Each pattern's OpenCV hit-or-miss fits set to 0 in turn, passes repeated until none fits (at most 32),
+    then one pruning pass: the extension's lvmin_thin, written with OpenCV here (and by hand checked equal
+    to the extension's own module on 120 images)."""
+    cv2 = pytest.importorskip("cv2")
+    from sdengine.webui_detectmap import PRUNING, THINNING, thin_edges
+
+    def reference(binary: np.ndarray, prune: bool) -> np.ndarray:
+        y = binary.copy()
+
+        def one_pass(patterns) -> bool:
+            changed = False
+            for pattern in patterns:
+                fits = cv2.morphologyEx(y, cv2.MORPH_HITMISS, pattern.astype(np.int32)) > 127
+                changed |= bool(fits.any())
+                y[fits] = 0
+            return changed
+
+        for _ in range(32):
+            if not one_pass(THINNING):
+                break
+        if prune:
+            one_pass(PRUNING)
+        return y
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        _, binary = _blobs(rng, *rng.integers(12, 60, 2))
+        for prune in (False, True):
+            np.testing.assert_array_equal(thin_edges(binary, prune), reference(binary, prune))
+
+
+def test_nms_keeps_the_maxima_along_any_of_four_lines() -> None:
+    cv2 = pytest.importorskip("cv2")
+    from sdengine.webui_detectmap import directional_nms
+
+    lines = [np.zeros((3, 3), np.uint8) for _ in range(4)]
+    lines[0][1, :] = lines[1][:, 1] = 1
+    np.fill_diagonal(lines[2], 1)
+    np.fill_diagonal(np.fliplr(lines[3]), 1)
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        grey, _ = _blobs(rng, *rng.integers(12, 60, 2))
+        want = np.zeros_like(grey)
+        for line in lines:
+            np.putmask(want, cv2.dilate(grey, line) == grey, grey)
+        np.testing.assert_array_equal(directional_nms(grey), want)
+
+
+def test_enlarged_one_pixel_edges_stay_one_pixel_wide() -> None:
+    edges = np.zeros((16, 16, 3), np.uint8)
+    edges[8, 2:14] = 255  # a one-pixel line
+    enlarged = map_resize(edges, 48, 48)[..., 0]
+    columns = (enlarged[:, 12:36] > 0).sum(axis=0)
+    assert (columns == 1).all()  # thinned back to one pixel (a bicubic enlargement alone makes it ~3 wide)
+    thick = np.zeros((16, 16, 3), np.uint8)
+    thick[4:12, 4:12] = 255  # a filled square: not edges, so not thinned
+    assert (map_resize(thick, 48, 48)[20:28, 20:28] == 255).all()
