@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sdengine.errors import InvalidArgumentError
-from sdengine.webui_detectmap import detected_map, map_resize, otsu_threshold
+from sdengine.webui_detectmap import detected_map, map_resize, otsu_threshold, resize
 
 RNG = np.random.default_rng(7)
 PHOTO = (RNG.random((32, 96, 3)) * 255).astype(np.uint8)  # many colours
@@ -38,13 +38,8 @@ def test_just_resize_stretches() -> None:
 
 def test_the_filter_follows_the_map() -> None:
     # many colours: area averaging when shrinking, bicubic when enlarging
-    np.testing.assert_array_equal(
-        map_resize(PHOTO, 48, 16), np.asarray(Image.fromarray(PHOTO).resize((48, 16), Image.Resampling.BOX))
-    )
-    np.testing.assert_array_equal(
-        map_resize(PHOTO, 192, 64),
-        np.asarray(Image.fromarray(PHOTO).resize((192, 64), Image.Resampling.BICUBIC)),
-    )
+    np.testing.assert_array_equal(map_resize(PHOTO, 48, 16), resize(PHOTO, 48, 16, "area"))
+    np.testing.assert_array_equal(map_resize(PHOTO, 192, 64), resize(PHOTO, 192, 64, "cubic"))
     # a few colours (a segmentation map): nearest, so no new colours
     palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9], [200, 100, 50]], np.uint8)
     labels = palette[RNG.integers(0, 5, (16, 16))]
@@ -147,3 +142,19 @@ def test_enlarged_one_pixel_edges_stay_one_pixel_wide() -> None:
     thick = np.zeros((16, 16, 3), np.uint8)
     thick[4:12, 4:12] = 255  # a filled square: not edges, so not thinned
     assert (map_resize(thick, 48, 48)[20:28, 20:28] == 255).all()
+
+
+def test_resizes_are_opencv_s_where_it_is_installed_and_pillow_s_without(monkeypatch) -> None:
+    import sys
+
+    cv2 = pytest.importorskip("cv2")
+    flags = {"nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA, "cubic": cv2.INTER_CUBIC}
+    for kind, size in (("area", (48, 16)), ("cubic", (150, 50)), ("nearest", (150, 50))):
+        np.testing.assert_array_equal(
+            resize(PHOTO, *size, kind), cv2.resize(PHOTO, size, interpolation=flags[kind])
+        )
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 fails: Pillow's filters
+    pillow = {"area": Image.Resampling.BOX, "cubic": Image.Resampling.BICUBIC}
+    for kind, size in (("area", (48, 16)), ("cubic", (150, 50))):
+        want = np.asarray(Image.fromarray(PHOTO).resize(size, pillow[kind]))
+        np.testing.assert_array_equal(resize(PHOTO, *size, kind), want)
