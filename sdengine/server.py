@@ -190,6 +190,11 @@ def decode_image(data: str, field: str = "init_images", mode: str | None = "RGB"
         raise InvalidArgumentError(f"{field}: not a base64 image ({exc})") from None
 
 
+def decode_as_it_is(data: str, field: str) -> Image.Image:
+    """A base64 image in its own mode (a ControlNet unit's, whose transparency is laid over white)."""
+    return decode_image(data, field, mode=None)
+
+
 def encode_png(image: Image.Image, parameters: dict[str, Any]) -> str:
     """``image`` as a base64 PNG recording ``parameters`` (:func:`sdengine.images.png_info`)."""
     buffer = io.BytesIO()
@@ -347,7 +352,7 @@ def generation_settings(
     if refiner and switch is not None:
         settings["refiner_switch"] = switch
     size = settings["width"], settings["height"]
-    control = control_settings(body.get("alwayson_scripts"), controlnets, *size, init_image, decode_image)
+    control = control_settings(body.get("alwayson_scripts"), controlnets, *size, init_image, decode_as_it_is)
     if inpainting is not None and inpainting.settings.full_res and any(control.get("control_scale", [])):
         raise InvalidArgumentError(
             "alwayson_scripts.controlnet with inpaint_full_res (only masked): the control image is not cut "
@@ -467,7 +472,7 @@ def run_request(
     preview = live_preview(body.get("override_settings") or {}, served_taesd(pipeline))
     lent = decode_image(body["init_images"][0]) if img2img else None  # a unit's image where it has none
     size = settings["width"], settings["height"]
-    units = unit_infotexts(body.get("alwayson_scripts"), *size, lent, decode_image)  # checked already
+    units = unit_infotexts(body.get("alwayson_scripts"), *size, lent, decode_as_it_is)  # checked already
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)

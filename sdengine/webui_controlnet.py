@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from sdengine.errors import InvalidArgumentError
-from sdengine.webui_detectmap import MAP_RESIZE_MODES, detected_map
+from sdengine.webui_detectmap import MAP_RESIZE_MODES, detected_map, over_white
 from sdengine.webui_preprocessors import canny_map, invert_map, opencv
 
 #: The extension's resize modes, by name and by number (:mod:`sdengine.webui_detectmap`'s names).
@@ -292,7 +292,7 @@ def _unit_image(
     if isinstance(data, dict):
         data = data.get("image")
     if data:
-        return decode(data, f"{field}.image")
+        return over_white(decode(data, f"{field}.image"))
     if init_image is None:
         raise InvalidArgumentError(f"{field}.image: give the control image (base64)")
     return init_image

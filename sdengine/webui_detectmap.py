@@ -23,7 +23,8 @@ The resizes are OpenCV's (``cv2.resize``, as the extension calls it) where OpenC
 ``detectmap_proc`` (run from its source) on 270 maps, photographs, canny edge maps and segmentation maps,
 in the three modes at random sizes. Without it, Pillow's filters stand in (area and bicubic weights differ
 slightly, so a resized map can differ from the extension's by a level here and there, and an edge map by a
-pixel). The control image is read as RGB, an alpha channel dropped (the extension lays it over white).
+pixel). A control image with transparency is first laid over white, as the extension lays it
+(:func:`over_white`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ from sdengine.errors import InvalidArgumentError
 
 #: The extension's resize modes, by name (its numbers map onto these: 0, 1, 2)
 MAP_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+
+
+def over_white(image: Image.Image) -> Image.Image:
+    """``image`` in RGB, any transparency laid over white as the extension's ``HWC3`` lays it: each level
+    ``colour * alpha + 255 * (1 - alpha)``, cut to a whole level."""
+    if image.mode == "RGB":
+        return image
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return image.convert("RGB")
+    rgba = np.asarray(image.convert("RGBA"), np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    return Image.fromarray((rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8))
 
 
 def detected_map(image: Image.Image, resize_mode: str, width: int, height: int) -> Image.Image:

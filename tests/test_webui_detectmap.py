@@ -158,3 +158,18 @@ def test_resizes_are_opencv_s_where_it_is_installed_and_pillow_s_without(monkeyp
     for kind, size in (("area", (48, 16)), ("cubic", (150, 50))):
         want = np.asarray(Image.fromarray(PHOTO).resize(size, pillow[kind]))
         np.testing.assert_array_equal(resize(PHOTO, *size, kind), want)
+
+
+def test_transparency_is_laid_over_white_as_the_extension_lays_it() -> None:
+    from sdengine.webui_detectmap import over_white
+
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., :3] = 100
+    rgba[..., 3] = [[255, 0], [128, 64]]
+    got = np.asarray(over_white(Image.fromarray(rgba, "RGBA")))[..., 0]
+    alpha = rgba[..., 3].astype(np.float64) / 255
+    want = (100 * alpha + 255 * (1 - alpha)).astype(np.uint8)  # cut, not rounded
+    np.testing.assert_array_equal(got, want)
+    photo = Image.fromarray(PHOTO)
+    assert over_white(photo) is photo
+    assert over_white(photo.convert("L")).mode == "RGB"
