@@ -84,7 +84,14 @@ from sdengine.images import png_info, to_pil
 from sdengine.infotext import parameters_infotext, parse_infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.model_dir import optional_json
-from sdengine.webui_controlnet import control_settings, controlnet_name, preprocessors, unit_infotexts
+from sdengine.webui_controlnet import (
+    Crop,
+    control_settings,
+    controlnet_name,
+    only_masked,
+    preprocessors,
+    unit_infotexts,
+)
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
 from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS, live_preview, taesd_method
 from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
@@ -352,17 +359,22 @@ def generation_settings(
     if refiner and switch is not None:
         settings["refiner_switch"] = switch
     size = settings["width"], settings["height"]
-    control = control_settings(body.get("alwayson_scripts"), controlnets, *size, init_image, decode_as_it_is)
-    if inpainting is not None and inpainting.settings.full_res and any(control.get("control_scale", [])):
-        raise InvalidArgumentError(
-            "alwayson_scripts.controlnet with inpaint_full_res (only masked): the control image is not cut "
-            "to the mask's box here; send inpaint_full_res false"
-        )
+    crop = unit_crop(inpainting, *size)
+    control = control_settings(
+        body.get("alwayson_scripts"), controlnets, *size, init_image, decode_as_it_is, crop
+    )
     settings.update(control)
     n_iter = _number(body, "n_iter", 1, int)
     if n_iter < 1:
         raise InvalidArgumentError(f"n_iter must be at least 1, got {n_iter}")
     return WebUIRequest(settings, n_iter, ignored, inpainting)
+
+
+def unit_crop(inpainting: Inpainting | None, width: int, height: int) -> Crop | None:
+    """The cut of ControlNet units' images to an "only masked" inpainting's box, if the request is one."""
+    if inpainting is None or not inpainting.settings.full_res:
+        return None
+    return only_masked(inpainting.placement, width, height)
 
 
 def served_controlnets(pipeline: Any) -> list[str]:
@@ -472,7 +484,10 @@ def run_request(
     preview = live_preview(body.get("override_settings") or {}, served_taesd(pipeline))
     lent = decode_image(body["init_images"][0]) if img2img else None  # a unit's image where it has none
     size = settings["width"], settings["height"]
-    units = unit_infotexts(body.get("alwayson_scripts"), *size, lent, decode_as_it_is)  # checked already
+    crop = unit_crop(inpainting, *size)
+    units = unit_infotexts(
+        body.get("alwayson_scripts"), *size, lent, decode_as_it_is, crop
+    )  # checked already
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)

@@ -21,11 +21,11 @@ A unit's ``control_mode`` ("Balanced", "My prompt is more important", "ControlNe
 A unit's ``module`` may be ``none`` (the image is the control image), ``canny`` or ``invert``
 (:mod:`sdengine.webui_preprocessors`, the extension's model-free preprocessors, with its ``processor_res``,
 ``threshold_a`` and ``threshold_b`` bound to their sliders' ranges and ``pixel_perfect`` as the extension
-sets the resolution). What the extension does and this does not is refused, naming it: the preprocessors
-that run a model (depth, pose, line art...: send their map with module none), a unit's own mask, and
-units with inpainting of the mask's box alone (``inpaint_full_res``, where the extension cuts the control
-image to that box; the server refuses the pair), as are units naming a model not served, or two units
-naming one ControlNet. ``low_vram`` changes nothing here and is ignored.
+sets the resolution). With an inpainting of the mask's box alone (``inpaint_full_res``), each unit's image
+is cut to that box first, as the extension cuts it (:func:`only_masked`). What the extension does and this
+does not is refused, naming it: the preprocessors that run a model (depth, pose, line art...: send their
+map with module none), a unit's own mask, units naming a model not served, and two units naming one
+ControlNet. ``low_vram`` changes nothing here and is ignored.
 
 Each enabled unit is recorded in the images' infotexts as the extension records it (:func:`unit_infotexts`):
 ``ControlNet 0: "Module: none, Model: NAME [HASH], Weight: 1.0, Resize Mode: Crop and Resize, ..."``,
@@ -45,13 +45,23 @@ import numpy as np
 from PIL import Image
 
 from sdengine.errors import InvalidArgumentError
+from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.webui_detectmap import MAP_RESIZE_MODES, detected_map, over_white
+from sdengine.webui_inpaint import Resize, stretch
 from sdengine.webui_preprocessors import canny_map, invert_map, opencv
 
 #: The extension's resize modes, by name and by number (:mod:`sdengine.webui_detectmap`'s names).
 RESIZE_MODES: dict[str | int, str] = {name: name for name in MAP_RESIZE_MODES} | dict(
     enumerate(MAP_RESIZE_MODES)
 )
+#: A cut of a unit's image to an inpainting's box: (image, the unit's resize mode) -> image
+Crop = Callable[[Image.Image, str], Image.Image]
+#: The web UI's own resizes (its img2img ``resize_mode``s), by the extension's names for them
+WEBUI_RESIZES: dict[str, Resize] = {
+    "Just Resize": stretch,
+    "Crop and Resize": cover_resize,
+    "Resize and Fill": fill_resize,
+}
 #: The extension's control modes, by name and by number (``sdengine.controlnet.CONTROL_MODES``).
 CONTROL_MODES: dict[str | int, str] = {
     "Balanced": "balanced",
@@ -83,10 +93,12 @@ def control_settings(
     height: int,
     init_image: Image.Image | None,
     decode: Callable[[str, str], Image.Image],
+    crop: Crop | None = None,
 ) -> dict[str, Any]:
     """The pipeline's ControlNet settings (``control_image``, ``control_scale``, ``control_start``,
     ``control_end``, one per served ControlNet) from a request's ``alwayson_scripts``; ``{}`` where the
-    model has no ControlNets and no unit asks for one. ``decode(base64, field)`` reads an image."""
+    model has no ControlNets and no unit asks for one. ``decode(base64, field)`` reads an image; ``crop``
+    cuts each unit's image to an "only masked" inpainting's box first (:func:`only_masked`)."""
     if scripts in (None, {}):
         scripts = {}
     if not isinstance(scripts, dict):
@@ -121,6 +133,8 @@ def control_settings(
                 f"{field}.resize_mode {unit.get('resize_mode')!r}: use Just Resize, Crop and Resize or "
                 "Resize and Fill (or 0-2)"
             )
+        if crop is not None:
+            image = crop(image, resize)
         resolution, low, high = _sliders(unit, module, image.size, resize, width, height)
         if module == "canny":
             image = canny_map(image, int(resolution), int(low), int(high))
@@ -153,6 +167,7 @@ def unit_infotexts(
     height: int,
     init_image: Image.Image | None,
     decode: Callable[[str, str], Image.Image],
+    crop: Crop | None = None,
 ) -> dict[str, str]:
     """The infotext fields of a request's enabled ControlNet units (already checked by
     :func:`control_settings`): ``"ControlNet i"`` -> the unit's eleven fields as the extension writes them,
@@ -164,7 +179,10 @@ def unit_infotexts(
     records = {}
     for i, unit in enumerate(units):
         module, resize = _module(unit, ""), RESIZE_MODES[unit.get("resize_mode", "Crop and Resize")]
-        size = _unit_image(unit, init_image, decode, "").size if unit.get("pixel_perfect") else None
+        size = None
+        if unit.get("pixel_perfect"):  # the image's size, as the preprocessor gets it
+            image = _unit_image(unit, init_image, decode, "")
+            size = (crop(image, resize) if crop is not None else image).size
         resolution, low, high = _sliders(unit, module, size, resize, width, height)
         fields = {
             "Module": str(unit.get("module") or "none"),
@@ -181,6 +199,20 @@ def unit_infotexts(
         }
         records[f"ControlNet {i}"] = ", ".join(f"{name}: {value}" for name, value in fields.items())
     return records
+
+
+def only_masked(placement: MaskCrop, width: int, height: int) -> Crop:
+    """How the extension cuts a unit's image for an "only masked" inpainting (``inpaint_full_res``; its
+    ``try_crop_image_with_a1111_mask``): brought to the mask's size by the web UI's resize of the unit's mode,
+    cut to the inpainting's box, and brought to ``width`` x ``height`` as the box's image is (resize and
+    fill), so that it lines up with the part repainted."""
+
+    def cut(image: Image.Image, resize_mode: str) -> Image.Image:
+        size = placement.mask.size
+        fitted = image if image.size == size else WEBUI_RESIZES[resize_mode](image, *size)
+        return fill_resize(fitted.crop(placement.box), width, height)
+
+    return cut
 
 
 def _units(scripts: dict[str, Any]) -> list[dict[str, Any]]:

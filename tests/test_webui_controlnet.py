@@ -126,7 +126,10 @@ def controlled(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("webui-controlnet")
     nets = [write_random_controlnet(tiny_checkpoint, root / name, seed=i) for i, name in enumerate(SERVED)]
     export_checkpoint(
-        tiny_checkpoint, root / "onnx", controlnets=nets, components=["text_encoder", "unet", "vae_decoder"]
+        tiny_checkpoint,
+        root / "onnx",
+        controlnets=nets,
+        components=["text_encoder", "unet", "vae_decoder", "vae_encoder"],
     )
     return root / "onnx"
 
@@ -177,19 +180,32 @@ def test_the_server_runs_the_units_as_the_pipeline_does(controlled):
     assert "ControlNet 0" not in json.loads(plain["info"])["infotexts"][0]
 
 
-def test_units_with_inpainting_of_the_masks_box_alone_are_refused():
+def test_units_with_inpainting_of_the_masks_box_alone_cut_their_images_to_the_box():
+    """As the extension cuts them: each unit's image brought to the mask's size by the web UI's resize of
+    the unit's mode, cut to the inpainting's box, resized and filled to the size generated, as the box's own
+    image is; a unit without an image cuts the init image the same way."""
+    from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
     from sdengine.server import generation_settings
 
-    mask = np.zeros((64, 64, 3), np.float32)
-    mask[16:48, 16:48] = 1.0
-    body = {"init_images": [png(EDGES)], "mask": png(mask), "width": 64, "height": 64}
-    body["alwayson_scripts"] = units({"image": png(DEPTH), "model": "depth"})
-    with pytest.raises(InvalidArgumentError, match="inpaint_full_res false"):
-        generation_settings(body, img2img=True, controlnets=SERVED)
+    rng = np.random.default_rng(8)
+    original, depth = rng.random((80, 96, 3)).astype(np.float32), rng.random((40, 48, 3)).astype(np.float32)
+    mask = np.zeros((80, 96, 3), np.float32)
+    mask[30:50, 40:70] = 1.0
+    body = {"init_images": [png(original)], "mask": png(mask), "width": 64, "height": 64, "mask_blur": 0}
+    body["alwayson_scripts"] = units({"image": png(depth), "model": "depth"}, {"model": "canny"})
+    request = generation_settings(body, img2img=True, controlnets=SERVED)
+    placement = request.inpainting.placement
+    assert placement.box != (0, 0, 96, 80)  # a box inside the picture
+    sent = decode_image(png(depth))
+    want_depth = fill_resize(cover_resize(sent, 96, 80).crop(placement.box), 64, 64)
+    want_canny = fill_resize(decode_image(png(original)).crop(placement.box), 64, 64)
+    canny, depth_image = request.settings["control_image"]
+    np.testing.assert_array_equal(np.asarray(depth_image), np.asarray(want_depth))
+    np.testing.assert_array_equal(np.asarray(canny), np.asarray(want_canny))
+    np.testing.assert_array_equal(np.asarray(canny), np.asarray(placement.inputs(64, 64)[0]))  # lines up
+    assert isinstance(placement, MaskCrop) and request.settings["control_scale"] == [1.0, 1.0]
     whole = generation_settings({**body, "inpaint_full_res": False}, img2img=True, controlnets=SERVED)
-    assert whole.settings["control_scale"] == [0.0, 1.0]
-    unused = generation_settings({**body, "alwayson_scripts": {}}, img2img=True, controlnets=SERVED)
-    assert unused.settings["control_scale"] == [0.0, 0.0]  # no unit: the box alone is fine
+    assert np.asarray(whole.settings["control_image"][1]).shape == (64, 64, 3)
 
 
 def test_units_are_recorded_as_the_extension_records_them():
@@ -308,3 +324,28 @@ def test_the_module_list_names_the_preprocessors_run_here(controlled):
     finally:
         server.shutdown()
     assert listed["module_list"] == ["none", "canny", "invert"]
+
+
+def test_the_server_inpaints_the_box_alone_with_units(controlled):
+    from sdengine.server import generation_settings
+
+    rng = np.random.default_rng(9)
+    original = rng.random((80, 96, 3)).astype(np.float32)
+    mask = np.zeros((80, 96, 3), np.float32)
+    mask[30:50, 40:70] = 1.0
+    body = {"prompt": "a house", "init_images": [png(original)], "mask": png(mask), "width": 64, "height": 64}
+    body |= {"steps": 3, "seed": 4, "denoising_strength": 0.8}
+    body["alwayson_scripts"] = units({"image": png(DEPTH), "model": "depth", "weight": 0.7})
+    pipe = Pipeline.load(controlled, backend="ort", device="cpu")
+    server = serve_in_thread(pipe)
+    try:
+        status, answer = call(f"http://127.0.0.1:{server.server_address[1]}", "/sdapi/v1/img2img", body)
+    finally:
+        server.shutdown()
+    assert status == 200, answer
+    request = generation_settings(body, img2img=True, controlnets=SERVED)
+    settings = {k: v for k, v in request.settings.items() if k not in ("prompt", "negative_prompt")}
+    direct = pipe("a house", **settings)
+    np.testing.assert_allclose(
+        pixels(answer["images"][0]), request.inpainting.placement.paste(direct.array)[0], atol=0.5 / 255
+    )
