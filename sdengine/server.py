@@ -90,7 +90,6 @@ from sdengine.webui_controlnet import (
     controlnet_name,
     only_masked,
     preprocessors,
-    unit_infotexts,
 )
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
 from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS, live_preview, taesd_method
@@ -233,12 +232,14 @@ class Inpainting(NamedTuple):
 
 class WebUIRequest(NamedTuple):
     """A web UI request read: the keyword arguments of one ``pipeline(...)`` call, its ``n_iter``, the
-    fields it ignores, and its inpainting (None without a mask)."""
+    fields it ignores, its inpainting (None without a mask) and its ControlNet units' infotext records."""
 
     settings: dict[str, Any]
     n_iter: int
     ignored: list[str]
     inpainting: Inpainting | None = None
+    #: the ControlNet extension's units, as its infotext records them (``"ControlNet i"`` -> their fields)
+    controlnet_units: dict[str, str] | None = None
 
 
 #: The options ``POST /sdapi/v1/options`` sets, for every later request (beneath its ``override_settings``,
@@ -363,11 +364,11 @@ def generation_settings(
     control = control_settings(
         body.get("alwayson_scripts"), controlnets, *size, init_image, decode_as_it_is, crop
     )
-    settings.update(control)
+    settings.update(control.settings)
     n_iter = _number(body, "n_iter", 1, int)
     if n_iter < 1:
         raise InvalidArgumentError(f"n_iter must be at least 1, got {n_iter}")
-    return WebUIRequest(settings, n_iter, ignored, inpainting)
+    return WebUIRequest(settings, n_iter, ignored, inpainting, control.infotexts)
 
 
 def unit_crop(inpainting: Inpainting | None, width: int, height: int) -> Crop | None:
@@ -476,18 +477,13 @@ def run_request(
     their files' ``Lora hashes``."""
     refiner = getattr(pipeline, "refiner", None) is not None
     names = served_controlnets(pipeline)
-    settings, n_iter, ignored, inpainting = generation_settings(body, img2img, refiner, names)
+    settings, n_iter, ignored, inpainting, units = generation_settings(body, img2img, refiner, names)
+    units = units or {}
     if body.get("tiling") and not getattr(pipeline, "seamless", False):
         raise InvalidArgumentError(
             "tiling: the model served is not seamless (export it with sdengine export --seamless)"
         )
     preview = live_preview(body.get("override_settings") or {}, served_taesd(pipeline))
-    lent = decode_image(body["init_images"][0]) if img2img else None  # a unit's image where it has none
-    size = settings["width"], settings["height"]
-    crop = unit_crop(inpainting, *size)
-    units = unit_infotexts(
-        body.get("alwayson_scripts"), *size, lent, decode_as_it_is, crop
-    )  # checked already
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)

@@ -27,7 +27,7 @@ does not is refused, naming it: the preprocessors that run a model (depth, pose,
 map with module none), a unit's own mask, units naming a model not served, and two units naming one
 ControlNet. ``low_vram`` changes nothing here and is ignored.
 
-Each enabled unit is recorded in the images' infotexts as the extension records it (:func:`unit_infotexts`):
+Each enabled unit is recorded in the images' infotexts as the extension records it (:func:`_record`):
 ``ControlNet 0: "Module: none, Model: NAME [HASH], Weight: 1.0, Resize Mode: Crop and Resize, ..."``,
 numbered among the enabled units, its eleven fields in the extension's order and formatting (its
 ``ControlNetUnit.infotext_fields`` and ``serialize``), so the web UI's PNG Info reads them back into units.
@@ -39,7 +39,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -62,15 +62,19 @@ WEBUI_RESIZES: dict[str, Resize] = {
     "Crop and Resize": cover_resize,
     "Resize and Fill": fill_resize,
 }
-#: The extension's control modes, by name and by number (``sdengine.controlnet.CONTROL_MODES``).
-CONTROL_MODES: dict[str | int, str] = {
+#: The extension's control modes, in its order (its numbers), and ``sdengine.controlnet.CONTROL_MODES``' name
+#: of each
+CONTROL_MODE_LABELS = {
     "Balanced": "balanced",
     "My prompt is more important": "prompt",
     "ControlNet is more important": "control",
-    0: "balanced",
-    1: "prompt",
-    2: "control",
 }
+#: ... by name and by number
+CONTROL_MODES: dict[str | int, str] = CONTROL_MODE_LABELS | dict(enumerate(CONTROL_MODE_LABELS.values()))
+#: ... and the extension's own name of each, by name and by number
+CONTROL_MODE_NAMES: dict[str | int, str] = {label: label for label in CONTROL_MODE_LABELS} | dict(
+    enumerate(CONTROL_MODE_LABELS)
+)
 #: The ``alwayson_scripts`` entry (the web UI lowercases script titles).
 SCRIPT = "controlnet"
 #: What a unit's ``model`` may carry after the name: the web UI's `` [shorthash]``.
@@ -86,6 +90,14 @@ def controlnet_name(directory: str) -> str:
     return path.name
 
 
+class UnitSettings(NamedTuple):
+    """A request's ControlNet units read: the pipeline's settings, and each enabled unit's infotext record
+    (``"ControlNet i"`` -> its fields, numbered among the enabled units)."""
+
+    settings: dict[str, Any]
+    infotexts: dict[str, str]
+
+
 def control_settings(
     scripts: Any,
     served: Sequence[str],
@@ -94,11 +106,12 @@ def control_settings(
     init_image: Image.Image | None,
     decode: Callable[[str, str], Image.Image],
     crop: Crop | None = None,
-) -> dict[str, Any]:
+) -> UnitSettings:
     """The pipeline's ControlNet settings (``control_image``, ``control_scale``, ``control_start``,
-    ``control_end``, one per served ControlNet) from a request's ``alwayson_scripts``; ``{}`` where the
-    model has no ControlNets and no unit asks for one. ``decode(base64, field)`` reads an image; ``crop``
-    cuts each unit's image to an "only masked" inpainting's box first (:func:`only_masked`)."""
+    ``control_end``, one per served ControlNet) from a request's ``alwayson_scripts`` (``{}`` where the
+    model has no ControlNets and no unit asks for one), and each enabled unit's infotext record.
+    ``decode(base64, field)`` reads an image; ``crop`` cuts each unit's image to an "only masked"
+    inpainting's box first (:func:`only_masked`)."""
     if scripts in (None, {}):
         scripts = {}
     if not isinstance(scripts, dict):
@@ -113,11 +126,12 @@ def control_settings(
                 "alwayson_scripts.controlnet: the model served has no ControlNet (export it with one: "
                 "sdengine export --controlnet)"
             )
-        return {}
+        return UnitSettings({}, {})
     images: list[Image.Image | np.ndarray] = [np.zeros((height, width, 3), np.float32)] * len(served)
     scales, starts, ends = [0.0] * len(served), [0.0] * len(served), [1.0] * len(served)
     modes = ["balanced"] * len(served)
     named: set[int] = set()
+    records = {}
     for i, unit in enumerate(units):
         field = f"alwayson_scripts.controlnet.args[{i}]"
         index = _served_index(unit, served, field)
@@ -136,6 +150,7 @@ def control_settings(
         if crop is not None:
             image = crop(image, resize)
         resolution, low, high = _sliders(unit, module, image.size, resize, width, height)
+        records[f"ControlNet {i}"] = _record(unit, resize, resolution, low, high)
         if module == "canny":
             image = canny_map(image, int(resolution), int(low), int(high))
         elif module == "invert":
@@ -144,61 +159,33 @@ def control_settings(
         scales[index] = _number(unit, "weight", 1.0, field)
         starts[index] = _number(unit, "guidance_start", 0.0, field)
         ends[index] = _number(unit, "guidance_end", 1.0, field)
-    return {
+    settings = {
         "control_image": images[0] if len(images) == 1 else images,
         "control_scale": scales,
         "control_start": starts,
         "control_end": ends,
         **({"control_mode": modes} if set(modes) != {"balanced"} else {}),
     }
+    return UnitSettings(settings, records)
 
 
-#: The extension's names of its control modes, by name and by number.
-CONTROL_MODE_NAMES = {name: name for name in CONTROL_MODES if isinstance(name, str)} | {
-    0: "Balanced",
-    1: "My prompt is more important",
-    2: "ControlNet is more important",
-}
-
-
-def unit_infotexts(
-    scripts: Any,
-    width: int,
-    height: int,
-    init_image: Image.Image | None,
-    decode: Callable[[str, str], Image.Image],
-    crop: Crop | None = None,
-) -> dict[str, str]:
-    """The infotext fields of a request's enabled ControlNet units (already checked by
-    :func:`control_settings`): ``"ControlNet i"`` -> the unit's eleven fields as the extension writes them,
-    its sliders as its preprocessor took them (:func:`_sliders`; a pixel-perfect unit's image is read again
-    for its size)."""
-    if not scripts:
-        return {}
-    units = [unit for unit in _units(scripts) if unit.get("enabled", True)]
-    records = {}
-    for i, unit in enumerate(units):
-        module, resize = _module(unit, ""), RESIZE_MODES[unit.get("resize_mode", "Crop and Resize")]
-        size = None
-        if unit.get("pixel_perfect"):  # the image's size, as the preprocessor gets it
-            image = _unit_image(unit, init_image, decode, "")
-            size = (crop(image, resize) if crop is not None else image).size
-        resolution, low, high = _sliders(unit, module, size, resize, width, height)
-        fields = {
-            "Module": str(unit.get("module") or "none"),
-            "Model": str(unit.get("model")),
-            "Weight": _number(unit, "weight", 1.0, ""),
-            "Resize Mode": resize,
-            "Processor Res": resolution,
-            "Threshold A": low,
-            "Threshold B": high,
-            "Guidance Start": _number(unit, "guidance_start", 0.0, ""),
-            "Guidance End": _number(unit, "guidance_end", 1.0, ""),
-            "Pixel Perfect": bool(unit.get("pixel_perfect", False)),
-            "Control Mode": CONTROL_MODE_NAMES[unit.get("control_mode", "Balanced")],
-        }
-        records[f"ControlNet {i}"] = ", ".join(f"{name}: {value}" for name, value in fields.items())
-    return records
+def _record(unit: dict[str, Any], resize: str, resolution: Any, low: Any, high: Any) -> str:
+    """A unit's infotext record: its eleven fields as the extension writes them (its
+    ``ControlNetUnit.infotext_fields`` and ``serialize``), its sliders as its preprocessor took them."""
+    fields = {
+        "Module": str(unit.get("module") or "none"),
+        "Model": str(unit.get("model")),
+        "Weight": _number(unit, "weight", 1.0, ""),
+        "Resize Mode": resize,
+        "Processor Res": resolution,
+        "Threshold A": low,
+        "Threshold B": high,
+        "Guidance Start": _number(unit, "guidance_start", 0.0, ""),
+        "Guidance End": _number(unit, "guidance_end", 1.0, ""),
+        "Pixel Perfect": bool(unit.get("pixel_perfect", False)),
+        "Control Mode": CONTROL_MODE_NAMES[unit.get("control_mode", "Balanced")],
+    }
+    return ", ".join(f"{name}: {value}" for name, value in fields.items())
 
 
 def only_masked(placement: MaskCrop, width: int, height: int) -> Crop:

@@ -93,7 +93,7 @@ def test_the_web_ui_s_latent_fills(ort_pipe_fp32, fill: int, content: str) -> No
     body = {"prompt": "a hat", "width": 64, "height": 64, "steps": 3, "seed": 8, "denoising_strength": 0.7}
     body |= {"init_images": [png(image[0])], "mask": png(mask[0][..., None].repeat(3, -1))}
     body |= {"inpainting_fill": fill, "inpaint_full_res": False}
-    settings, _, _, inpainting = generation_settings(body, img2img=True)
+    settings, _, _, inpainting, _ = generation_settings(body, img2img=True)
     assert settings["masked_content"] == content
     served = serve_in_thread(ort_pipe_fp32)
     try:

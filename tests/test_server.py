@@ -97,7 +97,7 @@ def test_settings_map_the_web_uis_fields():
         "eta": 1.0,  # what the default sampler ignores
         "some_new_field": 1,
     }
-    settings, n_iter, ignored, _ = generation_settings(body, img2img=False)
+    settings, n_iter, ignored, _, _ = generation_settings(body, img2img=False)
     assert n_iter == 3 and ignored == ["some_new_field"]
     assert settings == {
         "prompt": "a [cat:dog:0.5]",
@@ -423,7 +423,7 @@ def test_inpainting_lays_the_repainted_box_over_the_original(server, ort_pipe_fp
     assert status == 200, answer
     answered = pixels(answer["images"][0])
     assert answered.shape == original.shape  # "Only masked": back in the original, at its size
-    settings, _, _, inpainting = generation_settings(body, img2img=True)
+    settings, _, _, inpainting, _ = generation_settings(body, img2img=True)
     direct = ort_pipe_fp32(
         "a hat", **{k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt")}
     )

@@ -13,7 +13,7 @@ from test_server import call, pixels, png
 from sdengine.errors import InvalidArgumentError
 from sdengine.pipeline import Pipeline
 from sdengine.server import decode_image, serve_in_thread
-from sdengine.webui_controlnet import control_settings, controlnet_name, unit_infotexts
+from sdengine.webui_controlnet import control_settings, controlnet_name
 
 SERVED = ["canny", "depth"]
 RNG = np.random.default_rng(3)
@@ -21,7 +21,12 @@ EDGES, DEPTH = (RNG.random((64, 64, 3)).astype(np.float32) for _ in range(2))
 
 
 def settings(scripts, served=SERVED, init=None, width=64, height=64):
-    return control_settings(scripts, served, width, height, init, decode_image)
+    return control_settings(scripts, served, width, height, init, decode_image).settings
+
+
+def records(scripts, served=SERVED, init=None):
+    """The units' infotext records, read as the server reads them, at 64 x 64."""
+    return control_settings(scripts, served, 64, 64, init, decode_image).infotexts
 
 
 def units(*args):
@@ -212,37 +217,38 @@ def test_units_are_recorded_as_the_extension_records_them():
     """Numbered among the enabled units; eleven fields in the extension's order; numbers as its pydantic
     model gives them (floats as 1.0, the resolution an int); sliders out of range at their defaults, a
     pixel-perfect unit's resolution the one that brings its image to the generation's size."""
+    pytest.importorskip("cv2")
     wide = png(RNG.random((32, 96, 3)).astype(np.float32))  # 96 x 32 to 64 x 64: k = max(2, 2 / 3)
-    records = unit_infotexts(
+    init = Image.fromarray((EDGES * 255).astype(np.uint8))  # lent to the units without an image
+    recorded = records(
         units(
             {"model": "depth [0123abcd]", "enabled": False},
             {"model": "depth [0123abcd]", "weight": 1, "resize_mode": 2, "control_mode": 1},
             {"model": "canny", "processor_res": 768, "threshold_a": 100, "weight": None},
-            {"model": "canny", "module": "canny", "threshold_a": 300, "image": wide, "pixel_perfect": True},
         ),
-        64,
-        64,
-        None,
-        decode_image,
+        init=init,
     )
-    assert records == {
+    assert recorded == {
         "ControlNet 0": "Module: none, Model: depth [0123abcd], Weight: 1.0, Resize Mode: Resize and Fill, "
         "Processor Res: 512, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 1.0, "
         "Pixel Perfect: False, Control Mode: My prompt is more important",
         "ControlNet 1": "Module: none, Model: canny, Weight: 1.0, Resize Mode: Crop and Resize, "
         "Processor Res: 768, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 1.0, "
         "Pixel Perfect: False, Control Mode: Balanced",
-        "ControlNet 2": "Module: canny, Model: canny, Weight: 1.0, Resize Mode: Crop and Resize, "
+    }
+    perfect = {"model": "canny", "module": "canny", "threshold_a": 300, "image": wide, "pixel_perfect": True}
+    assert records(units(perfect)) == {
+        "ControlNet 0": "Module: canny, Model: canny, Weight: 1.0, Resize Mode: Crop and Resize, "
         "Processor Res: 64, Threshold A: 100, Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0, "
         "Pixel Perfect: True, Control Mode: Balanced",
     }
-    assert unit_infotexts(None, 64, 64, None, decode_image) == {}
+    assert records(None) == {} and records(None, served=[]) == {}
 
 
 def test_a_unit_s_record_reads_back_from_the_infotext():
     from sdengine.infotext import parameters_infotext, parse_infotext
 
-    record = unit_infotexts(units({"model": "canny", "weight": 0.5}), 64, 64, None, decode_image)
+    record = records(units({"model": "canny", "weight": 0.5, "image": png(EDGES)}))
     text = parameters_infotext({"prompt": "a house", "steps": 3, "controlnet_units": record})
     assert parse_infotext(text)["ControlNet 0"] == record["ControlNet 0"]
 
