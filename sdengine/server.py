@@ -243,7 +243,7 @@ class WebUIRequest(NamedTuple):
 
 
 #: The options ``POST /sdapi/v1/options`` sets, for every later request (beneath its ``override_settings``,
-#: which may set them too): clip skip, the noise source, and the live previews'
+#: which may set them too): clip skip, the noise source, the VAE decoding the images, and the live previews'
 #: (:mod:`sdengine.webui_previews`)
 SETTABLE_OPTIONS = ("CLIP_stop_at_last_layers", "randn_source", "sd_vae_decode_method", *LIVE_PREVIEW_OPTIONS)
 #: ``sd_vae_decode_method`` -> the pipeline's ``decoder``
