@@ -30,6 +30,7 @@ import sdengine
 from export.checkpoint import checkpoint_hash
 from export.controlnet import check_controlnets, controlnet_directory, with_controlnets
 from export.cuda_fusion import classic_attention, fuse_for_cuda
+from export.deepcache import checkpoint_branch_shape, cut_for_deepcache, write_deepcache_config
 from export.fp16 import convert_to_fp16
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
@@ -40,10 +41,12 @@ from export.verify import Verification, check_outputs, reference_outputs
 from export.weight_names import name_weights
 from export.wrappers import load_export_module, sample_inputs, text_vocab_size
 from sdengine.controlnet import CONTROLNET_CONFIG, residual_count
+from sdengine.deepcache import CacheBranch
 from sdengine.errors import (
     ExportVerificationError,
     InvalidArgumentError,
     ModelDirectoryError,
+    UnsupportedConfigError,
 )
 from sdengine.lora import LoraFile, read_lora
 from sdengine.manifest import MANIFEST_NAME, TARGETS, ComponentRecord, Manifest, file_sha256
@@ -56,6 +59,7 @@ from sdengine.model_specs import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     UNET,
+    UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
     ModelSpec,
@@ -172,6 +176,7 @@ def export_component(
     pag_layers: Sequence[str] = (),
     seamless: bool = False,
     preview_vae: Path | None = None,
+    deepcache: CacheBranch | None = None,
 ) -> ComponentRecord:
     """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result.
     ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises).
@@ -183,15 +188,20 @@ def export_component(
     Runtime's CUDA provider (``export.cuda_fusion``; checked against PyTorch before the fusion).
     ``pag_layers``: the UNet's self-attention there made perturbable (``export.pag``). ``seamless``: the
     UNet's and VAE's convolutions wrap around the edges (``export.seamless``). ``preview_vae``: the tiny
-    VAE folder whose decoder is the ``preview_decoder`` component."""
+    VAE folder whose decoder is the ``preview_decoder`` component. ``deepcache``: the UNet cut at this
+    DeepCache branch: ``unet`` also gives the cached feature, ``unet_shallow`` runs the branch alone on it
+    (``export.deepcache``)."""
     cuda_fused = target == "cuda" and name == UNET
+    unet_kind = name in (UNET, UNET_SHALLOW)
+    if name == UNET_SHALLOW and deepcache is None:
+        raise InvalidArgumentError("unet_shallow is DeepCache's: export with --deepcache BRANCH")
     model_dir = open_checkpoint_dir(checkpoint)
     if name in (SAFETY_CHECKER, IMAGE_ENCODER):
         precision = "fp32"  # small, run once per generation, and the checker's flags are thresholds
     if name in (VAE_DECODER, VAE_ENCODER) and model_dir.vae_force_upcast:
         precision = "fp32"  # a VAE that overflows float16 (SDXL's), as diffusers upcasts it
-    controlnets = tuple(controlnets) if name == UNET else ()
-    ip_adapter = ip_adapter if name in (UNET, IMAGE_ENCODER) else None
+    controlnets = tuple(controlnets) if unet_kind else ()
+    ip_adapter = ip_adapter if unet_kind or name == IMAGE_ENCODER else None
     if name == IMAGE_ENCODER and ip_adapter is None:
         raise InvalidArgumentError("image_encoder is an IP-Adapter's: export with --ip-adapter FILE")
     ip_fields = {}
@@ -201,22 +211,25 @@ def export_component(
             "ip_image_size": ip_adapter["image_size"],
             "ip_image_tokens": ip_adapter["image_tokens"],
         }
-    pag_layers = tuple(pag_layers) if name == UNET else ()
+    pag_layers = tuple(pag_layers) if unet_kind else ()
     arch = dataclasses.replace(
         with_controlnets(model_dir.arch, controlnets), pag=bool(pag_layers), **ip_fields
     )
+    model_path = out_dir / name / "model.onnx"
+    start = time.perf_counter()
+    ip_file = None if ip_adapter is None else Path(ip_adapter["file"])
+    loaded = UNET if unet_kind else name  # the shallow UNet is the UNet, cut (export.deepcache)
+    module = load_export_module(
+        checkpoint, loaded, controlnets, arch.xl, ip_file, pag_layers, seamless, preview_vae
+    )
+    fuse_loras(module, loaded, loras)
+    if deepcache is not None and unet_kind:
+        module, arch = cut_for_deepcache(module, arch, deepcache, shallow=name == UNET_SHALLOW)
     spec = arch.specs()[name]
     scale = arch.vae_scale_factor
     height, width = TRACE_LATENT[0] * scale, TRACE_LATENT[1] * scale
     vocab_size = text_vocab_size(checkpoint, name)
     inputs = sample_inputs(arch, name, batch=2, height=height, width=width, vocab_size=vocab_size)
-    model_path = out_dir / name / "model.onnx"
-    start = time.perf_counter()
-    ip_file = None if ip_adapter is None else Path(ip_adapter["file"])
-    module = load_export_module(
-        checkpoint, name, controlnets, arch.xl, ip_file, pag_layers, seamless, preview_vae
-    )
-    fuse_loras(module, name, loras)
     fused_operators, verification = None, None
     if cuda_fused:
         classic_attention(module)
@@ -227,7 +240,7 @@ def export_component(
         # Never both copies of the weights at once: ONNX's stay on disk while the layers are named (read one
         # at a time) and PyTorch's outputs for the check are taken; then PyTorch's are freed.
         model = onnx.load(str(traced), load_external_data=False)
-        if name in (UNET, TEXT_ENCODER, TEXT_ENCODER_2):
+        if name in (UNET, UNET_SHALLOW, TEXT_ENCODER, TEXT_ENCODER_2):
             name_weights(model, module, tmp)
         reference = reference_outputs(module, arch, name, vocab_size=vocab_size) if verify else None
         module = None
@@ -310,6 +323,7 @@ def export_checkpoint(
     pag_layers: Sequence[str] = (),
     seamless: bool = False,
     preview_vae: str | os.PathLike | None = None,
+    deepcache: int | None = None,
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
     ``checkpoint`` may be a single-file checkpoint (``model.safetensors``), converted once into the cache
@@ -337,7 +351,10 @@ def export_checkpoint(
     ``pag/config.json``). ``seamless``: the UNet's and VAE's convolutions wrap around the image's edges, so
     every image made tiles (the web UI's "Tiling"; ``export.seamless``; recorded in the manifest).
     ``preview_vae``: a tiny VAE (``AutoencoderTiny`` folder) whose decoder is exported beside the model's
-    own VAE as ``preview_decoder``, to draw previews part way through a run (``sdengine.latent_preview``)."""
+    own VAE as ``preview_decoder``, to draw previews part way through a run (``sdengine.latent_preview``).
+    ``deepcache``: a DeepCache branch (the authors' numbering; 0 the shallowest): the UNet also gives the
+    feature cached there, and ``unet_shallow`` runs the branch alone on it (``sdengine.deepcache``;
+    ``deepcache/config.json``)."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if target not in TARGETS:
@@ -392,6 +409,22 @@ def export_checkpoint(
     pag_layers = [layer for layer in pag_layers if layer]
     if pag_layers and UNET not in components:
         raise InvalidArgumentError("--pag-layers are traced into the UNet: export the unet component too")
+    branch = None if deepcache is None else CacheBranch(deepcache)
+    branch_shape = None
+    if branch is not None:
+        if UNET not in components:
+            raise InvalidArgumentError("--deepcache cuts the UNet in two: export the unet component too")
+        if control_paths:
+            raise UnsupportedConfigError(
+                "--deepcache with ControlNets is not supported: their residuals reach the skipped blocks"
+            )
+        if target == "cuda":
+            raise UnsupportedConfigError("--deepcache with --target cuda is not supported yet")
+        branch_shape = checkpoint_branch_shape(source, branch)
+        if UNET_SHALLOW not in components:
+            components.insert(components.index(UNET) + 1, UNET_SHALLOW)
+    elif UNET_SHALLOW in components:
+        raise InvalidArgumentError("unet_shallow is DeepCache's: export with --deepcache BRANCH")
     out_dir = Path(output)
     if out_dir.resolve() == source.resolve():
         raise InvalidArgumentError("--output must differ from the checkpoint directory")
@@ -412,6 +445,7 @@ def export_checkpoint(
             pag_layers=pag_layers,
             seamless=seamless,
             preview_vae=preview,
+            deepcache=branch,
         )
     _copy_side_files(source, out_dir)
     if PREVIEW_DECODER in components:  # its config (its scaling factor), and where it came from
@@ -422,6 +456,7 @@ def export_checkpoint(
         _write_controlnet_config(out_dir, control_records, control_configs)
         write_ip_adapter_config(out_dir, ip_record)
         write_pag_config(out_dir, pag_layers)
+        write_deepcache_config(out_dir, branch, branch_shape)
     manifest = Manifest(
         source_checkpoint=str(source.resolve()),
         source_hash=checkpoint_hash(source),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
+from sdengine.deepcache import CacheBranch
 from sdengine.denoise import Preview, Progress, Stop
 from sdengine.errors import BackendUnavailableError, UnsupportedConfigError
 from sdengine.images import image_array, to_pil, to_unit_range
@@ -97,6 +98,8 @@ class TorchPipeline(_CallMixin):
         self._loras = 0  # LoRAs fused so far (each is loaded under its own adapter name)
         #: a tiny VAE (diffusers' ``AutoencoderTiny``) whose decoder draws ``tiny`` previews, if loaded
         self.preview_vae: torch.nn.Module | None = None
+        #: the DeepCache branch requests with a ``deepcache_interval`` run at (None: none)
+        self.deepcache_branch: int | None = None
 
     @classmethod
     def load(
@@ -112,6 +115,7 @@ class TorchPipeline(_CallMixin):
         pag_layers: Sequence[str] | None = None,
         seamless: bool = False,
         preview_vae: str | os.PathLike | None = None,
+        deepcache: int | None = None,
     ) -> TorchPipeline:
         """diffusers' pipeline in float32 on the CPU, float16 on a GPU (its usual eager setting);
         ``vae_tiling``: its VAE's ``enable_tiling()``; ``controlnets``: ControlNet directories, each then
@@ -122,7 +126,8 @@ class TorchPipeline(_CallMixin):
         layers given are checked here, the default at the first such request); ``seamless``: the
         UNet's and VAE's convolutions wrap around the edges (``export.seamless``), so the images tile.
         ``preview_vae``: a tiny VAE folder (``AutoencoderTiny``) whose decoder draws ``tiny`` previews, as
-        an export's ``--preview-vae`` does."""
+        an export's ``--preview-vae`` does. ``deepcache``: the DeepCache branch that requests with a
+        ``deepcache_interval`` run at, by the authors' ``DeepCacheSDHelper`` (checked here)."""
         model_dir = open_checkpoint_dir(path)
         if vae_tiling:
             check_tileable(model_dir.arch)
@@ -174,8 +179,19 @@ class TorchPipeline(_CallMixin):
             nets = load_controlnets(paths, dtype)
             controlnet = (nets[0] if len(nets) == 1 else MultiControlNetModel(nets)).to(device)
         model_dir = dataclasses.replace(model_dir, seamless=seamless)  # for the record (request.seamless)
+        if deepcache is not None:
+            from export.deepcache import branch_shape
+
+            if controlnets:
+                raise UnsupportedConfigError("DeepCache with ControlNets is not supported")
+            shape = branch_shape(pipe.unet, CacheBranch(deepcache))
+            arch = dataclasses.replace(
+                model_dir.arch, deepcache_channels=shape.channels, deepcache_downscale=shape.downscale
+            )
+            model_dir = dataclasses.replace(model_dir, arch=arch)
         layers = DEFAULT_PAG_LAYERS if pag_layers is None else pag_layers
         loaded = cls(model_dir, pipe.to(device), device, controlnet, layers)
+        loaded.deepcache_branch = deepcache
         if preview_vae is not None:
             from diffusers import AutoencoderTiny
 
@@ -395,7 +411,7 @@ class TorchPipeline(_CallMixin):
             ModuleTimer(pipe.unet, "unet", cuda)
         ]
         try:
-            with torch.inference_mode(), draws:
+            with torch.inference_mode(), draws, self.deep_cache(pipe, request.deepcache_interval):
                 call_embeds = None  # every call's prompt embeddings (the UNet's batch), where they change
                 if xl:
                     if request.prompt_weights == "compel":
@@ -425,6 +441,29 @@ class TorchPipeline(_CallMixin):
             for timer in timers:
                 timer.close(times)
         return out.images
+
+    @contextlib.contextmanager
+    def deep_cache(self, pipe: Any, interval: int) -> Iterator[None]:
+        """DeepCache on ``pipe``'s UNet for one run, by the authors' ``DeepCacheSDHelper`` (their package,
+        ``DeepCache``), at this pipeline's branch; interval 1: nothing."""
+        if interval == 1:
+            yield
+            return
+        if self.deepcache_branch is None:  # (the request's check refuses it first)
+            raise UnsupportedConfigError("deepcache_interval needs a DeepCache branch: load with deepcache=0")
+        try:
+            from DeepCache import DeepCacheSDHelper
+        except ImportError:
+            raise BackendUnavailableError(
+                "the torch baseline runs DeepCache by the authors' package: pip install DeepCache"
+            ) from None
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=self.deepcache_branch)
+        helper.enable()
+        try:
+            yield
+        finally:
+            helper.disable()
 
     @staticmethod
     def step_end_callback(

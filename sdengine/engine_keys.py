@@ -35,7 +35,14 @@ from sdengine.errors import (
     UnsupportedConfigError,
 )
 from sdengine.manifest import file_sha256
-from sdengine.model_specs import ENGINE_COMPONENTS, TEXT_ENCODER, TEXT_ENCODER_2, UNET, Architecture
+from sdengine.model_specs import (
+    ENGINE_COMPONENTS,
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    UNET,
+    UNET_SHALLOW,
+    Architecture,
+)
 from sdengine.step_graph import unet_copies
 
 Shape = tuple[int, ...]
@@ -52,7 +59,7 @@ KEY_FORMAT = 1
 #: Build flags that are always on. Precision comes from the ONNX tensor types (strongly typed network).
 FIXED_BUILD_FLAGS: dict[str, Any] = {"strongly_typed": True}
 #: Components whose batch is doubled under classifier-free guidance (negative and positive prompts together).
-CFG_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, TEXT_ENCODER_2, UNET)
+CFG_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_SHALLOW)
 MAX_OPTIMIZATION_LEVEL = 5
 # Range a --dynamic profile covers when the bounds are not given (widened to include the optimum).
 DYNAMIC_DEFAULTS = {"min_batch": 1, "max_batch": 4, "min_size": 256, "max_size": 1024}
@@ -167,7 +174,7 @@ def engine_profiles(arch: Architecture, component: str, request: ProfileRequest 
     _check_sizes(arch, bounds)
     most = request.unet_copies()[1]
     factor = 2 if request.cfg and component in CFG_COMPONENTS else 1
-    factors = (factor, factor, most if component == UNET else factor)
+    factors = (factor, factor, most if component in (UNET, UNET_SHALLOW) else factor)
     sizes = [
         arch.sizes(factors[i] * bounds["batch"][i], bounds["height"][i], bounds["width"][i]) for i in range(3)
     ]

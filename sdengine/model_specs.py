@@ -27,8 +27,19 @@ VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 #: The models of an SD 1.x/2.x export (SDXL's add TEXT_ENCODER_2; see :meth:`Architecture.components`).
 COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+#: DeepCache's shallow UNet (``sdengine export --deepcache``; ``sdengine.deepcache``): the layers its branch
+#: keeps, run on the feature the whole UNet cached (which that UNet then gives as its second output).
+UNET_SHALLOW = "unet_shallow"
+DEEPCACHE_FEATURE = "deepcache_feature"
 #: Every model an engine may be built for.
-ENGINE_COMPONENTS: tuple[str, ...] = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER)
+ENGINE_COMPONENTS: tuple[str, ...] = (
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    UNET,
+    UNET_SHALLOW,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 #: The safety checker of checkpoints that have one: exported with them, run by ONNX Runtime on every backend.
 SAFETY_CHECKER = "safety_checker"
 #: An IP-Adapter's CLIP image encoder (``sdengine.ip_adapter``): exported with it, run by ONNX Runtime on
@@ -161,6 +172,14 @@ class Architecture:
     #: a tiny VAE (diffusers' ``AutoencoderTiny``, TAESD's architecture; ``export.vae_override``): its encoder
     #: gives the latents themselves, not a distribution's parameters
     tiny_vae: bool = False
+    #: DeepCache (``sdengine.deepcache``): the cached feature's channels (0: no shallow UNet) and the latents'
+    #: size over its size
+    deepcache_channels: int = 0
+    deepcache_downscale: int = 1
+
+    @property
+    def deepcache(self) -> bool:
+        return self.deepcache_channels > 0
 
     @property
     def ip_adapter(self) -> bool:
@@ -183,9 +202,12 @@ class Architecture:
 
     def components(self) -> tuple[str, ...]:
         """The models an export of this architecture holds (besides a safety checker)."""
+        kept = lambda c: c != UNET_SHALLOW or self.deepcache  # noqa: E731
         if not self.xl:
-            return COMPONENTS
-        return tuple(c for c in ENGINE_COMPONENTS if c != TEXT_ENCODER or self.first_text_encoder)
+            return tuple(c for c in (*COMPONENTS[:2], UNET_SHALLOW, *COMPONENTS[2:]) if kept(c))
+        return tuple(
+            c for c in ENGINE_COMPONENTS if (c != TEXT_ENCODER or self.first_text_encoder) and kept(c)
+        )
 
     def required_components(self) -> tuple[str, ...]:
         """The models text to image (or, for SDXL's refiner, image to image) needs."""
@@ -208,6 +230,9 @@ class Architecture:
             "latent_height": height // self.vae_scale_factor,
             "latent_width": width // self.vae_scale_factor,
             "sequence": self.text_max_length,
+            # each downsampler halves a side, rounding up (a stride-2 convolution with padding 1)
+            "feature_height": -(-(height // self.vae_scale_factor) // self.deepcache_downscale),
+            "feature_width": -(-(width // self.vae_scale_factor) // self.deepcache_downscale),
         }
 
     def control_specs(self) -> tuple[TensorSpec, ...]:
@@ -301,22 +326,28 @@ class Architecture:
         latent = ("batch", self.latent_channels, "latent_height", "latent_width")
         image = ("batch", 3, "height", "width")
         text = ("batch", "sequence", self.text_hidden_size)
+        unet_inputs = (
+            TensorSpec("sample", "float32", ("batch", self.unet_in_channels, *latent[2:])),
+            TensorSpec("timestep", "float32", ()),
+            TensorSpec("encoder_hidden_states", "float32", text),
+            *self.added_specs(),
+            *self.control_specs(),
+            *self.ip_specs(),
+            *((TensorSpec(PAG_ROWS, "float32", ("batch",)),) if self.pag else ()),
+            *self.guidance_specs(),
+        )
+        out_sample = TensorSpec("out_sample", "float32", latent)
+        feature = TensorSpec(
+            DEEPCACHE_FEATURE,
+            "float32",
+            ("batch", self.deepcache_channels, "feature_height", "feature_width"),
+        )
         return {
             **self.text_encoder_specs(),
             UNET: ModelSpec(
-                UNET,
-                inputs=(
-                    TensorSpec("sample", "float32", ("batch", self.unet_in_channels, *latent[2:])),
-                    TensorSpec("timestep", "float32", ()),
-                    TensorSpec("encoder_hidden_states", "float32", text),
-                    *self.added_specs(),
-                    *self.control_specs(),
-                    *self.ip_specs(),
-                    *((TensorSpec(PAG_ROWS, "float32", ("batch",)),) if self.pag else ()),
-                    *self.guidance_specs(),
-                ),
-                outputs=(TensorSpec("out_sample", "float32", latent),),
+                UNET, inputs=unet_inputs, outputs=(out_sample, *((feature,) if self.deepcache else ()))
             ),
+            UNET_SHALLOW: ModelSpec(UNET_SHALLOW, inputs=(*unet_inputs, feature), outputs=(out_sample,)),
             IMAGE_ENCODER: ModelSpec(  # CLIP's vision model with its projection
                 IMAGE_ENCODER,
                 inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, *(self.ip_image_size,) * 2)),),

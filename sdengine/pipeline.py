@@ -284,6 +284,7 @@ class _CallMixin:
         noise_source: str = "sdengine",
         pag_scale: float = 0.0,
         pag_adaptive_scale: float = 0.0,
+        deepcache_interval: int = 1,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -359,6 +360,13 @@ class _CallMixin:
             )
         if pag_scale and self.refiner is not None:
             raise UnsupportedConfigError("perturbed-attention guidance with a refiner is not supported")
+        if deepcache_interval != 1 and not self.model_dir.arch.deepcache:
+            raise InvalidArgumentError(
+                "deepcache_interval needs a UNet cut for DeepCache: export the model with it (sdengine "
+                "export --deepcache 0)"
+            )
+        if deepcache_interval != 1 and self.refiner is not None:
+            raise UnsupportedConfigError("DeepCache with a refiner is not supported")
         if self.refiner is None and refiner_switch is not None:
             raise InvalidArgumentError("refiner_switch needs a refiner: load one (refiner=DIR)")
         if self.refiner is not None and refiner_switch is None:
@@ -419,6 +427,7 @@ class _CallMixin:
             noise_source=noise_source,
             pag_scale=pag_scale,
             pag_adaptive_scale=pag_adaptive_scale,
+            deepcache_interval=deepcache_interval,
             inpainting_unet=self.model_dir.arch.inpainting_unet,
             guidance_embedded=bool(self.model_dir.arch.guidance_embedding),
             size_multiple=multiple,
@@ -535,6 +544,7 @@ class Pipeline(_CallMixin):
         pag_layers: Sequence[str] | None = None,
         seamless: bool = False,
         preview_vae: str | os.PathLike | None = None,
+        deepcache: int | None = None,
     ) -> ImageGenerator:
         """Load a model directory: an ONNX export (``ort``), a TensorRT engine directory (``trt``) or a
         diffusers checkpoint (``torch``). ``auto`` picks by directory and hardware; ``.choice`` says which.
@@ -559,7 +569,10 @@ class Pipeline(_CallMixin):
         ``seamless``: the UNet's and VAE's convolutions wrap around the edges, so the images tile, for a
         diffusers checkpoint (``torch``); an export is seamless or not (``sdengine export --seamless``).
         ``preview_vae``: a tiny VAE whose decoder draws ``tiny`` previews, for a diffusers checkpoint
-        (``torch``); an export holds one or not (``sdengine export --preview-vae``)."""
+        (``torch``); an export holds one or not (``sdengine export --preview-vae``). ``deepcache``: the
+        DeepCache branch that requests with a ``deepcache_interval`` run at, for a diffusers checkpoint
+        (``torch``: the authors' ``DeepCacheSDHelper``); an export holds its own (``sdengine export
+        --deepcache``)."""
         kind = model_kind(path)
         gpu_matters = device != "cpu"  # an explicit CPU run needs no CUDA probe
         has = detect(torch_cuda=gpu_matters and kind == "checkpoint", ort_cuda=gpu_matters)
@@ -573,6 +586,9 @@ class Pipeline(_CallMixin):
             ),
             "an export is seamless or not (sdengine export --seamless)": seamless,
             "an export holds its preview decoder (sdengine export --preview-vae)": preview_vae,
+            "an export's UNet is cut for DeepCache or not (sdengine export --deepcache)": (
+                deepcache is not None
+            ),
         }
         for what, given in torch_only.items():
             if given not in (None, False, (), []) and choice.backend != "torch":
@@ -604,6 +620,7 @@ class Pipeline(_CallMixin):
                 pag_layers=pag_layers,
                 seamless=seamless,
                 preview_vae=preview_vae,
+                deepcache=deepcache,
             )
         elif choice.backend == "trt":
             from sdengine.backends.trt import TrtBackend
@@ -736,6 +753,7 @@ class Pipeline(_CallMixin):
             tables=step_tables(schedule, request.step_noise(schedule, latents.shape), **inputs),
             guidance=request.guidance if cfg else None,
             unet_constants=unet_constants,
+            deepcache_interval=request.deepcache_interval,
         )
         with times.time("denoise"):
             return denoise(self.backend, plan, times, progress, preview, stop)

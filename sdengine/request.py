@@ -13,6 +13,7 @@ import numpy as np
 
 from sdengine.composable import Parts, composable_parts, part_count, part_texts, part_weights
 from sdengine.controlnet import CONTROL_MODES
+from sdengine.deepcache import check_interval
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.hires import HiresFix, hires_fix
 from sdengine.images import image_array
@@ -125,6 +126,9 @@ class GenerationRequest:
     #: the model's UNet takes the guidance scale as an input (a latent consistency model's:
     #: :mod:`sdengine.guidance_embedding`), so it runs no classifier-free guidance, as in diffusers
     guidance_embedded: bool = False
+    #: DeepCache (:mod:`sdengine.deepcache`): the whole UNet on every this many calls, its shallow branch on
+    #: the cached feature between them; 1 (the default): the whole UNet throughout
+    deepcache_interval: int = 1
 
     @property
     def guided_parts(self) -> tuple[Parts, ...]:
@@ -403,6 +407,7 @@ class GenerationRequest:
             **({"guidance_rescale": self.guidance_rescale} if self.guidance_rescale else {}),
             **({"pag_scale": self.pag_scale} if self.pag_scale else {}),
             **({"pag_adaptive_scale": self.pag_adaptive_scale} if self.pag_adaptive_scale else {}),
+            **({"deepcache_interval": self.deepcache_interval} if self.deepcache_interval > 1 else {}),
             **({"seamless": True} if self.seamless else {}),
             **({"long_prompts": True} if self.long_prompts else {}),
             **({"prompt_weights": self.prompt_weights} if self.prompt_weights else {}),
@@ -472,6 +477,7 @@ def make_request(
     pag_scale: float = 0.0,
     pag_adaptive_scale: float = 0.0,
     guidance_embedded: bool = False,
+    deepcache_interval: int = 1,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
@@ -485,7 +491,8 @@ def make_request(
     model's UNet takes the mask and masked image. ``pag_scale``: perturbed-attention guidance's scale
     (:mod:`sdengine.pag`; 0, the default: none), ``pag_adaptive_scale`` how fast it falls with the
     timestep. ``guidance_embedded``: the model's UNet takes the guidance scale as an input
-    (:mod:`sdengine.guidance_embedding`)."""
+    (:mod:`sdengine.guidance_embedding`). ``deepcache_interval``: DeepCache's (:mod:`sdengine.deepcache`;
+    1, the default: off)."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -630,6 +637,7 @@ def make_request(
         composable=composable,
         pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale,
+        deepcache_interval=check_interval(deepcache_interval),
         guidance_embedded=bool(guidance_embedded),
     )
 

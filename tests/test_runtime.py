@@ -276,11 +276,11 @@ def test_whole_step_graphs_replay_the_host_loop(ort_pipe_fp32, monkeypatch):
     cudart = install_fake_cuda(monkeypatch)
     enqueue_step = ort_cuda.DeviceDenoiser._eager_step
 
-    def on_stream(self, parity):
+    def on_stream(self, parity, options=None, whole=True):
         if cudart.capture is not None:  # work put on a capturing stream is recorded, not run
-            cudart.capture.append(lambda: enqueue_step(self, parity))
+            cudart.capture.append(lambda: enqueue_step(self, parity, whole=whole))
         else:
-            enqueue_step(self, parity)
+            enqueue_step(self, parity, options, whole)
 
     monkeypatch.setattr(ort_cuda.DeviceDenoiser, "_eager_step", on_stream)
     backend = ort_cuda.OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu", stream=Stream())
@@ -318,11 +318,11 @@ def test_a_graph_that_does_not_replay_the_plain_runs_is_refused(ort_pipe_fp32, m
     cudart = install_fake_cuda(monkeypatch)
     enqueue_step = ort_cuda.DeviceDenoiser._eager_step
 
-    def wrong_capture(self, parity, options=None):
+    def wrong_capture(self, parity, options=None, whole=True):
         if cudart.capture is not None:
-            cudart.capture.append(lambda: enqueue_step(self, 0))  # always parity 0's bindings
+            cudart.capture.append(lambda: enqueue_step(self, 0, whole=whole))  # always parity 0's bindings
         else:
-            enqueue_step(self, parity, options)
+            enqueue_step(self, parity, options, whole)
 
     monkeypatch.setattr(ort_cuda.DeviceDenoiser, "_eager_step", wrong_capture)
     backend = ort_cuda.OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu", stream=Stream())

@@ -40,6 +40,7 @@ ENGINE_MEMORY = {
     "text_encoder": 4096,
     "text_encoder_2": 6144,
     "unet": 8192,
+    "unet_shallow": 2048,
     "vae_decoder": 16384,
     "vae_encoder": 12288,
 }
@@ -286,8 +287,8 @@ def test_a_graph_that_does_not_replay_the_plain_enqueues_is_refused(
 
     enqueue_step = trt.GraphSteps._eager_step
 
-    def wrong_capture(self, parity):  # captures parity 0's step for both graphs
-        enqueue_step(self, 0 if simulated.capture is not None else parity)
+    def wrong_capture(self, parity, whole=True):  # captures parity 0's step for both graphs
+        enqueue_step(self, 0 if simulated.capture is not None else parity, whole)
 
     monkeypatch.setattr(trt.GraphSteps, "_eager_step", wrong_capture)
     engines = tmp_path / "engines"

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from sdengine.deepcache import whole_calls
 from sdengine.errors import InvalidArgumentError
 from sdengine.model_specs import TEXT_ENCODER
 from sdengine.step_graph import StepTables, build_step_model, unet_copies
@@ -28,6 +29,15 @@ class DenoisePlan:
     guidance: float | None  # None: no classifier-free guidance, the UNet runs on the batch once (G == 1)
     #: the UNet's inputs that hold for the whole run besides the text embeddings (ControlNet's, by name)
     unet_constants: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: DeepCache (:mod:`sdengine.deepcache`): the whole UNet on every this many calls (1: on every call)
+    deepcache_interval: int = 1
+
+    @property
+    def whole_calls(self) -> tuple[bool, ...] | None:
+        """DeepCache: for each call, whether it runs the whole UNet (else the shallow one); None: off."""
+        if self.deepcache_interval == 1:
+            return None
+        return whole_calls(self.tables.timesteps[: self.tables.num_calls], self.deepcache_interval)
 
     @property
     def copies(self) -> int:
@@ -72,6 +82,7 @@ class GraphKey:
     hidden: int = 768  # the text embeddings' width
     pooled: int = 0  # SDXL's edited prompts: the width of the pooled embeddings the step model gives
     parts: int = 0  # composable prompts: the parts guidance sums (the UNet's batch is 1 + parts copies)
+    deepcache: bool = False  # DeepCache: the shallow UNet's calls too, on the whole UNet's cached feature
 
     @classmethod
     def of(cls, plan: DenoisePlan) -> GraphKey:
@@ -90,6 +101,7 @@ class GraphKey:
             plan.context.shape[2],
             tables.pooled_size,
             tables.parts,
+            plan.deepcache_interval > 1,
         )
 
     @property

@@ -25,6 +25,7 @@ from sdengine.errors import (
 )
 from sdengine.model_dir import ModelDir
 from sdengine.model_specs import (
+    DEEPCACHE_FEATURE,
     HIDDEN_STATES,
     IMAGE_ENCODER,
     LAYER_STATES,
@@ -34,6 +35,7 @@ from sdengine.model_specs import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     UNET,
+    UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
     ModelSpec,
@@ -223,6 +225,8 @@ class OrtBackend:
         previous = self._weights.get(component, {})
         self._weights[component] = dict(weights)
         self._reopen(component, undo=lambda: self._weights.update({component: previous}))
+        if component == UNET and self.model_dir.arch.deepcache:  # its layers are the UNet's (a subset)
+            self.set_weights(UNET_SHALLOW, weights)
 
     def _reopen(self, component: str, undo: Callable[[], None]) -> None:
         """Reopen ``component``'s session after a change of what it runs with; where that fails, ``undo`` the
@@ -322,6 +326,26 @@ class OrtBackend:
         """The UNet; ``inputs``: its others by name (``encoder_hidden_states``, ControlNet's)."""
         return self._run(UNET, sample=sample, timestep=timestep, **inputs)
 
+    def predict_noise_caching(
+        self, sample: np.ndarray, timestep: np.ndarray, **inputs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """DeepCache's whole UNet: its output and the feature it caches (``sdengine.deepcache``)."""
+        outputs = ["out_sample", DEEPCACHE_FEATURE]
+        noise, feature = self._run_outputs(UNET, outputs, sample=sample, timestep=timestep, **inputs)
+        return noise, feature
+
+    def predict_noise_shallow(
+        self, sample: np.ndarray, timestep: np.ndarray, feature: np.ndarray, **inputs: np.ndarray
+    ) -> np.ndarray:
+        """DeepCache's shallow UNet on the cached ``feature``. It takes the UNet's inputs but those its
+        branch never reads (the tracer leaves them out: a perturbed layer it skips reads ``pag_rows``)."""
+        if UNET_SHALLOW not in self.sessions:  # opened on first use: a run with DeepCache
+            self.sessions[UNET_SHALLOW] = self._open(UNET_SHALLOW)
+            self._inputs[UNET_SHALLOW] = session_inputs(self.sessions[UNET_SHALLOW])
+        declared = self._inputs[UNET_SHALLOW]
+        used = {name: a for name, a in inputs.items() if name in declared}
+        return self._run(UNET_SHALLOW, sample=sample, timestep=timestep, deepcache_feature=feature, **used)
+
     def denoiser(self, plan: DenoisePlan, times: StageTimes) -> HostDenoiser:
         return HostDenoiser(self, plan, times)
 
@@ -377,10 +401,24 @@ class HostDenoiser:
         }
         self.unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
         self.timestep = first_timestep(tables, t_shape, t_dtype)
+        self.whole_calls, self.calls = plan.whole_calls, 0  # DeepCache's, and where the run is
+        self.feature: np.ndarray | None = None
+
+    def _predict_noise(self) -> np.ndarray:
+        """The UNet's call: the whole UNet, or (DeepCache) the shallow one between its whole calls."""
+        backend, call, self.calls = self.backend, self.calls, self.calls + 1
+        if self.whole_calls is None:
+            return backend.predict_noise(self.unet_input, self.timestep, **self.unet_inputs)
+        if self.whole_calls[call]:
+            noise_pred, self.feature = backend.predict_noise_caching(
+                self.unet_input, self.timestep, **self.unet_inputs
+            )
+            return noise_pred
+        return backend.predict_noise_shallow(self.unet_input, self.timestep, self.feature, **self.unet_inputs)
 
     def step(self) -> None:
         with self.times.time("unet"):
-            noise_pred = self.backend.predict_noise(self.unet_input, self.timestep, **self.unet_inputs)
+            noise_pred = self._predict_noise()
         with self.times.time("step"):
             out = self.session.run(self.outputs, {"noise_pred": noise_pred, **self.state, **self.constants})
         sample, history, index, self.unet_input, self.timestep, *per_call = out

@@ -58,7 +58,7 @@ from sdengine.errors import (
     SDEngineError,
 )
 from sdengine.model_dir import ModelDir
-from sdengine.model_specs import UNET
+from sdengine.model_specs import DEEPCACHE_FEATURE, UNET, UNET_SHALLOW
 from sdengine.step_graph import CALL_INPUTS, MAX_HISTORY, first_timestep, first_unet_inputs
 from sdengine.timing import StageTimes
 
@@ -113,6 +113,12 @@ def require_provider(session: ort.InferenceSession, provider: str, what: str) ->
             f"ONNX Runtime could not start {provider} for the {what} (missing CUDA or cuDNN libraries?); "
             "use --device cpu"
         )
+
+
+def output_dtype(session: ort.InferenceSession, name: str) -> type:
+    """The numpy dtype of a session's output ``name``."""
+    kind = next(o.type for o in session.get_outputs() if o.name == name)
+    return {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(kind, np.float32)
 
 
 def run_options(graph_id: int | None, synchronize: bool) -> ort.RunOptions:
@@ -187,7 +193,7 @@ class OrtCudaBackend(OrtBackend):
             with contextlib.suppress(BackendUnavailableError):
                 self.stream = Stream(device_id)
         # the text encoder(s) and VAE decoder now; the UNet per shape
-        preload = [c for c in model_dir.arch.required_components() if c != UNET]
+        preload = [c for c in model_dir.arch.required_components() if c not in (UNET, UNET_SHALLOW)]
         super().__init__(model_dir, providers=self._providers(), threads=threads, preload=preload)
         if device == "cuda":
             for component in preload:
@@ -247,11 +253,11 @@ class OrtCudaBackend(OrtBackend):
             providers.insert(0, (TENSORRT, trt_options))
         return providers
 
-    def unet_session(self, plan: DenoisePlan) -> tuple[ort.InferenceSession, int]:
+    def unet_session(self, plan: DenoisePlan, component: str = UNET) -> tuple[ort.InferenceSession, int]:
         """A UNet session for this plan's shapes (one per shape, its symbolic dimensions pinned), and a graph
-        id in it that no other denoiser uses."""
+        id in it that no other denoiser uses; ``component``: the UNet, or DeepCache's shallow one."""
         batch, _, height, width = plan.latents.shape
-        key = (plan.copies * batch, height, width, plan.context.shape[1])
+        key = (component, plan.copies * batch, height, width, plan.context.shape[1])
         if key in self._unet_sessions:
             self._unet_sessions[key] = self._unet_sessions.pop(key)  # most recently used last
         else:
@@ -259,23 +265,25 @@ class OrtCudaBackend(OrtBackend):
                 self._drop_unet_session(next(iter(self._unet_sessions)))
             options = self._graph_session_options(session_options(self.threads))
             factor = self.model_dir.arch.vae_scale_factor
-            pinned = {"batch": key[0], "latent_height": height, "latent_width": width, "sequence": key[3]}
+            pinned = {"batch": key[1], "latent_height": height, "latent_width": width, "sequence": key[4]}
             pinned |= {"height": height * factor, "width": width * factor}  # a ControlNet's image
+            sizes = self.model_dir.arch.sizes(key[1], height * factor, width * factor)
+            pinned |= {name: sizes[name] for name in ("feature_height", "feature_width")}  # DeepCache's
             for name, value in pinned.items():
                 options.add_free_dimension_override_by_name(name, value)
-            spec = self.model_dir.arch.specs()[UNET]
-            path = str(self.model_dir.onnx_path(UNET))
+            spec = self.model_dir.arch.specs()[component]
+            path = str(self.model_dir.onnx_path(component))
             providers = self._providers(ort_graphs=self.graph_mode == "ort", cuda_only=self._cuda_only)
-            session = open_session(path, spec, providers, options, self.replaced_weights(UNET))
+            session = open_session(path, spec, providers, options, self.replaced_weights(component))
             if self.device == "cuda":
-                require_provider(session, self.providers[0][0], UNET)
+                require_provider(session, self.providers[0][0], component)
             self._unet_sessions[key] = session
             self._unet_graph_ids[key] = itertools.count(1)
         return self._unet_sessions[key], next(self._unet_graph_ids[key])
 
     def _reopen(self, component: str, undo: Callable[[], None]) -> None:
-        """As the host backend's; the UNet's sessions, opened per shape, are dropped, to open on next use."""
-        if component != UNET:
+        """As the host backend's; the UNets' sessions, opened per shape, are dropped, to open on next use."""
+        if component not in (UNET, UNET_SHALLOW):
             return super()._reopen(component, undo)
         for key in list(self._unet_sessions):
             self._drop_unet_session(key)
@@ -286,7 +294,7 @@ class OrtCudaBackend(OrtBackend):
             self.stream.synchronize()
         session = self._unet_sessions.pop(key)
         del self._unet_graph_ids[key]
-        for graph_key in [k for k, d in self._denoisers.items() if d.unet is session]:
+        for graph_key in [k for k, d in self._denoisers.items() if session in (d.unet, d.shallow)]:
             del self._denoisers[graph_key]
             self._step_sessions.pop(graph_key, None)
 
@@ -368,6 +376,7 @@ class DeviceDenoiser:
         ):
             self.unet_binding.bind_ortvalue_input(name, tensor.value)
         self.unet_binding.bind_ortvalue_output(unet_output.name, self.noise_pred.value)
+        self._bind_deepcache(plan, unet_batch, empty)
         self.step_bindings = []
         for parity in (0, 1):
             binding = self.step_model.io_binding()
@@ -387,34 +396,75 @@ class DeviceDenoiser:
             self.step_bindings.append(binding)
         ort_graphs, sync = backend.graph_mode == "ort", self.stream is None
         self.unet_options = run_options(self.unet_graph_id if ort_graphs else None, sync)
+        if self.shallow is not None:
+            self.shallow_options = run_options(self.shallow_graph_id if ort_graphs else None, sync)
         self.step_options = [run_options(i if ort_graphs else None, sync) for i in STEP_GRAPH_IDS]
         self.events = (Event(), Event()) if self.stream is not None else None
         self.times, self.calls, self.num_calls = StageTimes(), 0, tables.num_calls
         # plain runs that never wait would keep every pinned staging buffer ONNX Runtime made for them: the
         # last step of a run waits, which frees them (graph modes must keep theirs: their graphs read them)
         self.final_options = run_options(None, True) if backend.graph_mode == "none" and not sync else None
-        self.graphs: list[Any] = []  # "step" mode: one captured graph per state parity, each a whole step
+        # "step" mode: one captured graph per state parity, each a whole step; with DeepCache's shallow UNet,
+        # two more, its steps
+        self.graphs: list[Any] = []
+        self.whole_calls: tuple[bool, ...] | None = None  # DeepCache: which calls run the whole UNet
         self._rt = cudart() if backend.graph_mode == "step" else None
         if backend.graph_mode != "none":
             self.capture(plan, whole_steps=backend.graph_mode == "step")
+
+    def _bind_deepcache(self, plan: DenoisePlan, unet_batch: int, empty: Callable) -> None:
+        """DeepCache: the cached feature's buffer, the whole UNet's second output (bound whenever the UNet
+        gives it, so that no run allocates it), and, for runs that call the shallow UNet, that UNet's session
+        and binding: the whole UNet's inputs (those it reads) and the feature, its output the same noise."""
+        arch = self.backend.model_dir.arch
+        self.shallow: ort.InferenceSession | None = None
+        if not arch.deepcache:
+            return
+        _, _, height, width = plan.latents.shape
+        sizes = arch.sizes(unet_batch, height * arch.vae_scale_factor, width * arch.vae_scale_factor)
+        shape = arch.specs()[UNET].output_shapes(sizes)[DEEPCACHE_FEATURE]
+        self.feature = empty(shape, output_dtype(self.unet, DEEPCACHE_FEATURE))
+        self.unet_binding.bind_ortvalue_output(DEEPCACHE_FEATURE, self.feature.value)
+        if plan.deepcache_interval == 1:
+            return
+        self.shallow, self.shallow_graph_id = self.backend.unet_session(plan, UNET_SHALLOW)
+        declared = session_inputs(self.shallow)
+        self.shallow_binding = self.shallow.io_binding()
+        for name, tensor in (
+            ("sample", self.unet_input),
+            ("timestep", self.timestep),
+            *self.unet_inputs.items(),
+            (DEEPCACHE_FEATURE, self.feature),
+        ):
+            if name in declared:
+                self.shallow_binding.bind_ortvalue_input(name, tensor.value)
+        self.shallow_binding.bind_ortvalue_output(self.shallow.get_outputs()[0].name, self.noise_pred.value)
 
     def capture(self, plan: DenoisePlan, *, whole_steps: bool) -> None:
         """Run both parities' steps on this plan's inputs, so that a refused graph shows here, not mid-run:
         ONNX Runtime warms up, captures and replays each graph id in its first run (``ort``); or two warm-up
         rounds, then each whole step captured on our stream (``step``)."""
         self.start(plan, StageTimes())
+        kinds = (True, False) if self.shallow is not None else (True,)  # the whole UNet fills the cache first
         for _ in range(2 if whole_steps else 1):
-            for parity in (0, 1):
-                self.states[parity]["step_index"].fill(np.array(0))  # in range, even for a one-call schedule
-                self._eager_step(parity)
+            for whole in kinds:
+                for parity in (0, 1):
+                    self.states[parity]["step_index"].fill(np.array(0))  # in range, even for one call
+                    self._eager_step(parity, whole=whole)
         self.synchronize()
         if whole_steps:
-            for parity in (0, 1):
-                self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
-            check_replay(self._two_steps(plan, self._eager_step), self._two_steps(plan, self._launch))
+            for whole in kinds:
+                for parity in (0, 1):
+                    step = lambda p=parity, w=whole: self._eager_step(p, whole=w)  # noqa: E731
+                    self.graphs.append(capture_graph(self.stream, step))
+            for whole in kinds:
+                eager = lambda p, w=whole: self._eager_step(p, whole=w)  # noqa: E731
+                launch = lambda p, w=whole: self._launch(p, w)  # noqa: E731
+                check_replay(self._two_steps(plan, eager), self._two_steps(plan, launch))
 
-    def _launch(self, parity: int) -> None:
-        check(self._rt.cudaGraphLaunch(self.graphs[parity], self.stream.handle))
+    def _launch(self, parity: int, whole: bool = True) -> None:
+        graph = self.graphs[parity + (0 if whole else 2)]
+        check(self._rt.cudaGraphLaunch(graph, self.stream.handle))
 
     def _two_steps(self, plan: DenoisePlan, step: Callable[[int], None]) -> list[np.ndarray]:
         """Both parities' steps from this plan's start, each from step index 0; their samples on the host."""
@@ -427,10 +477,21 @@ class DeviceDenoiser:
             samples.append(self.states[1 - parity]["sample"].numpy())
         return samples
 
-    def _eager_step(self, parity: int, options: tuple[ort.RunOptions, ort.RunOptions] | None = None) -> None:
-        """One whole step as two ONNX Runtime runs on the bound buffers (what a ``step`` graph captures)."""
-        unet_options, step_options = options or (self.unet_options, self.step_options[parity])
-        self.unet.run_with_iobinding(self.unet_binding, unet_options)
+    def _eager_step(
+        self,
+        parity: int,
+        options: tuple[ort.RunOptions, ort.RunOptions] | None = None,
+        whole: bool = True,
+    ) -> None:
+        """One whole step as two ONNX Runtime runs on the bound buffers (what a ``step`` graph captures);
+        ``whole`` False: DeepCache's shallow UNet in the whole one's place."""
+        unet, binding, unet_options = (
+            (self.unet, self.unet_binding, self.unet_options)
+            if whole
+            else (self.shallow, self.shallow_binding, self.shallow_options)
+        )
+        unet_options, step_options = options or (unet_options, self.step_options[parity])
+        unet.run_with_iobinding(binding, unet_options)
         self.step_model.run_with_iobinding(self.step_bindings[parity], step_options)
 
     def __del__(self) -> None:
@@ -446,7 +507,7 @@ class DeviceDenoiser:
         go through the default stream, so queued work on ours must be done first."""
         self.synchronize()
         tables = plan.tables
-        self.times, self.calls = times, 0
+        self.times, self.calls, self.whole_calls = times, 0, plan.whole_calls
         self.unet_input.fill(first_unet_inputs(tables, plan.latents, plan.copies))
         self.timestep.fill(first_timestep(tables, self.timestep.shape, self.timestep.dtype))
         for name, array in plan.first_unet_inputs().items():
@@ -462,13 +523,14 @@ class DeviceDenoiser:
             self.events[0].record(self.stream)
 
     def step(self) -> None:
-        parity, self.calls = self.calls % 2, self.calls + 1
+        call, self.calls = self.calls, self.calls + 1
+        parity, whole = call % 2, self.whole_calls is None or self.whole_calls[call]
         if self.graphs:
-            self._launch(parity)
+            self._launch(parity, whole)
         elif self.final_options is not None and self.calls == self.num_calls:
-            self._eager_step(parity, (self.final_options, self.final_options))
+            self._eager_step(parity, (self.final_options, self.final_options), whole)
         else:
-            self._eager_step(parity)
+            self._eager_step(parity, whole=whole)
 
     def latents(self, final: bool = True) -> np.ndarray:
         if self.events and final:

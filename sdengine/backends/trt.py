@@ -49,6 +49,7 @@ from sdengine.errors import (
 )
 from sdengine.model_dir import ModelDir, open_onnx_dir
 from sdengine.model_specs import (
+    DEEPCACHE_FEATURE,
     HIDDEN_STATES,
     IMAGE_ENCODER,
     LAYER_STATES,
@@ -58,6 +59,7 @@ from sdengine.model_specs import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     UNET,
+    UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
 )
@@ -429,7 +431,9 @@ class GraphSteps:
         unet = backend.engines[UNET].with_own_context()
         step = backend.step_engine(key)
         steps = (step, step.with_own_context())
-        backend.shared_memory([unet, *steps])
+        # DeepCache's shallow UNet, for runs that call it between the whole UNet's calls
+        self.shallow = backend.engines[UNET_SHALLOW].with_own_context() if key.deepcache else None
+        backend.shared_memory([unet, *steps, *([self.shallow] if self.shallow else [])])
         self.engines = (unet, *steps)  # kept alive as long as the graphs that run them
         tables = plan.tables
         unet_batch = plan.copies * plan.latents.shape[0]
@@ -457,14 +461,22 @@ class GraphSteps:
             }
             for _ in (0, 1)
         ]
-        unet.bind(
-            {
-                "sample": self.shared["unet_input"],
-                "timestep": self.shared["timestep"],
-                **self.unet_inputs,
-                unet.outputs[0]: self.shared["noise_pred"],
-            }
-        )
+        unet_buffers = {
+            "sample": self.shared["unet_input"],
+            "timestep": self.shared["timestep"],
+            **self.unet_inputs,
+            unet.outputs[0]: self.shared["noise_pred"],
+        }
+        arch = backend.model_dir.arch
+        if arch.deepcache:  # the cached feature: the whole UNet's second output, the shallow one's input
+            factor = arch.vae_scale_factor
+            sizes = arch.sizes(unet_batch, latent[2] * factor, latent[3] * factor)
+            shape = arch.specs()[UNET].output_shapes(sizes)[DEEPCACHE_FEATURE]
+            unet_buffers[DEEPCACHE_FEATURE] = DeviceArray(shape, unet.dtype(DEEPCACHE_FEATURE))
+        unet.bind(unet_buffers)
+        if self.shallow is not None:  # the same buffers, those of them its branch reads
+            self.shallow.bind({**unet_buffers, self.shallow.outputs[0]: self.shared["noise_pred"]})
+        self.unet_buffers = unet_buffers  # kept alive with the addresses bound
         self.events = (Event(), Event())
         self.start(plan, StageTimes())  # valid inputs in state set 0; the first warm-up step writes set 1
         for parity, step in enumerate(steps):
@@ -480,32 +492,41 @@ class GraphSteps:
                     **dict(zip(tables.outputs(), outputs, strict=True)),
                 }
             )
-        for parity in (0, 1):  # each context runs once outside capture, as TensorRT asks before capturing it
-            self.states[parity]["step_index"].upload(np.array(0), self.stream)  # in range, even for 1 call
-            self._eager_step(parity)
+        kinds = (True, False) if self.shallow is not None else (True,)  # the whole UNet fills the cache first
+        for whole in kinds:  # each context runs once outside capture, as TensorRT asks before capturing it
+            for parity in (0, 1):
+                self.states[parity]["step_index"].upload(np.array(0), self.stream)  # in range, even for 1
+                self._eager_step(parity, whole)
         self.stream.synchronize()
-        self.graphs: list[Any] = []
+        self.graphs: list[Any] = []  # per parity a whole step's; with the shallow UNet, per parity its step's
         self._rt = cudart()  # kept for __del__, which may run at interpreter exit
         try:
             if backend.graph_mode == "step":
-                for parity in (0, 1):
-                    self.graphs.append(capture_graph(self.stream, lambda p=parity: self._eager_step(p)))
-                check_replay(self._two_steps(plan, self._eager_step), self._two_steps(plan, self._launch))
+                for whole in kinds:
+                    for parity in (0, 1):
+                        step = lambda p=parity, w=whole: self._eager_step(p, w)  # noqa: E731
+                        self.graphs.append(capture_graph(self.stream, step))
+                for whole in kinds:
+                    eager = lambda p, w=whole: self._eager_step(p, w)  # noqa: E731
+                    launch = lambda p, w=whole: self._launch(p, w)  # noqa: E731
+                    check_replay(self._two_steps(plan, eager), self._two_steps(plan, launch))
         except BackendUnavailableError as exc:
             self._destroy_graphs()
             if backend.graphs_refused is None:
                 print(f"sdengine: warning: denoising steps run without CUDA graphs ({exc})", file=sys.stderr)
             backend.graphs_refused = str(exc)
-        self.calls = 0
+        self.calls, self.whole_calls = 0, None
 
-    def _eager_step(self, parity: int) -> None:
-        """One whole step enqueued engine by engine: what each graph captures, and the path without graphs."""
+    def _eager_step(self, parity: int, whole: bool = True) -> None:
+        """One whole step enqueued engine by engine: what each graph captures, and the path without graphs;
+        ``whole`` False: DeepCache's shallow UNet in the whole one's place."""
         unet, *steps = self.engines
-        unet.run(self.stream)
+        (unet if whole else self.shallow).run(self.stream)
         steps[parity].run(self.stream)
 
-    def _launch(self, parity: int) -> None:
-        check(cudart().cudaGraphLaunch(self.graphs[parity], self.stream.handle))
+    def _launch(self, parity: int, whole: bool = True) -> None:
+        graph = self.graphs[parity + (0 if whole else 2)]
+        check(cudart().cudaGraphLaunch(graph, self.stream.handle))
 
     def _two_steps(self, plan: DenoisePlan, step: Callable[[int], None]) -> list[np.ndarray]:
         """Both parities' steps from this plan's start, each from step index 0; their samples on the host."""
@@ -529,7 +550,7 @@ class GraphSteps:
     def start(self, plan: DenoisePlan, times: StageTimes) -> None:
         """Upload one run's inputs into the fixed buffers (the graphs read them in place)."""
         tables, s = plan.tables, self.stream
-        self.times, self.calls = times, 0
+        self.times, self.calls, self.whole_calls = times, 0, plan.whole_calls
         unet_input = first_unet_inputs(tables, plan.latents, plan.copies)
         self.shared["unet_input"].upload(unet_input, s)
         timestep = self.shared["timestep"]
@@ -545,10 +566,11 @@ class GraphSteps:
         self.events[0].record(s)
 
     def step(self) -> None:
+        whole = self.whole_calls is None or self.whole_calls[self.calls]
         if self.graphs:
-            self._launch(self.calls % 2)
+            self._launch(self.calls % 2, whole)
         else:
-            self._eager_step(self.calls % 2)
+            self._eager_step(self.calls % 2, whole)
         self.calls += 1
 
     def latents(self, final: bool = True) -> np.ndarray:

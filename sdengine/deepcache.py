@@ -1,0 +1,82 @@
+"""DeepCache (Ma et al. 2024, "DeepCache: Accelerating Diffusion Models for Free"), as the authors'
+``DeepCacheSDHelper`` runs it in diffusers' pipelines.
+
+An export made with ``--deepcache BRANCH`` holds two UNets (``export.deepcache``): the whole one, which also
+gives the hidden states where the branch is cut (the cached feature), and a shallow one, which runs the
+branch's layers alone on the latest cached feature. A run with ``deepcache_interval`` N > 1 calls the whole
+UNet on every N-th call and the shallow one in between; interval 1 (the default) runs the whole UNet
+throughout and gives the plain export's images. The feature stays where the backend keeps its state (device
+memory on a GPU), and the choice of UNet per call is a fixed table of the run (:func:`whole_calls`), so the
+calls go on being replayed graphs.
+
+Which calls are whole follows the helper: it finds each call's timestep in the schedule and runs the whole
+UNet where that position, counted from the run's first call, is a multiple of N. For schedulers that call
+the UNet once a step that is every N-th call; for those that call it twice at the same timestep (Heun's),
+both calls of a step share their first call's position, as in the helper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdengine.errors import InvalidArgumentError, ModelDirectoryError
+
+#: Where an export records its DeepCache branch and the cached feature's shape.
+DEEPCACHE_CONFIG = Path("deepcache") / "config.json"
+#: The helper's default branch: the shallowest, fastest.
+DEFAULT_BRANCH = 0
+
+
+@dataclass(frozen=True)
+class CacheBranch:
+    """DeepCache's branch ``3 * block + layer``, numbered as the authors' helper numbers it: ``block``
+    counts the UNet's blocks from its ends (0: the first down block and the last up block), ``layer`` the
+    up block's layers from its end (0: its last)."""
+
+    branch_id: int
+
+    def __post_init__(self) -> None:
+        value = self.branch_id
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgumentError(f"a DeepCache branch is a whole number >= 0, got {value!r}")
+
+    @property
+    def block(self) -> int:
+        return self.branch_id // 3
+
+    @property
+    def layer(self) -> int:
+        return self.branch_id % 3
+
+
+def exported_deepcache(config: dict[str, Any]) -> dict[str, int]:
+    """The architecture's DeepCache fields from an export's ``deepcache/config.json`` (none: empty)."""
+    if not config:
+        return {}
+    fields = {k: config.get(k) for k in ("branch", "channels", "downscale")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in fields.values()):
+        raise ModelDirectoryError(f"{DEEPCACHE_CONFIG} is unreadable: export again")
+    if fields["channels"] < 1 or fields["downscale"] < 1:
+        raise ModelDirectoryError(f"{DEEPCACHE_CONFIG} is unreadable: export again")
+    return {"deepcache_channels": fields["channels"], "deepcache_downscale": fields["downscale"]}
+
+
+def check_interval(interval: int) -> int:
+    """A DeepCache interval: a whole number >= 1 (1: the whole UNet on every call)."""
+    if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
+        raise InvalidArgumentError(f"deepcache_interval must be a whole number >= 1, got {interval!r}")
+    return int(interval)
+
+
+def whole_calls(timesteps: np.ndarray, interval: int) -> tuple[bool, ...]:
+    """For each call of a run with these timesteps (one per call), whether it runs the whole UNet: where
+    the first position of its timestep among the calls', counted from the first call's, is a multiple of
+    ``interval`` (the helper's rule). The first call is always whole: it fills the cache."""
+    interval = check_interval(interval)
+    first: dict[float, int] = {}
+    positions = [first.setdefault(float(t), i) for i, t in enumerate(timesteps)]
+    return tuple(p % interval == 0 for p in positions)
