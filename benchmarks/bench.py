@@ -67,6 +67,10 @@ class BenchConfig:
     pag_layers: tuple[str, ...] = ()
     #: a seamless export (sdengine export --seamless): the torch baseline's convolutions wrap around too
     seamless: bool = False
+    #: DeepCache's interval (1: off), and the export's branch, at which the torch baseline runs the authors'
+    #: helper
+    deepcache_interval: int = 1
+    deepcache: int | None = None
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -174,8 +178,11 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
         cmd += ["--ip-adapter", config.ip_adapter] if config.ip_adapter else []
         cmd += ["--pag-layers", ",".join(config.pag_layers)] if config.pag_layers else []
         cmd += ["--seamless"] if config.seamless else []
+        cmd += ["--deepcache", str(config.deepcache)] if config.deepcache is not None else []
     if config.pag_scale:
         cmd += ["--pag-scale", str(config.pag_scale)]
+    if config.deepcache_interval != 1:
+        cmd += ["--deepcache-interval", str(config.deepcache_interval)]
     if backend == "ort":
         cmd += [arg for option in config.cuda_options for arg in ("--cuda-option", option)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -231,6 +238,13 @@ def format_report(report: dict) -> str:
     ]
     if report.get("config", {}).get("cuda_options"):
         lines.insert(2, "ort's CUDA provider options: " + ", ".join(report["config"]["cuda_options"]))
+    interval = report.get("config", {}).get("deepcache_interval", 1)
+    if interval > 1:  # the baseline runs the authors' helper at the same branch
+        lines.insert(
+            2,
+            f"DeepCache: the whole UNet on every call of {interval}, the shallow one between, on both "
+            "backends (UNet call: the median over both kinds)",
+        )
     for stage in REPORT_STAGES:
         if all(r["stages_ms"][stage]["median"] == 0 for r in backends.values()):
             continue  # a stage no backend here has (e.g. device time on a CPU-only run)

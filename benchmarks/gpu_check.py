@@ -303,6 +303,7 @@ class Parity:
             lambda: psnr(pipes["step"](PROMPT, **noised).array, cpu(PROMPT, **noised).array),
         )
         self.tiny_vae(image, results)
+        attempt(results, "DeepCache, interval 3: CUDA vs CPU fp32, PSNR dB", self.deepcache)
         xl_parity(work, settings, self.device, results)
 
     def tiny_vae(self, image: np.ndarray, results: dict) -> None:
@@ -407,6 +408,21 @@ class Parity:
             Pipeline.load(perturbable.root, backend="ort", device="cpu")(PROMPT, **guided).array,
         )
 
+    def deepcache(self) -> float:
+        """A UNet cut for DeepCache: the shallow UNet's graphs between the whole one's, against the CPU."""
+        from export.onnx_export import export_checkpoint
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+        from sdengine.model_dir import open_onnx_dir
+        from sdengine.pipeline import Pipeline
+
+        export_checkpoint(self.ckpt, self.work / "tiny-deepcache", components=self.components, deepcache=0)
+        cut = open_onnx_dir(self.work / "tiny-deepcache")
+        cached = dict(self.settings, deepcache_interval=3)
+        return psnr(
+            Pipeline(cut, OrtCudaBackend(cut, device=self.device), self.tok)(PROMPT, **cached).array,
+            Pipeline.load(cut.root, backend="ort", device="cpu")(PROMPT, **cached).array,
+        )
+
 
 #: the layers the fused tiny UNet perturbs: two of its self-attention layers (the middle block's sees one
 #: token at 64x64, where the perturbation changes nothing)
@@ -459,13 +475,18 @@ def xl_parity(work: Path, settings: dict, device: str, results: dict) -> None:
     attempt(results, "SDXL with its refiner: CUDA vs CPU fp32, PSNR dB", refined)
 
 
-def prepare(work: Path, preset: str, target: str = "portable") -> tuple[Path, Path, dict[str, float]]:
+def prepare(
+    work: Path, preset: str, target: str = "portable", deepcache: int | None = None
+) -> tuple[Path, Path, dict[str, float]]:
     """The large random checkpoint and its fp16 export for ``target`` (``portable``, or ``cuda``: the UNet
-    fused for ONNX Runtime's CUDA provider), each made once per machine. ``--prepare TARGET`` makes them in
+    fused for ONNX Runtime's CUDA provider; ``deepcache``: portable, cut at that DeepCache branch), each made
+    once per machine. ``--prepare TARGET`` makes them in
     the background while the wheel's parts travel (they need torch, diffusers, onnx and ONNX Runtime's Python
     tools, not its GPU build), both targets at once, after one checkpoint; the check then waits for those
     processes, or makes what they did not (none ran, or one died)."""
     ckpt, onnx_dir = work / preset, work / f"{preset}-fp16{'-cuda' if target == 'cuda' else ''}"
+    if deepcache is not None:
+        onnx_dir = onnx_dir.with_name(f"{onnx_dir.name}-deepcache{deepcache}")
 
     def checkpoint() -> dict:
         from export.checkpoint import write_random_checkpoint
@@ -478,9 +499,11 @@ def prepare(work: Path, preset: str, target: str = "portable") -> tuple[Path, Pa
         from export.onnx_export import export_checkpoint
 
         once(ckpt.with_name(ckpt.name + ".done.json"), checkpoint)
-        log(f"{preset} fp16 export, {target}")
+        log(f"{preset} fp16 export, {target}" + ("" if deepcache is None else f", DeepCache {deepcache}"))
         parts = ["text_encoder", "unet", "vae_decoder"]
-        manifest = export_checkpoint(ckpt, onnx_dir, precision="fp16", components=parts, target=target)
+        manifest = export_checkpoint(
+            ckpt, onnx_dir, precision="fp16", components=parts, target=target, deepcache=deepcache
+        )
         export_s = {n: r.export_seconds for n, r in manifest.components.items()}
         log(f"exported ({target}) in {sum(export_s.values()):.0f} s")
         return export_s
@@ -516,8 +539,11 @@ def alive(pid: int) -> bool:
 #: the check's parts, in the order they run: ``core`` parity rows, ``noise`` (PyTorch's CPU noise against
 #: diffusers'), ``fused`` (the CUDA-fused UNet: its parity rows, and it leads the latency runs), ``latency``
 #: (every step count), ``extras`` (the other parity rows, after the headline latency), ``ort-graphs``
-#: (ONNX Runtime's own graph mode, timed)
-PARTS = ("core", "noise", "fused", "latency", "extras", "ort-graphs")
+#: (ONNX Runtime's own graph mode, timed), ``deepcache`` (DeepCache at interval 3 on its own export, timed
+#: against diffusers with the authors' helper)
+PARTS = ("core", "noise", "fused", "latency", "extras", "ort-graphs", "deepcache")
+#: DeepCache's timed interval and branch (the authors' setting for SD 1.5)
+DEEPCACHE_INTERVAL, DEEPCACHE_BRANCH = 3, 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,8 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--prepare",
-        choices=TARGETS,
-        help="only make the large random checkpoint and its fp16 export for this target, then exit",
+        choices=(*TARGETS, "deepcache"),
+        help="only make the large random checkpoint and its fp16 export for this target (deepcache: the "
+        "portable one cut for DeepCache), then exit",
     )
     args = p.parse_args(argv)
     device = "cpu" if args.rehearse else "cuda"
@@ -552,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         parts.discard("fused")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    if args.prepare == "deepcache":
+        prepare(work, preset, deepcache=DEEPCACHE_BRANCH)
+        return 0
     if args.prepare:
         prepare(work, preset, args.prepare)
         return 0
@@ -589,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             extras_ran.append(True)
             guarded("parity: the other paths", check.extras)
 
-    if parts & {"latency", "ort-graphs"}:
+    if parts & {"latency", "ort-graphs", "deepcache"}:
         guarded(
             "latency", lambda: latencies(args, parts, work, preset, size, device, has, report, out, extras)
         )
@@ -659,11 +689,18 @@ def latencies(
     if "ort-graphs" in parts:  # ONNX Runtime's own graph mode (a wait for the GPU after each replay)
         n = max(step_counts)
         runs.append((f"{n}-ort-graphs", replace(config, backends=("ort",), graphs="ort", steps=n)))
+    if "deepcache" in parts:  # its own export, made when its turn comes; diffusers with the authors' helper
+        _, cut_dir, report["export_s_deepcache"] = prepare(work, preset, deepcache=DEEPCACHE_BRANCH)
+        cut = replace(config, onnx_dir=cut_dir, engine_dir=None, backends=("ort", "torch"))
+        cut = replace(cut, deepcache_interval=DEEPCACHE_INTERVAL, deepcache=DEEPCACHE_BRANCH)
+        n = step_counts[0]
+        runs.append((f"{n}-deepcache{DEEPCACHE_INTERVAL}", replace(cut, steps=n)))
     for index, (name, run_config) in enumerate(runs):
         log(f"latency {name}: {size}x{size}, batch 1, CFG, {run_config.steps} steps, {run_config.backends}")
 
         def measure(run_config: BenchConfig = run_config) -> tuple[dict, str]:
-            result = run_benchmark(run_config, flops)
+            whole = run_config.deepcache_interval == 1  # FLOPs per call hold for whole UNet calls only
+            result = run_benchmark(run_config, flops if whole else {})
             return result, format_report(result)
 
         outcome, error = recorded(measure)

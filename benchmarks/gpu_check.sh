@@ -2,9 +2,9 @@
 # The GPU check, for a lent GPU machine whose image has torch, onnx and cuda-python but CPU-only onnxruntime.
 #   bash benchmarks/gpu_check.sh prepare   installs the carried small wheels (.whl/: diffusers and what it
 #                                          needs) and starts, in the background, the large random checkpoint
-#                                          and its fp16 exports, portable and CUDA-fused (gpu_check.py
-#                                          --prepare), so that work overlaps the calls that carry ONNX
-#                                          Runtime's parts
+#                                          and its fp16 exports, portable, CUDA-fused and cut for
+#                                          DeepCache (gpu_check.py --prepare), so that work overlaps the
+#                                          calls that carry ONNX Runtime's parts
 #   bash benchmarks/gpu_check.sh [ARGS]    joins the parts in /tmp/gpuwheel (benchmarks/stage_ort_gpu.sh makes
 #                                          them), installs onnxruntime-gpu, and runs benchmarks/gpu_check.py
 #                                          ARGS, which writes its tables and JSON to $OUT (or gpu-check-out/)
@@ -27,6 +27,8 @@ if [ "${1:-}" = prepare ]; then
   sleep 10
   setsid nohup python3 -m benchmarks.gpu_check --prepare cuda >/tmp/gpu-check-prepare-cuda.log 2>&1 </dev/null &
   echo "preparing the CUDA-fused export in the background (pid $!): /tmp/gpu-check-prepare-cuda.log"
+  setsid nohup python3 -m benchmarks.gpu_check --prepare deepcache >/tmp/gpu-check-prepare-deepcache.log 2>&1 </dev/null &
+  echo "preparing the export cut for DeepCache in the background (pid $!): /tmp/gpu-check-prepare-deepcache.log"
   exit 0
 fi
 if [ ! -d "$site/onnxruntime" ]; then

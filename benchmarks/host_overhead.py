@@ -59,6 +59,7 @@ def captured(backend: str, runtime: InstantRuntime, steps: int):
     denoiser = object.__new__(Denoiser)
     denoiser.graphs, denoiser.stream = ["graph-0", "graph-1"], types.SimpleNamespace(handle=7)
     denoiser.calls, denoiser.num_calls, denoiser._rt = 0, steps, runtime
+    denoiser.whole_calls = None  # no DeepCache: the whole UNet's graphs on every call
     denoiser.latents = lambda: np.zeros(1, np.float32)
     return denoiser
 

@@ -2,7 +2,8 @@
 # Stages what the GPU check carries to a lent GPU machine (which reaches no registry, and takes 64 MiB a call):
 #   .gpuwheel0/ .gpuwheel1/ ...  onnxruntime-gpu (cp312, CUDA 13) repacked as one .tar.xz, split in parts of
 #                                PART_MiB, one folder per part so that each call carries one folder
-#   .whl/                        diffusers and importlib-metadata, the pure-Python wheels the image lacks
+#   .whl/                        diffusers, importlib-metadata and DeepCache (the baseline's DeepCache helper),
+#                                the pure-Python wheels the image lacks
 # The repack drops the TensorRT execution provider's library (that machine has no TensorRT to load it) and
 # recompresses with xz: 203 MB in 4 parts instead of the wheel's 256 MB in 5, one call fewer.
 # Usage, from the project root: benchmarks/stage_ort_gpu.sh [PART_MiB]
@@ -31,5 +32,5 @@ for part in "$work"/part-*; do
   mv "$part" ".gpuwheel$k/part-$k"
   echo "$name" >".gpuwheel$k/NAME"
 done
-rm -rf .whl && pip_download -d .whl diffusers==0.42.1 importlib-metadata
+rm -rf .whl && pip_download -d .whl diffusers==0.42.1 importlib-metadata DeepCache==0.1.1
 echo "$name: $(du -m "$work/$name" | cut -f1) MiB in $(ls -d .gpuwheel*/ | wc -l) parts (.gpuwheel0/ ...); .whl/: $(ls .whl | tr '\n' ' ')"

@@ -65,6 +65,7 @@ def measure(args: argparse.Namespace) -> dict:
         **({"ip_adapter": args.ip_adapter} if args.ip_adapter else {}),
         **({"pag_layers": args.pag_layers.split(",")} if args.pag_layers else {}),
         **({"seamless": True} if args.seamless else {}),
+        **({"deepcache": args.deepcache} if args.deepcache is not None else {}),
         cuda_options=parse_cuda_options(args.cuda_option),
     )
     load_s = time.perf_counter() - start
@@ -81,6 +82,7 @@ def measure(args: argparse.Namespace) -> dict:
         **control_images(pipe.controlnets, args.height, args.width, args.seed),
         **image_prompt(pipe.ip_adapter, args.seed),
         **({"pag_scale": args.pag_scale} if args.pag_scale else {}),
+        **({"deepcache_interval": args.deepcache_interval} if args.deepcache_interval != 1 else {}),
     )
     results = []
     for _ in tqdm(range(args.warmup + args.runs), desc=f"{args.backend}", unit="run", file=sys.stderr):
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pag-scale", type=float, default=0.0)
     p.add_argument("--pag-layers", default=None)
     p.add_argument("--seamless", action="store_true")
+    p.add_argument("--deepcache", type=int, default=None)
+    p.add_argument("--deepcache-interval", type=int, default=1)
     p.add_argument("--image-out", required=True)
     print(json.dumps(measure(p.parse_args(argv))))
 

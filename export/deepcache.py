@@ -28,13 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
+from onnx import helper
 from torch import nn
 
 from export.wrappers import exported_component
 from sdengine.deepcache import DEEPCACHE_CONFIG, CacheBranch
 from sdengine.errors import InvalidArgumentError
-from sdengine.model_specs import Architecture
+from sdengine.model_specs import Architecture, ModelSpec
 
 #: The up and down block classes whose forwards :func:`_up_block_forward` and :func:`_down_block_forward`
 #: follow (SD 1.x/2.x's and SDXL's).
@@ -222,6 +224,25 @@ def cut_for_deepcache(
     shape = branch_shape(unet, branch)
     arch = dataclasses.replace(arch, deepcache_channels=shape.channels, deepcache_downscale=shape.downscale)
     return DeepCacheUNetExport(module, unet, branch, shallow=shallow), arch
+
+
+def restore_unread_inputs(model: onnx.ModelProto, spec: ModelSpec) -> list[str]:
+    """Declare again, in ``spec``'s order, the inputs the tracer left out of the shallow UNet because its
+    branch never reads them (``pag_rows``, where every perturbed layer is skipped): the UNet's inputs are
+    the shallow one's, whatever the branch, so every backend binds them alike. Returns their names."""
+    graph = model.graph
+    declared = {i.name: i for i in graph.input}
+    missing = [t.name for t in spec.inputs if t.name not in declared]
+    for tensor in spec.inputs:
+        if tensor.name in missing:
+            declared[tensor.name] = helper.make_tensor_value_info(
+                tensor.name, helper.np_dtype_to_tensor_dtype(tensor.np_dtype), list(tensor.dims)
+            )
+    ordered = [declared[t.name] for t in spec.inputs if t.name in declared]
+    ordered += [i for name, i in declared.items() if name not in {t.name for t in spec.inputs}]
+    del graph.input[:]
+    graph.input.extend(ordered)
+    return missing
 
 
 def checkpoint_branch_shape(checkpoint: Path, branch: CacheBranch) -> BranchShape:

@@ -30,7 +30,12 @@ import sdengine
 from export.checkpoint import checkpoint_hash
 from export.controlnet import check_controlnets, controlnet_directory, with_controlnets
 from export.cuda_fusion import classic_attention, fuse_for_cuda
-from export.deepcache import checkpoint_branch_shape, cut_for_deepcache, write_deepcache_config
+from export.deepcache import (
+    checkpoint_branch_shape,
+    cut_for_deepcache,
+    restore_unread_inputs,
+    write_deepcache_config,
+)
 from export.fp16 import convert_to_fp16
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
@@ -240,6 +245,8 @@ def export_component(
         # Never both copies of the weights at once: ONNX's stay on disk while the layers are named (read one
         # at a time) and PyTorch's outputs for the check are taken; then PyTorch's are freed.
         model = onnx.load(str(traced), load_external_data=False)
+        if name == UNET_SHALLOW:
+            restore_unread_inputs(model, spec)
         if name in (UNET, UNET_SHALLOW, TEXT_ENCODER, TEXT_ENCODER_2):
             name_weights(model, module, tmp)
         reference = reference_outputs(module, arch, name, vocab_size=vocab_size) if verify else None

@@ -158,6 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cuda_options=parse_cuda_options(args.cuda_option),
         pag_layers=args.pag_layers.split(",") if args.pag_layers else None,
         seamless=args.seamless,
+        deepcache=args.deepcache,
     )
     print(f"backend: {pipeline.choice.backend} on {pipeline.choice.device} ({pipeline.choice.reason})")
     if len(controls) != pipeline.controlnets:
@@ -211,6 +212,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         noise_source=args.noise_source,
         pag_scale=args.pag_scale,
         pag_adaptive_scale=args.pag_adaptive_scale,
+        deepcache_interval=args.deepcache_interval,
         **{name: getattr(args, name) for name in SIZE_SETTINGS if getattr(args, name) is not None},
         progress=_progress("denoising"),
         **_previews(pipeline, args),
@@ -292,6 +294,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         pag_layers=args.pag_layers.split(",") if args.pag_layers else (),
         seamless=args.seamless,
         preview_vae=args.preview_vae,
+        deepcache=args.deepcache,
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -436,6 +439,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"bench needs the export extra ({exc.name} is missing): pip install 'sdengine[export]'"
         ) from None
     from sdengine.backends.select import detect
+    from sdengine.deepcache import DEEPCACHE_CONFIG, check_interval
     from sdengine.errors import BackendUnavailableError
     from sdengine.ip_adapter import IP_ADAPTER_CONFIG
     from sdengine.manifest import Manifest
@@ -457,6 +461,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "--pag-scale needs an export with perturbed-attention guidance (sdengine export --pag-layers); "
             "the presets have none"
         )
+    if args.model in PRESETS and args.deepcache_interval != 1:
+        raise InvalidArgumentError(
+            "--deepcache-interval needs an export cut for DeepCache (sdengine export --deepcache 0); the "
+            "presets have none"
+        )
+    deepcache = None
     if args.model in PRESETS:
         preset = get_preset(args.model)
         device = device or preset.device
@@ -483,6 +493,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         controlnets = tuple(str(c["dir"]) for c in manifest.controlnets) if manifest else ()
         ip_adapter = optional_json(onnx_dir / IP_ADAPTER_CONFIG).get("file")
         pag_layers = exported_pag(optional_json(onnx_dir / PAG_CONFIG))
+        deepcache = optional_json(onnx_dir / DEEPCACHE_CONFIG).get("branch")
         seamless = bool(manifest and manifest.seamless)
         size = dict(height=native, width=native, batch=1, steps=4, guidance=7.5, runs=3, warmup=1)
     overrides = {k: getattr(args, k) for k in size if getattr(args, k) is not None}
@@ -503,8 +514,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         pag_scale=args.pag_scale,
         pag_layers=pag_layers,
         seamless=seamless,
+        deepcache_interval=check_interval(args.deepcache_interval),
+        deepcache=deepcache,
         **{**size, **overrides},
     )
+    if args.deepcache_interval != 1 and deepcache is None:
+        raise InvalidArgumentError(
+            "--deepcache-interval needs an export cut for DeepCache (sdengine export --deepcache 0)"
+        )
     if args.pag_scale and not pag_layers:
         raise InvalidArgumentError(
             "--pag-scale needs an export with perturbed-attention guidance (sdengine export --pag-layers)"
@@ -512,7 +529,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     flops = {}
     # FLOPs are counted for the checkpoint's own modules at two copies of the batch: not with a refiner's or
     # an IP-Adapter's beside them, nor for PAG's perturbed copy
-    if checkpoint is not None and refiner is None and ip_adapter is None and not args.pag_scale:
+    whole_unet = not args.pag_scale and args.deepcache_interval == 1  # DeepCache's shallow calls: fewer
+    if checkpoint is not None and refiner is None and ip_adapter is None and whole_unet:
         flops = stage_flops(
             checkpoint,
             onnx_dir,
@@ -786,6 +804,22 @@ def build_parser() -> argparse.ArgumentParser:
         "An export holds its own",
     )
     g.add_argument(
+        "--deepcache-interval",
+        type=int,
+        default=1,
+        metavar="N",
+        help="DeepCache: the whole UNet on every N-th call, its shallow branch on the cached feature between "
+        "(default 1: off; the authors use 3 to 5), for a model exported with --deepcache",
+    )
+    g.add_argument(
+        "--deepcache",
+        type=int,
+        default=None,
+        metavar="BRANCH",
+        help="torch backend: the DeepCache branch --deepcache-interval runs at (the authors' helper; 0: the "
+        "shallowest). An export holds its own",
+    )
+    g.add_argument(
         "--seamless",
         action="store_true",
         help="torch backend: images that tile (the UNet's and VAE's convolutions wrap around). An export is "
@@ -882,6 +916,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="make the UNet's self-attention in these layers perturbable, for perturbed-attention guidance "
         "(generate --pag-scale): comma-separated names as diffusers' PAG pipelines take them, such as mid "
         "(their default) or down_blocks.1",
+    )
+    e.add_argument(
+        "--deepcache",
+        type=int,
+        default=None,
+        metavar="BRANCH",
+        help="cut the UNet for DeepCache at this branch (numbered as the authors' helper numbers it; 0, the "
+        "shallowest and fastest, is theirs for SD 1.5): a whole UNet that caches the branch's feature and a "
+        "shallow one that runs on it (generate --deepcache-interval)",
     )
     e.add_argument(
         "--seamless",
@@ -990,6 +1033,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="perturbed-attention guidance at this scale, for an export with --pag-layers (the baseline runs "
         "diffusers' PAG pipelines on the same layers)",
+    )
+    b.add_argument(
+        "--deepcache-interval",
+        type=int,
+        default=1,
+        metavar="N",
+        help="DeepCache at this interval, for an export with --deepcache (the baseline runs the authors' "
+        "DeepCacheSDHelper at the same branch)",
     )
     b.add_argument("--json", default=None)
     b.add_argument("--plot", default=None)

@@ -38,6 +38,8 @@ PAG_LAYERS = ("mid", "down_blocks.1")
 #: the latent consistency model's run: LCM_Dreamshaper_v7's defaults (its scheduler, 4 steps, scale 8.5)
 #: and its UNet's guidance embedding width
 LCM_SETTINGS = dict(scheduler="lcm", steps=4, guidance=8.5)
+#: DeepCache's interval (the whole UNet on every third call), at the authors' branch 0
+DEEPCACHE_INTERVAL = 3
 LCM_WIDTH = 256
 
 
@@ -71,13 +73,13 @@ def run_demo(
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/16] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/17] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/16] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/17] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
     pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/16] text to image with the {backend} backend")
+        say(f"[{i}/17] text to image with the {backend} backend")
         pipes[backend] = Pipeline.load(path, backend=backend)
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
@@ -86,25 +88,25 @@ def run_demo(
         backend: pipe(prompt, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **settings)
         for backend, pipe in pipes.items()
     }
-    say(f"[5/16] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    say(f"[5/17] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
     redone = on_both(IMG2IMG_PROMPT, image=ort_result.array, strength=IMG2IMG_STRENGTH)
-    say("[6/16] inpainting the centre of the ort image with both backends")
+    say("[6/17] inpainting the centre of the ort image with both backends")
     mask = centre_mask(ort_result.request.height, ort_result.request.width)
     inpainted = on_both(INPAINT_PROMPT, image=ort_result.array, mask=mask)
     say(
-        f"[7/16] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
+        f"[7/17] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
         "on both backends"
     )
     edited = on_both(EDITED_PROMPT, prompt_weights="a1111", hires_scale=HIRES_SCALE)
     lora = write_random_lora(onnx_dir, workdir / "random-lora.safetensors", seed=SEED)
     say(
-        f"[8/16] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
+        f"[8/17] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
     )
     for pipe in pipes.values():
         pipe.load_lora(lora, LORA_SCALE)
     with_lora = on_both(PROMPT)
     controlnet, control_onnx = workdir / "random-controlnet", workdir / "tiny-onnx-controlnet"
-    say(f"[9/16] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
+    say(f"[9/17] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
     shutil.rmtree(controlnet, ignore_errors=True)
     write_random_controlnet(checkpoint, controlnet, seed=SEED)
     components = ["text_encoder", "unet", "vae_decoder"]
@@ -120,7 +122,7 @@ def run_demo(
         )
     }
     xl_checkpoint, xl_onnx = workdir / "tiny-xl-checkpoint", workdir / "tiny-xl-onnx"
-    say(f"[10/16] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
+    say(f"[10/17] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
     write_random_checkpoint(xl_checkpoint, "tiny-xl", seed=SEED, overwrite=True)
     export_checkpoint(
         xl_checkpoint, xl_onnx, components=["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
@@ -134,7 +136,7 @@ def run_demo(
         workdir / "tiny-xl-refiner-onnx",
     )
     say(
-        f"[11/16] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
+        f"[11/17] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
         f"{1 - DEFAULT_REFINER_SWITCH:.0%} of the run, on both backends"
     )
     write_random_checkpoint(refiner_checkpoint, "tiny-xl-refiner", seed=SEED, overwrite=True)
@@ -150,7 +152,7 @@ def run_demo(
     }
     adapter_dir, ip_onnx = workdir / "random-ip-adapter", workdir / "tiny-onnx-ip-adapter"
     say(
-        f"[12/16] a random IP-Adapter ({adapter_dir.name}) given the first image as a prompt, on both "
+        f"[12/17] a random IP-Adapter ({adapter_dir.name}) given the first image as a prompt, on both "
         "backends"
     )
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -168,13 +170,13 @@ def run_demo(
         for backend, path, extra in (("ort", ip_onnx, {}), ("torch", checkpoint, {"ip_adapter": adapter}))
     }
     say(
-        "[13/16] the first prompt again, its noise drawn as PyTorch's CPU generator draws it: diffusers "
+        "[13/17] the first prompt again, its noise drawn as PyTorch's CPU generator draws it: diffusers "
         "draws its own, sdengine the same without PyTorch"
     )
     torch_noise = on_both(PROMPT, noise_source="torch-cpu")
     pag_onnx = workdir / "tiny-onnx-pag"
     say(
-        f"[14/16] the first prompt with perturbed-attention guidance (scale {PAG_SCALE:g}, layers "
+        f"[14/17] the first prompt with perturbed-attention guidance (scale {PAG_SCALE:g}, layers "
         f"{', '.join(PAG_LAYERS)}) on both backends"
     )
     export_checkpoint(checkpoint, pag_onnx, components=components, pag_layers=list(PAG_LAYERS))
@@ -186,7 +188,7 @@ def run_demo(
     }
     lcm_checkpoint, lcm_onnx = workdir / "tiny-lcm-checkpoint", workdir / "tiny-lcm-onnx"
     say(
-        "[15/16] a tiny random latent consistency model (its UNet takes the guidance scale as an input: one "
+        "[15/17] a tiny random latent consistency model (its UNet takes the guidance scale as an input: one "
         f"UNet call a step), {LCM_SETTINGS['steps']} steps of its scheduler, on both backends"
     )
     write_random_checkpoint(lcm_checkpoint, "tiny", seed=SEED, overwrite=True, guidance_embedding=LCM_WIDTH)
@@ -197,7 +199,7 @@ def run_demo(
     }
     tiny_vae, tiny_vae_onnx = workdir / "tiny-vae-taesd", workdir / "tiny-taesd-onnx"
     say(
-        "[16/16] the first checkpoint with a random tiny VAE (TAESD's architecture, many times faster) in "
+        "[16/17] the first checkpoint with a random tiny VAE (TAESD's architecture, many times faster) in "
         "its VAE's place, on both backends"
     )
     shutil.rmtree(tiny_vae, ignore_errors=True)
@@ -208,6 +210,23 @@ def run_demo(
             PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler
         )
         for backend, path, extra in (("ort", tiny_vae_onnx, {}), ("torch", checkpoint, {"vae": tiny_vae}))
+    }
+    deepcache_onnx = workdir / "tiny-onnx-deepcache"
+    say(
+        f"[17/17] the first prompt with DeepCache (the whole UNet on every call of {DEEPCACHE_INTERVAL}, its "
+        "shallow branch on the cached feature between), against the authors' helper on diffusers"
+    )
+    export_checkpoint(checkpoint, deepcache_onnx, components=components, deepcache=0)
+    cached = {
+        backend: Pipeline.load(path, backend=backend, **extra)(
+            PROMPT,
+            NEGATIVE,
+            steps=steps,
+            seed=SEED,
+            scheduler=scheduler,
+            deepcache_interval=DEEPCACHE_INTERVAL,
+        )
+        for backend, path, extra in (("ort", deepcache_onnx, {}), ("torch", checkpoint, {"deepcache": 0}))
     }
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
     extra_outputs = {}
@@ -224,6 +243,7 @@ def run_demo(
         ("pag", perturbed["ort"]),
         ("lcm", consistent["ort"]),
         ("taesd", tiny_decoded["ort"]),
+        ("deepcache", cached["ort"]),
     ):
         extra_outputs[name] = output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}")
         save_png(result.images[0], extra_outputs[name], {**result.request.parameters(), "backend": "ort"})
@@ -240,6 +260,8 @@ def run_demo(
     pag_similarity = psnr(perturbed["ort"].array, perturbed["torch"].array)
     lcm_similarity = psnr(consistent["ort"].array, consistent["torch"].array)
     taesd_similarity = psnr(tiny_decoded["ort"].array, tiny_decoded["torch"].array)
+    deepcache_similarity = psnr(cached["ort"].array, cached["torch"].array)
+    unet_ms = {"plain": ort_result.times.total_ms("unet"), "cached": cached["ort"].times.total_ms("unet")}
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
     print(
         f"\nwrote {output}: {steps} steps, "
@@ -291,6 +313,11 @@ def run_demo(
     print(f"wrote {extra_outputs['taesd']}: the first prompt decoded by a random tiny VAE")
     print(f"ONNX Runtime vs PyTorch (diffusers with AutoencoderTiny): PSNR {taesd_similarity:.1f} dB")
     print(
+        f"wrote {extra_outputs['deepcache']}: the first prompt with DeepCache at interval "
+        f"{DEEPCACHE_INTERVAL} (UNet {unet_ms['cached']:.0f} ms, {unet_ms['plain']:.0f} ms without)"
+    )
+    print(f"ONNX Runtime vs PyTorch (diffusers with DeepCacheSDHelper): PSNR {deepcache_similarity:.1f} dB")
+    print(
         "NOTE: the checkpoint's weights are RANDOM, so the image is structured noise, "
         "not a picture of the prompt."
     )
@@ -308,4 +335,5 @@ def run_demo(
         "pag_psnr_db": pag_similarity,
         "lcm_psnr_db": lcm_similarity,
         "taesd_psnr_db": taesd_similarity,
+        "deepcache_psnr_db": deepcache_similarity,
     }

@@ -241,3 +241,74 @@ def test_simulated_tensorrt_runs_the_shallow_engine(simulated, onnx_deepcache, d
     np.testing.assert_allclose(ours.array, expected.array, atol=1e-4)
     assert backend.graphs_refused is None
     assert [len(steps.graphs) for steps in backend._graphs.values()] == [4]
+
+
+def test_cli_exports_runs_and_describes_deepcache(
+    onnx_deepcache, ort_pipe_fp32, tiny_checkpoint, tmp_path, capsys
+):
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.info import describe
+
+    out = tmp_path / "dc.png"
+    args = ["generate", str(onnx_deepcache), PROMPT, "--steps", "4", "--height", "64", "--width", "64"]
+    assert (
+        main([*args, "--seed", "1", "--device", "cpu", "--deepcache-interval", "3", "--output", str(out)])
+        == 0
+    )
+    assert json.loads(Image.open(out).info["sdengine"])["deepcache_interval"] == 3
+    assert describe(onnx_deepcache)["deepcache"] == "branch 0 (--deepcache-interval)"
+    assert describe(ort_pipe_fp32.model_dir.root)["deepcache"] == "none"
+    capsys.readouterr()
+    plain = ["generate", str(ort_pipe_fp32.model_dir.root), PROMPT, "--steps", "2", "--device", "cpu"]
+    assert main([*plain, "--deepcache-interval", "3", "--output", str(tmp_path / "x.png")]) == 1
+    assert "sdengine export --deepcache 0" in capsys.readouterr().err
+    assert main(["export", str(tiny_checkpoint), "--output", str(tmp_path / "e"), "--deepcache", "40"]) == 1
+    assert "DeepCache branch 40 is not in this UNet" in capsys.readouterr().err
+
+
+def combo(tiny_checkpoint, root, kind: str):
+    """(export directory, checkpoint, torch load options, request settings) of DeepCache with another
+    feature, each from its own export."""
+    from export.checkpoint import write_random_checkpoint
+    from export.ip_adapter import write_random_ip_adapter
+    from export.onnx_export import export_checkpoint
+
+    components = ["text_encoder", "unet", "vae_decoder"]
+    checkpoint, torch_options, settings, export_options = tiny_checkpoint, {}, {}, {}
+    if kind == "pag":  # the perturbed layers lie in the skipped blocks: the shallow UNet reads no pag_rows
+        layers = ["mid", "down_blocks.1"]
+        export_options, torch_options, settings = (
+            {"pag_layers": layers},
+            {"pag_layers": layers},
+            {"pag_scale": 3.0},
+        )
+    elif kind == "sdxl":
+        checkpoint = write_random_checkpoint(root / "xl", "tiny-xl", seed=0)
+        components = ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    elif kind == "ip-adapter":  # the kept layer's cross-attention reads the image prompt
+        adapter = write_random_ip_adapter(tiny_checkpoint, root / "ip", seed=0)
+        export_options, torch_options = {"ip_adapter": adapter}, {"ip_adapter": adapter}
+        components.append("image_encoder")
+        settings = {"ip_adapter_image": picture(64, 64)[0], "ip_adapter_scale": 0.7}
+    elif kind == "lcm":  # the guidance embedding reaches the time embedding, which the shallow UNet runs
+        checkpoint = write_random_checkpoint(root / "lcm", "tiny", seed=0, guidance_embedding=256)
+        settings = {"scheduler": "lcm", "steps": 6, "guidance": 8.5}
+    export_checkpoint(checkpoint, root / "onnx", components=components, deepcache=0, **export_options)
+    return root / "onnx", checkpoint, torch_options, settings
+
+
+@pytest.mark.parametrize("kind", ["pag", "sdxl", "ip-adapter", "lcm"])
+def test_deepcache_with_other_features_matches_the_helper(tiny_checkpoint, tmp_path, kind):
+    onnx_dir, checkpoint, torch_options, extra = combo(tiny_checkpoint, tmp_path, kind)
+    settings = {**SETTINGS, "scheduler": "euler", "deepcache_interval": 3, **extra}
+    ours = Pipeline.load(onnx_dir, backend="ort", device="cpu")
+    ref = Pipeline.load(checkpoint, backend="torch", deepcache=0, **torch_options)
+    result = ours(PROMPT, NEGATIVE, **settings)
+    assert psnr(result.array, ref(PROMPT, NEGATIVE, **settings).array) >= 100
+    plain = ours(PROMPT, NEGATIVE, **{**settings, "deepcache_interval": 1})
+    assert psnr(result.array, plain.array) < 80
+    if kind == "pag":  # declared again, unread: every backend binds the UNet's inputs alike
+        shallow = onnx.load(str(onnx_dir / "unet_shallow" / "model.onnx"), load_external_data=False)
+        assert [i.name for i in shallow.graph.input][-2:] == ["pag_rows", "deepcache_feature"]

@@ -478,7 +478,7 @@ def test_least_recently_used_unet_shapes_are_freed(ort_pipe_fp32, monkeypatch):
             bound(PROMPT, **settings).latents, ort_pipe_fp32(PROMPT, **settings).latents, atol=1e-4
         )
         assert len(backend._unet_sessions) <= 2
-    assert sorted(key[2] for key in backend._unet_sessions) == [12, 16]  # latent widths of 96 and 128
+    assert sorted(key[3] for key in backend._unet_sessions) == [12, 16]  # latent widths of 96 and 128
     assert sorted(key.latent_width for key in backend._denoisers) == [12, 16]
     assert len(backend._step_sessions) == 2
 
