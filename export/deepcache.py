@@ -8,11 +8,13 @@ counted from the UNet's ends, the down blocks before ``block``, the first ``laye
 middle block included) is skipped, and what it fed into the kept up layers -- the hidden states entering
 layer ``layer`` of up block ``block``, before its skip connection is concatenated -- is the cached feature.
 
-Two models are traced from the same UNet export wrapper (ControlNets excepted: their residuals reach the
-skipped blocks):
+Two models are traced from the same UNet export wrapper (ControlNets, an IP-Adapter, PAG's layers and a
+guidance embedding included):
 
 - ``unet``: the whole UNet, which also gives that feature (``deepcache_feature``);
-- ``unet_shallow``: the kept layers alone, which take the feature as their last input.
+- ``unet_shallow``: the kept layers alone, which take the feature as their last input. What only the skipped
+  blocks read is left out of its graph: ControlNets' deeper residuals with the layers that make them, so a
+  ControlNet costs the shallow call little, where diffusers with the helper runs it whole on every call.
 
 The kept blocks' layers run through diffusers' own modules; only the up block that the branch cuts and, where
 the branch cuts a down block, that down block, run through :func:`_up_block_forward` and
@@ -35,7 +37,7 @@ from torch import nn
 
 from export.wrappers import exported_component
 from sdengine.deepcache import DEEPCACHE_CONFIG, CacheBranch
-from sdengine.errors import InvalidArgumentError
+from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.model_specs import Architecture, ModelSpec
 
 #: The up and down block classes whose forwards :func:`_up_block_forward` and :func:`_down_block_forward`
@@ -81,6 +83,18 @@ def branch_shape(unet: nn.Module, branch: CacheBranch) -> BranchShape:
     channels = resnet.conv1.in_channels - skip_channels
     downscale = 2 ** sum(1 for b in unet.down_blocks[: branch.block] if b.downsamplers)
     return BranchShape(branch.block, up, first_kept, channels, downscale)
+
+
+def check_controlled_branch(shape: BranchShape, branch: CacheBranch, controlnets: bool) -> None:
+    """With ControlNets, refuse the one branch whose feature is the middle block's output: a ControlNet adds
+    its middle residual to that output on every call, which the authors' helper adds to the cached output
+    afresh, where the whole UNet's feature holds the residual of its own call. Every other branch's feature
+    is an up block's, after every residual it reads."""
+    if controlnets and shape.up == 0 and shape.first_kept == 0:
+        raise UnsupportedConfigError(
+            f"DeepCache branch {branch.branch_id} caches the middle block's output, to which ControlNets add "
+            "their residual on every call: choose a lower branch to run it with ControlNets"
+        )
 
 
 def _skip_channels(unet: nn.Module, branch: CacheBranch) -> int:

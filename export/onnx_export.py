@@ -31,6 +31,7 @@ from export.checkpoint import checkpoint_hash
 from export.controlnet import check_controlnets, controlnet_directory, with_controlnets
 from export.cuda_fusion import classic_attention, fuse_for_cuda
 from export.deepcache import (
+    check_controlled_branch,
     checkpoint_branch_shape,
     cut_for_deepcache,
     restore_unread_inputs,
@@ -421,13 +422,10 @@ def export_checkpoint(
     if branch is not None:
         if UNET not in components:
             raise InvalidArgumentError("--deepcache cuts the UNet in two: export the unet component too")
-        if control_paths:
-            raise UnsupportedConfigError(
-                "--deepcache with ControlNets is not supported: their residuals reach the skipped blocks"
-            )
         if target == "cuda":
             raise UnsupportedConfigError("--deepcache with --target cuda is not supported yet")
         branch_shape = checkpoint_branch_shape(source, branch)
+        check_controlled_branch(branch_shape, branch, bool(control_paths))
         if UNET_SHALLOW not in components:
             components.insert(components.index(UNET) + 1, UNET_SHALLOW)
     elif UNET_SHALLOW in components:

@@ -180,11 +180,10 @@ class TorchPipeline(_CallMixin):
             controlnet = (nets[0] if len(nets) == 1 else MultiControlNetModel(nets)).to(device)
         model_dir = dataclasses.replace(model_dir, seamless=seamless)  # for the record (request.seamless)
         if deepcache is not None:
-            from export.deepcache import branch_shape
+            from export.deepcache import branch_shape, check_controlled_branch
 
-            if controlnets:
-                raise UnsupportedConfigError("DeepCache with ControlNets is not supported")
             shape = branch_shape(pipe.unet, CacheBranch(deepcache))
+            check_controlled_branch(shape, CacheBranch(deepcache), bool(controlnets))
             arch = dataclasses.replace(
                 model_dir.arch, deepcache_channels=shape.channels, deepcache_downscale=shape.downscale
             )

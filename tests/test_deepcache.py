@@ -160,13 +160,16 @@ def test_bad_deepcache_requests_are_refused(ort_pipe_fp32, deepcache_pipe, tiny_
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
-def test_deepcache_with_controlnets_is_refused(tiny_checkpoint, tmp_path):
+def test_the_branch_that_caches_the_middle_block_is_refused_with_controlnets(tiny_checkpoint, tmp_path):
     from export.controlnet import write_random_controlnet
     from export.onnx_export import export_checkpoint
 
     controlnet = write_random_controlnet(tiny_checkpoint, tmp_path / "controlnet")
-    with pytest.raises(UnsupportedConfigError, match="--deepcache with ControlNets is not supported"):
-        export_checkpoint(tiny_checkpoint, tmp_path / "x", deepcache=0, controlnets=[controlnet])
+    with pytest.raises(UnsupportedConfigError, match="branch 11 caches the middle block's output"):
+        export_checkpoint(tiny_checkpoint, tmp_path / "x", deepcache=11, controlnets=[controlnet])
+    with pytest.raises(UnsupportedConfigError, match="branch 11 caches the middle block's output"):
+        Pipeline.load(tiny_checkpoint, backend="torch", deepcache=11, controlnets=[controlnet])
+    assert not (tmp_path / "x").exists()
 
 
 def test_run_time_lora_reaches_the_shallow_unet(deepcache_pipe, onnx_deepcache, tiny_checkpoint, tmp_path):
@@ -292,6 +295,14 @@ def combo(tiny_checkpoint, root, kind: str):
         export_options, torch_options = {"ip_adapter": adapter}, {"ip_adapter": adapter}
         components.append("image_encoder")
         settings = {"ip_adapter_image": picture(64, 64)[0], "ip_adapter_scale": 0.7}
+    elif kind == "controlnet":  # it runs whole; of its residuals, the shallow UNet reads the first
+        from test_controlnet import control
+
+        from export.controlnet import write_random_controlnet
+
+        controlnet = write_random_controlnet(tiny_checkpoint, root / "controlnet")
+        export_options, torch_options = {"controlnets": [controlnet]}, {"controlnets": [controlnet]}
+        settings = {"control_image": control(height=64, width=64), "control_scale": 0.8}
     elif kind == "lcm":  # the guidance embedding reaches the time embedding, which the shallow UNet runs
         checkpoint = write_random_checkpoint(root / "lcm", "tiny", seed=0, guidance_embedding=256)
         settings = {"scheduler": "lcm", "steps": 6, "guidance": 8.5}
@@ -299,7 +310,7 @@ def combo(tiny_checkpoint, root, kind: str):
     return root / "onnx", checkpoint, torch_options, settings
 
 
-@pytest.mark.parametrize("kind", ["pag", "sdxl", "ip-adapter", "lcm"])
+@pytest.mark.parametrize("kind", ["pag", "sdxl", "ip-adapter", "controlnet", "lcm"])
 def test_deepcache_with_other_features_matches_the_helper(tiny_checkpoint, tmp_path, kind):
     onnx_dir, checkpoint, torch_options, extra = combo(tiny_checkpoint, tmp_path, kind)
     settings = {**SETTINGS, "scheduler": "euler", "deepcache_interval": 3, **extra}
