@@ -107,6 +107,22 @@ class FakeCudart(types.ModuleType):
         return 0, 8 if attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor else 9
 
 
+def record_ort_steps_on_capture(monkeypatch: pytest.MonkeyPatch, cudart: FakeCudart) -> None:
+    """Make the ONNX Runtime CUDA backend's steps behave on the simulated stream as on a real one: work put
+    on a capturing stream is recorded into the graph, not run; outside a capture it runs."""
+    from sdengine.backends import ort_cuda
+
+    enqueue_step = ort_cuda.DeviceDenoiser._eager_step
+
+    def on_stream(self, parity, options=None, whole=True):
+        if cudart.capture is not None:
+            cudart.capture.append(lambda: enqueue_step(self, parity, whole=whole))
+        else:
+            enqueue_step(self, parity, options, whole)
+
+    monkeypatch.setattr(ort_cuda.DeviceDenoiser, "_eager_step", on_stream)
+
+
 def install_fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCudart:
     """Make ``from cuda.bindings import runtime`` give a fresh :class:`FakeCudart` for one test."""
     cudart = FakeCudart()

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from test_img2img import picture
+from test_pag import mask
 from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.deepcache import CacheBranch, check_interval, whole_calls
@@ -37,12 +38,6 @@ def deepcache_pipe(onnx_deepcache):
 @pytest.fixture(scope="module")
 def torch_pipe(tiny_checkpoint):
     return Pipeline.load(tiny_checkpoint, backend="torch", deepcache=0)
-
-
-def mask(height: int = 64, width: int = 64) -> np.ndarray:
-    m = np.zeros((height, width), np.float32)
-    m[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 1.0
-    return m
 
 
 @pytest.mark.parametrize(
@@ -193,21 +188,12 @@ def test_run_time_lora_reaches_the_shallow_unet(deepcache_pipe, onnx_deepcache, 
 def test_the_bound_device_loop_runs_the_shallow_unet(deepcache_pipe, monkeypatch):
     """The ONNX Runtime CUDA backend's loop (on the CPU provider), with each step captured as a graph on a
     simulated CUDA runtime: four graphs, the shallow UNet's two launched between the whole one's."""
-    from fake_cuda import install_fake_cuda
+    from fake_cuda import install_fake_cuda, record_ort_steps_on_capture
 
     from sdengine.backends import ort_cuda
     from sdengine.backends.cuda_runtime import Stream
 
-    cudart = install_fake_cuda(monkeypatch)
-    enqueue_step = ort_cuda.DeviceDenoiser._eager_step
-
-    def on_stream(self, parity, options=None, whole=True):
-        if cudart.capture is not None:  # work put on a capturing stream is recorded, not run
-            cudart.capture.append(lambda: enqueue_step(self, parity, whole=whole))
-        else:
-            enqueue_step(self, parity, options, whole)
-
-    monkeypatch.setattr(ort_cuda.DeviceDenoiser, "_eager_step", on_stream)
+    record_ort_steps_on_capture(monkeypatch, install_fake_cuda(monkeypatch))
     model_dir = deepcache_pipe.model_dir
     backend = ort_cuda.OrtCudaBackend(model_dir, device="cpu", stream=Stream())
     bound = Pipeline(model_dir, backend, deepcache_pipe.tokenizer)

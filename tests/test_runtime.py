@@ -268,21 +268,13 @@ def test_optimized_graph_cache(onnx_fp32, ort_pipe_fp32, tmp_path, monkeypatch):
 def test_whole_step_graphs_replay_the_host_loop(ort_pipe_fp32, monkeypatch):
     """``step`` mode on the CPU provider with a simulated CUDA runtime: each parity's whole step (both runs)
     is captured, recorded rather than run, and every step of every later run is one graph launch."""
-    from fake_cuda import install_fake_cuda
+    from fake_cuda import install_fake_cuda, record_ort_steps_on_capture
 
     from sdengine.backends import ort_cuda
     from sdengine.backends.cuda_runtime import Stream
 
     cudart = install_fake_cuda(monkeypatch)
-    enqueue_step = ort_cuda.DeviceDenoiser._eager_step
-
-    def on_stream(self, parity, options=None, whole=True):
-        if cudart.capture is not None:  # work put on a capturing stream is recorded, not run
-            cudart.capture.append(lambda: enqueue_step(self, parity, whole=whole))
-        else:
-            enqueue_step(self, parity, options, whole)
-
-    monkeypatch.setattr(ort_cuda.DeviceDenoiser, "_eager_step", on_stream)
+    record_ort_steps_on_capture(monkeypatch, cudart)
     backend = ort_cuda.OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu", stream=Stream())
     assert backend.graph_mode == "step"
     bound = Pipeline(ort_pipe_fp32.model_dir, backend, ort_pipe_fp32.tokenizer)
