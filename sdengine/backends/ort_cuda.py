@@ -20,6 +20,10 @@ Graph modes (:data:`GRAPH_MODES`):
   Its CUDA provider waits for the GPU after every replay.
 - ``none``: plain runs.
 
+With DeepCache (:mod:`sdengine.deepcache`) the shallow UNet's session is bound to the same buffers and the
+cached feature's, which the whole UNet writes: ``step`` mode captures its two steps too, and the loop launches
+each call's kind from a table fixed before the run.
+
 A denoiser's graphs are made when it is created, on that plan's inputs, and (``step``) replayed once against
 the plain runs they were captured from; if any is refused (as the session opens, in a capture, or by that
 check), the backend says so once and goes on in the next mode of :data:`FALLBACK`. Symbolic dimensions are

@@ -12,7 +12,9 @@
   whole step (UNet then step model) on ping-pong state buffers, and checked once against the plain enqueues
   they were captured from; the loop launches N graphs and the host waits once, before the VAE. Each graph
   runs execution contexts of its own (the engines' weights are shared), so no context's shapes, addresses or
-  device memory ever change under a captured graph.
+  device memory ever change under a captured graph. With DeepCache (:mod:`sdengine.deepcache`) two more are
+  captured, the shallow UNet's steps, which read the feature the whole UNet's engine writes into a buffer of
+  its own; the loop launches each call's kind from a table fixed before the run.
 
 Status: written against the documented TensorRT 10/11 and cuda-python runtime APIs; TensorRT cannot be
 installed where this project is developed and tested, so none of this module has been run. Everything around
