@@ -51,7 +51,6 @@ class BranchShape:
     """Where a branch cuts a UNet, in diffusers' indices, and the cached feature's channels and downscale
     (the latents' size over the feature's)."""
 
-    down: int  # index into unet.down_blocks
     up: int  # index into unet.up_blocks
     first_kept: int  # the first of the cut up block's layers that runs on the feature
     channels: int
@@ -82,7 +81,7 @@ def branch_shape(unet: nn.Module, branch: CacheBranch) -> BranchShape:
     skip_channels = _skip_channels(unet, branch)
     channels = resnet.conv1.in_channels - skip_channels
     downscale = 2 ** sum(1 for b in unet.down_blocks[: branch.block] if b.downsamplers)
-    return BranchShape(branch.block, up, first_kept, channels, downscale)
+    return BranchShape(up, first_kept, channels, downscale)
 
 
 def check_controlled_branch(shape: BranchShape, branch: CacheBranch, controlnets: bool) -> None:
@@ -165,8 +164,8 @@ def _up_block_forward(block: nn.Module, first_kept: int, slot: _Slot, shallow: b
 
 
 def _down_block_forward(block: nn.Module, kept: int) -> Any:
-    """A down block of which the shallow UNet keeps the first ``kept`` layers: their outputs, and
-    placeholders for the skipped layers' and the downsampler's."""
+    """A down block of which the shallow UNet keeps the first ``kept`` layers (0: a skipped block): their
+    outputs, and placeholders for the skipped layers' and the downsampler's."""
     outputs = len(block.resnets) + (1 if block.downsamplers else 0)
 
     def forward(hidden_states: torch.Tensor, temb: torch.Tensor | None = None, **kwargs: Any) -> tuple:
@@ -182,11 +181,6 @@ def _down_block_forward(block: nn.Module, kept: int) -> Any:
     return forward
 
 
-def _skipped_down_block(block: nn.Module) -> Any:
-    outputs = len(block.resnets) + (1 if block.downsamplers else 0)
-    return lambda *args, **kwargs: (_placeholder(), (_placeholder(),) * outputs)
-
-
 def _skipped(*args: Any, **kwargs: Any) -> torch.Tensor:
     return _placeholder()
 
@@ -197,19 +191,17 @@ class DeepCacheUNetExport(nn.Module):
     its last input and gives its output. The blocks' forwards are replaced on the UNet's modules themselves
     (instance attributes), so the UNet's layers keep their names (``export.weight_names``)."""
 
-    def __init__(self, inner: nn.Module, unet: nn.Module, branch: CacheBranch, *, shallow: bool) -> None:
+    def __init__(
+        self, inner: nn.Module, unet: nn.Module, branch: CacheBranch, shape: BranchShape, *, shallow: bool
+    ) -> None:
         super().__init__()
         self.inner, self.shallow, self.slot = inner, shallow, _Slot()
-        shape = branch_shape(unet, branch)
         cut = unet.up_blocks[shape.up]
         cut.forward = _up_block_forward(cut, shape.first_kept, self.slot, shallow)
         if not shallow:
             return
-        for i, block in enumerate(unet.down_blocks):
-            if i > branch.block or (i == branch.block and branch.layer == 0):
-                block.forward = _skipped_down_block(block)
-            elif i == branch.block:
-                block.forward = _down_block_forward(block, branch.layer)
+        for i, block in enumerate(unet.down_blocks[branch.block :], start=branch.block):
+            block.forward = _down_block_forward(block, branch.layer if i == branch.block else 0)
         unet.mid_block.forward = _skipped
         for block in unet.up_blocks[: shape.up]:
             block.forward = _skipped
@@ -237,18 +229,17 @@ def cut_for_deepcache(
     unet = exported_component(module)[1]
     shape = branch_shape(unet, branch)
     arch = dataclasses.replace(arch, deepcache_channels=shape.channels, deepcache_downscale=shape.downscale)
-    return DeepCacheUNetExport(module, unet, branch, shallow=shallow), arch
+    return DeepCacheUNetExport(module, unet, branch, shape, shallow=shallow), arch
 
 
-def restore_unread_inputs(model: onnx.ModelProto, spec: ModelSpec) -> list[str]:
+def restore_unread_inputs(model: onnx.ModelProto, spec: ModelSpec) -> None:
     """Declare again, in ``spec``'s order, the inputs the tracer left out of the shallow UNet because its
     branch never reads them (``pag_rows``, where every perturbed layer is skipped): the UNet's inputs are
-    the shallow one's, whatever the branch, so every backend binds them alike. Returns their names."""
+    the shallow one's, whatever the branch, so every backend binds them alike."""
     graph = model.graph
     declared = {i.name: i for i in graph.input}
-    missing = [t.name for t in spec.inputs if t.name not in declared]
     for tensor in spec.inputs:
-        if tensor.name in missing:
+        if tensor.name not in declared:
             declared[tensor.name] = helper.make_tensor_value_info(
                 tensor.name, helper.np_dtype_to_tensor_dtype(tensor.np_dtype), list(tensor.dims)
             )
@@ -256,7 +247,6 @@ def restore_unread_inputs(model: onnx.ModelProto, spec: ModelSpec) -> list[str]:
     ordered += [i for name, i in declared.items() if name not in {t.name for t in spec.inputs}]
     del graph.input[:]
     graph.input.extend(ordered)
-    return missing
 
 
 def checkpoint_branch_shape(checkpoint: Path, branch: CacheBranch) -> BranchShape:

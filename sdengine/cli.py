@@ -439,7 +439,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"bench needs the export extra ({exc.name} is missing): pip install 'sdengine[export]'"
         ) from None
     from sdengine.backends.select import detect
-    from sdengine.deepcache import DEEPCACHE_CONFIG, check_interval
+    from sdengine.deepcache import DEEPCACHE_CONFIG, check_interval, exported_branch
     from sdengine.errors import BackendUnavailableError
     from sdengine.ip_adapter import IP_ADAPTER_CONFIG
     from sdengine.manifest import Manifest
@@ -493,7 +493,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         controlnets = tuple(str(c["dir"]) for c in manifest.controlnets) if manifest else ()
         ip_adapter = optional_json(onnx_dir / IP_ADAPTER_CONFIG).get("file")
         pag_layers = exported_pag(optional_json(onnx_dir / PAG_CONFIG))
-        deepcache = optional_json(onnx_dir / DEEPCACHE_CONFIG).get("branch")
+        deepcache = exported_branch(optional_json(onnx_dir / DEEPCACHE_CONFIG))
         seamless = bool(manifest and manifest.seamless)
         size = dict(height=native, width=native, batch=1, steps=4, guidance=7.5, runs=3, warmup=1)
     overrides = {k: getattr(args, k) for k in size if getattr(args, k) is not None}

@@ -27,8 +27,6 @@ from sdengine.errors import InvalidArgumentError, ModelDirectoryError
 
 #: Where an export records its DeepCache branch and the cached feature's shape.
 DEEPCACHE_CONFIG = Path("deepcache") / "config.json"
-#: The helper's default branch: the shallowest, fastest.
-DEFAULT_BRANCH = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +61,12 @@ def exported_deepcache(config: dict[str, Any]) -> dict[str, int]:
     if fields["channels"] < 1 or fields["downscale"] < 1:
         raise ModelDirectoryError(f"{DEEPCACHE_CONFIG} is unreadable: export again")
     return {"deepcache_channels": fields["channels"], "deepcache_downscale": fields["downscale"]}
+
+
+def exported_branch(config: dict[str, Any]) -> int | None:
+    """The branch an export's ``deepcache/config.json`` names (None: no DeepCache), checked as
+    :func:`exported_deepcache` checks the record."""
+    return config["branch"] if exported_deepcache(config) else None
 
 
 def check_interval(interval: int) -> int:

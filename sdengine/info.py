@@ -43,7 +43,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 def _model(root: Path, kind: str) -> dict[str, Any]:
     from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets
-    from sdengine.deepcache import DEEPCACHE_CONFIG
+    from sdengine.deepcache import DEEPCACHE_CONFIG, exported_branch
     from sdengine.ip_adapter import IP_ADAPTER_CONFIG
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_checkpoint_dir, open_onnx_dir, optional_json, weights_variant
@@ -95,7 +95,7 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     pag = exported_pag(optional_json(root / PAG_CONFIG))
     info["pag"] = f"perturbed-attention guidance (--pag-scale) in {', '.join(pag)}" if pag else "none"
     info["seamless"] = "yes: its images tile" if model_dir.seamless else "no"
-    branch = optional_json(root / DEEPCACHE_CONFIG).get("branch")
+    branch = exported_branch(optional_json(root / DEEPCACHE_CONFIG))
     info["deepcache"] = f"branch {branch} (--deepcache-interval)" if branch is not None else "none"
     tiny = model_dir.onnx_path(PREVIEW_DECODER).is_file()
     info["previews"] = "full, approx, tiny (its preview decoder)" if tiny else "full, approx"

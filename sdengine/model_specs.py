@@ -235,6 +235,14 @@ class Architecture:
             "feature_width": -(-(width // self.vae_scale_factor) // self.deepcache_downscale),
         }
 
+    def deepcache_feature_shape(
+        self, unet_batch: int, latent_height: int, latent_width: int
+    ) -> tuple[int, ...]:
+        """The cached feature's shape for a UNet batch of these latents (``sdengine.deepcache``)."""
+        factor = self.vae_scale_factor
+        sizes = self.sizes(unet_batch, latent_height * factor, latent_width * factor)
+        return self.specs()[UNET].output_shapes(sizes)[DEEPCACHE_FEATURE]
+
     def control_specs(self) -> tuple[TensorSpec, ...]:
         """The UNet's ControlNet inputs: none without ControlNets."""
         if not self.controlnets:

@@ -21,6 +21,11 @@ PROMPT, NEGATIVE = "a lantern on a table", "blurry"
 SETTINGS = dict(steps=8, seed=4, height=64, width=64)
 
 
+def nodes(root, component: str) -> int:
+    """How many nodes an exported model's graph has."""
+    return len(onnx.load(str(root / component / "model.onnx"), load_external_data=False).graph.node)
+
+
 @pytest.fixture(scope="module")
 def onnx_deepcache(tiny_checkpoint, tmp_path_factory):
     from export.onnx_export import export_checkpoint
@@ -84,11 +89,7 @@ def test_a_deeper_branch_matches_the_helper_and_runs_more_of_the_unet(tiny_check
     ours = Pipeline.load(out, backend="ort", device="cpu")(PROMPT, NEGATIVE, **settings)
     ref = Pipeline.load(tiny_checkpoint, backend="torch", deepcache=5)(PROMPT, NEGATIVE, **settings)
     assert psnr(ours.array, ref.array) >= 100
-    nodes = {
-        name: len(onnx.load(str(root / name / "model.onnx"), load_external_data=False).graph.node)
-        for root, name in ((out, "unet_shallow"), (out, "unet"))
-    }
-    assert nodes["unet_shallow"] < 0.7 * nodes["unet"]  # branch 0 keeps a fifteenth of it: below
+    assert nodes(out, "unet_shallow") < 0.7 * nodes(out, "unet")  # branch 0 keeps a fifteenth of it: below
 
 
 def test_the_whole_unet_is_the_plain_one_and_the_shallow_one_skips_the_deep_layers(onnx_deepcache, onnx_fp32):
@@ -110,7 +111,6 @@ def test_the_whole_unet_is_the_plain_one_and_the_shallow_one_skips_the_deep_laye
     np.testing.assert_allclose(same, plain, rtol=0, atol=1e-5 * float(np.abs(plain).max()))  # same step
     other = shallow.run(None, {**inputs, "deepcache_feature": feature * 0.5})[0]
     assert np.abs(other - plain).max() > 1e-3  # it reads the feature
-    nodes = lambda root, name: len(onnx.load(str(root / name / "model.onnx")).graph.node)  # noqa: E731
     assert nodes(onnx_deepcache, "unet_shallow") < nodes(onnx_deepcache, "unet") / 5
 
 

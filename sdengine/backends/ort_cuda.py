@@ -424,9 +424,7 @@ class DeviceDenoiser:
         self.shallow: ort.InferenceSession | None = None
         if not arch.deepcache:
             return
-        _, _, height, width = plan.latents.shape
-        sizes = arch.sizes(unet_batch, height * arch.vae_scale_factor, width * arch.vae_scale_factor)
-        shape = arch.specs()[UNET].output_shapes(sizes)[DEEPCACHE_FEATURE]
+        shape = arch.deepcache_feature_shape(unet_batch, *plan.latents.shape[2:])
         self.feature = empty(shape, output_dtype(self.unet, DEEPCACHE_FEATURE))
         self.unet_binding.bind_ortvalue_output(DEEPCACHE_FEATURE, self.feature.value)
         if plan.deepcache_interval == 1:

@@ -471,9 +471,7 @@ class GraphSteps:
         }
         arch = backend.model_dir.arch
         if arch.deepcache:  # the cached feature: the whole UNet's second output, the shallow one's input
-            factor = arch.vae_scale_factor
-            sizes = arch.sizes(unet_batch, latent[2] * factor, latent[3] * factor)
-            shape = arch.specs()[UNET].output_shapes(sizes)[DEEPCACHE_FEATURE]
+            shape = arch.deepcache_feature_shape(unet_batch, *latent[2:])
             unet_buffers[DEEPCACHE_FEATURE] = DeviceArray(shape, unet.dtype(DEEPCACHE_FEATURE))
         unet.bind(unet_buffers)
         if self.shallow is not None:  # the same buffers, those of them its branch reads
