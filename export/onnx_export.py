@@ -38,6 +38,7 @@ from export.deepcache import (
     write_deepcache_config,
 )
 from export.fp16 import convert_to_fp16
+from export.freeu import write_freeu_config
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
 from export.pag import write_pag_config
@@ -183,6 +184,7 @@ def export_component(
     seamless: bool = False,
     preview_vae: Path | None = None,
     deepcache: CacheBranch | None = None,
+    freeu: bool = False,
 ) -> ComponentRecord:
     """Export one component of ``checkpoint`` to ``out_dir/name/model.onnx`` and describe the result.
     ``verify``: check its outputs against the PyTorch module's (recorded; export_checkpoint raises).
@@ -196,7 +198,7 @@ def export_component(
     UNet's and VAE's convolutions wrap around the edges (``export.seamless``). ``preview_vae``: the tiny
     VAE folder whose decoder is the ``preview_decoder`` component. ``deepcache``: the UNet cut at this
     DeepCache branch: ``unet`` also gives the cached feature, ``unet_shallow`` runs the branch alone on it
-    (``export.deepcache``)."""
+    (``export.deepcache``). ``freeu``: the UNet takes FreeU's scales (``export.freeu``)."""
     cuda_fused = target == "cuda" and name == UNET
     unet_kind = name in (UNET, UNET_SHALLOW)
     if name == UNET_SHALLOW and deepcache is None:
@@ -218,15 +220,16 @@ def export_component(
             "ip_image_tokens": ip_adapter["image_tokens"],
         }
     pag_layers = tuple(pag_layers) if unet_kind else ()
+    freeu = freeu and unet_kind
     arch = dataclasses.replace(
-        with_controlnets(model_dir.arch, controlnets), pag=bool(pag_layers), **ip_fields
+        with_controlnets(model_dir.arch, controlnets), pag=bool(pag_layers), freeu=freeu, **ip_fields
     )
     model_path = out_dir / name / "model.onnx"
     start = time.perf_counter()
     ip_file = None if ip_adapter is None else Path(ip_adapter["file"])
     loaded = UNET if unet_kind else name  # the shallow UNet is the UNet, cut (export.deepcache)
     module = load_export_module(
-        checkpoint, loaded, controlnets, arch.xl, ip_file, pag_layers, seamless, preview_vae
+        checkpoint, loaded, controlnets, arch.xl, ip_file, pag_layers, seamless, preview_vae, freeu
     )
     fuse_loras(module, loaded, loras)
     if deepcache is not None and unet_kind:
@@ -332,6 +335,7 @@ def export_checkpoint(
     seamless: bool = False,
     preview_vae: str | os.PathLike | None = None,
     deepcache: int | None = None,
+    freeu: bool = False,
 ) -> Manifest:
     """Export every component of a diffusers checkpoint to ONNX in ``output``; returns the manifest.
     ``checkpoint`` may be a single-file checkpoint (``model.safetensors``), converted once into the cache
@@ -362,7 +366,8 @@ def export_checkpoint(
     own VAE as ``preview_decoder``, to draw previews part way through a run (``sdengine.latent_preview``).
     ``deepcache``: a DeepCache branch (the authors' numbering; 0 the shallowest): the UNet also gives the
     feature cached there, and ``unet_shallow`` runs the branch alone on it (``sdengine.deepcache``;
-    ``deepcache/config.json``)."""
+    ``deepcache/config.json``). ``freeu``: the UNet takes FreeU's scales as an input, so runs choose them
+    (``sdengine.freeu``; ``freeu/config.json``)."""
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if target not in TARGETS:
@@ -417,6 +422,10 @@ def export_checkpoint(
     pag_layers = [layer for layer in pag_layers if layer]
     if pag_layers and UNET not in components:
         raise InvalidArgumentError("--pag-layers are traced into the UNet: export the unet component too")
+    if freeu and UNET not in components:
+        raise InvalidArgumentError("--freeu is traced into the UNet: export the unet component too")
+    if freeu and deepcache is not None:
+        raise UnsupportedConfigError("--freeu with --deepcache is not supported yet")
     branch = None if deepcache is None else CacheBranch(deepcache)
     branch_shape = None
     if branch is not None:
@@ -451,6 +460,7 @@ def export_checkpoint(
             seamless=seamless,
             preview_vae=preview,
             deepcache=branch,
+            freeu=freeu,
         )
     _copy_side_files(source, out_dir)
     if PREVIEW_DECODER in components:  # its config (its scaling factor), and where it came from
@@ -462,6 +472,7 @@ def export_checkpoint(
         write_ip_adapter_config(out_dir, ip_record)
         write_pag_config(out_dir, pag_layers)
         write_deepcache_config(out_dir, branch, branch_shape)
+        write_freeu_config(out_dir, freeu)
     manifest = Manifest(
         source_checkpoint=str(source.resolve()),
         source_hash=checkpoint_hash(source),

@@ -16,6 +16,7 @@ from torch import nn
 from export.seamless import make_seamless
 from sdengine.model_dir import optional_json, weights_variant
 from sdengine.model_specs import (
+    FREEU,
     IMAGE_ENCODER,
     IP_ADAPTER_SCALE,
     PAG_ROWS,
@@ -341,13 +342,15 @@ def load_export_module(
     pag_layers: Sequence[str] = (),
     seamless: bool = False,
     preview_vae: Path | None = None,
+    freeu: bool = False,
 ) -> nn.Module:
     """Load one checkpoint component, in float32 and eval mode, wrapped for export; the UNet with the
     ControlNets in the directories ``controlnets`` inside, if any, and the IP-Adapter file ``ip_adapter``
     loaded (whose image encoder is the ``image_encoder`` component), and the self-attention of
     ``pag_layers`` perturbable (``export.pag``: its last input then says which rows). ``xl``: an SDXL
     checkpoint's. ``seamless``: the UNet's and VAE's convolutions wrap around (``export.seamless``).
-    ``preview_vae``: the tiny VAE folder whose decoder is the ``preview_decoder`` component."""
+    ``preview_vae``: the tiny VAE folder whose decoder is the ``preview_decoder`` component. ``freeu``: the
+    UNet's last input is FreeU's scales (``export.freeu``)."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -383,6 +386,10 @@ def load_export_module(
             module = PerturbableUNetExport(module, perturb_self_attention(unet, pag_layers))
         if unet.config.time_cond_proj_dim:  # its last input (Architecture.guidance_specs)
             module = GuidanceEmbeddedUNetExport(module, unet)
+        if freeu:  # its last input (Architecture.specs)
+            from export.freeu import FreeUUNetExport
+
+            module = FreeUUNetExport(module, unet)
     elif name == IMAGE_ENCODER:
         from transformers import CLIPVisionModelWithProjection
 
@@ -440,6 +447,9 @@ def sample_inputs(
             inputs[t.name] = torch.tensor(0.5 + float(torch.rand((), generator=gen)))
         elif t.name == PAG_ROWS:  # rows of both kinds, perturbed and not
             inputs[t.name] = (torch.arange(shape[0]) % 2).to(torch.float32)
+        elif t.name == FREEU:  # scales about the ones in use (diffusers' for SD 1.5), each its own
+            typical = torch.tensor([0.9, 0.2, 1.5, 1.6])
+            inputs[t.name] = typical + 0.1 * torch.rand(shape, generator=gen)
         else:
             inputs[t.name] = torch.randn(shape, generator=gen, dtype=getattr(torch, t.dtype))
     return inputs

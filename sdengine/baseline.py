@@ -29,6 +29,7 @@ from diffusers import StableDiffusionPipeline
 from sdengine.deepcache import CacheBranch
 from sdengine.denoise import Preview, Progress, Stop
 from sdengine.errors import BackendUnavailableError, UnsupportedConfigError
+from sdengine.freeu import FreeUScales
 from sdengine.images import image_array, to_pil, to_unit_range
 from sdengine.model_dir import ModelDir, open_checkpoint_dir, weights_variant
 from sdengine.pag import DEFAULT_PAG_LAYERS
@@ -179,6 +180,8 @@ class TorchPipeline(_CallMixin):
             nets = load_controlnets(paths, dtype)
             controlnet = (nets[0] if len(nets) == 1 else MultiControlNetModel(nets)).to(device)
         model_dir = dataclasses.replace(model_dir, seamless=seamless)  # for the record (request.seamless)
+        # diffusers' enable_freeu runs FreeU at any scales
+        model_dir = dataclasses.replace(model_dir, arch=dataclasses.replace(model_dir.arch, freeu=True))
         if deepcache is not None:
             from export.deepcache import branch_shape, check_controlled_branch
 
@@ -410,7 +413,12 @@ class TorchPipeline(_CallMixin):
             ModuleTimer(pipe.unet, "unet", cuda)
         ]
         try:
-            with torch.inference_mode(), draws, self.deep_cache(pipe, request.deepcache_interval):
+            with (
+                torch.inference_mode(),
+                draws,
+                self.deep_cache(pipe, request.deepcache_interval),
+                free_u(pipe, request.freeu),
+            ):
                 call_embeds = None  # every call's prompt embeddings (the UNet's batch), where they change
                 if xl:
                     if request.prompt_weights == "compel":
@@ -908,6 +916,20 @@ def token_windows(tokenizer, texts: list[str]) -> torch.Tensor:
         )
 
     return torch.tensor([[row(w) for w in ws] + [row([])] * (count - len(ws)) for ws in windows])
+
+
+@contextlib.contextmanager
+def free_u(pipe: Any, scales: FreeUScales | None) -> Iterator[None]:
+    """FreeU on ``pipe``'s UNet for one run, by diffusers' ``enable_freeu`` (None: nothing)."""
+    if scales is None:
+        yield
+        return
+    s1, s2, b1, b2 = scales
+    pipe.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+    try:
+        yield
+    finally:
+        pipe.disable_freeu()
 
 
 def per_prompt(images: np.ndarray, batch: int) -> np.ndarray:

@@ -114,11 +114,13 @@ def format_times(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdengine.extra_networks import lora_hashes, lora_tags, resolve_loras
+    from sdengine.freeu import parse_freeu
     from sdengine.images import load_image, load_mask, output_paths, save_png
     from sdengine.lora import parse_lora_arg, read_lora
     from sdengine.pipeline import Pipeline
     from sdengine.textual_inversion import read_embedding
 
+    freeu = None if args.freeu is None else parse_freeu(args.freeu)  # as the files: before the models load
     # every input file is read before the models load, so a bad one costs no load time
     latents = _load_latents(args.latents)
     image = None if args.image is None else load_image(args.image)
@@ -213,6 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pag_scale=args.pag_scale,
         pag_adaptive_scale=args.pag_adaptive_scale,
         deepcache_interval=args.deepcache_interval,
+        freeu=freeu,
         **{name: getattr(args, name) for name in SIZE_SETTINGS if getattr(args, name) is not None},
         progress=_progress("denoising"),
         **_previews(pipeline, args),
@@ -295,6 +298,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         seamless=args.seamless,
         preview_vae=args.preview_vae,
         deepcache=args.deepcache,
+        freeu=args.freeu,
     )
     for name, record in manifest.components.items():
         check = record.verification
@@ -820,6 +824,13 @@ def build_parser() -> argparse.ArgumentParser:
         "shallowest). An export holds its own",
     )
     g.add_argument(
+        "--freeu",
+        default=None,
+        metavar="S1,S2,B1,B2",
+        help="FreeU at these scales, in diffusers' enable_freeu order (0.9,0.2,1.5,1.6 is diffusers' example "
+        "for SD 1.5), for a model exported with --freeu (the torch backend: any model)",
+    )
+    g.add_argument(
         "--seamless",
         action="store_true",
         help="torch backend: images that tile (the UNet's and VAE's convolutions wrap around). An export is "
@@ -925,6 +936,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cut the UNet for DeepCache at this branch (numbered as the authors' helper numbers it; 0, the "
         "shallowest and fastest, is theirs for SD 1.5): a whole UNet that caches the branch's feature and a "
         "shallow one that runs on it (generate --deepcache-interval)",
+    )
+    e.add_argument(
+        "--freeu",
+        action="store_true",
+        help="the UNet takes FreeU's scales as an input, so each run chooses them (generate --freeu); "
+        "without them it gives the plain UNet's output",
     )
     e.add_argument(
         "--seamless",

@@ -97,6 +97,7 @@ def _model(root: Path, kind: str) -> dict[str, Any]:
     info["seamless"] = "yes: its images tile" if model_dir.seamless else "no"
     branch = exported_branch(optional_json(root / DEEPCACHE_CONFIG))
     info["deepcache"] = f"branch {branch} (--deepcache-interval)" if branch is not None else "none"
+    info["freeu"] = "takes FreeU's scales (--freeu)" if model_dir.arch.freeu else "none"
     tiny = model_dir.onnx_path(PREVIEW_DECODER).is_file()
     info["previews"] = "full, approx, tiny (its preview decoder)" if tiny else "full, approx"
     manifest = Manifest.read(root)

@@ -17,6 +17,7 @@ from typing import Any
 from sdengine.controlnet import CONTROLNET_CONFIG, exported_controlnets, exported_residuals
 from sdengine.deepcache import DEEPCACHE_CONFIG, exported_deepcache
 from sdengine.errors import CorruptModelError, ModelDirectoryError, UnsupportedConfigError
+from sdengine.freeu import FREEU_CONFIG, exported_freeu
 from sdengine.ip_adapter import IP_ADAPTER_CONFIG, exported_ip_adapter
 from sdengine.manifest import MANIFEST_NAME
 from sdengine.model_specs import (
@@ -253,7 +254,8 @@ def open_onnx_dir(path: str | os.PathLike) -> ModelDir:
     ip_adapter = exported_ip_adapter(optional_json(root / IP_ADAPTER_CONFIG))
     pag = {"pag": True} if exported_pag(optional_json(root / PAG_CONFIG)) else {}
     deepcache = exported_deepcache(optional_json(root / DEEPCACHE_CONFIG))
-    fields = {**residuals, **ip_adapter, **pag, **deepcache}
+    freeu = {"freeu": True} if exported_freeu(optional_json(root / FREEU_CONFIG)) else {}
+    fields = {**residuals, **ip_adapter, **pag, **deepcache, **freeu}
     model_dir = _open(root, VAE_DECODER, files, again, len(controlnets), fields)
     manifest = optional_json(root / MANIFEST_NAME)
     cuda_fused, seamless = manifest.get("target") == "cuda", manifest.get("seamless") is True

@@ -72,6 +72,8 @@ IMAGE_EMBEDS = "image_embeds"
 IP_ADAPTER_SCALE = "ip_adapter_scale"
 #: Perturbed-attention guidance (``sdengine.pag``): the UNet rows whose chosen self-attention is the identity.
 PAG_ROWS = "pag_rows"
+#: FreeU (``sdengine.freeu``): its scales (s1, s2, b1, b2), which the UNet's deepest up blocks apply
+FREEU = "freeu"
 #: A guidance-embedded UNet's input (an LCM-distilled one; ``sdengine.guidance_embedding``): the guidance
 #: scale as a sinusoidal embedding, diffusers' ``timestep_cond`` (and Optimum's input name)
 TIMESTEP_COND = "timestep_cond"
@@ -176,6 +178,8 @@ class Architecture:
     #: size over its size
     deepcache_channels: int = 0
     deepcache_downscale: int = 1
+    #: FreeU traced into the UNet (``sdengine.freeu``): it takes the scales as its input ``freeu``
+    freeu: bool = False
 
     @property
     def deepcache(self) -> bool:
@@ -343,6 +347,7 @@ class Architecture:
             *self.ip_specs(),
             *((TensorSpec(PAG_ROWS, "float32", ("batch",)),) if self.pag else ()),
             *self.guidance_specs(),
+            *((TensorSpec(FREEU, "float32", (4,)),) if self.freeu else ()),
         )
         out_sample = TensorSpec("out_sample", "float32", latent)
         feature = TensorSpec(

@@ -22,6 +22,7 @@ from sdengine.backends.select import Choice, choose, detect, model_kind
 from sdengine.controlnet import control_images, control_mode_weights, control_schedule
 from sdengine.denoise import Preview, Progress, Stop, denoise
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+from sdengine.freeu import freeu_input
 from sdengine.guidance_embedding import guidance_embedding
 from sdengine.hires import upscale_latents
 from sdengine.images import ImageInput, MaskInput, image_array, image_size, mask_array, to_pil, to_unit_range
@@ -32,6 +33,7 @@ from sdengine.mask_crop import MaskCrop
 from sdengine.model_dir import ModelDir, open_onnx_dir, optional_json
 from sdengine.model_specs import (
     CONTROL_WEIGHTS,
+    FREEU,
     PAG_ROWS,
     PREVIEW_DECODER,
     SAFETY_CHECKER,
@@ -285,6 +287,7 @@ class _CallMixin:
         pag_scale: float = 0.0,
         pag_adaptive_scale: float = 0.0,
         deepcache_interval: int = 1,
+        freeu: Sequence[float] | Mapping[str, float] | None = None,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -336,7 +339,10 @@ class _CallMixin:
         and the web UI with its "CPU" random source, so the same seed makes the same image there and here
         (:mod:`sdengine.torch_noise`). ``pag_scale`` (a model exported with ``--pag-layers``):
         perturbed-attention guidance's scale, 0 (the default) for none, and ``pag_adaptive_scale`` how fast
-        it falls with the timestep (diffusers'; :mod:`sdengine.pag`)."""
+        it falls with the timestep (diffusers'; :mod:`sdengine.pag`). ``deepcache_interval`` (a model
+        exported with ``--deepcache``): the whole UNet on every that many calls, its shallow branch between
+        (:mod:`sdengine.deepcache`). ``freeu`` (a model exported with ``--freeu``): FreeU's scales
+        ``(s1, s2, b1, b2)``, as diffusers' ``enable_freeu`` takes them (:mod:`sdengine.freeu`)."""
         sizes = {
             "original_size": original_size,
             "crop_top_left": crop_top_left,
@@ -360,6 +366,14 @@ class _CallMixin:
             )
         if pag_scale and self.refiner is not None:
             raise UnsupportedConfigError("perturbed-attention guidance with a refiner is not supported")
+        if freeu is not None and not self.model_dir.arch.freeu:
+            raise InvalidArgumentError(
+                "FreeU needs a UNet that takes its scales: export the model with it (sdengine export --freeu)"
+            )
+        if freeu is not None and self.refiner is not None:
+            raise UnsupportedConfigError("FreeU with a refiner is not supported")
+        if freeu is not None and deepcache_interval != 1:
+            raise UnsupportedConfigError("FreeU with DeepCache is not supported yet")
         if deepcache_interval != 1 and not self.model_dir.arch.deepcache:
             raise InvalidArgumentError(
                 "deepcache_interval needs a UNet cut for DeepCache: export the model with it (sdengine "
@@ -428,6 +442,7 @@ class _CallMixin:
             pag_scale=pag_scale,
             pag_adaptive_scale=pag_adaptive_scale,
             deepcache_interval=deepcache_interval,
+            freeu=freeu,
             inpainting_unet=self.model_dir.arch.inpainting_unet,
             guidance_embedded=bool(self.model_dir.arch.guidance_embedding),
             size_multiple=multiple,
@@ -720,6 +735,8 @@ class Pipeline(_CallMixin):
             inputs["part_weights"] = request.call_part_weights(schedule)
         if self.model_dir.arch.pag:  # which rows' self-attention is perturbed: none without PAG
             unet_constants[PAG_ROWS] = perturbed_rows(request.copies, request.batch, bool(request.pag_scale))
+        if self.model_dir.arch.freeu:  # FreeU's scales: those that turn it off without any
+            unet_constants[FREEU] = freeu_input(request.freeu)
         if self.model_dir.arch.guidance_embedding:  # the guidance scale, as the UNet takes it
             unet_constants[TIMESTEP_COND] = guidance_embedding(
                 request.guidance, request.copies * request.batch, self.model_dir.arch.guidance_embedding

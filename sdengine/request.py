@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from sdengine.composable import Parts, composable_parts, part_count, part_texts,
 from sdengine.controlnet import CONTROL_MODES
 from sdengine.deepcache import check_interval
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+from sdengine.freeu import FreeUScales, check_freeu
 from sdengine.hires import HiresFix, hires_fix
 from sdengine.images import image_array
 from sdengine.mask_crop import MaskCrop
@@ -129,6 +130,8 @@ class GenerationRequest:
     #: DeepCache (:mod:`sdengine.deepcache`): the whole UNet on every this many calls, its shallow branch on
     #: the cached feature between them; 1 (the default): the whole UNet throughout
     deepcache_interval: int = 1
+    #: FreeU's scales (s1, s2, b1, b2; :mod:`sdengine.freeu`); None: off
+    freeu: FreeUScales | None = None
 
     @property
     def guided_parts(self) -> tuple[Parts, ...]:
@@ -408,6 +411,7 @@ class GenerationRequest:
             **({"pag_scale": self.pag_scale} if self.pag_scale else {}),
             **({"pag_adaptive_scale": self.pag_adaptive_scale} if self.pag_adaptive_scale else {}),
             **({"deepcache_interval": self.deepcache_interval} if self.deepcache_interval > 1 else {}),
+            **({"freeu": list(self.freeu)} if self.freeu is not None else {}),
             **({"seamless": True} if self.seamless else {}),
             **({"long_prompts": True} if self.long_prompts else {}),
             **({"prompt_weights": self.prompt_weights} if self.prompt_weights else {}),
@@ -478,6 +482,7 @@ def make_request(
     pag_adaptive_scale: float = 0.0,
     guidance_embedded: bool = False,
     deepcache_interval: int = 1,
+    freeu: Sequence[float] | Mapping[str, float] | None = None,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
@@ -492,7 +497,8 @@ def make_request(
     (:mod:`sdengine.pag`; 0, the default: none), ``pag_adaptive_scale`` how fast it falls with the
     timestep. ``guidance_embedded``: the model's UNet takes the guidance scale as an input
     (:mod:`sdengine.guidance_embedding`). ``deepcache_interval``: DeepCache's (:mod:`sdengine.deepcache`;
-    1, the default: off)."""
+    1, the default: off). ``freeu``: FreeU's scales (s1, s2, b1, b2, or a mapping of those names;
+    :mod:`sdengine.freeu`; None, the default: off)."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -638,6 +644,7 @@ def make_request(
         pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale,
         deepcache_interval=check_interval(deepcache_interval),
+        freeu=check_freeu(freeu),
         guidance_embedded=bool(guidance_embedded),
     )
 
