@@ -38,6 +38,7 @@ from torch import nn
 from export.wrappers import exported_component
 from sdengine.deepcache import DEEPCACHE_CONFIG, CacheBranch
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
+from sdengine.freeu import FREEU_SCALES
 from sdengine.model_specs import Architecture, ModelSpec
 
 #: The up and down block classes whose forwards :func:`_up_block_forward` and :func:`_down_block_forward`
@@ -143,9 +144,10 @@ def _up_block_forward(block: nn.Module, first_kept: int, slot: _Slot, shallow: b
         upsample_size: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if getattr(block, "s1", None):
-            raise InvalidArgumentError("DeepCache with FreeU is not supported")
+        from diffusers.models.unets import unet_2d_blocks  # its apply_freeu: export.freeu's while traced
+
         attentions = getattr(block, "attentions", None)
+        scales = {name: getattr(block, name, None) for name in FREEU_SCALES}  # FreeU's, where set
         layers = len(block.resnets)
         start = first_kept if shallow else 0
         if shallow:
@@ -154,6 +156,10 @@ def _up_block_forward(block: nn.Module, first_kept: int, slot: _Slot, shallow: b
             if i == first_kept and not shallow:
                 slot.feature = hidden_states
             skip = res_hidden_states_tuple[layers - 1 - i]  # the layers pop the tuple from its end
+            if all(scales.values()):  # after the feature is kept: the helper caches inside diffusers' block
+                hidden_states, skip = unet_2d_blocks.apply_freeu(
+                    block.resolution_idx, hidden_states, skip, **scales
+                )
             hidden_states = block.resnets[i](torch.cat([hidden_states, skip], dim=1), temb)
             hidden_states = _attention(attentions, i, hidden_states, kwargs)
         for upsampler in block.upsamplers or ():

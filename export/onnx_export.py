@@ -424,8 +424,6 @@ def export_checkpoint(
         raise InvalidArgumentError("--pag-layers are traced into the UNet: export the unet component too")
     if freeu and UNET not in components:
         raise InvalidArgumentError("--freeu is traced into the UNet: export the unet component too")
-    if freeu and deepcache is not None:
-        raise UnsupportedConfigError("--freeu with --deepcache is not supported yet")
     branch = None if deepcache is None else CacheBranch(deepcache)
     branch_shape = None
     if branch is not None:

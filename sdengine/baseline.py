@@ -417,7 +417,7 @@ class TorchPipeline(_CallMixin):
                 torch.inference_mode(),
                 draws,
                 self.deep_cache(pipe, request.deepcache_interval),
-                free_u(pipe, request.freeu),
+                free_u(pipe, request.freeu, deepcache=request.deepcache_interval > 1),
             ):
                 call_embeds = None  # every call's prompt embeddings (the UNet's batch), where they change
                 if xl:
@@ -919,16 +919,32 @@ def token_windows(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def free_u(pipe: Any, scales: FreeUScales | None) -> Iterator[None]:
-    """FreeU on ``pipe``'s UNet for one run, by diffusers' ``enable_freeu`` (None: nothing)."""
+def free_u(pipe: Any, scales: FreeUScales | None, deepcache: bool = False) -> Iterator[None]:
+    """FreeU on ``pipe``'s UNet for one run, by diffusers' ``enable_freeu`` (None: nothing).
+
+    ``deepcache``: the authors' DeepCache helper runs too. diffusers' ``apply_freeu`` scales the backbone's
+    hidden states in place, and on the helper's shallow calls those are the layer outputs it cached: each
+    call would scale the cache again, compounding (by b**k on the k-th call since the last whole one). Its
+    hidden states are then copied before diffusers' own ``apply_freeu`` scales them, so each call scales
+    the cached feature once, as a run without the helper scales the fresh one."""
     if scales is None:
         yield
         return
+    from diffusers.models.unets import unet_2d_blocks
+
+    original = unet_2d_blocks.apply_freeu
+
+    def apply_freeu_on_a_copy(index: int, hidden: Any, skip: Any, **freeu: float) -> Any:
+        return original(index, hidden.clone(), skip, **freeu)
+
     s1, s2, b1, b2 = scales
     pipe.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+    if deepcache:
+        unet_2d_blocks.apply_freeu = apply_freeu_on_a_copy
     try:
         yield
     finally:
+        unet_2d_blocks.apply_freeu = original
         pipe.disable_freeu()
 
 

@@ -372,8 +372,6 @@ class _CallMixin:
             )
         if freeu is not None and self.refiner is not None:
             raise UnsupportedConfigError("FreeU with a refiner is not supported")
-        if freeu is not None and deepcache_interval != 1:
-            raise UnsupportedConfigError("FreeU with DeepCache is not supported yet")
         if deepcache_interval != 1 and not self.model_dir.arch.deepcache:
             raise InvalidArgumentError(
                 "deepcache_interval needs a UNet cut for DeepCache: export the model with it (sdengine "

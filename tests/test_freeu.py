@@ -12,7 +12,7 @@ from test_img2img import picture
 from test_pag import mask
 from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
-from sdengine.errors import InvalidArgumentError, ModelDirectoryError, UnsupportedConfigError
+from sdengine.errors import InvalidArgumentError, ModelDirectoryError
 from sdengine.freeu import check_freeu, freeu_input, parse_freeu
 from sdengine.images import psnr
 from sdengine.pipeline import Pipeline
@@ -121,13 +121,9 @@ def test_refusals_are_one_line(freeu_pipe, ort_pipe_fp32, torch_pipe, tiny_check
         ort_pipe_fp32(PROMPT, freeu=SD15, **SETTINGS)
     with pytest.raises(InvalidArgumentError, match="four scales"):
         freeu_pipe(PROMPT, freeu=(1, 2), **SETTINGS)
-    with pytest.raises(UnsupportedConfigError, match="DeepCache"):
-        torch_pipe(PROMPT, freeu=SD15, deepcache_interval=2, **SETTINGS)
-    with pytest.raises(UnsupportedConfigError, match="--freeu with --deepcache"):
-        export_checkpoint(tiny_checkpoint, tmp_path / "both", freeu=True, deepcache=0)
     with pytest.raises(InvalidArgumentError, match="unet component"):
         export_checkpoint(tiny_checkpoint, tmp_path / "vae", freeu=True, components=["vae_decoder"])
-    assert not (tmp_path / "both").exists() and not (tmp_path / "vae").exists()
+    assert not (tmp_path / "vae").exists()
 
 
 def test_the_export_records_it_and_a_plain_export_over_it_removes_the_record(
@@ -232,3 +228,20 @@ def test_with_sdxl_or_a_controlnet_it_matches_diffusers(tiny_checkpoint, tmp_pat
     a, b = ours(PROMPT, NEGATIVE, **settings), theirs(PROMPT, NEGATIVE, **settings)
     assert psnr(a.array, b.array) >= 100
     assert psnr(a.array, ours(PROMPT, NEGATIVE, **{**settings, "freeu": None}).array) < 60
+
+
+@pytest.mark.parametrize("branch", [0, 7, 9])
+def test_with_deepcache_it_matches_diffusers_with_the_authors_helper(tiny_checkpoint, tmp_path, branch):
+    """The helper caches inside diffusers' up block, so FreeU's scales apply to the cached feature on every
+    call. Branch 0 cuts the tiny UNet's last up block, where FreeU is not (its shallow calls run the
+    feature as they are); branch 7 cuts up block 1 (FreeU's second stage), branch 9 up block 0 (its first)."""
+    from export.onnx_export import export_checkpoint
+
+    export_checkpoint(tiny_checkpoint, tmp_path / "onnx", freeu=True, deepcache=branch)
+    ours = Pipeline.load(tmp_path / "onnx", backend="ort", device="cpu")
+    theirs = Pipeline.load(tiny_checkpoint, backend="torch", deepcache=branch)
+    settings = {**SETTINGS, "steps": 8, "scheduler": "euler", "freeu": SD15, "deepcache_interval": 3}
+    a, b = ours(PROMPT, NEGATIVE, **settings), theirs(PROMPT, NEGATIVE, **settings)
+    assert psnr(a.array, b.array) >= 100
+    assert psnr(a.array, ours(PROMPT, NEGATIVE, **{**settings, "freeu": None}).array) < 60
+    assert psnr(a.array, ours(PROMPT, NEGATIVE, **{**settings, "deepcache_interval": 1}).array) < 70
