@@ -22,6 +22,7 @@ import numpy as np
 
 from benchmarks.machine import machine_info, matmul_gflops
 from sdengine.errors import SDEngineError
+from sdengine.freeu import FREEU_SCALES
 from sdengine.images import psnr
 
 #: Stages reported, in pipeline order. ``denoise`` is the whole loop; ``unet`` and ``step`` are its per-call
@@ -71,6 +72,9 @@ class BenchConfig:
     #: helper
     deepcache_interval: int = 1
     deepcache: int | None = None
+    #: FreeU's scales (s1, s2, b1, b2; None: off), for an export with --freeu; the torch baseline runs
+    #: diffusers' enable_freeu
+    freeu: tuple[float, ...] | None = None
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -183,6 +187,8 @@ def _run_worker(config: BenchConfig, backend: str, image_out: Path) -> dict:
         cmd += ["--pag-scale", str(config.pag_scale)]
     if config.deepcache_interval != 1:
         cmd += ["--deepcache-interval", str(config.deepcache_interval)]
+    if config.freeu is not None:
+        cmd += ["--freeu", ",".join(map(repr, config.freeu))]
     if backend == "ort":
         cmd += [arg for option in config.cuda_options for arg in ("--cuda-option", option)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -245,6 +251,10 @@ def format_report(report: dict) -> str:
             f"DeepCache: the whole UNet on every call of {interval}, the shallow one between, on both "
             "backends (UNet call: the median over both kinds)",
         )
+    freeu = report.get("config", {}).get("freeu")
+    if freeu is not None:  # the baseline runs diffusers' enable_freeu at the same scales
+        scales = ", ".join(f"{name} {value:g}" for name, value in zip(FREEU_SCALES, freeu, strict=True))
+        lines.insert(2, f"FreeU: {scales}, on both backends")
     for stage in REPORT_STAGES:
         if all(r["stages_ms"][stage]["median"] == 0 for r in backends.values()):
             continue  # a stage no backend here has (e.g. device time on a CPU-only run)

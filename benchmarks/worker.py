@@ -16,6 +16,7 @@ import numpy as np
 
 from benchmarks.machine import nvidia_smi
 from sdengine.backends.cuda_options import parse_cuda_options
+from sdengine.freeu import parse_freeu
 from sdengine.pipeline import Pipeline
 
 
@@ -83,6 +84,7 @@ def measure(args: argparse.Namespace) -> dict:
         **image_prompt(pipe.ip_adapter, args.seed),
         **({"pag_scale": args.pag_scale} if args.pag_scale else {}),
         **({"deepcache_interval": args.deepcache_interval} if args.deepcache_interval != 1 else {}),
+        **({"freeu": parse_freeu(args.freeu)} if args.freeu else {}),
     )
     results = []
     for _ in tqdm(range(args.warmup + args.runs), desc=f"{args.backend}", unit="run", file=sys.stderr):
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seamless", action="store_true")
     p.add_argument("--deepcache", type=int, default=None)
     p.add_argument("--deepcache-interval", type=int, default=1)
+    p.add_argument("--freeu", default=None)
     p.add_argument("--image-out", required=True)
     print(json.dumps(measure(p.parse_args(argv))))
 

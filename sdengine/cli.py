@@ -445,6 +445,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sdengine.backends.select import detect
     from sdengine.deepcache import DEEPCACHE_CONFIG, check_interval, exported_branch
     from sdengine.errors import BackendUnavailableError
+    from sdengine.freeu import FREEU_CONFIG, exported_freeu, parse_freeu
     from sdengine.ip_adapter import IP_ADAPTER_CONFIG
     from sdengine.manifest import Manifest
     from sdengine.model_dir import open_onnx_dir, optional_json
@@ -464,6 +465,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             "--pag-scale needs an export with perturbed-attention guidance (sdengine export --pag-layers); "
             "the presets have none"
+        )
+    freeu = None if args.freeu is None else parse_freeu(args.freeu)
+    if args.model in PRESETS and freeu is not None:
+        raise InvalidArgumentError(
+            "--freeu needs an export whose UNet takes its scales (sdengine export --freeu); the presets have "
+            "none"
         )
     if args.model in PRESETS and args.deepcache_interval != 1:
         raise InvalidArgumentError(
@@ -520,11 +527,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seamless=seamless,
         deepcache_interval=check_interval(args.deepcache_interval),
         deepcache=deepcache,
+        freeu=freeu,
         **{**size, **overrides},
     )
     if args.deepcache_interval != 1 and deepcache is None:
         raise InvalidArgumentError(
             "--deepcache-interval needs an export cut for DeepCache (sdengine export --deepcache 0)"
+        )
+    if freeu is not None and not exported_freeu(optional_json(onnx_dir / FREEU_CONFIG)):
+        raise InvalidArgumentError(
+            "--freeu needs an export whose UNet takes its scales (sdengine export --freeu)"
         )
     if args.pag_scale and not pag_layers:
         raise InvalidArgumentError(
@@ -1058,6 +1070,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="DeepCache at this interval, for an export with --deepcache (the baseline runs the authors' "
         "DeepCacheSDHelper at the same branch)",
+    )
+    b.add_argument(
+        "--freeu",
+        default=None,
+        metavar="S1,S2,B1,B2",
+        help="FreeU at these scales, for an export with --freeu (the baseline runs diffusers' enable_freeu)",
     )
     b.add_argument("--json", default=None)
     b.add_argument("--plot", default=None)

@@ -245,3 +245,20 @@ def test_with_deepcache_it_matches_diffusers_with_the_authors_helper(tiny_checkp
     assert psnr(a.array, b.array) >= 100
     assert psnr(a.array, ours(PROMPT, NEGATIVE, **{**settings, "freeu": None}).array) < 60
     assert psnr(a.array, ours(PROMPT, NEGATIVE, **{**settings, "deepcache_interval": 1}).array) < 70
+
+
+def test_bench_runs_the_baseline_with_the_same_scales(onnx_freeu, ort_pipe_fp32, tmp_path, capsys):
+    from test_bench import tiny_run
+
+    from sdengine.cli import main
+
+    out = tmp_path / "r.json"
+    run = [*tiny_run(onnx_freeu, runs=1, warmup=0), "--freeu", "0.9,0.2,1.5,1.6"]
+    assert main([*run, "--json", str(out)]) == 0
+    assert "FreeU: s1 0.9, s2 0.2, b1 1.5, b2 1.6, on both backends" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["config"]["freeu"] == list(SD15) and report["backends"]["ort"]["psnr_vs_torch_db"] >= 100
+    assert main(["bench", str(ort_pipe_fp32.model_dir.root), "--freeu", "0.9,0.2,1.5,1.6"]) == 1
+    assert "sdengine export --freeu" in capsys.readouterr().err
+    assert main(["bench", "tiny", "--freeu", "0.9,0.2,1.5,1.6"]) == 1
+    assert "the presets have none" in capsys.readouterr().err
