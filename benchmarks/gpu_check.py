@@ -304,6 +304,7 @@ class Parity:
         )
         self.tiny_vae(image, results)
         attempt(results, "DeepCache, interval 3: CUDA vs CPU fp32, PSNR dB", self.deepcache)
+        attempt(results, "FreeU: fp16 CUDA vs diffusers fp16 GPU (its FFT), PSNR dB", self.freeu)
         xl_parity(work, settings, self.device, results)
 
     def tiny_vae(self, image: np.ndarray, results: dict) -> None:
@@ -421,6 +422,23 @@ class Parity:
         return psnr(
             Pipeline(cut, OrtCudaBackend(cut, device=self.device), self.tok)(PROMPT, **cached).array,
             Pipeline.load(cut.root, backend="ort", device="cpu")(PROMPT, **cached).array,
+        )
+
+    def freeu(self) -> float:
+        """FreeU's scales in an fp16 export (its Fourier filter as matrix products), against diffusers'
+        enable_freeu in float16 on the GPU (an FFT in float32)."""
+        from export.onnx_export import export_checkpoint
+        from sdengine.backends.ort_cuda import OrtCudaBackend
+        from sdengine.model_dir import open_onnx_dir
+        from sdengine.pipeline import Pipeline
+
+        out = self.work / "tiny-freeu-fp16"
+        export_checkpoint(self.ckpt, out, precision="fp16", components=self.components, freeu=True)
+        scaled = open_onnx_dir(out)
+        settings = dict(self.settings, freeu=(0.9, 0.2, 1.5, 1.6))
+        return psnr(
+            Pipeline(scaled, OrtCudaBackend(scaled, device=self.device), self.tok)(PROMPT, **settings).array,
+            self.torch16(PROMPT, **settings).array,
         )
 
 
