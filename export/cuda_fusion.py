@@ -52,7 +52,9 @@ from typing import TYPE_CHECKING
 import onnx
 from onnx.external_data_helper import load_external_data_for_model
 
+from export.fp16 import conditioning_nodes
 from sdengine.errors import ExportError
+from sdengine.model_specs import CONDITIONING_INPUTS
 
 if TYPE_CHECKING:
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -109,9 +111,15 @@ def fuse_for_cuda(model_path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
         ) from exc
     load_external_data_for_model(fused.model, weights)  # the converter reads every weight
     # inputs and outputs stay float32, as the portable float16 export keeps them (the runtime binds those)
+    # what the conditioning inputs alone make (the timestep's embedding) stays float32, as in the portable
+    # export (export.fp16); the cascaded casts' removal below drops the float16 round trips between
     fused.initialize(
         convert_float_to_float16(
-            fused.model, disable_shape_infer=True, keep_io_types=True, op_block_list=["RandomNormalLike"]
+            fused.model,
+            disable_shape_infer=True,
+            keep_io_types=True,
+            op_block_list=["RandomNormalLike"],
+            node_block_list=conditioning_nodes(fused.model.graph, CONDITIONING_INPUTS),
         )
     )
     fused.remove_cascaded_cast_nodes()  # the rest of what OnnxModel.convert_float_to_float16 does

@@ -59,6 +59,7 @@ from sdengine.lora import LoraFile, read_lora
 from sdengine.manifest import MANIFEST_NAME, TARGETS, ComponentRecord, Manifest, file_sha256
 from sdengine.model_dir import open_checkpoint_dir, read_json
 from sdengine.model_specs import (
+    CONDITIONING_INPUTS,
     EXPORTABLE,
     IMAGE_ENCODER,
     PREVIEW_DECODER,
@@ -264,7 +265,7 @@ def export_component(
                 verification = check_outputs(unfused, reference, "fp32").as_dict()
             model, fused_operators = fuse_for_cuda(unfused)
         elif precision == "fp16":
-            model = convert_to_fp16(model)
+            model = convert_to_fp16(model, CONDITIONING_INPUTS if unet_kind else ())
         for stale in (model_path, model_path.with_name(model_path.name + ".data")):
             stale.unlink(missing_ok=True)
         external = _save(model, model_path)

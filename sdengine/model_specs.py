@@ -77,6 +77,19 @@ FREEU = "freeu"
 #: A guidance-embedded UNet's input (an LCM-distilled one; ``sdengine.guidance_embedding``): the guidance
 #: scale as a sinusoidal embedding, diffusers' ``timestep_cond`` (and Optimum's input name)
 TIMESTEP_COND = "timestep_cond"
+#: The UNet's inputs that are numbers per image or per run, not images or sequences: what is computed from
+#: them alone stays float32 in an fp16 export (``export.fp16``)
+CONDITIONING_INPUTS: tuple[str, ...] = (
+    "timestep",
+    TEXT_EMBEDS,
+    TIME_IDS,
+    CONDITIONING_SCALE,
+    CONTROL_WEIGHTS,
+    IP_ADAPTER_SCALE,
+    PAG_ROWS,
+    TIMESTEP_COND,
+    FREEU,
+)
 #: diffusers' class of a tiny VAE (TAESD's architecture, ``Architecture.tiny_vae``) and of the usual one
 TINY_VAE_CLASS = "AutoencoderTiny"
 VAE_CLASSES: tuple[str, ...] = ("AutoencoderKL", TINY_VAE_CLASS)

@@ -69,6 +69,9 @@ def test_the_unet_is_fused_into_onnx_runtimes_cuda_operators(fused_dir, tiny_che
     # inputs and outputs float32, as the portable export's, so the runtime binds the same buffers
     assert {i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]} == {1}
     assert manifest["components"]["text_encoder"]["fused_operators"] is None
+    weights = {t.name: t.data_type for t in model.graph.initializer}  # the timestep's layers stay float32
+    assert weights["time_embedding.linear_1.weight"] == onnx.TensorProto.FLOAT
+    assert weights["down_blocks.0.resnets.0.time_emb_proj.weight"] == onnx.TensorProto.FLOAT
 
 
 def test_the_fusion_given_weights_on_disk_gives_what_it_gives_from_memory(fused_dir, tmp_path, monkeypatch):
