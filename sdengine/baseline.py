@@ -180,8 +180,6 @@ class TorchPipeline(_CallMixin):
             nets = load_controlnets(paths, dtype)
             controlnet = (nets[0] if len(nets) == 1 else MultiControlNetModel(nets)).to(device)
         model_dir = dataclasses.replace(model_dir, seamless=seamless)  # for the record (request.seamless)
-        # diffusers' enable_freeu runs FreeU at any scales
-        model_dir = dataclasses.replace(model_dir, arch=dataclasses.replace(model_dir.arch, freeu=True))
         if deepcache is not None:
             from export.deepcache import branch_shape, check_controlled_branch
 
@@ -236,6 +234,11 @@ class TorchPipeline(_CallMixin):
     @property
     def pag(self) -> bool:
         """diffusers perturbs any UNet's self-attention at run time."""
+        return True
+
+    @property
+    def freeu(self) -> bool:
+        """diffusers' ``enable_freeu`` runs FreeU on any UNet."""
         return True
 
     def generate(

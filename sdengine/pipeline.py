@@ -164,6 +164,11 @@ class _CallMixin:
         (:mod:`sdengine.pag`)."""
         return self.model_dir.arch.pag
 
+    @property
+    def freeu(self) -> bool:
+        """The UNet takes FreeU's scales (:mod:`sdengine.freeu`)."""
+        return self.model_dir.arch.freeu
+
     def generate(
         self,
         request: GenerationRequest,
@@ -366,7 +371,7 @@ class _CallMixin:
             )
         if pag_scale and self.refiner is not None:
             raise UnsupportedConfigError("perturbed-attention guidance with a refiner is not supported")
-        if freeu is not None and not self.model_dir.arch.freeu:
+        if freeu is not None and not self.freeu:
             raise InvalidArgumentError(
                 "FreeU needs a UNet that takes its scales: export the model with it (sdengine export --freeu)"
             )
