@@ -25,7 +25,6 @@ the branch cuts a down block, that down block, run through :func:`_up_block_forw
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 from onnx import helper
 from torch import nn
 
+from export.records import write_record
 from export.wrappers import exported_component
 from sdengine.deepcache import DEEPCACHE_CONFIG, CacheBranch
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
@@ -268,10 +268,7 @@ def checkpoint_branch_shape(checkpoint: Path, branch: CacheBranch) -> BranchShap
 def write_deepcache_config(out_dir: Path, branch: CacheBranch | None, shape: BranchShape | None) -> None:
     """Record the export's DeepCache branch and its feature's shape (``deepcache/config.json``, which
     ``sdengine.model_dir`` reads), or remove the record of an earlier export into the same directory."""
-    path = out_dir / DEEPCACHE_CONFIG
-    if branch is None or shape is None:
-        path.unlink(missing_ok=True)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"branch": branch.branch_id, "channels": shape.channels, "downscale": shape.downscale}
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    record = None
+    if branch is not None and shape is not None:
+        record = {"branch": branch.branch_id, "channels": shape.channels, "downscale": shape.downscale}
+    write_record(out_dir, DEEPCACHE_CONFIG, record)

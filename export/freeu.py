@@ -17,7 +17,6 @@ computes the FFT. Every backend has matrix products; few have ONNX's DFT.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from export.records import write_record
 from sdengine.freeu import FREEU_CONFIG, FREEU_SCALES
 
 
@@ -103,9 +103,4 @@ def scaled_by(scales: torch.Tensor) -> Iterator[None]:
 def write_freeu_config(out_dir: Path, freeu: bool) -> None:
     """Record that the export's UNet takes FreeU's scales (``freeu/config.json``, which
     ``sdengine.model_dir`` reads), or remove the record of an earlier export into the same directory."""
-    path = out_dir / FREEU_CONFIG
-    if not freeu:
-        path.unlink(missing_ok=True)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"scales": list(FREEU_SCALES)}, indent=2) + "\n")
+    write_record(out_dir, FREEU_CONFIG, {"scales": list(FREEU_SCALES)} if freeu else None)

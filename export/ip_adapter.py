@@ -14,11 +14,11 @@ diffusers assumes ViT-H's 257 tokens, too large an encoder to check it against h
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from export.records import write_record
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError, UnsupportedConfigError
 from sdengine.ip_adapter import IP_ADAPTER_CONFIG
 from sdengine.model_dir import optional_json, read_json
@@ -144,12 +144,7 @@ def load_ip_adapter(unet: Any, path: Path) -> None:
 
 def write_ip_adapter_config(out_dir: Path, record: dict[str, Any] | None) -> None:
     """Say which IP-Adapter the exported UNet holds (none: no file, so an older one never outlives it)."""
-    path = out_dir / IP_ADAPTER_CONFIG
-    if record is None:
-        path.unlink(missing_ok=True)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(out_dir, IP_ADAPTER_CONFIG, record)
 
 
 def write_random_ip_adapter(

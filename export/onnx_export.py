@@ -42,6 +42,7 @@ from export.freeu import write_freeu_config
 from export.ip_adapter import check_ip_adapter, write_ip_adapter_config
 from export.lora_fuse import check_loras, fuse_loras
 from export.pag import write_pag_config
+from export.records import write_record
 from export.single_file import converted_checkpoint, is_single_file
 from export.vae_override import checkpoint_with_vae, preview_vae_source
 from export.verify import Verification, check_outputs, reference_outputs
@@ -295,14 +296,13 @@ def _write_controlnet_config(out_dir: Path, records: list[dict], configs: list[d
     """List the ControlNets inside the exported UNet (none: no list, so an older one never outlives them),
     and the residuals each adds, which the UNet weighs row by row
     (``sdengine.controlnet.control_mode_weights``)."""
-    path = out_dir / CONTROLNET_CONFIG
     if not records:
-        path.unlink(missing_ok=True)
+        write_record(out_dir, CONTROLNET_CONFIG, None)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     entries = [{**record, "config": config} for record, config in zip(records, configs, strict=True)]
-    document = {"controlnets": entries, "residuals": residual_count(configs[0])}
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    write_record(
+        out_dir, CONTROLNET_CONFIG, {"controlnets": entries, "residuals": residual_count(configs[0])}
+    )
 
 
 def _copy_side_files(checkpoint: Path, out_dir: Path) -> None:

@@ -11,7 +11,6 @@ gains the identity for the perturbed ones, as diffusers' ``PAGIdentitySelfAttnPr
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from export.records import write_record
 from sdengine.errors import InvalidArgumentError
 from sdengine.pag import PAG_CONFIG
 
@@ -125,9 +125,4 @@ class PerturbableUNetExport(nn.Module):
 def write_pag_config(out_dir: Path, layers: Sequence[str]) -> None:
     """Record the export's PAG layers (``pag/config.json``, which ``sdengine.model_dir`` reads), or remove
     the record of an earlier export into the same directory."""
-    path = out_dir / PAG_CONFIG
-    if not layers:
-        path.unlink(missing_ok=True)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"layers": list(layers)}, indent=2) + "\n")
+    write_record(out_dir, PAG_CONFIG, {"layers": list(layers)} if layers else None)
