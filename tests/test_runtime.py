@@ -362,7 +362,7 @@ def test_device_tensors_keep_their_dtype_and_shape():
 def test_refused_graph_modes_fall_back_in_turn(ort_pipe_fp32, monkeypatch, capsys, refused):
     from fake_cuda import install_fake_cuda
 
-    from sdengine.backends import ort_cuda
+    from sdengine.backends import cuda_runtime, ort_cuda
     from sdengine.backends.cuda_runtime import Stream
     from sdengine.errors import BackendUnavailableError
 
@@ -374,7 +374,7 @@ def test_refused_graph_modes_fall_back_in_turn(ort_pipe_fp32, monkeypatch, capsy
     def no_ort_graphs(self, plan, *, whole_steps):
         raise RuntimeError("This session cannot use the graph capture feature as requested by the user")
 
-    monkeypatch.setattr(ort_cuda, "capture_graph", no_capture)
+    monkeypatch.setattr(cuda_runtime, "capture_graph", no_capture)
     if refused == "step and ort":
         monkeypatch.setattr(ort_cuda.DeviceDenoiser, "capture", no_ort_graphs)
     backend = ort_cuda.OrtCudaBackend(ort_pipe_fp32.model_dir, device="cpu", stream=Stream())

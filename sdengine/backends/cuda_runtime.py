@@ -8,7 +8,7 @@ not run on a GPU here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -87,6 +87,46 @@ def capture_graph(stream: Stream, enqueue: Callable[[], None]) -> Any:
         return check(rt.cudaGraphInstantiate(graph, 0))
     finally:
         rt.cudaGraphDestroy(graph)  # the instantiated graph no longer needs its template
+
+
+def capture_steps(
+    stream: Stream,
+    kinds: Sequence[bool],
+    eager_step: Callable[[int, bool], None],
+    two_steps: Callable[[Callable[[int], None]], list[Any]],
+) -> list[Any]:
+    """A device loop's step graphs: for each kind (``True``, the whole UNet's step; ``False``, DeepCache's
+    shallow one's) and state parity, ``eager_step(parity, whole)`` captured on ``stream``, in
+    :func:`launch_step`'s order. Each kind's two graphs are then replayed against the plain steps
+    (``two_steps`` runs a step function on both parities and gives their samples; :func:`check_replay`).
+    Where a capture or a check fails, the graphs made so far are destroyed before the error propagates."""
+    graphs: list[Any] = []
+    try:
+        for whole in kinds:
+            for parity in (0, 1):
+                graphs.append(capture_graph(stream, lambda p=parity, w=whole: eager_step(p, w)))
+        for whole in kinds:
+            eager = lambda p, w=whole: eager_step(p, w)  # noqa: E731
+            replayed = lambda p, w=whole: launch_step(graphs, stream, p, w)  # noqa: E731
+            check_replay(two_steps(eager), two_steps(replayed))
+    except BaseException:
+        destroy_graphs(graphs)
+        raise
+    return graphs
+
+
+def launch_step(graphs: Sequence[Any], stream: Stream, parity: int, whole: bool = True) -> None:
+    """Launch the step graph of this parity and kind (:func:`capture_steps`' order) on ``stream``."""
+    check(cudart().cudaGraphLaunch(graphs[parity + (0 if whole else 2)], stream.handle))
+
+
+def destroy_graphs(graphs: list[Any], rt: ModuleType | None = None) -> None:
+    """Destroy instantiated graphs (none may still be running) and empty the list. ``rt``: the runtime
+    module, held by an object whose ``__del__`` may run at interpreter exit, when imports no longer work."""
+    rt = rt or cudart()
+    for graph in graphs:
+        rt.cudaGraphExecDestroy(graph)
+    graphs.clear()
 
 
 #: How far a replayed graph's result may be from the plain runs' (relative to the result's largest value):

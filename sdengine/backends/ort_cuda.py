@@ -53,7 +53,14 @@ from onnx import helper
 
 from sdengine.backends.base import DenoisePlan, GraphKey
 from sdengine.backends.cuda_options import checked_cuda_options
-from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
+from sdengine.backends.cuda_runtime import (
+    Event,
+    Stream,
+    capture_steps,
+    cudart,
+    destroy_graphs,
+    launch_step,
+)
 from sdengine.backends.ort import OrtBackend, open_session, session_inputs, session_options
 from sdengine.errors import (
     BackendUnavailableError,
@@ -455,18 +462,8 @@ class DeviceDenoiser:
                     self._eager_step(parity, whole=whole)
         self.synchronize()
         if whole_steps:
-            for whole in kinds:
-                for parity in (0, 1):
-                    step = lambda p=parity, w=whole: self._eager_step(p, whole=w)  # noqa: E731
-                    self.graphs.append(capture_graph(self.stream, step))
-            for whole in kinds:
-                eager = lambda p, w=whole: self._eager_step(p, whole=w)  # noqa: E731
-                launch = lambda p, w=whole: self._launch(p, w)  # noqa: E731
-                check_replay(self._two_steps(plan, eager), self._two_steps(plan, launch))
-
-    def _launch(self, parity: int, whole: bool = True) -> None:
-        graph = self.graphs[parity + (0 if whole else 2)]
-        check(self._rt.cudaGraphLaunch(graph, self.stream.handle))
+            eager = lambda parity, whole: self._eager_step(parity, whole=whole)  # noqa: E731
+            self.graphs = capture_steps(self.stream, kinds, eager, lambda step: self._two_steps(plan, step))
 
     def _two_steps(self, plan: DenoisePlan, step: Callable[[int], None]) -> list[np.ndarray]:
         """Both parities' steps from this plan's start, each from step index 0; their samples on the host."""
@@ -497,8 +494,8 @@ class DeviceDenoiser:
         self.step_model.run_with_iobinding(self.step_bindings[parity], step_options)
 
     def __del__(self) -> None:
-        for graph in getattr(self, "graphs", ()):  # (every run ends with a wait: none is still running)
-            self._rt.cudaGraphExecDestroy(graph)
+        if getattr(self, "graphs", None):  # (every run ends with a wait: none is still running)
+            destroy_graphs(self.graphs, self._rt)
 
     def synchronize(self) -> None:
         if self.stream is not None:
@@ -528,7 +525,7 @@ class DeviceDenoiser:
         call, self.calls = self.calls, self.calls + 1
         parity, whole = call % 2, self.whole_calls is None or self.whole_calls[call]
         if self.graphs:
-            self._launch(parity, whole)
+            launch_step(self.graphs, self.stream, parity, whole)
         elif self.final_options is not None and self.calls == self.num_calls:
             self._eager_step(parity, (self.final_options, self.final_options), whole)
         else:

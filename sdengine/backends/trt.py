@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 
 from sdengine.backends.base import DenoisePlan, GraphKey, skipped_layers, xl_layer
-from sdengine.backends.cuda_runtime import Event, Stream, capture_graph, check, check_replay, cudart
+from sdengine.backends.cuda_runtime import (
+    Event,
+    Stream,
+    capture_steps,
+    check,
+    cudart,
+    destroy_graphs,
+    launch_step,
+)
 from sdengine.engine_keys import (
     TIMING_CACHE_NAME,
     EngineManifest,
@@ -502,16 +510,9 @@ class GraphSteps:
         self._rt = cudart()  # kept for __del__, which may run at interpreter exit
         try:
             if backend.graph_mode == "step":
-                for whole in kinds:
-                    for parity in (0, 1):
-                        step = lambda p=parity, w=whole: self._eager_step(p, w)  # noqa: E731
-                        self.graphs.append(capture_graph(self.stream, step))
-                for whole in kinds:
-                    eager = lambda p, w=whole: self._eager_step(p, w)  # noqa: E731
-                    launch = lambda p, w=whole: self._launch(p, w)  # noqa: E731
-                    check_replay(self._two_steps(plan, eager), self._two_steps(plan, launch))
+                two_steps = lambda step: self._two_steps(plan, step)  # noqa: E731
+                self.graphs = capture_steps(self.stream, kinds, self._eager_step, two_steps)
         except BackendUnavailableError as exc:
-            self._destroy_graphs()
             if backend.graphs_refused is None:
                 print(f"sdengine: warning: denoising steps run without CUDA graphs ({exc})", file=sys.stderr)
             backend.graphs_refused = str(exc)
@@ -524,10 +525,6 @@ class GraphSteps:
         (unet if whole else self.shallow).run(self.stream)
         steps[parity].run(self.stream)
 
-    def _launch(self, parity: int, whole: bool = True) -> None:
-        graph = self.graphs[parity + (0 if whole else 2)]
-        check(cudart().cudaGraphLaunch(graph, self.stream.handle))
-
     def _two_steps(self, plan: DenoisePlan, step: Callable[[int], None]) -> list[np.ndarray]:
         """Both parities' steps from this plan's start, each from step index 0; their samples on the host."""
         self.start(plan, StageTimes())
@@ -538,14 +535,9 @@ class GraphSteps:
             samples.append(self.states[1 - parity]["sample"].download(self.stream))
         return samples
 
-    def _destroy_graphs(self) -> None:
-        for graph in self.graphs:
-            self._rt.cudaGraphExecDestroy(graph)
-        self.graphs = []
-
     def __del__(self) -> None:
         if getattr(self, "graphs", None):
-            self._destroy_graphs()
+            destroy_graphs(self.graphs, self._rt)
 
     def start(self, plan: DenoisePlan, times: StageTimes) -> None:
         """Upload one run's inputs into the fixed buffers (the graphs read them in place)."""
@@ -568,7 +560,7 @@ class GraphSteps:
     def step(self) -> None:
         whole = self.whole_calls is None or self.whole_calls[self.calls]
         if self.graphs:
-            self._launch(self.calls % 2, whole)
+            launch_step(self.graphs, self.stream, self.calls % 2, whole)
         else:
             self._eager_step(self.calls % 2, whole)
         self.calls += 1
