@@ -68,7 +68,13 @@ def test_export_holds_both_text_encoders_and_keeps_the_vae_in_float32(xl_checkpo
         graph = onnx.load(str(tmp_path / "fp16" / component / "model.onnx")).graph
         return {t.data_type for t in graph.initializer if len(t.dims) > 1}
 
-    assert weight_types(UNET) == weight_types(TEXT_ENCODER_2) == {onnx.TensorProto.FLOAT16}
+    assert weight_types(TEXT_ENCODER_2) == {onnx.TensorProto.FLOAT16}
+    # the UNet's, but for the embeddings of the timestep and the size numbers and pooled text (export.fp16)
+    unet = onnx.load(str(tmp_path / "fp16" / UNET / "model.onnx")).graph
+    single = {t.name for t in unet.initializer if len(t.dims) > 1 and t.data_type == onnx.TensorProto.FLOAT}
+    embeddings = ("time_embedding.", "add_embedding.", ".time_emb_proj.")
+    assert single and all(any(part in name for part in embeddings) for name in single), sorted(single)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in unet.initializer if len(t.dims) > 1)
     assert weight_types("vae_decoder") == weight_types("vae_encoder") == {onnx.TensorProto.FLOAT}  # upcast
     model_dir = open_onnx_dir(tmp_path / "fp16")
     assert model_dir.arch.xl and (model_dir.root / "tokenizer_2" / "vocab.json").is_file()
