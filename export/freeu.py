@@ -10,8 +10,9 @@ diffusers' ``fourier_filter`` scales a 2-D FFT's lowest modes and transforms bac
 the same filter is matrix products: the modes it scales are frequencies 0 and -1 along each side (0 alone
 on a side of 1), so with ``x`` real the filtered ``x`` is ``x + (s - 1) Re(R x C^T)``, where ``R`` and
 ``C`` project each side onto those modes (``R[n, m] = (1 + e^(-2 pi i (n - m) / H)) / H``). The matrices
-are computed in the graph from the sides, so the export runs at every size, in float32 as diffusers
-computes the FFT. Every backend has matrix products; few have ONNX's DFT.
+are computed in the graph from the sides, so the export runs at every size; in float32, as diffusers
+computes the FFT (an fp16 export runs them in float16, as its other activations: the GPU check compares it
+with diffusers in float16). Every backend has matrix products; few have ONNX's DFT.
 """
 
 from __future__ import annotations
