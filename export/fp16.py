@@ -70,7 +70,9 @@ def conditioning_nodes(graph: onnx.GraphProto, conditioning: Collection[str]) ->
 def _drop_round_trips(graph: onnx.GraphProto) -> None:
     """The converter casts each float32 node's inputs from float16 and its outputs back, as if the tensors
     between two such nodes were float16: a float32 tensor cast to float16 and straight back. Read it as it
-    is instead (the float16 cast stays where float16 nodes read it)."""
+    is instead (the float16 cast stays where float16 nodes read it). Not ONNX Runtime's
+    ``remove_cascaded_cast_nodes``, which joins any two casts in a row, the traced graph's own included
+    (where a float-to-integer-to-float pair rounds), and prunes through a copy of the whole model."""
     single = TensorProto.FLOAT
     float32 = {v.name for v in (*graph.value_info, *graph.input) if v.type.tensor_type.elem_type == single}
     float32 |= {t.name for t in graph.initializer if t.data_type == single}

@@ -115,9 +115,12 @@ def capture_steps(
     return graphs
 
 
-def launch_step(graphs: Sequence[Any], stream: Stream, parity: int, whole: bool = True) -> None:
-    """Launch the step graph of this parity and kind (:func:`capture_steps`' order) on ``stream``."""
-    check(cudart().cudaGraphLaunch(graphs[parity + (0 if whole else 2)], stream.handle))
+def launch_step(
+    graphs: Sequence[Any], stream: Stream, parity: int, whole: bool = True, rt: ModuleType | None = None
+) -> None:
+    """Launch the step graph of this parity and kind (:func:`capture_steps`' order) on ``stream``. ``rt``:
+    the runtime module the caller holds, so that a loop's launches skip looking it up each step."""
+    check((rt or cudart()).cudaGraphLaunch(graphs[parity + (0 if whole else 2)], stream.handle))
 
 
 def destroy_graphs(graphs: list[Any], rt: ModuleType | None = None) -> None:

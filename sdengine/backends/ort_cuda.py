@@ -525,7 +525,7 @@ class DeviceDenoiser:
         call, self.calls = self.calls, self.calls + 1
         parity, whole = call % 2, self.whole_calls is None or self.whole_calls[call]
         if self.graphs:
-            launch_step(self.graphs, self.stream, parity, whole)
+            launch_step(self.graphs, self.stream, parity, whole, self._rt)
         elif self.final_options is not None and self.calls == self.num_calls:
             self._eager_step(parity, (self.final_options, self.final_options), whole)
         else:

@@ -560,7 +560,7 @@ class GraphSteps:
     def step(self) -> None:
         whole = self.whole_calls is None or self.whole_calls[self.calls]
         if self.graphs:
-            launch_step(self.graphs, self.stream, self.calls % 2, whole)
+            launch_step(self.graphs, self.stream, self.calls % 2, whole, self._rt)
         else:
             self._eager_step(self.calls % 2, whole)
         self.calls += 1
