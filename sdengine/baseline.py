@@ -50,6 +50,19 @@ def diffusers_scheduler(name: str | None, config: dict):
     return getattr(diffusers, class_name).from_config(config, **overrides)
 
 
+def custom_arguments(pipe: Any, request: GenerationRequest) -> dict[str, list[float]]:
+    """The request's custom timesteps or sigmas as ``pipe`` takes them (``timesteps=`` or ``sigmas=``);
+    UnsupportedConfigError for a pipeline that takes none (diffusers' ControlNet image to image and
+    inpainting)."""
+    assert request.custom is not None
+    arguments = request.custom.parameters()
+    if request.custom.kind not in inspect.signature(pipe.__call__).parameters:
+        raise UnsupportedConfigError(
+            f"the torch backend: diffusers' {type(pipe).__name__} takes no custom {request.custom.kind}"
+        )
+    return arguments
+
+
 class ModuleTimer:
     """Times each call of a module through forward hooks: wall clock on the CPU, CUDA events on the GPU
     (no syncs added; the event pairs are read once the run is over)."""
@@ -383,6 +396,8 @@ class TorchPipeline(_CallMixin):
             pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
         if xl:
             inputs.update(xl_size_arguments(request))
+        if request.custom is not None:
+            inputs.update(custom_arguments(pipe, request))
         if self.ip_adapter:
             inputs.update(self.image_prompt(request))
         if request.refiner_switch is not None:

@@ -118,9 +118,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdengine.images import load_image, load_mask, output_paths, save_png
     from sdengine.lora import parse_lora_arg, read_lora
     from sdengine.pipeline import Pipeline
+    from sdengine.schedulers.custom import parse_custom
     from sdengine.textual_inversion import read_embedding
 
     freeu = None if args.freeu is None else parse_freeu(args.freeu)  # as the files: before the models load
+    timesteps = None if args.timesteps is None else parse_custom(args.timesteps)
+    sigmas = None if args.sigmas is None else parse_custom(args.sigmas)
+    if args.steps is not None and (timesteps is not None or sigmas is not None):
+        option = "--timesteps" if timesteps is not None else "--sigmas"
+        raise InvalidArgumentError(f"--steps and {option}: {option} sets the steps, give one or the other")
     # every input file is read before the models load, so a bad one costs no load time
     latents = _load_latents(args.latents)
     image = None if args.image is None else load_image(args.image)
@@ -179,7 +185,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = pipeline(
         prompt,
         args.negative_prompt,
-        steps=args.steps,
+        steps=DEFAULT_STEPS if args.steps is None else args.steps,
+        timesteps=timesteps,
+        sigmas=sigmas,
         guidance=args.guidance,
         scheduler=args.scheduler,
         seed=args.seed,
@@ -584,9 +592,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("prompt")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    g.add_argument("--steps", type=int, default=None, help=f"default: {DEFAULT_STEPS}")
     g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     g.add_argument("--scheduler", default=None, help="default: the model's own scheduler")
+    custom = g.add_mutually_exclusive_group()
+    custom.add_argument(
+        "--timesteps",
+        default=None,
+        metavar="T1,T2,...|ays",
+        help="the run's own timesteps, the noisiest first, one per step (diffusers' timesteps=), for the "
+        "euler, heun, dpmpp_2m and dpmpp_2m_sde schedulers; ays: Align Your Steps' 10 for the model",
+    )
+    custom.add_argument(
+        "--sigmas",
+        default=None,
+        metavar="S1,S2,...|ays",
+        help="the run's own sigmas, the noisiest first, ending with the last step's (usually 0; diffusers' "
+        "sigmas=), for the euler scheduler; ays: Align Your Steps' 10 steps for the model",
+    )
     g.add_argument("--seed", type=int, default=None, help="default: random, printed and stored in the PNG")
     g.add_argument("--height", type=int, default=None, help="default: the model's native size (or --image's)")
     g.add_argument("--width", type=int, default=None)

@@ -49,7 +49,7 @@ from sdengine.prompt_weights_a1111 import a1111_embeddings, a1111_windows, parse
 from sdengine.refiner import DEFAULT_REFINER_SWITCH, check_refiner
 from sdengine.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest, make_request
 from sdengine.safety import PREPROCESSOR_CONFIG, clip_pixels
-from sdengine.schedulers import Schedule
+from sdengine.schedulers import Schedule, custom_steps
 from sdengine.step_graph import Blend, step_tables
 from sdengine.textual_inversion import read_embedding, read_xl_embedding, vector_tokens
 from sdengine.timing import StageTimes
@@ -293,6 +293,8 @@ class _CallMixin:
         pag_adaptive_scale: float = 0.0,
         deepcache_interval: int = 1,
         freeu: Sequence[float] | Mapping[str, float] | None = None,
+        timesteps: str | Sequence[float] | None = None,
+        sigmas: str | Sequence[float] | None = None,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -347,7 +349,12 @@ class _CallMixin:
         it falls with the timestep (diffusers'; :mod:`sdengine.pag`). ``deepcache_interval`` (a model
         exported with ``--deepcache``): the whole UNet on every that many calls, its shallow branch between
         (:mod:`sdengine.deepcache`). ``freeu`` (a model exported with ``--freeu``): FreeU's scales
-        ``(s1, s2, b1, b2)``, as diffusers' ``enable_freeu`` takes them (:mod:`sdengine.freeu`)."""
+        ``(s1, s2, b1, b2)``, as diffusers' ``enable_freeu`` takes them (:mod:`sdengine.freeu`).
+        ``timesteps`` or ``sigmas``: the run's own, in place of those the scheduler spaces out, as diffusers'
+        pipelines take them (the noisiest first; sigmas end with the one the run ends at, usually 0), for
+        the schedulers that take them (``euler`` both, ``heun``, ``dpmpp_2m`` and ``dpmpp_2m_sde``
+        timesteps); their count sets ``steps``. ``"ays"``: Align Your Steps' 10-step schedule for the model
+        (SD 1.x/2.x or SDXL; :mod:`sdengine.schedulers.custom`)."""
         sizes = {
             "original_size": original_size,
             "crop_top_left": crop_top_left,
@@ -446,6 +453,7 @@ class _CallMixin:
             pag_adaptive_scale=pag_adaptive_scale,
             deepcache_interval=deepcache_interval,
             freeu=freeu,
+            custom=custom_steps(timesteps, sigmas, xl=self.model_dir.arch.xl),
             inpainting_unet=self.model_dir.arch.inpainting_unet,
             guidance_embedded=bool(self.model_dir.arch.guidance_embedding),
             size_multiple=multiple,

@@ -22,7 +22,7 @@ from sdengine.mask_crop import MaskCrop
 from sdengine.model_specs import Architecture
 from sdengine.pag import call_weights, check_pag_scale, pag_parts
 from sdengine.prompt_editing import PromptEdits, prompt_edits
-from sdengine.schedulers import Schedule, load_scheduler
+from sdengine.schedulers import CustomSteps, Schedule, load_scheduler
 from sdengine.schedulers.base import img2img_start
 from sdengine.step_graph import unet_copies
 from sdengine.torch_noise import TorchCpuGenerator
@@ -132,6 +132,9 @@ class GenerationRequest:
     deepcache_interval: int = 1
     #: FreeU's scales (s1, s2, b1, b2; :mod:`sdengine.freeu`); None: off
     freeu: FreeUScales | None = None
+    #: the run's own timesteps or sigmas (:mod:`sdengine.schedulers.custom`; diffusers' ``timesteps`` and
+    #: ``sigmas``), in place of those the scheduler spaces out; ``steps`` is their count of steps
+    custom: CustomSteps | None = None
 
     @property
     def guided_parts(self) -> tuple[Parts, ...]:
@@ -255,7 +258,7 @@ class GenerationRequest:
     def schedule(self, scheduler_config: dict[str, Any]) -> Schedule:
         """This pass's schedule for a checkpoint's scheduler config: shortened by image to image, and where a
         refiner finishes the run, the base's part of it or the refiner's."""
-        scheduler = load_scheduler(self.scheduler, scheduler_config)
+        scheduler = load_scheduler(self.scheduler, scheduler_config, self.custom)
         if self.denoising_start is not None:
             return scheduler.schedule(self.steps, denoising_start=self.denoising_start)
         return scheduler.schedule(self.steps, self.schedule_strength, denoising_end=self.refiner_switch)
@@ -266,7 +269,8 @@ class GenerationRequest:
         (:meth:`schedule`), which is the whole run where no refiner shares it."""
         if self.refiner_switch is None and self.denoising_start is None:
             return schedule
-        return load_scheduler(self.scheduler, scheduler_config).schedule(self.steps, self.schedule_strength)
+        scheduler = load_scheduler(self.scheduler, scheduler_config, self.custom)
+        return scheduler.schedule(self.steps, self.schedule_strength)
 
     def latent_shape(self, arch: Architecture) -> tuple[int, int, int, int]:
         """(B, C, h, w) of this request's latents."""
@@ -387,6 +391,7 @@ class GenerationRequest:
             "steps": self.steps,
             "guidance": self.guidance,
             "scheduler": self.scheduler,
+            **(self.custom.parameters() if self.custom is not None else {}),
             "seed": self.seed,
             "height": self.height,
             "width": self.width,
@@ -483,6 +488,7 @@ def make_request(
     guidance_embedded: bool = False,
     deepcache_interval: int = 1,
     freeu: Sequence[float] | Mapping[str, float] | None = None,
+    custom: CustomSteps | None = None,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
@@ -498,7 +504,8 @@ def make_request(
     timestep. ``guidance_embedded``: the model's UNet takes the guidance scale as an input
     (:mod:`sdengine.guidance_embedding`). ``deepcache_interval``: DeepCache's (:mod:`sdengine.deepcache`;
     1, the default: off). ``freeu``: FreeU's scales (s1, s2, b1, b2, or a mapping of those names;
-    :mod:`sdengine.freeu`; None, the default: off)."""
+    :mod:`sdengine.freeu`; None, the default: off). ``custom``: the run's own timesteps or sigmas
+    (:mod:`sdengine.schedulers.custom`), whose count of steps replaces ``steps``."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -526,6 +533,8 @@ def make_request(
     for name, value in (("height", height), ("width", width)):
         if value < size_multiple or value % size_multiple:
             raise InvalidArgumentError(f"{name} must be a positive multiple of {size_multiple}, got {value}")
+    if custom is not None:  # as in diffusers, the custom schedule's count wins over num_inference_steps
+        steps = custom.steps
     if steps < 1:
         raise InvalidArgumentError(f"steps must be at least 1, got {steps}")
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or clip_skip < 0:
@@ -574,6 +583,10 @@ def make_request(
     )
     if hires is not None and image is not None:
         raise InvalidArgumentError("the hires fix follows text to image: it takes no input image or mask")
+    if hires is not None and custom is not None:
+        raise UnsupportedConfigError(
+            f"custom {custom.kind} with the hires fix are not supported: its second pass has steps of its own"
+        )
     check_refiner_switch(refiner_switch, hires is not None)
     check_noise_source(
         noise_source,
@@ -646,6 +659,7 @@ def make_request(
         deepcache_interval=check_interval(deepcache_interval),
         freeu=check_freeu(freeu),
         guidance_embedded=bool(guidance_embedded),
+        custom=custom,
     )
 
 

@@ -27,14 +27,17 @@ import pytest
 from sdengine.errors import InvalidArgumentError, UnknownSchedulerError, UnsupportedConfigError
 from sdengine.schedulers import (
     SCHEDULER_NAMES,
+    CustomSteps,
     Schedule,
     SchedulerConfig,
+    custom_steps,
     diffusers_scheduler_class,
     initial_history,
     load_scheduler,
     step,
     tables,
 )
+from sdengine.schedulers.custom import KINDS, PRESETS, parse_custom
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -260,6 +263,7 @@ def run_both(
     schedule: Schedule | None = None,
     strength: float | None = None,
     inpaint: bool = False,
+    custom: CustomSteps | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run the trajectory through diffusers and sdengine, asserting agreement at every step.
 
@@ -270,6 +274,9 @@ def run_both(
     at strength 1, and after every step but the last the area outside a mask replaced by the image noised to
     the next timestep (``add_noise`` after the step; ours from ``noise_scales``).
 
+    ``custom``: the run's own timesteps or sigmas, given to both (diffusers' ``set_timesteps(timesteps=...)``
+    or ``(sigmas=...)``), ``steps`` their count of steps.
+
     Configs with a huge sigma_max run diffusers' arithmetic in float64 (its tables stay float32): there
     diffusers' float32 rounding on the first step, ~1e-7 of a 1e4 sample, would dominate every later step.
     """
@@ -277,11 +284,11 @@ def run_both(
     if schedule is not None:
         plan = schedule
     elif strength is None:
-        plan = load_scheduler(name, config).schedule(steps)
+        plan = load_scheduler(name, config, custom).schedule(steps)
     else:
-        plan = load_scheduler(name, config).schedule(steps, strength=strength)
+        plan = load_scheduler(name, config, custom).schedule(steps, strength=strength)
     ref = reference_scheduler(name, config)
-    ref.set_timesteps(steps)
+    ref.set_timesteps(**({custom.kind: list(custom.values)} if custom else {"num_inference_steps": steps}))
     assert plan.num_inference_steps == steps
     assert plan.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
 
@@ -1102,3 +1109,132 @@ def test_beta_quantiles_are_scipys(a: float, b: float) -> None:
 
     for q in np.linspace(0, 1, 41):
         assert beta_ppf(float(q), a, b) == pytest.approx(stats.beta.ppf(q, a, b), abs=1e-13), q
+
+
+# --- custom timesteps and sigmas (diffusers' set_timesteps(timesteps=...) and (sigmas=...)) ---
+
+#: Each scheduler that takes a custom schedule, with the kinds it takes.
+CUSTOM_TAKERS = {
+    "euler": KINDS,
+    "heun": ("timesteps",),
+    "dpmpp_2m": ("timesteps",),
+    "dpmpp_2m_sde": ("timesteps",),
+}
+#: Hand-made schedules besides the presets: uneven gaps, a single step, sigmas that end above 0.
+HAND_MADE = {
+    "timesteps": [(900, 700, 500, 320, 150, 60, 5), (500,)],
+    "sigmas": [(10.0, 3.0, 1.0, 0.3, 0.05), (6.0, 0.0)],
+}
+CUSTOM_CASES = [
+    pytest.param(name, base, prediction, kind, values, id=f"{name}-{base}-{prediction}-{kind}-{len(values)}")
+    for name, kinds in CUSTOM_TAKERS.items()
+    for kind in kinds
+    for base in BASE_CONFIGS
+    for prediction in ("epsilon", "v_prediction")
+    for values in [PRESETS["ays"][kind]["xl" if base.startswith("sdxl") else "sd"], *HAND_MADE[kind]]
+]
+
+
+@pytest.mark.parametrize(("name", "base", "prediction", "kind", "values"), CUSTOM_CASES)
+def test_custom_steps_match_diffusers(
+    name: str, base: str, prediction: str, kind: str, values: tuple[float, ...]
+) -> None:
+    custom = CustomSteps(kind, values)
+    config = {**BASE_CONFIGS[base], "prediction_type": prediction}
+    run_both(name, config, custom.steps, custom=custom)
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "kind", "strength"),
+    [
+        ("euler", SD15, "timesteps", 0.6),
+        ("euler", SDXL, "sigmas", 0.5),
+        ("euler", {**SD21, "timestep_type": "continuous"}, "sigmas", 0.7),  # c_noise from the sigmas
+        ("euler", {**SDXL, "use_karras_sigmas": True}, "sigmas", 1.0),  # diffusers reads the sigmas as given
+        ("euler", {**SD15, "final_sigmas_type": "sigma_min"}, "timesteps", 1.0),
+        ("heun", SD21, "timesteps", 0.55),
+        ("dpmpp_2m", {**SD15, "final_sigmas_type": "sigma_min"}, "timesteps", 0.8),
+        ("dpmpp_2m", {**SD15, "solver_type": "heun", "lower_order_final": False}, "timesteps", 1.0),
+        ("dpmpp_2m_sde", SDXL_ZSNR, "timesteps", 0.6),
+        ("dpmpp_2m_sde", {**SD15, "final_sigmas_type": "sigma_min"}, "timesteps", 1.0),
+    ],
+)
+def test_custom_steps_variants_match_diffusers(
+    name: str, config: dict[str, Any], kind: str, strength: float
+) -> None:
+    custom = CustomSteps(kind, PRESETS["ays"][kind]["sd"])
+    run_both(name, config, custom.steps, strength=None if strength == 1.0 else strength, custom=custom)
+
+
+def test_custom_steps_replace_the_spacing() -> None:
+    """The harness sees a custom schedule that is not the one run: diffusers given other timesteps fails."""
+    ours = CustomSteps("timesteps", (900, 700, 500, 320, 150, 60, 5))
+    theirs = CustomSteps("timesteps", (900, 700, 500, 320, 150, 60, 4))
+    plan = load_scheduler("dpmpp_2m", SD15, ours).schedule(7)
+    with pytest.raises(AssertionError):
+        run_both("dpmpp_2m", SD15, 7, schedule=plan, custom=theirs)
+    assert load_scheduler("euler", SD15, ours).schedule(7).timesteps.tolist() == list(ours.values)
+    default = load_scheduler("euler", SD15).schedule(7).timesteps
+    assert not np.allclose(default, ours.values)
+
+
+@pytest.mark.parametrize(
+    ("name", "custom", "error", "match"),
+    [
+        ("euler_a", CustomSteps("timesteps", (999, 500)), UnsupportedConfigError, "euler_a takes no custom"),
+        ("lms", CustomSteps("timesteps", (999, 500)), UnsupportedConfigError, "lms takes no custom"),
+        ("heun", CustomSteps("sigmas", (3.0, 0.0)), UnsupportedConfigError, "heun takes no custom sigmas"),
+        ("dpmpp_2m", CustomSteps("sigmas", (3.0, 0.0)), UnsupportedConfigError, "no custom sigmas"),
+        ("euler_karras", CustomSteps("timesteps", (999, 500)), UnsupportedConfigError, "karras sigmas"),
+        ("dpmpp_2m_sde_beta", CustomSteps("timesteps", (999, 500)), UnsupportedConfigError, "beta sigmas"),
+        ("euler", CustomSteps("timesteps", (1000, 500)), InvalidArgumentError, "<= 999"),
+        ("dpmpp_2m", CustomSteps("timesteps", (999, 500.5)), InvalidArgumentError, "whole numbers"),
+    ],
+)
+def test_custom_steps_refused(name: str, custom: CustomSteps, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        load_scheduler(name, SD15, custom)
+
+
+@pytest.mark.parametrize(
+    ("kind", "values", "match"),
+    [
+        ("timesteps", (), "at least 1"),
+        ("sigmas", (3.0,), "at least 2"),
+        ("timesteps", (500, 500, 100), "decrease strictly"),
+        ("timesteps", (100, 500), "decrease strictly"),
+        ("sigmas", (3.0, -0.1), ">= 0"),
+        ("timesteps", (999, math.nan), "finite numbers"),
+        ("timesteps", (999, "500"), "finite numbers"),
+        ("timesteps", (True, 0), "finite numbers"),
+        ("seconds", (3.0, 1.0), "timesteps or sigmas"),
+    ],
+)
+def test_bad_custom_steps(kind: str, values: tuple[Any, ...], match: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        CustomSteps(kind, values)
+
+
+def test_custom_steps_fix_the_step_count() -> None:
+    scheduler = load_scheduler("euler", SD15, CustomSteps("sigmas", (3.0, 1.0, 0.0)))
+    assert scheduler.schedule(2).num_inference_steps == 2
+    with pytest.raises(InvalidArgumentError, match="the custom sigmas give 2 steps, not 3"):
+        scheduler.schedule(3)
+
+
+def test_custom_steps_from_names_and_lists() -> None:
+    assert custom_steps() is None
+    assert custom_steps("ays").values == tuple(map(float, PRESETS["ays"]["timesteps"]["sd"]))
+    assert custom_steps(sigmas="ays", xl=True) == CustomSteps("sigmas", PRESETS["ays"]["sigmas"]["xl"])
+    assert custom_steps([999, 500]).values == (999.0, 500.0)
+    assert custom_steps(sigmas=np.array([2.0, 0.5, 0.0])).steps == 2
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        custom_steps("ays", "ays")
+    with pytest.raises(InvalidArgumentError, match="unknown sigmas preset 'karras'"):
+        custom_steps(sigmas="karras")
+    with pytest.raises(InvalidArgumentError, match="list of numbers"):
+        custom_steps(timesteps=7)
+    assert parse_custom("ays") == "ays"
+    assert parse_custom(" 999, 500,10 ") == (999.0, 500.0, 10.0)
+    with pytest.raises(InvalidArgumentError, match="neither a preset"):
+        parse_custom("ays10")

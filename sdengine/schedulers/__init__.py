@@ -28,6 +28,7 @@ from typing import Any
 from ..errors import UnknownSchedulerError
 from .base import BaseScheduler, Scheduler, sigma_variant
 from .config import SchedulerConfig
+from .custom import CustomSteps, custom_steps
 from .ddim import DDIM
 from .dpmsolver import (
     DPMSolverMultistep,
@@ -114,7 +115,9 @@ def _checkpoint_scheduler(cfg: SchedulerConfig) -> str:
     return max(matches)[1]
 
 
-def load_scheduler(name: str | None, config: Mapping[str, Any] | SchedulerConfig) -> Scheduler:
+def load_scheduler(
+    name: str | None, config: Mapping[str, Any] | SchedulerConfig, custom: CustomSteps | None = None
+) -> Scheduler:
     """The scheduler ``name`` for a checkpoint whose ``scheduler_config.json`` object is ``config``.
 
     ``name=None`` picks the checkpoint's own scheduler from ``_class_name`` (a DPMSolverMultistepScheduler
@@ -125,8 +128,11 @@ def load_scheduler(name: str | None, config: Mapping[str, Any] | SchedulerConfig
     config, use_karras_sigmas=True)``, ``dpmpp_2m_sde`` the same with ``algorithm_type="sde-dpmsolver++"``
     (see :func:`diffusers_scheduler_class`); ``dpmpp_2m`` refuses an SDE config.
 
+    ``custom``: the run's own timesteps or sigmas (diffusers' ``set_timesteps(timesteps=...)`` or
+    ``(sigmas=...)``; :mod:`.custom`), for the schedulers whose diffusers class takes them.
+
     Raises UnknownSchedulerError for an unknown name or checkpoint class, UnsupportedConfigError for options
-    that are not implemented.
+    (or a custom schedule) that are not implemented.
     """
     cfg = config if isinstance(config, SchedulerConfig) else SchedulerConfig.from_dict(config)
     if name is None:
@@ -134,7 +140,7 @@ def load_scheduler(name: str | None, config: Mapping[str, Any] | SchedulerConfig
     if not isinstance(name, str) or name not in _CLASSES:
         raise UnknownSchedulerError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")
     class_name, overrides = diffusers_scheduler_class(name)
-    return _CLASSES[name](cfg.with_values(class_name=class_name, **overrides))
+    return _CLASSES[name](cfg.with_values(class_name=class_name, **overrides), custom)
 
 
 def diffusers_scheduler_class(name: str) -> tuple[str, dict[str, Any]]:
@@ -147,11 +153,13 @@ def diffusers_scheduler_class(name: str) -> tuple[str, dict[str, Any]]:
 
 
 __all__ = [
+    "CustomSteps",
     "DIFFUSERS_CLASS_NAMES",
     "SCHEDULER_NAMES",
     "Schedule",
     "Scheduler",
     "SchedulerConfig",
+    "custom_steps",
     "diffusers_scheduler_class",
     "initial_history",
     "load_scheduler",

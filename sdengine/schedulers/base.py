@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import InvalidArgumentError, UnsupportedConfigError
 from . import tables
 from .config import SchedulerConfig
+from .custom import CustomSteps
 from .schedule import Schedule
 
 #: The training-schedule defaults that most diffusers scheduler classes share in their ``__init__``.
@@ -53,6 +54,8 @@ class BaseScheduler:
     """
 
     config: SchedulerConfig
+    #: the run's own timesteps or sigmas, in place of those the config spaces out (:mod:`.custom`)
+    custom: CustomSteps | None = None
     name: str = field(default="", init=False)
     params: Mapping[str, Any] = field(init=False, repr=False, compare=False)
 
@@ -61,6 +64,10 @@ class BaseScheduler:
     order: ClassVar[int] = 1
     defaults: ClassVar[Mapping[str, Any]] = {}
     diffusers_overrides: ClassVar[Mapping[str, Any]] = {}
+    #: the kinds of custom schedule the diffusers class's ``set_timesteps`` takes ("timesteps", "sigmas")
+    takes_custom: ClassVar[tuple[str, ...]] = ()
+    #: custom timesteps must be whole numbers (the diffusers class casts them to integers)
+    whole_timesteps: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, SchedulerConfig):
@@ -68,7 +75,32 @@ class BaseScheduler:
         params = {**self.config.resolve(self.defaults), **self.diffusers_overrides}
         self._adjust(params)
         self._validate(params)
+        if self.custom is not None:
+            self._validate_custom(self.custom, params)
         object.__setattr__(self, "params", params)
+
+    def _validate_custom(self, custom: CustomSteps, params: Mapping[str, Any]) -> None:
+        """Refuse a custom schedule this scheduler does not take, as its diffusers class refuses it: a kind
+        its ``set_timesteps`` has no argument for, timesteps with a sigma spacing (Karras', exponential or
+        beta sigmas), timesteps outside the training timesteps."""
+        if custom.kind not in self.takes_custom:
+            takers = "euler (timesteps, sigmas), heun and dpmpp_2m, dpmpp_2m_sde (timesteps)"
+            raise UnsupportedConfigError(
+                f"{self.name} takes no custom {custom.kind}; those that do: {takers}"
+            )
+        if custom.kind == "sigmas":
+            return
+        spacing = self.sigma_spacing(params)
+        if spacing:
+            raise UnsupportedConfigError(
+                f"{self.name}: custom timesteps replace its {spacing} sigmas (use_{spacing}_sigmas); use a "
+                "scheduler without them"
+            )
+        last = params["num_train_timesteps"] - 1
+        if custom.values[0] > last:
+            raise InvalidArgumentError(f"custom timesteps must be <= {last}, got {custom.values[0]:g}")
+        if self.whole_timesteps and any(t != int(t) for t in custom.values):
+            raise InvalidArgumentError(f"{self.name}: custom timesteps must be whole numbers")
 
     def _adjust(self, params: dict[str, Any]) -> None:
         """Rewrite resolved parameters the way the diffusers constructor does (hook)."""
@@ -130,6 +162,10 @@ class BaseScheduler:
         InvalidArgumentError for a bad step count or strength (see :func:`img2img_start`).
         """
         n = check_steps(num_inference_steps, self.params["num_train_timesteps"])
+        if self.custom is not None and n != self.custom.steps:
+            raise InvalidArgumentError(
+                f"the custom {self.custom.kind} give {self.custom.steps} steps, not {n}"
+            )
         if denoising_start is None:
             schedule = self._build(n, img2img_start(n, strength))
         else:

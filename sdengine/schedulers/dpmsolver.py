@@ -36,6 +36,8 @@ class DPMSolverMultistep(BaseScheduler):
     name: str = field(default="dpmpp_2m", init=False)
 
     diffusers_class: ClassVar[str] = "DPMSolverMultistepScheduler"
+    takes_custom: ClassVar[tuple[str, ...]] = ("timesteps",)
+    whole_timesteps: ClassVar[bool] = True
     #: the one ``algorithm_type`` this class implements (the SDE subclass fixes it by ``diffusers_overrides``)
     algorithm_type: ClassVar[str] = "dpmsolver++"
     defaults: ClassVar[dict[str, Any]] = {
@@ -169,9 +171,12 @@ class DPMSolverMultistep(BaseScheduler):
 
     def _timesteps(self, n: int, abar: np.ndarray) -> np.ndarray:
         """diffusers' DPM-Solver timesteps: N of N + 1 evenly spaced ones (the smallest dropped), below the
-        ``lambda_min_clipped`` cut (lambda = log alpha - log sigma, half the log-SNR)."""
+        ``lambda_min_clipped`` cut (lambda = log alpha - log sigma, half the log-SNR); or the custom ones,
+        which no cut applies to."""
         p = self.params
         n_train = p["num_train_timesteps"]
+        if self.custom is not None:
+            return tables.integer_timesteps(np.asarray(self.custom.values), n_train)
         lambdas = 0.5 * (np.log(abar) - np.log1p(-abar))
         clipped = int(np.searchsorted(lambdas[::-1], p["lambda_min_clipped"]))
         last = n_train - clipped

@@ -11,11 +11,17 @@ import numpy as np
 
 from . import tables
 from .base import LINEAR_BETA_DEFAULTS, BaseScheduler
+from .custom import CustomSteps
 from .schedule import Forms, Schedule, make_schedule, sigma_noise_scales, vp_predictions
 
 
 def discrete_sigmas(
-    params: Mapping[str, Any], abar: np.ndarray, n: int, *, spacing: str = ""
+    params: Mapping[str, Any],
+    abar: np.ndarray,
+    n: int,
+    *,
+    spacing: str = "",
+    custom: CustomSteps | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, sigmas) of diffusers' Euler schedulers: float32 timesteps (fractional for ``linspace``),
     and the N + 1 sigmas ending in 0 (or sigma_min with ``final_sigmas_type="sigma_min"``).
@@ -23,14 +29,22 @@ def discrete_sigmas(
     Sigmas are the training sigmas interpolated linearly at the timesteps; with a ``spacing`` ("karras",
     "exponential") they are replaced by sigmas of that spacing spanning the interpolated range (or config
     ``sigma_min``/``sigma_max``) and the timesteps by their log-sigma interpolated positions
-    (:func:`tables.sigma_to_t`).
+    (:func:`tables.sigma_to_t`). ``custom`` timesteps take the spaced ones' place; custom sigmas are the
+    sigmas, the last one included, at timesteps interpolated as a spacing's are (diffusers'
+    ``set_timesteps(sigmas=...)``).
     """
     n_train = params["num_train_timesteps"]
-    timesteps = tables.f32(
-        tables.spaced_timesteps(params["timestep_spacing"], n_train, n, params["steps_offset"])
-    )
-    tables.check_timesteps(timesteps, n_train)
     train_sigmas = tables.sigmas_from_alphas_cumprod(abar)
+    if custom is not None and custom.kind == "sigmas":
+        sigmas = tables.f32(custom.values)
+        return tables.f32(tables.sigma_to_t(sigmas[:-1], train_sigmas)), sigmas
+    if custom is not None:
+        timesteps = tables.f32(custom.values)
+    else:
+        timesteps = tables.f32(
+            tables.spaced_timesteps(params["timestep_spacing"], n_train, n, params["steps_offset"])
+        )
+    tables.check_timesteps(timesteps, n_train)
     sigmas = np.interp(timesteps, np.arange(n_train), train_sigmas)
     if spacing:
         sigma_min = params.get("sigma_min")
@@ -97,6 +111,7 @@ class Euler(BaseScheduler):
     name: str = field(default="euler", init=False)
 
     diffusers_class: ClassVar[str] = "EulerDiscreteScheduler"
+    takes_custom: ClassVar[tuple[str, ...]] = ("timesteps", "sigmas")
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,
         "prediction_type": "epsilon",
@@ -122,7 +137,8 @@ class Euler(BaseScheduler):
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         abar = self.alphas_cumprod(zero_snr_floor=True)
-        timesteps, sigmas = discrete_sigmas(p, abar, n, spacing=self.sigma_spacing(p))
+        spacing = "" if self.custom is not None else self.sigma_spacing(p)
+        timesteps, sigmas = discrete_sigmas(p, abar, n, spacing=spacing, custom=self.custom)
         if p["timestep_type"] == "continuous" and p["prediction_type"] == "v_prediction":
             # diffusers feeds such models c_noise = log(sigma) / 4 (Karras et al. 2022, Table 1).
             timesteps = tables.f32(0.25 * np.log(sigmas[:-1]))

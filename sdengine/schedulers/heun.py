@@ -29,6 +29,7 @@ class Heun(BaseScheduler):
     name: str = field(default="heun", init=False)
 
     diffusers_class: ClassVar[str] = "HeunDiscreteScheduler"
+    takes_custom: ClassVar[tuple[str, ...]] = ("timesteps",)
     order: ClassVar[int] = 2
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,
@@ -51,7 +52,9 @@ class Heun(BaseScheduler):
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         spacing = self.sigma_spacing(p)
-        steps_timesteps, steps_sigmas = discrete_sigmas(p, self.alphas_cumprod(), n, spacing=spacing)
+        steps_timesteps, steps_sigmas = discrete_sigmas(
+            p, self.alphas_cumprod(), n, spacing=spacing, custom=self.custom
+        )
         # per call: t_0, t_1, t_1, ..., t_{N-1}, t_{N-1}; sigmas s_0, s_1, s_1, ..., s_{N-1}, s_{N-1}, 0
         timesteps = np.concatenate([steps_timesteps[:1], np.repeat(steps_timesteps[1:], 2)])
         sigmas = np.concatenate([steps_sigmas[:1], np.repeat(steps_sigmas[1:-1], 2), steps_sigmas[-1:]])
