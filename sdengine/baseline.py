@@ -36,31 +36,77 @@ from sdengine.pag import DEFAULT_PAG_LAYERS
 from sdengine.pipeline import GenerationResult, _CallMixin
 from sdengine.prompt_editing import PromptEdits
 from sdengine.request import GenerationRequest
-from sdengine.schedulers import diffusers_scheduler_class, load_scheduler
+from sdengine.schedulers import CustomSteps, diffusers_scheduler_class, load_scheduler
 from sdengine.timing import StageTimes
 from sdengine.vae_tiling import check_tileable
 
 
-def diffusers_scheduler(name: str | None, config: dict):
-    """The diffusers scheduler ``name`` stands for, built from the checkpoint's config as diffusers would."""
+def diffusers_scheduler(name: str | None, config: dict, custom: CustomSteps | None = None):
+    """The diffusers scheduler ``name`` stands for, built from the checkpoint's config as diffusers would;
+    with ``custom`` sigmas its class's ``set_timesteps`` does not take, set to give them
+    (:func:`sigmas_in_place`)."""
     import diffusers
 
-    ours = load_scheduler(name, config)  # validates the name and the config the same way as the engine
+    ours = load_scheduler(name, config, custom)  # validates the name and the config as the engine does
     class_name, overrides = diffusers_scheduler_class(ours.name)
-    return getattr(diffusers, class_name).from_config(config, **overrides)
+    scheduler = getattr(diffusers, class_name).from_config(config, **overrides)
+    if custom is not None and not diffusers_takes(scheduler, custom.kind):
+        return sigmas_in_place(scheduler, custom.values)
+    return scheduler
+
+
+def diffusers_takes(scheduler: Any, kind: str) -> bool:
+    """Whether a diffusers scheduler's ``set_timesteps`` takes custom ``kind`` ("timesteps" or "sigmas") for
+    the schedulers sdengine runs them with: timesteps all of them, sigmas Euler's alone (UniPC's takes them
+    for flow-matching models only)."""
+    return kind == "timesteps" or type(scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def sigmas_in_place(scheduler: Any, sigmas: Sequence[float]) -> Any:
+    """``scheduler`` (a diffusers scheduler, changed in place) made to run ``sigmas`` (ending in 0) when its
+    ``set_timesteps`` is asked for ``len(sigmas) - 1`` steps: diffusers' own code, with the sigmas put where
+    its classes take them from. A class with Karras sigmas gets them in the place of those (its Karras path
+    then derives the timesteps and every other table from them, as sdengine's schedulers do with custom
+    sigmas); Euler ancestral, which has none, gets them after its ``set_timesteps``, with the timesteps at
+    their log-sigma positions (its Euler sibling's ``_sigma_to_t``)."""
+    import diffusers
+
+    body = np.array(sigmas[:-1], dtype=np.float64)
+    # (the class's arguments, not its config, which may hold keys the class does not take)
+    if "use_karras_sigmas" in inspect.signature(type(scheduler).__init__).parameters:
+        scheduler.register_to_config(
+            use_karras_sigmas=True, use_exponential_sigmas=False, use_beta_sigmas=False
+        )
+        scheduler._convert_to_karras = lambda *_, **__: body.copy()
+        return scheduler
+    original = scheduler.set_timesteps
+
+    def set_timesteps(num_inference_steps: int, device: Any = None) -> None:
+        original(num_inference_steps, device)
+        abar = scheduler.alphas_cumprod.numpy().astype(np.float64)
+        log_sigmas = np.log(((1 - abar) / abar) ** 0.5)
+        to_t = diffusers.EulerDiscreteScheduler._sigma_to_t
+        timesteps = np.array([to_t(scheduler, sigma, log_sigmas) for sigma in body], dtype=np.float32)
+        scheduler.timesteps = torch.from_numpy(timesteps).to(device)
+        scheduler.sigmas = torch.tensor(np.asarray(sigmas, np.float32)).to(device)
+
+    scheduler.set_timesteps = set_timesteps
+    return scheduler
 
 
 def custom_arguments(pipe: Any, request: GenerationRequest) -> dict[str, list[float]]:
-    """The request's custom timesteps or sigmas as ``pipe`` takes them (``timesteps=`` or ``sigmas=``);
-    UnsupportedConfigError for a pipeline that takes none (diffusers' ControlNet image to image and
-    inpainting)."""
-    assert request.custom is not None
-    arguments = request.custom.parameters()
-    if request.custom.kind not in inspect.signature(pipe.__call__).parameters:
+    """The request's custom timesteps or sigmas as ``pipe`` takes them (``timesteps=`` or ``sigmas=``),
+    none where its scheduler gives them itself (:func:`sigmas_in_place`); UnsupportedConfigError for a
+    pipeline that takes none (diffusers' ControlNet image to image and inpainting)."""
+    custom = request.custom
+    assert custom is not None
+    if not diffusers_takes(pipe.scheduler, custom.kind):
+        return {}
+    if custom.kind not in inspect.signature(pipe.__call__).parameters:
         raise UnsupportedConfigError(
-            f"the torch backend: diffusers' {type(pipe).__name__} takes no custom {request.custom.kind}"
+            f"the torch backend: diffusers' {type(pipe).__name__} takes no custom {custom.kind}"
         )
-    return arguments
+    return custom.parameters()
 
 
 class ModuleTimer:
@@ -312,7 +358,9 @@ class TorchPipeline(_CallMixin):
         """One pass of ``request`` through diffusers' pipeline for it, with the engine's draws: the final
         latents."""
         pipe = self.pipe
-        pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
+        pipe.scheduler = diffusers_scheduler(
+            request.scheduler, self.model_dir.scheduler_config, request.custom
+        )
         pipe.set_progress_bar_config(disable=True)  # ``progress`` wraps the calls instead (step_end_callback)
         latents = torch.from_numpy(request.initial_latents(self.model_dir.arch)).to(
             self.device, pipe.unet.dtype
@@ -393,7 +441,9 @@ class TorchPipeline(_CallMixin):
         if pag:
             inputs.update(pag_scale=request.pag_scale, pag_adaptive_scale=request.pag_adaptive_scale)
         if pipe is not self.pipe:
-            pipe.scheduler = diffusers_scheduler(request.scheduler, self.model_dir.scheduler_config)
+            pipe.scheduler = diffusers_scheduler(
+                request.scheduler, self.model_dir.scheduler_config, request.custom
+            )
         if xl:
             inputs.update(xl_size_arguments(request))
         if request.custom is not None:

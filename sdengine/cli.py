@@ -607,8 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sigmas",
         default=None,
         metavar="S1,S2,...|ays",
-        help="the run's own sigmas, the noisiest first, ending with the last step's (usually 0; diffusers' "
-        "sigmas=), for the euler scheduler; ays: Align Your Steps' 10 steps for the model",
+        help="the run's own sigmas, the noisiest first, ending where the run ends (0, or for euler any "
+        "sigma; diffusers' sigmas=), for the euler, euler_a, heun, dpm2, lms, dpmpp_2m, dpmpp_2m_sde and "
+        "unipc schedulers; ays: Align Your Steps' 10 steps for the model",
     )
     g.add_argument("--seed", type=int, default=None, help="default: random, printed and stored in the PNG")
     g.add_argument("--height", type=int, default=None, help="default: the model's native size (or --image's)")

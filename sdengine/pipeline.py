@@ -351,9 +351,10 @@ class _CallMixin:
         (:mod:`sdengine.deepcache`). ``freeu`` (a model exported with ``--freeu``): FreeU's scales
         ``(s1, s2, b1, b2)``, as diffusers' ``enable_freeu`` takes them (:mod:`sdengine.freeu`).
         ``timesteps`` or ``sigmas``: the run's own, in place of those the scheduler spaces out, as diffusers'
-        pipelines take them (the noisiest first; sigmas end with the one the run ends at, usually 0), for
-        the schedulers that take them (``euler`` both, ``heun``, ``dpmpp_2m`` and ``dpmpp_2m_sde``
-        timesteps); their count sets ``steps``. ``"ays"``: Align Your Steps' 10-step schedule for the model
+        pipelines take them (the noisiest first; sigmas end with the one the run ends at, 0 but for
+        ``euler``): timesteps for ``euler``, ``heun``, ``dpmpp_2m`` and ``dpmpp_2m_sde``, sigmas for those
+        and ``euler_a``, ``dpm2``, ``lms``, ``unipc`` (:mod:`sdengine.schedulers.custom`); their count sets
+        ``steps``. ``"ays"``: Align Your Steps' 10-step schedule for the model
         (SD 1.x/2.x or SDXL; :mod:`sdengine.schedulers.custom`)."""
         sizes = {
             "original_size": original_size,

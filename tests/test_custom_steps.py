@@ -35,11 +35,27 @@ def torch_pipe(tiny_checkpoint):
         dict(scheduler="euler", sigmas=(9.0, 2.5, 0.8, 0.2)),  # ends above 0: the last step stops there
         dict(scheduler="heun", timesteps=HAND_MADE),
         dict(scheduler="dpmpp_2m", timesteps="ays"),
+        # sigmas in the place of diffusers' Karras ones (sdengine.baseline.sigmas_in_place)
+        dict(scheduler="dpmpp_2m", sigmas="ays"),
+        dict(scheduler="euler_a", sigmas=(9.0, 2.5, 0.8, 0.2, 0.0)),
+        dict(scheduler="unipc", sigmas="ays", image=picture(64, 64), strength=0.7),
         dict(scheduler="dpmpp_2m_sde", timesteps=HAND_MADE, batch=2),
         dict(scheduler="euler", timesteps="ays", image=picture(64, 64), strength=0.6),
         dict(scheduler="dpmpp_2m", timesteps=HAND_MADE, image=picture(64, 64), mask=mask()),
     ],
-    ids=["euler-ays", "ays-sigmas", "euler-sigmas", "heun", "dpmpp_2m", "sde-batch", "img2img", "inpaint"],
+    ids=[
+        "euler-ays",
+        "ays-sigmas",
+        "euler-sigmas",
+        "heun",
+        "dpmpp_2m",
+        "dpmpp_2m-sigmas",
+        "euler_a-sigmas",
+        "unipc-img2img",
+        "sde-batch",
+        "img2img",
+        "inpaint",
+    ],
 )
 def test_custom_steps_match_diffusers_pipelines(ort_pipe_fp32, torch_pipe, settings):
     settings = {**SETTINGS, **settings}
@@ -75,8 +91,10 @@ def test_the_count_sets_the_steps_and_refusals_are_clear(ort_pipe_fp32):
     assert request.steps == 10  # as in diffusers, the custom schedule's count wins
     with pytest.raises(UnsupportedConfigError, match="euler_a takes no custom timesteps"):
         ort_pipe_fp32(PROMPT, scheduler="euler_a", timesteps="ays", **SETTINGS)
-    with pytest.raises(UnsupportedConfigError, match="heun takes no custom sigmas"):
-        ort_pipe_fp32(PROMPT, scheduler="heun", sigmas="ays", **SETTINGS)
+    with pytest.raises(UnsupportedConfigError, match="ddim takes no custom sigmas"):
+        ort_pipe_fp32(PROMPT, scheduler="ddim", sigmas="ays", **SETTINGS)
+    with pytest.raises(InvalidArgumentError, match="only euler ends anywhere"):
+        ort_pipe_fp32(PROMPT, scheduler="lms", sigmas=(3.0, 0.5), **SETTINGS)
     with pytest.raises(UnsupportedConfigError, match="hires fix"):
         ort_pipe_fp32.request(PROMPT, scheduler="euler", timesteps="ays", hires_scale=2.0, **SETTINGS)
     with pytest.raises(InvalidArgumentError, match="not both"):

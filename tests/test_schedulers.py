@@ -37,12 +37,15 @@ from sdengine.schedulers import (
     step,
     tables,
 )
+from sdengine.schedulers.base import CUSTOM_TAKERS as TAKERS_NAMED
 from sdengine.schedulers.custom import KINDS, PRESETS, parse_custom
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+
+from sdengine.baseline import diffusers_takes, sigmas_in_place  # noqa: E402
 
 diffusers_logging.set_verbosity_error()
 # diffusers 0.42 under numpy 2 warns on every set_timesteps (np.array of a tensor without ``copy``).
@@ -275,7 +278,8 @@ def run_both(
     the next timestep (``add_noise`` after the step; ours from ``noise_scales``).
 
     ``custom``: the run's own timesteps or sigmas, given to both (diffusers' ``set_timesteps(timesteps=...)``
-    or ``(sigmas=...)``), ``steps`` their count of steps.
+    or ``(sigmas=...)``, or for sigmas its class does not take, :func:`sdengine.baseline.sigmas_in_place`),
+    ``steps`` their count of steps.
 
     Configs with a huge sigma_max run diffusers' arithmetic in float64 (its tables stay float32): there
     diffusers' float32 rounding on the first step, ~1e-7 of a 1e4 sample, would dominate every later step.
@@ -288,7 +292,14 @@ def run_both(
     else:
         plan = load_scheduler(name, config, custom).schedule(steps, strength=strength)
     ref = reference_scheduler(name, config)
-    ref.set_timesteps(**({custom.kind: list(custom.values)} if custom else {"num_inference_steps": steps}))
+    if custom is not None and not diffusers_takes(ref, custom.kind):
+        ref = sigmas_in_place(ref, custom.values)  # diffusers' Karras path, these sigmas in its place
+        ref.set_timesteps(steps)
+        np.testing.assert_array_equal(np.unique(ref.sigmas.numpy()), np.unique(np.float32(custom.values)))
+    else:
+        ref.set_timesteps(
+            **({custom.kind: list(custom.values)} if custom else {"num_inference_steps": steps})
+        )
     assert plan.num_inference_steps == steps
     assert plan.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
 
@@ -1113,17 +1124,22 @@ def test_beta_quantiles_are_scipys(a: float, b: float) -> None:
 
 # --- custom timesteps and sigmas (diffusers' set_timesteps(timesteps=...) and (sigmas=...)) ---
 
-#: Each scheduler that takes a custom schedule, with the kinds it takes.
+#: Each scheduler that takes a custom schedule, with the kinds it takes: timesteps where diffusers' class
+#: does, sigmas where it does (Euler) or where they can take the place of its Karras sigmas.
 CUSTOM_TAKERS = {
     "euler": KINDS,
-    "heun": ("timesteps",),
-    "dpmpp_2m": ("timesteps",),
-    "dpmpp_2m_sde": ("timesteps",),
+    "heun": KINDS,
+    "dpmpp_2m": KINDS,
+    "dpmpp_2m_sde": KINDS,
+    "euler_a": ("sigmas",),
+    "dpm2": ("sigmas",),
+    "lms": ("sigmas",),
+    "unipc": ("sigmas",),
 }
-#: Hand-made schedules besides the presets: uneven gaps, a single step, sigmas that end above 0.
+#: Hand-made schedules besides the presets: uneven gaps, a single step.
 HAND_MADE = {
     "timesteps": [(900, 700, 500, 320, 150, 60, 5), (500,)],
-    "sigmas": [(10.0, 3.0, 1.0, 0.3, 0.05), (6.0, 0.0)],
+    "sigmas": [(10.0, 3.0, 1.0, 0.3, 0.05, 0.0), (6.0, 0.0)],
 }
 CUSTOM_CASES = [
     pytest.param(name, base, prediction, kind, values, id=f"{name}-{base}-{prediction}-{kind}-{len(values)}")
@@ -1149,6 +1165,12 @@ def test_custom_steps_match_diffusers(
     [
         ("euler", SD15, "timesteps", 0.6),
         ("euler", SDXL, "sigmas", 0.5),
+        ("euler_a", SD15, "sigmas", 0.6),
+        ("dpm2", SD21, "sigmas", 0.7),
+        ("lms", SDXL, "sigmas", 1.0),
+        ("unipc", {**SD15, "solver_order": 3}, "sigmas", 0.6),
+        ("dpmpp_2m_karras", SD15, "sigmas", 1.0),  # the custom sigmas take the Karras ones' place
+        ("dpmpp_2m_sde", {**SD15, "use_beta_sigmas": True}, "sigmas", 0.5),
         ("euler", {**SD21, "timestep_type": "continuous"}, "sigmas", 0.7),  # c_noise from the sigmas
         ("euler", {**SDXL, "use_karras_sigmas": True}, "sigmas", 1.0),  # diffusers reads the sigmas as given
         ("euler", {**SD15, "final_sigmas_type": "sigma_min"}, "timesteps", 1.0),
@@ -1164,6 +1186,27 @@ def test_custom_steps_variants_match_diffusers(
 ) -> None:
     custom = CustomSteps(kind, PRESETS["ays"][kind]["sd"])
     run_both(name, config, custom.steps, strength=None if strength == 1.0 else strength, custom=custom)
+
+
+def test_euler_sigmas_end_anywhere() -> None:
+    """diffusers' Euler takes sigmas whose last, where the run stops, is not 0 (the others end at 0)."""
+    for base in ("sd15", "sdxl_zsnr"):
+        custom = CustomSteps("sigmas", (10.0, 3.0, 1.0, 0.3, 0.05))
+        run_both("euler", BASE_CONFIGS[base], custom.steps, custom=custom)
+
+
+def test_custom_sigmas_end_at_the_final_sigma_type() -> None:
+    custom = CustomSteps("sigmas", PRESETS["ays"]["sigmas"]["sd"])
+    for name in ("dpmpp_2m", "unipc"):
+        with pytest.raises(UnsupportedConfigError, match="final_sigmas_type='sigma_min'"):
+            load_scheduler(name, {**SD15, "final_sigmas_type": "sigma_min"}, custom)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_refusals_name_the_schedulers_that_take_them(kind: str) -> None:
+    takers = {family(name) for name in SCHEDULER_NAMES if kind in load_scheduler(name, SD15).takes_custom}
+    assert takers == {name for name, kinds in CUSTOM_TAKERS.items() if kind in kinds}
+    assert set(TAKERS_NAMED[kind].split(", ")) == takers
 
 
 def test_custom_steps_replace_the_spacing() -> None:
@@ -1183,8 +1226,16 @@ def test_custom_steps_replace_the_spacing() -> None:
     [
         ("euler_a", CustomSteps("timesteps", (999, 500)), UnsupportedConfigError, "euler_a takes no custom"),
         ("lms", CustomSteps("timesteps", (999, 500)), UnsupportedConfigError, "lms takes no custom"),
-        ("heun", CustomSteps("sigmas", (3.0, 0.0)), UnsupportedConfigError, "heun takes no custom sigmas"),
-        ("dpmpp_2m", CustomSteps("sigmas", (3.0, 0.0)), UnsupportedConfigError, "no custom sigmas"),
+        ("ddim", CustomSteps("sigmas", (3.0, 0.0)), UnsupportedConfigError, "ddim takes no custom sigmas"),
+        (
+            "lcm",
+            CustomSteps("timesteps", (999, 500)),
+            UnsupportedConfigError,
+            "lcm takes no custom timesteps",
+        ),
+        ("pndm", CustomSteps("sigmas", (3.0, 0.0)), UnsupportedConfigError, "pndm takes no custom sigmas"),
+        ("dpmpp_2m", CustomSteps("sigmas", (3.0, 0.5)), InvalidArgumentError, "end at 0 .* got 0.5"),
+        ("euler_a", CustomSteps("sigmas", (3.0, 0.5)), InvalidArgumentError, "only euler ends anywhere"),
         ("euler_karras", CustomSteps("timesteps", (999, 500)), UnsupportedConfigError, "karras sigmas"),
         ("dpmpp_2m_sde_beta", CustomSteps("timesteps", (999, 500)), UnsupportedConfigError, "beta sigmas"),
         ("euler", CustomSteps("timesteps", (1000, 500)), InvalidArgumentError, "<= 999"),

@@ -15,6 +15,11 @@ from .config import SchedulerConfig
 from .custom import CustomSteps
 from .schedule import Schedule
 
+#: Which schedulers take each kind of custom schedule (test_schedulers checks it against the classes).
+CUSTOM_TAKERS = {
+    "timesteps": "euler, heun, dpmpp_2m, dpmpp_2m_sde",
+    "sigmas": "euler, euler_a, heun, dpm2, lms, dpmpp_2m, dpmpp_2m_sde, unipc",
+}
 #: The training-schedule defaults that most diffusers scheduler classes share in their ``__init__``.
 LINEAR_BETA_DEFAULTS: Mapping[str, Any] = {
     "num_train_timesteps": 1000,
@@ -64,8 +69,13 @@ class BaseScheduler:
     order: ClassVar[int] = 1
     defaults: ClassVar[Mapping[str, Any]] = {}
     diffusers_overrides: ClassVar[Mapping[str, Any]] = {}
-    #: the kinds of custom schedule the diffusers class's ``set_timesteps`` takes ("timesteps", "sigmas")
+    #: the kinds of custom schedule it takes ("timesteps", "sigmas"): the timesteps where the diffusers
+    #: class's ``set_timesteps`` does; sigmas where it does (Euler) or where they can take the place of its
+    #: Karras sigmas (:attr:`custom_sigmas`)
     takes_custom: ClassVar[tuple[str, ...]] = ()
+    #: custom sigmas may end anywhere (diffusers' Euler: the last is the run's end); elsewhere at 0, as
+    #: Karras sigmas do
+    sigmas_end_anywhere: ClassVar[bool] = False
     #: custom timesteps must be whole numbers (the diffusers class casts them to integers)
     whole_timesteps: ClassVar[bool] = False
 
@@ -84,11 +94,20 @@ class BaseScheduler:
         its ``set_timesteps`` has no argument for, timesteps with a sigma spacing (Karras', exponential or
         beta sigmas), timesteps outside the training timesteps."""
         if custom.kind not in self.takes_custom:
-            takers = "euler (timesteps, sigmas), heun and dpmpp_2m, dpmpp_2m_sde (timesteps)"
             raise UnsupportedConfigError(
-                f"{self.name} takes no custom {custom.kind}; those that do: {takers}"
+                f"{self.name} takes no custom {custom.kind}; those that do: {CUSTOM_TAKERS[custom.kind]}"
             )
         if custom.kind == "sigmas":
+            if not self.sigmas_end_anywhere and custom.values[-1] != 0:
+                raise InvalidArgumentError(
+                    f"{self.name}: custom sigmas end at 0 (the last is where the run ends), got "
+                    f"{custom.values[-1]:g}; only euler ends anywhere"
+                )
+            if not self.sigmas_end_anywhere and params.get("final_sigmas_type", "zero") != "zero":
+                raise UnsupportedConfigError(
+                    f"{self.name}: custom sigmas end at 0, not at final_sigmas_type="
+                    f"{params['final_sigmas_type']!r}"
+                )
             return
         spacing = self.sigma_spacing(params)
         if spacing:
@@ -124,6 +143,14 @@ class BaseScheduler:
             raise UnsupportedConfigError(
                 f"{self.name}: {key}={value!r} is not supported (supported: {shown})"
             )
+
+    @property
+    def custom_sigmas(self) -> np.ndarray | None:
+        """The custom sigmas but the last (0), where the run has them: they take the place of the sigmas a
+        spacing gives (as if diffusers' Karras sigmas were these), and set the timesteps the same way."""
+        if self.custom is None or self.custom.kind != "sigmas":
+            return None
+        return np.array(self.custom.values[:-1])
 
     def sigma_spacing(self, params: Mapping[str, Any]) -> str:
         """The spacing that replaces the timesteps' own sigmas ("karras", "exponential"; "" for none), from

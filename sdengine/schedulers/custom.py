@@ -2,9 +2,13 @@
 ``set_timesteps(timesteps=...)`` and ``set_timesteps(sigmas=...)``, which its pipelines take as ``timesteps``
 and ``sigmas``.
 
-The schedulers that take them are those whose diffusers class does (:attr:`BaseScheduler.takes_custom`):
-Euler both, Heun and DPM-Solver++ (2M, 2M SDE) timesteps. The run has one step per timestep, or one per sigma
-but the last (the sigma it ends at, usually 0).
+Timesteps go to the schedulers whose diffusers class takes them (Euler, Heun, DPM-Solver++ 2M and 2M SDE).
+Sigmas go to Euler, whose class takes them too (the last one, where the run ends, may be above 0), and to
+every other sigma-based scheduler (Euler ancestral, Heun, DPM2, LMS, DPM-Solver++ 2M and 2M SDE, UniPC),
+where they take the place of the scheduler's Karras sigmas, which diffusers derives the timesteps and every
+other table from; there they end at 0. (:attr:`BaseScheduler.takes_custom`; the torch baseline runs the
+latter with diffusers' classes given the sigmas in that place, :func:`sdengine.baseline.sigmas_in_place`.)
+The run has one step per timestep, or one per sigma but the last.
 
 :data:`PRESETS` names published schedules: ``"ays"``, NVIDIA's Align Your Steps (Sabour et al. 2024,
 "Align Your Steps: Optimizing Sampling Schedules in Diffusion Models"), the 10-step schedules optimised for

@@ -36,7 +36,7 @@ class DPMSolverMultistep(BaseScheduler):
     name: str = field(default="dpmpp_2m", init=False)
 
     diffusers_class: ClassVar[str] = "DPMSolverMultistepScheduler"
-    takes_custom: ClassVar[tuple[str, ...]] = ("timesteps",)
+    takes_custom: ClassVar[tuple[str, ...]] = ("timesteps", "sigmas")
     whole_timesteps: ClassVar[bool] = True
     #: the one ``algorithm_type`` this class implements (the SDE subclass fixes it by ``diffusers_overrides``)
     algorithm_type: ClassVar[str] = "dpmsolver++"
@@ -100,16 +100,21 @@ class DPMSolverMultistep(BaseScheduler):
         abar = self.alphas_cumprod(zero_snr_floor=True)
         train_sigmas = tables.sigmas_from_alphas_cumprod(abar)
         timesteps = self._timesteps(n, abar)
-        spacing = self.sigma_spacing(p)
+        custom = self.custom_sigmas  # in the place of Karras sigmas
+        spacing = "karras" if custom is not None else self.sigma_spacing(p)
         if spacing:
             # diffusers reads config sigma_min / sigma_max even though they are not DPM-Solver arguments: they
             # are kept in its config when present in the JSON (e.g. converted from an Euler config).
             sigma_min, sigma_max = self.config.get("sigma_min"), self.config.get("sigma_max")
-            sigmas = tables.spaced_sigmas(
-                spacing,
-                train_sigmas[0] if sigma_min is None else sigma_min,
-                train_sigmas[-1] if sigma_max is None else sigma_max,
-                n,
+            sigmas = (
+                custom
+                if custom is not None
+                else tables.spaced_sigmas(
+                    spacing,
+                    train_sigmas[0] if sigma_min is None else sigma_min,
+                    train_sigmas[-1] if sigma_max is None else sigma_max,
+                    n,
+                )
             )
             t = tables.sigma_to_t(sigmas, train_sigmas)
             # Karras' rounded, except for squaredcos_cap_v2; the rest truncated by diffusers' int64 cast
@@ -175,7 +180,7 @@ class DPMSolverMultistep(BaseScheduler):
         which no cut applies to."""
         p = self.params
         n_train = p["num_train_timesteps"]
-        if self.custom is not None:
+        if self.custom is not None and self.custom.kind == "timesteps":
             return tables.integer_timesteps(np.asarray(self.custom.values), n_train)
         lambdas = 0.5 * (np.log(abar) - np.log1p(-abar))
         clipped = int(np.searchsorted(lambdas[::-1], p["lambda_min_clipped"]))

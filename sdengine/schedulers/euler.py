@@ -112,6 +112,7 @@ class Euler(BaseScheduler):
 
     diffusers_class: ClassVar[str] = "EulerDiscreteScheduler"
     takes_custom: ClassVar[tuple[str, ...]] = ("timesteps", "sigmas")
+    sigmas_end_anywhere: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,
         "prediction_type": "epsilon",

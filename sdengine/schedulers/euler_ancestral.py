@@ -26,6 +26,7 @@ class EulerAncestral(BaseScheduler):
     name: str = field(default="euler_a", init=False)
 
     diffusers_class: ClassVar[str] = "EulerAncestralDiscreteScheduler"
+    takes_custom: ClassVar[tuple[str, ...]] = ("sigmas",)
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,
         "prediction_type": "epsilon",
@@ -37,7 +38,7 @@ class EulerAncestral(BaseScheduler):
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         abar = self.alphas_cumprod(zero_snr_floor=True)
-        timesteps, sigmas = discrete_sigmas(p, abar, n)
+        timesteps, sigmas = discrete_sigmas(p, abar, n, custom=self.custom)
         f = Forms(0)
         rows = []
         # stateless: image-to-image keeps the last rows

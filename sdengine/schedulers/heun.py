@@ -29,7 +29,7 @@ class Heun(BaseScheduler):
     name: str = field(default="heun", init=False)
 
     diffusers_class: ClassVar[str] = "HeunDiscreteScheduler"
-    takes_custom: ClassVar[tuple[str, ...]] = ("timesteps",)
+    takes_custom: ClassVar[tuple[str, ...]] = ("timesteps", "sigmas")
     order: ClassVar[int] = 2
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,

@@ -30,6 +30,7 @@ class KDPM2(BaseScheduler):
     name: str = field(default="dpm2", init=False)
 
     diffusers_class: ClassVar[str] = "KDPM2DiscreteScheduler"
+    takes_custom: ClassVar[tuple[str, ...]] = ("sigmas",)
     order: ClassVar[int] = 2
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,
@@ -50,8 +51,9 @@ class KDPM2(BaseScheduler):
         p = self.params
         abar = self.alphas_cumprod()
         spacing = self.sigma_spacing(p)
-        steps_timesteps, steps_sigmas = discrete_sigmas(p, abar, n, spacing=spacing)
-        if spacing == "karras":  # diffusers rounds KDPM2's Karras timesteps (not its exponential ones)
+        steps_timesteps, steps_sigmas = discrete_sigmas(p, abar, n, spacing=spacing, custom=self.custom)
+        # diffusers rounds KDPM2's Karras timesteps (not its exponential ones); custom sigmas take their place
+        if spacing == "karras" or self.custom_sigmas is not None:
             steps_timesteps = np.round(steps_timesteps.astype(np.float64))
         # midpoints: the geometric mean of each sigma and the one before it (0 for the step to sigma' = 0)
         with np.errstate(divide="ignore"):

@@ -45,6 +45,7 @@ class LMS(BaseScheduler):
     name: str = field(default="lms", init=False)
 
     diffusers_class: ClassVar[str] = "LMSDiscreteScheduler"
+    takes_custom: ClassVar[tuple[str, ...]] = ("sigmas",)
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,
         "prediction_type": "epsilon",
@@ -61,7 +62,7 @@ class LMS(BaseScheduler):
     def _build(self, n: int, t_start: int) -> Schedule:
         p = self.params
         abar = self.alphas_cumprod()
-        timesteps, sigmas = discrete_sigmas(p, abar, n, spacing=self.sigma_spacing(p))
+        timesteps, sigmas = discrete_sigmas(p, abar, n, spacing=self.sigma_spacing(p), custom=self.custom)
         sigmas64 = sigmas.astype(np.float64)
         f = Forms(ORDER - 1)
         history = [f.history(j) for j in range(1, ORDER)]  # d_{i-1}, d_{i-2}, d_{i-3}

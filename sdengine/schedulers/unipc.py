@@ -75,6 +75,7 @@ class UniPCMultistep(BaseScheduler):
     name: str = field(default="unipc", init=False)
 
     diffusers_class: ClassVar[str] = "UniPCMultistepScheduler"
+    takes_custom: ClassVar[tuple[str, ...]] = ("sigmas",)
     defaults: ClassVar[dict[str, Any]] = {
         **LINEAR_BETA_DEFAULTS,
         "solver_order": 2,
@@ -215,11 +216,16 @@ class UniPCMultistep(BaseScheduler):
         p = self.params
         n_train = p["num_train_timesteps"]
         train_sigmas = tables.sigmas_from_alphas_cumprod(abar)
-        spacing = self.sigma_spacing(p)
+        custom = self.custom_sigmas  # in the place of Karras sigmas
+        spacing = "karras" if custom is not None else self.sigma_spacing(p)
         if spacing:
             lo, hi = p["sigma_min"], p["sigma_max"]
-            sigmas = tables.spaced_sigmas(
-                spacing, train_sigmas[0] if lo is None else lo, train_sigmas[-1] if hi is None else hi, n
+            sigmas = (
+                custom
+                if custom is not None
+                else tables.spaced_sigmas(
+                    spacing, train_sigmas[0] if lo is None else lo, train_sigmas[-1] if hi is None else hi, n
+                )
             )
             t = tables.sigma_to_t(sigmas, train_sigmas)  # Karras' rounded, exponential ones truncated
             timesteps = (np.round(t) if spacing == "karras" else np.trunc(t)).astype(np.int64)
