@@ -63,7 +63,7 @@ def parameters_infotext(parameters: Mapping[str, Any]) -> str:
     fields = {
         "Steps": parameters.get("steps"),
         "Sampler": sampler,
-        "Schedule type": schedule,
+        "Schedule type": parameters.get("schedule_type", schedule),
         "CFG scale": parameters.get("guidance"),
         "Seed": parameters.get("seed"),
         "Size": f"{parameters['width']}x{parameters['height']}" if "width" in parameters else None,

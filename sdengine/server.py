@@ -11,7 +11,9 @@ What the web UI's API takes, and how it maps here:
   as in the web UI), ``subseed``/``subseed_strength`` (variations, the same spherical interpolation).
 - ``sampler_name`` (or ``sampler_index``; default "Euler") and ``scheduler`` ("Automatic", "Karras",
   "Exponential" or "Beta"): the names of :data:`SAMPLERS`, and their ``_exponential`` and ``_beta``
-  schedulers.
+  schedulers; "Align Your Steps", "SGM Uniform", "Uniform", "Normal" and "Simple": the sampler's scheduler
+  running that schedule's sigmas for the model as the web UI computes them (:mod:`sdengine.webui_schedules`;
+  not with the hires fix, nor with DDIM, PLMS or LCM, which take no sigmas).
 - ``enable_hr`` with ``hr_scale``, ``hr_upscaler`` ("Latent", or "None"/"Lanczos": the image),
   ``hr_second_pass_steps`` and ``denoising_strength``: the hires fix (:mod:`sdengine.hires`).
 - ``override_settings.sd_vae_decode_method`` "TAESD": the images decoded by a tiny VAE's decoder (the
@@ -84,6 +86,7 @@ from sdengine.images import png_info, to_pil
 from sdengine.infotext import parameters_infotext, parse_infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.model_dir import optional_json
+from sdengine.schedulers import load_scheduler
 from sdengine.webui_controlnet import (
     Crop,
     control_settings,
@@ -94,6 +97,7 @@ from sdengine.webui_controlnet import (
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
 from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS, live_preview, taesd_method
 from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
+from sdengine.webui_schedules import SIGMA_SCHEDULES, schedule_sigmas
 
 #: hr_upscaler values: the web UI's "Latent" enlarges the latents; "None" and "Lanczos" the image.
 UPSCALERS = {"Latent": "latent", "None": "image", "Lanczos": "image"}
@@ -252,6 +256,17 @@ DECODE_METHODS = {"Full": "vae", "TAESD": "tiny"}
 OPTION_DEFAULTS = {"sd_vae_decode_method": "Full", **LIVE_PREVIEW_OPTIONS}
 
 
+#: The settings' key for a web UI schedule whose sigmas the handler computes (:func:`served_sigmas`).
+SIGMA_SCHEDULE = "sigma_schedule"
+
+
+def served_sigmas(pipeline: Any, schedule: str, scheduler: str, steps: int) -> tuple[float, ...]:
+    """The sigmas of the web UI's ``schedule`` (:mod:`sdengine.webui_schedules`) for ``steps`` steps of the
+    served model, whose scheduler ``scheduler`` then runs them."""
+    alphas_cumprod = load_scheduler(scheduler, pipeline.model_dir.scheduler_config).alphas_cumprod()
+    return schedule_sigmas(schedule, steps, alphas_cumprod, pipeline.model_dir.arch.xl)
+
+
 def generation_settings(
     body: dict[str, Any], img2img: bool, refiner: bool = False, controlnets: Sequence[str] = ()
 ) -> WebUIRequest:
@@ -278,6 +293,9 @@ def generation_settings(
         "prompt_weights": "a1111",
         "long_prompts": True,
     }
+    schedule = SCHEDULES.get(body.get("scheduler"), body.get("scheduler"))
+    if schedule in SIGMA_SCHEDULES:  # its sigmas are the model's: served_sigmas computes them
+        settings[SIGMA_SCHEDULE] = schedule
     eta = _number(body, "eta", None, float)
     if eta is not None and settings["scheduler"] in ETA and eta != ETA[settings["scheduler"]]:
         raise InvalidArgumentError(
@@ -484,6 +502,9 @@ def run_request(
             "tiling: the model served is not seamless (export it with sdengine export --seamless)"
         )
     preview = live_preview(body.get("override_settings") or {}, served_taesd(pipeline))
+    schedule = settings.pop(SIGMA_SCHEDULE, None)
+    if schedule is not None:
+        settings["sigmas"] = served_sigmas(pipeline, schedule, settings["scheduler"], settings["steps"])
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)
@@ -506,6 +527,7 @@ def run_request(
             settings.update(preview=show, preview_every=preview.every)
         images, infotexts, seeds, nsfw, first = [], [], [], [], None
         laid = {} if inpainting is None else inpainting.settings.parameters(inpainting.placement)
+        laid |= {} if schedule is None else {"schedule_type": schedule}
         for n in range(n_iter):
             if n and job.interrupted.is_set():
                 break
@@ -550,7 +572,7 @@ def run_request(
         "width": request.hires.width if request.hires else request.width,
         "height": request.hires.height if request.hires else request.height,
         "sampler_name": sampler_of(request.scheduler)[0],
-        "scheduler": sampler_of(request.scheduler)[1],
+        "scheduler": schedule or sampler_of(request.scheduler)[1],
         "cfg_scale": request.guidance,
         "steps": request.steps,
         "batch_size": request.batch,

@@ -1,10 +1,12 @@
 """The AUTOMATIC1111 web UI's names for sdengine's schedulers: its sampler names (``"DPM++ 2M"``) and its
-noise schedules (``"Karras"``), both ways, for the HTTP API and for infotexts."""
+noise schedules (``"Karras"``), both ways, for the HTTP API and for infotexts. The schedules that are lists
+of sigmas of their own ("Align Your Steps"...) are :mod:`sdengine.webui_schedules`'."""
 
 from __future__ import annotations
 
 from sdengine.errors import InvalidArgumentError
-from sdengine.schedulers import SCHEDULER_NAMES
+from sdengine.schedulers import SCHEDULER_NAMES, custom_kinds
+from sdengine.webui_schedules import SIGMA_SCHEDULES
 
 #: The web UI's sampler names that sdengine runs, and the scheduler each is.
 SAMPLERS = {
@@ -28,7 +30,18 @@ SAMPLERS = {
     "LCM": "lcm",
 }
 #: The web UI's noise schedules that sdengine runs (its ``scheduler`` field takes the label or the name).
-SCHEDULES = {"automatic": "Automatic", "karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
+SCHEDULES = {
+    "automatic": "Automatic",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "beta": "Beta",
+    # run as custom sigmas of the sampler's scheduler (sdengine.webui_schedules)
+    "align_your_steps": "Align Your Steps",
+    "sgm_uniform": "SGM Uniform",
+    "uniform": "Uniform",
+    "normal": "Normal",
+    "simple": "Simple",
+}
 #: The schedules that are a scheduler of their own for each sampler: its name's suffix.
 SPACED = {"Exponential": "_exponential", "Beta": "_beta"}
 
@@ -37,7 +50,8 @@ def scheduler_name(sampler: str | None, scheduler: str | None) -> str:
     """sdengine's scheduler for the web UI's ``sampler_name`` and ``scheduler`` (its 1.9+ split of the
     noise schedule from the sampler: "Automatic" keeps the sampler's own, "Karras" picks its Karras one,
     "Exponential" its one with sigmas evenly spaced in log sigma, "Beta" its one with beta-quantile
-    sigmas)."""
+    sigmas). The schedules of :data:`sdengine.webui_schedules.SIGMA_SCHEDULES` keep the sampler's own
+    scheduler, which runs their sigmas as custom ones (the caller computes them), where it takes them."""
     sampler = sampler or "Euler"
     scheduler = SCHEDULES.get(scheduler, scheduler) if isinstance(scheduler, str) else scheduler
     if scheduler == "Karras" and not sampler.endswith(" Karras"):
@@ -48,6 +62,10 @@ def scheduler_name(sampler: str | None, scheduler: str | None) -> str:
         )
     if sampler not in SAMPLERS:
         raise InvalidArgumentError(f"sampler {sampler!r} is not supported; supported: {', '.join(SAMPLERS)}")
+    if scheduler in SIGMA_SCHEDULES:  # its sigmas are the request's (webui_schedules); the sampler runs them
+        if sampler.endswith(" Karras") or "sigmas" not in custom_kinds(SAMPLERS[sampler]):
+            raise InvalidArgumentError(f"sampler {sampler!r} has no {scheduler} scheduler")
+        return SAMPLERS[sampler]
     if scheduler not in SPACED:
         return SAMPLERS[sampler]
     name = SAMPLERS[sampler.removesuffix(" Karras")] + SPACED[scheduler]

@@ -16,13 +16,17 @@ from PIL import Image
 from sdengine import __version__
 from sdengine.errors import InvalidArgumentError
 from sdengine.mask_crop import cover_resize, fill_resize
+from sdengine.schedulers import load_scheduler
 from sdengine.server import (
     OPTION_DEFAULTS,
+    SCHEDULES,
+    SIGMA_SCHEDULE,
     generation_settings,
     sampler_of,
     scheduler_name,
     serve_in_thread,
 )
+from sdengine.webui_schedules import schedule_sigmas
 
 SIZE = {"width": 64, "height": 64, "steps": 3}
 #: What the server asks of the pipeline where a request leaves it to the web UI's defaults.
@@ -75,6 +79,54 @@ def png(array: np.ndarray) -> str:
 def test_sampler_names(sampler, scheduler, expected):
     assert scheduler_name(sampler, scheduler) == expected
     assert scheduler_name(*sampler_of(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "expected"),
+    [
+        ("DPM++ 2M", "Align Your Steps", "dpmpp_2m"),
+        ("Euler a", "align_your_steps", "euler_a"),
+        ("UniPC", "SGM Uniform", "unipc"),
+        ("Heun", "Simple", "heun"),
+        ("LMS", "Normal", "lms"),
+        ("DPM2", "Uniform", "dpm2"),
+        ("DDIM", "Align Your Steps", "'DDIM' has no Align Your Steps scheduler"),
+        ("LCM", "Simple", "'LCM' has no Simple scheduler"),
+        ("DPM++ 2M Karras", "SGM Uniform", "'DPM\\+\\+ 2M Karras' has no SGM Uniform scheduler"),
+    ],
+)
+def test_sigma_schedules_keep_the_samplers_scheduler(sampler, scheduler, expected):
+    """The web UI's schedules that are lists of sigmas (sdengine.webui_schedules) run as custom sigmas of
+    the sampler's own scheduler, where it takes them."""
+    if "scheduler" in expected:
+        with pytest.raises(InvalidArgumentError, match=expected):
+            scheduler_name(sampler, scheduler)
+        return
+    assert scheduler_name(sampler, scheduler) == expected
+    settings = generation_settings({"sampler_name": sampler, "scheduler": scheduler}, img2img=False)[0]
+    assert settings[SIGMA_SCHEDULE] == SCHEDULES.get(scheduler, scheduler)
+
+
+def test_align_your_steps_over_http_is_the_pipelines_run_of_its_sigmas(server, ort_pipe_fp32):
+    body = {"prompt": "a cat", **SIZE, "seed": 5, "sampler_name": "DPM++ 2M", "scheduler": "Align Your Steps"}
+    status, answer = call(server, "/sdapi/v1/txt2img", body)
+    assert status == 200, answer
+    info = json.loads(answer["info"])
+    assert info["scheduler"] == "Align Your Steps" and info["sampler_name"] == "DPM++ 2M"
+    assert "Sampler: DPM++ 2M, Schedule type: Align Your Steps" in info["infotexts"][0]
+    abar = load_scheduler("dpmpp_2m", ort_pipe_fp32.model_dir.scheduler_config).alphas_cumprod()
+    sigmas = schedule_sigmas("Align Your Steps", 3, abar, xl=False)
+    assert len(sigmas) == 4 and sigmas[0] == pytest.approx(14.615) and sigmas[-1] == 0
+    direct = ort_pipe_fp32("a cat", "", **SIZE, seed=5, **{**WEBUI, "scheduler": "dpmpp_2m"}, sigmas=sigmas)
+    np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
+    default = ort_pipe_fp32("a cat", "", **SIZE, seed=5, **{**WEBUI, "scheduler": "dpmpp_2m"})
+    assert np.abs(direct.latents - default.latents).max() > 0.1  # the schedule does change the run
+    with Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))) as image:
+        recorded = json.loads(image.info["sdengine"])  # what the served run ran
+    assert recorded["sigmas"] == list(sigmas) and recorded["scheduler"] == "dpmpp_2m"
+    hires = {**body, "enable_hr": True, "hr_scale": 2}
+    status, answer = call(server, "/sdapi/v1/txt2img", hires)
+    assert status == 422 and "hires fix" in answer["detail"]
 
 
 def test_settings_map_the_web_uis_fields():
@@ -313,7 +365,8 @@ def test_errors_are_one_json_line_and_the_server_goes_on(server):
         and {"name": "DPM++ 2M Karras", "aliases": ["dpmpp_2m_karras"], "options": {}} in samplers
     )
     status, schedules = call(server, "/sdapi/v1/schedulers")
-    assert status == 200 and [s["label"] for s in schedules] == ["Automatic", "Karras", "Exponential", "Beta"]
+    labels = ["Automatic", "Karras", "Exponential", "Beta", "Align Your Steps", "SGM Uniform", "Uniform"]
+    assert status == 200 and [s["label"] for s in schedules] == [*labels, "Normal", "Simple"]
     assert call(server, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE})[0] == 200  # still serving
 
 

@@ -143,6 +143,14 @@ def load_scheduler(
     return _CLASSES[name](cfg.with_values(class_name=class_name, **overrides), custom)
 
 
+def custom_kinds(name: str) -> tuple[str, ...]:
+    """The kinds of custom schedule (:mod:`.custom`: "timesteps", "sigmas") scheduler ``name`` takes (its
+    sigma-spaced variants refuse timesteps, as diffusers does)."""
+    if name not in _CLASSES:
+        raise UnknownSchedulerError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")
+    return _CLASSES[name].takes_custom
+
+
 def diffusers_scheduler_class(name: str) -> tuple[str, dict[str, Any]]:
     """``(class_name, overrides)`` such that scheduler ``name`` built from a config is the counterpart of
     ``getattr(diffusers, class_name).from_config(config, **overrides)``."""
@@ -159,6 +167,7 @@ __all__ = [
     "Schedule",
     "Scheduler",
     "SchedulerConfig",
+    "custom_kinds",
     "custom_steps",
     "diffusers_scheduler_class",
     "initial_history",
