@@ -63,7 +63,9 @@ def parameters_infotext(parameters: Mapping[str, Any]) -> str:
     fields = {
         "Steps": parameters.get("steps"),
         "Sampler": sampler,
-        "Schedule type": parameters.get("schedule_type", schedule),
+        # a run's own timesteps or sigmas have no schedule name, but the web UI's that the HTTP API computed
+        "Schedule type": parameters.get("schedule_type")
+        or (None if "timesteps" in parameters or "sigmas" in parameters else schedule),
         "CFG scale": parameters.get("guidance"),
         "Seed": parameters.get("seed"),
         "Size": f"{parameters['width']}x{parameters['height']}" if "width" in parameters else None,
