@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
+from sdengine.apg import APG
 from sdengine.deepcache import CacheBranch
 from sdengine.denoise import Preview, Progress, Stop
 from sdengine.errors import BackendUnavailableError, UnsupportedConfigError
@@ -486,6 +487,7 @@ class TorchPipeline(_CallMixin):
                 draws,
                 self.deep_cache(pipe, request.deepcache_interval),
                 free_u(pipe, request.freeu, deepcache=request.deepcache_interval > 1),
+                adaptive_projected(pipe, request.apg, request.guidance),
             ):
                 call_embeds = None  # every call's prompt embeddings (the UNet's batch), where they change
                 if xl:
@@ -1014,6 +1016,36 @@ def free_u(pipe: Any, scales: FreeUScales | None, deepcache: bool = False) -> It
     finally:
         unet_2d_blocks.apply_freeu = original
         pipe.disable_freeu()
+
+
+@contextlib.contextmanager
+def adaptive_projected(pipe: Any, settings: APG | None, guidance: float) -> Iterator[None]:
+    """Adaptive projected guidance in ``pipe`` for one run, by diffusers' own ``normalized_guidance`` and
+    ``MomentumBuffer`` (its ``AdaptiveProjectedGuidance`` guider's; None: nothing).
+
+    diffusers' standard pipelines take no guider, so the UNet's output is changed before the pipeline
+    combines it: its conditional half becomes ``uncond + (apg - uncond) / g``, which the pipeline's
+    ``uncond + g (cond - uncond)`` turns into diffusers' APG prediction (rounding apart). The momentum's
+    running average starts afresh with each pipeline call, as the guider's does at step 0."""
+    if settings is None:
+        yield
+        return
+    from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+
+    unet = pipe.unet
+    forward = unet.forward
+    buffer = MomentumBuffer(settings.momentum) if settings.momentum else None
+
+    def guided(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        noise = out[0] if isinstance(out, tuple) else out.sample
+        uncond, cond = noise.chunk(2)
+        pred = normalized_guidance(cond, uncond, guidance, buffer, settings.eta, settings.norm_threshold)
+        noise = torch.cat([uncond, uncond + (pred - uncond) / guidance])
+        return (noise, *out[1:]) if isinstance(out, tuple) else type(out)(sample=noise)
+
+    with mock.patch.object(unet, "forward", guided):
+        yield
 
 
 def per_prompt(images: np.ndarray, batch: int) -> np.ndarray:

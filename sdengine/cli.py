@@ -113,6 +113,7 @@ def format_times(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from sdengine.apg import parse_apg
     from sdengine.extra_networks import lora_hashes, lora_tags, resolve_loras
     from sdengine.freeu import parse_freeu
     from sdengine.images import load_image, load_mask, output_paths, save_png
@@ -122,6 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdengine.textual_inversion import read_embedding
 
     freeu = None if args.freeu is None else parse_freeu(args.freeu)  # as the files: before the models load
+    apg = None if args.apg is None else parse_apg(args.apg)
     timesteps = None if args.timesteps is None else parse_custom(args.timesteps)
     sigmas = None if args.sigmas is None else parse_custom(args.sigmas)
     if args.steps is not None and (timesteps is not None or sigmas is not None):
@@ -224,6 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pag_adaptive_scale=args.pag_adaptive_scale,
         deepcache_interval=args.deepcache_interval,
         freeu=freeu,
+        apg=apg,
         **{name: getattr(args, name) for name in SIZE_SETTINGS if getattr(args, name) is not None},
         progress=_progress("denoising"),
         **_previews(pipeline, args),
@@ -865,6 +868,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S1,S2,B1,B2",
         help="FreeU at these scales, in diffusers' enable_freeu order (0.9,0.2,1.5,1.6 is diffusers' example "
         "for SD 1.5), for a model exported with --freeu (the torch backend: any model)",
+    )
+    g.add_argument(
+        "--apg",
+        default=None,
+        metavar="ETA,THRESHOLD,MOMENTUM",
+        help="adaptive projected guidance in place of classifier-free guidance's plain combination, as "
+        "diffusers' AdaptiveProjectedGuidance runs it (1,15,0: its defaults; 0,15,-0.5: nearer the paper's)",
     )
     g.add_argument(
         "--seamless",

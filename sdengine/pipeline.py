@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from sdengine.apg import apg_input
 from sdengine.backends.base import Backend, DenoisePlan
 from sdengine.backends.ort import OrtBackend
 from sdengine.backends.select import Choice, choose, detect, model_kind
@@ -295,6 +296,7 @@ class _CallMixin:
         freeu: Sequence[float] | Mapping[str, float] | None = None,
         timesteps: str | Sequence[float] | None = None,
         sigmas: str | Sequence[float] | None = None,
+        apg: bool | Sequence[float] | Mapping[str, float] | None = None,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
         (image to image) to its size rounded down to a multiple of 8, as diffusers does; the image is resized
@@ -355,7 +357,10 @@ class _CallMixin:
         ``euler``): timesteps for ``euler``, ``heun``, ``dpmpp_2m`` and ``dpmpp_2m_sde``, sigmas for those
         and ``euler_a``, ``dpm2``, ``lms``, ``unipc`` (:mod:`sdengine.schedulers.custom`); their count sets
         ``steps``. ``"ays"``: Align Your Steps' 10-step schedule for the model
-        (SD 1.x/2.x or SDXL; :mod:`sdengine.schedulers.custom`)."""
+        (SD 1.x/2.x or SDXL; :mod:`sdengine.schedulers.custom`). ``apg``: adaptive projected guidance in place
+        of classifier-free guidance's plain combination, as diffusers' ``AdaptiveProjectedGuidance`` runs it:
+        ``True`` (its defaults), ``(eta, norm_threshold, momentum)`` or a mapping of those names
+        (:mod:`sdengine.apg`)."""
         sizes = {
             "original_size": original_size,
             "crop_top_left": crop_top_left,
@@ -385,6 +390,8 @@ class _CallMixin:
             )
         if freeu is not None and self.refiner is not None:
             raise UnsupportedConfigError("FreeU with a refiner is not supported")
+        if apg not in (None, False) and self.refiner is not None:
+            raise UnsupportedConfigError("adaptive projected guidance with a refiner is not supported")
         if deepcache_interval != 1 and not self.model_dir.arch.deepcache:
             raise InvalidArgumentError(
                 "deepcache_interval needs a UNet cut for DeepCache: export the model with it (sdengine "
@@ -455,6 +462,7 @@ class _CallMixin:
             deepcache_interval=deepcache_interval,
             freeu=freeu,
             custom=custom_steps(timesteps, sigmas, xl=self.model_dir.arch.xl),
+            apg=apg,
             inpainting_unet=self.model_dir.arch.inpainting_unet,
             guidance_embedded=bool(self.model_dir.arch.guidance_embedding),
             size_multiple=multiple,
@@ -743,6 +751,8 @@ class Pipeline(_CallMixin):
                 del unet_constants[TEXT_EMBEDS]
         if cfg and request.guidance_rescale:  # as diffusers: with classifier-free guidance only
             inputs["guidance_rescale"] = request.guidance_rescale
+        if cfg and request.apg is not None:  # adaptive projected guidance's settings
+            inputs["apg"] = apg_input(request.apg)
         if request.guided_parts:  # the weights of composable prompts' parts (or PAG's)
             inputs["part_weights"] = request.call_part_weights(schedule)
         if self.model_dir.arch.pag:  # which rows' self-attention is perturbed: none without PAG

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from sdengine.apg import APG, check_apg
 from sdengine.composable import Parts, composable_parts, part_count, part_texts, part_weights
 from sdengine.controlnet import CONTROL_MODES
 from sdengine.deepcache import check_interval
@@ -132,6 +133,9 @@ class GenerationRequest:
     deepcache_interval: int = 1
     #: FreeU's scales (s1, s2, b1, b2; :mod:`sdengine.freeu`); None: off
     freeu: FreeUScales | None = None
+    #: adaptive projected guidance's settings (:mod:`sdengine.apg`) in place of classifier-free guidance's
+    #: plain combination; None: the plain one
+    apg: APG | None = None
     #: the run's own timesteps or sigmas (:mod:`sdengine.schedulers.custom`; diffusers' ``timesteps`` and
     #: ``sigmas``), in place of those the scheduler spaces out; ``steps`` is their count of steps
     custom: CustomSteps | None = None
@@ -417,6 +421,7 @@ class GenerationRequest:
             **({"pag_adaptive_scale": self.pag_adaptive_scale} if self.pag_adaptive_scale else {}),
             **({"deepcache_interval": self.deepcache_interval} if self.deepcache_interval > 1 else {}),
             **({"freeu": list(self.freeu)} if self.freeu is not None else {}),
+            **({"apg": list(self.apg)} if self.apg is not None else {}),
             **({"seamless": True} if self.seamless else {}),
             **({"long_prompts": True} if self.long_prompts else {}),
             **({"prompt_weights": self.prompt_weights} if self.prompt_weights else {}),
@@ -489,6 +494,7 @@ def make_request(
     deepcache_interval: int = 1,
     freeu: Sequence[float] | Mapping[str, float] | None = None,
     custom: CustomSteps | None = None,
+    apg: bool | Sequence[float] | Mapping[str, float] | None = None,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
 ) -> GenerationRequest:
@@ -505,7 +511,9 @@ def make_request(
     (:mod:`sdengine.guidance_embedding`). ``deepcache_interval``: DeepCache's (:mod:`sdengine.deepcache`;
     1, the default: off). ``freeu``: FreeU's scales (s1, s2, b1, b2, or a mapping of those names;
     :mod:`sdengine.freeu`; None, the default: off). ``custom``: the run's own timesteps or sigmas
-    (:mod:`sdengine.schedulers.custom`), whose count of steps replaces ``steps``."""
+    (:mod:`sdengine.schedulers.custom`), whose count of steps replaces ``steps``. ``apg``: adaptive projected
+    guidance's settings (:func:`sdengine.apg.check_apg`; None, the default: classifier-free guidance's plain
+    combination)."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
     if unknown:
         raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)}")
@@ -607,6 +615,23 @@ def make_request(
         raise InvalidArgumentError(
             f"perturbed-attention guidance adds a part of its own to the guided sum: it takes no {other}"
         )
+    apg = check_apg(apg)
+    if apg is not None and (composable or pag_scale or guidance_rescale):
+        other = (
+            "composable prompts (AND, or a part's :weight)"
+            if composable
+            else "perturbed-attention guidance"
+            if pag_scale
+            else "guidance_rescale"
+        )
+        raise InvalidArgumentError(
+            f"adaptive projected guidance replaces the plain combination: not with {other}"
+        )
+    if apg is not None and (guidance <= 1 or guidance_embedded):
+        raise InvalidArgumentError(
+            "adaptive projected guidance is classifier-free guidance's: give guidance > 1 (and a model that "
+            "runs it)"
+        )
     if guidance_embedded and (composable or pag_scale or guidance_rescale):
         asked = (
             "composable prompts (AND, or a part's :weight)"
@@ -660,6 +685,7 @@ def make_request(
         freeu=check_freeu(freeu),
         guidance_embedded=bool(guidance_embedded),
         custom=custom,
+        apg=apg,
     )
 
 

@@ -6,6 +6,8 @@ that the model itself advances:
     eps        = uncond + g * (cond - uncond)         classifier-free guidance (when the batch is doubled)
     eps        = uncond + g * sum_k w_k (cond_k - uncond)     ... composable prompts' K parts, weighted
     eps        = r * eps * std(cond) / std(eps) + (1 - r) * eps       guidance rescale, when asked for
+    eps        = uncond + g * (d_orth + eta * d_par)  ... or adaptive projected guidance (sdengine.apg), whose
+                                                      running average of d is the last history buffer
     [x', h']   = coeffs[i] @ [x, eps, noise[i], h]    the scheduler update (one MatMul; see schedulers)
     x'         = m * x' + (1 - m) * (a[i+1] * image + b[i+1] * noise0)     inpainting, plain UNet only
     unet_input = [x' * input_scale[i + 1]] * G        the next UNet call's input (G = 2 with guidance, 1 + K)
@@ -30,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from sdengine.errors import UnsupportedConfigError
 from sdengine.model_specs import CONDITIONING_SCALE, TEXT_EMBEDS
 from sdengine.schedulers import Schedule
 
@@ -50,6 +53,10 @@ CONDITIONING_INPUT = "unet_conditioning"
 #: ControlNet: the table of each call's ControlNet weights, and the output that gives the next call's.
 CONTROL_SCALES = "control_scales"
 CONTROL_SCALE_OUTPUT = "unet_conditioning_scale"
+#: Adaptive projected guidance (:mod:`sdengine.apg`): its (eta, norm_threshold, momentum), (3,).
+APG_INPUT = "apg"
+#: ... and the history buffer that holds its running average of cond - uncond (its momentum's).
+APG_SLOT = MAX_HISTORY - 1
 #: Prompt editing: every set of text embeddings the run reads, which set each call reads, and the output that
 #: gives the next call's.
 CONTEXTS, CONTEXT_INDEX, CONTEXT_OUTPUT = "contexts", "context_index", "unet_context"
@@ -103,6 +110,9 @@ class StepTables:
     #: (S, K, B, 1, 1, 1) float32: composable prompts (and perturbed-attention guidance), each call's weight
     #: of each part for each image (G = 1 + K)
     part_weights: np.ndarray | None = None
+    #: (3,) float32: adaptive projected guidance's (eta, norm_threshold, momentum), with classifier-free
+    #: guidance only (sdengine.apg)
+    apg: np.ndarray | None = None
 
     @property
     def num_calls(self) -> int:
@@ -160,6 +170,8 @@ class StepTables:
             arrays[POOLED] = self.pooled
         if self.part_weights is not None:
             arrays[PART_WEIGHTS] = self.part_weights
+        if self.apg is not None:
+            arrays[APG_INPUT] = self.apg
         return arrays
 
     def outputs(self) -> tuple[str, ...]:
@@ -200,13 +212,16 @@ def step_tables(
     context_index: np.ndarray | None = None,
     pooled: np.ndarray | None = None,
     part_weights: np.ndarray | None = None,
+    apg: np.ndarray | None = None,
 ) -> StepTables:
     """Pad ``schedule``'s coefficient rows to :data:`MAX_HISTORY` history buffers. ``control_scales``: each
     call's ControlNet weights, (calls, ControlNets). ``contexts`` (sets, G * B, sequence, hidden) and
     ``context_index`` (calls,): edited prompts' text embeddings, and the set each call reads; ``pooled``
     (sets, G * B, pooled): SDXL's pooled embeddings of those sets. ``part_weights`` (K, B, 1, 1, 1), the
     same for every call, or (calls, K, B, 1, 1, 1): composable prompts' weights (perturbed-attention
-    guidance's, whose adaptive scale changes them call by call).
+    guidance's, whose adaptive scale changes them call by call). ``apg`` (3,): adaptive projected
+    guidance's settings (:mod:`sdengine.apg`), whose running average takes the last history buffer:
+    UnsupportedConfigError for a schedule that keeps :data:`MAX_HISTORY` of its own.
 
     Row ``r`` / column ``c`` of the scheduler's ``(1 + K, 3 + K)`` matrix keep their place; the extra history
     rows and columns are zero, so unused buffers stay zero and never contribute.
@@ -216,6 +231,11 @@ def step_tables(
     k = schedule.history_size
     if k > MAX_HISTORY:
         raise ValueError(f"schedule keeps {k} history buffers; the step model carries {MAX_HISTORY}")
+    if apg is not None and k > APG_SLOT:
+        raise UnsupportedConfigError(
+            f"adaptive projected guidance keeps its running average where this scheduler keeps its {k}th "
+            "history buffer (PNDM, UniPC of order 3): use another scheduler"
+        )
     s = len(schedule.timesteps)
     coeffs = np.zeros((s, 1 + MAX_HISTORY, 3 + MAX_HISTORY), np.float32)
     coeffs[:, : 1 + k, : 3 + k] = schedule.coeffs
@@ -244,6 +264,7 @@ def step_tables(
         part_weights=None
         if part_weights is None
         else f32(np.broadcast_to(part_weights, (s, *np.shape(part_weights)[-5:]))),
+        apg=f32(apg),
     )
 
 
@@ -284,6 +305,7 @@ def build_step_model(
     context_dtype: int = TensorProto.FLOAT,
     pooled: int = 0,
     parts: int = 0,
+    apg: bool = False,
 ) -> onnx.ModelProto:
     """The step model for ``batch`` latents of ``latent_shape`` (C, h, w) and a schedule of ``num_calls``.
 
@@ -309,9 +331,14 @@ def build_step_model(
     UNet's batch holds 1 + ``parts`` copies, and the model takes :data:`PART_WEIGHTS`, each call's row, and
     sums the parts' pulls from the negative side; without ``guidance``, ``parts`` copies and no negative
     side: the model's noise is the parts' weighted sum (perturbed-attention guidance at a scale <= 1).
+    ``apg`` (with ``guidance``, not with ``parts`` or ``rescale``): adaptive projected guidance in place of
+    the plain combination; the model takes :data:`APG_INPUT` and keeps the running average of cond - uncond
+    in history buffer :data:`APG_SLOT` (:func:`_add_apg`).
     """
     if parts and rescale:
         raise ValueError("composable prompts' parts are summed without guidance rescale")
+    if apg and (parts or rescale or not guidance):
+        raise ValueError("adaptive projected guidance combines plain classifier-free guidance's two halves")
     copies = unet_copies(guidance, parts)
     c, h, w = latent_shape
     latent = [batch, c, h, w]
@@ -382,6 +409,8 @@ def build_step_model(
             helper.make_node("Mul", ["delta", "guidance"], ["scaled_delta"]),
             helper.make_node("Add", ["uncond", "scaled_delta"], ["eps"]),
         ]
+    elif apg:
+        _add_apg(inputs, initializers, nodes)
     elif guidance:
         nodes += [
             helper.make_node("Slice", ["noise_pred_f32", "zero_1", "batch_1"], ["uncond"]),
@@ -409,10 +438,19 @@ def build_step_model(
         helper.make_node("Reshape", ["updated", "out_shape"], ["updated_latents"]),
         helper.make_node("Slice", ["updated_latents", "zero_1", "one_1"], ["sample_1"]),
         helper.make_node("Reshape", ["sample_1", "latent_shape"], ["denoised"]),
-        helper.make_node("Slice", ["updated_latents", "one_1", "rows_end"], ["next_history"]),
+        helper.make_node("Slice", ["updated_latents", "one_1", "rows_end"], ["scheduler_history"]),
         # advance the index
         helper.make_node("Add", ["step_index", "one"], ["next_step_index"]),
     ]
+    if apg:  # the scheduler's buffers but the last, which is APG's running average
+        initializers.append(helper.make_tensor("apg_rows_end", TensorProto.INT64, [1], [1 + APG_SLOT]))
+        nodes += [
+            helper.make_node("Slice", ["updated_latents", "one_1", "apg_rows_end"], ["kept_history"]),
+            helper.make_node("Unsqueeze", ["apg_average", "zero_1"], ["apg_buffer"]),
+            helper.make_node("Concat", ["kept_history", "apg_buffer"], ["next_history"], axis=0),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["scheduler_history"], ["next_history"]))
     if blend:
         _add_blend(inputs, nodes, latent, num_calls)
     else:
@@ -476,6 +514,60 @@ def build_step_model(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     onnx.checker.check_model(model)
     return model
+
+
+def _add_apg(inputs: list, initializers: list, nodes: list) -> None:
+    """eps = uncond + g (d_orth + eta d_par), diffusers' ``normalized_guidance`` (:mod:`sdengine.apg`): d the
+    running average cond - uncond + momentum * (history buffer APG_SLOT), which goes back there (as
+    ``apg_average``), scaled to the norm threshold where it is larger (a threshold of 0: none), then split
+    along cond (normalised as torch's ``normalize`` does: by max(|cond|, 1e-12)); norms over each image."""
+    f32 = TensorProto.FLOAT
+    inputs.append(helper.make_tensor_value_info(APG_INPUT, f32, [3]))
+    initializers += [
+        helper.make_tensor("apg_axes", TensorProto.INT64, [3], [1, 2, 3]),
+        helper.make_tensor("apg_slot", TensorProto.INT64, [], [APG_SLOT]),
+        helper.make_tensor("apg_eta_at", TensorProto.INT64, [], [0]),
+        helper.make_tensor("apg_threshold_at", TensorProto.INT64, [], [1]),
+        helper.make_tensor("apg_momentum_at", TensorProto.INT64, [], [2]),
+        helper.make_tensor("apg_one", f32, [], [1.0]),
+        helper.make_tensor("apg_zero", f32, [], [0.0]),
+        helper.make_tensor("apg_tiny", f32, [], [1e-12]),
+    ]
+    nodes += [
+        helper.make_node("Slice", ["noise_pred_f32", "zero_1", "batch_1"], ["uncond"]),
+        helper.make_node("Slice", ["noise_pred_f32", "batch_1", "batch2_1"], ["cond"]),
+        helper.make_node("Gather", [APG_INPUT, "apg_eta_at"], ["apg_eta"], axis=0),
+        helper.make_node("Gather", [APG_INPUT, "apg_threshold_at"], ["apg_threshold"], axis=0),
+        helper.make_node("Gather", [APG_INPUT, "apg_momentum_at"], ["apg_momentum"], axis=0),
+        # the momentum's running average
+        helper.make_node("Sub", ["cond", "uncond"], ["apg_delta"]),
+        helper.make_node("Gather", ["history", "apg_slot"], ["apg_previous"], axis=0),
+        helper.make_node("Mul", ["apg_previous", "apg_momentum"], ["apg_carried"]),
+        helper.make_node("Add", ["apg_delta", "apg_carried"], ["apg_average"]),
+        # scaled down to the norm threshold (where there is one)
+        helper.make_node("Mul", ["apg_average", "apg_average"], ["apg_squares"]),
+        helper.make_node("ReduceSum", ["apg_squares", "apg_axes"], ["apg_norm2"], keepdims=1),
+        helper.make_node("Sqrt", ["apg_norm2"], ["apg_norm"]),
+        helper.make_node("Div", ["apg_threshold", "apg_norm"], ["apg_ratio"]),
+        helper.make_node("Min", ["apg_ratio", "apg_one"], ["apg_capped"]),
+        helper.make_node("Greater", ["apg_threshold", "apg_zero"], ["apg_thresholded"]),
+        helper.make_node("Where", ["apg_thresholded", "apg_capped", "apg_one"], ["apg_factor"]),
+        helper.make_node("Mul", ["apg_average", "apg_factor"], ["apg_d"]),
+        # split along cond
+        helper.make_node("Mul", ["cond", "cond"], ["cond_squares"]),
+        helper.make_node("ReduceSum", ["cond_squares", "apg_axes"], ["cond_norm2"], keepdims=1),
+        helper.make_node("Sqrt", ["cond_norm2"], ["cond_norm"]),
+        helper.make_node("Max", ["cond_norm", "apg_tiny"], ["cond_norm_safe"]),
+        helper.make_node("Div", ["cond", "cond_norm_safe"], ["cond_unit"]),
+        helper.make_node("Mul", ["apg_d", "cond_unit"], ["apg_products"]),
+        helper.make_node("ReduceSum", ["apg_products", "apg_axes"], ["apg_along"], keepdims=1),
+        helper.make_node("Mul", ["apg_along", "cond_unit"], ["apg_parallel"]),
+        helper.make_node("Sub", ["apg_d", "apg_parallel"], ["apg_orthogonal"]),
+        helper.make_node("Mul", ["apg_parallel", "apg_eta"], ["apg_parallel_kept"]),
+        helper.make_node("Add", ["apg_orthogonal", "apg_parallel_kept"], ["apg_update"]),
+        helper.make_node("Mul", ["apg_update", "guidance"], ["scaled_delta"]),
+        helper.make_node("Add", ["uncond", "scaled_delta"], ["eps"]),
+    ]
 
 
 def _add_guidance_rescale(inputs: list, initializers: list, nodes: list, *, per_image: int) -> None:

@@ -83,6 +83,7 @@ class GraphKey:
     pooled: int = 0  # SDXL's edited prompts: the width of the pooled embeddings the step model gives
     parts: int = 0  # composable prompts: the parts guidance sums (the UNet's batch is 1 + parts copies)
     deepcache: bool = False  # DeepCache: the shallow UNet's calls too, on the whole UNet's cached feature
+    apg: bool = False  # adaptive projected guidance in place of the plain combination
 
     @classmethod
     def of(cls, plan: DenoisePlan) -> GraphKey:
@@ -102,6 +103,7 @@ class GraphKey:
             tables.pooled_size,
             tables.parts,
             plan.deepcache_interval > 1,
+            tables.apg is not None,
         )
 
     @property
@@ -134,6 +136,7 @@ class GraphKey:
             context_dtype=tensor_type(context_dtype),
             pooled=self.pooled,
             parts=self.parts,
+            apg=self.apg,
         )
 
 

@@ -90,9 +90,10 @@ class BaseScheduler:
         object.__setattr__(self, "params", params)
 
     def _validate_custom(self, custom: CustomSteps, params: Mapping[str, Any]) -> None:
-        """Refuse a custom schedule this scheduler does not take, as its diffusers class refuses it: a kind
-        its ``set_timesteps`` has no argument for, timesteps with a sigma spacing (Karras', exponential or
-        beta sigmas), timesteps outside the training timesteps."""
+        """Refuse a custom schedule this scheduler does not take: a kind not in :attr:`takes_custom`; sigmas
+        that do not end at 0 where they take the place of Karras sigmas (all but Euler's); timesteps with a
+        sigma spacing (Karras', exponential or beta sigmas: diffusers refuses them too), outside the training
+        timesteps, or not whole where the diffusers class casts them to integers."""
         if custom.kind not in self.takes_custom:
             raise UnsupportedConfigError(
                 f"{self.name} takes no custom {custom.kind}; those that do: {CUSTOM_TAKERS[custom.kind]}"
