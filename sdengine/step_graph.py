@@ -375,7 +375,7 @@ def build_step_model(
         "zero_1": [0],
         "one_1": [1],
         "two_1": [2],
-        "rows_end": [rows],
+        "history_end": [1 + APG_SLOT if apg else rows],  # APG's running average takes the last buffer
         "batch_1": [batch],
         "batch2_1": [2 * batch],
         "all_1": [copies * batch],
@@ -438,16 +438,14 @@ def build_step_model(
         helper.make_node("Reshape", ["updated", "out_shape"], ["updated_latents"]),
         helper.make_node("Slice", ["updated_latents", "zero_1", "one_1"], ["sample_1"]),
         helper.make_node("Reshape", ["sample_1", "latent_shape"], ["denoised"]),
-        helper.make_node("Slice", ["updated_latents", "one_1", "rows_end"], ["scheduler_history"]),
+        helper.make_node("Slice", ["updated_latents", "one_1", "history_end"], ["scheduler_history"]),
         # advance the index
         helper.make_node("Add", ["step_index", "one"], ["next_step_index"]),
     ]
-    if apg:  # the scheduler's buffers but the last, which is APG's running average
-        initializers.append(helper.make_tensor("apg_rows_end", TensorProto.INT64, [1], [1 + APG_SLOT]))
+    if apg:  # the scheduler's buffers, then APG's running average
         nodes += [
-            helper.make_node("Slice", ["updated_latents", "one_1", "apg_rows_end"], ["kept_history"]),
             helper.make_node("Unsqueeze", ["apg_average", "zero_1"], ["apg_buffer"]),
-            helper.make_node("Concat", ["kept_history", "apg_buffer"], ["next_history"], axis=0),
+            helper.make_node("Concat", ["scheduler_history", "apg_buffer"], ["next_history"], axis=0),
         ]
     else:
         nodes.append(helper.make_node("Identity", ["scheduler_history"], ["next_history"]))
