@@ -42,6 +42,8 @@ LCM_SETTINGS = dict(scheduler="lcm", steps=4, guidance=8.5)
 DEEPCACHE_INTERVAL = 3
 #: FreeU's scales (s1, s2, b1, b2): diffusers' example for SD 1.5
 FREEU_SCALES = (0.9, 0.2, 1.5, 1.6)
+#: adaptive projected guidance's (eta, norm threshold, momentum), near the paper's, at a high guidance scale
+APG_SETTINGS, APG_GUIDANCE = (0.0, 15.0, -0.5), 12.0
 LCM_WIDTH = 256
 
 
@@ -75,13 +77,13 @@ def run_demo(
 
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress lines on stderr, results on stdout
     checkpoint, onnx_dir = workdir / "tiny-checkpoint", workdir / "tiny-onnx"
-    say(f"[1/19] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
+    say(f"[1/20] writing a tiny random-weight SD 1.x checkpoint to {checkpoint}")
     write_random_checkpoint(checkpoint, "tiny", seed=SEED, overwrite=True)
-    say(f"[2/19] exporting it to ONNX in {onnx_dir}")
+    say(f"[2/20] exporting it to ONNX in {onnx_dir}")
     export_checkpoint(checkpoint, onnx_dir)
     pipes, results = {}, {}
     for i, (backend, path) in enumerate((("ort", onnx_dir), ("torch", checkpoint)), start=3):
-        say(f"[{i}/19] text to image with the {backend} backend")
+        say(f"[{i}/20] text to image with the {backend} backend")
         pipes[backend] = Pipeline.load(path, backend=backend)
         pipes[backend](PROMPT, NEGATIVE, steps=1, seed=SEED, scheduler=scheduler)  # warm-up, not timed
         results[backend] = pipes[backend](PROMPT, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler)
@@ -90,25 +92,25 @@ def run_demo(
         backend: pipe(prompt, NEGATIVE, steps=steps, seed=SEED, scheduler=scheduler, **settings)
         for backend, pipe in pipes.items()
     }
-    say(f"[5/19] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
+    say(f"[5/20] image to image from the ort image (strength {IMG2IMG_STRENGTH}) with both backends")
     redone = on_both(IMG2IMG_PROMPT, image=ort_result.array, strength=IMG2IMG_STRENGTH)
-    say("[6/19] inpainting the centre of the ort image with both backends")
+    say("[6/20] inpainting the centre of the ort image with both backends")
     mask = centre_mask(ort_result.request.height, ort_result.request.width)
     inpainted = on_both(INPAINT_PROMPT, image=ort_result.array, mask=mask)
     say(
-        f"[7/19] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
+        f"[7/20] an edited prompt ({EDITED_PROMPT!r}), then the hires fix at {HIRES_SCALE:g}x, "
         "on both backends"
     )
     edited = on_both(EDITED_PROMPT, prompt_weights="a1111", hires_scale=HIRES_SCALE)
     lora = write_random_lora(onnx_dir, workdir / "random-lora.safetensors", seed=SEED)
     say(
-        f"[8/19] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
+        f"[8/20] text to image with a random LoRA ({lora.name}) fused at scale {LORA_SCALE}, on both backends"
     )
     for pipe in pipes.values():
         pipe.load_lora(lora, LORA_SCALE)
     with_lora = on_both(PROMPT)
     controlnet, control_onnx = workdir / "random-controlnet", workdir / "tiny-onnx-controlnet"
-    say(f"[9/19] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
+    say(f"[9/20] a random ControlNet ({controlnet.name}) given the first image's edges, on both backends")
     shutil.rmtree(controlnet, ignore_errors=True)
     write_random_controlnet(checkpoint, controlnet, seed=SEED)
     components = ["text_encoder", "unet", "vae_decoder"]
@@ -124,7 +126,7 @@ def run_demo(
         )
     }
     xl_checkpoint, xl_onnx = workdir / "tiny-xl-checkpoint", workdir / "tiny-xl-onnx"
-    say(f"[10/19] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
+    say(f"[10/20] a tiny random-weight SDXL checkpoint, exported to {xl_onnx}, on both backends")
     write_random_checkpoint(xl_checkpoint, "tiny-xl", seed=SEED, overwrite=True)
     export_checkpoint(
         xl_checkpoint, xl_onnx, components=["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
@@ -138,7 +140,7 @@ def run_demo(
         workdir / "tiny-xl-refiner-onnx",
     )
     say(
-        f"[11/19] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
+        f"[11/20] the SDXL model again, with a tiny random-weight refiner ({refiner_onnx}) making the last "
         f"{1 - DEFAULT_REFINER_SWITCH:.0%} of the run, on both backends"
     )
     write_random_checkpoint(refiner_checkpoint, "tiny-xl-refiner", seed=SEED, overwrite=True)
@@ -154,7 +156,7 @@ def run_demo(
     }
     adapter_dir, ip_onnx = workdir / "random-ip-adapter", workdir / "tiny-onnx-ip-adapter"
     say(
-        f"[12/19] a random IP-Adapter ({adapter_dir.name}) given the first image as a prompt, on both "
+        f"[12/20] a random IP-Adapter ({adapter_dir.name}) given the first image as a prompt, on both "
         "backends"
     )
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -172,13 +174,13 @@ def run_demo(
         for backend, path, extra in (("ort", ip_onnx, {}), ("torch", checkpoint, {"ip_adapter": adapter}))
     }
     say(
-        "[13/19] the first prompt again, its noise drawn as PyTorch's CPU generator draws it: diffusers "
+        "[13/20] the first prompt again, its noise drawn as PyTorch's CPU generator draws it: diffusers "
         "draws its own, sdengine the same without PyTorch"
     )
     torch_noise = on_both(PROMPT, noise_source="torch-cpu")
     pag_onnx = workdir / "tiny-onnx-pag"
     say(
-        f"[14/19] the first prompt with perturbed-attention guidance (scale {PAG_SCALE:g}, layers "
+        f"[14/20] the first prompt with perturbed-attention guidance (scale {PAG_SCALE:g}, layers "
         f"{', '.join(PAG_LAYERS)}) on both backends"
     )
     export_checkpoint(checkpoint, pag_onnx, components=components, pag_layers=list(PAG_LAYERS))
@@ -190,7 +192,7 @@ def run_demo(
     }
     lcm_checkpoint, lcm_onnx = workdir / "tiny-lcm-checkpoint", workdir / "tiny-lcm-onnx"
     say(
-        "[15/19] a tiny random latent consistency model (its UNet takes the guidance scale as an input: one "
+        "[15/20] a tiny random latent consistency model (its UNet takes the guidance scale as an input: one "
         f"UNet call a step), {LCM_SETTINGS['steps']} steps of its scheduler, on both backends"
     )
     write_random_checkpoint(lcm_checkpoint, "tiny", seed=SEED, overwrite=True, guidance_embedding=LCM_WIDTH)
@@ -201,7 +203,7 @@ def run_demo(
     }
     tiny_vae, tiny_vae_onnx = workdir / "tiny-vae-taesd", workdir / "tiny-taesd-onnx"
     say(
-        "[16/19] the first checkpoint with a random tiny VAE (TAESD's architecture, many times faster) in "
+        "[16/20] the first checkpoint with a random tiny VAE (TAESD's architecture, many times faster) in "
         "its VAE's place, on both backends"
     )
     shutil.rmtree(tiny_vae, ignore_errors=True)
@@ -215,7 +217,7 @@ def run_demo(
     }
     deepcache_onnx = workdir / "tiny-onnx-deepcache"
     say(
-        f"[17/19] the first prompt with DeepCache (the whole UNet on every call of {DEEPCACHE_INTERVAL}, its "
+        f"[17/20] the first prompt with DeepCache (the whole UNet on every call of {DEEPCACHE_INTERVAL}, its "
         "shallow branch on the cached feature between), against the authors' helper on diffusers"
     )
     export_checkpoint(checkpoint, deepcache_onnx, components=components, deepcache=0)
@@ -232,7 +234,7 @@ def run_demo(
     }
     freeu_onnx = workdir / "tiny-onnx-freeu"
     say(
-        f"[18/19] the first prompt with FreeU at {', '.join(map(str, FREEU_SCALES))} (its scales an input of "
+        f"[18/20] the first prompt with FreeU at {', '.join(map(str, FREEU_SCALES))} (its scales an input of "
         "the exported UNet), against diffusers' enable_freeu"
     )
     export_checkpoint(checkpoint, freeu_onnx, components=components, freeu=True)
@@ -243,13 +245,18 @@ def run_demo(
         for backend, path in (("ort", freeu_onnx), ("torch", checkpoint))
     }
     say(
-        "[19/19] the first prompt (the LoRA still fused) in Align Your Steps' 10 steps: DPM++ 2M at NVIDIA's "
+        "[19/20] the first prompt (the LoRA still fused) in Align Your Steps' 10 steps: DPM++ 2M at NVIDIA's "
         "timesteps for SD 1.5, on both backends"
     )
     aligned = {
         backend: pipe(PROMPT, NEGATIVE, seed=SEED, scheduler="dpmpp_2m", timesteps="ays")
         for backend, pipe in pipes.items()
     }
+    say(
+        f"[20/20] the first prompt (the LoRA still fused) at guidance {APG_GUIDANCE:g} with adaptive "
+        f"projected guidance ({', '.join(map(str, APG_SETTINGS))}), on both backends"
+    )
+    projected = on_both(PROMPT, guidance=APG_GUIDANCE, apg=APG_SETTINGS)
     save_png(ort_result.images[0], output, {**ort_result.request.parameters(), "backend": "ort"})
     extra_outputs = {}
     for name, result in (
@@ -268,6 +275,7 @@ def run_demo(
         ("deepcache", cached["ort"]),
         ("freeu", freed["ort"]),
         ("ays", aligned["ort"]),
+        ("apg", projected["ort"]),
     ):
         extra_outputs[name] = output.with_name(f"{output.stem}-{name}{output.suffix or '.png'}")
         save_png(result.images[0], extra_outputs[name], {**result.request.parameters(), "backend": "ort"})
@@ -287,6 +295,7 @@ def run_demo(
     deepcache_similarity = psnr(cached["ort"].array, cached["torch"].array)
     freeu_similarity = psnr(freed["ort"].array, freed["torch"].array)
     ays_similarity = psnr(aligned["ort"].array, aligned["torch"].array)
+    apg_similarity = psnr(projected["ort"].array, projected["torch"].array)
     print(format_times({f"{b} (ms, calls)": r.times.summary() for b, r in results.items()}))
     print(
         f"\nwrote {output}: {steps} steps, "
@@ -347,6 +356,8 @@ def run_demo(
     print(f"ONNX Runtime vs PyTorch (diffusers enable_freeu): PSNR {freeu_similarity:.1f} dB")
     print(f"wrote {extra_outputs['ays']}: the first prompt (with the LoRA) in Align Your Steps' 10 steps")
     print(f"ONNX Runtime vs PyTorch (diffusers given timesteps=): PSNR {ays_similarity:.1f} dB")
+    print(f"wrote {extra_outputs['apg']}: the first prompt (with the LoRA) with adaptive projected guidance")
+    print(f"ONNX Runtime vs PyTorch (diffusers' normalized_guidance): PSNR {apg_similarity:.1f} dB")
     print(
         "NOTE: the checkpoint's weights are RANDOM, so the image is structured noise, "
         "not a picture of the prompt."
@@ -368,4 +379,5 @@ def run_demo(
         "deepcache_psnr_db": deepcache_similarity,
         "freeu_psnr_db": freeu_similarity,
         "ays_psnr_db": ays_similarity,
+        "apg_psnr_db": apg_similarity,
     }

@@ -125,7 +125,8 @@ def test_demo_writes_both_images_and_matches_diffusers(tmp_path, capsys):
     output = tmp_path / "demo.png"
     scores = run_demo(tmp_path / "work", output=output, steps=4)
     suffixes = ("", "-img2img", "-inpaint", "-edit-hires", "-lora", "-controlnet", "-sdxl", "-sdxl-refined")
-    suffixes += ("-ip-adapter", "-torch-noise", "-pag", "-lcm", "-taesd", "-deepcache", "-freeu", "-ays")
+    suffixes += ("-ip-adapter", "-torch-noise", "-pag", "-lcm", "-taesd", "-deepcache", "-freeu")
+    suffixes += ("-ays", "-apg")
     assert all((tmp_path / f"demo{suffix}.png").is_file() for suffix in suffixes)
     assert scores["psnr_db"] >= 40 and scores["img2img_psnr_db"] >= 40 and scores["inpaint_psnr_db"] >= 40
     assert scores["lora_psnr_db"] >= 40 and scores["controlnet_psnr_db"] >= 40
@@ -134,7 +135,7 @@ def test_demo_writes_both_images_and_matches_diffusers(tmp_path, capsys):
     assert scores["torch_noise_psnr_db"] >= 40 and scores["pag_psnr_db"] >= 40
     assert scores["lcm_psnr_db"] >= 40
     assert scores["taesd_psnr_db"] >= 40 and scores["deepcache_psnr_db"] >= 40
-    assert scores["freeu_psnr_db"] >= 40 and scores["ays_psnr_db"] >= 40
+    assert scores["freeu_psnr_db"] >= 40 and scores["ays_psnr_db"] >= 40 and scores["apg_psnr_db"] >= 40
     assert "PSNR" in capsys.readouterr().out
 
 
