@@ -14,8 +14,8 @@ Per image, with ``d = cond - uncond`` (the UNet's two predictions):
 With ``eta = 1``, no threshold and no momentum this is classifier-free guidance exactly. diffusers' guider
 defaults to ``eta = 1``, ``r = 15`` and no momentum; the paper's experiments mostly use ``eta = 0`` and a
 negative momentum (-0.5). It runs inside the step model (:mod:`sdengine.step_graph`), so on a GPU it is part
-of each captured step; the running average lives in the step model's last history buffer, which the
-schedulers that need all of them (PNDM, UniPC of order 3) leave none of, so they refuse it.
+of each captured step; the running average lives in the step model's last history buffer, which no
+scheduler uses.
 """
 
 from __future__ import annotations

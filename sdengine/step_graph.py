@@ -21,7 +21,8 @@ that the model itself advances:
 Because the tables, the noise and the index live in the model's inputs, a GPU backend keeps them in device
 memory and replays the step with no host work in between; the CPU backend runs the very same model with
 ONNX Runtime. Shapes are static (the model is built for one batch and latent size), so it captures into a CUDA
-graph as a whole. History is padded to :data:`MAX_HISTORY` buffers so one model serves every scheduler.
+graph as a whole. History is padded to :data:`MAX_HISTORY` buffers so one model serves every scheduler (and
+adaptive projected guidance's running average).
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from sdengine.errors import UnsupportedConfigError
 from sdengine.model_specs import CONDITIONING_SCALE, TEXT_EMBEDS
 from sdengine.schedulers import Schedule
 
-#: History buffers the step model carries (PNDM needs the most: 4).
-MAX_HISTORY = 4
+#: History buffers the step model carries: the schedulers' (PNDM needs the most: 4), and one for adaptive
+#: projected guidance's running average.
+MAX_HISTORY = 5
 OPSET = 17
 IR_VERSION = 8
 
@@ -55,7 +56,8 @@ CONTROL_SCALES = "control_scales"
 CONTROL_SCALE_OUTPUT = "unet_conditioning_scale"
 #: Adaptive projected guidance (:mod:`sdengine.apg`): its (eta, norm_threshold, momentum), (3,).
 APG_INPUT = "apg"
-#: ... and the history buffer that holds its running average of cond - uncond (its momentum's).
+#: ... and the history buffer that holds its running average of cond - uncond (its momentum's), the last,
+#: which no scheduler uses.
 APG_SLOT = MAX_HISTORY - 1
 #: Prompt editing: every set of text embeddings the run reads, which set each call reads, and the output that
 #: gives the next call's.
@@ -220,8 +222,7 @@ def step_tables(
     (sets, G * B, pooled): SDXL's pooled embeddings of those sets. ``part_weights`` (K, B, 1, 1, 1), the
     same for every call, or (calls, K, B, 1, 1, 1): composable prompts' weights (perturbed-attention
     guidance's, whose adaptive scale changes them call by call). ``apg`` (3,): adaptive projected
-    guidance's settings (:mod:`sdengine.apg`), whose running average takes the last history buffer:
-    UnsupportedConfigError for a schedule that keeps :data:`MAX_HISTORY` of its own.
+    guidance's settings (:mod:`sdengine.apg`), whose running average takes the last history buffer.
 
     Row ``r`` / column ``c`` of the scheduler's ``(1 + K, 3 + K)`` matrix keep their place; the extra history
     rows and columns are zero, so unused buffers stay zero and never contribute.
@@ -229,12 +230,9 @@ def step_tables(
     if pooled is not None and (contexts is None or len(pooled) != len(contexts)):
         raise ValueError("pooled text embeddings come with the sets of text embeddings they belong to")
     k = schedule.history_size
-    if k > MAX_HISTORY:
-        raise ValueError(f"schedule keeps {k} history buffers; the step model carries {MAX_HISTORY}")
-    if apg is not None and k > APG_SLOT:
-        raise UnsupportedConfigError(
-            f"adaptive projected guidance keeps its running average where this scheduler keeps its {k}th "
-            "history buffer (PNDM, UniPC of order 3): use another scheduler"
+    if k > APG_SLOT:
+        raise ValueError(
+            f"schedule keeps {k} history buffers; the step model carries {APG_SLOT} for schedulers"
         )
     s = len(schedule.timesteps)
     coeffs = np.zeros((s, 1 + MAX_HISTORY, 3 + MAX_HISTORY), np.float32)
