@@ -286,6 +286,18 @@ class Parity:
             "composable prompts: CUDA vs CPU fp32, PSNR dB",
             lambda: psnr(pipes["step"](composed, **edited).array, cpu(composed, **edited).array),
         )
+        projected = dict(settings, guidance=12.0, apg=(0.0, 15.0, -0.5))  # its average in a history buffer
+        attempt(
+            results,
+            "adaptive projected guidance: CUDA vs CPU fp32, PSNR dB",
+            lambda: psnr(pipes["step"](PROMPT, **projected).array, cpu(PROMPT, **projected).array),
+        )
+        aligned = dict(settings, scheduler="dpmpp_2m", sigmas="ays")  # Align Your Steps' 10 sigmas
+        attempt(
+            results,
+            "custom sigmas (Align Your Steps): CUDA vs CPU fp32, PSNR dB",
+            lambda: psnr(pipes["step"](PROMPT, **aligned).array, cpu(PROMPT, **aligned).array),
+        )
         hires = dict(settings, hires_scale=1.5)  # a second shape: its own buffers and graphs
         attempt(
             results,

@@ -19,10 +19,11 @@ def test_gpu_check_rehearsal_runs_end_to_end(tmp_path):
     assert len(graph_rows) == 6 and all(v == 0 for v in graph_rows)
     assert parity["step graphs refused"] == parity["ort graphs refused"] == "no"
     psnr_rows = [v for k, v in parity.items() if "PSNR" in k]
-    # 3 schedulers, image to image, inpainting, prompt editing, composable prompts, hires fix, LoRA,
-    # ControlNet, IP-Adapter, perturbed-attention guidance, inpainting from latent noise, a tiny VAE and its
-    # previews, DeepCache, FreeU (fp16), fp16, fp16 with PyTorch's CPU noise; SDXL alone, in fp16 and refined
-    assert len(psnr_rows) == 22 and all(v >= 40 for v in psnr_rows)
+    # 3 schedulers, image to image, inpainting, prompt editing, composable prompts, adaptive projected
+    # guidance, Align Your Steps' sigmas, hires fix, LoRA, ControlNet, IP-Adapter, perturbed-attention
+    # guidance, inpainting from latent noise, a tiny VAE and its previews, DeepCache, FreeU (fp16), fp16, fp16
+    # with PyTorch's CPU noise; SDXL alone, in fp16 and refined
+    assert len(psnr_rows) == 24 and all(v >= 40 for v in psnr_rows)
     # the float32 draws that sdengine's PyTorch CPU noise reproduces are the float16 ones on this torch
     assert parity["torch's CPU randn: float16 draws vs float32 draws, max |diff|"] == 0
     assert set(report["latency"]["2"]["backends"]) == {"ort", "torch"}
