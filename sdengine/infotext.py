@@ -81,7 +81,7 @@ def parameters_infotext(parameters: Mapping[str, Any]) -> str:
         "Hires steps": parameters.get("hires_steps") if hires else None,
         "Hires upscaler": HIRES_UPSCALERS.get(parameters.get("hires_upscale")) if hires else None,
         "Refiner switch at": parameters.get("refiner_switch"),
-        **(parameters.get("controlnet_units") or {}),  # the ControlNet extension's units (HTTP API)
+        **(parameters.get("script_fields") or {}),  # the always-on scripts' (HTTP API): ControlNet's, PAG's
         "Lora hashes": parameters.get("lora_hashes"),
         "Version": f"sdengine {__version__}",
     }

@@ -35,7 +35,10 @@ What the web UI's API takes, and how it maps here:
   directory, fused for the request (:mod:`sdengine.extra_networks`); ``/sdapi/v1/loras`` lists them.
 - ``alwayson_scripts.controlnet`` (the ControlNet extension's units) for an export with ControlNets in its
   UNet: each unit's image, weight, guidance start and end for the ControlNet its ``model`` names
-  (:mod:`sdengine.webui_controlnet`); ``/controlnet/model_list`` lists them. Other scripts are refused.
+  (:mod:`sdengine.webui_controlnet`); ``/controlnet/model_list`` lists them. Forge's
+  "PerturbedAttentionGuidance Integrated" (``[enabled, scale]``) for a model that perturbs the middle
+  block's self-attention (``export --pag-layers mid``): ``pag_scale`` (:mod:`sdengine.webui_pag`). Other
+  scripts are refused.
 - ``tiling`` (true): served by a seamless export (``sdengine export --seamless``), whose images always tile
   (and say so in their infotext, "Tiling: True"); refused by any other.
 - What asks for something sdengine does not do (face restoration, scripts, styles, other samplers or
@@ -86,6 +89,7 @@ from sdengine.images import png_info, to_pil
 from sdengine.infotext import parameters_infotext, parse_infotext
 from sdengine.mask_crop import MaskCrop, cover_resize, fill_resize
 from sdengine.model_dir import optional_json
+from sdengine.pag import PAG_CONFIG, exported_pag
 from sdengine.schedulers import load_scheduler
 from sdengine.webui_controlnet import (
     Crop,
@@ -95,6 +99,8 @@ from sdengine.webui_controlnet import (
     preprocessors,
 )
 from sdengine.webui_inpaint import Resize, WebUIInpaint, stretch
+from sdengine.webui_pag import SCRIPT as PAG_SCRIPT
+from sdengine.webui_pag import forge_pag
 from sdengine.webui_previews import LIVE_PREVIEW_OPTIONS, live_preview, taesd_method
 from sdengine.webui_samplers import SAMPLERS, SCHEDULES, sampler_of, scheduler_name
 from sdengine.webui_schedules import SIGMA_SCHEDULES, schedule_sigmas
@@ -236,14 +242,15 @@ class Inpainting(NamedTuple):
 
 class WebUIRequest(NamedTuple):
     """A web UI request read: the keyword arguments of one ``pipeline(...)`` call, its ``n_iter``, the
-    fields it ignores, its inpainting (None without a mask) and its ControlNet units' infotext records."""
+    fields it ignores, its inpainting (None without a mask) and its always-on scripts' infotext fields."""
 
     settings: dict[str, Any]
     n_iter: int
     ignored: list[str]
     inpainting: Inpainting | None = None
-    #: the ControlNet extension's units, as its infotext records them (``"ControlNet i"`` -> their fields)
-    controlnet_units: dict[str, str] | None = None
+    #: the always-on scripts' infotext fields: the ControlNet extension's units as it records them
+    #: (``"ControlNet i"`` -> their fields), Forge's perturbed-attention guidance's (sdengine.webui_pag)
+    script_fields: dict[str, Any] | None = None
 
 
 #: The options ``POST /sdapi/v1/options`` sets, for every later request (beneath its ``override_settings``,
@@ -268,11 +275,17 @@ def served_sigmas(pipeline: Any, schedule: str, scheduler: str, steps: int) -> t
 
 
 def generation_settings(
-    body: dict[str, Any], img2img: bool, refiner: bool = False, controlnets: Sequence[str] = ()
+    body: dict[str, Any],
+    img2img: bool,
+    refiner: bool = False,
+    controlnets: Sequence[str] = (),
+    pag_layers: Sequence[str] = (),
 ) -> WebUIRequest:
     """A web UI request read into a pipeline call's settings. InvalidArgumentError names a field sdengine
     cannot honour. ``refiner``: the pipeline has one; ``controlnets``: the names of the ControlNets in its
-    UNet, which the ControlNet extension's units name (:mod:`sdengine.webui_controlnet`)."""
+    UNet, which the ControlNet extension's units name (:mod:`sdengine.webui_controlnet`); ``pag_layers``:
+    the layers whose self-attention its UNet can perturb, which Forge's PAG script needs
+    (:mod:`sdengine.webui_pag`)."""
     if not isinstance(body, dict):
         raise InvalidArgumentError("the request body must be a JSON object")
     refused = [key for key, fine in UNSUPPORTED.items() if key in body and body[key] not in fine]
@@ -379,14 +392,18 @@ def generation_settings(
         settings["refiner_switch"] = switch
     size = settings["width"], settings["height"]
     crop = unit_crop(inpainting, *size)
-    control = control_settings(
-        body.get("alwayson_scripts"), controlnets, *size, init_image, decode_as_it_is, crop
-    )
+    scripts = body.get("alwayson_scripts")
+    pag_scale, pag_fields = forge_pag(scripts, pag_layers)
+    if pag_scale:
+        settings["pag_scale"] = pag_scale
+    if isinstance(scripts, dict):  # the ControlNet extension's are the others
+        scripts = {name: value for name, value in scripts.items() if str(name).lower() != PAG_SCRIPT}
+    control = control_settings(scripts, controlnets, *size, init_image, decode_as_it_is, crop)
     settings.update(control.settings)
     n_iter = _number(body, "n_iter", 1, int)
     if n_iter < 1:
         raise InvalidArgumentError(f"n_iter must be at least 1, got {n_iter}")
-    return WebUIRequest(settings, n_iter, ignored, inpainting, control.infotexts)
+    return WebUIRequest(settings, n_iter, ignored, inpainting, {**control.infotexts, **pag_fields})
 
 
 def unit_crop(inpainting: Inpainting | None, width: int, height: int) -> Crop | None:
@@ -394,6 +411,14 @@ def unit_crop(inpainting: Inpainting | None, width: int, height: int) -> Crop | 
     if inpainting is None or not inpainting.settings.full_res:
         return None
     return only_masked(inpainting.placement, width, height)
+
+
+def served_pag_layers(pipeline: Any) -> tuple[str, ...]:
+    """The layers whose self-attention the served model's UNet can perturb (none where it cannot): the torch
+    backend's, or an export's record."""
+    if hasattr(pipeline, "pag_layers"):
+        return tuple(pipeline.pag_layers)
+    return exported_pag(optional_json(pipeline.model_dir.root / PAG_CONFIG))
 
 
 def served_controlnets(pipeline: Any) -> list[str]:
@@ -495,8 +520,10 @@ def run_request(
     their files' ``Lora hashes``."""
     refiner = getattr(pipeline, "refiner", None) is not None
     names = served_controlnets(pipeline)
-    settings, n_iter, ignored, inpainting, units = generation_settings(body, img2img, refiner, names)
-    units = units or {}
+    settings, n_iter, ignored, inpainting, fields = generation_settings(
+        body, img2img, refiner, names, served_pag_layers(pipeline)
+    )
+    fields = fields or {}
     if body.get("tiling") and not getattr(pipeline, "seamless", False):
         raise InvalidArgumentError(
             "tiling: the model served is not seamless (export it with sdengine export --seamless)"
@@ -509,7 +536,7 @@ def run_request(
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)
     tagged = {"prompt": typed, "lora_hashes": lora_hashes(tags, loras)} if tags else {}
-    tagged |= {"controlnet_units": units} if units else {}
+    tagged |= {"script_fields": fields} if fields else {}
     if loras and not hasattr(pipeline, "set_loras"):
         raise InvalidArgumentError("LoRA tags need the ort backend, which fuses LoRAs at run time")
     job = job or Job()
@@ -557,7 +584,7 @@ def run_request(
             nsfw += result.nsfw or [False] * result.request.batch
     request = first.request
     extra = {} if inpainting is None else inpainting.settings.generation_params()
-    extra |= units
+    extra |= fields
     if tags:
         extra["Lora hashes"] = tagged["lora_hashes"]
     info = {

@@ -543,3 +543,66 @@ def test_inpainting_refusals_name_the_field(server, path, extra, message):
     status, answer = call(server, path, {**body, **extra})
     assert status == 422 and answer["error"] == "InvalidArgumentError", answer
     assert message in answer["detail"]
+
+
+PAG_SCRIPT = "PerturbedAttentionGuidance Integrated"
+
+
+@pytest.mark.parametrize(
+    ("scripts", "layers", "expected"),
+    [
+        (None, (), 0.0),
+        ({PAG_SCRIPT: {"args": [False, 3.0]}}, (), 0.0),  # off: no layers needed
+        ({PAG_SCRIPT: {"args": [True, 3.0]}}, ("mid",), 3.0),
+        ({PAG_SCRIPT.lower(): {"args": [True, 2, 0, 0.0, 1]}}, ("mid",), 2.0),  # the later args, neutral
+        ({PAG_SCRIPT: {"args": [True, 3.0]}}, (), "the model served perturbs none"),
+        ({PAG_SCRIPT: {"args": [True, 3.0]}}, ("mid", "down_blocks.1"), "perturbs mid, down_blocks.1"),
+        ({PAG_SCRIPT: {"args": [True, 3.0, 10, 0, 1]}}, ("mid",), "attenuation, start and end"),
+        ({PAG_SCRIPT: {"args": [True]}}, ("mid",), "\\[enabled, scale\\]"),
+        ({PAG_SCRIPT: {"args": ["yes", 3.0]}}, ("mid",), "\\[enabled, scale\\]"),
+        ({PAG_SCRIPT: {"args": [True, "3"]}}, ("mid",), "must be numbers"),
+        (
+            {PAG_SCRIPT: {"args": [True, 3.0]}, "Kohya HRFix Integrated": {"args": []}},
+            ("mid",),
+            "not supported",
+        ),
+    ],
+)
+def test_forges_pag_script_reads_into_the_pag_scale(scripts, layers, expected):
+    body = {} if scripts is None else {"alwayson_scripts": scripts}
+    if isinstance(expected, str):
+        with pytest.raises(InvalidArgumentError, match=expected):
+            generation_settings(body, img2img=False, pag_layers=layers)
+        return
+    read = generation_settings(body, img2img=False, pag_layers=layers)
+    assert read.settings.get("pag_scale", 0.0) == expected
+    fields = {"PerturbedAttentionGuidance_enabled": True, "PerturbedAttentionGuidance_scale": expected}
+    assert read.script_fields == (fields if expected else {})
+
+
+def test_forges_pag_over_http_is_the_pipelines_pag(tiny_checkpoint, tmp_path, ort_pipe_fp32, server):
+    from export.onnx_export import export_checkpoint
+    from sdengine.pipeline import Pipeline
+
+    export_checkpoint(tiny_checkpoint, tmp_path / "pag", pag_layers=["mid"])
+    pipe = Pipeline.load(tmp_path / "pag", backend="ort", device="cpu")
+    served = serve_in_thread(pipe)
+    url = f"http://127.0.0.1:{served.server_address[1]}"
+    size = {**SIZE, "width": 128, "height": 128}  # the middle block sees 2x2 tokens (one at 64x64: no change)
+    try:
+        body = {"prompt": "a cat", **size, "seed": 6, "alwayson_scripts": {PAG_SCRIPT: {"args": [True, 3.0]}}}
+        status, answer = call(url, "/sdapi/v1/txt2img", body)
+        assert status == 200, answer
+        direct = pipe("a cat", "", **size, seed=6, **WEBUI, pag_scale=3.0)
+        np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
+        plain = pipe("a cat", "", **size, seed=6, **WEBUI)
+        assert np.abs(direct.latents - plain.latents).max() > 0.1  # PAG does change the run
+        info = json.loads(answer["info"])
+        assert "PerturbedAttentionGuidance_scale: 3.0" in info["infotexts"][0]
+        assert info["extra_generation_params"]["PerturbedAttentionGuidance_enabled"] is True
+        with Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))) as image:
+            assert json.loads(image.info["sdengine"])["pag_scale"] == 3.0
+    finally:
+        served.shutdown()
+    status, answer = call(server, "/sdapi/v1/txt2img", body)  # a model without PAG's layers
+    assert status == 422 and "export it with --pag-layers mid" in answer["detail"]

@@ -249,7 +249,7 @@ def test_a_unit_s_record_reads_back_from_the_infotext():
     from sdengine.infotext import parameters_infotext, parse_infotext
 
     record = records(units({"model": "canny", "weight": 0.5, "image": png(EDGES)}))
-    text = parameters_infotext({"prompt": "a house", "steps": 3, "controlnet_units": record})
+    text = parameters_infotext({"prompt": "a house", "steps": 3, "script_fields": record})
     assert parse_infotext(text)["ControlNet 0"] == record["ControlNet 0"]
 
 
