@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sdengine.errors import InvalidArgumentError
+from sdengine.number_lists import parse_numbers
 
 
 class APG(NamedTuple):
@@ -74,15 +75,8 @@ def check_apg(settings: bool | Sequence[float] | Mapping[str, float] | None) -> 
 
 def parse_apg(text: str) -> APG:
     """``ETA,THRESHOLD,MOMENTUM`` (the command line's ``--apg``) as checked settings."""
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != len(APG_NAMES):
-        raise InvalidArgumentError(
-            f"--apg takes three numbers ETA,THRESHOLD,MOMENTUM (such as 0,15,-0.5), got {text!r}"
-        )
-    checked = check_apg(values)
+    takes = "three numbers ETA,THRESHOLD,MOMENTUM (such as 0,15,-0.5)"
+    checked = check_apg(list(parse_numbers(text, "--apg", takes, len(APG_NAMES))))
     assert checked is not None
     return checked
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError
+from sdengine.number_lists import parse_numbers
 
 #: Where an export says that its UNet takes FreeU's scales.
 FREEU_CONFIG = Path("freeu") / "config.json"
@@ -65,18 +66,8 @@ def check_freeu(scales: Sequence[float] | Mapping[str, float] | None) -> FreeUSc
 
 def parse_freeu(text: str) -> FreeUScales:
     """``S1,S2,B1,B2`` (the command line's ``--freeu``) as checked scales."""
-    parts = [part.strip() for part in text.split(",")]
-    try:
-        values = [float(part) for part in parts]
-    except ValueError:
-        raise InvalidArgumentError(
-            f"--freeu takes four numbers S1,S2,B1,B2 (such as 0.9,0.2,1.5,1.6), got {text!r}"
-        ) from None
-    if len(values) != len(FREEU_SCALES):
-        raise InvalidArgumentError(
-            f"--freeu takes four numbers S1,S2,B1,B2 (such as 0.9,0.2,1.5,1.6), got {len(values)}"
-        )
-    checked = check_freeu(values)
+    takes = "four numbers S1,S2,B1,B2 (such as 0.9,0.2,1.5,1.6)"
+    checked = check_freeu(list(parse_numbers(text, "--freeu", takes, len(FREEU_SCALES))))
     assert checked is not None
     return checked
 

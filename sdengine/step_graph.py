@@ -379,6 +379,7 @@ def build_step_model(
         "all_1": [copies * batch],
         "parts_shape": [parts, batch, c, h, w],
         "t_shape": list(timestep_shape) or [1],
+        "image_axes": [1, 2, 3],  # each image's own channels and pixels
     }
     initializers = [
         helper.make_tensor(
@@ -520,7 +521,6 @@ def _add_apg(inputs: list, initializers: list, nodes: list) -> None:
     f32 = TensorProto.FLOAT
     inputs.append(helper.make_tensor_value_info(APG_INPUT, f32, [3]))
     initializers += [
-        helper.make_tensor("apg_axes", TensorProto.INT64, [3], [1, 2, 3]),
         helper.make_tensor("apg_slot", TensorProto.INT64, [], [APG_SLOT]),
         helper.make_tensor("apg_eta_at", TensorProto.INT64, [], [0]),
         helper.make_tensor("apg_threshold_at", TensorProto.INT64, [], [1]),
@@ -541,22 +541,18 @@ def _add_apg(inputs: list, initializers: list, nodes: list) -> None:
         helper.make_node("Mul", ["apg_previous", "apg_momentum"], ["apg_carried"]),
         helper.make_node("Add", ["apg_delta", "apg_carried"], ["apg_average"]),
         # scaled down to the norm threshold (where there is one)
-        helper.make_node("Mul", ["apg_average", "apg_average"], ["apg_squares"]),
-        helper.make_node("ReduceSum", ["apg_squares", "apg_axes"], ["apg_norm2"], keepdims=1),
-        helper.make_node("Sqrt", ["apg_norm2"], ["apg_norm"]),
+        *_image_norm("apg_average", "apg_norm"),
         helper.make_node("Div", ["apg_threshold", "apg_norm"], ["apg_ratio"]),
         helper.make_node("Min", ["apg_ratio", "apg_one"], ["apg_capped"]),
         helper.make_node("Greater", ["apg_threshold", "apg_zero"], ["apg_thresholded"]),
         helper.make_node("Where", ["apg_thresholded", "apg_capped", "apg_one"], ["apg_factor"]),
         helper.make_node("Mul", ["apg_average", "apg_factor"], ["apg_d"]),
         # split along cond
-        helper.make_node("Mul", ["cond", "cond"], ["cond_squares"]),
-        helper.make_node("ReduceSum", ["cond_squares", "apg_axes"], ["cond_norm2"], keepdims=1),
-        helper.make_node("Sqrt", ["cond_norm2"], ["cond_norm"]),
+        *_image_norm("cond", "cond_norm"),
         helper.make_node("Max", ["cond_norm", "apg_tiny"], ["cond_norm_safe"]),
         helper.make_node("Div", ["cond", "cond_norm_safe"], ["cond_unit"]),
         helper.make_node("Mul", ["apg_d", "cond_unit"], ["apg_products"]),
-        helper.make_node("ReduceSum", ["apg_products", "apg_axes"], ["apg_along"], keepdims=1),
+        helper.make_node("ReduceSum", ["apg_products", "image_axes"], ["apg_along"], keepdims=1),
         helper.make_node("Mul", ["apg_along", "cond_unit"], ["apg_parallel"]),
         helper.make_node("Sub", ["apg_d", "apg_parallel"], ["apg_orthogonal"]),
         helper.make_node("Mul", ["apg_parallel", "apg_eta"], ["apg_parallel_kept"]),
@@ -566,13 +562,21 @@ def _add_apg(inputs: list, initializers: list, nodes: list) -> None:
     ]
 
 
+def _image_norm(x: str, out: str) -> list[onnx.NodeProto]:
+    """``out`` = the L2 norm of each image of ``x`` (B, C, h, w), kept (B, 1, 1, 1)."""
+    return [
+        helper.make_node("Mul", [x, x], [f"{x}_squares"]),
+        helper.make_node("ReduceSum", [f"{x}_squares", "image_axes"], [f"{x}_norm2"], keepdims=1),
+        helper.make_node("Sqrt", [f"{x}_norm2"], [out]),
+    ]
+
+
 def _add_guidance_rescale(inputs: list, initializers: list, nodes: list, *, per_image: int) -> None:
     """eps = r * guided * std(cond) / std(guided) + (1 - r) * guided, the unbiased standard deviation taken
     over each image, as diffusers' ``rescale_noise_cfg`` computes it (with torch.std)."""
     f32 = TensorProto.FLOAT
     inputs.append(helper.make_tensor_value_info("guidance_rescale", f32, []))
     initializers += [
-        helper.make_tensor("image_axes", TensorProto.INT64, [3], [1, 2, 3]),
         helper.make_tensor("one_f", f32, [], [1.0]),
         helper.make_tensor("n_minus_1", f32, [], [float(max(per_image - 1, 1))]),
     ]

@@ -133,7 +133,7 @@ def test_generate_takes_them_on_the_command_line(onnx_fp32, tmp_path, capsys):
     for bad, message in [
         (["--steps", "5", "--timesteps", "ays"], "--steps and --timesteps: --timesteps sets the steps"),
         (["--timesteps", "10,500"], "custom timesteps must decrease strictly"),
-        (["--sigmas", "ays10"], "neither a preset"),
+        (["--sigmas", "ays10"], "a custom schedule takes a preset (ays) or numbers"),
         (["--timesteps", "ays", "--scheduler", "lms"], "lms takes no custom timesteps"),
     ]:
         assert main([*args, *bad, "--output", str(tmp_path / "bad.png")]) != 0

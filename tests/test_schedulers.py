@@ -1287,5 +1287,5 @@ def test_custom_steps_from_names_and_lists() -> None:
         custom_steps(timesteps=7)
     assert parse_custom("ays") == "ays"
     assert parse_custom(" 999, 500,10 ") == (999.0, 500.0, 10.0)
-    with pytest.raises(InvalidArgumentError, match="neither a preset"):
+    with pytest.raises(InvalidArgumentError, match="a custom schedule takes a preset \\(ays\\) or numbers"):
         parse_custom("ays10")

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidArgumentError
+from ..number_lists import parse_numbers
 
 #: What a custom schedule gives: the timesteps of the UNet's calls, or the sigmas of the steps' ends.
 KINDS = ("timesteps", "sigmas")
@@ -111,9 +112,5 @@ def parse_custom(text: str) -> str | tuple[float, ...]:
     text = text.strip()
     if text in PRESETS:
         return text
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise InvalidArgumentError(
-            f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor numbers separated by commas"
-        ) from None
+    takes = f"a preset ({', '.join(PRESETS)}) or numbers separated by commas"
+    return parse_numbers(text, "a custom schedule", takes)
