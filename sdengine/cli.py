@@ -124,8 +124,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     freeu = None if args.freeu is None else parse_freeu(args.freeu)  # as the files: before the models load
     apg = None if args.apg is None else parse_apg(args.apg)
-    timesteps = None if args.timesteps is None else parse_custom(args.timesteps)
-    sigmas = None if args.sigmas is None else parse_custom(args.sigmas)
+    timesteps, sigmas, hires_timesteps, hires_sigmas = (
+        None if text is None else parse_custom(text)
+        for text in (args.timesteps, args.sigmas, args.hires_timesteps, args.hires_sigmas)
+    )
     if args.steps is not None and (timesteps is not None or sigmas is not None):
         option = "--timesteps" if timesteps is not None else "--sigmas"
         raise InvalidArgumentError(f"--steps and {option}: {option} sets the steps, give one or the other")
@@ -190,6 +192,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         steps=DEFAULT_STEPS if args.steps is None else args.steps,
         timesteps=timesteps,
         sigmas=sigmas,
+        hires_timesteps=hires_timesteps,
+        hires_sigmas=hires_sigmas,
         guidance=args.guidance,
         scheduler=args.scheduler,
         seed=args.seed,
@@ -650,6 +654,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("latent", "image"),
         default=None,
         help="enlarge the first pass's latents (default) or its decoded images",
+    )
+    hires_custom = g.add_mutually_exclusive_group()
+    hires_custom.add_argument(
+        "--hires-timesteps",
+        default=None,
+        metavar="T1,T2,...|ays",
+        help="the hires fix's second pass's own timesteps (as --timesteps), which set its steps",
+    )
+    hires_custom.add_argument(
+        "--hires-sigmas",
+        default=None,
+        metavar="S1,S2,...|ays",
+        help="the hires fix's second pass's own sigmas (as --sigmas), which set its steps",
     )
     g.add_argument(
         "--refiner",

@@ -12,8 +12,9 @@ and gains detail. The first pass is enlarged one of two ways:
 
 The second pass is an ordinary image-to-image request (:meth:`GenerationRequest.hires_pass`): the same
 prompts, seeds and settings, its own noise drawn from the seeds at the larger size, ControlNet's images
-resized to it, ``hires_steps`` steps (default: the first pass's) of which ``strength`` run. Only its images
-are checked by the safety checker.
+resized to it, ``hires_steps`` steps (default: the first pass's) of which ``strength`` run, or its own
+custom timesteps or sigmas (:mod:`sdengine.schedulers.custom`), whose count sets them. Only its images are
+checked by the safety checker.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sdengine.errors import InvalidArgumentError
+from sdengine.schedulers.custom import CustomSteps
 
 UPSCALERS = ("latent", "image")
 #: The web UI's default denoising strength for the second pass.
@@ -40,6 +42,8 @@ class HiresFix:
     steps: int
     strength: float
     upscale: str
+    #: the second pass's own timesteps or sigmas (None: its scheduler's spacing)
+    custom: CustomSteps | None = None
 
     def parameters(self) -> dict[str, object]:
         return {
@@ -48,6 +52,7 @@ class HiresFix:
             "hires_steps": self.steps,
             "hires_strength": self.strength,
             "hires_upscale": self.upscale,
+            **({f"hires_{self.custom.kind}": list(self.custom.values)} if self.custom is not None else {}),
         }
 
 
@@ -61,11 +66,14 @@ def hires_fix(
     width: int,
     first_steps: int,
     multiple: int,
+    custom: CustomSteps | None = None,
 ) -> HiresFix | None:
     """Check the hires settings of a ``height`` x ``width`` request of ``first_steps`` steps: None without
-    ``scale``; the second pass's size is ``scale`` times the first's, rounded down to a ``multiple``."""
+    ``scale``; the second pass's size is ``scale`` times the first's, rounded down to a ``multiple``.
+    ``custom``: the second pass's own timesteps or sigmas, whose count is its steps."""
     if scale is None:
         given = {"hires_strength": strength, "hires_steps": steps, "hires_upscale": upscale}
+        given["hires_timesteps or hires_sigmas"] = custom
         if named := [name for name, value in given.items() if value is not None]:
             raise InvalidArgumentError(
                 f"{', '.join(named)} apply to the hires fix only: give hires_scale too"
@@ -82,7 +90,11 @@ def hires_fix(
     strength = DEFAULT_HIRES_STRENGTH if strength is None else strength
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
         raise InvalidArgumentError(f"hires_strength must be a number in (0, 1], got {strength!r}")
-    steps = first_steps if steps is None else steps
+    if custom is not None and steps not in (None, custom.steps):
+        raise InvalidArgumentError(
+            f"hires_steps {steps} and the second pass's {custom.steps} custom {custom.kind} steps: give one"
+        )
+    steps = custom.steps if custom is not None else first_steps if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise InvalidArgumentError(f"hires_steps must be a whole number >= 1, got {steps!r}")
     if int(steps * strength) < 1:
@@ -92,7 +104,7 @@ def hires_fix(
     upscale = "latent" if upscale is None else upscale
     if upscale not in UPSCALERS:
         raise InvalidArgumentError(f"hires_upscale must be {' or '.join(UPSCALERS)}, got {upscale!r}")
-    return HiresFix(float(scale), big_height, big_width, int(steps), float(strength), upscale)
+    return HiresFix(float(scale), big_height, big_width, int(steps), float(strength), upscale, custom)
 
 
 def upscale_latents(latents: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -296,6 +296,8 @@ class _CallMixin:
         freeu: Sequence[float] | Mapping[str, float] | None = None,
         timesteps: str | Sequence[float] | None = None,
         sigmas: str | Sequence[float] | None = None,
+        hires_timesteps: str | Sequence[float] | None = None,
+        hires_sigmas: str | Sequence[float] | None = None,
         apg: bool | Sequence[float] | Mapping[str, float] | None = None,
     ) -> GenerationRequest:
         """A checked request. Height and width default to the model's native size, or with an input ``image``
@@ -357,7 +359,9 @@ class _CallMixin:
         ``euler``): timesteps for ``euler``, ``heun``, ``dpmpp_2m`` and ``dpmpp_2m_sde``, sigmas for those
         and ``euler_a``, ``dpm2``, ``lms``, ``unipc`` (:mod:`sdengine.schedulers.custom`); their count sets
         ``steps``. ``"ays"``: Align Your Steps' 10-step schedule for the model
-        (SD 1.x/2.x or SDXL; :mod:`sdengine.schedulers.custom`). ``apg``: adaptive projected guidance in place
+        (SD 1.x/2.x or SDXL; :mod:`sdengine.schedulers.custom`). ``hires_timesteps`` or ``hires_sigmas``: the
+        hires fix's second pass's own (with a custom first pass, it needs them), whose count sets its steps,
+        of which ``hires_strength`` run. ``apg``: adaptive projected guidance in place
         of classifier-free guidance's plain combination, as diffusers' ``AdaptiveProjectedGuidance`` runs it:
         ``True`` (its defaults), ``(eta, norm_threshold, momentum)`` or a mapping of those names
         (:mod:`sdengine.apg`)."""
@@ -462,6 +466,7 @@ class _CallMixin:
             deepcache_interval=deepcache_interval,
             freeu=freeu,
             custom=custom_steps(timesteps, sigmas, xl=self.model_dir.arch.xl),
+            hires_custom=custom_steps(hires_timesteps, hires_sigmas, xl=self.model_dir.arch.xl),
             apg=apg,
             inpainting_unet=self.model_dir.arch.inpainting_unet,
             guidance_embedded=bool(self.model_dir.arch.guidance_embedding),

@@ -313,6 +313,7 @@ class GenerationRequest:
             height=hires.height,
             width=hires.width,
             steps=hires.steps,
+            custom=hires.custom,
             strength=hires.strength,
             latents=None,
             image=image,
@@ -494,6 +495,7 @@ def make_request(
     deepcache_interval: int = 1,
     freeu: Sequence[float] | Mapping[str, float] | None = None,
     custom: CustomSteps | None = None,
+    hires_custom: CustomSteps | None = None,
     apg: bool | Sequence[float] | Mapping[str, float] | None = None,
     size_multiple: int = 8,
     **sizes: tuple[int, int] | None,
@@ -511,7 +513,8 @@ def make_request(
     (:mod:`sdengine.guidance_embedding`). ``deepcache_interval``: DeepCache's (:mod:`sdengine.deepcache`;
     1, the default: off). ``freeu``: FreeU's scales (s1, s2, b1, b2, or a mapping of those names;
     :mod:`sdengine.freeu`; None, the default: off). ``custom``: the run's own timesteps or sigmas
-    (:mod:`sdengine.schedulers.custom`), whose count of steps replaces ``steps``. ``apg``: adaptive projected
+    (:mod:`sdengine.schedulers.custom`), whose count of steps replaces ``steps``; ``hires_custom``: the hires
+    fix's second pass's own, whose count sets its steps. ``apg``: adaptive projected
     guidance's settings (:func:`sdengine.apg.check_apg`; None, the default: classifier-free guidance's plain
     combination)."""
     unknown = sorted(set(sizes) - set(SizeConditioning.__dataclass_fields__))
@@ -588,12 +591,14 @@ def make_request(
         width=width,
         first_steps=int(steps),
         multiple=size_multiple,
+        custom=hires_custom,
     )
     if hires is not None and image is not None:
         raise InvalidArgumentError("the hires fix follows text to image: it takes no input image or mask")
-    if hires is not None and custom is not None:
-        raise UnsupportedConfigError(
-            f"custom {custom.kind} with the hires fix are not supported: its second pass has steps of its own"
+    if hires is not None and custom is not None and hires.custom is None:
+        raise InvalidArgumentError(
+            f"custom {custom.kind} with the hires fix: give its second pass's own too (hires_timesteps or "
+            "hires_sigmas; it has steps of its own)"
         )
     check_refiner_switch(refiner_switch, hires is not None)
     check_noise_source(

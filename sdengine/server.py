@@ -12,8 +12,8 @@ What the web UI's API takes, and how it maps here:
 - ``sampler_name`` (or ``sampler_index``; default "Euler") and ``scheduler`` ("Automatic", "Karras",
   "Exponential" or "Beta"): the names of :data:`SAMPLERS`, and their ``_exponential`` and ``_beta``
   schedulers; "Align Your Steps", "SGM Uniform", "Uniform", "Normal" and "Simple": the sampler's scheduler
-  running that schedule's sigmas for the model as the web UI computes them (:mod:`sdengine.webui_schedules`;
-  not with the hires fix, nor with DDIM, PLMS or LCM, which take no sigmas).
+  running that schedule's sigmas for the model as the web UI computes them (:mod:`sdengine.webui_schedules`),
+  the hires fix's second pass its own for its steps; not with DDIM, PLMS or LCM, which take no sigmas.
 - ``enable_hr`` with ``hr_scale``, ``hr_upscaler`` ("Latent", or "None"/"Lanczos": the image),
   ``hr_second_pass_steps`` and ``denoising_strength``: the hires fix (:mod:`sdengine.hires`).
 - ``override_settings.sd_vae_decode_method`` "TAESD": the images decoded by a tiny VAE's decoder (the
@@ -530,8 +530,11 @@ def run_request(
         )
     preview = live_preview(body.get("override_settings") or {}, served_taesd(pipeline))
     schedule = settings.pop(SIGMA_SCHEDULE, None)
-    if schedule is not None:
+    if schedule is not None:  # for each pass: the hires fix's second has steps of its own
         settings["sigmas"] = served_sigmas(pipeline, schedule, settings["scheduler"], settings["steps"])
+        if "hires_scale" in settings:
+            steps = settings.pop("hires_steps") or settings["steps"]
+            settings["hires_sigmas"] = served_sigmas(pipeline, schedule, settings["scheduler"], steps)
     typed = settings["prompt"]
     settings["prompt"], tags = lora_tags(typed)
     loras = resolve_loras(tags, lora_dir)

@@ -43,6 +43,8 @@ def torch_pipe(tiny_checkpoint):
         dict(scheduler="dpmpp_2m_sde", timesteps=HAND_MADE, batch=2),
         dict(scheduler="euler", timesteps="ays", image=picture(64, 64), strength=0.6),
         dict(scheduler="dpmpp_2m", timesteps=HAND_MADE, image=picture(64, 64), mask=mask()),
+        # the hires fix: each pass its own (the second runs the last hires_strength of its ten)
+        dict(scheduler="euler", sigmas=(9.0, 2.5, 0.8, 0.0), hires_scale=1.5, hires_timesteps="ays"),
     ],
     ids=[
         "euler-ays",
@@ -56,6 +58,7 @@ def torch_pipe(tiny_checkpoint):
         "sde-batch",
         "img2img",
         "inpaint",
+        "hires",
     ],
 )
 def test_custom_steps_match_diffusers_pipelines(ort_pipe_fp32, torch_pipe, settings):
@@ -96,8 +99,16 @@ def test_the_count_sets_the_steps_and_refusals_are_clear(ort_pipe_fp32):
         ort_pipe_fp32(PROMPT, scheduler="ddim", sigmas="ays", **SETTINGS)
     with pytest.raises(InvalidArgumentError, match="only euler ends anywhere"):
         ort_pipe_fp32(PROMPT, scheduler="lms", sigmas=(3.0, 0.5), **SETTINGS)
-    with pytest.raises(UnsupportedConfigError, match="hires fix"):
+    with pytest.raises(InvalidArgumentError, match="hires fix: give its second pass's own too"):
         ort_pipe_fp32.request(PROMPT, scheduler="euler", timesteps="ays", hires_scale=2.0, **SETTINGS)
+    with pytest.raises(InvalidArgumentError, match="hires_steps 7 and the second pass's 10 custom"):
+        ort_pipe_fp32.request(PROMPT, hires_scale=2.0, hires_steps=7, hires_timesteps="ays", **SETTINGS)
+    with pytest.raises(InvalidArgumentError, match="apply to the hires fix only"):
+        ort_pipe_fp32.request(PROMPT, hires_sigmas="ays", **SETTINGS)
+    request = ort_pipe_fp32.request(
+        PROMPT, hires_scale=1.5, hires_strength=0.5, hires_sigmas="ays", **SETTINGS
+    )
+    assert request.hires.steps == 10 and request.hires_pass(init_latents=np.zeros(0)).custom.kind == "sigmas"
     with pytest.raises(InvalidArgumentError, match="not both"):
         ort_pipe_fp32.request(PROMPT, timesteps="ays", sigmas="ays", **SETTINGS)
     with pytest.raises(InvalidArgumentError, match="decrease strictly"):
@@ -129,6 +140,10 @@ def test_generate_takes_them_on_the_command_line(onnx_fp32, tmp_path, capsys):
     assert main([*args, "--sigmas", "9,2.5,0.8,0", "--output", str(out)]) == 0
     recorded = json.loads(Image.open(out).info["sdengine"])
     assert recorded["sigmas"] == [9.0, 2.5, 0.8, 0.0] and recorded["steps"] == 3
+    hires = ["--sigmas", "9,0", "--hires-scale", "1.5", "--hires-sigmas", "5,1,0", "--output", str(out)]
+    assert main([*args, *hires]) == 0
+    recorded = json.loads(Image.open(out).info["sdengine"])
+    assert recorded["hires_sigmas"] == [5.0, 1.0, 0.0] and recorded["hires_steps"] == 2
     capsys.readouterr()
     for bad, message in [
         (["--steps", "5", "--timesteps", "ays"], "--steps and --timesteps: --timesteps sets the steps"),

@@ -124,9 +124,13 @@ def test_align_your_steps_over_http_is_the_pipelines_run_of_its_sigmas(server, o
     with Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))) as image:
         recorded = json.loads(image.info["sdengine"])  # what the served run ran
     assert recorded["sigmas"] == list(sigmas) and recorded["scheduler"] == "dpmpp_2m"
-    hires = {**body, "enable_hr": True, "hr_scale": 2}
+    hires = {**body, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 4, "denoising_strength": 0.5}
     status, answer = call(server, "/sdapi/v1/txt2img", hires)
-    assert status == 422 and "hires fix" in answer["detail"]
+    assert status == 200, answer
+    with Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))) as image:
+        recorded = json.loads(image.info["sdengine"])  # each pass the schedule for its steps
+    assert recorded["sigmas"] == list(sigmas) and recorded["hires_steps"] == 4
+    assert recorded["hires_sigmas"] == list(schedule_sigmas("Align Your Steps", 4, abar, xl=False))
 
 
 def test_settings_map_the_web_uis_fields():
