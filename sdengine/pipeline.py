@@ -394,7 +394,7 @@ class _CallMixin:
             )
         if freeu is not None and self.refiner is not None:
             raise UnsupportedConfigError("FreeU with a refiner is not supported")
-        if apg not in (None, False) and self.refiner is not None:
+        if apg is not None and apg is not False and self.refiner is not None:
             raise UnsupportedConfigError("adaptive projected guidance with a refiner is not supported")
         if deepcache_interval != 1 and not self.model_dir.arch.deepcache:
             raise InvalidArgumentError(
