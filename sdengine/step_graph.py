@@ -408,14 +408,16 @@ def build_step_model(
             helper.make_node("Mul", ["delta", "guidance"], ["scaled_delta"]),
             helper.make_node("Add", ["uncond", "scaled_delta"], ["eps"]),
         ]
-    elif apg:
-        _add_apg(inputs, initializers, nodes)
     elif guidance:
         nodes += [
             helper.make_node("Slice", ["noise_pred_f32", "zero_1", "batch_1"], ["uncond"]),
             helper.make_node("Slice", ["noise_pred_f32", "batch_1", "batch2_1"], ["cond"]),
             helper.make_node("Sub", ["cond", "uncond"], ["delta"]),
-            helper.make_node("Mul", ["delta", "guidance"], ["scaled_delta"]),
+        ]
+        if apg:  # the pull is APG's update of delta, not delta itself
+            _add_apg(inputs, initializers, nodes)
+        nodes += [
+            helper.make_node("Mul", ["apg_update" if apg else "delta", "guidance"], ["scaled_delta"]),
             helper.make_node("Add", ["uncond", "scaled_delta"], ["eps" if not rescale else "guided"]),
         ]
         if rescale:
@@ -514,8 +516,9 @@ def build_step_model(
 
 
 def _add_apg(inputs: list, initializers: list, nodes: list) -> None:
-    """eps = uncond + g (d_orth + eta d_par), diffusers' ``normalized_guidance`` (:mod:`sdengine.apg`): d the
-    running average cond - uncond + momentum * (history buffer APG_SLOT), which goes back there (as
+    """``apg_update`` = d_orth + eta d_par from ``cond`` and ``delta`` (cond - uncond), which guidance then
+    scales (eps = uncond + g apg_update), diffusers' ``normalized_guidance`` (:mod:`sdengine.apg`): d the
+    running average delta + momentum * (history buffer APG_SLOT), which goes back there (as
     ``apg_average``), scaled to the norm threshold where it is larger (a threshold of 0: none), then split
     along cond (normalised as torch's ``normalize`` does: by max(|cond|, 1e-12)); norms over each image."""
     f32 = TensorProto.FLOAT
@@ -530,16 +533,13 @@ def _add_apg(inputs: list, initializers: list, nodes: list) -> None:
         helper.make_tensor("apg_tiny", f32, [], [1e-12]),
     ]
     nodes += [
-        helper.make_node("Slice", ["noise_pred_f32", "zero_1", "batch_1"], ["uncond"]),
-        helper.make_node("Slice", ["noise_pred_f32", "batch_1", "batch2_1"], ["cond"]),
         helper.make_node("Gather", [APG_INPUT, "apg_eta_at"], ["apg_eta"], axis=0),
         helper.make_node("Gather", [APG_INPUT, "apg_threshold_at"], ["apg_threshold"], axis=0),
         helper.make_node("Gather", [APG_INPUT, "apg_momentum_at"], ["apg_momentum"], axis=0),
         # the momentum's running average
-        helper.make_node("Sub", ["cond", "uncond"], ["apg_delta"]),
         helper.make_node("Gather", ["history", "apg_slot"], ["apg_previous"], axis=0),
         helper.make_node("Mul", ["apg_previous", "apg_momentum"], ["apg_carried"]),
-        helper.make_node("Add", ["apg_delta", "apg_carried"], ["apg_average"]),
+        helper.make_node("Add", ["delta", "apg_carried"], ["apg_average"]),
         # scaled down to the norm threshold (where there is one)
         *_image_norm("apg_average", "apg_norm"),
         helper.make_node("Div", ["apg_threshold", "apg_norm"], ["apg_ratio"]),
@@ -557,8 +557,6 @@ def _add_apg(inputs: list, initializers: list, nodes: list) -> None:
         helper.make_node("Sub", ["apg_d", "apg_parallel"], ["apg_orthogonal"]),
         helper.make_node("Mul", ["apg_parallel", "apg_eta"], ["apg_parallel_kept"]),
         helper.make_node("Add", ["apg_orthogonal", "apg_parallel_kept"], ["apg_update"]),
-        helper.make_node("Mul", ["apg_update", "guidance"], ["scaled_delta"]),
-        helper.make_node("Add", ["uncond", "scaled_delta"], ["eps"]),
     ]
 
 
