@@ -11,8 +11,9 @@ What the web UI's API takes, and how it maps here:
   as in the web UI), ``subseed``/``subseed_strength`` (variations, the same spherical interpolation).
 - ``sampler_name`` (or ``sampler_index``; default "Euler") and ``scheduler`` ("Automatic", "Karras",
   "Exponential" or "Beta"): the names of :data:`SAMPLERS`, and their ``_exponential`` and ``_beta``
-  schedulers; "Align Your Steps", "SGM Uniform", "Uniform", "Normal" and "Simple": the sampler's scheduler
-  running that schedule's sigmas for the model as the web UI computes them (:mod:`sdengine.webui_schedules`),
+  schedulers; "Align Your Steps", "SGM Uniform", "Uniform", "Normal", "Simple", "Polyexponential", "DDIM"
+  and "KL Optimal": the sampler's scheduler running that schedule's sigmas for the model as the web UI
+  computes them (:mod:`sdengine.webui_schedules`; KL Optimal's end above 0, which only Euler's run can),
   the hires fix's second pass its own for its steps; not with DDIM, PLMS or LCM, which take no sigmas.
 - ``enable_hr`` with ``hr_scale``, ``hr_upscaler`` ("Latent", or "None"/"Lanczos": the image),
   ``hr_second_pass_steps`` and ``denoising_strength``: the hires fix (:mod:`sdengine.hires`).

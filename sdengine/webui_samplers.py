@@ -5,8 +5,8 @@ of sigmas of their own ("Align Your Steps"...) are :mod:`sdengine.webui_schedule
 from __future__ import annotations
 
 from sdengine.errors import InvalidArgumentError
-from sdengine.schedulers import SCHEDULER_NAMES, custom_kinds
-from sdengine.webui_schedules import SIGMA_SCHEDULES
+from sdengine.schedulers import SCHEDULER_NAMES, custom_kinds, custom_sigmas_end_anywhere
+from sdengine.webui_schedules import ENDS_ABOVE_ZERO, SIGMA_SCHEDULES
 
 #: The web UI's sampler names that sdengine runs, and the scheduler each is.
 SAMPLERS = {
@@ -41,6 +41,9 @@ SCHEDULES = {
     "uniform": "Uniform",
     "normal": "Normal",
     "simple": "Simple",
+    "polyexponential": "Polyexponential",
+    "ddim": "DDIM",
+    "kl_optimal": "KL Optimal",
 }
 #: The schedules that are a scheduler of their own for each sampler: its name's suffix.
 SPACED = {"Exponential": "_exponential", "Beta": "_beta"}
@@ -65,6 +68,11 @@ def scheduler_name(sampler: str | None, scheduler: str | None) -> str:
     if scheduler in SIGMA_SCHEDULES:  # its sigmas are the request's (webui_schedules); the sampler runs them
         if sampler.endswith(" Karras") or "sigmas" not in custom_kinds(SAMPLERS[sampler]):
             raise InvalidArgumentError(f"sampler {sampler!r} has no {scheduler} scheduler")
+        if scheduler in ENDS_ABOVE_ZERO and not custom_sigmas_end_anywhere(SAMPLERS[sampler]):
+            raise InvalidArgumentError(
+                f"sampler {sampler!r} has no {scheduler} scheduler: its sigmas end above 0, where only "
+                "Euler's run can end"
+            )
         return SAMPLERS[sampler]
     if scheduler not in SPACED:
         return SAMPLERS[sampler]

@@ -1,7 +1,10 @@
 """The AUTOMATIC1111 web UI's noise schedules that are a list of sigmas of their own (its ``scheduler`` field:
-"Align Your Steps", "SGM Uniform", "Uniform", "Normal", "Simple"), computed as its ``sd_schedulers`` module
-computes them, for a model's training sigmas; the sampler then runs them as custom sigmas
-(:mod:`sdengine.schedulers.custom`). Each list has ``n + 1`` sigmas, the last 0, for ``n`` steps.
+"Align Your Steps", "SGM Uniform", "Uniform", "Normal", "Simple", "Polyexponential", "DDIM", "KL Optimal"),
+computed as its ``sd_schedulers`` module computes them, for a model's training sigmas; the sampler then runs
+them as custom sigmas (:mod:`sdengine.schedulers.custom`). Each list has ``n + 1`` sigmas, the last 0, for
+``n`` steps, with two exceptions the web UI has too: "DDIM" takes every ``len // n``-th training sigma, which
+may be a step more or fewer than ``n`` (30 steps run 31), and "KL Optimal" ends at the smallest training
+sigma, not 0, which only Euler's run can end at (:data:`ENDS_ABOVE_ZERO`).
 
 The formulas are the web UI's, over k-diffusion's discrete schedule (a training timestep's sigma, and
 log-sigma interpolated linearly between two: :func:`t_to_sigma`, and back,
@@ -72,6 +75,29 @@ def simple(n: int, train_sigmas: np.ndarray, xl: bool) -> np.ndarray:
     return np.append([train_sigmas[-(1 + int(x * stride))] for x in range(n)], 0.0)
 
 
+def polyexponential(n: int, train_sigmas: np.ndarray, xl: bool) -> np.ndarray:
+    """The web UI's "Polyexponential" at its default rho of 1 (k-diffusion's ``get_sigmas_polyexponential``):
+    ``n`` sigmas evenly spaced in log sigma from the largest training sigma to the smallest, then 0. (That is
+    the web UI's "Exponential" too; sdengine's "Exponential" is diffusers' ``use_exponential_sigmas``, over
+    the range the config's timestep spacing gives.)"""
+    return np.append(np.exp(np.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), n)), 0.0)
+
+
+def ddim(n: int, train_sigmas: np.ndarray, xl: bool) -> np.ndarray:
+    """The web UI's "DDIM": the training sigmas of timesteps 1, 1 + s, 1 + 2s, ... (``s = len // n``, at
+    least 1) below the last, the largest first, then 0: ``n`` steps where ``n`` divides the training
+    timesteps into whole strides, else a few more (30 of 1000: 31)."""
+    stride = max(len(train_sigmas) // n, 1)
+    return np.append(train_sigmas[1::stride][::-1], 0.0)
+
+
+def kl_optimal(n: int, train_sigmas: np.ndarray, xl: bool) -> np.ndarray:
+    """The web UI's "KL Optimal" (Wu et al. 2024's schedule): ``n + 1`` sigmas evenly spaced in arctan sigma
+    from the largest training sigma to the smallest, which is the last: the run ends there, not at 0."""
+    ramp = np.arange(n + 1) / n
+    return np.tan(ramp * np.arctan(train_sigmas[0]) + (1 - ramp) * np.arctan(train_sigmas[-1]))
+
+
 #: The web UI's label of each such schedule, and the function giving its sigmas.
 SIGMA_SCHEDULES: dict[str, Callable[[int, np.ndarray, bool], np.ndarray]] = {
     "Align Your Steps": align_your_steps,
@@ -79,12 +105,19 @@ SIGMA_SCHEDULES: dict[str, Callable[[int, np.ndarray, bool], np.ndarray]] = {
     "Uniform": normal,
     "Normal": normal,
     "Simple": simple,
+    "Polyexponential": polyexponential,
+    "DDIM": ddim,
+    "KL Optimal": kl_optimal,
 }
+#: The schedules whose last sigma is above 0: only a scheduler whose custom sigmas may end anywhere
+#: (:func:`sdengine.schedulers.custom_sigmas_end_anywhere`: Euler) runs them.
+ENDS_ABOVE_ZERO = frozenset({"KL Optimal"})
 
 
 def schedule_sigmas(label: str, n: int, alphas_cumprod: np.ndarray, xl: bool) -> tuple[float, ...]:
-    """The sigmas (``n + 1``, float32 values, the last 0) of the web UI's schedule ``label`` for ``n`` steps
-    of a model with these training ``alphas_cumprod`` (``xl``: an SDXL model, for Align Your Steps' list)."""
+    """The sigmas (float32 values: ``n + 1``, the last 0, but for the exceptions the module names) of the web
+    UI's schedule ``label`` for ``n`` steps of a model with these training ``alphas_cumprod`` (``xl``: an
+    SDXL model, for Align Your Steps' list)."""
     train_sigmas = tables.sigmas_from_alphas_cumprod(alphas_cumprod)
     sigmas = SIGMA_SCHEDULES[label](n, train_sigmas, xl)
     return tuple(float(s) for s in np.asarray(sigmas, np.float32))

@@ -93,6 +93,10 @@ def test_sampler_names(sampler, scheduler, expected):
         ("DDIM", "Align Your Steps", "'DDIM' has no Align Your Steps scheduler"),
         ("LCM", "Simple", "'LCM' has no Simple scheduler"),
         ("DPM++ 2M Karras", "SGM Uniform", "'DPM\\+\\+ 2M Karras' has no SGM Uniform scheduler"),
+        ("LMS", "Polyexponential", "lms"),
+        ("Euler a", "ddim", "euler_a"),
+        ("Euler", "KL Optimal", "euler"),
+        ("DPM++ 2M", "KL Optimal", "'DPM\\+\\+ 2M' has no KL Optimal scheduler: its sigmas end above 0"),
     ],
 )
 def test_sigma_schedules_keep_the_samplers_scheduler(sampler, scheduler, expected):
@@ -131,6 +135,37 @@ def test_align_your_steps_over_http_is_the_pipelines_run_of_its_sigmas(server, o
         recorded = json.loads(image.info["sdengine"])  # each pass the schedule for its steps
     assert recorded["sigmas"] == list(sigmas) and recorded["hires_steps"] == 4
     assert recorded["hires_sigmas"] == list(schedule_sigmas("Align Your Steps", 4, abar, xl=False))
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "steps", "ran"),
+    [("Euler", "KL Optimal", 3, 3), ("Euler a", "DDIM", 6, 7)],  # DDIM: timesteps 997, 831, ..., 1
+)
+def test_schedules_that_end_above_0_or_change_the_step_count_over_http(
+    server, ort_pipe_fp32, sampler, schedule, steps, ran
+):
+    """KL Optimal's run ends at the smallest training sigma (Euler's can), DDIM's takes as many steps as its
+    stride gives: both as the web UI runs them, the pipeline's run of those sigmas."""
+    body = {
+        "prompt": "a cat",
+        **SIZE,
+        "steps": steps,
+        "seed": 6,
+        "sampler_name": sampler,
+        "scheduler": schedule,
+    }
+    status, answer = call(server, "/sdapi/v1/txt2img", body)
+    assert status == 200, answer
+    assert f"Schedule type: {schedule}" in json.loads(answer["info"])["infotexts"][0]
+    name = scheduler_name(sampler, None)
+    abar = load_scheduler(name, ort_pipe_fp32.model_dir.scheduler_config).alphas_cumprod()
+    sigmas = schedule_sigmas(schedule, steps, abar, xl=False)
+    assert len(sigmas) == ran + 1 and (sigmas[-1] > 0) == (schedule == "KL Optimal")
+    direct = ort_pipe_fp32("a cat", "", **SIZE, seed=6, **{**WEBUI, "scheduler": name}, sigmas=sigmas)
+    np.testing.assert_allclose(pixels(answer["images"][0]), direct.array[0], atol=0.5 / 255)
+    with Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))) as image:
+        recorded = json.loads(image.info["sdengine"])
+    assert recorded["sigmas"] == list(sigmas) and recorded["steps"] == ran
 
 
 def test_settings_map_the_web_uis_fields():
@@ -184,7 +219,7 @@ def test_settings_map_the_web_uis_fields():
         ({"restore_faces": True}, "not supported: restore_faces"),
         ({"restore_faces": True, "styles": ["x"]}, "not supported: restore_faces, styles"),
         ({"sampler_name": "DPM adaptive"}, "sampler 'DPM adaptive' is not supported"),
-        ({"scheduler": "Polyexponential"}, "scheduler 'Polyexponential' is not supported"),
+        ({"scheduler": "Karras Exponential"}, "scheduler 'Karras Exponential' is not supported"),
         ({"sampler_name": "Euler a", "scheduler": "Exponential"}, "'Euler a' has no Exponential scheduler"),
         ({"sampler_name": "Euler Karras", "scheduler": "Exponential"}, "has no Exponential scheduler"),
         ({"sampler_name": "DDIM", "eta": 0.5}, "eta 0.5 is not supported"),
@@ -370,7 +405,8 @@ def test_errors_are_one_json_line_and_the_server_goes_on(server):
     )
     status, schedules = call(server, "/sdapi/v1/schedulers")
     labels = ["Automatic", "Karras", "Exponential", "Beta", "Align Your Steps", "SGM Uniform", "Uniform"]
-    assert status == 200 and [s["label"] for s in schedules] == [*labels, "Normal", "Simple"]
+    more = ["Normal", "Simple", "Polyexponential", "DDIM", "KL Optimal"]
+    assert status == 200 and [s["label"] for s in schedules] == [*labels, *more]
     assert call(server, "/sdapi/v1/txt2img", {"prompt": "a cat", **SIZE})[0] == 200  # still serving
 
 

@@ -9,6 +9,7 @@ import pytest
 from sdengine.schedulers import load_scheduler, tables
 from sdengine.webui_schedules import (
     AYS_SIGMAS,
+    ENDS_ABOVE_ZERO,
     SIGMA_SCHEDULES,
     loglinear_interp,
     schedule_sigmas,
@@ -24,11 +25,37 @@ TRAIN = tables.sigmas_from_alphas_cumprod(ABAR)
 @pytest.mark.parametrize("n", [1, 2, 7, 10, 11, 30, 1000])
 def test_every_schedule_gives_n_steps_down_to_0(label, n):
     sigmas = np.array(schedule_sigmas(label, n, ABAR, xl=False))
-    assert sigmas.shape == (n + 1,) and sigmas[-1] == 0 and np.all(np.diff(sigmas) < 0)
+    assert np.all(np.diff(sigmas) < 0)
+    if label == "DDIM":  # every (1000 // n)-th training sigma from timestep 1: as many as fit
+        assert sigmas.shape == (len(range(1, 1000, max(1000 // n, 1))) + 1,) and sigmas[-1] == 0
+        assert sigmas[-2] == pytest.approx(TRAIN[1], rel=1e-6)
+        return
+    assert sigmas.shape == (n + 1,)
+    assert sigmas[-1] == (pytest.approx(TRAIN[0], rel=1e-6) if label in ENDS_ABOVE_ZERO else 0)
     if label == "Align Your Steps" and n == 1:  # the web UI's interpolation to one point: the last sigma
         assert sigmas[0] == pytest.approx(0.029)
         return
     assert sigmas[0] == pytest.approx(14.615 if label == "Align Your Steps" else TRAIN[-1], rel=1e-6)
+
+
+def test_polyexponential_is_evenly_spaced_in_log_sigma_over_the_training_range():
+    sigmas = np.array(schedule_sigmas("Polyexponential", 5, ABAR, False), np.float64)
+    np.testing.assert_allclose(sigmas[:-1], np.geomspace(TRAIN[-1], TRAIN[0], 5), rtol=2e-6)
+    assert sigmas[-1] == 0 and sigmas[0] == pytest.approx(TRAIN[-1], rel=1e-6)
+
+
+def test_ddim_takes_every_strideth_training_sigma_from_timestep_1():
+    twenty = schedule_sigmas("DDIM", 20, ABAR, False)  # timesteps 951, 901, ..., 1: diffusers' DDIM's
+    np.testing.assert_array_equal(twenty, np.float32([*TRAIN[951:0:-50], 0]))
+    assert len(schedule_sigmas("DDIM", 30, ABAR, False)) == 32  # stride 33 from 1: 31 steps, as in the web UI
+    assert len(schedule_sigmas("DDIM", 3, ABAR, False)) == 4  # timesteps 667, 334, 1
+
+
+def test_kl_optimal_is_evenly_spaced_in_arctan_sigma_and_ends_at_the_smallest():
+    sigmas = np.array(schedule_sigmas("KL Optimal", 4, ABAR, False), np.float64)
+    angles = np.arctan(sigmas)
+    np.testing.assert_allclose(np.diff(angles), (np.arctan(TRAIN[0]) - np.arctan(TRAIN[-1])) / 4, rtol=1e-5)
+    assert sigmas[0] == pytest.approx(TRAIN[-1], rel=1e-6) and sigmas[-1] == pytest.approx(TRAIN[0], rel=1e-6)
 
 
 @pytest.mark.parametrize("xl", [False, True])

@@ -151,6 +151,14 @@ def custom_kinds(name: str) -> tuple[str, ...]:
     return _CLASSES[name].takes_custom
 
 
+def custom_sigmas_end_anywhere(name: str) -> bool:
+    """Whether scheduler ``name``'s custom sigmas may end above 0 (Euler's, as diffusers' class takes them);
+    the others' end at 0."""
+    if name not in _CLASSES:
+        raise UnknownSchedulerError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")
+    return _CLASSES[name].sigmas_end_anywhere
+
+
 def diffusers_scheduler_class(name: str) -> tuple[str, dict[str, Any]]:
     """``(class_name, overrides)`` such that scheduler ``name`` built from a config is the counterpart of
     ``getattr(diffusers, class_name).from_config(config, **overrides)``."""
@@ -168,6 +176,7 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "custom_kinds",
+    "custom_sigmas_end_anywhere",
     "custom_steps",
     "diffusers_scheduler_class",
     "initial_history",
