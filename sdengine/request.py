@@ -388,6 +388,11 @@ class GenerationRequest:
                 "prompt": [self.prompts[index]],
                 "negative_prompt": [self.negative_prompts[index]],
                 "seed": self.seeds[index],
+                **(
+                    {"variation_seed": self._seeds_from(self.variation_seed)[index]}
+                    if self.variation_strength
+                    else {}
+                ),
                 "image_of_batch": f"{index + 1} of {self.batch}",
             }
         return {
