@@ -119,9 +119,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdengine.images import load_image, load_mask, output_paths, save_png
     from sdengine.lora import parse_lora_arg, read_lora
     from sdengine.pipeline import Pipeline
+    from sdengine.replay import check_outputs, comparison
     from sdengine.schedulers.custom import parse_custom
     from sdengine.textual_inversion import read_embedding
 
+    replayed = getattr(args, "replay", None)
+    if replayed is not None:
+        replayed.fill(args)
+        check_outputs(replayed, output_paths(args.output, args.batch))
+    if args.model_dir is None or args.prompt is None:
+        raise InvalidArgumentError(
+            "generate needs MODEL_DIR and PROMPT (or --from IMAGE, whose record has them)"
+        )
     freeu = None if args.freeu is None else parse_freeu(args.freeu)  # as the files: before the models load
     apg = None if args.apg is None else parse_apg(args.apg)
     timesteps, sigmas, hires_timesteps, hires_sigmas = (
@@ -251,8 +260,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed = result.request.seeds[i]
         flagged = bool(result.nsfw and result.nsfw[i])
         checked = {} if result.nsfw is None else {"safety_checker": "flagged" if flagged else "passed"}
-        written = save_png(image, path, {**result.request.parameters(i), **where, **checked})
+        record = {**result.request.parameters(i), **where, **checked}
+        written = save_png(image, path, record)
         print(f"wrote {written} (seed {seed})")
+        if replayed is not None and i == 0:
+            print(comparison(replayed, record, result.array[0]))
         if flagged:
             print(
                 f"sdengine: warning: the safety checker flagged {path}; it was written black "
@@ -584,7 +596,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(generate_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; ``generate_defaults``: the generate command's defaults in place of its own
+    (``generate --from``'s recorded settings, :mod:`sdengine.replay`)."""
     from sdengine import __version__
 
     parser = argparse.ArgumentParser(prog="sdengine", description="A lean Stable Diffusion inference engine.")
@@ -595,9 +609,21 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="text to image (image to image with --image, inpainting with --image and --mask)"
     )
     g.add_argument(
-        "model_dir", help="ONNX export (ort), engine directory (trt) or diffusers checkpoint (torch)"
+        "model_dir",
+        nargs="?",
+        default=None,
+        help="ONNX export (ort), engine directory (trt) or diffusers checkpoint (torch); with --from: the "
+        "record's model if not given",
     )
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", default=None, help="with --from: the record's prompt if not given")
+    g.add_argument(
+        "--from",
+        dest="replay_from",
+        default=None,
+        metavar="IMAGE",
+        help="make a PNG of sdengine's again: its recorded settings are the defaults (any option given "
+        "changes that one), its input files are given again; prints the new image's PSNR against it",
+    )
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=int, default=None, help=f"default: {DEFAULT_STEPS}")
     g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
@@ -931,7 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
         "an export made with --preview-vae",
     )
     g.add_argument("--output", default="image.png")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, **(generate_defaults or {}))
 
     e = sub.add_parser("export", help="export a diffusers checkpoint (or a single-file one) to ONNX")
     e.add_argument(
@@ -1186,6 +1212,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "generate" and args.replay_from is not None:  # the record's settings as defaults
+            from sdengine.replay import replay
+
+            replayed = replay(args.replay_from)
+            args = build_parser(replayed.defaults).parse_args(argv)
+            args.replay = replayed
         return args.func(args)
     except SDEngineError as exc:
         print(f"sdengine: error: {exc}", file=sys.stderr)
