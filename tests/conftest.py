@@ -80,3 +80,21 @@ def biased_pipes(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     return Pipeline.load(root / "onnx", backend="ort", device="cpu"), Pipeline.load(
         checkpoint, backend="torch"
     )
+
+
+@pytest.fixture
+def simulated(monkeypatch: pytest.MonkeyPatch):
+    """TensorRT and the CUDA runtime simulated for the test (fake_tensorrt.py, fake_cuda.py): the TensorRT
+    backend runs on them and ``export.trt_build`` writes simulated plans. The simulated CUDA runtime, whose
+    counts (``launches``) a test may read."""
+    import sys
+
+    from fake_cuda import install_fake_cuda
+    from fake_tensorrt import fake_tensorrt, write_plan
+
+    import export.trt_build
+
+    cudart = install_fake_cuda(monkeypatch)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    monkeypatch.setattr(export.trt_build, "build_serialized_engine", write_plan)
+    return cudart

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from fake_tensorrt import engine_pipeline
 from test_img2img import picture
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from export.checkpoint import SD15_SCHEDULER_CONFIG
 from sdengine.apg import APG, apg_input, check_apg, parse_apg
@@ -192,16 +192,12 @@ def test_generate_takes_it_on_the_command_line(onnx_fp32, tmp_path, capsys):
     assert not (tmp_path / "bad.png").exists()
 
 
-def test_the_tensorrt_path_guides_in_its_captured_steps(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):  # noqa: F811
-    """On the simulated TensorRT and CUDA runtime (tests/test_trt_simulated.py): the settings are a constant
+def test_the_tensorrt_path_guides_in_its_captured_steps(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):
+    """On the simulated TensorRT and CUDA runtime (tests/fake_tensorrt.py): the settings are a constant
     input of the captured steps, and the running average starts from zeros at each run."""
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
 
     engines = tmp_path / "engines"
-    build_engines(onnx_fp32, engines, height=64, width=64, env=ENV, builder=write_plan)
-    backend = TrtBackend.load(engines)
-    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    pipe = engine_pipeline(onnx_fp32, engines, ort_pipe_fp32.tokenizer, height=64, width=64)
     for apg in ((0.0, 0.05, -0.5), (0.0, 0.05, -0.5), (1.0, 0.0, 0.6)):  # the same twice: no state left over
         settings = {**SETTINGS, "scheduler": "dpmpp_2m", "apg": apg}
         ours, ref = pipe(PROMPT, NEGATIVE, **settings), ort_pipe_fp32(PROMPT, NEGATIVE, **settings)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
+from fake_tensorrt import engine_pipeline
 
 from sdengine.cli import main
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError
@@ -72,14 +72,9 @@ def test_exports_without_layer_states_say_how_to_get_them(onnx_fp32, tmp_path):
         pipe(PROMPT, steps=1, height=64, width=64, clip_skip=1)
 
 
-def test_simulated_tensorrt_reads_the_layer_states(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):  # noqa: F811
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
-
+def test_simulated_tensorrt_reads_the_layer_states(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):
     engines = tmp_path / "engines"
-    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
-    backend = TrtBackend.load(engines)
-    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    pipe = engine_pipeline(onnx_fp32, engines, ort_pipe_fp32.tokenizer, batch=1, height=64, width=64)
     settings = dict(steps=3, seed=2, height=64, width=64, clip_skip=1)
     np.testing.assert_allclose(
         pipe(PROMPT, **settings).array, ort_pipe_fp32(PROMPT, **settings).array, atol=1e-4

@@ -10,10 +10,10 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from fake_tensorrt import ENV, write_plan
 from PIL import Image
 from test_img2img import picture
 from test_inpaint import inpaint_checkpoint, rectangle  # noqa: F401 (inpaint_checkpoint: a fixture)
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.cli import main
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError, UnsupportedConfigError
@@ -303,7 +303,7 @@ def test_bound_loop_matches_the_host_loop(pipes):
     assert len(bound.backend._denoisers) == 1
 
 
-def test_simulated_tensorrt_binds_the_controlnet_inputs(simulated, control_onnx, pipes, tmp_path):  # noqa: F811
+def test_simulated_tensorrt_binds_the_controlnet_inputs(simulated, control_onnx, pipes, tmp_path):
     from export.trt_build import build_engines
     from sdengine.backends.trt import TrtBackend
 

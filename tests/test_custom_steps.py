@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from fake_tensorrt import engine_pipeline
 from test_img2img import picture
 from test_pag import mask
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.images import psnr
@@ -159,16 +159,12 @@ def test_generate_takes_them_on_the_command_line(onnx_fp32, tmp_path, capsys):
         main([*args, "--timesteps", "ays", "--sigmas", "ays"])
 
 
-def test_the_tensorrt_path_runs_them_in_its_captured_steps(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):  # noqa: F811
-    """On the simulated TensorRT and CUDA runtime (tests/test_trt_simulated.py): a custom schedule is the
+def test_the_tensorrt_path_runs_them_in_its_captured_steps(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):
+    """On the simulated TensorRT and CUDA runtime (tests/fake_tensorrt.py): a custom schedule is the
     step model's tables, so the captured steps run it as the host loop does."""
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
 
     engines = tmp_path / "engines"
-    build_engines(onnx_fp32, engines, height=64, width=64, env=ENV, builder=write_plan)
-    backend = TrtBackend.load(engines)
-    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+    pipe = engine_pipeline(onnx_fp32, engines, ort_pipe_fp32.tokenizer, height=64, width=64)
     for custom in (dict(scheduler="dpmpp_2m", timesteps="ays"), dict(scheduler="euler_a", sigmas="ays")):
         settings = {**SETTINGS, **custom}
         ours, ref = pipe(PROMPT, NEGATIVE, **settings), ort_pipe_fp32(PROMPT, NEGATIVE, **settings)

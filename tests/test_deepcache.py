@@ -8,9 +8,9 @@ import json
 import numpy as np
 import onnx
 import pytest
+from fake_tensorrt import ENV, write_plan
 from test_img2img import picture
 from test_pag import mask
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.deepcache import CacheBranch, check_interval, whole_calls
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
@@ -215,7 +215,7 @@ def test_the_bound_device_loop_runs_the_shallow_unet(deepcache_pipe, monkeypatch
     assert sorted(len(d.graphs) for d in backend._denoisers.values()) == [2, 4, 4]
 
 
-def test_simulated_tensorrt_runs_the_shallow_engine(simulated, onnx_deepcache, deepcache_pipe, tmp_path):  # noqa: F811
+def test_simulated_tensorrt_runs_the_shallow_engine(simulated, onnx_deepcache, deepcache_pipe, tmp_path):
     from export.trt_build import build_engines
     from sdengine.backends.trt import TrtBackend
 

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from fake_tensorrt import engine_pipeline
 from test_img2img import picture
 from test_pag import mask
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError
 from sdengine.freeu import check_freeu, freeu_input, parse_freeu
@@ -162,20 +162,17 @@ def test_the_bound_loop_applies_it_as_the_host_loop(freeu_pipe):
 
 
 def test_the_tensorrt_path_takes_the_scales_in_its_captured_steps(
-    simulated,  # noqa: F811
+    simulated,
     onnx_freeu,
     freeu_pipe,
     tmp_path,
 ):
-    """On the simulated TensorRT and CUDA runtime (tests/test_trt_simulated.py): the scales are a constant
+    """On the simulated TensorRT and CUDA runtime (tests/fake_tensorrt.py): the scales are a constant
     input of the captured steps, so one set of graphs runs with FreeU and without."""
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
 
     engines = tmp_path / "engines"
-    build_engines(onnx_freeu, engines, height=64, width=64, env=ENV, builder=write_plan)
-    backend = TrtBackend.load(engines)
-    pipe = Pipeline(backend.model_dir, backend, freeu_pipe.tokenizer)
+    pipe = engine_pipeline(onnx_freeu, engines, freeu_pipe.tokenizer, height=64, width=64)
+    backend = pipe.backend
     for freeu in (SD15, None, (1.3, 0.7, 0.8, 1.2)):
         settings = {**SETTINGS, "scheduler": "euler", "freeu": freeu}
         ours, ref = pipe(PROMPT, NEGATIVE, **settings), freeu_pipe(PROMPT, NEGATIVE, **settings)

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from fake_tensorrt import ENV, write_plan
 from test_img2img import picture
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.images import psnr
@@ -118,7 +118,7 @@ def test_sdxl_matches_diffusers(tmp_path):
     assert psnr(ours(PROMPT, **SETTINGS).array, theirs(PROMPT, **SETTINGS).array) >= 100
 
 
-def test_the_bound_loop_and_the_tensorrt_graphs_match_the_host_loop(simulated, onnx_lcm, lcm_pipe, tmp_path):  # noqa: F811
+def test_the_bound_loop_and_the_tensorrt_graphs_match_the_host_loop(simulated, onnx_lcm, lcm_pipe, tmp_path):
     """The embedding is bound once per run into the device loop (ONNX Runtime's, here on the CPU) and the
     simulated TensorRT graph steps; engines are sized for one copy of the batch, guidance or not."""
     from export.trt_build import build_engines

@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from fake_tensorrt import ENV, write_plan
 from PIL import Image
 from test_img2img import picture
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.cli import main
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
@@ -146,7 +146,7 @@ def test_bound_loops_match_the_host_loop(inpaint_pipes, ort_pipe_fp32):
         assert len(bound.backend._denoisers) == 1
 
 
-def test_simulated_tensorrt_inpaints_like_the_host_loop(simulated, inpaint_onnx, inpaint_pipes, tmp_path):  # noqa: F811
+def test_simulated_tensorrt_inpaints_like_the_host_loop(simulated, inpaint_onnx, inpaint_pipes, tmp_path):
     from export.trt_build import build_engines
     from sdengine.backends.trt import TrtBackend
 

@@ -147,33 +147,19 @@ def test_the_device_loop_binds_the_image_prompt(ip_pipes):
         assert psnr(a.array, b.array) >= 100
 
 
-def test_the_image_prompt_on_simulated_tensorrt(ip_pipes, ip_onnx, monkeypatch, tmp_path):
-    """TensorRT's path with simulated engines (see test_trt_simulated): the UNet's engine takes the image
+def test_the_image_prompt_on_simulated_tensorrt(simulated, ip_pipes, ip_onnx, tmp_path):
+    """TensorRT's path with simulated engines (tests/fake_tensorrt.py): the UNet's engine takes the image
     prompt's inputs; the image encoder runs on ONNX Runtime, as the safety checker does."""
-    import sys
+    from fake_tensorrt import engine_pipeline
 
-    import test_trt_simulated as simulated
-    from fake_cuda import install_fake_cuda
-
-    import export.trt_build
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
-
-    cudart = install_fake_cuda(monkeypatch)
-    monkeypatch.setitem(sys.modules, "tensorrt", simulated.fake_tensorrt())
-    monkeypatch.setattr(export.trt_build, "build_serialized_engine", simulated.write_plan)
-    engines = tmp_path / "engines"
-    build_engines(
-        ip_onnx, engines, batch=1, height=64, width=64, env=simulated.ENV, builder=simulated.write_plan
-    )
-    backend = TrtBackend.load(engines)
     ours = ip_pipes[0]
-    pipe = Pipeline(backend.model_dir, backend, ours.tokenizer)
+    pipe = engine_pipeline(ip_onnx, tmp_path / "engines", ours.tokenizer, batch=1, height=64, width=64)
+    backend = pipe.backend
     assert pipe.ip_adapter
     for extra in ({"ip_adapter_image": IMAGE, "ip_adapter_scale": 0.8}, {}):
         a, b = pipe(PROMPT, **SETTINGS, **extra), ours(PROMPT, **SETTINGS, **extra)
         np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * float(np.abs(b.latents).max()))
-    assert cudart.launches > 0 and backend.graphs_refused is None
+    assert simulated.launches > 0 and backend.graphs_refused is None
 
 
 def test_what_is_refused(ip_pipes, ort_pipe_fp32, onnx_fp32, tiny_checkpoint, adapter, tmp_path):

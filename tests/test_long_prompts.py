@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
+from fake_tensorrt import engine_pipeline
 
 from sdengine.cli import main
 from sdengine.errors import UnsupportedConfigError
 from sdengine.images import psnr, read_png_parameters
 from sdengine.pipeline import Pipeline
-from sdengine.tokenizer import ClipTokenizer
 
 SETTINGS = dict(steps=4, seed=1, height=64, width=64)
 #: 12 times 13 words and a comma: 168 tokens, three windows
@@ -95,14 +94,9 @@ def test_the_bound_loop_keeps_state_per_prompt_length(onnx_fp32):
     assert len({key.sequence for key in bound.backend._denoisers}) == 2
 
 
-def test_static_tensorrt_engines_refuse_long_prompts(simulated, onnx_fp32, tmp_path):  # noqa: F811
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
-
+def test_static_tensorrt_engines_refuse_long_prompts(simulated, onnx_fp32, tmp_path):
     engines = tmp_path / "engines"
-    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
-    backend = TrtBackend.load(engines)
-    pipe = Pipeline(backend.model_dir, backend, ClipTokenizer.from_dir(backend.model_dir.tokenizer_dir))
+    pipe = engine_pipeline(onnx_fp32, engines, batch=1, height=64, width=64)
     with pytest.raises(UnsupportedConfigError, match="needs the ONNX Runtime backend"):
         pipe(LONG, long_prompts=True, **SETTINGS)
     pipe("a cat", long_prompts=True, **SETTINGS)  # one window: what the engine was built for

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from fake_tensorrt import engine_pipeline
 from safetensors.numpy import save_file
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.cli import main
 from sdengine.errors import InvalidArgumentError, ModelDirectoryError, UnsupportedConfigError
@@ -18,7 +18,6 @@ from sdengine.images import psnr, read_png_parameters
 from sdengine.info import describe
 from sdengine.lora import METADATA_KEY, named_weights, parse_lora_arg, read_lora
 from sdengine.pipeline import Pipeline
-from sdengine.tokenizer import ClipTokenizer
 
 SETTINGS = dict(steps=4, seed=1, height=64, width=64)
 PROMPT, NEGATIVE = "a photo of a cat", "blurry"
@@ -320,14 +319,9 @@ def test_exports_without_layer_names_are_told_to_export_again(onnx_fp32, loras, 
     assert describe(onnx_fp32)["lora_at_run_time"] == "yes (ONNX Runtime backends)"
 
 
-def test_tensorrt_engines_refuse_lora_at_run_time(simulated, onnx_fp32, loras, tmp_path):  # noqa: F811
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
-
+def test_tensorrt_engines_refuse_lora_at_run_time(simulated, onnx_fp32, loras, tmp_path):
     engines = tmp_path / "engines"
-    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
-    backend = TrtBackend.load(engines)
-    pipe = Pipeline(backend.model_dir, backend, ClipTokenizer.from_dir(backend.model_dir.tokenizer_dir))
+    pipe = engine_pipeline(onnx_fp32, engines, batch=1, height=64, width=64)
     with pytest.raises(UnsupportedConfigError, match="sdengine export --lora"):
         pipe.load_lora(loras / "diffusers.safetensors")
 

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from fake_tensorrt import engine_pipeline
 from test_img2img import picture
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.errors import InvalidArgumentError
 from sdengine.images import psnr
@@ -212,16 +212,13 @@ def test_generate_takes_pag_scale(onnx_pag, tmp_path):
     assert describe(onnx_pag)["pag"] == "perturbed-attention guidance (--pag-scale) in mid, down_blocks.1"
 
 
-def test_the_tensorrt_path_runs_pag_in_its_captured_steps(simulated, onnx_pag, pag_pipe, tmp_path):  # noqa: F811
-    """On the simulated TensorRT and CUDA runtime (tests/test_trt_simulated.py): engines built with room
+def test_the_tensorrt_path_runs_pag_in_its_captured_steps(simulated, onnx_pag, pag_pipe, tmp_path):
+    """On the simulated TensorRT and CUDA runtime (tests/fake_tensorrt.py): engines built with room
     for the perturbed copy (``--parts 2``) run PAG in the graph steps as the CPU does."""
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
 
     engines = tmp_path / "engines"
-    build_engines(onnx_pag, engines, height=64, width=64, parts=2, env=ENV, builder=write_plan)
-    backend = TrtBackend.load(engines)
-    pipe = Pipeline(backend.model_dir, backend, pag_pipe.tokenizer)
+    pipe = engine_pipeline(onnx_pag, engines, pag_pipe.tokenizer, height=64, width=64, parts=2)
+    backend = pipe.backend
     settings = {**SETTINGS, "scheduler": "euler"}
     for pag_scale, guidance in ((3.0, 7.5), (0.0, 7.5), (3.0, 1.0)):
         ours, ref = (

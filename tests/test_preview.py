@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
+from fake_tensorrt import engine_pipeline
 
 from sdengine.cli import main
 from sdengine.errors import InvalidArgumentError
@@ -99,13 +99,11 @@ def test_bound_loop_previews_are_the_host_loops(ort_pipe_fp32):
     )
 
 
-def test_simulated_tensorrt_previews_between_graph_launches(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):  # noqa: F811
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
-
-    build_engines(onnx_fp32, tmp_path / "engines", batch=1, height=64, width=64, env=ENV, builder=write_plan)
-    backend = TrtBackend.load(tmp_path / "engines")
-    pipe = Pipeline(backend.model_dir, backend, ort_pipe_fp32.tokenizer)
+def test_simulated_tensorrt_previews_between_graph_launches(simulated, onnx_fp32, ort_pipe_fp32, tmp_path):
+    pipe = engine_pipeline(
+        onnx_fp32, tmp_path / "engines", ort_pipe_fp32.tokenizer, batch=1, height=64, width=64
+    )
+    backend = pipe.backend
     ours, result = collect(pipe, 3)
     host, expected = collect(ort_pipe_fp32, 3)
     assert [k for k, _ in ours] == [3]

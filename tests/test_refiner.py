@@ -338,41 +338,18 @@ def test_bench_runs_base_and_refiner_against_diffusers(xl_models, tmp_path, caps
     assert report["flops_per_call"] == {}  # two UNets: no one FLOP count per call
 
 
-def test_the_hand_over_on_simulated_tensorrt(refined_pipes, xl_models, monkeypatch, tmp_path):
-    """TensorRT's path with simulated engines (each runs its ONNX model; see test_trt_simulated): the base's
+def test_the_hand_over_on_simulated_tensorrt(simulated, refined_pipes, xl_models, tmp_path):
+    """TensorRT's path with simulated engines (each runs its ONNX model; tests/fake_tensorrt.py): the base's
     captured steps stop at the switch, the refiner's engines take over from there."""
-    import sys
+    from fake_tensorrt import engine_pipeline
 
-    import test_trt_simulated as simulated
-    from fake_cuda import install_fake_cuda
-
-    import export.trt_build
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
-    from sdengine.tokenizer import ClipTokenizer
-
-    cudart = install_fake_cuda(monkeypatch)
-    monkeypatch.setitem(sys.modules, "tensorrt", simulated.fake_tensorrt())
-    monkeypatch.setattr(export.trt_build, "build_serialized_engine", simulated.write_plan)
-    pipes = []
-    for name in ("base", "refiner"):
-        engines = tmp_path / name
-        build_engines(
-            xl_models[name][1],
-            engines,
-            batch=1,
-            height=64,
-            width=96,
-            env=simulated.ENV,
-            builder=simulated.write_plan,
-        )
-        backend = TrtBackend.load(engines)
-        pipes.append(
-            Pipeline(backend.model_dir, backend, ClipTokenizer.from_dir(backend.model_dir.tokenizer_dir))
-        )
+    pipes = [
+        engine_pipeline(xl_models[name][1], tmp_path / name, batch=1, height=64, width=96)
+        for name in ("base", "refiner")
+    ]
     pipes[0].set_refiner(pipes[1])
     host = refined_pipes[0]
     for extra in ({}, {"scheduler": "dpmpp_2m", "refiner_switch": 0.6}):
         a, b = pipes[0](PROMPT, **SETTINGS, **extra), host(PROMPT, **SETTINGS, **extra)
         np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * float(np.abs(b.latents).max()))
-    assert cudart.launches > 0 and pipes[0].backend.graphs_refused is None
+    assert simulated.launches > 0 and pipes[0].backend.graphs_refused is None

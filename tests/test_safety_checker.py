@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
+from fake_tensorrt import ENV, write_plan
 
 from sdengine.backends.ort import OrtBackend
 from sdengine.cli import main
@@ -123,7 +123,7 @@ def test_exports_hold_a_checker_only_where_the_checkpoint_has_one(tiny_checkpoin
         export_checkpoint(tiny_checkpoint, tmp_path / "x", components=["safety_checker"])
 
 
-def test_simulated_tensorrt_runs_the_checker_with_onnx_runtime(simulated, checked, tmp_path):  # noqa: F811
+def test_simulated_tensorrt_runs_the_checker_with_onnx_runtime(simulated, checked, tmp_path):
     from export.trt_build import build_engines
     from sdengine.backends.trt import TrtBackend
 

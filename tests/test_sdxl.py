@@ -376,25 +376,16 @@ def test_a_vae_with_normalised_latents_is_refused(xl_checkpoint, tmp_path):
         open_checkpoint_dir(root)
 
 
-def test_tensorrt_backend_runs_sdxl_in_captured_steps(xl_pipes, xl_onnx, tmp_path, monkeypatch):
-    """TensorRT's path with simulated engines (each runs its ONNX model; see test_trt_simulated): the second
+def test_tensorrt_backend_runs_sdxl_in_captured_steps(simulated, xl_pipes, xl_onnx, tmp_path):
+    """TensorRT's path with simulated engines (each runs its ONNX model; tests/fake_tensorrt.py): the second
     text encoder's engine is built and loaded, and the added inputs are bound into the captured steps."""
-    import sys
+    from fake_tensorrt import ENV, write_plan
 
-    import test_trt_simulated as simulated
-    from fake_cuda import install_fake_cuda
-
-    import export.trt_build
     from export.trt_build import build_engines
     from sdengine.backends.trt import TrtBackend
 
-    cudart = install_fake_cuda(monkeypatch)
-    monkeypatch.setitem(sys.modules, "tensorrt", simulated.fake_tensorrt())
-    monkeypatch.setattr(export.trt_build, "build_serialized_engine", simulated.write_plan)
     engines = tmp_path / "engines"
-    manifest = build_engines(
-        xl_onnx, engines, batch=1, height=64, width=96, env=simulated.ENV, builder=simulated.write_plan
-    )
+    manifest = build_engines(xl_onnx, engines, batch=1, height=64, width=96, env=ENV, builder=write_plan)
     assert TEXT_ENCODER_2 in manifest.engines
     backend = TrtBackend.load(engines)
     ours = xl_pipes[0]
@@ -404,7 +395,7 @@ def test_tensorrt_backend_runs_sdxl_in_captured_steps(xl_pipes, xl_onnx, tmp_pat
         settings = {"prompt": PROMPT, **settings}
         a, b = pipe(**settings), ours(**settings)
         np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * float(np.abs(b.latents).max()))
-    assert cudart.launches > 0 and backend.graphs_refused is None
+    assert simulated.launches > 0 and backend.graphs_refused is None
     assert sorted(key.pooled for key in backend._graphs) == [0, 32]  # the edited run's step gives pooled
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fake_tensorrt import engine_pipeline
 from safetensors.numpy import save_file
-from test_trt_simulated import ENV, simulated, write_plan  # noqa: F401 (simulated: a fixture)
 
 from sdengine.cli import main
 from sdengine.errors import InvalidArgumentError, UnsupportedConfigError
 from sdengine.images import psnr
 from sdengine.pipeline import Pipeline
-from sdengine.tokenizer import ClipTokenizer
 
 SETTINGS = dict(steps=4, seed=1, height=64, width=64)
 
@@ -83,14 +82,9 @@ def test_refusals_leave_the_pipeline_as_it_was(onnx_fp32, embeddings, tmp_path):
         pipe.load_textual_inversion(embeddings / "toy.safetensors")
 
 
-def test_tensorrt_engines_refuse_new_tokens(simulated, onnx_fp32, embeddings, tmp_path):  # noqa: F811
-    from export.trt_build import build_engines
-    from sdengine.backends.trt import TrtBackend
-
+def test_tensorrt_engines_refuse_new_tokens(simulated, onnx_fp32, embeddings, tmp_path):
     engines = tmp_path / "engines"
-    build_engines(onnx_fp32, engines, batch=1, height=64, width=64, env=ENV, builder=write_plan)
-    backend = TrtBackend.load(engines)
-    pipe = Pipeline(backend.model_dir, backend, ClipTokenizer.from_dir(backend.model_dir.tokenizer_dir))
+    pipe = engine_pipeline(onnx_fp32, engines, batch=1, height=64, width=64)
     size = pipe.tokenizer.vocab_size
     with pytest.raises(UnsupportedConfigError, match="needs the ONNX Runtime backend"):
         pipe.load_textual_inversion(embeddings / "toy.safetensors")
