@@ -170,3 +170,25 @@ def test_the_tensorrt_path_runs_them_in_its_captured_steps(simulated, onnx_fp32,
         ours, ref = pipe(PROMPT, NEGATIVE, **settings), ort_pipe_fp32(PROMPT, NEGATIVE, **settings)
         scale = float(np.abs(ref.latents).max())
         np.testing.assert_allclose(ours.latents, ref.latents, rtol=0, atol=1e-5 * scale)
+
+
+def test_each_scheduler_names_the_kinds_it_takes():
+    """custom_kinds (which the HTTP API's schedules consult) answers what load_scheduler accepts: the Karras,
+    exponential and beta variants take sigmas, not timesteps."""
+    from sdengine.schedulers import SCHEDULER_NAMES, custom_kinds, load_scheduler
+    from sdengine.schedulers.custom import custom_steps
+
+    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    for name in SCHEDULER_NAMES:
+        taken = []
+        for kind in ("timesteps", "sigmas"):
+            try:
+                load_scheduler(name, config, custom_steps(**{kind: "ays"}))
+            except (InvalidArgumentError, UnsupportedConfigError):
+                continue
+            taken.append(kind)
+        assert custom_kinds(name) == tuple(taken), name
+    assert custom_kinds("dpmpp_2m_karras") == ("sigmas",) and custom_kinds("dpmpp_2m") == (
+        "timesteps",
+        "sigmas",
+    )

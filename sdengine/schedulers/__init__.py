@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import UnknownSchedulerError
+from . import tables
 from .base import BaseScheduler, Scheduler, sigma_variant
 from .config import SchedulerConfig
 from .custom import CustomSteps, custom_steps
@@ -148,7 +149,9 @@ def custom_kinds(name: str) -> tuple[str, ...]:
     sigma-spaced variants refuse timesteps, as diffusers does)."""
     if name not in _CLASSES:
         raise UnknownSchedulerError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")
-    return _CLASSES[name].takes_custom
+    cls = _CLASSES[name]
+    spaced = any(cls.diffusers_overrides.get(flag) for flag in tables.SIGMA_SPACINGS)
+    return tuple(kind for kind in cls.takes_custom if not (spaced and kind == "timesteps"))
 
 
 def custom_sigmas_end_anywhere(name: str) -> bool:
