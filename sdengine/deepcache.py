@@ -9,10 +9,11 @@ throughout and gives the plain export's images. The feature stays where the back
 memory on a GPU), and the choice of UNet per call is a fixed table of the run (:func:`whole_calls`), so the
 calls go on being replayed graphs.
 
-Which calls are whole follows the helper: it finds each call's timestep in the schedule and runs the whole
-UNet where that position, counted from the run's first call, is a multiple of N. For schedulers that call
-the UNet once a step that is every N-th call; for those that call it twice at the same timestep (Heun's),
-both calls of a step share their first call's position, as in the helper.
+Which calls are whole follows the helper: it finds each call's timestep in the whole schedule and runs the
+whole UNet where that position, counted from the run's first call's, is a multiple of N. For schedulers that
+call the UNet once a step that is every N-th call; for those that call it twice at the same timestep
+(Heun's), both calls of a step share their first call's position, as in the helper, and so does an image to
+image run that starts at the second of two such calls (it counts from the first, which it left out).
 """
 
 from __future__ import annotations
@@ -76,11 +77,16 @@ def check_interval(interval: int) -> int:
     return int(interval)
 
 
-def whole_calls(timesteps: np.ndarray, interval: int) -> tuple[bool, ...]:
+def whole_calls(timesteps: np.ndarray, interval: int, lead: tuple[float, ...] = ()) -> tuple[bool, ...]:
     """For each call of a run with these timesteps (one per call), whether it runs the whole UNet: where
-    the first position of its timestep among the calls', counted from the first call's, is a multiple of
-    ``interval`` (the helper's rule). The first call is always whole: it fills the cache."""
+    its timestep's first position in the whole schedule, counted from the first call's timestep's, is a
+    multiple of ``interval`` (the helper's rule). ``lead``: the whole schedule's timesteps before the run's
+    first call, which image to image leaves out; the helper finds timesteps in the whole schedule, so where
+    a scheduler calls twice at one timestep (Heun's, PNDM's first) and the run starts at the second call, it
+    counts from the first. The first call is always whole: it fills the cache."""
     interval = check_interval(interval)
     first: dict[float, int] = {}
-    positions = [first.setdefault(float(t), i) for i, t in enumerate(timesteps)]
-    return tuple(p % interval == 0 for p in positions)
+    for i, t in enumerate((*lead, *(float(t) for t in timesteps))):
+        first.setdefault(float(t), i)
+    start = first[float(timesteps[0])]
+    return tuple((first[float(t)] - start) % interval == 0 for t in timesteps)

@@ -798,6 +798,7 @@ class Pipeline(_CallMixin):
             guidance=request.guidance if cfg else None,
             unet_constants=unet_constants,
             deepcache_interval=request.deepcache_interval,
+            lead_timesteps=schedule.lead_timesteps,
         )
         with times.time("denoise"):
             return denoise(self.backend, plan, times, progress, preview, stop)

@@ -56,8 +56,25 @@ def torch_pipe(tiny_checkpoint):
         dict(scheduler="pndm", deepcache_interval=2, image=picture(64, 64), strength=0.6),
         dict(scheduler="euler", deepcache_interval=3, image=picture(64, 64), mask=mask()),
         dict(scheduler="euler", deepcache_interval=3, hires_scale=2.0),  # each pass fills its own cache
+        # runs that start at the second of two calls at one timestep, whose position the helper counts
+        # from the first, left out
+        dict(scheduler="heun", deepcache_interval=3, image=picture(64, 64), strength=0.7),
+        dict(scheduler="pndm", deepcache_interval=2, image=picture(64, 64), strength=0.8),
+        dict(scheduler="heun", deepcache_interval=2, hires_scale=1.5),
     ],
-    ids=["euler", "ddim", "heun", "euler_a-batch", "no-cfg", "img2img", "inpaint", "hires"],
+    ids=[
+        "euler",
+        "ddim",
+        "heun",
+        "euler_a-batch",
+        "no-cfg",
+        "img2img",
+        "inpaint",
+        "hires",
+        "heun-img2img",
+        "pndm-img2img",
+        "heun-hires",
+    ],
 )
 def test_deepcache_matches_the_authors_helper(deepcache_pipe, torch_pipe, settings):
     settings = {**SETTINGS, **settings}
@@ -127,6 +144,10 @@ def test_whole_calls_follow_the_helpers_rule():
     heun = np.array([999.0, 800, 800, 600, 600, 400, 400])
     assert whole_calls(heun, 3) == (True, False, False, True, True, False, False)
     assert whole_calls(heun, 1) == (True,) * 7
+    # image to image from the second call at 800: the helper counts from the first (left out), so the next
+    # step's calls are two positions on, not one
+    assert whole_calls(heun[2:], 2, lead=(999.0, 800.0)) == (True,) * 5
+    assert whole_calls(heun[2:], 2) == (True, False, False, False, False)  # counted from the run's start
     for bad in (0, -1, 1.5, True, "3"):
         with pytest.raises(InvalidArgumentError, match="deepcache_interval must be a whole number >= 1"):
             check_interval(bad)

@@ -31,13 +31,17 @@ class DenoisePlan:
     unet_constants: Mapping[str, np.ndarray] = field(default_factory=dict)
     #: DeepCache (:mod:`sdengine.deepcache`): the whole UNet on every this many calls (1: on every call)
     deepcache_interval: int = 1
+    #: the whole schedule's timesteps before the run's first call (Schedule.lead_timesteps), which DeepCache's
+    #: positions count from
+    lead_timesteps: tuple[float, ...] = ()
 
     @property
     def whole_calls(self) -> tuple[bool, ...] | None:
         """DeepCache: for each call, whether it runs the whole UNet (else the shallow one); None: off."""
         if self.deepcache_interval == 1:
             return None
-        return whole_calls(self.tables.timesteps[: self.tables.num_calls], self.deepcache_interval)
+        timesteps = self.tables.timesteps[: self.tables.num_calls]
+        return whole_calls(timesteps, self.deepcache_interval, self.lead_timesteps)
 
     @property
     def copies(self) -> int:

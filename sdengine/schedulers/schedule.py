@@ -56,6 +56,9 @@ class Schedule:
     history_size: int
     num_inference_steps: int
     t_start: int
+    #: the whole run's timesteps before this one's first call, which image to image (or a refiner's share)
+    #: leaves out: where DeepCache's helper counts a call's position from (:mod:`sdengine.deepcache`)
+    lead_timesteps: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         s, k = len(self.timesteps), self.history_size
