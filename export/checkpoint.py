@@ -421,7 +421,7 @@ def _prepare_target(target: Path, overwrite: bool) -> None:
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
             raise InvalidArgumentError(
-                f"{target} already exists and is not empty; pass overwrite=True to replace it"
+                f"{target} already exists and is not empty; pass overwrite=True (--overwrite) to replace it"
             )
         if not (target / "model_index.json").is_file():
             raise InvalidArgumentError(

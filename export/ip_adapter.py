@@ -37,6 +37,12 @@ def read_ip_adapter(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     from safetensors.torch import load_file
 
     file = Path(path)
+    if file.is_dir():
+        inside = sorted(p.name for p in file.iterdir() if p.suffix in (".safetensors", ".bin"))
+        raise ModelDirectoryError(
+            f"IP-Adapter {file} is a directory: give its weights file"
+            + (f" ({', '.join(str(file / name) for name in inside)})" if inside else "")
+        )
     if not file.is_file():
         raise ModelDirectoryError(f"IP-Adapter file {file} does not exist")
     try:

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -53,6 +53,16 @@ def pair(text: str) -> tuple[int, int]:
 
 
 EXIT_ERROR = 1
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors (an unknown option, a value of the wrong type) are one line on stderr,
+    naming ``--help``, not the whole usage; exit status 2, as argparse's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 CONFIG_HELP = (
     "for a single-file checkpoint: a diffusers-format directory of the same architecture whose configs and "
     "tokenizer it takes (its weights are not read); without it they come from the Hugging Face Hub"
@@ -306,7 +316,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdengine.lora import parse_lora_arg
+    from sdengine.manifest import MANIFEST_NAME
 
+    if (Path(args.output) / MANIFEST_NAME).is_file():
+        print(f"sdengine: {args.output} holds an export: replacing it", file=sys.stderr)
     manifest = export_checkpoint(
         args.checkpoint,
         args.output,
@@ -601,7 +614,7 @@ def build_parser(generate_defaults: dict[str, Any] | None = None) -> argparse.Ar
     (``generate --from``'s recorded settings, :mod:`sdengine.replay`)."""
     from sdengine import __version__
 
-    parser = argparse.ArgumentParser(prog="sdengine", description="A lean Stable Diffusion inference engine.")
+    parser = OneLineParser(prog="sdengine", description="A lean Stable Diffusion inference engine.")
     parser.add_argument("--version", action="version", version=f"sdengine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

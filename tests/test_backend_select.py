@@ -70,9 +70,9 @@ def test_refusals_are_one_line(backend, device, kind, has, message):
 @pytest.mark.parametrize(
     ("backend", "kind", "message"),
     [
-        ("trt", "onnx", "build engines first"),
-        ("ort", "checkpoint", "export it first"),
-        ("torch", "onnx", "runs the diffusers checkpoint"),
+        ("trt", "onnx", "trt backend runs an engine directory, not an ONNX export .build engines first"),
+        ("ort", "checkpoint", "runs an ONNX export, not a diffusers checkpoint .export it first"),
+        ("torch", "onnx", "runs a diffusers checkpoint, not an ONNX export .the torch backend runs the diff"),
     ],
 )
 def test_wrong_kind_of_directory(backend, kind, message):

@@ -168,10 +168,12 @@ def test_export_prints_each_models_check(tiny_checkpoint, tmp_path, capsys, monk
 
     out = tmp_path / "onnx"
     assert main(["export", str(tiny_checkpoint), "--output", str(out), "--components", "vae_decoder"]) == 0
-    assert "vs PyTorch" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "vs PyTorch" in printed.out and "replacing" not in printed.err
     args = ["export", str(tiny_checkpoint), "--output", str(out), "--components", "vae_decoder"]
     assert main([*args, "--no-verify"]) == 0
-    assert "not checked" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "not checked" in printed.out and f"sdengine: {out} holds an export: replacing it" in printed.err
     monkeypatch.setitem(export.verify.TOLERANCE, "fp32", 0.0)
     assert main(args) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line
@@ -188,3 +190,37 @@ def test_generate_reads_its_input_files_before_loading_any_model(tmp_path, capsy
         assert main(args) == 1
         err = capsys.readouterr().err
         assert "missing" in err and "no-model" not in err, (flag, err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["generate", "m", "p", "--steps", "abc"],
+            "sdengine generate: error: argument --steps: invalid int value",
+        ),
+        (["generate", "m", "p", "--bogus"], "sdengine: error: unrecognized arguments: --bogus"),
+        ([], "the following arguments are required: command"),
+    ],
+)
+def test_a_command_line_that_cannot_be_read_is_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert err.endswith("--help)")
+
+
+def test_an_ip_adapter_directory_names_its_weights_file(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "ip"
+    folder.mkdir()
+    (folder / "ip-adapter.safetensors").write_bytes(b"")
+    assert (
+        main(["export", str(tiny_checkpoint), "--output", str(tmp_path / "o"), "--ip-adapter", str(folder)])
+        == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert (
+        f"IP-Adapter {folder} is a directory: give its weights file ({folder / 'ip-adapter.safetensors'})"
+        in err
+    )

@@ -127,9 +127,12 @@ def choose(backend: str, device: str | None, kind: str, has: Availability) -> Ch
             "onnx": "export it first: sdengine export CHECKPOINT --output ONNX_DIR",
             "checkpoint": "the torch backend runs the diffusers checkpoint itself",
         }[wanted]
-        raise ModelDirectoryError(
-            f"the {backend} backend needs a {wanted} directory, got a {kind} one ({hint})"
-        )
+        what = {
+            "engines": "an engine directory",
+            "onnx": "an ONNX export",
+            "checkpoint": "a diffusers checkpoint",
+        }
+        raise ModelDirectoryError(f"the {backend} backend runs {what[wanted]}, not {what[kind]} ({hint})")
     if backend == "trt":
         if device == "cpu":
             raise BackendUnavailableError("TensorRT runs on NVIDIA GPUs only; use --backend ort --device cpu")
