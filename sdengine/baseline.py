@@ -366,13 +366,9 @@ class TorchPipeline(_CallMixin):
         latents = torch.from_numpy(request.initial_latents(self.model_dir.arch)).to(
             self.device, pipe.unet.dtype
         )
-        inputs: dict = {"latents": latents, "guidance_rescale": request.guidance_rescale}
+        inputs: dict = {"latents": latents}
         draws: contextlib.AbstractContextManager = contextlib.nullcontext()
         xl = self.model_dir.arch.xl
-        if (request.image_to_image or request.control is not None) and request.guidance_rescale and not xl:
-            raise UnsupportedConfigError(
-                "diffusers' image-to-image, inpainting and ControlNet pipelines have no guidance_rescale"
-            )
         control = request.control is not None
         pag = bool(request.pag_scale)
         if pag and (request.prompt_weights or self.model_dir.arch.aesthetic):
@@ -447,6 +443,10 @@ class TorchPipeline(_CallMixin):
             )
         if xl:
             inputs.update(xl_size_arguments(request))
+        if request.guidance_rescale:  # the pipelines that take it: SDXL's but its ControlNet ones, SD's plain
+            if "guidance_rescale" not in inspect.signature(pipe.__call__).parameters:
+                raise UnsupportedConfigError(f"diffusers' {type(pipe).__name__} has no guidance_rescale")
+            inputs["guidance_rescale"] = request.guidance_rescale
         if request.custom is not None:
             inputs.update(custom_arguments(pipe, request))
         if self.ip_adapter:
