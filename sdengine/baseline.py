@@ -702,17 +702,18 @@ class TorchPipeline(_CallMixin):
         embeds, pooled = self.xl_states(pipe, request, edits.texts)
         rows = torch.from_numpy(edits.rows)
         sets, pooled_sets, batch = embeds[rows], pooled[rows], request.batch  # (sets, G * B, ...)
+        first = int(edits.call_rows[0])  # the set the first call reads (a refiner's may be a later one)
         if not request.classifier_free_guidance:
-            prompts = {"prompt_embeds": sets[0], "pooled_prompt_embeds": pooled_sets[0]}
+            prompts = {"prompt_embeds": sets[first], "pooled_prompt_embeds": pooled_sets[first]}
         else:
             if request.default_negative and pipe.config.force_zeros_for_empty_prompt:
                 sets, pooled_sets = sets.clone(), pooled_sets.clone()
                 sets[:, :batch], pooled_sets[:, :batch] = 0.0, 0.0
             prompts = {
-                "prompt_embeds": sets[0][batch:],
-                "negative_prompt_embeds": sets[0][:batch],
-                "pooled_prompt_embeds": pooled_sets[0][batch:],
-                "negative_pooled_prompt_embeds": pooled_sets[0][:batch],
+                "prompt_embeds": sets[first][batch:],
+                "negative_prompt_embeds": sets[first][:batch],
+                "pooled_prompt_embeds": pooled_sets[first][batch:],
+                "negative_pooled_prompt_embeds": pooled_sets[first][:batch],
             }
         if not edits.edited:
             return prompts, None
@@ -816,7 +817,7 @@ class TorchPipeline(_CallMixin):
         and where the prompts are edited part way (:mod:`sdengine.prompt_editing`) every call's, as the UNet
         takes them (negatives then prompts with classifier-free guidance)."""
         sets = self.a1111_embeddings(pipe, request, edits.texts)[torch.from_numpy(edits.rows)]
-        batch, first = request.batch, sets[0]
+        batch, first = request.batch, sets[int(edits.call_rows[0])]  # the first call's set
         if request.classifier_free_guidance:
             prompts = {"negative_prompt_embeds": first[:batch], "prompt_embeds": first[batch:]}
         else:

@@ -120,6 +120,8 @@ def refined_pipes(xl_models):
         {"scheduler": "ddim", "guidance": 1.0},
         {"image": "random", "strength": 0.6, "refiner_switch": 0.9},
         {"prompt": "a [cat:dog:0.9] (red:1.2)", "prompt_weights": "a1111"},  # edited in the refiner's part
+        # edited before the refiner takes over: its first call already reads the edited text
+        {"prompt": "a [cat:dog:0.5] (red:1.2)", "prompt_weights": "a1111", "refiner_switch": 0.5},
         {"image": "random", "mask": "rectangle"},  # inpainting: both parts blend the image back in
         {"image": "random", "mask": "rectangle", "strength": 0.7, "scheduler": "dpmpp_2m", "batch": 2},
         {"image": "random", "mask": "rectangle", "scheduler": "euler_a", "negative_prompt": "blurry"},
