@@ -621,14 +621,16 @@ def build_parser(generate_defaults: dict[str, Any] | None = None) -> argparse.Ar
     g = sub.add_parser(
         "generate", help="text to image (image to image with --image, inpainting with --image and --mask)"
     )
+    # with --from, both may be left out: the record has them (argparse reads optional positionals only
+    # where they stand together, so they are required otherwise, to stand anywhere among the options)
+    replaying = {"nargs": "?", "default": None} if generate_defaults is not None else {}
     g.add_argument(
         "model_dir",
-        nargs="?",
-        default=None,
         help="ONNX export (ort), engine directory (trt) or diffusers checkpoint (torch); with --from: the "
         "record's model if not given",
+        **replaying,
     )
-    g.add_argument("prompt", nargs="?", default=None, help="with --from: the record's prompt if not given")
+    g.add_argument("prompt", help="with --from: the record's prompt if not given", **replaying)
     g.add_argument(
         "--from",
         dest="replay_from",
@@ -1222,15 +1224,27 @@ def build_parser(generate_defaults: dict[str, Any] | None = None) -> argparse.Ar
     return parser
 
 
+def replay_source(argv: Sequence[str]) -> str | None:
+    """generate's ``--from IMAGE``, read before the command line is: the record sets its defaults."""
+    if not argv or argv[0] != "generate":
+        return None
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--from", dest="replay_from", default=None)
+    return early.parse_known_args(argv[1:])[0].replay_from
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if args.command == "generate" and args.replay_from is not None:  # the record's settings as defaults
+        source = replay_source(argv)
+        if source is not None:  # the record's settings as the defaults, which options given change
             from sdengine.replay import replay
 
-            replayed = replay(args.replay_from)
+            replayed = replay(source)
             args = build_parser(replayed.defaults).parse_args(argv)
             args.replay = replayed
+        else:
+            args = build_parser().parse_args(argv)
         return args.func(args)
     except SDEngineError as exc:
         print(f"sdengine: error: {exc}", file=sys.stderr)

@@ -130,7 +130,13 @@ def test_the_png_is_never_written_over_and_bad_files_are_one_line(onnx_fp32, tmp
         assert generate("--from", str(path), "--output", str(tmp_path / "out.png")) == 1
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
-    assert generate(str(onnx_fp32)) == 1
+    with pytest.raises(SystemExit):  # without --from, argparse asks for the prompt
+        generate(str(onnx_fp32))
+    assert "the following arguments are required: prompt" in capsys.readouterr().err
+    info = PngInfo()  # a record without a model: the model directory is asked for
+    info.add_text(PARAMETERS_CHUNK, '{"prompt": ["x"], "steps": 2}')
+    Image.new("RGB", (8, 8)).save(tmp_path / "nomodel.png", pnginfo=info)
+    assert generate("--from", str(tmp_path / "nomodel.png"), "--output", str(tmp_path / "out.png")) == 1
     assert "generate needs MODEL_DIR and PROMPT" in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists()
 

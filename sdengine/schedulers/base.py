@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -201,10 +200,6 @@ class BaseScheduler:
             cutoff = switch_timestep(denoising_start, self.params["num_train_timesteps"])
             first = first_call_after(self._build(n, 0).timesteps, cutoff, self.order)
             schedule = self._build(n, first // self.order)
-        if schedule.t_start:  # the calls left out before this run's first, as the whole run has them
-            full = self._build(n, 0).timesteps
-            lead = tuple(float(t) for t in full[: len(full) - len(schedule.timesteps)])
-            schedule = dataclasses.replace(schedule, lead_timesteps=lead)
         if denoising_end is not None:
             cutoff = switch_timestep(denoising_end, self.params["num_train_timesteps"])
             schedule = schedule.head(calls_before(schedule.timesteps, cutoff))

@@ -203,6 +203,7 @@ def make_schedule(
     noise_scales = np.asarray(noise_scales, dtype=np.float64)
     if noise_scales.shape != (len(timesteps), 2):
         raise AssertionError(f"{scheduler}: noise_scales {noise_scales.shape} for {len(timesteps)} timesteps")
+    lead = tuple(float(t) for t in timesteps[:first].astype(np.float32))  # the calls the run leaves out
     timesteps, input_scale, noise_scales = timesteps[first:], input_scale[first:], noise_scales[first:]
     if len(rows) != len(timesteps):
         raise AssertionError(f"{scheduler}: {len(rows)} rows for {len(timesteps)} timesteps")
@@ -225,4 +226,5 @@ def make_schedule(
         history_size=history_size,
         num_inference_steps=num_inference_steps,
         t_start=t_start,
+        lead_timesteps=lead,
     )
