@@ -1228,7 +1228,7 @@ def replay_source(argv: Sequence[str]) -> str | None:
     """generate's ``--from IMAGE``, read before the command line is: the record sets its defaults."""
     if not argv or argv[0] != "generate":
         return None
-    early = argparse.ArgumentParser(add_help=False)
+    early = OneLineParser(prog="sdengine generate", add_help=False)
     early.add_argument("--from", dest="replay_from", default=None)
     return early.parse_known_args(argv[1:])[0].replay_from
 
