@@ -368,8 +368,9 @@ def covering_request(
 ) -> ProfileRequest:
     """``request`` grown just enough to take ``batch`` images of ``height`` x ``width``, ``copies`` of them a
     UNet call, with composable prompts of ``parts`` parts: a static one is moved to those sizes, a dynamic
-    one's bounds widened; guidance (two copies) turns ``cfg`` on."""
-    parts, cfg = max(request.parts, parts), request.cfg or copies == 2
+    one's bounds widened; guidance (two copies) turns ``cfg`` on, and one copy a call (guidance 1) off: an
+    engine's UNet takes either the doubled batch or the single one."""
+    parts, cfg = max(request.parts, parts), copies != 1 and (request.cfg or copies == 2)
     if not request.dynamic:
         return replace(request, batch=batch, height=height, width=width, parts=parts, cfg=cfg)
     bounds, wider = request.bounds(), {"parts": parts, "cfg": cfg}
@@ -411,6 +412,8 @@ def check_unet_fits(
         why += f" ({'the negative prompt and ' if copies > parts else ''}{parts} parts)"
     takes = f"{lo[0]}-{hi[0]} rows of {lo[2] * factor}x{lo[3] * factor} to {hi[2] * factor}x{hi[3] * factor}"
     command = rebuild_command(onnx_dir, engine_dir, entry, wanted, every_component=not only_parts)
+    if request.cfg and not wanted.cfg:  # a run without guidance on engines built for it
+        command += " (engines for guidance 1 only; or run with guidance > 1)"
     raise UnsupportedConfigError(
         f"the UNet engine in {engine_dir} takes {takes} pixels a call; this run needs {rows} rows "
         f"({why}) of {height}x{width}; rebuild: {command}"

@@ -162,6 +162,9 @@ def test_a_run_outside_the_unet_profile_is_refused_with_the_build_that_fits():
     assert "--components" not in message and "--batch 2 --height 768 --width 512" in message
     no_cfg = _fits(ProfileRequest(cfg=False), copies=2)  # guidance on engines built without it
     assert "needs 2 rows" in no_cfg and "--no-cfg" not in no_cfg and "--components" not in no_cfg
+    unguided = _fits(static, copies=1)  # guidance 1 on engines built for guidance: not the same build again
+    assert "needs 1 rows (1 image(s) x 1 copies)" in unguided and "--no-cfg" in unguided
+    assert unguided.endswith("(engines for guidance 1 only; or run with guidance > 1)")
     dynamic = ProfileRequest(dynamic=True, max_batch=2)
     assert _fits(dynamic, batch=2, copies=2) is None
     assert "--dynamic --max-batch 2 --parts 3" in _fits(dynamic, batch=2, copies=4, parts=3)
